@@ -16,7 +16,8 @@
 #   helm            helm                           (helm.sh/helm/v3)
 #   controller-gen  controller-gen                 (sigs.k8s.io/controller-tools)
 #
-# Cold build of all four on 2 cores: about 9 minutes; warm: under a second.
+# Cold build of all five binaries on 2 cores: 15-21 minutes (kube-apiserver
+# dominates); warm: under a second.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)

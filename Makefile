@@ -1,0 +1,100 @@
+# Tandem — replicated block volume pairs for Kubernetes.
+#
+# Every tool the targets need is built from its Go module into bin/ by
+# hack/tools.sh (no binary downloads). Run `make help` for the list.
+
+# Image used by docker-build and the deploy manifests.
+IMG ?= ghcr.io/tandem-storage/tandem:dev
+# Go test flags for `make test`.
+TEST_FLAGS ?= -race -count=1
+# Time budget for `make test`'s go test run.
+TEST_TIMEOUT ?= 20m
+
+SHELL := /usr/bin/env bash -o pipefail
+.SHELLFLAGS := -ec
+.DEFAULT_GOAL := help
+
+ROOT := $(CURDIR)
+BIN := $(ROOT)/bin
+CONTROLLER_GEN := $(BIN)/controller-gen
+KUBECTL := $(BIN)/kubectl
+HELM := $(BIN)/helm
+export KUBEBUILDER_ASSETS := $(BIN)
+
+##@ General
+
+.PHONY: help
+help: ## Show the targets and what they do.
+	@awk 'BEGIN {FS = ":.*##"; printf "\nUsage:\n  make \033[36m<target>\033[0m\n"} /^[a-zA-Z_0-9-]+:.*?##/ { printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2 } /^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) } ' $(MAKEFILE_LIST)
+
+##@ Development
+
+.PHONY: manifests
+manifests: tools-controller-gen ## Generate the CRD and RBAC manifests (config/, charts/tandem/crds).
+	$(CONTROLLER_GEN) rbac:roleName=tandem-manager crd paths="./api/..." paths="./controllers/..." output:crd:artifacts:config=config/crd/bases output:rbac:artifacts:config=config/rbac
+	hack/sync-chart-crds.sh
+
+.PHONY: generate
+generate: tools-controller-gen ## Generate DeepCopy methods for the API types.
+	$(CONTROLLER_GEN) object:headerFile="hack/boilerplate.go.txt" paths="./api/..."
+
+.PHONY: fmt
+fmt: ## Run gofmt on the code.
+	gofmt -s -w $$(git ls-files '*.go')
+
+.PHONY: vet
+vet: ## Run go vet.
+	go vet ./...
+
+.PHONY: verify
+verify: manifests generate ## Fail when generated files are stale, code is not gofmt'ed or vet complains.
+	@test -z "$$(gofmt -s -l $$(git ls-files '*.go'))" || { echo "verify: gofmt needed on:"; gofmt -s -l $$(git ls-files '*.go'); exit 1; }
+	go vet ./...
+	@git diff --exit-code -- api config charts || { echo "verify: generated files are stale; run 'make manifests generate' and commit the result" >&2; exit 1; }
+	@test -z "$$(git status --porcelain -- api config charts)" || { echo "verify: untracked generated files:" >&2; git status --porcelain -- api config charts; exit 1; }
+
+.PHONY: test
+test: tools ## Run all unit and envtest tests with the race detector (builds the tools on first use).
+	go test $(TEST_FLAGS) -timeout $(TEST_TIMEOUT) ./...
+
+.PHONY: test-e2e
+test-e2e: tools build ## Run the end-to-end user stories on the local cluster.
+	@echo "test-e2e: the end-to-end suite (test/e2e) is not written yet; see issue #6." >&2; exit 2
+
+.PHONY: bench
+bench: ## Run the Go micro-benchmarks.
+	go test -run '^$$' -bench . -benchmem ./...
+
+##@ Build
+
+.PHONY: build
+build: ## Build the manager and agent binaries into bin/.
+	go build -o $(BIN)/manager ./cmd/manager
+	go build -o $(BIN)/agent ./cmd/agent
+
+.PHONY: docker-build
+docker-build: ## Build the container image $(IMG) (needs a Docker engine).
+	docker build -t $(IMG) .
+
+.PHONY: helm-lint
+helm-lint: tools-helm ## Lint the Helm chart.
+	$(HELM) lint charts/tandem
+
+##@ Try it
+
+.PHONY: demo
+demo: ## Run the failover/failback story on an embedded local cluster.
+	@echo "demo: not available yet. It will start etcd, kube-apiserver, the manager and three agents" >&2
+	@echo "      on this machine, create a VolumePair, kill the primary's node, show the failover," >&2
+	@echo "      bring the node back, show the resync of only what changed, and fail back (issue #5)." >&2
+	@exit 2
+
+##@ Tools
+
+.PHONY: tools
+tools: ## Build every tool into bin/ (cached; rebuilt only when a pin changes).
+	hack/tools.sh
+
+.PHONY: tools-%
+tools-%:
+	@hack/tools.sh $*

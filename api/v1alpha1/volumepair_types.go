@@ -1,0 +1,362 @@
+package v1alpha1
+
+import (
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+// ReplicationMode says when a client write is acknowledged.
+// +kubebuilder:validation:Enum=Sync;Async
+type ReplicationMode string
+
+const (
+	// ModeSync acknowledges a write after both members hold it.
+	ModeSync ReplicationMode = "Sync"
+	// ModeAsync acknowledges a write after the local copy holds it; the backup
+	// receives it later, in order.
+	ModeAsync ReplicationMode = "Async"
+)
+
+// Policy says whether the controller acts by itself or waits for the user.
+// +kubebuilder:validation:Enum=Automatic;Manual
+type Policy string
+
+const (
+	// PolicyAutomatic lets the controller act as soon as the conditions hold.
+	PolicyAutomatic Policy = "Automatic"
+	// PolicyManual waits for the user's request annotation.
+	PolicyManual Policy = "Manual"
+)
+
+// Phase is the pair's phase as the controller sees it (DESIGN §3).
+// +kubebuilder:validation:Enum=PAIR;SWAP;COPY;NORMAL
+type Phase string
+
+const (
+	// PhasePair: the preferred primary serves and mirrors to the backup.
+	PhasePair Phase = "PAIR"
+	// PhaseSwap: the preferred primary was lost; the backup serves and records
+	// every region it writes. Nothing is copied.
+	PhaseSwap Phase = "SWAP"
+	// PhaseCopy: a copy runs from the acting primary to a returning member.
+	PhaseCopy Phase = "COPY"
+	// PhaseNormal: both members are identical, the backup is still the acting
+	// primary; failback is next.
+	PhaseNormal Phase = "NORMAL"
+)
+
+// MemberRole is the role a member currently plays.
+// +kubebuilder:validation:Enum=Primary;Backup;None
+type MemberRole string
+
+const (
+	// RolePrimary serves client writes and mirrors them.
+	RolePrimary MemberRole = "Primary"
+	// RoleBackup applies the primary's writes in order.
+	RoleBackup MemberRole = "Backup"
+	// RoleNone holds data but neither serves nor receives writes.
+	RoleNone MemberRole = "None"
+)
+
+// DataState says how far a member's data can be trusted.
+// +kubebuilder:validation:Enum=UpToDate;Outdated;Inconsistent;Unknown
+type DataState string
+
+const (
+	// DataUpToDate: the member holds every acknowledged write.
+	DataUpToDate DataState = "UpToDate"
+	// DataOutdated: a crash-consistent image that misses recent writes.
+	DataOutdated DataState = "Outdated"
+	// DataInconsistent: a copy towards this member is incomplete.
+	DataInconsistent DataState = "Inconsistent"
+	// DataUnknown: the member has not reported.
+	DataUnknown DataState = "Unknown"
+)
+
+// Condition types reported in status.conditions.
+const (
+	// ConditionReady is True when the active primary serves the volume.
+	ConditionReady = "Ready"
+	// ConditionSynchronized is True when both members hold identical data.
+	ConditionSynchronized = "Synchronized"
+	// ConditionDegraded is True when only one member holds current data.
+	ConditionDegraded = "Degraded"
+	// ConditionFailoverBlocked is True when the primary is lost but the
+	// controller does not promote the backup, with the reason why.
+	ConditionFailoverBlocked = "FailoverBlocked"
+)
+
+// Annotations a user sets to ask for an action the policy leaves to them.
+const (
+	// AnnotationFailoverRequested asks for a failover when spec.failover.policy is Manual.
+	AnnotationFailoverRequested = "storage.tandem.dev/failover-requested"
+	// AnnotationFailbackRequested asks for a failback when spec.failback.policy is Manual.
+	AnnotationFailbackRequested = "storage.tandem.dev/failback-requested"
+)
+
+// Region size bounds and default.
+const (
+	MinRegionSize     int64 = 4 << 10
+	MaxRegionSize     int64 = 64 << 20
+	DefaultRegionSize int64 = 64 << 10
+)
+
+// Member names the node that holds one copy of the volume.
+type Member struct {
+	// node is the name of the Kubernetes node whose agent holds this copy.
+	// +required
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=253
+	// +kubebuilder:validation:Pattern=`^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$`
+	Node string `json:"node"`
+}
+
+// FailoverSpec tunes loss detection and automatic promotion.
+// +kubebuilder:validation:XValidation:rule="!has(self.leaseDurationSeconds) || !has(self.probePeriodSeconds) || self.leaseDurationSeconds > self.probePeriodSeconds",message="spec.failover.leaseDurationSeconds must be greater than spec.failover.probePeriodSeconds"
+type FailoverSpec struct {
+	// policy says whether a lost primary is replaced by the backup automatically
+	// or only when the user sets the storage.tandem.dev/failover-requested annotation.
+	// +optional
+	// +kubebuilder:default=Automatic
+	Policy Policy `json:"policy,omitempty"`
+
+	// probePeriodSeconds is how often the controller probes each member's agent.
+	// +optional
+	// +kubebuilder:default=2
+	// +kubebuilder:validation:Minimum=1
+	// +kubebuilder:validation:Maximum=60
+	ProbePeriodSeconds int32 `json:"probePeriodSeconds,omitempty"`
+
+	// failureThreshold is how many consecutive failed probes make a member suspect.
+	// +optional
+	// +kubebuilder:default=3
+	// +kubebuilder:validation:Minimum=1
+	// +kubebuilder:validation:Maximum=30
+	FailureThreshold int32 `json:"failureThreshold,omitempty"`
+
+	// leaseDurationSeconds is how long the writer's authority lasts without
+	// renewal. A writer that cannot renew stops accepting writes (self-fencing);
+	// the backup is promoted only after the authority has expired.
+	// +optional
+	// +kubebuilder:default=6
+	// +kubebuilder:validation:Minimum=2
+	// +kubebuilder:validation:Maximum=300
+	LeaseDurationSeconds int32 `json:"leaseDurationSeconds,omitempty"`
+}
+
+// FailbackSpec says when the original primary gets its role back after a resync.
+type FailbackSpec struct {
+	// policy Automatic fails back as soon as the pair is NORMAL; Manual waits
+	// for the storage.tandem.dev/failback-requested annotation.
+	// +optional
+	// +kubebuilder:default=Manual
+	Policy Policy `json:"policy,omitempty"`
+}
+
+// ResyncSpec tunes the copy towards a returning member.
+type ResyncSpec struct {
+	// mergePrimaryBitmap ORs the returning member's own diff (writes it
+	// acknowledged that never reached the peer) into the copy, so both sides end
+	// identical. false copies only the acting primary's diff.
+	// +optional
+	// +kubebuilder:default=true
+	MergePrimaryBitmap *bool `json:"mergePrimaryBitmap,omitempty"`
+
+	// maxBytesPerSecond caps the copy rate; 0 means unlimited.
+	// +optional
+	// +kubebuilder:default=0
+	// +kubebuilder:validation:Minimum=0
+	MaxBytesPerSecond int64 `json:"maxBytesPerSecond,omitempty"`
+}
+
+// VolumePairSpec declares the volume, its two members and how they replicate.
+// +kubebuilder:validation:XValidation:rule="self.primary.node != self.backup.node",message="spec.backup.node must differ from spec.primary.node"
+// +kubebuilder:validation:XValidation:rule="!has(self.regionSize) || (isQuantity(string(self.size)) && isQuantity(string(self.regionSize)) && quantity(string(self.regionSize)).isInteger() && quantity(string(self.size)).isInteger() && quantity(string(self.regionSize)).asInteger() > 0 && quantity(string(self.size)).asInteger() % quantity(string(self.regionSize)).asInteger() == 0)",message="spec.size must be a multiple of spec.regionSize"
+// +kubebuilder:validation:XValidation:rule="(self.primary.node == oldSelf.primary.node && self.backup.node == oldSelf.backup.node) || (self.primary.node == oldSelf.backup.node && self.backup.node == oldSelf.primary.node)",message="spec.primary.node and spec.backup.node can only be swapped with each other (a planned switchover); replacing a member is not supported in v1alpha1"
+type VolumePairSpec struct {
+	// size is the volume's size in bytes. Immutable.
+	// +required
+	// +kubebuilder:validation:XValidation:rule="isQuantity(string(self)) && quantity(string(self)).isInteger() && quantity(string(self)).asInteger() > 0",message="spec.size must be a positive whole number of bytes"
+	// +kubebuilder:validation:XValidation:rule="quantity(string(self)).compareTo(quantity(string(oldSelf))) == 0",message="spec.size is immutable"
+	Size resource.Quantity `json:"size"`
+
+	// regionSize is the granularity of the dirty bitmaps: one bit per region.
+	// A power of two from 4Ki to 64Mi. Immutable.
+	// +optional
+	// +kubebuilder:default="64Ki"
+	// +kubebuilder:validation:XValidation:rule="isQuantity(string(self)) && quantity(string(self)).isInteger() && quantity(string(self)).asInteger() in [4096, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576, 2097152, 4194304, 8388608, 16777216, 33554432, 67108864]",message="spec.regionSize must be a power of two from 4Ki to 64Mi"
+	// +kubebuilder:validation:XValidation:rule="quantity(string(self)).compareTo(quantity(string(oldSelf))) == 0",message="spec.regionSize is immutable"
+	RegionSize *resource.Quantity `json:"regionSize,omitempty"`
+
+	// mode Sync acknowledges a write after both members hold it; Async after
+	// the local copy. May change on a live pair.
+	// +required
+	Mode ReplicationMode `json:"mode"`
+
+	// primary is the preferred primary: it serves writes whenever it is healthy.
+	// +required
+	Primary Member `json:"primary"`
+
+	// backup takes over when the primary is lost. Swapping primary and backup
+	// asks for a planned switchover.
+	// +required
+	Backup Member `json:"backup"`
+
+	// failover tunes loss detection and promotion of the backup.
+	// +optional
+	// +kubebuilder:default={}
+	Failover FailoverSpec `json:"failover,omitempty"`
+
+	// failback says when the original primary gets its role back.
+	// +optional
+	// +kubebuilder:default={}
+	Failback FailbackSpec `json:"failback,omitempty"`
+
+	// resync tunes the copy towards a returning member.
+	// +optional
+	// +kubebuilder:default={}
+	Resync ResyncSpec `json:"resync,omitempty"`
+}
+
+// CopyProgress reports a running copy.
+type CopyProgress struct {
+	// target is the node receiving the copy.
+	// +optional
+	// +kubebuilder:validation:MaxLength=253
+	Target string `json:"target,omitempty"`
+	// totalBytes is what the copy must transfer: the union of both diffs.
+	// +optional
+	TotalBytes int64 `json:"totalBytes,omitempty"`
+	// doneBytes is what has been transferred so far.
+	// +optional
+	DoneBytes int64 `json:"doneBytes,omitempty"`
+	// bytesPerSecond is the recent transfer rate.
+	// +optional
+	BytesPerSecond int64 `json:"bytesPerSecond,omitempty"`
+	// etaSeconds is the estimated time left.
+	// +optional
+	ETASeconds int64 `json:"etaSeconds,omitempty"`
+	// startTime is when the copy began.
+	// +optional
+	StartTime *metav1.Time `json:"startTime,omitempty"`
+	// fullCopy is true when the bitmaps were lost and the whole volume is copied.
+	// +optional
+	FullCopy bool `json:"fullCopy,omitempty"`
+}
+
+// MemberStatus is what the controller last learned about one member.
+type MemberStatus struct {
+	// node is the member's node.
+	// +required
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=253
+	Node string `json:"node"`
+	// role is the role the member currently plays.
+	// +optional
+	Role MemberRole `json:"role,omitempty"`
+	// dataState says how far the member's data can be trusted.
+	// +optional
+	DataState DataState `json:"dataState,omitempty"`
+	// connected is true when the member's agent answers and its replication link is up.
+	// +optional
+	Connected bool `json:"connected,omitempty"`
+	// lastSeen is when the member's agent last answered a probe.
+	// +optional
+	LastSeen *metav1.Time `json:"lastSeen,omitempty"`
+	// outOfSyncBytes is the member's own dirty bitmap in bytes: what its peer lacks.
+	// +optional
+	OutOfSyncBytes int64 `json:"outOfSyncBytes,omitempty"`
+	// message explains the member's state in words.
+	// +optional
+	// +kubebuilder:validation:MaxLength=1024
+	Message string `json:"message,omitempty"`
+}
+
+// VolumePairStatus is the observed state of a VolumePair.
+type VolumePairStatus struct {
+	// phase is PAIR, SWAP, COPY or NORMAL (DESIGN §3).
+	// +optional
+	Phase Phase `json:"phase,omitempty"`
+	// activePrimary names the node that serves writes now.
+	// +optional
+	// +kubebuilder:validation:MaxLength=253
+	ActivePrimary string `json:"activePrimary,omitempty"`
+	// epoch is the authority epoch; it grows with every change of writer.
+	// +optional
+	Epoch int64 `json:"epoch,omitempty"`
+	// endpoint is the nbd:// URI of the active primary's export.
+	// +optional
+	// +kubebuilder:validation:MaxLength=512
+	Endpoint string `json:"endpoint,omitempty"`
+	// outOfSyncBytes is what a copy would transfer now: the union of both diffs.
+	// +optional
+	OutOfSyncBytes int64 `json:"outOfSyncBytes,omitempty"`
+	// copy reports a running copy.
+	// +optional
+	Copy *CopyProgress `json:"copy,omitempty"`
+	// members reports each member.
+	// +optional
+	// +listType=map
+	// +listMapKey=node
+	// +kubebuilder:validation:MaxItems=2
+	Members []MemberStatus `json:"members,omitempty"`
+	// lastFailoverTime is when the backup was last promoted.
+	// +optional
+	LastFailoverTime *metav1.Time `json:"lastFailoverTime,omitempty"`
+	// lastFailbackTime is when the original primary last got its role back.
+	// +optional
+	LastFailbackTime *metav1.Time `json:"lastFailbackTime,omitempty"`
+	// conditions: Ready, Synchronized, Degraded, FailoverBlocked.
+	// +optional
+	// +listType=map
+	// +listMapKey=type
+	// +kubebuilder:validation:MaxItems=16
+	Conditions []metav1.Condition `json:"conditions,omitempty"`
+	// observedGeneration is the generation the status was computed from.
+	// +optional
+	ObservedGeneration int64 `json:"observedGeneration,omitempty"`
+}
+
+// VolumePair is a block volume kept on two nodes, with automatic failover and
+// resync of only what changed.
+//
+// +kubebuilder:object:root=true
+// +kubebuilder:subresource:status
+// +kubebuilder:resource:shortName=vp,categories=tandem
+// +kubebuilder:printcolumn:name="Mode",type=string,JSONPath=`.spec.mode`
+// +kubebuilder:printcolumn:name="Primary",type=string,JSONPath=`.spec.primary.node`
+// +kubebuilder:printcolumn:name="Active",type=string,JSONPath=`.status.activePrimary`
+// +kubebuilder:printcolumn:name="Backup",type=string,JSONPath=`.spec.backup.node`
+// +kubebuilder:printcolumn:name="Phase",type=string,JSONPath=`.status.phase`
+// +kubebuilder:printcolumn:name="Out-Of-Sync",type=integer,format=int64,JSONPath=`.status.outOfSyncBytes`
+// +kubebuilder:printcolumn:name="Epoch",type=integer,JSONPath=`.status.epoch`,priority=1
+// +kubebuilder:printcolumn:name="Endpoint",type=string,JSONPath=`.status.endpoint`,priority=1
+// +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
+type VolumePair struct {
+	metav1.TypeMeta `json:",inline"`
+	// +optional
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+
+	// spec declares the pair.
+	// +required
+	Spec VolumePairSpec `json:"spec"`
+
+	// status is the observed state.
+	// +optional
+	Status VolumePairStatus `json:"status,omitempty"`
+}
+
+// VolumePairList is a list of VolumePairs.
+//
+// +kubebuilder:object:root=true
+type VolumePairList struct {
+	metav1.TypeMeta `json:",inline"`
+	// +optional
+	metav1.ListMeta `json:"metadata,omitempty"`
+	// items are the VolumePairs.
+	Items []VolumePair `json:"items"`
+}
+
+func init() {
+	SchemeBuilder.Register(&VolumePair{}, &VolumePairList{})
+}

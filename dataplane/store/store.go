@@ -1,0 +1,24 @@
+// Package store holds a replica's bytes: a sparse file under the agent's data
+// directory or a block device. Store is the seam between the volume engine and
+// the disk; Mem is an in-memory Store for tests and Faulty wraps any Store to
+// inject errors (EIO, ENOSPC) and slow fsyncs.
+package store
+
+import "io"
+
+// Store is the byte storage of one replica. Implementations are safe for
+// concurrent use; writes to overlapping ranges are ordered by the caller.
+type Store interface {
+	io.ReaderAt
+	io.WriterAt
+	// Size is the usable size in bytes.
+	Size() int64
+	// Sync makes every completed write durable (fdatasync).
+	Sync() error
+	// Punch deallocates [off, off+n); later reads return zeros (NBD TRIM).
+	Punch(off, n int64) error
+	// Zero makes [off, off+n) read as zeros (NBD WRITE_ZEROES).
+	Zero(off, n int64) error
+	// Close releases the store.
+	Close() error
+}

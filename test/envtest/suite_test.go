@@ -66,6 +66,9 @@ func run(m *testing.M) int {
 	cfg, err = env.Start()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "envtest: start the API server: %v\n", err)
+		// Start may fail after launching etcd and kube-apiserver (a bad
+		// CRD, say): stop them so they do not outlive the test.
+		_ = env.Stop()
 		return 1
 	}
 	defer func() {

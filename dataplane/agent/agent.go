@@ -1,0 +1,322 @@
+// Package agent is Tandem's per-node agent: it owns the replicas under its
+// data directory, serves the acting primaries over NBD, accepts replication
+// streams for the backups, and answers the controller's control API.
+//
+// # Control API (HTTP/JSON)
+//
+// Every /v1 call needs "Authorization: Bearer <token>" (the token file given
+// to the agent); a missing or wrong token gets 401. /healthz and /metrics are
+// open, as probes and scrapers expect.
+//
+//	GET    /healthz                                   200 "ok"
+//	GET    /metrics                                   Prometheus metrics
+//	GET    /v1/info                                   node and endpoints
+//	GET    /v1/volumes                                status of every volume
+//	PUT    /v1/volumes/{namespace}/{name}             body VolumeRequest: create if missing, apply the desired state; returns Status
+//	GET    /v1/volumes/{namespace}/{name}             Status
+//	DELETE /v1/volumes/{namespace}/{name}?purge=true  close (and with purge delete) the replica
+//	POST   /v1/volumes/{namespace}/{name}/peer-outdated  body {"epoch": N}: the controller recorded the peer Outdated (sync mode may continue alone)
+//	GET    /v1/volumes/{namespace}/{name}/bitmap      dirty regions as inclusive runs
+//
+// Errors are JSON {"error": "..."} with 400 (bad request), 401, 404, 409
+// (refused transition, e.g. promoting an Inconsistent member) or 500.
+//
+// # Replication listener
+//
+// A primary connects, sends a Hello frame (package repl) naming the volume,
+// its node, epoch and the cluster token; the agent hands the stream to that
+// volume, which refuses it with a Nack if the roles or epochs do not match.
+//
+// # On disk
+//
+//	<data-dir>/volumes/<namespace>/<name>/data      the replica (sparse file)
+//	<data-dir>/volumes/<namespace>/<name>/meta      metadata (package meta)
+//	<data-dir>/volumes/<namespace>/<name>/bitmap/   journal and checkpoints (package bitmap)
+//
+// After a restart every replica found there is opened fenced (role None)
+// with its recovered bitmap, until the controller applies a role and epoch.
+package agent
+
+import (
+	"bufio"
+	"context"
+	"crypto/subtle"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/go-logr/logr"
+
+	"github.com/tandem-storage/tandem/dataplane/meta"
+	"github.com/tandem-storage/tandem/dataplane/nbd"
+	"github.com/tandem-storage/tandem/dataplane/repl"
+	"github.com/tandem-storage/tandem/dataplane/volume"
+)
+
+// Config configures an Agent.
+type Config struct {
+	// Node is this agent's node name.
+	Node string
+	// DataDir holds the replicas.
+	DataDir string
+	// Token authenticates the control API and replication streams. Empty
+	// disables authentication (tests only; the shipped manifests set one).
+	Token string
+	// Authority gates writes of every volume (nil: the control API's word).
+	Authority volume.Authority
+	// Dial connects to peers (nil: TCP).
+	Dial volume.DialFunc
+	// AdvertiseHost is the address peers and clients use to reach this
+	// agent; it is reported in /v1/info and used in endpoints.
+	AdvertiseHost string
+	Log           logr.Logger
+}
+
+// Agent is one node's agent.
+type Agent struct {
+	cfg Config
+	log logr.Logger
+
+	mu      sync.Mutex
+	volumes map[string]*volume.Volume
+
+	nbdAddr, replAddr, controlAddr string
+}
+
+var nameRE = regexp.MustCompile(`^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$`)
+
+// ValidName checks "<namespace>/<name>".
+func ValidName(ns, name string) error {
+	if !nameRE.MatchString(ns) || len(ns) > 63 {
+		return fmt.Errorf("namespace %q is not a valid Kubernetes namespace name", ns)
+	}
+	if !nameRE.MatchString(name) {
+		return fmt.Errorf("name %q is not a valid Kubernetes object name", name)
+	}
+	return nil
+}
+
+// New opens every replica found under cfg.DataDir, fenced.
+func New(cfg Config) (*Agent, error) {
+	if cfg.Node == "" {
+		return nil, errors.New("agent: node name is required")
+	}
+	if cfg.DataDir == "" {
+		return nil, errors.New("agent: data dir is required")
+	}
+	a := &Agent{cfg: cfg, log: cfg.Log.WithValues("node", cfg.Node), volumes: map[string]*volume.Volume{}}
+	root := filepath.Join(cfg.DataDir, "volumes")
+	if err := os.MkdirAll(root, 0o700); err != nil {
+		return nil, fmt.Errorf("agent: %w", err)
+	}
+	nss, err := os.ReadDir(root)
+	if err != nil {
+		return nil, fmt.Errorf("agent: scan %s: %w", root, err)
+	}
+	for _, ns := range nss {
+		if !ns.IsDir() {
+			continue
+		}
+		names, err := os.ReadDir(filepath.Join(root, ns.Name()))
+		if err != nil {
+			return nil, fmt.Errorf("agent: scan: %w", err)
+		}
+		for _, n := range names {
+			dir := filepath.Join(root, ns.Name(), n.Name())
+			m, err := meta.Read(dir)
+			if err != nil {
+				a.log.Error(err, "Skipping replica with unreadable metadata", "dir", dir)
+				continue
+			}
+			if _, err := a.open(ns.Name(), n.Name(), m.Size, m.RegionSize); err != nil {
+				a.Close()
+				return nil, err
+			}
+		}
+	}
+	return a, nil
+}
+
+func (a *Agent) dir(ns, name string) string {
+	return filepath.Join(a.cfg.DataDir, "volumes", ns, name)
+}
+
+// open opens or creates a replica; a.mu must not be held.
+func (a *Agent) open(ns, name string, size, regionSize int64) (*volume.Volume, error) {
+	key := ns + "/" + name
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if v := a.volumes[key]; v != nil {
+		if v.Size() != size || v.Status().RegionSize != regionSize {
+			return nil, fmt.Errorf("%w: volume %s exists with size %d and region size %d", errConflict, key, v.Size(), v.Status().RegionSize)
+		}
+		return v, nil
+	}
+	v, err := volume.Open(volume.Options{
+		Name: key, Node: a.cfg.Node, Dir: a.dir(ns, name), Size: size, RegionSize: regionSize,
+		Authority: a.cfg.Authority, Dial: a.cfg.Dial, Token: a.cfg.Token, Log: a.log,
+	})
+	if err != nil {
+		return nil, err
+	}
+	a.volumes[key] = v
+	return v, nil
+}
+
+func (a *Agent) get(key string) *volume.Volume {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.volumes[key]
+}
+
+func (a *Agent) list() []*volume.Volume {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	out := make([]*volume.Volume, 0, len(a.volumes))
+	for _, v := range a.volumes {
+		out = append(out, v)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name() < out[j].Name() })
+	return out
+}
+
+// remove closes a replica and, with purge, deletes its files.
+func (a *Agent) remove(ns, name string, purge bool) error {
+	key := ns + "/" + name
+	a.mu.Lock()
+	v := a.volumes[key]
+	delete(a.volumes, key)
+	a.mu.Unlock()
+	if v != nil {
+		if err := v.Close(); err != nil {
+			a.log.Error(err, "Closing replica", "volume", key)
+		}
+	}
+	if purge {
+		if err := os.RemoveAll(a.dir(ns, name)); err != nil {
+			return fmt.Errorf("purge %s: %w", key, err)
+		}
+	}
+	if v == nil && !purge {
+		return errNotFound
+	}
+	return nil
+}
+
+// Close closes every replica (clean-shutdown checkpoints).
+func (a *Agent) Close() error {
+	var errs []error
+	for _, v := range a.list() {
+		if err := v.Close(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// tokenOK compares in constant time.
+func (a *Agent) tokenOK(got string) bool {
+	if a.cfg.Token == "" {
+		return true
+	}
+	return subtle.ConstantTimeCompare([]byte(got), []byte(a.cfg.Token)) == 1
+}
+
+// Lookup implements nbd.Exports: only a writer serves its export.
+func (a *Agent) Lookup(name string) (*nbd.Export, error) {
+	v := a.get(name)
+	if v == nil {
+		return nil, fmt.Errorf("no volume %q on node %s", name, a.cfg.Node)
+	}
+	if err := v.Writable(); err != nil {
+		return nil, fmt.Errorf("volume %s is not served here: %v", name, err)
+	}
+	return &nbd.Export{Name: name, Description: "Tandem volume " + name + " on " + a.cfg.Node, Backend: v}, nil
+}
+
+// List implements nbd.Exports: the exports this node serves now.
+func (a *Agent) List() []string {
+	var out []string
+	for _, v := range a.list() {
+		if v.Writable() == nil {
+			out = append(out, v.Name())
+		}
+	}
+	return out
+}
+
+// ServeReplication accepts replication streams on ln until ctx is done.
+func (a *Agent) ServeReplication(ctx context.Context, ln net.Listener) error {
+	a.replAddr = ln.Addr().String()
+	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	defer stop()
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				time.Sleep(50 * time.Millisecond)
+				continue
+			}
+			return fmt.Errorf("replication listener: %w", err)
+		}
+		go a.serveReplConn(ctx, c)
+	}
+}
+
+func (a *Agent) serveReplConn(ctx context.Context, c net.Conn) {
+	stop := context.AfterFunc(ctx, func() { c.Close() })
+	defer stop()
+	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	br := bufio.NewReaderSize(c, 256<<10)
+	rd := repl.NewReader(br, 0)
+	log := a.log.WithValues("remote", c.RemoteAddr().String())
+	f, err := rd.Next()
+	if err != nil {
+		log.Info("Closing replication connection: bad first frame", "reason", err.Error())
+		c.Close()
+		return
+	}
+	if f.Type != repl.TypeHello {
+		log.Info("Closing replication connection: first frame is not Hello", "type", f.Type.String())
+		c.Close()
+		return
+	}
+	h, err := repl.ParseHello(f.Payload)
+	if err != nil {
+		log.Info("Closing replication connection: bad Hello", "reason", err.Error())
+		c.Close()
+		return
+	}
+	if !a.tokenOK(h.Token) {
+		log.Info("Refusing replication connection: wrong or missing token", "from", h.Node)
+		refuseConn(c, f.Epoch, "authentication failed: wrong or missing token")
+		return
+	}
+	v := a.get(h.Volume)
+	if v == nil {
+		refuseConn(c, f.Epoch, fmt.Sprintf("no volume %q on node %s", h.Volume, a.cfg.Node))
+		return
+	}
+	_ = c.SetReadDeadline(time.Time{})
+	if err := v.ServePrimary(c, br, rd, h); err != nil {
+		log.Info("Replication stream ended", "volume", h.Volume, "reason", err.Error())
+	}
+}
+
+func refuseConn(c net.Conn, epoch uint64, reason string) {
+	bw := bufio.NewWriter(c)
+	_ = c.SetWriteDeadline(time.Now().Add(2 * time.Second))
+	_ = repl.WriteFrame(bw, &repl.Frame{Type: repl.TypeNack, Epoch: epoch, Payload: []byte(reason)})
+	_ = bw.Flush()
+	c.Close()
+}

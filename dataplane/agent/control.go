@@ -1,0 +1,264 @@
+package agent
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/tandem-storage/tandem/dataplane/volume"
+)
+
+var (
+	errNotFound = errors.New("not found")
+	errConflict = errors.New("conflict")
+)
+
+// VolumeRequest is the body of PUT /v1/volumes/{namespace}/{name}.
+type VolumeRequest struct {
+	// Size and RegionSize create the replica when it does not exist; they
+	// must match an existing one.
+	Size       int64 `json:"size"`
+	RegionSize int64 `json:"regionSize"`
+	// Spec is the desired state.
+	Spec volume.Spec `json:"spec"`
+}
+
+// PeerOutdatedRequest is the body of POST .../peer-outdated.
+type PeerOutdatedRequest struct {
+	Epoch uint64 `json:"epoch"`
+}
+
+// Info is the answer of GET /v1/info.
+type Info struct {
+	Node               string `json:"node"`
+	NBDAddress         string `json:"nbdAddress"`
+	ReplicationAddress string `json:"replicationAddress"`
+	ControlAddress     string `json:"controlAddress"`
+	Volumes            int    `json:"volumes"`
+}
+
+// SetAddresses records the listen addresses reported by /v1/info.
+func (a *Agent) SetAddresses(nbdAddr, replAddr, controlAddr string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.nbdAddr, a.replAddr, a.controlAddr = nbdAddr, replAddr, controlAddr
+}
+
+// Handler returns the control API.
+func (a *Agent) Handler() http.Handler {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(&collector{a: a}, prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = io.WriteString(w, "ok\n") })
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /v1/info", a.auth(a.handleInfo))
+	mux.HandleFunc("GET /v1/volumes", a.auth(a.handleList))
+	mux.HandleFunc("PUT /v1/volumes/{ns}/{name}", a.auth(a.handlePut))
+	mux.HandleFunc("GET /v1/volumes/{ns}/{name}", a.auth(a.handleGet))
+	mux.HandleFunc("DELETE /v1/volumes/{ns}/{name}", a.auth(a.handleDelete))
+	mux.HandleFunc("POST /v1/volumes/{ns}/{name}/peer-outdated", a.auth(a.handlePeerOutdated))
+	mux.HandleFunc("GET /v1/volumes/{ns}/{name}/bitmap", a.auth(a.handleBitmap))
+	return mux
+}
+
+func (a *Agent) auth(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		if !ok || !a.tokenOK(tok) {
+			a.log.Info("Refused control API call: wrong or missing token", "remote", r.RemoteAddr, "path", r.URL.Path)
+			w.Header().Set("WWW-Authenticate", `Bearer realm="tandem-agent"`)
+			writeErr(w, http.StatusUnauthorized, errors.New("authentication required: send Authorization: Bearer <token>"))
+			return
+		}
+		h(w, r)
+	}
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+func writeErr(w http.ResponseWriter, code int, err error) {
+	writeJSON(w, code, map[string]string{"error": err.Error()})
+}
+
+func decode(r *http.Request, v any) error {
+	dec := json.NewDecoder(io.LimitReader(r.Body, 1<<20))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return fmt.Errorf("decode request body: %w", err)
+	}
+	return nil
+}
+
+func (a *Agent) handleInfo(w http.ResponseWriter, _ *http.Request) {
+	a.mu.Lock()
+	info := Info{Node: a.cfg.Node, NBDAddress: a.nbdAddr, ReplicationAddress: a.replAddr, ControlAddress: a.controlAddr, Volumes: len(a.volumes)}
+	a.mu.Unlock()
+	writeJSON(w, http.StatusOK, info)
+}
+
+func (a *Agent) handleList(w http.ResponseWriter, _ *http.Request) {
+	out := []volume.Status{}
+	for _, v := range a.list() {
+		out = append(out, v.Status())
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (a *Agent) handlePut(w http.ResponseWriter, r *http.Request) {
+	ns, name := r.PathValue("ns"), r.PathValue("name")
+	if err := ValidName(ns, name); err != nil {
+		writeErr(w, http.StatusBadRequest, err)
+		return
+	}
+	var req VolumeRequest
+	if err := decode(r, &req); err != nil {
+		writeErr(w, http.StatusBadRequest, err)
+		return
+	}
+	if req.Size <= 0 || req.RegionSize <= 0 {
+		writeErr(w, http.StatusBadRequest, fmt.Errorf("size (%d) and regionSize (%d) must be positive", req.Size, req.RegionSize))
+		return
+	}
+	v, err := a.open(ns, name, req.Size, req.RegionSize)
+	if err != nil {
+		code := http.StatusInternalServerError
+		if errors.Is(err, errConflict) {
+			code = http.StatusConflict
+		}
+		writeErr(w, code, err)
+		return
+	}
+	if err := v.Apply(req.Spec); err != nil {
+		writeErr(w, http.StatusConflict, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, v.Status())
+}
+
+func (a *Agent) handleGet(w http.ResponseWriter, r *http.Request) {
+	v := a.get(r.PathValue("ns") + "/" + r.PathValue("name"))
+	if v == nil {
+		writeErr(w, http.StatusNotFound, fmt.Errorf("no volume %s/%s on node %s", r.PathValue("ns"), r.PathValue("name"), a.cfg.Node))
+		return
+	}
+	writeJSON(w, http.StatusOK, v.Status())
+}
+
+func (a *Agent) handleDelete(w http.ResponseWriter, r *http.Request) {
+	ns, name := r.PathValue("ns"), r.PathValue("name")
+	if err := ValidName(ns, name); err != nil {
+		writeErr(w, http.StatusBadRequest, err)
+		return
+	}
+	if err := a.remove(ns, name, r.URL.Query().Get("purge") == "true"); err != nil {
+		code := http.StatusInternalServerError
+		if errors.Is(err, errNotFound) {
+			code = http.StatusNotFound
+		}
+		writeErr(w, code, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (a *Agent) handlePeerOutdated(w http.ResponseWriter, r *http.Request) {
+	v := a.get(r.PathValue("ns") + "/" + r.PathValue("name"))
+	if v == nil {
+		writeErr(w, http.StatusNotFound, fmt.Errorf("no volume %s/%s on node %s", r.PathValue("ns"), r.PathValue("name"), a.cfg.Node))
+		return
+	}
+	var req PeerOutdatedRequest
+	if err := decode(r, &req); err != nil {
+		writeErr(w, http.StatusBadRequest, err)
+		return
+	}
+	if err := v.PeerOutdated(req.Epoch); err != nil {
+		writeErr(w, http.StatusConflict, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, v.Status())
+}
+
+// collector exports every volume's status as Prometheus metrics.
+type collector struct{ a *Agent }
+
+var (
+	labels       = []string{"volume", "role", "data_state"}
+	descUp       = prometheus.NewDesc("tandem_volume_writable", "1 when this member accepts client writes.", labels, nil)
+	descEpoch    = prometheus.NewDesc("tandem_volume_epoch", "Authority epoch of the member.", labels, nil)
+	descPeer     = prometheus.NewDesc("tandem_volume_peer_connected", "1 when the replication link is up.", labels, nil)
+	descOOS      = prometheus.NewDesc("tandem_volume_out_of_sync_bytes", "Bytes in dirty regions: what the peer may lack.", labels, nil)
+	descOldest   = prometheus.NewDesc("tandem_volume_oldest_unreplicated_seconds", "Age of the oldest write the peer has not acknowledged.", labels, nil)
+	descCopyDone = prometheus.NewDesc("tandem_volume_resync_copied_bytes_total", "Bytes sent by resyncs.", labels, nil)
+	descWrites   = prometheus.NewDesc("tandem_volume_writes_total", "Client writes.", labels, nil)
+	descWBytes   = prometheus.NewDesc("tandem_volume_write_bytes_total", "Client bytes written.", labels, nil)
+	descReads    = prometheus.NewDesc("tandem_volume_reads_total", "Client reads.", labels, nil)
+	descRecon    = prometheus.NewDesc("tandem_volume_link_reconnects_total", "Replication link reconnects.", labels, nil)
+	descRejected = prometheus.NewDesc("tandem_volume_rejected_frames_total", "Replication frames or streams refused (epoch, range, role).", labels, nil)
+	descHold     = prometheus.NewDesc("tandem_volume_last_write_hold_seconds", "Duration of the last failback write hold.", labels, nil)
+	descWaiting  = prometheus.NewDesc("tandem_volume_writes_waiting_peer_outdated", "Sync writes held until the peer is recorded Outdated.", labels, nil)
+)
+
+func (c *collector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descUp, descEpoch, descPeer, descOOS, descOldest, descCopyDone, descWrites, descWBytes, descReads, descRecon, descRejected, descHold, descWaiting} {
+		ch <- d
+	}
+}
+
+func b2f(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+func (c *collector) Collect(ch chan<- prometheus.Metric) {
+	for _, v := range c.a.list() {
+		s := v.Status()
+		l := []string{s.Name, string(s.Role), string(s.DataState)}
+		g := func(d *prometheus.Desc, val float64) {
+			ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, val, l...)
+		}
+		ctr := func(d *prometheus.Desc, val int64) {
+			ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(val), l...)
+		}
+		g(descUp, b2f(s.Writable))
+		g(descEpoch, float64(s.Epoch))
+		g(descPeer, b2f(s.PeerConnected))
+		g(descOOS, float64(s.OutOfSyncBytes))
+		g(descOldest, s.OldestUnreplicatedSeconds)
+		g(descHold, s.LastHoldSeconds)
+		g(descWaiting, float64(s.WaitingForPeerOutdated))
+		ctr(descCopyDone, s.Copy.CopiedBytesTotal)
+		ctr(descWrites, s.Counters.Writes)
+		ctr(descWBytes, s.Counters.WriteBytes)
+		ctr(descReads, s.Counters.Reads)
+		ctr(descRecon, s.Counters.Reconnects)
+		ctr(descRejected, s.Counters.RejectedFrames)
+	}
+}
+
+// Bitmap is the answer of GET .../bitmap: the dirty regions as inclusive runs.
+type Bitmap struct {
+	RegionSize int64       `json:"regionSize"`
+	Runs       [][2]uint32 `json:"runs"`
+}
+
+func (a *Agent) handleBitmap(w http.ResponseWriter, r *http.Request) {
+	v := a.get(r.PathValue("ns") + "/" + r.PathValue("name"))
+	if v == nil {
+		writeErr(w, http.StatusNotFound, fmt.Errorf("no volume %s/%s on node %s", r.PathValue("ns"), r.PathValue("name"), a.cfg.Node))
+		return
+	}
+	writeJSON(w, http.StatusOK, Bitmap{RegionSize: v.Status().RegionSize, Runs: v.DirtyRanges()})
+}

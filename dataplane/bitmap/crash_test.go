@@ -1,0 +1,185 @@
+package bitmap
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/RoaringBitmap/roaring/v2"
+	"github.com/go-logr/logr"
+)
+
+const (
+	crashDirEnv  = "TANDEM_BITMAP_CRASH_DIR"
+	crashSeedEnv = "TANDEM_BITMAP_CRASH_SEED"
+)
+
+// TestJournalCrashChild is the process TestJournalCrash kills. It behaves like
+// the volume engine: recovered regions go into its Tracker; writers set the
+// Tracker bits, Mark the journal and then print "M <off>" (the write would now
+// be acknowledged); a checkpointer snapshots the Tracker and checkpoints; now
+// and then the peer "catches up" (Tracker.Clear), printed as "C". It runs
+// until SIGKILLed.
+func TestJournalCrashChild(t *testing.T) {
+	dir := os.Getenv(crashDirEnv)
+	if dir == "" {
+		t.Skip("helper process for TestJournalCrash")
+	}
+	seed, _ := strconv.ParseUint(os.Getenv(crashSeedEnv), 10, 64)
+	var outMu sync.Mutex
+	say := func(format string, args ...any) {
+		outMu.Lock()
+		defer outMu.Unlock()
+		fmt.Fprintf(os.Stdout, format+"\n", args...) // one write(2) per line
+	}
+	j, rec, err := OpenJournal(dir, tSize, tRegion, tExtent, logr.Discard())
+	if err != nil {
+		say("ERR %v", err)
+		os.Exit(3)
+	}
+	g := j.geo
+	tr := NewTracker(tSize, tRegion)
+	tr.MarkRegions(rec)
+	var mu sync.RWMutex // writers hold it shared from Tracker bit to printed ack
+	go func() {
+		rng := rand.New(rand.NewPCG(seed, 1))
+		for {
+			mu.Lock()
+			snap := tr.Dirty()
+			mu.Unlock()
+			if err := j.Checkpoint(snap); err != nil {
+				say("ERR checkpoint: %v", err)
+				os.Exit(3)
+			}
+			time.Sleep(time.Duration(rng.IntN(3000)) * time.Microsecond)
+		}
+	}()
+	for w := 0; w < 4; w++ {
+		go func(w int) {
+			rng := rand.New(rand.NewPCG(seed, uint64(w)+10))
+			for i := 0; ; i++ {
+				off := rng.Int64N(tSize)
+				n := min(rng.Int64N(256*KiB)+1, tSize-off)
+				mu.RLock()
+				tr.MarkRegions(extentRegionsOf(&g, off, n)) // stands in for Mark(off, n, seq) with no ack
+				if err := j.Mark(context.Background(), off, n); err != nil {
+					say("ERR mark: %v", err)
+					os.Exit(3)
+				}
+				say("M %d %d", off, n)
+				mu.RUnlock()
+				if rng.IntN(200) == 0 {
+					mu.Lock()
+					tr.Clear()
+					say("C")
+					mu.Unlock()
+				}
+			}
+		}(w)
+	}
+	say("READY")
+	select {}
+}
+
+// TestJournalCrash SIGKILLs a marking, checkpointing child at random moments
+// and checks that every write it reported as marked (since the last time the
+// peer caught up) is in the recovered bitmap. Later rounds recover what
+// earlier rounds left.
+func TestJournalCrash(t *testing.T) {
+	if testing.Short() {
+		t.Skip("spawns processes")
+	}
+	g := mustGeo(t)
+	dir := t.TempDir()
+	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 7))
+	expected := roaring.New() // regions that must be recovered
+	const rounds = 6
+	totalMarks := 0
+	for round := 0; round < rounds; round++ {
+		cmd := exec.Command(os.Args[0], "-test.run=^TestJournalCrashChild$", "-test.count=1")
+		cmd.Env = append(os.Environ(), crashDirEnv+"="+dir, crashSeedEnv+"="+strconv.Itoa(rng.IntN(1<<30)))
+		stdout, err := cmd.StdoutPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		cmd.Stderr = os.Stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		lines := make(chan string, 1024)
+		go func() {
+			defer close(lines)
+			sc := bufio.NewScanner(stdout)
+			for sc.Scan() { // only complete lines: a line cut by the kill is dropped
+				lines <- sc.Text()
+			}
+		}()
+
+		killAt := time.Duration(20+rng.IntN(300)) * time.Millisecond
+		var timer <-chan time.Time
+		ready := time.After(20 * time.Second)
+		marks := 0
+	read:
+		for {
+			select {
+			case l, ok := <-lines:
+				if !ok {
+					break read
+				}
+				switch {
+				case l == "READY":
+					timer = time.After(killAt)
+					ready = nil
+				case l == "C":
+					expected.Clear()
+				case strings.HasPrefix(l, "M "):
+					var off, n int64
+					if _, err := fmt.Sscanf(l, "M %d %d", &off, &n); err != nil {
+						t.Fatalf("bad child line %q", l)
+					}
+					expected.Or(extentRegionsOf(g, off, n))
+					marks++
+				case strings.HasPrefix(l, "ERR"):
+					cmd.Process.Kill()
+					cmd.Wait()
+					t.Fatalf("round %d: child: %s", round, l)
+				}
+			case <-timer:
+				if err := cmd.Process.Kill(); err != nil {
+					t.Fatal(err)
+				}
+				timer = nil
+			case <-ready:
+				cmd.Process.Kill()
+				t.Fatal("child never became ready")
+			}
+		}
+		cmd.Wait()
+		totalMarks += marks
+
+		j, rec, err := OpenJournal(dir, tSize, tRegion, tExtent, logr.Discard())
+		if err != nil {
+			t.Fatalf("round %d: reopening after SIGKILL: %v", round, err)
+		}
+		if missing := roaring.AndNot(expected, rec); !missing.IsEmpty() {
+			t.Fatalf("round %d: %d acknowledged regions missing after crash (first %v); recovered %d",
+				round, missing.GetCardinality(), head(missing), rec.GetCardinality())
+		}
+		t.Logf("round %d: killed after %v, %d marks, must recover %d regions, recovered %d",
+			round, killAt, marks, expected.GetCardinality(), rec.GetCardinality())
+		if err := j.Close(nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if totalMarks == 0 {
+		t.Fatal("children never marked anything")
+	}
+}

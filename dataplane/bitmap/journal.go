@@ -1,0 +1,715 @@
+package bitmap
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+
+	"github.com/RoaringBitmap/roaring/v2"
+	"github.com/go-logr/logr"
+)
+
+// ErrClosed is returned by Journal methods called after Close.
+var ErrClosed = errors.New("bitmap journal closed")
+
+const (
+	checkpointName = "checkpoint"
+	checkpointTmp  = "checkpoint.tmp"
+	lockName       = "LOCK"
+	logPrefix      = "intent-"
+	logSuffix      = ".log"
+)
+
+func logName(gen uint64) string { return fmt.Sprintf("%s%016x%s", logPrefix, gen, logSuffix) }
+
+func parseLogName(name string) (uint64, bool) {
+	hex, ok := strings.CutPrefix(name, logPrefix)
+	if !ok {
+		return 0, false
+	}
+	hex, ok = strings.CutSuffix(hex, logSuffix)
+	if !ok || len(hex) != 16 {
+		return 0, false
+	}
+	gen, err := strconv.ParseUint(hex, 16, 64)
+	return gen, err == nil
+}
+
+// JournalStats are cumulative counters of one open Journal.
+type JournalStats struct {
+	Marks           uint64 // Mark calls with a non-empty range
+	FastMarks       uint64 // Marks that found their extents already durable (no I/O, no wait)
+	Batched         uint64 // Marks that waited for a group commit
+	Records         uint64 // log appends; each is one group commit followed by one fdatasync
+	Fsyncs          uint64 // every fsync/fdatasync: log appends, new logs, checkpoints, directories
+	Bytes           uint64 // bytes appended to logs by group commits
+	Checkpoints     uint64 // checkpoints written, including the ones at open and close
+	CheckpointBytes uint64 // size of the last checkpoint file
+	Generation      uint64 // current log generation
+}
+
+// Journal makes a replica's dirty bitmap survive crashes: a write-intent log
+// of coarse extents plus periodic checkpoints of the full bitmap, in one
+// directory. See the package documentation for the protocol and file format.
+// All methods are safe for concurrent use.
+type Journal struct {
+	dir string
+	geo geometry
+	log logr.Logger
+
+	lockF *os.File
+
+	// set holds the extents durably marked in the current log generation;
+	// Mark's fast path reads it without locking.
+	set atomic.Pointer[extSet]
+
+	mu       sync.Mutex
+	cond     sync.Cond // signals pending work, flush completion, swap completion
+	gen      uint64    // current log generation
+	f        *os.File  // current log
+	off      int64     // append offset in f
+	pending  *batch    // extents waiting for the next group commit
+	flushing bool      // the flusher is writing a batch outside mu
+	swapping bool      // a checkpoint is switching generations; do not start a flush
+	closing  bool
+	err      error // sticky: a log append failed, the journal is unusable
+
+	flusherDone chan struct{}
+
+	ckptMu sync.Mutex // serializes Checkpoint and Close
+	// carry holds regions of retired log generations that no durable
+	// checkpoint covers yet (after a failed checkpoint write).
+	carry *roaring.Bitmap
+
+	fastMarks                       stripedCounter
+	batched, records, fsyncs, bytes atomic.Uint64
+	checkpoints, checkpointBytes    atomic.Uint64
+
+	// beforeSync, if set (tests only, before the flusher starts), runs before
+	// each log fdatasync.
+	beforeSync func()
+}
+
+type batch struct {
+	ext  *roaring.Bitmap
+	done chan struct{}
+	err  error
+}
+
+// OpenJournal opens (creating if needed) the journal in dir for a volume of
+// size bytes tracked in regionSize regions, with write-intent extents of
+// extentSize bytes (0 means DefaultExtentSize, or regionSize if larger).
+//
+// It returns the recovered regions: the last checkpoint ∪ every region of
+// every extent marked in the logs since. The caller merges them into its
+// Tracker with MarkRegions. The recovered state is immediately written as a
+// new checkpoint and the old logs are removed, so the returned bitmap is owned
+// by the caller.
+//
+// A damaged journal yields an error wrapping ErrCorrupt (the bitmaps are lost:
+// resync fully, then ResetJournal); a journal of different geometry yields
+// ErrGeometry. A fresh directory recovers an empty bitmap.
+func OpenJournal(dir string, size, regionSize, extentSize int64, log logr.Logger) (*Journal, *roaring.Bitmap, error) {
+	if extentSize == 0 {
+		extentSize = max(DefaultExtentSize, regionSize)
+	}
+	g, err := newGeometry(size, regionSize, extentSize)
+	if err != nil {
+		return nil, nil, fmt.Errorf("opening bitmap journal %s: %w", dir, err)
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, nil, fmt.Errorf("opening bitmap journal: %w", err)
+	}
+	lockF, err := lockDir(filepath.Join(dir, lockName))
+	if err != nil {
+		return nil, nil, fmt.Errorf("opening bitmap journal %s: %w", dir, err)
+	}
+	j := &Journal{
+		dir:         dir,
+		geo:         g,
+		log:         log,
+		lockF:       lockF,
+		carry:       roaring.New(),
+		flusherDone: make(chan struct{}),
+	}
+	j.cond.L = &j.mu
+	j.set.Store(newExtSet(g.extents))
+
+	recovered, lastGen, err := j.recover()
+	if err != nil {
+		lockF.Close()
+		return nil, nil, fmt.Errorf("opening bitmap journal %s: %w", dir, err)
+	}
+	j.gen = lastGen
+	if err := j.rotate(recovered.Clone(), false); err != nil {
+		if j.f != nil {
+			j.f.Close()
+		}
+		lockF.Close()
+		return nil, nil, fmt.Errorf("opening bitmap journal %s: writing recovered checkpoint: %w", dir, err)
+	}
+	go j.flusher()
+	return j, recovered, nil
+}
+
+// ResetJournal deletes the journal files in dir (after ErrCorrupt or
+// ErrGeometry, once the caller has arranged a full resync). The journal must
+// not be open.
+func ResetJournal(dir string) error {
+	lockF, err := lockDir(filepath.Join(dir, lockName))
+	if err != nil {
+		return fmt.Errorf("resetting bitmap journal %s: %w", dir, err)
+	}
+	defer lockF.Close()
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return fmt.Errorf("resetting bitmap journal: %w", err)
+	}
+	for _, e := range entries {
+		name := e.Name()
+		if _, ok := parseLogName(name); ok || name == checkpointName || name == checkpointTmp {
+			if err := os.Remove(filepath.Join(dir, name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				return fmt.Errorf("resetting bitmap journal: %w", err)
+			}
+		}
+	}
+	if err := syncDir(dir); err != nil {
+		return fmt.Errorf("resetting bitmap journal %s: %w", dir, err)
+	}
+	return nil
+}
+
+// recover reads the checkpoint and the logs it does not cover. It returns the
+// recovered regions and the highest log generation present.
+func (j *Journal) recover() (*roaring.Bitmap, uint64, error) {
+	if err := os.Remove(filepath.Join(j.dir, checkpointTmp)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, 0, fmt.Errorf("removing stale temporary checkpoint: %w", err)
+	}
+	entries, err := os.ReadDir(j.dir)
+	if err != nil {
+		return nil, 0, fmt.Errorf("listing journal: %w", err)
+	}
+	var gens []uint64
+	for _, e := range entries {
+		if gen, ok := parseLogName(e.Name()); ok && e.Type().IsRegular() {
+			gens = append(gens, gen)
+		}
+	}
+	slices.Sort(gens)
+	var maxGen uint64
+	if len(gens) > 0 {
+		maxGen = gens[len(gens)-1]
+	}
+
+	data, err := os.ReadFile(filepath.Join(j.dir, checkpointName))
+	if errors.Is(err, fs.ErrNotExist) {
+		// Fresh journal, or a crash during the very first open (before the
+		// first checkpoint existed, so before any Mark could have returned).
+		for _, gen := range gens {
+			lc, err := j.readLog(gen)
+			if err != nil && !errors.Is(err, errTornHeader) {
+				return nil, 0, err
+			}
+			if lc.records > 0 {
+				return nil, 0, fmt.Errorf("%w: %s has %d records but there is no checkpoint", ErrCorrupt, logName(gen), lc.records)
+			}
+		}
+		j.log.Info("created bitmap journal", "dir", j.dir, "regions", j.geo.regions, "extentSize", j.geo.extentSize)
+		return roaring.New(), maxGen, nil
+	}
+	if err != nil {
+		return nil, 0, fmt.Errorf("reading checkpoint: %w", err)
+	}
+	ckGen, bm, err := decodeCheckpoint(data, &j.geo)
+	if err != nil {
+		return nil, 0, err
+	}
+	fromCheckpoint := bm.GetCardinality()
+
+	// Log ckGen is created (durably) before checkpoint ckGen is written, and
+	// logs are created in generation order, so ckGen..maxGen must all exist.
+	want := ckGen
+	var records, torn int
+	for _, gen := range gens {
+		if gen < ckGen {
+			continue // covered by the checkpoint; removed by the next rotate
+		}
+		if gen != want {
+			return nil, 0, fmt.Errorf("%w: %s missing (checkpoint generation %d, found %s)", ErrCorrupt, logName(want), ckGen, logName(gen))
+		}
+		want++
+		lc, err := j.readLog(gen)
+		if errors.Is(err, errTornHeader) && gen == maxGen && gen > ckGen {
+			continue // crash while creating the newest log: nothing was marked in it
+		}
+		if errors.Is(err, errTornHeader) {
+			return nil, 0, fmt.Errorf("%w: %w (checkpoint generation %d, newest log %d)", ErrCorrupt, err, ckGen, maxGen)
+		}
+		if err != nil {
+			return nil, 0, err
+		}
+		for _, r := range lc.runs {
+			for e := r.first; e < r.first+r.n; e++ {
+				lo, hi := j.geo.extentRegions(e)
+				bm.AddRange(lo, hi)
+			}
+		}
+		records += lc.records
+		torn += lc.torn
+	}
+	if want == ckGen {
+		return nil, 0, fmt.Errorf("%w: %s missing (checkpoint generation %d)", ErrCorrupt, logName(ckGen), ckGen)
+	}
+	j.log.Info("recovered dirty bitmap", "dir", j.dir, "checkpointGeneration", ckGen, "lastGeneration", maxGen,
+		"checkpointRegions", fromCheckpoint, "logRecords", records, "tornBytes", torn, "recoveredRegions", bm.GetCardinality())
+	return bm, maxGen, nil
+}
+
+func (j *Journal) readLog(gen uint64) (logContents, error) {
+	name := logName(gen)
+	data, err := os.ReadFile(filepath.Join(j.dir, name))
+	if err != nil {
+		return logContents{}, fmt.Errorf("reading %s: %w", name, err)
+	}
+	lc, err := decodeLog(data, &j.geo)
+	if err != nil {
+		return lc, fmt.Errorf("%s: %w", name, err)
+	}
+	if lc.gen != gen {
+		return lc, fmt.Errorf("%w: %s: header says generation %d", ErrCorrupt, name, lc.gen)
+	}
+	return lc, nil
+}
+
+// Mark durably records that writes to [off, off+n) may be unacknowledged to
+// the peer: when it returns nil, every extent touching the range is in the
+// log (or a checkpoint) and survives a crash. Call it before issuing the local
+// write, and acknowledge the write only after both are done; see the package
+// documentation for its ordering against Tracker updates and Checkpoint.
+//
+// If every extent is already marked since the last checkpoint, Mark returns
+// immediately without locking or I/O. Otherwise the extents join the next
+// group commit (one append and one fdatasync for all concurrent callers) and
+// Mark waits for it, or for ctx. A write of n == 0 is a no-op; a range outside
+// the volume is an error. Once a log append fails, every later Mark fails.
+func (j *Journal) Mark(ctx context.Context, off, n int64) error {
+	if n == 0 {
+		return nil
+	}
+	if off < 0 || n < 0 || off >= j.geo.size || n > j.geo.size-off {
+		return fmt.Errorf("marking [%d, %d+%d): outside the volume of %d bytes", off, off, n, j.geo.size)
+	}
+	first, last, _ := j.geo.extentRange(off, n)
+	if j.set.Load().hasRange(first, last) {
+		j.fastMarks.add(first)
+		return nil
+	}
+
+	j.mu.Lock()
+	if j.closing {
+		j.mu.Unlock()
+		return ErrClosed
+	}
+	if j.err != nil {
+		err := j.err
+		j.mu.Unlock()
+		return fmt.Errorf("marking extents %d-%d: %w", first, last, err)
+	}
+	set := j.set.Load()
+	b := j.pending
+	added := false
+	for e := first; ; e++ {
+		if !set.has(e) {
+			if b == nil {
+				b = &batch{ext: roaring.New(), done: make(chan struct{})}
+				j.pending = b
+			}
+			b.ext.Add(e)
+			added = true
+		}
+		if e == last {
+			break
+		}
+	}
+	if !added { // became durable while we took the lock
+		j.mu.Unlock()
+		j.fastMarks.add(first)
+		return nil
+	}
+	j.cond.Broadcast()
+	j.mu.Unlock()
+	j.batched.Add(1)
+
+	select {
+	case <-b.done:
+		if b.err != nil {
+			return fmt.Errorf("marking extents %d-%d: %w", first, last, b.err)
+		}
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("marking extents %d-%d: waiting for the intent log: %w", first, last, ctx.Err())
+	}
+}
+
+// flusher performs group commits: it takes every pending extent, appends
+// them as one record and fdatasyncs, then wakes the waiting Marks.
+func (j *Journal) flusher() {
+	defer close(j.flusherDone)
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	for {
+		for (j.pending == nil || j.swapping) && !j.closing {
+			j.cond.Wait()
+		}
+		if j.pending == nil {
+			return // closing, nothing left to flush
+		}
+		b := j.pending
+		j.pending = nil
+		if j.err != nil {
+			b.err = j.err
+			close(b.done)
+			continue
+		}
+		j.flushing = true
+		f, gen, off, set := j.f, j.gen, j.off, j.set.Load()
+		j.mu.Unlock()
+
+		n, err := j.appendBatch(f, gen, off, b.ext)
+		if err == nil {
+			b.ext.Iterate(func(e uint32) bool { set.add(e); return true })
+		}
+
+		j.mu.Lock()
+		j.flushing = false
+		if err != nil {
+			j.err = fmt.Errorf("appending to %s: %w", logName(gen), err)
+			j.log.Error(err, "bitmap intent log append failed; journal unusable", "dir", j.dir, "generation", gen)
+			err = j.err
+		} else {
+			j.off += int64(n)
+		}
+		b.err = err
+		close(b.done)
+		j.cond.Broadcast()
+	}
+}
+
+// appendBatch writes the extents of b at off as one record (or several, for
+// a batch too large for one) and fdatasyncs.
+func (j *Journal) appendBatch(f *os.File, gen uint64, off int64, ext *roaring.Bitmap) (int, error) {
+	runs := make([]extentRun, 0, 8)
+	ext.Iterate(func(e uint32) bool {
+		if k := len(runs) - 1; k >= 0 && runs[k].first+runs[k].n == e {
+			runs[k].n++
+		} else {
+			runs = append(runs, extentRun{first: e, n: 1})
+		}
+		return true
+	})
+	var rec []byte
+	for len(runs) > 0 {
+		k := min(len(runs), maxRunsPerRecord)
+		rec = appendRecord(rec, gen, runs[:k])
+		runs = runs[k:]
+	}
+	if _, err := f.WriteAt(rec, off); err != nil {
+		return 0, err
+	}
+	if j.beforeSync != nil {
+		j.beforeSync()
+	}
+	if err := fdatasync(f); err != nil {
+		return 0, fmt.Errorf("fdatasync: %w", err)
+	}
+	j.fsyncs.Add(1)
+	j.records.Add(1)
+	j.bytes.Add(uint64(len(rec)))
+	return len(rec), nil
+}
+
+// Checkpoint atomically replaces the checkpoint with b and starts a new, empty
+// log generation, so later Marks must mark their extents again.
+//
+// b is the caller's dirty bitmap (Tracker.Dirty). It may have been taken
+// before the call and Marks may run concurrently: the checkpoint written is b
+// ∪ every region of the extents marked in the generation being retired, so an
+// extent marked at any time before the switch stays covered. b must cover the
+// writes marked in earlier generations (see the package documentation for the
+// ordering that guarantees it). b is not modified. Checkpoint and Close are
+// serialized.
+func (j *Journal) Checkpoint(b *roaring.Bitmap) error {
+	j.ckptMu.Lock()
+	defer j.ckptMu.Unlock()
+	content, err := j.checkpointContent(b)
+	if err != nil {
+		return err
+	}
+	if err := j.rotate(content, true); err != nil {
+		return fmt.Errorf("checkpoint of bitmap journal %s: %w", j.dir, err)
+	}
+	return nil
+}
+
+func (j *Journal) checkpointContent(b *roaring.Bitmap) (*roaring.Bitmap, error) {
+	j.mu.Lock()
+	closing, jerr := j.closing, j.err
+	j.mu.Unlock()
+	if closing {
+		return nil, ErrClosed
+	}
+	if jerr != nil {
+		return nil, fmt.Errorf("checkpoint of bitmap journal %s: %w", j.dir, jerr)
+	}
+	if b == nil {
+		return roaring.New(), nil
+	}
+	if !b.IsEmpty() && b.Maximum() >= j.geo.regions {
+		return nil, fmt.Errorf("checkpoint of bitmap journal %s: region %d outside the volume's %d regions", j.dir, b.Maximum(), j.geo.regions)
+	}
+	return b.Clone(), nil
+}
+
+// Close stops the journal. If final is non-nil it is written as the last
+// checkpoint, exactly (without the retired generation's extents): the caller
+// must have quiesced writes, so that final reflects every write and ack. With
+// a nil final the logs are left for the next OpenJournal to replay. Marks
+// waiting for a group commit complete before Close returns; later Marks fail
+// with ErrClosed.
+func (j *Journal) Close(final *roaring.Bitmap) error {
+	j.ckptMu.Lock()
+	defer j.ckptMu.Unlock()
+	j.mu.Lock()
+	if j.closing {
+		j.mu.Unlock()
+		return ErrClosed
+	}
+	j.closing = true
+	jerr := j.err
+	// Fast-path Marks must fail from now on, not find old extents.
+	j.set.Store(newExtSet(0))
+	j.cond.Broadcast()
+	j.mu.Unlock()
+	<-j.flusherDone
+
+	var err error
+	if final != nil && jerr == nil {
+		if !final.IsEmpty() && final.Maximum() >= j.geo.regions {
+			err = fmt.Errorf("final bitmap: region %d outside the volume's %d regions", final.Maximum(), j.geo.regions)
+		} else {
+			err = j.rotate(final.Clone(), false)
+		}
+	}
+	j.mu.Lock()
+	f := j.f
+	j.f = nil
+	j.mu.Unlock()
+	if f != nil {
+		if cerr := f.Close(); cerr != nil && err == nil {
+			err = cerr
+		}
+	}
+	j.lockF.Close()
+	if err != nil {
+		return fmt.Errorf("closing bitmap journal %s: %w", j.dir, err)
+	}
+	return nil
+}
+
+// rotate starts log generation gen+1 and writes content (plus carry, plus the
+// retired generation's extents if unionRetired) as checkpoint gen+1, then
+// removes the older logs. The order makes every crash point recoverable:
+//
+//  1. create and fsync log gen+1 and the directory; no Mark uses it yet, and
+//     recovery (checkpoint ≤ gen, logs ≤ gen+1) is unchanged;
+//  2. switch Marks to it: wait for a flush in progress on gen, swap file and
+//     extent set; extents marked from now on go to gen+1;
+//  3. write checkpoint gen+1 (temp file, fsync, rename, fsync dir); recovery
+//     is either the old checkpoint + logs ≥ old gen, or the new checkpoint +
+//     logs ≥ gen+1;
+//  4. delete logs < gen+1, which no checkpoint needs any more.
+//
+// The caller holds ckptMu (or is OpenJournal, before the flusher starts).
+func (j *Journal) rotate(content *roaring.Bitmap, unionRetired bool) error {
+	newGen := j.gen + 1 // only rotate writes j.gen, and rotations are serialized
+	nf, err := j.createLog(newGen)
+	if err != nil {
+		return err
+	}
+
+	j.mu.Lock()
+	j.swapping = true
+	for j.flushing {
+		j.cond.Wait()
+	}
+	oldF, oldSet := j.f, j.set.Load()
+	j.f, j.gen, j.off = nf, newGen, logHeaderLen
+	j.set.Store(newExtSet(j.geo.extents))
+	j.swapping = false
+	j.cond.Broadcast()
+	j.mu.Unlock()
+
+	if oldF != nil {
+		// Every record in it was fdatasynced before its Marks returned.
+		_ = oldF.Close()
+	}
+	if unionRetired {
+		oldSet.addRegionsTo(&j.geo, j.carry)
+	}
+	content.Or(j.carry)
+	if err := j.writeCheckpoint(newGen, content); err != nil {
+		// Logs < newGen stay on disk and carry keeps their extents for the
+		// next checkpoint.
+		return err
+	}
+	j.carry = roaring.New()
+	j.removeLogsBefore(newGen)
+	return nil
+}
+
+func (j *Journal) createLog(gen uint64) (*os.File, error) {
+	path := filepath.Join(j.dir, logName(gen))
+	// O_TRUNC, not O_EXCL: a file of this generation can only be left over
+	// from a rotation that failed before switching to it, so it holds nothing.
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_TRUNC|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("creating log: %w", err)
+	}
+	fail := func(err error) (*os.File, error) {
+		f.Close()
+		os.Remove(path)
+		return nil, fmt.Errorf("creating %s: %w", logName(gen), err)
+	}
+	if _, err := f.WriteAt(appendLogHeader(nil, gen, &j.geo), 0); err != nil {
+		return fail(err)
+	}
+	if err := fdatasync(f); err != nil {
+		return fail(err)
+	}
+	if err := syncDir(j.dir); err != nil {
+		return fail(err)
+	}
+	j.fsyncs.Add(2)
+	return f, nil
+}
+
+func (j *Journal) writeCheckpoint(gen uint64, bm *roaring.Bitmap) error {
+	bm.RunOptimize()
+	data, err := encodeCheckpoint(gen, &j.geo, bm)
+	if err != nil {
+		return err
+	}
+	tmp := filepath.Join(j.dir, checkpointTmp)
+	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+	if err != nil {
+		return fmt.Errorf("writing checkpoint: %w", err)
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return fmt.Errorf("writing checkpoint: %w", err)
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return fmt.Errorf("syncing checkpoint: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("closing checkpoint: %w", err)
+	}
+	if err := os.Rename(tmp, filepath.Join(j.dir, checkpointName)); err != nil {
+		return fmt.Errorf("installing checkpoint: %w", err)
+	}
+	if err := syncDir(j.dir); err != nil {
+		return fmt.Errorf("installing checkpoint: %w", err)
+	}
+	j.fsyncs.Add(2)
+	j.checkpoints.Add(1)
+	j.checkpointBytes.Store(uint64(len(data)))
+	j.log.V(1).Info("bitmap checkpoint written", "dir", j.dir, "generation", gen,
+		"regions", bm.GetCardinality(), "bytes", len(data))
+	return nil
+}
+
+// removeLogsBefore deletes logs older than gen. Failures only leave stale
+// files that recovery ignores, so they are logged, not returned.
+func (j *Journal) removeLogsBefore(gen uint64) {
+	entries, err := os.ReadDir(j.dir)
+	if err != nil {
+		j.log.Error(err, "listing bitmap journal for cleanup", "dir", j.dir)
+		return
+	}
+	removed := 0
+	for _, e := range entries {
+		if g, ok := parseLogName(e.Name()); ok && g < gen {
+			if err := os.Remove(filepath.Join(j.dir, e.Name())); err != nil {
+				j.log.Error(err, "removing retired intent log", "dir", j.dir, "file", e.Name())
+				continue
+			}
+			removed++
+		}
+	}
+	if removed > 0 {
+		if err := syncDir(j.dir); err != nil {
+			j.log.Error(err, "syncing bitmap journal directory", "dir", j.dir)
+		}
+	}
+}
+
+// Stats returns the journal's counters.
+func (j *Journal) Stats() JournalStats {
+	j.mu.Lock()
+	gen := j.gen
+	j.mu.Unlock()
+	fast, batched := j.fastMarks.load(), j.batched.Load()
+	return JournalStats{
+		Marks:           fast + batched,
+		FastMarks:       fast,
+		Batched:         batched,
+		Records:         j.records.Load(),
+		Fsyncs:          j.fsyncs.Load(),
+		Bytes:           j.bytes.Load(),
+		Checkpoints:     j.checkpoints.Load(),
+		CheckpointBytes: j.checkpointBytes.Load(),
+		Generation:      gen,
+	}
+}
+
+// ExtentSize is the write-intent extent size in bytes.
+func (j *Journal) ExtentSize() int64 { return j.geo.extentSize }
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	if err := d.Sync(); err != nil {
+		d.Close()
+		return fmt.Errorf("fsync directory: %w", err)
+	}
+	return d.Close()
+}
+
+// stripedCounter is a counter for the lock-free fast path: concurrent Marks
+// of different extents increment different cache lines instead of bouncing
+// one.
+type stripedCounter [16]struct {
+	n atomic.Uint64
+	_ [120]byte // keep stripes on separate (pairs of) cache lines
+}
+
+func (c *stripedCounter) add(key uint32) { c[key&15].n.Add(1) }
+
+func (c *stripedCounter) load() uint64 {
+	var sum uint64
+	for i := range c {
+		sum += c[i].n.Load()
+	}
+	return sum
+}

@@ -1,0 +1,280 @@
+package volume
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/tandem-storage/tandem/dataplane/repl"
+)
+
+// backupSide is the backup's end of the replication stream: it applies the
+// primary's frames in order and acknowledges them, cumulatively, as applied
+// and as durable.
+type backupSide struct {
+	v     *Volume
+	conn  net.Conn
+	epoch uint64
+
+	wmu sync.Mutex // serialises frames written to conn
+	bw  *bufio.Writer
+
+	applied atomic.Uint64
+	durable atomic.Uint64
+	alive   atomic.Bool
+	done    chan struct{}
+	once    sync.Once
+
+	fwd *fwdClient
+}
+
+func (b *backupSide) connected() bool { return b.alive.Load() }
+
+func (b *backupSide) close(reason error) {
+	b.once.Do(func() {
+		b.alive.Store(false)
+		b.v.log.Info("Closing replication stream from the primary", "reason", reason.Error())
+		b.conn.Close()
+	})
+}
+
+func (b *backupSide) send(f *repl.Frame) error {
+	b.wmu.Lock()
+	defer b.wmu.Unlock()
+	_ = b.conn.SetWriteDeadline(time.Now().Add(peerTimeout))
+	if err := repl.WriteFrame(b.bw, f); err != nil {
+		return err
+	}
+	return b.bw.Flush()
+}
+
+func (b *backupSide) ack() error {
+	return b.send(&repl.Frame{Type: repl.TypeAck, Epoch: b.epoch, Seq: b.applied.Load(), Offset: b.durable.Load()})
+}
+
+// refuse answers a Hello with a Nack and closes the connection.
+func refuse(conn net.Conn, epoch uint64, reason string) {
+	bw := bufio.NewWriter(conn)
+	_ = conn.SetWriteDeadline(time.Now().Add(2 * time.Second))
+	_ = repl.WriteFrame(bw, &repl.Frame{Type: repl.TypeNack, Epoch: epoch, Payload: []byte(reason)})
+	_ = bw.Flush()
+	conn.Close()
+}
+
+// ServePrimary takes over a connection whose Hello named this volume and
+// serves it as the backup until it fails. br must be the buffered reader the
+// Hello was read from. It returns when the stream ends.
+func (v *Volume) ServePrimary(conn net.Conn, br *bufio.Reader, rd *repl.Reader, h repl.Hello) error {
+	v.mu.Lock()
+	var reason string
+	switch {
+	case v.closed:
+		reason = "volume is closing"
+	case v.role != RoleBackup:
+		reason = fmt.Sprintf("member %s is %s at epoch %d, not a backup", v.opts.Node, v.role, v.epoch)
+	case h.Epoch != v.epoch:
+		reason = fmt.Sprintf("epoch mismatch: primary %s is at epoch %d, member %s at epoch %d", h.Node, h.Epoch, v.opts.Node, v.epoch)
+	case v.spec.PeerNode != "" && h.Node != v.spec.PeerNode:
+		reason = fmt.Sprintf("member %s expects its primary to be %s, not %s", v.opts.Node, v.spec.PeerNode, h.Node)
+	case h.Size != v.opts.Size || h.RegionSize != v.opts.RegionSize:
+		reason = fmt.Sprintf("geometry mismatch: primary has size %d region %d, backup size %d region %d", h.Size, h.RegionSize, v.opts.Size, v.opts.RegionSize)
+	}
+	if reason != "" {
+		epoch := v.epoch
+		v.mu.Unlock()
+		v.ctr.rejected.Add(1)
+		v.log.Info("Refused replication stream", "from", h.Node, "reason", reason)
+		refuse(conn, epoch, reason)
+		return errors.New(reason)
+	}
+	b := &backupSide{v: v, conn: conn, epoch: v.epoch, bw: bufio.NewWriterSize(conn, 64<<10), done: make(chan struct{})}
+	b.fwd = newFwdClient(b)
+	old := v.backupConn
+	v.backupConn = b
+	fullCopy := v.bitmapsLost
+	ds := v.dataState
+	if v.fwd != nil {
+		v.fwd.attach(b.fwd)
+	}
+	v.notifyLocked()
+	v.mu.Unlock()
+	if old != nil {
+		old.close(errors.New("replaced by a new stream from the primary"))
+	}
+	b.alive.Store(true)
+	defer func() {
+		b.close(errors.New("stream ended"))
+		close(b.done)
+		b.fwd.fail(errors.New("replication stream to the writer ended"))
+		v.mu.Lock()
+		if v.backupConn == b {
+			v.backupConn = nil
+		}
+		v.notifyLocked()
+		v.mu.Unlock()
+	}()
+
+	// Answer with our state and our own diff: writes this member acknowledged
+	// as a primary that may never have reached the peer.
+	ackPayload, _ := json.Marshal(HelloAck{Node: v.opts.Node, DataState: ds, FullCopy: fullCopy})
+	own, err := v.tracker.Dirty().ToBytes()
+	if err != nil {
+		return fmt.Errorf("serialise own bitmap: %w", err)
+	}
+	if len(own) > repl.MaxPayload {
+		fullCopy = true
+		own = nil
+	}
+	if err := b.send(&repl.Frame{Type: repl.TypeHelloAck, Epoch: b.epoch, Payload: ackPayload}); err != nil {
+		return fmt.Errorf("send HelloAck: %w", err)
+	}
+	if err := b.send(&repl.Frame{Type: repl.TypeBitmap, Epoch: b.epoch, Payload: own}); err != nil {
+		return fmt.Errorf("send bitmap: %w", err)
+	}
+	v.log.Info("Serving replication stream from the primary", "primary", h.Node, "epoch", b.epoch, "ownDiffRegions", v.tracker.Count())
+
+	stopSync := make(chan struct{})
+	defer close(stopSync)
+	go b.syncer(stopSync)
+	return b.apply(br, rd)
+}
+
+// syncer makes applied frames durable every few milliseconds and reports it,
+// so the primary can clear bits without waiting for a FUA or flush.
+func (b *backupSide) syncer(stop <-chan struct{}) {
+	t := time.NewTicker(20 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-stop:
+			return
+		case <-t.C:
+			a := b.applied.Load()
+			if a <= b.durable.Load() {
+				continue
+			}
+			if err := b.v.store.Sync(); err != nil {
+				b.v.setError(fmt.Errorf("backup sync: %w", err))
+				b.close(err)
+				return
+			}
+			if a > b.durable.Load() {
+				b.durable.Store(a)
+			}
+			if err := b.ack(); err != nil {
+				b.close(err)
+				return
+			}
+		}
+	}
+}
+
+func (b *backupSide) apply(br *bufio.Reader, rd *repl.Reader) error {
+	v := b.v
+	for {
+		_ = b.conn.SetReadDeadline(time.Now().Add(peerTimeout))
+		f, err := rd.Next()
+		if err != nil {
+			return fmt.Errorf("read from primary: %w", err)
+		}
+		if f.Epoch != b.epoch {
+			v.ctr.rejected.Add(1)
+			reason := fmt.Sprintf("frame %v at epoch %d refused by member %s at epoch %d", f.Type, f.Epoch, v.opts.Node, b.epoch)
+			_ = b.send(&repl.Frame{Type: repl.TypeNack, Epoch: b.epoch, Seq: f.Seq, Payload: []byte(reason)})
+			return errors.New(reason)
+		}
+		sync := f.Flags&repl.FlagFUA != 0
+		switch f.Type {
+		case repl.TypeWrite, repl.TypeCopyData:
+			if err := b.checkRange(f); err != nil {
+				return err
+			}
+			if _, err := v.store.WriteAt(f.Payload, int64(f.Offset)); err != nil {
+				return b.fail(fmt.Errorf("apply %v at %d: %w", f.Type, f.Offset, err))
+			}
+		case repl.TypeTrim, repl.TypeZero:
+			if err := b.checkRange(f); err != nil {
+				return err
+			}
+			op := v.store.Punch
+			if f.Type == repl.TypeZero {
+				op = v.store.Zero
+			}
+			if err := op(int64(f.Offset), int64(f.Length)); err != nil {
+				return b.fail(fmt.Errorf("apply %v at %d: %w", f.Type, f.Offset, err))
+			}
+		case repl.TypeFlush:
+			sync = true
+		case repl.TypeResyncBegin:
+			if f.Offset > 0 {
+				if err := v.setDataState(Inconsistent); err != nil {
+					return b.fail(err)
+				}
+			}
+			// The primary journaled our diff before sending this: ours
+			// can go.
+			v.tracker.Clear()
+			v.mu.Lock()
+			v.bitmapsLost = false
+			v.mu.Unlock()
+			if err := v.checkpoint(); err != nil {
+				return b.fail(err)
+			}
+		case repl.TypeCopyDone:
+			sync = true
+		case repl.TypePing:
+			if err := b.send(&repl.Frame{Type: repl.TypePong, Epoch: b.epoch, Seq: f.Seq}); err != nil {
+				return fmt.Errorf("send Pong: %w", err)
+			}
+			continue
+		case repl.TypeFwdReply:
+			b.fwd.deliver(f)
+			continue
+		default:
+			v.ctr.rejected.Add(1)
+			return fmt.Errorf("unexpected %v frame from the primary", f.Type)
+		}
+		if sync {
+			if err := v.store.Sync(); err != nil {
+				return b.fail(fmt.Errorf("sync for %v: %w", f.Type, err))
+			}
+		}
+		if f.Type == repl.TypeCopyDone {
+			if err := v.setDataState(UpToDate); err != nil {
+				return b.fail(err)
+			}
+		}
+		v.ctr.framesApplied.Add(1)
+		b.applied.Store(f.Seq)
+		if sync {
+			b.durable.Store(f.Seq)
+		}
+		if br.Buffered() == 0 || sync {
+			if err := b.ack(); err != nil {
+				return fmt.Errorf("send Ack: %w", err)
+			}
+		}
+	}
+}
+
+func (b *backupSide) checkRange(f *repl.Frame) error {
+	if err := b.v.checkRange(int64(f.Offset), int64(f.Length)); err != nil {
+		b.v.ctr.rejected.Add(1)
+		reason := fmt.Sprintf("%v frame %d: %v", f.Type, f.Seq, err)
+		_ = b.send(&repl.Frame{Type: repl.TypeNack, Epoch: b.epoch, Seq: f.Seq, Payload: []byte(reason)})
+		return errors.New(reason)
+	}
+	return nil
+}
+
+// fail reports a local I/O error to the primary and ends the stream.
+func (b *backupSide) fail(err error) error {
+	b.v.setError(err)
+	_ = b.send(&repl.Frame{Type: repl.TypeNack, Epoch: b.epoch, Payload: []byte(err.Error())})
+	return err
+}

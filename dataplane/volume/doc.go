@@ -1,0 +1,45 @@
+// Package volume is the replication engine of one replica: it serves client
+// I/O when this member is the acting primary, mirrors every write to the peer
+// over one ordered stream, tracks in a dirty bitmap what the peer may lack,
+// and runs the patent's transitions (PAIR, SWAP, COPY, failback) when the
+// controller changes the desired role and epoch.
+//
+// # Write path (acting primary)
+//
+//  1. Admission: the volume must be the writer (role Primary, authority
+//     valid for its epoch) and not holding writes for a failback; held writes
+//     wait, they are not failed.
+//  2. Write intent: the coarse extent holding the write is durably marked in
+//     the journal (bitmap.Journal) before anything else, so a crash can never
+//     lose the knowledge that the region may differ (invariant 3).
+//  3. Under the region locks: the local store is written and the frame is
+//     queued on the link with the next sequence number, and the tracker marks
+//     the regions with that seq. Holding the region locks across both makes
+//     the peer apply overlapping writes in the same order as the local store,
+//     and makes a resync copy of a region (read + queue, under the same lock)
+//     unable to overwrite a newer live write on the peer.
+//  4. FUA: the local store is synced.
+//  5. Sync mode: the write is acknowledged only after the peer applied it. If
+//     the link is down, the write is held until the controller has recorded
+//     the peer as Outdated (PeerOutdated), invariant 2. Async mode
+//     acknowledges after the local copy.
+//
+// # Resync (COPY)
+//
+// Every time the link (re)connects, the backup answers the handshake with its
+// own dirty bitmap (writes it acknowledged as a primary that may never have
+// reached the other side). The primary journals and ORs it into its own
+// bitmap (unless mergePeerBitmap is false) and copies exactly the regions
+// whose bits are set, rate-limited, while live writes continue. The backup
+// is Inconsistent from the first copied region until the primary sends
+// CopyDone, then UpToDate.
+//
+// # Failback (DELPAIR)
+//
+// With Hold set, new writes wait at admission; once the in-flight writes are
+// acknowledged and the bitmap is empty the status reports drained. The
+// controller then swaps the roles with a new epoch; writes that were held on
+// the old writer are forwarded over the replication link to the new writer
+// (which mirrors them back), so no client write fails. Connections that stay
+// open on the old writer keep being forwarded; new ones are refused.
+package volume

@@ -1,0 +1,324 @@
+package volume
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/tandem-storage/tandem/dataplane/repl"
+)
+
+// regionLocks serialise the local write and the queueing of its frame for
+// writes (and resync copies) touching the same regions. Regions map onto a
+// fixed number of stripes; a range locks its stripes in ascending order.
+type regionLocks struct {
+	shift   uint
+	stripes [256]sync.Mutex
+}
+
+func (l *regionLocks) init(regionSize int64) {
+	for s := uint(0); s < 63; s++ {
+		if int64(1)<<s == regionSize {
+			l.shift = s
+			return
+		}
+	}
+	panic(fmt.Sprintf("region size %d is not a power of two", regionSize))
+}
+
+// lock locks the stripes of [off, off+n) and returns the unlock function.
+func (l *regionLocks) lock(off, n int64) func() {
+	first := off >> l.shift
+	last := (off + max(n, 1) - 1) >> l.shift
+	if last-first >= int64(len(l.stripes))-1 {
+		for i := range l.stripes {
+			l.stripes[i].Lock()
+		}
+		return func() {
+			for i := range l.stripes {
+				l.stripes[i].Unlock()
+			}
+		}
+	}
+	var held [len(regionLocks{}.stripes)]bool
+	for r := first; r <= last; r++ {
+		held[r%int64(len(l.stripes))] = true
+	}
+	for i := range held {
+		if held[i] {
+			l.stripes[i].Lock()
+		}
+	}
+	return func() {
+		for i := range held {
+			if held[i] {
+				l.stripes[i].Unlock()
+			}
+		}
+	}
+}
+
+// opKind is a client operation that changes data.
+type opKind uint8
+
+const (
+	opWrite opKind = iota
+	opTrim
+	opZero
+)
+
+func (k opKind) frameType() repl.Type {
+	switch k {
+	case opTrim:
+		return repl.TypeTrim
+	case opZero:
+		return repl.TypeZero
+	}
+	return repl.TypeWrite
+}
+
+func (v *Volume) checkRange(off, n int64) error {
+	if off < 0 || n < 0 || off > v.opts.Size || n > v.opts.Size-off {
+		return fmt.Errorf("range [%d, +%d) outside the volume of %d bytes: %w", off, n, v.opts.Size, syscall.EINVAL)
+	}
+	return nil
+}
+
+// admit waits until a client write may start: the member is the writer and
+// is not holding writes for a failback. It returns errForward when the member
+// stopped being the writer while holding, so the write goes to the new
+// writer instead.
+func (v *Volume) admit(ctx context.Context) (*forwarder, error) {
+	var heldSince time.Time
+	for {
+		v.mu.Lock()
+		if v.fwd != nil {
+			f := v.fwd
+			v.mu.Unlock()
+			return f, nil
+		}
+		if err := v.writableLocked(); err != nil {
+			v.mu.Unlock()
+			return nil, err
+		}
+		if v.holdStart.IsZero() {
+			v.inflight++
+			v.mu.Unlock()
+			return nil, nil
+		}
+		if heldSince.IsZero() {
+			heldSince = time.Now()
+			v.heldWrites.Add(1)
+		}
+		ch := v.changed
+		v.mu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("write held for failback: %w", ctx.Err())
+		}
+	}
+}
+
+func (v *Volume) release() {
+	v.mu.Lock()
+	v.inflight--
+	if v.inflight == 0 && !v.holdStart.IsZero() {
+		v.notifyLocked()
+	}
+	v.mu.Unlock()
+}
+
+// ReadAt reads from the local copy. Only the writer serves reads, so a client
+// never reads data older than what it wrote.
+func (v *Volume) ReadAt(ctx context.Context, p []byte, off int64) error {
+	if err := v.checkRange(off, int64(len(p))); err != nil {
+		return err
+	}
+	v.mu.Lock()
+	f := v.fwd
+	if f != nil {
+		v.mu.Unlock()
+		return f.read(ctx, p, off)
+	}
+	if err := v.writableLocked(); err != nil {
+		v.mu.Unlock()
+		return err
+	}
+	v.mu.Unlock()
+	if _, err := v.store.ReadAt(p, off); err != nil {
+		v.setError(err)
+		return fmt.Errorf("reading %d bytes at %d: %w", len(p), off, err)
+	}
+	v.ctr.reads.Add(1)
+	v.ctr.readBytes.Add(int64(len(p)))
+	return nil
+}
+
+// WriteAt writes p at off; with fua the data is durable locally before
+// return. In Sync mode it returns once the peer applied it too.
+func (v *Volume) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
+	return v.submit(ctx, opWrite, p, off, int64(len(p)), fua)
+}
+
+// Trim deallocates a range (reads return zeros afterwards).
+func (v *Volume) Trim(ctx context.Context, off, n int64, fua bool) error {
+	return v.submit(ctx, opTrim, nil, off, n, fua)
+}
+
+// WriteZeroes makes a range read as zeros.
+func (v *Volume) WriteZeroes(ctx context.Context, off, n int64, fua bool) error {
+	return v.submit(ctx, opZero, nil, off, n, fua)
+}
+
+func (v *Volume) submit(ctx context.Context, kind opKind, p []byte, off, n int64, fua bool) error {
+	if err := v.checkRange(off, n); err != nil {
+		return err
+	}
+	if n == 0 {
+		return nil
+	}
+	fwd, err := v.admit(ctx)
+	if err != nil {
+		return err
+	}
+	if fwd != nil {
+		v.forwarded.Add(1)
+		return fwd.submit(ctx, kind, p, off, n, fua)
+	}
+	defer v.release()
+
+	// Write intent first: after a crash the extent is resynced even if the
+	// peer never saw this write (invariant 3).
+	v.ckpt.RLock()
+	if err := v.journal.Mark(ctx, off, n); err != nil {
+		v.ckpt.RUnlock()
+		err = fmt.Errorf("write-intent for [%d, +%d): %w", off, n, err)
+		v.setError(err)
+		return err
+	}
+	unlock := v.locks.lock(off, n)
+	if err := v.applyLocal(kind, p, off, n); err != nil {
+		unlock()
+		v.ckpt.RUnlock()
+		v.setError(err)
+		return err
+	}
+	v.mu.Lock()
+	l := v.link
+	mode := v.spec.Mode
+	v.mu.Unlock()
+	var tk ticket
+	queued := false
+	if l != nil {
+		tk, queued = l.enqueueClient(kind, p, off, n, fua, mode == ModeSync)
+	}
+	if !queued {
+		v.tracker.MarkRange(off, n)
+	}
+	unlock()
+	v.ckpt.RUnlock()
+
+	if fua {
+		if err := v.store.Sync(); err != nil {
+			err = fmt.Errorf("FUA sync: %w", err)
+			v.setError(err)
+			return err
+		}
+	}
+	v.ctr.writes.Add(1)
+	v.ctr.writeBytes.Add(n)
+	if mode != ModeSync {
+		return nil
+	}
+	if queued && l.waitApplied(ctx, tk, fua) {
+		return nil
+	}
+	return v.waitAlone(ctx)
+}
+
+func (v *Volume) applyLocal(kind opKind, p []byte, off, n int64) error {
+	var err error
+	switch kind {
+	case opWrite:
+		_, err = v.store.WriteAt(p, off)
+	case opTrim:
+		err = v.store.Punch(off, n)
+	case opZero:
+		err = v.store.Zero(off, n)
+	}
+	if err != nil {
+		return fmt.Errorf("local %v of [%d, +%d): %w", kind.frameType(), off, n, err)
+	}
+	return nil
+}
+
+// waitAlone holds a sync-mode write that the peer did not confirm until the
+// controller has recorded the peer as Outdated, or the link is back and in
+// sync (then the resync carried the write to the peer).
+func (v *Volume) waitAlone(ctx context.Context) error {
+	v.waitingAlone.Add(1)
+	defer v.waitingAlone.Add(-1)
+	logged := false
+	for {
+		v.mu.Lock()
+		if v.aloneEpoch == v.epoch && v.role == RolePrimary {
+			v.mu.Unlock()
+			return nil
+		}
+		if v.closed || v.role != RolePrimary {
+			v.mu.Unlock()
+			return fmt.Errorf("sync write not confirmed by the peer and this member stopped being primary: %w", syscall.EIO)
+		}
+		l := v.link
+		ch := v.changed
+		v.mu.Unlock()
+		if l != nil && l.inSync() {
+			return nil
+		}
+		if !logged {
+			v.log.Info("Holding sync write until the peer is recorded Outdated")
+			logged = true
+		}
+		select {
+		case <-ch:
+		case <-time.After(50 * time.Millisecond):
+		case <-ctx.Done():
+			return fmt.Errorf("sync write held for peer outdating: %w", ctx.Err())
+		}
+	}
+}
+
+// Flush makes every completed write durable locally and, in Sync mode, on
+// the peer.
+func (v *Volume) Flush(ctx context.Context) error {
+	v.mu.Lock()
+	f := v.fwd
+	if f != nil {
+		v.mu.Unlock()
+		return f.flush(ctx)
+	}
+	if err := v.writableLocked(); err != nil {
+		v.mu.Unlock()
+		return err
+	}
+	l, mode := v.link, v.spec.Mode
+	v.mu.Unlock()
+	v.ctr.flushes.Add(1)
+	if err := v.store.Sync(); err != nil {
+		err = fmt.Errorf("flush: %w", err)
+		v.setError(err)
+		return err
+	}
+	if mode != ModeSync {
+		return nil
+	}
+	if l != nil {
+		if tk, ok := l.enqueueFlush(); ok && l.waitApplied(ctx, tk, true) {
+			return nil
+		}
+	}
+	return v.waitAlone(ctx)
+}

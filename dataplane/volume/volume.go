@@ -1,0 +1,537 @@
+package volume
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/RoaringBitmap/roaring/v2"
+	"github.com/go-logr/logr"
+
+	"github.com/tandem-storage/tandem/dataplane/bitmap"
+	"github.com/tandem-storage/tandem/dataplane/meta"
+	"github.com/tandem-storage/tandem/dataplane/store"
+)
+
+// Authority tells whether this member may accept writes at an epoch. The
+// Kubernetes implementation renews a per-pair Lease and answers false once
+// renewal fails (self-fencing); tests use AlwaysAuthorized.
+type Authority interface {
+	// Authorized returns nil when writes at epoch are allowed, or the reason
+	// they are not.
+	Authorized(epoch uint64) error
+}
+
+// AlwaysAuthorized is an Authority without a lease: the control API's word is
+// final. For tests and single-node use.
+type AlwaysAuthorized struct{}
+
+// Authorized always allows.
+func (AlwaysAuthorized) Authorized(uint64) error { return nil }
+
+// Options configure a Volume.
+type Options struct {
+	// Name is "<namespace>/<name>".
+	Name string
+	// Node is this agent's node name.
+	Node string
+	// Dir holds the replica: "data" (unless Store is set), "meta" and the
+	// bitmap journal under "bitmap/".
+	Dir string
+	// Size and RegionSize of the volume; ExtentSize of write-intent extents
+	// (0: 4 MiB).
+	Size, RegionSize, ExtentSize int64
+	// Store overrides the backing file (a block device, or a fault injector).
+	Store store.Store
+	// Authority gates writes; nil means AlwaysAuthorized.
+	Authority Authority
+	// Dial connects to the peer's replication listener; nil uses net.Dialer.
+	Dial DialFunc
+	// Token authenticates this agent to the peer's replication listener.
+	Token string
+	// CheckpointInterval is how often the bitmap is checkpointed (0: 5 s).
+	CheckpointInterval time.Duration
+	Log                logr.Logger
+}
+
+// Volume is one replica and its replication engine.
+type Volume struct {
+	opts    Options
+	log     logr.Logger
+	store   store.Store
+	journal *bitmap.Journal
+	tracker *bitmap.Tracker
+	auth    Authority
+	locks   regionLocks
+
+	// ckpt orders checkpoints against writes between journal Mark and the
+	// tracker bit being set (see checkpoint).
+	ckpt sync.RWMutex
+
+	mu          sync.Mutex
+	spec        Spec
+	role        Role
+	epoch       uint64
+	dataState   DataState
+	createdNew  bool
+	bitmapsLost bool
+	aloneEpoch  uint64 // the controller recorded the peer Outdated at this epoch
+	changed     chan struct{}
+	inflight    int64 // admitted client writes not yet finished
+	holdStart   time.Time
+	lastHold    time.Duration
+	lastErr     string
+	lastErrTime time.Time
+	link        *link       // primary side
+	backupConn  *backupSide // backup side
+	fwd         *forwarder  // ex-writer forwarding to the new writer
+	closed      bool
+
+	waitingAlone atomic.Int64
+	heldWrites   atomic.Int64
+	forwarded    atomic.Int64
+	copiedTotal  atomic.Int64
+	ctr          counters
+
+	stop chan struct{}
+	wg   sync.WaitGroup
+}
+
+type counters struct {
+	writes, writeBytes, reads, readBytes, flushes   atomic.Int64
+	framesSent, framesApplied, reconnects, rejected atomic.Int64
+}
+
+// Open opens or creates the replica in opts.Dir. The volume starts fenced
+// (RoleNone): it accepts no writes and no replication until Apply gives it a
+// role and an epoch. A replica whose store this call created all-zero is
+// UpToDate with an empty bitmap (a brand-new pair needs no initial copy).
+func Open(opts Options) (*Volume, error) {
+	if opts.ExtentSize == 0 {
+		opts.ExtentSize = max(4<<20, opts.RegionSize)
+	}
+	if opts.CheckpointInterval == 0 {
+		opts.CheckpointInterval = 5 * time.Second
+	}
+	if opts.Authority == nil {
+		opts.Authority = AlwaysAuthorized{}
+	}
+	if err := bitmap.ValidateGeometry(opts.Size, opts.RegionSize, opts.ExtentSize); err != nil {
+		return nil, fmt.Errorf("volume %s: %w", opts.Name, err)
+	}
+	if err := os.MkdirAll(opts.Dir, 0o700); err != nil {
+		return nil, fmt.Errorf("volume %s: %w", opts.Name, err)
+	}
+	log := opts.Log.WithValues("volume", opts.Name)
+	v := &Volume{
+		opts:    opts,
+		log:     log,
+		auth:    opts.Authority,
+		tracker: bitmap.NewTracker(opts.Size, opts.RegionSize),
+		role:    RoleNone,
+		changed: make(chan struct{}),
+		stop:    make(chan struct{}),
+	}
+	v.locks.init(opts.RegionSize)
+
+	m, err := meta.Read(opts.Dir)
+	switch {
+	case err == nil:
+		if m.Size != opts.Size || m.RegionSize != opts.RegionSize {
+			return nil, fmt.Errorf("volume %s: replica in %s has size %d and region size %d, want %d and %d",
+				opts.Name, opts.Dir, m.Size, m.RegionSize, opts.Size, opts.RegionSize)
+		}
+		v.epoch, v.dataState, v.createdNew = m.Epoch, DataState(m.DataState), m.CreatedFresh
+	case errors.Is(err, os.ErrNotExist):
+		v.dataState = UpToDate
+	default:
+		return nil, fmt.Errorf("volume %s: reading metadata: %w", opts.Name, err)
+	}
+	freshMeta := err != nil
+
+	st := opts.Store
+	if st == nil {
+		path := filepath.Join(opts.Dir, "data")
+		_, statErr := os.Stat(path)
+		created := errors.Is(statErr, os.ErrNotExist)
+		st, err = store.OpenFile(path, opts.Size, created)
+		if err != nil {
+			return nil, fmt.Errorf("volume %s: %w", opts.Name, err)
+		}
+		if created && !freshMeta {
+			// The metadata survived but the data did not: nothing in it can
+			// be trusted and the peer must copy everything.
+			v.dataState = Inconsistent
+			v.bitmapsLost = true
+		}
+		v.createdNew = v.createdNew || (created && freshMeta)
+	}
+	v.store = st
+
+	j, recovered, err := bitmap.OpenJournal(filepath.Join(opts.Dir, "bitmap"), opts.Size, opts.RegionSize, opts.ExtentSize, log.WithName("journal"))
+	if errors.Is(err, bitmap.ErrCorrupt) || errors.Is(err, bitmap.ErrGeometry) {
+		log.Error(err, "Bitmap journal lost; the whole volume counts as out of sync")
+		if rerr := bitmap.ResetJournal(filepath.Join(opts.Dir, "bitmap")); rerr != nil {
+			st.Close()
+			return nil, fmt.Errorf("volume %s: resetting bitmap journal: %w", opts.Name, rerr)
+		}
+		j, _, err = bitmap.OpenJournal(filepath.Join(opts.Dir, "bitmap"), opts.Size, opts.RegionSize, opts.ExtentSize, log.WithName("journal"))
+		v.bitmapsLost = true
+	}
+	if err != nil {
+		st.Close()
+		return nil, fmt.Errorf("volume %s: %w", opts.Name, err)
+	}
+	v.journal = j
+	if recovered != nil && !recovered.IsEmpty() {
+		v.tracker.MarkRegions(recovered)
+	}
+	if v.bitmapsLost {
+		all := roaring.New()
+		all.AddRange(0, uint64(v.tracker.Regions()))
+		v.tracker.MarkRegions(all)
+	}
+	if err := v.persistLocked(); err != nil {
+		v.journal.Close(v.tracker.Dirty())
+		st.Close()
+		return nil, err
+	}
+	log.Info("Opened replica", "dir", opts.Dir, "epoch", v.epoch, "dataState", v.dataState,
+		"recoveredDirtyRegions", v.tracker.Count(), "bitmapsLost", v.bitmapsLost)
+	v.wg.Add(1)
+	go v.checkpointLoop()
+	return v, nil
+}
+
+// Name is "<namespace>/<name>".
+func (v *Volume) Name() string { return v.opts.Name }
+
+// Size is the volume size in bytes.
+func (v *Volume) Size() int64 { return v.opts.Size }
+
+// StorePath is the backing file (empty when a custom Store is used).
+func (v *Volume) StorePath() string {
+	if v.opts.Store != nil {
+		return ""
+	}
+	return filepath.Join(v.opts.Dir, "data")
+}
+
+// persistLocked writes the metadata; v.mu held (or not yet shared).
+func (v *Volume) persistLocked() error {
+	m := meta.Meta{
+		Volume: v.opts.Name, Size: v.opts.Size, RegionSize: v.opts.RegionSize,
+		Epoch: v.epoch, Role: string(v.role), DataState: string(v.dataState),
+		Peer: v.spec.PeerNode, CreatedFresh: v.createdNew, UpdatedAt: time.Now(),
+	}
+	if err := meta.Write(v.opts.Dir, m); err != nil {
+		return fmt.Errorf("volume %s: writing metadata: %w", v.opts.Name, err)
+	}
+	return nil
+}
+
+// notifyLocked wakes everyone waiting for a state change; v.mu held.
+func (v *Volume) notifyLocked() {
+	close(v.changed)
+	v.changed = make(chan struct{})
+}
+
+func (v *Volume) notify() {
+	v.mu.Lock()
+	v.notifyLocked()
+	v.mu.Unlock()
+}
+
+func (v *Volume) setError(err error) {
+	v.mu.Lock()
+	v.lastErr, v.lastErrTime = err.Error(), time.Now()
+	v.mu.Unlock()
+}
+
+// setDataState persists a new data state.
+func (v *Volume) setDataState(ds DataState) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.dataState == ds {
+		return nil
+	}
+	old := v.dataState
+	v.dataState = ds
+	if err := v.persistLocked(); err != nil {
+		v.dataState = old
+		return err
+	}
+	v.log.Info("Data state changed", "from", old, "to", ds)
+	v.notifyLocked()
+	return nil
+}
+
+// Apply sets the desired state. It is idempotent: applying the same Spec
+// twice changes nothing. Epochs never go backwards.
+func (v *Volume) Apply(s Spec) error {
+	if s.Mode == "" {
+		s.Mode = ModeAsync
+	}
+	switch s.Role {
+	case RolePrimary, RoleBackup, RoleNone:
+	default:
+		return fmt.Errorf("volume %s: unknown role %q", v.opts.Name, s.Role)
+	}
+	if s.Mode != ModeSync && s.Mode != ModeAsync {
+		return fmt.Errorf("volume %s: unknown mode %q", v.opts.Name, s.Mode)
+	}
+	v.mu.Lock()
+	if v.closed {
+		v.mu.Unlock()
+		return ErrClosed
+	}
+	if s.Epoch < v.epoch {
+		cur := v.epoch
+		v.mu.Unlock()
+		return fmt.Errorf("volume %s: epoch %d is older than the replica's epoch %d", v.opts.Name, s.Epoch, cur)
+	}
+	if s.Role == RolePrimary && v.role != RolePrimary && v.dataState == Inconsistent && !s.AllowPromoteInconsistent {
+		v.mu.Unlock()
+		return fmt.Errorf("volume %s: refusing to become primary: data is Inconsistent (a copy towards this member did not finish)", v.opts.Name)
+	}
+	old := v.spec
+	oldRole, oldEpoch := v.role, v.epoch
+	v.spec, v.role, v.epoch = s, s.Role, s.Epoch
+
+	// Failback hold bookkeeping.
+	switch {
+	case s.Hold && s.Role == RolePrimary && !old.Hold:
+		v.holdStart = time.Now()
+	case !(s.Hold && s.Role == RolePrimary) && !v.holdStart.IsZero():
+		v.lastHold = time.Since(v.holdStart)
+		v.holdStart = time.Time{}
+		v.log.Info("Write hold released", "heldFor", v.lastHold.String())
+	}
+
+	roleChanged := oldRole != s.Role || oldEpoch != s.Epoch
+	linkChanged := roleChanged || old.PeerAddress != s.PeerAddress || old.Mode != s.Mode
+	var stopLink *link
+	var stopBackup *backupSide
+	if linkChanged && v.link != nil {
+		stopLink, v.link = v.link, nil
+	}
+	if roleChanged && v.backupConn != nil {
+		stopBackup, v.backupConn = v.backupConn, nil
+	}
+	if roleChanged && s.Role == RolePrimary && oldRole != RolePrimary {
+		// SWAP: the patent clears the promoted member's bitmap; it records
+		// every region written from now on while its peer is away. Regions
+		// it still owes a returning peer stay (they are sticky).
+		v.log.Info("Promoted to primary", "epoch", s.Epoch, "previousRole", oldRole)
+	}
+	if roleChanged && oldRole == RolePrimary && s.Role != RolePrimary {
+		v.log.Info("Stepped down from primary", "epoch", s.Epoch, "role", s.Role)
+	}
+	var err error
+	if roleChanged || old.PeerNode != s.PeerNode {
+		err = v.persistLocked()
+	}
+	if s.Role == RolePrimary && s.PeerAddress != "" && v.link == nil {
+		v.link = newLink(v, s)
+		v.link.start()
+	}
+	if s.Role == RoleBackup && oldRole == RolePrimary {
+		v.fwd = newForwarder(v)
+	}
+	if s.Role == RolePrimary {
+		v.fwd = nil
+	}
+	v.notifyLocked()
+	v.mu.Unlock()
+
+	if stopLink != nil {
+		stopLink.stop()
+	}
+	if stopBackup != nil {
+		stopBackup.close(errors.New("role or epoch changed"))
+	}
+	if err != nil {
+		return err
+	}
+	if roleChanged {
+		v.log.Info("Applied desired state", "role", s.Role, "epoch", s.Epoch, "mode", s.Mode, "peer", s.PeerNode)
+	}
+	return nil
+}
+
+// PeerOutdated records that the controller has marked the peer Outdated in
+// the API server at epoch: sync writes held because the peer is unreachable
+// may now be acknowledged with only the local copy (invariant 2).
+func (v *Volume) PeerOutdated(epoch uint64) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if epoch != v.epoch {
+		return fmt.Errorf("volume %s: peer-outdated for epoch %d, but the replica is at epoch %d", v.opts.Name, epoch, v.epoch)
+	}
+	if v.aloneEpoch != epoch {
+		v.aloneEpoch = epoch
+		v.log.Info("Peer recorded Outdated; continuing alone", "epoch", epoch)
+		v.notifyLocked()
+	}
+	return nil
+}
+
+// Spec returns the desired state last applied.
+func (v *Volume) Spec() Spec {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.spec
+}
+
+// Status reports the actual state.
+func (v *Volume) Status() Status {
+	v.mu.Lock()
+	st := Status{
+		Name: v.opts.Name, Size: v.opts.Size, RegionSize: v.opts.RegionSize,
+		Role: v.role, Epoch: v.epoch, Mode: v.spec.Mode, DataState: v.dataState,
+		PeerNode: v.spec.PeerNode, BitmapsLost: v.bitmapsLost,
+		Holding: !v.holdStart.IsZero(), LastHoldSeconds: v.lastHold.Seconds(),
+		LastError: v.lastErr, LastErrorTime: v.lastErrTime,
+	}
+	if err := v.writableLocked(); err != nil {
+		st.Reason = err.Error()
+	} else {
+		st.Writable = true
+	}
+	l, b := v.link, v.backupConn
+	inflight := v.inflight
+	v.mu.Unlock()
+
+	st.OutOfSyncRegions = v.tracker.Count()
+	st.OutOfSyncBytes = v.tracker.Bytes()
+	if l != nil {
+		ls := l.status()
+		st.PeerConnected = ls.streaming
+		st.Copy = ls.copy
+		st.OldestUnreplicatedSeconds = ls.oldest.Seconds()
+		st.Drained = st.Holding && inflight == 0 && ls.streaming && ls.copyDone && st.OutOfSyncRegions == 0 && ls.allAcked
+	}
+	if b != nil {
+		st.PeerConnected = b.connected()
+	}
+	st.Copy.CopiedBytesTotal = v.copiedTotal.Load()
+	st.WaitingForPeerOutdated = v.waitingAlone.Load()
+	st.HeldWrites = v.heldWrites.Load()
+	st.ForwardedWrites = v.forwarded.Load()
+	st.Counters = Counters{
+		Writes: v.ctr.writes.Load(), WriteBytes: v.ctr.writeBytes.Load(),
+		Reads: v.ctr.reads.Load(), ReadBytes: v.ctr.readBytes.Load(), Flushes: v.ctr.flushes.Load(),
+		FramesSent: v.ctr.framesSent.Load(), FramesApplied: v.ctr.framesApplied.Load(),
+		Reconnects: v.ctr.reconnects.Load(), RejectedFrames: v.ctr.rejected.Load(),
+	}
+	return st
+}
+
+// writableLocked returns nil when client writes are accepted now.
+func (v *Volume) writableLocked() error {
+	if v.closed {
+		return ErrClosed
+	}
+	if v.role != RolePrimary {
+		return fmt.Errorf("member %s is %s at epoch %d: %w", v.opts.Node, v.role, v.epoch, ErrNotWriter)
+	}
+	if err := v.auth.Authorized(v.epoch); err != nil {
+		return fmt.Errorf("member %s is fenced at epoch %d: %v: %w", v.opts.Node, v.epoch, err, ErrNotWriter)
+	}
+	return nil
+}
+
+// Writable returns nil when this member serves client I/O, else the reason.
+func (v *Volume) Writable() error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.writableLocked()
+}
+
+// checkpointLoop writes the bitmap to disk periodically.
+func (v *Volume) checkpointLoop() {
+	defer v.wg.Done()
+	t := time.NewTicker(v.opts.CheckpointInterval)
+	defer t.Stop()
+	var lastStats bitmap.JournalStats
+	lastCount := uint64(0)
+	for {
+		select {
+		case <-v.stop:
+			return
+		case <-t.C:
+			st := v.journal.Stats()
+			cnt := v.tracker.Count()
+			if st == lastStats && cnt == lastCount {
+				continue
+			}
+			if err := v.checkpoint(); err != nil {
+				v.log.Error(err, "Bitmap checkpoint failed")
+				v.setError(err)
+			}
+			lastStats, lastCount = v.journal.Stats(), cnt
+		}
+	}
+}
+
+// checkpoint writes the tracker's bitmap. Writes hold v.ckpt for reading
+// from their journal Mark until their tracker bit is set, so the snapshot
+// covers every write whose Mark happened in an earlier journal generation.
+func (v *Volume) checkpoint() error {
+	v.ckpt.Lock()
+	snap := v.tracker.Dirty()
+	v.ckpt.Unlock()
+	return v.journal.Checkpoint(snap)
+}
+
+// Close stops replication and writes a final checkpoint.
+func (v *Volume) Close() error {
+	v.mu.Lock()
+	if v.closed {
+		v.mu.Unlock()
+		return nil
+	}
+	v.closed = true
+	l, b := v.link, v.backupConn
+	v.link, v.backupConn = nil, nil
+	v.notifyLocked()
+	v.mu.Unlock()
+	if l != nil {
+		l.stop()
+	}
+	if b != nil {
+		b.close(ErrClosed)
+	}
+	close(v.stop)
+	v.wg.Wait()
+	var errs []error
+	if err := v.store.Sync(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := v.journal.Close(v.tracker.Dirty()); err != nil {
+		errs = append(errs, err)
+	}
+	if err := v.store.Close(); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// DirtyRanges returns the dirty regions as inclusive [first, last] runs.
+func (v *Volume) DirtyRanges() [][2]uint32 {
+	var out [][2]uint32
+	it := v.tracker.Dirty().Iterator()
+	for it.HasNext() {
+		r := it.Next()
+		if n := len(out); n > 0 && out[n-1][1]+1 == r {
+			out[n-1][1] = r
+			continue
+		}
+		out = append(out, [2]uint32{r, r})
+	}
+	return out
+}

@@ -53,12 +53,12 @@ declare -A url=(
 )
 run() { # target rw bs qd -> prints "iops mibs p50us p99us"
   fio --name=t --ioengine=nbd --uri="${url[$1]}" --rw="$2" --bs="$3" --iodepth="$4" --size=$size \
-    --time_based --runtime="$runtime" --ramp_time=1 --output-format=json 2>/dev/null |
+    --time_based --runtime="$runtime" --ramp_time=1 --output-format=json --output="$work/fio.json" >/dev/null 2>&1
   python3 -c '
 import json,sys
-j=json.load(sys.stdin)["jobs"][0]["write"]
+j=json.load(open(sys.argv[1]))["jobs"][0]["write"]
 p=j["clat_ns"]["percentile"]
-print("%.0f %.1f %.0f %.0f" % (j["iops"], j["bw_bytes"]/1048576, p["50.000000"]/1000, p["99.000000"]/1000))'
+print("%.0f %.1f %.0f %.0f" % (j["iops"], j["bw_bytes"]/1048576, p["50.000000"]/1000, p["99.000000"]/1000))' "$work/fio.json"
 }
 printf "%-12s %-22s %10s %10s %9s %9s %8s\n" target workload IOPS MiB/s p50us p99us ratio
 for wl in "randwrite 4k 32" "write 1M 8"; do

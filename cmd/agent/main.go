@@ -18,6 +18,9 @@ import (
 
 	"github.com/go-logr/logr"
 	"go.uber.org/zap/zapcore"
+	"k8s.io/client-go/kubernetes"
+	coordclient "k8s.io/client-go/kubernetes/typed/coordination/v1"
+	"k8s.io/client-go/tools/clientcmd"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 
 	"github.com/tandem-storage/tandem/dataplane/agent"
@@ -40,6 +43,9 @@ func run() error {
 	nbdAddr := flag.String("nbd-address", ":10809", "Listen address of the NBD server.")
 	tokenFile := flag.String("token-file", "", "File holding the shared bearer token for the control API and replication; required unless --insecure-no-auth.")
 	noAuth := flag.Bool("insecure-no-auth", false, "Run without authentication (tests on loopback only).")
+	namespace := flag.String("namespace", os.Getenv("POD_NAMESPACE"), "Operator namespace: the agent registers its Lease there and renews the authority Leases of the volumes it serves. Empty: no Kubernetes (standalone, the control API's word is final).")
+	kubeconfig := flag.String("kubeconfig", "", "Kubeconfig file (default: in-cluster config).")
+	advertise := flag.String("advertise-address", os.Getenv("POD_IP"), "Address peers and clients use to reach this agent (default: the listen addresses' host, or 127.0.0.1).")
 	opts := zap.Options{TimeEncoder: zapcore.RFC3339NanoTimeEncoder}
 	opts.BindFlags(flag.CommandLine)
 	flag.Parse()
@@ -60,7 +66,27 @@ func run() error {
 		return errors.New("--token-file is required (or --insecure-no-auth for loopback tests)")
 	}
 
-	a, err := agent.New(agent.Config{Node: *node, DataDir: *dataDir, Token: token, Log: log})
+	var leases coordclient.LeasesGetter
+	var authority *agent.KubeAuthority
+	if *namespace != "" {
+		cfg, err := clientcmd.BuildConfigFromFlags("", *kubeconfig)
+		if err != nil {
+			return fmt.Errorf("kubernetes client config: %w", err)
+		}
+		cs, err := kubernetes.NewForConfig(cfg)
+		if err != nil {
+			return fmt.Errorf("kubernetes client: %w", err)
+		}
+		leases = cs.CoordinationV1()
+		authority = agent.NewKubeAuthority(leases, *namespace, *node)
+	} else {
+		log.Info("No --namespace: running without Kubernetes; writes are gated only by the control API")
+	}
+	acfg := agent.Config{Node: *node, DataDir: *dataDir, Token: token, Log: log}
+	if authority != nil {
+		acfg.Authority = authority
+	}
+	a, err := agent.New(acfg)
 	if err != nil {
 		return err
 	}
@@ -85,7 +111,16 @@ func run() error {
 	if err != nil {
 		return fmt.Errorf("NBD listener: %w", err)
 	}
-	a.SetAddresses(nl.Addr().String(), rl.Addr().String(), cl.Addr().String())
+	ep := agent.Endpoints{
+		Control:     "http://" + advertised(*advertise, cl.Addr()),
+		Replication: advertised(*advertise, rl.Addr()),
+		NBD:         advertised(*advertise, nl.Addr()),
+	}
+	a.SetAddresses(ep.NBD, ep.Replication, ep.Control)
+	if leases != nil {
+		go agent.Register(ctx, leases, *namespace, *node, ep, log.WithName("register"))
+		go authority.Run(ctx, a.Primaries, log.WithName("authority"))
+	}
 
 	srv := &http.Server{Handler: a.Handler(), ReadHeaderTimeout: 10 * time.Second}
 	nbdSrv := &nbd.Server{Exports: a, Log: log.WithName("nbd")}
@@ -119,6 +154,22 @@ func ignoreClosed(err error) error {
 		return nil
 	}
 	return err
+}
+
+// advertised joins the advertise host (or the listener's own host, or
+// 127.0.0.1 for a wildcard) with the listener's port.
+func advertised(host string, addr net.Addr) string {
+	h, port, err := net.SplitHostPort(addr.String())
+	if err != nil {
+		return addr.String()
+	}
+	if host == "" {
+		host = h
+		if ip := net.ParseIP(h); ip == nil || ip.IsUnspecified() {
+			host = "127.0.0.1"
+		}
+	}
+	return net.JoinHostPort(host, port)
 }
 
 func envOr(k, def string) string {

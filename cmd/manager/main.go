@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"strings"
 
 	"k8s.io/apimachinery/pkg/runtime"
 	utilruntime "k8s.io/apimachinery/pkg/util/runtime"
@@ -17,6 +18,7 @@ import (
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	storagev1alpha1 "github.com/tandem-storage/tandem/api/v1alpha1"
+	"github.com/tandem-storage/tandem/controllers"
 )
 
 func newScheme() *runtime.Scheme {
@@ -27,18 +29,36 @@ func newScheme() *runtime.Scheme {
 }
 
 func main() {
-	var metricsAddr, probeAddr, leaderNamespace string
+	var metricsAddr, probeAddr, leaderNamespace, namespace, tokenFile string
 	var leaderElect bool
 	flag.StringVar(&metricsAddr, "metrics-bind-address", ":8080", "Address the metrics endpoint binds to; 0 disables it.")
 	flag.StringVar(&probeAddr, "health-probe-bind-address", ":8081", "Address the health and readiness probes bind to.")
 	flag.BoolVar(&leaderElect, "leader-elect", false, "Elect a leader so only one manager acts at a time.")
 	flag.StringVar(&leaderNamespace, "leader-election-namespace", "", "Namespace of the leader election Lease (default: the in-cluster namespace).")
+	flag.StringVar(&namespace, "namespace", os.Getenv("POD_NAMESPACE"), "Operator namespace: where agents register their Leases and the per-pair authority Leases live.")
+	flag.StringVar(&tokenFile, "agent-token-file", "", "File holding the bearer token of the agents' control API.")
 	opts := zap.Options{}
 	opts.BindFlags(flag.CommandLine)
 	flag.Parse()
 	ctrl.SetLogger(zap.New(zap.UseFlagOptions(&opts)))
 	log := ctrl.Log.WithName("setup")
 
+	if namespace == "" {
+		log.Error(nil, "--namespace (or POD_NAMESPACE) is required")
+		os.Exit(2)
+	}
+	if leaderNamespace == "" {
+		leaderNamespace = namespace
+	}
+	var token string
+	if tokenFile != "" {
+		b, err := os.ReadFile(tokenFile)
+		if err != nil {
+			log.Error(err, "Reading the agent token")
+			os.Exit(2)
+		}
+		token = strings.TrimSpace(string(b))
+	}
 	mgr, err := ctrl.NewManager(ctrl.GetConfigOrDie(), ctrl.Options{
 		Scheme:                  newScheme(),
 		Metrics:                 metricsserver.Options{BindAddress: metricsAddr},
@@ -49,6 +69,16 @@ func main() {
 	})
 	if err != nil {
 		log.Error(err, "Unable to create the manager")
+		os.Exit(1)
+	}
+	if err := (&controllers.VolumePairReconciler{
+		Client:     mgr.GetClient(),
+		APIReader:  mgr.GetAPIReader(),
+		Recorder:   mgr.GetEventRecorder("tandem-manager"),
+		Namespace:  namespace,
+		AgentToken: token,
+	}).SetupWithManager(mgr); err != nil {
+		log.Error(err, "Unable to set up the VolumePair controller")
 		os.Exit(1)
 	}
 	if err := mgr.AddHealthzCheck("healthz", healthz.Ping); err != nil {

@@ -142,6 +142,9 @@ func (a *Agent) handlePut(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusConflict, err)
 		return
 	}
+	if k, ok := a.cfg.Authority.(interface{ Kick() }); ok && req.Spec.Role == volume.RolePrimary {
+		k.Kick()
+	}
 	writeJSON(w, http.StatusOK, v.Status())
 }
 

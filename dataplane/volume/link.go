@@ -588,7 +588,6 @@ func (l *link) acked(gen, applied, durable uint64) {
 	l.copies = l.copies[:copy(l.copies, l.copies[j:])]
 	l.notifyLocked()
 	l.mu.Unlock()
-	l.v.notify()
 }
 
 // copier runs the resync: it copies every region that no ack can clean (the
@@ -597,7 +596,7 @@ func (l *link) acked(gen, applied, durable uint64) {
 func (l *link) copier(gen uint64) error {
 	var lim *rate.Limiter
 	if bps := l.spec.MaxBytesPerSecond; bps > 0 {
-		lim = rate.NewLimiter(rate.Limit(bps), int(max(bps, l.v.opts.RegionSize)))
+		lim = rate.NewLimiter(rate.Limit(bps), int(l.v.opts.RegionSize))
 	}
 	rs := l.v.opts.RegionSize
 	ids := make([]uint32, 1024)
@@ -618,6 +617,9 @@ func (l *link) copier(gen uint64) error {
 				if l.gen == gen && !l.copyDone {
 					l.enqueueLocked(repl.Frame{Type: repl.TypeCopyDone, Flags: repl.FlagDurableAck}, nil, 0)
 					l.copyDone = true
+					// In sync: a later loss of the peer needs a new
+					// Outdated record before the writer continues alone.
+					l.v.clearAlone()
 					if l.cp.Running {
 						l.cp.Running = false
 						l.log.Info("Resync complete", "copiedBytes", l.cp.DoneBytes, "seconds", time.Since(l.cp.StartTime).Seconds())

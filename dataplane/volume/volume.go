@@ -21,9 +21,9 @@ import (
 // Kubernetes implementation renews a per-pair Lease and answers false once
 // renewal fails (self-fencing); tests use AlwaysAuthorized.
 type Authority interface {
-	// Authorized returns nil when writes at epoch are allowed, or the reason
-	// they are not.
-	Authorized(epoch uint64) error
+	// Authorized returns nil when writes to volume at epoch are allowed, or
+	// the reason they are not.
+	Authorized(volume string, epoch uint64) error
 }
 
 // AlwaysAuthorized is an Authority without a lease: the control API's word is
@@ -31,7 +31,7 @@ type Authority interface {
 type AlwaysAuthorized struct{}
 
 // Authorized always allows.
-func (AlwaysAuthorized) Authorized(uint64) error { return nil }
+func (AlwaysAuthorized) Authorized(string, uint64) error { return nil }
 
 // Options configure a Volume.
 type Options struct {
@@ -380,6 +380,14 @@ func (v *Volume) PeerOutdated(epoch uint64) error {
 	return nil
 }
 
+// clearAlone forgets the controller's Outdated record of the peer once the
+// peer is back in sync (invariant 2 holds afresh for the next loss).
+func (v *Volume) clearAlone() {
+	v.mu.Lock()
+	v.aloneEpoch = 0
+	v.mu.Unlock()
+}
+
 // Spec returns the desired state last applied.
 func (v *Volume) Spec() Spec {
 	v.mu.Lock()
@@ -439,7 +447,7 @@ func (v *Volume) writableLocked() error {
 	if v.role != RolePrimary {
 		return fmt.Errorf("member %s is %s at epoch %d: %w", v.opts.Node, v.role, v.epoch, ErrNotWriter)
 	}
-	if err := v.auth.Authorized(v.epoch); err != nil {
+	if err := v.auth.Authorized(v.opts.Name, v.epoch); err != nil {
 		return fmt.Errorf("member %s is fenced at epoch %d: %v: %w", v.opts.Node, v.epoch, err, ErrNotWriter)
 	}
 	return nil

@@ -1,0 +1,54 @@
+package v1alpha1
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+)
+
+// Names, labels and annotations of the objects Tandem's components share
+// through the API server. The agent's Lease and the per-pair authority Lease
+// live in the operator's namespace.
+const (
+	// AnnControlEndpoint on an agent Lease: base URL of its control API.
+	AnnControlEndpoint = "storage.tandem.dev/control-endpoint"
+	// AnnReplicationEndpoint on an agent Lease: host:port of its replication listener.
+	AnnReplicationEndpoint = "storage.tandem.dev/replication-endpoint"
+	// AnnNBDEndpoint on an agent Lease: host:port of its NBD server.
+	AnnNBDEndpoint = "storage.tandem.dev/nbd-endpoint"
+	// AnnEpoch on an authority Lease: the epoch of the current writer.
+	AnnEpoch = "storage.tandem.dev/epoch"
+	// AnnFailedOver on an authority Lease: "true" while the writer is the
+	// backup because of a failover (cleared by failback).
+	AnnFailedOver = "storage.tandem.dev/failed-over"
+	// AnnVolumePair on an authority Lease: "<namespace>/<name>".
+	AnnVolumePair = "storage.tandem.dev/volumepair"
+	// AnnRetainData on a VolumePair: "true" keeps the replicas' files when
+	// the VolumePair is deleted (default: deleted).
+	AnnRetainData = "storage.tandem.dev/retain-data"
+
+	// LabelComponent is "agent" on agent Leases and "authority" on authority Leases.
+	LabelComponent = "storage.tandem.dev/component"
+	// LabelNode names the agent's node on its Lease.
+	LabelNode = "storage.tandem.dev/node"
+
+	// Finalizer tears a pair down on its agents before the object goes.
+	Finalizer = "storage.tandem.dev/teardown"
+)
+
+// AgentLeaseName is the name of the Lease an agent renews as its heartbeat.
+func AgentLeaseName(node string) string { return shortName("tandem-agent-", node) }
+
+// AuthorityLeaseName is the name of the per-pair authority Lease.
+func AuthorityLeaseName(namespace, name string) string {
+	return shortName("tandem-pair-", namespace+"-"+name)
+}
+
+// shortName keeps names within 63 characters, hashing long ones.
+func shortName(prefix, s string) string {
+	n := prefix + s
+	if len(n) <= 63 {
+		return n
+	}
+	sum := sha256.Sum256([]byte(s))
+	return n[:63-11] + "-" + hex.EncodeToString(sum[:])[:10]
+}

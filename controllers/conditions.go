@@ -1,0 +1,88 @@
+package controllers
+
+import (
+	"fmt"
+
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
+)
+
+// Condition reasons.
+const (
+	ReasonServing           = "Serving"
+	ReasonNoWriter          = "NoWriter"
+	ReasonWriterUnreachable = "WriterUnreachable"
+	ReasonInSync            = "InSync"
+	ReasonCopying           = "CopyInProgress"
+	ReasonPeerDisconnected  = "PeerDisconnected"
+	ReasonOutOfSync         = "OutOfSync"
+	ReasonBothHealthy       = "BothMembersHealthy"
+	ReasonPeerLost          = "PeerLost"
+	ReasonPeerNotUpToDate   = "PeerNotUpToDate"
+)
+
+func set(conds *[]metav1.Condition, gen int64, typ string, ok bool, reason, msg string) {
+	st := metav1.ConditionFalse
+	if ok {
+		st = metav1.ConditionTrue
+	}
+	meta.SetStatusCondition(conds, metav1.Condition{Type: typ, Status: st, Reason: reason, Message: msg, ObservedGeneration: gen})
+}
+
+// setReadyCondition: True when the writer serves the volume.
+func setReadyCondition(conds *[]metav1.Condition, gen int64, writer *MemberView) {
+	switch {
+	case writer == nil:
+		set(conds, gen, v1.ConditionReady, false, ReasonNoWriter, "no member holds the writer's authority yet")
+	case !writer.Reachable:
+		set(conds, gen, v1.ConditionReady, false, ReasonWriterUnreachable, fmt.Sprintf("the agent on %s does not answer", writer.Node))
+	case writer.Status == nil || !writer.Status.Writable:
+		reason := "not configured yet"
+		if writer.Status != nil && writer.Status.Reason != "" {
+			reason = writer.Status.Reason
+		}
+		set(conds, gen, v1.ConditionReady, false, ReasonNoWriter, fmt.Sprintf("%s does not accept writes: %s", writer.Node, reason))
+	default:
+		set(conds, gen, v1.ConditionReady, true, ReasonServing, fmt.Sprintf("%s serves the volume", writer.Node))
+	}
+}
+
+// setSynchronizedCondition: True when both members hold identical data.
+func setSynchronizedCondition(conds *[]metav1.Condition, gen int64, writer, other *MemberView) {
+	w := writer.Status
+	switch {
+	case w == nil || !w.PeerConnected:
+		set(conds, gen, v1.ConditionSynchronized, false, ReasonPeerDisconnected, fmt.Sprintf("%s is not connected to %s", writer.Node, other.Node))
+	case w.Copy.Running:
+		set(conds, gen, v1.ConditionSynchronized, false, ReasonCopying, fmt.Sprintf("copying %d of %d bytes to %s", w.Copy.TotalBytes-w.Copy.DoneBytes, w.Copy.TotalBytes, other.Node))
+	case w.OutOfSyncRegions > 0 || other.Status == nil || other.Status.DataState != "UpToDate":
+		set(conds, gen, v1.ConditionSynchronized, false, ReasonOutOfSync, fmt.Sprintf("%d bytes not yet on %s", w.OutOfSyncBytes, other.Node))
+	default:
+		set(conds, gen, v1.ConditionSynchronized, true, ReasonInSync, "both members hold the same data")
+	}
+}
+
+// setDegradedCondition: True when only one member holds current data.
+func setDegradedCondition(conds *[]metav1.Condition, gen int64, writer, other *MemberView) {
+	switch {
+	case writer.Status == nil:
+		set(conds, gen, v1.ConditionDegraded, true, ReasonWriterUnreachable, fmt.Sprintf("no report from the writer %s", writer.Node))
+	case !writer.Status.PeerConnected:
+		set(conds, gen, v1.ConditionDegraded, true, ReasonPeerLost, fmt.Sprintf("%s runs without %s; changed regions are tracked for resync", writer.Node, other.Node))
+	case other.Status == nil || other.Status.DataState != "UpToDate":
+		set(conds, gen, v1.ConditionDegraded, true, ReasonPeerNotUpToDate, fmt.Sprintf("%s is being resynced", other.Node))
+	default:
+		set(conds, gen, v1.ConditionDegraded, false, ReasonBothHealthy, "both members are connected and up to date")
+	}
+}
+
+// setFailoverBlockedCondition: True when a lost writer is not replaced.
+func setFailoverBlockedCondition(conds *[]metav1.Condition, gen int64, step Step) {
+	if step.Blocked == "" || step.Blocked == BlockedNone {
+		set(conds, gen, v1.ConditionFailoverBlocked, false, BlockedNone, "no failover is needed or it is not blocked")
+		return
+	}
+	set(conds, gen, v1.ConditionFailoverBlocked, true, step.Blocked, step.Message)
+}

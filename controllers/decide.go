@@ -1,0 +1,210 @@
+package controllers
+
+import (
+	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
+	"github.com/tandem-storage/tandem/dataplane/volume"
+)
+
+// MemberView is what the controller observed about one member this round.
+type MemberView struct {
+	// Node is the member's node.
+	Node string
+	// Reachable is true when the agent answered the last probe.
+	Reachable bool
+	// Suspect is true after failureThreshold failed probes in a row, or when
+	// the member's Node object is not Ready.
+	Suspect bool
+	// Status is the agent's report of the replica (nil: no report).
+	Status *volume.Status
+	// RecordedOutdated is true when the VolumePair's status records the
+	// member as Outdated (written by the controller, invariant 2).
+	RecordedOutdated bool
+}
+
+// AuthorityView is the per-pair authority Lease.
+type AuthorityView struct {
+	Exists     bool
+	Holder     string
+	Epoch      uint64
+	Expired    bool // renewTime + leaseDuration (+ margin) is in the past
+	FailedOver bool // the holder is the backup because of a failover
+}
+
+// View is everything Decide needs.
+type View struct {
+	Primary, Backup   MemberView // by spec
+	Mode              v1.ReplicationMode
+	FailoverPolicy    v1.Policy
+	FailbackPolicy    v1.Policy
+	FailoverRequested bool
+	FailbackRequested bool
+	Authority         AuthorityView
+}
+
+// StepKind is the one data-affecting step a reconcile takes.
+type StepKind string
+
+// Steps.
+const (
+	StepNone            StepKind = "None"
+	StepCreateAuthority StepKind = "CreateAuthority" // holder spec.primary, epoch 1
+	StepConfigure       StepKind = "Configure"       // push role/epoch/mode/peer to the agents
+	StepRecordOutdated  StepKind = "RecordOutdated"  // write Outdated for Target into status first
+	StepConfirmOutdated StepKind = "ConfirmOutdated" // then tell the writer it may continue alone
+	StepFailover        StepKind = "Failover"        // move authority to Target with epoch+1 (SWAP)
+	StepHold            StepKind = "Hold"            // failback: hold writes on the writer and drain
+	StepReleaseHold     StepKind = "ReleaseHold"     // give up a failback hold
+	StepSwitch          StepKind = "Switch"          // failback: move authority to Target with epoch+1
+)
+
+// Reasons for the FailoverBlocked condition.
+const (
+	BlockedNone                = "NotBlocked"
+	BlockedManualPolicy        = "ManualPolicy"
+	BlockedAuthorityNotExpired = "AuthorityNotExpired"
+	BlockedBackupUnreachable   = "BackupUnreachable"
+	BlockedBackupOutdated      = "BackupOutdated"
+	BlockedBackupInconsistent  = "BackupInconsistent"
+	BlockedBackupUnknown       = "BackupStateUnknown"
+)
+
+// Step is Decide's answer.
+type Step struct {
+	Kind   StepKind
+	Target string // the node the step is about
+	// Blocked says why a lost writer is not being replaced (BlockedNone
+	// otherwise); Message explains it in words.
+	Blocked string
+	Message string
+}
+
+func (v *View) member(node string) *MemberView {
+	if node == v.Backup.Node {
+		return &v.Backup
+	}
+	return &v.Primary
+}
+
+func (v *View) other(node string) *MemberView {
+	if node == v.Backup.Node {
+		return &v.Primary
+	}
+	return &v.Backup
+}
+
+// wantRole is the role and epoch a member must have.
+func (v *View) matches(m *MemberView, role volume.Role) bool {
+	s := m.Status
+	return s != nil && s.Role == role && s.Epoch == v.Authority.Epoch && string(s.Mode) == string(v.Mode)
+}
+
+// InSync reports whether the writer holds its peer fully in sync.
+func InSync(writer, other *MemberView) bool {
+	w, o := writer.Status, other.Status
+	return w != nil && o != nil && w.Role == volume.RolePrimary && w.PeerConnected &&
+		w.OutOfSyncRegions == 0 && !w.Copy.Running && o.DataState == volume.UpToDate
+}
+
+// Decide is the pair's transition function: from what was observed, the
+// single next step. It is pure; the reconciler carries the step out and
+// calls Decide again on the next round (level-based).
+func Decide(v View) Step {
+	if !v.Authority.Exists {
+		return Step{Kind: StepCreateAuthority, Target: v.Primary.Node, Blocked: BlockedNone}
+	}
+	writer := v.member(v.Authority.Holder)
+	other := v.other(v.Authority.Holder)
+
+	// 1. A lost writer: promote the other member if it is safe (DESIGN §4).
+	if writer.Suspect {
+		blocked, msg := failoverBlocked(&v, writer, other)
+		if blocked == BlockedNone {
+			return Step{Kind: StepFailover, Target: other.Node, Blocked: BlockedNone}
+		}
+		return Step{Kind: StepNone, Blocked: blocked, Message: msg}
+	}
+
+	// 2. Agents must play the roles the authority says, at its epoch.
+	if (writer.Reachable && !v.matches(writer, volume.RolePrimary)) || (other.Reachable && !v.matches(other, volume.RoleBackup)) {
+		return Step{Kind: StepConfigure, Target: writer.Node, Blocked: BlockedNone}
+	}
+
+	// 3. Sync mode, peer lost: record it Outdated, then let the writer go on.
+	if v.Mode == v1.ModeSync && writer.Status != nil && !writer.Status.PeerConnected &&
+		(writer.Status.WaitingForPeerOutdated > 0 || other.Suspect) {
+		if !other.RecordedOutdated {
+			return Step{Kind: StepRecordOutdated, Target: other.Node, Blocked: BlockedNone}
+		}
+		if writer.Status.WaitingForPeerOutdated > 0 {
+			return Step{Kind: StepConfirmOutdated, Target: writer.Node, Blocked: BlockedNone}
+		}
+	}
+
+	// 4. Failback (DELPAIR) or a planned switchover towards spec.primary.
+	holding := writer.Status != nil && writer.Status.Holding
+	if v.Authority.Holder == v.Backup.Node {
+		wanted := !v.Authority.FailedOver || v.FailbackPolicy == v1.PolicyAutomatic || v.FailbackRequested
+		if wanted && other.Reachable && !other.Suspect && InSync(writer, other) {
+			switch {
+			case !holding:
+				return Step{Kind: StepHold, Target: writer.Node, Blocked: BlockedNone}
+			case writer.Status.Drained:
+				return Step{Kind: StepSwitch, Target: other.Node, Blocked: BlockedNone}
+			}
+			return Step{Kind: StepNone, Blocked: BlockedNone, Message: "draining for failback"}
+		}
+	}
+	if holding {
+		return Step{Kind: StepReleaseHold, Target: writer.Node, Blocked: BlockedNone}
+	}
+	return Step{Kind: StepNone, Blocked: BlockedNone}
+}
+
+func failoverBlocked(v *View, writer, other *MemberView) (string, string) {
+	switch {
+	case !v.Authority.Expired:
+		return BlockedAuthorityNotExpired, "the writer " + writer.Node + " is unreachable but its authority Lease is still being renewed or has not expired; it may still be serving"
+	case !other.Reachable || other.Suspect:
+		return BlockedBackupUnreachable, "both members are unreachable"
+	case other.Status == nil:
+		return BlockedBackupUnknown, "the agent on " + other.Node + " has not reported the replica"
+	case other.Status.DataState == volume.Inconsistent:
+		return BlockedBackupInconsistent, "the replica on " + other.Node + " is Inconsistent (a copy towards it did not finish); promoting it would serve corrupt data"
+	case other.RecordedOutdated || other.Status.DataState == volume.Outdated:
+		return BlockedBackupOutdated, "the replica on " + other.Node + " is Outdated: the writer continued alone after it was lost; promoting it would lose acknowledged writes"
+	case v.FailoverPolicy == v1.PolicyManual && !v.FailoverRequested:
+		return BlockedManualPolicy, "failover policy is Manual; set the annotation " + v1.AnnotationFailoverRequested + " (kubectl tandem failover) to promote " + other.Node
+	}
+	return BlockedNone, ""
+}
+
+// DerivePhase computes the pair's phase from the observations; last is the
+// phase recorded before, kept when the writer cannot be observed.
+func DerivePhase(v View, last v1.Phase) v1.Phase {
+	if !v.Authority.Exists {
+		return v1.PhasePair
+	}
+	writer := v.member(v.Authority.Holder)
+	other := v.other(v.Authority.Holder)
+	w := writer.Status
+	if w == nil || w.Role != volume.RolePrimary {
+		if last == "" {
+			return v1.PhasePair
+		}
+		return last
+	}
+	copying := w.PeerConnected && (w.Copy.Running || (other.Status != nil && other.Status.DataState == volume.Inconsistent))
+	if v.Authority.Holder == v.Primary.Node {
+		if copying {
+			return v1.PhaseCopy
+		}
+		return v1.PhasePair
+	}
+	switch {
+	case !w.PeerConnected:
+		return v1.PhaseSwap
+	case copying || w.OutOfSyncRegions > 0:
+		return v1.PhaseCopy
+	}
+	return v1.PhaseNormal
+}

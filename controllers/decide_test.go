@@ -1,0 +1,194 @@
+package controllers
+
+import (
+	"testing"
+
+	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
+	"github.com/tandem-storage/tandem/dataplane/volume"
+)
+
+func st(role volume.Role, epoch uint64, ds volume.DataState, connected bool, mut ...func(*volume.Status)) *volume.Status {
+	s := &volume.Status{Role: role, Epoch: epoch, Mode: volume.ModeAsync, DataState: ds, PeerConnected: connected, Writable: role == volume.RolePrimary}
+	for _, m := range mut {
+		m(s)
+	}
+	return s
+}
+
+func up(node string, s *volume.Status) MemberView {
+	return MemberView{Node: node, Reachable: true, Status: s}
+}
+func lost(node string) MemberView { return MemberView{Node: node, Suspect: true} }
+
+func TestDecide(t *testing.T) {
+	auth := func(holder string, epoch uint64, expired, failedOver bool) AuthorityView {
+		return AuthorityView{Exists: true, Holder: holder, Epoch: epoch, Expired: expired, FailedOver: failedOver}
+	}
+	holding := func(s *volume.Status) { s.Holding = true }
+	drained := func(s *volume.Status) { s.Holding, s.Drained = true, true }
+	waiting := func(s *volume.Status) {
+		s.WaitingForPeerOutdated = 2
+		s.PeerConnected = false
+		s.Mode = volume.ModeSync
+	}
+	syncMode := func(s *volume.Status) { s.Mode = volume.ModeSync }
+	base := func() View {
+		return View{
+			Primary: up("a", st(volume.RolePrimary, 1, volume.UpToDate, true)), Backup: up("b", st(volume.RoleBackup, 1, volume.UpToDate, true)),
+			Mode: v1.ModeAsync, FailoverPolicy: v1.PolicyAutomatic, FailbackPolicy: v1.PolicyManual, Authority: auth("a", 1, false, false),
+		}
+	}
+	tests := []struct {
+		name        string
+		mut         func(*View)
+		want        StepKind
+		target      string
+		wantBlocked string
+	}{
+		{"new pair: create authority", func(v *View) { v.Authority = AuthorityView{} }, StepCreateAuthority, "a", BlockedNone},
+		{"steady PAIR: nothing", func(v *View) {}, StepNone, "", BlockedNone},
+		{"fresh agents: configure", func(v *View) { v.Primary.Status, v.Backup.Status = nil, nil }, StepConfigure, "a", BlockedNone},
+		{"backup at old epoch: configure", func(v *View) { v.Backup.Status.Epoch = 0 }, StepConfigure, "a", BlockedNone},
+		{"mode changed live: configure", func(v *View) { v.Mode = v1.ModeSync }, StepConfigure, "a", BlockedNone},
+		{"primary lost, authority expired, Automatic: SWAP", func(v *View) { v.Primary = lost("a"); v.Authority.Expired = true }, StepFailover, "b", BlockedNone},
+		{"primary lost, authority still valid: wait", func(v *View) { v.Primary = lost("a") }, StepNone, "", BlockedAuthorityNotExpired},
+		{"primary unreachable to probes but renewing (partition from controller): no failover", func(v *View) {
+			v.Primary = MemberView{Node: "a", Suspect: true}
+		}, StepNone, "", BlockedAuthorityNotExpired},
+		{"primary lost, Manual: blocked", func(v *View) {
+			v.Primary = lost("a")
+			v.Authority.Expired = true
+			v.FailoverPolicy = v1.PolicyManual
+		}, StepNone, "", BlockedManualPolicy},
+		{"primary lost, Manual + request: SWAP", func(v *View) {
+			v.Primary = lost("a")
+			v.Authority.Expired = true
+			v.FailoverPolicy = v1.PolicyManual
+			v.FailoverRequested = true
+		}, StepFailover, "b", BlockedNone},
+		{"primary lost, backup Outdated (recorded): blocked", func(v *View) {
+			v.Primary = lost("a")
+			v.Authority.Expired = true
+			v.Backup.RecordedOutdated = true
+		}, StepNone, "", BlockedBackupOutdated},
+		{"primary lost, backup Inconsistent: blocked", func(v *View) {
+			v.Primary = lost("a")
+			v.Authority.Expired = true
+			v.Backup.Status.DataState = volume.Inconsistent
+		}, StepNone, "", BlockedBackupInconsistent},
+		{"both lost: blocked", func(v *View) {
+			v.Primary, v.Backup = lost("a"), lost("b")
+			v.Authority.Expired = true
+		}, StepNone, "", BlockedBackupUnreachable},
+		{"after SWAP: promoted backup gets configured", func(v *View) {
+			v.Primary = lost("a")
+			v.Authority = auth("b", 2, false, true)
+		}, StepConfigure, "b", BlockedNone},
+		{"SWAP steady: old primary away, nothing", func(v *View) {
+			v.Primary = lost("a")
+			v.Authority = auth("b", 2, false, true)
+			v.Backup.Status = st(volume.RolePrimary, 2, volume.UpToDate, false)
+		}, StepNone, "", BlockedNone},
+		{"old primary back: configured as backup (COPY follows)", func(v *View) {
+			v.Authority = auth("b", 2, false, true)
+			v.Backup.Status = st(volume.RolePrimary, 2, volume.UpToDate, false)
+			v.Primary.Status = st(volume.RoleNone, 1, volume.UpToDate, false)
+		}, StepConfigure, "b", BlockedNone},
+		{"NORMAL, failback Manual: stay", func(v *View) {
+			v.Authority = auth("b", 2, false, true)
+			v.Backup.Status = st(volume.RolePrimary, 2, volume.UpToDate, true)
+			v.Primary.Status = st(volume.RoleBackup, 2, volume.UpToDate, true)
+		}, StepNone, "", BlockedNone},
+		{"NORMAL, failback requested: hold", func(v *View) {
+			v.Authority = auth("b", 2, false, true)
+			v.FailbackRequested = true
+			v.Backup.Status = st(volume.RolePrimary, 2, volume.UpToDate, true)
+			v.Primary.Status = st(volume.RoleBackup, 2, volume.UpToDate, true)
+		}, StepHold, "b", BlockedNone},
+		{"NORMAL, failback Automatic, holding not drained: wait", func(v *View) {
+			v.Authority = auth("b", 2, false, true)
+			v.FailbackPolicy = v1.PolicyAutomatic
+			v.Backup.Status = st(volume.RolePrimary, 2, volume.UpToDate, true, holding)
+			v.Primary.Status = st(volume.RoleBackup, 2, volume.UpToDate, true)
+		}, StepNone, "", BlockedNone},
+		{"NORMAL, drained: switch to spec.primary", func(v *View) {
+			v.Authority = auth("b", 2, false, true)
+			v.FailbackPolicy = v1.PolicyAutomatic
+			v.Backup.Status = st(volume.RolePrimary, 2, volume.UpToDate, true, drained)
+			v.Primary.Status = st(volume.RoleBackup, 2, volume.UpToDate, true)
+		}, StepSwitch, "a", BlockedNone},
+		{"COPY running: no failback yet", func(v *View) {
+			v.Authority = auth("b", 2, false, true)
+			v.FailbackPolicy = v1.PolicyAutomatic
+			v.Backup.Status = st(volume.RolePrimary, 2, volume.UpToDate, true, func(s *volume.Status) { s.Copy.Running = true; s.OutOfSyncRegions = 10 })
+			v.Primary.Status = st(volume.RoleBackup, 2, volume.Inconsistent, true)
+		}, StepNone, "", BlockedNone},
+		{"user swapped spec (switchover), in sync: hold", func(v *View) {
+			// spec.primary is now b's old peer; authority still on the old writer, no failover.
+			v.Primary, v.Backup = up("b", st(volume.RoleBackup, 1, volume.UpToDate, true)), up("a", st(volume.RolePrimary, 1, volume.UpToDate, true))
+			v.Authority = auth("a", 1, false, false)
+		}, StepHold, "a", BlockedNone},
+		{"hold while peer lost: release", func(v *View) {
+			v.Authority = auth("b", 2, false, true)
+			v.FailbackPolicy = v1.PolicyAutomatic
+			v.Backup.Status = st(volume.RolePrimary, 2, volume.UpToDate, false, holding)
+			v.Primary = MemberView{Node: "a"}
+		}, StepReleaseHold, "b", BlockedNone},
+		{"sync: backup lost and writes waiting: record Outdated", func(v *View) {
+			v.Mode = v1.ModeSync
+			v.Primary.Status = st(volume.RolePrimary, 1, volume.UpToDate, false, waiting)
+			v.Backup = lost("b")
+		}, StepRecordOutdated, "b", BlockedNone},
+		{"sync: Outdated recorded: confirm to the writer", func(v *View) {
+			v.Mode = v1.ModeSync
+			v.Primary.Status = st(volume.RolePrimary, 1, volume.UpToDate, false, waiting)
+			v.Backup = lost("b")
+			v.Backup.RecordedOutdated = true
+		}, StepConfirmOutdated, "a", BlockedNone},
+		{"sync: link starting, nothing waiting: no outdating", func(v *View) {
+			v.Mode = v1.ModeSync
+			v.Primary.Status = st(volume.RolePrimary, 1, volume.UpToDate, false, syncMode)
+			v.Backup.Status = st(volume.RoleBackup, 1, volume.UpToDate, false, syncMode)
+		}, StepNone, "", BlockedNone},
+		{"backup lost (async): PAIR degraded, nothing to do", func(v *View) {
+			v.Backup = lost("b")
+			v.Primary.Status.PeerConnected = false
+		}, StepNone, "", BlockedNone},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			v := base()
+			tt.mut(&v)
+			got := Decide(v)
+			if got.Kind != tt.want || (tt.target != "" && got.Target != tt.target) || got.Blocked != tt.wantBlocked {
+				t.Fatalf("Decide = %+v, want %s target %q blocked %s", got, tt.want, tt.target, tt.wantBlocked)
+			}
+		})
+	}
+}
+
+func TestDerivePhase(t *testing.T) {
+	a := func(holder string) AuthorityView { return AuthorityView{Exists: true, Holder: holder, Epoch: 2} }
+	tests := []struct {
+		name string
+		v    View
+		last v1.Phase
+		want v1.Phase
+	}{
+		{"no authority", View{}, "", v1.PhasePair},
+		{"primary writes, in sync", View{Primary: up("a", st(volume.RolePrimary, 2, volume.UpToDate, true)), Backup: up("b", st(volume.RoleBackup, 2, volume.UpToDate, true)), Authority: a("a")}, "", v1.PhasePair},
+		{"primary writes, backup lost", View{Primary: up("a", st(volume.RolePrimary, 2, volume.UpToDate, false)), Backup: lost("b"), Authority: a("a")}, v1.PhasePair, v1.PhasePair},
+		{"primary resyncs returning backup", View{Primary: up("a", st(volume.RolePrimary, 2, volume.UpToDate, true, func(s *volume.Status) { s.Copy.Running = true })), Backup: up("b", st(volume.RoleBackup, 2, volume.Inconsistent, true)), Authority: a("a")}, v1.PhasePair, v1.PhaseCopy},
+		{"backup writes alone", View{Primary: lost("a"), Backup: up("b", st(volume.RolePrimary, 2, volume.UpToDate, false)), Authority: a("b")}, v1.PhasePair, v1.PhaseSwap},
+		{"backup copies to returning primary", View{Primary: up("a", st(volume.RoleBackup, 2, volume.Inconsistent, true)), Backup: up("b", st(volume.RolePrimary, 2, volume.UpToDate, true, func(s *volume.Status) { s.Copy.Running = true })), Authority: a("b")}, v1.PhaseSwap, v1.PhaseCopy},
+		{"backup writes, in sync", View{Primary: up("a", st(volume.RoleBackup, 2, volume.UpToDate, true)), Backup: up("b", st(volume.RolePrimary, 2, volume.UpToDate, true)), Authority: a("b")}, v1.PhaseCopy, v1.PhaseNormal},
+		{"writer unobserved: keep last", View{Primary: lost("a"), Backup: lost("b"), Authority: a("a")}, v1.PhaseSwap, v1.PhaseSwap},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := DerivePhase(tt.v, tt.last); got != tt.want {
+				t.Fatalf("DerivePhase = %s, want %s", got, tt.want)
+			}
+		})
+	}
+}

@@ -1,0 +1,248 @@
+package controllers
+
+// The controller against a real kube-apiserver and etcd (envtest, binaries
+// from bin/) with real agents running in-process on loopback: each agent
+// registers its Lease, renews authority Leases and serves replication, as the
+// agent binary does.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/go-logr/logr"
+	"github.com/go-logr/logr/funcr"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	k8sruntime "k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/client-go/kubernetes"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/rest"
+	"k8s.io/utils/ptr"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/config"
+	"sigs.k8s.io/controller-runtime/pkg/envtest"
+	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
+
+	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
+	"github.com/tandem-storage/tandem/dataplane/agent"
+)
+
+const (
+	opNS  = "tandem-system"
+	token = "controller-test-token"
+)
+
+var (
+	cfg    *rest.Config
+	k8s    client.Client
+	cs     *kubernetes.Clientset
+	scheme = k8sruntime.NewScheme()
+)
+
+func TestMain(m *testing.M) { os.Exit(run(m)) }
+
+func run(m *testing.M) int {
+	_, file, _, _ := runtime.Caller(0)
+	root := filepath.Clean(filepath.Join(filepath.Dir(file), ".."))
+	assets := os.Getenv("KUBEBUILDER_ASSETS")
+	if assets == "" {
+		assets = filepath.Join(root, "bin")
+	}
+	if _, err := os.Stat(filepath.Join(assets, "kube-apiserver")); err != nil {
+		fmt.Fprintf(os.Stderr, "controllers: kube-apiserver not in %s; run `make test` or hack/tools.sh: %v\n", assets, err)
+		return 1
+	}
+	_ = clientgoscheme.AddToScheme(scheme)
+	_ = v1.AddToScheme(scheme)
+	env := &envtest.Environment{
+		CRDDirectoryPaths: []string{filepath.Join(root, "config", "crd", "bases")}, ErrorIfCRDPathMissing: true,
+		BinaryAssetsDirectory: assets,
+	}
+	var err error
+	cfg, err = env.Start()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "controllers: envtest: %v\n", err)
+		_ = env.Stop()
+		return 1
+	}
+	defer env.Stop()
+	if k8s, err = client.New(cfg, client.Options{Scheme: scheme}); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	if cs, err = kubernetes.NewForConfig(cfg); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	if err := k8s.Create(context.Background(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: opNS}}); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	return m.Run()
+}
+
+// testLog collects a component's log lines; printed when a test fails.
+type testLog struct {
+	mu    sync.Mutex
+	lines []string
+}
+
+func (l *testLog) logger(name string) logr.Logger {
+	return funcr.New(func(prefix, args string) {
+		l.mu.Lock()
+		l.lines = append(l.lines, time.Now().Format("15:04:05.000")+" "+name+" "+prefix+" "+args)
+		l.mu.Unlock()
+	}, funcr.Options{})
+}
+
+func (l *testLog) dump(t *testing.T) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	start := max(0, len(l.lines)-150)
+	for _, s := range l.lines[start:] {
+		t.Log(s)
+	}
+}
+
+// node is an in-process agent.
+type node struct {
+	t                   *testing.T
+	name, dir           string
+	ctrl, repl, nbdAddr string
+	log                 *testLog
+
+	mu     sync.Mutex
+	a      *agent.Agent
+	cancel context.CancelFunc
+	srv    *http.Server
+	lns    []net.Listener
+	wg     sync.WaitGroup
+}
+
+func newNode(t *testing.T, name string, log *testLog) *node {
+	n := &node{t: t, name: name, dir: t.TempDir(), log: log}
+	n.ctrl, n.repl, n.nbdAddr = freeAddr(t), freeAddr(t), freeAddr(t)
+	t.Cleanup(n.kill)
+	return n
+}
+
+func freeAddr(t *testing.T) string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+func (n *node) start() {
+	n.t.Helper()
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	lg := n.log.logger(n.name)
+	auth := agent.NewKubeAuthority(cs.CoordinationV1(), opNS, n.name)
+	a, err := agent.New(agent.Config{Node: n.name, DataDir: n.dir, Token: token, Authority: auth, Log: lg})
+	if err != nil {
+		n.t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var lns []net.Listener
+	for _, addr := range []string{n.ctrl, n.repl} {
+		var l net.Listener
+		for i := 0; ; i++ {
+			if l, err = net.Listen("tcp", addr); err == nil || i > 50 {
+				break
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		if err != nil {
+			n.t.Fatal(err)
+		}
+		lns = append(lns, l)
+	}
+	ep := agent.Endpoints{Control: "http://" + n.ctrl, Replication: n.repl, NBD: n.nbdAddr}
+	a.SetAddresses(ep.NBD, ep.Replication, ep.Control)
+	srv := &http.Server{Handler: a.Handler()}
+	n.wg.Add(4)
+	go func() { defer n.wg.Done(); _ = srv.Serve(lns[0]) }()
+	go func() { defer n.wg.Done(); _ = a.ServeReplication(ctx, lns[1]) }()
+	go func() { defer n.wg.Done(); agent.Register(ctx, cs.CoordinationV1(), opNS, n.name, ep, lg) }()
+	go func() { defer n.wg.Done(); auth.Run(ctx, a.Primaries, lg) }()
+	n.a, n.cancel, n.srv, n.lns = a, cancel, srv, lns
+}
+
+// kill stops the agent as a crash would, as far as peers and the API server
+// can tell: every endpoint goes away and nothing is renewed any more.
+func (n *node) kill() {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.a == nil {
+		return
+	}
+	n.cancel()
+	_ = n.srv.Close()
+	for _, l := range n.lns {
+		l.Close()
+	}
+	_ = n.a.Close()
+	n.wg.Wait()
+	n.a = nil
+}
+
+func (n *node) agent() *agent.Agent {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.a
+}
+
+func (n *node) dataPath(ns, name string) string {
+	return filepath.Join(n.dir, "volumes", ns, name, "data")
+}
+
+// manager runs the controller; stop simulates a crash of the manager.
+type manager struct {
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+func startManager(t *testing.T, log *testLog, wrap func(endpoint, tok string) *agent.Client) *manager {
+	t.Helper()
+	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
+		Scheme: scheme, Metrics: metricsserver.Options{BindAddress: "0"}, HealthProbeBindAddress: "0",
+		Logger:     log.logger("manager"),
+		Controller: config.Controller{SkipNameValidation: ptr.To(true)},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &VolumePairReconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(),
+		Recorder: mgr.GetEventRecorder("tandem-manager"), Namespace: opNS, AgentToken: token, NewAgentClient: wrap}
+	if err := r.SetupWithManager(mgr); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	m := &manager{cancel: cancel, done: make(chan struct{})}
+	go func() {
+		defer close(m.done)
+		if err := mgr.Start(ctx); err != nil && !errors.Is(err, context.Canceled) {
+			log.logger("manager").Error(err, "Manager stopped")
+		}
+	}()
+	t.Cleanup(m.stop)
+	return m
+}
+
+func (m *manager) stop() {
+	m.cancel()
+	<-m.done
+}

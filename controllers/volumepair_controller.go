@@ -1,0 +1,562 @@
+// Package controllers holds the VolumePair reconciler: it probes each
+// member's agent, holds the per-pair authority Lease with its epoch, fences a
+// lost primary by waiting for that Lease to expire, and drives the phases
+// PAIR → SWAP → COPY → NORMAL → PAIR, writing status a user can read with
+// kubectl. Agents act; the controller decides (DESIGN §2–§4).
+package controllers
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+	"time"
+
+	coordinationv1 "k8s.io/api/coordination/v1"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/tools/events"
+	"k8s.io/klog/v2"
+	"k8s.io/utils/ptr"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
+	"sigs.k8s.io/controller-runtime/pkg/log"
+
+	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
+	"github.com/tandem-storage/tandem/dataplane/agent"
+	"github.com/tandem-storage/tandem/dataplane/volume"
+)
+
+// +kubebuilder:rbac:groups=storage.tandem.dev,resources=volumepairs,verbs=get;list;watch;update;patch
+// +kubebuilder:rbac:groups=storage.tandem.dev,resources=volumepairs/status,verbs=get;update;patch
+// +kubebuilder:rbac:groups=storage.tandem.dev,resources=volumepairs/finalizers,verbs=update
+// +kubebuilder:rbac:groups=core,resources=nodes,verbs=get;list;watch
+// +kubebuilder:rbac:groups=core;events.k8s.io,resources=events,verbs=create;patch
+// +kubebuilder:rbac:groups=coordination.k8s.io,resources=leases,verbs=get;list;watch;create;update;patch;delete
+
+// expiryMargin is added to a Lease's duration before it counts as expired,
+// for clock skew between the agent and the controller.
+const expiryMargin = 500 * time.Millisecond
+
+// VolumePairReconciler reconciles VolumePairs.
+type VolumePairReconciler struct {
+	client.Client
+	// APIReader reads Leases and Nodes live, bypassing the cache.
+	APIReader client.Reader
+	Recorder  events.EventRecorder
+	// Namespace is the operator namespace holding agent and authority Leases.
+	Namespace string
+	// AgentToken authenticates to the agents' control API.
+	AgentToken string
+	// NewAgentClient builds a control API client (tests may override).
+	NewAgentClient func(endpoint, token string) *agent.Client
+	Now            func() time.Time
+
+	mu     sync.Mutex
+	probes map[types.NamespacedName]map[string]*probeState
+}
+
+type probeState struct {
+	failures int32
+	lastSeen time.Time
+	lostAt   time.Time // when the member became suspect
+}
+
+// scope is what one reconcile learns and decides.
+type scope struct {
+	vp        *v1.VolumePair
+	base      *v1.VolumePair
+	view      View
+	agents    map[string]agentInfo
+	authority *coordinationv1.Lease
+	step      Step
+	stepErr   error
+	acted     bool
+}
+
+type agentInfo struct {
+	control, replication, nbd string
+}
+
+// SetupWithManager registers the reconciler.
+func (r *VolumePairReconciler) SetupWithManager(mgr ctrl.Manager) error {
+	if r.NewAgentClient == nil {
+		r.NewAgentClient = agent.NewClient
+	}
+	if r.Now == nil {
+		r.Now = time.Now
+	}
+	r.probes = map[types.NamespacedName]map[string]*probeState{}
+	return ctrl.NewControllerManagedBy(mgr).For(&v1.VolumePair{}).Named("volumepair").Complete(r)
+}
+
+// Reconcile runs one round for a VolumePair: observe, decide one step, act,
+// and patch status once.
+func (r *VolumePairReconciler) Reconcile(ctx context.Context, req ctrl.Request) (res ctrl.Result, retErr error) {
+	logger := log.FromContext(ctx)
+	vp := &v1.VolumePair{}
+	if err := r.Get(ctx, req.NamespacedName, vp); err != nil {
+		return ctrl.Result{}, client.IgnoreNotFound(err)
+	}
+	if !vp.DeletionTimestamp.IsZero() {
+		return r.reconcileDelete(ctx, vp)
+	}
+	if !controllerutil.ContainsFinalizer(vp, v1.Finalizer) {
+		patch := client.MergeFrom(vp.DeepCopy())
+		controllerutil.AddFinalizer(vp, v1.Finalizer)
+		if err := r.Patch(ctx, vp, patch); err != nil {
+			return ctrl.Result{}, fmt.Errorf("add finalizer: %w", err)
+		}
+		return ctrl.Result{Requeue: true}, nil
+	}
+
+	s := &scope{vp: vp, base: vp.DeepCopy()}
+	defer func() {
+		if err := r.patchStatus(ctx, s, retErr == nil && s.stepErr == nil); err != nil {
+			retErr = errors.Join(retErr, err)
+		}
+	}()
+
+	if err := r.observe(ctx, s); err != nil {
+		return ctrl.Result{}, err
+	}
+	s.step = Decide(s.view)
+	if s.step.Kind != StepNone {
+		logger.Info("Taking step", "step", s.step.Kind, "target", s.step.Target, "epoch", s.view.Authority.Epoch)
+		s.stepErr = r.act(ctx, s)
+		s.acted = true
+		if s.stepErr != nil {
+			logger.Error(s.stepErr, "Step failed", "step", s.step.Kind, "target", s.step.Target)
+			r.Recorder.Eventf(vp, nil, corev1.EventTypeWarning, "StepFailed", string(s.step.Kind), "%s towards %s failed: %v", s.step.Kind, s.step.Target, s.stepErr)
+		}
+	}
+	period := time.Duration(vp.Spec.Failover.ProbePeriodSeconds) * time.Second
+	if period <= 0 {
+		period = 2 * time.Second
+	}
+	if s.acted && s.stepErr == nil {
+		// Follow a step quickly: the next one usually depends on it.
+		return ctrl.Result{RequeueAfter: 100 * time.Millisecond}, nil
+	}
+	return ctrl.Result{RequeueAfter: period}, nil
+}
+
+// observe fills s.view: agents, probes, Node readiness, authority.
+func (r *VolumePairReconciler) observe(ctx context.Context, s *scope) error {
+	vp := s.vp
+	s.agents = map[string]agentInfo{}
+	key := client.ObjectKeyFromObject(vp)
+	s.view = View{
+		Mode: vp.Spec.Mode, FailoverPolicy: vp.Spec.Failover.Policy, FailbackPolicy: vp.Spec.Failback.Policy,
+		FailoverRequested: vp.Annotations[v1.AnnotationFailoverRequested] != "",
+		FailbackRequested: vp.Annotations[v1.AnnotationFailbackRequested] != "",
+	}
+	threshold := vp.Spec.Failover.FailureThreshold
+	if threshold <= 0 {
+		threshold = 3
+	}
+	for i, node := range []string{vp.Spec.Primary.Node, vp.Spec.Backup.Node} {
+		m := MemberView{Node: node}
+		if ms := vp.Status.MemberStatus(node); ms != nil && ms.DataState == v1.DataOutdated {
+			m.RecordedOutdated = true
+		}
+		info, err := r.agentInfo(ctx, node)
+		if err == nil {
+			s.agents[node] = info
+			st, perr := r.probe(ctx, info, vp)
+			if perr == nil {
+				m.Reachable = true
+				m.Status = st
+			}
+		}
+		ps := r.probeState(key, node)
+		now := r.Now()
+		if m.Reachable {
+			ps.failures, ps.lastSeen, ps.lostAt = 0, now, time.Time{}
+		} else {
+			ps.failures++
+		}
+		m.Suspect = ps.failures >= threshold || r.nodeNotReady(ctx, node)
+		if m.Suspect && ps.lostAt.IsZero() {
+			ps.lostAt = now
+		}
+		if i == 0 {
+			s.view.Primary = m
+		} else {
+			s.view.Backup = m
+		}
+	}
+	lease := &coordinationv1.Lease{}
+	err := r.APIReader.Get(ctx, client.ObjectKey{Namespace: r.Namespace, Name: v1.AuthorityLeaseName(vp.Namespace, vp.Name)}, lease)
+	switch {
+	case apierrors.IsNotFound(err):
+	case err != nil:
+		return fmt.Errorf("get authority Lease: %w", err)
+	default:
+		s.authority = lease
+		a := AuthorityView{Exists: true, Holder: ptr.Deref(lease.Spec.HolderIdentity, "")}
+		a.Epoch, _ = strconv.ParseUint(lease.Annotations[v1.AnnEpoch], 10, 64)
+		a.FailedOver = lease.Annotations[v1.AnnFailedOver] == "true"
+		dur := time.Duration(ptr.Deref(lease.Spec.LeaseDurationSeconds, 6)) * time.Second
+		renewed := lease.CreationTimestamp.Time
+		if lease.Spec.RenewTime != nil {
+			renewed = lease.Spec.RenewTime.Time
+		}
+		a.Expired = r.Now().After(renewed.Add(dur + expiryMargin))
+		if a.Holder != vp.Spec.Primary.Node && a.Holder != vp.Spec.Backup.Node {
+			// Members are immutable except for swaps, so this is an
+			// authority left from an older object of the same name.
+			return fmt.Errorf("authority Lease %s names %q, which is not a member", lease.Name, a.Holder)
+		}
+		s.view.Authority = a
+	}
+	return nil
+}
+
+func (r *VolumePairReconciler) probeState(key types.NamespacedName, node string) *probeState {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	m := r.probes[key]
+	if m == nil {
+		m = map[string]*probeState{}
+		r.probes[key] = m
+	}
+	if m[node] == nil {
+		m[node] = &probeState{}
+	}
+	return m[node]
+}
+
+func (r *VolumePairReconciler) lastSeen(key types.NamespacedName, node string) time.Time {
+	return r.probeState(key, node).lastSeen
+}
+
+// agentInfo reads a node's agent Lease; an expired Lease still gives the
+// endpoints (probes decide liveness).
+func (r *VolumePairReconciler) agentInfo(ctx context.Context, node string) (agentInfo, error) {
+	l := &coordinationv1.Lease{}
+	if err := r.APIReader.Get(ctx, client.ObjectKey{Namespace: r.Namespace, Name: v1.AgentLeaseName(node)}, l); err != nil {
+		return agentInfo{}, fmt.Errorf("agent Lease of %s: %w", node, err)
+	}
+	info := agentInfo{control: l.Annotations[v1.AnnControlEndpoint], replication: l.Annotations[v1.AnnReplicationEndpoint], nbd: l.Annotations[v1.AnnNBDEndpoint]}
+	if info.control == "" {
+		return agentInfo{}, fmt.Errorf("agent Lease of %s has no control endpoint", node)
+	}
+	return info, nil
+}
+
+// probe asks the agent for the replica's status. An agent that answers but
+// has no replica yet is reachable with a nil status.
+func (r *VolumePairReconciler) probe(ctx context.Context, info agentInfo, vp *v1.VolumePair) (*volume.Status, error) {
+	c := r.NewAgentClient(info.control, r.AgentToken)
+	st, err := c.Get(ctx, vp.Namespace, vp.Name)
+	var apiErr *agent.APIError
+	if errors.As(err, &apiErr) && apiErr.Code == 404 {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	return &st, nil
+}
+
+func (r *VolumePairReconciler) nodeNotReady(ctx context.Context, node string) bool {
+	n := &corev1.Node{}
+	if err := r.APIReader.Get(ctx, client.ObjectKey{Name: node}, n); err != nil {
+		return false // no Node object: probes alone decide
+	}
+	for _, c := range n.Status.Conditions {
+		if c.Type == corev1.NodeReady {
+			return c.Status != corev1.ConditionTrue
+		}
+	}
+	return false
+}
+
+// act carries out s.step.
+func (r *VolumePairReconciler) act(ctx context.Context, s *scope) error {
+	vp := s.vp
+	switch s.step.Kind {
+	case StepCreateAuthority:
+		return r.createAuthority(ctx, vp)
+	case StepConfigure:
+		return r.configure(ctx, s, false)
+	case StepHold:
+		return r.configure(ctx, s, true)
+	case StepReleaseHold:
+		return r.configure(ctx, s, false)
+	case StepRecordOutdated:
+		// The deferred status patch writes it; the next round confirms to
+		// the writer, so the record is durable before anyone relies on it.
+		setMemberState(vp, s.step.Target, func(m *v1.MemberStatus) { m.DataState = v1.DataOutdated })
+		r.Recorder.Eventf(vp, nil, corev1.EventTypeWarning, "MemberOutdated", "RecordOutdated", "Recorded %s as Outdated: the writer continues alone", s.step.Target)
+		return nil
+	case StepConfirmOutdated:
+		info, ok := s.agents[s.step.Target]
+		if !ok {
+			return fmt.Errorf("no agent endpoint for %s", s.step.Target)
+		}
+		_, err := r.NewAgentClient(info.control, r.AgentToken).PeerOutdated(ctx, vp.Namespace, vp.Name, s.view.Authority.Epoch)
+		return err
+	case StepFailover:
+		return r.moveAuthority(ctx, s, s.step.Target, true)
+	case StepSwitch:
+		return r.moveAuthority(ctx, s, s.step.Target, false)
+	}
+	return nil
+}
+
+func (r *VolumePairReconciler) createAuthority(ctx context.Context, vp *v1.VolumePair) error {
+	now := metav1.NewMicroTime(r.Now())
+	l := &coordinationv1.Lease{
+		ObjectMeta: metav1.ObjectMeta{
+			Namespace: r.Namespace, Name: v1.AuthorityLeaseName(vp.Namespace, vp.Name),
+			Labels:      map[string]string{v1.LabelComponent: "authority"},
+			Annotations: map[string]string{v1.AnnEpoch: "1", v1.AnnVolumePair: vp.Namespace + "/" + vp.Name},
+		},
+		Spec: coordinationv1.LeaseSpec{
+			HolderIdentity: ptr.To(vp.Spec.Primary.Node), LeaseDurationSeconds: ptr.To(vp.Spec.Failover.LeaseDurationSeconds),
+			AcquireTime: &now, RenewTime: &now, LeaseTransitions: ptr.To(int32(0)),
+		},
+	}
+	if err := r.Create(ctx, l); err != nil && !apierrors.IsAlreadyExists(err) {
+		return fmt.Errorf("create authority Lease: %w", err)
+	}
+	r.Recorder.Eventf(vp, nil, corev1.EventTypeNormal, "AuthorityCreated", "CreateAuthority", "%s is the writer at epoch 1", vp.Spec.Primary.Node)
+	return nil
+}
+
+// moveAuthority hands the writer role to target with the next epoch. The
+// update is conditional on the Lease's resourceVersion, so two controllers
+// cannot both promote (no double promotion after a restart either).
+func (r *VolumePairReconciler) moveAuthority(ctx context.Context, s *scope, target string, failover bool) error {
+	l := s.authority.DeepCopy()
+	epoch := s.view.Authority.Epoch + 1
+	now := metav1.NewMicroTime(r.Now())
+	l.Spec.HolderIdentity = ptr.To(target)
+	l.Spec.AcquireTime, l.Spec.RenewTime = &now, &now
+	l.Spec.LeaseDurationSeconds = ptr.To(s.vp.Spec.Failover.LeaseDurationSeconds)
+	l.Spec.LeaseTransitions = ptr.To(ptr.Deref(l.Spec.LeaseTransitions, 0) + 1)
+	l.Annotations[v1.AnnEpoch] = strconv.FormatUint(epoch, 10)
+	if failover {
+		l.Annotations[v1.AnnFailedOver] = "true"
+	} else {
+		delete(l.Annotations, v1.AnnFailedOver)
+	}
+	if err := r.Update(ctx, l); err != nil {
+		return fmt.Errorf("move authority to %s at epoch %d: %w", target, epoch, err)
+	}
+	from := s.view.Authority.Holder
+	s.view.Authority.Holder, s.view.Authority.Epoch, s.view.Authority.FailedOver = target, epoch, failover
+	now2 := metav1.NewTime(r.Now())
+	if failover {
+		s.vp.Status.LastFailoverTime = &now2
+		lostAt := r.probeState(client.ObjectKeyFromObject(s.vp), from).lostAt
+		if !lostAt.IsZero() {
+			failoverSeconds.Observe(r.Now().Sub(lostAt).Seconds())
+		}
+		failoversTotal.WithLabelValues(s.vp.Namespace, s.vp.Name).Inc()
+		r.Recorder.Eventf(s.vp, nil, corev1.EventTypeWarning, "Failover", "Promote", "Writer %s lost; promoted %s at epoch %d", from, target, epoch)
+	} else {
+		s.vp.Status.LastFailbackTime = &now2
+		r.Recorder.Eventf(s.vp, nil, corev1.EventTypeNormal, "Failback", "Switch", "Writes drained; %s hands the writer role to %s at epoch %d", from, target, epoch)
+	}
+	return nil
+}
+
+// configure pushes the desired roles to the agents: first the member that
+// must not write (so two writers never overlap), then the writer.
+func (r *VolumePairReconciler) configure(ctx context.Context, s *scope, hold bool) error {
+	vp := s.vp
+	a := s.view.Authority
+	writer, other := s.view.member(a.Holder), s.view.other(a.Holder)
+	merge := vp.Spec.MergesPrimaryBitmap()
+	req := func(role volume.Role, peer string, peerAddr string, h bool) agent.VolumeRequest {
+		return agent.VolumeRequest{Size: vp.Spec.SizeBytes(), RegionSize: vp.Spec.RegionSizeBytes(), Spec: volume.Spec{
+			Role: role, Epoch: a.Epoch, Mode: volume.Mode(vp.Spec.Mode), PeerNode: peer, PeerAddress: peerAddr,
+			MergePeerBitmap: &merge, MaxBytesPerSecond: vp.Spec.Resync.MaxBytesPerSecond, Hold: h,
+		}}
+	}
+	var errs []error
+	if other.Reachable {
+		if info, ok := s.agents[other.Node]; ok {
+			if _, err := r.NewAgentClient(info.control, r.AgentToken).Put(ctx, vp.Namespace, vp.Name, req(volume.RoleBackup, writer.Node, "", false)); err != nil {
+				errs = append(errs, fmt.Errorf("configure %s as backup: %w", other.Node, err))
+			}
+		}
+	}
+	if writer.Reachable && len(errs) == 0 {
+		info := s.agents[writer.Node]
+		peerAddr := s.agents[other.Node].replication
+		if _, err := r.NewAgentClient(info.control, r.AgentToken).Put(ctx, vp.Namespace, vp.Name, req(volume.RolePrimary, other.Node, peerAddr, hold)); err != nil {
+			errs = append(errs, fmt.Errorf("configure %s as primary: %w", writer.Node, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func setMemberState(vp *v1.VolumePair, node string, fn func(*v1.MemberStatus)) {
+	if m := vp.Status.MemberStatus(node); m != nil {
+		fn(m)
+		return
+	}
+	vp.Status.Members = append(vp.Status.Members, v1.MemberStatus{Node: node})
+	fn(&vp.Status.Members[len(vp.Status.Members)-1])
+}
+
+// patchStatus computes the status from the observations and writes it in one
+// patch. observedGeneration moves only when the round succeeded.
+func (r *VolumePairReconciler) patchStatus(ctx context.Context, s *scope, ok bool) error {
+	vp := s.vp
+	st := &vp.Status
+	key := client.ObjectKeyFromObject(vp)
+	view := s.view
+	gen := vp.Generation
+	if !view.Authority.Exists && s.step.Kind != StepCreateAuthority {
+		return nil
+	}
+	if view.Authority.Exists {
+		st.Epoch = int64(view.Authority.Epoch)
+		st.ActivePrimary = view.Authority.Holder
+	} else {
+		st.Epoch, st.ActivePrimary = 1, vp.Spec.Primary.Node
+	}
+	writer, other := view.member(st.ActivePrimary), view.other(st.ActivePrimary)
+
+	oldPhase := s.base.Status.Phase
+	st.Phase = DerivePhase(view, oldPhase)
+
+	st.Endpoint = ""
+	if info, ok := s.agents[writer.Node]; ok && info.nbd != "" && writer.Status != nil && writer.Status.Writable {
+		st.Endpoint = "nbd://" + info.nbd + "/" + vp.Namespace + "/" + vp.Name
+	}
+	st.OutOfSyncBytes = 0
+	st.Copy = nil
+	if w := writer.Status; w != nil {
+		st.OutOfSyncBytes = w.OutOfSyncBytes
+		if w.Copy.Running {
+			start := metav1.NewTime(w.Copy.StartTime)
+			st.Copy = &v1.CopyProgress{Target: other.Node, TotalBytes: w.Copy.TotalBytes, DoneBytes: w.Copy.DoneBytes,
+				BytesPerSecond: w.Copy.BytesPerSecond, ETASeconds: w.Copy.ETASeconds, StartTime: &start, FullCopy: w.Copy.FullCopy}
+		}
+	}
+	inSync := InSync(writer, other)
+	for _, m := range []*MemberView{&view.Primary, &view.Backup} {
+		setMemberState(vp, m.Node, func(ms *v1.MemberStatus) {
+			ms.Connected = m.Reachable && m.Status != nil && m.Status.PeerConnected
+			if seen := r.lastSeen(key, m.Node); !seen.IsZero() {
+				t := metav1.NewTime(seen)
+				ms.LastSeen = &t
+			}
+			ms.Message = ""
+			switch {
+			case !m.Reachable:
+				ms.Role = ""
+				if ms.DataState != v1.DataOutdated {
+					ms.DataState = v1.DataUnknown
+				}
+				ms.Message = "agent unreachable"
+			case m.Status == nil:
+				ms.Role, ms.DataState, ms.Message = "", v1.DataUnknown, "replica not created yet"
+			default:
+				ms.Role = v1.MemberRole(m.Status.Role)
+				ms.OutOfSyncBytes = m.Status.OutOfSyncBytes
+				reported := v1.DataState(m.Status.DataState)
+				switch {
+				case ms.DataState == v1.DataOutdated && m == other && !inSync:
+					// Keep the controller's Outdated record until the
+					// writer has brought this member back in sync.
+				default:
+					ms.DataState = reported
+				}
+				if !m.Status.Writable && m == writer {
+					ms.Message = m.Status.Reason
+				}
+				if m.Status.LastError != "" {
+					ms.Message = m.Status.LastError
+				}
+			}
+		})
+	}
+	setReadyCondition(&st.Conditions, gen, writer)
+	setSynchronizedCondition(&st.Conditions, gen, writer, other)
+	setDegradedCondition(&st.Conditions, gen, writer, other)
+	setFailoverBlockedCondition(&st.Conditions, gen, s.step)
+	if ok {
+		st.ObservedGeneration = gen
+	}
+	if st.Phase != oldPhase {
+		r.Recorder.Eventf(vp, nil, corev1.EventTypeNormal, "Phase"+string(st.Phase), "PhaseChange", "Phase %s → %s (writer %s, epoch %d)", orNone(oldPhase), st.Phase, st.ActivePrimary, st.Epoch)
+		log.FromContext(ctx).Info("Phase changed", "volumePair", klog.KObj(vp), "from", oldPhase, "to", st.Phase)
+	}
+	recordMetrics(vp)
+	if err := r.Status().Patch(ctx, vp, client.MergeFrom(s.base)); err != nil {
+		return fmt.Errorf("patch status: %w", err)
+	}
+	// Clear one-shot requests once acted upon.
+	if s.step.Kind == StepFailover || s.step.Kind == StepSwitch {
+		return r.clearRequests(ctx, vp)
+	}
+	return nil
+}
+
+func orNone(p v1.Phase) string {
+	if p == "" {
+		return "(new)"
+	}
+	return string(p)
+}
+
+func (r *VolumePairReconciler) clearRequests(ctx context.Context, vp *v1.VolumePair) error {
+	if vp.Annotations[v1.AnnotationFailoverRequested] == "" && vp.Annotations[v1.AnnotationFailbackRequested] == "" {
+		return nil
+	}
+	base := vp.DeepCopy()
+	delete(vp.Annotations, v1.AnnotationFailoverRequested)
+	delete(vp.Annotations, v1.AnnotationFailbackRequested)
+	if err := r.Patch(ctx, vp, client.MergeFrom(base)); err != nil {
+		return fmt.Errorf("clear request annotations: %w", err)
+	}
+	return nil
+}
+
+// reconcileDelete removes the replicas from both agents (kept with the
+// storage.tandem.dev/retain-data annotation), the authority Lease and the
+// finalizer. Unreachable agents keep their files; an event says so.
+func (r *VolumePairReconciler) reconcileDelete(ctx context.Context, vp *v1.VolumePair) (ctrl.Result, error) {
+	if !controllerutil.ContainsFinalizer(vp, v1.Finalizer) {
+		return ctrl.Result{}, nil
+	}
+	purge := vp.Annotations[v1.AnnRetainData] != "true"
+	for _, node := range []string{vp.Spec.Primary.Node, vp.Spec.Backup.Node} {
+		info, err := r.agentInfo(ctx, node)
+		if err == nil {
+			err = r.NewAgentClient(info.control, r.AgentToken).Delete(ctx, vp.Namespace, vp.Name, purge)
+			var apiErr *agent.APIError
+			if errors.As(err, &apiErr) && apiErr.Code == 404 {
+				err = nil
+			}
+		}
+		if err != nil {
+			r.Recorder.Eventf(vp, nil, corev1.EventTypeWarning, "TeardownIncomplete", "Delete", "Replica on %s not removed: %v", node, err)
+		}
+	}
+	l := &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Namespace: r.Namespace, Name: v1.AuthorityLeaseName(vp.Namespace, vp.Name)}}
+	if err := r.Delete(ctx, l); err != nil && !apierrors.IsNotFound(err) {
+		return ctrl.Result{}, fmt.Errorf("delete authority Lease: %w", err)
+	}
+	r.mu.Lock()
+	delete(r.probes, client.ObjectKeyFromObject(vp))
+	r.mu.Unlock()
+	forgetMetrics(vp)
+	patch := client.MergeFrom(vp.DeepCopy())
+	controllerutil.RemoveFinalizer(vp, v1.Finalizer)
+	if err := r.Patch(ctx, vp, patch); err != nil {
+		return ctrl.Result{}, fmt.Errorf("remove finalizer: %w", err)
+	}
+	return ctrl.Result{}, nil
+}

@@ -1,18 +1,44 @@
-# Multi-stage build of Tandem's binaries into a small, non-root image.
+# syntax=docker/dockerfile:1
+# One image for all of Tandem's binaries:
+#   /usr/local/bin/manager         the controller manager (entrypoint)
+#   /usr/local/bin/agent           the per-node dataplane agent (DaemonSet command)
+#   /usr/local/bin/kubectl-tandem  the kubectl plugin (copy it out with
+#                                  `docker cp` or run it from the image)
+#
 #   make docker-build IMG=registry.example.com/tandem:v0.1.0
-FROM golang:1.26 AS build
+#   docker buildx build --platform linux/amd64,linux/arm64 -t IMG .
+#
+# The builder runs on the build machine's platform and cross-compiles for the
+# target one, so multi-arch builds need no emulation.
+FROM --platform=$BUILDPLATFORM golang:1.26 AS build
+ARG TARGETOS
+ARG TARGETARCH
 WORKDIR /src
+
+# Dependencies first: this layer is reused until go.mod or go.sum change.
 COPY go.mod go.sum ./
-RUN go mod download
+RUN --mount=type=cache,target=/go/pkg/mod go mod download
+
 COPY api/ api/
 COPY cmd/ cmd/
 COPY controllers/ controllers/
 COPY dataplane/ dataplane/
-ENV CGO_ENABLED=0
-RUN go build -trimpath -ldflags='-s -w' -o /out/manager ./cmd/manager && \
-    go build -trimpath -ldflags='-s -w' -o /out/agent ./cmd/agent
 
+# Static binaries (no cgo) without local paths; distroless/static has no libc.
+ENV CGO_ENABLED=0
+RUN --mount=type=cache,target=/go/pkg/mod \
+    --mount=type=cache,target=/root/.cache/go-build \
+    GOOS=${TARGETOS:-linux} GOARCH=${TARGETARCH} \
+    go build -trimpath -ldflags='-s -w' -o /out/ \
+      ./cmd/manager ./cmd/agent ./cmd/kubectl-tandem
+
+# No shell, no package manager, runs as the "nonroot" user (65532). The
+# agent's Pod overrides the user with root without capabilities, only so it
+# can write its root-owned hostPath directory (see config/agent/agent.yaml).
 FROM gcr.io/distroless/static:nonroot
-COPY --from=build /out/manager /out/agent /usr/local/bin/
+LABEL org.opencontainers.image.source="https://github.com/tandem-storage/tandem" \
+      org.opencontainers.image.description="Tandem: replicated block volume pairs for Kubernetes" \
+      org.opencontainers.image.licenses="Apache-2.0"
+COPY --from=build /out/manager /out/agent /out/kubectl-tandem /usr/local/bin/
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/manager"]

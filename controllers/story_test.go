@@ -24,7 +24,7 @@ import (
 )
 
 type story struct {
-	t      *testing.T
+	t      testing.TB
 	ns     string
 	name   string
 	log    *testLog
@@ -58,7 +58,7 @@ func (b *blocker) client(endpoint, tok string) *agent.Client {
 	return c
 }
 
-func newStory(t *testing.T, mode v1.ReplicationMode, mut func(*v1.VolumePair)) *story {
+func newStory(t testing.TB, mode v1.ReplicationMode, mut func(*v1.VolumePair)) *story {
 	s := &story{t: t, log: &testLog{}, name: "db"}
 	t.Cleanup(func() {
 		if t.Failed() {
@@ -146,7 +146,7 @@ func (s *story) sameData() {
 	}
 }
 
-func fileSum(t *testing.T, p string) [32]byte {
+func fileSum(t testing.TB, p string) [32]byte {
 	b, err := os.ReadFile(p)
 	if err != nil {
 		t.Fatal(err)

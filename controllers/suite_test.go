@@ -105,7 +105,7 @@ func (l *testLog) logger(name string) logr.Logger {
 	}, funcr.Options{})
 }
 
-func (l *testLog) dump(t *testing.T) {
+func (l *testLog) dump(t testing.TB) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	start := max(0, len(l.lines)-150)
@@ -116,7 +116,7 @@ func (l *testLog) dump(t *testing.T) {
 
 // node is an in-process agent.
 type node struct {
-	t                   *testing.T
+	t                   testing.TB
 	name, dir           string
 	ctrl, repl, nbdAddr string
 	log                 *testLog
@@ -129,14 +129,14 @@ type node struct {
 	wg     sync.WaitGroup
 }
 
-func newNode(t *testing.T, name string, log *testLog) *node {
+func newNode(t testing.TB, name string, log *testLog) *node {
 	n := &node{t: t, name: name, dir: t.TempDir(), log: log}
 	n.ctrl, n.repl, n.nbdAddr = freeAddr(t), freeAddr(t), freeAddr(t)
 	t.Cleanup(n.kill)
 	return n
 }
 
-func freeAddr(t *testing.T) string {
+func freeAddr(t testing.TB) string {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -215,7 +215,7 @@ type manager struct {
 	done   chan struct{}
 }
 
-func startManager(t *testing.T, log *testLog, wrap func(endpoint, tok string) *agent.Client) *manager {
+func startManager(t testing.TB, log *testLog, wrap func(endpoint, tok string) *agent.Client) *manager {
 	t.Helper()
 	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
 		Scheme: scheme, Metrics: metricsserver.Options{BindAddress: "0"}, HealthProbeBindAddress: "0",

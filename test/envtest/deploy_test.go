@@ -1,0 +1,796 @@
+package envtest
+
+// The install artefacts (issue #5): the kustomize tree under config/ and the
+// Helm chart under charts/tandem must render, say what docs/install.md says
+// (least-privilege RBAC, a non-root manager, an agent without privileged mode
+// or capabilities), and be accepted by a real API server.
+
+import (
+	"bytes"
+	"context"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"sort"
+	"strings"
+	"testing"
+
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	k8sruntime "k8s.io/apimachinery/pkg/runtime"
+	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+)
+
+const (
+	operatorNamespace = "tandem-system"
+	tokenMountPath    = "/etc/tandem/token"
+	tokenFile         = "/etc/tandem/token/token"
+)
+
+// TestKustomizeRendersAndDryRunApplies renders config/default, checks what it
+// contains and has the API server accept every object (server-side dry run).
+func TestKustomizeRendersAndDryRunApplies(t *testing.T) {
+	out, err := runTool(t, nil, "kubectl", "kustomize", filepath.Join(repoRoot, "config", "default"))
+	if err != nil {
+		t.Fatalf("kubectl kustomize config/default: %v", err)
+	}
+	objs := decodeManifest(t, out)
+	want := append(workloadObjects("tandem"),
+		objKey{"Namespace", "", operatorNamespace},
+		objKey{"CustomResourceDefinition", "", "volumepairs.storage.tandem.dev"},
+	)
+	requireObjects(t, objs, want)
+	// The token must be created by the user: a Secret in the repository
+	// would be a token everybody knows.
+	for _, o := range objs {
+		if o.GetKind() == "Secret" {
+			t.Errorf("kustomize output holds Secret %s; the token must not be shipped", o.GetName())
+		}
+	}
+	checkWorkloads(t, objs, workloadExpect{
+		prefix:      "tandem",
+		namespace:   operatorNamespace,
+		image:       "ghcr.io/tandem-storage/tandem:dev",
+		tokenSecret: "tandem-agent-token",
+		tokenKey:    "token",
+		tolerateAll: true,
+	})
+	if ns := findObject(objs, "Namespace", "", operatorNamespace); ns != nil {
+		if got := ns.GetLabels()["pod-security.kubernetes.io/enforce"]; got != "privileged" {
+			t.Errorf("namespace label pod-security.kubernetes.io/enforce = %q, want privileged (hostNetwork and hostPath need it)", got)
+		}
+	}
+
+	ensureNamespace(t, operatorNamespace)
+	dryRunApply(t, out, len(objs))
+}
+
+// TestHelmRendersAndDryRunApplies lints the chart, renders it with its
+// defaults and with non-default values, and has the API server accept both.
+func TestHelmRendersAndDryRunApplies(t *testing.T) {
+	chart := filepath.Join(repoRoot, "charts", "tandem")
+	if _, err := helm(t, "lint", "--strict", chart); err != nil {
+		t.Fatalf("helm lint: %v", err)
+	}
+
+	t.Run("defaults", func(t *testing.T) {
+		out, err := helm(t, "template", "tandem", chart, "--namespace", operatorNamespace, "--include-crds")
+		if err != nil {
+			t.Fatalf("helm template: %v", err)
+		}
+		objs := decodeManifest(t, out)
+		want := append(workloadObjects("tandem"),
+			objKey{"CustomResourceDefinition", "", "volumepairs.storage.tandem.dev"},
+			objKey{"Secret", operatorNamespace, "tandem-agent-token"},
+		)
+		requireObjects(t, objs, want)
+		checkWorkloads(t, objs, workloadExpect{
+			prefix:      "tandem",
+			namespace:   operatorNamespace,
+			image:       "ghcr.io/tandem-storage/tandem:" + chartAppVersion(t),
+			tokenSecret: "tandem-agent-token",
+			tokenKey:    "token",
+			tolerateAll: true,
+		})
+		if s := findObject(objs, "Secret", operatorNamespace, "tandem-agent-token"); s != nil {
+			tok, _, _ := unstructured.NestedString(s.Object, "data", "token")
+			raw, err := base64.StdEncoding.DecodeString(tok)
+			if err != nil || len(raw) < 32 {
+				t.Errorf("generated token = %q (%d bytes decoded, err %v), want at least 32 random bytes", tok, len(raw), err)
+			}
+		}
+		ds := typed[appsv1.DaemonSet](t, findObject(objs, "DaemonSet", operatorNamespace, "tandem-agent"))
+		if ds != nil && len(ds.Spec.Template.Spec.NodeSelector) != 0 {
+			t.Errorf("agent nodeSelector = %v, want none by default", ds.Spec.Template.Spec.NodeSelector)
+		}
+		ensureNamespace(t, operatorNamespace)
+		dryRunApply(t, out, len(objs))
+	})
+
+	t.Run("non-default values in another namespace", func(t *testing.T) {
+		const ns = "tandem-edge"
+		values := filepath.Join(t.TempDir(), "values.yaml")
+		if err := os.WriteFile(values, []byte(`
+image:
+  repository: registry.example.com/storage/tandem
+  tag: v9.9.9
+manager:
+  replicas: 2
+  leaderElect: true
+  metricsPort: 9090
+  metricsService:
+    enabled: false
+agent:
+  dataDir: /srv/tandem
+  ports: {control: 17400, replication: 17401, nbd: 20809}
+  tokenSecret:
+    existingSecret: edge-shared-token
+    existingSecretKey: shared
+  nodeSelector:
+    storage.tandem.dev/node: "true"
+  tolerations:
+  - key: storage
+    operator: Equal
+    value: dedicated
+    effect: NoSchedule
+  priorityClassName: system-node-critical
+`), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		out, err := helm(t, "template", "edge", chart, "--namespace", ns, "--include-crds", "-f", values)
+		if err != nil {
+			t.Fatalf("helm template: %v", err)
+		}
+		objs := decodeManifest(t, out)
+		want := slices.DeleteFunc(workloadObjects("edge-tandem"), func(k objKey) bool { return k.kind == "Service" })
+		for i := range want {
+			if want[i].namespace != "" {
+				want[i].namespace = ns
+			}
+		}
+		want = append(want, objKey{"CustomResourceDefinition", "", "volumepairs.storage.tandem.dev"})
+		requireObjects(t, objs, want)
+		for _, o := range objs {
+			switch {
+			case o.GetKind() == "Secret":
+				t.Errorf("chart rendered Secret %s although agent.tokenSecret.existingSecret is set", o.GetName())
+			case o.GetKind() == "Service":
+				t.Errorf("chart rendered Service %s although manager.metricsService.enabled is false", o.GetName())
+			}
+		}
+		checkWorkloads(t, objs, workloadExpect{
+			prefix:      "edge-tandem",
+			namespace:   ns,
+			image:       "registry.example.com/storage/tandem:v9.9.9",
+			tokenSecret: "edge-shared-token",
+			tokenKey:    "shared",
+			dataDir:     "/srv/tandem",
+			ports:       [3]int32{17400, 17401, 20809},
+			metricsPort: 9090,
+		})
+		if d := typed[appsv1.Deployment](t, findObject(objs, "Deployment", ns, "edge-tandem-manager")); d != nil {
+			if d.Spec.Replicas == nil || *d.Spec.Replicas != 2 {
+				t.Errorf("manager replicas = %v, want 2", d.Spec.Replicas)
+			}
+		}
+		if ds := typed[appsv1.DaemonSet](t, findObject(objs, "DaemonSet", ns, "edge-tandem-agent")); ds != nil {
+			p := ds.Spec.Template.Spec
+			if p.NodeSelector["storage.tandem.dev/node"] != "true" {
+				t.Errorf("agent nodeSelector = %v, want storage.tandem.dev/node=true", p.NodeSelector)
+			}
+			if len(p.Tolerations) != 1 || p.Tolerations[0].Key != "storage" {
+				t.Errorf("agent tolerations = %+v, want only the one from the values", p.Tolerations)
+			}
+			if p.PriorityClassName != "system-node-critical" {
+				t.Errorf("agent priorityClassName = %q", p.PriorityClassName)
+			}
+		}
+
+		ensureNamespace(t, ns)
+		// The Secret the release points at, made by its owner.
+		sec := &corev1.Secret{
+			ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "edge-shared-token"},
+			StringData: map[string]string{"shared": "not-a-real-token-but-long-enough"},
+		}
+		if err := k8s.Create(context.Background(), sec); err != nil && !apierrors.IsAlreadyExists(err) {
+			t.Fatalf("create Secret: %v", err)
+		}
+		dryRunApply(t, out, len(objs))
+	})
+}
+
+// TestHelmInstallUpgradeKeepsToken installs the chart for real into the test
+// API server (there is no kubelet, so no Pod runs), upgrades it and checks
+// that the generated token survived the upgrade: agents and manager would
+// otherwise stop trusting each other on every `helm upgrade`.
+func TestHelmInstallUpgradeKeepsToken(t *testing.T) {
+	const ns, release = "tandem-helm", "tandem-it"
+	chart := filepath.Join(repoRoot, "charts", "tandem")
+	ensureNamespace(t, ns)
+	if _, err := helm(t, "install", release, chart, "--namespace", ns); err != nil {
+		t.Fatalf("helm install: %v", err)
+	}
+	t.Cleanup(func() {
+		if _, err := helm(t, "uninstall", release, "--namespace", ns); err != nil {
+			t.Errorf("helm uninstall: %v", err)
+		}
+	})
+	secretName := release + "-agent-token"
+	token := func() string {
+		t.Helper()
+		var s corev1.Secret
+		if err := k8s.Get(context.Background(), client.ObjectKey{Namespace: ns, Name: secretName}, &s); err != nil {
+			t.Fatalf("get Secret %s: %v", secretName, err)
+		}
+		return string(s.Data["token"])
+	}
+	before := token()
+	if len(before) < 32 {
+		t.Fatalf("generated token %q is too short", before)
+	}
+	if _, err := helm(t, "upgrade", release, chart, "--namespace", ns, "--set", "manager.replicas=2"); err != nil {
+		t.Fatalf("helm upgrade: %v", err)
+	}
+	if after := token(); after != before {
+		t.Errorf("token changed across helm upgrade: %q -> %q", before, after)
+	}
+	var d appsv1.Deployment
+	if err := k8s.Get(context.Background(), client.ObjectKey{Namespace: ns, Name: release + "-manager"}, &d); err != nil {
+		t.Fatalf("get manager Deployment: %v", err)
+	}
+	if d.Spec.Replicas == nil || *d.Spec.Replicas != 2 {
+		t.Errorf("manager replicas after upgrade = %v, want 2", d.Spec.Replicas)
+	}
+}
+
+// TestHelmRBACMatchesGenerated checks that the chart's manager ClusterRole
+// grants exactly what controller-gen generated into config/rbac/role.yaml
+// from the controllers' markers (the chart cannot read files outside itself,
+// so its copy is written by hand).
+func TestHelmRBACMatchesGenerated(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join(repoRoot, "config", "rbac", "role.yaml"))
+	if err != nil {
+		t.Fatalf("read the generated ClusterRole (run `make manifests`): %v", err)
+	}
+	gen := findObject(decodeManifest(t, string(b)), "ClusterRole", "", "tandem-manager")
+	if gen == nil {
+		t.Fatal("config/rbac/role.yaml holds no ClusterRole tandem-manager")
+	}
+	out, err := helm(t, "template", "tandem", filepath.Join(repoRoot, "charts", "tandem"), "--namespace", operatorNamespace)
+	if err != nil {
+		t.Fatalf("helm template: %v", err)
+	}
+	chart := findObject(decodeManifest(t, out), "ClusterRole", "", "tandem-manager")
+	if chart == nil {
+		t.Fatal("the chart renders no ClusterRole tandem-manager")
+	}
+	g := permissions(typed[rbacv1.ClusterRole](t, gen).Rules)
+	c := permissions(typed[rbacv1.ClusterRole](t, chart).Rules)
+	if !slices.Equal(g, c) {
+		t.Errorf("chart ClusterRole differs from config/rbac/role.yaml\n only generated: %v\n only chart:     %v",
+			difference(g, c), difference(c, g))
+	}
+}
+
+// TestChartCRDsMatchConfig checks that both install paths ship the same CRDs:
+// charts/tandem/crds is config/crd/bases plus a header comment.
+func TestChartCRDsMatchConfig(t *testing.T) {
+	src := filepath.Join(repoRoot, "config", "crd", "bases")
+	dst := filepath.Join(repoRoot, "charts", "tandem", "crds")
+	names := func(dir string) []string {
+		t.Helper()
+		m, err := filepath.Glob(filepath.Join(dir, "*.yaml"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := range m {
+			m[i] = filepath.Base(m[i])
+		}
+		sort.Strings(m)
+		return m
+	}
+	s, d := names(src), names(dst)
+	if len(s) == 0 {
+		t.Fatal("config/crd/bases holds no CRD")
+	}
+	if !slices.Equal(s, d) {
+		t.Fatalf("CRD files differ: config/crd/bases %v, charts/tandem/crds %v; run hack/sync-chart-crds.sh", s, d)
+	}
+	for _, name := range s {
+		a, err := os.ReadFile(filepath.Join(src, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := os.ReadFile(filepath.Join(dst, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(stripLeadingComments(a), stripLeadingComments(b)) {
+			t.Errorf("charts/tandem/crds/%s differs from config/crd/bases/%s; run hack/sync-chart-crds.sh", name, name)
+		}
+	}
+}
+
+// stripLeadingComments drops the comment lines a file starts with.
+func stripLeadingComments(b []byte) []byte {
+	for bytes.HasPrefix(b, []byte("#")) {
+		i := bytes.IndexByte(b, '\n')
+		if i < 0 {
+			return nil
+		}
+		b = b[i+1:]
+	}
+	return b
+}
+
+// objKey names one object of a rendered manifest.
+type objKey struct{ kind, namespace, name string }
+
+// workloadObjects lists what both install paths create besides the
+// Namespace, CRD and Secret, named with prefix ("tandem" for the kustomize
+// tree and the usual Helm release).
+func workloadObjects(prefix string) []objKey {
+	ns := operatorNamespace
+	return []objKey{
+		{"ServiceAccount", ns, prefix + "-manager"},
+		{"ServiceAccount", ns, prefix + "-agent"},
+		{"ClusterRole", "", prefix + "-manager"},
+		{"ClusterRoleBinding", "", prefix + "-manager"},
+		{"Role", ns, prefix + "-leader-election"},
+		{"RoleBinding", ns, prefix + "-leader-election"},
+		{"Role", ns, prefix + "-agent"},
+		{"RoleBinding", ns, prefix + "-agent"},
+		{"Service", ns, prefix + "-manager-metrics"},
+		{"Deployment", ns, prefix + "-manager"},
+		{"DaemonSet", ns, prefix + "-agent"},
+	}
+}
+
+// requireObjects fails unless objs holds exactly the objects in want.
+func requireObjects(t *testing.T, objs []*unstructured.Unstructured, want []objKey) {
+	t.Helper()
+	var got []string
+	for _, o := range objs {
+		got = append(got, fmt.Sprintf("%s %s/%s", o.GetKind(), o.GetNamespace(), o.GetName()))
+	}
+	var exp []string
+	for _, k := range want {
+		exp = append(exp, fmt.Sprintf("%s %s/%s", k.kind, k.namespace, k.name))
+	}
+	sort.Strings(got)
+	sort.Strings(exp)
+	if !slices.Equal(got, exp) {
+		t.Fatalf("rendered objects:\n  %s\nwant:\n  %s", strings.Join(got, "\n  "), strings.Join(exp, "\n  "))
+	}
+}
+
+// workloadExpect is what checkWorkloads expects of one rendering.
+type workloadExpect struct {
+	prefix, namespace, image string
+	tokenSecret, tokenKey    string
+	dataDir                  string   // default /var/lib/tandem
+	ports                    [3]int32 // control, replication, NBD; default 7400, 7401, 10809
+	metricsPort              int32    // default 8080
+	tolerateAll              bool     // the agent tolerates every taint
+}
+
+// checkWorkloads checks the manager Deployment, the agent DaemonSet and the
+// RBAC of one rendering against what docs/install.md promises.
+func checkWorkloads(t *testing.T, objs []*unstructured.Unstructured, w workloadExpect) {
+	t.Helper()
+	if w.dataDir == "" {
+		w.dataDir = "/var/lib/tandem"
+	}
+	if w.ports == [3]int32{} {
+		w.ports = [3]int32{7400, 7401, 10809}
+	}
+	if w.metricsPort == 0 {
+		w.metricsPort = 8080
+	}
+	ns := w.namespace
+
+	// The manager: non-root, read-only, no capabilities, the agreed flags.
+	if d := typed[appsv1.Deployment](t, findObject(objs, "Deployment", ns, w.prefix+"-manager")); d != nil {
+		p := d.Spec.Template.Spec
+		if p.ServiceAccountName != w.prefix+"-manager" {
+			t.Errorf("manager serviceAccountName = %q", p.ServiceAccountName)
+		}
+		if p.HostNetwork {
+			t.Error("manager uses the host network")
+		}
+		if sc := p.SecurityContext; sc == nil || sc.RunAsNonRoot == nil || !*sc.RunAsNonRoot {
+			t.Error("manager pod is not runAsNonRoot")
+		}
+		c := container(t, p, "manager")
+		if c != nil {
+			checkContainerHardening(t, "manager", p, c)
+			if c.Image != w.image {
+				t.Errorf("manager image = %q, want %q", c.Image, w.image)
+			}
+			requireArgs(t, "manager", c.Args,
+				fmt.Sprintf("--metrics-bind-address=:%d", w.metricsPort),
+				"--health-probe-bind-address=:8081",
+				"--leader-elect",
+				"--namespace=$(POD_NAMESPACE)",
+				"--agent-token-file="+tokenFile)
+			requireFieldEnv(t, "manager", c, "POD_NAMESPACE", "metadata.namespace")
+			for _, pr := range []struct {
+				name  string
+				probe *corev1.Probe
+				path  string
+			}{{"liveness", c.LivenessProbe, "/healthz"}, {"readiness", c.ReadinessProbe, "/readyz"}} {
+				if pr.probe == nil || pr.probe.HTTPGet == nil || pr.probe.HTTPGet.Path != pr.path {
+					t.Errorf("manager %s probe = %+v, want GET %s", pr.name, pr.probe, pr.path)
+				}
+			}
+			if c.Resources.Requests.Cpu().IsZero() || c.Resources.Limits.Memory().IsZero() {
+				t.Errorf("manager resources = %+v, want requests and a memory limit", c.Resources)
+			}
+			requireTokenMount(t, "manager", p, c, w)
+		}
+	}
+
+	// The agent: host network, hostPath data dir, root without any
+	// capability, never privileged.
+	if ds := typed[appsv1.DaemonSet](t, findObject(objs, "DaemonSet", ns, w.prefix+"-agent")); ds != nil {
+		p := ds.Spec.Template.Spec
+		if p.ServiceAccountName != w.prefix+"-agent" {
+			t.Errorf("agent serviceAccountName = %q", p.ServiceAccountName)
+		}
+		if !p.HostNetwork || p.DNSPolicy != corev1.DNSClusterFirstWithHostNet {
+			t.Errorf("agent hostNetwork = %v, dnsPolicy = %q; want true, ClusterFirstWithHostNet", p.HostNetwork, p.DNSPolicy)
+		}
+		if p.HostPID || p.HostIPC {
+			t.Error("agent shares the host PID or IPC namespace")
+		}
+		var data *corev1.Volume
+		for i := range p.Volumes {
+			if p.Volumes[i].HostPath != nil {
+				if data != nil {
+					t.Errorf("agent has more than one hostPath volume: %s and %s", data.Name, p.Volumes[i].Name)
+				}
+				data = &p.Volumes[i]
+			}
+		}
+		if data == nil || data.HostPath.Path != w.dataDir || data.HostPath.Type == nil || *data.HostPath.Type != corev1.HostPathDirectoryOrCreate {
+			t.Errorf("agent hostPath volume = %+v, want %s DirectoryOrCreate", data, w.dataDir)
+		}
+		if w.tolerateAll && !slices.ContainsFunc(p.Tolerations, func(tol corev1.Toleration) bool {
+			return tol.Operator == corev1.TolerationOpExists && tol.Key == "" && tol.Effect == ""
+		}) {
+			t.Errorf("agent tolerations = %+v, want {operator: Exists} by default", p.Tolerations)
+		}
+		c := container(t, p, "agent")
+		if c != nil {
+			checkContainerHardening(t, "agent", p, c)
+			if c.Image != w.image {
+				t.Errorf("agent image = %q, want %q", c.Image, w.image)
+			}
+			requireArgs(t, "agent", c.Args,
+				"--node=$(NODE_NAME)",
+				"--data-dir="+w.dataDir,
+				fmt.Sprintf("--control-address=:%d", w.ports[0]),
+				fmt.Sprintf("--replication-address=:%d", w.ports[1]),
+				fmt.Sprintf("--nbd-address=:%d", w.ports[2]),
+				"--token-file="+tokenFile,
+				"--namespace=$(POD_NAMESPACE)",
+				"--advertise-address=$(POD_IP)")
+			requireFieldEnv(t, "agent", c, "NODE_NAME", "spec.nodeName")
+			requireFieldEnv(t, "agent", c, "POD_NAMESPACE", "metadata.namespace")
+			requireFieldEnv(t, "agent", c, "POD_IP", "status.podIP")
+			var ports []int32
+			for _, cp := range c.Ports {
+				ports = append(ports, cp.ContainerPort)
+			}
+			if !slices.Equal(ports, w.ports[:]) {
+				t.Errorf("agent container ports = %v, want %v", ports, w.ports)
+			}
+			for name, probe := range map[string]*corev1.Probe{"startup": c.StartupProbe, "readiness": c.ReadinessProbe, "liveness": c.LivenessProbe} {
+				if probe == nil || probe.HTTPGet == nil || probe.HTTPGet.Path != "/healthz" || probe.HTTPGet.Port.String() != "control" {
+					t.Errorf("agent %s probe = %+v, want GET /healthz on the control port", name, probe)
+				}
+			}
+			var mounted bool
+			for _, m := range c.VolumeMounts {
+				if data != nil && m.Name == data.Name && m.MountPath == w.dataDir && !m.ReadOnly {
+					mounted = true
+				}
+			}
+			if !mounted {
+				t.Errorf("agent does not mount its hostPath read-write at %s: %+v", w.dataDir, c.VolumeMounts)
+			}
+			requireTokenMount(t, "agent", p, c, w)
+		}
+	}
+
+	// RBAC: the agent has Leases in its namespace and nothing else.
+	if r := typed[rbacv1.Role](t, findObject(objs, "Role", ns, w.prefix+"-agent")); r != nil {
+		want := []string{
+			"coordination.k8s.io/leases:create", "coordination.k8s.io/leases:get", "coordination.k8s.io/leases:list",
+			"coordination.k8s.io/leases:patch", "coordination.k8s.io/leases:update", "coordination.k8s.io/leases:watch",
+		}
+		if got := permissions(r.Rules); !slices.Equal(got, want) {
+			t.Errorf("agent Role grants %v, want %v", got, want)
+		}
+	}
+	for _, o := range objs {
+		if o.GetKind() != "ClusterRoleBinding" && o.GetKind() != "RoleBinding" {
+			continue
+		}
+		b := typed[rbacv1.ClusterRoleBinding](t, o) // same shape as a RoleBinding
+		for _, s := range b.Subjects {
+			if s.Kind != rbacv1.ServiceAccountKind || s.Namespace != ns {
+				t.Errorf("%s %s: subject %+v, want a ServiceAccount in %s", o.GetKind(), o.GetName(), s, ns)
+			}
+			if s.Name == w.prefix+"-agent" && o.GetKind() == "ClusterRoleBinding" {
+				t.Errorf("ClusterRoleBinding %s gives the agent cluster-wide rights", o.GetName())
+			}
+		}
+	}
+	if r := typed[rbacv1.Role](t, findObject(objs, "Role", ns, w.prefix+"-leader-election")); r != nil {
+		got := permissions(r.Rules)
+		for _, p := range []string{"coordination.k8s.io/leases:create", "coordination.k8s.io/leases:update", "/events:create"} {
+			if !slices.Contains(got, p) {
+				t.Errorf("leader election Role lacks %s: %v", p, got)
+			}
+		}
+	}
+}
+
+// checkContainerHardening checks what both containers share: no privileged
+// mode, no privilege escalation, every capability dropped and none added, a
+// read-only root filesystem and the RuntimeDefault seccomp profile.
+func checkContainerHardening(t *testing.T, what string, p corev1.PodSpec, c *corev1.Container) {
+	t.Helper()
+	sc := c.SecurityContext
+	if sc == nil {
+		t.Errorf("%s container has no securityContext", what)
+		return
+	}
+	if sc.Privileged != nil && *sc.Privileged {
+		t.Errorf("%s container is privileged", what)
+	}
+	if sc.AllowPrivilegeEscalation == nil || *sc.AllowPrivilegeEscalation {
+		t.Errorf("%s container allows privilege escalation", what)
+	}
+	if sc.ReadOnlyRootFilesystem == nil || !*sc.ReadOnlyRootFilesystem {
+		t.Errorf("%s container root filesystem is writable", what)
+	}
+	if sc.Capabilities == nil || !slices.Contains(sc.Capabilities.Drop, "ALL") || len(sc.Capabilities.Add) != 0 {
+		t.Errorf("%s container capabilities = %+v, want drop [ALL] and nothing added", what, sc.Capabilities)
+	}
+	seccomp := sc.SeccompProfile
+	if seccomp == nil && p.SecurityContext != nil {
+		seccomp = p.SecurityContext.SeccompProfile
+	}
+	if seccomp == nil || seccomp.Type != corev1.SeccompProfileTypeRuntimeDefault {
+		t.Errorf("%s seccomp profile = %+v, want RuntimeDefault", what, seccomp)
+	}
+}
+
+// requireTokenMount checks that the token Secret's key is mounted read-only
+// as tokenFile.
+func requireTokenMount(t *testing.T, what string, p corev1.PodSpec, c *corev1.Container, w workloadExpect) {
+	t.Helper()
+	var vol *corev1.Volume
+	for i := range p.Volumes {
+		if s := p.Volumes[i].Secret; s != nil && s.SecretName == w.tokenSecret {
+			vol = &p.Volumes[i]
+		}
+	}
+	if vol == nil {
+		t.Errorf("%s has no volume of Secret %s: %+v", what, w.tokenSecret, p.Volumes)
+		return
+	}
+	if s := vol.Secret; len(s.Items) != 1 || s.Items[0].Key != w.tokenKey || s.Items[0].Path != "token" || (s.Optional != nil && *s.Optional) {
+		t.Errorf("%s token volume = %+v, want key %q as file token, not optional", what, s, w.tokenKey)
+	}
+	if m := vol.Secret.DefaultMode; m == nil || *m&0o007 != 0 {
+		t.Errorf("%s token file mode = %v, want no access for others", what, m)
+	}
+	for _, m := range c.VolumeMounts {
+		if m.Name == vol.Name {
+			if m.MountPath != tokenMountPath || !m.ReadOnly {
+				t.Errorf("%s token mount = %+v, want read-only at %s", what, m, tokenMountPath)
+			}
+			return
+		}
+	}
+	t.Errorf("%s does not mount the token volume", what)
+}
+
+func container(t *testing.T, p corev1.PodSpec, name string) *corev1.Container {
+	t.Helper()
+	for i := range p.Containers {
+		if p.Containers[i].Name == name {
+			return &p.Containers[i]
+		}
+	}
+	t.Errorf("no container %q", name)
+	return nil
+}
+
+func requireArgs(t *testing.T, what string, args []string, want ...string) {
+	t.Helper()
+	for _, a := range want {
+		if !slices.Contains(args, a) {
+			t.Errorf("%s args %v lack %q", what, args, a)
+		}
+	}
+}
+
+func requireFieldEnv(t *testing.T, what string, c *corev1.Container, name, field string) {
+	t.Helper()
+	for _, e := range c.Env {
+		if e.Name == name {
+			if e.ValueFrom == nil || e.ValueFrom.FieldRef == nil || e.ValueFrom.FieldRef.FieldPath != field {
+				t.Errorf("%s env %s = %+v, want fieldRef %s", what, name, e, field)
+			}
+			return
+		}
+	}
+	t.Errorf("%s has no env %s", what, name)
+}
+
+// permissions flattens RBAC rules into sorted "group/resource:verb" strings,
+// so rules that grant the same are equal however they are grouped.
+func permissions(rules []rbacv1.PolicyRule) []string {
+	set := map[string]bool{}
+	for _, r := range rules {
+		for _, g := range r.APIGroups {
+			for _, res := range r.Resources {
+				for _, v := range r.Verbs {
+					set[g+"/"+res+":"+v] = true
+				}
+			}
+		}
+		for _, u := range r.NonResourceURLs {
+			for _, v := range r.Verbs {
+				set[u+":"+v] = true
+			}
+		}
+	}
+	out := make([]string, 0, len(set))
+	for p := range set {
+		out = append(out, p)
+	}
+	sort.Strings(out)
+	return out
+}
+
+func difference(a, b []string) []string {
+	var d []string
+	for _, x := range a {
+		if !slices.Contains(b, x) {
+			d = append(d, x)
+		}
+	}
+	return d
+}
+
+// decodeManifest splits a multi-document YAML stream into objects.
+func decodeManifest(t *testing.T, manifest string) []*unstructured.Unstructured {
+	t.Helper()
+	dec := utilyaml.NewYAMLOrJSONDecoder(strings.NewReader(manifest), 4096)
+	var objs []*unstructured.Unstructured
+	for {
+		var m map[string]any
+		if err := dec.Decode(&m); err != nil {
+			if errors.Is(err, io.EOF) {
+				return objs
+			}
+			t.Fatalf("decode manifest: %v", err)
+		}
+		if len(m) == 0 {
+			continue
+		}
+		objs = append(objs, &unstructured.Unstructured{Object: m})
+	}
+}
+
+func findObject(objs []*unstructured.Unstructured, kind, namespace, name string) *unstructured.Unstructured {
+	for _, o := range objs {
+		if o.GetKind() == kind && o.GetNamespace() == namespace && o.GetName() == name {
+			return o
+		}
+	}
+	return nil
+}
+
+// typed converts u into a T; nil stays nil (the caller has already failed
+// on a missing object through requireObjects).
+func typed[T any](t *testing.T, u *unstructured.Unstructured) *T {
+	t.Helper()
+	if u == nil {
+		return nil
+	}
+	v := new(T)
+	if err := k8sruntime.DefaultUnstructuredConverter.FromUnstructuredWithValidation(u.Object, v, true); err != nil {
+		t.Errorf("%s %s: %v", u.GetKind(), u.GetName(), err)
+		return nil
+	}
+	return v
+}
+
+// ensureNamespace creates a namespace that later tests may share. It is not
+// deleted: envtest runs no namespace controller, so a deleted namespace would
+// stay Terminating and refuse new objects.
+func ensureNamespace(t *testing.T, name string) {
+	t.Helper()
+	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name}}
+	if err := k8s.Create(context.Background(), ns); err != nil && !apierrors.IsAlreadyExists(err) {
+		t.Fatalf("create namespace %s: %v", name, err)
+	}
+}
+
+// dryRunApply has the API server validate and admit every object of manifest
+// without storing it (kubectl apply --dry-run=server), and checks that it
+// reported on all n of them.
+func dryRunApply(t *testing.T, manifest string, n int) {
+	t.Helper()
+	f := filepath.Join(t.TempDir(), "manifest.yaml")
+	if err := os.WriteFile(f, []byte(manifest), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, err := runTool(t, nil, "kubectl", "--kubeconfig", kubeconfig, "apply", "--dry-run=server", "-f", f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Count(out, "(server dry run)"); got != n {
+		t.Errorf("kubectl apply --dry-run=server reported %d objects, want %d:\n%s", got, n, out)
+	}
+}
+
+// helm runs bin/helm against the test API server with its own, empty cache
+// and configuration directories, and returns its standard output.
+func helm(t *testing.T, args ...string) (string, error) {
+	t.Helper()
+	home := t.TempDir()
+	return runTool(t, []string{
+		"KUBECONFIG=" + kubeconfig,
+		"HELM_CACHE_HOME=" + filepath.Join(home, "cache"),
+		"HELM_CONFIG_HOME=" + filepath.Join(home, "config"),
+		"HELM_DATA_HOME=" + filepath.Join(home, "data"),
+	}, "helm", args...)
+}
+
+// runTool runs bin/<tool> with env added to the environment and returns its
+// standard output; a failure's error carries both outputs. Standard error
+// stays out of the result, so warnings cannot corrupt a rendered manifest.
+func runTool(t *testing.T, env []string, tool string, args ...string) (string, error) {
+	t.Helper()
+	cmd := exec.Command(filepath.Join(repoRoot, "bin", tool), args...)
+	cmd.Env = append(os.Environ(), env...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		return stdout.String(), fmt.Errorf("%s %s: %w\n%s%s", tool, strings.Join(args, " "), err, stdout.String(), stderr.String())
+	}
+	return stdout.String(), nil
+}
+
+// chartAppVersion reads appVersion from charts/tandem/Chart.yaml.
+func chartAppVersion(t *testing.T) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(repoRoot, "charts", "tandem", "Chart.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var c struct {
+		AppVersion string `json:"appVersion"`
+	}
+	if err := utilyaml.Unmarshal(b, &c); err != nil {
+		t.Fatal(err)
+	}
+	return c.AppVersion
+}

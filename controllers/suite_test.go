@@ -62,6 +62,7 @@ func run(m *testing.M) int {
 		fmt.Fprintf(os.Stderr, "controllers: kube-apiserver not in %s; run `make test` or hack/tools.sh: %v\n", assets, err)
 		return 1
 	}
+	ctrl.SetLogger(logr.Discard()) // each test gives its manager its own logger
 	_ = clientgoscheme.AddToScheme(scheme)
 	_ = v1.AddToScheme(scheme)
 	env := &envtest.Environment{

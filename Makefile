@@ -68,9 +68,10 @@ bench: ## Run the Go micro-benchmarks.
 ##@ Build
 
 .PHONY: build
-build: ## Build the manager and agent binaries into bin/.
+build: ## Build the manager, agent and kubectl-tandem binaries into bin/.
 	go build -o $(BIN)/manager ./cmd/manager
 	go build -o $(BIN)/agent ./cmd/agent
+	go build -o $(BIN)/kubectl-tandem ./cmd/kubectl-tandem
 
 .PHONY: docker-build
 docker-build: ## Build the container image $(IMG) (needs a Docker engine).

@@ -382,8 +382,9 @@ func TestManualFailoverAndSwitchover(t *testing.T) {
 		t.Fatal(err)
 	}
 	vp := s.get()
+	swap := client.MergeFrom(vp.DeepCopy()) // status patches race with an Update; a patch does not
 	vp.Spec.Primary, vp.Spec.Backup = vp.Spec.Backup, vp.Spec.Primary
-	if err := k8s.Update(context.Background(), vp); err != nil {
+	if err := k8s.Patch(context.Background(), vp, swap); err != nil {
 		t.Fatal(err)
 	}
 	vp = s.waitFor(20*time.Second, "switchover to node-b", func(vp *v1.VolumePair) bool {

@@ -23,7 +23,7 @@ echo tok > "$work/token"
 start_agent() { # node ctrl repl nbd
   mkdir -p "$work/$1"
   "$work/agent" --node "$1" --data-dir "$work/$1" --control-address "127.0.0.1:$2" --replication-address "127.0.0.1:$3" \
-    --nbd-address "127.0.0.1:$4" --token-file "$work/token" >"$work/$1.log" 2>&1 &
+    --nbd-address "127.0.0.1:$4" --token-file "$work/token" ${PPROF:+--pprof-address 127.0.0.1:$(( $2 + 60 ))} >"$work/$1.log" 2>&1 &
   pids+=($!)
   for _ in $(seq 100); do curl -fs "http://127.0.0.1:$2/healthz" >/dev/null && return; sleep 0.1; done
   echo "agent $1 did not start" >&2; exit 1
@@ -65,7 +65,7 @@ for wl in "randwrite 4k 32" "write 1M 8"; do
   set -- $wl
   declare -A base=()
   for r in $(seq "$rounds"); do
-    for tgt in nbdkit standalone async sync; do
+    for tgt in ${TARGETS:-nbdkit standalone async sync}; do
       read -r iops mibs p50 p99 < <(run $tgt "$1" "$2" "$3")
       [ $tgt = nbdkit ] && base[$r]=$iops
       ratio=$(python3 -c "print('%.2f' % ($iops/${base[$r]}))")

@@ -98,9 +98,7 @@ func (v *Volume) ServePrimary(conn net.Conn, br *bufio.Reader, rd *repl.Reader, 
 	v.backupConn = b
 	fullCopy := v.bitmapsLost
 	ds := v.dataState
-	if v.fwd != nil {
-		v.fwd.attach(b.fwd)
-	}
+	fwd := v.fwd
 	v.notifyLocked()
 	v.mu.Unlock()
 	if old != nil {
@@ -135,6 +133,11 @@ func (v *Volume) ServePrimary(conn net.Conn, br *bufio.Reader, rd *repl.Reader, 
 	}
 	if err := b.send(&repl.Frame{Type: repl.TypeBitmap, Epoch: b.epoch, Payload: own}); err != nil {
 		return fmt.Errorf("send bitmap: %w", err)
+	}
+	// Forwarded requests may flow only after the handshake frames: the
+	// primary reads HelloAck and Bitmap first.
+	if fwd != nil {
+		fwd.attach(b.fwd)
 	}
 	v.log.Info("Serving replication stream from the primary", "primary", h.Node, "epoch", b.epoch, "ownDiffRegions", v.tracker.Count())
 

@@ -48,7 +48,7 @@ func (s *syncBuf) String() string {
 	return s.b.String()
 }
 
-func newMember(t *testing.T, node string) *member {
+func newMember(t testing.TB, node string) *member {
 	t.Helper()
 	m := &member{st: store.NewMem(size), logs: &syncBuf{}}
 	log := funcr.New(func(prefix, args string) { m.logs.add(prefix + " " + args) }, funcr.Options{})
@@ -98,7 +98,7 @@ func newMember(t *testing.T, node string) *member {
 	return m
 }
 
-func waitFor(t *testing.T, what string, cond func() bool) {
+func waitFor(t testing.TB, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
 	for !cond() {

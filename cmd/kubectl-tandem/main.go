@@ -1,0 +1,198 @@
+// Command kubectl-tandem is the kubectl plugin for Tandem VolumePairs:
+//
+//	kubectl tandem status NAME             phase, roles, diff, copy progress, members, conditions, events
+//	kubectl tandem failover NAME           ask the controller to promote the backup
+//	kubectl tandem failback NAME           ask the controller to give the primary role back
+//	kubectl tandem verify NAME             compare both replicas region by region (online verify)
+//
+// Install it by putting the binary on PATH as kubectl-tandem:
+//
+//	go build -o bin/kubectl-tandem ./cmd/kubectl-tandem
+//	PATH=$PWD/bin:$PATH kubectl tandem status my-pair
+//
+// It takes kubectl's connection flags (--kubeconfig, --context, -n, ...).
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/go-logr/logr"
+	"github.com/spf13/cobra"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/cli-runtime/pkg/genericclioptions"
+	"k8s.io/cli-runtime/pkg/genericiooptions"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	ctrllog "sigs.k8s.io/controller-runtime/pkg/log"
+	"sigs.k8s.io/yaml"
+
+	storagev1alpha1 "github.com/tandem-storage/tandem/api/v1alpha1"
+)
+
+func main() {
+	// controller-runtime's client logs through its own logger; the plugin
+	// reports errors itself.
+	ctrllog.SetLogger(logr.Discard())
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	code := run(ctx, os.Args[1:], genericiooptions.IOStreams{In: os.Stdin, Out: os.Stdout, ErrOut: os.Stderr})
+	stop()
+	os.Exit(code)
+}
+
+// exitError carries a specific exit status. A nil err means the command has
+// already printed everything it wanted to say.
+type exitError struct {
+	code int
+	err  error
+}
+
+func (e *exitError) Error() string {
+	if e.err == nil {
+		return fmt.Sprintf("exit status %d", e.code)
+	}
+	return e.err.Error()
+}
+
+func (e *exitError) Unwrap() error { return e.err }
+
+// run executes the plugin with args and returns the process exit status.
+func run(ctx context.Context, args []string, streams genericiooptions.IOStreams) int {
+	root := newRootCmd(streams)
+	root.SetArgs(args)
+	err := root.ExecuteContext(ctx)
+	if err == nil {
+		return 0
+	}
+	code := 1
+	var ee *exitError
+	if errors.As(err, &ee) {
+		code = ee.code
+		if ee.err == nil {
+			return code
+		}
+	}
+	fmt.Fprintf(streams.ErrOut, "error: %v\n", err)
+	return code
+}
+
+// rootOptions are shared by every subcommand.
+type rootOptions struct {
+	flags   *genericclioptions.ConfigFlags
+	streams genericiooptions.IOStreams
+	// newClient builds the API client; tests may replace it.
+	newClient func() (client.Client, error)
+}
+
+func newRootCmd(streams genericiooptions.IOStreams) *cobra.Command {
+	o := &rootOptions{flags: genericclioptions.NewConfigFlags(true), streams: streams}
+	o.newClient = o.defaultClient
+	cmd := &cobra.Command{
+		Use:   "kubectl-tandem",
+		Short: "Inspect and operate Tandem VolumePairs",
+		Long: `kubectl tandem inspects and operates Tandem VolumePairs: block volumes kept
+on two nodes, with automatic failover and a resync of only what changed.`,
+		Annotations:   map[string]string{cobra.CommandDisplayNameAnnotation: "kubectl tandem"},
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	cmd.SetIn(streams.In)
+	cmd.SetOut(streams.Out)
+	cmd.SetErr(streams.ErrOut)
+	o.flags.AddFlags(cmd.PersistentFlags())
+	cmd.AddCommand(newStatusCmd(o), newRequestCmd(o, failoverRequest), newRequestCmd(o, failbackRequest), newVerifyCmd(o))
+	return cmd
+}
+
+func (o *rootOptions) defaultClient() (client.Client, error) {
+	cfg, err := o.flags.ToRESTConfig()
+	if err != nil {
+		return nil, fmt.Errorf("load kubeconfig: %w", err)
+	}
+	scheme := runtime.NewScheme()
+	if err := clientgoscheme.AddToScheme(scheme); err != nil {
+		return nil, fmt.Errorf("build scheme: %w", err)
+	}
+	if err := storagev1alpha1.AddToScheme(scheme); err != nil {
+		return nil, fmt.Errorf("build scheme: %w", err)
+	}
+	c, err := client.New(cfg, client.Options{Scheme: scheme})
+	if err != nil {
+		return nil, fmt.Errorf("connect to the API server: %w", err)
+	}
+	return c, nil
+}
+
+// namespace is -n, or the kubeconfig context's namespace, or "default".
+func (o *rootOptions) namespace() (string, error) {
+	ns, _, err := o.flags.ToRawKubeConfigLoader().Namespace()
+	if err != nil {
+		return "", fmt.Errorf("determine the namespace: %w", err)
+	}
+	return ns, nil
+}
+
+// getPair reads one VolumePair.
+func getPair(ctx context.Context, c client.Client, ns, name string) (*storagev1alpha1.VolumePair, error) {
+	vp := &storagev1alpha1.VolumePair{}
+	if err := c.Get(ctx, client.ObjectKey{Namespace: ns, Name: name}, vp); err != nil {
+		return nil, fmt.Errorf("get volumepair %s/%s: %w", ns, name, err)
+	}
+	return vp, nil
+}
+
+// nameArg accepts exactly one argument, the VolumePair's name.
+func nameArg(cmd *cobra.Command, args []string) error {
+	if len(args) != 1 {
+		return fmt.Errorf("%s needs exactly one argument, the VolumePair's name (got %d); see '%s --help'", cmd.Name(), len(args), cmd.CommandPath())
+	}
+	return nil
+}
+
+// checkOutput validates -o.
+func checkOutput(format string) error {
+	switch format {
+	case "", "json", "yaml":
+		return nil
+	}
+	return fmt.Errorf("unknown output format %q: want json or yaml", format)
+}
+
+// printObject writes obj as JSON or YAML, like kubectl get -o: with its
+// apiVersion and kind, without managed fields.
+func printObject(w io.Writer, obj client.Object, gvk schema.GroupVersionKind, format string) error {
+	obj = obj.DeepCopyObject().(client.Object)
+	obj.GetObjectKind().SetGroupVersionKind(gvk)
+	obj.SetManagedFields(nil)
+	return printData(w, obj, format)
+}
+
+// printData writes v as indented JSON or YAML.
+func printData(w io.Writer, v any, format string) error {
+	var (
+		b   []byte
+		err error
+	)
+	if format == "yaml" {
+		b, err = yaml.Marshal(v)
+	} else {
+		b, err = json.MarshalIndent(v, "", "    ")
+		b = append(b, '\n')
+	}
+	if err != nil {
+		return fmt.Errorf("encode %s: %w", format, err)
+	}
+	if _, err := w.Write(b); err != nil {
+		return fmt.Errorf("write output: %w", err)
+	}
+	return nil
+}
+
+var volumePairGVK = storagev1alpha1.GroupVersion.WithKind("VolumePair")

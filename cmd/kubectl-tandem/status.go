@@ -1,0 +1,291 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"slices"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+	corev1 "k8s.io/api/core/v1"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	storagev1alpha1 "github.com/tandem-storage/tandem/api/v1alpha1"
+)
+
+// maxEvents is how many of the latest events status shows.
+const maxEvents = 10
+
+func newStatusCmd(o *rootOptions) *cobra.Command {
+	var output string
+	cmd := &cobra.Command{
+		Use:   "status NAME",
+		Short: "Show a VolumePair's phase, roles, diff, copy progress, members, conditions and events",
+		Long: `Show a VolumePair as the controller reports it: mode, preferred and acting
+primary, phase (PAIR, SWAP, COPY, NORMAL), epoch, NBD endpoint, what is out of
+sync, the progress of a running copy, each member's state, the conditions, the
+last failover and failback, and the latest events.
+
+With -o json or -o yaml it prints the VolumePair object instead.`,
+		Example: `  kubectl tandem status db -n prod
+  kubectl tandem status db -o yaml`,
+		Args: nameArg,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := checkOutput(output); err != nil {
+				return err
+			}
+			ns, err := o.namespace()
+			if err != nil {
+				return err
+			}
+			c, err := o.newClient()
+			if err != nil {
+				return err
+			}
+			vp, err := getPair(cmd.Context(), c, ns, args[0])
+			if err != nil {
+				return err
+			}
+			if output != "" {
+				return printObject(o.streams.Out, vp, volumePairGVK, output)
+			}
+			events, evErr := pairEvents(cmd.Context(), c, vp)
+			return renderStatus(o.streams.Out, vp, events, evErr, time.Now())
+		},
+	}
+	cmd.Flags().StringVarP(&output, "output", "o", "", "Output format: json or yaml (prints the VolumePair object).")
+	return cmd
+}
+
+// pairEvents lists the core/v1 Events about vp, oldest first.
+func pairEvents(ctx context.Context, c client.Client, vp *storagev1alpha1.VolumePair) ([]corev1.Event, error) {
+	var list corev1.EventList
+	err := c.List(ctx, &list, client.InNamespace(vp.Namespace), client.MatchingFields{
+		"involvedObject.kind": "VolumePair",
+		"involvedObject.name": vp.Name,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list events of volumepair %s/%s: %w", vp.Namespace, vp.Name, err)
+	}
+	return selectEvents(list.Items, vp, maxEvents), nil
+}
+
+// selectEvents keeps the events about vp itself (not an earlier object of the
+// same name), sorted by time, the latest limit of them.
+func selectEvents(events []corev1.Event, vp *storagev1alpha1.VolumePair, limit int) []corev1.Event {
+	var out []corev1.Event
+	for _, e := range events {
+		ref := e.InvolvedObject
+		if ref.Kind != "VolumePair" || ref.Name != vp.Name {
+			continue
+		}
+		if ref.UID != "" && vp.UID != "" && ref.UID != vp.UID {
+			continue
+		}
+		if gv := ref.APIVersion; gv != "" && !strings.HasPrefix(gv, storagev1alpha1.GroupVersion.Group+"/") {
+			continue
+		}
+		out = append(out, e)
+	}
+	slices.SortStableFunc(out, func(a, b corev1.Event) int { return eventTime(a).Compare(eventTime(b)) })
+	if len(out) > limit {
+		out = out[len(out)-limit:]
+	}
+	return out
+}
+
+// eventTime is when an event last happened.
+func eventTime(e corev1.Event) time.Time {
+	switch {
+	case e.Series != nil && !e.Series.LastObservedTime.IsZero():
+		return e.Series.LastObservedTime.Time
+	case !e.LastTimestamp.IsZero():
+		return e.LastTimestamp.Time
+	case !e.EventTime.IsZero():
+		return e.EventTime.Time
+	case !e.FirstTimestamp.IsZero():
+		return e.FirstTimestamp.Time
+	}
+	return e.CreationTimestamp.Time
+}
+
+// eventFirstTime is when an event first happened.
+func eventFirstTime(e corev1.Event) time.Time {
+	switch {
+	case !e.FirstTimestamp.IsZero():
+		return e.FirstTimestamp.Time
+	case !e.EventTime.IsZero():
+		return e.EventTime.Time
+	}
+	return eventTime(e)
+}
+
+// eventCount is how many times an event happened.
+func eventCount(e corev1.Event) int32 {
+	if e.Series != nil && e.Series.Count > 0 {
+		return e.Series.Count
+	}
+	return e.Count
+}
+
+// renderStatus writes the readable view of vp. events are shown as given
+// (see selectEvents); evErr, when set, explains why there are none.
+func renderStatus(w io.Writer, vp *storagev1alpha1.VolumePair, events []corev1.Event, evErr error, now time.Time) error {
+	ew := &errWriter{w: w}
+	st := &vp.Status
+	field := func(k, v string) { ew.printf("%-18s%s\n", k+":", v) }
+
+	field("Name", vp.Name)
+	field("Namespace", vp.Namespace)
+	field("Mode", string(vp.Spec.Mode))
+	field("Size", fmt.Sprintf("%s in regions of %s", humanBytes(vp.Spec.SizeBytes()), humanBytes(vp.Spec.RegionSizeBytes())))
+	field("Primary (spec)", vp.Spec.Primary.Node)
+	field("Backup (spec)", vp.Spec.Backup.Node)
+	if st.Phase == "" {
+		field("Phase", "<none>: the controller has not reported a status yet")
+	} else {
+		field("Phase", string(st.Phase)+" ("+phaseMeaning(st.Phase)+")")
+	}
+	active := orDash(st.ActivePrimary)
+	if st.ActivePrimary != "" && st.ActivePrimary != vp.Spec.Primary.Node {
+		active += " (the backup is acting primary)"
+	}
+	field("Active primary", active)
+	field("Epoch", fmt.Sprint(st.Epoch))
+	field("Endpoint", orDash(st.Endpoint))
+	oos := humanBytes(st.OutOfSyncBytes)
+	if st.OutOfSyncBytes >= 1024 {
+		oos += fmt.Sprintf(" (%d bytes)", st.OutOfSyncBytes)
+	}
+	field("Out of sync", oos)
+	if st.Copy != nil {
+		field("Copy", copyLine(st.Copy, now))
+	} else {
+		field("Copy", "none running")
+	}
+	field("Last failover", timestamp(st.LastFailoverTime, now))
+	field("Last failback", timestamp(st.LastFailbackTime, now))
+	field("Failover policy", string(vp.Spec.Failover.Policy))
+	field("Failback policy", string(vp.Spec.Failback.Policy))
+	for _, a := range []struct{ key, label string }{
+		{storagev1alpha1.AnnotationFailoverRequested, "Failover request"},
+		{storagev1alpha1.AnnotationFailbackRequested, "Failback request"},
+	} {
+		if v, ok := vp.Annotations[a.key]; ok {
+			field(a.label, v+" (annotation "+a.key+")")
+		}
+	}
+	if st.ObservedGeneration != 0 && st.ObservedGeneration != vp.Generation {
+		field("Observed", fmt.Sprintf("generation %d of %d: the status does not reflect the latest spec yet", st.ObservedGeneration, vp.Generation))
+	}
+
+	ew.printf("\nMembers:\n")
+	if len(st.Members) == 0 {
+		ew.printf("  <none reported>\n")
+	} else {
+		tw := tabwriter.NewWriter(ew, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(tw, "  NODE\tROLE\tDATA STATE\tCONNECTED\tLAST SEEN\tOUT OF SYNC\tMESSAGE")
+		for _, m := range orderMembers(vp) {
+			conn := "no"
+			if m.Connected {
+				conn = "yes"
+			}
+			fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\t%s\t%s\t%s\n", m.Node, orDash(string(m.Role)), orDash(string(m.DataState)),
+				conn, ago(m.LastSeen, now), humanBytes(m.OutOfSyncBytes), orDash(oneLine(m.Message)))
+		}
+		_ = tw.Flush()
+	}
+
+	ew.printf("\nConditions:\n")
+	if len(st.Conditions) == 0 {
+		ew.printf("  <none>\n")
+	} else {
+		tw := tabwriter.NewWriter(ew, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(tw, "  TYPE\tSTATUS\tREASON\tSINCE\tMESSAGE")
+		for _, c := range st.Conditions {
+			fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\t%s\n", c.Type, c.Status, orDash(c.Reason), ago(&c.LastTransitionTime, now), orDash(oneLine(c.Message)))
+		}
+		_ = tw.Flush()
+	}
+
+	ew.printf("\nEvents:\n")
+	switch {
+	case evErr != nil:
+		ew.printf("  <unavailable: %s>\n", oneLine(evErr.Error()))
+	case len(events) == 0:
+		ew.printf("  <none>\n")
+	default:
+		tw := tabwriter.NewWriter(ew, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(tw, "  TYPE\tREASON\tAGE\tFROM\tMESSAGE")
+		for _, e := range events {
+			age := humanDuration(now.Sub(eventTime(e)))
+			if n := eventCount(e); n > 1 {
+				age += fmt.Sprintf(" (x%d over %s)", n, humanDuration(now.Sub(eventFirstTime(e))))
+			}
+			from := e.Source.Component
+			if from == "" {
+				from = e.ReportingController
+			}
+			if e.Source.Host != "" {
+				from += ", " + e.Source.Host
+			}
+			fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\t%s\n", orDash(e.Type), orDash(e.Reason), age, orDash(from), orDash(oneLine(e.Message)))
+		}
+		_ = tw.Flush()
+	}
+	if ew.err != nil {
+		return fmt.Errorf("write status: %w", ew.err)
+	}
+	return nil
+}
+
+// phaseMeaning explains a phase in a few words (DESIGN §3).
+func phaseMeaning(p storagev1alpha1.Phase) string {
+	switch p {
+	case storagev1alpha1.PhasePair:
+		return "the preferred primary serves and mirrors to the backup"
+	case storagev1alpha1.PhaseSwap:
+		return "the primary was lost; the backup serves and records what it writes"
+	case storagev1alpha1.PhaseCopy:
+		return "a copy towards a member is running"
+	case storagev1alpha1.PhaseNormal:
+		return "both members identical, the backup still serves; failback is next"
+	}
+	return "unknown phase"
+}
+
+// orderMembers lists the reported members: spec primary, spec backup, others.
+func orderMembers(vp *storagev1alpha1.VolumePair) []storagev1alpha1.MemberStatus {
+	out := slices.Clone(vp.Status.Members)
+	rank := func(node string) int {
+		switch node {
+		case vp.Spec.Primary.Node:
+			return 0
+		case vp.Spec.Backup.Node:
+			return 1
+		}
+		return 2
+	}
+	slices.SortStableFunc(out, func(a, b storagev1alpha1.MemberStatus) int { return rank(a.Node) - rank(b.Node) })
+	return out
+}
+
+// errWriter remembers the first write error so rendering code stays linear.
+type errWriter struct {
+	w   io.Writer
+	err error
+}
+
+func (e *errWriter) Write(p []byte) (int, error) {
+	if e.err != nil {
+		return 0, e.err
+	}
+	n, err := e.w.Write(p)
+	e.err = err
+	return n, err
+}
+
+func (e *errWriter) printf(format string, args ...any) { _, _ = fmt.Fprintf(e, format, args...) }

@@ -1,0 +1,524 @@
+package main
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/spf13/cobra"
+	coordinationv1 "k8s.io/api/coordination/v1"
+	corev1 "k8s.io/api/core/v1"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	storagev1alpha1 "github.com/tandem-storage/tandem/api/v1alpha1"
+	"github.com/tandem-storage/tandem/dataplane/agent"
+	"github.com/tandem-storage/tandem/dataplane/volume"
+)
+
+// How the plugin finds and authenticates to the agents: each agent renews a
+// Lease (v1alpha1.AgentLeaseName, "tandem-agent-<node>") in the operator
+// namespace, annotated with its control API URL (v1alpha1.AnnControlEndpoint);
+// the shared bearer token is in a Secret there.
+const (
+	agentTokenSecret = "tandem-agent-token"
+	agentTokenKey    = "token"
+)
+
+// bytesPerCall is what an automatic --region-batch aims to read per agent
+// call: 4096 regions of 64 KiB.
+const bytesPerCall = 256 << 20
+
+// maxTextRuns caps the runs listed in the text report (-o json lists all).
+const maxTextRuns = 100
+
+type verifyOptions struct {
+	output       string
+	operatorNS   string
+	tokenFile    string
+	batch        int
+	recheckDelay time.Duration
+	agentTimeout time.Duration
+}
+
+func newVerifyCmd(o *rootOptions) *cobra.Command {
+	vo := &verifyOptions{}
+	cmd := &cobra.Command{
+		Use:   "verify NAME",
+		Short: "Compare both replicas of a VolumePair region by region (online verify)",
+		Long: `Compare both replicas of a VolumePair region by region while it runs, like
+DRBD's online verify: each member's agent hashes its local copy of every
+region (SHA-256) and the plugin reports the regions whose sums differ, as
+runs with byte offsets.
+
+The agents are found through their Leases tandem-agent-<node> in the operator
+namespace (annotation storage.tandem.dev/control-endpoint) and authenticated
+with the token in Secret tandem-agent-token (key token) there, or --token-file.
+
+While the pair is live a region being written can differ for a moment (the
+write reaches the primary before the backup), and regions in a member's dirty
+bitmap differ by design (writes not yet replicated, a resync in progress, the
+diff of a SWAP). So a region that differs is hashed again on both members
+after --recheck-delay, and it is reported only if it still differs and is in
+neither member's dirty bitmap, read both before and after the re-check.
+Regions excluded that way are counted in the report.
+
+Exit status: 0 when the replicas match, 1 when regions differ, 2 when the
+check could not be completed.`,
+		Example: `  kubectl tandem verify db -n prod
+  kubectl tandem verify db --region-batch 512 -o json`,
+		Args: func(cmd *cobra.Command, args []string) error {
+			if err := nameArg(cmd, args); err != nil {
+				return &exitError{code: 2, err: err}
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			rep, err := runVerify(cmd.Context(), o, vo, args[0])
+			if err != nil {
+				return &exitError{code: 2, err: err}
+			}
+			if vo.output != "" {
+				err = printData(o.streams.Out, rep, vo.output)
+			} else {
+				err = renderVerify(o.streams.Out, rep)
+			}
+			if err != nil {
+				return &exitError{code: 2, err: err}
+			}
+			if rep.DifferingRegions > 0 {
+				return &exitError{code: 1}
+			}
+			return nil
+		},
+	}
+	cmd.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return &exitError{code: 2, err: err} })
+	f := cmd.Flags()
+	f.StringVarP(&vo.output, "output", "o", "", "Output format: json or yaml (prints the report).")
+	f.StringVar(&vo.operatorNS, "operator-namespace", "tandem-system", "Namespace of the agents' Leases and token Secret.")
+	f.StringVar(&vo.tokenFile, "token-file", "", "File holding the agents' bearer token (default: Secret tandem-agent-token in the operator namespace).")
+	f.IntVar(&vo.batch, "region-batch", 0, fmt.Sprintf("Regions hashed per agent call, 1 to %d (0: about %s per call).", volume.MaxChecksumRegions, humanBytes(bytesPerCall)))
+	f.DurationVar(&vo.recheckDelay, "recheck-delay", 2*time.Second, "Wait before hashing differing regions again.")
+	f.DurationVar(&vo.agentTimeout, "agent-timeout", 2*time.Minute, "Time limit of one agent call.")
+	return cmd
+}
+
+// verifyReport is the result of a verify run (-o json|yaml prints it).
+type verifyReport struct {
+	Volume     string    `json:"volume"`
+	Nodes      [2]string `json:"nodes"`
+	SizeBytes  int64     `json:"sizeBytes"`
+	RegionSize int64     `json:"regionSize"`
+	Regions    uint32    `json:"regions"`
+	Algorithm  string    `json:"algorithm"`
+	Seconds    float64   `json:"seconds"`
+	// DifferingRegions still differed on the re-check and are in neither
+	// member's dirty bitmap.
+	DifferingRegions int         `json:"differingRegions"`
+	DifferingBytes   int64       `json:"differingBytes"`
+	Runs             []regionRun `json:"runs"`
+	// SettledRegions differed on the first pass and matched on the re-check
+	// (they were being written).
+	SettledRegions int `json:"settledRegions"`
+	// DirtyRegions still differed but are in a dirty bitmap: data not yet
+	// replicated, which is expected; they are not reported as differing.
+	DirtyRegions int      `json:"dirtyRegions"`
+	Notes        []string `json:"notes,omitempty"`
+}
+
+// replica is one member's agent.
+type replica struct {
+	node string
+	c    *agent.Client
+	st   volume.Status
+}
+
+func runVerify(ctx context.Context, o *rootOptions, vo *verifyOptions, name string) (*verifyReport, error) {
+	if err := checkOutput(vo.output); err != nil {
+		return nil, err
+	}
+	if vo.batch < 0 || vo.batch > volume.MaxChecksumRegions {
+		return nil, fmt.Errorf("--region-batch %d: want 0 (automatic) or 1 to %d", vo.batch, volume.MaxChecksumRegions)
+	}
+	if vo.agentTimeout <= 0 {
+		return nil, fmt.Errorf("--agent-timeout %s: want a positive duration", vo.agentTimeout)
+	}
+	ns, err := o.namespace()
+	if err != nil {
+		return nil, err
+	}
+	c, err := o.newClient()
+	if err != nil {
+		return nil, err
+	}
+	vp, err := getPair(ctx, c, ns, name)
+	if err != nil {
+		return nil, err
+	}
+	token, err := vo.token(ctx, c)
+	if err != nil {
+		return nil, err
+	}
+	var reps [2]*replica
+	for i, node := range []string{vp.Spec.Primary.Node, vp.Spec.Backup.Node} {
+		ep, err := agentEndpoint(ctx, c, vo.operatorNS, node)
+		if err != nil {
+			return nil, err
+		}
+		r := &replica{node: node, c: &agent.Client{BaseURL: ep, Token: token, HTTP: &http.Client{Timeout: vo.agentTimeout}}}
+		r.st, err = r.c.Get(ctx, ns, name)
+		if err != nil {
+			var apiErr *agent.APIError
+			if errors.As(err, &apiErr) && apiErr.Code == http.StatusNotFound {
+				return nil, fmt.Errorf("node %s (agent %s) holds no replica of %s/%s", node, ep, ns, name)
+			}
+			return nil, fmt.Errorf("status of %s/%s on node %s (agent %s): %w", ns, name, node, ep, err)
+		}
+		if r.st.Size != vp.Spec.SizeBytes() || r.st.RegionSize != vp.Spec.RegionSizeBytes() {
+			return nil, fmt.Errorf("the replica of %s/%s on node %s has size %d and region size %d, but the VolumePair declares %d and %d",
+				ns, name, node, r.st.Size, r.st.RegionSize, vp.Spec.SizeBytes(), vp.Spec.RegionSizeBytes())
+		}
+		reps[i] = r
+	}
+
+	rs := vp.Spec.RegionSizeBytes()
+	regions := uint32(vp.Spec.SizeBytes() / rs)
+	batch := uint32(vo.batch)
+	if batch == 0 {
+		batch = autoBatch(rs)
+	}
+	rep := &verifyReport{
+		Volume: ns + "/" + name, Nodes: [2]string{reps[0].node, reps[1].node},
+		SizeBytes: vp.Spec.SizeBytes(), RegionSize: rs, Regions: regions, Algorithm: agent.ChecksumAlgorithm,
+		Runs: []regionRun{}, Notes: verifyNotes(vp, reps),
+	}
+	start := time.Now()
+	progress := newProgress(o.streams.ErrOut, vo.output == "", int64(regions)*rs)
+
+	// First pass over the whole volume.
+	var differ []uint32
+	for first := uint32(0); first < regions; first += min(batch, regions-first) {
+		n := min(batch, regions-first)
+		d, err := compareWindow(ctx, reps, ns, name, first, n)
+		if err != nil {
+			return nil, err
+		}
+		differ = append(differ, d...)
+		progress.add(int64(n) * rs)
+	}
+	progress.finish()
+
+	// Re-check what differed, and set aside what a dirty bitmap explains.
+	if len(differ) > 0 {
+		select {
+		case <-time.After(vo.recheckDelay):
+		case <-ctx.Done():
+			return nil, fmt.Errorf("verify %s/%s: %w", ns, name, ctx.Err())
+		}
+		dirtyBefore, err := dirtyRuns(ctx, reps, ns, name)
+		if err != nil {
+			return nil, err
+		}
+		var still []uint32
+		for _, w := range recheckWindows(differ, batch) {
+			d, err := compareWindow(ctx, reps, ns, name, w[0], w[1])
+			if err != nil {
+				return nil, err
+			}
+			still = append(still, intersectSorted(d, differ)...)
+		}
+		dirtyAfter, err := dirtyRuns(ctx, reps, ns, name)
+		if err != nil {
+			return nil, err
+		}
+		bad, dirty := splitDirty(still, append(dirtyBefore, dirtyAfter...)...)
+		rep.SettledRegions = len(differ) - len(still)
+		rep.DirtyRegions = len(dirty)
+		rep.DifferingRegions = len(bad)
+		rep.DifferingBytes = int64(len(bad)) * rs
+		if len(bad) > 0 {
+			rep.Runs = mergeRuns(bad, rs)
+		}
+	}
+	rep.Seconds = time.Since(start).Seconds()
+	return rep, nil
+}
+
+// token is --token-file's content, or the agents' token Secret.
+func (vo *verifyOptions) token(ctx context.Context, c client.Client) (string, error) {
+	if vo.tokenFile != "" {
+		b, err := os.ReadFile(vo.tokenFile)
+		if err != nil {
+			return "", fmt.Errorf("read --token-file: %w", err)
+		}
+		tok := strings.TrimSpace(string(b))
+		if tok == "" {
+			return "", fmt.Errorf("--token-file %s is empty", vo.tokenFile)
+		}
+		return tok, nil
+	}
+	var s corev1.Secret
+	if err := c.Get(ctx, client.ObjectKey{Namespace: vo.operatorNS, Name: agentTokenSecret}, &s); err != nil {
+		return "", fmt.Errorf("read the agents' token from secret %s/%s (or pass --token-file): %w", vo.operatorNS, agentTokenSecret, err)
+	}
+	tok := strings.TrimSpace(string(s.Data[agentTokenKey]))
+	if tok == "" {
+		return "", fmt.Errorf("secret %s/%s has no %q key", vo.operatorNS, agentTokenSecret, agentTokenKey)
+	}
+	return tok, nil
+}
+
+// agentEndpoint reads the control API URL of node's agent from its Lease.
+func agentEndpoint(ctx context.Context, c client.Client, operatorNS, node string) (string, error) {
+	var l coordinationv1.Lease
+	name := storagev1alpha1.AgentLeaseName(node)
+	if err := c.Get(ctx, client.ObjectKey{Namespace: operatorNS, Name: name}, &l); err != nil {
+		return "", fmt.Errorf("find the agent of node %s: lease %s/%s (is the agent running? see --operator-namespace): %w", node, operatorNS, name, err)
+	}
+	ep := strings.TrimRight(l.Annotations[storagev1alpha1.AnnControlEndpoint], "/")
+	if ep == "" {
+		return "", fmt.Errorf("find the agent of node %s: lease %s/%s has no %s annotation", node, operatorNS, name, storagev1alpha1.AnnControlEndpoint)
+	}
+	u, err := url.Parse(ep)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return "", fmt.Errorf("find the agent of node %s: lease %s/%s: annotation %s=%q is not an http(s) URL", node, operatorNS, name, storagev1alpha1.AnnControlEndpoint, ep)
+	}
+	return ep, nil
+}
+
+// autoBatch is the number of regions that make about bytesPerCall.
+func autoBatch(regionSize int64) uint32 {
+	return uint32(min(max(bytesPerCall/regionSize, 1), volume.MaxChecksumRegions))
+}
+
+// compareWindow hashes regions [first, first+n) on both members at once and
+// returns the regions whose sums differ.
+func compareWindow(ctx context.Context, reps [2]*replica, ns, name string, first, n uint32) ([]uint32, error) {
+	var (
+		wg   sync.WaitGroup
+		sums [2][]string
+		errs [2]error
+	)
+	for i, r := range reps {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s, err := r.c.Checksums(ctx, ns, name, first, n)
+			if err != nil {
+				errs[i] = fmt.Errorf("checksums of regions [%d, +%d) on node %s: %w", first, n, r.node, err)
+				return
+			}
+			sums[i] = s.Sums
+		}()
+	}
+	wg.Wait()
+	if err := errors.Join(errs[:]...); err != nil {
+		return nil, err
+	}
+	return diffRegions(first, sums[0], sums[1]), nil
+}
+
+// diffRegions returns first+i for every i where a[i] and b[i] differ (a
+// region missing on one side differs).
+func diffRegions(first uint32, a, b []string) []uint32 {
+	var out []uint32
+	for i := range max(len(a), len(b)) {
+		if i >= len(a) || i >= len(b) || a[i] != b[i] {
+			out = append(out, first+uint32(i))
+		}
+	}
+	return out
+}
+
+// recheckWindows covers the sorted regions with windows {first, count} of at
+// most batch regions, each starting at a region to re-check and ending at
+// the last one it holds; a gap inside a window is hashed too, so re-checking
+// never costs more calls than the first pass.
+func recheckWindows(regions []uint32, batch uint32) [][2]uint32 {
+	var out [][2]uint32
+	for i := 0; i < len(regions); {
+		first := regions[i]
+		j := i
+		for j+1 < len(regions) && uint64(regions[j+1]) < uint64(first)+uint64(batch) {
+			j++
+		}
+		out = append(out, [2]uint32{first, regions[j] - first + 1})
+		i = j + 1
+	}
+	return out
+}
+
+// intersectSorted returns the elements of a that are in b (both sorted).
+func intersectSorted(a, b []uint32) []uint32 {
+	var out []uint32
+	for _, x := range a {
+		if _, ok := slices.BinarySearch(b, x); ok {
+			out = append(out, x)
+		}
+	}
+	return out
+}
+
+// dirtyRuns reads both members' dirty bitmaps as inclusive runs.
+func dirtyRuns(ctx context.Context, reps [2]*replica, ns, name string) ([][2]uint32, error) {
+	var out [][2]uint32
+	for _, r := range reps {
+		b, err := r.c.Bitmap(ctx, ns, name)
+		if err != nil {
+			return nil, fmt.Errorf("dirty bitmap of %s/%s on node %s: %w", ns, name, r.node, err)
+		}
+		out = append(out, b.Runs...)
+	}
+	return out, nil
+}
+
+// splitDirty separates regions covered by any of the inclusive runs (dirty)
+// from the others (bad). The runs may overlap and come in any order.
+func splitDirty(regions []uint32, runs ...[2]uint32) (bad, dirty []uint32) {
+	merged := normalizeRuns(runs)
+	for _, r := range regions {
+		// The last run starting at or before r is the only one that can hold it.
+		i, _ := slices.BinarySearchFunc(merged, r, func(run [2]uint32, x uint32) int {
+			if run[0] <= x {
+				return -1
+			}
+			return 1
+		})
+		if i > 0 && r <= merged[i-1][1] {
+			dirty = append(dirty, r)
+		} else {
+			bad = append(bad, r)
+		}
+	}
+	return bad, dirty
+}
+
+// normalizeRuns sorts inclusive runs and merges those that overlap or touch.
+func normalizeRuns(runs [][2]uint32) [][2]uint32 {
+	rs := slices.Clone(runs)
+	slices.SortFunc(rs, func(a, b [2]uint32) int { return cmp.Compare(a[0], b[0]) })
+	var out [][2]uint32
+	for _, r := range rs {
+		if r[1] < r[0] {
+			continue
+		}
+		if n := len(out); n > 0 && uint64(r[0]) <= uint64(out[n-1][1])+1 {
+			out[n-1][1] = max(out[n-1][1], r[1])
+			continue
+		}
+		out = append(out, r)
+	}
+	return out
+}
+
+// verifyNotes points out states in which the members differ by design.
+func verifyNotes(vp *storagev1alpha1.VolumePair, reps [2]*replica) []string {
+	var notes []string
+	switch vp.Status.Phase {
+	case storagev1alpha1.PhaseSwap, storagev1alpha1.PhaseCopy:
+		notes = append(notes, fmt.Sprintf("the pair is in %s: its members differ in the regions of the diff, which are in a dirty bitmap and not reported", vp.Status.Phase))
+	}
+	for _, r := range reps {
+		switch {
+		case r.st.BitmapsLost:
+			notes = append(notes, fmt.Sprintf("node %s lost its bitmaps: every region counts as dirty, so no difference can be reported until a full resync", r.node))
+		case r.st.DataState == volume.Inconsistent:
+			notes = append(notes, fmt.Sprintf("node %s is Inconsistent: a copy towards it has not finished", r.node))
+		}
+		if r.st.OutOfSyncRegions > 0 {
+			notes = append(notes, fmt.Sprintf("node %s's dirty bitmap holds %s (%s) its peer may lack", r.node, countRegions(int(r.st.OutOfSyncRegions)), humanBytes(r.st.OutOfSyncBytes)))
+		}
+	}
+	return notes
+}
+
+// renderVerify writes the readable report.
+func renderVerify(w io.Writer, rep *verifyReport) error {
+	var b strings.Builder
+	fmt.Fprintf(&b, "Verified %s on %s and %s: %s in %d regions of %s (%s), %s.\n", rep.Volume, rep.Nodes[0], rep.Nodes[1],
+		humanBytes(rep.SizeBytes), rep.Regions, humanBytes(rep.RegionSize), rep.Algorithm, elapsed(rep.Seconds))
+	if rep.DifferingRegions == 0 {
+		b.WriteString("No differing regions: the replicas match.\n")
+	} else {
+		noun := "runs"
+		if len(rep.Runs) == 1 {
+			noun = "run"
+		}
+		fmt.Fprintf(&b, "DIFFERING REGIONS: %d (%s) in %d %s:\n", rep.DifferingRegions, humanBytes(rep.DifferingBytes), len(rep.Runs), noun)
+		for i, r := range rep.Runs {
+			if i == maxTextRuns {
+				fmt.Fprintf(&b, "  ... and %d more runs (-o json lists them all)\n", len(rep.Runs)-maxTextRuns)
+				break
+			}
+			fmt.Fprintf(&b, "  %s\n", r)
+		}
+	}
+	if rep.SettledRegions > 0 {
+		fmt.Fprintf(&b, "%s differed while being written and matched when checked again.\n", countRegions(rep.SettledRegions))
+	}
+	if rep.DirtyRegions > 0 {
+		fmt.Fprintf(&b, "%s in a dirty bitmap (not yet replicated, as expected) also differed; not counted.\n", countRegions(rep.DirtyRegions))
+	}
+	for _, n := range rep.Notes {
+		fmt.Fprintf(&b, "Note: %s.\n", n)
+	}
+	if _, err := io.WriteString(w, b.String()); err != nil {
+		return fmt.Errorf("write report: %w", err)
+	}
+	return nil
+}
+
+// elapsed renders a run time: "0.4s" under a minute, else "3m12s".
+func elapsed(seconds float64) string {
+	if seconds < 60 {
+		return fmt.Sprintf("%.1fs", seconds)
+	}
+	return humanDuration(time.Duration(seconds * float64(time.Second)))
+}
+
+// countRegions renders "1 region" or "n regions".
+func countRegions(n int) string {
+	if n == 1 {
+		return "1 region"
+	}
+	return fmt.Sprintf("%d regions", n)
+}
+
+// progress reports a long first pass on stderr every few seconds.
+type progress struct {
+	w           io.Writer
+	on          bool
+	total, done int64
+	start, last time.Time
+	printed     bool
+}
+
+func newProgress(w io.Writer, on bool, total int64) *progress {
+	now := time.Now()
+	return &progress{w: w, on: on, total: total, start: now, last: now}
+}
+
+func (p *progress) add(n int64) {
+	p.done += n
+	if !p.on || time.Since(p.last) < 5*time.Second {
+		return
+	}
+	p.last = time.Now()
+	rate := int64(float64(p.done) / time.Since(p.start).Seconds())
+	fmt.Fprintf(p.w, "verify: compared %s of %s (%.0f%%), %s\n", humanBytes(p.done), humanBytes(p.total), float64(p.done)*100/float64(max(p.total, 1)), humanRate(rate))
+	p.printed = true
+}
+
+func (p *progress) finish() {
+	if p.on && p.printed {
+		fmt.Fprintf(p.w, "verify: compared %s\n", humanBytes(p.done))
+	}
+}

@@ -1,0 +1,373 @@
+package envtest
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/go-logr/logr"
+	coordinationv1 "k8s.io/api/coordination/v1"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
+	"github.com/tandem-storage/tandem/dataplane/agent"
+	"github.com/tandem-storage/tandem/dataplane/volume"
+)
+
+// TestPlugin builds kubectl-tandem and drives it against the test API server
+// (and, for verify, two in-process agents), checking what users see.
+func TestPlugin(t *testing.T) {
+	bin := filepath.Join(t.TempDir(), "kubectl-tandem")
+	build := exec.Command("go", "build", "-o", bin, "./cmd/kubectl-tandem")
+	build.Dir = repoRoot
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build ./cmd/kubectl-tandem: %v\n%s", err, out)
+	}
+	t.Run("status", func(t *testing.T) { testPluginStatus(t, bin) })
+	t.Run("failover and failback", func(t *testing.T) { testPluginRequests(t, bin) })
+	t.Run("verify", func(t *testing.T) { testPluginVerify(t, bin) })
+}
+
+type pluginResult struct {
+	stdout, stderr string
+	code           int
+}
+
+func runPlugin(t *testing.T, bin string, args ...string) pluginResult {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, bin, append([]string{"--kubeconfig", kubeconfig}, args...)...)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	res := pluginResult{stdout: out.String(), stderr: errb.String()}
+	var ee *exec.ExitError
+	switch {
+	case errors.As(err, &ee):
+		res.code = ee.ExitCode()
+	case err != nil:
+		t.Fatalf("run kubectl-tandem %v: %v", args, err)
+	}
+	return res
+}
+
+func (r pluginResult) String() string {
+	return fmt.Sprintf("exit %d\n--- stdout ---\n%s--- stderr ---\n%s", r.code, r.stdout, r.stderr)
+}
+
+func testPluginStatus(t *testing.T, bin string) {
+	ctx := context.Background()
+	ns := newNamespace(t)
+	vp := minimalPair(ns, "db")
+	if err := k8s.Create(ctx, vp); err != nil {
+		t.Fatalf("create: %v", err)
+	}
+	now := metav1.NewTime(time.Now().Add(-time.Minute).Truncate(time.Second))
+	vp.Status = v1.VolumePairStatus{
+		Phase: v1.PhaseCopy, ActivePrimary: "node-b", Epoch: 4,
+		Endpoint: "nbd://198.18.0.12:10809/" + ns + "/db", OutOfSyncBytes: 12 << 20,
+		Copy: &v1.CopyProgress{Target: "node-a", TotalBytes: 12 << 20, DoneBytes: 3 << 20, BytesPerSecond: 1 << 20, ETASeconds: 9, StartTime: &now},
+		Members: []v1.MemberStatus{
+			{Node: "node-a", Role: v1.RoleBackup, DataState: v1.DataInconsistent, Connected: true, LastSeen: &now, Message: "receiving the copy"},
+			{Node: "node-b", Role: v1.RolePrimary, DataState: v1.DataUpToDate, Connected: true, LastSeen: &now, OutOfSyncBytes: 9 << 20},
+		},
+		LastFailoverTime: &now,
+		Conditions: []metav1.Condition{
+			{Type: v1.ConditionReady, Status: metav1.ConditionTrue, Reason: "Serving", Message: "node-b serves the volume", LastTransitionTime: now},
+			{Type: v1.ConditionSynchronized, Status: metav1.ConditionFalse, Reason: "Copying", Message: "copy to node-a running", LastTransitionTime: now},
+		},
+	}
+	if err := k8s.Status().Update(ctx, vp); err != nil {
+		t.Fatalf("update status: %v", err)
+	}
+	ref := corev1.ObjectReference{APIVersion: v1.GroupVersion.String(), Kind: "VolumePair", Namespace: ns, Name: "db", UID: vp.UID}
+	for i, e := range []struct{ reason, msg string }{
+		{"MemberLost", "node-a stopped answering probes"},
+		{"Promoted", "node-b promoted to primary at epoch 4"},
+		{"CopyStarted", "copying 12 MiB to node-a"},
+	} {
+		ts := metav1.NewTime(now.Add(time.Duration(i) * time.Second))
+		ev := &corev1.Event{
+			ObjectMeta:     metav1.ObjectMeta{Namespace: ns, GenerateName: "db-"},
+			InvolvedObject: ref, Type: corev1.EventTypeNormal, Reason: e.reason, Message: e.msg,
+			FirstTimestamp: ts, LastTimestamp: ts, Count: 1, Source: corev1.EventSource{Component: "tandem-controller"},
+		}
+		if err := k8s.Create(ctx, ev); err != nil {
+			t.Fatalf("create event: %v", err)
+		}
+	}
+	// An event about another object of the same name must not show up.
+	other := &corev1.Event{
+		ObjectMeta:     metav1.ObjectMeta{Namespace: ns, GenerateName: "db-"},
+		InvolvedObject: corev1.ObjectReference{APIVersion: "v1", Kind: "Pod", Namespace: ns, Name: "db"},
+		Type:           corev1.EventTypeWarning, Reason: "BackOff", Message: "pod event", FirstTimestamp: now, LastTimestamp: now, Count: 1,
+	}
+	if err := k8s.Create(ctx, other); err != nil {
+		t.Fatalf("create event: %v", err)
+	}
+
+	res := runPlugin(t, bin, "-n", ns, "status", "db")
+	if res.code != 0 {
+		t.Fatalf("status failed:\n%s", res)
+	}
+	for _, want := range []string{
+		"Mode:             Async",
+		"Primary (spec):   node-a",
+		"Backup (spec):    node-b",
+		"Active primary:   node-b (the backup is acting primary)",
+		"Phase:            COPY",
+		"Epoch:            4",
+		"Endpoint:         nbd://198.18.0.12:10809/" + ns + "/db",
+		"Out of sync:      12 MiB (12582912 bytes)",
+		"Copy:             to node-a: 3 MiB of 12 MiB (25.0%), 1 MiB/s, ETA 9s",
+		"Last failover:    " + now.UTC().Format(time.RFC3339),
+		"Last failback:    never",
+		"node-a  Backup   Inconsistent  yes", "receiving the copy",
+		"node-b  Primary  UpToDate      yes", "9 MiB",
+		"Ready         True    Serving", "node-b serves the volume",
+		"Synchronized  False   Copying",
+		"MemberLost", "Promoted", "CopyStarted", "copying 12 MiB to node-a", "tandem-controller",
+	} {
+		if !strings.Contains(res.stdout, want) {
+			t.Errorf("status output lacks %q", want)
+		}
+	}
+	if strings.Contains(res.stdout, "pod event") {
+		t.Error("status shows an event of another object")
+	}
+	if i, j := strings.Index(res.stdout, "MemberLost"), strings.Index(res.stdout, "CopyStarted"); i < 0 || j < i {
+		t.Error("events are not in time order")
+	}
+	if t.Failed() {
+		t.Logf("%s", res)
+	}
+
+	res = runPlugin(t, bin, "-n", ns, "status", "db", "-o", "json")
+	var got v1.VolumePair
+	if res.code != 0 || json.Unmarshal([]byte(res.stdout), &got) != nil {
+		t.Fatalf("status -o json:\n%s", res)
+	}
+	if got.Kind != "VolumePair" || got.APIVersion != v1.GroupVersion.String() || got.Name != "db" || got.Status.Phase != v1.PhaseCopy || len(got.ManagedFields) != 0 {
+		t.Errorf("status -o json printed %s %s %s phase %s with %d managed fields", got.APIVersion, got.Kind, got.Name, got.Status.Phase, len(got.ManagedFields))
+	}
+	res = runPlugin(t, bin, "-n", ns, "status", "db", "-o", "yaml")
+	if res.code != 0 || !strings.Contains(res.stdout, "kind: VolumePair") || !strings.Contains(res.stdout, "phase: COPY") {
+		t.Errorf("status -o yaml:\n%s", res)
+	}
+	res = runPlugin(t, bin, "-n", ns, "status", "missing")
+	if res.code != 1 || !strings.Contains(res.stderr, "not found") {
+		t.Errorf("status of a missing pair:\n%s", res)
+	}
+	res = runPlugin(t, bin, "-n", ns, "status", "db", "-o", "wide")
+	if res.code != 1 || !strings.Contains(res.stderr, `unknown output format "wide"`) {
+		t.Errorf("status -o wide:\n%s", res)
+	}
+}
+
+func testPluginRequests(t *testing.T, bin string) {
+	ctx := context.Background()
+	ns := newNamespace(t)
+	if err := k8s.Create(ctx, minimalPair(ns, "db")); err != nil {
+		t.Fatalf("create: %v", err)
+	}
+	for _, tc := range []struct{ verb, annotation string }{
+		{"failover", v1.AnnotationFailoverRequested},
+		{"failback", v1.AnnotationFailbackRequested},
+	} {
+		before := time.Now().Add(-time.Second)
+		res := runPlugin(t, bin, "-n", ns, tc.verb, "db")
+		if res.code != 0 {
+			t.Fatalf("%s failed:\n%s", tc.verb, res)
+		}
+		for _, want := range []string{"volumepair " + ns + "/db: " + tc.verb + " requested at", "annotation " + tc.annotation, "Next: ", "kubectl tandem status db -n " + ns} {
+			if !strings.Contains(res.stdout, want) {
+				t.Errorf("%s output lacks %q:\n%s", tc.verb, want, res)
+			}
+		}
+		var vp v1.VolumePair
+		if err := k8s.Get(ctx, client.ObjectKey{Namespace: ns, Name: "db"}, &vp); err != nil {
+			t.Fatal(err)
+		}
+		ts, err := time.Parse(time.RFC3339, vp.Annotations[tc.annotation])
+		if err != nil {
+			t.Fatalf("%s: annotation %s=%q is not RFC 3339: %v", tc.verb, tc.annotation, vp.Annotations[tc.annotation], err)
+		}
+		if ts.Before(before.Truncate(time.Second)) || ts.After(time.Now().Add(time.Second)) {
+			t.Errorf("%s: annotation time %s is not now", tc.verb, ts)
+		}
+	}
+	// Both requests stay; other annotations are untouched by the merge patch.
+	var vp v1.VolumePair
+	if err := k8s.Get(ctx, client.ObjectKey{Namespace: ns, Name: "db"}, &vp); err != nil {
+		t.Fatal(err)
+	}
+	if len(vp.Annotations) != 2 {
+		t.Errorf("annotations = %v, want the two requests", vp.Annotations)
+	}
+	res := runPlugin(t, bin, "-n", ns, "failover", "db", "-o", "json")
+	var got v1.VolumePair
+	if res.code != 0 || json.Unmarshal([]byte(res.stdout), &got) != nil || got.Annotations[v1.AnnotationFailoverRequested] == "" {
+		t.Errorf("failover -o json:\n%s", res)
+	}
+	res = runPlugin(t, bin, "-n", ns, "failover", "missing")
+	if res.code != 1 || !strings.Contains(res.stderr, "not found") {
+		t.Errorf("failover of a missing pair:\n%s", res)
+	}
+}
+
+// verifyAgent is an in-process agent behind an httptest server.
+type verifyAgent struct {
+	a       *agent.Agent
+	url     string
+	dataDir string
+}
+
+func startVerifyAgent(t *testing.T, node, token string) *verifyAgent {
+	t.Helper()
+	dir := t.TempDir()
+	a, err := agent.New(agent.Config{Node: node, DataDir: dir, Token: token, Log: logr.Discard()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(a.Handler())
+	t.Cleanup(func() {
+		srv.Close()
+		if err := a.Close(); err != nil {
+			t.Error(err)
+		}
+	})
+	return &verifyAgent{a: a, url: srv.URL, dataDir: dir}
+}
+
+func testPluginVerify(t *testing.T, bin string) {
+	ctx := context.Background()
+	const token = "verify-token"
+	const size, rs = 8 << 20, 64 << 10 // 128 regions
+	opNS, ns := newNamespace(t), newNamespace(t)
+	vp := minimalPair(ns, "vol")
+	vp.Spec.Size = resource.MustParse("8Mi")
+	if err := k8s.Create(ctx, vp); err != nil {
+		t.Fatalf("create: %v", err)
+	}
+	if err := k8s.Create(ctx, &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: opNS, Name: "tandem-agent-token"}, Data: map[string][]byte{"token": []byte(token + "\n")}}); err != nil {
+		t.Fatal(err)
+	}
+	agents := map[string]*verifyAgent{}
+	for _, node := range []string{"node-a", "node-b"} {
+		va := startVerifyAgent(t, node, token)
+		agents[node] = va
+		lease := &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{
+			Namespace: opNS, Name: "tandem-agent-" + node,
+			Annotations: map[string]string{"storage.tandem.dev/control-endpoint": va.url + "/"},
+		}}
+		if err := k8s.Create(ctx, lease); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c := func(node string) *agent.Client { return agent.NewClient(agents[node].url, token) }
+	if _, err := c("node-a").Put(ctx, ns, "vol", agent.VolumeRequest{Size: size, RegionSize: rs, Spec: volume.Spec{Role: volume.RolePrimary, Epoch: 1, Mode: volume.ModeAsync, PeerNode: "node-b"}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c("node-b").Put(ctx, ns, "vol", agent.VolumeRequest{Size: size, RegionSize: rs, Spec: volume.Spec{Role: volume.RoleBackup, Epoch: 1, Mode: volume.ModeAsync, PeerNode: "node-a"}}); err != nil {
+		t.Fatal(err)
+	}
+	verify := func(extra ...string) pluginResult {
+		return runPlugin(t, bin, append([]string{"-n", ns, "verify", "vol", "--operator-namespace", opNS, "--recheck-delay", "100ms"}, extra...)...)
+	}
+
+	// Two fresh replicas are identical.
+	res := verify()
+	if res.code != 0 || !strings.Contains(res.stdout, "No differing regions: the replicas match.") {
+		t.Fatalf("verify of identical replicas:\n%s", res)
+	}
+
+	// Silent corruption of region 5 on node-b, behind the agent's back.
+	f, err := os.OpenFile(filepath.Join(agents["node-b"].dataDir, "volumes", ns, "vol", "data"), os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte("bit rot"), 5*rs+100); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// A write on node-a that never reached node-b: region 9 differs, but
+	// node-a's dirty bitmap says so, so it is expected, not reported.
+	exp, err := agents["node-a"].a.Lookup(ns + "/vol")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := exp.Backend.WriteAt(ctx, []byte("not yet replicated"), 9*rs, false); err != nil {
+		t.Fatal(err)
+	}
+
+	for _, batch := range []string{"0", "3"} {
+		res = verify("--region-batch", batch)
+		if res.code != 1 {
+			t.Fatalf("verify with a corrupt region (batch %s): want exit 1\n%s", batch, res)
+		}
+		for _, want := range []string{
+			"DIFFERING REGIONS: 1 (64 KiB) in 1 run:",
+			"  region 5, bytes 327680-393215 (64 KiB)",
+			"1 region in a dirty bitmap (not yet replicated, as expected) also differed; not counted.",
+		} {
+			if !strings.Contains(res.stdout, want) {
+				t.Errorf("batch %s: verify output lacks %q\n%s", batch, want, res)
+			}
+		}
+	}
+
+	res = verify("-o", "json")
+	var rep struct {
+		Volume           string `json:"volume"`
+		Regions          int    `json:"regions"`
+		DifferingRegions int    `json:"differingRegions"`
+		DirtyRegions     int    `json:"dirtyRegions"`
+		Runs             []struct {
+			FirstRegion, LastRegion uint32
+			Offset, Length          int64
+		} `json:"runs"`
+	}
+	if res.code != 1 || json.Unmarshal([]byte(res.stdout), &rep) != nil {
+		t.Fatalf("verify -o json:\n%s", res)
+	}
+	if rep.Volume != ns+"/vol" || rep.Regions != 128 || rep.DifferingRegions != 1 || rep.DirtyRegions != 1 ||
+		len(rep.Runs) != 1 || rep.Runs[0].FirstRegion != 5 || rep.Runs[0].LastRegion != 5 || rep.Runs[0].Offset != 5*rs || rep.Runs[0].Length != rs {
+		t.Errorf("verify -o json report: %+v", rep)
+	}
+
+	// Failures to reach or authenticate to the agents exit 2.
+	tokenFile := filepath.Join(t.TempDir(), "token")
+	if err := os.WriteFile(tokenFile, []byte("wrong"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	res = verify("--token-file", tokenFile)
+	if res.code != 2 || !strings.Contains(res.stderr, "401") {
+		t.Errorf("verify with a wrong token:\n%s", res)
+	}
+	res = runPlugin(t, bin, "-n", ns, "verify", "vol", "--operator-namespace", ns)
+	if res.code != 2 || !strings.Contains(res.stderr, "tandem-agent-token") {
+		t.Errorf("verify without the token secret:\n%s", res)
+	}
+	if err := os.WriteFile(tokenFile, []byte(token), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	res = runPlugin(t, bin, "-n", ns, "verify", "vol", "--operator-namespace", ns, "--token-file", tokenFile)
+	if res.code != 2 || !strings.Contains(res.stderr, "lease "+ns+"/tandem-agent-node-a") {
+		t.Errorf("verify without agent leases:\n%s", res)
+	}
+}

@@ -47,6 +47,7 @@ type verifyOptions struct {
 	batch        int
 	recheckDelay time.Duration
 	agentTimeout time.Duration
+	repair       bool
 }
 
 func newVerifyCmd(o *rootOptions) *cobra.Command {
@@ -108,6 +109,7 @@ check could not be completed.`,
 	f.IntVar(&vo.batch, "region-batch", 0, fmt.Sprintf("Regions hashed per agent call, 1 to %d (0: about %s per call).", volume.MaxChecksumRegions, humanBytes(bytesPerCall)))
 	f.DurationVar(&vo.recheckDelay, "recheck-delay", 2*time.Second, "Wait before hashing differing regions again.")
 	f.DurationVar(&vo.agentTimeout, "agent-timeout", 2*time.Minute, "Time limit of one agent call.")
+	f.BoolVar(&vo.repair, "repair", false, "Ask the writer to copy the differing regions to its peer again (the writer's data wins).")
 	return cmd
 }
 
@@ -249,7 +251,32 @@ func runVerify(ctx context.Context, o *rootOptions, vo *verifyOptions, name stri
 		}
 	}
 	rep.Seconds = time.Since(start).Seconds()
+	if vo.repair && len(rep.Runs) > 0 {
+		if err := repair(ctx, vp, reps, rep); err != nil {
+			return nil, err
+		}
+	}
 	return rep, nil
+}
+
+// repair asks the writer's agent to copy every differing run to its peer.
+func repair(ctx context.Context, vp *storagev1alpha1.VolumePair, reps [2]*replica, rep *verifyReport) error {
+	var writer *replica
+	for _, r := range reps {
+		if r.node == vp.Status.ActivePrimary && r.st.Role == volume.RolePrimary {
+			writer = r
+		}
+	}
+	if writer == nil {
+		return fmt.Errorf("repair: no writer found (status.activePrimary %q)", vp.Status.ActivePrimary)
+	}
+	for _, run := range rep.Runs {
+		if _, err := writer.c.Resync(ctx, vp.Namespace, vp.Name, run.FirstRegion, run.LastRegion-run.FirstRegion+1); err != nil {
+			return fmt.Errorf("repair: resync of regions %d-%d on %s: %w", run.FirstRegion, run.LastRegion, writer.node, err)
+		}
+	}
+	rep.Notes = append(rep.Notes, fmt.Sprintf("repair requested: %s copies %d regions to its peer; run verify again once the pair is Synchronized", writer.node, rep.DifferingRegions))
+	return nil
 }
 
 // token is --token-file's content, or the agents' token Secret.

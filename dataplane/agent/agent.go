@@ -17,6 +17,7 @@
 //	DELETE /v1/volumes/{namespace}/{name}?purge=true  close (and with purge delete) the replica
 //	POST   /v1/volumes/{namespace}/{name}/peer-outdated  body {"epoch": N}: the controller recorded the peer Outdated (sync mode may continue alone)
 //	GET    /v1/volumes/{namespace}/{name}/bitmap      dirty regions as inclusive runs
+//	POST   /v1/volumes/{namespace}/{name}/resync      body {"first": F, "count": N}: the writer copies these regions to its peer again (repair)
 //	GET    /v1/volumes/{namespace}/{name}/checksums?first=F&count=N  SHA-256 of regions F..F+N-1 of the local replica (N ≤ 4096), for online verify
 //
 // Errors are JSON {"error": "..."} with 400 (bad request), 401, 404, 409

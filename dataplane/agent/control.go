@@ -65,6 +65,7 @@ func (a *Agent) Handler() http.Handler {
 	mux.HandleFunc("POST /v1/volumes/{ns}/{name}/peer-outdated", a.auth(a.handlePeerOutdated))
 	mux.HandleFunc("GET /v1/volumes/{ns}/{name}/bitmap", a.auth(a.handleBitmap))
 	mux.HandleFunc("GET /v1/volumes/{ns}/{name}/checksums", a.auth(a.handleChecksums))
+	mux.HandleFunc("POST /v1/volumes/{ns}/{name}/resync", a.auth(a.handleResync))
 	return mux
 }
 

@@ -58,8 +58,9 @@ test: tools ## Run all unit and envtest tests with the race detector (builds the
 	go test $(TEST_FLAGS) -timeout $(TEST_TIMEOUT) ./...
 
 .PHONY: test-e2e
-test-e2e: tools build ## Run the end-to-end user stories on the local cluster.
-	@echo "test-e2e: the end-to-end suite (test/e2e) is not written yet; see issue #6." >&2; exit 2
+test-e2e: tools build ## Run the end-to-end user stories on the local cluster (as root: network namespaces).
+	@mkdir -p .local
+	go test -tags e2e -count=1 -timeout 45m -v ./test/e2e/ 2>&1 | tee .local/e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|\s+\S+_test.go:[0-9]+: STORY)'
 
 .PHONY: bench
 bench: ## Run the Go micro-benchmarks.
@@ -84,11 +85,22 @@ helm-lint: tools-helm ## Lint the Helm chart.
 ##@ Try it
 
 .PHONY: demo
-demo: ## Run the failover/failback story on an embedded local cluster.
-	@echo "demo: not available yet. It will start etcd, kube-apiserver, the manager and three agents" >&2
-	@echo "      on this machine, create a VolumePair, kill the primary's node, show the failover," >&2
-	@echo "      bring the node back, show the resync of only what changed, and fail back (issue #5)." >&2
-	@exit 2
+demo: ## Run the failover/failback story on a local 3-node cluster (KEEP=1 keeps the cluster).
+	hack/demo.sh
+
+##@ Local cluster
+
+.PHONY: local-cluster-up
+local-cluster-up: ## Start etcd, kube-apiserver, the manager and 3 agents on this machine (.local/kubeconfig).
+	hack/local-cluster.sh up
+
+.PHONY: local-cluster-down
+local-cluster-down: ## Stop the local cluster and remove its namespaces, links and state.
+	hack/local-cluster.sh down
+
+.PHONY: local-cluster-status
+local-cluster-status: ## Show the local cluster's processes, links, Nodes and VolumePairs.
+	hack/local-cluster.sh status
 
 ##@ Tools
 

@@ -19,6 +19,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/tools/events"
+	"k8s.io/client-go/util/retry"
 	"k8s.io/klog/v2"
 	"k8s.io/utils/ptr"
 	ctrl "sigs.k8s.io/controller-runtime"
@@ -159,19 +160,45 @@ func (r *VolumePairReconciler) observe(ctx context.Context, s *scope) error {
 	if threshold <= 0 {
 		threshold = 3
 	}
-	for i, node := range []string{vp.Spec.Primary.Node, vp.Spec.Backup.Node} {
+	// Probe both members at once, each bounded by the probe period (at most
+	// 1 s), so an unreachable member costs one short timeout per round.
+	period := time.Duration(vp.Spec.Failover.ProbePeriodSeconds) * time.Second
+	timeout := min(max(period, 200*time.Millisecond), time.Second)
+	nodes := []string{vp.Spec.Primary.Node, vp.Spec.Backup.Node}
+	type probeResult struct {
+		info      agentInfo
+		infoOK    bool
+		st        *volume.Status
+		reachable bool
+	}
+	results := make([]probeResult, len(nodes))
+	var wg sync.WaitGroup
+	for i, node := range nodes {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			info, err := r.agentInfo(ctx, node)
+			if err != nil {
+				return
+			}
+			results[i].info, results[i].infoOK = info, true
+			pctx, cancel := context.WithTimeout(ctx, timeout)
+			defer cancel()
+			st, perr := r.probe(pctx, info, vp)
+			if perr == nil {
+				results[i].st, results[i].reachable = st, true
+			}
+		}()
+	}
+	wg.Wait()
+	for i, node := range nodes {
 		m := MemberView{Node: node}
 		if ms := vp.Status.MemberStatus(node); ms != nil && ms.DataState == v1.DataOutdated {
 			m.RecordedOutdated = true
 		}
-		info, err := r.agentInfo(ctx, node)
-		if err == nil {
-			s.agents[node] = info
-			st, perr := r.probe(ctx, info, vp)
-			if perr == nil {
-				m.Reachable = true
-				m.Status = st
-			}
+		if results[i].infoOK {
+			s.agents[node] = results[i].info
+			m.Reachable, m.Status = results[i].reachable, results[i].st
 		}
 		ps := r.probeState(key, node)
 		now := r.Now()
@@ -334,20 +361,43 @@ func (r *VolumePairReconciler) createAuthority(ctx context.Context, vp *v1.Volum
 // update is conditional on the Lease's resourceVersion, so two controllers
 // cannot both promote (no double promotion after a restart either).
 func (r *VolumePairReconciler) moveAuthority(ctx context.Context, s *scope, target string, failover bool) error {
-	l := s.authority.DeepCopy()
 	epoch := s.view.Authority.Epoch + 1
-	now := metav1.NewMicroTime(r.Now())
-	l.Spec.HolderIdentity = ptr.To(target)
-	l.Spec.AcquireTime, l.Spec.RenewTime = &now, &now
-	l.Spec.LeaseDurationSeconds = ptr.To(s.vp.Spec.Failover.LeaseDurationSeconds)
-	l.Spec.LeaseTransitions = ptr.To(ptr.Deref(l.Spec.LeaseTransitions, 0) + 1)
-	l.Annotations[v1.AnnEpoch] = strconv.FormatUint(epoch, 10)
-	if failover {
-		l.Annotations[v1.AnnFailedOver] = "true"
-	} else {
-		delete(l.Annotations, v1.AnnFailedOver)
-	}
-	if err := r.Update(ctx, l); err != nil {
+	l := s.authority.DeepCopy()
+	// The writer renews the Lease every second, so the update may conflict
+	// with a renewal. Retry on a fresh copy only while it still names the
+	// holder and epoch this decision was based on; a failover also needs the
+	// Lease to still be expired.
+	err := retry.RetryOnConflict(retry.DefaultBackoff, func() error {
+		now := metav1.NewMicroTime(r.Now())
+		l.Spec.HolderIdentity = ptr.To(target)
+		l.Spec.AcquireTime, l.Spec.RenewTime = &now, &now
+		l.Spec.LeaseDurationSeconds = ptr.To(s.vp.Spec.Failover.LeaseDurationSeconds)
+		l.Spec.LeaseTransitions = ptr.To(ptr.Deref(l.Spec.LeaseTransitions, 0) + 1)
+		l.Annotations[v1.AnnEpoch] = strconv.FormatUint(epoch, 10)
+		if failover {
+			l.Annotations[v1.AnnFailedOver] = "true"
+		} else {
+			delete(l.Annotations, v1.AnnFailedOver)
+		}
+		err := r.Update(ctx, l)
+		if !apierrors.IsConflict(err) {
+			return err
+		}
+		fresh := &coordinationv1.Lease{}
+		if gerr := r.APIReader.Get(ctx, client.ObjectKeyFromObject(l), fresh); gerr != nil {
+			return gerr
+		}
+		holder := ptr.Deref(fresh.Spec.HolderIdentity, "")
+		if holder != s.view.Authority.Holder || fresh.Annotations[v1.AnnEpoch] != strconv.FormatUint(s.view.Authority.Epoch, 10) {
+			return fmt.Errorf("authority changed meanwhile (now %q at epoch %s): %w", holder, fresh.Annotations[v1.AnnEpoch], err)
+		}
+		if failover && fresh.Spec.RenewTime != nil && !r.Now().After(fresh.Spec.RenewTime.Add(time.Duration(ptr.Deref(fresh.Spec.LeaseDurationSeconds, 6))*time.Second+expiryMargin)) {
+			return fmt.Errorf("the writer renewed its authority meanwhile: %w", err)
+		}
+		l = fresh
+		return err
+	})
+	if err != nil {
 		return fmt.Errorf("move authority to %s at epoch %d: %w", target, epoch, err)
 	}
 	from := s.view.Authority.Holder

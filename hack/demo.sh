@@ -1,0 +1,339 @@
+#!/usr/bin/env bash
+# Tandem's failover/failback story on a local three-node cluster
+# (hack/local-cluster.sh), with a real NBD client:
+#
+#   1. bring the cluster up and create an Async VolumePair (256Mi, node-a
+#      primary, node-b backup, failback Automatic, default failover settings)
+#   2. write 32 MiB through the pair's endpoint with qemu-io; wait until the
+#      backup holds it
+#   3. kill node-a (agent SIGKILLed, heartbeats stopped, link cut) and time how
+#      long until a write through the new status.endpoint (node-b) succeeds
+#   4. SWAP: write more on node-b, check the old data is there
+#   5. bring node-a back: COPY of only the changed regions, with progress;
+#      NORMAL; automatic failback to PAIR with node-a at the next epoch
+#   6. check every pattern through node-a's export, compare both replicas'
+#      backing files (sha256), and print a summary
+#
+#   hack/demo.sh           run it (1-2 minutes once bin/ holds the tools; a cold
+#                          build of etcd and kube-apiserver first takes 15-20 minutes)
+#   KEEP=1 hack/demo.sh    leave the cluster running afterwards for exploring
+#
+# Environment: KEEP=1 keeps the cluster; DEMO_RESYNC_RATE (bytes/s, default
+# 8388608) caps the resync so COPY is visible for a few seconds (0 = unlimited;
+# the copy then takes a fraction of a second); DEMO_NAME (demo).
+# Needs root for the per-node network namespaces (otherwise the nodes share
+# the loopback device and "cutting the link" is skipped), qemu-io (Debian
+# qemu-utils), curl, and nbdinfo/nbdcopy (libnbd-bin) if present.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+LC=$ROOT/hack/local-cluster.sh
+KUBECONFIG_FILE=$ROOT/.local/kubeconfig
+NS=default
+NAME=${DEMO_NAME:-demo}
+SIZE_MIB=256
+RATE=${DEMO_RESYNC_RATE:-8388608}
+KEEP=${KEEP:-0}
+MiB=$((1024 * 1024))
+
+case ${1:-} in
+-h | --help | help)
+  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+  exit 0
+  ;;
+"") ;;
+*)
+  echo "demo.sh: no arguments expected (see --help)" >&2
+  exit 2
+  ;;
+esac
+
+# ---------------------------------------------------------------- helpers
+
+if [ -t 1 ]; then B=$'\e[1m' G=$'\e[32m' R=$'\e[31m' N=$'\e[0m'; else B= G= R= N=; fi
+START=$SECONDS
+STEP=0
+step() {
+  STEP=$((STEP + 1))
+  printf '\n%s==> [%d] %s%s   (t+%ds)\n' "$B" "$STEP" "$*" "$N" "$((SECONDS - START))"
+}
+say() { printf '    %s\n' "$*"; }
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN {printf "%.1f", b - a}'; }
+mib() { awk -v b="$1" 'BEGIN {printf "%.1f MiB", b / 1048576}'; }
+
+k() { "$ROOT/bin/kubectl" --kubeconfig "$KUBECONFIG_FILE" "$@"; }
+jp() { k -n "$NS" get volumepair "$NAME" -o "jsonpath=$1" 2>/dev/null || true; }
+show() { k -n "$NS" get volumepair "$NAME" -o wide | sed 's/^/    /'; }
+
+dump() {
+  echo
+  echo "----- kubectl get volumepair $NAME -o yaml"
+  k -n "$NS" get volumepair "$NAME" -o yaml 2>&1 || true
+  echo "----- events"
+  k -n "$NS" get events --sort-by=.metadata.creationTimestamp 2>&1 | tail -n 25 || true
+  for f in manager agent-node-a agent-node-b; do
+    echo "----- last lines of .local/logs/$f.log"
+    tail -n 15 "$ROOT/.local/logs/$f.log" 2>/dev/null || true
+  done
+  "$LC" status 2>&1 || true
+}
+
+fail() {
+  printf '\n%sdemo failed: %s%s\n' "$R" "$*" "$N" >&2
+  dump >&2
+  exit 1
+}
+
+finish() {
+  local rc=$?
+  trap - EXIT INT TERM
+  if [ "$KEEP" = 1 ]; then
+    echo
+    echo "KEEP=1: the cluster keeps running. Explore with:"
+    echo "  bin/kubectl --kubeconfig .local/kubeconfig get vp -o wide"
+    echo "  hack/local-cluster.sh status | kill-node NODE | restore-node NODE | down"
+  elif [ -f "$ROOT/.local/network" ]; then
+    echo
+    echo "Tearing the cluster down (KEEP=1 keeps it; logs stay in .local/logs/)"
+    "$LC" down || true
+  fi
+  exit $rc
+}
+
+# snap reads the VolumePair's status once into PHASE, ACTIVE, EPOCH, OOS,
+# ENDPOINT, READY, SYNCED, LFO (lastFailoverTime) and C_* (status.copy), and
+# prints a compact line whenever phase, writer, epoch, endpoint or
+# out-of-sync change.
+LAST_ROW=
+snap() {
+  local line
+  line=$(jp '{.status.phase}|{.status.activePrimary}|{.status.epoch}|{.status.outOfSyncBytes}|{.status.endpoint}|{.status.conditions[?(@.type=="Ready")].status}|{.status.conditions[?(@.type=="Synchronized")].status}|{.status.lastFailoverTime}|{.status.copy.target}|{.status.copy.totalBytes}|{.status.copy.doneBytes}|{.status.copy.bytesPerSecond}|{.status.copy.etaSeconds}|')
+  IFS='|' read -r PHASE ACTIVE EPOCH OOS ENDPOINT READY SYNCED LFO C_TARGET C_TOTAL C_DONE C_RATE C_ETA _ <<<"$line" || true
+  local r="${PHASE:-?} active=${ACTIVE:--} epoch=${EPOCH:--} out-of-sync=${OOS:-0} endpoint=${ENDPOINT:-(none)}"
+  if [ "$r" != "$LAST_ROW" ]; then
+    printf '    %s  %s\n' "$(date +%H:%M:%S)" "$r"
+    LAST_ROW=$r
+  fi
+}
+
+# wait_until SECONDS WHAT FUNC: poll FUNC (printing status changes) until it
+# succeeds; fail with diagnostics after SECONDS.
+wait_until() {
+  local t=$1 what=$2 fn=$3 deadline=$((SECONDS + $1))
+  while :; do
+    snap
+    $fn && return 0
+    ((SECONDS < deadline)) || fail "timed out after ${t}s waiting for $what"
+    sleep 0.5
+  done
+}
+
+# synced: the writer serves and the peer holds every write (on the last snap).
+synced() { [ "$READY" = True ] && [ "$SYNCED" = True ] && [ -z "$C_TOTAL" ] && [ "${OOS:-0}" = 0 ]; }
+
+# qemu-io against an nbd:// URI; prints qemu-io's summary line.
+nbd_io() { # URI CMD...
+  local uri=$1
+  shift
+  local args=()
+  for c in "$@"; do args+=(-c "$c"); done
+  timeout 30 qemu-io -f raw "${args[@]}" "$uri"
+}
+
+agent_status() { # NODE → JSON of the replica on that node's agent
+  curl -fsS --max-time 3 -H "Authorization: Bearer $(cat "$ROOT/.local/agent-token")" \
+    "http://$(ip_of "$1"):7400/v1/volumes/$NS/$NAME"
+}
+# agent_synced NODE: that agent, as writer, has shipped every write and its
+# peer acknowledged it (read live from the control API, not from status).
+agent_synced() {
+  local st
+  st=$(agent_status "$1") || return 1
+  [[ $st == *'"peerConnected":true'* ]] && [[ $st == *'"outOfSyncRegions":0,'* ]] && [[ $st == *'"writable":true'* ]]
+}
+json_num() { sed -n "s/.*\"$1\":\([-0-9.eE+]*\).*/\1/p" | head -n1; }
+
+ip_of() {
+  case $1 in
+  node-a) echo "$TANDEM_A_IP" ;; node-b) echo "$TANDEM_B_IP" ;; node-c) echo "$TANDEM_C_IP" ;;
+  esac
+}
+
+# ---------------------------------------------------------------- prerequisites
+
+for c in qemu-io curl awk sha256sum timeout; do
+  command -v $c >/dev/null || fail "$c is required (Debian: apt-get install qemu-utils curl coreutils gawk)"
+done
+HAVE_NBDINFO=0 HAVE_NBDCOPY=0
+command -v nbdinfo >/dev/null && HAVE_NBDINFO=1
+command -v nbdcopy >/dev/null && HAVE_NBDCOPY=1
+
+trap finish EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------- the story
+
+step "Bringing up the local cluster: etcd, kube-apiserver, manager, 3 nodes with agents"
+"$LC" up || {
+  trap - EXIT
+  echo "demo: hack/local-cluster.sh up failed (see above)" >&2
+  exit 1
+}
+eval "$("$LC" env | grep '^TANDEM_')"
+k get nodes | sed 's/^/    /'
+
+step "Creating an Async VolumePair: ${SIZE_MIB}Mi, primary node-a, backup node-b, failback Automatic"
+say "failover settings are the defaults (probe every 2s, 3 failed probes, 6s authority lease);"
+say "the resync is capped at $(mib "$RATE")/s so that COPY stays on screen for a few seconds"
+k apply -f - <<EOF | sed 's/^/    /'
+apiVersion: storage.tandem.dev/v1alpha1
+kind: VolumePair
+metadata:
+  name: $NAME
+  namespace: $NS
+spec:
+  size: ${SIZE_MIB}Mi
+  mode: Async
+  primary: {node: node-a}
+  backup: {node: node-b}
+  failback: {policy: Automatic}
+  resync: {maxBytesPerSecond: $RATE}
+EOF
+has_endpoint() { [ "$PHASE" = PAIR ] && [ -n "$ENDPOINT" ] && synced; }
+wait_until 60 "PAIR with an endpoint" has_endpoint
+show
+EP_A=$ENDPOINT
+[[ $EP_A == *"$TANDEM_A_IP"* ]] || fail "expected the endpoint on node-a ($TANDEM_A_IP), got $EP_A"
+if [ $HAVE_NBDINFO = 1 ]; then
+  say "nbdinfo $EP_A:"
+  nbdinfo "$EP_A" | grep -E 'export=|description|export-size' | sed 's/^/      /'
+fi
+
+step "Writing 32 MiB through $EP_A with qemu-io"
+nbd_io "$EP_A" "write -P 0xa1 0 32M" | sed 's/^/    /' || fail "qemu-io write to $EP_A failed"
+wait_until 60 "the backup to hold every write (Synchronized, out-of-sync 0)" synced
+a_synced() { agent_synced node-a; }
+wait_until 30 "node-a's agent to report every write acknowledged by node-b" a_synced
+say "node-b holds all of it (Synchronized=True, out-of-sync 0)"
+
+step "Killing node-a: its agent is SIGKILLed, its heartbeats stop$([ "$TANDEM_NETWORK" = netns ] && echo " and its link is cut")"
+T0=$(now)
+"$LC" kill-node node-a 2>&1 | sed 's/^/    /'
+say "timing until node-b accepts writes, first on its export directly, then through status.endpoint"
+T_DIRECT= T_EP=
+deadline=$((SECONDS + 90))
+EP=
+while :; do
+  snap
+  if [ -z "$T_DIRECT" ] && nbd_io "nbd://$TANDEM_B_IP:10809/$NS/$NAME" "write -P 0xb1 64M 1M" >/dev/null 2>&1; then
+    T_DIRECT=$(since "$T0")
+    say "node-b's export accepted a write after ${T_DIRECT}s"
+  fi
+  EP=$ENDPOINT
+  if [[ $EP == *"$TANDEM_B_IP"* ]] && nbd_io "$EP" "write -P 0xb1 64M 1M" >/dev/null 2>&1; then
+    T_EP=$(since "$T0")
+    [ -n "$T_DIRECT" ] || T_DIRECT=$T_EP
+    break
+  fi
+  ((SECONDS < deadline)) || fail "no write through a node-b endpoint succeeded within 90s of killing node-a"
+  sleep 0.2
+done
+T_PROMOTED=?
+# lastFailoverTime has a 1 s resolution: promotion happened in [t, t+1).
+[ -n "$LFO" ] && T_PROMOTED=$(awk -v a="$T0" -v b="$(date -d "$LFO" +%s)" 'BEGIN {d = b - a; if (d < 0) d = 0; printf "%.1f-%.1f", d, b + 1 - a}')
+printf '    %sFailover: %ss from killing node-a to a write accepted through status.endpoint %s%s\n' "$G" "$T_EP" "$EP" "$N"
+is_swap() { [ "$PHASE" = SWAP ] && [ "$ACTIVE" = node-b ]; }
+wait_until 30 "phase SWAP with node-b active" is_swap
+show
+
+step "SWAP: node-b serves alone and records what it writes; writing 16 MiB more"
+nbd_io "$EP" "write -P 0xb2 96M 8M" "write -P 0xb3 160M 8M" | sed 's/^/    /' || fail "writes in SWAP failed"
+nbd_io "$EP" "read -P 0xa1 0 32M" >/dev/null || fail "the 32 MiB written before the failover are not on node-b"
+say "the 32 MiB written before the failover read back intact from node-b"
+SECOND_DIFF=$(agent_status node-b | json_num outOfSyncBytes)
+say "node-b's bitmap (second diff): $(mib "${SECOND_DIFF:-0}") of ${SIZE_MIB} MiB"
+
+step "Restoring node-a (same data dir): COPY of only what changed, NORMAL, automatic failback"
+"$LC" restore-node node-a 2>&1 | sed 's/^/    /'
+MAX_TOTAL=0 SAW_COPY=0 COPY_START= COPY_END=
+deadline=$((SECONDS + 180))
+LASTP=
+while :; do
+  snap
+  if [ -n "$C_TOTAL" ]; then
+    SAW_COPY=1
+    [ -n "$COPY_START" ] || COPY_START=$(now)
+    [ "$C_TOTAL" -gt "$MAX_TOTAL" ] && MAX_TOTAL=$C_TOTAL
+    p="COPY → $C_TARGET: $(mib "${C_DONE:-0}") / $(mib "$C_TOTAL") copied ($(mib "${C_RATE:-0}")/s, ETA ${C_ETA:-0}s)"
+    [ "$p" = "$LASTP" ] || say "$p"
+    LASTP=$p
+  elif [ -n "$COPY_START" ] && [ -z "$COPY_END" ]; then
+    COPY_END=$(now)
+  fi
+  [ "$PHASE" = PAIR ] && [ "$ACTIVE" = node-a ] && [ "${EPOCH:-0}" -ge 3 ] && break
+  ((SECONDS < deadline)) || fail "the pair did not get back to PAIR with node-a active within 180s"
+  sleep 0.5
+done
+show
+wait_until 60 "both members in sync after the failback" synced
+
+step "Back in PAIR on node-a: one more write, then checks"
+snap
+EP=$ENDPOINT
+[[ $EP == *"$TANDEM_A_IP"* ]] || fail "expected the endpoint back on node-a, got $EP"
+nbd_io "$EP" "write -P 0xc1 250M 1M" | sed 's/^/    /' || fail "write after failback failed"
+wait_until 60 "the last write to reach node-b" a_synced
+wait_until 60 "both members in sync" synced
+for chk in "0xa1 0 32M" "0xb1 64M 1M" "0xb2 96M 8M" "0xb3 160M 8M" "0xc1 250M 1M"; do
+  set -- $chk
+  nbd_io "$EP" "read -P $1 $2 $3" >/dev/null || fail "pattern $1 at $2 (+$3) is wrong through $EP"
+done
+say "every region written before, during and after the failover reads back through $EP"
+PA=$("$LC" replica-path node-a "$NS/$NAME") || fail "no replica file on node-a"
+PB=$("$LC" replica-path node-b "$NS/$NAME") || fail "no replica file on node-b"
+SA=$(sha256sum "$PA" | cut -d' ' -f1)
+SB=$(sha256sum "$PB" | cut -d' ' -f1)
+say "sha256 node-a ${PA#"$ROOT"/}: $SA"
+say "sha256 node-b ${PB#"$ROOT"/}: $SB"
+for _ in 1 2 3 4 5; do
+  [ "$SA" = "$SB" ] && break
+  sleep 1 # a write may still be applying on the backup
+  SA=$(sha256sum "$PA" | cut -d' ' -f1)
+  SB=$(sha256sum "$PB" | cut -d' ' -f1)
+done
+[ "$SA" = "$SB" ] || fail "the replicas differ"
+if [ $HAVE_NBDCOPY = 1 ]; then
+  SC=$(nbdcopy "$EP" - | sha256sum | cut -d' ' -f1)
+  say "sha256 of the volume read with nbdcopy:  $SC"
+  [ "$SC" = "$SA" ] || fail "what the client reads differs from the replica files"
+fi
+
+step "What happened (events)"
+k -n "$NS" get events --field-selector "involvedObject.name=$NAME" --sort-by=.metadata.creationTimestamp \
+  -o custom-columns=TIME:.metadata.creationTimestamp,REASON:.reason,MESSAGE:.message 2>/dev/null | sed 's/^/    /' ||
+  k -n "$NS" get events --sort-by=.metadata.creationTimestamp | sed 's/^/    /'
+
+# Agents report their totals on the control API; node-b ran the resync and
+# held the writes at failback.
+B_STATUS=$(agent_status node-b) || fail "cannot read node-b's agent status"
+COPIED=$(json_num copiedBytesTotal <<<"$B_STATUS")
+HOLD=$(json_num lastHoldSeconds <<<"$B_STATUS")
+FIRST_DIFF=$((MAX_TOTAL - ${SECOND_DIFF:-0}))
+((FIRST_DIFF < 0)) && FIRST_DIFF=0
+COPY_SECS=?
+[ -n "$COPY_START" ] && [ -n "$COPY_END" ] && COPY_SECS=$(awk -v a="$COPY_START" -v b="$COPY_END" 'BEGIN {printf "%.1f", b - a}')
+
+cat <<EOF
+
+${B}Summary${N}  (Async VolumePair ${NS}/${NAME}, ${SIZE_MIB} MiB, default failover settings; total $((SECONDS - START))s)
+  failover            ${T_EP}s  node-a killed → write accepted through status.endpoint on node-b
+                      (authority moved to node-b ${T_PROMOTED}s after the kill, per status.lastFailoverTime;
+                       node-b's export accepted writes after ${T_DIRECT}s)
+  resync (COPY)       $(mib "${COPIED:-0}") copied of ${SIZE_MIB} MiB ($(awk -v c="${COPIED:-0}" -v s=$((SIZE_MIB * MiB)) 'BEGIN {printf "%.1f", 100 * c / s}')% of the volume)
+                      = node-b's second diff $(mib "${SECOND_DIFF:-0}") ∪ node-a's own diff ~$(mib "$FIRST_DIFF")
+                      (write-intent extents recovered after its crash); ~${COPY_SECS}s at a $(mib "$RATE")/s cap
+  failback write hold $(awk -v h="${HOLD:-0}" 'BEGIN {printf "%.3f", h}')s  (lastHoldSeconds on node-b's agent)
+  replicas            identical: sha256 $SA on node-a and node-b
+EOF
+[ "$SAW_COPY" = 1 ] || say "(note: the COPY finished between two polls; raise DEMO_RESYNC_RATE's cap to see it)"

@@ -1,0 +1,303 @@
+//go:build e2e
+
+// Package e2e runs Tandem's user stories on the local multi-node cluster
+// (hack/local-cluster.sh) through the doors a user uses: bin/kubectl, the
+// nbd:// endpoint in status with real NBD clients, kubectl tandem, and node
+// loss or partition. Run with `make test-e2e` (as root for network
+// namespaces). Logs of every component are in .local/logs and printed for a
+// failing story.
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
+	"github.com/tandem-storage/tandem/dataplane/agent"
+	"github.com/tandem-storage/tandem/dataplane/volume"
+)
+
+var (
+	root       string
+	kubeconfig string
+	bin        string
+	agentToken string
+)
+
+func TestMain(m *testing.M) { os.Exit(run(m)) }
+
+func run(m *testing.M) int {
+	_, file, _, _ := runtime.Caller(0)
+	root = filepath.Clean(filepath.Join(filepath.Dir(file), "..", ".."))
+	bin = filepath.Join(root, "bin")
+	kubeconfig = filepath.Join(root, ".local", "kubeconfig")
+	if os.Getenv("TANDEM_E2E_REUSE") == "" {
+		if out, err := lcRun("up"); err != nil {
+			fmt.Fprintf(os.Stderr, "e2e: local-cluster up: %v\n%s\n", err, out)
+			_, _ = lcRun("down")
+			return 1
+		}
+		if os.Getenv("KEEP") == "" {
+			defer func() {
+				if out, err := lcRun("down"); err != nil {
+					fmt.Fprintf(os.Stderr, "e2e: local-cluster down: %v\n%s\n", err, out)
+				}
+			}()
+		}
+	}
+	b, err := os.ReadFile(filepath.Join(root, ".local", "agent-token"))
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "e2e: agent token: %v\n", err)
+		return 1
+	}
+	agentToken = strings.TrimSpace(string(b))
+	if out, err := exec.Command("go", "build", "-o", filepath.Join(bin, "kubectl-tandem"), "./cmd/kubectl-tandem").CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "e2e: build kubectl-tandem: %v\n%s\n", err, out)
+		return 1
+	}
+	return m.Run()
+}
+
+func lcRun(args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, filepath.Join(root, "hack", "local-cluster.sh"), args...)
+	cmd.Dir = root
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+// lc runs a local-cluster.sh verb.
+func lc(t *testing.T, args ...string) string {
+	t.Helper()
+	out, err := lcRun(args...)
+	if err != nil {
+		t.Fatalf("local-cluster.sh %v: %v\n%s", args, err, out)
+	}
+	return out
+}
+
+func kubectl(t *testing.T, args ...string) (string, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, filepath.Join(bin, "kubectl"), append([]string{"--kubeconfig", kubeconfig}, args...)...)
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+func mustKubectl(t *testing.T, args ...string) string {
+	t.Helper()
+	out, err := kubectl(t, args...)
+	if err != nil {
+		t.Fatalf("kubectl %v: %v\n%s", args, err, out)
+	}
+	return out
+}
+
+// story gives one user story its namespace and dumps logs when it fails.
+type story struct {
+	t    *testing.T
+	ns   string
+	name string
+}
+
+func newStory(t *testing.T, name string) *story {
+	s := &story{t: t, ns: "e2e-" + strings.ToLower(strings.ReplaceAll(t.Name(), "_", "-")), name: name}
+	if len(s.ns) > 60 {
+		s.ns = s.ns[:60]
+	}
+	s.ns = strings.Trim(strings.ReplaceAll(s.ns, "/", "-"), "-")
+	mustKubectl(t, "create", "namespace", s.ns)
+	t.Cleanup(func() {
+		if t.Failed() {
+			s.dumpLogs()
+		}
+		// Every node comes back for the next story.
+		for _, n := range []string{"node-a", "node-b", "node-c"} {
+			_, _ = lcRun("heal", n)
+			_, _ = lcRun("restore-node", n)
+		}
+		_, _ = kubectl(t, "delete", "namespace", s.ns, "--wait=true", "--timeout=60s")
+	})
+	return s
+}
+
+func (s *story) dumpLogs() {
+	t := s.t
+	out, _ := kubectl(t, "get", "vp", "-n", s.ns, "-o", "yaml")
+	t.Logf("---- VolumePairs in %s ----\n%s", s.ns, out)
+	ev, _ := kubectl(t, "get", "events", "-n", s.ns, "--sort-by=.lastTimestamp")
+	t.Logf("---- events ----\n%s", ev)
+	logs, _ := filepath.Glob(filepath.Join(root, ".local", "logs", "*.log"))
+	for _, f := range logs {
+		b, _ := os.ReadFile(f)
+		lines := strings.Split(string(b), "\n")
+		if len(lines) > 40 {
+			lines = lines[len(lines)-40:]
+		}
+		t.Logf("---- %s (tail) ----\n%s", filepath.Base(f), strings.Join(lines, "\n"))
+	}
+}
+
+func (s *story) apply(manifest string) {
+	s.t.Helper()
+	cmd := exec.Command(filepath.Join(bin, "kubectl"), "--kubeconfig", kubeconfig, "apply", "-n", s.ns, "-f", "-")
+	cmd.Stdin = strings.NewReader(manifest)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		s.t.Fatalf("kubectl apply: %v\n%s", err, out)
+	}
+}
+
+// pairManifest is a VolumePair for this story.
+func (s *story) pairManifest(mode, primary, backup, size string, extra string) string {
+	return fmt.Sprintf(`apiVersion: storage.tandem.dev/v1alpha1
+kind: VolumePair
+metadata:
+  name: %s
+spec:
+  size: %s
+  mode: %s
+  primary: {node: %s}
+  backup: {node: %s}
+%s`, s.name, size, mode, primary, backup, extra)
+}
+
+func (s *story) get() *v1.VolumePair {
+	s.t.Helper()
+	out := mustKubectl(s.t, "get", "vp", s.name, "-n", s.ns, "-o", "json")
+	vp := &v1.VolumePair{}
+	if err := json.Unmarshal([]byte(out), vp); err != nil {
+		s.t.Fatalf("decode VolumePair: %v", err)
+	}
+	return vp
+}
+
+func (s *story) wait(d time.Duration, what string, cond func(*v1.VolumePair) bool) *v1.VolumePair {
+	s.t.Helper()
+	deadline := time.Now().Add(d)
+	var vp *v1.VolumePair
+	for time.Now().Before(deadline) {
+		vp = s.get()
+		if cond(vp) {
+			return vp
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+	s.t.Fatalf("timed out after %v waiting for %s; status: %+v", d, what, vp.Status)
+	return nil
+}
+
+func condTrue(vp *v1.VolumePair, typ string) bool {
+	for _, c := range vp.Status.Conditions {
+		if c.Type == typ {
+			return c.Status == "True"
+		}
+	}
+	return false
+}
+
+// inSync: the writer is active, both members are up to date and connected.
+func inSync(active string) func(*v1.VolumePair) bool {
+	return func(vp *v1.VolumePair) bool {
+		return vp.Status.ActivePrimary == active && vp.Status.Endpoint != "" && condTrue(vp, v1.ConditionReady) &&
+			condTrue(vp, v1.ConditionSynchronized) && vp.Status.OutOfSyncBytes == 0 && vp.Status.ObservedGeneration == vp.Generation
+	}
+}
+
+// qemuIO runs qemu-io commands on an nbd:// URI and returns its output.
+func qemuIO(uri string, cmds ...string) (string, error) {
+	args := []string{"-f", "raw"}
+	for _, c := range cmds {
+		args = append(args, "-c", c)
+	}
+	args = append(args, uri)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, "qemu-io", args...).CombinedOutput()
+	if err == nil && (bytes.Contains(out, []byte("failed")) || bytes.Contains(out, []byte("error"))) {
+		err = fmt.Errorf("qemu-io reported a failure")
+	}
+	return string(out), err
+}
+
+func mustQemuIO(t *testing.T, uri string, cmds ...string) string {
+	t.Helper()
+	out, err := qemuIO(uri, cmds...)
+	if err != nil {
+		t.Fatalf("qemu-io %v on %s: %v\n%s", cmds, uri, err, out)
+	}
+	return out
+}
+
+func (s *story) replicaPath(node string) string {
+	s.t.Helper()
+	return strings.TrimSpace(lc(s.t, "replica-path", node, s.ns+"/"+s.name))
+}
+
+func fileSum(t *testing.T, path string) string {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		t.Fatal(err)
+	}
+	return hex.EncodeToString(h.Sum(nil))
+}
+
+// identical waits for the pair to be in sync and compares both backing files.
+func (s *story) identical(active, other string) {
+	s.t.Helper()
+	s.wait(90*time.Second, "in sync before comparing replicas", inSync(active))
+	time.Sleep(300 * time.Millisecond) // the backup's durable ack trails by a few ms
+	a, b := fileSum(s.t, s.replicaPath(active)), fileSum(s.t, s.replicaPath(other))
+	if a != b {
+		s.t.Fatalf("replicas differ: %s=%s %s=%s", active, a, other, b)
+	}
+}
+
+// agentStatus reads a member's own view through its control API.
+func (s *story) agentStatus(node string) volume.Status {
+	s.t.Helper()
+	out := mustKubectl(s.t, "-n", "tandem-system", "get", "lease", v1.AgentLeaseName(node), "-o", "jsonpath={.metadata.annotations.storage\\.tandem\\.dev/control-endpoint}")
+	c := agent.NewClient(strings.TrimSpace(out), agentToken)
+	st, err := c.Get(context.Background(), s.ns, s.name)
+	if err != nil {
+		s.t.Fatalf("agent status on %s: %v", node, err)
+	}
+	return st
+}
+
+// writeUntilAccepted retries a write on the current endpoint until it is
+// accepted; it returns when, measured from start.
+func (s *story) writeUntilAccepted(start time.Time, limit time.Duration, cmd string) time.Duration {
+	s.t.Helper()
+	for {
+		vp := s.get()
+		if vp.Status.Endpoint != "" {
+			if _, err := qemuIO(vp.Status.Endpoint, cmd); err == nil {
+				return time.Since(start)
+			}
+		}
+		if time.Since(start) > limit {
+			s.t.Fatalf("no write accepted within %v; status %+v", limit, vp.Status)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}

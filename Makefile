@@ -59,12 +59,15 @@ test: tools ## Run all unit and envtest tests with the race detector (builds the
 
 .PHONY: test-e2e
 test-e2e: tools build ## Run the end-to-end user stories on the local cluster (as root: network namespaces).
-	@mkdir -p .local
-	go test -tags e2e -count=1 -timeout 45m -v ./test/e2e/ 2>&1 | tee .local/e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|\s+\S+_test.go:[0-9]+: STORY)'
+	go test -tags e2e -count=1 -timeout 45m -v ./test/e2e/ 2>&1 | tee .e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|\s+\S+_test.go:[0-9]+: STORY)'
 
 .PHONY: bench
 bench: ## Run the Go micro-benchmarks.
 	go test -run '^$$' -bench . -benchmem ./...
+
+.PHONY: stress
+stress: tools ## Reliability suites with many trials + fuzz every decoder; writes docs/reliability.md (TANDEM_STRESS_TRIALS, FUZZTIME).
+	hack/stress/run.sh
 
 ##@ Build
 

@@ -77,6 +77,8 @@ type scope struct {
 	step      Step
 	stepErr   error
 	acted     bool
+	// authorityExpiry is when the authority Lease counts as expired.
+	authorityExpiry time.Time
 }
 
 type agentInfo struct {
@@ -142,6 +144,13 @@ func (r *VolumePairReconciler) Reconcile(ctx context.Context, req ctrl.Request) 
 	if s.acted && s.stepErr == nil {
 		// Follow a step quickly: the next one usually depends on it.
 		return ctrl.Result{RequeueAfter: 100 * time.Millisecond}, nil
+	}
+	if s.step.Blocked == BlockedAuthorityNotExpired && !s.authorityExpiry.IsZero() {
+		// The writer is lost: look again right when its authority expires,
+		// not a whole probe period later.
+		if d := s.authorityExpiry.Sub(r.Now()) + 50*time.Millisecond; d > 0 && d < period {
+			return ctrl.Result{RequeueAfter: d}, nil
+		}
 	}
 	return ctrl.Result{RequeueAfter: period}, nil
 }
@@ -233,7 +242,8 @@ func (r *VolumePairReconciler) observe(ctx context.Context, s *scope) error {
 		if lease.Spec.RenewTime != nil {
 			renewed = lease.Spec.RenewTime.Time
 		}
-		a.Expired = r.Now().After(renewed.Add(dur + expiryMargin))
+		s.authorityExpiry = renewed.Add(dur + expiryMargin)
+		a.Expired = r.Now().After(s.authorityExpiry)
 		if a.Holder != vp.Spec.Primary.Node && a.Holder != vp.Spec.Backup.Node {
 			// Members are immutable except for swaps, so this is an
 			// authority left from an older object of the same name.

@@ -288,9 +288,10 @@ type VolumePairStatus struct {
 	// +optional
 	// +kubebuilder:validation:MaxLength=512
 	Endpoint string `json:"endpoint,omitempty"`
-	// outOfSyncBytes is what a copy would transfer now: the union of both diffs.
+	// outOfSyncBytes is what a copy would transfer now: the union of both
+	// diffs. Always written, so kubectl shows 0 for a pair in sync.
 	// +optional
-	OutOfSyncBytes int64 `json:"outOfSyncBytes,omitempty"`
+	OutOfSyncBytes int64 `json:"outOfSyncBytes"`
 	// copy reports a running copy.
 	// +optional
 	Copy *CopyProgress `json:"copy,omitempty"`

@@ -63,7 +63,9 @@ func run(m *testing.M) int {
 		return 1
 	}
 	agentToken = strings.TrimSpace(string(b))
-	if out, err := exec.Command("go", "build", "-o", filepath.Join(bin, "kubectl-tandem"), "./cmd/kubectl-tandem").CombinedOutput(); err != nil {
+	build := exec.Command("go", "build", "-o", filepath.Join(bin, "kubectl-tandem"), "./cmd/kubectl-tandem")
+	build.Dir = root
+	if out, err := build.CombinedOutput(); err != nil {
 		fmt.Fprintf(os.Stderr, "e2e: build kubectl-tandem: %v\n%s\n", err, out)
 		return 1
 	}
@@ -219,12 +221,18 @@ func inSync(active string) func(*v1.VolumePair) bool {
 
 // qemuIO runs qemu-io commands on an nbd:// URI and returns its output.
 func qemuIO(uri string, cmds ...string) (string, error) {
+	return qemuIOWithin(30*time.Second, uri, cmds...)
+}
+
+// qemuIOWithin bounds the run: a client of a node whose link is cut would
+// otherwise wait for TCP's connect retries.
+func qemuIOWithin(d time.Duration, uri string, cmds ...string) (string, error) {
 	args := []string{"-f", "raw"}
 	for _, c := range cmds {
 		args = append(args, "-c", c)
 	}
 	args = append(args, uri)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), d)
 	defer cancel()
 	out, err := exec.CommandContext(ctx, "qemu-io", args...).CombinedOutput()
 	if err == nil && (bytes.Contains(out, []byte("failed")) || bytes.Contains(out, []byte("error"))) {
@@ -291,7 +299,7 @@ func (s *story) writeUntilAccepted(start time.Time, limit time.Duration, cmd str
 	for {
 		vp := s.get()
 		if vp.Status.Endpoint != "" {
-			if _, err := qemuIO(vp.Status.Endpoint, cmd); err == nil {
+			if _, err := qemuIOWithin(2*time.Second, vp.Status.Endpoint, cmd); err == nil {
 				return time.Since(start)
 			}
 		}

@@ -216,7 +216,12 @@ func (r *VolumePairReconciler) observe(ctx context.Context, s *scope) error {
 		} else {
 			ps.failures++
 		}
-		m.Suspect = ps.failures >= threshold || r.nodeNotReady(ctx, node)
+		// Suspect after failureThreshold failed probes in a row, or when
+		// nothing answered for failureThreshold probe periods (rounds take
+		// longer than a period when probes time out), or when the Node is
+		// not Ready.
+		silent := !ps.lastSeen.IsZero() && now.Sub(ps.lastSeen) >= time.Duration(threshold)*period
+		m.Suspect = ps.failures >= threshold || silent || r.nodeNotReady(ctx, node)
 		if m.Suspect && ps.lostAt.IsZero() {
 			ps.lostAt = now
 		}

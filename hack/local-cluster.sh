@@ -134,7 +134,14 @@ start_bg() {
   mkdir -p "$PIDS" "$LOGS"
   printf '=== %s starting: %s\n' "$(date -Is)" "$*" >>"$LOGS/$name.log"
   setsid "$@" >>"$LOGS/$name.log" 2>&1 </dev/null &
-  echo $! >"$PIDS/$name.pid"
+  local pid=$!
+  echo $pid >"$PIDS/$name.pid"
+  # Until the child has exec'd, its command line is this script's: wait for
+  # the exec so `alive` does not mistake a starting process for a dead one.
+  for _ in $(seq 50); do
+    ours "$pid" || ! kill -0 "$pid" 2>/dev/null && break
+    sleep 0.02
+  done
 }
 
 # stop_proc NAME [SIGNAL]: signal the recorded process and wait (≤10 s) for it to go.

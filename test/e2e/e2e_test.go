@@ -111,13 +111,14 @@ func mustKubectl(t *testing.T, args ...string) string {
 
 // story gives one user story its namespace and dumps logs when it fails.
 type story struct {
-	t    *testing.T
-	ns   string
-	name string
+	t       *testing.T
+	ns      string
+	name    string
+	touched map[string]bool
 }
 
 func newStory(t *testing.T, name string) *story {
-	s := &story{t: t, ns: "e2e-" + strings.ToLower(strings.ReplaceAll(t.Name(), "_", "-")), name: name}
+	s := &story{t: t, ns: "e2e-" + strings.ToLower(strings.ReplaceAll(t.Name(), "_", "-")), name: name, touched: map[string]bool{}}
 	if len(s.ns) > 60 {
 		s.ns = s.ns[:60]
 	}
@@ -127,14 +128,29 @@ func newStory(t *testing.T, name string) *story {
 		if t.Failed() {
 			s.dumpLogs()
 		}
-		// Every node comes back for the next story.
-		for _, n := range []string{"node-a", "node-b", "node-c"} {
+		// Every node and the manager come back for the next story.
+		for n := range s.touched {
 			_, _ = lcRun("heal", n)
 			_, _ = lcRun("restore-node", n)
 		}
-		_, _ = kubectl(t, "delete", "namespace", s.ns, "--wait=true", "--timeout=60s")
+		_, _ = lcRun("start-manager")
+		// The VolumePairs go first (the controller removes the replicas);
+		// the local cluster has no namespace controller, so the namespace
+		// itself stays Terminating: do not wait for it.
+		_, _ = kubectl(t, "delete", "vp", "--all", "-n", s.ns, "--wait=true", "--timeout=60s")
+		_, _ = kubectl(t, "delete", "namespace", s.ns, "--wait=false")
 	})
 	return s
+}
+
+// lc runs a local-cluster.sh verb for this story and remembers the nodes it
+// disturbed, so the cleanup restores exactly those.
+func (s *story) lc(args ...string) string {
+	s.t.Helper()
+	if len(args) > 1 {
+		s.touched[args[1]] = true
+	}
+	return lc(s.t, args...)
 }
 
 func (s *story) dumpLogs() {

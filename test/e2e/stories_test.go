@@ -53,7 +53,7 @@ func TestStory02FailoverResyncFailback(t *testing.T) {
 	mustQemuIO(t, vp.Status.Endpoint, "write -P 0x11 0 8M", "write -P 0x12 64M 1M")
 	s.wait(30*time.Second, "in sync", inSync("node-a"))
 
-	lc(t, "kill-node", "node-a")
+	s.lc("kill-node", "node-a")
 	killed := time.Now()
 	took := s.writeUntilAccepted(killed, 30*time.Second, "write -P 0x21 100M 512k")
 	t.Logf("STORY 2 failover: primary node killed → first write accepted on the backup in %.2fs", took.Seconds())
@@ -67,7 +67,7 @@ func TestStory02FailoverResyncFailback(t *testing.T) {
 	second := s.agentStatus("node-b").OutOfSyncBytes
 
 	before := s.agentStatus("node-b").Copy.CopiedBytesTotal
-	lc(t, "restore-node", "node-a")
+	s.lc("restore-node", "node-a")
 	vp = s.wait(120*time.Second, "failback to PAIR", func(vp *v1.VolumePair) bool {
 		return vp.Status.Phase == v1.PhasePair && inSync("node-a")(vp) && vp.Status.Epoch >= 3
 	})
@@ -124,7 +124,7 @@ func TestStory03SyncZeroLoss(t *testing.T) {
 		}
 	}()
 	time.Sleep(3 * time.Second)
-	lc(t, "kill-node", "node-b")
+	s.lc("kill-node", "node-b")
 	s.wait(30*time.Second, "SWAP to node-c", func(vp *v1.VolumePair) bool {
 		return vp.Status.ActivePrimary == "node-c" && condTrue(vp, v1.ConditionReady)
 	})
@@ -153,7 +153,7 @@ func TestStory04BackupLost(t *testing.T) {
 	s := newStory(t, "cache")
 	s.apply(s.pairManifest("Async", "node-a", "node-c", "64Mi", ""))
 	vp := s.wait(60*time.Second, "PAIR", inSync("node-a"))
-	lc(t, "kill-node", "node-c")
+	s.lc("kill-node", "node-c")
 	vp = s.wait(30*time.Second, "Degraded", func(vp *v1.VolumePair) bool {
 		return vp.Status.Phase == v1.PhasePair && condTrue(vp, v1.ConditionDegraded) && vp.Status.ActivePrimary == "node-a"
 	})
@@ -161,7 +161,7 @@ func TestStory04BackupLost(t *testing.T) {
 	if vp = s.get(); vp.Status.OutOfSyncBytes == 0 {
 		s.wait(10*time.Second, "out-of-sync bytes reported", func(vp *v1.VolumePair) bool { return vp.Status.OutOfSyncBytes > 0 })
 	}
-	lc(t, "restore-node", "node-c")
+	s.lc("restore-node", "node-c")
 	s.wait(90*time.Second, "PAIR again", func(vp *v1.VolumePair) bool {
 		return inSync("node-a")(vp) && !condTrue(vp, v1.ConditionDegraded)
 	})
@@ -210,7 +210,7 @@ func TestStory05Partition(t *testing.T) {
 		}
 	}()
 	time.Sleep(time.Second)
-	lc(t, "partition", "node-a")
+	s.lc("partition", "node-a")
 	cut := time.Now()
 	vp = s.wait(60*time.Second, "promotion of node-b", func(vp *v1.VolumePair) bool {
 		return vp.Status.ActivePrimary == "node-b" && vp.Status.Endpoint != ""
@@ -239,7 +239,7 @@ func TestStory05Partition(t *testing.T) {
 	if !lastA.Before(firstB) {
 		t.Fatalf("split brain: node-a acknowledged at %v, after node-b's first acknowledged write at %v", lastA, firstB)
 	}
-	lc(t, "heal", "node-a")
+	s.lc("heal", "node-a")
 	s.identical("node-b", "node-a")
 }
 
@@ -272,13 +272,13 @@ func TestStory07ManagerRestartDuringCopy(t *testing.T) {
 	s := newStory(t, "batch")
 	s.apply(s.pairManifest("Async", "node-a", "node-b", "256Mi", "  resync: {maxBytesPerSecond: 4194304}\n  failback: {policy: Automatic}\n"))
 	vp := s.wait(60*time.Second, "PAIR", inSync("node-a"))
-	lc(t, "kill-node", "node-a")
+	s.lc("kill-node", "node-a")
 	s.writeUntilAccepted(time.Now(), 30*time.Second, "write -P 0x71 0 16M")
-	lc(t, "restore-node", "node-a")
+	s.lc("restore-node", "node-a")
 	s.wait(60*time.Second, "COPY", func(vp *v1.VolumePair) bool { return vp.Status.Phase == v1.PhaseCopy })
-	lc(t, "kill-manager")
+	s.lc("kill-manager")
 	time.Sleep(2 * time.Second)
-	lc(t, "start-manager")
+	s.lc("start-manager")
 	vp = s.wait(120*time.Second, "PAIR after failback", func(vp *v1.VolumePair) bool {
 		return vp.Status.Phase == v1.PhasePair && inSync("node-a")(vp)
 	})
@@ -308,9 +308,9 @@ func TestStory08AgentCrash(t *testing.T) {
 		t.Fatal(err)
 	}
 	time.Sleep(300 * time.Millisecond)
-	lc(t, "kill-agent", "node-a")
+	s.lc("kill-agent", "node-a")
 	_ = w.Wait()
-	lc(t, "start-agent", "node-a")
+	s.lc("start-agent", "node-a")
 	s.wait(90*time.Second, "back in sync", func(vp *v1.VolumePair) bool {
 		return vp.Status.Phase == v1.PhasePair && inSync("node-a")(vp)
 	})

@@ -191,7 +191,13 @@ func (r *VolumePairReconciler) observe(ctx context.Context, s *scope) error {
 				return
 			}
 			results[i].info, results[i].infoOK = info, true
-			pctx, cancel := context.WithTimeout(ctx, timeout)
+			t := timeout
+			if r.probeState(key, node).failures > 0 {
+				// Already failing: a short look is enough to notice it is
+				// back, and keeps rounds (and failovers) fast.
+				t = min(t, 250*time.Millisecond)
+			}
+			pctx, cancel := context.WithTimeout(ctx, t)
 			defer cancel()
 			st, perr := r.probe(pctx, info, vp)
 			if perr == nil {
@@ -559,6 +565,9 @@ func (r *VolumePairReconciler) patchStatus(ctx context.Context, s *scope, ok boo
 		log.FromContext(ctx).Info("Phase changed", "volumePair", klog.KObj(vp), "from", oldPhase, "to", st.Phase)
 	}
 	recordMetrics(vp)
+	// A merge patch carries only changed fields; make it always carry
+	// outOfSyncBytes so a pair in sync shows 0 rather than nothing.
+	s.base.Status.OutOfSyncBytes = -1
 	if err := r.Status().Patch(ctx, vp, client.MergeFrom(s.base)); err != nil {
 		return fmt.Errorf("patch status: %w", err)
 	}

@@ -62,8 +62,12 @@ test-e2e: tools build ## Run the end-to-end user stories on the local cluster (a
 	go test -tags e2e -count=1 -timeout 45m -v ./test/e2e/ 2>&1 | tee .e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|\s+\S+_test.go:[0-9]+: STORY)'
 
 .PHONY: bench
-bench: ## Run the Go micro-benchmarks.
-	go test -run '^$$' -bench . -benchmem ./...
+bench: tools ## Measure Tandem against nbdkit, nbdcopy and DESIGN §7 on this machine; writes docs/benchmarks.md and .png (BENCH_FLAGS=-only fio,...).
+	@need=(); for pc in fio:fio nbdkit:nbdkit libnbd-bin:nbdcopy gnuplot-nox:gnuplot; do \
+	  command -v "$${pc#*:}" >/dev/null 2>&1 || need+=("$${pc%%:*}"); done; \
+	if [ $${#need[@]} -gt 0 ]; then echo "bench: installing $${need[*]}"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$${need[@]}"; fi
+	go run ./hack/bench $(BENCH_FLAGS)
 
 .PHONY: stress
 stress: tools ## Reliability suites with many trials + fuzz every decoder; writes docs/reliability.md (TANDEM_STRESS_TRIALS, FUZZTIME).

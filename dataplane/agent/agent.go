@@ -306,7 +306,9 @@ func (a *Agent) serveReplConn(ctx context.Context, c net.Conn) {
 	}
 	v := a.get(h.Volume)
 	if v == nil {
-		refuseConn(c, f.Epoch, fmt.Sprintf("no volume %q on node %s", h.Volume, a.cfg.Node))
+		reason := fmt.Sprintf("no volume %q on node %s", h.Volume, a.cfg.Node)
+		log.Info("Refusing replication connection: unknown volume", "from", h.Node, "reason", reason)
+		refuseConn(c, f.Epoch, reason)
 		return
 	}
 	_ = c.SetReadDeadline(time.Time{})

@@ -7,10 +7,13 @@ import (
 	"io"
 	"net/http"
 	"strings"
+	"syscall"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/tandem-storage/tandem/dataplane/bitmap"
+	"github.com/tandem-storage/tandem/dataplane/meta"
 	"github.com/tandem-storage/tandem/dataplane/volume"
 )
 
@@ -127,15 +130,21 @@ func (a *Agent) handlePut(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusBadRequest, err)
 		return
 	}
-	if req.Size <= 0 || req.RegionSize <= 0 {
-		writeErr(w, http.StatusBadRequest, fmt.Errorf("size (%d) and regionSize (%d) must be positive", req.Size, req.RegionSize))
+	if err := validGeometry(req.Size, req.RegionSize); err != nil {
+		// Refused before anything is created on disk: a replica that
+		// fails to open half-way could leave files behind.
+		writeErr(w, http.StatusBadRequest, err)
 		return
 	}
 	v, err := a.open(ns, name, req.Size, req.RegionSize)
 	if err != nil {
 		code := http.StatusInternalServerError
-		if errors.Is(err, errConflict) {
+		switch {
+		case errors.Is(err, errConflict):
 			code = http.StatusConflict
+		case errors.Is(err, syscall.EFBIG):
+			// Larger than this node's file system can hold.
+			code = http.StatusBadRequest
 		}
 		writeErr(w, code, err)
 		return
@@ -148,6 +157,21 @@ func (a *Agent) handlePut(w http.ResponseWriter, r *http.Request) {
 		k.Kick()
 	}
 	writeJSON(w, http.StatusOK, v.Status())
+}
+
+// validGeometry checks a request's size and region size against what the
+// replica's metadata and bitmaps can hold.
+func validGeometry(size, regionSize int64) error {
+	if size <= 0 || regionSize <= 0 {
+		return fmt.Errorf("size (%d) and regionSize (%d) must be positive", size, regionSize)
+	}
+	if regionSize < meta.MinRegionSize || regionSize > meta.MaxRegionSize || regionSize&(regionSize-1) != 0 {
+		return fmt.Errorf("regionSize %d: must be a power of two in [%d, %d]", regionSize, meta.MinRegionSize, meta.MaxRegionSize)
+	}
+	if err := bitmap.ValidateGeometry(size, regionSize, 0); err != nil {
+		return err
+	}
+	return nil
 }
 
 func (a *Agent) handleGet(w http.ResponseWriter, r *http.Request) {

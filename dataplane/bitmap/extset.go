@@ -39,6 +39,15 @@ func (s *extSet) add(e uint32) {
 	s.w[e>>6].Or(1 << (e & 63))
 }
 
+// count is the number of members.
+func (s *extSet) count() int {
+	n := 0
+	for i := range s.w {
+		n += bits.OnesCount64(s.w[i].Load())
+	}
+	return n
+}
+
 // forEach calls fn for each member in increasing order.
 func (s *extSet) forEach(fn func(e uint32)) {
 	for i := range s.w {

@@ -54,6 +54,16 @@ type JournalStats struct {
 	Checkpoints     uint64 // checkpoints written, including the ones at open and close
 	CheckpointBytes uint64 // size of the last checkpoint file
 	Generation      uint64 // current log generation
+	// Extents is the number of extents marked in the current generation,
+	// including the hot ones carried over from the previous one.
+	Extents uint64
+	// Carried counts extents carried into new generations (KeepHot).
+	Carried uint64
+	// Ahead counts extents marked ahead of a sequential writer.
+	Ahead uint64
+	// RetiredExtents is the number of extents the last checkpoint covered
+	// in full because their generation retired (its over-report).
+	RetiredExtents uint64
 }
 
 // Journal makes a replica's dirty bitmap survive crashes: a write-intent log
@@ -70,6 +80,11 @@ type Journal struct {
 	// set holds the extents durably marked in the current log generation;
 	// Mark's fast path reads it without locking.
 	set atomic.Pointer[extSet]
+	// used holds the extents some Mark asked for in the current generation
+	// (a subset of set once their Marks returned); with keepHot they are
+	// carried into the next generation's log at a checkpoint.
+	used    atomic.Pointer[extSet]
+	keepHot atomic.Bool
 
 	mu       sync.Mutex
 	cond     sync.Cond // signals pending work, flush completion, swap completion
@@ -78,6 +93,7 @@ type Journal struct {
 	off      int64     // append offset in f
 	pending  *batch    // extents waiting for the next group commit
 	flushing bool      // the flusher is writing a batch outside mu
+	inflight *batch    // the batch being written while flushing
 	swapping bool      // a checkpoint is switching generations; do not start a flush
 	closing  bool
 	err      error // sticky: a log append failed, the journal is unusable
@@ -92,6 +108,7 @@ type Journal struct {
 	fastMarks                       stripedCounter
 	batched, records, fsyncs, bytes atomic.Uint64
 	checkpoints, checkpointBytes    atomic.Uint64
+	carried, ahead, retired         atomic.Uint64
 
 	// beforeSync, if set (tests only, before the flusher starts), runs before
 	// each log fdatasync.
@@ -142,6 +159,7 @@ func OpenJournal(dir string, size, regionSize, extentSize int64, log logr.Logger
 	}
 	j.cond.L = &j.mu
 	j.set.Store(newExtSet(g.extents))
+	j.used.Store(newExtSet(g.extents))
 
 	recovered, lastGen, err := j.recover()
 	if err != nil {
@@ -149,7 +167,7 @@ func OpenJournal(dir string, size, regionSize, extentSize int64, log logr.Logger
 		return nil, nil, fmt.Errorf("opening bitmap journal %s: %w", dir, err)
 	}
 	j.gen = lastGen
-	if err := j.rotate(recovered.Clone(), false); err != nil {
+	if err := j.rotate(recovered.Clone(), false, false); err != nil {
 		if j.f != nil {
 			j.f.Close()
 		}
@@ -186,6 +204,23 @@ func ResetJournal(dir string) error {
 	}
 	return nil
 }
+
+// KeepHot makes checkpoints carry the extents written during the generation
+// they retire into the new generation's log (written and fdatasynced with
+// the new log, before any Mark uses it), like DRBD's activity log: an extent
+// that keeps being written stays marked across checkpoints instead of costing
+// a group commit after each one, and leaves the log one generation after its
+// last write. Recovery is unchanged (checkpoint ∪ every extent of the logs it
+// does not cover); it over-reports by the extents written during the last
+// two generations instead of one. A sequential writer (a Mark whose extent
+// and the one before are marked) keeps a window of 64 MiB (at most 1/64 of
+// the volume) marked ahead of it, queued without waiting, so it does not
+// stall on a group commit each time it enters a new extent; this
+// over-reports by at most that window per sequential stream.
+func (j *Journal) KeepHot(on bool) { j.keepHot.Store(on) }
+
+// markAheadBytes is how far past a sequential writer's extent Mark reaches.
+const markAheadBytes = 64 << 20
 
 // recover reads the checkpoint and the logs it does not cover. It returns the
 // recovered regions and the highest log generation present.
@@ -308,8 +343,17 @@ func (j *Journal) Mark(ctx context.Context, off, n int64) error {
 		return fmt.Errorf("marking [%d, %d+%d): outside the volume of %d bytes", off, off, n, j.geo.size)
 	}
 	first, last, _ := j.geo.extentRange(off, n)
-	if j.set.Load().hasRange(first, last) {
+	if set := j.set.Load(); set.hasRange(first, last) {
+		j.noteUsed(first, last)
 		j.fastMarks.add(first)
+		// A sequential writer (the extent before is marked too) with less
+		// than half the read-ahead window marked in front of it: mark the
+		// window now, without waiting, so it never stalls on a commit.
+		if j.keepHot.Load() && first > 0 && set.has(first-1) {
+			if h := last + max(1, j.aheadExtents()/2); h < j.geo.extents && !set.has(h) {
+				j.markAhead(last)
+			}
+		}
 		return nil
 	}
 
@@ -324,29 +368,43 @@ func (j *Journal) Mark(ctx context.Context, off, n int64) error {
 		return fmt.Errorf("marking extents %d-%d: %w", first, last, err)
 	}
 	set := j.set.Load()
-	b := j.pending
-	added := false
+	// Extents already in the batch being written need only that commit;
+	// the others join the next one (which the flusher writes after it).
+	wait := (*batch)(nil)
 	for e := first; ; e++ {
-		if !set.has(e) {
-			if b == nil {
-				b = &batch{ext: roaring.New(), done: make(chan struct{})}
-				j.pending = b
+		switch {
+		case set.has(e):
+		case j.inflight != nil && j.inflight.ext.Contains(e):
+			if wait == nil {
+				wait = j.inflight
 			}
-			b.ext.Add(e)
-			added = true
+		default:
+			if j.pending == nil {
+				j.pending = &batch{ext: roaring.New(), done: make(chan struct{})}
+			}
+			j.pending.ext.Add(e)
+			wait = j.pending
 		}
 		if e == last {
 			break
 		}
 	}
-	if !added { // became durable while we took the lock
+	if wait == nil { // became durable while we took the lock
 		j.mu.Unlock()
+		j.noteUsed(first, last)
 		j.fastMarks.add(first)
 		return nil
 	}
+	// A write entering an unmarked extent at its start right after a marked
+	// one is likely sequential: mark the next extents in the same commit.
+	if wait == j.pending && j.keepHot.Load() && first > 0 && set.has(first-1) && off-int64(first)<<j.geo.extentShift < j.geo.extentSize/4 {
+		j.addAheadLocked(set, last)
+	}
+	b := wait
 	j.cond.Broadcast()
 	j.mu.Unlock()
 	j.batched.Add(1)
+	j.noteUsed(first, last)
 
 	select {
 	case <-b.done:
@@ -356,6 +414,62 @@ func (j *Journal) Mark(ctx context.Context, off, n int64) error {
 		return nil
 	case <-ctx.Done():
 		return fmt.Errorf("marking extents %d-%d: waiting for the intent log: %w", first, last, ctx.Err())
+	}
+}
+
+// aheadExtents is the read-ahead window in extents: markAheadBytes, but at
+// most 1/64 of the volume (and at least one extent), so that the
+// over-report after a crash stays small on small volumes.
+func (j *Journal) aheadExtents() uint32 {
+	return uint32(max(1, min(markAheadBytes, j.geo.size/64)>>j.geo.extentShift))
+}
+
+// markAhead queues the extents after last for the next group commit without
+// waiting for it (KeepHot's read-ahead for sequential writers).
+func (j *Journal) markAhead(last uint32) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if j.closing || j.err != nil {
+		return
+	}
+	if j.addAheadLocked(j.set.Load(), last) {
+		j.cond.Broadcast()
+	}
+}
+
+// addAheadLocked adds up to markAheadBytes of extents after last that are
+// neither marked nor being written to the pending batch; j.mu held.
+func (j *Journal) addAheadLocked(set *extSet, last uint32) bool {
+	ahead := j.aheadExtents()
+	added := false
+	for e := last + 1; e <= last+ahead && e < j.geo.extents; e++ {
+		if set.has(e) || (j.inflight != nil && j.inflight.ext.Contains(e)) || (j.pending != nil && j.pending.ext.Contains(e)) {
+			continue
+		}
+		if j.pending == nil {
+			j.pending = &batch{ext: roaring.New(), done: make(chan struct{})}
+		}
+		j.pending.ext.Add(e)
+		j.ahead.Add(1)
+		added = true
+	}
+	return added
+}
+
+// noteUsed records that [first, last] is being written in this generation,
+// for KeepHot. Losing a note to a concurrent rotation only costs a re-mark.
+func (j *Journal) noteUsed(first, last uint32) {
+	if !j.keepHot.Load() {
+		return
+	}
+	u := j.used.Load()
+	for e := first; ; e++ {
+		if !u.has(e) {
+			u.add(e)
+		}
+		if e == last {
+			return
+		}
 	}
 }
 
@@ -380,6 +494,7 @@ func (j *Journal) flusher() {
 			continue
 		}
 		j.flushing = true
+		j.inflight = b
 		f, gen, off, set := j.f, j.gen, j.off, j.set.Load()
 		j.mu.Unlock()
 
@@ -390,6 +505,7 @@ func (j *Journal) flusher() {
 
 		j.mu.Lock()
 		j.flushing = false
+		j.inflight = nil
 		if err != nil {
 			j.err = fmt.Errorf("appending to %s: %w", logName(gen), err)
 			j.log.Error(err, "bitmap intent log append failed; journal unusable", "dir", j.dir, "generation", gen)
@@ -453,7 +569,7 @@ func (j *Journal) Checkpoint(b *roaring.Bitmap) error {
 	if err != nil {
 		return err
 	}
-	if err := j.rotate(content, true); err != nil {
+	if err := j.rotate(content, true, j.keepHot.Load()); err != nil {
 		return fmt.Errorf("checkpoint of bitmap journal %s: %w", j.dir, err)
 	}
 	return nil
@@ -505,7 +621,7 @@ func (j *Journal) Close(final *roaring.Bitmap) error {
 		if !final.IsEmpty() && final.Maximum() >= j.geo.regions {
 			err = fmt.Errorf("final bitmap: region %d outside the volume's %d regions", final.Maximum(), j.geo.regions)
 		} else {
-			err = j.rotate(final.Clone(), false)
+			err = j.rotate(final.Clone(), false, false)
 		}
 	}
 	j.mu.Lock()
@@ -526,10 +642,13 @@ func (j *Journal) Close(final *roaring.Bitmap) error {
 
 // rotate starts log generation gen+1 and writes content (plus carry, plus the
 // retired generation's extents if unionRetired) as checkpoint gen+1, then
-// removes the older logs. The order makes every crash point recoverable:
+// removes the older logs. With keepHot, log gen+1 starts with a record of the
+// extents written during generation gen, and those extents start out marked
+// in gen+1. The order makes every crash point recoverable:
 //
-//  1. create and fsync log gen+1 and the directory; no Mark uses it yet, and
-//     recovery (checkpoint ≤ gen, logs ≤ gen+1) is unchanged;
+//  1. create and fsync log gen+1 (with the hot extents) and the directory;
+//     no Mark uses it yet, and recovery (checkpoint ≤ gen, logs ≤ gen+1) only
+//     gains the hot extents, which were marked in log gen anyway;
 //  2. switch Marks to it: wait for a flush in progress on gen, swap file and
 //     extent set; extents marked from now on go to gen+1;
 //  3. write checkpoint gen+1 (temp file, fsync, rename, fsync dir); recovery
@@ -538,11 +657,29 @@ func (j *Journal) Close(final *roaring.Bitmap) error {
 //  4. delete logs < gen+1, which no checkpoint needs any more.
 //
 // The caller holds ckptMu (or is OpenJournal, before the flusher starts).
-func (j *Journal) rotate(content *roaring.Bitmap, unionRetired bool) error {
+func (j *Journal) rotate(content *roaring.Bitmap, unionRetired, keepHot bool) error {
 	newGen := j.gen + 1 // only rotate writes j.gen, and rotations are serialized
-	nf, err := j.createLog(newGen)
+	var hot []extentRun
+	if keepHot {
+		j.used.Load().forEach(func(e uint32) {
+			if k := len(hot) - 1; k >= 0 && hot[k].first+hot[k].n == e {
+				hot[k].n++
+			} else {
+				hot = append(hot, extentRun{first: e, n: 1})
+			}
+		})
+	}
+	nf, off, err := j.createLog(newGen, hot)
 	if err != nil {
 		return err
+	}
+	newSet := newExtSet(j.geo.extents)
+	carried := 0
+	for _, r := range hot {
+		for e := r.first; e < r.first+r.n; e++ {
+			newSet.add(e)
+			carried++
+		}
 	}
 
 	j.mu.Lock()
@@ -551,17 +688,21 @@ func (j *Journal) rotate(content *roaring.Bitmap, unionRetired bool) error {
 		j.cond.Wait()
 	}
 	oldF, oldSet := j.f, j.set.Load()
-	j.f, j.gen, j.off = nf, newGen, logHeaderLen
-	j.set.Store(newExtSet(j.geo.extents))
+	j.f, j.gen, j.off = nf, newGen, off
+	j.set.Store(newSet)
+	j.used.Store(newExtSet(j.geo.extents))
 	j.swapping = false
 	j.cond.Broadcast()
 	j.mu.Unlock()
+	j.carried.Add(uint64(carried))
 
 	if oldF != nil {
 		// Every record in it was fdatasynced before its Marks returned.
 		_ = oldF.Close()
 	}
+	retired := 0
 	if unionRetired {
+		oldSet.forEach(func(uint32) { retired++ })
 		oldSet.addRegionsTo(&j.geo, j.carry)
 	}
 	content.Or(j.carry)
@@ -570,25 +711,30 @@ func (j *Journal) rotate(content *roaring.Bitmap, unionRetired bool) error {
 		// next checkpoint.
 		return err
 	}
+	j.retired.Store(uint64(retired))
 	j.carry = roaring.New()
 	j.removeLogsBefore(newGen)
 	return nil
 }
 
-func (j *Journal) createLog(gen uint64) (*os.File, error) {
+// createLog creates log gen with its header and, if hot is not empty, one
+// record of the hot extents, fdatasyncs it and the directory, and returns it
+// with its append offset.
+func (j *Journal) createLog(gen uint64, hot []extentRun) (*os.File, int64, error) {
 	path := filepath.Join(j.dir, logName(gen))
 	// O_TRUNC, not O_EXCL: a file of this generation can only be left over
 	// from a rotation that failed before switching to it, so it holds nothing.
 	f, err := os.OpenFile(path, os.O_CREATE|os.O_TRUNC|os.O_RDWR, 0o600)
 	if err != nil {
-		return nil, fmt.Errorf("creating log: %w", err)
+		return nil, 0, fmt.Errorf("creating log: %w", err)
 	}
-	fail := func(err error) (*os.File, error) {
+	fail := func(err error) (*os.File, int64, error) {
 		f.Close()
 		os.Remove(path)
-		return nil, fmt.Errorf("creating %s: %w", logName(gen), err)
+		return nil, 0, fmt.Errorf("creating %s: %w", logName(gen), err)
 	}
-	if _, err := f.WriteAt(appendLogHeader(nil, gen, &j.geo), 0); err != nil {
+	hdr := appendLogHeader(nil, gen, &j.geo)
+	if _, err := f.WriteAt(hdr, 0); err != nil {
 		return fail(err)
 	}
 	if err := fdatasync(f); err != nil {
@@ -597,8 +743,27 @@ func (j *Journal) createLog(gen uint64) (*os.File, error) {
 	if err := syncDir(j.dir); err != nil {
 		return fail(err)
 	}
+	off := int64(len(hdr))
+	if len(hot) > 0 {
+		// A separate append after the durable header: a crash tearing it
+		// leaves a torn last record, which recovery ignores.
+		var rec []byte
+		for len(hot) > 0 {
+			k := min(len(hot), maxRunsPerRecord)
+			rec = appendRecord(rec, gen, hot[:k])
+			hot = hot[k:]
+		}
+		if _, err := f.WriteAt(rec, off); err != nil {
+			return fail(err)
+		}
+		if err := fdatasync(f); err != nil {
+			return fail(err)
+		}
+		j.fsyncs.Add(1)
+		off += int64(len(rec))
+	}
 	j.fsyncs.Add(2)
-	return f, nil
+	return f, off, nil
 }
 
 func (j *Journal) writeCheckpoint(gen uint64, bm *roaring.Bitmap) error {
@@ -678,6 +843,10 @@ func (j *Journal) Stats() JournalStats {
 		Checkpoints:     j.checkpoints.Load(),
 		CheckpointBytes: j.checkpointBytes.Load(),
 		Generation:      gen,
+		Extents:         uint64(j.set.Load().count()),
+		Carried:         j.carried.Load(),
+		Ahead:           j.ahead.Load(),
+		RetiredExtents:  j.retired.Load(),
 	}
 }
 

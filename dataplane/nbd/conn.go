@@ -27,6 +27,7 @@ type conn struct {
 	log        logr.Logger
 	be         Backend
 	puncher    ZeroPuncher // nil if be cannot punch
+	taker      BufferTaker // nil if be copies write payloads
 	size       uint64
 	minBlock   uint32
 	maxPayload uint32
@@ -102,6 +103,7 @@ func (s *Server) transmit(ctx context.Context, nc net.Conn, br *bufio.Reader, ex
 		barrier:      newFlushBarrier(),
 	}
 	c.puncher, _ = exp.Backend.(ZeroPuncher)
+	c.taker, _ = exp.Backend.(BufferTaker)
 	c.slotFree = sync.NewCond(&c.slotMu)
 	c.work = make(chan *request, c.maxInFlight)
 	// Request contexts keep ctx's values but not its cancellation: a
@@ -398,6 +400,13 @@ func (c *conn) exec(r *request) error {
 	case CmdWrite:
 		if n == 0 {
 			return nil
+		}
+		if c.taker != nil {
+			// The payload goes to the backend (and on to a peer) without a
+			// copy; it gives the buffer back to the pool when done.
+			buf := r.buf
+			r.buf = nil
+			return c.taker.WriteAtTake(ctx, buf, putBuf, off, fua)
 		}
 		return c.be.WriteAt(ctx, *r.buf, off, fua)
 	case CmdFlush:

@@ -56,7 +56,10 @@
 // # Concurrency and ordering
 //
 // One goroutine per connection reads requests (and WRITE payloads into pooled
-// buffers) and hands them to up to Server.MaxInFlight workers; the number of
+// buffers) and hands them to up to Server.MaxInFlight workers. A Backend that
+// implements BufferTaker gets the payload buffer itself (a replicating backend
+// sends it to its peer without a copy) and gives it back when done; the
+// number of
 // payload bytes in flight is bounded too (Server.MaxInFlightBytes). Replies
 // are sent as requests complete, in any order (clients match them by handle):
 // they are queued under a mutex and whichever worker finds no write in

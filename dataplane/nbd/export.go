@@ -43,6 +43,16 @@ type ZeroPuncher interface {
 	PunchZeroes(ctx context.Context, off, n int64, fua bool) error
 }
 
+// BufferTaker is implemented by backends that can keep a WRITE's payload
+// buffer instead of copying it (a replicating backend queues it for its
+// peer). The server then calls WriteAtTake instead of Backend.WriteAt: the
+// backend owns *buf from the call on, may keep it after returning, and must
+// call done(buf) exactly once when it no longer needs it, whatever the
+// outcome. The server never touches the buffer again.
+type BufferTaker interface {
+	WriteAtTake(ctx context.Context, buf *[]byte, done func(*[]byte), off int64, fua bool) error
+}
+
 // Export is what a client gets for an export name ("<namespace>/<name>").
 type Export struct {
 	// Name is the canonical name reported in NBD_INFO_NAME; the requested

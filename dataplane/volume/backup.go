@@ -26,9 +26,12 @@ type backupSide struct {
 
 	applied atomic.Uint64
 	durable atomic.Uint64
-	alive   atomic.Bool
-	done    chan struct{}
-	once    sync.Once
+	// kick asks the syncer for a sync now (a FUA write or a Flush was
+	// applied): the apply loop goes on with the next frames meanwhile.
+	kick  chan struct{}
+	alive atomic.Bool
+	done  chan struct{}
+	once  sync.Once
 
 	fwd *fwdClient
 }
@@ -92,7 +95,7 @@ func (v *Volume) ServePrimary(conn net.Conn, br *bufio.Reader, rd *repl.Reader, 
 		refuse(conn, epoch, reason)
 		return errors.New(reason)
 	}
-	b := &backupSide{v: v, conn: conn, epoch: v.epoch, bw: bufio.NewWriterSize(conn, 64<<10), done: make(chan struct{})}
+	b := &backupSide{v: v, conn: conn, epoch: v.epoch, bw: bufio.NewWriterSize(conn, 64<<10), done: make(chan struct{}), kick: make(chan struct{}, 1)}
 	b.fwd = newFwdClient(b)
 	old := v.backupConn
 	v.backupConn = b
@@ -108,7 +111,7 @@ func (v *Volume) ServePrimary(conn net.Conn, br *bufio.Reader, rd *repl.Reader, 
 	defer func() {
 		b.close(errors.New("stream ended"))
 		close(b.done)
-		b.fwd.fail(errors.New("replication stream to the writer ended"))
+		b.fwd.fail(errStreamEnded)
 		v.mu.Lock()
 		if v.backupConn == b {
 			v.backupConn = nil
@@ -147,35 +150,44 @@ func (v *Volume) ServePrimary(conn net.Conn, br *bufio.Reader, rd *repl.Reader, 
 	return b.apply(br, rd)
 }
 
-// syncer makes applied frames durable every few milliseconds and reports it,
-// so the primary can clear bits without waiting for a FUA or flush.
+// syncer makes applied frames durable every few milliseconds, or at once
+// when kicked for a FUA write or a Flush, and reports it, so the primary can
+// clear bits (and finish FUA writes and flushes) without the apply loop
+// stopping for an fdatasync. Every frame up to the applied seq read before
+// the fdatasync was written before it, so the durable ack covers them.
 func (b *backupSide) syncer(stop <-chan struct{}) {
-	t := time.NewTicker(20 * time.Millisecond)
+	t := time.NewTicker(syncEvery)
 	defer t.Stop()
 	for {
 		select {
 		case <-stop:
 			return
 		case <-t.C:
-			a := b.applied.Load()
-			if a <= b.durable.Load() {
-				continue
-			}
-			if err := b.v.store.Sync(); err != nil {
-				b.v.setError(fmt.Errorf("backup sync: %w", err))
-				b.close(err)
-				return
-			}
-			if a > b.durable.Load() {
-				b.durable.Store(a)
-			}
-			if err := b.ack(); err != nil {
-				b.close(err)
-				return
-			}
+		case <-b.kick:
+		}
+		a := b.applied.Load()
+		if a <= b.durable.Load() {
+			continue
+		}
+		if err := b.v.store.Sync(); err != nil {
+			// Tell the primary why, as the apply loop does for its errors.
+			err = b.fail(fmt.Errorf("backup sync: %w", err))
+			b.close(err)
+			return
+		}
+		if a > b.durable.Load() {
+			b.durable.Store(a)
+		}
+		if err := b.ack(); err != nil {
+			b.close(err)
+			return
 		}
 	}
 }
+
+// syncEvery is the backup's durability cadence: how stale the primary's view
+// of what is durable here may get (its dirty bits clear on durable acks).
+const syncEvery = 20 * time.Millisecond
 
 func (b *backupSide) apply(br *bufio.Reader, rd *repl.Reader) error {
 	v := b.v
@@ -242,7 +254,10 @@ func (b *backupSide) apply(br *bufio.Reader, rd *repl.Reader) error {
 			v.ctr.rejected.Add(1)
 			return fmt.Errorf("unexpected %v frame from the primary", f.Type)
 		}
-		if sync {
+		// A FUA write or a Flush is made durable by the syncer, while this
+		// loop applies the next frames; CopyDone needs it before UpToDate.
+		kick := sync && f.Type != repl.TypeCopyDone
+		if sync && !kick {
 			if err := v.store.Sync(); err != nil {
 				return b.fail(fmt.Errorf("sync for %v: %w", f.Type, err))
 			}
@@ -254,10 +269,15 @@ func (b *backupSide) apply(br *bufio.Reader, rd *repl.Reader) error {
 		}
 		v.ctr.framesApplied.Add(1)
 		b.applied.Store(f.Seq)
-		if sync {
+		if kick {
+			select {
+			case b.kick <- struct{}{}:
+			default:
+			}
+		} else if sync {
 			b.durable.Store(f.Seq)
 		}
-		if br.Buffered() == 0 || sync {
+		if br.Buffered() == 0 || (sync && !kick) {
 			if err := b.ack(); err != nil {
 				return fmt.Errorf("send Ack: %w", err)
 			}

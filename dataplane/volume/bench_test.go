@@ -1,17 +1,37 @@
 package volume_test
 
 import (
+	"bufio"
 	"context"
+	"net"
 	"sync"
 	"sync/atomic"
 	"testing"
 
+	"github.com/go-logr/logr"
+
+	"github.com/tandem-storage/tandem/dataplane/repl"
 	"github.com/tandem-storage/tandem/dataplane/volume"
 )
 
 // BenchmarkPairWrite measures client writes through a primary that mirrors
-// to a backup over loopback TCP (in-memory stores), at queue depth qd.
+// to a backup over loopback TCP (in-memory stores), at queue depth qd. The
+// file/ cases use real files in the test's temporary directory (the agent's
+// path: page cache, fdatasync on the backup, journal group commits), for
+// -cpuprofile, -blockprofile and -mutexprofile of the write path:
+//
+//	go test -run '^$' -bench 'PairWrite/file' -blockprofile block.out ./dataplane/volume/
 func BenchmarkPairWrite(b *testing.B) {
+	for _, files := range []bool{false, true} {
+		prefix := ""
+		if files {
+			prefix = "file/"
+		}
+		benchmarkPairWrite(b, prefix, files)
+	}
+}
+
+func benchmarkPairWrite(b *testing.B, prefix string, files bool) {
 	for _, tc := range []struct {
 		name string
 		mode volume.Mode
@@ -26,8 +46,12 @@ func BenchmarkPairWrite(b *testing.B) {
 		{"async/1M-qd8", volume.ModeAsync, 1 << 20, 8, false},
 		{"sync/1M-qd8", volume.ModeSync, 1 << 20, 8, false},
 	} {
-		b.Run(tc.name, func(b *testing.B) {
-			p, bk := newMember(b, "a"), newMember(b, "b")
+		b.Run(prefix+tc.name, func(b *testing.B) {
+			newM := newMember
+			if files {
+				newM = newFileMember
+			}
+			p, bk := newM(b, "a"), newM(b, "b")
 			spec := volume.Spec{Role: volume.RolePrimary, Epoch: 1, Mode: tc.mode}
 			if !tc.solo {
 				if err := bk.v.Apply(volume.Spec{Role: volume.RoleBackup, Epoch: 1, Mode: tc.mode}); err != nil {
@@ -68,4 +92,51 @@ func BenchmarkPairWrite(b *testing.B) {
 			b.StopTimer()
 		})
 	}
+}
+
+// newFileMember is newMember with the replica in a real (sparse) file.
+func newFileMember(t testing.TB, node string) *member {
+	t.Helper()
+	m := &member{logs: &syncBuf{}}
+	v, err := volume.Open(volume.Options{Name: "ns/vol", Node: node, Dir: t.TempDir(), Size: size, RegionSize: region,
+		Log: logr.Discard()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.v = v
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.addr = ln.Addr().String()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				br := bufio.NewReader(c)
+				rd := repl.NewReader(br, 0)
+				f, err := rd.Next()
+				if err != nil || f.Type != repl.TypeHello {
+					c.Close()
+					return
+				}
+				h, err := repl.ParseHello(f.Payload)
+				if err != nil {
+					c.Close()
+					return
+				}
+				_ = v.ServePrimary(c, br, rd, h)
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		if err := v.Close(); err != nil {
+			t.Error(err)
+		}
+	})
+	return m
 }

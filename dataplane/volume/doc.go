@@ -13,8 +13,9 @@
 //     the journal (bitmap.Journal) before anything else, so a crash can never
 //     lose the knowledge that the region may differ (invariant 3).
 //  3. Under the region locks: the local store is written and the frame is
-//     queued on the link with the next sequence number, and the tracker marks
-//     the regions with that seq. Holding the region locks across both makes
+//     queued on the link with the next sequence number (carrying the NBD
+//     server's own payload buffer, WriteAtTake, not a copy), and the tracker
+//     marks the regions with that seq. Holding the region locks across both makes
 //     the peer apply overlapping writes in the same order as the local store,
 //     and makes a resync copy of a region (read + queue, under the same lock)
 //     unable to overwrite a newer live write on the peer.
@@ -23,6 +24,20 @@
 //     the link is down, the write is held until the controller has recorded
 //     the peer as Outdated (PeerOutdated), invariant 2. Async mode
 //     acknowledges after the local copy.
+//
+// Write intent is cheap in the steady state: the journal keeps extents that
+// keep being written marked across checkpoints (bitmap.Journal.KeepHot) and
+// marks ahead of sequential writers, so a write waits for a group commit only
+// when it enters an extent not written for a while.
+//
+// # Backup
+//
+// The backup applies frames in order and acks them as applied at once and as
+// durable after an fdatasync: every 20 ms, or at once for a FUA write or a
+// Flush (the syncer; the apply loop goes on meanwhile; CopyDone is made
+// durable inline, before the backup reports UpToDate). The
+// primary clears a region's bit only on a durable ack covering every frame
+// that wrote it (invariant 3).
 //
 // # Resync (COPY)
 //
@@ -41,5 +56,9 @@
 // controller then swaps the roles with a new epoch; writes that were held on
 // the old writer are forwarded over the replication link to the new writer
 // (which mirrors them back), so no client write fails. Connections that stay
-// open on the old writer keep being forwarded; new ones are refused.
+// open on the old writer keep being forwarded; new ones are refused. A
+// forwarded request whose stream ends before its answer (the writer stepped
+// down again, as when a failback goes back and forth) is issued again
+// wherever the writer is now; a member never forwards back a request its
+// peer forwarded to it, the peer issues it again itself.
 package volume

@@ -15,8 +15,54 @@ import (
 // complete the client requests it was holding, and keep serving the client
 // connections that are still open to it, by sending them to the new writer
 // over the replication stream. FwdReply frames answer with Offset 0 for
-// success (payload: data for a read) or 1 for an error (payload: the text).
+// success (payload: data for a read), 1 for an error (payload: the text), or
+// 2 when the writer stepped down while holding the request: the sender
+// issues it again wherever the writer is now.
 const fwdWait = 15 * time.Second
+
+// errStreamEnded: the replication stream a request was forwarded on ended
+// before its answer came back.
+var errStreamEnded = errors.New("replication stream to the writer ended")
+
+// fromPeerKey marks the context of a request the peer forwarded to this
+// member (serveForwarded). Should this member step down while holding it, it
+// must not forward it back: the member it came from issues it again.
+type fromPeerKey struct{}
+
+// forwardable returns nil when a request with ctx may be forwarded by this
+// member (it did not come from the peer).
+func forwardable(ctx context.Context) error {
+	if ctx.Value(fromPeerKey{}) != nil {
+		return fmt.Errorf("stepped down while holding a request forwarded by the peer: %w", errNotForwardable)
+	}
+	return nil
+}
+
+// errNotForwardable: see forwardable. The FwdReply says fwdReissue, and the
+// member the request came from issues it again.
+var errNotForwardable = fmt.Errorf("the member it came from issues it again: %w", ErrNotWriter)
+
+// fwdReissue is the FwdReply offset that tells the sender to issue the
+// request again (0 is success, 1 an error).
+const fwdReissue = 2
+
+// maxReissue bounds how often one request is re-issued after streams end.
+const maxReissue = 5
+
+// reissue reports whether a forwarded request that failed with err should be
+// issued again: its stream to the writer ended before the answer (the
+// writer stepped down in a failback, or the link dropped). The request was
+// never acknowledged, so running it again, wherever the writer is now (this
+// member, if it was just promoted, or over the next stream), is what any
+// block device client may see for a request in flight; the client gets an
+// answer instead of an error (invariant 6).
+func (v *Volume) reissue(ctx context.Context, err error, attempt int) bool {
+	if err == nil || !errors.Is(err, errStreamEnded) || ctx.Err() != nil || attempt >= maxReissue {
+		return false
+	}
+	v.log.V(1).Info("Re-issuing a forwarded request whose stream ended", "attempt", attempt)
+	return true
+}
 
 // forwarder belongs to an ex-writer; it waits for the new writer's stream.
 type forwarder struct {
@@ -43,6 +89,14 @@ func (f *forwarder) get(ctx context.Context) (*fwdClient, error) {
 	deadline := time.NewTimer(fwdWait)
 	defer deadline.Stop()
 	for {
+		f.v.mu.Lock()
+		current := f.v.fwd == f
+		f.v.mu.Unlock()
+		if !current {
+			// The member became the writer again (or changed roles once
+			// more) while the request waited: issue it again from the top.
+			return nil, fmt.Errorf("member %s stopped forwarding: %w", f.v.opts.Node, errStreamEnded)
+		}
 		f.mu.Lock()
 		c, ch := f.client, f.changed
 		f.mu.Unlock()
@@ -143,7 +197,7 @@ func (c *fwdClient) call(ctx context.Context, f *repl.Frame) ([]byte, error) {
 	c.mu.Unlock()
 	f.Seq, f.Epoch = id, c.b.epoch
 	if err := c.b.send(f); err != nil {
-		c.fail(fmt.Errorf("forward to the writer: %w", err))
+		c.fail(fmt.Errorf("forward to the writer: %w: %w", errStreamEnded, err))
 	}
 	select {
 	case r := <-ch:
@@ -162,6 +216,10 @@ func (c *fwdClient) deliver(f *repl.Frame) {
 	delete(c.waiting, f.Seq)
 	c.mu.Unlock()
 	if ch == nil {
+		return
+	}
+	if f.Offset == fwdReissue {
+		ch <- fwdResult{err: fmt.Errorf("the member it was forwarded to stepped down: %w", errStreamEnded)}
 		return
 	}
 	if f.Offset != 0 {
@@ -191,7 +249,7 @@ func (l *link) serveForwarded(gen uint64, f *repl.Frame) {
 		req.Payload = append([]byte(nil), f.Payload...)
 	}
 	go func() {
-		ctx, cancel := context.WithTimeout(l.ctx, 30*time.Second)
+		ctx, cancel := context.WithTimeout(context.WithValue(l.ctx, fromPeerKey{}, true), 30*time.Second)
 		defer cancel()
 		var data []byte
 		var err error
@@ -216,6 +274,9 @@ func (l *link) serveForwarded(gen uint64, f *repl.Frame) {
 		reply := repl.Frame{Type: repl.TypeFwdReply, Seq: req.Seq, Payload: data}
 		if err != nil {
 			reply.Offset, reply.Payload = 1, []byte(err.Error())
+			if errors.Is(err, errNotForwardable) {
+				reply.Offset = fwdReissue
+			}
 		}
 		l.mu.Lock()
 		if l.gen == gen {

@@ -3,6 +3,7 @@ package volume
 import (
 	"context"
 	"fmt"
+	"math/bits"
 	"sync"
 	"syscall"
 	"time"
@@ -28,34 +29,44 @@ func (l *regionLocks) init(regionSize int64) {
 	panic(fmt.Sprintf("region size %d is not a power of two", regionSize))
 }
 
-// lock locks the stripes of [off, off+n) and returns the unlock function.
-func (l *regionLocks) lock(off, n int64) func() {
+// held is a set of locked stripes, returned by lock; unlock releases them.
+// It is a value (four words), so locking allocates nothing.
+type held struct {
+	l    *regionLocks
+	bits [len(regionLocks{}.stripes) / 64]uint64
+}
+
+// lock locks the stripes of [off, off+n) in ascending order.
+func (l *regionLocks) lock(off, n int64) held {
+	h := held{l: l}
 	first := off >> l.shift
 	last := (off + max(n, 1) - 1) >> l.shift
 	if last-first >= int64(len(l.stripes))-1 {
-		for i := range l.stripes {
-			l.stripes[i].Lock()
+		for i := range h.bits {
+			h.bits[i] = ^uint64(0)
 		}
-		return func() {
-			for i := range l.stripes {
-				l.stripes[i].Unlock()
-			}
-		}
-	}
-	var held [len(regionLocks{}.stripes)]bool
-	for r := first; r <= last; r++ {
-		held[r%int64(len(l.stripes))] = true
-	}
-	for i := range held {
-		if held[i] {
-			l.stripes[i].Lock()
+	} else {
+		for r := first; r <= last; r++ {
+			s := r % int64(len(l.stripes))
+			h.bits[s>>6] |= 1 << (s & 63)
 		}
 	}
-	return func() {
-		for i := range held {
-			if held[i] {
-				l.stripes[i].Unlock()
-			}
+	for w, b := range h.bits {
+		for b != 0 {
+			i := bits.TrailingZeros64(b)
+			l.stripes[w*64+i].Lock()
+			b &= b - 1
+		}
+	}
+	return h
+}
+
+func (h held) unlock() {
+	for w, b := range h.bits {
+		for b != 0 {
+			i := bits.TrailingZeros64(b)
+			h.l.stripes[w*64+i].Unlock()
+			b &= b - 1
 		}
 	}
 }
@@ -97,6 +108,9 @@ func (v *Volume) admit(ctx context.Context) (*forwarder, error) {
 		if v.fwd != nil {
 			f := v.fwd
 			v.mu.Unlock()
+			if err := forwardable(ctx); err != nil {
+				return nil, err
+			}
 			return f, nil
 		}
 		if err := v.writableLocked(); err != nil {
@@ -137,11 +151,20 @@ func (v *Volume) ReadAt(ctx context.Context, p []byte, off int64) error {
 	if err := v.checkRange(off, int64(len(p))); err != nil {
 		return err
 	}
-	v.mu.Lock()
-	f := v.fwd
-	if f != nil {
+	for attempt := 1; ; attempt++ {
+		v.mu.Lock()
+		f := v.fwd
+		if f == nil {
+			break // v.mu held
+		}
 		v.mu.Unlock()
-		return f.read(ctx, p, off)
+		if err := forwardable(ctx); err != nil {
+			return err
+		}
+		err := f.read(ctx, p, off)
+		if !v.reissue(ctx, err, attempt) {
+			return err
+		}
 	}
 	if err := v.writableLocked(); err != nil {
 		v.mu.Unlock()
@@ -163,6 +186,26 @@ func (v *Volume) WriteAt(ctx context.Context, p []byte, off int64, fua bool) err
 	return v.submit(ctx, opWrite, p, off, int64(len(p)), fua)
 }
 
+// owned is a client write buffer the volume took from the NBD server
+// (WriteAtTake): done gives it back. Whoever ends up holding it calls done
+// exactly once: the link after sending the frame, else submit's caller.
+type owned struct {
+	buf  *[]byte
+	done func(*[]byte)
+}
+
+// WriteAtTake is WriteAt for a buffer the caller hands over (it implements
+// nbd.BufferTaker): the replication frame carries *buf itself instead of a
+// copy, and done(buf) is called once nothing needs it any more.
+func (v *Volume) WriteAtTake(ctx context.Context, buf *[]byte, done func(*[]byte), off int64, fua bool) error {
+	o := owned{buf: buf, done: done}
+	err := v.submitOwned(ctx, opWrite, *buf, off, int64(len(*buf)), fua, &o)
+	if o.buf != nil { // not handed to the link
+		o.done(o.buf)
+	}
+	return err
+}
+
 // Trim deallocates a range (reads return zeros afterwards).
 func (v *Volume) Trim(ctx context.Context, off, n int64, fua bool) error {
 	return v.submit(ctx, opTrim, nil, off, n, fua)
@@ -174,19 +217,31 @@ func (v *Volume) WriteZeroes(ctx context.Context, off, n int64, fua bool) error 
 }
 
 func (v *Volume) submit(ctx context.Context, kind opKind, p []byte, off, n int64, fua bool) error {
+	return v.submitOwned(ctx, kind, p, off, n, fua, nil)
+}
+
+// submitOwned runs a client write. With own set, p is *own.buf and the link
+// takes the buffer instead of copying it (then it clears own.buf).
+func (v *Volume) submitOwned(ctx context.Context, kind opKind, p []byte, off, n int64, fua bool, own *owned) error {
 	if err := v.checkRange(off, n); err != nil {
 		return err
 	}
 	if n == 0 {
 		return nil
 	}
-	fwd, err := v.admit(ctx)
-	if err != nil {
-		return err
-	}
-	if fwd != nil {
+	for attempt := 1; ; attempt++ {
+		fwd, err := v.admit(ctx)
+		if err != nil {
+			return err
+		}
+		if fwd == nil {
+			break
+		}
 		v.forwarded.Add(1)
-		return fwd.submit(ctx, kind, p, off, n, fua)
+		err = fwd.submit(ctx, kind, p, off, n, fua)
+		if !v.reissue(ctx, err, attempt) {
+			return err
+		}
 	}
 	defer v.release()
 
@@ -199,9 +254,9 @@ func (v *Volume) submit(ctx context.Context, kind opKind, p []byte, off, n int64
 		v.setError(err)
 		return err
 	}
-	unlock := v.locks.lock(off, n)
+	locked := v.locks.lock(off, n)
 	if err := v.applyLocal(kind, p, off, n); err != nil {
-		unlock()
+		locked.unlock()
 		v.ckpt.RUnlock()
 		v.setError(err)
 		return err
@@ -213,12 +268,12 @@ func (v *Volume) submit(ctx context.Context, kind opKind, p []byte, off, n int64
 	var tk ticket
 	queued := false
 	if l != nil {
-		tk, queued = l.enqueueClient(kind, p, off, n, fua, mode == ModeSync)
+		tk, queued = l.enqueueClient(kind, p, off, n, fua, own)
 	}
 	if !queued {
 		v.tracker.MarkRange(off, n)
 	}
-	unlock()
+	locked.unlock()
 	v.ckpt.RUnlock()
 
 	if fua {
@@ -294,11 +349,20 @@ func (v *Volume) waitAlone(ctx context.Context) error {
 // Flush makes every completed write durable locally and, in Sync mode, on
 // the peer.
 func (v *Volume) Flush(ctx context.Context) error {
-	v.mu.Lock()
-	f := v.fwd
-	if f != nil {
+	for attempt := 1; ; attempt++ {
+		v.mu.Lock()
+		f := v.fwd
+		if f == nil {
+			break // v.mu held
+		}
 		v.mu.Unlock()
-		return f.flush(ctx)
+		if err := forwardable(ctx); err != nil {
+			return err
+		}
+		err := f.flush(ctx)
+		if !v.reissue(ctx, err, attempt) {
+			return err
+		}
 	}
 	if err := v.writableLocked(); err != nil {
 		v.mu.Unlock()

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"sync"
 	"time"
 
@@ -30,6 +31,7 @@ const (
 	minBackoff        = 100 * time.Millisecond
 	maxBackoff        = 2 * time.Second
 	handshakeDeadline = 10 * time.Second
+	bigFrame          = 128 << 10 // frames this large bypass the send buffer
 )
 
 // HelloAck is the backup's answer to a Hello.
@@ -43,8 +45,20 @@ type HelloAck struct {
 type ticket struct{ gen, seq uint64 }
 
 type qframe struct {
-	f   repl.Frame
-	buf *[]byte
+	f    repl.Frame
+	buf  *[]byte
+	free func(*[]byte) // gives buf back; nil: the volume's pool
+}
+
+// release gives the frame's payload buffer back.
+func (q *qframe) release() {
+	switch {
+	case q.buf == nil:
+	case q.free != nil:
+		q.free(q.buf)
+	default:
+		putBuf(q.buf)
+	}
 }
 
 type copyRec struct {
@@ -87,6 +101,7 @@ type link struct {
 	applied   uint64
 	durable   uint64
 	sentAt    []sentRec // unacked client frames, for the oldest-write age
+	waiters   []waiter  // sync-mode writes waiting for their ack
 	copies    []copyRec
 	copyBytes int64
 	copyDone  bool // CopyDone queued and nothing left to copy
@@ -330,8 +345,8 @@ func (l *link) teardown(gen uint64) {
 	l.gen++
 	l.streaming = false
 	l.v.tracker.PeerLost()
-	for _, q := range l.queue {
-		putBuf(q.buf)
+	for i := range l.queue {
+		l.queue[i].release()
 	}
 	l.queue, l.qbytes = l.queue[:0], 0
 	l.sentAt = l.sentAt[:0]
@@ -339,6 +354,7 @@ func (l *link) teardown(gen uint64) {
 	l.cp.Running = false
 	l.space.Broadcast()
 	l.work.Broadcast()
+	l.wakeLocked(true)
 	l.notifyLocked()
 	l.mu.Unlock()
 	l.v.notify()
@@ -357,12 +373,19 @@ func (l *link) enqueueLocked(f repl.Frame, buf *[]byte, size int64) uint64 {
 
 // enqueueClient queues a client write. It must be called with the region
 // locks of [off, off+n) held, after the local write. It returns false when
-// the link is not streaming (the caller then marks the regions dirty).
-func (l *link) enqueueClient(kind opKind, p []byte, off, n int64, fua, syncMode bool) (ticket, bool) {
+// the link is not streaming (the caller then marks the regions dirty). With
+// own set (p is *own.buf) the frame takes the buffer instead of a copy and
+// own.buf is cleared; when it returns false the caller still owns it.
+func (l *link) enqueueClient(kind opKind, p []byte, off, n int64, fua bool, own *owned) (ticket, bool) {
 	var buf *[]byte
+	var free func(*[]byte)
 	if kind == opWrite {
-		buf = getBuf(len(p))
-		copy(*buf, p)
+		if own != nil && own.buf != nil {
+			buf, free = own.buf, own.done
+		} else {
+			buf = getBuf(len(p))
+			copy(*buf, p)
+		}
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -371,7 +394,9 @@ func (l *link) enqueueClient(kind opKind, p []byte, off, n int64, fua, syncMode 
 		l.space.Wait()
 	}
 	if !l.streaming || l.gen != gen {
-		putBuf(buf)
+		if free == nil {
+			putBuf(buf)
+		}
 		return ticket{}, false
 	}
 	f := repl.Frame{Type: kind.frameType(), Offset: uint64(off), Length: uint32(n)}
@@ -382,6 +407,10 @@ func (l *link) enqueueClient(kind opKind, p []byte, off, n int64, fua, syncMode 
 		f.Flags |= repl.FlagFUA | repl.FlagDurableAck
 	}
 	seq := l.enqueueLocked(f, buf, int64(len(p)))
+	if free != nil {
+		l.queue[len(l.queue)-1].free = free
+		own.buf = nil
+	}
 	l.v.tracker.Mark(off, n, seq)
 	l.sentAt = append(l.sentAt, sentRec{seq: seq, at: time.Now()})
 	return ticket{gen: gen, seq: seq}, true
@@ -398,9 +427,27 @@ func (l *link) enqueueFlush() (ticket, bool) {
 	return ticket{gen: l.gen, seq: seq}, true
 }
 
+// waiter is a sync-mode write (or flush) waiting for the ack of seq.
+type waiter struct {
+	seq     uint64
+	durable bool
+	ch      chan struct{} // buffered (1): acked or teardown signals it
+}
+
+var waitChans = sync.Pool{New: func() any { return make(chan struct{}, 1) }}
+
 // waitApplied waits until the peer acknowledged t (durably when durable is
-// set). It returns false if the connection of t was lost first.
+// set). It returns false if the connection of t was lost first. Only the
+// acks that satisfy a waiter wake it (not every ack every waiter).
 func (l *link) waitApplied(ctx context.Context, t ticket, durable bool) bool {
+	ch := waitChans.Get().(chan struct{})
+	defer func() {
+		select { // drop a signal that raced with the last check
+		case <-ch:
+		default:
+		}
+		waitChans.Put(ch)
+	}()
 	for {
 		l.mu.Lock()
 		if l.gen != t.gen || !l.streaming {
@@ -415,14 +462,40 @@ func (l *link) waitApplied(ctx context.Context, t ticket, durable bool) bool {
 			l.mu.Unlock()
 			return true
 		}
-		ch := l.changed
+		l.waiters = append(l.waiters, waiter{seq: t.seq, durable: durable, ch: ch})
 		l.mu.Unlock()
 		select {
 		case <-ch:
 		case <-ctx.Done():
+			l.mu.Lock()
+			l.waiters = slices.DeleteFunc(l.waiters, func(w waiter) bool { return w.ch == ch })
+			l.mu.Unlock()
 			return false
 		}
 	}
+}
+
+// wakeLocked signals the waiters the acks satisfy (all of them with all
+// set, at teardown) and forgets them; l.mu held.
+func (l *link) wakeLocked(all bool) {
+	n := 0
+	for _, w := range l.waiters {
+		got := l.applied
+		if w.durable {
+			got = l.durable
+		}
+		if all || got >= w.seq {
+			select {
+			case w.ch <- struct{}{}:
+			default:
+			}
+			continue
+		}
+		l.waiters[n] = w
+		n++
+	}
+	clear(l.waiters[n:])
+	l.waiters = l.waiters[:n]
 }
 
 // inSync reports whether the peer holds everything: streaming, nothing dirty.
@@ -507,9 +580,17 @@ func (l *link) sender(gen uint64, conn net.Conn, bw *bufio.Writer) error {
 		var err error
 		for i := range batch {
 			if err == nil {
-				err = repl.WriteFrame(bw, &batch[i].f)
+				if len(batch[i].f.Payload) >= bigFrame {
+					// Header and payload in one writev, not copied through
+					// the buffer.
+					if err = bw.Flush(); err == nil {
+						err = repl.WriteFrame(conn, &batch[i].f)
+					}
+				} else {
+					err = repl.WriteFrame(bw, &batch[i].f)
+				}
 			}
-			putBuf(batch[i].buf)
+			batch[i].release()
 			batch[i] = qframe{}
 		}
 		if err == nil {
@@ -586,7 +667,12 @@ func (l *link) acked(gen, applied, durable uint64) {
 		j++
 	}
 	l.copies = l.copies[:copy(l.copies, l.copies[j:])]
-	l.notifyLocked()
+	l.wakeLocked(false)
+	// The copier and copyRegion wait on changed for copies to be acked;
+	// plain write acks wake only their waiters.
+	if j > 0 || len(l.copies) > 0 || !l.copyDone {
+		l.notifyLocked()
+	}
 	l.mu.Unlock()
 }
 
@@ -683,10 +769,10 @@ func (l *link) copyRegion(gen uint64, r uint32, off, size int64) error {
 	l.mu.Unlock()
 
 	buf := getBuf(int(size))
-	unlock := l.v.locks.lock(off, size)
+	locked := l.v.locks.lock(off, size)
 	tok := l.v.tracker.CopyBegin(r)
 	if _, err := l.v.store.ReadAt(*buf, off); err != nil {
-		unlock()
+		locked.unlock()
 		putBuf(buf)
 		err = fmt.Errorf("resync read of region %d: %w", r, err)
 		l.v.setError(err)
@@ -695,7 +781,7 @@ func (l *link) copyRegion(gen uint64, r uint32, off, size int64) error {
 	l.mu.Lock()
 	if l.gen != gen {
 		l.mu.Unlock()
-		unlock()
+		locked.unlock()
 		putBuf(buf)
 		return errors.New("connection generation ended")
 	}
@@ -703,7 +789,7 @@ func (l *link) copyRegion(gen uint64, r uint32, off, size int64) error {
 	l.copies = append(l.copies, copyRec{seq: seq, region: r, tok: tok, bytes: size})
 	l.copyBytes += size
 	l.mu.Unlock()
-	unlock()
+	locked.unlock()
 	l.v.copiedTotal.Add(size)
 	return nil
 }

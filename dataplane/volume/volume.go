@@ -187,6 +187,9 @@ func Open(opts Options) (*Volume, error) {
 		return nil, fmt.Errorf("volume %s: %w", opts.Name, err)
 	}
 	v.journal = j
+	// Extents that keep being written stay marked across checkpoints: no
+	// group commit (fdatasync) on the write path after each checkpoint.
+	j.KeepHot(true)
 	if recovered != nil && !recovered.IsEmpty() {
 		v.tracker.MarkRegions(recovered)
 	}
@@ -474,7 +477,10 @@ func (v *Volume) checkpointLoop() {
 		case <-t.C:
 			st := v.journal.Stats()
 			cnt := v.tracker.Count()
-			if st == lastStats && cnt == lastCount {
+			// Idle: checkpoint until no extent is marked or covered in full
+			// any more, so that recovery after a crash reports the tracker's
+			// bitmap exactly.
+			if st == lastStats && cnt == lastCount && st.Extents == 0 && st.RetiredExtents == 0 {
 				continue
 			}
 			if err := v.checkpoint(); err != nil {

@@ -1,0 +1,281 @@
+// Command bench measures Tandem against real peers on this machine in one
+// run and writes docs/benchmarks.md and docs/benchmarks.png (`make bench`):
+//
+//   - fio (ioengine=nbd) through nbdkit's file plugin, a standalone Tandem
+//     member, an Async pair and a Sync pair, targets alternated round by round;
+//   - resync (COPY) after 0.1/1/10 % of a 4 GiB volume changed during SWAP,
+//     against a full nbdcopy between the same two nodes, also with the
+//     returning member's own diff merged in;
+//   - failover (the controllers' envtest benchmark, default and tight
+//     settings) and the failback write hold;
+//   - the bitmap micro-benchmarks, agent RSS with 1/16/64 volumes, and how
+//     IOPS and resync time scale with the volume size.
+//
+// Each agent is a separate process on loopback (one per simulated node), as
+// in hack/fio-compare.sh. Every figure is the median of -runs runs with
+// min–max. Nothing here fails on a number: a benchmark, not a test.
+package main
+
+import (
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"time"
+)
+
+// regionSize of every benchmark volume (the default).
+const regionSize = 64 << 10
+
+type bench struct {
+	root      string // repository
+	work      string
+	agentBin  string
+	tokenFile string
+	runs      int
+	runtime   time.Duration
+	syncRuns  bool
+	baseBin   string // -compare: agent binary of the baseline
+	procs     []*agentProc
+	nbdkits   []*nbdkitProc
+	start     time.Time
+	res       results
+	logf      *os.File
+}
+
+func main() {
+	b := &bench{start: time.Now()}
+	out := flag.String("out", "docs/benchmarks.md", "Markdown report to write (the PNG goes next to it).")
+	flag.IntVar(&b.runs, "runs", 5, "Runs per figure (median, min, max).")
+	flag.DurationVar(&b.runtime, "runtime", 3*time.Second, "Measured time of each fio run (plus 1 s ramp).")
+	flag.BoolVar(&b.syncRuns, "sync", true, "Flush the page cache's dirty data (sync) before each fio run, so no run pays for another's writeback.")
+	only := flag.String("only", "", "Comma-separated sections to run (fio,resync,failover,failback,bitmaps,rss,scaling); empty: all.")
+	keep := flag.Bool("keep", false, "Keep the work directory.")
+	from := flag.String("from", "", "Only write the report (and plot) again from the results of an earlier run (the .json next to the report), e.g. after editing hack/bench/analysis.md.")
+	compare := flag.String("compare", "", "Git revision whose agent runs as extra fio targets (standalone-base, async-base, sync-base), for before/after figures; implies -only fio unless -only is set.")
+	flag.Parse()
+
+	root, err := os.Getwd()
+	if err != nil {
+		fatal(err)
+	}
+	b.root = root
+	b.work, err = os.MkdirTemp("", "tandem-bench-")
+	if err != nil {
+		fatal(err)
+	}
+	b.logf, err = os.Create(filepath.Join(b.work, "bench.log"))
+	if err != nil {
+		fatal(err)
+	}
+	defer func() {
+		b.cleanup()
+		if *keep {
+			fmt.Fprintf(os.Stderr, "bench: work directory kept: %s\n", b.work)
+		} else {
+			_ = os.RemoveAll(b.work)
+		}
+	}()
+	if *from != "" {
+		data, err := os.ReadFile(*from)
+		if err != nil {
+			fatal(err)
+		}
+		if err := json.Unmarshal(data, &b.res); err != nil {
+			fatal(fmt.Errorf("%s: %w", *from, err))
+		}
+		if err := b.report(*out); err != nil {
+			fatal(err)
+		}
+		b.logln("wrote %s from %s", *out, *from)
+		return
+	}
+	for _, c := range []string{"fio", "nbdkit", "nbdcopy", "gnuplot"} {
+		if _, err := exec.LookPath(c); err != nil {
+			fatal(fmt.Errorf("%s is missing (make bench installs it)", c))
+		}
+	}
+	b.tokenFile = filepath.Join(b.work, "token")
+	if err := os.WriteFile(b.tokenFile, []byte(token), 0o600); err != nil {
+		fatal(err)
+	}
+	b.agentBin = filepath.Join(b.work, "agent")
+	b.logln("building the agent")
+	if out, err := exec.Command("go", "build", "-o", b.agentBin, "./cmd/agent").CombinedOutput(); err != nil {
+		fatal(fmt.Errorf("go build ./cmd/agent: %v\n%s", err, out))
+	}
+	if *compare != "" {
+		if err := b.buildBaseline(*compare); err != nil {
+			fatal(err)
+		}
+		if *only == "" {
+			*only = "fio"
+		}
+	}
+	b.res.Machine = machineInfo()
+	b.res.Started = b.start
+	b.res.Runs, b.res.Runtime = b.runs, b.runtime
+
+	want := map[string]bool{}
+	for _, s := range strings.Split(*only, ",") {
+		if s = strings.TrimSpace(s); s != "" {
+			want[s] = true
+		}
+	}
+	sections := []struct {
+		name string
+		fn   func() error
+	}{
+		{"fio", b.runFio},
+		{"resync", b.runResync},
+		{"scaling", b.runScaling},
+		{"failback", b.runFailback},
+		{"rss", b.runRSS},
+		{"bitmaps", b.runBitmaps},
+		{"failover", b.runFailover},
+	}
+	for _, s := range sections {
+		if len(want) > 0 && !want[s.name] {
+			continue
+		}
+		t0 := time.Now()
+		b.logln("== %s", s.name)
+		err := s.fn()
+		d := time.Since(t0)
+		b.res.Sections = append(b.res.Sections, sectionTime{Name: s.name, Seconds: d.Seconds(), Err: errString(err)})
+		if err != nil {
+			b.logln("%s failed after %v: %v", s.name, d.Round(time.Second), err)
+		} else {
+			b.logln("%s done in %v", s.name, d.Round(time.Second))
+		}
+		b.cleanup()
+	}
+	b.res.Finished = time.Now()
+	b.res.Machine.LoadAfter = loadAvg()
+	data, err := json.MarshalIndent(&b.res, "", "  ")
+	if err != nil {
+		fatal(err)
+	}
+	if err := os.WriteFile(strings.TrimSuffix(*out, filepath.Ext(*out))+".json", append(data, '\n'), 0o644); err != nil {
+		fatal(err)
+	}
+	if err := b.report(*out); err != nil {
+		fatal(err)
+	}
+	b.logln("wrote %s in %v", *out, time.Since(b.start).Round(time.Second))
+}
+
+// buildBaseline builds the agent of a git revision (exported into the work
+// directory) for -compare.
+func (b *bench) buildBaseline(rev string) error {
+	wt := filepath.Join(b.work, "baseline-src")
+	if err := os.MkdirAll(wt, 0o700); err != nil {
+		return err
+	}
+	if out, err := exec.Command("sh", "-c", `git archive "$1" | tar -x -C "$2"`, "sh", rev, wt).CombinedOutput(); err != nil {
+		return fmt.Errorf("git archive %s: %v: %s", rev, err, out)
+	}
+	b.baseBin = filepath.Join(b.work, "agent-base")
+	cmd := exec.Command("go", "build", "-o", b.baseBin, "./cmd/agent")
+	cmd.Dir = wt
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("build the %s agent: %v\n%s", rev, err, out)
+	}
+	b.res.Baseline = rev
+	return nil
+}
+
+func errString(err error) string {
+	if err == nil {
+		return ""
+	}
+	return err.Error()
+}
+
+// cleanup stops every process a section started.
+func (b *bench) cleanup() {
+	for _, a := range b.procs {
+		a.stop()
+	}
+	b.procs = nil
+	for _, n := range b.nbdkits {
+		n.stop()
+	}
+	b.nbdkits = nil
+}
+
+func (b *bench) logln(format string, args ...any) {
+	line := fmt.Sprintf("[%6.1fs] ", time.Since(b.start).Seconds()) + fmt.Sprintf(format, args...)
+	fmt.Fprintln(os.Stderr, line)
+	if b.logf != nil {
+		fmt.Fprintln(b.logf, line)
+	}
+}
+
+func fatal(err error) {
+	fmt.Fprintf(os.Stderr, "bench: %v\n", err)
+	os.Exit(1)
+}
+
+// syncAll flushes dirty pages (every file system), so that a run does not
+// pay for the writeback of the previous one.
+func (b *bench) syncAll() {
+	if b.syncRuns {
+		_ = exec.Command("sync").Run()
+	}
+}
+
+// Machine describes where the figures were taken.
+type Machine struct {
+	CPU, Kernel, Go, Fio, Nbdkit, Disk string
+	CPUs                               int
+	MemGiB                             float64
+	LoadBefore, LoadAfter              string
+}
+
+func machineInfo() Machine {
+	m := Machine{CPUs: runtime.NumCPU(), Go: runtime.Version(), LoadBefore: loadAvg()}
+	if data, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, l := range strings.Split(string(data), "\n") {
+			if v, ok := strings.CutPrefix(l, "model name"); ok {
+				m.CPU = strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(v), ":"))
+				break
+			}
+		}
+	}
+	if data, err := os.ReadFile("/proc/meminfo"); err == nil {
+		var kb float64
+		if _, err := fmt.Sscanf(string(data), "MemTotal: %f kB", &kb); err == nil {
+			m.MemGiB = kb / (1 << 20)
+		}
+	}
+	m.Kernel = cmdOut("uname", "-sr")
+	m.Fio = cmdOut("fio", "--version")
+	m.Nbdkit = cmdOut("nbdkit", "--version")
+	m.Disk = cmdOut("sh", "-c", `d=$(df --output=source "${TMPDIR:-/tmp}" | tail -1); fs=$(df --output=fstype "${TMPDIR:-/tmp}" | tail -1); n=$(basename "$d"); r=$(cat /sys/block/$n/queue/rotational 2>/dev/null); echo "$d ($fs, rotational=$r)"`)
+	return m
+}
+
+func loadAvg() string {
+	data, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "?"
+	}
+	f := strings.Fields(string(data))
+	if len(f) < 3 {
+		return "?"
+	}
+	return strings.Join(f[:3], " ")
+}
+
+func cmdOut(name string, args ...string) string {
+	out, err := exec.Command(name, args...).Output()
+	if err != nil {
+		return "?"
+	}
+	return strings.TrimSpace(strings.SplitN(string(out), "\n", 2)[0])
+}

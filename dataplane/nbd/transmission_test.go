@@ -379,13 +379,16 @@ func TestPipelinedBackpressure(t *testing.T) {
 	c := connect(t, env.addr, testExport)
 	want := make([]byte, size)
 	rng := rand.New(rand.NewPCG(1, 2))
-	const n = 400
+	// Writes in flight together may run in any order (NBD defines none for
+	// overlapping requests), so each write gets its own 32 KiB slot.
+	const n = size / (32 << 10)
+	slots := rng.Perm(n)
 	sent := make(chan error, 1)
 	handles := make(map[uint64]bool)
 	var hmu sync.Mutex
 	go func() {
-		for range n {
-			off := rng.Uint64N(size/4096-8) * 4096
+		for i := range n {
+			off := uint64(slots[i]) * (32 << 10)
 			l := (rng.Uint32N(8) + 1) * 4096
 			p := make([]byte, l)
 			for i := range p {

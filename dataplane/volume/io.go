@@ -285,13 +285,25 @@ func (v *Volume) submitOwned(ctx context.Context, kind opKind, p []byte, off, n 
 	}
 	v.ctr.writes.Add(1)
 	v.ctr.writeBytes.Add(n)
-	if mode != ModeSync {
-		return nil
+	if mode == ModeSync && !(queued && l.waitApplied(ctx, tk, fua)) {
+		if err := v.waitAlone(ctx); err != nil {
+			return err
+		}
 	}
-	if queued && l.waitApplied(ctx, tk, fua) {
-		return nil
+	return v.stillWriter()
+}
+
+// stillWriter is checked before a write is acknowledged: a write admitted
+// just before the authority lapsed (a stalled disk, a slow peer) must not be
+// acknowledged after the member fenced itself, when the backup may already
+// be writing (invariant 1). Its data stays local and unacknowledged.
+func (v *Volume) stillWriter() error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if err := v.writableLocked(); err != nil {
+		return fmt.Errorf("write done locally but not acknowledged: %v: %w", err, syscall.EIO)
 	}
-	return v.waitAlone(ctx)
+	return nil
 }
 
 func (v *Volume) applyLocal(kind opKind, p []byte, off, n int64) error {

@@ -121,6 +121,7 @@ type node struct {
 	name, dir           string
 	ctrl, repl, nbdAddr string
 	log                 *testLog
+	netw                nodeNet // what tests can cut
 
 	mu     sync.Mutex
 	a      *agent.Agent
@@ -151,8 +152,9 @@ func (n *node) start() {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	lg := n.log.logger(n.name)
-	auth := agent.NewKubeAuthority(cs.CoordinationV1(), opNS, n.name)
-	a, err := agent.New(agent.Config{Node: n.name, DataDir: n.dir, Token: token, Authority: auth, Log: lg})
+	kc := n.netw.clientset(n.t)
+	auth := agent.NewKubeAuthority(kc.CoordinationV1(), opNS, n.name)
+	a, err := agent.New(agent.Config{Node: n.name, DataDir: n.dir, Token: token, Authority: auth, Dial: n.netw.dial, Log: lg})
 	if err != nil {
 		n.t.Fatal(err)
 	}
@@ -171,13 +173,14 @@ func (n *node) start() {
 		}
 		lns = append(lns, l)
 	}
+	lns[1] = n.netw.listener(lns[1])
 	ep := agent.Endpoints{Control: "http://" + n.ctrl, Replication: n.repl, NBD: n.nbdAddr}
 	a.SetAddresses(ep.NBD, ep.Replication, ep.Control)
 	srv := &http.Server{Handler: a.Handler()}
 	n.wg.Add(4)
 	go func() { defer n.wg.Done(); _ = srv.Serve(lns[0]) }()
 	go func() { defer n.wg.Done(); _ = a.ServeReplication(ctx, lns[1]) }()
-	go func() { defer n.wg.Done(); agent.Register(ctx, cs.CoordinationV1(), opNS, n.name, ep, lg) }()
+	go func() { defer n.wg.Done(); agent.Register(ctx, kc.CoordinationV1(), opNS, n.name, ep, lg) }()
 	go func() { defer n.wg.Done(); auth.Run(ctx, a.Primaries, lg) }()
 	n.a, n.cancel, n.srv, n.lns = a, cancel, srv, lns
 }

@@ -219,7 +219,12 @@ func (c *fwdClient) deliver(f *repl.Frame) {
 		return
 	}
 	if f.Offset == fwdReissue {
-		ch <- fwdResult{err: fmt.Errorf("the member it was forwarded to stepped down: %w", errStreamEnded)}
+		// The writer on this stream stepped down: nothing more goes over it.
+		// The request is issued again once this member is the writer or a
+		// new writer's stream attaches.
+		err := fmt.Errorf("the member it was forwarded to stepped down: %w", errStreamEnded)
+		c.fail(err)
+		ch <- fwdResult{err: err}
 		return
 	}
 	if f.Offset != 0 {

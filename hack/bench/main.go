@@ -25,6 +25,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -76,9 +77,17 @@ func main() {
 		b.cleanup()
 		if *keep {
 			fmt.Fprintf(os.Stderr, "bench: work directory kept: %s\n", b.work)
-		} else {
-			_ = os.RemoveAll(b.work)
+			return
 		}
+		// Freeing several GiB of written blocks takes minutes on a file
+		// system mounted with online discard: do it in the background.
+		rm := exec.Command("rm", "-rf", b.work)
+		rm.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+		if err := rm.Start(); err != nil {
+			_ = os.RemoveAll(b.work)
+			return
+		}
+		fmt.Fprintf(os.Stderr, "bench: removing the work directory %s in the background (pid %d)\n", b.work, rm.Process.Pid)
 	}()
 	if *from != "" {
 		data, err := os.ReadFile(*from)

@@ -40,9 +40,11 @@ func (b *bench) report(out string) error {
 		"which is why targets are alternated round by round and compared as ratios within a round.\n\n")
 
 	p("## How to reproduce\n\n```sh\nmake bench                       # everything, writes docs/benchmarks.md and docs/benchmarks.png\n")
-	p("go run ./hack/bench -only fio -runs 3   # one section (fio,resync,scaling,failback,rss,bitmaps,failover)\n```\n\n")
+	p("go run ./hack/bench -only fio -runs 3   # one section (fio,resync,scaling,failback,rss,bitmaps,failover)\n")
+	p("go run ./hack/bench -compare HEAD -runs 3   # fio with the agent of another revision as extra targets (before/after)\n")
+	p("go run ./hack/bench -from docs/benchmarks.json   # rewrite this page from the last run's results (e.g. after editing hack/bench/analysis.md)\n```\n\n")
 	p("Each agent is its own process on loopback (one per simulated node), with its data in a temporary directory on the disk above; ")
-	p("nbdkit's file plugin serves a sparse file on the same disk. `make bench` installs fio, nbdkit, nbdcopy (libnbd-bin), qemu-utils and gnuplot when missing.\n\n")
+	p("nbdkit's file plugin serves a sparse file on the same disk. `make bench` installs fio, nbdkit, nbdcopy (libnbd-bin) and gnuplot (gnuplot-nox) with apt-get when missing.\n\n")
 
 	b.scorecard(&w)
 

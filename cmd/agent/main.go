@@ -47,6 +47,7 @@ func run() error {
 	namespace := flag.String("namespace", os.Getenv("POD_NAMESPACE"), "Operator namespace: the agent registers its Lease there and renews the authority Leases of the volumes it serves. Empty: no Kubernetes (standalone, the control API's word is final).")
 	kubeconfig := flag.String("kubeconfig", "", "Kubeconfig file (default: in-cluster config).")
 	advertise := flag.String("advertise-address", os.Getenv("POD_IP"), "Address peers and clients use to reach this agent (default: the listen addresses' host, or 127.0.0.1).")
+	nbdAllowed := flag.String("nbd-allowed-clients", "", "Comma-separated client networks (CIDR prefixes or addresses) allowed to connect to the NBD port; others are refused before the handshake. Empty: any client (firewall the port then).")
 	pprofAddr := flag.String("pprof-address", "", "Serve Go profiles (net/http/pprof) on this address; off when empty. Bind it to localhost.")
 	opts := zap.Options{TimeEncoder: zapcore.RFC3339NanoTimeEncoder}
 	opts.BindFlags(flag.CommandLine)
@@ -66,6 +67,11 @@ func run() error {
 		}
 	case !*noAuth:
 		return errors.New("--token-file is required (or --insecure-no-auth for loopback tests)")
+	}
+
+	allowed, err := nbd.ParseAllowedClients(*nbdAllowed)
+	if err != nil {
+		return fmt.Errorf("--nbd-allowed-clients: %w", err)
 	}
 
 	var leases coordclient.LeasesGetter
@@ -135,13 +141,13 @@ func run() error {
 		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 		go func() { _ = http.Serve(pl, mux) }()
 	}
-	nbdSrv := &nbd.Server{Exports: a, Log: log.WithName("nbd")}
+	nbdSrv := &nbd.Server{Exports: a, Log: log.WithName("nbd"), AllowedClients: allowed}
 	errc := make(chan error, 3)
 	go func() { errc <- ignoreClosed(srv.Serve(cl)) }()
 	go func() { errc <- a.ServeReplication(ctx, rl) }()
 	go func() { errc <- nbdSrv.Serve(ctx, nl) }()
 	log.Info("Agent started", "node", *node, "dataDir", *dataDir, "control", cl.Addr().String(),
-		"replication", rl.Addr().String(), "nbd", nl.Addr().String(), "auth", token != "")
+		"replication", rl.Addr().String(), "nbd", nl.Addr().String(), "auth", token != "", "nbdAllowedClients", *nbdAllowed)
 
 	select {
 	case <-ctx.Done():

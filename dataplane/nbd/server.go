@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"strings"
 	"sync"
 	"syscall"
@@ -56,8 +57,54 @@ type Server struct {
 	// for a protocol violation, waits for requests in flight before
 	// cancelling their contexts (default 10s).
 	DrainTimeout time.Duration
+	// AllowedClients, when not empty, lists the client networks that may
+	// connect; a connection from any other address is closed before the
+	// handshake, with a logged reason. NBD has no authentication of its own
+	// here, so this (with a firewall) is what keeps other hosts away from the
+	// exports. Empty allows every address.
+	AllowedClients []netip.Prefix
 
 	stats serverStats
+}
+
+// allowed reports whether a client at addr may connect.
+func (s *Server) allowed(addr net.Addr) bool {
+	if len(s.AllowedClients) == 0 {
+		return true
+	}
+	ap, err := netip.ParseAddrPort(addr.String())
+	if err != nil {
+		return false
+	}
+	ip := ap.Addr().Unmap()
+	for _, p := range s.AllowedClients {
+		if p.Contains(ip) {
+			return true
+		}
+	}
+	return false
+}
+
+// ParseAllowedClients parses a comma-separated list of CIDR prefixes or
+// single addresses ("10.0.0.0/8,192.168.1.7") for Server.AllowedClients.
+func ParseAllowedClients(list string) ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	for _, f := range strings.Split(list, ",") {
+		f = strings.TrimSpace(f)
+		if f == "" {
+			continue
+		}
+		if p, err := netip.ParsePrefix(f); err == nil {
+			out = append(out, p.Masked())
+			continue
+		}
+		a, err := netip.ParseAddr(f)
+		if err != nil {
+			return nil, fmt.Errorf("nbd: allowed client %q is neither an address nor a CIDR prefix", f)
+		}
+		out = append(out, netip.PrefixFrom(a.Unmap(), a.Unmap().BitLen()))
+	}
+	return out, nil
 }
 
 func (s *Server) maxInFlight() int {
@@ -186,6 +233,12 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn) error {
 		remote = a.String()
 	}
 	log := s.Log.WithValues("remote", remote)
+	if a := c.RemoteAddr(); a != nil && !s.allowed(a) {
+		s.stats.refused.Add(1)
+		err := errors.New("nbd: client address not in the allowed clients")
+		log.Info("Refusing NBD connection: client address not allowed", "allowedClients", fmt.Sprint(s.AllowedClients))
+		return err
+	}
 	if s.Exports == nil {
 		err := errors.New("nbd: Server.Exports is nil")
 		log.Error(err, "Refusing connection")

@@ -144,6 +144,7 @@ agent:
     value: dedicated
     effect: NoSchedule
   priorityClassName: system-node-critical
+  nbdAllowedClients: [10.20.0.0/16, 127.0.0.1]
 `), 0o600); err != nil {
 			t.Fatal(err)
 		}
@@ -193,6 +194,9 @@ agent:
 			}
 			if p.PriorityClassName != "system-node-critical" {
 				t.Errorf("agent priorityClassName = %q", p.PriorityClassName)
+			}
+			if args := p.Containers[0].Args; !slices.Contains(args, "--nbd-allowed-clients=10.20.0.0/16,127.0.0.1") {
+				t.Errorf("agent args %v lack --nbd-allowed-clients=10.20.0.0/16,127.0.0.1", args)
 			}
 		}
 

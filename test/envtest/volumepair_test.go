@@ -189,10 +189,19 @@ func loadInvalidCases(t *testing.T) []invalidCase {
 
 // TestInvalidRejectedByAPI sends every manifest of test/invalid through a Go
 // client and asserts the API server's exact refusal.
+//
+// It logs a RELIABILITY line (suite bad-input-admission) for make stress: one
+// trial, one fault per invalid manifest, one violation per manifest accepted
+// or refused with the wrong message.
 func TestInvalidRejectedByAPI(t *testing.T) {
 	ctx := context.Background()
-	for _, c := range loadInvalidCases(t) {
-		t.Run(c.name, func(t *testing.T) {
+	cases := loadInvalidCases(t)
+	var violations int
+	defer func() {
+		t.Logf("RELIABILITY suite=bad-input-admission case=%s trials=1 faults=%d violations=%d", t.Name(), len(cases), violations)
+	}()
+	for _, c := range cases {
+		ok := t.Run(c.name, func(t *testing.T) {
 			ns := newNamespace(t)
 			for i, doc := range c.docs {
 				// Unstructured keeps the manifest exactly as written: an
@@ -232,6 +241,9 @@ func TestInvalidRejectedByAPI(t *testing.T) {
 				}
 			}
 		})
+		if !ok {
+			violations++
+		}
 	}
 }
 

@@ -19,6 +19,12 @@ type MemberView struct {
 	// RecordedOutdated is true when the VolumePair's status records the
 	// member as Outdated (written by the controller, invariant 2).
 	RecordedOutdated bool
+	// OutdatedNotSent is true when that record says no confirmation
+	// (PeerOutdated) has left the controller: the writer never continued
+	// alone, so the member still holds every acknowledged write. False for a
+	// record whose confirmation may have reached the writer, or that
+	// predates the field.
+	OutdatedNotSent bool
 }
 
 // AuthorityView is the per-pair authority Lease.
@@ -66,6 +72,7 @@ const (
 	BlockedBackupOutdated      = "BackupOutdated"
 	BlockedBackupInconsistent  = "BackupInconsistent"
 	BlockedBackupUnknown       = "BackupStateUnknown"
+	BlockedBackupCatchingUp    = "BackupCatchingUp"
 )
 
 // Step is Decide's answer.
@@ -105,6 +112,19 @@ func InSync(writer, other *MemberView) bool {
 		w.OutOfSyncRegions == 0 && !w.Copy.Running && o.DataState == volume.UpToDate
 }
 
+// WriterFenced reports whether the authority's holder answers probes but
+// reports itself not writable as the primary at the authority's epoch: it
+// fenced itself, typically because it cannot renew its authority (it lost
+// the API server).
+func WriterFenced(v View) bool {
+	if !v.Authority.Exists {
+		return false
+	}
+	w := v.member(v.Authority.Holder)
+	s := w.Status
+	return w.Reachable && !w.Suspect && s != nil && s.Role == volume.RolePrimary && s.Epoch == v.Authority.Epoch && !s.Writable
+}
+
 // Decide is the pair's transition function: from what was observed, the
 // single next step. It is pure; the reconciler carries the step out and
 // calls Decide again on the next round (level-based).
@@ -116,7 +136,19 @@ func Decide(v View) Step {
 	other := v.other(v.Authority.Holder)
 
 	// 1. A lost writer: promote the other member if it is safe (DESIGN §4).
-	if writer.Suspect {
+	// A writer that still answers probes but fenced itself, and whose
+	// authority has expired, is lost too: it cannot renew (it lost the API
+	// server) and serves nothing until it can, while promoting the backup is
+	// as safe as for an unreachable writer.
+	fenced := WriterFenced(v) && v.Authority.Expired
+	if writer.Suspect || fenced {
+		if fenced && writer.Status.PeerConnected && other.Reachable && !other.Suspect && !InSync(writer, other) &&
+			other.Status != nil && other.Status.DataState != volume.Inconsistent {
+			// Still streaming to the backup: let it receive what the
+			// fenced writer acknowledged before (async mode) first.
+			return Step{Kind: StepNone, Blocked: BlockedBackupCatchingUp,
+				Message: "the writer " + writer.Node + " fenced itself and its authority expired; " + other.Node + " is promoted once it holds every write " + writer.Node + " still ships to it"}
+		}
 		blocked, msg := failoverBlocked(&v, writer, other)
 		if blocked == BlockedNone {
 			return Step{Kind: StepFailover, Target: other.Node, Blocked: BlockedNone}
@@ -164,14 +196,19 @@ func failoverBlocked(v *View, writer, other *MemberView) (string, string) {
 	switch {
 	case !v.Authority.Expired:
 		return BlockedAuthorityNotExpired, "the writer " + writer.Node + " is unreachable but its authority Lease is still being renewed or has not expired; it may still be serving"
-	case !other.Reachable || other.Suspect:
+	case (!other.Reachable || other.Suspect) && writer.Suspect:
 		return BlockedBackupUnreachable, "both members are unreachable"
+	case !other.Reachable || other.Suspect:
+		return BlockedBackupUnreachable, "the writer " + writer.Node + " fenced itself and its authority expired, and " + other.Node + " is unreachable"
 	case other.Status == nil:
 		return BlockedBackupUnknown, "the agent on " + other.Node + " has not reported the replica"
 	case other.Status.DataState == volume.Inconsistent:
 		return BlockedBackupInconsistent, "the replica on " + other.Node + " is Inconsistent (a copy towards it did not finish); promoting it would serve corrupt data"
-	case other.RecordedOutdated || other.Status.DataState == volume.Outdated:
-		return BlockedBackupOutdated, "the replica on " + other.Node + " is Outdated: the writer continued alone after it was lost; promoting it would lose acknowledged writes"
+	case (other.RecordedOutdated && !other.OutdatedNotSent) || other.Status.DataState == volume.Outdated:
+		// A record whose confirmation never left the controller does not
+		// block: the writer holds sync writes until it is told (invariant
+		// 2), so it acknowledged nothing the other member lacks.
+		return BlockedBackupOutdated, "the replica on " + other.Node + " is Outdated: the writer may have continued alone after it was lost; promoting it would lose acknowledged writes"
 	case v.FailoverPolicy == v1.PolicyManual && !v.FailoverRequested:
 		return BlockedManualPolicy, "failover policy is Manual; set the annotation " + v1.AnnotationFailoverRequested + " (kubectl tandem failover) to promote " + other.Node
 	}

@@ -32,6 +32,12 @@ func TestDecide(t *testing.T) {
 		s.Mode = volume.ModeSync
 	}
 	syncMode := func(s *volume.Status) { s.Mode = volume.ModeSync }
+	// fencedSelf: the writer answers probes but lost the API server, so it
+	// cannot renew its authority and refuses writes.
+	fencedSelf := func(s *volume.Status) {
+		s.Writable = false
+		s.Reason = "member a is fenced at epoch 1: authority Lease not renewed since ... (self-fenced): not the writer"
+	}
 	base := func() View {
 		return View{
 			Primary: up("a", st(volume.RolePrimary, 1, volume.UpToDate, true)), Backup: up("b", st(volume.RoleBackup, 1, volume.UpToDate, true)),
@@ -71,6 +77,92 @@ func TestDecide(t *testing.T) {
 			v.Authority.Expired = true
 			v.Backup.RecordedOutdated = true
 		}, StepNone, "", BlockedBackupOutdated},
+		{"primary lost, backup recorded Outdated but the confirmation never left (writer never went on alone): SWAP", func(v *View) {
+			v.Mode = v1.ModeSync
+			v.Primary = lost("a")
+			v.Authority.Expired = true
+			v.Backup.RecordedOutdated, v.Backup.OutdatedNotSent = true, true
+		}, StepFailover, "b", BlockedNone},
+		{"primary lost, Outdated record not sent, authority still valid: wait", func(v *View) {
+			v.Mode = v1.ModeSync
+			v.Primary = lost("a")
+			v.Backup.RecordedOutdated, v.Backup.OutdatedNotSent = true, true
+		}, StepNone, "", BlockedAuthorityNotExpired},
+		{"primary lost, Outdated record not sent, Manual: blocked by the policy only", func(v *View) {
+			v.Mode = v1.ModeSync
+			v.Primary = lost("a")
+			v.Authority.Expired = true
+			v.FailoverPolicy = v1.PolicyManual
+			v.Backup.RecordedOutdated, v.Backup.OutdatedNotSent = true, true
+		}, StepNone, "", BlockedManualPolicy},
+		{"primary lost, Outdated confirmation sent, failover requested: still blocked", func(v *View) {
+			v.Mode = v1.ModeSync
+			v.Primary = lost("a")
+			v.Authority.Expired = true
+			v.FailoverPolicy = v1.PolicyManual
+			v.FailoverRequested = true
+			v.Backup.RecordedOutdated = true
+		}, StepNone, "", BlockedBackupOutdated},
+		{"primary lost, Outdated record not sent but the backup reports Outdated itself: blocked", func(v *View) {
+			v.Primary = lost("a")
+			v.Authority.Expired = true
+			v.Backup.RecordedOutdated, v.Backup.OutdatedNotSent = true, true
+			v.Backup.Status.DataState = volume.Outdated
+		}, StepNone, "", BlockedBackupOutdated},
+		{"sync: Outdated recorded, not yet sent: confirm to the writer", func(v *View) {
+			v.Mode = v1.ModeSync
+			v.Primary.Status = st(volume.RolePrimary, 1, volume.UpToDate, false, waiting)
+			v.Backup = lost("b")
+			v.Backup.RecordedOutdated, v.Backup.OutdatedNotSent = true, true
+		}, StepConfirmOutdated, "a", BlockedNone},
+		{"writer lost only the API server: fenced, authority expired, backup in sync: SWAP", func(v *View) {
+			v.Mode = v1.ModeSync
+			v.Primary.Status = st(volume.RolePrimary, 1, volume.UpToDate, true, syncMode, fencedSelf)
+			v.Backup.Status = st(volume.RoleBackup, 1, volume.UpToDate, true, syncMode)
+			v.Authority.Expired = true
+		}, StepFailover, "b", BlockedNone},
+		{"writer fenced, authority not expired yet: wait, no failover", func(v *View) {
+			v.Primary.Status = st(volume.RolePrimary, 1, volume.UpToDate, true, fencedSelf)
+		}, StepNone, "", BlockedNone},
+		{"writer writable but its Lease looks expired (skew, slow renewal): no failover", func(v *View) {
+			v.Authority.Expired = true
+		}, StepNone, "", BlockedNone},
+		{"writer fenced, authority expired, still shipping to the backup (async): wait for it", func(v *View) {
+			v.Primary.Status = st(volume.RolePrimary, 1, volume.UpToDate, true, fencedSelf, func(s *volume.Status) { s.OutOfSyncRegions = 3 })
+			v.Authority.Expired = true
+		}, StepNone, "", BlockedBackupCatchingUp},
+		{"writer fenced, authority expired, link down, backup recorded Outdated (sent): blocked", func(v *View) {
+			v.Mode = v1.ModeSync
+			v.Primary.Status = st(volume.RolePrimary, 1, volume.UpToDate, false, syncMode, fencedSelf)
+			v.Backup.Status = st(volume.RoleBackup, 1, volume.UpToDate, false, syncMode)
+			v.Backup.RecordedOutdated = true
+			v.Authority.Expired = true
+		}, StepNone, "", BlockedBackupOutdated},
+		{"writer fenced, authority expired, backup lost: blocked", func(v *View) {
+			v.Primary.Status = st(volume.RolePrimary, 1, volume.UpToDate, false, fencedSelf)
+			v.Backup = lost("b")
+			v.Authority.Expired = true
+		}, StepNone, "", BlockedBackupUnreachable},
+		{"writer fenced, authority expired, Manual: blocked by the policy", func(v *View) {
+			v.Primary.Status = st(volume.RolePrimary, 1, volume.UpToDate, true, fencedSelf)
+			v.Authority.Expired = true
+			v.FailoverPolicy = v1.PolicyManual
+		}, StepNone, "", BlockedManualPolicy},
+		{"writer fenced, authority expired, copy towards the backup running: blocked", func(v *View) {
+			v.Primary.Status = st(volume.RolePrimary, 1, volume.UpToDate, true, fencedSelf, func(s *volume.Status) { s.Copy.Running = true; s.OutOfSyncRegions = 10 })
+			v.Backup.Status.DataState = volume.Inconsistent
+			v.Authority.Expired = true
+		}, StepNone, "", BlockedBackupInconsistent},
+		{"promoted writer not yet authorized at its new epoch: configure the old one, no failover", func(v *View) {
+			v.Authority = auth("b", 2, false, true)
+			v.Backup.Status = st(volume.RolePrimary, 2, volume.UpToDate, false, fencedSelf)
+			v.Primary.Status = st(volume.RolePrimary, 1, volume.UpToDate, false, fencedSelf)
+		}, StepConfigure, "b", BlockedNone},
+		{"writer fenced at an older epoch than the authority's: configure, not failover", func(v *View) {
+			v.Authority = auth("a", 3, true, false)
+			v.Primary.Status = st(volume.RolePrimary, 2, volume.UpToDate, true, fencedSelf)
+			v.Backup.Status = st(volume.RoleBackup, 3, volume.UpToDate, true)
+		}, StepConfigure, "a", BlockedNone},
 		{"primary lost, backup Inconsistent: blocked", func(v *View) {
 			v.Primary = lost("a")
 			v.Authority.Expired = true
@@ -190,5 +282,33 @@ func TestDerivePhase(t *testing.T) {
 				t.Fatalf("DerivePhase = %s, want %s", got, tt.want)
 			}
 		})
+	}
+}
+
+func TestWriterFenced(t *testing.T) {
+	fenced := func(s *volume.Status) { s.Writable = false }
+	auth := AuthorityView{Exists: true, Holder: "a", Epoch: 1}
+	tests := []struct {
+		name string
+		w    MemberView
+		want bool
+	}{
+		{"writable primary", up("a", st(volume.RolePrimary, 1, volume.UpToDate, true)), false},
+		{"fenced primary at the authority's epoch", up("a", st(volume.RolePrimary, 1, volume.UpToDate, true, fenced)), true},
+		{"fenced primary at another epoch", up("a", st(volume.RolePrimary, 2, volume.UpToDate, true, fenced)), false},
+		{"backup role", up("a", st(volume.RoleBackup, 1, volume.UpToDate, true)), false},
+		{"no report", up("a", nil), false},
+		{"unreachable", lost("a"), false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			v := View{Primary: tt.w, Backup: up("b", st(volume.RoleBackup, 1, volume.UpToDate, true)), Authority: auth}
+			if got := WriterFenced(v); got != tt.want {
+				t.Fatalf("WriterFenced = %v, want %v", got, tt.want)
+			}
+		})
+	}
+	if WriterFenced(View{}) {
+		t.Fatal("WriterFenced without an authority")
 	}
 }

@@ -145,9 +145,10 @@ func (r *VolumePairReconciler) Reconcile(ctx context.Context, req ctrl.Request) 
 		// Follow a step quickly: the next one usually depends on it.
 		return ctrl.Result{RequeueAfter: 100 * time.Millisecond}, nil
 	}
-	if s.step.Blocked == BlockedAuthorityNotExpired && !s.authorityExpiry.IsZero() {
-		// The writer is lost: look again right when its authority expires,
-		// not a whole probe period later.
+	if (s.step.Blocked == BlockedAuthorityNotExpired || (s.step.Kind == StepNone && WriterFenced(s.view) && !s.view.Authority.Expired)) &&
+		!s.authorityExpiry.IsZero() {
+		// The writer is lost, or fenced itself: look again right when its
+		// authority expires, not a whole probe period later.
 		if d := s.authorityExpiry.Sub(r.Now()) + 50*time.Millisecond; d > 0 && d < period {
 			return ctrl.Result{RequeueAfter: d}, nil
 		}
@@ -210,6 +211,7 @@ func (r *VolumePairReconciler) observe(ctx context.Context, s *scope) error {
 		m := MemberView{Node: node}
 		if ms := vp.Status.MemberStatus(node); ms != nil && ms.DataState == v1.DataOutdated {
 			m.RecordedOutdated = true
+			m.OutdatedNotSent = ms.OutdatedConfirmation == v1.OutdatedNotSent
 		}
 		if results[i].infoOK {
 			s.agents[node] = results[i].info
@@ -340,21 +342,77 @@ func (r *VolumePairReconciler) act(ctx context.Context, s *scope) error {
 	case StepRecordOutdated:
 		// The deferred status patch writes it; the next round confirms to
 		// the writer, so the record is durable before anyone relies on it.
-		setMemberState(vp, s.step.Target, func(m *v1.MemberStatus) { m.DataState = v1.DataOutdated })
+		// Until a confirmation may have left, the record says NotSent.
+		setMemberState(vp, s.step.Target, func(m *v1.MemberStatus) {
+			m.DataState, m.OutdatedConfirmation = v1.DataOutdated, v1.OutdatedNotSent
+		})
 		r.Recorder.Eventf(vp, nil, corev1.EventTypeWarning, "MemberOutdated", "RecordOutdated", "Recorded %s as Outdated: the writer continues alone", s.step.Target)
 		return nil
 	case StepConfirmOutdated:
-		info, ok := s.agents[s.step.Target]
-		if !ok {
-			return fmt.Errorf("no agent endpoint for %s", s.step.Target)
-		}
-		_, err := r.NewAgentClient(info.control, r.AgentToken).PeerOutdated(ctx, vp.Namespace, vp.Name, s.view.Authority.Epoch)
-		return err
+		return r.confirmOutdated(ctx, s)
 	case StepFailover:
 		return r.moveAuthority(ctx, s, s.step.Target, true)
 	case StepSwitch:
 		return r.moveAuthority(ctx, s, s.step.Target, false)
 	}
+	return nil
+}
+
+// confirmOutdated tells the writer (s.step.Target) that its peer is recorded
+// Outdated, so it may acknowledge sync writes alone (invariant 2, step 2).
+//
+// From the moment the confirmation may reach the writer, the peer may lack
+// acknowledged writes and must never be promoted automatically; until then
+// it holds every acknowledged write. So the record first says Sent, durably,
+// and only then is the confirmation sent. If it provably never left (no
+// connection to the agent was made, agent.ErrNotSent) and this round is the
+// one that marked it Sent, the record goes back to NotSent: should the
+// writer now be lost, the peer may still be promoted. Any other failure, an
+// answer lost for instance, leaves Sent.
+func (r *VolumePairReconciler) confirmOutdated(ctx context.Context, s *scope) error {
+	vp := s.vp
+	writer := s.step.Target
+	info, ok := s.agents[writer]
+	if !ok {
+		return fmt.Errorf("no agent endpoint for %s", writer)
+	}
+	peer := s.view.other(writer).Node
+	ms := vp.Status.MemberStatus(peer)
+	if ms == nil || ms.DataState != v1.DataOutdated {
+		return fmt.Errorf("%s is not recorded Outdated", peer)
+	}
+	marked := false
+	if ms.OutdatedConfirmation == v1.OutdatedNotSent {
+		if err := r.setOutdatedConfirmation(ctx, s, peer, v1.OutdatedSent); err != nil {
+			return fmt.Errorf("record the Outdated confirmation of %s as sent: %w", peer, err)
+		}
+		marked = true
+	}
+	_, err := r.NewAgentClient(info.control, r.AgentToken).PeerOutdated(ctx, vp.Namespace, vp.Name, s.view.Authority.Epoch)
+	if err != nil && marked && errors.Is(err, agent.ErrNotSent) {
+		if rerr := r.setOutdatedConfirmation(ctx, s, peer, v1.OutdatedNotSent); rerr != nil {
+			return errors.Join(err, fmt.Errorf("record the Outdated confirmation of %s as not sent: %w", peer, rerr))
+		}
+	}
+	return err
+}
+
+// setOutdatedConfirmation patches status now (not at the end of the round):
+// the confirmation must not be sent before the record says it may have been.
+// On failure the in-memory status says Sent, whatever c was: the server may
+// hold either value, and Sent is the one that is safe to keep.
+func (r *VolumePairReconciler) setOutdatedConfirmation(ctx context.Context, s *scope, node string, c v1.OutdatedConfirmation) error {
+	vp := s.vp
+	base := vp.DeepCopy()
+	setMemberState(vp, node, func(m *v1.MemberStatus) { m.OutdatedConfirmation = c })
+	if err := r.Status().Patch(ctx, vp, client.MergeFrom(base)); err != nil {
+		setMemberState(vp, node, func(m *v1.MemberStatus) { m.OutdatedConfirmation = v1.OutdatedSent })
+		return err
+	}
+	// vp now carries the server's metadata (a new resourceVersion): so must
+	// the base of the round's status patch, or that patch would carry the
+	// metadata difference too.
+	s.base.ObjectMeta = *vp.ObjectMeta.DeepCopy()
 	return nil
 }
 
@@ -550,6 +608,9 @@ func (r *VolumePairReconciler) patchStatus(ctx context.Context, s *scope, ok boo
 				if m.Status.LastError != "" {
 					ms.Message = m.Status.LastError
 				}
+			}
+			if ms.DataState != v1.DataOutdated {
+				ms.OutdatedConfirmation = ""
 			}
 		})
 	}

@@ -73,6 +73,23 @@ const (
 	DataUnknown DataState = "Unknown"
 )
 
+// OutdatedConfirmation says whether the writer may have been told that a
+// member recorded Outdated is Outdated (DESIGN §4.2). A sync-mode writer that
+// lost its peer acknowledges writes the peer lacks only after it was told.
+// +kubebuilder:validation:Enum=NotSent;Sent
+type OutdatedConfirmation string
+
+const (
+	// OutdatedNotSent: the Outdated record is written but no confirmation
+	// has left the controller, so the writer has not continued alone and the
+	// member still holds every acknowledged write; it may be promoted.
+	OutdatedNotSent OutdatedConfirmation = "NotSent"
+	// OutdatedSent: a confirmation may have reached the writer, which may
+	// have acknowledged writes the member lacks; it is never promoted
+	// automatically.
+	OutdatedSent OutdatedConfirmation = "Sent"
+)
+
 // Condition types reported in status.conditions.
 const (
 	// ConditionReady is True when the active primary serves the volume.
@@ -270,6 +287,13 @@ type MemberStatus struct {
 	// +optional
 	// +kubebuilder:validation:MaxLength=1024
 	Message string `json:"message,omitempty"`
+	// outdatedConfirmation, for a member whose dataState the controller
+	// recorded as Outdated, says whether the writer may have been told so:
+	// NotSent while no confirmation has left the controller (the member still
+	// holds every acknowledged write), Sent once one may have reached the
+	// writer. An Outdated record without it counts as Sent.
+	// +optional
+	OutdatedConfirmation OutdatedConfirmation `json:"outdatedConfirmation,omitempty"`
 }
 
 // VolumePairStatus is the observed state of a VolumePair.

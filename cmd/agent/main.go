@@ -47,6 +47,8 @@ func run() error {
 	namespace := flag.String("namespace", os.Getenv("POD_NAMESPACE"), "Operator namespace: the agent registers its Lease there and renews the authority Leases of the volumes it serves. Empty: no Kubernetes (standalone, the control API's word is final).")
 	kubeconfig := flag.String("kubeconfig", "", "Kubeconfig file (default: in-cluster config).")
 	advertise := flag.String("advertise-address", os.Getenv("POD_IP"), "Address peers and clients use to reach this agent (default: the listen addresses' host, or 127.0.0.1).")
+	kubeQPS := flag.Float64("kube-api-qps", 50, "Requests per second to the Kubernetes API server (client-side limit). The agent renews one authority Lease per primary volume every second, plus its own Lease: keep this above the number of primaries per node.")
+	kubeBurst := flag.Int("kube-api-burst", 100, "Burst of requests to the Kubernetes API server above --kube-api-qps.")
 	nbdAllowed := flag.String("nbd-allowed-clients", "", "Comma-separated client networks (CIDR prefixes or addresses) allowed to connect to the NBD port; others are refused before the handshake. Empty: any client (firewall the port then).")
 	pprofAddr := flag.String("pprof-address", "", "Serve Go profiles (net/http/pprof) on this address; off when empty. Bind it to localhost.")
 	opts := zap.Options{TimeEncoder: zapcore.RFC3339NanoTimeEncoder}
@@ -81,6 +83,10 @@ func run() error {
 		if err != nil {
 			return fmt.Errorf("kubernetes client config: %w", err)
 		}
+		// client-go's defaults (5/s, burst 10) starve the authority
+		// renewals of a node with a few primaries: their Leases would
+		// lapse and the volumes fence themselves.
+		cfg.QPS, cfg.Burst = float32(*kubeQPS), *kubeBurst
 		cs, err := kubernetes.NewForConfig(cfg)
 		if err != nil {
 			return fmt.Errorf("kubernetes client: %w", err)

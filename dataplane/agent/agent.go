@@ -88,6 +88,7 @@ type Agent struct {
 	mu      sync.Mutex
 	volumes map[string]*volume.Volume
 
+	// The listen addresses reported by /v1/info; a.mu guards them.
 	nbdAddr, replAddr, controlAddr string
 }
 
@@ -255,7 +256,9 @@ func (a *Agent) List() []string {
 
 // ServeReplication accepts replication streams on ln until ctx is done.
 func (a *Agent) ServeReplication(ctx context.Context, ln net.Listener) error {
+	a.mu.Lock() // handleInfo reads it concurrently
 	a.replAddr = ln.Addr().String()
+	a.mu.Unlock()
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
 	for {

@@ -4,9 +4,12 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptrace"
+	"sync/atomic"
 	"time"
 
 	"github.com/tandem-storage/tandem/dataplane/volume"
@@ -33,6 +36,14 @@ type APIError struct {
 
 func (e *APIError) Error() string { return fmt.Sprintf("agent answered %d: %s", e.Code, e.Message) }
 
+// ErrNotSent is wrapped by the error of a call that never reached the
+// agent: no connection to it was made (the dial failed or timed out, or the
+// context ended first), so the agent did not act on it. A call that failed
+// in any other way (after connecting: a write error, a timeout, a lost
+// answer) may have taken effect. This relies on the transport reporting
+// connections through net/http/httptrace, as net/http's does.
+var ErrNotSent = errors.New("request not sent: no connection to the agent was made")
+
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
 	var body io.Reader
 	if in != nil {
@@ -42,6 +53,8 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 		}
 		body = bytes.NewReader(b)
 	}
+	var connected atomic.Bool
+	ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{GotConn: func(httptrace.GotConnInfo) { connected.Store(true) }})
 	req, err := http.NewRequestWithContext(ctx, method, c.BaseURL+path, body)
 	if err != nil {
 		return fmt.Errorf("%s %s: %w", method, path, err)
@@ -54,6 +67,9 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 	}
 	resp, err := c.HTTP.Do(req)
 	if err != nil {
+		if !connected.Load() {
+			return fmt.Errorf("%s %s: %w: %w", method, path, ErrNotSent, err)
+		}
 		return fmt.Errorf("%s %s: %w", method, path, err)
 	}
 	defer resp.Body.Close()
@@ -113,6 +129,7 @@ func (c *Client) Delete(ctx context.Context, ns, name string, purge bool) error 
 }
 
 // PeerOutdated tells the agent the controller recorded its peer Outdated.
+// An error wrapping ErrNotSent means the agent never received it.
 func (c *Client) PeerOutdated(ctx context.Context, ns, name string, epoch uint64) (volume.Status, error) {
 	var s volume.Status
 	return s, c.do(ctx, http.MethodPost, "/v1/volumes/"+ns+"/"+name+"/peer-outdated", PeerOutdatedRequest{Epoch: epoch}, &s)

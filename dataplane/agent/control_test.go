@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/go-logr/logr"
 
@@ -180,5 +182,94 @@ func TestReopenFenced(t *testing.T) {
 	// Alone since creation: the write is in the bitmap (the peer never had it).
 	if st.OutOfSyncRegions != 1 {
 		t.Fatalf("reopened replica lost its bitmap: %d dirty regions, want 1", st.OutOfSyncRegions)
+	}
+}
+
+// TestInfoWhileServingReplication: ServeReplication records its listen
+// address while the control API may already answer /v1/info (the agent
+// starts both at once). Under -race this caught an unguarded write.
+func TestInfoWhileServingReplication(t *testing.T) {
+	a, srv := newTestAgent(t)
+	c := NewClient(srv.URL, "s3cret")
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	infos := make(chan error, 1)
+	go func() {
+		var err error
+		for i := 0; i < 20 && err == nil; i++ {
+			_, err = c.Info(ctx)
+		}
+		infos <- err
+	}()
+	go func() { served <- a.ServeReplication(ctx, ln) }()
+	if err := <-infos; err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		info, err := c.Info(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if info.ReplicationAddress == ln.Addr().String() {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("/v1/info reports replication address %q, want %q", info.ReplicationAddress, ln.Addr())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	cancel()
+	if err := <-served; err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestClientErrNotSent: a call that never reached the agent says so
+// (ErrNotSent); one that may have reached it (the connection was made, the
+// answer was lost) must not, since the agent may have acted on it. The
+// controller relies on this to know whether a peer-outdated confirmation
+// can have reached the writer (invariant 2).
+func TestClientErrNotSent(t *testing.T) {
+	ctx := context.Background()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close() // nothing listens there now
+	c := NewClient("http://"+addr, "s3cret")
+	if _, err := c.PeerOutdated(ctx, "ns", "vol", 1); !errors.Is(err, ErrNotSent) {
+		t.Fatalf("call to an address nobody listens on: %v, want ErrNotSent", err)
+	}
+
+	// The agent receives the request, then the answer is lost.
+	got := make(chan string, 1)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		got <- r.URL.Path
+		conn, _, err := w.(http.Hijacker).Hijack()
+		if err == nil {
+			conn.Close()
+		}
+	}))
+	defer srv.Close()
+	c = NewClient(srv.URL, "s3cret")
+	_, err = c.PeerOutdated(ctx, "ns", "vol", 1)
+	if err == nil || errors.Is(err, ErrNotSent) {
+		t.Fatalf("call whose answer was lost: %v, want an error that is not ErrNotSent", err)
+	}
+	if p := <-got; !strings.HasSuffix(p, "/peer-outdated") {
+		t.Fatalf("agent saw %q", p)
+	}
+
+	// A context that ended before the call: nothing sent.
+	cctx, cancel := context.WithCancel(ctx)
+	cancel()
+	if _, err := c.PeerOutdated(cctx, "ns", "vol", 1); !errors.Is(err, ErrNotSent) {
+		t.Fatalf("call with a cancelled context: %v, want ErrNotSent", err)
 	}
 }

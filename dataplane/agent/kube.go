@@ -12,6 +12,14 @@ package agent
 // successful renewal plus the lease duration (KubeAuthority.Authorized): an
 // agent cut off from the API server fences itself before the controller
 // promotes the backup, which it does only after the Lease has expired.
+//
+// Renewal cost: one conditional Update per primary volume and second (the
+// Lease last read or written is kept, so no Get is needed while nobody else
+// touches it; a conflict — the controller moved the authority — costs one
+// Get, which then shows the new holder and fences the volume). The volumes
+// are renewed concurrently (at most renewParallel at a time), so a node
+// serving many primaries renews each of them about every second, not one
+// after another.
 
 import (
 	"context"
@@ -36,6 +44,7 @@ const (
 	agentRenewEvery    = 2 * time.Second
 	authorityRenew     = time.Second
 	apiTimeout         = 2 * time.Second
+	renewParallel      = 8
 )
 
 // Endpoints are what the agent advertises on its Lease.
@@ -121,6 +130,7 @@ type KubeAuthority struct {
 
 	mu     sync.Mutex
 	grants map[string]grant
+	seen   map[string]*coordinationv1.Lease // last seen authority Lease per volume
 	kick   chan struct{}
 }
 
@@ -133,7 +143,7 @@ type grant struct {
 // NewKubeAuthority returns an authority for node's volumes.
 func NewKubeAuthority(leases coordclient.LeasesGetter, namespace, node string) *KubeAuthority {
 	return &KubeAuthority{leases: leases.Leases(namespace), node: node, namespace: namespace,
-		grants: map[string]grant{}, kick: make(chan struct{}, 1)}
+		grants: map[string]grant{}, seen: map[string]*coordinationv1.Lease{}, kick: make(chan struct{}, 1)}
 }
 
 // Authorized implements volume.Authority.
@@ -168,12 +178,23 @@ func (k *KubeAuthority) Kick() {
 func (k *KubeAuthority) Run(ctx context.Context, primaries func() map[string]uint64, log logLike) {
 	t := time.NewTicker(authorityRenew)
 	defer t.Stop()
+	sem := make(chan struct{}, renewParallel)
 	for {
-		for vol, epoch := range primaries() {
-			if err := k.renew(ctx, vol, epoch); err != nil {
-				log.Info("Authority not renewed", "volume", vol, "epoch", epoch, "reason", err.Error())
-			}
+		prim := primaries()
+		var wg sync.WaitGroup
+		for vol, epoch := range prim {
+			wg.Add(1)
+			sem <- struct{}{}
+			go func() {
+				defer wg.Done()
+				defer func() { <-sem }()
+				if err := k.renew(ctx, vol, epoch); err != nil {
+					log.Info("Authority not renewed", "volume", vol, "epoch", epoch, "reason", err.Error())
+				}
+			}()
 		}
+		wg.Wait()
+		k.forget(prim)
 		select {
 		case <-ctx.Done():
 			return
@@ -192,10 +213,30 @@ func (k *KubeAuthority) renew(ctx context.Context, vol string, epoch uint64) err
 	ctx, cancel := context.WithTimeout(ctx, apiTimeout)
 	defer cancel()
 	start := time.Now()
+	k.mu.Lock()
+	cached := k.seen[vol]
+	k.mu.Unlock()
+	if cached != nil && ptr.Deref(cached.Spec.HolderIdentity, "") == k.node && cached.Annotations[v1.AnnEpoch] == strconv.FormatUint(epoch, 10) {
+		// Fast path: a conditional update of the Lease as last seen. Any
+		// change by someone else (the controller moving the authority)
+		// makes it conflict, and the slow path reads the new state.
+		if ok, err := k.update(ctx, vol, epoch, cached.DeepCopy(), start); ok || !apierrors.IsConflict(err) {
+			return err
+		}
+	}
 	l, err := k.leases.Get(ctx, lname, metav1.GetOptions{})
 	if err != nil {
 		return fmt.Errorf("get authority Lease %s/%s: %w", k.namespace, lname, err)
 	}
+	_, err = k.update(ctx, vol, epoch, l, start)
+	return err
+}
+
+// update renews l if it names this node at epoch, recording the grant; it
+// reports whether the Lease was renewed. A Lease naming someone else fences
+// the volume. start is when the renewal began: the grant runs from there.
+func (k *KubeAuthority) update(ctx context.Context, vol string, epoch uint64, l *coordinationv1.Lease, start time.Time) (bool, error) {
+	lname := l.Name
 	holder := ptr.Deref(l.Spec.HolderIdentity, "")
 	lepoch, _ := strconv.ParseUint(l.Annotations[v1.AnnEpoch], 10, 64)
 	if holder != k.node || lepoch != epoch {
@@ -207,19 +248,36 @@ func (k *KubeAuthority) renew(ctx context.Context, vol string, epoch uint64) err
 			g.until = time.Time{}
 		}
 		k.grants[vol] = g
+		delete(k.seen, vol)
 		k.mu.Unlock()
-		return fmt.Errorf("%s", reason)
+		return false, fmt.Errorf("%s", reason)
 	}
 	dur := time.Duration(ptr.Deref(l.Spec.LeaseDurationSeconds, 6)) * time.Second
 	now := metav1.NewMicroTime(start)
 	l.Spec.RenewTime = &now
-	if _, err := k.leases.Update(ctx, l, metav1.UpdateOptions{}); err != nil {
-		return fmt.Errorf("renew authority Lease %s: %w", lname, err)
+	updated, err := k.leases.Update(ctx, l, metav1.UpdateOptions{})
+	if err != nil {
+		k.mu.Lock()
+		delete(k.seen, vol)
+		k.mu.Unlock()
+		return false, fmt.Errorf("renew authority Lease %s: %w", lname, err)
 	}
 	k.mu.Lock()
 	k.grants[vol] = grant{epoch: epoch, until: start.Add(dur)}
+	k.seen[vol] = updated
 	k.mu.Unlock()
-	return nil
+	return true, nil
+}
+
+// forget drops the cached Leases of volumes that are no longer primaries.
+func (k *KubeAuthority) forget(primaries map[string]uint64) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	for vol := range k.seen {
+		if _, ok := primaries[vol]; !ok {
+			delete(k.seen, vol)
+		}
+	}
 }
 
 func cutName(vol string) (string, string, bool) {

@@ -48,11 +48,20 @@
 //	19 FwdTrim, 20 FwdZero  request id     volume range        -                  N = 0, length > 0
 //	21 FwdFlush    request id              -                   -
 //	22 FwdRead     request id              volume range        -
-//	23 FwdReply    request id              offset 0: ok, 1: error   data, or error text
+//	23 FwdReply    request id              offset 0: ok, 1: error, 2: re-issue   data, error text, or -
 //
 // Fwd* frames flow from an ex-writer (now the backup) to the writer: requests
 // of client connections that were open when the roles switched (failback)
-// are forwarded and answered with FwdReply, so no held write fails.
+// are forwarded and answered with FwdReply, so no held write fails. The
+// FwdReply offset is the outcome:
+//
+//	0  ok        the request ran; the payload is the data of a read
+//	1  error     the request failed; the payload is the error text
+//	2  re-issue  the writer stepped down while holding the request: it did
+//	             not run, and the stream is no longer used (the receiver
+//	             fails every request still waiting on it). The requests
+//	             are issued again wherever the writer is now (the receiver
+//	             itself if it was promoted, or over the next writer's stream)
 //
 // For Write, Trim, Zero and CopyData, offset+length must not exceed 2^63-1.
 //

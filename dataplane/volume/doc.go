@@ -18,7 +18,10 @@
 //     marks the regions with that seq. Holding the region locks across both makes
 //     the peer apply overlapping writes in the same order as the local store,
 //     and makes a resync copy of a region (read + queue, under the same lock)
-//     unable to overwrite a newer live write on the peer.
+//     unable to overwrite a newer live write on the peer. A local write
+//     that fails is not queued; its range is marked for resync instead, as
+//     the store may have changed part of it (a torn write), and the client
+//     gets the error.
 //  4. FUA: the local store is synced.
 //  5. Sync mode: the write is acknowledged only after the peer applied it. If
 //     the link is down, the write is held until the controller has recorded

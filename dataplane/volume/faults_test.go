@@ -735,14 +735,10 @@ func (s *tornStore) WriteAt(p []byte, off int64) (int, error) {
 // still end identical, i.e. the region the failed write touched must be
 // resynced.
 //
-// This fails today (see the reliability report): the engine marks nothing
-// dirty when the local write fails, so the backup keeps the old bytes and the
-// primary the half-written ones for ever. Run it with
-// TANDEM_KNOWN_BUGS=1.
+// Before the fix (hack/stress/findings.md, fixed item 6) the engine marked
+// nothing dirty when the local write failed, so the backup kept the old bytes
+// and the primary the half-written ones for ever.
 func TestDiskFaultTornPrimaryWrite(t *testing.T) {
-	if os.Getenv("TANDEM_KNOWN_BUGS") == "" {
-		t.Skip("known bug in dataplane/volume (io.go submit): set TANDEM_KNOWN_BUGS=1 to run")
-	}
 	tl := newTally(t, "disk-faults")
 	for _, mode := range faultModes {
 		ctx := context.Background()
@@ -777,6 +773,8 @@ func TestDiskFaultTornPrimaryWrite(t *testing.T) {
 			tl.violated.Add(1)
 			t.Errorf("%s: after a torn write the replicas differ in regions %v that the primary's bitmap does not cover: no resync will ever repair them", mode, d)
 		}
+		// In sync with a clean bitmap: the resync copied the torn region.
+		same(t, p.member, b.member)
 		tl.trials.Add(1)
 		v.Close()
 	}

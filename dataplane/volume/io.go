@@ -256,6 +256,12 @@ func (v *Volume) submitOwned(ctx context.Context, kind opKind, p []byte, off, n 
 	}
 	locked := v.locks.lock(off, n)
 	if err := v.applyLocal(kind, p, off, n); err != nil {
+		// The store may have changed part of the range before failing (a
+		// torn write), and no frame carries it to the peer: mark the
+		// range for resync so the replicas cannot stay different with a
+		// clean bitmap (invariant 3). Done under the region locks and
+		// the checkpoint read lock, like the mark of an unqueued write.
+		v.tracker.MarkRange(off, n)
 		locked.unlock()
 		v.ckpt.RUnlock()
 		v.setError(err)

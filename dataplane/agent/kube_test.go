@@ -1,0 +1,167 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	coordinationv1 "k8s.io/api/coordination/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/client-go/kubernetes/fake"
+	k8stesting "k8s.io/client-go/testing"
+	"k8s.io/utils/ptr"
+
+	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
+)
+
+type nopLog struct{}
+
+func (nopLog) Info(string, ...any)         {}
+func (nopLog) Error(error, string, ...any) {}
+
+func authorityLease(vol, holder string, epoch uint64) *coordinationv1.Lease {
+	ns, name, _ := cutName(vol)
+	return &coordinationv1.Lease{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "tandem-system", Name: v1.AuthorityLeaseName(ns, name), ResourceVersion: "1",
+			Annotations: map[string]string{v1.AnnEpoch: strconv.FormatUint(epoch, 10)}},
+		Spec: coordinationv1.LeaseSpec{HolderIdentity: ptr.To(holder), LeaseDurationSeconds: ptr.To(int32(3))},
+	}
+}
+
+// TestKubeAuthorityRenewsManyVolumes: a node serving many primaries renews
+// every authority Lease about once a second with one Update each (no Get
+// while nobody else touched the Lease), concurrently; a Lease the
+// controller moved meanwhile conflicts, is read again and fences that volume
+// only.
+func TestKubeAuthorityRenewsManyVolumes(t *testing.T) {
+	const n = 24
+	var objs []runtime.Object
+	prim := map[string]uint64{}
+	for i := range n {
+		vol := fmt.Sprintf("apps/db-%02d", i)
+		prim[vol] = 1
+		objs = append(objs, authorityLease(vol, "node-a", 1))
+	}
+	cs := fake.NewClientset(objs...)
+	// Each API call takes 20 ms: renewing one after another would take
+	// n × 40 ms ≈ 1 s per round, concurrently it takes a fraction.
+	var gets, updates atomic.Int64
+	var rv atomic.Int64
+	rv.Store(100)
+	cs.PrependReactor("*", "leases", func(a k8stesting.Action) (bool, runtime.Object, error) {
+		time.Sleep(20 * time.Millisecond)
+		switch a.GetVerb() {
+		case "get":
+			gets.Add(1)
+		case "update":
+			updates.Add(1)
+			// The fake tracker has no optimistic concurrency: do what the
+			// API server does with a resourceVersion.
+			u := a.(k8stesting.UpdateAction)
+			l := u.GetObject().(*coordinationv1.Lease).DeepCopy()
+			cur, err := cs.Tracker().Get(u.GetResource(), u.GetNamespace(), l.Name)
+			if err != nil {
+				return true, nil, err
+			}
+			if cur.(*coordinationv1.Lease).ResourceVersion != l.ResourceVersion {
+				return true, nil, apierrors.NewConflict(u.GetResource().GroupResource(), l.Name, errors.New("the object has been modified"))
+			}
+			l.ResourceVersion = strconv.FormatInt(rv.Add(1), 10)
+			return true, l, cs.Tracker().Update(u.GetResource(), l, u.GetNamespace())
+		}
+		return false, nil, nil
+	})
+	k := NewKubeAuthority(cs.CoordinationV1(), "tandem-system", "node-a")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan struct{})
+	go func() { defer close(done); k.Run(ctx, func() map[string]uint64 { return prim }, nopLog{}) }()
+	defer func() { cancel(); <-done }()
+
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		ok := 0
+		for vol := range prim {
+			if k.Authorized(vol, 1) == nil {
+				ok++
+			}
+		}
+		if ok == n {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of %d volumes authorized after 5 s", ok, n)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	g0, u0 := gets.Load(), updates.Load()
+	time.Sleep(3200 * time.Millisecond) // three more rounds
+	g, u := gets.Load()-g0, updates.Load()-u0
+	if g != 0 {
+		t.Errorf("steady renewals issued %d Gets; want only conditional Updates", g)
+	}
+	if u < 2*n {
+		t.Errorf("%d Updates in 3.2 s for %d volumes; want ≥ %d (each renewed every second)", u, n, 2*n)
+	}
+	ls, err := cs.CoordinationV1().Leases("tandem-system").List(ctx, metav1.ListOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range ls.Items {
+		// Renewed at most a round (1 s) plus a slow pass ago; the Lease
+		// lasts 3 s.
+		if age := time.Since(l.Spec.RenewTime.Time); age > 2*time.Second {
+			t.Errorf("%s last renewed %v ago", l.Name, age)
+		}
+	}
+
+	// The controller moves one volume's authority to node-b (a conditional
+	// update that bumps the resourceVersion).
+	moved := "apps/db-07"
+	l, err := cs.CoordinationV1().Leases("tandem-system").Get(ctx, v1.AuthorityLeaseName("apps", "db-07"), metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.Spec.HolderIdentity = ptr.To("node-b")
+	l.Annotations[v1.AnnEpoch] = "2"
+	l.ResourceVersion = strconv.FormatInt(rv.Add(1), 10)
+	if err := cs.Tracker().Update(coordinationv1.SchemeGroupVersion.WithResource("leases"), l, "tandem-system"); err != nil {
+		t.Fatal(err)
+	}
+	deadline = time.Now().Add(6 * time.Second)
+	for k.Authorized(moved, 1) == nil {
+		if time.Now().After(deadline) {
+			t.Fatal("the volume whose authority moved is still authorized 6 s later")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err := k.Authorized(moved, 1); err == nil || !contains(err.Error(), `names "node-b" at epoch 2`) {
+		t.Errorf("moved volume: Authorized = %v, want a refusal naming node-b at epoch 2", err)
+	}
+	got, _ := cs.CoordinationV1().Leases("tandem-system").Get(ctx, l.Name, metav1.GetOptions{})
+	if h := ptr.Deref(got.Spec.HolderIdentity, ""); h != "node-b" {
+		t.Errorf("the renewal overwrote the moved authority: holder %q", h)
+	}
+	for vol := range prim {
+		if vol != moved {
+			if err := k.Authorized(vol, 1); err != nil {
+				t.Errorf("%s lost its authority when another volume's moved: %v", vol, err)
+			}
+		}
+	}
+}
+
+func contains(s, sub string) bool {
+	for i := 0; i+len(sub) <= len(s); i++ {
+		if s[i:i+len(sub)] == sub {
+			return true
+		}
+	}
+	return false
+}

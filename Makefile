@@ -59,7 +59,7 @@ test: tools ## Run all unit and envtest tests with the race detector (builds the
 
 .PHONY: test-e2e
 test-e2e: tools build ## Run the end-to-end user stories on the local cluster (as root: network namespaces).
-	go test -tags e2e -count=1 -timeout 45m -v ./test/e2e/ 2>&1 | tee .e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|\s+\S+_test.go:[0-9]+: STORY)'
+	go test -tags e2e -count=1 -timeout 45m -v ./test/e2e/ 2>&1 | tee .e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|\s+\S+_test.go:[0-9]+: (STORY|LOAD|RELIABILITY))'
 
 .PHONY: bench
 bench: tools ## Measure Tandem against nbdkit, nbdcopy and DESIGN §7 on this machine; writes docs/benchmarks.md and .png (BENCH_FLAGS=-only fio,...).

@@ -37,7 +37,9 @@ import (
 // +kubebuilder:rbac:groups=storage.tandem.dev,resources=volumepairs/finalizers,verbs=update
 // +kubebuilder:rbac:groups=core,resources=nodes,verbs=get;list;watch
 // +kubebuilder:rbac:groups=core;events.k8s.io,resources=events,verbs=create;patch
-// +kubebuilder:rbac:groups=coordination.k8s.io,resources=leases,verbs=get;list;watch;create;update;patch;delete
+// Leases (the agents' registrations, the per-pair authority Leases, leader
+// election) live in the operator namespace only: the namespaced Role in
+// config/rbac/leader_election_role.yaml grants them, not this ClusterRole.
 
 // expiryMargin is added to a Lease's duration before it counts as expired,
 // for clock skew between the agent and the controller.

@@ -9,7 +9,10 @@
 #   hack/local-cluster.sh kill-node NODE              SIGKILL the node's agent, stop its heartbeat (Ready=Unknown), cut its link
 #   hack/local-cluster.sh restore-node NODE           bring the link back, restart agent (same data dir) and heartbeat
 #   hack/local-cluster.sh partition NODE              cut the node's link only (processes keep running)
-#   hack/local-cluster.sh heal NODE                   restore the node's link
+#   hack/local-cluster.sh heal NODE                   restore the node's link and remove every cut below that involves NODE
+#   hack/local-cluster.sh cut NODE PEER               cut NODE <-> PEER only (both directions; API server and manager still reachable)
+#   hack/local-cluster.sh cut-api NODE                cut NODE -> API server only (its agent and heartbeat cannot reach kube-apiserver)
+#   hack/local-cluster.sh cut-control NODE            cut manager <-> NODE's agent control API only (the agent's replies are dropped)
 #   hack/local-cluster.sh replica-path NODE NS/NAME   print the path of that member's backing file
 #   hack/local-cluster.sh kill-agent NODE             SIGKILL only the node's agent (link and heartbeat stay)
 #   hack/local-cluster.sh start-agent NODE            start the node's agent again (same data dir)
@@ -24,8 +27,16 @@
 # namespace, so cutting the veth isolates the node from the API server, the
 # manager and its peers. Nothing is routed or NATed beyond the bridge. Without
 # root (or with TANDEM_NETWORK=loopback) the nodes are 127.0.0.11-13 on the
-# loopback device: no isolation, so `partition` is not supported and
+# loopback device: no isolation, so `partition`, `cut*` are not supported and
 # `kill-node` only kills processes.
+#
+# Partial cuts (cut, cut-api, cut-control) are policy-routing rules inside the
+# node's namespace (this kernel has no netfilter/tc drop actions): a "prohibit"
+# rule at preference 1000 for the peer's address, for TCP to the API server's
+# port, or for TCP from the control port 7400 to the bridge address (the
+# manager and any client in the root namespace). Existing connections are cut
+# too (their packets are refused on the way out). `heal NODE` deletes every
+# such rule in NODE's namespace and the peers' rules that name NODE's address.
 #
 # API server. kube-apiserver serves TLS with a certificate signed by a CA
 # generated here with openssl (covering 127.0.0.1 and 198.18.0.1), and
@@ -386,6 +397,9 @@ install_api() {
   kubectl create namespace "$OPNS" >/dev/null
   kubectl apply -f "$ROOT/config/rbac/role.yaml" >/dev/null
   kubectl create clusterrolebinding tandem-manager-local --clusterrole tandem-manager --user tandem-manager >/dev/null
+  # The manager's Leases live in the operator namespace only (its Role).
+  kubectl apply -f "$ROOT/config/rbac/leader_election_role.yaml" >/dev/null
+  kubectl -n "$OPNS" create rolebinding tandem-manager-leases-local --role tandem-leader-election --user tandem-manager >/dev/null
   if [ -f "$ROOT/config/rbac/agent_role.yaml" ]; then
     kubectl apply -f "$ROOT/config/rbac/agent_role.yaml" >/dev/null
   else
@@ -603,6 +617,73 @@ cmd_partition() {
   fi
 }
 
+CUT_PREF=1000
+
+need_netns() {
+  [ "$(net_mode)" = netns ] ||
+    die "partition/cut/heal need the netns network (run 'up' as root); on loopback the nodes are not isolated"
+}
+
+# add_cut NODE RULE...: a prohibit rule in NODE's namespace.
+add_cut() {
+  local n=$1
+  shift
+  ip -n "$(netns_name "$n")" rule add pref "$CUT_PREF" "$@" prohibit
+}
+
+# del_cuts NODE [SELECTOR...]: delete NODE's cut rules (those matching SELECTOR).
+del_cuts() {
+  local n=$1 ns
+  shift
+  ns=$(netns_name "$n")
+  for _ in $(seq 64); do
+    ip -n "$ns" rule del pref "$CUT_PREF" "$@" prohibit 2>/dev/null || break
+  done
+}
+
+cmd_cut() {
+  local n=$1 peer=$2
+  node_index "$n" >/dev/null
+  node_index "$peer" >/dev/null
+  [ "$n" != "$peer" ] || die "cut wants two different nodes"
+  require_up
+  need_netns
+  add_cut "$n" to "$(node_ip "$peer")"
+  add_cut "$peer" to "$(node_ip "$n")"
+  log "Cut $n <-> $peer (policy routing; API server and manager still reachable)"
+}
+
+cmd_cut_api() {
+  local n=$1
+  node_index "$n" >/dev/null
+  require_up
+  need_netns
+  add_cut "$n" to "$(api_ip)" ipproto tcp dport "$API_PORT"
+  log "Cut $n -> API server $(api_ip):$API_PORT (agent and heartbeat cannot reach it)"
+}
+
+cmd_cut_control() {
+  local n=$1
+  node_index "$n" >/dev/null
+  require_up
+  need_netns
+  add_cut "$n" to "$(api_ip)" ipproto tcp sport "$CONTROL_PORT"
+  log "Cut manager <-> control API of $n (replies from :$CONTROL_PORT to $(api_ip) dropped)"
+}
+
+cmd_heal() {
+  local n=$1 other
+  node_index "$n" >/dev/null
+  require_up
+  need_netns
+  ip link set "$(veth_name "$n")" up
+  del_cuts "$n"
+  for other in "${NODES[@]}"; do
+    [ "$other" = "$n" ] || del_cuts "$other" to "$(node_ip "$n")"
+  done
+  log "Node $n healed: link $(veth_name "$n") up, no cut rules involving it"
+}
+
 cmd_replica_path() {
   local n=$1 ref=$2
   node_index "$n" >/dev/null
@@ -671,7 +752,13 @@ status) cmd_status ;;
 kill-node) need_node_arg "$@" && cmd_kill_node "$1" ;;
 restore-node) need_node_arg "$@" && cmd_restore_node "$1" ;;
 partition) need_node_arg "$@" && cmd_partition "$1" 0 ;;
-heal) need_node_arg "$@" && cmd_partition "$1" 1 ;;
+heal) need_node_arg "$@" && cmd_heal "$1" ;;
+cut)
+  [ $# -eq 2 ] || die "usage: $prog cut NODE PEER"
+  cmd_cut "$1" "$2"
+  ;;
+cut-api) need_node_arg "$@" && cmd_cut_api "$1" ;;
+cut-control) need_node_arg "$@" && cmd_cut_control "$1" ;;
 replica-path)
   [ $# -eq 2 ] || die "usage: $prog replica-path NODE NAMESPACE/NAME"
   cmd_replica_path "$1" "$2"

@@ -543,9 +543,20 @@ func checkWorkloads(t *testing.T, objs []*unstructured.Unstructured, w workloadE
 	}
 	if r := typed[rbacv1.Role](t, findObject(objs, "Role", ns, w.prefix+"-leader-election")); r != nil {
 		got := permissions(r.Rules)
-		for _, p := range []string{"coordination.k8s.io/leases:create", "coordination.k8s.io/leases:update", "/events:create"} {
+		// Every Lease the manager touches (leader election, agent
+		// registrations, authority Leases) is in this namespace, granted
+		// here and nowhere else.
+		for _, p := range []string{"coordination.k8s.io/leases:get", "coordination.k8s.io/leases:create", "coordination.k8s.io/leases:update",
+			"coordination.k8s.io/leases:delete", "/events:create"} {
 			if !slices.Contains(got, p) {
-				t.Errorf("leader election Role lacks %s: %v", p, got)
+				t.Errorf("the manager's namespaced Role lacks %s: %v", p, got)
+			}
+		}
+	}
+	if cr := typed[rbacv1.ClusterRole](t, findObject(objs, "ClusterRole", "", w.prefix+"-manager")); cr != nil {
+		for _, p := range permissions(cr.Rules) {
+			if strings.HasPrefix(p, "coordination.k8s.io/leases:") {
+				t.Errorf("the manager's ClusterRole grants %s cluster-wide; Leases belong in its namespaced Role", p)
 			}
 		}
 	}

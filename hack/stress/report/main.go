@@ -77,8 +77,16 @@ func run(in, out, findingsPath string) error {
 		}
 	}
 	p("\n")
-	p("Short versions of the same suites (1 trial each, seed corpora only for the fuzz targets) run in `make test`.\n")
-	p("The suites that need the multi-node local cluster (crash matrix on whole nodes, network-namespace partitions, the 16-pair load test) are not in this report yet.\n\n")
+	p("Short versions of the same suites (1 trial each, seed corpora only for the fuzz targets) run in `make test`;\n")
+	p("those of the cluster-level suites (crash-matrix, partitions: test/e2e on the local three-node cluster) in `make test-e2e`.\n")
+	if ct := meta["clustertrials"]; ct != "" {
+		p("The crash matrix ran %s trials per cell", ct)
+		if pt := meta["partitiontrials"]; pt != "" {
+			p(", the partition suite %s per case", pt)
+		}
+		p(".\n")
+	}
+	p("The 16-pair load test on the local cluster (suite load; a 45 s version runs in `make test-e2e`) has its figures in the Load section.\n\n")
 
 	var cases []caseResult
 	var failures []string
@@ -150,13 +158,17 @@ func run(in, out, findingsPath string) error {
 	}
 
 	p("## Cases\n\n")
-	p("\"Faults\" counts what each case injected: failed or slowed store operations (disk faults), hostile connections or frames (bad input), partitions (split brain).\n\n")
+	p("\"Faults\" counts what each case injected: failed or slowed store operations (disk faults), hostile connections or frames (bad input), partitions (split brain), SIGKILLed agents, managers and nodes (crash-matrix), cut or flapped links (partitions).\n\n")
 	p("| suite | case | trials | faults | violations |\n|---|---|---:|---:|---:|\n")
 	sort.SliceStable(cases, func(i, j int) bool { return cases[i].suite < cases[j].suite })
 	for _, c := range cases {
 		p("| %s | `%s` | %d | %d | %d |\n", c.suite, c.name, c.trials, c.faults, c.violations)
 	}
 	p("\n")
+
+	if err := loadSection(p, in, steps); err != nil {
+		return err
+	}
 
 	p("## Fuzzing\n\n| target | package | time | executions | new inputs | corpus | crashers |\n|---|---|---|---:|---:|---:|---|\n")
 	for _, s := range steps {

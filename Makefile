@@ -57,9 +57,13 @@ verify: manifests generate ## Fail when generated files are stale, code is not g
 test: tools ## Run all unit and envtest tests with the race detector (builds the tools on first use).
 	go test $(TEST_FLAGS) -timeout $(TEST_TIMEOUT) ./...
 
+# One local cluster at a time on this machine (its namespaces and ports are
+# fixed): e2e runs and make stress's cluster steps take this lock.
+CLUSTER_LOCK ?= /tmp/tandem-cluster.lock
+
 .PHONY: test-e2e
-test-e2e: tools build ## Run the end-to-end user stories on the local cluster (as root: network namespaces).
-	go test -tags e2e -count=1 -timeout 45m -v ./test/e2e/ 2>&1 | tee .e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|\s+\S+_test.go:[0-9]+: (STORY|LOAD|RELIABILITY))'
+test-e2e: tools build ## Run the end-to-end user stories, crash matrix, partitions and load test (short versions) on the local cluster (as root: network namespaces).
+	flock -o $(CLUSTER_LOCK) go test -tags e2e -count=1 -timeout 45m -v ./test/e2e/ 2>&1 | tee .e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|\s+\S+_test.go:[0-9]+: (STORY|LOAD|RELIABILITY))'
 
 .PHONY: bench
 bench: tools ## Measure Tandem against nbdkit, nbdcopy and DESIGN §7 on this machine; writes docs/benchmarks.md and .png (BENCH_FLAGS=-only fio,...).

@@ -17,7 +17,7 @@ import (
 // about to switch back). Each trial restores what was killed, waits for the
 // pair to converge back to PAIR on its preferred primary, and checks DESIGN
 // §4 invariants 1-5 (see reliability_test.go). One RELIABILITY line per cell;
-// TANDEM_STRESS_TRIALS trials per cell (default 1), one pair reused across
+// TANDEM_STRESS_TRIALS trials per cell (default 2), one pair reused across
 // the trials of a cell.
 func TestCrashMatrix(t *testing.T) {
 	pairs := [][2]string{{"node-a", "node-b"}, {"node-b", "node-c"}, {"node-c", "node-a"}}
@@ -44,7 +44,7 @@ func crashCell(t *testing.T, target, mode, primary, backup string) {
 	s.apply(s.pairManifest(mode, primary, backup, "32Mi", crashPairSpec))
 	s.wait(60*time.Second, "PAIR", inSync(primary))
 	r := newRig(s, mode, primary, backup)
-	trials := stressTrials()
+	trials := stressTrials(2) // a few per cell in make test-e2e; 30 in make stress
 	done := 0
 	start := time.Now()
 	defer func() {

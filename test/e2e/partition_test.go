@@ -48,7 +48,7 @@ func partitionCase(t *testing.T, kind, mode, primary, backup string) {
 	s.apply(s.pairManifest(mode, primary, backup, "32Mi", partitionPairSpec))
 	s.wait(60*time.Second, "PAIR", inSync(primary))
 	r := newRig(s, mode, primary, backup)
-	trials := stressTrials()
+	trials := stressTrials(1)
 	done := 0
 	start := time.Now()
 	defer func() {

@@ -42,11 +42,11 @@ import (
 
 // ---------------------------------------------------------------- knobs
 
-func stressTrials() int {
+func stressTrials(def int) int {
 	if n, err := strconv.Atoi(os.Getenv("TANDEM_STRESS_TRIALS")); err == nil && n > 0 {
 		return n
 	}
-	return 1
+	return def
 }
 
 var seedOnce sync.Once

@@ -78,7 +78,7 @@ func run(in, out, findingsPath string) error {
 	}
 	p("\n")
 	p("Short versions of the same suites (1 trial each, seed corpora only for the fuzz targets) run in `make test`;\n")
-	p("those of the cluster-level suites (crash-matrix, partitions: test/e2e on the local three-node cluster) in `make test-e2e`.\n")
+	p("those of the cluster-level suites (crash-matrix with 2 trials per cell, partitions: test/e2e on the local three-node cluster) in `make test-e2e`, which `.ci/run` runs.\n")
 	if ct := meta["clustertrials"]; ct != "" {
 		p("The crash matrix ran %s trials per cell", ct)
 		if pt := meta["partitiontrials"]; pt != "" {

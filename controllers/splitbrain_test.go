@@ -33,7 +33,6 @@ import (
 	"net/http"
 	"os"
 	"sort"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -44,14 +43,8 @@ import (
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
 	"github.com/tandem-storage/tandem/dataplane/agent"
+	"github.com/tandem-storage/tandem/internal/stresstest"
 )
-
-func stressTrials(def int) int {
-	if n, err := strconv.Atoi(os.Getenv("TANDEM_STRESS_TRIALS")); err == nil && n > 0 {
-		return n
-	}
-	return def
-}
 
 // ackRec is one client write: who acknowledged it (or failed it), when.
 type ackRec struct {
@@ -164,7 +157,7 @@ func TestSplitBrain(t *testing.T) {
 		kind partitionKind
 	}
 	cells := []cell{{v1.ModeSync, cutNode}, {v1.ModeAsync, cutControl}, {v1.ModeSync, cutAPI}}
-	trials := stressTrials(0)
+	trials := stresstest.Trials(0)
 	if trials > 0 {
 		cells = []cell{{v1.ModeSync, cutNode}, {v1.ModeSync, cutControl}, {v1.ModeSync, cutAPI},
 			{v1.ModeAsync, cutNode}, {v1.ModeAsync, cutControl}, {v1.ModeAsync, cutAPI}}
@@ -188,7 +181,7 @@ func TestSplitBrain(t *testing.T) {
 				if t.Failed() && v == 0 {
 					v = 1
 				}
-				t.Logf("RELIABILITY suite=split-brain case=%s trials=%d faults=%d violations=%d", t.Name(), done, faults.Load(), v)
+				t.Log(stresstest.Line("split-brain", t.Name(), int64(done), faults.Load(), int64(v)))
 			})
 			for trial := range trials {
 				splitBrainTrial(t, mlog, blk, c.mode, c.kind, uint64(trial), &violations)
@@ -441,33 +434,10 @@ func splitBrainTrial(t *testing.T, mlog *testLog, blk *blocker, mode v1.Replicat
 
 	// No acknowledged write lost (sync), replicas identical.
 	s.sameData()
-	data, err := os.ReadFile(s.b.dataPath(s.ns, s.name))
-	if err != nil {
-		t.Fatal(err)
-	}
-	last := map[int64]ackRec{}
-	unknown := map[int64]bool{}
-	sort.Slice(acks, func(i, j int) bool { return acks[i].end.Before(acks[j].end) })
-	for _, a := range acks {
-		if a.err != nil {
-			unknown[a.block] = true
-			continue
-		}
-		delete(unknown, a.block)
-		last[a.block] = a
-	}
-	lost := 0
-	for b, a := range last {
-		if unknown[b] {
-			continue
-		}
-		if mode == v1.ModeAsync && a.node == s.a.name {
-			continue // async: the old primary's unreplicated writes are lost by design
-		}
-		if !bytes.Equal(data[b*sbBlock:(b+1)*sbBlock], a.data) {
-			lost++
-		}
-	}
+	lost := lostAcked(t, s, acks, func(a ackRec) bool {
+		// async: the old primary's unreplicated writes are lost by design
+		return mode == v1.ModeAsync && a.node == s.a.name
+	})
 	if lost > 0 {
 		fail("%d acknowledged writes are missing from the converged replicas", lost)
 	}
@@ -584,7 +554,7 @@ func apiOnlyTrial(t *testing.T, s *story, trial uint64, cut time.Time, lease tim
 	t.Logf("trial %d: failback to %s done %v after healing", trial, s.a.name, time.Since(healed).Round(time.Millisecond))
 	time.Sleep(300 * time.Millisecond)
 	s.sameData()
-	if lost := lostAcked(t, s, *acks); lost > 0 {
+	if lost := lostAcked(t, s, *acks, nil); lost > 0 {
 		fail("%d acknowledged writes are missing from the converged replicas", lost)
 	}
 	if n := strings.Count(s.events(), "Failover:"); n != 1 {
@@ -594,7 +564,8 @@ func apiOnlyTrial(t *testing.T, s *story, trial uint64, cut time.Time, lease tim
 
 // lostAcked counts the blocks whose last acknowledged write is not on the
 // converged replicas (a block with a later failed write may hold either).
-func lostAcked(t *testing.T, s *story, acks []ackRec) int {
+// Writes for which exempt (if not nil) is true may be lost.
+func lostAcked(t *testing.T, s *story, acks []ackRec, exempt func(ackRec) bool) int {
 	t.Helper()
 	data, err := os.ReadFile(s.b.dataPath(s.ns, s.name))
 	if err != nil {
@@ -614,7 +585,10 @@ func lostAcked(t *testing.T, s *story, acks []ackRec) int {
 	}
 	lost := 0
 	for b, a := range last {
-		if !unknown[b] && !bytes.Equal(data[b*sbBlock:(b+1)*sbBlock], a.data) {
+		if unknown[b] || (exempt != nil && exempt(a)) {
+			continue
+		}
+		if !bytes.Equal(data[b*sbBlock:(b+1)*sbBlock], a.data) {
 			lost++
 		}
 	}

@@ -30,6 +30,7 @@ import (
 	"github.com/tandem-storage/tandem/dataplane/repl"
 	"github.com/tandem-storage/tandem/dataplane/store"
 	"github.com/tandem-storage/tandem/dataplane/volume"
+	"github.com/tandem-storage/tandem/internal/stresstest"
 )
 
 const (
@@ -278,7 +279,7 @@ func nackText(frames []repl.Frame) string {
 // replication listener, misbehaves, and expects the connection closed, an
 // optional Nack with a reason, and the reason in the agent's log.
 func TestBadReplicationInput(t *testing.T) {
-	tl := newTally(t, "bad-replication-input")
+	tl := stresstest.NewTally(t, "bad-replication-input")
 	e := newAbuseEnv(t)
 	ok := hello("ns/victim", "node-x", 5, abuseToken)
 	garbage := make([]byte, 300)
@@ -332,7 +333,7 @@ func TestBadReplicationInput(t *testing.T) {
 		{name: "idle connection", idle: true, log: "i/o timeout", maxWait: 15 * time.Second},
 		{name: "stalled half Hello", parts: [][]byte{ok[:len(ok)-3]}, idle: true, log: "i/o timeout", maxWait: 15 * time.Second},
 	}
-	for trial := range stressTrials(1) {
+	for trial := range stresstest.Trials(1) {
 		var wg sync.WaitGroup
 		for _, tc := range cases {
 			if tc.idle && trial > 0 {
@@ -346,9 +347,9 @@ func TestBadReplicationInput(t *testing.T) {
 					wait = 5 * time.Second
 				}
 				frames, local := exchange(t, e.replAddr, wait, tc.idle, tc.parts...)
-				tl.faults.Add(1)
+				tl.Faults.Add(1)
 				if tc.nack != "" && !strings.Contains(nackText(frames), tc.nack) {
-					tl.violated.Add(1)
+					tl.Violated.Add(1)
 					t.Errorf("%s: answer %v, want a Nack containing %q", tc.name, frames, tc.nack)
 				}
 				if tc.nack == "" && len(frames) > 0 {
@@ -356,13 +357,13 @@ func TestBadReplicationInput(t *testing.T) {
 				}
 				// The reason is logged (maybe just after the close).
 				if !e.log.waitLogged(local, tc.log) {
-					tl.violated.Add(1)
+					tl.Violated.Add(1)
 					t.Errorf("%s: no log line about the connection from %s containing %q", tc.name, local, tc.log)
 				}
 			}()
 		}
 		wg.Wait()
-		tl.trials.Add(1)
+		tl.Trials.Add(1)
 	}
 
 	// Inside an accepted stream: a fake primary passes the handshake as
@@ -409,23 +410,23 @@ func TestBadReplicationInput(t *testing.T) {
 	}
 	for _, tc := range inStream {
 		frames, local := exchange(t, e.replAddr, 10*time.Second, false, ok, tc.frame)
-		tl.faults.Add(1)
+		tl.Faults.Add(1)
 		if len(frames) < 2 || frames[0].Type != repl.TypeHelloAck || frames[1].Type != repl.TypeBitmap {
 			t.Errorf("%s: handshake answer %v, want HelloAck and Bitmap", tc.name, frames)
 			continue
 		}
 		if tc.nack != "" && !strings.Contains(nackText(frames), tc.nack) {
-			tl.violated.Add(1)
+			tl.Violated.Add(1)
 			t.Errorf("%s: answer %v, want a Nack containing %q", tc.name, frames, tc.nack)
 		}
 		for _, f := range frames {
 			if f.Type == repl.TypeAck && f.Seq > 0 {
-				tl.violated.Add(1)
+				tl.Violated.Add(1)
 				t.Errorf("%s: the agent acknowledged frame %d", tc.name, f.Seq)
 			}
 		}
 		if !e.log.waitLogged(local, tc.log) {
-			tl.violated.Add(1)
+			tl.Violated.Add(1)
 			t.Errorf("%s: no log line about the connection from %s containing %q", tc.name, local, tc.log)
 		}
 	}
@@ -437,7 +438,7 @@ func TestBadReplicationInput(t *testing.T) {
 		t.Fatal(err)
 	}
 	if !bytes.Equal(got, make([]byte, abuseSize)) {
-		tl.violated.Add(1)
+		tl.Violated.Add(1)
 		t.Error("a refused frame changed the victim's data")
 	}
 	st, err := e.c.Get(context.Background(), "ns", "victim")

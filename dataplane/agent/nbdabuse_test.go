@@ -28,6 +28,7 @@ import (
 	"github.com/tandem-storage/tandem/dataplane/agent"
 	"github.com/tandem-storage/tandem/dataplane/nbd"
 	"github.com/tandem-storage/tandem/dataplane/volume"
+	"github.com/tandem-storage/tandem/internal/stresstest"
 )
 
 const (
@@ -123,7 +124,7 @@ func closedWithin(c net.Conn, d time.Duration) bool {
 }
 
 func TestNBDAbuse(t *testing.T) {
-	tl := newTally(t, "bad-nbd-input")
+	tl := stresstest.NewTally(t, "bad-nbd-input")
 	log := &logBuf{}
 	lg := funcr.New(func(prefix, args string) { log.add(prefix + " " + args) }, funcr.Options{})
 	a, err := agent.New(agent.Config{Node: "node-a", DataDir: t.TempDir(), Token: abuseToken, Log: lg})
@@ -301,21 +302,21 @@ func TestNBDAbuse(t *testing.T) {
 		}, "i/o timeout"},
 	}
 
-	for trial := range stressTrials(1) {
-		tl.trials.Add(1)
+	for trial := range stresstest.Trials(1) {
+		tl.Trials.Add(1)
 		r := dialNBD(t, addr, "ns/victim")
 		for i, ec := range errCases {
 			var payload []byte
 			if ec.payload {
 				payload = make([]byte, ec.length)
 			}
-			tl.faults.Add(1)
+			tl.Faults.Add(1)
 			if err := r.send(ec.typ, uint64(100+i), ec.off, ec.length, payload); err != nil {
 				t.Fatalf("trial %d, %s: send: %v", trial, ec.name, err)
 			}
 			hd, errno, _, err := r.reply(0)
 			if err != nil || hd != uint64(100+i) || !containsU32(ec.errnos, errno) {
-				tl.violated.Add(1)
+				tl.Violated.Add(1)
 				t.Errorf("trial %d, %s: reply handle %d errno %d (%v); want handle %d errno in %v", trial, ec.name, hd, errno, err, 100+i, ec.errnos)
 				continue
 			}
@@ -324,7 +325,7 @@ func TestNBDAbuse(t *testing.T) {
 				t.Fatalf("trial %d, after %s: %v", trial, ec.name, err)
 			}
 			if _, errno, data, err := r.reply(4096); err != nil || errno != 0 || !bytes.Equal(data, pattern[4096:8192]) {
-				tl.violated.Add(1)
+				tl.Violated.Add(1)
 				t.Errorf("trial %d, after %s: the connection is no longer usable (errno %d, %v)", trial, ec.name, errno, err)
 			}
 		}
@@ -333,7 +334,7 @@ func TestNBDAbuse(t *testing.T) {
 		var wg sync.WaitGroup
 		for _, cc := range closeCases {
 			wg.Add(1)
-			tl.faults.Add(1)
+			tl.Faults.Add(1)
 			go func() {
 				defer wg.Done()
 				conn := cc.do(t)
@@ -341,10 +342,10 @@ func TestNBDAbuse(t *testing.T) {
 				// Every close happens within the handshake timeout plus
 				// slack, with the reason in the log (invariant 7).
 				if !closedWithin(conn, abuseHSLimit+3*time.Second) {
-					tl.violated.Add(1)
+					tl.Violated.Add(1)
 					t.Errorf("trial %d, %s: the server kept the connection open", trial, cc.name)
 				} else if !log.waitLogged(conn.LocalAddr().String(), cc.log) {
-					tl.violated.Add(1)
+					tl.Violated.Add(1)
 					t.Errorf("trial %d, %s: no log line about %s containing %q", trial, cc.name, conn.LocalAddr(), cc.log)
 				}
 			}()
@@ -356,11 +357,11 @@ func TestNBDAbuse(t *testing.T) {
 		for i := range idle {
 			idle[i] = dialNBD(t, addr, "ns/victim")
 		}
-		tl.faults.Add(int64(len(idle)))
+		tl.Faults.Add(int64(len(idle)))
 		before := good.Load()
 		time.Sleep(300 * time.Millisecond)
 		if good.Load() == before {
-			tl.violated.Add(1)
+			tl.Violated.Add(1)
 			t.Errorf("trial %d: the well-behaved client made no progress with %d idle connections open", trial, len(idle))
 		}
 		for _, r := range idle {
@@ -379,7 +380,7 @@ func TestNBDAbuse(t *testing.T) {
 		t.Fatal(err)
 	}
 	if _, errno, data, err := r.reply(uint32(len(pattern))); err != nil || errno != 0 || !bytes.Equal(data, pattern) {
-		tl.violated.Add(1)
+		tl.Violated.Add(1)
 		t.Errorf("the victim's data changed under the abuse (errno %d, %v)", errno, err)
 	}
 	for _, name := range []string{"healthy", "victim"} {
@@ -389,7 +390,7 @@ func TestNBDAbuse(t *testing.T) {
 		}
 	}
 	t.Logf("NBD abuse: %d well-behaved write+read pairs during %d trials of %d abusive requests and %d abusive connections",
-		good.Load(), tl.trials.Load(), len(errCases), len(closeCases)+64)
+		good.Load(), tl.Trials.Load(), len(errCases), len(closeCases)+64)
 }
 
 func containsU32(s []uint32, v uint32) bool {

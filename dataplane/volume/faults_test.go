@@ -21,8 +21,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net"
-	"os"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -35,44 +33,8 @@ import (
 	"github.com/tandem-storage/tandem/dataplane/repl"
 	"github.com/tandem-storage/tandem/dataplane/store"
 	"github.com/tandem-storage/tandem/dataplane/volume"
+	"github.com/tandem-storage/tandem/internal/stresstest"
 )
-
-// stressTrials is the number of trials per case: 1 in `go test`, more with
-// TANDEM_STRESS_TRIALS (make stress).
-func stressTrials(def int) int {
-	if n, err := strconv.Atoi(os.Getenv("TANDEM_STRESS_TRIALS")); err == nil && n > 0 {
-		return n
-	}
-	return def
-}
-
-// stressSeed varies the random choices between stress runs; the seed is
-// logged so a failing trial can be replayed.
-func stressSeed() uint64 {
-	if n, err := strconv.ParseUint(os.Getenv("TANDEM_STRESS_SEED"), 10, 64); err == nil {
-		return n
-	}
-	return 1
-}
-
-// tally counts what a reliability test did, for the RELIABILITY line it logs
-// when it ends (a failed test counts at least one violation).
-type tally struct {
-	suite, name              string
-	trials, faults, violated atomic.Int64
-}
-
-func newTally(t *testing.T, suite string) *tally {
-	r := &tally{suite: suite, name: t.Name()}
-	t.Cleanup(func() {
-		v := r.violated.Load()
-		if t.Failed() && v == 0 {
-			v = 1
-		}
-		t.Logf("RELIABILITY suite=%s case=%s trials=%d faults=%d violations=%d", r.suite, r.name, r.trials.Load(), r.faults.Load(), v)
-	})
-	return r
-}
 
 // fmember is a member whose store injects faults.
 type fmember struct {
@@ -299,17 +261,17 @@ var faultModes = []volume.Mode{volume.ModeAsync, volume.ModeSync}
 func TestDiskFaultPrimaryWrite(t *testing.T) {
 	for _, mode := range faultModes {
 		t.Run(string(mode), func(t *testing.T) {
-			tl := newTally(t, "disk-faults")
-			for trial := range stressTrials(1) {
-				seed := stressSeed()*1000 + uint64(trial)
+			tl := stresstest.NewTally(t, "disk-faults")
+			for trial := range stresstest.Trials(1) {
+				seed := stresstest.Seed(1)*1000 + uint64(trial)
 				primaryWriteFaultTrial(t, tl, mode, seed)
-				tl.trials.Add(1)
+				tl.Trials.Add(1)
 			}
 		})
 	}
 }
 
-func primaryWriteFaultTrial(t *testing.T, tl *tally, mode volume.Mode, seed uint64) {
+func primaryWriteFaultTrial(t *testing.T, tl *stresstest.Tally, mode volume.Mode, seed uint64) {
 	ctx := context.Background()
 	rng := rand.New(rand.NewPCG(seed, 11))
 	p, b := newFaultyMemberN(t, "a"), newFaultyMemberN(t, "b")
@@ -318,7 +280,7 @@ func primaryWriteFaultTrial(t *testing.T, tl *tally, mode volume.Mode, seed uint
 	onBoth := func(off int64, data []byte, err error) {
 		t.Helper()
 		if err == nil && mode == volume.ModeSync && !holds(b.st, data, off) {
-			tl.violated.Add(1)
+			tl.Violated.Add(1)
 			t.Errorf("seed %d: sync write at %d acknowledged but not on the backup (invariant 2)", seed, off)
 		}
 	}
@@ -343,17 +305,17 @@ func primaryWriteFaultTrial(t *testing.T, tl *tally, mode volume.Mode, seed uint
 		case overlaps(off, int64(len(data))):
 			hit++
 			if !errors.Is(err, syscall.EIO) {
-				tl.violated.Add(1)
+				tl.Violated.Add(1)
 				t.Fatalf("seed %d: write at [%d, +%d) over the bad range [%d, +%d): err %v, want EIO", seed, off, len(data), bad, badLen, err)
 			}
 		case err != nil:
-			tl.violated.Add(1)
+			tl.Violated.Add(1)
 			t.Fatalf("seed %d: write at [%d, +%d) away from the bad range failed: %v", seed, off, len(data), err)
 		}
 		onBoth(off, data, err)
 	}
 	if st := p.v.Status(); !strings.Contains(st.LastError, "input/output error") || !strings.Contains(st.LastError, "local Write") {
-		tl.violated.Add(1)
+		tl.Violated.Add(1)
 		t.Errorf("seed %d: status.LastError %q does not report the local write error", seed, st.LastError)
 	}
 	if err := log.op(ctx, p.v, "trim", nil, bad, ackBlock, false); !errors.Is(err, syscall.EIO) {
@@ -367,7 +329,7 @@ func primaryWriteFaultTrial(t *testing.T, tl *tally, mode volume.Mode, seed uint
 	p.f.FailWrites()
 	for range 10 {
 		if _, _, err := log.randomWrite(ctx, p.v, rng, 0, size, false); !errors.Is(err, syscall.EIO) {
-			tl.violated.Add(1)
+			tl.Violated.Add(1)
 			t.Fatalf("seed %d: write to a failed disk: %v, want EIO", seed, err)
 		}
 	}
@@ -376,17 +338,17 @@ func primaryWriteFaultTrial(t *testing.T, tl *tally, mode volume.Mode, seed uint
 	// fsync fails: FUA writes and flushes report it.
 	p.f.FailSync()
 	if _, _, err := log.randomWrite(ctx, p.v, rng, 0, size, true); !errors.Is(err, syscall.EIO) {
-		tl.violated.Add(1)
+		tl.Violated.Add(1)
 		t.Fatalf("seed %d: FUA write with a failing fsync: %v, want EIO", seed, err)
 	}
 	if err := p.v.Flush(ctx); !errors.Is(err, syscall.EIO) {
-		tl.violated.Add(1)
+		tl.Violated.Add(1)
 		t.Fatalf("seed %d: flush with a failing fsync: %v, want EIO", seed, err)
 	}
 	if st := p.v.Status(); !strings.Contains(st.LastError, "sync") {
 		t.Errorf("seed %d: status.LastError %q does not report the failed sync", seed, st.LastError)
 	}
-	tl.faults.Add(p.f.Failures(store.OpWrite) + p.f.Failures(store.OpPunch) + p.f.Failures(store.OpZero) + p.f.Failures(store.OpSync))
+	tl.Faults.Add(p.f.Failures(store.OpWrite) + p.f.Failures(store.OpPunch) + p.f.Failures(store.OpZero) + p.f.Failures(store.OpSync))
 	p.f.Heal()
 
 	// Healed: the pair goes on and converges.
@@ -399,11 +361,11 @@ func primaryWriteFaultTrial(t *testing.T, tl *tally, mode volume.Mode, seed uint
 	}
 	waitFor(t, "in sync after healing", inSync(p.member, b.member))
 	if d := uncoveredDiff(t, p, b); len(d) > 0 {
-		tl.violated.Add(1)
+		tl.Violated.Add(1)
 		t.Errorf("seed %d: regions %v differ between the replicas with a clear bit (invariant 3)", seed, d)
 	}
 	if n := log.lost(t, "primary", p.st) + log.lost(t, "backup", b.st); n > 0 {
-		tl.violated.Add(int64(n))
+		tl.Violated.Add(int64(n))
 	}
 	same(t, p.member, b.member)
 	t.Logf("seed %d: %d writes acknowledged, %d failed with EIO; injected %d write and %d sync faults",
@@ -430,18 +392,18 @@ func TestDiskFaultBackupApply(t *testing.T) {
 	for _, mode := range faultModes {
 		for _, fc := range faults {
 			t.Run(string(mode)+"/"+fc.name, func(t *testing.T) {
-				tl := newTally(t, "disk-faults")
-				for trial := range stressTrials(1) {
-					seed := stressSeed()*1000 + uint64(trial)
+				tl := stresstest.NewTally(t, "disk-faults")
+				for trial := range stresstest.Trials(1) {
+					seed := stresstest.Seed(1)*1000 + uint64(trial)
 					backupFaultTrial(t, tl, mode, fc.inject, fc.errText, seed)
-					tl.trials.Add(1)
+					tl.Trials.Add(1)
 				}
 			})
 		}
 	}
 }
 
-func backupFaultTrial(t *testing.T, tl *tally, mode volume.Mode, inject func(*store.Faulty), errText string, seed uint64) {
+func backupFaultTrial(t *testing.T, tl *stresstest.Tally, mode volume.Mode, inject func(*store.Faulty), errText string, seed uint64) {
 	ctx := context.Background()
 	rng := rand.New(rand.NewPCG(seed, 12))
 	p, b := newFaultyMemberN(t, "a"), newFaultyMemberN(t, "b")
@@ -453,7 +415,7 @@ func backupFaultTrial(t *testing.T, tl *tally, mode volume.Mode, inject func(*st
 			t.Fatal(err)
 		}
 		if mode == volume.ModeSync && !holds(b.st, data, off) {
-			tl.violated.Add(1)
+			tl.Violated.Add(1)
 			t.Errorf("seed %d: sync write at %d acknowledged but not on the backup", seed, off)
 		}
 	}
@@ -473,7 +435,7 @@ func backupFaultTrial(t *testing.T, tl *tally, mode volume.Mode, inject func(*st
 		for deadline := time.Now().Add(20 * time.Second); ; {
 			select {
 			case err := <-done:
-				tl.violated.Add(1)
+				tl.Violated.Add(1)
 				t.Fatalf("seed %d: sync write completed (err %v) while the backup could not apply it and before the peer was recorded Outdated (invariant 2)", seed, err)
 			case <-time.After(10 * time.Millisecond):
 			}
@@ -505,7 +467,7 @@ func backupFaultTrial(t *testing.T, tl *tally, mode volume.Mode, inject func(*st
 	// Writes go on (alone); the backup refuses the stream and says why.
 	for range 60 {
 		if _, _, err := log.randomWrite(ctx, p.v, rng, 0, size, rng.IntN(4) == 0); err != nil {
-			tl.violated.Add(1)
+			tl.Violated.Add(1)
 			t.Fatalf("seed %d: primary write while the backup's disk fails: %v", seed, err)
 		}
 	}
@@ -519,13 +481,13 @@ func backupFaultTrial(t *testing.T, tl *tally, mode volume.Mode, inject func(*st
 		t.Errorf("seed %d: the primary's log does not give the backup's reason %q", seed, errText)
 	}
 	if d := uncoveredDiff(t, p, b); len(d) > 0 {
-		tl.violated.Add(1)
+		tl.Violated.Add(1)
 		t.Errorf("seed %d: regions %v lack on the backup but are clear in the primary's bitmap (invariant 3)", seed, d)
 	}
 	if st := p.v.Status(); st.OutOfSyncRegions == 0 || st.Counters.Reconnects == reconnects {
 		t.Errorf("seed %d: primary status after the backup's refusal: %+v", seed, st)
 	}
-	tl.faults.Add(b.f.Failures(store.OpWrite) + b.f.Failures(store.OpZero) + b.f.Failures(store.OpSync))
+	tl.Faults.Add(b.f.Failures(store.OpWrite) + b.f.Failures(store.OpZero) + b.f.Failures(store.OpSync))
 
 	b.f.Heal()
 	for range 20 {
@@ -535,7 +497,7 @@ func backupFaultTrial(t *testing.T, tl *tally, mode volume.Mode, inject func(*st
 	}
 	waitFor(t, "resync after healing", inSync(p.member, b.member))
 	if n := log.lost(t, "backup", b.st); n > 0 {
-		tl.violated.Add(int64(n))
+		tl.Violated.Add(int64(n))
 	}
 	same(t, p.member, b.member)
 	t.Logf("seed %d %s: backup failed %d writes and %d syncs; primary reconnected %d times; %d writes acknowledged",
@@ -547,10 +509,10 @@ func backupFaultTrial(t *testing.T, tl *tally, mode volume.Mode, inject func(*st
 // each takes at least that long; nothing times out and the data is right.
 func TestDiskFaultSlowBackupFsync(t *testing.T) {
 	const delay = 30 * time.Millisecond
-	tl := newTally(t, "disk-faults")
-	for trial := range stressTrials(1) {
+	tl := stresstest.NewTally(t, "disk-faults")
+	for trial := range stresstest.Trials(1) {
 		ctx := context.Background()
-		rng := rand.New(rand.NewPCG(stressSeed()*1000+uint64(trial), 13))
+		rng := rand.New(rand.NewPCG(stresstest.Seed(1)*1000+uint64(trial), 13))
 		p, b := newFaultyMemberN(t, "a"), newFaultyMemberN(t, "b")
 		startPair(t, p, b, volume.ModeSync)
 		b.f.SetSyncDelay(delay)
@@ -567,28 +529,28 @@ func TestDiskFaultSlowBackupFsync(t *testing.T) {
 				fastest = min(fastest, time.Since(start))
 			}
 			if !holds(b.st, data, off) {
-				tl.violated.Add(1)
+				tl.Violated.Add(1)
 				t.Errorf("sync write at %d acknowledged but not on the backup", off)
 			}
 		}
 		if fastest < delay {
-			tl.violated.Add(1)
+			tl.Violated.Add(1)
 			t.Errorf("a sync FUA write was acknowledged in %v, before the backup's %v fsync could finish", fastest, delay)
 		}
 		if err := p.v.Flush(ctx); err != nil {
 			t.Fatal(err)
 		}
-		tl.faults.Add(b.f.Calls(store.OpSync))
+		tl.Faults.Add(b.f.Calls(store.OpSync))
 		b.f.Heal()
 		waitFor(t, "in sync", inSync(p.member, b.member))
 		if st := p.v.Status(); st.Counters.Reconnects != 0 {
 			t.Errorf("slow fsync broke the link %d times", st.Counters.Reconnects)
 		}
 		if n := log.lost(t, "backup", b.st); n > 0 {
-			tl.violated.Add(int64(n))
+			tl.Violated.Add(int64(n))
 		}
 		same(t, p.member, b.member)
-		tl.trials.Add(1)
+		tl.Trials.Add(1)
 		t.Logf("slow fsync: fastest sync FUA write %v with a %v backup fsync", fastest, delay)
 	}
 }
@@ -599,10 +561,10 @@ func TestDiskFaultSlowBackupFsync(t *testing.T) {
 // cannot read a region it must copy leaves the backup Inconsistent (never
 // promotable) and retries; after healing it completes.
 func TestDiskFaultRead(t *testing.T) {
-	tl := newTally(t, "disk-faults")
-	for trial := range stressTrials(1) {
+	tl := stresstest.NewTally(t, "disk-faults")
+	for trial := range stresstest.Trials(1) {
 		ctx := context.Background()
-		rng := rand.New(rand.NewPCG(stressSeed()*1000+uint64(trial), 14))
+		rng := rand.New(rand.NewPCG(stresstest.Seed(1)*1000+uint64(trial), 14))
 		p, b := newFaultyMemberN(t, "a"), newFaultyMemberN(t, "b")
 		op, ob := newFaultyMember(t, "a", "ns/other"), newFaultyMember(t, "b", "ns/other")
 		startPair(t, p, b, volume.ModeAsync)
@@ -625,10 +587,10 @@ func TestDiskFaultRead(t *testing.T) {
 			hitBad := off < bad+region && bad < off+int64(len(buf))
 			switch {
 			case hitBad && !errors.Is(err, syscall.EIO):
-				tl.violated.Add(1)
+				tl.Violated.Add(1)
 				t.Fatalf("read of the bad range at %d: %v, want EIO", off, err)
 			case !hitBad && err != nil:
-				tl.violated.Add(1)
+				tl.Violated.Add(1)
 				t.Fatalf("read at %d away from the bad range: %v", off, err)
 			case !hitBad && !holds(p.st, buf, off):
 				t.Fatalf("read at %d returned wrong data", off)
@@ -694,24 +656,24 @@ func TestDiskFaultRead(t *testing.T) {
 		partial := !bytes.Equal(before, now)
 		switch {
 		case partial && st.DataState != volume.Inconsistent:
-			tl.violated.Add(1)
+			tl.Violated.Add(1)
 			t.Errorf("backup holds part of an unfinished resync but is %s, want Inconsistent (invariant 4)", st.DataState)
 		case st.DataState == volume.Inconsistent:
 			if err := b.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 3}); err == nil {
-				tl.violated.Add(1)
+				tl.Violated.Add(1)
 				t.Fatal("an Inconsistent backup accepted promotion (invariant 4)")
 			}
 		}
 		t.Logf("resync stopped by a read error: backup %s, partial copy landed: %v", st.DataState, partial)
-		tl.faults.Add(p.f.Failures(store.OpRead))
+		tl.Faults.Add(p.f.Failures(store.OpRead))
 		p.f.Heal()
 		waitFor(t, "resync after healing", inSync(p.member, b.member))
 		if n := log.lost(t, "backup", b.st) + olog.lost(t, "other backup", ob.st); n > 0 {
-			tl.violated.Add(int64(n))
+			tl.Violated.Add(int64(n))
 		}
 		same(t, p.member, b.member)
 		same(t, op.member, ob.member)
-		tl.trials.Add(1)
+		tl.Trials.Add(1)
 	}
 }
 
@@ -739,7 +701,7 @@ func (s *tornStore) WriteAt(p []byte, off int64) (int, error) {
 // nothing dirty when the local write failed, so the backup kept the old bytes
 // and the primary the half-written ones for ever.
 func TestDiskFaultTornPrimaryWrite(t *testing.T) {
-	tl := newTally(t, "disk-faults")
+	tl := stresstest.NewTally(t, "disk-faults")
 	for _, mode := range faultModes {
 		ctx := context.Background()
 		mem := store.NewMem(size)
@@ -763,19 +725,19 @@ func TestDiskFaultTornPrimaryWrite(t *testing.T) {
 			t.Fatalf("torn write: %v, want EIO", err)
 		}
 		ts.tear.Store(false)
-		tl.faults.Add(1)
+		tl.Faults.Add(1)
 		if err := v.WriteAt(ctx, bytes.Repeat([]byte{3}, ackBlock), 9*region, true); err != nil {
 			t.Fatal(err)
 		}
 		time.Sleep(300 * time.Millisecond)
 		waitFor(t, "in sync", inSync(p.member, b.member))
 		if d := uncoveredDiff(t, p, b); len(d) > 0 {
-			tl.violated.Add(1)
+			tl.Violated.Add(1)
 			t.Errorf("%s: after a torn write the replicas differ in regions %v that the primary's bitmap does not cover: no resync will ever repair them", mode, d)
 		}
 		// In sync with a clean bitmap: the resync copied the torn region.
 		same(t, p.member, b.member)
-		tl.trials.Add(1)
+		tl.Trials.Add(1)
 		v.Close()
 	}
 }

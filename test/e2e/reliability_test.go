@@ -26,7 +26,6 @@ import (
 	"path/filepath"
 	"runtime"
 	"sort"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -38,30 +37,15 @@ import (
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
 	"github.com/tandem-storage/tandem/dataplane/agent"
 	"github.com/tandem-storage/tandem/dataplane/volume"
+	"github.com/tandem-storage/tandem/internal/stresstest"
 )
 
 // ---------------------------------------------------------------- knobs
 
-func stressTrials(def int) int {
-	if n, err := strconv.Atoi(os.Getenv("TANDEM_STRESS_TRIALS")); err == nil && n > 0 {
-		return n
-	}
-	return def
-}
+var stressTrials = stresstest.Trials
 
-var seedOnce sync.Once
-var stressSeedVal uint64
-
-func stressSeed() uint64 {
-	seedOnce.Do(func() {
-		if n, err := strconv.ParseUint(os.Getenv("TANDEM_STRESS_SEED"), 10, 64); err == nil {
-			stressSeedVal = n
-		} else {
-			stressSeedVal = uint64(time.Now().Unix())
-		}
-	})
-	return stressSeedVal
-}
+// stressSeed is the run's seed: TANDEM_STRESS_SEED, or the start time.
+var stressSeed = sync.OnceValue(func() uint64 { return stresstest.Seed(uint64(time.Now().Unix())) })
 
 // caseRand is the case's own random source: the run's seed and the case's
 // name, so a case is reproducible alone (TANDEM_STRESS_SEED=<logged seed>).
@@ -883,5 +867,5 @@ func (r *rig) converged(d time.Duration, phases ...v1.Phase) (*v1.VolumePair, bo
 
 // reliabilityLine logs the line hack/stress/report collects.
 func reliabilityLine(t *testing.T, suite string, trials, faults, violations int) {
-	t.Logf("RELIABILITY suite=%s case=%s trials=%d faults=%d violations=%d", suite, t.Name(), trials, faults, violations)
+	t.Log(stresstest.Line(suite, t.Name(), int64(trials), int64(faults), int64(violations)))
 }

@@ -14,6 +14,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes/fake"
+	coordclient "k8s.io/client-go/kubernetes/typed/coordination/v1"
 	k8stesting "k8s.io/client-go/testing"
 	"k8s.io/utils/ptr"
 
@@ -49,13 +50,10 @@ func TestKubeAuthorityRenewsManyVolumes(t *testing.T) {
 		objs = append(objs, authorityLease(vol, "node-a", 1))
 	}
 	cs := fake.NewClientset(objs...)
-	// Each API call takes 20 ms: renewing one after another would take
-	// n × 40 ms ≈ 1 s per round, concurrently it takes a fraction.
 	var gets, updates atomic.Int64
 	var rv atomic.Int64
 	rv.Store(100)
 	cs.PrependReactor("*", "leases", func(a k8stesting.Action) (bool, runtime.Object, error) {
-		time.Sleep(20 * time.Millisecond)
 		switch a.GetVerb() {
 		case "get":
 			gets.Add(1)
@@ -77,7 +75,11 @@ func TestKubeAuthorityRenewsManyVolumes(t *testing.T) {
 		}
 		return false, nil, nil
 	})
-	k := NewKubeAuthority(cs.CoordinationV1(), "tandem-system", "node-a")
+	// Each API call takes 100 ms (outside the fake's lock, which serialises
+	// its reactors): renewing 24 volumes one after another would take
+	// 2.4 s a round and the 3 s grants would lapse; concurrently a round
+	// takes a fraction of a second.
+	k := NewKubeAuthority(slowLeases{cs.CoordinationV1(), 100 * time.Millisecond}, "tandem-system", "node-a")
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	done := make(chan struct{})
@@ -155,6 +157,31 @@ func TestKubeAuthorityRenewsManyVolumes(t *testing.T) {
 			}
 		}
 	}
+}
+
+// slowLeases delays every Get and Update of the Leases it hands out.
+type slowLeases struct {
+	coordclient.LeasesGetter
+	delay time.Duration
+}
+
+func (s slowLeases) Leases(ns string) coordclient.LeaseInterface {
+	return slowLeaseClient{s.LeasesGetter.Leases(ns), s.delay}
+}
+
+type slowLeaseClient struct {
+	coordclient.LeaseInterface
+	delay time.Duration
+}
+
+func (c slowLeaseClient) Get(ctx context.Context, name string, o metav1.GetOptions) (*coordinationv1.Lease, error) {
+	time.Sleep(c.delay)
+	return c.LeaseInterface.Get(ctx, name, o)
+}
+
+func (c slowLeaseClient) Update(ctx context.Context, l *coordinationv1.Lease, o metav1.UpdateOptions) (*coordinationv1.Lease, error) {
+	time.Sleep(c.delay)
+	return c.LeaseInterface.Update(ctx, l, o)
 }
 
 func contains(s, sub string) bool {

@@ -177,7 +177,9 @@ wait_for() {
   shift 2
   local deadline=$((SECONDS + t))
   until "$@" >/dev/null 2>&1; do
-    if [ -n "${WATCH:-}" ] && ! alive "$WATCH"; then
+    # Twice, 0.2 s apart: while `ip netns exec` execs the process, its
+    # command line can read empty for an instant.
+    if [ -n "${WATCH:-}" ] && ! alive "$WATCH" && sleep 0.2 && ! alive "$WATCH"; then
       die "$WATCH exited while waiting for $what; last lines of its log:
 $(tail -n 5 "$LOGS/$WATCH.log" 2>/dev/null)"
     fi

@@ -7,6 +7,9 @@ import (
 	"testing"
 	"time"
 
+	apimeta "k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
 )
 
@@ -114,10 +117,18 @@ func crashTrial(r *rig, rng *rand.Rand, target string, i int) bool {
 		strike(X, Y)
 	} else {
 		killAgent(X) // the failover every later moment needs
-		if !r.waitWritable(Y, 20*time.Second) {
-			t.Errorf("trial %d: %s not writable 20 s after the primary's agent was killed", i, Y)
-			restoreAll(r, down)
-			return false
+		swapped := r.waitWritable(Y, 20*time.Second)
+		if !swapped {
+			// Refusing to promote an Inconsistent member is invariant 4,
+			// not a failure; anything else is.
+			if c := apimeta.FindStatusCondition(r.s.get().Status.Conditions, v1.ConditionFailoverBlocked); c == nil ||
+				c.Status != metav1.ConditionTrue || c.Reason != "BackupInconsistent" {
+				t.Errorf("trial %d: %s not writable 20 s after the primary's agent was killed (FailoverBlocked %+v)", i, Y, c)
+				restoreAll(r, down)
+				return false
+			}
+			t.Logf("trial %d: failover refused while %s is Inconsistent (invariant 4); no %s this trial", i, Y, moment)
+			moment = "none"
 		}
 		switch moment {
 		case "SWAP":

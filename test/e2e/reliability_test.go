@@ -856,13 +856,35 @@ func (r *rig) converged(d time.Duration, phases ...v1.Phase) (*v1.VolumePair, bo
 	for i := 0; i < 10000 && time.Now().Before(deadline); i++ {
 		vp = r.s.get()
 		for _, p := range phases {
-			if vp.Status.Phase == p && inSync(vp.Status.ActivePrimary)(vp) {
+			if vp.Status.Phase == p && inSync(vp.Status.ActivePrimary)(vp) && r.agentsAgree(vp.Status.ActivePrimary) {
 				return vp, true
 			}
 		}
 		time.Sleep(250 * time.Millisecond)
 	}
 	return vp, false
+}
+
+// agentsAgree reports whether the agents' own fresh reports (the monitor's
+// samples) say what an in-sync status says: the VolumePair's status lags
+// (a member restarted within a probe period still reads PAIR, in sync),
+// and a trial must not start from a pair that is still recovering.
+func (r *rig) agentsAgree(active string) bool {
+	for _, n := range r.members {
+		sm := r.lastSample(n)
+		if !sm.ok || time.Since(sm.at) > time.Second {
+			return false
+		}
+		st := sm.st
+		if n == active {
+			if !st.Writable || !st.PeerConnected || st.Copy.Running {
+				return false
+			}
+		} else if st.Role != volume.RoleBackup || st.DataState != volume.UpToDate {
+			return false
+		}
+	}
+	return true
 }
 
 // reliabilityLine logs the line hack/stress/report collects.

@@ -90,21 +90,57 @@ func run(in, out, findingsPath string) error {
 
 	var cases []caseResult
 	var failures []string
+	var superseded []string
 	fuzz := map[string]*fuzzResult{}
+	var fails []failure
 	for _, s := range steps {
-		cs, fails, fr, err := parseLog(filepath.Join(in, s.log))
+		cs, fs, fr, err := parseLog(filepath.Join(in, s.log))
 		if err != nil {
 			return err
 		}
-		if s.kind != "known-bug" {
-			cases = append(cases, cs...)
-			for _, f := range fails {
-				failures = append(failures, fmt.Sprintf("%s (%s %s)", f, s.kind, s.name))
+		if s.kind == "known-bug" {
+			continue
+		}
+		if strings.HasSuffix(s.name, "-rerun") {
+			// A re-run of some cases (after a harness fix) replaces
+			// their earlier results, and the earlier failures of those
+			// cases and of their parents; both are listed.
+			again := map[string]bool{}
+			for _, c := range cs {
+				again[c.name] = true
 			}
+			keep := cases[:0]
+			for _, c := range cases {
+				if again[c.name] {
+					superseded = append(superseded, fmt.Sprintf("`%s` (%d trials, %d violations)", c.name, c.trials, c.violations))
+					continue
+				}
+				keep = append(keep, c)
+			}
+			cases = keep
+			keptFails := fails[:0]
+			for _, f := range fails {
+				if replacedFailure(f.test, again, fails) {
+					superseded = append(superseded, fmt.Sprintf("failure of `%s` (%s)", f.test, f.where))
+					continue
+				}
+				keptFails = append(keptFails, f)
+			}
+			fails = keptFails
+		}
+		cases = append(cases, cs...)
+		for _, f := range fs {
+			fails = append(fails, failure{f, s.kind + " " + s.name})
 		}
 		if s.kind == "fuzz" {
 			fuzz[s.name] = fr
 		}
+	}
+	for _, f := range fails {
+		failures = append(failures, fmt.Sprintf("%s (%s)", f.test, f.where))
+	}
+	if len(superseded) > 0 {
+		p("Replaced by a re-run of the same cases (after the harness fixes listed under Findings): %s.\n\n", strings.Join(superseded, "; "))
 	}
 
 	// Summary per suite.
@@ -307,4 +343,26 @@ func parseLog(path string) ([]caseResult, []string, *fuzzResult, error) {
 		}
 	}
 	return cases, fails, fr, sc.Err()
+}
+
+// failure is a failed test and the step it failed in.
+type failure struct{ test, where string }
+
+// replacedFailure reports whether a failed test is covered by a re-run: it
+// was re-run itself, or it is a parent (TestX of TestX/sub) whose failing
+// subtests were all re-run.
+func replacedFailure(test string, again map[string]bool, fails []failure) bool {
+	if again[test] {
+		return true
+	}
+	children := 0
+	for _, f := range fails {
+		if strings.HasPrefix(f.test, test+"/") {
+			if !again[f.test] {
+				return false
+			}
+			children++
+		}
+	}
+	return children > 0
 }

@@ -97,7 +97,7 @@ func TestJournalCrashChild(t *testing.T) {
 // peer caught up) is in the recovered bitmap. Later rounds recover what
 // earlier rounds left.
 func TestJournalCrash(t *testing.T) {
-	if testing.Short() {
+	if testing.Short() && os.Getenv("CI") == "" {
 		t.Skip("spawns processes")
 	}
 	g := mustGeo(t)

@@ -21,7 +21,7 @@ func allocated(t *testing.T, path string) int64 {
 	}
 	st, ok := fi.Sys().(*syscall.Stat_t)
 	if !ok {
-		t.Skip("no block counts on this platform")
+		t.Fatal("no block counts (syscall.Stat_t) on this platform")
 	}
 	return st.Blocks * 512
 }
@@ -158,6 +158,10 @@ func TestFilePunchFreesSpace(t *testing.T) {
 		t.Fatal(err)
 	}
 	if f.noPunch.Load() {
+		// CI runs on ext4, which punches holes: there this must not skip.
+		if os.Getenv("CI") != "" {
+			t.Fatal("the file system does not support hole punching")
+		}
 		t.Skip("the file system does not support hole punching")
 	}
 	after := allocated(t, f.Path())

@@ -1,16 +1,13 @@
 package volume_test
 
 import (
-	"bufio"
 	"context"
-	"net"
 	"sync"
 	"sync/atomic"
 	"testing"
 
 	"github.com/go-logr/logr"
 
-	"github.com/tandem-storage/tandem/dataplane/repl"
 	"github.com/tandem-storage/tandem/dataplane/volume"
 )
 
@@ -104,34 +101,8 @@ func newFileMember(t testing.TB, node string) *member {
 		t.Fatal(err)
 	}
 	m.v = v
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
+	ln := serveReplication(t, v)
 	m.addr = ln.Addr().String()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				br := bufio.NewReader(c)
-				rd := repl.NewReader(br, 0)
-				f, err := rd.Next()
-				if err != nil || f.Type != repl.TypeHello {
-					c.Close()
-					return
-				}
-				h, err := repl.ParseHello(f.Payload)
-				if err != nil {
-					c.Close()
-					return
-				}
-				_ = v.ServePrimary(c, br, rd, h)
-			}()
-		}
-	}()
 	t.Cleanup(func() {
 		ln.Close()
 		if err := v.Close(); err != nil {

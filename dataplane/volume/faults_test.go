@@ -14,13 +14,11 @@ package volume_test
 // that hack/stress collects into docs/reliability.md.
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"math/rand/v2"
-	"net"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -30,7 +28,6 @@ import (
 
 	"github.com/go-logr/logr/funcr"
 
-	"github.com/tandem-storage/tandem/dataplane/repl"
 	"github.com/tandem-storage/tandem/dataplane/store"
 	"github.com/tandem-storage/tandem/dataplane/volume"
 	"github.com/tandem-storage/tandem/internal/stresstest"
@@ -59,34 +56,8 @@ func newFaultyMember(t testing.TB, node, name string) *fmember {
 		t.Fatal(err)
 	}
 	m.v = v
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
+	ln := serveReplication(t, v)
 	m.addr = ln.Addr().String()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				br := bufio.NewReader(c)
-				rd := repl.NewReader(br, 0)
-				fr, err := rd.Next()
-				if err != nil || fr.Type != repl.TypeHello {
-					c.Close()
-					return
-				}
-				h, err := repl.ParseHello(fr.Payload)
-				if err != nil {
-					c.Close()
-					return
-				}
-				_ = v.ServePrimary(c, br, rd, h)
-			}()
-		}
-	}()
 	t.Cleanup(func() {
 		ln.Close()
 		f.Heal()

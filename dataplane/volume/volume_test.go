@@ -58,34 +58,8 @@ func newMember(t testing.TB, node string) *member {
 		t.Fatal(err)
 	}
 	m.v = v
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
+	ln := serveReplication(t, v)
 	m.addr = ln.Addr().String()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				br := bufio.NewReader(c)
-				rd := repl.NewReader(br, 0)
-				f, err := rd.Next()
-				if err != nil || f.Type != repl.TypeHello {
-					c.Close()
-					return
-				}
-				h, err := repl.ParseHello(f.Payload)
-				if err != nil {
-					c.Close()
-					return
-				}
-				_ = v.ServePrimary(c, br, rd, h)
-			}()
-		}
-	}()
 	t.Cleanup(func() {
 		ln.Close()
 		if err := v.Close(); err != nil {
@@ -283,4 +257,39 @@ func TestPairWritesReachBackupInOrder(t *testing.T) {
 			}
 		})
 	}
+}
+
+// serveReplication listens on loopback and hands every replication stream
+// that opens with a valid Hello to v (the backup side of a pair). The
+// caller closes the listener.
+func serveReplication(t testing.TB, v *volume.Volume) net.Listener {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				br := bufio.NewReader(c)
+				rd := repl.NewReader(br, 0)
+				f, err := rd.Next()
+				if err != nil || f.Type != repl.TypeHello {
+					c.Close()
+					return
+				}
+				h, err := repl.ParseHello(f.Payload)
+				if err != nil {
+					c.Close()
+					return
+				}
+				_ = v.ServePrimary(c, br, rd, h)
+			}()
+		}
+	}()
+	return ln
 }

@@ -289,6 +289,19 @@ func fileSum(t *testing.T, path string) string {
 func (s *story) identical(active, other string) {
 	s.t.Helper()
 	s.wait(90*time.Second, "in sync before comparing replicas", inSync(active))
+	// The status lags a restart shorter than a probe period: wait for the
+	// agents themselves to report the resync done.
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		a, o := s.agentStatus(active), s.agentStatus(other)
+		if a.Writable && a.PeerConnected && !a.Copy.Running && a.OutOfSyncBytes == 0 && o.DataState == volume.UpToDate {
+			break
+		}
+		if time.Now().After(deadline) {
+			s.t.Fatalf("agents not in sync 90 s later: %s %+v, %s %+v", active, a, other, o)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 	time.Sleep(300 * time.Millisecond) // the backup's durable ack trails by a few ms
 	a, b := fileSum(s.t, s.replicaPath(active)), fileSum(s.t, s.replicaPath(other))
 	if a != b {

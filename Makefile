@@ -63,7 +63,9 @@ CLUSTER_LOCK ?= /tmp/tandem-cluster.lock
 
 .PHONY: test-e2e
 test-e2e: tools build ## Run the end-to-end user stories, crash matrix, partitions and load test (short versions) on the local cluster (as root: network namespaces).
-	flock -o $(CLUSTER_LOCK) go test -tags e2e -count=1 -timeout 45m -v ./test/e2e/ 2>&1 | tee .e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|\s+\S+_test.go:[0-9]+: (STORY|LOAD|RELIABILITY))'
+	flock -o $(CLUSTER_LOCK) go test -tags e2e -count=1 -timeout 45m -v ./test/e2e/ 2>&1 | tee .e2e.log \
+	  | grep -E '^(=== RUN|--- |PASS|FAIL|ok|\s+\S+_test.go:[0-9]+: (STORY|LOAD|RELIABILITY|VIOLATION))' \
+	  || { hack/e2e-failures.sh .e2e.log; exit 1; }
 
 .PHONY: bench
 bench: tools ## Measure Tandem against nbdkit, nbdcopy and DESIGN §7 on this machine; writes docs/benchmarks.md and .png (BENCH_FLAGS=-only fio,...).

@@ -16,6 +16,10 @@ type MemberView struct {
 	Suspect bool
 	// Status is the agent's report of the replica (nil: no report).
 	Status *volume.Status
+	// Stale is true when Status is the member's previous report, shown
+	// because the last probe failed but the member is not suspect yet
+	// (status rendering only; Decide sees the failed probe).
+	Stale bool
 	// RecordedOutdated is true when the VolumePair's status records the
 	// member as Outdated (written by the controller, invariant 2).
 	RecordedOutdated bool

@@ -38,6 +38,24 @@ type story struct {
 type blocker struct {
 	mu      sync.Mutex
 	blocked map[string]bool
+	fails   map[string]int // endpoint → calls still to fail (a slow answer)
+}
+
+// failNext makes the next n calls to endpoint fail.
+func (b *blocker) failNext(endpoint string, n int) {
+	b.mu.Lock()
+	if b.fails == nil {
+		b.fails = map[string]int{}
+	}
+	b.fails[endpoint] = n
+	b.mu.Unlock()
+}
+
+// failing reports how many of failNext's calls have not been made yet.
+func (b *blocker) failing(endpoint string) int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.fails[endpoint]
 }
 
 func (b *blocker) set(endpoint string, on bool) {
@@ -50,6 +68,10 @@ func (b *blocker) client(endpoint, tok string) *agent.Client {
 	c := agent.NewClient(endpoint, tok)
 	b.mu.Lock()
 	blocked := b.blocked[endpoint]
+	if b.fails[endpoint] > 0 {
+		b.fails[endpoint]--
+		blocked = true
+	}
 	b.mu.Unlock()
 	if blocked {
 		c.BaseURL = "http://127.0.0.1:1" // nothing listens there
@@ -361,6 +383,50 @@ func TestBackupLostAndPartition(t *testing.T) {
 		c := meta.FindStatusCondition(vp.Status.Conditions, v1.ConditionFailoverBlocked)
 		return pairInSync(s.a.name)(vp) && c != nil && c.Status == metav1.ConditionFalse
 	})
+}
+
+// TestMissedProbeKeepsStatus: one probe of the writer that gets no answer
+// (a slow agent under load), fewer than failureThreshold, changes nothing a
+// user or a client following status.endpoint sees: the endpoint stays, Ready
+// stays True. Read through the live client every 20 ms, so a status patched
+// for one round only is seen.
+func TestMissedProbeKeepsStatus(t *testing.T) {
+	blk := &blocker{blocked: map[string]bool{}}
+	s := newStory(t, v1.ModeAsync, nil)
+	startManager(t, s.log, blk.client)
+	if err := k8s.Create(context.Background(), s.vp); err != nil {
+		t.Fatal(err)
+	}
+	vp := s.waitFor(20*time.Second, "PAIR in sync", func(vp *v1.VolumePair) bool {
+		return pairInSync(s.a.name)(vp) && vp.Status.Endpoint != ""
+	})
+	ep := vp.Status.Endpoint
+	ctrl := "http://" + s.a.ctrl
+	for round := 0; round < 3; round++ {
+		blk.failNext(ctrl, 1)
+		deadline := time.Now().Add(5 * time.Second)
+		for blk.failing(ctrl) > 0 && time.Now().Before(deadline) {
+			if vp := s.get(); vp.Status.Endpoint != ep || !cond(vp, v1.ConditionReady) {
+				t.Fatalf("round %d: one missed probe changed the status: endpoint %q (was %q), conditions %+v", round, vp.Status.Endpoint, ep, vp.Status.Conditions)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		if blk.failing(ctrl) > 0 {
+			t.Fatal("the writer was not probed within 5s")
+		}
+		// The round after the failed probe patches the status: watch it.
+		until := time.Now().Add(1500 * time.Millisecond)
+		for time.Now().Before(until) {
+			vp := s.get()
+			if vp.Status.Endpoint != ep || !cond(vp, v1.ConditionReady) {
+				t.Fatalf("round %d: one missed probe changed the status: endpoint %q (was %q), conditions %+v", round, vp.Status.Endpoint, ep, vp.Status.Conditions)
+			}
+			if ms := vp.Status.MemberStatus(s.a.name); ms == nil || ms.Role != v1.RolePrimary {
+				t.Fatalf("round %d: the writer's member status lost its role after one missed probe: %+v", round, ms)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
 }
 
 // TestManualFailoverAndSwitchover: with a Manual policy a lost primary is

@@ -76,7 +76,8 @@ type VolumePairReconciler struct {
 type probeState struct {
 	failures int32
 	lastSeen time.Time
-	lostAt   time.Time // when the member became suspect
+	lostAt   time.Time      // when the member became suspect
+	last     *volume.Status // the member's last report (nil: none, or no replica)
 }
 
 // scope is what one reconcile learns and decides.
@@ -233,7 +234,7 @@ func (r *VolumePairReconciler) observe(ctx context.Context, s *scope) error {
 		ps := r.probeState(key, node)
 		now := r.Now()
 		if m.Reachable {
-			ps.failures, ps.lastSeen, ps.lostAt = 0, now, time.Time{}
+			ps.failures, ps.lastSeen, ps.lostAt, ps.last = 0, now, time.Time{}, m.Status
 		} else {
 			ps.failures++
 		}
@@ -556,7 +557,12 @@ func (r *VolumePairReconciler) patchStatus(ctx context.Context, s *scope, ok boo
 	vp := s.vp
 	st := &vp.Status
 	key := client.ObjectKeyFromObject(vp)
+	// The status shows a member whose last probe failed, but that is not
+	// suspect yet, as it last reported: one slow answer under load must not
+	// clear the endpoint or flip Ready. Decide saw the failed probe.
 	view := s.view
+	view.Primary = lastKnown(view.Primary, r.probeState(key, view.Primary.Node).last)
+	view.Backup = lastKnown(view.Backup, r.probeState(key, view.Backup.Node).last)
 	gen := vp.Generation
 	if !view.Authority.Exists && s.step.Kind != StepCreateAuthority {
 		return nil
@@ -572,10 +578,11 @@ func (r *VolumePairReconciler) patchStatus(ctx context.Context, s *scope, ok boo
 	oldPhase := s.base.Status.Phase
 	st.Phase = DerivePhase(view, oldPhase)
 
-	st.Endpoint = ""
-	if info, ok := s.agents[writer.Node]; ok && info.nbd != "" && writer.Status != nil && writer.Status.Writable {
-		st.Endpoint = "nbd://" + info.nbd + "/" + vp.Namespace + "/" + vp.Name
+	nbd := ""
+	if info, ok := s.agents[writer.Node]; ok && info.nbd != "" {
+		nbd = "nbd://" + info.nbd + "/" + vp.Namespace + "/" + vp.Name
 	}
+	st.Endpoint = endpointFor(s.base.Status, st.ActivePrimary, st.Epoch, writer, nbd)
 	st.OutOfSyncBytes = 0
 	st.Copy = nil
 	if w := writer.Status; w != nil {
@@ -596,6 +603,11 @@ func (r *VolumePairReconciler) patchStatus(ctx context.Context, s *scope, ok boo
 			}
 			ms.Message = ""
 			switch {
+			case m.Stale:
+				ms.Message = "no answer to the last probe; showing its previous report"
+				if m.Status != nil {
+					ms.Role = v1.MemberRole(m.Status.Role)
+				}
 			case !m.Reachable:
 				ms.Role = ""
 				if ms.DataState != v1.DataOutdated {
@@ -650,6 +662,34 @@ func (r *VolumePairReconciler) patchStatus(ctx context.Context, s *scope, ok boo
 		return r.clearRequests(ctx, vp)
 	}
 	return nil
+}
+
+// lastKnown returns m as the status shows it: a member that did not answer
+// the last probe but is not suspect yet (fewer than failureThreshold failed
+// probes, its Node Ready) is shown with its last report, marked Stale.
+func lastKnown(m MemberView, last *volume.Status) MemberView {
+	if m.Reachable || m.Suspect || last == nil {
+		return m
+	}
+	m.Reachable, m.Status, m.Stale = true, last, true
+	return m
+}
+
+// endpointFor is status.endpoint: the writer's export (nbd, empty when its
+// agent Lease names none) while the writer accepts writes. While the writer
+// does not answer the controller, the endpoint it had at the same epoch
+// stays: the writer may well still serve (a partition from the controller
+// only), and clients that follow the endpoint should not be sent away until
+// another member holds the authority or the writer says it does not accept
+// writes.
+func endpointFor(prev v1.VolumePairStatus, holder string, epoch int64, writer *MemberView, nbd string) string {
+	switch {
+	case writer.Reachable && writer.Status != nil && writer.Status.Writable:
+		return nbd
+	case !writer.Reachable && prev.ActivePrimary == holder && prev.Epoch == epoch && prev.Endpoint != "":
+		return prev.Endpoint
+	}
+	return ""
 }
 
 func orNone(p v1.Phase) string {

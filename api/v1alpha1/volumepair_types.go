@@ -308,7 +308,10 @@ type VolumePairStatus struct {
 	// epoch is the authority epoch; it grows with every change of writer.
 	// +optional
 	Epoch int64 `json:"epoch,omitempty"`
-	// endpoint is the nbd:// URI of the active primary's export.
+	// endpoint is the nbd:// URI of the active primary's export. Empty while
+	// no member accepts writes; kept while the active primary does not answer
+	// the controller but still holds the authority at this epoch (it may
+	// still serve), and moves when the authority does.
 	// +optional
 	// +kubebuilder:validation:MaxLength=512
 	Endpoint string `json:"endpoint,omitempty"`

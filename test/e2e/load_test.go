@@ -496,7 +496,7 @@ func TestLoad(t *testing.T) {
 	verdicts := map[string]int{} // case → violations
 	violation := func(c, format string, args ...any) {
 		verdicts[c]++
-		t.Errorf("%s: "+format, append([]any{c}, args...)...)
+		t.Errorf("VIOLATION %s: "+format, append([]any{c}, args...)...)
 	}
 
 	// One pair created and deleted first: what a process starts once, on

@@ -1,0 +1,65 @@
+package controllers
+
+import (
+	"testing"
+
+	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
+	"github.com/tandem-storage/tandem/dataplane/volume"
+)
+
+func TestLastKnown(t *testing.T) {
+	prev := st(volume.RolePrimary, 1, volume.UpToDate, true)
+	now := st(volume.RolePrimary, 1, volume.UpToDate, false)
+	for _, tc := range []struct {
+		name      string
+		m         MemberView
+		last      *volume.Status
+		wantStale bool
+		want      *volume.Status
+	}{
+		{"answered: this round's report", up("a", now), prev, false, now},
+		{"one failed probe: the previous report", MemberView{Node: "a"}, prev, true, prev},
+		{"suspect: no report", lost("a"), prev, false, nil},
+		{"never answered: no report", MemberView{Node: "a"}, nil, false, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got := lastKnown(tc.m, tc.last)
+			if got.Stale != tc.wantStale || got.Status != tc.want {
+				t.Fatalf("lastKnown = stale %v status %+v, want stale %v status %+v", got.Stale, got.Status, tc.wantStale, tc.want)
+			}
+			if tc.wantStale && !got.Reachable {
+				t.Fatal("a stale member is shown as reachable")
+			}
+		})
+	}
+}
+
+func TestEndpointFor(t *testing.T) {
+	const ep = "nbd://10.0.0.1:10809/ns/db"
+	prev := v1.VolumePairStatus{ActivePrimary: "a", Epoch: 3, Endpoint: ep}
+	fenced := st(volume.RolePrimary, 3, volume.UpToDate, true, func(s *volume.Status) { s.Writable = false })
+	for _, tc := range []struct {
+		name   string
+		prev   v1.VolumePairStatus
+		holder string
+		epoch  int64
+		writer MemberView
+		nbd    string
+		want   string
+	}{
+		{"writer serves", v1.VolumePairStatus{}, "a", 3, up("a", st(volume.RolePrimary, 3, volume.UpToDate, true)), ep, ep},
+		{"writer serves, no NBD address published", prev, "a", 3, up("a", st(volume.RolePrimary, 3, volume.UpToDate, true)), "", ""},
+		{"writer says it does not accept writes", prev, "a", 3, up("a", fenced), ep, ""},
+		{"writer has no replica yet", prev, "a", 3, up("a", nil), ep, ""},
+		{"writer unreachable, same holder and epoch: kept", prev, "a", 3, lost("a"), ep, ep},
+		{"writer unreachable, authority moved", prev, "b", 4, lost("b"), ep, ""},
+		{"writer unreachable, new epoch on the same node", prev, "a", 4, lost("a"), ep, ""},
+		{"writer unreachable, never served", v1.VolumePairStatus{ActivePrimary: "a", Epoch: 3}, "a", 3, lost("a"), ep, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := endpointFor(tc.prev, tc.holder, tc.epoch, &tc.writer, tc.nbd); got != tc.want {
+				t.Fatalf("endpointFor = %q, want %q", got, tc.want)
+			}
+		})
+	}
+}

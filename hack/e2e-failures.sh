@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Prints what the failing end-to-end tests said, from the full go test -v log
+# (.e2e.log). make test-e2e shows only the tests' figures while they run; when
+# one fails this puts its messages (t.Errorf/t.Fatalf and the lines logged
+# just before them) at the end of the output, where CI excerpts look.
+set -euo pipefail
+log=${1:-.e2e.log}
+[ -f "$log" ] || { echo "e2e-failures: no $log" >&2; exit 0; }
+awk -v max=40 '
+  # go test -v: "=== RUN   Name", "--- FAIL: Name (…)"; sub-tests are
+  # indented. The e2e tests run one after the other, so a test'"'"'s output
+  # lies between its RUN line and the next RUN or its result line.
+  /^=== (RUN|CONT) / { cur = $3; next }
+  /^(FAIL|PASS|ok)([ \t]|$)/ { cur = ""; next }
+  /^ *--- FAIL: / {
+    name = $3
+    failed[++nf] = name
+    next
+  }
+  cur != "" {
+    n = ++cnt[cur]
+    buf[cur, n] = $0
+  }
+  END {
+    if (nf == 0) exit
+    print ""
+    print "=== e2e failures (the whole log: " FILENAME ") ==="
+    for (i = 1; i <= nf; i++) {
+      name = failed[i]
+      if (!(name in cnt)) continue
+      printed = 0
+      # VIOLATION and error lines first, then the last lines of the test.
+      for (j = 1; j <= cnt[name] && printed < max; j++)
+        if (buf[name, j] ~ /VIOLATION|[Ee]rror|FAIL|panic/) { print "[" name "] " buf[name, j]; printed++ }
+      print "--- last lines of " name ":"
+      from = cnt[name] - 15; if (from < 1) from = 1
+      for (j = from; j <= cnt[name]; j++) print "[" name "] " buf[name, j]
+    }
+  }
+' "$log" | cut -c1-1500

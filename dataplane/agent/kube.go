@@ -13,24 +13,31 @@ package agent
 // agent cut off from the API server fences itself before the controller
 // promotes the backup, which it does only after the Lease has expired.
 //
-// Renewal cost: one conditional Update per primary volume and second (the
-// Lease last read or written is kept, so no Get is needed while nobody else
-// touches it; a conflict — the controller moved the authority — costs one
-// Get, which then shows the new holder and fences the volume). The volumes
-// are renewed concurrently (at most renewParallel at a time), so a node
+// Renewal cost: one request per primary volume and second, a JSON patch of
+// renewTime whose test operations make it apply only while the Lease still
+// names this node at the volume's epoch (renewPatch): no read first, no
+// conflict with the controller, which moves the authority with a conditional
+// update. Only a refused patch costs a Get, which shows the new holder and
+// fences the volume. The volumes are renewed concurrently (at most
+// renewParallel at a time, one renewal per volume in flight), so a node
 // serving many primaries renews each of them about every second, not one
-// after another.
+// after another. A renewal may take up to the Lease duration less a second
+// (renewTimeout): a slow API server delays the grant but does not fence the
+// writer while answers come within that.
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
 	coordinationv1 "k8s.io/api/coordination/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	coordclient "k8s.io/client-go/kubernetes/typed/coordination/v1"
 	"k8s.io/utils/ptr"
 
@@ -45,6 +52,9 @@ const (
 	authorityRenew     = time.Second
 	apiTimeout         = 2 * time.Second
 	renewParallel      = 8
+	// defaultAuthorityLease is spec.failover.leaseDurationSeconds's
+	// default, assumed for a Lease not read yet.
+	defaultAuthorityLease = 6 * time.Second
 )
 
 // Endpoints are what the agent advertises on its Lease.
@@ -82,7 +92,9 @@ type logLike interface {
 }
 
 func renewAgentLease(ctx context.Context, c coordclient.LeaseInterface, name, node string, ep Endpoints) error {
-	ctx, cancel := context.WithTimeout(ctx, apiTimeout)
+	// Half the Lease: a slow API server delays the heartbeat, a renewal
+	// that lands within that still keeps the Lease current.
+	ctx, cancel := context.WithTimeout(ctx, AgentLeaseDuration/2)
 	defer cancel()
 	now := metav1.NewMicroTime(time.Now())
 	ann := map[string]string{
@@ -128,10 +140,10 @@ type KubeAuthority struct {
 	node      string
 	namespace string
 
-	mu     sync.Mutex
-	grants map[string]grant
-	seen   map[string]*coordinationv1.Lease // last seen authority Lease per volume
-	kick   chan struct{}
+	mu        sync.Mutex
+	grants    map[string]grant
+	durations map[string]time.Duration // each volume's Lease duration, once renewed
+	kick      chan struct{}
 }
 
 type grant struct {
@@ -143,7 +155,7 @@ type grant struct {
 // NewKubeAuthority returns an authority for node's volumes.
 func NewKubeAuthority(leases coordclient.LeasesGetter, namespace, node string) *KubeAuthority {
 	return &KubeAuthority{leases: leases.Leases(namespace), node: node, namespace: namespace,
-		grants: map[string]grant{}, seen: map[string]*coordinationv1.Lease{}, kick: make(chan struct{}, 1)}
+		grants: map[string]grant{}, durations: map[string]time.Duration{}, kick: make(chan struct{}, 1)}
 }
 
 // Authorized implements volume.Authority.
@@ -174,27 +186,61 @@ func (k *KubeAuthority) Kick() {
 }
 
 // Run renews the authority Lease of every volume primaries() returns until
-// ctx is done.
+// ctx is done. Every round (a second, or a Kick) starts a renewal of each
+// primary volume that has none in flight, so one slow renewal does not hold
+// back the others' next round; a renewal that took longer than a round is
+// followed at once by the next one for that volume.
 func (k *KubeAuthority) Run(ctx context.Context, primaries func() map[string]uint64, log logLike) {
 	t := time.NewTicker(authorityRenew)
 	defer t.Stop()
 	sem := make(chan struct{}, renewParallel)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	var mu sync.Mutex
+	inflight := map[string]bool{}
 	for {
 		prim := primaries()
-		var wg sync.WaitGroup
+		k.forget(prim)
 		for vol, epoch := range prim {
+			mu.Lock()
+			busy := inflight[vol]
+			inflight[vol] = true
+			mu.Unlock()
+			if busy {
+				continue
+			}
 			wg.Add(1)
-			sem <- struct{}{}
 			go func() {
 				defer wg.Done()
+				defer func() {
+					mu.Lock()
+					delete(inflight, vol)
+					mu.Unlock()
+				}()
+				select {
+				case sem <- struct{}{}:
+				case <-ctx.Done():
+					return
+				}
 				defer func() { <-sem }()
-				if err := k.renew(ctx, vol, epoch); err != nil {
-					log.Info("Authority not renewed", "volume", vol, "epoch", epoch, "reason", err.Error())
+				for ctx.Err() == nil {
+					start := time.Now()
+					if err := k.renew(ctx, vol, epoch); err != nil {
+						log.Info("Authority not renewed", "volume", vol, "epoch", epoch, "reason", err.Error())
+					}
+					if time.Since(start) < authorityRenew {
+						return
+					}
+					// A slow renewal: the next round may be most of a
+					// second away, renew again now while it is still a
+					// primary.
+					var ok bool
+					if epoch, ok = primaries()[vol]; !ok {
+						return
+					}
 				}
 			}()
 		}
-		wg.Wait()
-		k.forget(prim)
 		select {
 		case <-ctx.Done():
 			return
@@ -204,78 +250,105 @@ func (k *KubeAuthority) Run(ctx context.Context, primaries func() map[string]uin
 	}
 }
 
+// renewTimeout bounds one renewal of a Lease lasting dur.
+// A renewal is worth waiting for as long as the grant it brings, which runs
+// from when it started, outlasts the next round: with the default 6 s Lease
+// an API server answering in 3-4 s keeps the writer's authority, where a
+// fixed 2 s timeout would let every renewal fail and fence it.
+func renewTimeout(dur time.Duration) time.Duration {
+	return max(apiTimeout, dur-authorityRenew)
+}
+
 func (k *KubeAuthority) renew(ctx context.Context, vol string, epoch uint64) error {
 	ns, name, ok := cutName(vol)
 	if !ok {
 		return fmt.Errorf("bad volume name %q", vol)
 	}
 	lname := v1.AuthorityLeaseName(ns, name)
-	ctx, cancel := context.WithTimeout(ctx, apiTimeout)
-	defer cancel()
 	start := time.Now()
 	k.mu.Lock()
-	cached := k.seen[vol]
+	dur, known := k.durations[vol]
 	k.mu.Unlock()
-	if cached != nil && ptr.Deref(cached.Spec.HolderIdentity, "") == k.node && cached.Annotations[v1.AnnEpoch] == strconv.FormatUint(epoch, 10) {
-		// Fast path: a conditional update of the Lease as last seen. Any
-		// change by someone else (the controller moving the authority)
-		// makes it conflict, and the slow path reads the new state.
-		if ok, err := k.update(ctx, vol, epoch, cached.DeepCopy(), start); ok || !apierrors.IsConflict(err) {
-			return err
-		}
+	if !known {
+		dur = defaultAuthorityLease // not renewed yet: the VolumePair default
 	}
-	l, err := k.leases.Get(ctx, lname, metav1.GetOptions{})
+	ctx, cancel := context.WithTimeout(ctx, renewTimeout(dur))
+	defer cancel()
+	patch, err := renewPatch(k.node, epoch, start)
 	if err != nil {
-		return fmt.Errorf("get authority Lease %s/%s: %w", k.namespace, lname, err)
+		return err
 	}
-	_, err = k.update(ctx, vol, epoch, l, start)
-	return err
-}
-
-// update renews l if it names this node at epoch, recording the grant; it
-// reports whether the Lease was renewed. A Lease naming someone else fences
-// the volume. start is when the renewal began: the grant runs from there.
-func (k *KubeAuthority) update(ctx context.Context, vol string, epoch uint64, l *coordinationv1.Lease, start time.Time) (bool, error) {
-	lname := l.Name
-	holder := ptr.Deref(l.Spec.HolderIdentity, "")
-	lepoch, _ := strconv.ParseUint(l.Annotations[v1.AnnEpoch], 10, 64)
-	if holder != k.node || lepoch != epoch {
-		reason := fmt.Sprintf("authority Lease %s names %q at epoch %d", lname, holder, lepoch)
-		k.mu.Lock()
-		g := k.grants[vol]
-		g.reason = reason
-		if g.epoch != epoch {
-			g.until = time.Time{}
+	l, err := k.leases.Patch(ctx, lname, types.JSONPatchType, patch, metav1.PatchOptions{})
+	if err == nil {
+		holder := ptr.Deref(l.Spec.HolderIdentity, "")
+		if lepoch, _ := strconv.ParseUint(l.Annotations[v1.AnnEpoch], 10, 64); holder != k.node || lepoch != epoch {
+			// Cannot happen (the patch tests both); never grant on it.
+			return fmt.Errorf("renewed authority Lease %s names %q at epoch %d", lname, holder, lepoch)
 		}
-		k.grants[vol] = g
-		delete(k.seen, vol)
-		k.mu.Unlock()
-		return false, fmt.Errorf("%s", reason)
-	}
-	dur := time.Duration(ptr.Deref(l.Spec.LeaseDurationSeconds, 6)) * time.Second
-	now := metav1.NewMicroTime(start)
-	l.Spec.RenewTime = &now
-	updated, err := k.leases.Update(ctx, l, metav1.UpdateOptions{})
-	if err != nil {
+		dur = time.Duration(ptr.Deref(l.Spec.LeaseDurationSeconds, 6)) * time.Second
 		k.mu.Lock()
-		delete(k.seen, vol)
+		k.grants[vol] = grant{epoch: epoch, until: start.Add(dur)}
+		k.durations[vol] = dur
 		k.mu.Unlock()
-		return false, fmt.Errorf("renew authority Lease %s: %w", lname, err)
+		return nil
 	}
+	if ctx.Err() != nil {
+		return fmt.Errorf("renew authority Lease %s: %w", lname, err)
+	}
+	// Refused (most likely a test failed: the controller moved the
+	// authority) or not sent: read the Lease to know, and fence the volume
+	// if it names someone else.
+	cur, gerr := k.leases.Get(ctx, lname, metav1.GetOptions{})
+	if gerr != nil {
+		return fmt.Errorf("renew authority Lease %s: %w (and reading it: %w)", lname, err, gerr)
+	}
+	holder := ptr.Deref(cur.Spec.HolderIdentity, "")
+	lepoch, _ := strconv.ParseUint(cur.Annotations[v1.AnnEpoch], 10, 64)
+	if holder == k.node && lepoch == epoch {
+		return fmt.Errorf("renew authority Lease %s: %w", lname, err)
+	}
+	reason := fmt.Sprintf("authority Lease %s names %q at epoch %d", lname, holder, lepoch)
 	k.mu.Lock()
-	k.grants[vol] = grant{epoch: epoch, until: start.Add(dur)}
-	k.seen[vol] = updated
+	g := k.grants[vol]
+	g.reason = reason
+	if g.epoch != epoch {
+		g.until = time.Time{}
+	}
+	k.grants[vol] = g
 	k.mu.Unlock()
-	return true, nil
+	return fmt.Errorf("%s", reason)
 }
 
-// forget drops the cached Leases of volumes that are no longer primaries.
+// renewPatch is the JSON patch (RFC 6902) that renews an authority Lease
+// from start: it applies only while the Lease names node at epoch (its test
+// operations are checked by the API server on the current object, in the
+// same update), so no read is needed first and a move by the controller
+// makes it fail instead of being overwritten.
+func renewPatch(node string, epoch uint64, start time.Time) ([]byte, error) {
+	type op struct {
+		Op    string `json:"op"`
+		Path  string `json:"path"`
+		Value any    `json:"value"`
+	}
+	epochPath := "/metadata/annotations/" + strings.ReplaceAll(strings.ReplaceAll(v1.AnnEpoch, "~", "~0"), "/", "~1")
+	b, err := json.Marshal([]op{
+		{Op: "test", Path: "/spec/holderIdentity", Value: node},
+		{Op: "test", Path: epochPath, Value: strconv.FormatUint(epoch, 10)},
+		{Op: "add", Path: "/spec/renewTime", Value: metav1.NewMicroTime(start)},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("encode the renewal patch: %w", err)
+	}
+	return b, nil
+}
+
+// forget drops what is kept of volumes that are no longer primaries.
 func (k *KubeAuthority) forget(primaries map[string]uint64) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	for vol := range k.seen {
+	for vol := range k.durations {
 		if _, ok := primaries[vol]; !ok {
-			delete(k.seen, vol)
+			delete(k.durations, vol)
 		}
 	}
 }

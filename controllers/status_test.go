@@ -2,6 +2,7 @@ package controllers
 
 import (
 	"testing"
+	"time"
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
 	"github.com/tandem-storage/tandem/dataplane/volume"
@@ -59,6 +60,31 @@ func TestEndpointFor(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			if got := endpointFor(tc.prev, tc.holder, tc.epoch, &tc.writer, tc.nbd); got != tc.want {
 				t.Fatalf("endpointFor = %q, want %q", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestRoundTimingNext(t *testing.T) {
+	const p = 2 * time.Second
+	for _, tc := range []struct {
+		name string
+		rt   roundTiming
+		want time.Duration
+	}{
+		{"steady", roundTiming{period: p, stepNone: true, untilExpiry: 6 * time.Second}, p},
+		{"after a step", roundTiming{period: p, acted: true}, 100 * time.Millisecond},
+		{"lost writer, authority expires in 1 s", roundTiming{period: p, blocked: BlockedAuthorityNotExpired, untilExpiry: time.Second}, time.Second + 50*time.Millisecond},
+		{"lost writer, authority expires in 5 s", roundTiming{period: p, blocked: BlockedAuthorityNotExpired, untilExpiry: 5 * time.Second}, p},
+		{"promoted writer waiting for its first renewal", roundTiming{period: p, stepNone: true, writerFenced: true, untilExpiry: 6 * time.Second}, 250 * time.Millisecond},
+		{"fenced writer, authority expired", roundTiming{period: p, stepNone: true, writerFenced: true, expired: true, untilExpiry: -time.Second}, p},
+		{"writer missed a probe, silent in 0.5 s", roundTiming{period: p, stepNone: true, writerFailing: true, untilSilent: 500 * time.Millisecond}, 550 * time.Millisecond},
+		{"writer missed a probe, silent in 3 s", roundTiming{period: p, stepNone: true, writerFailing: true, untilSilent: 3 * time.Second}, p},
+		{"writer missed a probe and its authority expires first", roundTiming{period: p, blocked: BlockedAuthorityNotExpired, untilExpiry: 300 * time.Millisecond, writerFailing: true, untilSilent: time.Second}, 350 * time.Millisecond},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := tc.rt.next(); got != tc.want {
+				t.Fatalf("next() = %v, want %v", got, tc.want)
 			}
 		})
 	}

@@ -225,6 +225,7 @@ func startManager(t testing.TB, log *testLog, wrap func(endpoint, tok string) *a
 		Scheme: scheme, Metrics: metricsserver.Options{BindAddress: "0"}, HealthProbeBindAddress: "0",
 		Logger:     log.logger("manager"),
 		Controller: config.Controller{SkipNameValidation: ptr.To(true)},
+		Cache:      CacheOptions(opNS),
 	})
 	if err != nil {
 		t.Fatal(err)

@@ -17,12 +17,14 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/tools/events"
 	"k8s.io/client-go/util/retry"
 	"k8s.io/klog/v2"
 	"k8s.io/utils/ptr"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/controller"
 	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
@@ -58,7 +60,9 @@ const maxConcurrentReconciles = 16
 // VolumePairReconciler reconciles VolumePairs.
 type VolumePairReconciler struct {
 	client.Client
-	// APIReader reads Leases and Nodes live, bypassing the cache.
+	// APIReader reads the authority Leases live, bypassing the cache: the
+	// failover decision rests on their renewTime. Agent Leases (endpoints)
+	// and Nodes (readiness) come from the cache (CacheOptions).
 	APIReader client.Reader
 	Recorder  events.EventRecorder
 	// Namespace is the operator namespace holding agent and authority Leases.
@@ -155,19 +159,69 @@ func (r *VolumePairReconciler) Reconcile(ctx context.Context, req ctrl.Request) 
 	if period <= 0 {
 		period = 2 * time.Second
 	}
-	if s.acted && s.stepErr == nil {
-		// Follow a step quickly: the next one usually depends on it.
-		return ctrl.Result{RequeueAfter: 100 * time.Millisecond}, nil
+	threshold := vp.Spec.Failover.FailureThreshold
+	if threshold <= 0 {
+		threshold = 3
 	}
-	if (s.step.Blocked == BlockedAuthorityNotExpired || (s.step.Kind == StepNone && WriterFenced(s.view) && !s.view.Authority.Expired)) &&
-		!s.authorityExpiry.IsZero() {
-		// The writer is lost, or fenced itself: look again right when its
-		// authority expires, not a whole probe period later.
-		if d := s.authorityExpiry.Sub(r.Now()) + 50*time.Millisecond; d > 0 && d < period {
-			return ctrl.Result{RequeueAfter: d}, nil
+	now := r.Now()
+	rt := roundTiming{period: period, acted: s.acted && s.stepErr == nil, blocked: s.step.Blocked,
+		stepNone: s.step.Kind == StepNone, writerFenced: WriterFenced(s.view), expired: s.view.Authority.Expired}
+	if !s.authorityExpiry.IsZero() {
+		rt.untilExpiry = s.authorityExpiry.Sub(now)
+	}
+	if s.view.Authority.Exists {
+		w := s.view.member(s.view.Authority.Holder)
+		if ps := r.probeState(client.ObjectKeyFromObject(vp), w.Node); !w.Reachable && !w.Suspect && !ps.lastSeen.IsZero() {
+			rt.writerFailing = true
+			rt.untilSilent = ps.lastSeen.Add(time.Duration(threshold) * period).Sub(now)
 		}
 	}
-	return ctrl.Result{RequeueAfter: period}, nil
+	return ctrl.Result{RequeueAfter: rt.next()}, nil
+}
+
+// roundTiming is what decides when the next round runs.
+type roundTiming struct {
+	period        time.Duration // the probe period
+	acted         bool          // this round took a step, successfully
+	blocked       string        // the step's Blocked reason
+	stepNone      bool
+	writerFenced  bool          // WriterFenced
+	expired       bool          // the authority Lease has expired
+	untilExpiry   time.Duration // until it counts as expired (0: no Lease)
+	writerFailing bool          // the writer missed its last probe, not suspect yet
+	untilSilent   time.Duration // until it counts as silent (suspect)
+}
+
+// next is the delay before the next round: a probe period, shorter when
+// something is about to change. A step is followed quickly (the next one
+// usually depends on it). A writer that is lost or fenced is looked at
+// again right when its authority expires, and one that missed a probe right
+// when its silence makes it suspect: failover happens at the later of the
+// two, not up to a period after. A writer playing its role but not yet
+// writable, while its authority holds, is usually a promoted one waiting for
+// its first renewal: it is looked at every 250 ms so Ready and the endpoint
+// follow within a renewal.
+func (t roundTiming) next() time.Duration {
+	if t.acted {
+		return 100 * time.Millisecond
+	}
+	d := t.period
+	soon := func(x time.Duration) {
+		if x > 0 && x < d {
+			d = x
+		}
+	}
+	waitingOnWriter := t.stepNone && t.writerFenced && !t.expired
+	if (t.blocked == BlockedAuthorityNotExpired || waitingOnWriter) && t.untilExpiry != 0 {
+		soon(t.untilExpiry + 50*time.Millisecond)
+	}
+	if waitingOnWriter {
+		soon(250 * time.Millisecond)
+	}
+	if t.writerFailing {
+		soon(t.untilSilent + 50*time.Millisecond)
+	}
+	return d
 }
 
 // observe fills s.view: agents, probes, Node readiness, authority.
@@ -301,9 +355,22 @@ func (r *VolumePairReconciler) lastSeen(key types.NamespacedName, node string) t
 
 // agentInfo reads a node's agent Lease; an expired Lease still gives the
 // endpoints (probes decide liveness).
+// CacheOptions is the manager's cache configuration for this controller:
+// Leases only in the operator namespace and only the agents' (their
+// endpoints; the manager may not list Leases elsewhere), Nodes for their
+// readiness. Reading these from the cache instead of the API server saves
+// four requests per pair and probe period; 16 pairs on a busy API server
+// made each round, and so each failover step, take a second.
+func CacheOptions(namespace string) cache.Options {
+	agents := labels.SelectorFromSet(labels.Set{v1.LabelComponent: "agent"})
+	return cache.Options{ByObject: map[client.Object]cache.ByObject{
+		&coordinationv1.Lease{}: {Namespaces: map[string]cache.Config{namespace: {}}, Label: agents},
+	}}
+}
+
 func (r *VolumePairReconciler) agentInfo(ctx context.Context, node string) (agentInfo, error) {
 	l := &coordinationv1.Lease{}
-	if err := r.APIReader.Get(ctx, client.ObjectKey{Namespace: r.Namespace, Name: v1.AgentLeaseName(node)}, l); err != nil {
+	if err := r.Get(ctx, client.ObjectKey{Namespace: r.Namespace, Name: v1.AgentLeaseName(node)}, l); err != nil {
 		return agentInfo{}, fmt.Errorf("agent Lease of %s: %w", node, err)
 	}
 	info := agentInfo{control: l.Annotations[v1.AnnControlEndpoint], replication: l.Annotations[v1.AnnReplicationEndpoint], nbd: l.Annotations[v1.AnnNBDEndpoint]}
@@ -330,7 +397,7 @@ func (r *VolumePairReconciler) probe(ctx context.Context, info agentInfo, vp *v1
 
 func (r *VolumePairReconciler) nodeNotReady(ctx context.Context, node string) bool {
 	n := &corev1.Node{}
-	if err := r.APIReader.Get(ctx, client.ObjectKey{Name: node}, n); err != nil {
+	if err := r.Get(ctx, client.ObjectKey{Name: node}, n); err != nil {
 		return false // no Node object: probes alone decide
 	}
 	for _, c := range n.Status.Conditions {
@@ -364,10 +431,18 @@ func (r *VolumePairReconciler) act(ctx context.Context, s *scope) error {
 		return nil
 	case StepConfirmOutdated:
 		return r.confirmOutdated(ctx, s)
-	case StepFailover:
-		return r.moveAuthority(ctx, s, s.step.Target, true)
-	case StepSwitch:
-		return r.moveAuthority(ctx, s, s.step.Target, false)
+	case StepFailover, StepSwitch:
+		if err := r.moveAuthority(ctx, s, s.step.Target, s.step.Kind == StepFailover); err != nil {
+			return err
+		}
+		// The next round's step is always Configure (the members play the
+		// old roles); taking it now saves a round on the way to a serving
+		// writer. It is the same push, in the same order (the old writer
+		// first, if it answers); if it fails, that Configure step retries.
+		if err := r.configure(ctx, s, false); err != nil {
+			log.FromContext(ctx).Info("Roles not pushed with the authority move; the next round retries", "reason", err.Error())
+		}
+		return nil
 	}
 	return nil
 }

@@ -66,6 +66,7 @@ func main() {
 		LeaderElection:          leaderElect,
 		LeaderElectionID:        "tandem-manager.storage.tandem.dev",
 		LeaderElectionNamespace: leaderNamespace,
+		Cache:                   controllers.CacheOptions(namespace),
 	})
 	if err != nil {
 		log.Error(err, "Unable to create the manager")

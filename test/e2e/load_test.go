@@ -36,9 +36,9 @@ import (
 // Knobs: TANDEM_LOAD_DURATION (Go duration, ≥ 20s), TANDEM_LOAD_IOPS (per-fio
 // job cap per direction, default 100: 16 jobs on 2 shared CPUs),
 // TANDEM_LOAD_FAULT (kill-node, the default, or kill-agent), TANDEM_LOAD_NODE
-// (the node killed, default node-a), TANDEM_LOAD_LEASE_SECONDS (the pairs'
-// leaseDurationSeconds, default 3 with probePeriodSeconds 1 and
-// failureThreshold 2: tight failover; a longer one is for diagnosis only).
+// (the node killed, default node-a), TANDEM_LOAD_FAILOVER (the pairs'
+// spec.failover: default, the VolumePair defaults, or tight: probe 1 s × 2,
+// Lease 3 s).
 //
 // Bounds, and why:
 //   - RSS: at the end of the load a process's RSS may be at most
@@ -72,12 +72,16 @@ const (
 	// (failover to the backup, then failback).
 	loadErrorGrace = 10 * time.Second
 	// A pair whose primary was killed must be served by its backup within
-	// loadFailoverBound + (its Lease duration - 3 s) of the kill: DESIGN §7's
-	// failover target (≤ 10 s with the default, looser settings: probe 2 s,
-	// 3 failures, Lease 6 s). With the tight settings used here one pair
-	// fails over in ~3 s (docs/benchmarks.md); the rest is room for six
-	// failing over at once and for this test's status polling (~1 s).
-	loadFailoverBound = 10 * time.Second
+	// loadFailoverBound of the kill. DESIGN §7's failover target (≤ 10 s
+	// with the defaults: probe 2 s, 3 failures, Lease 6 s) is for one pair
+	// (the failover benchmark: 6.5 s; e2e story 2: 7 s). Here six pairs fail
+	// over at once while 16 fio jobs, three agents, the API server and etcd
+	// share two CPUs (with a third of them stolen by the hypervisor on the
+	// machines this runs on): a failover waits for its Lease to expire
+	// (≤ 6.5 s after the kill) and then for about three API round trips,
+	// which take 0.5-2 s each there. Measured 5.7-12.4 s; the bound catches
+	// a failover that waits a probe period or a Lease too many.
+	loadFailoverBound = 15 * time.Second
 )
 
 var loadNodes = []string{"node-a", "node-b", "node-c"}
@@ -113,7 +117,17 @@ func loadLayout(killed string) []loadPair {
 	return out
 }
 
-func loadManifest(lp loadPair, lease int) string {
+// loadFailover is the pairs' spec.failover for TANDEM_LOAD_FAILOVER.
+var loadFailover = map[string]string{
+	// The VolumePair defaults (probe 2 s × 3, Lease 6 s): what users run,
+	// and what DESIGN §7's failover target is for.
+	"default": "{}",
+	// Tight: fast failover, but a writer fences itself when the API server
+	// takes over ~1.5 s to answer its renewals (hack/stress/findings.md).
+	"tight": "{probePeriodSeconds: 1, failureThreshold: 2, leaseDurationSeconds: 3}",
+}
+
+func loadManifest(lp loadPair, failover string) string {
 	ann := ""
 	if lp.retain {
 		ann = fmt.Sprintf("  annotations: {%s: \"true\"}\n", v1.AnnRetainData)
@@ -127,9 +141,9 @@ metadata:
   mode: %s
   primary: {node: %s}
   backup: {node: %s}
-  failover: {probePeriodSeconds: 1, failureThreshold: 2, leaseDurationSeconds: %d}
+  failover: %s
   failback: {policy: Automatic}
-`, lp.name, ann, loadSize, lp.mode, lp.primary, lp.backup, lease)
+`, lp.name, ann, loadSize, lp.mode, lp.primary, lp.backup, loadFailover[failover])
 }
 
 func envDuration(t *testing.T, name string, def time.Duration) time.Duration {
@@ -461,13 +475,12 @@ func TestLoad(t *testing.T) {
 		}
 		iops = n
 	}
-	lease := 3
-	if v := os.Getenv("TANDEM_LOAD_LEASE_SECONDS"); v != "" {
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 2 {
-			t.Fatalf("TANDEM_LOAD_LEASE_SECONDS=%q", v)
-		}
-		lease = n
+	failover := os.Getenv("TANDEM_LOAD_FAILOVER")
+	if failover == "" {
+		failover = "default"
+	}
+	if _, ok := loadFailover[failover]; !ok {
+		t.Fatalf("TANDEM_LOAD_FAILOVER=%q: default or tight", failover)
 	}
 	fault := os.Getenv("TANDEM_LOAD_FAULT")
 	if fault == "" {
@@ -504,7 +517,7 @@ func TestLoad(t *testing.T) {
 	// goroutines, start with its first Event) is in the baseline, so the
 	// goroutine check below counts only what the 16 pairs leave behind.
 	prime := loadPair{name: "load-prime", primary: loadNodes[1], backup: loadNodes[2], mode: "Async"}
-	s.apply(loadManifest(prime, lease))
+	s.apply(loadManifest(prime, failover))
 	deadline := time.Now().Add(90 * time.Second)
 	for {
 		if vp := listPairs(t, s.ns)[prime.name]; vp != nil && inSync(prime.primary)(vp) && vp.Status.Phase == v1.PhasePair {
@@ -567,7 +580,7 @@ func TestLoad(t *testing.T) {
 		if i > 0 {
 			all.WriteString("---\n")
 		}
-		all.WriteString(loadManifest(lp, lease))
+		all.WriteString(loadManifest(lp, failover))
 	}
 	s.apply(all.String())
 	deadline = time.Now().Add(180 * time.Second)
@@ -740,7 +753,7 @@ func TestLoad(t *testing.T) {
 		}
 	}
 	// Failover time: from the kill until the backup serves the pair.
-	failoverBound := loadFailoverBound + time.Duration(lease-3)*time.Second
+	failoverBound := loadFailoverBound
 	var failoverMax time.Duration
 	var failovers []string
 	for _, name := range affected {
@@ -931,8 +944,8 @@ func TestLoad(t *testing.T) {
 			n, mib(rmin), mib(rmax), mib(warm[n].rss), mib(end[n].rss), baseline[n].gors, peak, after[n].gors))
 	}
 	sort.Strings(procs[1:])
-	t.Logf("LOAD pairs=%d duration=%s fault=%s node=%s affected=%d failover_s_max=%.1f iops_total=%.0f rate_iops=%d fio_errors_window=%d fio_errors_outside=%d converge_s=%.1f differing=%d delete_s=%.1f files_left=%d %s",
-		len(pairs), dur, fault, killed, len(affected), failoverMax.Seconds(), float64(totalIOs)/loadSecs, iops, windowErrs, outsideErrs, convSecs, differing, delSecs, leftFiles, strings.Join(procs, " "))
+	t.Logf("LOAD pairs=%d duration=%s fault=%s node=%s affected=%d failover=%s failover_bound_s=%.0f failover_s_max=%.1f iops_total=%.0f rate_iops=%d fio_errors_window=%d fio_errors_outside=%d converge_s=%.1f differing=%d delete_s=%.1f files_left=%d %s",
+		len(pairs), dur, fault, killed, len(affected), failover, failoverBound.Seconds(), failoverMax.Seconds(), float64(totalIOs)/loadSecs, iops, windowErrs, outsideErrs, convSecs, differing, delSecs, leftFiles, strings.Join(procs, " "))
 	t.Logf("RELIABILITY suite=load case=TestLoad/converge trials=%d faults=1 violations=%d", len(pairs), verdicts["converge"])
 	t.Logf("RELIABILITY suite=load case=TestLoad/failover trials=%d faults=1 violations=%d", len(affected), verdicts["failover"])
 	t.Logf("RELIABILITY suite=load case=TestLoad/io-errors trials=%d faults=1 violations=%d", len(pairs), verdicts["io-errors"])

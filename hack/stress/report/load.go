@@ -65,13 +65,17 @@ func loadSection(p func(string, ...any), in string, steps []step) error {
 		return nil
 	}
 	p("## Load\n\n")
-	p("16 VolumePairs (Async and Sync mixed, 64 MiB, tight failover) on the three-node local cluster with one rate-limited fio (ioengine=nbd, 4 KiB random, 70%% writes) per pair; one node, primary of several pairs, is killed in the middle and restored. ")
-	p("Checked (test/e2e/load_test.go): every pair whose primary was killed served by its backup within 10 s of the kill; every pair back in sync on its primary with identical replicas; fio I/O errors only on the pairs whose primary was killed, between the kill and 10 s after their failback to the restored primary; RSS at the end ≤ 2 × RSS after warm-up + 64 MiB per process; goroutines back to the count before the pairs were created (+10; taken after one pair was created and deleted; the manager's idle keep-alive connections to the agents not counted) once they are deleted; replicas removed on deletion (kept with the retain-data annotation).\n\n")
-	p("| step | duration | fault | pairs (affected) | failover s (slowest) | IOPS total | fio errors in window / outside | converge s | differing replicas | files left |\n|---|---|---|---:|---:|---:|---|---:|---:|---:|\n")
+	p("16 VolumePairs (Async and Sync mixed, 64 MiB; failover settings per run below: default is the VolumePair defaults, probe 2 s × 3 and Lease 6 s) on the three-node local cluster with one rate-limited fio (ioengine=nbd, 4 KiB random, 70%% writes) per pair; one node, primary of several pairs, is killed in the middle and restored. ")
+	p("Checked (test/e2e/load_test.go): every pair whose primary was killed served by its backup within the bound below (15 s: six pairs fail over at once on a saturated two-CPU machine; DESIGN §7's 10 s target is per pair, see docs/benchmarks.md); every pair back in sync on its primary with identical replicas; fio I/O errors only on the pairs whose primary was killed, between the kill and 10 s after their failback to the restored primary; RSS at the end ≤ 2 × RSS after warm-up + 64 MiB per process; goroutines back to the count before the pairs were created (+10; taken after one pair was created and deleted; the manager's idle keep-alive connections to the agents not counted) once they are deleted; replicas removed on deletion (kept with the retain-data annotation).\n\n")
+	p("| step | duration | fault | pairs (affected) | failover settings | failover s (slowest / bound) | IOPS total | fio errors in window / outside | converge s | differing replicas | files left |\n|---|---|---|---:|---|---:|---:|---|---:|---:|---:|\n")
 	for _, r := range runs {
 		kv := r.kv
-		p("| %s | %s | %s %s | %s (%s) | %s | %s | %s / %s | %s | %s | %s |\n", r.step, kv["duration"], kv["fault"], kv["node"], kv["pairs"], kv["affected"],
-			kv["failover_s_max"], kv["iops_total"], kv["fio_errors_window"], kv["fio_errors_outside"], kv["converge_s"], kv["differing"], kv["files_left"])
+		settings, bound := kv["failover"], kv["failover_bound_s"]
+		if settings == "" { // lines from before the setting was reported
+			settings, bound = "tight", "10"
+		}
+		p("| %s | %s | %s %s | %s (%s) | %s | %s / %s | %s | %s / %s | %s | %s | %s |\n", r.step, kv["duration"], kv["fault"], kv["node"], kv["pairs"], kv["affected"],
+			settings, kv["failover_s_max"], bound, kv["iops_total"], kv["fio_errors_window"], kv["fio_errors_outside"], kv["converge_s"], kv["differing"], kv["files_left"])
 	}
 	p("\n| step | process | RSS min / max MiB | RSS after warm-up → end MiB | goroutines before / peak / after deletion |\n|---|---|---|---|---|\n")
 	for _, r := range runs {

@@ -16,6 +16,11 @@ type MemberView struct {
 	Suspect bool
 	// Status is the agent's report of the replica (nil: no report).
 	Status *volume.Status
+	// APILost is true when the member's agent has not renewed its agent
+	// Lease since the authority last moved: it may have lost the API
+	// server, and made the writer it could not renew its authority (it
+	// would fence itself and be failed over again). No failback to it.
+	APILost bool
 	// Stale is true when Status is the member's previous report, shown
 	// because the last probe failed but the member is not suspect yet
 	// (status rendering only; Decide sees the failed probe).
@@ -181,6 +186,10 @@ func Decide(v View) Step {
 	if v.Authority.Holder == v.Backup.Node {
 		wanted := !v.Authority.FailedOver || v.FailbackPolicy == v1.PolicyAutomatic || v.FailbackRequested
 		if wanted && other.Reachable && !other.Suspect && InSync(writer, other) {
+			if other.APILost && !holding {
+				return Step{Kind: StepNone, Blocked: BlockedNone,
+					Message: "failback waits until the agent on " + other.Node + " reaches the API server again (it could not renew its authority)"}
+			}
 			switch {
 			case !holding:
 				return Step{Kind: StepHold, Target: writer.Node, Blocked: BlockedNone}

@@ -203,6 +203,19 @@ func TestDecide(t *testing.T) {
 			v.Backup.Status = st(volume.RolePrimary, 2, volume.UpToDate, true, holding)
 			v.Primary.Status = st(volume.RoleBackup, 2, volume.UpToDate, true)
 		}, StepNone, "", BlockedNone},
+		{"NORMAL, failback Automatic, spec.primary has not reached the API server since the failover: wait", func(v *View) {
+			v.Authority = auth("b", 2, false, true)
+			v.FailbackPolicy = v1.PolicyAutomatic
+			v.Backup.Status = st(volume.RolePrimary, 2, volume.UpToDate, true)
+			v.Primary.Status = st(volume.RoleBackup, 2, volume.UpToDate, true)
+			v.Primary.APILost = true
+		}, StepNone, "", BlockedNone},
+		{"NORMAL, failback Automatic, spec.primary reached the API server again: hold", func(v *View) {
+			v.Authority = auth("b", 2, false, true)
+			v.FailbackPolicy = v1.PolicyAutomatic
+			v.Backup.Status = st(volume.RolePrimary, 2, volume.UpToDate, true)
+			v.Primary.Status = st(volume.RoleBackup, 2, volume.UpToDate, true)
+		}, StepHold, "b", BlockedNone},
 		{"NORMAL, drained: switch to spec.primary", func(v *View) {
 			v.Authority = auth("b", 2, false, true)
 			v.FailbackPolicy = v1.PolicyAutomatic

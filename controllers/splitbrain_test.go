@@ -59,7 +59,17 @@ type ackRec struct {
 // start, the acks form runs of one node each; a run's window [first start,
 // last end] must not overlap the next run's, and there can be no more runs
 // than writers the authority ever had (epochs).
-func oneWriterViolations(acks []ackRec, epochs int) []string {
+//
+// One overlap is by design: in a failback the old writer holds new writes,
+// and once the roles are swapped it forwards them to the new writer
+// (volume package doc, "Failback"), which applies them; their
+// acknowledgements come back through the old writer and may end after the
+// new writer's own first acknowledgement. forwarded is how many writes each
+// node forwarded (volume.Status.ForwardedWrites): acks of the old writer
+// that end after the new writer's first one are allowed if each of them
+// started before it (they were in flight at the swap) and there are no more
+// of them than the node forwarded.
+func oneWriterViolations(acks []ackRec, epochs int, forwarded map[string]int64) []string {
 	ok := make([]ackRec, 0, len(acks))
 	for _, a := range acks {
 		if a.err == nil {
@@ -71,6 +81,7 @@ func oneWriterViolations(acks []ackRec, epochs int) []string {
 		node        string
 		first, last time.Time
 		n           int
+		acks        []ackRec
 	}
 	var runs []run
 	for _, a := range ok {
@@ -79,13 +90,29 @@ func oneWriterViolations(acks []ackRec, epochs int) []string {
 				runs[n-1].last = a.end
 			}
 			runs[n-1].n++
+			runs[n-1].acks = append(runs[n-1].acks, a)
 			continue
 		}
-		runs = append(runs, run{node: a.node, first: a.start, last: a.end, n: 1})
+		runs = append(runs, run{node: a.node, first: a.start, last: a.end, n: 1, acks: []ackRec{a}})
+	}
+	// forwardedOverlap: every ack of prev ending at or after next's first
+	// one started before it, and they are no more than prev forwarded.
+	forwardedOverlap := func(prev, next run) bool {
+		late := 0
+		for _, a := range prev.acks {
+			if a.end.Before(next.first) {
+				continue
+			}
+			if !a.start.Before(next.first) {
+				return false
+			}
+			late++
+		}
+		return int64(late) <= forwarded[prev.node]
 	}
 	var out []string
 	for i := 1; i < len(runs); i++ {
-		if !runs[i-1].last.Before(runs[i].first) {
+		if !runs[i-1].last.Before(runs[i].first) && !forwardedOverlap(runs[i-1], runs[i]) {
 			out = append(out, fmt.Sprintf("%s acknowledged writes until %s but %s started acknowledged writes at %s (%d and %d writes)",
 				runs[i-1].node, runs[i-1].last.Format("15:04:05.000000"), runs[i].node, runs[i].first.Format("15:04:05.000000"), runs[i-1].n, runs[i].n))
 		}
@@ -104,27 +131,40 @@ func TestOneWriterCheckerCatchesOverlap(t *testing.T) {
 	t0 := time.Now()
 	at := func(ms int) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }
 	clean := []ackRec{{node: "a", start: at(0), end: at(1)}, {node: "a", start: at(2), end: at(3)}, {node: "b", start: at(10), end: at(11)}}
-	if v := oneWriterViolations(clean, 2); len(v) != 0 {
+	if v := oneWriterViolations(clean, 2, nil); len(v) != 0 {
 		t.Fatalf("clean history flagged: %v", v)
 	}
 	overlap := []ackRec{{node: "a", start: at(0), end: at(5)}, {node: "b", start: at(4), end: at(6)}}
-	if v := oneWriterViolations(overlap, 2); len(v) != 1 {
+	if v := oneWriterViolations(overlap, 2, nil); len(v) != 1 {
 		t.Fatalf("overlap not flagged: %v", v)
 	}
 	flip := []ackRec{{node: "a", start: at(0), end: at(1)}, {node: "b", start: at(2), end: at(3)}, {node: "a", start: at(4), end: at(5)}}
-	if v := oneWriterViolations(flip, 2); len(v) != 1 {
+	if v := oneWriterViolations(flip, 2, nil); len(v) != 1 {
 		t.Fatalf("a b a with two writers not flagged: %v", v)
 	}
-	if v := oneWriterViolations(append(clean, ackRec{node: "a", start: at(7), end: at(8), err: fmt.Errorf("x")}), 2); len(v) != 0 {
+	if v := oneWriterViolations(append(clean, ackRec{node: "a", start: at(7), end: at(8), err: fmt.Errorf("x")}), 2, nil); len(v) != 0 {
 		t.Fatalf("a failed write counted as acknowledged: %v", v)
+	}
+	// Failback: a's held write, forwarded to b, is acknowledged after b's
+	// own first write.
+	held := []ackRec{{node: "a", start: at(0), end: at(1)}, {node: "a", start: at(2), end: at(9)}, {node: "b", start: at(8), end: at(8)}, {node: "b", start: at(10), end: at(11)}}
+	if v := oneWriterViolations(held, 2, map[string]int64{"a": 1}); len(v) != 0 {
+		t.Fatalf("a forwarded held write flagged: %v", v)
+	}
+	if v := oneWriterViolations(held, 2, nil); len(v) != 1 {
+		t.Fatalf("the same overlap with nothing forwarded not flagged: %v", v)
+	}
+	twoLate := append([]ackRec{{node: "a", start: at(3), end: at(9)}}, held...)
+	if v := oneWriterViolations(twoLate, 2, map[string]int64{"a": 1}); len(v) != 1 {
+		t.Fatalf("two late acks with one write forwarded not flagged: %v", v)
 	}
 }
 
 // reportOneWriter fails the test with the first few invariant-1 violations
 // and counts them all.
-func reportOneWriter(t *testing.T, acks []ackRec, epochs int, violations *atomic.Int64) {
+func reportOneWriter(t *testing.T, acks []ackRec, epochs int, forwarded map[string]int64, violations *atomic.Int64) {
 	t.Helper()
-	v := oneWriterViolations(acks, epochs)
+	v := oneWriterViolations(acks, epochs, forwarded)
 	for i, s := range v {
 		if i == 5 {
 			t.Errorf("invariant 1: ... and %d more", len(v)-5)
@@ -212,6 +252,22 @@ func (s *story) writable(n *node) bool {
 	}
 	_, err := a.Lookup(s.ns + "/" + s.name)
 	return err == nil
+}
+
+// forwarded reads how many writes each member forwarded to the other
+// (volume.Status.ForwardedWrites) through its control API.
+func (s *story) forwarded() map[string]int64 {
+	out := map[string]int64{}
+	for _, n := range []*node{s.a, s.b} {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		st, err := agent.NewClient("http://"+n.ctrl, token).Get(ctx, s.ns, s.name)
+		cancel()
+		if err != nil {
+			s.t.Fatalf("status of %s on %s: %v", s.name, n.name, err)
+		}
+		out[n.name] = st.ForwardedWrites
+	}
+	return out
 }
 
 const sbBlock = 4096
@@ -420,7 +476,7 @@ func splitBrainTrial(t *testing.T, mlog *testLog, blk *blocker, mode v1.Replicat
 		fail("%s's first acknowledged write started at %s, before %s's last one ended at %s",
 			s.b.name, firstB.start.Format("15:04:05.000000"), s.a.name, lastA.end.Format("15:04:05.000000"))
 	}
-	reportOneWriter(t, acks, 2, violations)
+	reportOneWriter(t, acks, 2, nil, violations)
 	if n := both.Load(); n > 0 {
 		fail("invariant 1: both members writable in %d samples (last at %v after the cut)", n, bothAt.Load().(time.Time).Sub(cut))
 	}
@@ -543,8 +599,13 @@ func apiOnlyTrial(t *testing.T, s *story, trial uint64, cut time.Time, lease tim
 		fail("the backup acquired the authority at %s, before the old primary's last acknowledged write ended at %s",
 			acquired.Format("15:04:05.000000"), lastA.end.Format("15:04:05.000000"))
 	}
-	// Writers so far: one per epoch (a failback may already have happened).
-	reportOneWriter(t, *acks, int(s.get().Status.Epoch), violations)
+	// Writers so far: one per epoch (a failback may already have happened,
+	// forwarding the writes held on the old writer).
+	fwd := s.forwarded()
+	if fwd[s.a.name]+fwd[s.b.name] > 0 {
+		t.Logf("trial %d: writes forwarded during the failback: %v", trial, fwd)
+	}
+	reportOneWriter(t, *acks, int(s.get().Status.Epoch), fwd, violations)
 	if n := both.Load(); n > 0 {
 		fail("invariant 1: both members writable in %d samples", n)
 	}

@@ -100,6 +100,7 @@ type scope struct {
 
 type agentInfo struct {
 	control, replication, nbd string
+	renewed                   time.Time // the agent Lease's renewTime
 }
 
 // SetupWithManager registers the reconciler.
@@ -331,6 +332,16 @@ func (r *VolumePairReconciler) observe(ctx context.Context, s *scope) error {
 			return fmt.Errorf("authority Lease %s names %q, which is not a member", lease.Name, a.Holder)
 		}
 		s.view.Authority = a
+		// A member that held the authority before its last move must have
+		// reached the API server since (its agent Lease renewed after the
+		// move) before it is given the authority back.
+		if moved := lease.Spec.AcquireTime; moved != nil {
+			for _, m := range []*MemberView{&s.view.Primary, &s.view.Backup} {
+				if info, ok := s.agents[m.Node]; ok && m.Node != a.Holder && !info.renewed.After(moved.Time) {
+					m.APILost = true
+				}
+			}
+		}
 	}
 	return nil
 }
@@ -374,6 +385,9 @@ func (r *VolumePairReconciler) agentInfo(ctx context.Context, node string) (agen
 		return agentInfo{}, fmt.Errorf("agent Lease of %s: %w", node, err)
 	}
 	info := agentInfo{control: l.Annotations[v1.AnnControlEndpoint], replication: l.Annotations[v1.AnnReplicationEndpoint], nbd: l.Annotations[v1.AnnNBDEndpoint]}
+	if l.Spec.RenewTime != nil {
+		info.renewed = l.Spec.RenewTime.Time
+	}
 	if info.control == "" {
 		return agentInfo{}, fmt.Errorf("agent Lease of %s has no control endpoint", node)
 	}

@@ -402,29 +402,28 @@ func TestMissedProbeKeepsStatus(t *testing.T) {
 	})
 	ep := vp.Status.Endpoint
 	ctrl := "http://" + s.a.ctrl
+	check := func(round int) {
+		vp := s.get()
+		if vp.Status.Endpoint != ep || !cond(vp, v1.ConditionReady) {
+			t.Fatalf("round %d: one missed probe changed the status: endpoint %q (was %q), conditions %+v", round, vp.Status.Endpoint, ep, vp.Status.Conditions)
+		}
+		if ms := vp.Status.MemberStatus(s.a.name); ms == nil || ms.Role != v1.RolePrimary {
+			t.Fatalf("round %d: the writer's member status lost its role after one missed probe: %+v", round, ms)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 	for round := 0; round < 3; round++ {
 		blk.failNext(ctrl, 1)
 		deadline := time.Now().Add(5 * time.Second)
 		for blk.failing(ctrl) > 0 && time.Now().Before(deadline) {
-			if vp := s.get(); vp.Status.Endpoint != ep || !cond(vp, v1.ConditionReady) {
-				t.Fatalf("round %d: one missed probe changed the status: endpoint %q (was %q), conditions %+v", round, vp.Status.Endpoint, ep, vp.Status.Conditions)
-			}
-			time.Sleep(20 * time.Millisecond)
+			check(round)
 		}
 		if blk.failing(ctrl) > 0 {
 			t.Fatal("the writer was not probed within 5s")
 		}
 		// The round after the failed probe patches the status: watch it.
-		until := time.Now().Add(1500 * time.Millisecond)
-		for time.Now().Before(until) {
-			vp := s.get()
-			if vp.Status.Endpoint != ep || !cond(vp, v1.ConditionReady) {
-				t.Fatalf("round %d: one missed probe changed the status: endpoint %q (was %q), conditions %+v", round, vp.Status.Endpoint, ep, vp.Status.Conditions)
-			}
-			if ms := vp.Status.MemberStatus(s.a.name); ms == nil || ms.Role != v1.RolePrimary {
-				t.Fatalf("round %d: the writer's member status lost its role after one missed probe: %+v", round, ms)
-			}
-			time.Sleep(20 * time.Millisecond)
+		for until := time.Now().Add(1500 * time.Millisecond); time.Now().Before(until); {
+			check(round)
 		}
 	}
 }

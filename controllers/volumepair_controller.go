@@ -156,14 +156,7 @@ func (r *VolumePairReconciler) Reconcile(ctx context.Context, req ctrl.Request) 
 			r.Recorder.Eventf(vp, nil, corev1.EventTypeWarning, "StepFailed", string(s.step.Kind), "%s towards %s failed: %v", s.step.Kind, s.step.Target, s.stepErr)
 		}
 	}
-	period := time.Duration(vp.Spec.Failover.ProbePeriodSeconds) * time.Second
-	if period <= 0 {
-		period = 2 * time.Second
-	}
-	threshold := vp.Spec.Failover.FailureThreshold
-	if threshold <= 0 {
-		threshold = 3
-	}
+	period, threshold := probeTiming(vp)
 	now := r.Now()
 	rt := roundTiming{period: period, acted: s.acted && s.stepErr == nil, blocked: s.step.Blocked,
 		stepNone: s.step.Kind == StepNone, writerFenced: WriterFenced(s.view), expired: s.view.Authority.Expired}
@@ -178,6 +171,20 @@ func (r *VolumePairReconciler) Reconcile(ctx context.Context, req ctrl.Request) 
 		}
 	}
 	return ctrl.Result{RequeueAfter: rt.next()}, nil
+}
+
+// probeTiming is the pair's probe period and failure threshold (the CRD
+// defaults when unset).
+func probeTiming(vp *v1.VolumePair) (time.Duration, int32) {
+	period := time.Duration(vp.Spec.Failover.ProbePeriodSeconds) * time.Second
+	if period <= 0 {
+		period = 2 * time.Second
+	}
+	threshold := vp.Spec.Failover.FailureThreshold
+	if threshold <= 0 {
+		threshold = 3
+	}
+	return period, threshold
 }
 
 // roundTiming is what decides when the next round runs.
@@ -235,13 +242,9 @@ func (r *VolumePairReconciler) observe(ctx context.Context, s *scope) error {
 		FailoverRequested: vp.Annotations[v1.AnnotationFailoverRequested] != "",
 		FailbackRequested: vp.Annotations[v1.AnnotationFailbackRequested] != "",
 	}
-	threshold := vp.Spec.Failover.FailureThreshold
-	if threshold <= 0 {
-		threshold = 3
-	}
+	period, threshold := probeTiming(vp)
 	// Probe both members at once, each bounded by the probe period (at most
 	// 1 s), so an unreachable member costs one short timeout per round.
-	period := time.Duration(vp.Spec.Failover.ProbePeriodSeconds) * time.Second
 	timeout := min(max(period, 200*time.Millisecond), time.Second)
 	nodes := []string{vp.Spec.Primary.Node, vp.Spec.Backup.Node}
 	type probeResult struct {
@@ -364,8 +367,6 @@ func (r *VolumePairReconciler) lastSeen(key types.NamespacedName, node string) t
 	return r.probeState(key, node).lastSeen
 }
 
-// agentInfo reads a node's agent Lease; an expired Lease still gives the
-// endpoints (probes decide liveness).
 // CacheOptions is the manager's cache configuration for this controller:
 // Leases only in the operator namespace and only the agents' (their
 // endpoints; the manager may not list Leases elsewhere), Nodes for their
@@ -379,6 +380,8 @@ func CacheOptions(namespace string) cache.Options {
 	}}
 }
 
+// agentInfo reads a node's agent Lease; an expired Lease still gives the
+// endpoints (probes decide liveness).
 func (r *VolumePairReconciler) agentInfo(ctx context.Context, node string) (agentInfo, error) {
 	l := &coordinationv1.Lease{}
 	if err := r.Get(ctx, client.ObjectKey{Namespace: r.Namespace, Name: v1.AgentLeaseName(node)}, l); err != nil {

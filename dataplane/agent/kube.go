@@ -250,11 +250,12 @@ func (k *KubeAuthority) Run(ctx context.Context, primaries func() map[string]uin
 	}
 }
 
-// renewTimeout bounds one renewal of a Lease lasting dur.
-// A renewal is worth waiting for as long as the grant it brings, which runs
-// from when it started, outlasts the next round: with the default 6 s Lease
-// an API server answering in 3-4 s keeps the writer's authority, where a
-// fixed 2 s timeout would let every renewal fail and fence it.
+// renewTimeout bounds one renewal of a Lease lasting dur: the Lease
+// duration less a round, at least apiTimeout. A late answer is still worth
+// having, since the grant it brings runs from the renewal's start. With the
+// default 6 s Lease and renewals back to back, an API server answering in
+// up to about 3 s keeps the writer's authority, where a fixed 2 s timeout
+// let every renewal fail and fenced it.
 func renewTimeout(dur time.Duration) time.Duration {
 	return max(apiTimeout, dur-authorityRenew)
 }
@@ -280,8 +281,7 @@ func (k *KubeAuthority) renew(ctx context.Context, vol string, epoch uint64) err
 	}
 	l, err := k.leases.Patch(ctx, lname, types.JSONPatchType, patch, metav1.PatchOptions{})
 	if err == nil {
-		holder := ptr.Deref(l.Spec.HolderIdentity, "")
-		if lepoch, _ := strconv.ParseUint(l.Annotations[v1.AnnEpoch], 10, 64); holder != k.node || lepoch != epoch {
+		if holder, lepoch := holderAt(l); holder != k.node || lepoch != epoch {
 			// Cannot happen (the patch tests both); never grant on it.
 			return fmt.Errorf("renewed authority Lease %s names %q at epoch %d", lname, holder, lepoch)
 		}
@@ -302,8 +302,7 @@ func (k *KubeAuthority) renew(ctx context.Context, vol string, epoch uint64) err
 	if gerr != nil {
 		return fmt.Errorf("renew authority Lease %s: %w (and reading it: %w)", lname, err, gerr)
 	}
-	holder := ptr.Deref(cur.Spec.HolderIdentity, "")
-	lepoch, _ := strconv.ParseUint(cur.Annotations[v1.AnnEpoch], 10, 64)
+	holder, lepoch := holderAt(cur)
 	if holder == k.node && lepoch == epoch {
 		return fmt.Errorf("renew authority Lease %s: %w", lname, err)
 	}
@@ -317,6 +316,12 @@ func (k *KubeAuthority) renew(ctx context.Context, vol string, epoch uint64) err
 	k.grants[vol] = g
 	k.mu.Unlock()
 	return fmt.Errorf("%s", reason)
+}
+
+// holderAt is the node an authority Lease names and the epoch it names it at.
+func holderAt(l *coordinationv1.Lease) (string, uint64) {
+	epoch, _ := strconv.ParseUint(l.Annotations[v1.AnnEpoch], 10, 64)
+	return ptr.Deref(l.Spec.HolderIdentity, ""), epoch
 }
 
 // renewPatch is the JSON patch (RFC 6902) that renews an authority Lease

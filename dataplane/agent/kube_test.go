@@ -188,9 +188,6 @@ func (c slowLeaseClient) Update(ctx context.Context, l *coordinationv1.Lease, o 
 // duration less a second, and a slow one is followed at once by the next.
 // (With a fixed 2 s timeout and a Get before the Update it never renewed.)
 func TestKubeAuthoritySlowAPIServer(t *testing.T) {
-	if testing.Short() {
-		t.Skip("takes 15 s")
-	}
 	const vol = "apps/db"
 	l := authorityLease(vol, "node-a", 1)
 	l.Spec.LeaseDurationSeconds = ptr.To(int32(6))

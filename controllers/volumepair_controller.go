@@ -612,7 +612,7 @@ func (r *VolumePairReconciler) configure(ctx context.Context, s *scope, hold boo
 	merge := vp.Spec.MergesPrimaryBitmap()
 	req := func(role volume.Role, peer string, peerAddr string, h bool) agent.VolumeRequest {
 		return agent.VolumeRequest{Size: vp.Spec.SizeBytes(), RegionSize: vp.Spec.RegionSizeBytes(), Spec: volume.Spec{
-			Role: role, Epoch: a.Epoch, Mode: volume.Mode(vp.Spec.Mode), PeerNode: peer, PeerAddress: peerAddr,
+			PairUID: string(vp.UID), Role: role, Epoch: a.Epoch, Mode: volume.Mode(vp.Spec.Mode), PeerNode: peer, PeerAddress: peerAddr,
 			MergePeerBitmap: &merge, MaxBytesPerSecond: vp.Spec.Resync.MaxBytesPerSecond, Hold: h,
 		}}
 	}

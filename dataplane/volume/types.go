@@ -39,6 +39,12 @@ const (
 
 // Spec is the desired state the controller sets through the control API.
 type Spec struct {
+	// PairUID is the VolumePair's UID: the identity of the pair whose data
+	// this replica must hold. A replica holding no data of this pair (new,
+	// wiped, or left from another VolumePair of the same name) is
+	// Inconsistent until a full copy completes. It also names the pair's
+	// authority Lease.
+	PairUID string `json:"pairUID,omitempty"`
 	// Role is the desired role.
 	Role Role `json:"role"`
 	// Epoch is the authority epoch; it grows with every change of writer.

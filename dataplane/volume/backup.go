@@ -33,8 +33,20 @@ type backupSide struct {
 	done  chan struct{}
 	once  sync.Once
 
+	// emu is held across every effect of a frame on the replica (a store
+	// write, a data-state change, the bitmap). stop sets stopped under it,
+	// so once stop returns no effect of this stream is in progress and none
+	// will start: frames still buffered from a primary that lost its role
+	// are never applied after the member changed role or epoch (invariant 1),
+	// nor after a newer stream from the same primary took over.
+	emu     sync.Mutex
+	stopped bool
+
 	fwd *fwdClient
 }
+
+// errStopped ends the apply loop of a stream that was stopped.
+var errStopped = errors.New("replication stream stopped")
 
 func (b *backupSide) connected() bool { return b.alive.Load() }
 
@@ -44,6 +56,16 @@ func (b *backupSide) close(reason error) {
 		b.v.log.Info("Closing replication stream from the primary", "reason", reason.Error())
 		b.conn.Close()
 	})
+}
+
+// stop closes the stream and waits until no frame of it is being applied;
+// none will be afterwards. The caller must not hold v.mu (an effect may
+// need it).
+func (b *backupSide) stop(reason error) {
+	b.close(reason)
+	b.emu.Lock()
+	b.stopped = true
+	b.emu.Unlock()
 }
 
 func (b *backupSide) send(f *repl.Frame) error {
@@ -73,6 +95,9 @@ func refuse(conn net.Conn, epoch uint64, reason string) {
 // serves it as the backup until it fails. br must be the buffered reader the
 // Hello was read from. It returns when the stream ends.
 func (v *Volume) ServePrimary(conn net.Conn, br *bufio.Reader, rd *repl.Reader, h repl.Hello) error {
+	// Attaching a stream is ordered with Apply: a stream attaches to the
+	// role and epoch it was checked against.
+	v.applyMu.Lock()
 	v.mu.Lock()
 	var reason string
 	switch {
@@ -90,6 +115,7 @@ func (v *Volume) ServePrimary(conn net.Conn, br *bufio.Reader, rd *repl.Reader, 
 	if reason != "" {
 		epoch := v.epoch
 		v.mu.Unlock()
+		v.applyMu.Unlock()
 		v.ctr.rejected.Add(1)
 		v.log.Info("Refused replication stream", "from", h.Node, "reason", reason)
 		refuse(conn, epoch, reason)
@@ -105,8 +131,10 @@ func (v *Volume) ServePrimary(conn net.Conn, br *bufio.Reader, rd *repl.Reader, 
 	v.notifyLocked()
 	v.mu.Unlock()
 	if old != nil {
-		old.close(errors.New("replaced by a new stream from the primary"))
+		// Its buffered frames are older than what the new stream brings.
+		old.stop(errors.New("replaced by a new stream from the primary"))
 	}
+	v.applyMu.Unlock()
 	b.alive.Store(true)
 	defer func() {
 		b.close(errors.New("stream ended"))
@@ -203,45 +231,7 @@ func (b *backupSide) apply(br *bufio.Reader, rd *repl.Reader) error {
 			_ = b.send(&repl.Frame{Type: repl.TypeNack, Epoch: b.epoch, Seq: f.Seq, Payload: []byte(reason)})
 			return errors.New(reason)
 		}
-		sync := f.Flags&repl.FlagFUA != 0
 		switch f.Type {
-		case repl.TypeWrite, repl.TypeCopyData:
-			if err := b.checkRange(f); err != nil {
-				return err
-			}
-			if _, err := v.store.WriteAt(f.Payload, int64(f.Offset)); err != nil {
-				return b.fail(fmt.Errorf("apply %v at %d: %w", f.Type, f.Offset, err))
-			}
-		case repl.TypeTrim, repl.TypeZero:
-			if err := b.checkRange(f); err != nil {
-				return err
-			}
-			op := v.store.Punch
-			if f.Type == repl.TypeZero {
-				op = v.store.Zero
-			}
-			if err := op(int64(f.Offset), int64(f.Length)); err != nil {
-				return b.fail(fmt.Errorf("apply %v at %d: %w", f.Type, f.Offset, err))
-			}
-		case repl.TypeFlush:
-			sync = true
-		case repl.TypeResyncBegin:
-			if f.Offset > 0 {
-				if err := v.setDataState(Inconsistent); err != nil {
-					return b.fail(err)
-				}
-			}
-			// The primary journaled our diff before sending this: ours
-			// can go.
-			v.tracker.Clear()
-			v.mu.Lock()
-			v.bitmapsLost = false
-			v.mu.Unlock()
-			if err := v.checkpoint(); err != nil {
-				return b.fail(err)
-			}
-		case repl.TypeCopyDone:
-			sync = true
 		case repl.TypePing:
 			if err := b.send(&repl.Frame{Type: repl.TypePong, Epoch: b.epoch, Seq: f.Seq}); err != nil {
 				return fmt.Errorf("send Pong: %w", err)
@@ -250,39 +240,96 @@ func (b *backupSide) apply(br *bufio.Reader, rd *repl.Reader) error {
 		case repl.TypeFwdReply:
 			b.fwd.deliver(f)
 			continue
-		default:
-			v.ctr.rejected.Add(1)
-			return fmt.Errorf("unexpected %v frame from the primary", f.Type)
 		}
-		// A FUA write or a Flush is made durable by the syncer, while this
-		// loop applies the next frames; CopyDone needs it before UpToDate.
-		kick := sync && f.Type != repl.TypeCopyDone
-		if sync && !kick {
-			if err := v.store.Sync(); err != nil {
-				return b.fail(fmt.Errorf("sync for %v: %w", f.Type, err))
-			}
+		ackNow, err := b.effect(f)
+		if err != nil {
+			return err
 		}
-		if f.Type == repl.TypeCopyDone {
-			if err := v.setDataState(UpToDate); err != nil {
-				return b.fail(err)
-			}
-		}
-		v.ctr.framesApplied.Add(1)
-		b.applied.Store(f.Seq)
-		if kick {
-			select {
-			case b.kick <- struct{}{}:
-			default:
-			}
-		} else if sync {
-			b.durable.Store(f.Seq)
-		}
-		if br.Buffered() == 0 || (sync && !kick) {
+		if ackNow || br.Buffered() == 0 {
 			if err := b.ack(); err != nil {
 				return fmt.Errorf("send Ack: %w", err)
 			}
 		}
 	}
+}
+
+// effect applies one frame to the replica, under b.emu and only while the
+// stream has not been stopped. It reports whether the frame must be acked
+// at once (it was made durable inline).
+func (b *backupSide) effect(f *repl.Frame) (bool, error) {
+	v := b.v
+	b.emu.Lock()
+	defer b.emu.Unlock()
+	if b.stopped {
+		return false, errStopped
+	}
+	sync := f.Flags&repl.FlagFUA != 0
+	switch f.Type {
+	case repl.TypeWrite, repl.TypeCopyData:
+		if err := b.checkRange(f); err != nil {
+			return false, err
+		}
+		if _, err := v.store.WriteAt(f.Payload, int64(f.Offset)); err != nil {
+			return false, b.fail(fmt.Errorf("apply %v at %d: %w", f.Type, f.Offset, err))
+		}
+	case repl.TypeTrim, repl.TypeZero:
+		if err := b.checkRange(f); err != nil {
+			return false, err
+		}
+		op := v.store.Punch
+		if f.Type == repl.TypeZero {
+			op = v.store.Zero
+		}
+		if err := op(int64(f.Offset), int64(f.Length)); err != nil {
+			return false, b.fail(fmt.Errorf("apply %v at %d: %w", f.Type, f.Offset, err))
+		}
+	case repl.TypeFlush:
+		sync = true
+	case repl.TypeResyncBegin:
+		if f.Offset > 0 {
+			if err := v.setDataState(Inconsistent); err != nil {
+				return false, b.fail(err)
+			}
+		}
+		// The primary journaled our diff before sending this: ours
+		// can go.
+		v.tracker.Clear()
+		v.mu.Lock()
+		v.bitmapsLost = false
+		v.mu.Unlock()
+		if err := v.checkpoint(); err != nil {
+			return false, b.fail(err)
+		}
+	case repl.TypeCopyDone:
+		sync = true
+	default:
+		v.ctr.rejected.Add(1)
+		return false, fmt.Errorf("unexpected %v frame from the primary", f.Type)
+	}
+	// A FUA write or a Flush is made durable by the syncer, while the
+	// loop applies the next frames; CopyDone needs it before UpToDate.
+	kick := sync && f.Type != repl.TypeCopyDone
+	if sync && !kick {
+		if err := v.store.Sync(); err != nil {
+			return false, b.fail(fmt.Errorf("sync for %v: %w", f.Type, err))
+		}
+	}
+	if f.Type == repl.TypeCopyDone {
+		if err := v.setDataState(UpToDate); err != nil {
+			return false, b.fail(err)
+		}
+	}
+	v.ctr.framesApplied.Add(1)
+	b.applied.Store(f.Seq)
+	if kick {
+		select {
+		case b.kick <- struct{}{}:
+		default:
+		}
+	} else if sync {
+		b.durable.Store(f.Seq)
+	}
+	return sync && !kick, nil
 }
 
 func (b *backupSide) checkRange(f *repl.Frame) error {

@@ -72,6 +72,10 @@ type Volume struct {
 	// tracker bit being set (see checkpoint).
 	ckpt sync.RWMutex
 
+	// applyMu serialises Apply and the attaching of a backup stream
+	// (ServePrimary). Lock order: applyMu, then a stream's emu, then mu.
+	applyMu sync.Mutex
+
 	mu          sync.Mutex
 	spec        Spec
 	role        Role
@@ -226,11 +230,20 @@ func (v *Volume) StorePath() string {
 
 // persistLocked writes the metadata; v.mu held (or not yet shared).
 func (v *Volume) persistLocked() error {
-	m := meta.Meta{
+	return v.writeMeta(v.metaLocked())
+}
+
+// metaLocked is the metadata of the replica's current state; v.mu held.
+func (v *Volume) metaLocked() meta.Meta {
+	return meta.Meta{
 		Volume: v.opts.Name, Size: v.opts.Size, RegionSize: v.opts.RegionSize,
 		Epoch: v.epoch, Role: string(v.role), DataState: string(v.dataState),
 		Peer: v.spec.PeerNode, CreatedFresh: v.createdNew, UpdatedAt: time.Now(),
 	}
+}
+
+// writeMeta replaces the metadata file with m.
+func (v *Volume) writeMeta(m meta.Meta) error {
 	if err := meta.Write(v.opts.Dir, m); err != nil {
 		return fmt.Errorf("volume %s: writing metadata: %w", v.opts.Name, err)
 	}
@@ -287,22 +300,40 @@ func (v *Volume) Apply(s Spec) error {
 	if s.Mode != ModeSync && s.Mode != ModeAsync {
 		return fmt.Errorf("volume %s: unknown mode %q", v.opts.Name, s.Mode)
 	}
+	v.applyMu.Lock()
+	defer v.applyMu.Unlock()
 	v.mu.Lock()
-	if v.closed {
+	if err := v.refuseLocked(s); err != nil {
 		v.mu.Unlock()
-		return ErrClosed
+		return err
 	}
-	if s.Epoch < v.epoch {
-		cur := v.epoch
+	// A change of role or epoch first stops the stream from the old
+	// primary and waits for the frame it is applying: nothing that primary
+	// sent may land once this member plays its new part (invariant 1).
+	if b := v.backupConn; b != nil && (b.epoch != s.Epoch || s.Role != RoleBackup) {
+		v.backupConn = nil
 		v.mu.Unlock()
-		return fmt.Errorf("volume %s: epoch %d is older than the replica's epoch %d", v.opts.Name, s.Epoch, cur)
-	}
-	if s.Role == RolePrimary && v.role != RolePrimary && v.dataState == Inconsistent && !s.AllowPromoteInconsistent {
-		v.mu.Unlock()
-		return fmt.Errorf("volume %s: refusing to become primary: data is Inconsistent (a copy towards this member did not finish)", v.opts.Name)
+		b.stop(errors.New("role or epoch changed"))
+		v.mu.Lock()
+		// The stream's last frame may have changed the data state.
+		if err := v.refuseLocked(s); err != nil {
+			v.mu.Unlock()
+			return err
+		}
 	}
 	old := v.spec
 	oldRole, oldEpoch := v.role, v.epoch
+	roleChanged := oldRole != s.Role || oldEpoch != s.Epoch
+	if roleChanged || old.PeerNode != s.PeerNode {
+		// Durable first: after a crash the replica must not come back
+		// at an older epoch than one it acted on.
+		m := v.metaLocked()
+		m.Role, m.Epoch, m.Peer = string(s.Role), s.Epoch, s.PeerNode
+		if err := v.writeMeta(m); err != nil {
+			v.mu.Unlock()
+			return err
+		}
+	}
 	v.spec, v.role, v.epoch = s, s.Role, s.Epoch
 
 	// Failback hold bookkeeping.
@@ -315,15 +346,10 @@ func (v *Volume) Apply(s Spec) error {
 		v.log.Info("Write hold released", "heldFor", v.lastHold.String())
 	}
 
-	roleChanged := oldRole != s.Role || oldEpoch != s.Epoch
 	linkChanged := roleChanged || old.PeerAddress != s.PeerAddress || old.Mode != s.Mode
 	var stopLink *link
-	var stopBackup *backupSide
 	if linkChanged && v.link != nil {
 		stopLink, v.link = v.link, nil
-	}
-	if roleChanged && v.backupConn != nil {
-		stopBackup, v.backupConn = v.backupConn, nil
 	}
 	if roleChanged && s.Role == RolePrimary && oldRole != RolePrimary {
 		// SWAP: the patent clears the promoted member's bitmap; it records
@@ -333,10 +359,6 @@ func (v *Volume) Apply(s Spec) error {
 	}
 	if roleChanged && oldRole == RolePrimary && s.Role != RolePrimary {
 		v.log.Info("Stepped down from primary", "epoch", s.Epoch, "role", s.Role)
-	}
-	var err error
-	if roleChanged || old.PeerNode != s.PeerNode {
-		err = v.persistLocked()
 	}
 	if s.Role == RolePrimary && s.PeerAddress != "" && v.link == nil {
 		v.link = newLink(v, s)
@@ -354,14 +376,22 @@ func (v *Volume) Apply(s Spec) error {
 	if stopLink != nil {
 		stopLink.stop()
 	}
-	if stopBackup != nil {
-		stopBackup.close(errors.New("role or epoch changed"))
-	}
-	if err != nil {
-		return err
-	}
 	if roleChanged {
 		v.log.Info("Applied desired state", "role", s.Role, "epoch", s.Epoch, "mode", s.Mode, "peer", s.PeerNode)
+	}
+	return nil
+}
+
+// refuseLocked returns why s cannot be applied now, or nil; v.mu held.
+func (v *Volume) refuseLocked(s Spec) error {
+	if v.closed {
+		return ErrClosed
+	}
+	if s.Epoch < v.epoch {
+		return fmt.Errorf("volume %s: epoch %d is older than the replica's epoch %d", v.opts.Name, s.Epoch, v.epoch)
+	}
+	if s.Role == RolePrimary && v.role != RolePrimary && v.dataState == Inconsistent && !s.AllowPromoteInconsistent {
+		return fmt.Errorf("volume %s: refusing to become primary: data is Inconsistent (a copy towards this member did not finish)", v.opts.Name)
 	}
 	return nil
 }
@@ -518,7 +548,7 @@ func (v *Volume) Close() error {
 		l.stop()
 	}
 	if b != nil {
-		b.close(ErrClosed)
+		b.stop(ErrClosed)
 	}
 	close(v.stop)
 	v.wg.Wait()

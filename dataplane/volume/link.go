@@ -2,6 +2,7 @@ package volume
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -32,6 +33,10 @@ const (
 	maxBackoff        = 2 * time.Second
 	handshakeDeadline = 10 * time.Second
 	bigFrame          = 128 << 10 // frames this large bypass the send buffer
+	// copyChunk is the largest CopyData frame: a region larger than this
+	// (up to the 64 MiB maximum region size, above the frame's 32 MiB
+	// payload limit) is copied in several frames.
+	copyChunk = 4 << 20
 )
 
 // HelloAck is the backup's answer to a Hello.
@@ -61,11 +66,18 @@ func (q *qframe) release() {
 	}
 }
 
+// copyRec is one frame of a resync copy in flight: a region is sent in
+// chunks of at most copyChunk bytes, and only its last chunk (region != 0
+// or last set) ends the region's copy.
 type copyRec struct {
 	seq    uint64
 	region uint32
 	tok    bitmap.CopyToken
-	bytes  int64
+	bytes  int64 // this frame's bytes, for the in-flight bound
+	// last: the region's last chunk; regionBytes is then the region's
+	// size, counted as done when its copy completes.
+	last        bool
+	regionBytes int64
 }
 
 type linkStatus struct {
@@ -660,8 +672,8 @@ func (l *link) acked(gen, applied, durable uint64) {
 	j := 0
 	for j < len(l.copies) && l.copies[j].seq <= durable {
 		c := l.copies[j]
-		if l.v.tracker.CopyDone(c.region, c.tok, durable) {
-			l.cp.DoneBytes += c.bytes
+		if c.last && l.v.tracker.CopyDone(c.region, c.tok, durable) {
+			l.cp.DoneBytes += c.regionBytes
 		}
 		l.copyBytes -= c.bytes
 		j++
@@ -752,9 +764,64 @@ func (l *link) copier(gen uint64) error {
 	}
 }
 
-// copyRegion reads one region under its lock and queues it, so no live write
-// to the region can be ordered between the read and the copy frame.
+// copyRegion copies one region: each chunk of it is read under the
+// region's lock and queued before the lock is released, so no live write to
+// the chunk can be ordered between the read and the copy frame. A chunk of
+// zeros goes as a Zero frame (no payload): a sparse or new volume copies
+// only what was written. The region's copy ends with the durable ack of its
+// last chunk (CopyDone), which is ordered after every live write marked
+// since CopyBegin.
 func (l *link) copyRegion(gen uint64, r uint32, off, size int64) error {
+	var tok bitmap.CopyToken
+	for done := int64(0); done < size; {
+		n := min(size-done, copyChunk)
+		if err := l.waitCopySpace(gen); err != nil {
+			return err
+		}
+		buf := getBuf(int(n))
+		locked := l.v.locks.lock(off+done, n)
+		if done == 0 {
+			tok = l.v.tracker.CopyBegin(r)
+		}
+		if _, err := l.v.store.ReadAt(*buf, off+done); err != nil {
+			locked.unlock()
+			putBuf(buf)
+			err = fmt.Errorf("resync read of region %d: %w", r, err)
+			l.v.setError(err)
+			return err
+		}
+		f := repl.Frame{Type: repl.TypeCopyData, Flags: repl.FlagDurableAck, Offset: uint64(off + done), Length: uint32(n), Payload: *buf}
+		if allZero(*buf) {
+			putBuf(buf)
+			buf = nil
+			f.Type, f.Payload = repl.TypeZero, nil
+		}
+		last := done+n == size
+		l.mu.Lock()
+		if l.gen != gen {
+			l.mu.Unlock()
+			locked.unlock()
+			putBuf(buf)
+			return errors.New("connection generation ended")
+		}
+		seq := l.enqueueLocked(f, buf, int64(len(f.Payload)))
+		rec := copyRec{seq: seq, region: r, tok: tok, bytes: n, last: last}
+		if last {
+			rec.regionBytes = size
+		}
+		l.copies = append(l.copies, rec)
+		l.copyBytes += n
+		l.mu.Unlock()
+		locked.unlock()
+		l.v.copiedTotal.Add(n)
+		done += n
+	}
+	return nil
+}
+
+// waitCopySpace waits until fewer than maxCopyInFlight copy bytes await
+// their ack.
+func (l *link) waitCopySpace(gen uint64) error {
 	l.mu.Lock()
 	for l.gen == gen && l.copyBytes >= maxCopyInFlight {
 		ch := l.changed
@@ -767,29 +834,20 @@ func (l *link) copyRegion(gen uint64, r uint32, off, size int64) error {
 		l.mu.Lock()
 	}
 	l.mu.Unlock()
-
-	buf := getBuf(int(size))
-	locked := l.v.locks.lock(off, size)
-	tok := l.v.tracker.CopyBegin(r)
-	if _, err := l.v.store.ReadAt(*buf, off); err != nil {
-		locked.unlock()
-		putBuf(buf)
-		err = fmt.Errorf("resync read of region %d: %w", r, err)
-		l.v.setError(err)
-		return err
-	}
-	l.mu.Lock()
-	if l.gen != gen {
-		l.mu.Unlock()
-		locked.unlock()
-		putBuf(buf)
-		return errors.New("connection generation ended")
-	}
-	seq := l.enqueueLocked(repl.Frame{Type: repl.TypeCopyData, Flags: repl.FlagDurableAck, Offset: uint64(off), Length: uint32(size), Payload: *buf}, buf, size)
-	l.copies = append(l.copies, copyRec{seq: seq, region: r, tok: tok, bytes: size})
-	l.copyBytes += size
-	l.mu.Unlock()
-	locked.unlock()
-	l.v.copiedTotal.Add(size)
 	return nil
+}
+
+// zeros is compared against in allZero.
+var zeros [64 << 10]byte
+
+// allZero reports whether p holds only zero bytes.
+func allZero(p []byte) bool {
+	for len(p) > 0 {
+		n := min(len(p), len(zeros))
+		if !bytes.Equal(p[:n], zeros[:n]) {
+			return false
+		}
+		p = p[n:]
+	}
+	return true
 }

@@ -81,8 +81,9 @@ type CopyStatus struct {
 	ETASeconds     int64     `json:"etaSeconds"`
 	StartTime      time.Time `json:"startTime,omitzero"`
 	FullCopy       bool      `json:"fullCopy,omitempty"`
-	// CopiedBytesTotal counts every byte of resync data sent since the agent
-	// started, for tests and benchmarks.
+	// CopiedBytesTotal counts every byte of the volume resynced since the
+	// agent started (regions of zeros included, though they travel as
+	// Zero frames without data), for tests and benchmarks.
 	CopiedBytesTotal int64 `json:"copiedBytesTotal"`
 }
 

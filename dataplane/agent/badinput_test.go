@@ -149,7 +149,7 @@ func newAbuseEnv(t *testing.T) *abuseEnv {
 	}
 	e.healthy = v
 	t.Cleanup(func() { _ = v.Close() })
-	if err := v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Mode: volume.ModeSync, PeerNode: "node-b", PeerAddress: e.replAddr}); err != nil {
+	if err := v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true, Mode: volume.ModeSync, PeerNode: "node-b", PeerAddress: e.replAddr}); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, 20*time.Second, "healthy pair linked", func() (bool, string) {
@@ -455,7 +455,7 @@ func TestBadReplicationInput(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer pv.Close()
-	if err := pv.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 5, Mode: volume.ModeSync, PeerNode: "node-b", PeerAddress: e.replAddr}); err != nil {
+	if err := pv.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 5, Initialize: true, Mode: volume.ModeSync, PeerNode: "node-b", PeerAddress: e.replAddr}); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, 20*time.Second, "victim paired with its real primary", func() (bool, string) {

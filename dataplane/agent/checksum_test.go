@@ -17,7 +17,7 @@ func TestChecksumsAPI(t *testing.T) {
 	c := NewClient(srv.URL, "s3cret")
 	ctx := context.Background()
 	const size, rs = 8 << 20, 64 << 10 // 128 regions
-	if _, err := c.Put(ctx, "ns", "vol", VolumeRequest{Size: size, RegionSize: rs, Spec: volume.Spec{Role: volume.RolePrimary, Epoch: 1, Mode: volume.ModeAsync}}); err != nil {
+	if _, err := c.Put(ctx, "ns", "vol", VolumeRequest{Size: size, RegionSize: rs, Spec: volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true, Mode: volume.ModeAsync}}); err != nil {
 		t.Fatal(err)
 	}
 	data := []byte(strings.Repeat("tandem", 1000))

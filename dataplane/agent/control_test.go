@@ -69,7 +69,7 @@ func TestControlAPIVolumeLifecycle(t *testing.T) {
 	a, srv := newTestAgent(t)
 	c := NewClient(srv.URL, "s3cret")
 	ctx := context.Background()
-	req := VolumeRequest{Size: 8 << 20, RegionSize: 64 << 10, Spec: volume.Spec{Role: volume.RolePrimary, Epoch: 1, Mode: volume.ModeAsync}}
+	req := VolumeRequest{Size: 8 << 20, RegionSize: 64 << 10, Spec: volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true, Mode: volume.ModeAsync}}
 	st, err := c.Put(ctx, "ns", "vol", req)
 	if err != nil {
 		t.Fatal(err)
@@ -98,7 +98,7 @@ func TestControlAPIVolumeLifecycle(t *testing.T) {
 		msg  string
 	}{
 		{"older epoch", VolumeRequest{Size: 8 << 20, RegionSize: 64 << 10, Spec: volume.Spec{Role: volume.RoleBackup, Epoch: 0}}, "ns", 409, "older than the replica's epoch"},
-		{"geometry change", VolumeRequest{Size: 16 << 20, RegionSize: 64 << 10, Spec: volume.Spec{Role: volume.RolePrimary, Epoch: 1}}, "ns", 409, "exists with size"},
+		{"geometry change", VolumeRequest{Size: 16 << 20, RegionSize: 64 << 10, Spec: volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true}}, "ns", 409, "exists with size"},
 		{"unknown role", VolumeRequest{Size: 8 << 20, RegionSize: 64 << 10, Spec: volume.Spec{Role: "Leader", Epoch: 1}}, "ns", 409, "unknown role"},
 		{"zero size", VolumeRequest{Size: 0, RegionSize: 64 << 10}, "ns", 400, "must be positive"},
 		{"bad namespace", VolumeRequest{Size: 8 << 20, RegionSize: 64 << 10}, "Bad_NS", 400, "not a valid Kubernetes namespace"},
@@ -158,7 +158,7 @@ func TestReopenFenced(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 5}); err != nil {
+	if err := v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 5, Initialize: true}); err != nil {
 		t.Fatal(err)
 	}
 	if err := v.WriteAt(context.Background(), []byte("hello"), 4096, true); err != nil {

@@ -78,7 +78,7 @@ func resetFuzzAgent(t *testing.T, h http.Handler) {
 		t.Fatalf("reset: delete ns/base: %d %s", rec.Code, rec.Body)
 	}
 	if rec := call("PUT", "/v1/volumes/ns/base", agent.VolumeRequest{Size: 1 << 20, RegionSize: 4096,
-		Spec: volume.Spec{Role: volume.RolePrimary, Epoch: 3, Mode: volume.ModeAsync}}); rec.Code != http.StatusOK {
+		Spec: volume.Spec{Role: volume.RolePrimary, Epoch: 3, Mode: volume.ModeAsync, Initialize: true}}); rec.Code != http.StatusOK {
 		t.Fatalf("reset: create ns/base: %d %s", rec.Code, rec.Body)
 	}
 }
@@ -107,7 +107,7 @@ func FuzzControlAPI(f *testing.F) {
 		{"GET", "/v1/volumes/ns/base/checksums?first=4294967295&count=4294967295", nil},
 		{"PUT", "/v1/volumes/ns/new", put(ok)},
 		{"PUT", "/v1/volumes/ns/base", put(ok)},
-		{"PUT", "/v1/volumes/ns/base", put(agent.VolumeRequest{Size: 1 << 20, RegionSize: 4096, Spec: volume.Spec{Role: volume.RolePrimary, Epoch: 1}})},
+		{"PUT", "/v1/volumes/ns/base", put(agent.VolumeRequest{Size: 1 << 20, RegionSize: 4096, Spec: volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true}})},
 		{"PUT", "/v1/volumes/ns/base", put(agent.VolumeRequest{Size: 2 << 20, RegionSize: 4096, Spec: volume.Spec{Role: volume.RolePrimary, Epoch: 3}})},
 		{"PUT", "/v1/volumes/ns/base", put(agent.VolumeRequest{Size: 1 << 20, RegionSize: 4096, Spec: volume.Spec{Role: volume.RolePrimary, Epoch: 9, Mode: "Quantum"}})},
 		{"PUT", "/v1/volumes/ns/new", []byte(`{"size":1048576,"regionSize":3000}`)},

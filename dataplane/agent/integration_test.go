@@ -294,7 +294,7 @@ func pairStory(t *testing.T, mode volume.Mode) {
 
 	// PAIR: a primary, b backup, epoch 1. Fresh stores: nothing to copy.
 	b.put(volume.Spec{Role: volume.RoleBackup, Epoch: 1, Mode: mode, PeerNode: "node-a"})
-	a.put(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Mode: mode, PeerNode: "node-b", PeerAddress: b.repl})
+	a.put(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true, Mode: mode, PeerNode: "node-b", PeerAddress: b.repl})
 	waitInSync(t, a, b)
 	if st := a.status(); st.Copy.CopiedBytesTotal != 0 {
 		t.Fatalf("a brand-new pair copied %d bytes; want 0", st.Copy.CopiedBytesTotal)

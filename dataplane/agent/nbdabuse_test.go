@@ -136,7 +136,7 @@ func TestNBDAbuse(t *testing.T) {
 	for _, name := range []string{"healthy", "victim"} {
 		// Standalone writers: no peer, the control API's word is final.
 		if _, err := c.Put(context.Background(), "ns", name, agent.VolumeRequest{Size: abuseSize, RegionSize: abuseRegion,
-			Spec: volume.Spec{Role: volume.RolePrimary, Epoch: 1, Mode: volume.ModeAsync}}); err != nil {
+			Spec: volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true, Mode: volume.ModeAsync}}); err != nil {
 			t.Fatalf("PUT ns/%s: %v", name, err)
 		}
 	}

@@ -8,7 +8,7 @@
 //
 //	offset  size  field
 //	0       8     magic "TNDMMETA"
-//	8       4     format version (1)
+//	8       4     format version (2; 1 is still read, see below)
 //	12      4     payload length L (at most MaxPayload = 64 KiB)
 //	16      L     payload: a JSON object (the Meta fields, see the json tags)
 //	16+L    4     CRC32-Castagnoli of bytes [0, 16+L)
@@ -21,6 +21,16 @@
 // wrote it; it is not damaged, but this agent must not interpret or rewrite
 // it). A version that changes the payload's meaning, including adding fields,
 // increments the version.
+//
+// # Versions
+//
+// Version 2 added the replica's identity: pairUID, joined and zero (see
+// Meta), and dropped version 1's uid and createdFresh, which nothing read. A version
+// 1 file is still read: its replica was a member of its pair under the old
+// agent, so it counts as joined to a pair whose UID it does not know yet
+// (PairUID empty); the agent adopts the first pair UID the controller gives
+// it. Its createdFresh is ignored (zero is false: nothing is assumed about
+// its contents). Write always writes version 2.
 //
 // # Atomic replacement
 //
@@ -59,7 +69,9 @@ const (
 // Format constants.
 const (
 	Magic      = "TNDMMETA"
-	Version    = 1
+	Version    = 2
+	// version1 is the format before the replica identity fields.
+	version1 = 1
 	MaxPayload = 64 << 10
 
 	headerLen  = 16
@@ -84,8 +96,6 @@ var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 type Meta struct {
 	// Volume is "<namespace>/<name>" of the VolumePair.
 	Volume string `json:"volume"`
-	// UID is the VolumePair's UID, if known.
-	UID string `json:"uid,omitempty"`
 	// Size is the volume size in bytes; RegionSize the dirty-bitmap region
 	// size, a power of two in [MinRegionSize, MaxRegionSize]. Size need not be
 	// a multiple of RegionSize (the last region is short).
@@ -99,9 +109,20 @@ type Meta struct {
 	DataState string `json:"dataState"`
 	// Peer is the peer node's name, if any.
 	Peer string `json:"peer,omitempty"`
-	// CreatedFresh is true when this agent created the store all-zero, so a
-	// brand new pair needs no initial copy.
-	CreatedFresh bool `json:"createdFresh,omitempty"`
+	// Joined is true when the replica holds the data of the pair PairUID:
+	// it started the pair's data as its first writer, or a copy from a
+	// member that held it completed. A replica that is not joined (new, its
+	// data lost, or joined to another pair) is Inconsistent for the pair
+	// until a full copy completes (DESIGN invariant 8).
+	Joined bool `json:"joined,omitempty"`
+	// PairUID is the UID of the VolumePair whose data the replica holds
+	// (when Joined). Empty for a joined replica of a version 1 file, whose
+	// pair UID is not known yet.
+	PairUID string `json:"pairUID,omitempty"`
+	// Zero is true while the store holds only zeros: this agent created it
+	// all-zero and nothing was written to it since. Two members that are
+	// both all-zero are identical without a copy.
+	Zero bool `json:"zero,omitempty"`
 	// UpdatedAt is when the metadata was last written. Encode stores it in
 	// UTC with nanoseconds.
 	UpdatedAt time.Time `json:"updatedAt"`
@@ -165,6 +186,34 @@ func encode(m Meta) ([]byte, error) {
 	return b, nil
 }
 
+// metaV1 is the payload of a version 1 file.
+type metaV1 struct {
+	Volume       string    `json:"volume"`
+	UID          string    `json:"uid,omitempty"`
+	Size         int64     `json:"size"`
+	RegionSize   int64     `json:"regionSize"`
+	Epoch        uint64    `json:"epoch"`
+	Role         string    `json:"role"`
+	DataState    string    `json:"dataState"`
+	Peer         string    `json:"peer,omitempty"`
+	CreatedFresh bool      `json:"createdFresh,omitempty"`
+	UpdatedAt    time.Time `json:"updatedAt"`
+}
+
+// decodeJSON decodes a payload that must be exactly one JSON object with no
+// unknown fields.
+func decodeJSON(payload []byte, v any) error {
+	dec := json.NewDecoder(bytes.NewReader(payload))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return corrupt("payload: %v", err)
+	}
+	if err := dec.Decode(new(json.RawMessage)); err != io.EOF {
+		return corrupt("payload: data after the JSON object")
+	}
+	return nil
+}
+
 func corrupt(format string, args ...any) error {
 	return fmt.Errorf("%s: %w", fmt.Sprintf(format, args...), ErrCorrupt)
 }
@@ -198,17 +247,21 @@ func decode(b []byte) (Meta, error) {
 	if sum := crc32.Checksum(body, castagnoli); sum != stored {
 		return Meta{}, corrupt("checksum %#08x, computed %#08x", stored, sum)
 	}
-	if v := binary.BigEndian.Uint32(b[8:12]); v != Version {
-		return Meta{}, fmt.Errorf("format version %d, this agent reads %d: %w", v, Version, ErrVersion)
-	}
 	var m Meta
-	dec := json.NewDecoder(bytes.NewReader(body[headerLen:]))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&m); err != nil {
-		return Meta{}, corrupt("payload: %v", err)
-	}
-	if err := dec.Decode(new(json.RawMessage)); err != io.EOF {
-		return Meta{}, corrupt("payload: data after the JSON object")
+	switch v := binary.BigEndian.Uint32(b[8:12]); v {
+	case Version:
+		if err := decodeJSON(body[headerLen:], &m); err != nil {
+			return Meta{}, err
+		}
+	case version1:
+		var m1 metaV1
+		if err := decodeJSON(body[headerLen:], &m1); err != nil {
+			return Meta{}, err
+		}
+		m = Meta{Volume: m1.Volume, Size: m1.Size, RegionSize: m1.RegionSize, Epoch: m1.Epoch,
+			Role: m1.Role, DataState: m1.DataState, Peer: m1.Peer, Joined: true, UpdatedAt: m1.UpdatedAt}
+	default:
+		return Meta{}, fmt.Errorf("format version %d, this agent reads %d and %d: %w", v, version1, Version, ErrVersion)
 	}
 	if err := m.Validate(); err != nil {
 		return Meta{}, corrupt("invalid %v", err)

@@ -19,16 +19,17 @@ import (
 
 func full() Meta {
 	return Meta{
-		Volume:       "prod/db-0",
-		UID:          "3f6c2a8e-0b6e-4a5e-9d55-2d1f0c7b8a91",
-		Size:         10 << 30,
-		RegionSize:   64 << 10,
-		Epoch:        42,
-		Role:         RolePrimary,
-		DataState:    UpToDate,
-		Peer:         "node-b",
-		CreatedFresh: true,
-		UpdatedAt:    time.Date(2026, 3, 4, 5, 6, 7, 890123456, time.UTC),
+		Volume:     "prod/db-0",
+		Size:       10 << 30,
+		RegionSize: 64 << 10,
+		Epoch:      42,
+		Role:       RolePrimary,
+		DataState:  UpToDate,
+		Peer:       "node-b",
+		Joined:     true,
+		PairUID:    "3f6c2a8e-0b6e-4a5e-9d55-2d1f0c7b8a91",
+		Zero:       true,
+		UpdatedAt:  time.Date(2026, 3, 4, 5, 6, 7, 890123456, time.UTC),
 	}
 }
 
@@ -63,7 +64,7 @@ func roundTripCases() []struct {
 		{"local time zone", with(func(m *Meta) {
 			m.UpdatedAt = time.Date(2030, 1, 2, 3, 4, 5, 6, time.FixedZone("X", -7*3600))
 		})},
-		{"unicode and quotes", with(func(m *Meta) { m.Peer = "nœud-\"β\"\n"; m.UID = `\u0000` })},
+		{"unicode and quotes", with(func(m *Meta) { m.Peer = "nœud-\"β\"\n"; m.PairUID = `\u0000` })},
 	}
 }
 
@@ -108,7 +109,7 @@ func TestEncodeLayout(t *testing.T) {
 	if string(b[:8]) != "TNDMMETA" {
 		t.Fatalf("magic %q", b[:8])
 	}
-	if v := binary.BigEndian.Uint32(b[8:]); v != 1 {
+	if v := binary.BigEndian.Uint32(b[8:]); v != 2 {
 		t.Fatalf("version %d", v)
 	}
 	n := binary.BigEndian.Uint32(b[12:])
@@ -117,7 +118,7 @@ func TestEncodeLayout(t *testing.T) {
 	}
 	payload := string(b[16 : 16+n])
 	for _, field := range []string{`"volume":"prod/db-0"`, `"regionSize":65536`, `"epoch":42`, `"role":"Primary"`,
-		`"dataState":"UpToDate"`, `"createdFresh":true`, `"updatedAt":"2026-03-04T05:06:07.890123456Z"`} {
+		`"dataState":"UpToDate"`, `"joined":true`, `"pairUID":"3f6c2a8e-0b6e-4a5e-9d55-2d1f0c7b8a91"`, `"zero":true`, `"updatedAt":"2026-03-04T05:06:07.890123456Z"`} {
 		if !strings.Contains(payload, field) {
 			t.Errorf("payload %s lacks %s", payload, field)
 		}
@@ -213,18 +214,18 @@ func TestDecodeRejects(t *testing.T) {
 			b[len(b)-1] ^= 1
 			return b
 		}(), ErrCorrupt, "checksum"},
-		{"newer version", frame(2, p), ErrVersion, "version 2"},
+		{"newer version", frame(3, p), ErrVersion, "version 3"},
 		{"version zero", frame(0, p), ErrVersion, "version 0"},
-		{"not JSON", frame(1, "hello"), ErrCorrupt, "payload"},
-		{"JSON null", frame(1, "null"), ErrCorrupt, "invalid"},
-		{"JSON array", frame(1, "[]"), ErrCorrupt, "payload"},
-		{"unknown field", frame(1, strings.Replace(p, "{", `{"color":"red",`, 1)), ErrCorrupt, "unknown field"},
-		{"two objects", frame(1, p+p), ErrCorrupt, "after the JSON object"},
-		{"trailing bracket", frame(1, p+"]"), ErrCorrupt, "after the JSON object"},
-		{"wrong type", frame(1, strings.Replace(p, `"epoch":42`, `"epoch":"42"`, 1)), ErrCorrupt, "epoch"},
-		{"negative epoch", frame(1, strings.Replace(p, `"epoch":42`, `"epoch":-1`, 1)), ErrCorrupt, "epoch"},
-		{"invalid field", frame(1, strings.Replace(p, `"Primary"`, `"Leader"`, 1)), ErrCorrupt, "role"},
-		{"payload over the cap", frame(1, strings.Replace(p, `"node-b"`, `"`+strings.Repeat("x", MaxPayload)+`"`, 1)), ErrCorrupt, "exceeds"},
+		{"not JSON", frame(2, "hello"), ErrCorrupt, "payload"},
+		{"JSON null", frame(2, "null"), ErrCorrupt, "invalid"},
+		{"JSON array", frame(2, "[]"), ErrCorrupt, "payload"},
+		{"unknown field", frame(2, strings.Replace(p, "{", `{"color":"red",`, 1)), ErrCorrupt, "unknown field"},
+		{"two objects", frame(2, p+p), ErrCorrupt, "after the JSON object"},
+		{"trailing bracket", frame(2, p+"]"), ErrCorrupt, "after the JSON object"},
+		{"wrong type", frame(2, strings.Replace(p, `"epoch":42`, `"epoch":"42"`, 1)), ErrCorrupt, "epoch"},
+		{"negative epoch", frame(2, strings.Replace(p, `"epoch":42`, `"epoch":-1`, 1)), ErrCorrupt, "epoch"},
+		{"invalid field", frame(2, strings.Replace(p, `"Primary"`, `"Leader"`, 1)), ErrCorrupt, "role"},
+		{"payload over the cap", frame(2, strings.Replace(p, `"node-b"`, `"`+strings.Repeat("x", MaxPayload)+`"`, 1)), ErrCorrupt, "exceeds"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -241,7 +242,7 @@ func TestDecodeRejects(t *testing.T) {
 		})
 	}
 	// With whitespace around it the payload is still a valid object.
-	if _, err := Decode(frame(1, " \n"+p+"\n ")); err != nil {
+	if _, err := Decode(frame(2, " \n"+p+"\n ")); err != nil {
 		t.Fatalf("payload with surrounding whitespace: %v", err)
 	}
 }
@@ -398,10 +399,10 @@ func FuzzDecode(f *testing.F) {
 	f.Add([]byte{})
 	f.Add([]byte(Magic))
 	f.Add(good[:len(good)-1])
-	f.Add(frame(1, "{}"))
-	f.Add(frame(1, payloadOf(full())+" "))
+	f.Add(frame(2, "{}"))
+	f.Add(frame(2, payloadOf(full())+" "))
 	f.Add(frame(2, payloadOf(full())))
-	f.Add(frame(1, `{"volume":"a/b","size":1,"regionSize":4096,"role":"None","dataState":"Outdated","updatedAt":"0001-01-01T00:00:00Z","VOLUME":"c/d"}`))
+	f.Add(frame(2, `{"volume":"a/b","size":1,"regionSize":4096,"role":"None","dataState":"Outdated","updatedAt":"0001-01-01T00:00:00Z","VOLUME":"c/d"}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		m, err := Decode(b)
 		if err != nil {
@@ -425,4 +426,29 @@ func FuzzDecode(f *testing.F) {
 			t.Fatal("accepted without the magic")
 		}
 	})
+}
+
+// TestDecodeVersion1: a file written by an agent before the replica
+// identity fields is still read, as a replica joined to its pair whose UID
+// is not known yet; its createdFresh says nothing about the contents now.
+func TestDecodeVersion1(t *testing.T) {
+	p := `{"volume":"prod/db-0","uid":"x","size":1048576,"regionSize":65536,"epoch":3,"role":"Backup",` +
+		`"dataState":"UpToDate","peer":"node-a","createdFresh":true,"updatedAt":"2026-03-04T05:06:07Z"}`
+	m, err := Decode(frame(1, p))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Meta{Volume: "prod/db-0", Size: 1 << 20, RegionSize: 64 << 10, Epoch: 3, Role: RoleBackup, DataState: UpToDate,
+		Peer: "node-a", Joined: true, UpdatedAt: time.Date(2026, 3, 4, 5, 6, 7, 0, time.UTC)}
+	if !same(m, want) {
+		t.Fatalf("Decode(version 1) = %+v, want %+v", m, want)
+	}
+	// Version 1 knows none of version 2's fields.
+	if _, err := Decode(frame(1, strings.Replace(p, `"epoch":3`, `"epoch":3,"joined":true`, 1))); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("a version 1 file with a version 2 field: %v", err)
+	}
+	// Written back, it is version 2.
+	if v := binary.BigEndian.Uint32(Encode(m)[8:]); v != Version {
+		t.Fatalf("re-encoded as version %d", v)
+	}
 }

@@ -14,7 +14,10 @@ type Hello struct {
 	Epoch      uint64 `json:"epoch"`
 	Size       int64  `json:"size"`
 	RegionSize int64  `json:"regionSize"`
-	Token      string `json:"token,omitempty"`
+	// PairUID is the VolumePair the primary serves; a backup that belongs
+	// to another pair refuses the stream.
+	PairUID string `json:"pairUID,omitempty"`
+	Token   string `json:"token,omitempty"`
 }
 
 // String describes h for logs; the token is never printed.
@@ -23,8 +26,8 @@ func (h Hello) String() string {
 	if h.Token != "" {
 		tok = "redacted"
 	}
-	return fmt.Sprintf("Hello{volume=%s node=%s role=%s epoch=%d size=%d regionSize=%d token=%s}",
-		h.Volume, h.Node, h.Role, h.Epoch, h.Size, h.RegionSize, tok)
+	return fmt.Sprintf("Hello{volume=%s pairUID=%s node=%s role=%s epoch=%d size=%d regionSize=%d token=%s}",
+		h.Volume, h.PairUID, h.Node, h.Role, h.Epoch, h.Size, h.RegionSize, tok)
 }
 
 // Payload encodes h as a Hello frame's payload.

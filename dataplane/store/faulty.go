@@ -74,6 +74,9 @@ var _ Store = (*Faulty)(nil)
 // NewFaulty wraps s; until a fault is set it passes every call through.
 func NewFaulty(s Store) *Faulty { return &Faulty{s: s, closed: make(chan struct{})} }
 
+// AllZero reports whether the wrapped store is known to hold only zeros.
+func (f *Faulty) AllZero() bool { return AllZero(f.s) }
+
 // Unwrap returns the wrapped store.
 func (f *Faulty) Unwrap() Store { return f.s }
 

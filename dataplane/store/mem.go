@@ -36,6 +36,13 @@ func NewMem(size int64) *Mem {
 // Size is the store's size.
 func (m *Mem) Size() int64 { return m.size }
 
+// AllZero reports whether no byte was ever written (every page is absent).
+func (m *Mem) AllZero() bool {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return len(m.pages) == 0
+}
+
 // ReadAt reads len(p) bytes at off; the range must lie inside the store.
 func (m *Mem) ReadAt(p []byte, off int64) (int, error) {
 	if err := checkRead("read", off, len(p), m.size); err != nil {

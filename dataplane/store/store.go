@@ -22,3 +22,17 @@ type Store interface {
 	// Close releases the store.
 	Close() error
 }
+
+// ZeroReporter is implemented by a Store that can tell it holds only zeros
+// (a new memory store). A replica whose store says so needs no copy to be
+// identical to another all-zero replica.
+type ZeroReporter interface {
+	// AllZero reports whether every byte of the store reads as zero.
+	AllZero() bool
+}
+
+// AllZero reports whether s is known to hold only zeros.
+func AllZero(s Store) bool {
+	z, ok := s.(ZeroReporter)
+	return ok && z.AllZero()
+}

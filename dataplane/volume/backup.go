@@ -20,6 +20,9 @@ type backupSide struct {
 	v     *Volume
 	conn  net.Conn
 	epoch uint64
+	// pairUID is the pair the stream serves (the controller's, checked
+	// against the primary's Hello).
+	pairUID string
 
 	wmu sync.Mutex // serialises frames written to conn
 	bw  *bufio.Writer
@@ -109,6 +112,8 @@ func (v *Volume) ServePrimary(conn net.Conn, br *bufio.Reader, rd *repl.Reader, 
 		reason = fmt.Sprintf("epoch mismatch: primary %s is at epoch %d, member %s at epoch %d", h.Node, h.Epoch, v.opts.Node, v.epoch)
 	case v.spec.PeerNode != "" && h.Node != v.spec.PeerNode:
 		reason = fmt.Sprintf("member %s expects its primary to be %s, not %s", v.opts.Node, v.spec.PeerNode, h.Node)
+	case v.spec.PairUID != "" && h.PairUID != "" && h.PairUID != v.spec.PairUID:
+		reason = fmt.Sprintf("pair mismatch: primary %s serves VolumePair uid %s, member %s belongs to uid %s", h.Node, h.PairUID, v.opts.Node, v.spec.PairUID)
 	case h.Size != v.opts.Size || h.RegionSize != v.opts.RegionSize:
 		reason = fmt.Sprintf("geometry mismatch: primary has size %d region %d, backup size %d region %d", h.Size, h.RegionSize, v.opts.Size, v.opts.RegionSize)
 	}
@@ -121,12 +126,17 @@ func (v *Volume) ServePrimary(conn net.Conn, br *bufio.Reader, rd *repl.Reader, 
 		refuse(conn, epoch, reason)
 		return errors.New(reason)
 	}
-	b := &backupSide{v: v, conn: conn, epoch: v.epoch, bw: bufio.NewWriterSize(conn, 64<<10), done: make(chan struct{}), kick: make(chan struct{}, 1)}
+	uid := v.spec.PairUID
+	if uid == "" {
+		uid = h.PairUID
+	}
+	b := &backupSide{v: v, conn: conn, epoch: v.epoch, pairUID: uid, bw: bufio.NewWriterSize(conn, 64<<10), done: make(chan struct{}), kick: make(chan struct{}, 1)}
 	b.fwd = newFwdClient(b)
 	old := v.backupConn
 	v.backupConn = b
 	fullCopy := v.bitmapsLost
 	ds := v.dataState
+	joined, pairUID, zero := v.joined, v.pairUID, v.zero.Load()
 	fwd := v.fwd
 	v.notifyLocked()
 	v.mu.Unlock()
@@ -150,7 +160,8 @@ func (v *Volume) ServePrimary(conn net.Conn, br *bufio.Reader, rd *repl.Reader, 
 
 	// Answer with our state and our own diff: writes this member acknowledged
 	// as a primary that may never have reached the peer.
-	ackPayload, _ := json.Marshal(HelloAck{Node: v.opts.Node, DataState: ds, FullCopy: fullCopy})
+	ackPayload, _ := json.Marshal(HelloAck{Node: v.opts.Node, DataState: ds, FullCopy: fullCopy,
+		Joined: joined, PairUID: pairUID, Zero: zero})
 	own, err := v.tracker.Dirty().ToBytes()
 	if err != nil {
 		return fmt.Errorf("serialise own bitmap: %w", err)
@@ -265,6 +276,12 @@ func (b *backupSide) effect(f *repl.Frame) (bool, error) {
 	}
 	sync := f.Flags&repl.FlagFUA != 0
 	switch f.Type {
+	case repl.TypeWrite, repl.TypeCopyData, repl.TypeTrim, repl.TypeZero:
+		if err := v.clearZero(); err != nil {
+			return false, b.fail(fmt.Errorf("apply %v to a new replica: %w", f.Type, err))
+		}
+	}
+	switch f.Type {
 	case repl.TypeWrite, repl.TypeCopyData:
 		if err := b.checkRange(f); err != nil {
 			return false, err
@@ -315,7 +332,9 @@ func (b *backupSide) effect(f *repl.Frame) (bool, error) {
 		}
 	}
 	if f.Type == repl.TypeCopyDone {
-		if err := v.setDataState(UpToDate); err != nil {
+		// Everything the primary holds is here now: the replica holds
+		// the pair's data.
+		if err := v.completeCopy(b.pairUID); err != nil {
 			return false, b.fail(err)
 		}
 	}

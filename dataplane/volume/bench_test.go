@@ -49,7 +49,7 @@ func benchmarkPairWrite(b *testing.B, prefix string, files bool) {
 				newM = newFileMember
 			}
 			p, bk := newM(b, "a"), newM(b, "b")
-			spec := volume.Spec{Role: volume.RolePrimary, Epoch: 1, Mode: tc.mode}
+			spec := volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true, Mode: tc.mode}
 			if !tc.solo {
 				if err := bk.v.Apply(volume.Spec{Role: volume.RoleBackup, Epoch: 1, Mode: tc.mode}); err != nil {
 					b.Fatal(err)

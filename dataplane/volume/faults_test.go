@@ -78,7 +78,7 @@ func startPair(t *testing.T, p, b *fmember, mode volume.Mode) {
 	if err := b.v.Apply(volume.Spec{Role: volume.RoleBackup, Epoch: 1, Mode: mode, PeerNode: p.node()}); err != nil {
 		t.Fatal(err)
 	}
-	if err := p.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Mode: mode, PeerNode: b.node(), PeerAddress: b.addr}); err != nil {
+	if err := p.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true, Mode: mode, PeerNode: b.node(), PeerAddress: b.addr}); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, "link up", inSync(p.member, b.member))

@@ -48,7 +48,7 @@ func TestResyncAtRegionSizeBounds(t *testing.T) {
 		t.Run(fmt.Sprintf("region=%d", rs), func(t *testing.T) {
 			volSize := max(2*rs, 16<<20)
 			p, b := newMemberGeo(t, "a", volSize, rs), newMemberGeo(t, "b", volSize, rs)
-			if err := p.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Mode: volume.ModeAsync}); err != nil {
+			if err := p.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true, Mode: volume.ModeAsync}); err != nil {
 				t.Fatal(err)
 			}
 			// Alone: every region written ends sticky and must be copied.
@@ -61,7 +61,7 @@ func TestResyncAtRegionSizeBounds(t *testing.T) {
 			if err := b.v.Apply(volume.Spec{Role: volume.RoleBackup, Epoch: 1, Mode: volume.ModeAsync, PeerNode: "a"}); err != nil {
 				t.Fatal(err)
 			}
-			if err := p.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Mode: volume.ModeAsync, PeerNode: "b", PeerAddress: b.addr}); err != nil {
+			if err := p.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true, Mode: volume.ModeAsync, PeerNode: "b", PeerAddress: b.addr}); err != nil {
 				t.Fatal(err)
 			}
 			waitFor(t, "resync to finish", inSync(p, b))

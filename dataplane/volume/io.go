@@ -244,6 +244,11 @@ func (v *Volume) submitOwned(ctx context.Context, kind opKind, p []byte, off, n 
 		}
 	}
 	defer v.release()
+	if err := v.clearZero(); err != nil {
+		err = fmt.Errorf("write to a new replica: %w", err)
+		v.setError(err)
+		return err
+	}
 
 	// Write intent first: after a crash the extent is resynced even if the
 	// peer never saw this write (invariant 3).

@@ -45,6 +45,12 @@ type HelloAck struct {
 	DataState DataState `json:"dataState"`
 	// FullCopy: the backup's data or bitmaps were lost; copy everything.
 	FullCopy bool `json:"fullCopy,omitempty"`
+	// Joined and PairUID: the backup holds the data of that pair (see
+	// Status). A backup that does not hold the primary's pair's data gets
+	// a full copy, unless both stores hold only zeros (Zero).
+	Joined  bool   `json:"joined,omitempty"`
+	PairUID string `json:"pairUID,omitempty"`
+	Zero    bool   `json:"zero,omitempty"`
 }
 
 type ticket struct{ gen, seq uint64 }
@@ -204,6 +210,9 @@ func (l *link) session() error {
 	bw := bufio.NewWriterSize(conn, 256<<10)
 	rd := repl.NewReader(br, 0)
 
+	// Read before the stream starts: a write that clears it later is
+	// either streamed or tracked dirty (not streaming yet), so it is copied.
+	primaryZero := l.v.zero.Load()
 	ack, peerBitmap, err := l.handshake(conn, rd, bw)
 	if err != nil {
 		return err
@@ -211,10 +220,15 @@ func (l *link) session() error {
 	// Journal the peer's diff before relying on it: if this side crashes
 	// now, the merged regions must still be copied (invariant 3).
 	merge := l.spec.mergePeer() && peerBitmap != nil && !peerBitmap.IsEmpty()
-	if ack.FullCopy {
+	full := fullCopyReason(ack, l.spec.PairUID, primaryZero)
+	if full != "" {
 		all := roaring.New()
 		all.AddRange(0, uint64(l.v.tracker.Regions()))
 		peerBitmap, merge = all, true
+	} else if !peerHolds(ack, l.spec.PairUID) {
+		// Both all-zero: identical without a copy; the backup joins at
+		// CopyDone. Its own diff means nothing.
+		peerBitmap, merge = nil, false
 	}
 	if merge {
 		if err := l.journalRegions(peerBitmap); err != nil {
@@ -224,7 +238,7 @@ func (l *link) session() error {
 	}
 	total := l.v.tracker.Bytes()
 	l.log.Info("Replication link up", "peerDataState", ack.DataState, "peerDiffRegions", cardinality(peerBitmap),
-		"merged", merge, "fullCopy", ack.FullCopy, "toCopyBytes", total)
+		"merged", merge, "fullCopy", full != "", "fullCopyReason", full, "toCopyBytes", total)
 
 	l.mu.Lock()
 	l.gen++
@@ -232,7 +246,7 @@ func (l *link) session() error {
 	l.streaming = true
 	l.nextSeq, l.applied, l.durable = 0, 0, 0
 	l.copies, l.copyBytes, l.copyDone = nil, 0, false
-	l.cp = CopyStatus{Running: total > 0, TotalBytes: total, StartTime: time.Now(), FullCopy: ack.FullCopy}
+	l.cp = CopyStatus{Running: total > 0, TotalBytes: total, StartTime: time.Now(), FullCopy: full != "", Reason: full}
 	// The first frame tells the backup how much is coming: it marks itself
 	// Inconsistent before the first copied region lands.
 	l.enqueueLocked(repl.Frame{Type: repl.TypeResyncBegin, Offset: uint64(total)}, nil, 0)
@@ -253,6 +267,30 @@ func (l *link) session() error {
 	return err
 }
 
+// fullCopyReason says why the backup of pair uid must receive the whole
+// volume, or "" when a copy of the diffs is enough: the backup lost its
+// bitmaps, or it does not hold this pair's data (new, wiped, another
+// pair's) and is not, like this primary, all zeros.
+func fullCopyReason(ack HelloAck, uid string, primaryZero bool) string {
+	switch {
+	case ack.FullCopy:
+		return "the replica on " + ack.Node + " lost its data or its bitmaps"
+	case peerHolds(ack, uid):
+		return ""
+	case ack.Zero && primaryZero:
+		return ""
+	case ack.Joined:
+		return "the replica on " + ack.Node + " holds another VolumePair's data (uid " + ack.PairUID + ")"
+	}
+	return "the replica on " + ack.Node + " is new or was wiped: it holds no data of the pair"
+}
+
+// peerHolds reports whether the backup holds the data of pair uid (a
+// replica joined before UIDs were recorded holds whatever pair it serves).
+func peerHolds(ack HelloAck, uid string) bool {
+	return ack.Joined && (ack.PairUID == uid || ack.PairUID == "" || uid == "")
+}
+
 func cardinality(b *roaring.Bitmap) uint64 {
 	if b == nil {
 		return 0
@@ -266,7 +304,7 @@ func (l *link) handshake(conn net.Conn, rd *repl.Reader, bw *bufio.Writer) (Hell
 	defer conn.SetDeadline(time.Time{})
 	h := repl.Hello{
 		Volume: l.v.opts.Name, Node: l.v.opts.Node, Role: string(RolePrimary), Epoch: l.epoch,
-		Size: l.v.opts.Size, RegionSize: l.v.opts.RegionSize, Token: l.v.opts.Token,
+		Size: l.v.opts.Size, RegionSize: l.v.opts.RegionSize, PairUID: l.spec.PairUID, Token: l.v.opts.Token,
 	}
 	if err := repl.WriteFrame(bw, &repl.Frame{Type: repl.TypeHello, Epoch: l.epoch, Payload: h.Payload()}); err != nil {
 		return ack, nil, fmt.Errorf("send Hello: %w", err)

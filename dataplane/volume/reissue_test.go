@@ -21,7 +21,7 @@ func TestFailbackBackAndForthForwarded(t *testing.T) {
 	if err := b.v.Apply(volume.Spec{Role: volume.RoleBackup, Epoch: 1, Mode: volume.ModeAsync, PeerNode: "a"}); err != nil {
 		t.Fatal(err)
 	}
-	if err := a.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Mode: volume.ModeAsync, PeerNode: "b", PeerAddress: b.addr}); err != nil {
+	if err := a.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true, Mode: volume.ModeAsync, PeerNode: "b", PeerAddress: b.addr}); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, "link up", func() bool { return a.v.Status().PeerConnected })

@@ -15,7 +15,7 @@ func TestRequestResyncRepairs(t *testing.T) {
 	if err := b.v.Apply(volume.Spec{Role: volume.RoleBackup, Epoch: 1, Mode: volume.ModeAsync}); err != nil {
 		t.Fatal(err)
 	}
-	if err := p.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Mode: volume.ModeAsync, PeerNode: "b", PeerAddress: b.addr}); err != nil {
+	if err := p.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true, Mode: volume.ModeAsync, PeerNode: "b", PeerAddress: b.addr}); err != nil {
 		t.Fatal(err)
 	}
 	want := bytes.Repeat([]byte{0x5a}, region)

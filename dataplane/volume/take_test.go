@@ -37,7 +37,7 @@ func TestWriteAtTake(t *testing.T) {
 	if err := write(0, 1); err == nil {
 		t.Fatal("write before Apply succeeded")
 	}
-	if err := p.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Mode: volume.ModeAsync}); err != nil {
+	if err := p.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true, Mode: volume.ModeAsync}); err != nil {
 		t.Fatal(err)
 	}
 	if err := write(0, 2); err != nil { // alone
@@ -50,7 +50,7 @@ func TestWriteAtTake(t *testing.T) {
 	if err := b.v.Apply(volume.Spec{Role: volume.RoleBackup, Epoch: 1, Mode: volume.ModeSync, PeerNode: "a"}); err != nil {
 		t.Fatal(err)
 	}
-	if err := p.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Mode: volume.ModeSync, PeerNode: "b", PeerAddress: b.addr}); err != nil {
+	if err := p.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true, Mode: volume.ModeSync, PeerNode: "b", PeerAddress: b.addr}); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, "link up", func() bool { return p.v.Status().PeerConnected })

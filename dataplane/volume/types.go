@@ -65,6 +65,12 @@ type Spec struct {
 	// Hold asks an acting primary to hold new writes and drain its diff
 	// (failback). Held writes are not failed.
 	Hold bool `json:"hold,omitempty"`
+	// Initialize lets a replica that holds no data of the pair (a new one)
+	// become its primary: its contents become the pair's data. The
+	// controller sets it only for the first writer of a pair that no
+	// member ever held data of; without it a new or wiped replica is
+	// never made primary (DESIGN invariant 8).
+	Initialize bool `json:"initialize,omitempty"`
 	// AllowPromoteInconsistent lets a member with Inconsistent data become
 	// primary. Only a user's explicit override sets it.
 	AllowPromoteInconsistent bool `json:"allowPromoteInconsistent,omitempty"`
@@ -81,6 +87,8 @@ type CopyStatus struct {
 	ETASeconds     int64     `json:"etaSeconds"`
 	StartTime      time.Time `json:"startTime,omitzero"`
 	FullCopy       bool      `json:"fullCopy,omitempty"`
+	// Reason says why the whole volume is copied.
+	Reason string `json:"reason,omitempty"`
 	// CopiedBytesTotal counts every byte of the volume resynced since the
 	// agent started (regions of zeros included, though they travel as
 	// Zero frames without data), for tests and benchmarks.
@@ -96,6 +104,15 @@ type Status struct {
 	Epoch      uint64    `json:"epoch"`
 	Mode       Mode      `json:"mode"`
 	DataState  DataState `json:"dataState"`
+	// DataStateReason says why the data is not UpToDate, when known (a new
+	// or wiped replica, another pair's data, a copy not finished).
+	DataStateReason string `json:"dataStateReason,omitempty"`
+	// Joined is true when the replica holds the data of the pair PairUID:
+	// it started the pair's data, or a full copy from a member holding it
+	// completed. PairUID is empty for a replica joined before UIDs were
+	// recorded, until the controller gives it its pair's UID.
+	Joined  bool   `json:"joined,omitempty"`
+	PairUID string `json:"pairUID,omitempty"`
 	// Writable is true when this member accepts client writes now.
 	Writable bool `json:"writable"`
 	// Reason explains why the member is not writable.

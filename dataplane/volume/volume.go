@@ -81,7 +81,15 @@ type Volume struct {
 	role        Role
 	epoch       uint64
 	dataState   DataState
-	createdNew  bool
+	// Identity (DESIGN invariant 8): joined says the replica holds the
+	// data of the pair pairUID ("" for a replica of a version 1 metadata
+	// file, which adopts the first UID it is given); zero that the store
+	// holds only zeros (created so, never written); dataReason why the
+	// data state is what it is, for the status.
+	joined      bool
+	pairUID     string
+	zero        atomic.Bool
+	dataReason  string
 	bitmapsLost bool
 	aloneEpoch  uint64 // the controller recorded the peer Outdated at this epoch
 	changed     chan struct{}
@@ -149,9 +157,17 @@ func Open(opts Options) (*Volume, error) {
 			return nil, fmt.Errorf("volume %s: replica in %s has size %d and region size %d, want %d and %d",
 				opts.Name, opts.Dir, m.Size, m.RegionSize, opts.Size, opts.RegionSize)
 		}
-		v.epoch, v.dataState, v.createdNew = m.Epoch, DataState(m.DataState), m.CreatedFresh
+		v.epoch, v.dataState = m.Epoch, DataState(m.DataState)
+		v.joined, v.pairUID = m.Joined, m.PairUID
+		v.zero.Store(m.Zero)
+		if !v.joined {
+			v.dataReason = reasonNew
+		}
 	case errors.Is(err, os.ErrNotExist):
-		v.dataState = UpToDate
+		// A new replica, or one whose directory was wiped: it holds no
+		// data of any pair until a full copy completes, or until it starts
+		// a new pair's data as its first writer (Spec.Initialize).
+		v.dataState, v.dataReason = Inconsistent, reasonNew
 	default:
 		return nil, fmt.Errorf("volume %s: reading metadata: %w", opts.Name, err)
 	}
@@ -169,10 +185,15 @@ func Open(opts Options) (*Volume, error) {
 		if created && !freshMeta {
 			// The metadata survived but the data did not: nothing in it can
 			// be trusted and the peer must copy everything.
-			v.dataState = Inconsistent
+			v.dataState, v.dataReason = Inconsistent, reasonDataLost
+			v.joined = false
 			v.bitmapsLost = true
 		}
-		v.createdNew = v.createdNew || (created && freshMeta)
+		if created {
+			v.zero.Store(true)
+		}
+	} else if freshMeta && store.AllZero(st) {
+		v.zero.Store(true)
 	}
 	v.store = st
 
@@ -238,7 +259,7 @@ func (v *Volume) metaLocked() meta.Meta {
 	return meta.Meta{
 		Volume: v.opts.Name, Size: v.opts.Size, RegionSize: v.opts.RegionSize,
 		Epoch: v.epoch, Role: string(v.role), DataState: string(v.dataState),
-		Peer: v.spec.PeerNode, CreatedFresh: v.createdNew, UpdatedAt: time.Now(),
+		Peer: v.spec.PeerNode, Joined: v.joined, PairUID: v.pairUID, Zero: v.zero.Load(), UpdatedAt: time.Now(),
 	}
 }
 
@@ -247,6 +268,49 @@ func (v *Volume) writeMeta(m meta.Meta) error {
 	if err := meta.Write(v.opts.Dir, m); err != nil {
 		return fmt.Errorf("volume %s: writing metadata: %w", v.opts.Name, err)
 	}
+	return nil
+}
+
+// clearZero records, durably, that the store no longer holds only zeros:
+// called before the first write of any kind lands on a zero store (a client
+// write, an applied frame), so a crash cannot leave a written replica that
+// claims to be all-zero.
+func (v *Volume) clearZero() error {
+	if !v.zero.Load() {
+		return nil
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if !v.zero.Load() {
+		return nil
+	}
+	m := v.metaLocked()
+	m.Zero = false
+	if err := v.writeMeta(m); err != nil {
+		return err
+	}
+	v.zero.Store(false)
+	return nil
+}
+
+// completeCopy makes the replica UpToDate and joined to pair uid, durably,
+// once a copy from a member holding the pair's data has completed.
+func (v *Volume) completeCopy(uid string) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.dataState == UpToDate && v.holdsLocked(uid) && (v.pairUID == uid) {
+		return nil
+	}
+	m := v.metaLocked()
+	m.DataState, m.Joined, m.PairUID = string(UpToDate), true, uid
+	if err := v.writeMeta(m); err != nil {
+		return err
+	}
+	old := v.dataState
+	joined := v.joined
+	v.dataState, v.joined, v.pairUID, v.dataReason = UpToDate, true, uid, ""
+	v.log.Info("Data state changed", "from", old, "to", UpToDate, "joinedPair", !joined)
+	v.notifyLocked()
 	return nil
 }
 
@@ -324,15 +388,26 @@ func (v *Volume) Apply(s Spec) error {
 	old := v.spec
 	oldRole, oldEpoch := v.role, v.epoch
 	roleChanged := oldRole != s.Role || oldEpoch != s.Epoch
-	if roleChanged || old.PeerNode != s.PeerNode {
+	m := v.metaLocked()
+	idChange := v.identityLocked(s, &m)
+	if roleChanged || old.PeerNode != s.PeerNode || idChange != "" {
 		// Durable first: after a crash the replica must not come back
-		// at an older epoch than one it acted on.
-		m := v.metaLocked()
+		// at an older epoch than one it acted on, nor with another
+		// identity.
 		m.Role, m.Epoch, m.Peer = string(s.Role), s.Epoch, s.PeerNode
 		if err := v.writeMeta(m); err != nil {
 			v.mu.Unlock()
 			return err
 		}
+	}
+	if idChange != "" {
+		if !v.joined && m.Joined {
+			v.dataReason = ""
+		} else if !m.Joined {
+			v.dataReason = v.identityReasonLocked(s.PairUID)
+		}
+		v.joined, v.pairUID, v.dataState = m.Joined, m.PairUID, DataState(m.DataState)
+		v.log.Info("Replica identity", "change", idChange, "pairUID", s.PairUID, "dataState", v.dataState)
 	}
 	v.spec, v.role, v.epoch = s, s.Role, s.Epoch
 
@@ -390,10 +465,75 @@ func (v *Volume) refuseLocked(s Spec) error {
 	if s.Epoch < v.epoch {
 		return fmt.Errorf("volume %s: epoch %d is older than the replica's epoch %d", v.opts.Name, s.Epoch, v.epoch)
 	}
-	if s.Role == RolePrimary && v.role != RolePrimary && v.dataState == Inconsistent && !s.AllowPromoteInconsistent {
+	if s.Role != RolePrimary || v.role == RolePrimary || s.AllowPromoteInconsistent {
+		return nil
+	}
+	if !v.holdsLocked(s.PairUID) {
+		if s.Initialize {
+			return nil
+		}
+		return fmt.Errorf("volume %s: refusing to become primary: data is Inconsistent: %s", v.opts.Name, v.identityReasonLocked(s.PairUID))
+	}
+	if v.dataState == Inconsistent {
 		return fmt.Errorf("volume %s: refusing to become primary: data is Inconsistent (a copy towards this member did not finish)", v.opts.Name)
 	}
 	return nil
+}
+
+// Reasons for a data state, shown in Status.DataStateReason.
+const (
+	reasonNew      = "new replica: it holds no data of the pair until a full copy completes"
+	reasonDataLost = "the replica's data file was missing and was recreated empty: a full copy brings the data back"
+	reasonCopying  = "a copy towards this member has not finished"
+)
+
+// holdsLocked reports whether the replica holds the data of pair uid; v.mu
+// held. A replica joined without a known UID (version 1 metadata) holds
+// whatever pair it is given.
+func (v *Volume) holdsLocked(uid string) bool {
+	return v.joined && (v.pairUID == uid || v.pairUID == "")
+}
+
+// identityReasonLocked says why the replica does not hold pair uid's data;
+// v.mu held.
+func (v *Volume) identityReasonLocked(uid string) string {
+	if v.joined {
+		return fmt.Sprintf("the replica holds the data of another VolumePair (uid %s), not of uid %s: a full copy replaces it", v.pairUID, uid)
+	}
+	if v.dataReason != "" {
+		return v.dataReason
+	}
+	return reasonNew
+}
+
+// identityLocked brings the replica's identity in line with s before s is
+// applied, into m (the metadata to persist): a replica holding another
+// pair's data is no longer joined (Inconsistent until a full copy); a
+// version 1 replica adopts the pair's UID; Initialize (or the user's
+// override) makes this member's data the pair's data. v.mu held. It
+// returns what changed, for the log.
+func (v *Volume) identityLocked(s Spec, m *meta.Meta) string {
+	switch {
+	case s.PairUID != "" && v.joined && v.pairUID == "":
+		m.PairUID = s.PairUID
+		return "adopted the pair's UID"
+	case s.PairUID != "" && v.joined && v.pairUID != s.PairUID:
+		m.Joined, m.DataState = false, string(Inconsistent)
+		if s.Role != RolePrimary || !(s.Initialize || s.AllowPromoteInconsistent) {
+			return "holds another VolumePair's data: Inconsistent until a full copy"
+		}
+	case v.joined:
+		return ""
+	}
+	if s.Role == RolePrimary && (s.Initialize || s.AllowPromoteInconsistent) {
+		m.Joined, m.PairUID = true, s.PairUID
+		if s.Initialize {
+			m.DataState = string(UpToDate)
+			return "initialized the pair's data as its first writer"
+		}
+		return "made the pair's writer by override, data Inconsistent"
+	}
+	return ""
 }
 
 // PeerOutdated records that the controller has marked the peer Outdated in
@@ -434,6 +574,7 @@ func (v *Volume) Status() Status {
 	st := Status{
 		Name: v.opts.Name, Size: v.opts.Size, RegionSize: v.opts.RegionSize,
 		Role: v.role, Epoch: v.epoch, Mode: v.spec.Mode, DataState: v.dataState,
+		Joined: v.joined, PairUID: v.pairUID,
 		PeerNode: v.spec.PeerNode, BitmapsLost: v.bitmapsLost,
 		Holding: !v.holdStart.IsZero(), LastHoldSeconds: v.lastHold.Seconds(),
 		LastError: v.lastErr, LastErrorTime: v.lastErrTime,
@@ -442,6 +583,15 @@ func (v *Volume) Status() Status {
 		st.Reason = err.Error()
 	} else {
 		st.Writable = true
+	}
+	switch {
+	case !v.joined || (v.spec.PairUID != "" && !v.holdsLocked(v.spec.PairUID)):
+		st.DataStateReason = v.identityReasonLocked(v.spec.PairUID)
+	case v.dataState == Inconsistent:
+		st.DataStateReason = v.dataReason
+		if st.DataStateReason == "" {
+			st.DataStateReason = reasonCopying
+		}
 	}
 	l, b := v.link, v.backupConn
 	inflight := v.inflight

@@ -129,7 +129,7 @@ func TestResyncWithLiveWrites(t *testing.T) {
 		t.Run(string(mode), func(t *testing.T) {
 			p, b := newMember(t, "a"), newMember(t, "b")
 			rng := rand.New(rand.NewPCG(3, 4))
-			if err := p.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Mode: volume.ModeAsync}); err != nil {
+			if err := p.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true, Mode: volume.ModeAsync}); err != nil {
 				t.Fatal(err)
 			}
 			write(t, p.v, rng, 400) // alone: sticky regions
@@ -140,7 +140,7 @@ func TestResyncWithLiveWrites(t *testing.T) {
 				t.Fatal(err)
 			}
 			// Throttle the copy so live writes overlap it.
-			if err := p.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Mode: mode, PeerNode: "b", PeerAddress: b.addr, MaxBytesPerSecond: 8 << 20}); err != nil {
+			if err := p.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true, Mode: mode, PeerNode: "b", PeerAddress: b.addr, MaxBytesPerSecond: 8 << 20}); err != nil {
 				t.Fatal(err)
 			}
 			var wg sync.WaitGroup
@@ -167,7 +167,7 @@ func TestStaleEpochRefused(t *testing.T) {
 	if err := b.v.Apply(volume.Spec{Role: volume.RoleBackup, Epoch: 3, Mode: volume.ModeAsync}); err != nil {
 		t.Fatal(err)
 	}
-	if err := p.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 2, Mode: volume.ModeAsync, PeerNode: "b", PeerAddress: b.addr}); err != nil {
+	if err := p.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 2, Initialize: true, Mode: volume.ModeAsync, PeerNode: "b", PeerAddress: b.addr}); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, "refusal", func() bool { return b.v.Status().Counters.RejectedFrames > 0 })
@@ -183,7 +183,7 @@ func TestStaleEpochRefused(t *testing.T) {
 // to become primary unless explicitly overridden.
 func TestNoPromotionOfInconsistent(t *testing.T) {
 	p, b := newMember(t, "a"), newMember(t, "b")
-	if err := p.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Mode: volume.ModeAsync}); err != nil {
+	if err := p.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true, Mode: volume.ModeAsync}); err != nil {
 		t.Fatal(err)
 	}
 	write(t, p.v, rand.New(rand.NewPCG(1, 1)), 200)
@@ -191,7 +191,7 @@ func TestNoPromotionOfInconsistent(t *testing.T) {
 		t.Fatal(err)
 	}
 	// A very slow copy, so the backup stays Inconsistent.
-	if err := p.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Mode: volume.ModeAsync, PeerNode: "b", PeerAddress: b.addr, MaxBytesPerSecond: 64 << 10}); err != nil {
+	if err := p.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true, Mode: volume.ModeAsync, PeerNode: "b", PeerAddress: b.addr, MaxBytesPerSecond: 64 << 10}); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, "backup Inconsistent", func() bool { return b.v.Status().DataState == volume.Inconsistent })
@@ -216,7 +216,7 @@ func TestPairWritesReachBackupInOrder(t *testing.T) {
 			if err := b.v.Apply(volume.Spec{Role: volume.RoleBackup, Epoch: 1, Mode: mode}); err != nil {
 				t.Fatal(err)
 			}
-			if err := p.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Mode: mode, PeerNode: "b", PeerAddress: b.addr}); err != nil {
+			if err := p.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true, Mode: mode, PeerNode: "b", PeerAddress: b.addr}); err != nil {
 				t.Fatal(err)
 			}
 			waitFor(t, "link up", func() bool { return p.v.Status().PeerConnected })

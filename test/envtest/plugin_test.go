@@ -278,7 +278,7 @@ func testPluginVerify(t *testing.T, bin string) {
 		}
 	}
 	c := func(node string) *agent.Client { return agent.NewClient(agents[node].url, token) }
-	if _, err := c("node-a").Put(ctx, ns, "vol", agent.VolumeRequest{Size: size, RegionSize: rs, Spec: volume.Spec{Role: volume.RolePrimary, Epoch: 1, Mode: volume.ModeAsync, PeerNode: "node-b"}}); err != nil {
+	if _, err := c("node-a").Put(ctx, ns, "vol", agent.VolumeRequest{Size: size, RegionSize: rs, Spec: volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true, Mode: volume.ModeAsync, PeerNode: "node-b"}}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := c("node-b").Put(ctx, ns, "vol", agent.VolumeRequest{Size: size, RegionSize: rs, Spec: volume.Spec{Role: volume.RoleBackup, Epoch: 1, Mode: volume.ModeAsync, PeerNode: "node-a"}}); err != nil {

@@ -68,10 +68,10 @@ const (
 
 // Format constants.
 const (
-	Magic      = "TNDMMETA"
-	Version    = 2
+	Magic   = "TNDMMETA"
+	Version = 2
 	// version1 is the format before the replica identity fields.
-	version1 = 1
+	version1   = 1
 	MaxPayload = 64 << 10
 
 	headerLen  = 16

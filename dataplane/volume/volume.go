@@ -76,11 +76,11 @@ type Volume struct {
 	// (ServePrimary). Lock order: applyMu, then a stream's emu, then mu.
 	applyMu sync.Mutex
 
-	mu          sync.Mutex
-	spec        Spec
-	role        Role
-	epoch       uint64
-	dataState   DataState
+	mu        sync.Mutex
+	spec      Spec
+	role      Role
+	epoch     uint64
+	dataState DataState
 	// Identity (DESIGN invariant 8): joined says the replica holds the
 	// data of the pair pairUID ("" for a replica of a version 1 metadata
 	// file, which adopts the first UID it is given); zero that the store

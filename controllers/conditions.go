@@ -2,11 +2,13 @@ package controllers
 
 import (
 	"fmt"
+	"unicode/utf8"
 
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
+	"github.com/tandem-storage/tandem/dataplane/volume"
 )
 
 // Condition reasons.
@@ -56,8 +58,12 @@ func setSynchronizedCondition(conds *[]metav1.Condition, gen int64, writer, othe
 	case w == nil || !w.PeerConnected:
 		set(conds, gen, v1.ConditionSynchronized, false, ReasonPeerDisconnected, fmt.Sprintf("%s is not connected to %s", writer.Node, other.Node))
 	case w.Copy.Running:
-		set(conds, gen, v1.ConditionSynchronized, false, ReasonCopying, fmt.Sprintf("copying %d of %d bytes to %s", w.Copy.TotalBytes-w.Copy.DoneBytes, w.Copy.TotalBytes, other.Node))
-	case w.OutOfSyncRegions > 0 || other.Status == nil || other.Status.DataState != "UpToDate":
+		msg := fmt.Sprintf("copying %d of %d bytes to %s", w.Copy.TotalBytes-w.Copy.DoneBytes, w.Copy.TotalBytes, other.Node)
+		if w.Copy.FullCopy {
+			msg += " (full copy: " + w.Copy.Reason + ")"
+		}
+		set(conds, gen, v1.ConditionSynchronized, false, ReasonCopying, truncate(msg, 32768))
+	case w.OutOfSyncRegions > 0 || other.Status == nil || other.Status.DataState != volume.UpToDate:
 		set(conds, gen, v1.ConditionSynchronized, false, ReasonOutOfSync, fmt.Sprintf("%d bytes not yet on %s", w.OutOfSyncBytes, other.Node))
 	default:
 		set(conds, gen, v1.ConditionSynchronized, true, ReasonInSync, "both members hold the same data")
@@ -71,8 +77,12 @@ func setDegradedCondition(conds *[]metav1.Condition, gen int64, writer, other *M
 		set(conds, gen, v1.ConditionDegraded, true, ReasonWriterUnreachable, fmt.Sprintf("no report from the writer %s", writer.Node))
 	case !writer.Status.PeerConnected:
 		set(conds, gen, v1.ConditionDegraded, true, ReasonPeerLost, fmt.Sprintf("%s runs without %s; changed regions are tracked for resync", writer.Node, other.Node))
-	case other.Status == nil || other.Status.DataState != "UpToDate":
-		set(conds, gen, v1.ConditionDegraded, true, ReasonPeerNotUpToDate, fmt.Sprintf("%s is being resynced", other.Node))
+	case other.Status == nil || other.Status.DataState != volume.UpToDate:
+		msg := fmt.Sprintf("%s is being resynced", other.Node)
+		if other.Status != nil && other.Status.DataStateReason != "" {
+			msg = fmt.Sprintf("%s is being resynced: %s", other.Node, other.Status.DataStateReason)
+		}
+		set(conds, gen, v1.ConditionDegraded, true, ReasonPeerNotUpToDate, truncate(msg, 32768))
 	default:
 		set(conds, gen, v1.ConditionDegraded, false, ReasonBothHealthy, "both members are connected and up to date")
 	}
@@ -85,4 +95,17 @@ func setFailoverBlockedCondition(conds *[]metav1.Condition, gen int64, step Step
 		return
 	}
 	set(conds, gen, v1.ConditionFailoverBlocked, true, step.Blocked, step.Message)
+}
+
+// truncate shortens s to at most n bytes (on a rune boundary), marking the
+// cut, so a long agent message fits a status field's bound.
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	cut := n - len("…")
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return s[:cut] + "…"
 }

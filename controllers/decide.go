@@ -47,7 +47,14 @@ type AuthorityView struct {
 
 // View is everything Decide needs.
 type View struct {
-	Primary, Backup   MemberView // by spec
+	Primary, Backup MemberView // by spec
+	// PairUID is the VolumePair's UID: the pair whose data a member must
+	// hold to be trusted (DESIGN invariant 8).
+	PairUID string
+	// DataInitialized is status.dataInitialized: some member has held the
+	// pair's data, so a member without it is new or wiped, not a member of
+	// a brand-new pair.
+	DataInitialized   bool
 	Mode              v1.ReplicationMode
 	FailoverPolicy    v1.Policy
 	FailbackPolicy    v1.Policy
@@ -82,6 +89,7 @@ const (
 	BlockedBackupInconsistent  = "BackupInconsistent"
 	BlockedBackupUnknown       = "BackupStateUnknown"
 	BlockedBackupCatchingUp    = "BackupCatchingUp"
+	BlockedDataLost            = "DataLost"
 )
 
 // Step is Decide's answer.
@@ -112,6 +120,38 @@ func (v *View) other(node string) *MemberView {
 func (v *View) matches(m *MemberView, role volume.Role) bool {
 	s := m.Status
 	return s != nil && s.Role == role && s.Epoch == v.Authority.Epoch && string(s.Mode) == string(v.Mode)
+}
+
+// HoldsData reports whether the member's replica holds the data of pair
+// uid (a replica joined before UIDs were recorded holds its pair's).
+func HoldsData(m *MemberView, uid string) bool {
+	s := m.Status
+	return s != nil && s.Joined && (s.PairUID == uid || s.PairUID == "")
+}
+
+// PairHasData reports whether the pair's data exists, or existed, on some
+// member: then a member without it is new or was wiped, and only a full
+// copy may bring it in. Otherwise the pair is brand new and its first
+// writer starts its data (Spec.Initialize).
+func (v *View) PairHasData() bool {
+	return v.DataInitialized || HoldsData(&v.Primary, v.PairUID) || HoldsData(&v.Backup, v.PairUID)
+}
+
+// WriterLostData reports whether the authority's holder answers but holds
+// none of the pair's data: its replica is gone (no replica on its agent),
+// new or wiped, or a copy towards it never finished, and it does not serve.
+// It can never serve the pair's data again without a full copy, so it is
+// lost for failover purposes.
+func WriterLostData(v View) bool {
+	if !v.Authority.Exists || !v.PairHasData() {
+		return false
+	}
+	w := v.member(v.Authority.Holder)
+	if !w.Reachable || w.Suspect {
+		return false
+	}
+	s := w.Status
+	return s == nil || (s.Role != volume.RolePrimary && (!HoldsData(w, v.PairUID) || s.DataState == volume.Inconsistent))
 }
 
 // InSync reports whether the writer holds its peer fully in sync.
@@ -150,6 +190,20 @@ func Decide(v View) Step {
 	// server) and serves nothing until it can, while promoting the backup is
 	// as safe as for an unreachable writer.
 	fenced := WriterFenced(v) && v.Authority.Expired
+	if WriterLostData(v) {
+		// Its old incarnation may still have renewed the authority
+		// before the replica was lost: wait for the authority to expire
+		// like for any lost writer.
+		if !v.Authority.Expired {
+			return Step{Kind: StepNone, Blocked: BlockedAuthorityNotExpired,
+				Message: "the writer " + writer.Node + " lost the pair's data (" + dataReason(writer) + "); " + other.Node + " is promoted once its authority expires"}
+		}
+		blocked, msg := failoverBlocked(&v, writer, other)
+		if blocked == BlockedNone {
+			return Step{Kind: StepFailover, Target: other.Node, Blocked: BlockedNone}
+		}
+		return Step{Kind: StepNone, Blocked: blocked, Message: msg}
+	}
 	if writer.Suspect || fenced {
 		if fenced && writer.Status.PeerConnected && other.Reachable && !other.Suspect && !InSync(writer, other) &&
 			other.Status != nil && other.Status.DataState != volume.Inconsistent {
@@ -205,8 +259,22 @@ func Decide(v View) Step {
 	return Step{Kind: StepNone, Blocked: BlockedNone}
 }
 
+// dataReason is the member's account of why its data is not usable.
+func dataReason(m *MemberView) string {
+	if m.Status == nil {
+		return "no replica on its agent"
+	}
+	if m.Status.DataStateReason != "" {
+		return m.Status.DataStateReason
+	}
+	return "its data is " + string(m.Status.DataState)
+}
+
 func failoverBlocked(v *View, writer, other *MemberView) (string, string) {
 	switch {
+	case WriterLostData(*v) && other.Reachable && !other.Suspect && !HoldsData(other, v.PairUID):
+		return BlockedDataLost, "neither member holds the pair's data: " + writer.Node + ": " + dataReason(writer) + "; " + other.Node + ": " + dataReason(other) +
+			". The data is lost; delete and recreate the VolumePair to start over from an empty volume"
 	case !v.Authority.Expired:
 		return BlockedAuthorityNotExpired, "the writer " + writer.Node + " is unreachable but its authority Lease is still being renewed or has not expired; it may still be serving"
 	case (!other.Reachable || other.Suspect) && writer.Suspect:
@@ -215,8 +283,8 @@ func failoverBlocked(v *View, writer, other *MemberView) (string, string) {
 		return BlockedBackupUnreachable, "the writer " + writer.Node + " fenced itself and its authority expired, and " + other.Node + " is unreachable"
 	case other.Status == nil:
 		return BlockedBackupUnknown, "the agent on " + other.Node + " has not reported the replica"
-	case other.Status.DataState == volume.Inconsistent:
-		return BlockedBackupInconsistent, "the replica on " + other.Node + " is Inconsistent (a copy towards it did not finish); promoting it would serve corrupt data"
+	case other.Status.DataState == volume.Inconsistent || !HoldsData(other, v.PairUID):
+		return BlockedBackupInconsistent, "the replica on " + other.Node + " is Inconsistent (" + dataReason(other) + "); promoting it would serve corrupt or missing data"
 	case (other.RecordedOutdated && !other.OutdatedNotSent) || other.Status.DataState == volume.Outdated:
 		// A record whose confirmation never left the controller does not
 		// block: the writer holds sync writes until it is told (invariant

@@ -8,7 +8,7 @@ import (
 )
 
 func st(role volume.Role, epoch uint64, ds volume.DataState, connected bool, mut ...func(*volume.Status)) *volume.Status {
-	s := &volume.Status{Role: role, Epoch: epoch, Mode: volume.ModeAsync, DataState: ds, PeerConnected: connected, Writable: role == volume.RolePrimary}
+	s := &volume.Status{Role: role, Epoch: epoch, Mode: volume.ModeAsync, DataState: ds, PeerConnected: connected, Writable: role == volume.RolePrimary, Joined: ds != volume.Inconsistent}
 	for _, m := range mut {
 		m(s)
 	}
@@ -32,6 +32,11 @@ func TestDecide(t *testing.T) {
 		s.Mode = volume.ModeSync
 	}
 	syncMode := func(s *volume.Status) { s.Mode = volume.ModeSync }
+	// wiped: a new replica where the pair's data was (its disk replaced).
+	wiped := func(s *volume.Status) {
+		s.Joined, s.PairUID, s.Writable = false, "", false
+		s.DataStateReason = "new replica: it holds no data of the pair until a full copy completes"
+	}
 	// fencedSelf: the writer answers probes but lost the API server, so it
 	// cannot renew its authority and refuses writes.
 	fencedSelf := func(s *volume.Status) {
@@ -42,6 +47,7 @@ func TestDecide(t *testing.T) {
 		return View{
 			Primary: up("a", st(volume.RolePrimary, 1, volume.UpToDate, true)), Backup: up("b", st(volume.RoleBackup, 1, volume.UpToDate, true)),
 			Mode: v1.ModeAsync, FailoverPolicy: v1.PolicyAutomatic, FailbackPolicy: v1.PolicyManual, Authority: auth("a", 1, false, false),
+			PairUID: "uid-1",
 		}
 	}
 	tests := []struct {
@@ -258,6 +264,52 @@ func TestDecide(t *testing.T) {
 		{"backup lost (async): PAIR degraded, nothing to do", func(v *View) {
 			v.Backup = lost("b")
 			v.Primary.Status.PeerConnected = false
+		}, StepNone, "", BlockedNone},
+		// Identity (invariant 8): a writer whose disk was wiped comes back
+		// as a new replica, or with none at all.
+		{"writer wiped (new replica), authority not expired: wait", func(v *View) {
+			v.DataInitialized = true
+			v.Primary.Status = st(volume.RoleNone, 1, volume.Inconsistent, false, wiped)
+			v.Backup.Status.PeerConnected = false
+		}, StepNone, "", BlockedAuthorityNotExpired},
+		{"writer wiped (new replica), authority expired: SWAP", func(v *View) {
+			v.DataInitialized = true
+			v.Primary.Status = st(volume.RoleNone, 1, volume.Inconsistent, false, wiped)
+			v.Backup.Status.PeerConnected = false
+			v.Authority.Expired = true
+		}, StepFailover, "b", BlockedNone},
+		{"writer has no replica any more, pair had data, authority expired: SWAP", func(v *View) {
+			v.DataInitialized = true
+			v.Primary.Status = nil
+			v.Authority.Expired = true
+		}, StepFailover, "b", BlockedNone},
+		{"writer has no replica, status lost but the backup holds the data: wait, not configure", func(v *View) {
+			v.Primary.Status = nil
+		}, StepNone, "", BlockedAuthorityNotExpired},
+		{"brand-new pair, no replicas yet: configure (the writer starts the data)", func(v *View) {
+			v.Primary.Status, v.Backup.Status = nil, nil
+		}, StepConfigure, "a", BlockedNone},
+		{"both members wiped: data lost, nobody promoted", func(v *View) {
+			v.DataInitialized = true
+			v.Primary.Status = st(volume.RoleNone, 1, volume.Inconsistent, false, wiped)
+			v.Backup.Status = st(volume.RoleBackup, 1, volume.Inconsistent, false, wiped)
+			v.Authority.Expired = true
+		}, StepNone, "", BlockedDataLost},
+		{"primary lost, backup new (never copied to): blocked", func(v *View) {
+			v.Primary = lost("a")
+			v.Authority.Expired = true
+			v.Backup.Status = st(volume.RoleBackup, 1, volume.Inconsistent, false, wiped)
+		}, StepNone, "", BlockedBackupInconsistent},
+		{"primary lost, backup holds another pair's data: blocked", func(v *View) {
+			v.Primary = lost("a")
+			v.Authority.Expired = true
+			v.Backup.Status = st(volume.RoleBackup, 1, volume.UpToDate, false, func(s *volume.Status) { s.PairUID = "other" })
+		}, StepNone, "", BlockedBackupInconsistent},
+		{"NORMAL after a wipe, full copy running to spec.primary: no failback", func(v *View) {
+			v.Authority = auth("b", 2, false, true)
+			v.FailbackPolicy = v1.PolicyAutomatic
+			v.Backup.Status = st(volume.RolePrimary, 2, volume.UpToDate, true, func(s *volume.Status) { s.Copy.Running, s.Copy.FullCopy = true, true })
+			v.Primary.Status = st(volume.RoleBackup, 2, volume.Inconsistent, true, wiped)
 		}, StepNone, "", BlockedNone},
 	}
 	for _, tt := range tests {

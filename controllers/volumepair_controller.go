@@ -238,6 +238,7 @@ func (r *VolumePairReconciler) observe(ctx context.Context, s *scope) error {
 	s.agents = map[string]agentInfo{}
 	key := client.ObjectKeyFromObject(vp)
 	s.view = View{
+		PairUID: string(vp.UID), DataInitialized: vp.Status.DataInitialized,
 		Mode: vp.Spec.Mode, FailoverPolicy: vp.Spec.Failover.Policy, FailbackPolicy: vp.Spec.Failback.Policy,
 		FailoverRequested: vp.Annotations[v1.AnnotationFailoverRequested] != "",
 		FailbackRequested: vp.Annotations[v1.AnnotationFailbackRequested] != "",
@@ -610,10 +611,22 @@ func (r *VolumePairReconciler) configure(ctx context.Context, s *scope, hold boo
 	a := s.view.Authority
 	writer, other := s.view.member(a.Holder), s.view.other(a.Holder)
 	merge := vp.Spec.MergesPrimaryBitmap()
+	// Only the first writer of a pair whose data no member ever held
+	// starts the pair's data; a writer without the data is never made to
+	// serve (it would serve an empty volume, DESIGN invariant 8).
+	initialize := !s.view.PairHasData()
+	writerRole := volume.RolePrimary
+	if !initialize && !HoldsData(writer, s.view.PairUID) && writer.Status != nil && writer.Status.Role != volume.RolePrimary {
+		writerRole = volume.RoleNone
+	}
+	if !initialize && writer.Status == nil && s.view.PairHasData() {
+		writerRole = volume.RoleNone
+	}
 	req := func(role volume.Role, peer string, peerAddr string, h bool) agent.VolumeRequest {
 		return agent.VolumeRequest{Size: vp.Spec.SizeBytes(), RegionSize: vp.Spec.RegionSizeBytes(), Spec: volume.Spec{
 			PairUID: string(vp.UID), Role: role, Epoch: a.Epoch, Mode: volume.Mode(vp.Spec.Mode), PeerNode: peer, PeerAddress: peerAddr,
 			MergePeerBitmap: &merge, MaxBytesPerSecond: vp.Spec.Resync.MaxBytesPerSecond, Hold: h,
+			Initialize: initialize && role == volume.RolePrimary,
 		}}
 	}
 	var errs []error
@@ -627,7 +640,7 @@ func (r *VolumePairReconciler) configure(ctx context.Context, s *scope, hold boo
 	if writer.Reachable && len(errs) == 0 {
 		info := s.agents[writer.Node]
 		peerAddr := s.agents[other.Node].replication
-		if _, err := r.NewAgentClient(info.control, r.AgentToken).Put(ctx, vp.Namespace, vp.Name, req(volume.RolePrimary, other.Node, peerAddr, hold)); err != nil {
+		if _, err := r.NewAgentClient(info.control, r.AgentToken).Put(ctx, vp.Namespace, vp.Name, req(writerRole, other.Node, peerAddr, hold && writerRole == volume.RolePrimary)); err != nil {
 			errs = append(errs, fmt.Errorf("configure %s as primary: %w", writer.Node, err))
 		}
 	}
@@ -682,10 +695,16 @@ func (r *VolumePairReconciler) patchStatus(ctx context.Context, s *scope, ok boo
 		if w.Copy.Running {
 			start := metav1.NewTime(w.Copy.StartTime)
 			st.Copy = &v1.CopyProgress{Target: other.Node, TotalBytes: w.Copy.TotalBytes, DoneBytes: w.Copy.DoneBytes,
-				BytesPerSecond: w.Copy.BytesPerSecond, ETASeconds: w.Copy.ETASeconds, StartTime: &start, FullCopy: w.Copy.FullCopy}
+				BytesPerSecond: w.Copy.BytesPerSecond, ETASeconds: w.Copy.ETASeconds, StartTime: &start, FullCopy: w.Copy.FullCopy,
+				Reason: truncate(w.Copy.Reason, 512)}
 		}
 	}
 	inSync := InSync(writer, other)
+	for _, m := range []*MemberView{&view.Primary, &view.Backup} {
+		if m.Status != nil && m.Status.Joined && m.Status.PairUID == string(vp.UID) && !m.Stale {
+			st.DataInitialized = true
+		}
+	}
 	for _, m := range []*MemberView{&view.Primary, &view.Backup} {
 		setMemberState(vp, m.Node, func(ms *v1.MemberStatus) {
 			ms.Connected = m.Reachable && m.Status != nil && m.Status.PeerConnected
@@ -722,6 +741,9 @@ func (r *VolumePairReconciler) patchStatus(ctx context.Context, s *scope, ok boo
 				if !m.Status.Writable && m == writer {
 					ms.Message = m.Status.Reason
 				}
+				if m.Status.DataStateReason != "" && m.Status.DataState != volume.UpToDate {
+					ms.Message = m.Status.DataStateReason
+				}
 				if m.Status.LastError != "" {
 					ms.Message = m.Status.LastError
 				}
@@ -729,6 +751,7 @@ func (r *VolumePairReconciler) patchStatus(ctx context.Context, s *scope, ok boo
 			if ms.DataState != v1.DataOutdated {
 				ms.OutdatedConfirmation = ""
 			}
+			ms.Message = truncate(ms.Message, 1024)
 		})
 	}
 	setReadyCondition(&st.Conditions, gen, writer)

@@ -256,9 +256,14 @@ type CopyProgress struct {
 	// startTime is when the copy began.
 	// +optional
 	StartTime *metav1.Time `json:"startTime,omitempty"`
-	// fullCopy is true when the bitmaps were lost and the whole volume is copied.
+	// fullCopy is true when the whole volume is copied: the target is new or
+	// was wiped, holds another VolumePair's data, or lost its bitmaps.
 	// +optional
 	FullCopy bool `json:"fullCopy,omitempty"`
+	// reason says why a full copy is needed.
+	// +optional
+	// +kubebuilder:validation:MaxLength=512
+	Reason string `json:"reason,omitempty"`
 }
 
 // MemberStatus is what the controller last learned about one member.
@@ -340,6 +345,14 @@ type VolumePairStatus struct {
 	// +listMapKey=type
 	// +kubebuilder:validation:MaxItems=16
 	Conditions []metav1.Condition `json:"conditions,omitempty"`
+	// dataInitialized is true once a member has held the pair's data. From
+	// then on a member without it (a new replica, a wiped disk, a replica
+	// of another VolumePair) is Inconsistent: it receives a full copy and is
+	// never promoted or failed back to before the copy completes; and if
+	// neither member holds it, the pair reports its data lost rather than
+	// serving an empty volume.
+	// +optional
+	DataInitialized bool `json:"dataInitialized,omitempty"`
 	// observedGeneration is the generation the status was computed from.
 	// +optional
 	ObservedGeneration int64 `json:"observedGeneration,omitempty"`

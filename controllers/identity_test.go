@@ -40,7 +40,7 @@ func TestStoryWipedMember(t *testing.T) {
 			if who == "writer" {
 				wiped = s.a
 			}
-		
+
 			// Watch the wiped member from now on: it must never serve
 			// while it holds none of the pair's data, and the pair must
 			// not report Synchronized before it holds the data.

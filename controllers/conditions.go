@@ -23,6 +23,7 @@ const (
 	ReasonBothHealthy       = "BothMembersHealthy"
 	ReasonPeerLost          = "PeerLost"
 	ReasonPeerNotUpToDate   = "PeerNotUpToDate"
+	ReasonUnmergedRegions   = "UnmergedRegions"
 )
 
 func set(conds *[]metav1.Condition, gen int64, typ string, ok bool, reason, msg string) {
@@ -65,9 +66,30 @@ func setSynchronizedCondition(conds *[]metav1.Condition, gen int64, writer, othe
 		set(conds, gen, v1.ConditionSynchronized, false, ReasonCopying, truncate(msg, 32768))
 	case w.OutOfSyncRegions > 0 || other.Status == nil || other.Status.DataState != volume.UpToDate:
 		set(conds, gen, v1.ConditionSynchronized, false, ReasonOutOfSync, fmt.Sprintf("%d bytes not yet on %s", w.OutOfSyncBytes, other.Node))
+	case unmerged(writer, other) > 0:
+		holder := writer.Node
+		if other.Status.UnmergedRegions > 0 {
+			holder = other.Node
+		}
+		set(conds, gen, v1.ConditionSynchronized, false, ReasonUnmergedRegions, fmt.Sprintf(
+			"%d regions may differ between the members: %s holds there writes it acknowledged alone that were never copied to its peer "+
+				"(spec.resync.mergePrimaryBitmap is false); everything else is in sync. kubectl tandem verify lists the regions that differ; "+
+				"kubectl tandem verify --repair copies the writer's data over them",
+			unmerged(writer, other), holder))
 	default:
 		set(conds, gen, v1.ConditionSynchronized, true, ReasonInSync, "both members hold the same data")
 	}
+}
+
+// unmerged is how many regions the members report as unmerged.
+func unmerged(members ...*MemberView) int64 {
+	var n int64
+	for _, m := range members {
+		if m.Status != nil {
+			n += int64(m.Status.UnmergedRegions)
+		}
+	}
+	return n
 }
 
 // setDegradedCondition: True when only one member holds current data.

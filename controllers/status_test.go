@@ -1,8 +1,12 @@
 package controllers
 
 import (
+	"strings"
 	"testing"
 	"time"
+
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
 	"github.com/tandem-storage/tandem/dataplane/volume"
@@ -87,5 +91,59 @@ func TestRoundTimingNext(t *testing.T) {
 				t.Fatalf("next() = %v, want %v", got, tc.want)
 			}
 		})
+	}
+}
+
+func TestSynchronizedCondition(t *testing.T) {
+	w := func(mut ...func(*volume.Status)) *MemberView {
+		m := up("b", st(volume.RolePrimary, 2, volume.UpToDate, true, mut...))
+		return &m
+	}
+	o := func(mut ...func(*volume.Status)) *MemberView {
+		m := up("a", st(volume.RoleBackup, 2, volume.UpToDate, true, mut...))
+		return &m
+	}
+	unmergedOn := func(n uint64) func(*volume.Status) { return func(s *volume.Status) { s.UnmergedRegions = n } }
+	for _, tc := range []struct {
+		name          string
+		writer, other *MemberView
+		want          bool
+		reason, msg   string
+	}{
+		{"in sync", w(), o(), true, ReasonInSync, "same data"},
+		{"peer disconnected", w(func(s *volume.Status) { s.PeerConnected = false }), o(), false, ReasonPeerDisconnected, "not connected"},
+		{"full copy running, with its reason", w(func(s *volume.Status) {
+			s.Copy = volume.CopyStatus{Running: true, TotalBytes: 100, DoneBytes: 10, FullCopy: true, Reason: "the replica on a is new or was wiped"}
+		}), o(func(s *volume.Status) { s.DataState = volume.Inconsistent }), false, ReasonCopying, "full copy: the replica on a is new or was wiped"},
+		// The second embodiment: the returning member kept writes it never
+		// shipped; in sync otherwise, but not identical.
+		{"unmerged regions on the returning member", w(), o(unmergedOn(7)), false, ReasonUnmergedRegions, "7 regions may differ between the members: a holds"},
+		{"unmerged regions on the writer (after failback)", w(unmergedOn(2)), o(), false, ReasonUnmergedRegions, "2 regions may differ between the members: b holds"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var conds []metav1.Condition
+			setSynchronizedCondition(&conds, 1, tc.writer, tc.other)
+			c := meta.FindStatusCondition(conds, v1.ConditionSynchronized)
+			if c == nil || (c.Status == metav1.ConditionTrue) != tc.want || c.Reason != tc.reason || !strings.Contains(c.Message, tc.msg) {
+				t.Fatalf("Synchronized = %+v, want %v/%s with %q", c, tc.want, tc.reason, tc.msg)
+			}
+		})
+	}
+}
+
+func TestTruncate(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		n    int
+		want string
+	}{
+		{"short", 10, "short"},
+		{"exactly10!", 10, "exactly10!"},
+		{"a longer message", 10, "a longe…"},
+		{"ééééé", 6, "é…"},
+	} {
+		if got := truncate(tc.in, tc.n); got != tc.want || len(got) > tc.n {
+			t.Errorf("truncate(%q, %d) = %q, want %q", tc.in, tc.n, got, tc.want)
+		}
 	}
 }

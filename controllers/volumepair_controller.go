@@ -700,6 +700,9 @@ func (r *VolumePairReconciler) patchStatus(ctx context.Context, s *scope, ok boo
 		}
 	}
 	inSync := InSync(writer, other)
+	if writer.Status != nil && other.Status != nil {
+		st.UnmergedRegions = unmerged(writer, other)
+	}
 	for _, m := range []*MemberView{&view.Primary, &view.Backup} {
 		if m.Status != nil && m.Status.Joined && m.Status.PairUID == string(vp.UID) && !m.Stale {
 			st.DataInitialized = true

@@ -324,6 +324,15 @@ type VolumePairStatus struct {
 	// diffs. Always written, so kubectl shows 0 for a pair in sync.
 	// +optional
 	OutOfSyncBytes int64 `json:"outOfSyncBytes"`
+	// unmergedRegions counts the regions in which the members hold
+	// different data although the pair is otherwise in sync: with
+	// spec.resync.mergePrimaryBitmap false a resync does not copy what the
+	// returning member wrote alone (writes it acknowledged that never
+	// reached the other member), so those regions keep its version there.
+	// They shrink as the regions are written again or repaired
+	// (kubectl tandem verify --repair).
+	// +optional
+	UnmergedRegions int64 `json:"unmergedRegions,omitempty"`
 	// copy reports a running copy.
 	// +optional
 	Copy *CopyProgress `json:"copy,omitempty"`
@@ -370,6 +379,7 @@ type VolumePairStatus struct {
 // +kubebuilder:printcolumn:name="Backup",type=string,JSONPath=`.spec.backup.node`
 // +kubebuilder:printcolumn:name="Phase",type=string,JSONPath=`.status.phase`
 // +kubebuilder:printcolumn:name="Out-Of-Sync",type=integer,format=int64,JSONPath=`.status.outOfSyncBytes`
+// +kubebuilder:printcolumn:name="Unmerged",type=integer,format=int64,JSONPath=`.status.unmergedRegions`,priority=1
 // +kubebuilder:printcolumn:name="Epoch",type=integer,JSONPath=`.status.epoch`,priority=1
 // +kubebuilder:printcolumn:name="Endpoint",type=string,JSONPath=`.status.endpoint`,priority=1
 // +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`

@@ -126,7 +126,11 @@ func copyLine(c *storagev1alpha1.CopyProgress, now time.Time) string {
 		fmt.Fprintf(&b, ", started %s", ago(c.StartTime, now))
 	}
 	if c.FullCopy {
-		b.WriteString(", FULL COPY (the bitmaps were lost)")
+		why := c.Reason
+		if why == "" {
+			why = "the bitmaps were lost"
+		}
+		fmt.Fprintf(&b, ", FULL COPY (%s)", why)
 	}
 	return b.String()
 }

@@ -161,6 +161,9 @@ func renderStatus(w io.Writer, vp *storagev1alpha1.VolumePair, events []corev1.E
 		oos += fmt.Sprintf(" (%d bytes)", st.OutOfSyncBytes)
 	}
 	field("Out of sync", oos)
+	if st.UnmergedRegions > 0 {
+		field("Unmerged", fmt.Sprintf("%d regions differ between the members (writes never copied: spec.resync.mergePrimaryBitmap is false); kubectl tandem verify --repair makes them identical", st.UnmergedRegions))
+	}
 	if st.Copy != nil {
 		field("Copy", copyLine(st.Copy, now))
 	} else {

@@ -137,6 +137,20 @@ func TestRenderStatus(t *testing.T) {
 			"Observed:         generation 2 of 3: the status does not reflect the latest spec yet",
 			"  <unavailable: events is forbidden: no RBAC>",
 		},
+		wantNot: []string{"Unmerged:"},
+	}, {
+		name: "second embodiment: unmerged regions, full copy to a wiped member",
+		vp: func() *storagev1alpha1.VolumePair {
+			vp := testPair()
+			vp.Status = storagev1alpha1.VolumePairStatus{Phase: storagev1alpha1.PhaseCopy, ActivePrimary: "node-a", UnmergedRegions: 3,
+				Copy: &storagev1alpha1.CopyProgress{Target: "node-b", TotalBytes: 1 << 30, DoneBytes: 1 << 29, FullCopy: true,
+					Reason: "the replica on node-b is new or was wiped: it holds no data of the pair"}}
+			return vp
+		}(),
+		want: []string{
+			"Unmerged:         3 regions differ between the members (writes never copied: spec.resync.mergePrimaryBitmap is false); kubectl tandem verify --repair makes them identical",
+			"Copy:             to node-b: 512 MiB of 1 GiB (50.0%), rate not known yet, FULL COPY (the replica on node-b is new or was wiped: it holds no data of the pair)",
+		},
 	}}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -43,7 +43,9 @@
 //	11 CopyDone   ordered with writes     -                   -
 //	12 Ping, 13 Pong                      (a Pong echoes its Ping's seq and payload)
 //	14 Hold, 15 Release, 16 RoleSwitch    (failback)          JSON
-//	17 ResyncBegin first frame of a stream    offset: bytes the resync will copy (0: none)
+//	17 ResyncBegin first frame of a stream    offset: bytes the resync will copy (0: none);
+//	                                       length: ResyncUnmerged when the receiver's own diff was not merged
+//	                                       into the copy (spec.resync.mergePrimaryBitmap false)
 //	18 FwdWrite    request id              volume range        the data           length = N > 0
 //	19 FwdTrim, 20 FwdZero  request id     volume range        -                  N = 0, length > 0
 //	21 FwdFlush    request id              -                   -
@@ -95,6 +97,12 @@ import (
 	"strings"
 	"sync"
 )
+
+// ResyncUnmerged in a ResyncBegin frame's length field tells the backup
+// that its own diff (the regions it sent in its Bitmap) was not merged into
+// the copy: those regions stay different from the primary's (the method's
+// second embodiment), and the backup keeps them as unmerged regions.
+const ResyncUnmerged = 1
 
 // Wire constants.
 const (

@@ -44,6 +44,8 @@ type backupSide struct {
 	// nor after a newer stream from the same primary took over.
 	emu     sync.Mutex
 	stopped bool
+	// fullCopy: the resync in progress copies the whole volume.
+	fullCopy bool
 
 	fwd *fwdClient
 }
@@ -289,6 +291,7 @@ func (b *backupSide) effect(f *repl.Frame) (bool, error) {
 		if _, err := v.store.WriteAt(f.Payload, int64(f.Offset)); err != nil {
 			return false, b.fail(fmt.Errorf("apply %v at %d: %w", f.Type, f.Offset, err))
 		}
+		v.coveredUnmerged(int64(f.Offset), int64(f.Length))
 	case repl.TypeTrim, repl.TypeZero:
 		if err := b.checkRange(f); err != nil {
 			return false, err
@@ -300,6 +303,7 @@ func (b *backupSide) effect(f *repl.Frame) (bool, error) {
 		if err := op(int64(f.Offset), int64(f.Length)); err != nil {
 			return false, b.fail(fmt.Errorf("apply %v at %d: %w", f.Type, f.Offset, err))
 		}
+		v.coveredUnmerged(int64(f.Offset), int64(f.Length))
 	case repl.TypeFlush:
 		sync = true
 	case repl.TypeResyncBegin:
@@ -308,8 +312,15 @@ func (b *backupSide) effect(f *repl.Frame) (bool, error) {
 				return false, b.fail(err)
 			}
 		}
-		// The primary journaled our diff before sending this: ours
-		// can go.
+		b.fullCopy = int64(f.Offset) >= v.opts.Size
+		if f.Length&repl.ResyncUnmerged != 0 {
+			// Our diff stays ours (second embodiment): remember it.
+			if err := v.keepUnmerged(v.tracker.Dirty()); err != nil {
+				return false, b.fail(err)
+			}
+		}
+		// The primary journaled our diff before sending this (or keeps
+		// it unmerged): ours can go.
 		v.tracker.Clear()
 		v.mu.Lock()
 		v.bitmapsLost = false
@@ -334,6 +345,12 @@ func (b *backupSide) effect(f *repl.Frame) (bool, error) {
 	if f.Type == repl.TypeCopyDone {
 		// Everything the primary holds is here now: the replica holds
 		// the pair's data.
+		if b.fullCopy {
+			v.clearUnmerged()
+		}
+		if err := v.flushUnmerged(); err != nil {
+			return false, b.fail(err)
+		}
 		if err := v.completeCopy(b.pairUID); err != nil {
 			return false, b.fail(err)
 		}

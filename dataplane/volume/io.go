@@ -272,6 +272,9 @@ func (v *Volume) submitOwned(ctx context.Context, kind opKind, p []byte, off, n 
 		v.setError(err)
 		return err
 	}
+	// A region written whole is the same on both members once this write
+	// is replicated or resynced: it is no longer unmerged.
+	v.coveredUnmerged(off, n)
 	v.mu.Lock()
 	l := v.link
 	mode := v.spec.Mode

@@ -220,15 +220,18 @@ func (l *link) session() error {
 	// Journal the peer's diff before relying on it: if this side crashes
 	// now, the merged regions must still be copied (invariant 3).
 	merge := l.spec.mergePeer() && peerBitmap != nil && !peerBitmap.IsEmpty()
+	// The backup keeps what it wrote alone when its diff is not merged
+	// (mergePrimaryBitmap false): it must know, to report those regions.
+	unmerged := !l.spec.mergePeer() && peerBitmap != nil && !peerBitmap.IsEmpty()
 	full := fullCopyReason(ack, l.spec.PairUID, primaryZero)
 	if full != "" {
 		all := roaring.New()
 		all.AddRange(0, uint64(l.v.tracker.Regions()))
-		peerBitmap, merge = all, true
+		peerBitmap, merge, unmerged = all, true, false
 	} else if !peerHolds(ack, l.spec.PairUID) {
 		// Both all-zero: identical without a copy; the backup joins at
 		// CopyDone. Its own diff means nothing.
-		peerBitmap, merge = nil, false
+		peerBitmap, merge, unmerged = nil, false, false
 	}
 	if merge {
 		if err := l.journalRegions(peerBitmap); err != nil {
@@ -249,7 +252,11 @@ func (l *link) session() error {
 	l.cp = CopyStatus{Running: total > 0, TotalBytes: total, StartTime: time.Now(), FullCopy: full != "", Reason: full}
 	// The first frame tells the backup how much is coming: it marks itself
 	// Inconsistent before the first copied region lands.
-	l.enqueueLocked(repl.Frame{Type: repl.TypeResyncBegin, Offset: uint64(total)}, nil, 0)
+	begin := repl.Frame{Type: repl.TypeResyncBegin, Offset: uint64(total)}
+	if unmerged {
+		begin.Length = repl.ResyncUnmerged
+	}
+	l.enqueueLocked(begin, nil, 0)
 	l.notifyLocked()
 	l.mu.Unlock()
 	l.v.notify()

@@ -113,6 +113,11 @@ type Status struct {
 	// recorded, until the controller gives it its pair's UID.
 	Joined  bool   `json:"joined,omitempty"`
 	PairUID string `json:"pairUID,omitempty"`
+	// UnmergedRegions counts the regions that differ from the peer's
+	// because a resync did not merge this member's own diff
+	// (mergePrimaryBitmap false: writes this member acknowledged that
+	// never reached the peer). Both members are otherwise in sync.
+	UnmergedRegions uint64 `json:"unmergedRegions,omitempty"`
 	// Writable is true when this member accepts client writes now.
 	Writable bool `json:"writable"`
 	// Reason explains why the member is not writable.

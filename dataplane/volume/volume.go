@@ -91,17 +91,24 @@ type Volume struct {
 	zero        atomic.Bool
 	dataReason  string
 	bitmapsLost bool
-	aloneEpoch  uint64 // the controller recorded the peer Outdated at this epoch
-	changed     chan struct{}
-	inflight    int64 // admitted client writes not yet finished
-	holdStart   time.Time
-	lastHold    time.Duration
-	lastErr     string
-	lastErrTime time.Time
-	link        *link       // primary side
-	backupConn  *backupSide // backup side
-	fwd         *forwarder  // ex-writer forwarding to the new writer
-	closed      bool
+	// unmerged are the regions a resync left different on the two members
+	// because this member's own diff was not merged (mergePrimaryBitmap
+	// false, the method's second embodiment); kept in the file "unmerged"
+	// and shrunk as frames covering a whole region arrive.
+	unmerged      *roaring.Bitmap
+	unmergedDirty bool          // the file lags the set (only shrunk since)
+	unmergedN     atomic.Uint64 // its size, read without v.mu on the write path
+	aloneEpoch    uint64        // the controller recorded the peer Outdated at this epoch
+	changed       chan struct{}
+	inflight      int64 // admitted client writes not yet finished
+	holdStart     time.Time
+	lastHold      time.Duration
+	lastErr       string
+	lastErrTime   time.Time
+	link          *link       // primary side
+	backupConn    *backupSide // backup side
+	fwd           *forwarder  // ex-writer forwarding to the new writer
+	closed        bool
 
 	waitingAlone atomic.Int64
 	heldWrites   atomic.Int64
@@ -196,6 +203,15 @@ func Open(opts Options) (*Volume, error) {
 		v.zero.Store(true)
 	}
 	v.store = st
+
+	v.unmerged, err = bitmap.ReadRegionSet(filepath.Join(opts.Dir, unmergedFile), opts.Size, opts.RegionSize)
+	if err != nil {
+		// Which regions differ is lost: say all of them may.
+		log.Error(err, "Unmerged regions lost; reporting every region as possibly different")
+		v.unmerged = roaring.New()
+		v.unmerged.AddRange(0, uint64(v.tracker.Regions()))
+	}
+	v.unmergedN.Store(v.unmerged.GetCardinality())
 
 	j, recovered, err := bitmap.OpenJournal(filepath.Join(opts.Dir, "bitmap"), opts.Size, opts.RegionSize, opts.ExtentSize, log.WithName("journal"))
 	if errors.Is(err, bitmap.ErrCorrupt) || errors.Is(err, bitmap.ErrGeometry) {
@@ -480,6 +496,76 @@ func (v *Volume) refuseLocked(s Spec) error {
 	return nil
 }
 
+// unmergedFile holds the unmerged regions (bitmap.WriteRegionSet).
+const unmergedFile = "unmerged"
+
+// keepUnmerged adds the regions of own, this member's diff that the primary
+// did not merge into a resync, to the unmerged set, durably: they differ
+// from the primary's and will not be copied.
+func (v *Volume) keepUnmerged(own *roaring.Bitmap) error {
+	if own.IsEmpty() {
+		return nil
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	next := roaring.Or(v.unmerged, own)
+	if err := bitmap.WriteRegionSet(filepath.Join(v.opts.Dir, unmergedFile), v.opts.Size, v.opts.RegionSize, next); err != nil {
+		return fmt.Errorf("volume %s: recording unmerged regions: %w", v.opts.Name, err)
+	}
+	v.unmerged, v.unmergedDirty = next, false
+	v.unmergedN.Store(next.GetCardinality())
+	v.log.Info("Own diff not merged by the primary (mergePrimaryBitmap false); regions left different", "regions", own.GetCardinality(), "unmergedTotal", next.GetCardinality())
+	return nil
+}
+
+// coveredUnmerged drops from the unmerged set the regions that
+// [off, off+n) covers whole: the frame that wrote them made both members
+// hold the same bytes there. The file is rewritten lazily (at the next
+// checkpoint); a crash before that over-reports, never under-reports.
+func (v *Volume) coveredUnmerged(off, n int64) {
+	rs := v.opts.RegionSize
+	first := (off + rs - 1) / rs
+	end := (off + n) / rs
+	if off+n >= v.opts.Size {
+		end = int64(v.tracker.Regions())
+	}
+	if end <= first || v.unmergedN.Load() == 0 {
+		return
+	}
+	v.mu.Lock()
+	if v.unmerged.IntersectsWithInterval(uint64(first), uint64(end)) {
+		v.unmerged.RemoveRange(uint64(first), uint64(end))
+		v.unmergedDirty = true
+		v.unmergedN.Store(v.unmerged.GetCardinality())
+	}
+	v.mu.Unlock()
+}
+
+// clearUnmerged forgets every unmerged region (a full copy overwrote them).
+func (v *Volume) clearUnmerged() {
+	v.mu.Lock()
+	if !v.unmerged.IsEmpty() {
+		v.unmerged.Clear()
+		v.unmergedDirty = true
+		v.unmergedN.Store(0)
+	}
+	v.mu.Unlock()
+}
+
+// flushUnmerged rewrites the unmerged file if it lags the set.
+func (v *Volume) flushUnmerged() error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if !v.unmergedDirty {
+		return nil
+	}
+	if err := bitmap.WriteRegionSet(filepath.Join(v.opts.Dir, unmergedFile), v.opts.Size, v.opts.RegionSize, v.unmerged); err != nil {
+		return fmt.Errorf("volume %s: recording unmerged regions: %w", v.opts.Name, err)
+	}
+	v.unmergedDirty = false
+	return nil
+}
+
 // Reasons for a data state, shown in Status.DataStateReason.
 const (
 	reasonNew      = "new replica: it holds no data of the pair until a full copy completes"
@@ -574,7 +660,7 @@ func (v *Volume) Status() Status {
 	st := Status{
 		Name: v.opts.Name, Size: v.opts.Size, RegionSize: v.opts.RegionSize,
 		Role: v.role, Epoch: v.epoch, Mode: v.spec.Mode, DataState: v.dataState,
-		Joined: v.joined, PairUID: v.pairUID,
+		Joined: v.joined, PairUID: v.pairUID, UnmergedRegions: v.unmerged.GetCardinality(),
 		PeerNode: v.spec.PeerNode, BitmapsLost: v.bitmapsLost,
 		Holding: !v.holdStart.IsZero(), LastHoldSeconds: v.lastHold.Seconds(),
 		LastError: v.lastErr, LastErrorTime: v.lastErrTime,
@@ -679,6 +765,9 @@ func (v *Volume) checkpoint() error {
 	v.ckpt.Lock()
 	snap := v.tracker.Dirty()
 	v.ckpt.Unlock()
+	if err := v.flushUnmerged(); err != nil {
+		return err
+	}
 	return v.journal.Checkpoint(snap)
 }
 
@@ -704,6 +793,9 @@ func (v *Volume) Close() error {
 	v.wg.Wait()
 	var errs []error
 	if err := v.store.Sync(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := v.flushUnmerged(); err != nil {
 		errs = append(errs, err)
 	}
 	if err := v.journal.Close(v.tracker.Dirty()); err != nil {

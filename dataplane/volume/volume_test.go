@@ -28,6 +28,8 @@ type member struct {
 	v    *volume.Volume
 	st   *store.Mem
 	addr string
+	dir  string
+	node string
 	logs *syncBuf
 }
 
@@ -50,9 +52,22 @@ func (s *syncBuf) String() string {
 
 func newMember(t testing.TB, node string) *member {
 	t.Helper()
-	m := &member{st: store.NewMem(size), logs: &syncBuf{}}
+	return openMember(t, node, t.TempDir(), store.NewMem(size))
+}
+
+// reopen opens m's replica again after m.v was closed, as an agent
+// restart would: same directory, same store contents.
+func reopen(t testing.TB, m *member) *member {
+	t.Helper()
+	m.st.Reopen()
+	return openMember(t, m.node, m.dir, m.st)
+}
+
+func openMember(t testing.TB, node, dir string, st *store.Mem) *member {
+	t.Helper()
+	m := &member{st: st, logs: &syncBuf{}, dir: dir, node: node}
 	log := funcr.New(func(prefix, args string) { m.logs.add(prefix + " " + args) }, funcr.Options{})
-	v, err := volume.Open(volume.Options{Name: "ns/vol", Node: node, Dir: t.TempDir(), Size: size, RegionSize: region,
+	v, err := volume.Open(volume.Options{Name: "ns/vol", Node: node, Dir: dir, Size: size, RegionSize: region,
 		Store: m.st, CheckpointInterval: 100 * time.Millisecond, Log: log})
 	if err != nil {
 		t.Fatal(err)

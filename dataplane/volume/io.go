@@ -2,6 +2,7 @@ package volume
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math/bits"
 	"sync"
@@ -102,6 +103,9 @@ func (v *Volume) checkRange(off, n int64) error {
 // stopped being the writer while holding, so the write goes to the new
 // writer instead.
 func (v *Volume) admit(ctx context.Context) (*forwarder, error) {
+	if err := v.awaitAuthority(ctx); err != nil {
+		return nil, err
+	}
 	var heldSince time.Time
 	for {
 		v.mu.Lock()
@@ -136,6 +140,35 @@ func (v *Volume) admit(ctx context.Context) (*forwarder, error) {
 	}
 }
 
+// authorityWait bounds how long a request waits for a new writer's first
+// grant of authority (ErrAuthorityPending) before it is refused.
+const authorityWait = 10 * time.Second
+
+// awaitAuthority returns once the member's authority is no longer pending
+// (granted, refused, or still pending after authorityWait); the caller then
+// checks writability as usual. It fails only when ctx ends.
+func (v *Volume) awaitAuthority(ctx context.Context) error {
+	var deadline time.Time
+	for {
+		v.mu.Lock()
+		err := v.writableLocked()
+		v.mu.Unlock()
+		if err == nil || !errors.Is(err, ErrAuthorityPending) {
+			return nil
+		}
+		if deadline.IsZero() {
+			deadline = time.Now().Add(authorityWait)
+		} else if time.Now().After(deadline) {
+			return nil
+		}
+		select {
+		case <-time.After(5 * time.Millisecond):
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for the writer's authority: %w", ctx.Err())
+		}
+	}
+}
+
 func (v *Volume) release() {
 	v.mu.Lock()
 	v.inflight--
@@ -149,6 +182,9 @@ func (v *Volume) release() {
 // never reads data older than what it wrote.
 func (v *Volume) ReadAt(ctx context.Context, p []byte, off int64) error {
 	if err := v.checkRange(off, int64(len(p))); err != nil {
+		return err
+	}
+	if err := v.awaitAuthority(ctx); err != nil {
 		return err
 	}
 	for attempt := 1; ; attempt++ {
@@ -375,6 +411,9 @@ func (v *Volume) waitAlone(ctx context.Context) error {
 // Flush makes every completed write durable locally and, in Sync mode, on
 // the peer.
 func (v *Volume) Flush(ctx context.Context) error {
+	if err := v.awaitAuthority(ctx); err != nil {
+		return err
+	}
 	for attempt := 1; ; attempt++ {
 		v.mu.Lock()
 		f := v.fwd

@@ -4,9 +4,11 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"fmt"
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -213,5 +215,49 @@ func TestApplyPersistsBeforeActing(t *testing.T) {
 	st := v.Status()
 	if st.Role != volume.RoleBackup || st.Epoch != 1 || st.Writable {
 		t.Fatalf("after a failed Apply the member is %s at epoch %d (writable %v), want Backup at epoch 1", st.Role, st.Epoch, st.Writable)
+	}
+}
+
+// pendingAuthority answers ErrAuthorityPending until granted.
+type pendingAuthority struct{ granted atomic.Bool }
+
+func (p *pendingAuthority) Authorized(string, uint64) error {
+	if p.granted.Load() {
+		return nil
+	}
+	return fmt.Errorf("authority Lease not yet renewed by this node: %w", volume.ErrAuthorityPending)
+}
+
+// TestNewWriterWaitsForItsFirstGrant: right after a failback the requests
+// the old writer forwards reach the new writer before its first authority
+// renewal. They must wait for it, not fail: before, the client got EIO
+// ("authority Lease not yet renewed by this node") and a file system on
+// top would have gone read-only.
+func TestNewWriterWaitsForItsFirstGrant(t *testing.T) {
+	auth := &pendingAuthority{}
+	v, err := volume.Open(volume.Options{Name: "ns/vol", Node: "a", Dir: t.TempDir(), Size: size, RegionSize: region,
+		Store: store.NewMem(size), Authority: auth})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { v.Close() })
+	if err := v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 3, Initialize: true}); err != nil {
+		t.Fatal(err)
+	}
+	time.AfterFunc(150*time.Millisecond, func() { auth.granted.Store(true) })
+	start := time.Now()
+	if err := v.WriteAt(context.Background(), []byte("held, not failed"), 0, true); err != nil {
+		t.Fatalf("a write to a writer whose first grant is pending failed: %v", err)
+	}
+	if waited := time.Since(start); waited < 100*time.Millisecond {
+		t.Fatalf("the write did not wait for the grant (%v)", waited)
+	}
+	// A refusal that is not pending is not waited for.
+	if err := v.Apply(volume.Spec{Role: volume.RoleNone, Epoch: 4}); err != nil {
+		t.Fatal(err)
+	}
+	start = time.Now()
+	if err := v.WriteAt(context.Background(), []byte("x"), 0, false); err == nil || time.Since(start) > time.Second {
+		t.Fatalf("a write to a fenced member: %v after %v", err, time.Since(start))
 	}
 }

@@ -1,6 +1,7 @@
 package volume
 
 import (
+	"errors"
 	"fmt"
 	"syscall"
 	"time"
@@ -140,7 +141,9 @@ type Status struct {
 	WaitingForPeerOutdated int64 `json:"waitingForPeerOutdated"`
 	// Holding is true while new writes are held for a failback; Drained when
 	// nothing is left to ship.
-	Holding         bool      `json:"holding"`
+	Holding bool `json:"holding"`
+	// HoldSeconds is how long the current hold has lasted.
+	HoldSeconds     float64   `json:"holdSeconds,omitempty"`
 	Drained         bool      `json:"drained"`
 	LastHoldSeconds float64   `json:"lastHoldSeconds"`
 	HeldWrites      int64     `json:"heldWrites"`
@@ -169,4 +172,11 @@ var (
 	ErrNotWriter = fmt.Errorf("not the writer: %w", syscall.EPERM)
 	// ErrClosed: the volume is shut down.
 	ErrClosed = fmt.Errorf("volume closed: %w", syscall.ESHUTDOWN)
+	// ErrAuthorityPending is wrapped by an Authority that was not asked
+	// yet for the member's current epoch: the member was just made the
+	// writer and its first renewal has not completed. Client requests wait
+	// for it (up to authorityWait) instead of failing: right after a
+	// failback the requests forwarded by the old writer arrive before the
+	// new writer's first renewal.
+	ErrAuthorityPending = errors.New("authority not granted yet")
 )

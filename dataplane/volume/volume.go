@@ -679,6 +679,9 @@ func (v *Volume) Status() Status {
 			st.DataStateReason = reasonCopying
 		}
 	}
+	if !v.holdStart.IsZero() {
+		st.HoldSeconds = time.Since(v.holdStart).Seconds()
+	}
 	l, b := v.link, v.backupConn
 	inflight := v.inflight
 	v.mu.Unlock()
@@ -717,7 +720,7 @@ func (v *Volume) writableLocked() error {
 		return fmt.Errorf("member %s is %s at epoch %d: %w", v.opts.Node, v.role, v.epoch, ErrNotWriter)
 	}
 	if err := v.auth.Authorized(v.opts.Name, v.epoch); err != nil {
-		return fmt.Errorf("member %s is fenced at epoch %d: %v: %w", v.opts.Node, v.epoch, err, ErrNotWriter)
+		return fmt.Errorf("member %s is fenced at epoch %d: %w: %w", v.opts.Node, v.epoch, err, ErrNotWriter)
 	}
 	return nil
 }

@@ -107,7 +107,7 @@ const (
 const namePrefix = "tandem-pair-"
 
 // legacyPrefix and the join below are the naming before pair UIDs
-// (v1alpha1.AuthorityLeaseName): "tandem-pair-<namespace>-<name>".
+// (the removed v1alpha1 name function): "tandem-pair-<namespace>-<name>".
 const legacyPrefix = namePrefix
 
 // FenceMargin is how long before a lease duration d has passed since the

@@ -41,7 +41,7 @@ type AuthorityView struct {
 	Exists     bool
 	Holder     string
 	Epoch      uint64
-	Expired    bool // renewTime + leaseDuration (+ margin) is in the past
+	Expired    bool // not seen renewed for leaseDuration + margin (authority.Observer)
 	FailedOver bool // the holder is the backup because of a failover
 }
 

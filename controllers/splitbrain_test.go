@@ -39,10 +39,9 @@ import (
 	"testing"
 	"time"
 
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
 	"github.com/tandem-storage/tandem/dataplane/agent"
+	"github.com/tandem-storage/tandem/internal/authority"
 	"github.com/tandem-storage/tandem/internal/stresstest"
 )
 
@@ -411,11 +410,7 @@ func splitBrainTrial(t *testing.T, mlog *testLog, blk *blocker, mode v1.Replicat
 	time.Sleep(300 * time.Millisecond)
 	close(stop)
 
-	l, err := cs.CoordinationV1().Leases(opNS).Get(context.Background(), v1.AuthorityLeaseName(s.ns, s.name), metav1.GetOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	acquired := l.Spec.AcquireTime.Time
+	acquired := s.authorityLease().Spec.AcquireTime.Time
 
 	// Heal and let the pair converge: failback is Automatic.
 	s.a.netw.apiCut.Store(false)
@@ -532,10 +527,10 @@ func (l *testLog) dumpMatching(t testing.TB, sub string) {
 func apiOnlyTrial(t *testing.T, s *story, trial uint64, cut time.Time, lease time.Duration, mu *sync.Mutex, acks *[]ackRec,
 	stop chan struct{}, wg *sync.WaitGroup, both *atomic.Int64, lastWritableA *atomic.Value, violations *atomic.Int64, fail func(string, ...any)) {
 	// The writer renewed its authority last before the cut, so it expires
-	// within lease+expiryMargin of it; the controller looks again right
+	// within lease+ExpiryMargin of seeing it; the controller looks again right
 	// then, and promoting and configuring the backup take a few rounds.
 	// Generous for -race on a loaded 2-CPU machine.
-	bound := lease + expiryMargin + 10*time.Second
+	bound := lease + authority.ExpiryMargin + 10*time.Second
 	s.waitFor(bound, "failover to the backup after the writer lost the API server", func(vp *v1.VolumePair) bool {
 		return vp.Status.ActivePrimary == s.b.name && vp.Status.Epoch == 2
 	})
@@ -572,11 +567,7 @@ func apiOnlyTrial(t *testing.T, s *story, trial uint64, cut time.Time, lease tim
 	if s.writable(s.a) {
 		fail("%s still writable after %s was promoted", s.a.name, s.b.name)
 	}
-	l, err := cs.CoordinationV1().Leases(opNS).Get(context.Background(), v1.AuthorityLeaseName(s.ns, s.name), metav1.GetOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	acquired := l.Spec.AcquireTime.Time
+	acquired := s.authorityLease().Spec.AcquireTime.Time
 
 	// Heal; the old primary gets its role back (failback is Automatic).
 	healed := time.Now()

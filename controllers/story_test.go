@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/api/resource"
@@ -21,6 +22,7 @@ import (
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
 	"github.com/tandem-storage/tandem/dataplane/agent"
+	"github.com/tandem-storage/tandem/internal/authority"
 )
 
 type story struct {
@@ -275,12 +277,9 @@ func TestStory(t *testing.T) {
 			if n := strings.Count(ev, "Failover:"); n != 1 {
 				t.Errorf("%d Failover events, want 1 (no double promotion):\n%s", n, ev)
 			}
-			lease, err := cs.CoordinationV1().Leases(opNS).Get(context.Background(), v1.AuthorityLeaseName(s.ns, s.name), metav1.GetOptions{})
-			if err != nil {
-				t.Fatal(err)
-			}
-			if lease.Annotations[v1.AnnEpoch] != "3" || ptr.Deref(lease.Spec.HolderIdentity, "") != s.a.name {
-				t.Fatalf("authority after failback: holder %v epoch %s", lease.Spec.HolderIdentity, lease.Annotations[v1.AnnEpoch])
+			lease := s.authorityLease()
+			if h, e, err := authority.Holder(lease); err != nil || e != 3 || h != s.a.name {
+				t.Fatalf("authority after failback: holder %q epoch %d (%v)", h, e, err)
 			}
 
 			// Deletion tears the replicas down.
@@ -293,6 +292,20 @@ func TestStory(t *testing.T) {
 			}
 		})
 	}
+}
+
+// authorityLease reads the pair's authority Lease (named after its UID).
+func (s *story) authorityLease() *coordinationv1.Lease {
+	s.t.Helper()
+	name, err := authority.LeaseName(s.get().UID)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	l, err := cs.CoordinationV1().Leases(opNS).Get(context.Background(), name, metav1.GetOptions{})
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	return l
 }
 
 func controllerutilHas(vp *v1.VolumePair) bool {

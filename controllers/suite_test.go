@@ -26,6 +26,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
+	"k8s.io/utils/clock"
 	"k8s.io/utils/ptr"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -122,6 +123,8 @@ type node struct {
 	ctrl, repl, nbdAddr string
 	log                 *testLog
 	netw                nodeNet // what tests can cut
+	// clock is the agent's clock (nil: the real one); set before start.
+	clock clock.PassiveClock
 
 	mu     sync.Mutex
 	a      *agent.Agent
@@ -153,7 +156,11 @@ func (n *node) start() {
 	defer n.mu.Unlock()
 	lg := n.log.logger(n.name)
 	kc := n.netw.clientset(n.t)
-	auth := agent.NewKubeAuthority(kc.CoordinationV1(), opNS, n.name)
+	var opts []agent.Option
+	if n.clock != nil {
+		opts = append(opts, agent.WithClock(n.clock))
+	}
+	auth := agent.NewKubeAuthority(kc.CoordinationV1(), opNS, n.name, opts...)
 	a, err := agent.New(agent.Config{Node: n.name, DataDir: n.dir, Token: token, Authority: auth, Dial: n.netw.dial, Log: lg})
 	if err != nil {
 		n.t.Fatal(err)
@@ -174,13 +181,13 @@ func (n *node) start() {
 		lns = append(lns, l)
 	}
 	lns[1] = n.netw.listener(lns[1])
-	ep := agent.Endpoints{Control: "http://" + n.ctrl, Replication: n.repl, NBD: n.nbdAddr}
+	ep := agent.Endpoints{Control: "http://" + n.ctrl, Replication: n.repl, NBD: n.nbdAddr, DataDir: n.dir}
 	a.SetAddresses(ep.NBD, ep.Replication, ep.Control)
 	srv := &http.Server{Handler: a.Handler()}
 	n.wg.Add(4)
 	go func() { defer n.wg.Done(); _ = srv.Serve(lns[0]) }()
 	go func() { defer n.wg.Done(); _ = a.ServeReplication(ctx, lns[1]) }()
-	go func() { defer n.wg.Done(); agent.Register(ctx, kc.CoordinationV1(), opNS, n.name, ep, lg) }()
+	go func() { defer n.wg.Done(); agent.Register(ctx, kc.CoordinationV1(), opNS, n.name, ep, lg, opts...) }()
 	go func() { defer n.wg.Done(); auth.Run(ctx, a.Primaries, lg) }()
 	n.a, n.cancel, n.srv, n.lns = a, cancel, srv, lns
 }

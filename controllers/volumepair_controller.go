@@ -9,20 +9,20 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strconv"
 	"sync"
 	"time"
 
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/tools/events"
 	"k8s.io/client-go/util/retry"
 	"k8s.io/klog/v2"
-	"k8s.io/utils/ptr"
+	"k8s.io/utils/clock"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -33,6 +33,7 @@ import (
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
 	"github.com/tandem-storage/tandem/dataplane/agent"
 	"github.com/tandem-storage/tandem/dataplane/volume"
+	"github.com/tandem-storage/tandem/internal/authority"
 )
 
 // +kubebuilder:rbac:groups=storage.tandem.dev,resources=volumepairs,verbs=get;list;watch;update;patch
@@ -44,9 +45,9 @@ import (
 // election) live in the operator namespace only: the namespaced Role in
 // config/rbac/leader_election_role.yaml grants them, not this ClusterRole.
 
-// expiryMargin is added to a Lease's duration before it counts as expired,
-// for clock skew between the agent and the controller.
-const expiryMargin = 500 * time.Millisecond
+// BlockedAuthorityNotOwned is the FailoverBlocked (and Ready) reason while
+// the pair's authority Lease belongs to another pair: no step is taken.
+const BlockedAuthorityNotOwned = "AuthorityLeaseNotOwned"
 
 // maxConcurrentReconciles is how many VolumePairs are reconciled at once
 // (never the same one twice: the work queue hands a key to one worker at a
@@ -61,8 +62,8 @@ const maxConcurrentReconciles = 16
 type VolumePairReconciler struct {
 	client.Client
 	// APIReader reads the authority Leases live, bypassing the cache: the
-	// failover decision rests on their renewTime. Agent Leases (endpoints)
-	// and Nodes (readiness) come from the cache (CacheOptions).
+	// failover decision rests on seeing them change. Agent Leases
+	// (endpoints) and Nodes (readiness) come from the cache (CacheOptions).
 	APIReader client.Reader
 	Recorder  events.EventRecorder
 	// Namespace is the operator namespace holding agent and authority Leases.
@@ -71,10 +72,18 @@ type VolumePairReconciler struct {
 	AgentToken string
 	// NewAgentClient builds a control API client (tests may override).
 	NewAgentClient func(endpoint, token string) *agent.Client
-	Now            func() time.Time
+	// Clock is the controller's clock (default clock.RealClock{}): Lease
+	// expiry is counted on it from when this process saw a Lease change
+	// (authority.Observer), never from a time written by another node.
+	Clock clock.PassiveClock
+	// Now is Clock.Now unless set.
+	Now func() time.Time
 
 	mu     sync.Mutex
 	probes map[types.NamespacedName]map[string]*probeState
+	leases *authority.Observer
+	// legacyGone: pairs whose Lease of the older naming is known gone.
+	legacyGone map[types.UID]bool
 }
 
 type probeState struct {
@@ -96,11 +105,17 @@ type scope struct {
 	acted     bool
 	// authorityExpiry is when the authority Lease counts as expired.
 	authorityExpiry time.Time
+	// notOwned is set when the pair's authority Lease belongs to another
+	// pair (authority.NotOwnedError): no step is taken.
+	notOwned error
 }
 
 type agentInfo struct {
 	control, replication, nbd string
-	renewed                   time.Time // the agent Lease's renewTime
+	dataDir                   string
+	// changed is when this controller last saw the agent Lease change
+	// (its clock): the agent reached the API server shortly before.
+	changed time.Time
 }
 
 // SetupWithManager registers the reconciler.
@@ -108,10 +123,15 @@ func (r *VolumePairReconciler) SetupWithManager(mgr ctrl.Manager) error {
 	if r.NewAgentClient == nil {
 		r.NewAgentClient = agent.NewClient
 	}
+	if r.Clock == nil {
+		r.Clock = clock.RealClock{}
+	}
 	if r.Now == nil {
-		r.Now = time.Now
+		r.Now = r.Clock.Now
 	}
 	r.probes = map[types.NamespacedName]map[string]*probeState{}
+	r.leases = authority.NewObserver(r.Clock)
+	r.legacyGone = map[types.UID]bool{}
 	return ctrl.NewControllerManagedBy(mgr).For(&v1.VolumePair{}).Named("volumepair").
 		WithOptions(controller.Options{MaxConcurrentReconciles: maxConcurrentReconciles}).Complete(r)
 }
@@ -145,6 +165,16 @@ func (r *VolumePairReconciler) Reconcile(ctx context.Context, req ctrl.Request) 
 
 	if err := r.observe(ctx, s); err != nil {
 		return ctrl.Result{}, err
+	}
+	if s.notOwned != nil {
+		// Another pair's Lease: acting on it would move that pair's writer.
+		period, _ := probeTiming(vp)
+		s.step = Step{Kind: StepNone, Blocked: BlockedAuthorityNotOwned, Message: s.notOwned.Error()}
+		logger.Error(s.notOwned, "Not acting on the authority Lease")
+		if c := meta.FindStatusCondition(vp.Status.Conditions, v1.ConditionFailoverBlocked); c == nil || c.Reason != BlockedAuthorityNotOwned {
+			r.Recorder.Eventf(vp, nil, corev1.EventTypeWarning, BlockedAuthorityNotOwned, "Refuse", "%v", s.notOwned)
+		}
+		return ctrl.Result{RequeueAfter: period}, nil
 	}
 	s.step = Decide(s.view)
 	if s.step.Kind != StepNone {
@@ -312,42 +342,128 @@ func (r *VolumePairReconciler) observe(ctx context.Context, s *scope) error {
 			s.view.Backup = m
 		}
 	}
-	lease := &coordinationv1.Lease{}
-	err := r.APIReader.Get(ctx, client.ObjectKey{Namespace: r.Namespace, Name: v1.AuthorityLeaseName(vp.Namespace, vp.Name)}, lease)
+	lease, err := r.readAuthority(ctx, vp)
 	switch {
-	case apierrors.IsNotFound(err):
 	case err != nil:
-		return fmt.Errorf("get authority Lease: %w", err)
-	default:
-		s.authority = lease
-		a := AuthorityView{Exists: true, Holder: ptr.Deref(lease.Spec.HolderIdentity, "")}
-		a.Epoch, _ = strconv.ParseUint(lease.Annotations[v1.AnnEpoch], 10, 64)
-		a.FailedOver = lease.Annotations[v1.AnnFailedOver] == "true"
-		dur := time.Duration(ptr.Deref(lease.Spec.LeaseDurationSeconds, 6)) * time.Second
-		renewed := lease.CreationTimestamp.Time
-		if lease.Spec.RenewTime != nil {
-			renewed = lease.Spec.RenewTime.Time
-		}
-		s.authorityExpiry = renewed.Add(dur + expiryMargin)
-		a.Expired = r.Now().After(s.authorityExpiry)
-		if a.Holder != vp.Spec.Primary.Node && a.Holder != vp.Spec.Backup.Node {
-			// Members are immutable except for swaps, so this is an
-			// authority left from an older object of the same name.
-			return fmt.Errorf("authority Lease %s names %q, which is not a member", lease.Name, a.Holder)
-		}
-		s.view.Authority = a
-		// A member that held the authority before its last move must have
-		// reached the API server since (its agent Lease renewed after the
-		// move) before it is given the authority back.
-		if moved := lease.Spec.AcquireTime; moved != nil {
-			for _, m := range []*MemberView{&s.view.Primary, &s.view.Backup} {
-				if info, ok := s.agents[m.Node]; ok && m.Node != a.Holder && !info.renewed.After(moved.Time) {
-					m.APILost = true
-				}
-			}
+		return err
+	case lease == nil:
+		return nil
+	}
+	if err := authority.CheckOwner(lease, authority.PairOf(vp)); err != nil {
+		s.notOwned = err
+		return nil
+	}
+	s.authority = lease
+	a := AuthorityView{Exists: true, FailedOver: authority.FailedOver(lease)}
+	if a.Holder, a.Epoch, err = authority.Holder(lease); err != nil {
+		return err
+	}
+	// Expiry on this controller's clock, from when it saw the Lease change
+	// (the agent's renewTime is never compared with this clock).
+	obs := r.leases.Observe(lease)
+	s.authorityExpiry, a.Expired = obs.ExpiresAt, obs.Expired
+	if a.Holder != vp.Spec.Primary.Node && a.Holder != vp.Spec.Backup.Node {
+		// Members are immutable except for swaps, so this is an
+		// authority left from an older object of the same name.
+		return fmt.Errorf("authority Lease %s names %q, which is not a member", lease.Name, a.Holder)
+	}
+	s.view.Authority = a
+	// A member that held the authority before its last move must have
+	// reached the API server since before it is given the authority back:
+	// this controller must have seen its agent Lease change after it saw
+	// the current holder arrive (its own move, or its first sight of the
+	// Lease after a restart, which may cost one agent renewal, 2 s).
+	for _, m := range []*MemberView{&s.view.Primary, &s.view.Backup} {
+		if info, ok := s.agents[m.Node]; ok && m.Node != a.Holder && !info.changed.After(obs.HolderSince) {
+			m.APILost = true
 		}
 	}
 	return nil
+}
+
+// readAuthority reads the pair's authority Lease live (nil if there is
+// none).
+//
+// A pair created before Leases were named after the pair's UID has its Lease
+// under the older name ("tandem-pair-<namespace>-<name>"); it is adopted
+// once: created under the new name with the same holder, epoch and
+// failed-over mark, and the old one deleted (authority.Adopt). A Lease of the
+// older name that names this pair must be gone before the controller acts on
+// the new one, since an agent not yet upgraded may still renew it and write
+// under it: its deletion is checked once per pair and process, and until it
+// succeeds the round fails. The new Lease's expiry counts from this
+// controller's first sight of it, after that deletion, so a writer that
+// renewed the old one has fenced itself before the new one can expire. A
+// Lease of the older name that names another pair ("team/a-db" for
+// "team-a/db"), or carries a UID, is left alone.
+func (r *VolumePairReconciler) readAuthority(ctx context.Context, vp *v1.VolumePair) (*coordinationv1.Lease, error) {
+	name, err := authority.LeaseName(vp.UID)
+	if err != nil {
+		return nil, err
+	}
+	key := client.ObjectKey{Namespace: r.Namespace, Name: name}
+	lease := &coordinationv1.Lease{}
+	err = r.APIReader.Get(ctx, key, lease)
+	found := err == nil
+	if err != nil && !apierrors.IsNotFound(err) {
+		return nil, fmt.Errorf("get authority Lease %s: %w", name, err)
+	}
+	r.mu.Lock()
+	checked := r.legacyGone[vp.UID]
+	r.mu.Unlock()
+	if !checked {
+		adopted, err := r.retireLegacy(ctx, vp, found)
+		if err != nil {
+			return nil, err
+		}
+		if adopted {
+			if err := r.APIReader.Get(ctx, key, lease); err != nil {
+				return nil, fmt.Errorf("get adopted authority Lease %s: %w", name, err)
+			}
+			found = true
+		}
+		r.mu.Lock()
+		r.legacyGone[vp.UID] = true
+		r.mu.Unlock()
+	}
+	if !found {
+		return nil, nil
+	}
+	return lease, nil
+}
+
+// retireLegacy adopts (unless the new Lease exists already) and deletes the
+// pair's Lease of the older naming, if there is one; adopted says whether
+// it created the new Lease.
+func (r *VolumePairReconciler) retireLegacy(ctx context.Context, vp *v1.VolumePair, haveNew bool) (adopted bool, err error) {
+	pair := authority.PairOf(vp)
+	old := &coordinationv1.Lease{}
+	err = r.APIReader.Get(ctx, client.ObjectKey{Namespace: r.Namespace, Name: authority.LegacyLeaseName(vp.Namespace, vp.Name)}, old)
+	switch {
+	case apierrors.IsNotFound(err):
+		return false, nil
+	case err != nil:
+		return false, fmt.Errorf("get authority Lease of the older naming: %w", err)
+	case !authority.Adoptable(old, pair):
+		return false, nil
+	}
+	if !haveNew {
+		l, err := authority.Adopt(old, pair, r.Now())
+		if err != nil {
+			return false, fmt.Errorf("adopt authority Lease %s: %w", old.Name, err)
+		}
+		if err := r.Create(ctx, l); err != nil && !apierrors.IsAlreadyExists(err) {
+			return false, fmt.Errorf("adopt authority Lease %s as %s: %w", old.Name, l.Name, err)
+		}
+		adopted = true
+		holder, epoch, _ := authority.Holder(l)
+		r.Recorder.Eventf(vp, nil, corev1.EventTypeNormal, "AuthorityAdopted", "Adopt",
+			"Authority Lease %s (older naming) replaced by %s: %s is the writer at epoch %d", old.Name, l.Name, holder, epoch)
+	}
+	if err := r.Delete(ctx, old, client.Preconditions{UID: &old.UID}); err != nil && !apierrors.IsNotFound(err) {
+		return adopted, fmt.Errorf("delete authority Lease %s of the older naming (an agent not yet upgraded may renew it): %w", old.Name, err)
+	}
+	return adopted, nil
 }
 
 func (r *VolumePairReconciler) probeState(key types.NamespacedName, node string) *probeState {
@@ -388,10 +504,9 @@ func (r *VolumePairReconciler) agentInfo(ctx context.Context, node string) (agen
 	if err := r.Get(ctx, client.ObjectKey{Namespace: r.Namespace, Name: v1.AgentLeaseName(node)}, l); err != nil {
 		return agentInfo{}, fmt.Errorf("agent Lease of %s: %w", node, err)
 	}
-	info := agentInfo{control: l.Annotations[v1.AnnControlEndpoint], replication: l.Annotations[v1.AnnReplicationEndpoint], nbd: l.Annotations[v1.AnnNBDEndpoint]}
-	if l.Spec.RenewTime != nil {
-		info.renewed = l.Spec.RenewTime.Time
-	}
+	info := agentInfo{control: l.Annotations[v1.AnnControlEndpoint], replication: l.Annotations[v1.AnnReplicationEndpoint],
+		nbd: l.Annotations[v1.AnnNBDEndpoint], dataDir: l.Annotations[v1.AnnDataDir]}
+	info.changed = r.leases.Observe(l).LastChange
 	if info.control == "" {
 		return agentInfo{}, fmt.Errorf("agent Lease of %s has no control endpoint", node)
 	}
@@ -524,21 +639,18 @@ func (r *VolumePairReconciler) setOutdatedConfirmation(ctx context.Context, s *s
 }
 
 func (r *VolumePairReconciler) createAuthority(ctx context.Context, vp *v1.VolumePair) error {
-	now := metav1.NewMicroTime(r.Now())
-	l := &coordinationv1.Lease{
-		ObjectMeta: metav1.ObjectMeta{
-			Namespace: r.Namespace, Name: v1.AuthorityLeaseName(vp.Namespace, vp.Name),
-			Labels:      map[string]string{v1.LabelComponent: "authority"},
-			Annotations: map[string]string{v1.AnnEpoch: "1", v1.AnnVolumePair: vp.Namespace + "/" + vp.Name},
-		},
-		Spec: coordinationv1.LeaseSpec{
-			HolderIdentity: ptr.To(vp.Spec.Primary.Node), LeaseDurationSeconds: ptr.To(vp.Spec.Failover.LeaseDurationSeconds),
-			AcquireTime: &now, RenewTime: &now, LeaseTransitions: ptr.To(int32(0)),
-		},
-	}
-	if err := r.Create(ctx, l); err != nil && !apierrors.IsAlreadyExists(err) {
+	l, err := authority.NewLease(r.Namespace, authority.PairOf(vp), vp.Spec.Primary.Node, 1,
+		time.Duration(vp.Spec.Failover.LeaseDurationSeconds)*time.Second, r.Now())
+	if err != nil {
 		return fmt.Errorf("create authority Lease: %w", err)
 	}
+	if err := r.Create(ctx, l); err != nil {
+		if apierrors.IsAlreadyExists(err) {
+			return nil // the next round reads it (and checks whose it is)
+		}
+		return fmt.Errorf("create authority Lease: %w", err)
+	}
+	r.leases.Observe(l)
 	r.Recorder.Eventf(vp, nil, corev1.EventTypeNormal, "AuthorityCreated", "CreateAuthority", "%s is the writer at epoch 1", vp.Spec.Primary.Node)
 	return nil
 }
@@ -549,23 +661,20 @@ func (r *VolumePairReconciler) createAuthority(ctx context.Context, vp *v1.Volum
 func (r *VolumePairReconciler) moveAuthority(ctx context.Context, s *scope, target string, failover bool) error {
 	epoch := s.view.Authority.Epoch + 1
 	l := s.authority.DeepCopy()
+	pair := authority.PairOf(s.vp)
+	dur := time.Duration(s.vp.Spec.Failover.LeaseDurationSeconds) * time.Second
 	// The writer renews the Lease every second, so the update may conflict
-	// with a renewal. Retry on a fresh copy only while it still names the
-	// holder and epoch this decision was based on; a failover also needs the
-	// Lease to still be expired.
+	// with a renewal. Retry on a fresh copy only while it is still this
+	// pair's and names the holder and epoch this decision was based on; a
+	// failover also needs it to still be expired, which a renewal seen now
+	// rules out (the observer sees it change).
 	err := retry.RetryOnConflict(retry.DefaultBackoff, func() error {
-		now := metav1.NewMicroTime(r.Now())
-		l.Spec.HolderIdentity = ptr.To(target)
-		l.Spec.AcquireTime, l.Spec.RenewTime = &now, &now
-		l.Spec.LeaseDurationSeconds = ptr.To(s.vp.Spec.Failover.LeaseDurationSeconds)
-		l.Spec.LeaseTransitions = ptr.To(ptr.Deref(l.Spec.LeaseTransitions, 0) + 1)
-		l.Annotations[v1.AnnEpoch] = strconv.FormatUint(epoch, 10)
-		if failover {
-			l.Annotations[v1.AnnFailedOver] = "true"
-		} else {
-			delete(l.Annotations, v1.AnnFailedOver)
-		}
+		authority.Move(l, target, epoch, failover, dur, r.Now())
 		err := r.Update(ctx, l)
+		if err == nil {
+			r.leases.Observe(l) // the move: its expiry counts from now
+			return nil
+		}
 		if !apierrors.IsConflict(err) {
 			return err
 		}
@@ -573,11 +682,14 @@ func (r *VolumePairReconciler) moveAuthority(ctx context.Context, s *scope, targ
 		if gerr := r.APIReader.Get(ctx, client.ObjectKeyFromObject(l), fresh); gerr != nil {
 			return gerr
 		}
-		holder := ptr.Deref(fresh.Spec.HolderIdentity, "")
-		if holder != s.view.Authority.Holder || fresh.Annotations[v1.AnnEpoch] != strconv.FormatUint(s.view.Authority.Epoch, 10) {
-			return fmt.Errorf("authority changed meanwhile (now %q at epoch %s): %w", holder, fresh.Annotations[v1.AnnEpoch], err)
+		if oerr := authority.CheckOwner(fresh, pair); oerr != nil {
+			return oerr
 		}
-		if failover && fresh.Spec.RenewTime != nil && !r.Now().After(fresh.Spec.RenewTime.Add(time.Duration(ptr.Deref(fresh.Spec.LeaseDurationSeconds, 6))*time.Second+expiryMargin)) {
+		holder, fepoch, herr := authority.Holder(fresh)
+		if herr != nil || holder != s.view.Authority.Holder || fepoch != s.view.Authority.Epoch {
+			return fmt.Errorf("authority changed meanwhile (now %q at epoch %d, %v): %w", holder, fepoch, herr, err)
+		}
+		if obs := r.leases.Observe(fresh); failover && !obs.Expired {
 			return fmt.Errorf("the writer renewed its authority meanwhile: %w", err)
 		}
 		l = fresh
@@ -669,6 +781,16 @@ func (r *VolumePairReconciler) patchStatus(ctx context.Context, s *scope, ok boo
 	view.Primary = lastKnown(view.Primary, r.probeState(key, view.Primary.Node).last)
 	view.Backup = lastKnown(view.Backup, r.probeState(key, view.Backup.Node).last)
 	gen := vp.Generation
+	if s.notOwned != nil {
+		// Nothing else is known for sure; say why nothing happens.
+		set(&st.Conditions, gen, v1.ConditionFailoverBlocked, true, BlockedAuthorityNotOwned, s.notOwned.Error())
+		set(&st.Conditions, gen, v1.ConditionReady, false, BlockedAuthorityNotOwned,
+			"no step is taken while the pair's authority Lease is not its own; the writer cannot renew it and fences itself")
+		if err := r.Status().Patch(ctx, vp, client.MergeFrom(s.base)); err != nil {
+			return fmt.Errorf("patch status: %w", err)
+		}
+		return nil
+	}
 	if !view.Authority.Exists && s.step.Kind != StepCreateAuthority {
 		return nil
 	}
@@ -848,15 +970,15 @@ func (r *VolumePairReconciler) reconcileDelete(ctx context.Context, vp *v1.Volum
 			}
 		}
 		if err != nil {
-			r.Recorder.Eventf(vp, nil, corev1.EventTypeWarning, "TeardownIncomplete", "Delete", "Replica on %s not removed: %v", node, err)
+			r.Recorder.Eventf(vp, nil, corev1.EventTypeWarning, "TeardownIncomplete", "Delete", "%s", orphanMessage(vp, node, info.dataDir, purge, err))
 		}
 	}
-	l := &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Namespace: r.Namespace, Name: v1.AuthorityLeaseName(vp.Namespace, vp.Name)}}
-	if err := r.Delete(ctx, l); err != nil && !apierrors.IsNotFound(err) {
-		return ctrl.Result{}, fmt.Errorf("delete authority Lease: %w", err)
+	if err := r.deleteAuthority(ctx, vp); err != nil {
+		return ctrl.Result{}, err
 	}
 	r.mu.Lock()
 	delete(r.probes, client.ObjectKeyFromObject(vp))
+	delete(r.legacyGone, vp.UID)
 	r.mu.Unlock()
 	forgetMetrics(vp)
 	patch := client.MergeFrom(vp.DeepCopy())
@@ -865,4 +987,55 @@ func (r *VolumePairReconciler) reconcileDelete(ctx context.Context, vp *v1.Volum
 		return ctrl.Result{}, fmt.Errorf("remove finalizer: %w", err)
 	}
 	return ctrl.Result{}, nil
+}
+
+// orphanMessage is the TeardownIncomplete event for a replica on node that
+// could not be removed: where its files are and how to remove them. dataDir
+// is what the agent advertised on its Lease ("" if its Lease is gone).
+func orphanMessage(vp *v1.VolumePair, node, dataDir string, purge bool, err error) string {
+	dir := agent.ReplicaDir(dataDir, vp.Namespace, vp.Name)
+	if dataDir == "" {
+		dir = agent.ReplicaDir("<agent data dir, default /var/lib/tandem>", vp.Namespace, vp.Name)
+	}
+	if !purge {
+		return fmt.Sprintf("Replica on %s not closed: %v. Its files stay (retain-data) in %s on %s", node, err, dir, node)
+	}
+	return fmt.Sprintf("Replica on %s not removed: %v. Its files stay in %s on node %s: once the pair is gone for good, "+
+		"remove that directory on the node (rm -rf %s), with the agent stopped or after it has restarted without a VolumePair of this name",
+		node, err, dir, node, dir)
+}
+
+// deleteAuthority deletes the pair's own authority Lease, with a UID
+// precondition so that only the object read and checked here is deleted,
+// and a Lease of the older naming that names this pair. A Lease under the
+// pair's name that belongs to another pair is left alone and reported.
+func (r *VolumePairReconciler) deleteAuthority(ctx context.Context, vp *v1.VolumePair) error {
+	pair := authority.PairOf(vp)
+	name, err := authority.LeaseName(vp.UID)
+	if err != nil {
+		return err
+	}
+	for _, n := range []string{name, authority.LegacyLeaseName(vp.Namespace, vp.Name)} {
+		l := &coordinationv1.Lease{}
+		err := r.APIReader.Get(ctx, client.ObjectKey{Namespace: r.Namespace, Name: n}, l)
+		switch {
+		case apierrors.IsNotFound(err):
+			continue
+		case err != nil:
+			return fmt.Errorf("get authority Lease %s: %w", n, err)
+		}
+		if n == name {
+			if oerr := authority.CheckOwner(l, pair); oerr != nil {
+				r.Recorder.Eventf(vp, nil, corev1.EventTypeWarning, BlockedAuthorityNotOwned, "Delete", "Not deleted: %v", oerr)
+				continue
+			}
+		} else if !authority.Adoptable(l, pair) {
+			continue // another pair's Lease of the older naming
+		}
+		if err := r.Delete(ctx, l, client.Preconditions{UID: &l.UID}); err != nil && !apierrors.IsNotFound(err) {
+			return fmt.Errorf("delete authority Lease %s: %w", n, err)
+		}
+		r.leases.Forget(l.Namespace, l.Name)
+	}
+	return nil
 }

@@ -7,7 +7,8 @@ import (
 
 // Names, labels and annotations of the objects Tandem's components share
 // through the API server. The agent's Lease and the per-pair authority Lease
-// live in the operator's namespace.
+// live in the operator's namespace; the authority Lease's name and
+// annotations are defined by package internal/authority.
 const (
 	// AnnControlEndpoint on an agent Lease: base URL of its control API.
 	AnnControlEndpoint = "storage.tandem.dev/control-endpoint"
@@ -15,13 +16,10 @@ const (
 	AnnReplicationEndpoint = "storage.tandem.dev/replication-endpoint"
 	// AnnNBDEndpoint on an agent Lease: host:port of its NBD server.
 	AnnNBDEndpoint = "storage.tandem.dev/nbd-endpoint"
-	// AnnEpoch on an authority Lease: the epoch of the current writer.
-	AnnEpoch = "storage.tandem.dev/epoch"
-	// AnnFailedOver on an authority Lease: "true" while the writer is the
-	// backup because of a failover (cleared by failback).
-	AnnFailedOver = "storage.tandem.dev/failed-over"
-	// AnnVolumePair on an authority Lease: "<namespace>/<name>".
-	AnnVolumePair = "storage.tandem.dev/volumepair"
+	// AnnDataDir on an agent Lease: the agent's data directory on its node
+	// (replicas live in <dir>/volumes/<namespace>/<name>/), so a teardown
+	// that cannot reach the agent can say where files were left.
+	AnnDataDir = "storage.tandem.dev/data-dir"
 	// AnnRetainData on a VolumePair: "true" keeps the replicas' files when
 	// the VolumePair is deleted (default: deleted).
 	AnnRetainData = "storage.tandem.dev/retain-data"
@@ -38,10 +36,8 @@ const (
 // AgentLeaseName is the name of the Lease an agent renews as its heartbeat.
 func AgentLeaseName(node string) string { return shortName("tandem-agent-", node) }
 
-// AuthorityLeaseName is the name of the per-pair authority Lease.
-func AuthorityLeaseName(namespace, name string) string {
-	return shortName("tandem-pair-", namespace+"-"+name)
-}
+// The per-pair authority Leases (their names, annotations and protocol)
+// belong to package internal/authority: api stays free of client code.
 
 // shortName keeps names within 63 characters, hashing long ones.
 func shortName(prefix, s string) string {

@@ -13,6 +13,7 @@ import (
 	"net/http/pprof"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -125,10 +126,15 @@ func run() error {
 	if err != nil {
 		return fmt.Errorf("NBD listener: %w", err)
 	}
+	absDataDir, err := filepath.Abs(*dataDir)
+	if err != nil {
+		return fmt.Errorf("data dir: %w", err)
+	}
 	ep := agent.Endpoints{
 		Control:     "http://" + advertised(*advertise, cl.Addr()),
 		Replication: advertised(*advertise, rl.Addr()),
 		NBD:         advertised(*advertise, nl.Addr()),
+		DataDir:     absDataDir, // named in TeardownIncomplete events
 	}
 	a.SetAddresses(ep.NBD, ep.Replication, ep.Control)
 	if leases != nil {

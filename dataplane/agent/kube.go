@@ -4,33 +4,37 @@ package agent
 //
 // The agent renews a Lease "tandem-agent-<node>" in the operator namespace as
 // its heartbeat; the Lease's annotations carry its control, replication and
-// NBD endpoints, so the controller finds agents without kubelet-managed Pods.
+// NBD endpoints and its data directory, so the controller finds agents
+// without kubelet-managed Pods and can say where a replica it could not
+// remove was left.
 //
-// For every volume it serves as primary, the agent renews the per-pair
-// authority Lease (v1alpha1.AuthorityLeaseName) while it names this node as
-// holder at the volume's epoch. Writes are accepted only until the last
-// successful renewal plus the lease duration (KubeAuthority.Authorized): an
-// agent cut off from the API server fences itself before the controller
-// promotes the backup, which it does only after the Lease has expired.
+// For every volume it serves as primary, the agent renews the pair's
+// authority Lease (named after the VolumePair's UID, which the controller
+// sends with every role as volume.Spec.PairUID; package internal/authority
+// owns the protocol) while it names this node as holder at the volume's
+// epoch. A volume without a PairUID is never authorised. Writes are accepted
+// only until the start of the last successful renewal plus the lease
+// duration less a margin (authority.GrantUntil), on the agent's monotonic
+// clock: an agent cut off from the API server fences itself before the
+// controller, which counts the expiry on its own clock from when it saw the
+// renewal, promotes the backup. The two clocks are never compared.
 //
 // Renewal cost: one request per primary volume and second, a JSON patch of
 // renewTime whose test operations make it apply only while the Lease still
-// names this node at the volume's epoch (renewPatch): no read first, no
-// conflict with the controller, which moves the authority with a conditional
-// update. Only a refused patch costs a Get, which shows the new holder and
-// fences the volume. The volumes are renewed concurrently (at most
-// renewParallel at a time, one renewal per volume in flight), so a node
-// serving many primaries renews each of them about every second, not one
-// after another. A renewal may take up to the Lease duration less a second
-// (renewTimeout): a slow API server delays the grant but does not fence the
-// writer while answers come within that.
+// belongs to the volume's pair and names this node at the volume's epoch
+// (authority.RenewPatch): no read first, no conflict with the controller,
+// which moves the authority with a conditional update. Only a refused patch
+// costs a Get, which shows the new holder and fences the volume. The volumes
+// are renewed concurrently (at most renewParallel at a time, one renewal per
+// volume in flight), so a node serving many primaries renews each of them
+// about every second, not one after another. A renewal may take up to the
+// Lease duration less a second (renewTimeout): a slow API server delays the
+// grant but does not fence the writer while answers come within that.
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
-	"strconv"
-	"strings"
+	"path/filepath"
 	"sync"
 	"time"
 
@@ -39,10 +43,12 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	coordclient "k8s.io/client-go/kubernetes/typed/coordination/v1"
+	"k8s.io/utils/clock"
 	"k8s.io/utils/ptr"
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
 	"github.com/tandem-storage/tandem/dataplane/volume"
+	"github.com/tandem-storage/tandem/internal/authority"
 )
 
 // Agent heartbeat timing.
@@ -52,24 +58,52 @@ const (
 	authorityRenew     = time.Second
 	apiTimeout         = 2 * time.Second
 	renewParallel      = 8
-	// defaultAuthorityLease is spec.failover.leaseDurationSeconds's
-	// default, assumed for a Lease not read yet.
-	defaultAuthorityLease = 6 * time.Second
 )
 
 // Endpoints are what the agent advertises on its Lease.
 type Endpoints struct {
 	Control, Replication, NBD string
+	// DataDir is the agent's data directory (absolute), advertised so the
+	// controller can name a replica's files it could not remove.
+	DataDir string
+}
+
+// ReplicaDir is where an agent with data directory dataDir keeps the
+// replica of namespace/name.
+func ReplicaDir(dataDir, namespace, name string) string {
+	return filepath.Join(dataDir, "volumes", namespace, name)
+}
+
+// Option configures Register and NewKubeAuthority.
+type Option func(*options)
+
+type options struct {
+	clock clock.PassiveClock
+}
+
+// WithClock sets the clock (default clock.RealClock{}): the agent Lease's
+// renewTime and the authority's renewal times and self-fencing deadlines
+// come from it. Tests give an agent a clock skewed against the
+// controller's.
+func WithClock(c clock.PassiveClock) Option { return func(o *options) { o.clock = c } }
+
+func newOptions(opts []Option) options {
+	o := options{clock: clock.RealClock{}}
+	for _, f := range opts {
+		f(&o)
+	}
+	return o
 }
 
 // Register creates and renews the agent's Lease until ctx is done.
-func Register(ctx context.Context, leases coordclient.LeasesGetter, namespace, node string, ep Endpoints, log logLike) {
+func Register(ctx context.Context, leases coordclient.LeasesGetter, namespace, node string, ep Endpoints, log logLike, opts ...Option) {
+	o := newOptions(opts)
 	name := v1.AgentLeaseName(node)
 	t := time.NewTicker(agentRenewEvery)
 	defer t.Stop()
 	failing := false
 	for {
-		err := renewAgentLease(ctx, leases.Leases(namespace), name, node, ep)
+		err := renewAgentLease(ctx, leases.Leases(namespace), name, node, ep, o.clock)
 		switch {
 		case err != nil && !failing:
 			log.Error(err, "Cannot renew the agent Lease", "lease", name)
@@ -91,16 +125,19 @@ type logLike interface {
 	Error(err error, msg string, kv ...any)
 }
 
-func renewAgentLease(ctx context.Context, c coordclient.LeaseInterface, name, node string, ep Endpoints) error {
+func renewAgentLease(ctx context.Context, c coordclient.LeaseInterface, name, node string, ep Endpoints, clk clock.PassiveClock) error {
 	// Half the Lease: a slow API server delays the heartbeat, a renewal
 	// that lands within that still keeps the Lease current.
 	ctx, cancel := context.WithTimeout(ctx, AgentLeaseDuration/2)
 	defer cancel()
-	now := metav1.NewMicroTime(time.Now())
+	now := metav1.NewMicroTime(clk.Now())
 	ann := map[string]string{
 		v1.AnnControlEndpoint:     ep.Control,
 		v1.AnnReplicationEndpoint: ep.Replication,
 		v1.AnnNBDEndpoint:         ep.NBD,
+	}
+	if ep.DataDir != "" {
+		ann[v1.AnnDataDir] = ep.DataDir
 	}
 	l, err := c.Get(ctx, name, metav1.GetOptions{})
 	if apierrors.IsNotFound(err) {
@@ -139,6 +176,7 @@ type KubeAuthority struct {
 	leases    coordclient.LeaseInterface
 	node      string
 	namespace string
+	clock     clock.PassiveClock
 
 	mu        sync.Mutex
 	grants    map[string]grant
@@ -147,19 +185,31 @@ type KubeAuthority struct {
 }
 
 type grant struct {
-	epoch  uint64
-	until  time.Time
-	reason string
+	pairUID string
+	epoch   uint64
+	renewed time.Time // start of the last successful renewal (agent clock)
+	until   time.Time // authority.GrantUntil of it
+	reason  string
+}
+
+// Primary is what renewing a primary volume's authority needs.
+type Primary struct {
+	// Epoch is the epoch the volume writes at.
+	Epoch uint64
+	// PairUID is the VolumePair's UID, which names its authority Lease.
+	PairUID string
 }
 
 // NewKubeAuthority returns an authority for node's volumes.
-func NewKubeAuthority(leases coordclient.LeasesGetter, namespace, node string) *KubeAuthority {
-	return &KubeAuthority{leases: leases.Leases(namespace), node: node, namespace: namespace,
+func NewKubeAuthority(leases coordclient.LeasesGetter, namespace, node string, opts ...Option) *KubeAuthority {
+	o := newOptions(opts)
+	return &KubeAuthority{leases: leases.Leases(namespace), node: node, namespace: namespace, clock: o.clock,
 		grants: map[string]grant{}, durations: map[string]time.Duration{}, kick: make(chan struct{}, 1)}
 }
 
 // Authorized implements volume.Authority.
 func (k *KubeAuthority) Authorized(vol string, epoch uint64) error {
+	now := k.clock.Now()
 	k.mu.Lock()
 	g, ok := k.grants[vol]
 	k.mu.Unlock()
@@ -167,12 +217,12 @@ func (k *KubeAuthority) Authorized(vol string, epoch uint64) error {
 	case !ok:
 		k.Kick()
 		return fmt.Errorf("authority Lease not yet renewed by this node")
-	case g.reason != "" && time.Now().After(g.until):
+	case g.reason != "" && now.After(g.until):
 		return fmt.Errorf("no authority: %s", g.reason)
 	case g.epoch != epoch:
 		return fmt.Errorf("authority Lease is at epoch %d, not %d", g.epoch, epoch)
-	case time.Now().After(g.until):
-		return fmt.Errorf("authority Lease not renewed since %s (self-fenced)", g.until.Add(-time.Second).Format(time.RFC3339))
+	case now.After(g.until):
+		return fmt.Errorf("authority Lease not renewed since %s (self-fenced)", g.renewed.Format(time.RFC3339))
 	}
 	return nil
 }
@@ -190,7 +240,7 @@ func (k *KubeAuthority) Kick() {
 // primary volume that has none in flight, so one slow renewal does not hold
 // back the others' next round; a renewal that took longer than a round is
 // followed at once by the next one for that volume.
-func (k *KubeAuthority) Run(ctx context.Context, primaries func() map[string]uint64, log logLike) {
+func (k *KubeAuthority) Run(ctx context.Context, primaries func() map[string]Primary, log logLike) {
 	t := time.NewTicker(authorityRenew)
 	defer t.Stop()
 	sem := make(chan struct{}, renewParallel)
@@ -201,7 +251,7 @@ func (k *KubeAuthority) Run(ctx context.Context, primaries func() map[string]uin
 	for {
 		prim := primaries()
 		k.forget(prim)
-		for vol, epoch := range prim {
+		for vol, p := range prim {
 			mu.Lock()
 			busy := inflight[vol]
 			inflight[vol] = true
@@ -225,8 +275,8 @@ func (k *KubeAuthority) Run(ctx context.Context, primaries func() map[string]uin
 				defer func() { <-sem }()
 				for ctx.Err() == nil {
 					start := time.Now()
-					if err := k.renew(ctx, vol, epoch); err != nil {
-						log.Info("Authority not renewed", "volume", vol, "epoch", epoch, "reason", err.Error())
+					if err := k.renew(ctx, vol, p); err != nil {
+						log.Info("Authority not renewed", "volume", vol, "epoch", p.Epoch, "reason", err.Error())
 					}
 					if time.Since(start) < authorityRenew {
 						return
@@ -235,7 +285,7 @@ func (k *KubeAuthority) Run(ctx context.Context, primaries func() map[string]uin
 					// second away, renew again now while it is still a
 					// primary.
 					var ok bool
-					if epoch, ok = primaries()[vol]; !ok {
+					if p, ok = primaries()[vol]; !ok {
 						return
 					}
 				}
@@ -260,34 +310,56 @@ func renewTimeout(dur time.Duration) time.Duration {
 	return max(apiTimeout, dur-authorityRenew)
 }
 
-func (k *KubeAuthority) renew(ctx context.Context, vol string, epoch uint64) error {
-	ns, name, ok := cutName(vol)
-	if !ok {
-		return fmt.Errorf("bad volume name %q", vol)
-	}
-	lname := v1.AuthorityLeaseName(ns, name)
-	start := time.Now()
+// refuse records that vol may not write, for reason, from now on.
+func (k *KubeAuthority) refuse(vol string, p Primary, reason string) error {
 	k.mu.Lock()
+	k.grants[vol] = grant{pairUID: p.PairUID, epoch: p.Epoch, reason: reason}
+	k.mu.Unlock()
+	return fmt.Errorf("%s", reason)
+}
+
+func (k *KubeAuthority) renew(ctx context.Context, vol string, p Primary) error {
+	// The renewal's start, on this agent's clock: the grant runs from here,
+	// before the request leaves, so it ends before the controller (which
+	// counts from when it sees the renewal) may consider the Lease expired.
+	start := k.clock.Now()
+	uid := types.UID(p.PairUID)
+	if uid == "" {
+		return k.refuse(vol, p, "no VolumePair UID for this volume (configured by an older controller?): its authority Lease cannot be named")
+	}
+	lname, err := authority.LeaseName(uid)
+	if err != nil {
+		return k.refuse(vol, p, err.Error())
+	}
+	pair := authority.Pair{UID: uid}
+	k.mu.Lock()
+	if g, ok := k.grants[vol]; ok && g.pairUID != p.PairUID {
+		// Another VolumePair of the same name: nothing of the old one's
+		// authority carries over.
+		delete(k.grants, vol)
+		delete(k.durations, vol)
+	}
 	dur, known := k.durations[vol]
 	k.mu.Unlock()
 	if !known {
-		dur = defaultAuthorityLease // not renewed yet: the VolumePair default
+		dur = authority.DefaultLeaseDuration // not renewed yet: the VolumePair default
 	}
 	ctx, cancel := context.WithTimeout(ctx, renewTimeout(dur))
 	defer cancel()
-	patch, err := renewPatch(k.node, epoch, start)
+	patch, err := authority.RenewPatch(uid, k.node, p.Epoch, start)
 	if err != nil {
 		return err
 	}
 	l, err := k.leases.Patch(ctx, lname, types.JSONPatchType, patch, metav1.PatchOptions{})
 	if err == nil {
-		if holder, lepoch := holderAt(l); holder != k.node || lepoch != epoch {
-			// Cannot happen (the patch tests both); never grant on it.
-			return fmt.Errorf("renewed authority Lease %s names %q at epoch %d", lname, holder, lepoch)
+		holder, lepoch, herr := authority.Holder(l)
+		if oerr := authority.CheckOwner(l, pair); herr != nil || oerr != nil || holder != k.node || lepoch != p.Epoch {
+			// Cannot happen (the patch tests all of it); never grant on it.
+			return fmt.Errorf("renewed authority Lease %s names %q at epoch %d (%v, %v)", lname, holder, lepoch, herr, oerr)
 		}
-		dur = time.Duration(ptr.Deref(l.Spec.LeaseDurationSeconds, 6)) * time.Second
+		dur = authority.Duration(l)
 		k.mu.Lock()
-		k.grants[vol] = grant{epoch: epoch, until: start.Add(dur)}
+		k.grants[vol] = grant{pairUID: p.PairUID, epoch: p.Epoch, renewed: start, until: authority.GrantUntil(start, dur)}
 		k.durations[vol] = dur
 		k.mu.Unlock()
 		return nil
@@ -297,20 +369,29 @@ func (k *KubeAuthority) renew(ctx context.Context, vol string, epoch uint64) err
 	}
 	// Refused (most likely a test failed: the controller moved the
 	// authority) or not sent: read the Lease to know, and fence the volume
-	// if it names someone else.
+	// if it is not this pair's or names someone else.
 	cur, gerr := k.leases.Get(ctx, lname, metav1.GetOptions{})
 	if gerr != nil {
 		return fmt.Errorf("renew authority Lease %s: %w (and reading it: %w)", lname, err, gerr)
 	}
-	holder, lepoch := holderAt(cur)
-	if holder == k.node && lepoch == epoch {
-		return fmt.Errorf("renew authority Lease %s: %w", lname, err)
+	var reason string
+	if oerr := authority.CheckOwner(cur, pair); oerr != nil {
+		reason = oerr.Error()
+	} else {
+		holder, lepoch, herr := authority.Holder(cur)
+		switch {
+		case herr != nil:
+			reason = herr.Error()
+		case holder == k.node && lepoch == p.Epoch:
+			return fmt.Errorf("renew authority Lease %s: %w", lname, err)
+		default:
+			reason = fmt.Sprintf("authority Lease %s names %q at epoch %d", lname, holder, lepoch)
+		}
 	}
-	reason := fmt.Sprintf("authority Lease %s names %q at epoch %d", lname, holder, lepoch)
 	k.mu.Lock()
 	g := k.grants[vol]
 	g.reason = reason
-	if g.epoch != epoch {
+	if g.epoch != p.Epoch || g.pairUID != p.PairUID {
 		g.until = time.Time{}
 	}
 	k.grants[vol] = g
@@ -318,37 +399,8 @@ func (k *KubeAuthority) renew(ctx context.Context, vol string, epoch uint64) err
 	return fmt.Errorf("%s", reason)
 }
 
-// holderAt is the node an authority Lease names and the epoch it names it at.
-func holderAt(l *coordinationv1.Lease) (string, uint64) {
-	epoch, _ := strconv.ParseUint(l.Annotations[v1.AnnEpoch], 10, 64)
-	return ptr.Deref(l.Spec.HolderIdentity, ""), epoch
-}
-
-// renewPatch is the JSON patch (RFC 6902) that renews an authority Lease
-// from start: it applies only while the Lease names node at epoch (its test
-// operations are checked by the API server on the current object, in the
-// same update), so no read is needed first and a move by the controller
-// makes it fail instead of being overwritten.
-func renewPatch(node string, epoch uint64, start time.Time) ([]byte, error) {
-	type op struct {
-		Op    string `json:"op"`
-		Path  string `json:"path"`
-		Value any    `json:"value"`
-	}
-	epochPath := "/metadata/annotations/" + strings.ReplaceAll(strings.ReplaceAll(v1.AnnEpoch, "~", "~0"), "/", "~1")
-	b, err := json.Marshal([]op{
-		{Op: "test", Path: "/spec/holderIdentity", Value: node},
-		{Op: "test", Path: epochPath, Value: strconv.FormatUint(epoch, 10)},
-		{Op: "add", Path: "/spec/renewTime", Value: metav1.NewMicroTime(start)},
-	})
-	if err != nil {
-		return nil, fmt.Errorf("encode the renewal patch: %w", err)
-	}
-	return b, nil
-}
-
 // forget drops what is kept of volumes that are no longer primaries.
-func (k *KubeAuthority) forget(primaries map[string]uint64) {
+func (k *KubeAuthority) forget(primaries map[string]Primary) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	for vol := range k.durations {
@@ -358,21 +410,13 @@ func (k *KubeAuthority) forget(primaries map[string]uint64) {
 	}
 }
 
-func cutName(vol string) (string, string, bool) {
-	for i := 0; i < len(vol); i++ {
-		if vol[i] == '/' {
-			return vol[:i], vol[i+1:], i > 0 && i < len(vol)-1
-		}
-	}
-	return "", "", false
-}
-
-// Primaries returns the volumes this agent serves as primary, with epochs.
-func (a *Agent) Primaries() map[string]uint64 {
-	out := map[string]uint64{}
+// Primaries returns the volumes this agent serves as primary, with what
+// renewing their authority needs.
+func (a *Agent) Primaries() map[string]Primary {
+	out := map[string]Primary{}
 	for _, v := range a.list() {
 		if s := v.Spec(); s.Role == volume.RolePrimary {
-			out[v.Name()] = s.Epoch
+			out[v.Name()] = Primary{Epoch: s.Epoch, PairUID: s.PairUID}
 		}
 	}
 	return out

@@ -3,7 +3,7 @@ package agent
 import (
 	"context"
 	"fmt"
-	"strconv"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -11,12 +11,14 @@ import (
 	coordinationv1 "k8s.io/api/coordination/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes/fake"
 	coordclient "k8s.io/client-go/kubernetes/typed/coordination/v1"
 	k8stesting "k8s.io/client-go/testing"
+	clocktesting "k8s.io/utils/clock/testing"
 	"k8s.io/utils/ptr"
 
-	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
+	"github.com/tandem-storage/tandem/internal/authority"
 )
 
 type nopLog struct{}
@@ -24,13 +26,38 @@ type nopLog struct{}
 func (nopLog) Info(string, ...any)         {}
 func (nopLog) Error(error, string, ...any) {}
 
-func authorityLease(vol, holder string, epoch uint64) *coordinationv1.Lease {
-	ns, name, _ := cutName(vol)
-	return &coordinationv1.Lease{
-		ObjectMeta: metav1.ObjectMeta{Namespace: "tandem-system", Name: v1.AuthorityLeaseName(ns, name), ResourceVersion: "1",
-			Annotations: map[string]string{v1.AnnEpoch: strconv.FormatUint(epoch, 10)}},
-		Spec: coordinationv1.LeaseSpec{HolderIdentity: ptr.To(holder), LeaseDurationSeconds: ptr.To(int32(3))},
+// pairOf is the pair a test volume "ns/name" belongs to, with a UID made
+// from its name.
+func pairOf(vol string) authority.Pair {
+	ns, name, _ := strings.Cut(vol, "/")
+	return authority.Pair{Namespace: ns, Name: name, UID: types.UID("uid-" + ns + "--" + name)} // "--": ns and name contain no "--" here
+}
+
+func leaseName(t testing.TB, vol string) string {
+	t.Helper()
+	n, err := authority.LeaseName(pairOf(vol).UID)
+	if err != nil {
+		t.Fatal(err)
 	}
+	return n
+}
+
+func authorityLease(vol, holder string, epoch uint64) *coordinationv1.Lease {
+	l, err := authority.NewLease("tandem-system", pairOf(vol), holder, epoch, 3*time.Second, time.Now())
+	if err != nil {
+		panic(err)
+	}
+	l.ResourceVersion = "1"
+	return l
+}
+
+// primaries is what Agent.Primaries returns for these volumes at epoch.
+func primaries(epoch uint64, vols ...string) map[string]Primary {
+	m := map[string]Primary{}
+	for _, v := range vols {
+		m[v] = Primary{Epoch: epoch, PairUID: string(pairOf(v).UID)}
+	}
+	return m
 }
 
 // TestKubeAuthorityRenewsManyVolumes: a node serving many primaries renews
@@ -41,12 +68,13 @@ func authorityLease(vol, holder string, epoch uint64) *coordinationv1.Lease {
 func TestKubeAuthorityRenewsManyVolumes(t *testing.T) {
 	const n = 24
 	var objs []runtime.Object
-	prim := map[string]uint64{}
+	var vols []string
 	for i := range n {
 		vol := fmt.Sprintf("apps/db-%02d", i)
-		prim[vol] = 1
+		vols = append(vols, vol)
 		objs = append(objs, authorityLease(vol, "node-a", 1))
 	}
+	prim := primaries(1, vols...)
 	cs := fake.NewClientset(objs...)
 	var gets, patches, others atomic.Int64
 	cs.PrependReactor("*", "leases", func(a k8stesting.Action) (bool, runtime.Object, error) {
@@ -68,7 +96,7 @@ func TestKubeAuthorityRenewsManyVolumes(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	done := make(chan struct{})
-	go func() { defer close(done); k.Run(ctx, func() map[string]uint64 { return prim }, nopLog{}) }()
+	go func() { defer close(done); k.Run(ctx, func() map[string]Primary { return prim }, nopLog{}) }()
 	defer func() { cancel(); <-done }()
 
 	deadline := time.Now().Add(5 * time.Second)
@@ -110,12 +138,12 @@ func TestKubeAuthorityRenewsManyVolumes(t *testing.T) {
 
 	// The controller moves one volume's authority to node-b.
 	moved := "apps/db-07"
-	l, err := cs.CoordinationV1().Leases("tandem-system").Get(ctx, v1.AuthorityLeaseName("apps", "db-07"), metav1.GetOptions{})
+	l, err := cs.CoordinationV1().Leases("tandem-system").Get(ctx, leaseName(t, moved), metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	l.Spec.HolderIdentity = ptr.To("node-b")
-	l.Annotations[v1.AnnEpoch] = "2"
+	l.Annotations[authority.AnnEpoch] = "2"
 	if err := cs.Tracker().Update(coordinationv1.SchemeGroupVersion.WithResource("leases"), l, "tandem-system"); err != nil {
 		t.Fatal(err)
 	}
@@ -197,7 +225,7 @@ func TestKubeAuthoritySlowAPIServer(t *testing.T) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		k.Run(ctx, func() map[string]uint64 { return map[string]uint64{vol: 1} }, nopLog{})
+		k.Run(ctx, func() map[string]Primary { return primaries(1, vol) }, nopLog{})
 	}()
 	defer func() { cancel(); <-done }()
 
@@ -224,4 +252,121 @@ func contains(s, sub string) bool {
 		}
 	}
 	return false
+}
+
+// TestKubeAuthorityGrantOnAgentClock: a grant runs on the agent's own
+// (injected) clock from the start of the renewal, and ends FenceMargin
+// before the lease duration, so the writer has fenced itself before the
+// controller, counting d + ExpiryMargin from when it saw that renewal, may
+// consider the Lease expired. renewTime is the agent's wall clock, whatever
+// it says (here a year off): nobody computes with it.
+func TestKubeAuthorityGrantOnAgentClock(t *testing.T) {
+	const vol = "apps/db"
+	cases := []struct {
+		name  string
+		lease time.Duration
+	}{{"minimum", 2 * time.Second}, {"default", authority.DefaultLeaseDuration}, {"long", 300 * time.Second}}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			l := authorityLease(vol, "node-a", 4)
+			l.Spec.LeaseDurationSeconds = ptr.To(int32(c.lease / time.Second))
+			cs := fake.NewClientset(l)
+			t0 := time.Date(2031, 6, 1, 0, 0, 0, 0, time.UTC) // the agent's wall clock, far from the test's
+			clk := clocktesting.NewFakePassiveClock(t0)
+			k := NewKubeAuthority(cs.CoordinationV1(), "tandem-system", "node-a", WithClock(clk))
+			if err := k.renew(context.Background(), vol, primaries(4, vol)[vol]); err != nil {
+				t.Fatal(err)
+			}
+			got, err := cs.CoordinationV1().Leases("tandem-system").Get(context.Background(), l.Name, metav1.GetOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !got.Spec.RenewTime.Time.Equal(t0) {
+				t.Errorf("renewTime = %v, want the agent clock's %v", got.Spec.RenewTime, t0)
+			}
+			end := c.lease - authority.FenceMargin(c.lease)
+			for _, step := range []struct {
+				at time.Duration
+				ok bool
+			}{{0, true}, {end - time.Millisecond, true}, {end, true}, {end + time.Millisecond, false}, {c.lease, false}} {
+				clk.SetTime(t0.Add(step.at))
+				err := k.Authorized(vol, 4)
+				if (err == nil) != step.ok {
+					t.Fatalf("%v after the renewal's start (lease %v): Authorized = %v, want ok=%v", step.at, c.lease, err, step.ok)
+				}
+				if err != nil && !strings.Contains(err.Error(), "self-fenced") {
+					t.Fatalf("refusal %q does not say it fenced itself", err)
+				}
+			}
+			if err := k.Authorized(vol, 3); err == nil {
+				t.Fatal("authorized at another epoch")
+			}
+		})
+	}
+}
+
+// TestKubeAuthorityOwnPairOnly: the agent renews only the Lease of its
+// volume's pair. A Lease of that name annotated for another pair is not
+// renewed (the patch's uid test fails) and fences the volume with a reason
+// naming the other pair; a volume the controller sent no pair UID for is
+// never authorised and costs no request.
+func TestKubeAuthorityOwnPairOnly(t *testing.T) {
+	const vol, other = "team-a/db", "team/a-db"
+	foreign := authorityLease(other, "node-a", 1)
+	foreign.Name = leaseName(t, vol) // under team-a/db's name, annotated for team/a-db
+	foreign.Spec.RenewTime = nil
+	cs := fake.NewClientset(foreign)
+	var calls atomic.Int64
+	cs.PrependReactor("*", "leases", func(k8stesting.Action) (bool, runtime.Object, error) {
+		calls.Add(1)
+		return false, nil, nil
+	})
+	k := NewKubeAuthority(cs.CoordinationV1(), "tandem-system", "node-a")
+	err := k.renew(context.Background(), vol, primaries(1, vol)[vol])
+	if err == nil || !strings.Contains(err.Error(), "team/a-db") {
+		t.Fatalf("renewing a Lease annotated for another pair: %v; want a refusal naming team/a-db", err)
+	}
+	if err := k.Authorized(vol, 1); err == nil || !strings.Contains(err.Error(), "team/a-db") {
+		t.Fatalf("Authorized = %v; want a refusal naming team/a-db", err)
+	}
+	got, _ := cs.CoordinationV1().Leases("tandem-system").Get(context.Background(), foreign.Name, metav1.GetOptions{})
+	if got.Spec.RenewTime != nil {
+		t.Fatal("the agent renewed another pair's Lease")
+	}
+
+	calls.Store(0)
+	const bare = "apps/no-uid"
+	err = k.renew(context.Background(), bare, Primary{Epoch: 1})
+	if err == nil || !strings.Contains(err.Error(), "UID") {
+		t.Fatalf("renewing without a pair UID: %v", err)
+	}
+	if err := k.Authorized(bare, 1); err == nil || !strings.Contains(err.Error(), "UID") {
+		t.Fatalf("a volume without a pair UID: Authorized = %v", err)
+	}
+	if n := calls.Load(); n != 0 {
+		t.Fatalf("%d API calls for a volume without a pair UID", n)
+	}
+}
+
+// TestKubeAuthorityNewPairSameName: a volume whose pair UID changes (the
+// VolumePair was deleted and created again under the same name) keeps
+// nothing of the old pair's grant.
+func TestKubeAuthorityNewPairSameName(t *testing.T) {
+	const vol = "apps/db"
+	old := authorityLease(vol, "node-a", 1)
+	cs := fake.NewClientset(old)
+	k := NewKubeAuthority(cs.CoordinationV1(), "tandem-system", "node-a")
+	if err := k.renew(context.Background(), vol, primaries(1, vol)[vol]); err != nil {
+		t.Fatal(err)
+	}
+	if err := k.Authorized(vol, 1); err != nil {
+		t.Fatal(err)
+	}
+	// The new pair's Lease does not exist yet (or is not reachable).
+	if err := k.renew(context.Background(), vol, Primary{Epoch: 1, PairUID: "uid-new"}); err == nil {
+		t.Fatal("renewed a Lease that does not exist")
+	}
+	if err := k.Authorized(vol, 1); err == nil {
+		t.Fatal("the old pair's grant still authorises the new pair's volume")
+	}
 }

@@ -190,6 +190,9 @@ type grant struct {
 	renewed time.Time // start of the last successful renewal (agent clock)
 	until   time.Time // authority.GrantUntil of it
 	reason  string
+	// refused is the epoch of the last refused renewal: a volume at a
+	// higher epoch than both it and epoch has not had an answer yet.
+	refused uint64
 }
 
 // Primary is what renewing a primary volume's authority needs.
@@ -214,9 +217,11 @@ func (k *KubeAuthority) Authorized(vol string, epoch uint64) error {
 	g, ok := k.grants[vol]
 	k.mu.Unlock()
 	switch {
-	case !ok:
+	case !ok || (g.epoch < epoch && g.refused < epoch):
+		// Just made the writer at this epoch: no renewal has answered
+		// yet. Requests wait for it (volume.ErrAuthorityPending).
 		k.Kick()
-		return fmt.Errorf("authority Lease not yet renewed by this node")
+		return fmt.Errorf("authority Lease not yet renewed by this node at epoch %d: %w", epoch, volume.ErrAuthorityPending)
 	case g.reason != "" && now.After(g.until):
 		return fmt.Errorf("no authority: %s", g.reason)
 	case g.epoch != epoch:
@@ -390,7 +395,7 @@ func (k *KubeAuthority) renew(ctx context.Context, vol string, p Primary) error 
 	}
 	k.mu.Lock()
 	g := k.grants[vol]
-	g.reason = reason
+	g.reason, g.refused = reason, max(g.refused, p.Epoch)
 	if g.epoch != p.Epoch || g.pairUID != p.PairUID {
 		g.until = time.Time{}
 	}

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"sync/atomic"
@@ -18,6 +19,7 @@ import (
 	clocktesting "k8s.io/utils/clock/testing"
 	"k8s.io/utils/ptr"
 
+	"github.com/tandem-storage/tandem/dataplane/volume"
 	"github.com/tandem-storage/tandem/internal/authority"
 )
 
@@ -368,5 +370,46 @@ func TestKubeAuthorityNewPairSameName(t *testing.T) {
 	}
 	if err := k.Authorized(vol, 1); err == nil {
 		t.Fatal("the old pair's grant still authorises the new pair's volume")
+	}
+}
+
+// TestKubeAuthorityPendingAtNewEpoch: a volume made the writer at an epoch
+// no renewal has answered for yet is pending (requests wait), not refused,
+// even when its last renewal at an older epoch was refused (a failback: the
+// old writer got the Lease moved away at epoch 2 and gets it back at 3).
+// Before, it answered "authority Lease is at epoch ..." or the old refusal,
+// and the forwarded writes of the failback failed with EIO.
+func TestKubeAuthorityPendingAtNewEpoch(t *testing.T) {
+	const vol = "apps/db"
+	cs := fake.NewClientset(authorityLease(vol, "node-b", 2))
+	k := NewKubeAuthority(cs.CoordinationV1(), "tandem-system", "node-a")
+	if err := k.Authorized(vol, 1); !errors.Is(err, volume.ErrAuthorityPending) {
+		t.Fatalf("before any renewal: %v, want pending", err)
+	}
+	// At epoch 1 the renewal is refused: the Lease names node-b at 2.
+	if err := k.renew(context.Background(), vol, primaries(1, vol)[vol]); err == nil {
+		t.Fatal("renewed a Lease naming another node")
+	}
+	if err := k.Authorized(vol, 1); err == nil || errors.Is(err, volume.ErrAuthorityPending) {
+		t.Fatalf("after the refusal at epoch 1: %v, want refused", err)
+	}
+	// The controller gives node-a the writer role at epoch 3.
+	l, err := cs.CoordinationV1().Leases("tandem-system").Get(context.Background(), leaseName(t, vol), metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	moved := authorityLease(vol, "node-a", 3)
+	l.Spec.HolderIdentity, l.Annotations = moved.Spec.HolderIdentity, moved.Annotations
+	if _, err := cs.CoordinationV1().Leases("tandem-system").Update(context.Background(), l, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := k.Authorized(vol, 3); !errors.Is(err, volume.ErrAuthorityPending) {
+		t.Fatalf("made the writer at epoch 3, not renewed yet: %v, want pending", err)
+	}
+	if err := k.renew(context.Background(), vol, primaries(3, vol)[vol]); err != nil {
+		t.Fatal(err)
+	}
+	if err := k.Authorized(vol, 3); err != nil {
+		t.Fatalf("after the renewal at epoch 3: %v", err)
 	}
 }

@@ -60,7 +60,10 @@ type View struct {
 	FailbackPolicy    v1.Policy
 	FailoverRequested bool
 	FailbackRequested bool
-	Authority         AuthorityView
+	// HoldBackoff is true for a while after a failback hold was released
+	// because it did not drain in time: no new hold yet.
+	HoldBackoff bool
+	Authority   AuthorityView
 }
 
 // StepKind is the one data-affecting step a reconcile takes.
@@ -236,27 +239,60 @@ func Decide(v View) Step {
 	}
 
 	// 4. Failback (DELPAIR) or a planned switchover towards spec.primary.
+	// The hold starts once what is left to ship can drain within it, not
+	// when nothing is left: under steady writes in async mode something
+	// almost always is. Under the hold the writer drains; then the roles
+	// switch. A hold that does not drain in time is released (the writes
+	// go on) and tried again a little later.
 	holding := writer.Status != nil && writer.Status.Holding
 	if v.Authority.Holder == v.Backup.Node {
 		wanted := !v.Authority.FailedOver || v.FailbackPolicy == v1.PolicyAutomatic || v.FailbackRequested
-		if wanted && other.Reachable && !other.Suspect && InSync(writer, other) {
+		if wanted && other.Reachable && !other.Suspect && FailbackReady(&v, writer, other) {
 			if other.APILost && !holding {
 				return Step{Kind: StepNone, Blocked: BlockedNone,
 					Message: "failback waits until the agent on " + other.Node + " reaches the API server again (it could not renew its authority)"}
 			}
 			switch {
-			case !holding:
-				return Step{Kind: StepHold, Target: writer.Node, Blocked: BlockedNone}
-			case writer.Status.Drained:
+			case holding && writer.Status.Drained:
 				return Step{Kind: StepSwitch, Target: other.Node, Blocked: BlockedNone}
+			case holding && writer.Status.HoldSeconds > MaxHoldSeconds:
+				return Step{Kind: StepReleaseHold, Target: writer.Node, Blocked: BlockedNone, Message: HoldTimedOut}
+			case holding:
+				return Step{Kind: StepNone, Blocked: BlockedNone, Message: "draining for failback"}
+			case v.HoldBackoff:
+				return Step{Kind: StepNone, Blocked: BlockedNone, Message: "the last failback hold did not drain in time; failback is tried again shortly"}
 			}
-			return Step{Kind: StepNone, Blocked: BlockedNone, Message: "draining for failback"}
+			return Step{Kind: StepHold, Target: writer.Node, Blocked: BlockedNone}
 		}
 	}
 	if holding {
 		return Step{Kind: StepReleaseHold, Target: writer.Node, Blocked: BlockedNone}
 	}
 	return Step{Kind: StepNone, Blocked: BlockedNone}
+}
+
+// Failback hold budget (DESIGN §7: the hold lasts at most a second).
+const (
+	// FailbackDrainBytes is the most a writer may still have to ship to
+	// its peer for a failback hold to start: it drains in a small fraction
+	// of the hold on any link a pair replicates over.
+	FailbackDrainBytes = 8 << 20
+	// MaxHoldSeconds: a hold that has not drained within this is released
+	// and the failback tried again after HoldBackoff.
+	MaxHoldSeconds = 1.5
+	// HoldTimedOut is the message of a ReleaseHold step for a hold that did
+	// not drain in time.
+	HoldTimedOut = "the failback hold did not drain in time; writes go on and failback is tried again shortly"
+)
+
+// FailbackReady reports whether the writer may start a failback hold
+// towards other now: the link is up, no copy runs, other holds the pair's
+// data UpToDate, and what the writer has still to ship (live writes in
+// flight, in async mode) is small enough to drain under the hold.
+func FailbackReady(v *View, writer, other *MemberView) bool {
+	w, o := writer.Status, other.Status
+	return w != nil && o != nil && w.Role == volume.RolePrimary && w.PeerConnected && !w.Copy.Running &&
+		o.DataState == volume.UpToDate && HoldsData(other, v.PairUID) && w.OutOfSyncBytes <= FailbackDrainBytes
 }
 
 // dataReason is the member's account of why its data is not usable.
@@ -318,10 +354,13 @@ func DerivePhase(v View, last v1.Phase) v1.Phase {
 		}
 		return v1.PhasePair
 	}
+	// Writes in flight to the peer (async mode) are not a copy: the phase
+	// is NORMAL while the link streams, whatever the bitmap holds for the
+	// moment.
 	switch {
 	case !w.PeerConnected:
 		return v1.PhaseSwap
-	case copying || w.OutOfSyncRegions > 0:
+	case copying:
 		return v1.PhaseCopy
 	}
 	return v1.PhaseNormal

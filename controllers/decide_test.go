@@ -265,6 +265,39 @@ func TestDecide(t *testing.T) {
 			v.Backup = lost("b")
 			v.Primary.Status.PeerConnected = false
 		}, StepNone, "", BlockedNone},
+		// Failback under steady writes: a small diff in flight does not
+		// keep the hold from starting; under the hold the writer drains.
+		{"NORMAL under async writes (a few regions in flight): hold", func(v *View) {
+			v.Authority = auth("b", 2, false, true)
+			v.FailbackPolicy = v1.PolicyAutomatic
+			v.Backup.Status = st(volume.RolePrimary, 2, volume.UpToDate, true, func(s *volume.Status) { s.OutOfSyncRegions, s.OutOfSyncBytes = 7, 7<<16 })
+			v.Primary.Status = st(volume.RoleBackup, 2, volume.UpToDate, true)
+		}, StepHold, "b", BlockedNone},
+		{"NORMAL with a large backlog: no hold yet", func(v *View) {
+			v.Authority = auth("b", 2, false, true)
+			v.FailbackPolicy = v1.PolicyAutomatic
+			v.Backup.Status = st(volume.RolePrimary, 2, volume.UpToDate, true, func(s *volume.Status) { s.OutOfSyncRegions, s.OutOfSyncBytes = 1000, 1000<<16 })
+			v.Primary.Status = st(volume.RoleBackup, 2, volume.UpToDate, true)
+		}, StepNone, "", BlockedNone},
+		{"holding, still draining: keep holding", func(v *View) {
+			v.Authority = auth("b", 2, false, true)
+			v.FailbackPolicy = v1.PolicyAutomatic
+			v.Backup.Status = st(volume.RolePrimary, 2, volume.UpToDate, true, holding, func(s *volume.Status) { s.OutOfSyncRegions, s.OutOfSyncBytes, s.HoldSeconds = 2, 2<<16, 0.2 })
+			v.Primary.Status = st(volume.RoleBackup, 2, volume.UpToDate, true)
+		}, StepNone, "", BlockedNone},
+		{"holding past the budget without draining: release", func(v *View) {
+			v.Authority = auth("b", 2, false, true)
+			v.FailbackPolicy = v1.PolicyAutomatic
+			v.Backup.Status = st(volume.RolePrimary, 2, volume.UpToDate, true, holding, func(s *volume.Status) { s.OutOfSyncRegions, s.OutOfSyncBytes, s.HoldSeconds = 2, 2<<16, 2 })
+			v.Primary.Status = st(volume.RoleBackup, 2, volume.UpToDate, true)
+		}, StepReleaseHold, "b", BlockedNone},
+		{"a hold just timed out: no new hold during the backoff", func(v *View) {
+			v.Authority = auth("b", 2, false, true)
+			v.FailbackPolicy = v1.PolicyAutomatic
+			v.HoldBackoff = true
+			v.Backup.Status = st(volume.RolePrimary, 2, volume.UpToDate, true)
+			v.Primary.Status = st(volume.RoleBackup, 2, volume.UpToDate, true)
+		}, StepNone, "", BlockedNone},
 		// Identity (invariant 8): a writer whose disk was wiped comes back
 		// as a new replica, or with none at all.
 		{"writer wiped (new replica), authority not expired: wait", func(v *View) {
@@ -340,6 +373,9 @@ func TestDerivePhase(t *testing.T) {
 		{"backup copies to returning primary", View{Primary: up("a", st(volume.RoleBackup, 2, volume.Inconsistent, true)), Backup: up("b", st(volume.RolePrimary, 2, volume.UpToDate, true, func(s *volume.Status) { s.Copy.Running = true })), Authority: a("b")}, v1.PhaseSwap, v1.PhaseCopy},
 		{"backup writes, in sync", View{Primary: up("a", st(volume.RoleBackup, 2, volume.UpToDate, true)), Backup: up("b", st(volume.RolePrimary, 2, volume.UpToDate, true)), Authority: a("b")}, v1.PhaseCopy, v1.PhaseNormal},
 		{"writer unobserved: keep last", View{Primary: lost("a"), Backup: lost("b"), Authority: a("a")}, v1.PhaseSwap, v1.PhaseSwap},
+		// Async writes in flight are not a copy: the phase flapped
+		// NORMAL↔COPY under steady writes.
+		{"backup writes under async load, regions in flight", View{Primary: up("a", st(volume.RoleBackup, 2, volume.UpToDate, true)), Backup: up("b", st(volume.RolePrimary, 2, volume.UpToDate, true, func(s *volume.Status) { s.OutOfSyncRegions = 5 })), Authority: a("b")}, v1.PhaseNormal, v1.PhaseNormal},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -84,6 +84,7 @@ func TestRoundTimingNext(t *testing.T) {
 		{"fenced writer, authority expired", roundTiming{period: p, stepNone: true, writerFenced: true, expired: true, untilExpiry: -time.Second}, p},
 		{"writer missed a probe, silent in 0.5 s", roundTiming{period: p, stepNone: true, writerFailing: true, untilSilent: 500 * time.Millisecond}, 550 * time.Millisecond},
 		{"writer missed a probe, silent in 3 s", roundTiming{period: p, stepNone: true, writerFailing: true, untilSilent: 3 * time.Second}, p},
+		{"writer holding for a failback: switch as soon as drained", roundTiming{period: p, stepNone: true, holding: true, untilExpiry: 6 * time.Second}, 50 * time.Millisecond},
 		{"writer missed a probe and its authority expires first", roundTiming{period: p, blocked: BlockedAuthorityNotExpired, untilExpiry: 300 * time.Millisecond, writerFailing: true, untilSilent: time.Second}, 350 * time.Millisecond},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

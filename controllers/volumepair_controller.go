@@ -91,7 +91,14 @@ type probeState struct {
 	lastSeen time.Time
 	lostAt   time.Time      // when the member became suspect
 	last     *volume.Status // the member's last report (nil: none, or no replica)
+	// holdGaveUp is when a failback hold on this member (as the writer)
+	// was released because it did not drain in time.
+	holdGaveUp time.Time
 }
+
+// holdBackoff is how long after a failback hold that did not drain in time
+// the next one may start.
+const holdBackoff = 5 * time.Second
 
 // scope is what one reconcile learns and decides.
 type scope struct {
@@ -190,6 +197,11 @@ func (r *VolumePairReconciler) Reconcile(ctx context.Context, req ctrl.Request) 
 	now := r.Now()
 	rt := roundTiming{period: period, acted: s.acted && s.stepErr == nil, blocked: s.step.Blocked,
 		stepNone: s.step.Kind == StepNone, writerFenced: WriterFenced(s.view), expired: s.view.Authority.Expired}
+	if s.view.Authority.Exists {
+		if w := s.view.member(s.view.Authority.Holder); w.Status != nil && w.Status.Holding {
+			rt.holding = true
+		}
+	}
 	if !s.authorityExpiry.IsZero() {
 		rt.untilExpiry = s.authorityExpiry.Sub(now)
 	}
@@ -228,6 +240,7 @@ type roundTiming struct {
 	untilExpiry   time.Duration // until it counts as expired (0: no Lease)
 	writerFailing bool          // the writer missed its last probe, not suspect yet
 	untilSilent   time.Duration // until it counts as silent (suspect)
+	holding       bool          // the writer holds writes for a failback
 }
 
 // next is the delay before the next round: a probe period, shorter when
@@ -258,6 +271,11 @@ func (t roundTiming) next() time.Duration {
 	}
 	if t.writerFailing {
 		soon(t.untilSilent + 50*time.Millisecond)
+	}
+	if t.holding {
+		// Every client write waits while the writer holds: switch as soon
+		// as it has drained.
+		soon(50 * time.Millisecond)
 	}
 	return d
 }
@@ -368,6 +386,9 @@ func (r *VolumePairReconciler) observe(ctx context.Context, s *scope) error {
 		return fmt.Errorf("authority Lease %s names %q, which is not a member", lease.Name, a.Holder)
 	}
 	s.view.Authority = a
+	if gaveUp := r.probeState(key, a.Holder).holdGaveUp; !gaveUp.IsZero() && r.Now().Sub(gaveUp) < holdBackoff {
+		s.view.HoldBackoff = true
+	}
 	// A member that held the authority before its last move must have
 	// reached the API server since before it is given the authority back:
 	// this controller must have seen its agent Lease change after it saw
@@ -552,6 +573,10 @@ func (r *VolumePairReconciler) act(ctx context.Context, s *scope) error {
 	case StepHold:
 		return r.configure(ctx, s, true)
 	case StepReleaseHold:
+		if s.step.Message == HoldTimedOut {
+			r.probeState(client.ObjectKeyFromObject(vp), s.step.Target).holdGaveUp = r.Now()
+			r.Recorder.Eventf(vp, nil, corev1.EventTypeWarning, "FailbackHoldReleased", "ReleaseHold", "%s: the hold on %s did not drain within %.1fs; writes go on, failback is tried again in %v", HoldTimedOut, s.step.Target, MaxHoldSeconds, holdBackoff)
+		}
 		return r.configure(ctx, s, false)
 	case StepRecordOutdated:
 		// The deferred status patch writes it; the next round confirms to

@@ -367,11 +367,14 @@ func cutName(vol string) (string, string, bool) {
 	return "", "", false
 }
 
-// Primaries returns the volumes this agent serves as primary, with epochs.
+// Primaries returns the volumes this agent serves as primary, with epochs:
+// those whose authority Lease it renews. A primary with a fault (its
+// write-intent journal failed) is left out until the fault clears: if it
+// lasts, its Lease expires and the controller fails over.
 func (a *Agent) Primaries() map[string]uint64 {
 	out := map[string]uint64{}
 	for _, v := range a.list() {
-		if s := v.Spec(); s.Role == volume.RolePrimary {
+		if s := v.Spec(); s.Role == volume.RolePrimary && v.Fault() == nil {
 			out[v.Name()] = s.Epoch
 		}
 	}

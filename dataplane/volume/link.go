@@ -106,6 +106,12 @@ type link struct {
 	copyBytes int64
 	copyDone  bool // CopyDone queued and nothing left to copy
 	cp        CopyStatus
+
+	// behindSince is when the peer started to lack a write that no frame
+	// in sentAt accounts for: the oldest unacked frame at a teardown, or
+	// a write made while no connection streamed (or, for a new link, its
+	// start if regions were already dirty). Zero once a resync completed.
+	behindSince time.Time
 }
 
 type sentRec struct {
@@ -129,6 +135,11 @@ func newLink(v *Volume, s Spec) *link {
 	}
 	l.space = sync.NewCond(&l.mu)
 	l.work = sync.NewCond(&l.mu)
+	if v.tracker.Count() > 0 {
+		// Owed from before this link: how long is not known, at least
+		// this long.
+		l.behindSince = time.Now()
+	}
 	return l
 }
 
@@ -349,6 +360,11 @@ func (l *link) teardown(gen uint64) {
 		l.queue[i].release()
 	}
 	l.queue, l.qbytes = l.queue[:0], 0
+	// The unacked writes are now owed through the resync: keep the age
+	// of the oldest for the oldest-unreplicated metric.
+	if len(l.sentAt) > 0 {
+		l.noteBehindLocked(l.sentAt[0].at)
+	}
 	l.sentAt = l.sentAt[:0]
 	l.copies, l.copyBytes, l.copyDone = nil, 0, false
 	l.cp.Running = false
@@ -397,6 +413,7 @@ func (l *link) enqueueClient(kind opKind, p []byte, off, n int64, fua bool, own 
 		if free == nil {
 			putBuf(buf)
 		}
+		l.noteBehindLocked(time.Now()) // the caller marks it for the resync
 		return ticket{}, false
 	}
 	f := repl.Frame{Type: kind.frameType(), Offset: uint64(off), Length: uint32(n)}
@@ -506,6 +523,13 @@ func (l *link) inSync() bool {
 	return s && l.v.tracker.Count() == 0
 }
 
+// noteBehindLocked records that the peer lacks a write made at t; l.mu held.
+func (l *link) noteBehindLocked(t time.Time) {
+	if l.behindSince.IsZero() || t.Before(l.behindSince) {
+		l.behindSince = t
+	}
+}
+
 func (l *link) status() linkStatus {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -513,6 +537,9 @@ func (l *link) status() linkStatus {
 		allAcked: l.applied >= l.nextSeq && l.durable >= l.nextSeq}
 	if len(l.sentAt) > 0 {
 		st.oldest = time.Since(l.sentAt[0].at)
+	}
+	if !l.behindSince.IsZero() {
+		st.oldest = max(st.oldest, time.Since(l.behindSince))
 	}
 	if st.copy.Running {
 		el := time.Since(st.copy.StartTime).Seconds()
@@ -703,6 +730,8 @@ func (l *link) copier(gen uint64) error {
 				if l.gen == gen && !l.copyDone {
 					l.enqueueLocked(repl.Frame{Type: repl.TypeCopyDone, Flags: repl.FlagDurableAck}, nil, 0)
 					l.copyDone = true
+					// The peer holds every write but those in sentAt.
+					l.behindSince = time.Time{}
 					// In sync: a later loss of the peer needs a new
 					// Outdated record before the writer continues alone.
 					l.v.clearAlone()
@@ -726,6 +755,7 @@ func (l *link) copier(gen uint64) error {
 			// New sticky regions after a CopyDone: the peer is
 			// inconsistent again until they are copied.
 			l.copyDone = false
+			l.noteBehindLocked(time.Now())
 			l.cp = CopyStatus{Running: true, TotalBytes: int64(sticky.GetCardinality()) * rs, StartTime: time.Now()}
 			l.enqueueLocked(repl.Frame{Type: repl.TypeResyncBegin, Offset: uint64(l.cp.TotalBytes)}, nil, 0)
 		}

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/tandem-storage/tandem/dataplane/bitmap"
+	"github.com/tandem-storage/tandem/dataplane/volume"
 )
 
 // journalDisk stands for the disk under a replica's write-intent journal:
@@ -96,5 +97,42 @@ func TestJournalFaultTransientENOSPC(t *testing.T) {
 			}
 			same(t, p.member, b.member)
 		})
+	}
+}
+
+// TestJournalFaultRecoversIdle: a journal that failed on the one write to a
+// volume that is otherwise idle recovers once the disk has space again,
+// with no write to drive the reopen (an expired authority, for one, keeps
+// writes from reaching the journal): the checkpoint loop keeps trying.
+func TestJournalFaultRecoversIdle(t *testing.T) {
+	m := newFaultyMemberN(t, "a")
+	if err := m.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Mode: volume.ModeAsync}); err != nil {
+		t.Fatal(err)
+	}
+	disk := &journalDisk{}
+	m.v.SetJournalFaultHook(disk.hook)
+	buf := make([]byte, ackBlock)
+	if err := m.v.WriteAt(context.Background(), buf, 0, false); err != nil {
+		t.Fatal(err)
+	}
+	// Let the checkpoints (every 100 ms) retire the marked extent: the
+	// journal is idle, nothing marked.
+	time.Sleep(time.Second)
+
+	disk.full.Store(true)
+	if err := m.v.WriteAt(context.Background(), buf, 8<<20, false); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("write to a new extent with the journal's disk full: %v, want EIO", err)
+	}
+	time.Sleep(500 * time.Millisecond) // several checkpoint rounds fail
+	if m.v.Fault() == nil {
+		t.Fatal("no fault while the journal's disk is full")
+	}
+	disk.full.Store(false)
+	waitForD(t, 10*time.Second, "the journal to recover without writes", func() bool { return m.v.Fault() == nil })
+	if st := m.v.Status(); !st.Writable {
+		t.Fatalf("not writable after the journal recovered: %q", st.Reason)
+	}
+	if err := m.v.WriteAt(context.Background(), buf, 12<<20, false); err != nil {
+		t.Fatalf("write to a new extent after recovery: %v", err)
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"net"
 	"slices"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/RoaringBitmap/roaring/v2"
@@ -245,11 +246,44 @@ func (l *link) session() error {
 	go func() { defer wg.Done(); errc <- l.sender(gen, conn, bw) }()
 	go func() { defer wg.Done(); errc <- l.receiver(gen, conn, rd) }()
 	go func() { defer wg.Done(); errc <- l.copier(gen) }()
-	err = <-errc
+	err = preferRefusal(<-errc, errc)
 	l.teardown(gen)
 	conn.Close()
 	wg.Wait()
 	return err
+}
+
+// errPeerRefused: the peer sent a Nack for a frame, with its reason.
+var errPeerRefused = errors.New("peer refused frame")
+
+// refusalGrace bounds how long a session whose send was reset waits for the
+// peer's reason. A backup that cannot apply a frame (its disk failed) sends
+// a Nack saying why and closes the connection; with frames still unread on
+// its side, the close resets it, and the sender's next write can fail with
+// ECONNRESET before the receiver has read the Nack, which is already in
+// the socket. Closing at once would log "connection reset by peer" and drop
+// the backup's reason. The receiver returns at once on a reset connection
+// (the Nack, or the reset): the bound only matters if it is not scheduled
+// (a loaded node) or is busy serving a forwarded request.
+const refusalGrace = time.Second
+
+// preferRefusal returns the session's error: first, the first one, unless
+// it is a send the peer reset and the next error (the receiver's, within
+// refusalGrace) is the peer's refusal.
+func preferRefusal(first error, errc <-chan error) error {
+	if !errors.Is(first, syscall.ECONNRESET) && !errors.Is(first, syscall.EPIPE) {
+		return first
+	}
+	t := time.NewTimer(refusalGrace)
+	defer t.Stop()
+	select {
+	case err := <-errc:
+		if errors.Is(err, errPeerRefused) {
+			return err
+		}
+	case <-t.C:
+	}
+	return first
 }
 
 func cardinality(b *roaring.Bitmap) uint64 {
@@ -651,7 +685,7 @@ func (l *link) receiver(gen uint64, conn net.Conn, rd *repl.Reader) error {
 		case repl.TypeAck:
 			l.acked(gen, f.Seq, f.Offset)
 		case repl.TypeNack:
-			return fmt.Errorf("peer refused frame %d: %s", f.Seq, f.Payload)
+			return fmt.Errorf("%w %d: %s", errPeerRefused, f.Seq, f.Payload)
 		case repl.TypePong:
 		case repl.TypeFwdWrite, repl.TypeFwdTrim, repl.TypeFwdZero, repl.TypeFwdFlush, repl.TypeFwdRead:
 			l.serveForwarded(gen, f)

@@ -227,7 +227,7 @@ var (
 	descEpoch    = prometheus.NewDesc("tandem_volume_epoch", "Authority epoch of the member.", labels, nil)
 	descPeer     = prometheus.NewDesc("tandem_volume_peer_connected", "1 when the replication link is up.", labels, nil)
 	descOOS      = prometheus.NewDesc("tandem_volume_out_of_sync_bytes", "Bytes in dirty regions: what the peer may lack.", labels, nil)
-	descOldest   = prometheus.NewDesc("tandem_volume_oldest_unreplicated_seconds", "Age of the oldest write the peer has not acknowledged.", labels, nil)
+	descOldest   = prometheus.NewDesc("tandem_volume_oldest_unreplicated_seconds", "Age of the oldest write the peer does not hold (unacknowledged, or written while it was away and not yet resynced).", labels, nil)
 	descCopyDone = prometheus.NewDesc("tandem_volume_resync_copied_bytes_total", "Bytes sent by resyncs.", labels, nil)
 	descWrites   = prometheus.NewDesc("tandem_volume_writes_total", "Client writes.", labels, nil)
 	descWBytes   = prometheus.NewDesc("tandem_volume_write_bytes_total", "Client bytes written.", labels, nil)

@@ -416,11 +416,14 @@ func (k *KubeAuthority) forget(primaries map[string]Primary) {
 }
 
 // Primaries returns the volumes this agent serves as primary, with what
-// renewing their authority needs.
+// renewing their authority needs: those whose authority Lease it renews. A
+// primary with a fault (its write-intent journal failed) is left out until
+// the fault clears: if it lasts, its Lease expires and the controller fails
+// over.
 func (a *Agent) Primaries() map[string]Primary {
 	out := map[string]Primary{}
 	for _, v := range a.list() {
-		if s := v.Spec(); s.Role == volume.RolePrimary {
+		if s := v.Spec(); s.Role == volume.RolePrimary && v.Fault() == nil {
 			out[v.Name()] = Primary{Epoch: s.Epoch, PairUID: s.PairUID}
 		}
 	}

@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -18,8 +19,9 @@ import (
 )
 
 const (
-	crashDirEnv  = "TANDEM_BITMAP_CRASH_DIR"
-	crashSeedEnv = "TANDEM_BITMAP_CRASH_SEED"
+	crashDirEnv    = "TANDEM_BITMAP_CRASH_DIR"
+	crashSeedEnv   = "TANDEM_BITMAP_CRASH_SEED"
+	crashFaultsEnv = "TANDEM_BITMAP_CRASH_FAULTS"
 )
 
 // TestJournalCrashChild is the process TestJournalCrash kills. It behaves like
@@ -48,6 +50,29 @@ func TestJournalCrashChild(t *testing.T) {
 	// Half the rounds carry hot extents across checkpoints (the volume
 	// engine's setting), half do not.
 	j.KeepHot(seed%2 == 1)
+	faults := os.Getenv(crashFaultsEnv) != ""
+	if faults {
+		// Retry every few milliseconds so that a round sees many
+		// failures and recoveries.
+		j.mu.Lock()
+		j.minRetry, j.retryDelay = 2*time.Millisecond, 2*time.Millisecond
+		j.mu.Unlock()
+		d := newDiskFull(syscall.ENOSPC, allOps...)
+		j.SetFaultHook(d.hook)
+		go func() {
+			rng := rand.New(rand.NewPCG(seed, 2))
+			for {
+				full := rng.IntN(3) == 0
+				d.on.Store(full)
+				if full {
+					time.Sleep(time.Duration(rng.IntN(5000)) * time.Microsecond)
+				} else {
+					time.Sleep(time.Duration(rng.IntN(30000)) * time.Microsecond)
+				}
+				say("S %d", j.Stats().Reopens)
+			}
+		}()
+	}
 	g := j.geo
 	tr := NewTracker(tSize, tRegion)
 	tr.MarkRegions(rec)
@@ -58,7 +83,7 @@ func TestJournalCrashChild(t *testing.T) {
 			mu.Lock()
 			snap := tr.Dirty()
 			mu.Unlock()
-			if err := j.Checkpoint(snap); err != nil {
+			if err := j.Checkpoint(snap); err != nil && !faults {
 				say("ERR checkpoint: %v", err)
 				os.Exit(3)
 			}
@@ -74,8 +99,13 @@ func TestJournalCrashChild(t *testing.T) {
 				mu.RLock()
 				tr.MarkRegions(extentRegionsOf(&g, off, n)) // stands in for Mark(off, n, seq) with no ack
 				if err := j.Mark(context.Background(), off, n); err != nil {
-					say("ERR mark: %v", err)
-					os.Exit(3)
+					if !faults {
+						say("ERR mark: %v", err)
+						os.Exit(3)
+					}
+					say("F") // not acknowledged
+					mu.RUnlock()
+					continue
 				}
 				say("M %d %d", off, n)
 				mu.RUnlock()
@@ -100,17 +130,36 @@ func TestJournalCrash(t *testing.T) {
 	if testing.Short() && os.Getenv("CI") == "" {
 		t.Skip("spawns processes")
 	}
+	crashRounds(t, false)
+}
+
+// TestJournalCrashTransientFaults is TestJournalCrash with a disk that keeps
+// filling up and emptying: the child's journal fails and reopens its log
+// many times, and the crash lands before, during or after a recovery. Every
+// Mark that returned nil must still be recovered, and no round may find the
+// journal corrupt (a torn failed append followed by data, a missing log).
+func TestJournalCrashTransientFaults(t *testing.T) {
+	if testing.Short() && os.Getenv("CI") == "" {
+		t.Skip("spawns processes")
+	}
+	crashRounds(t, true)
+}
+
+func crashRounds(t *testing.T, faults bool) {
 	g := mustGeo(t)
 	dir := t.TempDir()
 	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 7))
 	expected := roaring.New() // regions that must be recovered
 	const rounds = 6
-	totalMarks := 0
+	totalMarks, totalFailed, totalReopens := 0, 0, 0
 	for round := 0; round < rounds; round++ {
 		cmd := exec.Command(os.Args[0], "-test.run=^TestJournalCrashChild$", "-test.count=1")
 		// Odd seeds (every other round) run the child with KeepHot.
 		seed := rng.IntN(1<<29)*2 + round%2
 		cmd.Env = append(os.Environ(), crashDirEnv+"="+dir, crashSeedEnv+"="+strconv.Itoa(seed))
+		if faults {
+			cmd.Env = append(cmd.Env, crashFaultsEnv+"=1")
+		}
 		stdout, err := cmd.StdoutPipe()
 		if err != nil {
 			t.Fatal(err)
@@ -131,7 +180,7 @@ func TestJournalCrash(t *testing.T) {
 		killAt := time.Duration(20+rng.IntN(300)) * time.Millisecond
 		var timer <-chan time.Time
 		ready := time.After(20 * time.Second)
-		marks := 0
+		marks, failed, reopens := 0, 0, 0
 	read:
 		for {
 			select {
@@ -145,6 +194,10 @@ func TestJournalCrash(t *testing.T) {
 					ready = nil
 				case l == "C":
 					expected.Clear()
+				case l == "F":
+					failed++
+				case strings.HasPrefix(l, "S "):
+					fmt.Sscanf(l, "S %d", &reopens)
 				case strings.HasPrefix(l, "M "):
 					var off, n int64
 					if _, err := fmt.Sscanf(l, "M %d %d", &off, &n); err != nil {
@@ -178,13 +231,18 @@ func TestJournalCrash(t *testing.T) {
 			t.Fatalf("round %d: %d acknowledged regions missing after crash (first %v); recovered %d",
 				round, missing.GetCardinality(), head(missing), rec.GetCardinality())
 		}
-		t.Logf("round %d: killed after %v, %d marks, must recover %d regions, recovered %d",
-			round, killAt, marks, expected.GetCardinality(), rec.GetCardinality())
+		t.Logf("round %d: killed after %v, %d marks (%d failed, %d reopens of the log), must recover %d regions, recovered %d",
+			round, killAt, marks, failed, reopens, expected.GetCardinality(), rec.GetCardinality())
+		totalFailed += failed
+		totalReopens += reopens
 		if err := j.Close(nil); err != nil {
 			t.Fatal(err)
 		}
 	}
 	if totalMarks == 0 {
 		t.Fatal("children never marked anything")
+	}
+	if faults && (totalFailed == 0 || totalReopens == 0) {
+		t.Fatalf("%d Marks failed and the log was reopened %d times: the fault injection did not work", totalFailed, totalReopens)
 	}
 }

@@ -131,9 +131,20 @@
 //
 // An error wrapping ErrCorrupt from OpenJournal means the bitmaps are lost:
 // the caller resyncs the whole volume (and says so in status), then calls
-// ResetJournal. A failed log append makes the Journal unusable (after an
-// fsync error the page cache cannot be trusted): Mark keeps failing, writes
-// must not be acknowledged, and the caller reopens the journal, which
-// recovers conservatively. A failed Checkpoint keeps the old logs and carries
-// their extents into the next one.
+// ResetJournal.
+//
+// A failed log append (a full disk, an I/O error; after an fsync error the
+// page cache cannot be trusted either) fails the Journal: nothing is
+// appended to that log again, and Marks of extents not already marked fail
+// (Err says why), so their writes are never acknowledged; extents marked
+// before stay durable and keep their fast path. The Journal recovers by
+// itself when the disk does: the first Mark after a backoff (100 ms,
+// doubling up to 5 s) creates log gen+1 (header, fdatasync, directory
+// fsync) and appends there; a Checkpoint does the same as part of its
+// rotation. The failed log stays until the next checkpoint retires it: the
+// checkpoint on disk still names it, and its last record may be torn by the
+// failed append, which recovery ignores since nothing follows it. No
+// checkpoint is needed for the switch: checkpoint G already means "replay
+// logs G, G+1, …". A failed Checkpoint keeps the old logs and carries their
+// extents into the next one.
 package bitmap

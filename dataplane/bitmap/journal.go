@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/RoaringBitmap/roaring/v2"
 	"github.com/go-logr/logr"
@@ -43,6 +44,43 @@ func parseLogName(name string) (uint64, bool) {
 	return gen, err == nil
 }
 
+// Retry timing after a failed log append: the first reopen of the log may be
+// attempted minRetryDelay after the failure, and the delay doubles with every
+// failed attempt up to maxRetryDelay.
+const (
+	minRetryDelay = 100 * time.Millisecond
+	maxRetryDelay = 5 * time.Second
+)
+
+// FaultOp names a journal I/O operation, for a fault hook (SetFaultHook).
+type FaultOp int
+
+// The operations a fault hook can fail.
+const (
+	// FaultAppend is the pwrite of a group commit's record.
+	FaultAppend FaultOp = iota
+	// FaultSync is the fdatasync after a group commit.
+	FaultSync
+	// FaultCreateLog is writing and syncing a new log file.
+	FaultCreateLog
+	// FaultCheckpoint is writing and installing a checkpoint.
+	FaultCheckpoint
+)
+
+func (o FaultOp) String() string {
+	switch o {
+	case FaultAppend:
+		return "append"
+	case FaultSync:
+		return "sync"
+	case FaultCreateLog:
+		return "create-log"
+	case FaultCheckpoint:
+		return "checkpoint"
+	}
+	return fmt.Sprintf("FaultOp(%d)", int(o))
+}
+
 // JournalStats are cumulative counters of one open Journal.
 type JournalStats struct {
 	Marks           uint64 // Mark calls with a non-empty range
@@ -64,6 +102,10 @@ type JournalStats struct {
 	// RetiredExtents is the number of extents the last checkpoint covered
 	// in full because their generation retired (its over-report).
 	RetiredExtents uint64
+	// Failures counts failed log appends and failed attempts to reopen the
+	// log after one; Reopens counts the reopens that brought the journal
+	// back (see Err).
+	Failures, Reopens uint64
 }
 
 // Journal makes a replica's dirty bitmap survive crashes: a write-intent log
@@ -96,7 +138,16 @@ type Journal struct {
 	inflight *batch    // the batch being written while flushing
 	swapping bool      // a checkpoint is switching generations; do not start a flush
 	closing  bool
-	err      error // sticky: a log append failed, the journal is unusable
+	// err is set while the journal is failed: a log append failed, so the
+	// current log (and, after an fsync error, its page cache) cannot be
+	// trusted any more. New extents cannot be marked until a new log is
+	// opened: by a Mark once retryAt has passed (reopenLog), or by a
+	// Checkpoint (rotate). retryDelay is the wait after the next failure.
+	err        error
+	retryAt    time.Time
+	retryDelay time.Duration
+	minRetry   time.Duration // retryDelay after a recovery: minRetryDelay (tests shorten it)
+	reopening  bool          // a Mark is reopening the log
 
 	flusherDone chan struct{}
 
@@ -109,6 +160,9 @@ type Journal struct {
 	batched, records, fsyncs, bytes atomic.Uint64
 	checkpoints, checkpointBytes    atomic.Uint64
 	carried, ahead, retired         atomic.Uint64
+	failures, reopens               atomic.Uint64
+
+	faultHook atomic.Pointer[func(FaultOp) error]
 
 	// beforeSync, if set (tests only, before the flusher starts), runs before
 	// each log fdatasync.
@@ -156,6 +210,8 @@ func OpenJournal(dir string, size, regionSize, extentSize int64, log logr.Logger
 		lockF:       lockF,
 		carry:       roaring.New(),
 		flusherDone: make(chan struct{}),
+		retryDelay:  minRetryDelay,
+		minRetry:    minRetryDelay,
 	}
 	j.cond.L = &j.mu
 	j.set.Store(newExtSet(g.extents))
@@ -218,6 +274,107 @@ func ResetJournal(dir string) error {
 // stall on a group commit each time it enters a new extent; this
 // over-reports by at most that window per sequential stream.
 func (j *Journal) KeepHot(on bool) { j.keepHot.Store(on) }
+
+// SetFaultHook makes fn run before every journal I/O operation of the kinds
+// FaultOp names; a non-nil error fails that operation as if the disk had
+// returned it, before it reaches the file. It is for fault-injection tests
+// (a full disk is fn returning syscall.ENOSPC); nil removes the hook.
+func (j *Journal) SetFaultHook(fn func(FaultOp) error) {
+	if fn == nil {
+		j.faultHook.Store(nil)
+		return
+	}
+	j.faultHook.Store(&fn)
+}
+
+// fault runs the fault hook for op, if any.
+func (j *Journal) fault(op FaultOp) error {
+	if fn := j.faultHook.Load(); fn != nil {
+		return (*fn)(op)
+	}
+	return nil
+}
+
+// Err returns why the journal cannot mark new extents now (a log append
+// failed and no new log could be opened since), or nil when it can. While
+// it is failed, Marks of extents not already marked fail; the journal
+// reopens its log by itself on a Mark after a backoff, or on a Checkpoint,
+// once the disk works again.
+func (j *Journal) Err() error {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.err
+}
+
+// failLocked records a failure of the log (an append, or an attempt to
+// reopen it) and schedules the next attempt; j.mu held.
+func (j *Journal) failLocked(err error) {
+	j.err = err
+	j.retryAt = time.Now().Add(j.retryDelay)
+	j.retryDelay = min(2*j.retryDelay, maxRetryDelay)
+	j.failures.Add(1)
+}
+
+// recoveredLocked clears the failure once a new log is in use; j.mu held.
+func (j *Journal) recoveredLocked(how string) {
+	if j.err == nil {
+		return
+	}
+	j.log.Info("bitmap intent log usable again", "dir", j.dir, "generation", j.gen, "by", how, "failedWith", j.err.Error())
+	j.err = nil
+	j.retryDelay = j.minRetry
+	j.reopens.Add(1)
+}
+
+// reopenLog replaces a failed log: it creates log generation gen+1 (durably,
+// like rotate's step 1) and appends there from now on. The failed log stays:
+// the checkpoint on disk still needs it, and its extents stay in the marked
+// set, so the next Checkpoint covers them before removing it. Its tail may
+// hold a torn record from the failed append; nothing is ever appended after
+// it, so recovery ignores it (a torn last record). No checkpoint is written:
+// checkpoint G means "replay logs G, G+1, …", which now include gen+1.
+func (j *Journal) reopenLog() error {
+	j.ckptMu.Lock() // serializes generation changes with rotate
+	defer j.ckptMu.Unlock()
+	j.mu.Lock()
+	if j.closing {
+		j.mu.Unlock()
+		return ErrClosed
+	}
+	if j.err == nil { // a Checkpoint reopened it meanwhile
+		j.mu.Unlock()
+		return nil
+	}
+	newGen := j.gen + 1
+	j.mu.Unlock()
+
+	nf, off, err := j.createLog(newGen, nil)
+
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if err != nil {
+		err = fmt.Errorf("reopening the intent log: %w", err)
+		j.failLocked(err)
+		return err
+	}
+	if j.closing {
+		nf.Close()
+		return ErrClosed
+	}
+	j.swapping = true
+	for j.flushing {
+		j.cond.Wait()
+	}
+	oldF := j.f
+	j.f, j.gen, j.off = nf, newGen, off
+	j.swapping = false
+	j.recoveredLocked("reopen")
+	j.cond.Broadcast()
+	if oldF != nil {
+		_ = oldF.Close()
+	}
+	return nil
+}
 
 // markAheadBytes is how far past a sequential writer's extent Mark reaches.
 const markAheadBytes = 64 << 20
@@ -358,14 +515,26 @@ func (j *Journal) Mark(ctx context.Context, off, n int64) error {
 	}
 
 	j.mu.Lock()
+	for j.err != nil && !j.closing {
+		// The log failed. Fail at once (the caller must not acknowledge
+		// the write) unless it is time to try a new log.
+		if err := j.err; j.reopening || time.Now().Before(j.retryAt) {
+			j.mu.Unlock()
+			return fmt.Errorf("marking extents %d-%d: %w", first, last, err)
+		}
+		j.reopening = true
+		j.mu.Unlock()
+		err := j.reopenLog()
+		j.mu.Lock()
+		j.reopening = false
+		if err != nil {
+			j.mu.Unlock()
+			return fmt.Errorf("marking extents %d-%d: %w", first, last, err)
+		}
+	}
 	if j.closing {
 		j.mu.Unlock()
 		return ErrClosed
-	}
-	if j.err != nil {
-		err := j.err
-		j.mu.Unlock()
-		return fmt.Errorf("marking extents %d-%d: %w", first, last, err)
 	}
 	set := j.set.Load()
 	// Extents already in the batch being written need only that commit;
@@ -507,8 +676,12 @@ func (j *Journal) flusher() {
 		j.flushing = false
 		j.inflight = nil
 		if err != nil {
-			j.err = fmt.Errorf("appending to %s: %w", logName(gen), err)
-			j.log.Error(err, "bitmap intent log append failed; journal unusable", "dir", j.dir, "generation", gen)
+			// The log cannot be trusted any more (after a failed fsync
+			// not even its page cache): no more appends to it. Marks of
+			// new extents fail until a new log is opened.
+			j.failLocked(fmt.Errorf("appending to %s: %w", logName(gen), err))
+			j.log.Error(err, "bitmap intent log append failed; new extents cannot be marked until the log is reopened",
+				"dir", j.dir, "generation", gen, "retryIn", j.retryDelay.String())
 			err = j.err
 		} else {
 			j.off += int64(n)
@@ -537,11 +710,17 @@ func (j *Journal) appendBatch(f *os.File, gen uint64, off int64, ext *roaring.Bi
 		rec = appendRecord(rec, gen, runs[:k])
 		runs = runs[k:]
 	}
+	if err := j.fault(FaultAppend); err != nil {
+		return 0, err
+	}
 	if _, err := f.WriteAt(rec, off); err != nil {
 		return 0, err
 	}
 	if j.beforeSync != nil {
 		j.beforeSync()
+	}
+	if err := j.fault(FaultSync); err != nil {
+		return 0, fmt.Errorf("fdatasync: %w", err)
 	}
 	if err := fdatasync(f); err != nil {
 		return 0, fmt.Errorf("fdatasync: %w", err)
@@ -577,14 +756,13 @@ func (j *Journal) Checkpoint(b *roaring.Bitmap) error {
 
 func (j *Journal) checkpointContent(b *roaring.Bitmap) (*roaring.Bitmap, error) {
 	j.mu.Lock()
-	closing, jerr := j.closing, j.err
+	closing := j.closing
 	j.mu.Unlock()
 	if closing {
 		return nil, ErrClosed
 	}
-	if jerr != nil {
-		return nil, fmt.Errorf("checkpoint of bitmap journal %s: %w", j.dir, jerr)
-	}
+	// A failed journal checkpoints too: rotate opens a new log, which is
+	// what recovers it.
 	if b == nil {
 		return roaring.New(), nil
 	}
@@ -609,7 +787,6 @@ func (j *Journal) Close(final *roaring.Bitmap) error {
 		return ErrClosed
 	}
 	j.closing = true
-	jerr := j.err
 	// Fast-path Marks must fail from now on, not find old extents.
 	j.set.Store(newExtSet(0))
 	j.cond.Broadcast()
@@ -617,7 +794,8 @@ func (j *Journal) Close(final *roaring.Bitmap) error {
 	<-j.flusherDone
 
 	var err error
-	if final != nil && jerr == nil {
+	// Also after a failed append: the final checkpoint goes with a new log.
+	if final != nil {
 		if !final.IsEmpty() && final.Maximum() >= j.geo.regions {
 			err = fmt.Errorf("final bitmap: region %d outside the volume's %d regions", final.Maximum(), j.geo.regions)
 		} else {
@@ -692,6 +870,8 @@ func (j *Journal) rotate(content *roaring.Bitmap, unionRetired, keepHot bool) er
 	j.set.Store(newSet)
 	j.used.Store(newExtSet(j.geo.extents))
 	j.swapping = false
+	// A log that failed is retired now; the new one was written and synced.
+	j.recoveredLocked("checkpoint")
 	j.cond.Broadcast()
 	j.mu.Unlock()
 	j.carried.Add(uint64(carried))
@@ -721,6 +901,9 @@ func (j *Journal) rotate(content *roaring.Bitmap, unionRetired, keepHot bool) er
 // record of the hot extents, fdatasyncs it and the directory, and returns it
 // with its append offset.
 func (j *Journal) createLog(gen uint64, hot []extentRun) (*os.File, int64, error) {
+	if err := j.fault(FaultCreateLog); err != nil {
+		return nil, 0, fmt.Errorf("creating %s: %w", logName(gen), err)
+	}
 	path := filepath.Join(j.dir, logName(gen))
 	// O_TRUNC, not O_EXCL: a file of this generation can only be left over
 	// from a rotation that failed before switching to it, so it holds nothing.
@@ -771,6 +954,9 @@ func (j *Journal) writeCheckpoint(gen uint64, bm *roaring.Bitmap) error {
 	data, err := encodeCheckpoint(gen, &j.geo, bm)
 	if err != nil {
 		return err
+	}
+	if err := j.fault(FaultCheckpoint); err != nil {
+		return fmt.Errorf("writing checkpoint: %w", err)
 	}
 	tmp := filepath.Join(j.dir, checkpointTmp)
 	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
@@ -847,6 +1033,8 @@ func (j *Journal) Stats() JournalStats {
 		Carried:         j.carried.Load(),
 		Ahead:           j.ahead.Load(),
 		RetiredExtents:  j.retired.Load(),
+		Failures:        j.failures.Load(),
+		Reopens:         j.reopens.Load(),
 	}
 }
 

@@ -8,7 +8,10 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -724,7 +727,10 @@ func TestJournalMarkContextCancel(t *testing.T) {
 	}
 }
 
-func TestJournalAppendFailureIsSticky(t *testing.T) {
+// TestJournalAppendFailureFailsNewExtents: after a failed append, Marks of
+// new extents fail (during the backoff) while extents marked before keep
+// their fast path, and a crash then recovers every extent marked before.
+func TestJournalAppendFailureFailsNewExtents(t *testing.T) {
 	g := mustGeo(t)
 	dir := t.TempDir()
 	j, _ := openT(t, dir)
@@ -735,19 +741,302 @@ func TestJournalAppendFailureIsSticky(t *testing.T) {
 	if err := j.Mark(context.Background(), 20*MiB, 1); err == nil {
 		t.Fatal("Mark on a failed log succeeded")
 	}
+	if err := j.Err(); err == nil {
+		t.Fatal("Err() = nil after a failed append")
+	}
 	if err := j.Mark(context.Background(), 40*MiB, 1); err == nil {
-		t.Fatal("second Mark on a failed log succeeded")
+		t.Fatal("second Mark on a failed log (within the backoff) succeeded")
 	}
 	if err := j.Mark(context.Background(), 0, 1); err != nil {
 		t.Fatalf("fast-path Mark of an extent durably marked before the failure: %v", err)
-	}
-	if err := j.Checkpoint(nil); err == nil {
-		t.Fatal("Checkpoint on a failed journal succeeded")
 	}
 	crash(t, j)
 	j, rec := openT(t, dir)
 	defer j.Close(nil)
 	wantSuperset(t, "recovered", rec, extentRegionsOf(g, 0, 1))
+}
+
+// diskFull is a fault hook standing for a full (or failing) disk: while on,
+// every journal operation of the kinds in ops fails with err.
+type diskFull struct {
+	on  atomic.Bool
+	ops map[FaultOp]bool
+	err error
+	hit atomic.Int64
+}
+
+func newDiskFull(err error, ops ...FaultOp) *diskFull {
+	d := &diskFull{ops: map[FaultOp]bool{}, err: err}
+	for _, op := range ops {
+		d.ops[op] = true
+	}
+	return d
+}
+
+func (d *diskFull) hook(op FaultOp) error {
+	if d.on.Load() && d.ops[op] {
+		d.hit.Add(1)
+		return d.err
+	}
+	return nil
+}
+
+// allOps is every operation a full disk fails.
+var allOps = []FaultOp{FaultAppend, FaultSync, FaultCreateLog, FaultCheckpoint}
+
+// TestJournalRecoversAfterTransientFault: a transient ENOSPC (or an fsync
+// EIO) fails the journal; Marks of new extents fail while it lasts, Err
+// says why; once the disk works again a Mark after the backoff reopens the
+// log and succeeds, without reopening the Journal. A crash afterwards
+// recovers every extent whose Mark succeeded, before, during and after the
+// fault, and a Checkpoint later retires the failed log.
+func TestJournalRecoversAfterTransientFault(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		err  error
+		ops  []FaultOp
+		want string
+	}{
+		{"ENOSPC", syscall.ENOSPC, allOps, "no space left on device"},
+		// Every fsync fails: appends, new logs and checkpoints.
+		{"FsyncEIO", syscall.EIO, []FaultOp{FaultSync, FaultCreateLog, FaultCheckpoint}, "input/output error"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for _, hot := range []bool{false, true} {
+				g := mustGeo(t)
+				dir := t.TempDir()
+				j, _ := openT(t, dir)
+				j.KeepHot(hot)
+				d := newDiskFull(tc.err, tc.ops...)
+				j.SetFaultHook(d.hook)
+				ctx := context.Background()
+				marked := roaring.New()
+				markOK := func(off int64) {
+					t.Helper()
+					mark(t, j, off, 1)
+					marked.Or(extentRegionsOf(g, off, 1))
+				}
+				markOK(0)
+				markOK(3 * MiB)
+
+				d.on.Store(true)
+				err := j.Mark(ctx, 10*MiB, 1)
+				if err == nil || !strings.Contains(err.Error(), tc.want) {
+					t.Fatalf("Mark of a new extent on a full disk: %v, want an error saying %q", err, tc.want)
+				}
+				if err := j.Err(); err == nil || !strings.Contains(err.Error(), tc.want) {
+					t.Fatalf("Err() = %v while the disk is full, want %q", err, tc.want)
+				}
+				// Already marked extents stay usable: their marks are durable.
+				markOK(0)
+				// Past the backoff the reopen is tried and fails again.
+				time.Sleep(2 * minRetryDelay)
+				if err := j.Mark(ctx, 12*MiB, 1); err == nil {
+					t.Fatal("Mark of a new extent succeeded while the disk is still full")
+				}
+
+				d.on.Store(false) // the disk has space again
+				deadline := time.Now().Add(10 * time.Second)
+				for {
+					err := j.Mark(ctx, 20*MiB, 1)
+					if err == nil {
+						break
+					}
+					if time.Now().After(deadline) {
+						t.Fatalf("journal did not recover after the fault cleared: %v", err)
+					}
+					time.Sleep(10 * time.Millisecond)
+				}
+				marked.Or(extentRegionsOf(g, 20*MiB, 1))
+				if err := j.Err(); err != nil {
+					t.Fatalf("Err() = %v after recovering", err)
+				}
+				markOK(30 * MiB)
+				markOK(10 * MiB) // the extent whose Mark failed
+				// The append failed, then a reopen on the full disk.
+				if st := j.Stats(); st.Reopens != 1 || st.Failures < 2 {
+					t.Fatalf("stats after recovering: %+v, want 1 reopen after at least 2 failures", st)
+				}
+
+				// A crash now recovers every extent marked before, during and
+				// after the fault.
+				crash(t, j)
+				j, rec := openT(t, dir)
+				wantSuperset(t, "recovered after a crash following recovery", rec, marked)
+
+				// Once more with a checkpoint after the recovery: the failed
+				// log is retired and the later marks still survive a crash.
+				j.SetFaultHook(d.hook)
+				markOK(50 * MiB)
+				d.on.Store(true)
+				if err := j.Mark(ctx, 60*MiB, 1); err == nil {
+					t.Fatal("Mark of a new extent on a full disk succeeded")
+				}
+				d.on.Store(false)
+				time.Sleep(2 * minRetryDelay)
+				markOK(70 * MiB)
+				if err := j.Checkpoint(nil); err != nil {
+					t.Fatal(err)
+				}
+				markOK(80 * MiB)
+				crash(t, j)
+				j, rec = openT(t, dir)
+				// The checkpoint was given nil, so it only covers the retired
+				// generations' extents: those marked since the first reopen.
+				wantSuperset(t, "recovered after checkpointing past a failed log", rec,
+					roaring.Or(roaring.Or(extentRegionsOf(g, 50*MiB, 1), extentRegionsOf(g, 70*MiB, 1)), extentRegionsOf(g, 80*MiB, 1)))
+				if logs := logFiles(t, dir); len(logs) != 1 {
+					t.Errorf("logs after checkpoint and reopen: %v, want one", logs)
+				}
+				j.Close(nil)
+			}
+		})
+	}
+}
+
+// logFiles lists the intent logs in dir.
+func logFiles(t *testing.T, dir string) []string {
+	t.Helper()
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, e := range entries {
+		if _, ok := parseLogName(e.Name()); ok {
+			out = append(out, e.Name())
+		}
+	}
+	return out
+}
+
+// TestJournalRecoversWithTornFailedAppend: the failed append left part of
+// its record in the old log (a short write on a full disk). After the
+// journal reopened the log and marked more, a crash still recovers cleanly:
+// the torn record is the old log's last, never followed by data.
+func TestJournalRecoversWithTornFailedAppend(t *testing.T) {
+	g := mustGeo(t)
+	dir := t.TempDir()
+	j, _ := openT(t, dir)
+	mark(t, j, 0, 1)
+	d := newDiskFull(syscall.ENOSPC, FaultAppend)
+	j.SetFaultHook(d.hook)
+	d.on.Store(true)
+	j.mu.Lock()
+	oldGen, oldOff := j.gen, j.off
+	j.mu.Unlock()
+	if err := j.Mark(context.Background(), 9*MiB, 1); err == nil {
+		t.Fatal("Mark succeeded on a full disk")
+	}
+	// What a short write would have left: the first half of the record.
+	rec := appendRecord(nil, oldGen, []extentRun{{first: 9, n: 1}})
+	f, err := os.OpenFile(filepath.Join(dir, logName(oldGen)), os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(rec[:len(rec)/2], oldOff); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	d.on.Store(false)
+	time.Sleep(2 * minRetryDelay)
+	mark(t, j, 5*MiB, 1)
+	mark(t, j, 7*MiB, 1)
+	crash(t, j)
+	j, rec2 := openT(t, dir)
+	defer j.Close(nil)
+	wantSuperset(t, "recovered", rec2, roaring.Or(roaring.Or(extentRegionsOf(g, 0, 1), extentRegionsOf(g, 5*MiB, 1)), extentRegionsOf(g, 7*MiB, 1)))
+}
+
+// TestJournalFaultConcurrentMarks: many writers mark while the disk fills
+// and empties again, and a checkpointer runs; no Mark that returned nil is
+// lost by a crash, and the journal ends up healthy.
+func TestJournalFaultConcurrentMarks(t *testing.T) {
+	g := mustGeo(t)
+	dir := t.TempDir()
+	j, _ := openT(t, dir)
+	j.KeepHot(true)
+	d := newDiskFull(syscall.ENOSPC, allOps...)
+	j.SetFaultHook(d.hook)
+	tr := NewTracker(tSize, tRegion)
+	var mu sync.RWMutex
+	var mmu sync.Mutex
+	marked := roaring.New()
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { // checkpointer; its failures while the disk is full are expected
+		defer wg.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(3 * time.Millisecond):
+			}
+			mu.Lock()
+			snap := tr.Dirty()
+			mu.Unlock()
+			_ = j.Checkpoint(snap)
+		}
+	}()
+	var failed atomic.Int64
+	for w := 0; w < 4; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(uint64(w), 9))
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				off := rng.Int64N(tSize - 4*KiB)
+				mu.RLock()
+				tr.MarkRegions(extentRegionsOf(g, off, 4*KiB))
+				err := j.Mark(context.Background(), off, 4*KiB)
+				if err == nil {
+					mmu.Lock()
+					marked.Or(extentRegionsOf(g, off, 4*KiB))
+					mmu.Unlock()
+				} else {
+					failed.Add(1)
+				}
+				mu.RUnlock()
+				if rng.IntN(50) == 0 {
+					mu.Lock()
+					tr.Clear() // the peer caught up: later checkpoints shrink
+					mmu.Lock()
+					marked.Clear()
+					mmu.Unlock()
+					mu.Unlock()
+				}
+			}
+		}(w)
+	}
+	for i := 0; i < 6; i++ {
+		time.Sleep(30 * time.Millisecond)
+		d.on.Store(i%2 == 0)
+	}
+	d.on.Store(false)
+	// Healthy again within the backoff.
+	deadline := time.Now().Add(10 * time.Second)
+	for j.Err() != nil {
+		if time.Now().After(deadline) {
+			t.Fatalf("journal still failed after the disk healed: %v", j.Err())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	close(stop)
+	wg.Wait()
+	if failed.Load() == 0 || d.hit.Load() == 0 {
+		t.Fatalf("no fault was hit (failed marks %d, faults %d)", failed.Load(), d.hit.Load())
+	}
+	crash(t, j)
+	j, rec := openT(t, dir)
+	defer j.Close(nil)
+	wantSuperset(t, "recovered", rec, marked)
+	t.Logf("%d marks failed, %d faults injected, recovered %d regions", failed.Load(), d.hit.Load(), rec.GetCardinality())
 }
 
 // TestJournalCheckpointFailureCarries: when writing a checkpoint fails, the

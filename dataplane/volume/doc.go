@@ -11,7 +11,11 @@
 //     wait, they are not failed.
 //  2. Write intent: the coarse extent holding the write is durably marked in
 //     the journal (bitmap.Journal) before anything else, so a crash can never
-//     lose the knowledge that the region may differ (invariant 3).
+//     lose the knowledge that the region may differ (invariant 3). If the
+//     journal cannot mark it (its disk is full or failing), the write fails
+//     with EIO before touching the local store; the member reports itself
+//     not writable (Fault) until the journal has reopened its log, which it
+//     does by itself once the disk works again.
 //  3. Under the region locks: the local store is written and the frame is
 //     queued on the link with the next sequence number (carrying the NBD
 //     server's own payload buffer, WriteAtTake, not a copy), and the tracker

@@ -222,6 +222,16 @@ func waitForD(t *testing.T, d time.Duration, what string, cond func() bool) {
 	}
 }
 
+// eventually polls cond until it holds or d has passed, and says which.
+func eventually(d time.Duration, cond func() bool) bool {
+	for deadline := time.Now().Add(d); !cond(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			return false
+		}
+	}
+	return true
+}
+
 var faultModes = []volume.Mode{volume.ModeAsync, volume.ModeSync}
 
 // TestDiskFaultPrimaryWrite: EIO on the primary's writes (a bad range, then
@@ -448,13 +458,16 @@ func backupFaultTrial(t *testing.T, tl *stresstest.Tally, mode volume.Mode, inje
 	waitForD(t, 20*time.Second, "primary reports the peer disconnected", func() bool {
 		return !p.v.Status().PeerConnected
 	})
-	if !strings.Contains(p.logs.String(), errText) {
+	// The primary logs why the link went down once the session has ended,
+	// a moment after PeerConnected turned false.
+	if !eventually(5*time.Second, func() bool { return strings.Contains(p.logs.String(), errText) }) {
 		t.Errorf("seed %d: the primary's log does not give the backup's reason %q", seed, errText)
 	}
 	if d := uncoveredDiff(t, p, b); len(d) > 0 {
 		tl.Violated.Add(1)
 		t.Errorf("seed %d: regions %v lack on the backup but are clear in the primary's bitmap (invariant 3)", seed, d)
 	}
+	eventually(5*time.Second, func() bool { return p.v.Status().Counters.Reconnects > reconnects })
 	if st := p.v.Status(); st.OutOfSyncRegions == 0 || st.Counters.Reconnects == reconnects {
 		t.Errorf("seed %d: primary status after the backup's refusal: %+v", seed, st)
 	}

@@ -290,8 +290,10 @@ func (v *Volume) submitOwned(ctx context.Context, kind opKind, p []byte, off, n 
 	// peer never saw this write (invariant 3).
 	v.ckpt.RLock()
 	if err := v.journal.Mark(ctx, off, n); err != nil {
+		// Nothing was written locally: there is nothing the peer could
+		// lack, and the client gets an error, never an ack.
 		v.ckpt.RUnlock()
-		err = fmt.Errorf("write-intent for [%d, +%d): %w", off, n, err)
+		err = writeIntentError(off, n, err)
 		v.setError(err)
 		return err
 	}

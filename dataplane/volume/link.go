@@ -10,6 +10,7 @@ import (
 	"net"
 	"slices"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/RoaringBitmap/roaring/v2"
@@ -124,6 +125,12 @@ type link struct {
 	copyBytes int64
 	copyDone  bool // CopyDone queued and nothing left to copy
 	cp        CopyStatus
+
+	// behindSince is when the peer started to lack a write that no frame
+	// in sentAt accounts for: the oldest unacked frame at a teardown, or
+	// a write made while no connection streamed (or, for a new link, its
+	// start if regions were already dirty). Zero once a resync completed.
+	behindSince time.Time
 }
 
 type sentRec struct {
@@ -147,6 +154,11 @@ func newLink(v *Volume, s Spec) *link {
 	}
 	l.space = sync.NewCond(&l.mu)
 	l.work = sync.NewCond(&l.mu)
+	if v.tracker.Count() > 0 {
+		// Owed from before this link: how long is not known, at least
+		// this long.
+		l.behindSince = time.Now()
+	}
 	return l
 }
 
@@ -267,7 +279,7 @@ func (l *link) session() error {
 	go func() { defer wg.Done(); errc <- l.sender(gen, conn, bw) }()
 	go func() { defer wg.Done(); errc <- l.receiver(gen, conn, rd) }()
 	go func() { defer wg.Done(); errc <- l.copier(gen) }()
-	err = <-errc
+	err = preferRefusal(<-errc, errc)
 	l.teardown(gen)
 	conn.Close()
 	wg.Wait()
@@ -296,6 +308,39 @@ func fullCopyReason(ack HelloAck, uid string, primaryZero bool) string {
 // replica joined before UIDs were recorded holds whatever pair it serves).
 func peerHolds(ack HelloAck, uid string) bool {
 	return ack.Joined && (ack.PairUID == uid || ack.PairUID == "" || uid == "")
+}
+
+// errPeerRefused: the peer sent a Nack for a frame, with its reason.
+var errPeerRefused = errors.New("peer refused frame")
+
+// refusalGrace bounds how long a session whose send was reset waits for the
+// peer's reason. A backup that cannot apply a frame (its disk failed) sends
+// a Nack saying why and closes the connection; with frames still unread on
+// its side, the close resets it, and the sender's next write can fail with
+// ECONNRESET before the receiver has read the Nack, which is already in
+// the socket. Closing at once would log "connection reset by peer" and drop
+// the backup's reason. The receiver returns at once on a reset connection
+// (the Nack, or the reset): the bound only matters if it is not scheduled
+// (a loaded node) or is busy serving a forwarded request.
+const refusalGrace = time.Second
+
+// preferRefusal returns the session's error: first, the first one, unless
+// it is a send the peer reset and the next error (the receiver's, within
+// refusalGrace) is the peer's refusal.
+func preferRefusal(first error, errc <-chan error) error {
+	if !errors.Is(first, syscall.ECONNRESET) && !errors.Is(first, syscall.EPIPE) {
+		return first
+	}
+	t := time.NewTimer(refusalGrace)
+	defer t.Stop()
+	select {
+	case err := <-errc:
+		if errors.Is(err, errPeerRefused) {
+			return err
+		}
+	case <-t.C:
+	}
+	return first
 }
 
 func cardinality(b *roaring.Bitmap) uint64 {
@@ -406,6 +451,11 @@ func (l *link) teardown(gen uint64) {
 		l.queue[i].release()
 	}
 	l.queue, l.qbytes = l.queue[:0], 0
+	// The unacked writes are now owed through the resync: keep the age
+	// of the oldest for the oldest-unreplicated metric.
+	if len(l.sentAt) > 0 {
+		l.noteBehindLocked(l.sentAt[0].at)
+	}
 	l.sentAt = l.sentAt[:0]
 	l.copies, l.copyBytes, l.copyDone = nil, 0, false
 	l.cp.Running = false
@@ -454,6 +504,7 @@ func (l *link) enqueueClient(kind opKind, p []byte, off, n int64, fua bool, own 
 		if free == nil {
 			putBuf(buf)
 		}
+		l.noteBehindLocked(time.Now()) // the caller marks it for the resync
 		return ticket{}, false
 	}
 	f := repl.Frame{Type: kind.frameType(), Offset: uint64(off), Length: uint32(n)}
@@ -563,6 +614,13 @@ func (l *link) inSync() bool {
 	return s && l.v.tracker.Count() == 0
 }
 
+// noteBehindLocked records that the peer lacks a write made at t; l.mu held.
+func (l *link) noteBehindLocked(t time.Time) {
+	if l.behindSince.IsZero() || t.Before(l.behindSince) {
+		l.behindSince = t
+	}
+}
+
 func (l *link) status() linkStatus {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -570,6 +628,9 @@ func (l *link) status() linkStatus {
 		allAcked: l.applied >= l.nextSeq && l.durable >= l.nextSeq}
 	if len(l.sentAt) > 0 {
 		st.oldest = time.Since(l.sentAt[0].at)
+	}
+	if !l.behindSince.IsZero() {
+		st.oldest = max(st.oldest, time.Since(l.behindSince))
 	}
 	if st.copy.Running {
 		el := time.Since(st.copy.StartTime).Seconds()
@@ -681,7 +742,7 @@ func (l *link) receiver(gen uint64, conn net.Conn, rd *repl.Reader) error {
 		case repl.TypeAck:
 			l.acked(gen, f.Seq, f.Offset)
 		case repl.TypeNack:
-			return fmt.Errorf("peer refused frame %d: %s", f.Seq, f.Payload)
+			return fmt.Errorf("%w %d: %s", errPeerRefused, f.Seq, f.Payload)
 		case repl.TypePong:
 		case repl.TypeFwdWrite, repl.TypeFwdTrim, repl.TypeFwdZero, repl.TypeFwdFlush, repl.TypeFwdRead:
 			l.serveForwarded(gen, f)
@@ -760,6 +821,8 @@ func (l *link) copier(gen uint64) error {
 				if l.gen == gen && !l.copyDone {
 					l.enqueueLocked(repl.Frame{Type: repl.TypeCopyDone, Flags: repl.FlagDurableAck}, nil, 0)
 					l.copyDone = true
+					// The peer holds every write but those in sentAt.
+					l.behindSince = time.Time{}
 					// In sync: a later loss of the peer needs a new
 					// Outdated record before the writer continues alone.
 					l.v.clearAlone()
@@ -783,6 +846,7 @@ func (l *link) copier(gen uint64) error {
 			// New sticky regions after a CopyDone: the peer is
 			// inconsistent again until they are copied.
 			l.copyDone = false
+			l.noteBehindLocked(time.Now())
 			l.cp = CopyStatus{Running: true, TotalBytes: int64(sticky.GetCardinality()) * rs, StartTime: time.Now()}
 			l.enqueueLocked(repl.Frame{Type: repl.TypeResyncBegin, Offset: uint64(l.cp.TotalBytes)}, nil, 0)
 		}

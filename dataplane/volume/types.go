@@ -133,8 +133,10 @@ type Status struct {
 	// whole volume is treated as dirty.
 	BitmapsLost bool       `json:"bitmapsLost,omitempty"`
 	Copy        CopyStatus `json:"copy"`
-	// OldestUnreplicatedSeconds is the age of the oldest write the peer has
-	// not acknowledged.
+	// OldestUnreplicatedSeconds is the age of the oldest write the peer does
+	// not hold: not acknowledged yet, or, while it is away and until the
+	// resync completes, written since it went away (or left unacknowledged
+	// then).
 	OldestUnreplicatedSeconds float64 `json:"oldestUnreplicatedSeconds"`
 	// WaitingForPeerOutdated counts sync writes held until the controller
 	// records the peer as Outdated (invariant 2).

@@ -656,6 +656,7 @@ func (v *Volume) Spec() Spec {
 
 // Status reports the actual state.
 func (v *Volume) Status() Status {
+	fault := v.Fault()
 	v.mu.Lock()
 	st := Status{
 		Name: v.opts.Name, Size: v.opts.Size, RegionSize: v.opts.RegionSize,
@@ -667,6 +668,8 @@ func (v *Volume) Status() Status {
 	}
 	if err := v.writableLocked(); err != nil {
 		st.Reason = err.Error()
+	} else if fault != nil {
+		st.Reason = fault.Error()
 	} else {
 		st.Writable = true
 	}
@@ -748,8 +751,9 @@ func (v *Volume) checkpointLoop() {
 			cnt := v.tracker.Count()
 			// Idle: checkpoint until no extent is marked or covered in full
 			// any more, so that recovery after a crash reports the tracker's
-			// bitmap exactly.
-			if st == lastStats && cnt == lastCount && st.Extents == 0 && st.RetiredExtents == 0 {
+			// bitmap exactly. A failed journal is never idle: a checkpoint
+			// opens a new log, which recovers it without waiting for a write.
+			if st == lastStats && cnt == lastCount && st.Extents == 0 && st.RetiredExtents == 0 && v.journal.Err() == nil {
 				continue
 			}
 			if err := v.checkpoint(); err != nil {

@@ -106,7 +106,7 @@ func TestJournalFaultTransientENOSPC(t *testing.T) {
 // writes from reaching the journal): the checkpoint loop keeps trying.
 func TestJournalFaultRecoversIdle(t *testing.T) {
 	m := newFaultyMemberN(t, "a")
-	if err := m.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Mode: volume.ModeAsync}); err != nil {
+	if err := m.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true, Mode: volume.ModeAsync}); err != nil {
 		t.Fatal(err)
 	}
 	disk := &journalDisk{}

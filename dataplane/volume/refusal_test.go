@@ -67,7 +67,7 @@ func TestPrimaryLogsBackupRefusal(t *testing.T) {
 			t.Logf("---- a log ----\n%s", plog)
 		}
 	})
-	if err := p.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Mode: volume.ModeAsync, PeerNode: "b", PeerAddress: b.addr}); err != nil {
+	if err := p.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true, Mode: volume.ModeAsync, PeerNode: "b", PeerAddress: b.addr}); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, "link up", func() bool { return p.Status().PeerConnected })

@@ -89,7 +89,7 @@ func TestStoryWipedMember(t *testing.T) {
 				// expires; the wiped member is copied to; the automatic
 				// failback brings the writer role back.
 				s.waitFor(30*time.Second, "failover to the backup", func(vp *v1.VolumePair) bool {
-					return vp.Status.ActivePrimary == s.b.name && vp.Status.Epoch == 2
+					return vp.Status.ActivePrimary == s.b.name && vp.Status.Epoch == 2 && cond(vp, v1.ConditionReady)
 				})
 				if err := s.write(s.b, 13<<20, pattern(0x77, 64<<10)); err != nil {
 					t.Fatal(err)

@@ -52,9 +52,32 @@
 // own dirty bitmap (writes it acknowledged as a primary that may never have
 // reached the other side). The primary journals and ORs it into its own
 // bitmap (unless mergePeerBitmap is false) and copies exactly the regions
-// whose bits are set, rate-limited, while live writes continue. The backup
+// whose bits are set, rate-limited, while live writes continue, each region
+// in chunks of at most 4 MiB (a chunk of zeros as a Zero frame). The backup
 // is Inconsistent from the first copied region until the primary sends
-// CopyDone, then UpToDate.
+// CopyDone, then UpToDate. With mergePeerBitmap false the backup keeps its
+// own diff as unmerged regions (the replicas differ there; reported in
+// Status.UnmergedRegions until a write or copy covers them).
+//
+// # Identity
+//
+// The metadata records whether the replica holds the data of the pair
+// (Spec.PairUID) and whether its store is still all zeros. A replica that
+// does not hold the pair's data (new, wiped, its data file lost, another
+// pair's) is Inconsistent, refuses the writer role unless Spec.Initialize
+// says it starts the pair's data, and gets a full copy at its next
+// handshake; CopyDone makes it hold the pair's data. Two all-zero replicas
+// need no copy. A backup refuses a primary whose Hello names another pair.
+//
+// # Role changes
+//
+// Apply and the attaching of a new stream (ServePrimary) are serialised. A
+// change of role or epoch, or a newer stream from the same primary, first
+// stops the current backup stream and waits for the frame it is applying:
+// every effect of a frame is made under the stream's lock, after checking
+// the stream was not stopped, so nothing the old primary sent lands once
+// this member plays its new part. Role and epoch are persisted before they
+// are acted on.
 //
 // # Failback (DELPAIR)
 //
@@ -62,7 +85,9 @@
 // acknowledged and the bitmap is empty the status reports drained. The
 // controller then swaps the roles with a new epoch; writes that were held on
 // the old writer are forwarded over the replication link to the new writer
-// (which mirrors them back), so no client write fails. Connections that stay
+// (which mirrors them back), so no client write fails. The new writer's
+// first authority grant may not have come yet: requests wait for it
+// (ErrAuthorityPending) rather than fail. Connections that stay
 // open on the old writer keep being forwarded; new ones are refused. A
 // forwarded request whose stream ends before its answer (the writer stepped
 // down again, as when a failback goes back and forth) is issued again

@@ -27,6 +27,7 @@ import (
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
 	"github.com/tandem-storage/tandem/dataplane/agent"
 	"github.com/tandem-storage/tandem/internal/authority"
+	"github.com/tandem-storage/tandem/internal/stresstest"
 )
 
 // authorityLeasesNaming lists the authority Leases whose volumepair
@@ -59,6 +60,9 @@ func holderOf(l *coordinationv1.Lease) (string, uint64) {
 // only its writer; deleting it deletes only its Lease. Before the fix the
 // second pair's writer moved with the first's, without a drain.
 func TestCollidingPairsStayIndependent(t *testing.T) {
+	tl := stresstest.NewTally(t, "split-brain")
+	tl.Trials.Add(1)
+	tl.Faults.Add(1) // two pairs whose Lease names used to collide
 	lg := &testLog{}
 	t.Cleanup(func() {
 		if t.Failed() {
@@ -251,7 +255,15 @@ func TestAuthorityClockSkew(t *testing.T) {
 	for _, skew := range []time.Duration{-5 * time.Second, 5 * time.Second} {
 		t.Run("agent"+skew.String(), func(t *testing.T) {
 			t.Parallel()
-			clockSkewTrial(t, mlog, blk, skew)
+			tl := stresstest.NewTally(t, "split-brain")
+			for range stresstest.Trials(1) {
+				tl.Trials.Add(1)
+				tl.Faults.Add(1) // the writer cut off
+				clockSkewTrial(t, mlog, blk, skew)
+				if t.Failed() {
+					return
+				}
+			}
 		})
 	}
 }

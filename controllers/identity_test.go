@@ -12,6 +12,7 @@ import (
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
 	"github.com/tandem-storage/tandem/dataplane/agent"
 	"github.com/tandem-storage/tandem/dataplane/volume"
+	"github.com/tandem-storage/tandem/internal/stresstest"
 )
 
 // TestStoryWipedMember: a member whose data directory is wiped (a replaced
@@ -20,113 +21,132 @@ import (
 // when the wiped member was the writer the backup takes over instead of the
 // wiped member serving an empty volume (DESIGN invariant 8).
 func TestStoryWipedMember(t *testing.T) {
+	// One manager for every trial: two would reconcile the same pairs.
+	mlog := &testLog{}
+	t.Cleanup(func() {
+		if t.Failed() {
+			mlog.dump(t)
+		}
+	})
+	startManager(t, mlog, nil)
 	for _, who := range []string{"backup", "writer"} {
 		t.Run(who, func(t *testing.T) {
-			s := newStory(t, v1.ModeSync, nil)
-			startManager(t, s.log, nil)
-			if err := k8s.Create(context.Background(), s.vp); err != nil {
-				t.Fatal(err)
-			}
-			vp := s.waitFor(20*time.Second, "PAIR in sync", pairInSync(s.a.name))
-			if !vp.Status.DataInitialized {
-				t.Fatalf("status.dataInitialized not set once the writer holds the data: %+v", vp.Status)
-			}
-			for i := range 12 {
-				if err := s.write(s.a, int64(i)<<20, pattern(0x30+byte(i), 512<<10)); err != nil {
-					t.Fatal(err)
+			tl := stresstest.NewTally(t, "disk-loss")
+			for range stresstest.Trials(1) {
+				tl.Trials.Add(1)
+				tl.Faults.Add(1)
+				wipedMemberTrial(t, who)
+				if t.Failed() {
+					return
 				}
-			}
-			wiped := s.b
-			if who == "writer" {
-				wiped = s.a
-			}
-
-			// Watch the wiped member from now on: it must never serve
-			// while it holds none of the pair's data, and the pair must
-			// not report Synchronized before it holds the data.
-			var violations atomic.Int32
-			var mu sync.Mutex
-			var firstViolation string
-			violate := func(msg string) {
-				if violations.Add(1) == 1 {
-					mu.Lock()
-					firstViolation = msg
-					mu.Unlock()
-				}
-			}
-			stop := make(chan struct{})
-			var watch sync.WaitGroup
-			watch.Add(1)
-			wipedAt := time.Now()
-			go func() {
-				defer watch.Done()
-				for {
-					select {
-					case <-stop:
-						return
-					case <-time.After(20 * time.Millisecond):
-					}
-					st := statusOf(wiped, s.ns, s.name)
-					if st != nil && !st.Joined && st.Writable {
-						violate("the wiped member accepts writes while it holds no data of the pair")
-					}
-					vp := s.get()
-					if time.Since(wipedAt) > time.Second && cond(vp, v1.ConditionSynchronized) && (st == nil || !st.Joined || st.DataState != volume.UpToDate) {
-						violate("the pair reports Synchronized while the wiped member does not hold the data")
-					}
-				}
-			}()
-
-			wiped.kill()
-			if err := os.RemoveAll(filepath.Join(wiped.dir, "volumes")); err != nil {
-				t.Fatal(err)
-			}
-			wiped.start()
-
-			final := s.a.name
-			if who == "writer" {
-				// The backup is promoted once the writer's authority
-				// expires; the wiped member is copied to; the automatic
-				// failback brings the writer role back.
-				s.waitFor(30*time.Second, "failover to the backup", func(vp *v1.VolumePair) bool {
-					return vp.Status.ActivePrimary == s.b.name && vp.Status.Epoch == 2 && cond(vp, v1.ConditionReady)
-				})
-				if err := s.write(s.b, 13<<20, pattern(0x77, 64<<10)); err != nil {
-					t.Fatal(err)
-				}
-			}
-			restarted := time.Now()
-			deadline := time.Now().Add(60 * time.Second)
-			for st := statusOf(wiped, s.ns, s.name); st == nil || !st.Joined || st.DataState != volume.UpToDate; st = statusOf(wiped, s.ns, s.name) {
-				if time.Now().After(deadline) {
-					t.Fatalf("the wiped member never got the pair's data back: %+v", st)
-				}
-				time.Sleep(50 * time.Millisecond)
-			}
-			vp = s.waitFor(60*time.Second, "in sync again with the wiped member", func(vp *v1.VolumePair) bool {
-				ms := vp.Status.MemberStatus(wiped.name)
-				return pairInSync(final)(vp) && vp.Status.Copy == nil && ms != nil && ms.LastSeen != nil && ms.LastSeen.After(restarted)
-			})
-			close(stop)
-			watch.Wait()
-			if n := violations.Load(); n > 0 {
-				t.Fatalf("%d violations; first: %s", n, firstViolation)
-			}
-			for _, m := range vp.Status.Members {
-				if m.DataState != v1.DataUpToDate {
-					t.Fatalf("member after the full copy: %+v", m)
-				}
-			}
-			time.Sleep(200 * time.Millisecond)
-			s.sameData()
-			copier := s.a
-			if who == "writer" {
-				copier = s.b
-			}
-			if st := statusOf(copier, s.ns, s.name); st == nil || st.Copy.CopiedBytesTotal < s.vp.Spec.SizeBytes() {
-				t.Fatalf("the copy to the wiped member was not a full copy: %+v", st)
 			}
 		})
+	}
+}
+
+func wipedMemberTrial(t *testing.T, who string) {
+	s := newStory(t, v1.ModeSync, nil)
+	if err := k8s.Create(context.Background(), s.vp); err != nil {
+		t.Fatal(err)
+	}
+	vp := s.waitFor(20*time.Second, "PAIR in sync", pairInSync(s.a.name))
+	if !vp.Status.DataInitialized {
+		t.Fatalf("status.dataInitialized not set once the writer holds the data: %+v", vp.Status)
+	}
+	for i := range 12 {
+		if err := s.write(s.a, int64(i)<<20, pattern(0x30+byte(i), 512<<10)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	wiped := s.b
+	if who == "writer" {
+		wiped = s.a
+	}
+
+	// Watch the wiped member from now on: it must never serve
+	// while it holds none of the pair's data, and the pair must
+	// not report Synchronized before it holds the data.
+	var violations atomic.Int32
+	var mu sync.Mutex
+	var firstViolation string
+	violate := func(msg string) {
+		if violations.Add(1) == 1 {
+			mu.Lock()
+			firstViolation = msg
+			mu.Unlock()
+		}
+	}
+	stop := make(chan struct{})
+	var watch sync.WaitGroup
+	watch.Add(1)
+	wipedAt := time.Now()
+	go func() {
+		defer watch.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
+			st := statusOf(wiped, s.ns, s.name)
+			if st != nil && !st.Joined && st.Writable {
+				violate("the wiped member accepts writes while it holds no data of the pair")
+			}
+			vp := s.get()
+			if time.Since(wipedAt) > time.Second && cond(vp, v1.ConditionSynchronized) && (st == nil || !st.Joined || st.DataState != volume.UpToDate) {
+				violate("the pair reports Synchronized while the wiped member does not hold the data")
+			}
+		}
+	}()
+
+	wiped.kill()
+	if err := os.RemoveAll(filepath.Join(wiped.dir, "volumes")); err != nil {
+		t.Fatal(err)
+	}
+	wiped.start()
+
+	final := s.a.name
+	if who == "writer" {
+		// The backup is promoted once the writer's authority
+		// expires; the wiped member is copied to; the automatic
+		// failback brings the writer role back.
+		s.waitFor(30*time.Second, "failover to the backup", func(vp *v1.VolumePair) bool {
+			return vp.Status.ActivePrimary == s.b.name && vp.Status.Epoch == 2 && cond(vp, v1.ConditionReady)
+		})
+		if err := s.write(s.b, 13<<20, pattern(0x77, 64<<10)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	restarted := time.Now()
+	deadline := time.Now().Add(60 * time.Second)
+	for st := statusOf(wiped, s.ns, s.name); st == nil || !st.Joined || st.DataState != volume.UpToDate; st = statusOf(wiped, s.ns, s.name) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the wiped member never got the pair's data back: %+v", st)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	vp = s.waitFor(60*time.Second, "in sync again with the wiped member", func(vp *v1.VolumePair) bool {
+		ms := vp.Status.MemberStatus(wiped.name)
+		return pairInSync(final)(vp) && vp.Status.Copy == nil && ms != nil && ms.LastSeen != nil && ms.LastSeen.After(restarted)
+	})
+	close(stop)
+	watch.Wait()
+	if n := violations.Load(); n > 0 {
+		t.Fatalf("%d violations; first: %s", n, firstViolation)
+	}
+	for _, m := range vp.Status.Members {
+		if m.DataState != v1.DataUpToDate {
+			t.Fatalf("member after the full copy: %+v", m)
+		}
+	}
+	time.Sleep(200 * time.Millisecond)
+	s.sameData()
+	copier := s.a
+	if who == "writer" {
+		copier = s.b
+	}
+	if st := statusOf(copier, s.ns, s.name); st == nil || st.Copy.CopiedBytesTotal < s.vp.Spec.SizeBytes() {
+		t.Fatalf("the copy to the wiped member was not a full copy: %+v", st)
 	}
 }
 

@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/tandem-storage/tandem/dataplane/volume"
+	"github.com/tandem-storage/tandem/internal/stresstest"
 )
 
 const uidA = "0e3c6a51-5d0f-4d6e-9a43-5b1f6b7d0001"
@@ -20,6 +21,9 @@ const uidA = "0e3c6a51-5d0f-4d6e-9a43-5b1f6b7d0001"
 func TestWipedBackupGetsFullCopy(t *testing.T) {
 	for _, mode := range []volume.Mode{volume.ModeSync, volume.ModeAsync} {
 		t.Run(string(mode), func(t *testing.T) {
+			tl := stresstest.NewTally(t, "disk-loss")
+			tl.Trials.Add(1)
+			tl.Faults.Add(1) // the backup's disk wiped
 			p, b := newMember(t, "a"), newMember(t, "b")
 			if err := b.v.Apply(volume.Spec{PairUID: uidA, Role: volume.RoleBackup, Epoch: 1, Mode: mode, PeerNode: "a"}); err != nil {
 				t.Fatal(err)

@@ -15,6 +15,7 @@ import (
 	"github.com/tandem-storage/tandem/dataplane/repl"
 	"github.com/tandem-storage/tandem/dataplane/store"
 	"github.com/tandem-storage/tandem/dataplane/volume"
+	"github.com/tandem-storage/tandem/internal/stresstest"
 )
 
 // rawPrimary is a test's own primary: it dials a backup's replication
@@ -80,6 +81,9 @@ func (p *rawPrimary) frame(typ repl.Type, off uint64, payload []byte) []byte {
 // by the new primary at epoch 2 was overwritten by a buffered epoch-1 frame,
 // and a buffered ResyncBegin would clear the new writer's bitmap.
 func TestPromotedBackupIgnoresBufferedFrames(t *testing.T) {
+	tl := stresstest.NewTally(t, "split-brain")
+	tl.Trials.Add(1)
+	tl.Faults.Add(1) // a promotion with frames of the old primary buffered
 	mem := store.NewMem(size)
 	f := store.NewFaulty(mem)
 	m := &member{st: mem, logs: &syncBuf{}}

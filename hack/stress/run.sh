@@ -104,12 +104,12 @@ step() {
 # shellcheck disable=SC2086 # FLAGS is a word list
 {
   step suite disk-faults ./dataplane/volume/ -- $FLAGS -count="$COUNT" -v -timeout 2h \
-    -run '^(TestDiskFault|TestStaleEpochRefused$|TestNoPromotionOfInconsistent$|TestResyncWithLiveWrites$)'
+    -run '^(TestDiskFault|TestStaleEpochRefused$|TestNoPromotionOfInconsistent$|TestResyncWithLiveWrites$|TestPromotedBackupIgnoresBufferedFrames$|TestWipedBackupGetsFullCopy$)'
   step suite bad-input ./dataplane/agent/ -- $FLAGS -count="$COUNT" -v -timeout 1h \
     -run '^(TestBadReplicationInput|TestNBDAbuse|FuzzControlAPI|TestControlAPIAuth)$'
   step suite admission ./test/envtest/ -- -count=1 -v -timeout 10m -run '^TestInvalidRejectedByAPI$'
   step suite split-brain ./controllers/ -- $FLAGS -count="$COUNT" -v -timeout 3h \
-    -run '^(TestSplitBrain|TestOneWriterCheckerCatchesOverlap)$'
+    -run '^(TestSplitBrain|TestOneWriterCheckerCatchesOverlap|TestAuthorityClockSkew|TestCollidingPairsStayIndependent|TestStoryWipedMember|TestStoryFailbackUnderLoad)$'
   # The load suite on the local cluster (about TANDEM_LOAD_DURATION + 4 min).
   WRAP="flock -o $CLUSTER_LOCK" TANDEM_LOAD_DURATION=${TANDEM_LOAD_DURATION:-10m} step suite load ./test/e2e/ -- \
     -tags e2e -count=1 -v -timeout 1h -run '^TestLoad$'

@@ -139,7 +139,8 @@ func (v *Volume) admit(ctx context.Context) (*forwarder, error) {
 func (v *Volume) release() {
 	v.mu.Lock()
 	v.inflight--
-	if v.inflight == 0 && !v.holdStart.IsZero() {
+	// A failback hold and Close wait for the last admitted write.
+	if v.inflight == 0 && (!v.holdStart.IsZero() || v.closed) {
 		v.notifyLocked()
 	}
 	v.mu.Unlock()

@@ -22,6 +22,9 @@
 //
 // Errors are JSON {"error": "..."} with 400 (bad request), 401, 404, 409
 // (refused transition, e.g. promoting an Inconsistent member) or 500.
+// ServeControl bounds the connections (timeouts for headers, request,
+// response and idle keep-alives, header size, connection count: see
+// ControlLimits).
 //
 // # Replication listener
 //

@@ -22,12 +22,25 @@
 //
 // Errors are JSON {"error": "..."} with 400 (bad request), 401, 404, 409
 // (refused transition, e.g. promoting an Inconsistent member) or 500.
+// ServeControl bounds the connections (timeouts for headers, request,
+// response and idle keep-alives, header size, connection count: see
+// ControlLimits).
 //
 // # Replication listener
 //
 // A primary connects, sends a Hello frame (package repl) naming the volume,
 // its node, epoch and the cluster token; the agent hands the stream to that
 // volume, which refuses it with a Nack if the roles or epochs do not match.
+//
+// Until its token is checked a connection is anonymous, and costs little:
+// the Hello is read unbuffered with a payload limit of a few KiB
+// (maxHelloPayload) within a deadline (helloTimeout); the 256 KiB read
+// buffer and the full 32 MiB frame limit come only after the token matched.
+// At most Config.MaxReplicationConns connections are open at once, and at
+// most Config.MaxReplicationHandshakes of them before their token was
+// checked; the listener closes the ones above at once, with a logged reason.
+// Accept errors that pass (EMFILE, ENFILE, ECONNABORTED...) are retried with
+// a backoff, as net/http does, instead of ending the listener.
 //
 // # On disk
 //
@@ -51,10 +64,14 @@ import (
 	"regexp"
 	"sort"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/go-logr/logr"
+	"golang.org/x/time/rate"
 
+	"github.com/tandem-storage/tandem/dataplane/budget"
 	"github.com/tandem-storage/tandem/dataplane/meta"
 	"github.com/tandem-storage/tandem/dataplane/nbd"
 	"github.com/tandem-storage/tandem/dataplane/repl"
@@ -77,8 +94,34 @@ type Config struct {
 	// AdvertiseHost is the address peers and clients use to reach this
 	// agent; it is reported in /v1/info and used in endpoints.
 	AdvertiseHost string
-	Log           logr.Logger
+	// MaxReplicationConns bounds the replication connections open at once
+	// (0: DefaultMaxReplicationConns), MaxReplicationHandshakes those whose
+	// token has not been checked yet (0: DefaultMaxReplicationHandshakes).
+	MaxReplicationConns, MaxReplicationHandshakes int
+	// Budget is the agent-wide budget of in-flight request payloads; the
+	// volumes charge the requests their peer forwards to them to it (the
+	// NBD server shares it). Nil: unbounded.
+	Budget *budget.Budget
+	Log    logr.Logger
 }
+
+// Replication listener limits.
+const (
+	// DefaultMaxReplicationConns: a node serves one stream per backup
+	// replica it holds; this is far above any real count.
+	DefaultMaxReplicationConns = 1024
+	// DefaultMaxReplicationHandshakes: real primaries connect once per
+	// link (and again after a loss); more anonymous connections at once
+	// than this are a flood.
+	DefaultMaxReplicationHandshakes = 64
+	// maxHelloPayload bounds the first frame of a connection, read before
+	// its token is checked. A Hello is a few hundred bytes of JSON.
+	maxHelloPayload = 4 << 10
+	// helloTimeout bounds how long a connection may take to send its Hello.
+	helloTimeout = 10 * time.Second
+	// replBufferSize is the read buffer of an authenticated stream.
+	replBufferSize = 256 << 10
+)
 
 // Agent is one node's agent.
 type Agent struct {
@@ -90,6 +133,11 @@ type Agent struct {
 
 	// The listen addresses reported by /v1/info; a.mu guards them.
 	nbdAddr, replAddr, controlAddr string
+
+	// Replication connections open, and still anonymous (handshaking).
+	replConns, replHandshakes atomic.Int64
+	replRefused               atomic.Int64 // closed at once: over a limit
+	replRefuseLog             rate.Sometimes
 }
 
 var nameRE = regexp.MustCompile(`^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$`)
@@ -113,7 +161,15 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.DataDir == "" {
 		return nil, errors.New("agent: data dir is required")
 	}
+	if cfg.MaxReplicationConns <= 0 {
+		cfg.MaxReplicationConns = DefaultMaxReplicationConns
+	}
+	if cfg.MaxReplicationHandshakes <= 0 {
+		cfg.MaxReplicationHandshakes = DefaultMaxReplicationHandshakes
+	}
 	a := &Agent{cfg: cfg, log: cfg.Log.WithValues("node", cfg.Node), volumes: map[string]*volume.Volume{}}
+	// A flood of refused connections must not flood the log too.
+	a.replRefuseLog = rate.Sometimes{First: 5, Interval: 5 * time.Second}
 	root := filepath.Join(cfg.DataDir, "volumes")
 	if err := os.MkdirAll(root, 0o700); err != nil {
 		return nil, fmt.Errorf("agent: %w", err)
@@ -163,7 +219,7 @@ func (a *Agent) open(ns, name string, size, regionSize int64) (*volume.Volume, e
 	}
 	v, err := volume.Open(volume.Options{
 		Name: key, Node: a.cfg.Node, Dir: a.dir(ns, name), Size: size, RegionSize: regionSize,
-		Authority: a.cfg.Authority, Dial: a.cfg.Dial, Token: a.cfg.Token, Log: a.log,
+		Authority: a.cfg.Authority, Dial: a.cfg.Dial, Token: a.cfg.Token, Budget: a.cfg.Budget, Log: a.log,
 	})
 	if err != nil {
 		return nil, err
@@ -212,14 +268,18 @@ func (a *Agent) remove(ns, name string, purge bool) error {
 	return nil
 }
 
-// Close closes every replica (clean-shutdown checkpoints).
+// Close closes every replica (clean-shutdown checkpoints), all at once: each
+// may wait a few seconds for the writes it admitted (volume.Close), and a
+// shutdown must fit in the pod's grace period whatever the number of
+// replicas.
 func (a *Agent) Close() error {
-	var errs []error
-	for _, v := range a.list() {
-		if err := v.Close(); err != nil {
-			errs = append(errs, err)
-		}
+	vols := a.list()
+	errs := make([]error, len(vols))
+	var wg sync.WaitGroup
+	for i, v := range vols {
+		wg.Go(func() { errs[i] = v.Close() })
 	}
+	wg.Wait()
 	return errors.Join(errs...)
 }
 
@@ -254,36 +314,96 @@ func (a *Agent) List() []string {
 	return out
 }
 
-// ServeReplication accepts replication streams on ln until ctx is done.
+// ServeReplication accepts replication streams on ln until ctx is done. It
+// returns nil then, or the accept error that ended it (not one that passes,
+// such as running out of file descriptors: those are retried).
 func (a *Agent) ServeReplication(ctx context.Context, ln net.Listener) error {
 	a.mu.Lock() // handleInfo reads it concurrently
 	a.replAddr = ln.Addr().String()
 	a.mu.Unlock()
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
+	var backoff time.Duration
 	for {
 		c, err := ln.Accept()
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil
 			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				time.Sleep(50 * time.Millisecond)
-				continue
+			if retryableAccept(err) {
+				// Like net/http's Server: back off 5 ms, doubling up to 1 s,
+				// so a shortage of file descriptors does not end the
+				// listener (and with it every pair's link to this node).
+				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+				a.log.Error(err, "Replication listener: accept failed; retrying", "delay", backoff.String())
+				select {
+				case <-time.After(backoff):
+					continue
+				case <-ctx.Done():
+					return nil
+				}
 			}
 			return fmt.Errorf("replication listener: %w", err)
+		}
+		backoff = 0
+		if reason := a.admitReplConn(); reason != "" {
+			n := a.replRefused.Add(1)
+			a.replRefuseLog.Do(func() {
+				a.log.Info("Refusing replication connection: "+reason, "remote", c.RemoteAddr().String(), "refusedTotal", n)
+			})
+			c.Close()
+			continue
 		}
 		go a.serveReplConn(ctx, c)
 	}
 }
 
+// admitReplConn counts a new connection as open and handshaking, or returns
+// why it cannot be (and counts nothing).
+func (a *Agent) admitReplConn() string {
+	if n := a.replConns.Add(1); n > int64(a.cfg.MaxReplicationConns) {
+		a.replConns.Add(-1)
+		return fmt.Sprintf("too many connections (limit %d)", a.cfg.MaxReplicationConns)
+	}
+	if n := a.replHandshakes.Add(1); n > int64(a.cfg.MaxReplicationHandshakes) {
+		a.replHandshakes.Add(-1)
+		a.replConns.Add(-1)
+		return fmt.Sprintf("too many connections that have not authenticated yet (limit %d)", a.cfg.MaxReplicationHandshakes)
+	}
+	return ""
+}
+
+// retryableAccept reports whether an accept error is a passing condition (a
+// shortage of descriptors or buffers, an aborted connection, a timeout)
+// rather than a closed or broken listener. The NBD server retries the same.
+func retryableAccept(err error) bool {
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return true
+	}
+	for _, e := range []error{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM, syscall.ECONNABORTED} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
+}
+
 func (a *Agent) serveReplConn(ctx context.Context, c net.Conn) {
+	defer a.replConns.Add(-1)
+	anonymous := true
+	defer func() {
+		if anonymous {
+			a.replHandshakes.Add(-1)
+		}
+	}()
 	stop := context.AfterFunc(ctx, func() { c.Close() })
 	defer stop()
-	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
-	br := bufio.NewReaderSize(c, 256<<10)
-	rd := repl.NewReader(br, 0)
+	_ = c.SetReadDeadline(time.Now().Add(helloTimeout))
+	// The Hello is read straight from the connection (two reads: header,
+	// payload) with a small payload limit: an anonymous peer announcing a
+	// 32 MiB frame is refused before anything is allocated for it.
+	rd := repl.NewReader(c, maxHelloPayload)
 	log := a.log.WithValues("remote", c.RemoteAddr().String())
 	f, err := rd.Next()
 	if err != nil {
@@ -307,6 +427,8 @@ func (a *Agent) serveReplConn(ctx context.Context, c net.Conn) {
 		refuseConn(c, f.Epoch, "authentication failed: wrong or missing token")
 		return
 	}
+	anonymous = false
+	a.replHandshakes.Add(-1)
 	v := a.get(h.Volume)
 	if v == nil {
 		reason := fmt.Sprintf("no volume %q on node %s", h.Volume, a.cfg.Node)
@@ -315,6 +437,8 @@ func (a *Agent) serveReplConn(ctx context.Context, c net.Conn) {
 		return
 	}
 	_ = c.SetReadDeadline(time.Time{})
+	br := bufio.NewReaderSize(c, replBufferSize)
+	rd.Continue(br, 0)
 	if err := v.ServePrimary(c, br, rd, h); err != nil {
 		log.Info("Replication stream ended", "volume", h.Volume, "reason", err.Error())
 	}

@@ -1,16 +1,22 @@
 package agent
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"log"
+	"net"
 	"net/http"
 	"strings"
 	"syscall"
+	"time"
 
+	"github.com/go-logr/logr"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/net/netutil"
 
 	"github.com/tandem-storage/tandem/dataplane/bitmap"
 	"github.com/tandem-storage/tandem/dataplane/meta"
@@ -51,6 +57,101 @@ func (a *Agent) SetAddresses(nbdAddr, replAddr, controlAddr string) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.nbdAddr, a.replAddr, a.controlAddr = nbdAddr, replAddr, controlAddr
+}
+
+// ControlLimits bound the control API's connections, so that idle, slow or
+// abusive clients (the port is reachable from the cluster network, and the
+// token is only checked once a request's headers are in) cannot pile up
+// goroutines and buffers in the agent. Zero fields take the defaults.
+type ControlLimits struct {
+	// ReadHeaderTimeout bounds reading a request's headers (default 10 s);
+	// ReadTimeout the whole request, body included (default 30 s; bodies
+	// are at most 1 MiB of JSON).
+	ReadHeaderTimeout, ReadTimeout time.Duration
+	// WriteTimeout bounds a request from the end of its headers to the end
+	// of its response (default 2 min: a checksum call may read 4096
+	// regions of the replica).
+	WriteTimeout time.Duration
+	// IdleTimeout closes keep-alive connections idle this long (default
+	// 2 min; the controller probes every agent each second or so).
+	IdleTimeout time.Duration
+	// MaxHeaderBytes bounds a request's headers (default 64 KiB).
+	MaxHeaderBytes int
+	// MaxConns bounds the connections served at once (default 256); more
+	// wait in the listen backlog until one closes.
+	MaxConns int
+}
+
+// Control API defaults (see ControlLimits).
+const (
+	DefaultControlReadHeaderTimeout = 10 * time.Second
+	DefaultControlReadTimeout       = 30 * time.Second
+	DefaultControlWriteTimeout      = 2 * time.Minute
+	DefaultControlIdleTimeout       = 2 * time.Minute
+	DefaultControlMaxHeaderBytes    = 64 << 10
+	DefaultControlMaxConns          = 256
+)
+
+func (l ControlLimits) withDefaults() ControlLimits {
+	def := func(v *time.Duration, d time.Duration) {
+		if *v <= 0 {
+			*v = d
+		}
+	}
+	def(&l.ReadHeaderTimeout, DefaultControlReadHeaderTimeout)
+	def(&l.ReadTimeout, DefaultControlReadTimeout)
+	def(&l.WriteTimeout, DefaultControlWriteTimeout)
+	def(&l.IdleTimeout, DefaultControlIdleTimeout)
+	if l.MaxHeaderBytes <= 0 {
+		l.MaxHeaderBytes = DefaultControlMaxHeaderBytes
+	}
+	if l.MaxConns <= 0 {
+		l.MaxConns = DefaultControlMaxConns
+	}
+	return l
+}
+
+// ServeControl serves the control API on ln, within lim, until ctx is done;
+// then it stops accepting and gives the requests in progress up to 5 s to
+// finish. It returns nil after such a shutdown, or the error that ended
+// serving.
+func (a *Agent) ServeControl(ctx context.Context, ln net.Listener, lim ControlLimits) error {
+	lim = lim.withDefaults()
+	srv := &http.Server{
+		Handler:           a.Handler(),
+		ReadHeaderTimeout: lim.ReadHeaderTimeout,
+		ReadTimeout:       lim.ReadTimeout,
+		WriteTimeout:      lim.WriteTimeout,
+		IdleTimeout:       lim.IdleTimeout,
+		MaxHeaderBytes:    lim.MaxHeaderBytes,
+		ErrorLog:          log.New(logrWriter{a.log.WithName("http")}, "", 0),
+	}
+	done := make(chan struct{})
+	stopped := context.AfterFunc(ctx, func() {
+		defer close(done)
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := srv.Shutdown(sctx); err != nil {
+			a.log.Error(err, "Control API shutdown")
+		}
+	})
+	err := srv.Serve(netutil.LimitListener(ln, lim.MaxConns))
+	if !stopped() {
+		<-done
+	}
+	if errors.Is(err, http.ErrServerClosed) {
+		return nil
+	}
+	return fmt.Errorf("control API: %w", err)
+}
+
+// logrWriter makes net/http's error log (TLS handshake errors, accept
+// retries, panics in handlers) go to the agent's log.
+type logrWriter struct{ log logr.Logger }
+
+func (w logrWriter) Write(p []byte) (int, error) {
+	w.log.Info(strings.TrimSpace(string(p)))
+	return len(p), nil
 }
 
 // Handler returns the control API.
@@ -238,8 +339,19 @@ var (
 	descWaiting  = prometheus.NewDesc("tandem_volume_writes_waiting_peer_outdated", "Sync writes held until the peer is recorded Outdated.", labels, nil)
 )
 
+// Agent-wide metrics: the in-flight budget and the replication listener.
+var (
+	descBudget      = prometheus.NewDesc("tandem_agent_inflight_budget_bytes", "The agent's memory budget for in-flight request data (--max-inflight-bytes).", nil, nil)
+	descBudgetUsed  = prometheus.NewDesc("tandem_agent_inflight_bytes", "In-flight request data charged to the budget now.", nil, nil)
+	descBudgetWait  = prometheus.NewDesc("tandem_agent_inflight_waiting_requests", "Requests waiting for room in the in-flight budget now.", nil, nil)
+	descBudgetWaits = prometheus.NewDesc("tandem_agent_inflight_waits_total", "Requests that had to wait for room in the in-flight budget.", nil, nil)
+	descReplConns   = prometheus.NewDesc("tandem_agent_replication_connections", "Replication connections open, by state (handshaking: token not checked yet).", []string{"state"}, nil)
+	descReplRefused = prometheus.NewDesc("tandem_agent_replication_connections_refused_total", "Replication connections closed at once because a connection limit was reached.", nil, nil)
+)
+
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descUp, descEpoch, descPeer, descOOS, descOldest, descCopyDone, descWrites, descWBytes, descReads, descRecon, descRejected, descHold, descWaiting} {
+	for _, d := range []*prometheus.Desc{descUp, descEpoch, descPeer, descOOS, descOldest, descCopyDone, descWrites, descWBytes, descReads, descRecon, descRejected, descHold, descWaiting,
+		descBudget, descBudgetUsed, descBudgetWait, descBudgetWaits, descReplConns, descReplRefused} {
 		ch <- d
 	}
 }
@@ -252,6 +364,18 @@ func b2f(b bool) float64 {
 }
 
 func (c *collector) Collect(ch chan<- prometheus.Metric) {
+	a := c.a
+	if b := a.cfg.Budget; b != nil {
+		st := b.Stats()
+		ch <- prometheus.MustNewConstMetric(descBudget, prometheus.GaugeValue, float64(st.Size))
+		ch <- prometheus.MustNewConstMetric(descBudgetUsed, prometheus.GaugeValue, float64(st.InUse))
+		ch <- prometheus.MustNewConstMetric(descBudgetWait, prometheus.GaugeValue, float64(st.Waiting))
+		ch <- prometheus.MustNewConstMetric(descBudgetWaits, prometheus.CounterValue, float64(st.Waits))
+	}
+	hs := a.replHandshakes.Load()
+	ch <- prometheus.MustNewConstMetric(descReplConns, prometheus.GaugeValue, float64(hs), "handshaking")
+	ch <- prometheus.MustNewConstMetric(descReplConns, prometheus.GaugeValue, float64(max(0, a.replConns.Load()-hs)), "authenticated")
+	ch <- prometheus.MustNewConstMetric(descReplRefused, prometheus.CounterValue, float64(a.replRefused.Load()))
 	for _, v := range c.a.list() {
 		s := v.Status()
 		l := []string{s.Name, string(s.Role), string(s.DataState)}

@@ -36,6 +36,9 @@ type conn struct {
 	// ctx is every request's context; cancel ends it with a cause.
 	ctx    context.Context
 	cancel context.CancelCauseFunc
+	// admitCtx ends when the reader must stop waiting for the server's
+	// budget: shutdown, or ctx ended.
+	admitCtx context.Context
 
 	// Replies are queued; whichever worker finds no write in progress
 	// writes the whole queue with one writev, so replies completing
@@ -73,6 +76,7 @@ type request struct {
 	hdr       requestHeader
 	errno     uint32 // set by the reader when the request is refused
 	cost      int64  // bytes charged against MaxInFlightBytes
+	charge    int64  // bytes charged to Server.Budget
 	buf       *[]byte
 	ep        *epoch                // flush barrier registration of a write
 	flushWait <-chan struct{}       // for FLUSH: writes received before it are done
@@ -110,6 +114,11 @@ func (s *Server) transmit(ctx context.Context, nc net.Conn, br *bufio.Reader, ex
 	// shutdown first lets requests finish, for up to DrainTimeout.
 	c.ctx, c.cancel = context.WithCancelCause(context.WithoutCancel(ctx))
 	defer c.cancel(nil)
+	admitCtx, cancelAdmit := context.WithCancel(ctx)
+	defer cancelAdmit()
+	stopAdmit := context.AfterFunc(c.ctx, cancelAdmit)
+	defer stopAdmit()
+	c.admitCtx = admitCtx
 
 	// startDrain bounds how long requests in flight may still run once the
 	// connection is going away on the server's initiative.
@@ -160,7 +169,8 @@ func (s *Server) transmit(ctx context.Context, nc net.Conn, br *bufio.Reader, ex
 				c.cancel(ErrDisconnected)
 			}
 		})
-	case c.shutdown.Load() && errors.Is(rerr, os.ErrDeadlineExceeded):
+	case c.shutdown.Load() && errors.Is(rerr, os.ErrDeadlineExceeded),
+		ctx.Err() != nil && errors.Is(rerr, errAdmitCancelled):
 		log.V(1).Info("Shutting down; finishing requests in flight")
 	case errors.Is(rerr, io.EOF):
 		log.V(1).Info("Client disconnected without NBD_CMD_DISC")
@@ -237,6 +247,9 @@ func (c *conn) prepare(r *request) error {
 			r.cost = int64(h.Length)
 		}
 		c.acquire(r.cost)
+		if err := c.charge(r); err != nil {
+			return err
+		}
 
 	case CmdWrite:
 		if h.Length > c.maxPayload {
@@ -250,6 +263,11 @@ func (c *conn) prepare(r *request) error {
 		r.errno = c.check(h, CmdFlagFUA, true)
 		r.cost = int64(h.Length)
 		c.acquire(r.cost)
+		if r.errno == 0 {
+			if err := c.charge(r); err != nil {
+				return err
+			}
+		}
 		var err error
 		if r.errno == 0 {
 			r.buf = getBuf(int(h.Length))
@@ -333,13 +351,34 @@ func (c *conn) acquire(cost int64) {
 	}
 }
 
-// release gives back a request's slot and recycles the request.
+// errAdmitCancelled: the reader stopped waiting for the budget because the
+// connection is going away.
+var errAdmitCancelled = errors.New("stopped waiting for the in-flight budget")
+
+// charge waits for r's payload bytes in the server's budget, after acquire.
+// Only the connection going away (shutdown, failure) ends the wait; then r
+// is released and the error ends the read loop.
+func (c *conn) charge(r *request) error {
+	if c.s.Budget == nil || r.cost == 0 {
+		return nil
+	}
+	n, err := c.s.Budget.Acquire(c.admitCtx, r.cost)
+	if err != nil {
+		c.release(r)
+		return fmt.Errorf("%w: %w", errAdmitCancelled, err)
+	}
+	r.charge = n
+	return nil
+}
+
+// release gives back a request's slot and budget and recycles the request.
 func (c *conn) release(r *request) {
 	c.slotMu.Lock()
 	c.inFlight--
 	c.inBytes -= r.cost
 	c.slotMu.Unlock()
 	c.slotFree.Signal()
+	c.s.Budget.Release(r.charge)
 	if r.buf != nil {
 		putBuf(r.buf)
 	}
@@ -403,10 +442,20 @@ func (c *conn) exec(r *request) error {
 		}
 		if c.taker != nil {
 			// The payload goes to the backend (and on to a peer) without a
-			// copy; it gives the buffer back to the pool when done.
+			// copy; it gives the buffer back to the pool when done, and
+			// with it the buffer's share of the budget.
 			buf := r.buf
 			r.buf = nil
-			return c.taker.WriteAtTake(ctx, buf, putBuf, off, fua)
+			done := putBuf
+			if charge := r.charge; charge > 0 {
+				r.charge = 0
+				b := c.s.Budget
+				done = func(p *[]byte) {
+					putBuf(p)
+					b.Release(charge)
+				}
+			}
+			return c.taker.WriteAtTake(ctx, buf, done, off, fua)
 		}
 		return c.be.WriteAt(ctx, *r.buf, off, fua)
 	case CmdFlush:

@@ -59,8 +59,11 @@
 // buffers) and hands them to up to Server.MaxInFlight workers. A Backend that
 // implements BufferTaker gets the payload buffer itself (a replicating backend
 // sends it to its peer without a copy) and gives it back when done; the
-// number of
-// payload bytes in flight is bounded too (Server.MaxInFlightBytes). Replies
+// number of payload bytes in flight is bounded too, per connection
+// (Server.MaxInFlightBytes) and for every connection together
+// (Server.Budget, shared with the rest of the agent): a request waits for
+// its bytes before its payload is read, and a buffer handed to a
+// BufferTaker stays charged until it is given back. Replies
 // are sent as requests complete, in any order (clients match them by handle):
 // they are queued under a mutex and whichever worker finds no write in
 // progress sends the whole queue with one writev. A FLUSH waits for every

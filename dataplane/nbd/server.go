@@ -16,6 +16,8 @@ import (
 	"unicode/utf8"
 
 	"github.com/go-logr/logr"
+
+	"github.com/tandem-storage/tandem/dataplane/budget"
 )
 
 // Server defaults.
@@ -43,6 +45,14 @@ type Server struct {
 	// buffers) held at once per connection (default 128 MiB); a single
 	// request is always admitted.
 	MaxInFlightBytes int64
+	// Budget, when set, bounds the payload bytes held at once by every
+	// connection together (and by whatever else shares it, see package
+	// budget). A request waits for its bytes before its payload is read
+	// (WRITE) or its buffer allocated (READ), after the per-connection
+	// limits; it fails only if the connection goes away meanwhile. A write
+	// buffer handed over to a BufferTaker stays charged until the taker
+	// gives it back.
+	Budget *budget.Budget
 	// MaxPayload is the largest READ or WRITE length accepted (default
 	// 32 MiB). A longer READ gets EINVAL; a longer WRITE gets EINVAL and
 	// closes the connection, since its payload cannot be skipped safely.

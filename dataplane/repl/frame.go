@@ -345,6 +345,20 @@ func NewReader(r io.Reader, maxPayload uint32) *Reader {
 	return &Reader{r: r, max: maxPayload}
 }
 
+// Continue makes r read the frames that follow from src, refusing payloads
+// larger than maxPayload (as NewReader), and keeps the frame count and
+// stream offset its errors report. A listener reads a connection's first
+// frame (the Hello) unbuffered with a small limit, so an unauthenticated
+// peer cannot make it allocate much, and continues an authenticated stream
+// through a large buffer with the full limit. src must not have consumed
+// anything past the last frame r returned.
+func (r *Reader) Continue(src io.Reader, maxPayload uint32) {
+	if maxPayload == 0 || maxPayload > MaxPayload {
+		maxPayload = MaxPayload
+	}
+	r.r, r.max = src, maxPayload
+}
+
 // Next reads, checks and returns the next frame. The Frame and its Payload
 // belong to the Reader and are valid only until the next call. At a clean end
 // of the stream (between frames) it returns io.EOF; other errors are

@@ -403,6 +403,44 @@ func TestNewReaderCap(t *testing.T) {
 	}
 }
 
+// TestContinue: a Hello read unbuffered with a small limit, then the rest of
+// the stream through a buffer with the full limit; errors keep counting
+// frames and bytes from the start of the stream.
+func TestContinue(t *testing.T) {
+	hello := sample()[0]
+	big := &Frame{Type: TypeWrite, Seq: 1, Length: 64 << 10, Payload: data(64<<10, 9)}
+	var stream []byte
+	stream = AppendFrame(stream, hello)
+	stream = AppendFrame(stream, big)
+	stream = append(stream, 0xde, 0xad, 0xbe, 0xef) // then garbage
+	src := bytes.NewReader(stream)
+	r := NewReader(src, 1024)
+	f, err := r.Next()
+	if err != nil || !equal(f, hello) {
+		t.Fatalf("first frame: %v, %v", f, err)
+	}
+	if src.Len() != len(stream)-HeaderLen-len(hello.Payload) {
+		t.Fatalf("reading the Hello consumed %d bytes past it", len(stream)-HeaderLen-len(hello.Payload)-src.Len())
+	}
+	// The small limit refuses the big frame...
+	if _, err := NewReader(bytes.NewReader(AppendFrame(nil, big)), 1024).Next(); !errors.Is(err, ErrTooLarge) {
+		t.Fatalf("64 KiB frame under a 1 KiB limit: %v, want ErrTooLarge", err)
+	}
+	// ...the continued reader takes it.
+	r.Continue(bufio.NewReaderSize(src, 256<<10), 0)
+	if r.max != MaxPayload {
+		t.Fatalf("Continue(_, 0) caps at %d, want %d", r.max, MaxPayload)
+	}
+	if f, err = r.Next(); err != nil || !equal(f, big) {
+		t.Fatalf("second frame: %v, %v", f, err)
+	}
+	_, err = r.Next()
+	want := fmt.Sprintf("frame 2 at stream offset %d", 2*HeaderLen+len(hello.Payload)+len(big.Payload))
+	if err == nil || !strings.Contains(err.Error(), want) {
+		t.Fatalf("error after the stream continued: %v, want it to say %q", err, want)
+	}
+}
+
 func TestZeroAllocs(t *testing.T) {
 	f := &Frame{Type: TypeWrite, Seq: 1, Length: 4096, Payload: data(4096, 1)}
 	buf := make([]byte, 0, HeaderLen+4096)

@@ -92,5 +92,14 @@
 // forwarded request whose stream ends before its answer (the writer stepped
 // down again, as when a failback goes back and forth) is issued again
 // wherever the writer is now; a member never forwards back a request its
-// peer forwarded to it, the peer issues it again itself.
+// peer forwarded to it, the peer issues it again itself. A stream carries at
+// most 64 forwarded requests (64 MiB) outstanding: the old writer waits for
+// room, the new writer drops a stream that exceeds it, and charges the
+// payloads to the agent's in-flight budget (Options.Budget).
+//
+// # Close
+//
+// Close refuses new writes and waits (Options.CloseTimeout) for the admitted
+// ones before it stops the link and writes the final checkpoint, so a write
+// that reached the local disk but not the peer is dirty after a restart.
 package volume

@@ -172,7 +172,8 @@ func (v *Volume) awaitAuthority(ctx context.Context) error {
 func (v *Volume) release() {
 	v.mu.Lock()
 	v.inflight--
-	if v.inflight == 0 && !v.holdStart.IsZero() {
+	// A failback hold and Close wait for the last admitted write.
+	if v.inflight == 0 && (!v.holdStart.IsZero() || v.closed) {
 		v.notifyLocked()
 	}
 	v.mu.Unlock()

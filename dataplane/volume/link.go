@@ -276,11 +276,13 @@ func (l *link) session() error {
 	errc := make(chan error, 3)
 	var wg sync.WaitGroup
 	wg.Add(3)
+	fs := newFwdSession(l.ctx)
 	go func() { defer wg.Done(); errc <- l.sender(gen, conn, bw) }()
-	go func() { defer wg.Done(); errc <- l.receiver(gen, conn, rd) }()
+	go func() { defer wg.Done(); errc <- l.receiver(gen, conn, rd, fs) }()
 	go func() { defer wg.Done(); errc <- l.copier(gen) }()
 	err = preferRefusal(<-errc, errc)
 	l.teardown(gen)
+	fs.end()
 	conn.Close()
 	wg.Wait()
 	return err
@@ -727,7 +729,7 @@ func (l *link) sender(gen uint64, conn net.Conn, bw *bufio.Writer) error {
 }
 
 // receiver reads acks (and forwarded requests) from the backup.
-func (l *link) receiver(gen uint64, conn net.Conn, rd *repl.Reader) error {
+func (l *link) receiver(gen uint64, conn net.Conn, rd *repl.Reader, fs *fwdSession) error {
 	for {
 		_ = conn.SetReadDeadline(time.Now().Add(peerTimeout))
 		f, err := rd.Next()
@@ -745,7 +747,9 @@ func (l *link) receiver(gen uint64, conn net.Conn, rd *repl.Reader) error {
 			return fmt.Errorf("%w %d: %s", errPeerRefused, f.Seq, f.Payload)
 		case repl.TypePong:
 		case repl.TypeFwdWrite, repl.TypeFwdTrim, repl.TypeFwdZero, repl.TypeFwdFlush, repl.TypeFwdRead:
-			l.serveForwarded(gen, f)
+			if err := l.serveForwarded(gen, f, fs); err != nil {
+				return err
+			}
 		default:
 			return fmt.Errorf("unexpected %v frame from the backup", f.Type)
 		}

@@ -13,6 +13,7 @@ import (
 	"github.com/go-logr/logr"
 
 	"github.com/tandem-storage/tandem/dataplane/bitmap"
+	"github.com/tandem-storage/tandem/dataplane/budget"
 	"github.com/tandem-storage/tandem/dataplane/meta"
 	"github.com/tandem-storage/tandem/dataplane/store"
 )
@@ -55,7 +56,14 @@ type Options struct {
 	Token string
 	// CheckpointInterval is how often the bitmap is checkpointed (0: 5 s).
 	CheckpointInterval time.Duration
-	Log                logr.Logger
+	// CloseTimeout bounds how long Close waits for the client writes already
+	// admitted to finish (0: 5 s).
+	CloseTimeout time.Duration
+	// Budget is the agent's in-flight memory budget: the payloads of the
+	// requests the peer forwards to this member are charged to it. Nil:
+	// unbounded.
+	Budget *budget.Budget
+	Log    logr.Logger
 }
 
 // Volume is one replica and its replication engine.
@@ -135,6 +143,9 @@ func Open(opts Options) (*Volume, error) {
 	}
 	if opts.CheckpointInterval == 0 {
 		opts.CheckpointInterval = 5 * time.Second
+	}
+	if opts.CloseTimeout <= 0 {
+		opts.CloseTimeout = 5 * time.Second
 	}
 	if opts.Authority == nil {
 		opts.Authority = AlwaysAuthorized{}
@@ -778,26 +789,70 @@ func (v *Volume) checkpoint() error {
 	return v.journal.Checkpoint(snap)
 }
 
-// Close stops replication and writes a final checkpoint.
+// Close refuses new client writes, waits (up to Options.CloseTimeout) for the
+// admitted ones to finish, stops replication and writes a final checkpoint
+// of the bitmap, so that after a restart every region that may differ from
+// the peer is dirty (invariant 3): writes the peer acknowledged are clean,
+// writes queued or in flight to it are dirty. If writes are still running
+// after that (a stalled disk), it logs an error and leaves the
+// write-intent journal as it is instead of a final checkpoint that could
+// miss them: the next Open recovers the last checkpoint plus every extent
+// marked since, which covers them.
 func (v *Volume) Close() error {
 	v.mu.Lock()
 	if v.closed {
 		v.mu.Unlock()
 		return nil
 	}
-	v.closed = true
+	v.closed = true // writableLocked refuses new writes from now on
+	v.notifyLocked()
+	timeout := time.NewTimer(v.opts.CloseTimeout)
+	defer timeout.Stop()
+	expired := false
+	for v.inflight > 0 && !expired {
+		ch := v.changed
+		v.mu.Unlock()
+		select {
+		case <-ch:
+		case <-timeout.C:
+			expired = true
+		}
+		v.mu.Lock()
+	}
+	stuck := v.inflight
 	l, b := v.link, v.backupConn
 	v.link, v.backupConn = nil, nil
 	v.notifyLocked()
 	v.mu.Unlock()
 	if l != nil {
+		// Frames not acknowledged yet stay dirty (PeerLost).
 		l.stop()
 	}
 	if b != nil {
-		b.stop(ErrClosed)
+		// Once stopped, no frame of the stream touches the store; a frame
+		// stuck in a stalled store is not waited for past the timeout.
+		stopped := make(chan struct{})
+		go func() { b.stop(ErrClosed); close(stopped) }()
+		if !expired {
+			select {
+			case <-stopped:
+			case <-timeout.C:
+			}
+		}
 	}
 	close(v.stop)
-	v.wg.Wait()
+	loopDone := make(chan struct{})
+	go func() { v.wg.Wait(); close(loopDone) }()
+	if stuck == 0 {
+		<-loopDone
+	} else {
+		// A checkpoint due now waits (v.ckpt) for the stuck writes; the
+		// journal refuses it once closed.
+		select {
+		case <-loopDone:
+		case <-time.After(time.Second):
+		}
+	}
 	var errs []error
 	if err := v.store.Sync(); err != nil {
 		errs = append(errs, err)
@@ -805,7 +860,19 @@ func (v *Volume) Close() error {
 	if err := v.flushUnmerged(); err != nil {
 		errs = append(errs, err)
 	}
-	if err := v.journal.Close(v.tracker.Dirty()); err != nil {
+	var final *roaring.Bitmap
+	if stuck == 0 {
+		// No write between its journal mark and its tracker bit: the
+		// tracker covers every write (see checkpoint).
+		v.ckpt.Lock()
+		final = v.tracker.Dirty()
+		v.ckpt.Unlock()
+	} else {
+		err := fmt.Errorf("volume %s: %d client writes still in progress %v after close began; keeping the write-intent journal for recovery instead of a final checkpoint", v.opts.Name, stuck, v.opts.CloseTimeout)
+		v.log.Error(err, "Closing with writes in flight")
+		errs = append(errs, err)
+	}
+	if err := v.journal.Close(final); err != nil {
 		errs = append(errs, err)
 	}
 	if err := v.store.Close(); err != nil {

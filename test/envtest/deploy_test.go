@@ -145,6 +145,7 @@ agent:
     effect: NoSchedule
   priorityClassName: system-node-critical
   nbdAllowedClients: [10.20.0.0/16, 127.0.0.1]
+  maxInflightBytes: 512Mi
 `), 0o600); err != nil {
 			t.Fatal(err)
 		}
@@ -178,6 +179,7 @@ agent:
 			dataDir:     "/srv/tandem",
 			ports:       [3]int32{17400, 17401, 20809},
 			metricsPort: 9090,
+			maxInflight: "512Mi",
 		})
 		if d := typed[appsv1.Deployment](t, findObject(objs, "Deployment", ns, "edge-tandem-manager")); d != nil {
 			if d.Spec.Replicas == nil || *d.Spec.Replicas != 2 {
@@ -386,6 +388,7 @@ type workloadExpect struct {
 	ports                    [3]int32 // control, replication, NBD; default 7400, 7401, 10809
 	metricsPort              int32    // default 8080
 	tolerateAll              bool     // the agent tolerates every taint
+	maxInflight              string   // --max-inflight-bytes; default 256Mi
 }
 
 // checkWorkloads checks the manager Deployment, the agent DaemonSet and the
@@ -400,6 +403,9 @@ func checkWorkloads(t *testing.T, objs []*unstructured.Unstructured, w workloadE
 	}
 	if w.metricsPort == 0 {
 		w.metricsPort = 8080
+	}
+	if w.maxInflight == "" {
+		w.maxInflight = "256Mi"
 	}
 	ns := w.namespace
 
@@ -488,7 +494,8 @@ func checkWorkloads(t *testing.T, objs []*unstructured.Unstructured, w workloadE
 				fmt.Sprintf("--nbd-address=:%d", w.ports[2]),
 				"--token-file="+tokenFile,
 				"--namespace=$(POD_NAMESPACE)",
-				"--advertise-address=$(POD_IP)")
+				"--advertise-address=$(POD_IP)",
+				"--max-inflight-bytes="+w.maxInflight)
 			requireFieldEnv(t, "agent", c, "NODE_NAME", "spec.nodeName")
 			requireFieldEnv(t, "agent", c, "POD_NAMESPACE", "metadata.namespace")
 			requireFieldEnv(t, "agent", c, "POD_IP", "status.podIP")

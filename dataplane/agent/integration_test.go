@@ -477,7 +477,7 @@ func TestCrashRecoveredBitmapCovers(t *testing.T) {
 	b.start()
 	epoch := uint64(1)
 	b.put(volume.Spec{Role: volume.RoleBackup, Epoch: epoch, Mode: volume.ModeAsync, PeerNode: "node-a"})
-	a.put(volume.Spec{Role: volume.RolePrimary, Epoch: epoch, Mode: volume.ModeAsync, PeerNode: "node-b", PeerAddress: b.repl})
+	a.put(volume.Spec{Role: volume.RolePrimary, Epoch: epoch, Initialize: true, Mode: volume.ModeAsync, PeerNode: "node-b", PeerAddress: b.repl})
 	rng := mrand.New(mrand.NewPCG(1, 2))
 	const trials = 4
 	for trial := range trials {

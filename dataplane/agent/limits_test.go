@@ -252,7 +252,7 @@ func TestAbuseHeapBounded(t *testing.T) {
 	)
 	b := budget.New(bud)
 	e := newLimitsAgent(t, agent.Config{Budget: b}, true)
-	spec := volume.Spec{Role: volume.RolePrimary, Epoch: 1, Mode: volume.ModeAsync, Hold: true}
+	spec := volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true, Mode: volume.ModeAsync, Hold: true}
 	if _, err := e.c.Put(context.Background(), "ns", "held", agent.VolumeRequest{Size: 64 << 20, RegionSize: abuseRegion, Spec: spec}); err != nil {
 		t.Fatal(err)
 	}

@@ -29,7 +29,7 @@ func TestSIGTERMDrainsThenCloses(t *testing.T) {
 	a.start()
 	b.start()
 	b.put(volume.Spec{Role: volume.RoleBackup, Epoch: 1, Mode: volume.ModeAsync, PeerNode: "node-a"})
-	a.put(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Mode: volume.ModeAsync, PeerNode: "node-b", PeerAddress: b.repl})
+	a.put(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true, Mode: volume.ModeAsync, PeerNode: "node-b", PeerAddress: b.repl})
 	waitInSync(t, a, b)
 	r := dialNBD(t, a.nbdAddr, ns+"/"+volName)
 

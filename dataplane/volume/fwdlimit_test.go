@@ -69,13 +69,13 @@ func TestForwardedRequestsBounded(t *testing.T) {
 			bud := budget.New(1 << 30)
 			w, x := newBudgetMember(t, "w", bud), newMember(t, "x")
 			// x was the writer and handed over: it forwards.
-			if err := x.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Mode: volume.ModeAsync}); err != nil {
+			if err := x.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true, Mode: volume.ModeAsync}); err != nil {
 				t.Fatal(err)
 			}
 			if err := x.v.Apply(volume.Spec{Role: volume.RoleBackup, Epoch: 2, Mode: volume.ModeAsync, PeerNode: "w"}); err != nil {
 				t.Fatal(err)
 			}
-			held := volume.Spec{Role: volume.RolePrimary, Epoch: 2, Mode: volume.ModeAsync, PeerNode: "x", PeerAddress: x.addr, Hold: true}
+			held := volume.Spec{Role: volume.RolePrimary, Epoch: 2, Initialize: true, Mode: volume.ModeAsync, PeerNode: "x", PeerAddress: x.addr, Hold: true}
 			if err := w.v.Apply(held); err != nil {
 				t.Fatal(err)
 			}
@@ -137,7 +137,7 @@ func TestForwardFloodDropsStream(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	if err := w.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 2, Mode: volume.ModeAsync, PeerNode: "x", PeerAddress: ln.Addr().String(), Hold: true}); err != nil {
+	if err := w.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 2, Initialize: true, Mode: volume.ModeAsync, PeerNode: "x", PeerAddress: ln.Addr().String(), Hold: true}); err != nil {
 		t.Fatal(err)
 	}
 	c, err := ln.Accept()

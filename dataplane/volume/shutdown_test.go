@@ -144,7 +144,7 @@ func closeDuringWritesTrial(t *testing.T, mode volume.Mode, seed uint64) {
 	if err := b.v.Apply(volume.Spec{Role: volume.RoleBackup, Epoch: 1, Mode: mode, PeerNode: "a"}); err != nil {
 		t.Fatal(err)
 	}
-	if err := p.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Mode: mode, PeerNode: bNode, PeerAddress: b.addr}); err != nil {
+	if err := p.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true, Mode: mode, PeerNode: bNode, PeerAddress: b.addr}); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, "pair in sync", inSync(p.member(), b))
@@ -227,7 +227,7 @@ func closeDuringWritesTrial(t *testing.T, mode volume.Mode, seed uint64) {
 // is dirty after a reopen (it may have reached the disk).
 func TestCloseGivesUpOnStuckWrite(t *testing.T) {
 	p := newClosablePrimary(t, 300*time.Millisecond, 0)
-	if err := p.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Mode: volume.ModeAsync}); err != nil {
+	if err := p.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true, Mode: volume.ModeAsync}); err != nil {
 		t.Fatal(err)
 	}
 	gate := make(chan struct{})

@@ -319,7 +319,11 @@ func (a *Agent) List() []string {
 // such as running out of file descriptors: those are retried).
 func (a *Agent) ServeReplication(ctx context.Context, ln net.Listener) error {
 	a.mu.Lock() // handleInfo reads it concurrently
-	a.replAddr = ln.Addr().String()
+	if a.replAddr == "" {
+		// Only when nothing was advertised (SetAddresses): the listen
+		// address may be a wildcard no peer can dial.
+		a.replAddr = ln.Addr().String()
+	}
 	a.mu.Unlock()
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()

@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -271,5 +273,48 @@ func TestClientErrNotSent(t *testing.T) {
 	cancel()
 	if _, err := c.PeerOutdated(cctx, "ns", "vol", 1); !errors.Is(err, ErrNotSent) {
 		t.Fatalf("call with a cancelled context: %v, want ErrNotSent", err)
+	}
+}
+
+// TestInfoKeepsAdvertisedReplicationAddress: the address advertised with
+// SetAddresses (what peers dial) is what /v1/info reports, not the listen
+// address ServeReplication got, which may be a wildcard such as ":7401".
+func TestInfoKeepsAdvertisedReplicationAddress(t *testing.T) {
+	a, srv := newTestAgent(t)
+	a.SetAddresses("198.18.0.11:10809", "198.18.0.11:7401", "http://198.18.0.11:7400")
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- a.ServeReplication(ctx, ln) }()
+	defer func() {
+		cancel()
+		if err := <-served; err != nil {
+			t.Error(err)
+		}
+	}()
+	c := NewClient(srv.URL, "s3cret")
+	// ServeReplication is past its start once it has closed a connection
+	// whose first frame is garbage.
+	conn, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := conn.Write(make([]byte, 64)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.Copy(io.Discard, conn); errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("the bad connection was not closed: %v", err) // EOF or a reset: closed
+	}
+	conn.Close()
+	info, err := c.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.ReplicationAddress != "198.18.0.11:7401" {
+		t.Fatalf("/v1/info reports replication address %q, want the advertised 198.18.0.11:7401", info.ReplicationAddress)
 	}
 }

@@ -18,6 +18,10 @@
 // until the budget is back under its size.
 //
 // A nil *Budget is valid and unbounded: every method is a no-op.
+//
+// Why not golang.org/x/sync/semaphore.Weighted, which is FIFO too: it has no
+// overdraft (Force), an Acquire larger than the size never succeeds there,
+// and it reports neither use nor waits, which the agent exports as metrics.
 package budget
 
 import (

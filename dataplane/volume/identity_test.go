@@ -3,6 +3,8 @@ package volume_test
 import (
 	"context"
 	"math/rand/v2"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -140,5 +142,49 @@ func TestForeignReplicaIsInconsistent(t *testing.T) {
 	})
 	if o.v.Status().PeerConnected {
 		t.Fatal("a primary of another pair streams to the backup")
+	}
+}
+
+// TestDamagedMetadataNeedsFullCopy: a replica whose metadata file is
+// damaged cannot say whose data it holds: it opens (rather than failing
+// every attempt to recreate it), keeps the damaged file aside, is
+// Inconsistent with the reason, and comes back through a full copy. Before,
+// Open failed with the corruption error and the replica could not be used
+// again without someone removing it by hand.
+func TestDamagedMetadataNeedsFullCopy(t *testing.T) {
+	p, b := newMember(t, "a"), newMember(t, "b")
+	if err := b.v.Apply(volume.Spec{PairUID: uidA, Role: volume.RoleBackup, Epoch: 1, PeerNode: "a"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.v.Apply(volume.Spec{PairUID: uidA, Role: volume.RolePrimary, Epoch: 1, Initialize: true, PeerNode: "b", PeerAddress: b.addr}); err != nil {
+		t.Fatal(err)
+	}
+	write(t, p.v, rand.New(rand.NewPCG(5, 5)), 100)
+	waitFor(t, "in sync", inSync(p, b))
+	b.v.Close()
+	if err := os.WriteFile(filepath.Join(b.dir, "meta"), []byte("TNDMMETA garbage"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r := reopen(t, b)
+	st := r.v.Status()
+	if st.DataState != volume.Inconsistent || st.Joined || !strings.Contains(st.DataStateReason, "metadata was damaged") {
+		t.Fatalf("a replica with damaged metadata reports %s joined=%v (%q)", st.DataState, st.Joined, st.DataStateReason)
+	}
+	if kept, _ := filepath.Glob(filepath.Join(b.dir, "meta.damaged-*")); len(kept) != 1 {
+		t.Fatalf("the damaged metadata was not kept aside: %v", kept)
+	}
+	if err := r.v.Apply(volume.Spec{PairUID: uidA, Role: volume.RolePrimary, Epoch: 2}); err == nil {
+		t.Fatal("a replica with damaged metadata was made primary")
+	}
+	if err := r.v.Apply(volume.Spec{PairUID: uidA, Role: volume.RoleBackup, Epoch: 1, PeerNode: "a"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.v.Apply(volume.Spec{PairUID: uidA, Role: volume.RolePrimary, Epoch: 1, PeerNode: "b", PeerAddress: r.addr}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "full copy", inSync(p, r))
+	same(t, p, r)
+	if !p.v.Status().Copy.FullCopy {
+		t.Fatal("not a full copy")
 	}
 }

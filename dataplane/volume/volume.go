@@ -186,6 +186,18 @@ func Open(opts Options) (*Volume, error) {
 		// data of any pair until a full copy completes, or until it starts
 		// a new pair's data as its first writer (Spec.Initialize).
 		v.dataState, v.dataReason = Inconsistent, reasonNew
+	case errors.Is(err, meta.ErrCorrupt):
+		// Whose data this is, and how far it can be trusted, is unknown:
+		// keep the damaged file for a post-mortem and start over as a
+		// replica that needs a full copy (never served before it).
+		kept := fmt.Sprintf("%s.damaged-%d", meta.FileName, time.Now().UnixNano())
+		if rerr := os.Rename(filepath.Join(opts.Dir, meta.FileName), filepath.Join(opts.Dir, kept)); rerr != nil {
+			return nil, fmt.Errorf("volume %s: metadata damaged (%v), and moving it aside failed: %w", opts.Name, err, rerr)
+		}
+		log.Error(err, "Replica metadata damaged; kept it aside, the replica needs a full copy", "keptAs", kept)
+		v.dataState = Inconsistent
+		v.dataReason = "the replica's metadata was damaged (kept as " + kept + "): a full copy brings the data back"
+		v.bitmapsLost = true
 	default:
 		return nil, fmt.Errorf("volume %s: reading metadata: %w", opts.Name, err)
 	}

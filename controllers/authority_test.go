@@ -25,9 +25,9 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
-	"github.com/tandem-storage/tandem/dataplane/agent"
 	"github.com/tandem-storage/tandem/internal/authority"
 	"github.com/tandem-storage/tandem/internal/stresstest"
+	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
 // authorityLeasesNaming lists the authority Leases whose volumepair
@@ -469,7 +469,7 @@ func TestTeardownNamesOrphanedReplica(t *testing.T) {
 		t.Fatal(err)
 	}
 	s.waitGone()
-	dir := agent.ReplicaDir(s.b.dir, s.ns, s.name)
+	dir := agentapi.ReplicaDir(s.b.dir, s.ns, s.name)
 	var msg string
 	for _, line := range strings.Split(s.events(), "\n") {
 		if strings.HasPrefix(line, "TeardownIncomplete: ") {

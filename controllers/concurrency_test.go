@@ -16,7 +16,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
-	"github.com/tandem-storage/tandem/dataplane/agent"
+	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
 // pairCalls is a transport for the controller's agent clients that slows
@@ -81,8 +81,8 @@ func TestReconcilesPairsConcurrently(t *testing.T) {
 	a.start()
 	b.start()
 	calls := &pairCalls{delay: 100 * time.Millisecond, inFlight: map[string]int{}}
-	startManager(t, log, func(endpoint, tok string) *agent.Client {
-		c := agent.NewClient(endpoint, tok)
+	startManager(t, log, func(endpoint, tok string) agentapi.API {
+		c := agentapi.NewClient(endpoint, tok)
 		c.HTTP.Transport = calls
 		return c
 	})

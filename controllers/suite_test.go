@@ -36,6 +36,7 @@ import (
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
 	"github.com/tandem-storage/tandem/dataplane/agent"
+	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
 const (
@@ -226,7 +227,7 @@ type manager struct {
 	done   chan struct{}
 }
 
-func startManager(t testing.TB, log *testLog, wrap func(endpoint, tok string) *agent.Client) *manager {
+func startManager(t testing.TB, log *testLog, wrap agentapi.NewFunc) *manager {
 	t.Helper()
 	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
 		Scheme: scheme, Metrics: metricsserver.Options{BindAddress: "0"}, HealthProbeBindAddress: "0",

@@ -60,6 +60,7 @@ func holderOf(l *coordinationv1.Lease) (string, uint64) {
 // only its writer; deleting it deletes only its Lease. Before the fix the
 // second pair's writer moved with the first's, without a drain.
 func TestCollidingPairsStayIndependent(t *testing.T) {
+	needEnvtest(t)
 	tl := stresstest.NewTally(t, "split-brain")
 	tl.Trials.Add(1)
 	tl.Faults.Add(1) // two pairs whose Lease names used to collide
@@ -498,6 +499,7 @@ func TestTeardownNamesOrphanedReplica(t *testing.T) {
 // that the Lease does not name ("<base>-a/db" for a Lease naming
 // "<base>/a-db") leaves it alone and starts its own at epoch 1.
 func TestLegacyAuthorityLeaseAdopted(t *testing.T) {
+	needEnvtest(t)
 	lg := &testLog{}
 	t.Cleanup(func() {
 		if t.Failed() {

@@ -66,6 +66,7 @@ func (p *pairCalls) maxPairs() int {
 // and a node's loss was acted on pair after pair, 4 to 13 s after the kill
 // instead of ~3 s (test/e2e TestLoad).
 func TestReconcilesPairsConcurrently(t *testing.T) {
+	needEnvtest(t)
 	log := &testLog{}
 	t.Cleanup(func() {
 		if t.Failed() {

@@ -122,7 +122,7 @@ func (v *View) other(node string) *MemberView {
 // wantRole is the role and epoch a member must have.
 func (v *View) matches(m *MemberView, role agentapi.Role) bool {
 	s := m.Status
-	return s != nil && s.Role == role && s.Epoch == v.Authority.Epoch && string(s.Mode) == string(v.Mode)
+	return s != nil && s.Role == role && s.Epoch == v.Authority.Epoch && s.Mode == v.Mode
 }
 
 // HoldsData reports whether the member's replica holds the data of pair

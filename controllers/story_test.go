@@ -83,6 +83,7 @@ func (b *blocker) client(endpoint, tok string) agentapi.API {
 }
 
 func newStory(t testing.TB, mode v1.ReplicationMode, mut func(*v1.VolumePair)) *story {
+	needEnvtest(t)
 	s := &story{t: t, log: &testLog{}, name: "db"}
 	t.Cleanup(func() {
 		if t.Failed() {

@@ -16,19 +16,11 @@ import (
 // agent's tests (internal and external) reading as they did when they lived
 // here; code outside the dataplane uses agentapi.
 type (
-	Client              = agentapi.Client
-	APIError            = agentapi.APIError
-	VolumeRequest       = agentapi.VolumeRequest
-	PeerOutdatedRequest = agentapi.PeerOutdatedRequest
-	ResyncRequest       = agentapi.ResyncRequest
-	Info                = agentapi.Info
-	Bitmap              = agentapi.Bitmap
-	Checksums           = agentapi.Checksums
+	Client        = agentapi.Client
+	APIError      = agentapi.APIError
+	VolumeRequest = agentapi.VolumeRequest
+	Checksums     = agentapi.Checksums
 )
-
-const ChecksumAlgorithm = agentapi.ChecksumAlgorithm
-
-var ErrNotSent = agentapi.ErrNotSent
 
 func NewClient(baseURL, token string) *Client { return agentapi.NewClient(baseURL, token) }
 

@@ -21,7 +21,7 @@
 //	GET    /v1/volumes                                []Status, every volume
 //	PUT    /v1/volumes/{namespace}/{name}             body VolumeRequest: create if missing, apply the desired state; Status
 //	GET    /v1/volumes/{namespace}/{name}             Status
-//	DELETE /v1/volumes/{namespace}/{name}?purge=true  close (and with purge delete) the replica; 204
+//	DELETE /v1/volumes/{namespace}/{name}?purge=true  close (and with purge delete) the replica; 204 (without purge, 404 when there is none)
 //	POST   /v1/volumes/{namespace}/{name}/peer-outdated  body PeerOutdatedRequest: the controller recorded the peer Outdated (sync mode may continue alone); Status
 //	GET    /v1/volumes/{namespace}/{name}/bitmap      Bitmap: dirty regions as inclusive runs
 //	POST   /v1/volumes/{namespace}/{name}/resync      body ResyncRequest: the writer copies these regions to its peer again (repair); Status

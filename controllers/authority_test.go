@@ -25,9 +25,9 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
-	"github.com/tandem-storage/tandem/dataplane/agent"
 	"github.com/tandem-storage/tandem/internal/authority"
 	"github.com/tandem-storage/tandem/internal/stresstest"
+	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
 // authorityLeasesNaming lists the authority Leases whose volumepair
@@ -60,6 +60,7 @@ func holderOf(l *coordinationv1.Lease) (string, uint64) {
 // only its writer; deleting it deletes only its Lease. Before the fix the
 // second pair's writer moved with the first's, without a drain.
 func TestCollidingPairsStayIndependent(t *testing.T) {
+	needEnvtest(t)
 	tl := stresstest.NewTally(t, "split-brain")
 	tl.Trials.Add(1)
 	tl.Faults.Add(1) // two pairs whose Lease names used to collide
@@ -469,7 +470,7 @@ func TestTeardownNamesOrphanedReplica(t *testing.T) {
 		t.Fatal(err)
 	}
 	s.waitGone()
-	dir := agent.ReplicaDir(s.b.dir, s.ns, s.name)
+	dir := agentapi.ReplicaDir(s.b.dir, s.ns, s.name)
 	var msg string
 	for _, line := range strings.Split(s.events(), "\n") {
 		if strings.HasPrefix(line, "TeardownIncomplete: ") {
@@ -498,6 +499,7 @@ func TestTeardownNamesOrphanedReplica(t *testing.T) {
 // that the Lease does not name ("<base>-a/db" for a Lease naming
 // "<base>/a-db") leaves it alone and starts its own at epoch 1.
 func TestLegacyAuthorityLeaseAdopted(t *testing.T) {
+	needEnvtest(t)
 	lg := &testLog{}
 	t.Cleanup(func() {
 		if t.Failed() {

@@ -16,7 +16,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
-	"github.com/tandem-storage/tandem/dataplane/agent"
+	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
 // pairCalls is a transport for the controller's agent clients that slows
@@ -66,6 +66,7 @@ func (p *pairCalls) maxPairs() int {
 // and a node's loss was acted on pair after pair, 4 to 13 s after the kill
 // instead of ~3 s (test/e2e TestLoad).
 func TestReconcilesPairsConcurrently(t *testing.T) {
+	needEnvtest(t)
 	log := &testLog{}
 	t.Cleanup(func() {
 		if t.Failed() {
@@ -81,8 +82,8 @@ func TestReconcilesPairsConcurrently(t *testing.T) {
 	a.start()
 	b.start()
 	calls := &pairCalls{delay: 100 * time.Millisecond, inFlight: map[string]int{}}
-	startManager(t, log, func(endpoint, tok string) *agent.Client {
-		c := agent.NewClient(endpoint, tok)
+	startManager(t, log, func(endpoint, tok string) agentapi.API {
+		c := agentapi.NewClient(endpoint, tok)
 		c.HTTP.Transport = calls
 		return c
 	})

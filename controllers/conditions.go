@@ -8,7 +8,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
-	"github.com/tandem-storage/tandem/dataplane/volume"
+	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
 // Condition reasons.
@@ -64,7 +64,7 @@ func setSynchronizedCondition(conds *[]metav1.Condition, gen int64, writer, othe
 			msg += " (full copy: " + w.Copy.Reason + ")"
 		}
 		set(conds, gen, v1.ConditionSynchronized, false, ReasonCopying, truncate(msg, 32768))
-	case w.OutOfSyncRegions > 0 || other.Status == nil || other.Status.DataState != volume.UpToDate:
+	case w.OutOfSyncRegions > 0 || other.Status == nil || other.Status.DataState != agentapi.UpToDate:
 		set(conds, gen, v1.ConditionSynchronized, false, ReasonOutOfSync, fmt.Sprintf("%d bytes not yet on %s", w.OutOfSyncBytes, other.Node))
 	case unmerged(writer, other) > 0:
 		holder := writer.Node
@@ -99,7 +99,7 @@ func setDegradedCondition(conds *[]metav1.Condition, gen int64, writer, other *M
 		set(conds, gen, v1.ConditionDegraded, true, ReasonWriterUnreachable, fmt.Sprintf("no report from the writer %s", writer.Node))
 	case !writer.Status.PeerConnected:
 		set(conds, gen, v1.ConditionDegraded, true, ReasonPeerLost, fmt.Sprintf("%s runs without %s; changed regions are tracked for resync", writer.Node, other.Node))
-	case other.Status == nil || other.Status.DataState != volume.UpToDate:
+	case other.Status == nil || other.Status.DataState != agentapi.UpToDate:
 		msg := fmt.Sprintf("%s is being resynced", other.Node)
 		if other.Status != nil && other.Status.DataStateReason != "" {
 			msg = fmt.Sprintf("%s is being resynced: %s", other.Node, other.Status.DataStateReason)

@@ -2,7 +2,7 @@ package controllers
 
 import (
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
-	"github.com/tandem-storage/tandem/dataplane/volume"
+	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
 // MemberView is what the controller observed about one member this round.
@@ -15,7 +15,7 @@ type MemberView struct {
 	// the member's Node object is not Ready.
 	Suspect bool
 	// Status is the agent's report of the replica (nil: no report).
-	Status *volume.Status
+	Status *agentapi.Status
 	// APILost is true when the member's agent has not renewed its agent
 	// Lease since the authority last moved: it may have lost the API
 	// server, and made the writer it could not renew its authority (it
@@ -120,9 +120,9 @@ func (v *View) other(node string) *MemberView {
 }
 
 // wantRole is the role and epoch a member must have.
-func (v *View) matches(m *MemberView, role volume.Role) bool {
+func (v *View) matches(m *MemberView, role agentapi.Role) bool {
 	s := m.Status
-	return s != nil && s.Role == role && s.Epoch == v.Authority.Epoch && string(s.Mode) == string(v.Mode)
+	return s != nil && s.Role == role && s.Epoch == v.Authority.Epoch && s.Mode == v.Mode
 }
 
 // HoldsData reports whether the member's replica holds the data of pair
@@ -154,14 +154,14 @@ func WriterLostData(v View) bool {
 		return false
 	}
 	s := w.Status
-	return s == nil || (s.Role != volume.RolePrimary && (!HoldsData(w, v.PairUID) || s.DataState == volume.Inconsistent))
+	return s == nil || (s.Role != agentapi.RolePrimary && (!HoldsData(w, v.PairUID) || s.DataState == agentapi.Inconsistent))
 }
 
 // InSync reports whether the writer holds its peer fully in sync.
 func InSync(writer, other *MemberView) bool {
 	w, o := writer.Status, other.Status
-	return w != nil && o != nil && w.Role == volume.RolePrimary && w.PeerConnected &&
-		w.OutOfSyncRegions == 0 && !w.Copy.Running && o.DataState == volume.UpToDate
+	return w != nil && o != nil && w.Role == agentapi.RolePrimary && w.PeerConnected &&
+		w.OutOfSyncRegions == 0 && !w.Copy.Running && o.DataState == agentapi.UpToDate
 }
 
 // WriterFenced reports whether the authority's holder answers probes but
@@ -174,7 +174,7 @@ func WriterFenced(v View) bool {
 	}
 	w := v.member(v.Authority.Holder)
 	s := w.Status
-	return w.Reachable && !w.Suspect && s != nil && s.Role == volume.RolePrimary && s.Epoch == v.Authority.Epoch && !s.Writable
+	return w.Reachable && !w.Suspect && s != nil && s.Role == agentapi.RolePrimary && s.Epoch == v.Authority.Epoch && !s.Writable
 }
 
 // Decide is the pair's transition function: from what was observed, the
@@ -209,7 +209,7 @@ func Decide(v View) Step {
 	}
 	if writer.Suspect || fenced {
 		if fenced && writer.Status.PeerConnected && other.Reachable && !other.Suspect && !InSync(writer, other) &&
-			other.Status != nil && other.Status.DataState != volume.Inconsistent {
+			other.Status != nil && other.Status.DataState != agentapi.Inconsistent {
 			// Still streaming to the backup: let it receive what the
 			// fenced writer acknowledged before (async mode) first.
 			return Step{Kind: StepNone, Blocked: BlockedBackupCatchingUp,
@@ -223,7 +223,7 @@ func Decide(v View) Step {
 	}
 
 	// 2. Agents must play the roles the authority says, at its epoch.
-	if (writer.Reachable && !v.matches(writer, volume.RolePrimary)) || (other.Reachable && !v.matches(other, volume.RoleBackup)) {
+	if (writer.Reachable && !v.matches(writer, agentapi.RolePrimary)) || (other.Reachable && !v.matches(other, agentapi.RoleBackup)) {
 		return Step{Kind: StepConfigure, Target: writer.Node, Blocked: BlockedNone}
 	}
 
@@ -291,8 +291,8 @@ const (
 // flight, in async mode) is small enough to drain under the hold.
 func FailbackReady(v *View, writer, other *MemberView) bool {
 	w, o := writer.Status, other.Status
-	return w != nil && o != nil && w.Role == volume.RolePrimary && w.PeerConnected && !w.Copy.Running &&
-		o.DataState == volume.UpToDate && HoldsData(other, v.PairUID) && w.OutOfSyncBytes <= FailbackDrainBytes
+	return w != nil && o != nil && w.Role == agentapi.RolePrimary && w.PeerConnected && !w.Copy.Running &&
+		o.DataState == agentapi.UpToDate && HoldsData(other, v.PairUID) && w.OutOfSyncBytes <= FailbackDrainBytes
 }
 
 // dataReason is the member's account of why its data is not usable.
@@ -319,9 +319,9 @@ func failoverBlocked(v *View, writer, other *MemberView) (string, string) {
 		return BlockedBackupUnreachable, "the writer " + writer.Node + " fenced itself and its authority expired, and " + other.Node + " is unreachable"
 	case other.Status == nil:
 		return BlockedBackupUnknown, "the agent on " + other.Node + " has not reported the replica"
-	case other.Status.DataState == volume.Inconsistent || !HoldsData(other, v.PairUID):
+	case other.Status.DataState == agentapi.Inconsistent || !HoldsData(other, v.PairUID):
 		return BlockedBackupInconsistent, "the replica on " + other.Node + " is Inconsistent (" + dataReason(other) + "); promoting it would serve corrupt or missing data"
-	case (other.RecordedOutdated && !other.OutdatedNotSent) || other.Status.DataState == volume.Outdated:
+	case (other.RecordedOutdated && !other.OutdatedNotSent) || other.Status.DataState == agentapi.Outdated:
 		// A record whose confirmation never left the controller does not
 		// block: the writer holds sync writes until it is told (invariant
 		// 2), so it acknowledged nothing the other member lacks.
@@ -341,13 +341,13 @@ func DerivePhase(v View, last v1.Phase) v1.Phase {
 	writer := v.member(v.Authority.Holder)
 	other := v.other(v.Authority.Holder)
 	w := writer.Status
-	if w == nil || w.Role != volume.RolePrimary {
+	if w == nil || w.Role != agentapi.RolePrimary {
 		if last == "" {
 			return v1.PhasePair
 		}
 		return last
 	}
-	copying := w.PeerConnected && (w.Copy.Running || (other.Status != nil && other.Status.DataState == volume.Inconsistent))
+	copying := w.PeerConnected && (w.Copy.Running || (other.Status != nil && other.Status.DataState == agentapi.Inconsistent))
 	if v.Authority.Holder == v.Primary.Node {
 		if copying {
 			return v1.PhaseCopy

@@ -4,18 +4,18 @@ import (
 	"testing"
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
-	"github.com/tandem-storage/tandem/dataplane/volume"
+	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
-func st(role volume.Role, epoch uint64, ds volume.DataState, connected bool, mut ...func(*volume.Status)) *volume.Status {
-	s := &volume.Status{Role: role, Epoch: epoch, Mode: volume.ModeAsync, DataState: ds, PeerConnected: connected, Writable: role == volume.RolePrimary, Joined: ds != volume.Inconsistent}
+func st(role agentapi.Role, epoch uint64, ds agentapi.DataState, connected bool, mut ...func(*agentapi.Status)) *agentapi.Status {
+	s := &agentapi.Status{Role: role, Epoch: epoch, Mode: agentapi.ModeAsync, DataState: ds, PeerConnected: connected, Writable: role == agentapi.RolePrimary, Joined: ds != agentapi.Inconsistent}
 	for _, m := range mut {
 		m(s)
 	}
 	return s
 }
 
-func up(node string, s *volume.Status) MemberView {
+func up(node string, s *agentapi.Status) MemberView {
 	return MemberView{Node: node, Reachable: true, Status: s}
 }
 func lost(node string) MemberView { return MemberView{Node: node, Suspect: true} }
@@ -24,28 +24,28 @@ func TestDecide(t *testing.T) {
 	auth := func(holder string, epoch uint64, expired, failedOver bool) AuthorityView {
 		return AuthorityView{Exists: true, Holder: holder, Epoch: epoch, Expired: expired, FailedOver: failedOver}
 	}
-	holding := func(s *volume.Status) { s.Holding = true }
-	drained := func(s *volume.Status) { s.Holding, s.Drained = true, true }
-	waiting := func(s *volume.Status) {
+	holding := func(s *agentapi.Status) { s.Holding = true }
+	drained := func(s *agentapi.Status) { s.Holding, s.Drained = true, true }
+	waiting := func(s *agentapi.Status) {
 		s.WaitingForPeerOutdated = 2
 		s.PeerConnected = false
-		s.Mode = volume.ModeSync
+		s.Mode = agentapi.ModeSync
 	}
-	syncMode := func(s *volume.Status) { s.Mode = volume.ModeSync }
+	syncMode := func(s *agentapi.Status) { s.Mode = agentapi.ModeSync }
 	// wiped: a new replica where the pair's data was (its disk replaced).
-	wiped := func(s *volume.Status) {
+	wiped := func(s *agentapi.Status) {
 		s.Joined, s.PairUID, s.Writable = false, "", false
 		s.DataStateReason = "new replica: it holds no data of the pair until a full copy completes"
 	}
 	// fencedSelf: the writer answers probes but lost the API server, so it
 	// cannot renew its authority and refuses writes.
-	fencedSelf := func(s *volume.Status) {
+	fencedSelf := func(s *agentapi.Status) {
 		s.Writable = false
 		s.Reason = "member a is fenced at epoch 1: authority Lease not renewed since ... (self-fenced): not the writer"
 	}
 	base := func() View {
 		return View{
-			Primary: up("a", st(volume.RolePrimary, 1, volume.UpToDate, true)), Backup: up("b", st(volume.RoleBackup, 1, volume.UpToDate, true)),
+			Primary: up("a", st(agentapi.RolePrimary, 1, agentapi.UpToDate, true)), Backup: up("b", st(agentapi.RoleBackup, 1, agentapi.UpToDate, true)),
 			Mode: v1.ModeAsync, FailoverPolicy: v1.PolicyAutomatic, FailbackPolicy: v1.PolicyManual, Authority: auth("a", 1, false, false),
 			PairUID: "uid-1",
 		}
@@ -113,66 +113,66 @@ func TestDecide(t *testing.T) {
 			v.Primary = lost("a")
 			v.Authority.Expired = true
 			v.Backup.RecordedOutdated, v.Backup.OutdatedNotSent = true, true
-			v.Backup.Status.DataState = volume.Outdated
+			v.Backup.Status.DataState = agentapi.Outdated
 		}, StepNone, "", BlockedBackupOutdated},
 		{"sync: Outdated recorded, not yet sent: confirm to the writer", func(v *View) {
 			v.Mode = v1.ModeSync
-			v.Primary.Status = st(volume.RolePrimary, 1, volume.UpToDate, false, waiting)
+			v.Primary.Status = st(agentapi.RolePrimary, 1, agentapi.UpToDate, false, waiting)
 			v.Backup = lost("b")
 			v.Backup.RecordedOutdated, v.Backup.OutdatedNotSent = true, true
 		}, StepConfirmOutdated, "a", BlockedNone},
 		{"writer lost only the API server: fenced, authority expired, backup in sync: SWAP", func(v *View) {
 			v.Mode = v1.ModeSync
-			v.Primary.Status = st(volume.RolePrimary, 1, volume.UpToDate, true, syncMode, fencedSelf)
-			v.Backup.Status = st(volume.RoleBackup, 1, volume.UpToDate, true, syncMode)
+			v.Primary.Status = st(agentapi.RolePrimary, 1, agentapi.UpToDate, true, syncMode, fencedSelf)
+			v.Backup.Status = st(agentapi.RoleBackup, 1, agentapi.UpToDate, true, syncMode)
 			v.Authority.Expired = true
 		}, StepFailover, "b", BlockedNone},
 		{"writer fenced, authority not expired yet: wait, no failover", func(v *View) {
-			v.Primary.Status = st(volume.RolePrimary, 1, volume.UpToDate, true, fencedSelf)
+			v.Primary.Status = st(agentapi.RolePrimary, 1, agentapi.UpToDate, true, fencedSelf)
 		}, StepNone, "", BlockedNone},
 		{"writer writable but its Lease looks expired (skew, slow renewal): no failover", func(v *View) {
 			v.Authority.Expired = true
 		}, StepNone, "", BlockedNone},
 		{"writer fenced, authority expired, still shipping to the backup (async): wait for it", func(v *View) {
-			v.Primary.Status = st(volume.RolePrimary, 1, volume.UpToDate, true, fencedSelf, func(s *volume.Status) { s.OutOfSyncRegions = 3 })
+			v.Primary.Status = st(agentapi.RolePrimary, 1, agentapi.UpToDate, true, fencedSelf, func(s *agentapi.Status) { s.OutOfSyncRegions = 3 })
 			v.Authority.Expired = true
 		}, StepNone, "", BlockedBackupCatchingUp},
 		{"writer fenced, authority expired, link down, backup recorded Outdated (sent): blocked", func(v *View) {
 			v.Mode = v1.ModeSync
-			v.Primary.Status = st(volume.RolePrimary, 1, volume.UpToDate, false, syncMode, fencedSelf)
-			v.Backup.Status = st(volume.RoleBackup, 1, volume.UpToDate, false, syncMode)
+			v.Primary.Status = st(agentapi.RolePrimary, 1, agentapi.UpToDate, false, syncMode, fencedSelf)
+			v.Backup.Status = st(agentapi.RoleBackup, 1, agentapi.UpToDate, false, syncMode)
 			v.Backup.RecordedOutdated = true
 			v.Authority.Expired = true
 		}, StepNone, "", BlockedBackupOutdated},
 		{"writer fenced, authority expired, backup lost: blocked", func(v *View) {
-			v.Primary.Status = st(volume.RolePrimary, 1, volume.UpToDate, false, fencedSelf)
+			v.Primary.Status = st(agentapi.RolePrimary, 1, agentapi.UpToDate, false, fencedSelf)
 			v.Backup = lost("b")
 			v.Authority.Expired = true
 		}, StepNone, "", BlockedBackupUnreachable},
 		{"writer fenced, authority expired, Manual: blocked by the policy", func(v *View) {
-			v.Primary.Status = st(volume.RolePrimary, 1, volume.UpToDate, true, fencedSelf)
+			v.Primary.Status = st(agentapi.RolePrimary, 1, agentapi.UpToDate, true, fencedSelf)
 			v.Authority.Expired = true
 			v.FailoverPolicy = v1.PolicyManual
 		}, StepNone, "", BlockedManualPolicy},
 		{"writer fenced, authority expired, copy towards the backup running: blocked", func(v *View) {
-			v.Primary.Status = st(volume.RolePrimary, 1, volume.UpToDate, true, fencedSelf, func(s *volume.Status) { s.Copy.Running = true; s.OutOfSyncRegions = 10 })
-			v.Backup.Status.DataState = volume.Inconsistent
+			v.Primary.Status = st(agentapi.RolePrimary, 1, agentapi.UpToDate, true, fencedSelf, func(s *agentapi.Status) { s.Copy.Running = true; s.OutOfSyncRegions = 10 })
+			v.Backup.Status.DataState = agentapi.Inconsistent
 			v.Authority.Expired = true
 		}, StepNone, "", BlockedBackupInconsistent},
 		{"promoted writer not yet authorized at its new epoch: configure the old one, no failover", func(v *View) {
 			v.Authority = auth("b", 2, false, true)
-			v.Backup.Status = st(volume.RolePrimary, 2, volume.UpToDate, false, fencedSelf)
-			v.Primary.Status = st(volume.RolePrimary, 1, volume.UpToDate, false, fencedSelf)
+			v.Backup.Status = st(agentapi.RolePrimary, 2, agentapi.UpToDate, false, fencedSelf)
+			v.Primary.Status = st(agentapi.RolePrimary, 1, agentapi.UpToDate, false, fencedSelf)
 		}, StepConfigure, "b", BlockedNone},
 		{"writer fenced at an older epoch than the authority's: configure, not failover", func(v *View) {
 			v.Authority = auth("a", 3, true, false)
-			v.Primary.Status = st(volume.RolePrimary, 2, volume.UpToDate, true, fencedSelf)
-			v.Backup.Status = st(volume.RoleBackup, 3, volume.UpToDate, true)
+			v.Primary.Status = st(agentapi.RolePrimary, 2, agentapi.UpToDate, true, fencedSelf)
+			v.Backup.Status = st(agentapi.RoleBackup, 3, agentapi.UpToDate, true)
 		}, StepConfigure, "a", BlockedNone},
 		{"primary lost, backup Inconsistent: blocked", func(v *View) {
 			v.Primary = lost("a")
 			v.Authority.Expired = true
-			v.Backup.Status.DataState = volume.Inconsistent
+			v.Backup.Status.DataState = agentapi.Inconsistent
 		}, StepNone, "", BlockedBackupInconsistent},
 		{"both lost: blocked", func(v *View) {
 			v.Primary, v.Backup = lost("a"), lost("b")
@@ -185,81 +185,81 @@ func TestDecide(t *testing.T) {
 		{"SWAP steady: old primary away, nothing", func(v *View) {
 			v.Primary = lost("a")
 			v.Authority = auth("b", 2, false, true)
-			v.Backup.Status = st(volume.RolePrimary, 2, volume.UpToDate, false)
+			v.Backup.Status = st(agentapi.RolePrimary, 2, agentapi.UpToDate, false)
 		}, StepNone, "", BlockedNone},
 		{"old primary back: configured as backup (COPY follows)", func(v *View) {
 			v.Authority = auth("b", 2, false, true)
-			v.Backup.Status = st(volume.RolePrimary, 2, volume.UpToDate, false)
-			v.Primary.Status = st(volume.RoleNone, 1, volume.UpToDate, false)
+			v.Backup.Status = st(agentapi.RolePrimary, 2, agentapi.UpToDate, false)
+			v.Primary.Status = st(agentapi.RoleNone, 1, agentapi.UpToDate, false)
 		}, StepConfigure, "b", BlockedNone},
 		{"NORMAL, failback Manual: stay", func(v *View) {
 			v.Authority = auth("b", 2, false, true)
-			v.Backup.Status = st(volume.RolePrimary, 2, volume.UpToDate, true)
-			v.Primary.Status = st(volume.RoleBackup, 2, volume.UpToDate, true)
+			v.Backup.Status = st(agentapi.RolePrimary, 2, agentapi.UpToDate, true)
+			v.Primary.Status = st(agentapi.RoleBackup, 2, agentapi.UpToDate, true)
 		}, StepNone, "", BlockedNone},
 		{"NORMAL, failback requested: hold", func(v *View) {
 			v.Authority = auth("b", 2, false, true)
 			v.FailbackRequested = true
-			v.Backup.Status = st(volume.RolePrimary, 2, volume.UpToDate, true)
-			v.Primary.Status = st(volume.RoleBackup, 2, volume.UpToDate, true)
+			v.Backup.Status = st(agentapi.RolePrimary, 2, agentapi.UpToDate, true)
+			v.Primary.Status = st(agentapi.RoleBackup, 2, agentapi.UpToDate, true)
 		}, StepHold, "b", BlockedNone},
 		{"NORMAL, failback Automatic, holding not drained: wait", func(v *View) {
 			v.Authority = auth("b", 2, false, true)
 			v.FailbackPolicy = v1.PolicyAutomatic
-			v.Backup.Status = st(volume.RolePrimary, 2, volume.UpToDate, true, holding)
-			v.Primary.Status = st(volume.RoleBackup, 2, volume.UpToDate, true)
+			v.Backup.Status = st(agentapi.RolePrimary, 2, agentapi.UpToDate, true, holding)
+			v.Primary.Status = st(agentapi.RoleBackup, 2, agentapi.UpToDate, true)
 		}, StepNone, "", BlockedNone},
 		{"NORMAL, failback Automatic, spec.primary has not reached the API server since the failover: wait", func(v *View) {
 			v.Authority = auth("b", 2, false, true)
 			v.FailbackPolicy = v1.PolicyAutomatic
-			v.Backup.Status = st(volume.RolePrimary, 2, volume.UpToDate, true)
-			v.Primary.Status = st(volume.RoleBackup, 2, volume.UpToDate, true)
+			v.Backup.Status = st(agentapi.RolePrimary, 2, agentapi.UpToDate, true)
+			v.Primary.Status = st(agentapi.RoleBackup, 2, agentapi.UpToDate, true)
 			v.Primary.APILost = true
 		}, StepNone, "", BlockedNone},
 		{"NORMAL, failback Automatic, spec.primary reached the API server again: hold", func(v *View) {
 			v.Authority = auth("b", 2, false, true)
 			v.FailbackPolicy = v1.PolicyAutomatic
-			v.Backup.Status = st(volume.RolePrimary, 2, volume.UpToDate, true)
-			v.Primary.Status = st(volume.RoleBackup, 2, volume.UpToDate, true)
+			v.Backup.Status = st(agentapi.RolePrimary, 2, agentapi.UpToDate, true)
+			v.Primary.Status = st(agentapi.RoleBackup, 2, agentapi.UpToDate, true)
 		}, StepHold, "b", BlockedNone},
 		{"NORMAL, drained: switch to spec.primary", func(v *View) {
 			v.Authority = auth("b", 2, false, true)
 			v.FailbackPolicy = v1.PolicyAutomatic
-			v.Backup.Status = st(volume.RolePrimary, 2, volume.UpToDate, true, drained)
-			v.Primary.Status = st(volume.RoleBackup, 2, volume.UpToDate, true)
+			v.Backup.Status = st(agentapi.RolePrimary, 2, agentapi.UpToDate, true, drained)
+			v.Primary.Status = st(agentapi.RoleBackup, 2, agentapi.UpToDate, true)
 		}, StepSwitch, "a", BlockedNone},
 		{"COPY running: no failback yet", func(v *View) {
 			v.Authority = auth("b", 2, false, true)
 			v.FailbackPolicy = v1.PolicyAutomatic
-			v.Backup.Status = st(volume.RolePrimary, 2, volume.UpToDate, true, func(s *volume.Status) { s.Copy.Running = true; s.OutOfSyncRegions = 10 })
-			v.Primary.Status = st(volume.RoleBackup, 2, volume.Inconsistent, true)
+			v.Backup.Status = st(agentapi.RolePrimary, 2, agentapi.UpToDate, true, func(s *agentapi.Status) { s.Copy.Running = true; s.OutOfSyncRegions = 10 })
+			v.Primary.Status = st(agentapi.RoleBackup, 2, agentapi.Inconsistent, true)
 		}, StepNone, "", BlockedNone},
 		{"user swapped spec (switchover), in sync: hold", func(v *View) {
 			// spec.primary is now b's old peer; authority still on the old writer, no failover.
-			v.Primary, v.Backup = up("b", st(volume.RoleBackup, 1, volume.UpToDate, true)), up("a", st(volume.RolePrimary, 1, volume.UpToDate, true))
+			v.Primary, v.Backup = up("b", st(agentapi.RoleBackup, 1, agentapi.UpToDate, true)), up("a", st(agentapi.RolePrimary, 1, agentapi.UpToDate, true))
 			v.Authority = auth("a", 1, false, false)
 		}, StepHold, "a", BlockedNone},
 		{"hold while peer lost: release", func(v *View) {
 			v.Authority = auth("b", 2, false, true)
 			v.FailbackPolicy = v1.PolicyAutomatic
-			v.Backup.Status = st(volume.RolePrimary, 2, volume.UpToDate, false, holding)
+			v.Backup.Status = st(agentapi.RolePrimary, 2, agentapi.UpToDate, false, holding)
 			v.Primary = MemberView{Node: "a"}
 		}, StepReleaseHold, "b", BlockedNone},
 		{"sync: backup lost and writes waiting: record Outdated", func(v *View) {
 			v.Mode = v1.ModeSync
-			v.Primary.Status = st(volume.RolePrimary, 1, volume.UpToDate, false, waiting)
+			v.Primary.Status = st(agentapi.RolePrimary, 1, agentapi.UpToDate, false, waiting)
 			v.Backup = lost("b")
 		}, StepRecordOutdated, "b", BlockedNone},
 		{"sync: Outdated recorded: confirm to the writer", func(v *View) {
 			v.Mode = v1.ModeSync
-			v.Primary.Status = st(volume.RolePrimary, 1, volume.UpToDate, false, waiting)
+			v.Primary.Status = st(agentapi.RolePrimary, 1, agentapi.UpToDate, false, waiting)
 			v.Backup = lost("b")
 			v.Backup.RecordedOutdated = true
 		}, StepConfirmOutdated, "a", BlockedNone},
 		{"sync: link starting, nothing waiting: no outdating", func(v *View) {
 			v.Mode = v1.ModeSync
-			v.Primary.Status = st(volume.RolePrimary, 1, volume.UpToDate, false, syncMode)
-			v.Backup.Status = st(volume.RoleBackup, 1, volume.UpToDate, false, syncMode)
+			v.Primary.Status = st(agentapi.RolePrimary, 1, agentapi.UpToDate, false, syncMode)
+			v.Backup.Status = st(agentapi.RoleBackup, 1, agentapi.UpToDate, false, syncMode)
 		}, StepNone, "", BlockedNone},
 		{"backup lost (async): PAIR degraded, nothing to do", func(v *View) {
 			v.Backup = lost("b")
@@ -270,44 +270,44 @@ func TestDecide(t *testing.T) {
 		{"NORMAL under async writes (a few regions in flight): hold", func(v *View) {
 			v.Authority = auth("b", 2, false, true)
 			v.FailbackPolicy = v1.PolicyAutomatic
-			v.Backup.Status = st(volume.RolePrimary, 2, volume.UpToDate, true, func(s *volume.Status) { s.OutOfSyncRegions, s.OutOfSyncBytes = 7, 7<<16 })
-			v.Primary.Status = st(volume.RoleBackup, 2, volume.UpToDate, true)
+			v.Backup.Status = st(agentapi.RolePrimary, 2, agentapi.UpToDate, true, func(s *agentapi.Status) { s.OutOfSyncRegions, s.OutOfSyncBytes = 7, 7<<16 })
+			v.Primary.Status = st(agentapi.RoleBackup, 2, agentapi.UpToDate, true)
 		}, StepHold, "b", BlockedNone},
 		{"NORMAL with a large backlog: no hold yet", func(v *View) {
 			v.Authority = auth("b", 2, false, true)
 			v.FailbackPolicy = v1.PolicyAutomatic
-			v.Backup.Status = st(volume.RolePrimary, 2, volume.UpToDate, true, func(s *volume.Status) { s.OutOfSyncRegions, s.OutOfSyncBytes = 1000, 1000<<16 })
-			v.Primary.Status = st(volume.RoleBackup, 2, volume.UpToDate, true)
+			v.Backup.Status = st(agentapi.RolePrimary, 2, agentapi.UpToDate, true, func(s *agentapi.Status) { s.OutOfSyncRegions, s.OutOfSyncBytes = 1000, 1000<<16 })
+			v.Primary.Status = st(agentapi.RoleBackup, 2, agentapi.UpToDate, true)
 		}, StepNone, "", BlockedNone},
 		{"holding, still draining: keep holding", func(v *View) {
 			v.Authority = auth("b", 2, false, true)
 			v.FailbackPolicy = v1.PolicyAutomatic
-			v.Backup.Status = st(volume.RolePrimary, 2, volume.UpToDate, true, holding, func(s *volume.Status) { s.OutOfSyncRegions, s.OutOfSyncBytes, s.HoldSeconds = 2, 2<<16, 0.2 })
-			v.Primary.Status = st(volume.RoleBackup, 2, volume.UpToDate, true)
+			v.Backup.Status = st(agentapi.RolePrimary, 2, agentapi.UpToDate, true, holding, func(s *agentapi.Status) { s.OutOfSyncRegions, s.OutOfSyncBytes, s.HoldSeconds = 2, 2<<16, 0.2 })
+			v.Primary.Status = st(agentapi.RoleBackup, 2, agentapi.UpToDate, true)
 		}, StepNone, "", BlockedNone},
 		{"holding past the budget without draining: release", func(v *View) {
 			v.Authority = auth("b", 2, false, true)
 			v.FailbackPolicy = v1.PolicyAutomatic
-			v.Backup.Status = st(volume.RolePrimary, 2, volume.UpToDate, true, holding, func(s *volume.Status) { s.OutOfSyncRegions, s.OutOfSyncBytes, s.HoldSeconds = 2, 2<<16, 2 })
-			v.Primary.Status = st(volume.RoleBackup, 2, volume.UpToDate, true)
+			v.Backup.Status = st(agentapi.RolePrimary, 2, agentapi.UpToDate, true, holding, func(s *agentapi.Status) { s.OutOfSyncRegions, s.OutOfSyncBytes, s.HoldSeconds = 2, 2<<16, 2 })
+			v.Primary.Status = st(agentapi.RoleBackup, 2, agentapi.UpToDate, true)
 		}, StepReleaseHold, "b", BlockedNone},
 		{"a hold just timed out: no new hold during the backoff", func(v *View) {
 			v.Authority = auth("b", 2, false, true)
 			v.FailbackPolicy = v1.PolicyAutomatic
 			v.HoldBackoff = true
-			v.Backup.Status = st(volume.RolePrimary, 2, volume.UpToDate, true)
-			v.Primary.Status = st(volume.RoleBackup, 2, volume.UpToDate, true)
+			v.Backup.Status = st(agentapi.RolePrimary, 2, agentapi.UpToDate, true)
+			v.Primary.Status = st(agentapi.RoleBackup, 2, agentapi.UpToDate, true)
 		}, StepNone, "", BlockedNone},
 		// Identity (invariant 8): a writer whose disk was wiped comes back
 		// as a new replica, or with none at all.
 		{"writer wiped (new replica), authority not expired: wait", func(v *View) {
 			v.DataInitialized = true
-			v.Primary.Status = st(volume.RoleNone, 1, volume.Inconsistent, false, wiped)
+			v.Primary.Status = st(agentapi.RoleNone, 1, agentapi.Inconsistent, false, wiped)
 			v.Backup.Status.PeerConnected = false
 		}, StepNone, "", BlockedAuthorityNotExpired},
 		{"writer wiped (new replica), authority expired: SWAP", func(v *View) {
 			v.DataInitialized = true
-			v.Primary.Status = st(volume.RoleNone, 1, volume.Inconsistent, false, wiped)
+			v.Primary.Status = st(agentapi.RoleNone, 1, agentapi.Inconsistent, false, wiped)
 			v.Backup.Status.PeerConnected = false
 			v.Authority.Expired = true
 		}, StepFailover, "b", BlockedNone},
@@ -324,25 +324,25 @@ func TestDecide(t *testing.T) {
 		}, StepConfigure, "a", BlockedNone},
 		{"both members wiped: data lost, nobody promoted", func(v *View) {
 			v.DataInitialized = true
-			v.Primary.Status = st(volume.RoleNone, 1, volume.Inconsistent, false, wiped)
-			v.Backup.Status = st(volume.RoleBackup, 1, volume.Inconsistent, false, wiped)
+			v.Primary.Status = st(agentapi.RoleNone, 1, agentapi.Inconsistent, false, wiped)
+			v.Backup.Status = st(agentapi.RoleBackup, 1, agentapi.Inconsistent, false, wiped)
 			v.Authority.Expired = true
 		}, StepNone, "", BlockedDataLost},
 		{"primary lost, backup new (never copied to): blocked", func(v *View) {
 			v.Primary = lost("a")
 			v.Authority.Expired = true
-			v.Backup.Status = st(volume.RoleBackup, 1, volume.Inconsistent, false, wiped)
+			v.Backup.Status = st(agentapi.RoleBackup, 1, agentapi.Inconsistent, false, wiped)
 		}, StepNone, "", BlockedBackupInconsistent},
 		{"primary lost, backup holds another pair's data: blocked", func(v *View) {
 			v.Primary = lost("a")
 			v.Authority.Expired = true
-			v.Backup.Status = st(volume.RoleBackup, 1, volume.UpToDate, false, func(s *volume.Status) { s.PairUID = "other" })
+			v.Backup.Status = st(agentapi.RoleBackup, 1, agentapi.UpToDate, false, func(s *agentapi.Status) { s.PairUID = "other" })
 		}, StepNone, "", BlockedBackupInconsistent},
 		{"NORMAL after a wipe, full copy running to spec.primary: no failback", func(v *View) {
 			v.Authority = auth("b", 2, false, true)
 			v.FailbackPolicy = v1.PolicyAutomatic
-			v.Backup.Status = st(volume.RolePrimary, 2, volume.UpToDate, true, func(s *volume.Status) { s.Copy.Running, s.Copy.FullCopy = true, true })
-			v.Primary.Status = st(volume.RoleBackup, 2, volume.Inconsistent, true, wiped)
+			v.Backup.Status = st(agentapi.RolePrimary, 2, agentapi.UpToDate, true, func(s *agentapi.Status) { s.Copy.Running, s.Copy.FullCopy = true, true })
+			v.Primary.Status = st(agentapi.RoleBackup, 2, agentapi.Inconsistent, true, wiped)
 		}, StepNone, "", BlockedNone},
 	}
 	for _, tt := range tests {
@@ -366,16 +366,16 @@ func TestDerivePhase(t *testing.T) {
 		want v1.Phase
 	}{
 		{"no authority", View{}, "", v1.PhasePair},
-		{"primary writes, in sync", View{Primary: up("a", st(volume.RolePrimary, 2, volume.UpToDate, true)), Backup: up("b", st(volume.RoleBackup, 2, volume.UpToDate, true)), Authority: a("a")}, "", v1.PhasePair},
-		{"primary writes, backup lost", View{Primary: up("a", st(volume.RolePrimary, 2, volume.UpToDate, false)), Backup: lost("b"), Authority: a("a")}, v1.PhasePair, v1.PhasePair},
-		{"primary resyncs returning backup", View{Primary: up("a", st(volume.RolePrimary, 2, volume.UpToDate, true, func(s *volume.Status) { s.Copy.Running = true })), Backup: up("b", st(volume.RoleBackup, 2, volume.Inconsistent, true)), Authority: a("a")}, v1.PhasePair, v1.PhaseCopy},
-		{"backup writes alone", View{Primary: lost("a"), Backup: up("b", st(volume.RolePrimary, 2, volume.UpToDate, false)), Authority: a("b")}, v1.PhasePair, v1.PhaseSwap},
-		{"backup copies to returning primary", View{Primary: up("a", st(volume.RoleBackup, 2, volume.Inconsistent, true)), Backup: up("b", st(volume.RolePrimary, 2, volume.UpToDate, true, func(s *volume.Status) { s.Copy.Running = true })), Authority: a("b")}, v1.PhaseSwap, v1.PhaseCopy},
-		{"backup writes, in sync", View{Primary: up("a", st(volume.RoleBackup, 2, volume.UpToDate, true)), Backup: up("b", st(volume.RolePrimary, 2, volume.UpToDate, true)), Authority: a("b")}, v1.PhaseCopy, v1.PhaseNormal},
+		{"primary writes, in sync", View{Primary: up("a", st(agentapi.RolePrimary, 2, agentapi.UpToDate, true)), Backup: up("b", st(agentapi.RoleBackup, 2, agentapi.UpToDate, true)), Authority: a("a")}, "", v1.PhasePair},
+		{"primary writes, backup lost", View{Primary: up("a", st(agentapi.RolePrimary, 2, agentapi.UpToDate, false)), Backup: lost("b"), Authority: a("a")}, v1.PhasePair, v1.PhasePair},
+		{"primary resyncs returning backup", View{Primary: up("a", st(agentapi.RolePrimary, 2, agentapi.UpToDate, true, func(s *agentapi.Status) { s.Copy.Running = true })), Backup: up("b", st(agentapi.RoleBackup, 2, agentapi.Inconsistent, true)), Authority: a("a")}, v1.PhasePair, v1.PhaseCopy},
+		{"backup writes alone", View{Primary: lost("a"), Backup: up("b", st(agentapi.RolePrimary, 2, agentapi.UpToDate, false)), Authority: a("b")}, v1.PhasePair, v1.PhaseSwap},
+		{"backup copies to returning primary", View{Primary: up("a", st(agentapi.RoleBackup, 2, agentapi.Inconsistent, true)), Backup: up("b", st(agentapi.RolePrimary, 2, agentapi.UpToDate, true, func(s *agentapi.Status) { s.Copy.Running = true })), Authority: a("b")}, v1.PhaseSwap, v1.PhaseCopy},
+		{"backup writes, in sync", View{Primary: up("a", st(agentapi.RoleBackup, 2, agentapi.UpToDate, true)), Backup: up("b", st(agentapi.RolePrimary, 2, agentapi.UpToDate, true)), Authority: a("b")}, v1.PhaseCopy, v1.PhaseNormal},
 		{"writer unobserved: keep last", View{Primary: lost("a"), Backup: lost("b"), Authority: a("a")}, v1.PhaseSwap, v1.PhaseSwap},
 		// Async writes in flight are not a copy: the phase flapped
 		// NORMAL↔COPY under steady writes.
-		{"backup writes under async load, regions in flight", View{Primary: up("a", st(volume.RoleBackup, 2, volume.UpToDate, true)), Backup: up("b", st(volume.RolePrimary, 2, volume.UpToDate, true, func(s *volume.Status) { s.OutOfSyncRegions = 5 })), Authority: a("b")}, v1.PhaseNormal, v1.PhaseNormal},
+		{"backup writes under async load, regions in flight", View{Primary: up("a", st(agentapi.RoleBackup, 2, agentapi.UpToDate, true)), Backup: up("b", st(agentapi.RolePrimary, 2, agentapi.UpToDate, true, func(s *agentapi.Status) { s.OutOfSyncRegions = 5 })), Authority: a("b")}, v1.PhaseNormal, v1.PhaseNormal},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -387,23 +387,23 @@ func TestDerivePhase(t *testing.T) {
 }
 
 func TestWriterFenced(t *testing.T) {
-	fenced := func(s *volume.Status) { s.Writable = false }
+	fenced := func(s *agentapi.Status) { s.Writable = false }
 	auth := AuthorityView{Exists: true, Holder: "a", Epoch: 1}
 	tests := []struct {
 		name string
 		w    MemberView
 		want bool
 	}{
-		{"writable primary", up("a", st(volume.RolePrimary, 1, volume.UpToDate, true)), false},
-		{"fenced primary at the authority's epoch", up("a", st(volume.RolePrimary, 1, volume.UpToDate, true, fenced)), true},
-		{"fenced primary at another epoch", up("a", st(volume.RolePrimary, 2, volume.UpToDate, true, fenced)), false},
-		{"backup role", up("a", st(volume.RoleBackup, 1, volume.UpToDate, true)), false},
+		{"writable primary", up("a", st(agentapi.RolePrimary, 1, agentapi.UpToDate, true)), false},
+		{"fenced primary at the authority's epoch", up("a", st(agentapi.RolePrimary, 1, agentapi.UpToDate, true, fenced)), true},
+		{"fenced primary at another epoch", up("a", st(agentapi.RolePrimary, 2, agentapi.UpToDate, true, fenced)), false},
+		{"backup role", up("a", st(agentapi.RoleBackup, 1, agentapi.UpToDate, true)), false},
 		{"no report", up("a", nil), false},
 		{"unreachable", lost("a"), false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			v := View{Primary: tt.w, Backup: up("b", st(volume.RoleBackup, 1, volume.UpToDate, true)), Authority: auth}
+			v := View{Primary: tt.w, Backup: up("b", st(agentapi.RoleBackup, 1, agentapi.UpToDate, true)), Authority: auth}
 			if got := WriterFenced(v); got != tt.want {
 				t.Fatalf("WriterFenced = %v, want %v", got, tt.want)
 			}

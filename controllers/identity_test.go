@@ -10,9 +10,8 @@ import (
 	"time"
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
-	"github.com/tandem-storage/tandem/dataplane/agent"
-	"github.com/tandem-storage/tandem/dataplane/volume"
 	"github.com/tandem-storage/tandem/internal/stresstest"
+	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
 // TestStoryWipedMember: a member whose data directory is wiped (a replaced
@@ -101,7 +100,7 @@ func wipedMemberTrial(t *testing.T, who string) {
 			}
 			ms := vp.Status.MemberStatus(wiped.name)
 			probedSince := ms != nil && ms.LastSeen != nil && ms.LastSeen.After(wipedAt)
-			if probedSince && cond(vp, v1.ConditionSynchronized) && st != nil && (!st.Joined || st.DataState != volume.UpToDate) {
+			if probedSince && cond(vp, v1.ConditionSynchronized) && st != nil && (!st.Joined || st.DataState != agentapi.UpToDate) {
 				violate("the pair reports Synchronized while the wiped member does not hold the data")
 			}
 		}
@@ -127,7 +126,7 @@ func wipedMemberTrial(t *testing.T, who string) {
 	}
 	restarted := time.Now()
 	deadline := time.Now().Add(60 * time.Second)
-	for st := statusOf(wiped, s.ns, s.name); st == nil || !st.Joined || st.DataState != volume.UpToDate; st = statusOf(wiped, s.ns, s.name) {
+	for st := statusOf(wiped, s.ns, s.name); st == nil || !st.Joined || st.DataState != agentapi.UpToDate; st = statusOf(wiped, s.ns, s.name) {
 		if time.Now().After(deadline) {
 			t.Fatalf("the wiped member never got the pair's data back: %+v", st)
 		}
@@ -161,13 +160,13 @@ func wipedMemberTrial(t *testing.T, who string) {
 // statusOf asks the node's agent for the replica's status through the
 // control API, as the controller does; nil when it does not answer or has
 // no replica.
-func statusOf(n *node, ns, name string) *volume.Status {
+func statusOf(n *node, ns, name string) *agentapi.Status {
 	if n.agent() == nil {
 		return nil
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
-	st, err := agent.NewClient("http://"+n.ctrl, token).Get(ctx, ns, name)
+	st, err := agentapi.NewClient("http://"+n.ctrl, token).Get(ctx, ns, name)
 	if err != nil {
 		return nil
 	}

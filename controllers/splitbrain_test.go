@@ -40,9 +40,9 @@ import (
 	"time"
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
-	"github.com/tandem-storage/tandem/dataplane/agent"
 	"github.com/tandem-storage/tandem/internal/authority"
 	"github.com/tandem-storage/tandem/internal/stresstest"
+	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
 // ackRec is one client write: who acknowledged it (or failed it), when.
@@ -64,7 +64,7 @@ type ackRec struct {
 // (volume package doc, "Failback"), which applies them; their
 // acknowledgements come back through the old writer and may end after the
 // new writer's own first acknowledgement. forwarded is how many writes each
-// node forwarded (volume.Status.ForwardedWrites): acks of the old writer
+// node forwarded (agentapi.Status.ForwardedWrites): acks of the old writer
 // that end after the new writer's first one are allowed if each of them
 // started before it (they were in flight at the swap) and there are no more
 // of them than the node forwarded.
@@ -254,12 +254,12 @@ func (s *story) writable(n *node) bool {
 }
 
 // forwarded reads how many writes each member forwarded to the other
-// (volume.Status.ForwardedWrites) through its control API.
+// (agentapi.Status.ForwardedWrites) through its control API.
 func (s *story) forwarded() map[string]int64 {
 	out := map[string]int64{}
 	for _, n := range []*node{s.a, s.b} {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		st, err := agent.NewClient("http://"+n.ctrl, token).Get(ctx, s.ns, s.name)
+		st, err := agentapi.NewClient("http://"+n.ctrl, token).Get(ctx, s.ns, s.name)
 		cancel()
 		if err != nil {
 			s.t.Fatalf("status of %s on %s: %v", s.name, n.name, err)
@@ -671,8 +671,8 @@ func TestOutdatedRecordedButNeverConfirmed(t *testing.T) {
 		partitioned.Store(true)
 		s.a.netw.apiCut.Store(true)
 	}
-	startManager(t, s.log, func(endpoint, tok string) *agent.Client {
-		c := agent.NewClient(endpoint, tok)
+	startManager(t, s.log, func(endpoint, tok string) agentapi.API {
+		c := agentapi.NewClient(endpoint, tok)
 		if endpoint != "http://"+s.a.ctrl {
 			return c
 		}

@@ -9,18 +9,18 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
-	"github.com/tandem-storage/tandem/dataplane/volume"
+	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
 func TestLastKnown(t *testing.T) {
-	prev := st(volume.RolePrimary, 1, volume.UpToDate, true)
-	now := st(volume.RolePrimary, 1, volume.UpToDate, false)
+	prev := st(agentapi.RolePrimary, 1, agentapi.UpToDate, true)
+	now := st(agentapi.RolePrimary, 1, agentapi.UpToDate, false)
 	for _, tc := range []struct {
 		name      string
 		m         MemberView
-		last      *volume.Status
+		last      *agentapi.Status
 		wantStale bool
-		want      *volume.Status
+		want      *agentapi.Status
 	}{
 		{"answered: this round's report", up("a", now), prev, false, now},
 		{"one failed probe: the previous report", MemberView{Node: "a"}, prev, true, prev},
@@ -42,7 +42,7 @@ func TestLastKnown(t *testing.T) {
 func TestEndpointFor(t *testing.T) {
 	const ep = "nbd://10.0.0.1:10809/ns/db"
 	prev := v1.VolumePairStatus{ActivePrimary: "a", Epoch: 3, Endpoint: ep}
-	fenced := st(volume.RolePrimary, 3, volume.UpToDate, true, func(s *volume.Status) { s.Writable = false })
+	fenced := st(agentapi.RolePrimary, 3, agentapi.UpToDate, true, func(s *agentapi.Status) { s.Writable = false })
 	for _, tc := range []struct {
 		name   string
 		prev   v1.VolumePairStatus
@@ -52,8 +52,8 @@ func TestEndpointFor(t *testing.T) {
 		nbd    string
 		want   string
 	}{
-		{"writer serves", v1.VolumePairStatus{}, "a", 3, up("a", st(volume.RolePrimary, 3, volume.UpToDate, true)), ep, ep},
-		{"writer serves, no NBD address published", prev, "a", 3, up("a", st(volume.RolePrimary, 3, volume.UpToDate, true)), "", ""},
+		{"writer serves", v1.VolumePairStatus{}, "a", 3, up("a", st(agentapi.RolePrimary, 3, agentapi.UpToDate, true)), ep, ep},
+		{"writer serves, no NBD address published", prev, "a", 3, up("a", st(agentapi.RolePrimary, 3, agentapi.UpToDate, true)), "", ""},
 		{"writer says it does not accept writes", prev, "a", 3, up("a", fenced), ep, ""},
 		{"writer has no replica yet", prev, "a", 3, up("a", nil), ep, ""},
 		{"writer unreachable, same holder and epoch: kept", prev, "a", 3, lost("a"), ep, ep},
@@ -96,15 +96,15 @@ func TestRoundTimingNext(t *testing.T) {
 }
 
 func TestSynchronizedCondition(t *testing.T) {
-	w := func(mut ...func(*volume.Status)) *MemberView {
-		m := up("b", st(volume.RolePrimary, 2, volume.UpToDate, true, mut...))
+	w := func(mut ...func(*agentapi.Status)) *MemberView {
+		m := up("b", st(agentapi.RolePrimary, 2, agentapi.UpToDate, true, mut...))
 		return &m
 	}
-	o := func(mut ...func(*volume.Status)) *MemberView {
-		m := up("a", st(volume.RoleBackup, 2, volume.UpToDate, true, mut...))
+	o := func(mut ...func(*agentapi.Status)) *MemberView {
+		m := up("a", st(agentapi.RoleBackup, 2, agentapi.UpToDate, true, mut...))
 		return &m
 	}
-	unmergedOn := func(n uint64) func(*volume.Status) { return func(s *volume.Status) { s.UnmergedRegions = n } }
+	unmergedOn := func(n uint64) func(*agentapi.Status) { return func(s *agentapi.Status) { s.UnmergedRegions = n } }
 	for _, tc := range []struct {
 		name          string
 		writer, other *MemberView
@@ -112,10 +112,10 @@ func TestSynchronizedCondition(t *testing.T) {
 		reason, msg   string
 	}{
 		{"in sync", w(), o(), true, ReasonInSync, "same data"},
-		{"peer disconnected", w(func(s *volume.Status) { s.PeerConnected = false }), o(), false, ReasonPeerDisconnected, "not connected"},
-		{"full copy running, with its reason", w(func(s *volume.Status) {
-			s.Copy = volume.CopyStatus{Running: true, TotalBytes: 100, DoneBytes: 10, FullCopy: true, Reason: "the replica on a is new or was wiped"}
-		}), o(func(s *volume.Status) { s.DataState = volume.Inconsistent }), false, ReasonCopying, "full copy: the replica on a is new or was wiped"},
+		{"peer disconnected", w(func(s *agentapi.Status) { s.PeerConnected = false }), o(), false, ReasonPeerDisconnected, "not connected"},
+		{"full copy running, with its reason", w(func(s *agentapi.Status) {
+			s.Copy = agentapi.CopyStatus{Running: true, TotalBytes: 100, DoneBytes: 10, FullCopy: true, Reason: "the replica on a is new or was wiped"}
+		}), o(func(s *agentapi.Status) { s.DataState = agentapi.Inconsistent }), false, ReasonCopying, "full copy: the replica on a is new or was wiped"},
 		// The second embodiment: the returning member kept writes it never
 		// shipped; in sync otherwise, but not identical.
 		{"unmerged regions on the returning member", w(), o(unmergedOn(7)), false, ReasonUnmergedRegions, "7 regions may differ between the members: a holds"},

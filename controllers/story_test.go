@@ -21,8 +21,8 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
-	"github.com/tandem-storage/tandem/dataplane/agent"
 	"github.com/tandem-storage/tandem/internal/authority"
+	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
 type story struct {
@@ -66,8 +66,8 @@ func (b *blocker) set(endpoint string, on bool) {
 	b.mu.Unlock()
 }
 
-func (b *blocker) client(endpoint, tok string) *agent.Client {
-	c := agent.NewClient(endpoint, tok)
+func (b *blocker) client(endpoint, tok string) agentapi.API {
+	c := agentapi.NewClient(endpoint, tok)
 	b.mu.Lock()
 	blocked := b.blocked[endpoint]
 	if b.fails[endpoint] > 0 {
@@ -83,6 +83,7 @@ func (b *blocker) client(endpoint, tok string) *agent.Client {
 }
 
 func newStory(t testing.TB, mode v1.ReplicationMode, mut func(*v1.VolumePair)) *story {
+	needEnvtest(t)
 	s := &story{t: t, log: &testLog{}, name: "db"}
 	t.Cleanup(func() {
 		if t.Failed() {

@@ -36,6 +36,7 @@ import (
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
 	"github.com/tandem-storage/tandem/dataplane/agent"
+	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
 const (
@@ -53,6 +54,38 @@ var (
 func TestMain(m *testing.M) { os.Exit(run(m)) }
 
 func run(m *testing.M) int {
+	ctrl.SetLogger(logr.Discard()) // each test gives its manager its own logger
+	_ = clientgoscheme.AddToScheme(scheme)
+	_ = v1.AddToScheme(scheme)
+	code := m.Run()
+	if env != nil {
+		if err := env.Stop(); err != nil {
+			fmt.Fprintf(os.Stderr, "controllers: stop envtest: %v\n", err)
+		}
+	}
+	return code
+}
+
+var (
+	envOnce sync.Once
+	env     *envtest.Environment // nil until a test needed it
+	envErr  error
+)
+
+// needEnvtest starts kube-apiserver and etcd (from KUBEBUILDER_ASSETS, or
+// bin/) the first time a test needs them, and fails the test if they
+// cannot start. Every test that uses cfg, k8s or cs calls it first (the
+// helpers newStory, newNode and startManager do), so that the pure tests
+// (Decide, status rendering) run with plain go test and without bin/.
+func needEnvtest(t testing.TB) {
+	t.Helper()
+	envOnce.Do(func() { envErr = startEnvtest() })
+	if envErr != nil {
+		t.Fatalf("controllers: %v", envErr)
+	}
+}
+
+func startEnvtest() error {
 	_, file, _, _ := runtime.Caller(0)
 	root := filepath.Clean(filepath.Join(filepath.Dir(file), ".."))
 	assets := os.Getenv("KUBEBUILDER_ASSETS")
@@ -60,37 +93,28 @@ func run(m *testing.M) int {
 		assets = filepath.Join(root, "bin")
 	}
 	if _, err := os.Stat(filepath.Join(assets, "kube-apiserver")); err != nil {
-		fmt.Fprintf(os.Stderr, "controllers: kube-apiserver not in %s; run `make test` or hack/tools.sh: %v\n", assets, err)
-		return 1
+		return fmt.Errorf("kube-apiserver not in %s; run `make test` or hack/tools.sh: %w", assets, err)
 	}
-	ctrl.SetLogger(logr.Discard()) // each test gives its manager its own logger
-	_ = clientgoscheme.AddToScheme(scheme)
-	_ = v1.AddToScheme(scheme)
-	env := &envtest.Environment{
+	e := &envtest.Environment{
 		CRDDirectoryPaths: []string{filepath.Join(root, "config", "crd", "bases")}, ErrorIfCRDPathMissing: true,
 		BinaryAssetsDirectory: assets,
 	}
-	var err error
-	cfg, err = env.Start()
+	c, err := e.Start()
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "controllers: envtest: %v\n", err)
-		_ = env.Stop()
-		return 1
+		_ = e.Stop()
+		return fmt.Errorf("envtest: %w", err)
 	}
-	defer env.Stop()
+	env, cfg = e, c
 	if k8s, err = client.New(cfg, client.Options{Scheme: scheme}); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
+		return err
 	}
 	if cs, err = kubernetes.NewForConfig(cfg); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
+		return err
 	}
 	if err := k8s.Create(context.Background(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: opNS}}); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
+		return fmt.Errorf("create namespace %s: %w", opNS, err)
 	}
-	return m.Run()
+	return nil
 }
 
 // testLog collects a component's log lines; printed when a test fails.
@@ -135,6 +159,7 @@ type node struct {
 }
 
 func newNode(t testing.TB, name string, log *testLog) *node {
+	needEnvtest(t)
 	n := &node{t: t, name: name, dir: t.TempDir(), log: log}
 	n.ctrl, n.repl, n.nbdAddr = freeAddr(t), freeAddr(t), freeAddr(t)
 	t.Cleanup(n.kill)
@@ -226,8 +251,9 @@ type manager struct {
 	done   chan struct{}
 }
 
-func startManager(t testing.TB, log *testLog, wrap func(endpoint, tok string) *agent.Client) *manager {
+func startManager(t testing.TB, log *testLog, wrap agentapi.NewFunc) *manager {
 	t.Helper()
+	needEnvtest(t)
 	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
 		Scheme: scheme, Metrics: metricsserver.Options{BindAddress: "0"}, HealthProbeBindAddress: "0",
 		Logger:     log.logger("manager"),

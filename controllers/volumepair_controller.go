@@ -31,9 +31,8 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/log"
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
-	"github.com/tandem-storage/tandem/dataplane/agent"
-	"github.com/tandem-storage/tandem/dataplane/volume"
 	"github.com/tandem-storage/tandem/internal/authority"
+	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
 // +kubebuilder:rbac:groups=storage.tandem.dev,resources=volumepairs,verbs=get;list;watch;update;patch
@@ -70,8 +69,9 @@ type VolumePairReconciler struct {
 	Namespace string
 	// AgentToken authenticates to the agents' control API.
 	AgentToken string
-	// NewAgentClient builds a control API client (tests may override).
-	NewAgentClient func(endpoint, token string) *agent.Client
+	// NewAgentClient builds a control API client (default agentapi.NewAPI;
+	// tests give a fake or a wrapped client).
+	NewAgentClient agentapi.NewFunc
 	// Clock is the controller's clock (default clock.RealClock{}): Lease
 	// expiry is counted on it from when this process saw a Lease change
 	// (authority.Observer), never from a time written by another node.
@@ -89,8 +89,8 @@ type VolumePairReconciler struct {
 type probeState struct {
 	failures int32
 	lastSeen time.Time
-	lostAt   time.Time      // when the member became suspect
-	last     *volume.Status // the member's last report (nil: none, or no replica)
+	lostAt   time.Time        // when the member became suspect
+	last     *agentapi.Status // the member's last report (nil: none, or no replica)
 	// holdGaveUp is when a failback hold on this member (as the writer)
 	// was released because it did not drain in time.
 	holdGaveUp time.Time
@@ -128,7 +128,7 @@ type agentInfo struct {
 // SetupWithManager registers the reconciler.
 func (r *VolumePairReconciler) SetupWithManager(mgr ctrl.Manager) error {
 	if r.NewAgentClient == nil {
-		r.NewAgentClient = agent.NewClient
+		r.NewAgentClient = agentapi.NewAPI
 	}
 	if r.Clock == nil {
 		r.Clock = clock.RealClock{}
@@ -299,7 +299,7 @@ func (r *VolumePairReconciler) observe(ctx context.Context, s *scope) error {
 	type probeResult struct {
 		info      agentInfo
 		infoOK    bool
-		st        *volume.Status
+		st        *agentapi.Status
 		reachable bool
 	}
 	results := make([]probeResult, len(nodes))
@@ -536,11 +536,10 @@ func (r *VolumePairReconciler) agentInfo(ctx context.Context, node string) (agen
 
 // probe asks the agent for the replica's status. An agent that answers but
 // has no replica yet is reachable with a nil status.
-func (r *VolumePairReconciler) probe(ctx context.Context, info agentInfo, vp *v1.VolumePair) (*volume.Status, error) {
+func (r *VolumePairReconciler) probe(ctx context.Context, info agentInfo, vp *v1.VolumePair) (*agentapi.Status, error) {
 	c := r.NewAgentClient(info.control, r.AgentToken)
 	st, err := c.Get(ctx, vp.Namespace, vp.Name)
-	var apiErr *agent.APIError
-	if errors.As(err, &apiErr) && apiErr.Code == 404 {
+	if agentapi.IsNotFound(err) {
 		return nil, nil
 	}
 	if err != nil {
@@ -612,7 +611,7 @@ func (r *VolumePairReconciler) act(ctx context.Context, s *scope) error {
 // acknowledged writes and must never be promoted automatically; until then
 // it holds every acknowledged write. So the record first says Sent, durably,
 // and only then is the confirmation sent. If it provably never left (no
-// connection to the agent was made, agent.ErrNotSent) and this round is the
+// connection to the agent was made, agentapi.ErrNotSent) and this round is the
 // one that marked it Sent, the record goes back to NotSent: should the
 // writer now be lost, the peer may still be promoted. Any other failure, an
 // answer lost for instance, leaves Sent.
@@ -636,7 +635,7 @@ func (r *VolumePairReconciler) confirmOutdated(ctx context.Context, s *scope) er
 		marked = true
 	}
 	_, err := r.NewAgentClient(info.control, r.AgentToken).PeerOutdated(ctx, vp.Namespace, vp.Name, s.view.Authority.Epoch)
-	if err != nil && marked && errors.Is(err, agent.ErrNotSent) {
+	if err != nil && marked && errors.Is(err, agentapi.ErrNotSent) {
 		if rerr := r.setOutdatedConfirmation(ctx, s, peer, v1.OutdatedNotSent); rerr != nil {
 			return errors.Join(err, fmt.Errorf("record the Outdated confirmation of %s as not sent: %w", peer, rerr))
 		}
@@ -752,24 +751,24 @@ func (r *VolumePairReconciler) configure(ctx context.Context, s *scope, hold boo
 	// starts the pair's data; a writer without the data is never made to
 	// serve (it would serve an empty volume, DESIGN invariant 8).
 	initialize := !s.view.PairHasData()
-	writerRole := volume.RolePrimary
-	if !initialize && !HoldsData(writer, s.view.PairUID) && writer.Status != nil && writer.Status.Role != volume.RolePrimary {
-		writerRole = volume.RoleNone
+	writerRole := agentapi.RolePrimary
+	if !initialize && !HoldsData(writer, s.view.PairUID) && writer.Status != nil && writer.Status.Role != agentapi.RolePrimary {
+		writerRole = agentapi.RoleNone
 	}
 	if !initialize && writer.Status == nil && s.view.PairHasData() {
-		writerRole = volume.RoleNone
+		writerRole = agentapi.RoleNone
 	}
-	req := func(role volume.Role, peer string, peerAddr string, h bool) agent.VolumeRequest {
-		return agent.VolumeRequest{Size: vp.Spec.SizeBytes(), RegionSize: vp.Spec.RegionSizeBytes(), Spec: volume.Spec{
-			PairUID: string(vp.UID), Role: role, Epoch: a.Epoch, Mode: volume.Mode(vp.Spec.Mode), PeerNode: peer, PeerAddress: peerAddr,
+	req := func(role agentapi.Role, peer string, peerAddr string, h bool) agentapi.VolumeRequest {
+		return agentapi.VolumeRequest{Size: vp.Spec.SizeBytes(), RegionSize: vp.Spec.RegionSizeBytes(), Spec: agentapi.Spec{
+			PairUID: string(vp.UID), Role: role, Epoch: a.Epoch, Mode: vp.Spec.Mode, PeerNode: peer, PeerAddress: peerAddr,
 			MergePeerBitmap: &merge, MaxBytesPerSecond: vp.Spec.Resync.MaxBytesPerSecond, Hold: h,
-			Initialize: initialize && role == volume.RolePrimary,
+			Initialize: initialize && role == agentapi.RolePrimary,
 		}}
 	}
 	var errs []error
 	if other.Reachable {
 		if info, ok := s.agents[other.Node]; ok {
-			if _, err := r.NewAgentClient(info.control, r.AgentToken).Put(ctx, vp.Namespace, vp.Name, req(volume.RoleBackup, writer.Node, "", false)); err != nil {
+			if _, err := r.NewAgentClient(info.control, r.AgentToken).Put(ctx, vp.Namespace, vp.Name, req(agentapi.RoleBackup, writer.Node, "", false)); err != nil {
 				errs = append(errs, fmt.Errorf("configure %s as backup: %w", other.Node, err))
 			}
 		}
@@ -777,7 +776,7 @@ func (r *VolumePairReconciler) configure(ctx context.Context, s *scope, hold boo
 	if writer.Reachable && len(errs) == 0 {
 		info := s.agents[writer.Node]
 		peerAddr := s.agents[other.Node].replication
-		if _, err := r.NewAgentClient(info.control, r.AgentToken).Put(ctx, vp.Namespace, vp.Name, req(writerRole, other.Node, peerAddr, hold && writerRole == volume.RolePrimary)); err != nil {
+		if _, err := r.NewAgentClient(info.control, r.AgentToken).Put(ctx, vp.Namespace, vp.Name, req(writerRole, other.Node, peerAddr, hold && writerRole == agentapi.RolePrimary)); err != nil {
 			errs = append(errs, fmt.Errorf("configure %s as primary: %w", writer.Node, err))
 		}
 	}
@@ -867,7 +866,7 @@ func (r *VolumePairReconciler) patchStatus(ctx context.Context, s *scope, ok boo
 			case m.Stale:
 				ms.Message = "no answer to the last probe; showing its previous report"
 				if m.Status != nil {
-					ms.Role = v1.MemberRole(m.Status.Role)
+					ms.Role = m.Status.Role
 				}
 			case !m.Reachable:
 				ms.Role = ""
@@ -878,9 +877,9 @@ func (r *VolumePairReconciler) patchStatus(ctx context.Context, s *scope, ok boo
 			case m.Status == nil:
 				ms.Role, ms.DataState, ms.Message = "", v1.DataUnknown, "replica not created yet"
 			default:
-				ms.Role = v1.MemberRole(m.Status.Role)
+				ms.Role = m.Status.Role
 				ms.OutOfSyncBytes = m.Status.OutOfSyncBytes
-				reported := v1.DataState(m.Status.DataState)
+				reported := m.Status.DataState
 				switch {
 				case ms.DataState == v1.DataOutdated && m == other && !inSync:
 					// Keep the controller's Outdated record until the
@@ -891,7 +890,7 @@ func (r *VolumePairReconciler) patchStatus(ctx context.Context, s *scope, ok boo
 				if !m.Status.Writable && m == writer {
 					ms.Message = m.Status.Reason
 				}
-				if m.Status.DataStateReason != "" && m.Status.DataState != volume.UpToDate {
+				if m.Status.DataStateReason != "" && m.Status.DataState != agentapi.UpToDate {
 					ms.Message = m.Status.DataStateReason
 				}
 				if m.Status.LastError != "" {
@@ -932,7 +931,7 @@ func (r *VolumePairReconciler) patchStatus(ctx context.Context, s *scope, ok boo
 // lastKnown returns m as the status shows it: a member that did not answer
 // the last probe but is not suspect yet (fewer than failureThreshold failed
 // probes, its Node Ready) is shown with its last report, marked Stale.
-func lastKnown(m MemberView, last *volume.Status) MemberView {
+func lastKnown(m MemberView, last *agentapi.Status) MemberView {
 	if m.Reachable || m.Suspect || last == nil {
 		return m
 	}
@@ -989,9 +988,8 @@ func (r *VolumePairReconciler) reconcileDelete(ctx context.Context, vp *v1.Volum
 		info, err := r.agentInfo(ctx, node)
 		if err == nil {
 			err = r.NewAgentClient(info.control, r.AgentToken).Delete(ctx, vp.Namespace, vp.Name, purge)
-			var apiErr *agent.APIError
-			if errors.As(err, &apiErr) && apiErr.Code == 404 {
-				err = nil
+			if agentapi.IsNotFound(err) {
+				err = nil // no replica there: nothing to remove
 			}
 		}
 		if err != nil {
@@ -1018,9 +1016,9 @@ func (r *VolumePairReconciler) reconcileDelete(ctx context.Context, vp *v1.Volum
 // could not be removed: where its files are and how to remove them. dataDir
 // is what the agent advertised on its Lease ("" if its Lease is gone).
 func orphanMessage(vp *v1.VolumePair, node, dataDir string, purge bool, err error) string {
-	dir := agent.ReplicaDir(dataDir, vp.Namespace, vp.Name)
+	dir := agentapi.ReplicaDir(dataDir, vp.Namespace, vp.Name)
 	if dataDir == "" {
-		dir = agent.ReplicaDir("<agent data dir, default /var/lib/tandem>", vp.Namespace, vp.Name)
+		dir = agentapi.ReplicaDir("<agent data dir, default /var/lib/tandem>", vp.Namespace, vp.Name)
 	}
 	if !purge {
 		return fmt.Sprintf("Replica on %s not closed: %v. Its files stay (retain-data) in %s on %s", node, err, dir, node)

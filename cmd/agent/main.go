@@ -1,6 +1,7 @@
 // Command agent is Tandem's per-node dataplane agent: it stores replicas,
 // serves the active primary over NBD, mirrors writes to the peer and answers
-// the controller's control API (see package dataplane/agent).
+// the controller's control API (package dataplane/agent; the API itself:
+// package pkg/agentapi).
 package main
 
 import (

@@ -20,8 +20,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	storagev1alpha1 "github.com/tandem-storage/tandem/api/v1alpha1"
-	"github.com/tandem-storage/tandem/dataplane/agent"
-	"github.com/tandem-storage/tandem/dataplane/volume"
+	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
 // How the plugin finds and authenticates to the agents: each agent renews a
@@ -106,7 +105,7 @@ check could not be completed.`,
 	f.StringVarP(&vo.output, "output", "o", "", "Output format: json or yaml (prints the report).")
 	f.StringVar(&vo.operatorNS, "operator-namespace", "tandem-system", "Namespace of the agents' Leases and token Secret.")
 	f.StringVar(&vo.tokenFile, "token-file", "", "File holding the agents' bearer token (default: Secret tandem-agent-token in the operator namespace).")
-	f.IntVar(&vo.batch, "region-batch", 0, fmt.Sprintf("Regions hashed per agent call, 1 to %d (0: about %s per call).", volume.MaxChecksumRegions, humanBytes(bytesPerCall)))
+	f.IntVar(&vo.batch, "region-batch", 0, fmt.Sprintf("Regions hashed per agent call, 1 to %d (0: about %s per call).", agentapi.MaxChecksumRegions, humanBytes(bytesPerCall)))
 	f.DurationVar(&vo.recheckDelay, "recheck-delay", 2*time.Second, "Wait before hashing differing regions again.")
 	f.DurationVar(&vo.agentTimeout, "agent-timeout", 2*time.Minute, "Time limit of one agent call.")
 	f.BoolVar(&vo.repair, "repair", false, "Ask the writer to copy the differing regions to its peer again (the writer's data wins).")
@@ -139,16 +138,16 @@ type verifyReport struct {
 // replica is one member's agent.
 type replica struct {
 	node string
-	c    *agent.Client
-	st   volume.Status
+	c    *agentapi.Client
+	st   agentapi.Status
 }
 
 func runVerify(ctx context.Context, o *rootOptions, vo *verifyOptions, name string) (*verifyReport, error) {
 	if err := checkOutput(vo.output); err != nil {
 		return nil, err
 	}
-	if vo.batch < 0 || vo.batch > volume.MaxChecksumRegions {
-		return nil, fmt.Errorf("--region-batch %d: want 0 (automatic) or 1 to %d", vo.batch, volume.MaxChecksumRegions)
+	if vo.batch < 0 || vo.batch > agentapi.MaxChecksumRegions {
+		return nil, fmt.Errorf("--region-batch %d: want 0 (automatic) or 1 to %d", vo.batch, agentapi.MaxChecksumRegions)
 	}
 	if vo.agentTimeout <= 0 {
 		return nil, fmt.Errorf("--agent-timeout %s: want a positive duration", vo.agentTimeout)
@@ -175,11 +174,10 @@ func runVerify(ctx context.Context, o *rootOptions, vo *verifyOptions, name stri
 		if err != nil {
 			return nil, err
 		}
-		r := &replica{node: node, c: &agent.Client{BaseURL: ep, Token: token, HTTP: &http.Client{Timeout: vo.agentTimeout}}}
+		r := &replica{node: node, c: &agentapi.Client{BaseURL: ep, Token: token, HTTP: &http.Client{Timeout: vo.agentTimeout}}}
 		r.st, err = r.c.Get(ctx, ns, name)
 		if err != nil {
-			var apiErr *agent.APIError
-			if errors.As(err, &apiErr) && apiErr.Code == http.StatusNotFound {
+			if agentapi.IsNotFound(err) {
 				return nil, fmt.Errorf("node %s (agent %s) holds no replica of %s/%s", node, ep, ns, name)
 			}
 			return nil, fmt.Errorf("status of %s/%s on node %s (agent %s): %w", ns, name, node, ep, err)
@@ -199,7 +197,7 @@ func runVerify(ctx context.Context, o *rootOptions, vo *verifyOptions, name stri
 	}
 	rep := &verifyReport{
 		Volume: ns + "/" + name, Nodes: [2]string{reps[0].node, reps[1].node},
-		SizeBytes: vp.Spec.SizeBytes(), RegionSize: rs, Regions: regions, Algorithm: agent.ChecksumAlgorithm,
+		SizeBytes: vp.Spec.SizeBytes(), RegionSize: rs, Regions: regions, Algorithm: agentapi.ChecksumAlgorithm,
 		Runs: []regionRun{}, Notes: verifyNotes(vp, reps),
 	}
 	start := time.Now()
@@ -263,7 +261,7 @@ func runVerify(ctx context.Context, o *rootOptions, vo *verifyOptions, name stri
 func repair(ctx context.Context, vp *storagev1alpha1.VolumePair, reps [2]*replica, rep *verifyReport) error {
 	var writer *replica
 	for _, r := range reps {
-		if r.node == vp.Status.ActivePrimary && r.st.Role == volume.RolePrimary {
+		if r.node == vp.Status.ActivePrimary && r.st.Role == agentapi.RolePrimary {
 			writer = r
 		}
 	}
@@ -323,7 +321,7 @@ func agentEndpoint(ctx context.Context, c client.Client, operatorNS, node string
 
 // autoBatch is the number of regions that make about bytesPerCall.
 func autoBatch(regionSize int64) uint32 {
-	return uint32(min(max(bytesPerCall/regionSize, 1), volume.MaxChecksumRegions))
+	return uint32(min(max(bytesPerCall/regionSize, 1), agentapi.MaxChecksumRegions))
 }
 
 // compareWindow hashes regions [first, first+n) on both members at once and
@@ -457,7 +455,7 @@ func verifyNotes(vp *storagev1alpha1.VolumePair, reps [2]*replica) []string {
 		switch {
 		case r.st.BitmapsLost:
 			notes = append(notes, fmt.Sprintf("node %s lost its bitmaps: every region counts as dirty, so no difference can be reported until a full resync", r.node))
-		case r.st.DataState == volume.Inconsistent:
+		case r.st.DataState == agentapi.Inconsistent:
 			notes = append(notes, fmt.Sprintf("node %s is Inconsistent: a copy towards it has not finished", r.node))
 		}
 		if r.st.OutOfSyncRegions > 0 {

@@ -4,24 +4,8 @@
 //
 // # Control API (HTTP/JSON)
 //
-// Every /v1 call needs "Authorization: Bearer <token>" (the token file given
-// to the agent); a missing or wrong token gets 401. /healthz and /metrics are
-// open, as probes and scrapers expect.
-//
-//	GET    /healthz                                   200 "ok"
-//	GET    /metrics                                   Prometheus metrics
-//	GET    /v1/info                                   node and endpoints
-//	GET    /v1/volumes                                status of every volume
-//	PUT    /v1/volumes/{namespace}/{name}             body VolumeRequest: create if missing, apply the desired state; returns Status
-//	GET    /v1/volumes/{namespace}/{name}             Status
-//	DELETE /v1/volumes/{namespace}/{name}?purge=true  close (and with purge delete) the replica
-//	POST   /v1/volumes/{namespace}/{name}/peer-outdated  body {"epoch": N}: the controller recorded the peer Outdated (sync mode may continue alone)
-//	GET    /v1/volumes/{namespace}/{name}/bitmap      dirty regions as inclusive runs
-//	POST   /v1/volumes/{namespace}/{name}/resync      body {"first": F, "count": N}: the writer copies these regions to its peer again (repair)
-//	GET    /v1/volumes/{namespace}/{name}/checksums?first=F&count=N  SHA-256 of regions F..F+N-1 of the local replica (N ≤ 4096), for online verify
-//
-// Errors are JSON {"error": "..."} with 400 (bad request), 401, 404, 409
-// (refused transition, e.g. promoting an Inconsistent member) or 500.
+// The agent serves the control API of package agentapi (the contract
+// between controller and agent: endpoints, bodies, errors, client).
 // ServeControl bounds the connections (timeouts for headers, request,
 // response and idle keep-alives, header size, connection count: see
 // ControlLimits).
@@ -76,6 +60,7 @@ import (
 	"github.com/tandem-storage/tandem/dataplane/nbd"
 	"github.com/tandem-storage/tandem/dataplane/repl"
 	"github.com/tandem-storage/tandem/dataplane/volume"
+	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
 // Config configures an Agent.
@@ -203,7 +188,7 @@ func New(cfg Config) (*Agent, error) {
 }
 
 func (a *Agent) dir(ns, name string) string {
-	return filepath.Join(a.cfg.DataDir, "volumes", ns, name)
+	return agentapi.ReplicaDir(a.cfg.DataDir, ns, name)
 }
 
 // open opens or creates a replica; a.mu must not be held.

@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"context"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -10,24 +9,12 @@ import (
 	"strconv"
 	"syscall"
 
-	"github.com/tandem-storage/tandem/dataplane/volume"
+	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
-
-// ChecksumAlgorithm names the hash in Checksums.Algorithm.
-const ChecksumAlgorithm = "sha256"
-
-// Checksums is the answer of GET .../checksums: one hex digest per region,
-// for regions First, First+1, ... of the local replica.
-type Checksums struct {
-	RegionSize int64    `json:"regionSize"`
-	First      uint32   `json:"first"`
-	Algorithm  string   `json:"algorithm"`
-	Sums       []string `json:"sums"`
-}
 
 // handleChecksums serves GET /v1/volumes/{ns}/{name}/checksums?first=F&count=N.
 // first defaults to 0 and count to as many regions as one call allows
-// (volume.MaxChecksumRegions), cut at the end of the volume.
+// (agentapi.MaxChecksumRegions), cut at the end of the volume.
 func (a *Agent) handleChecksums(w http.ResponseWriter, r *http.Request) {
 	v := a.get(r.PathValue("ns") + "/" + r.PathValue("name"))
 	if v == nil {
@@ -42,7 +29,7 @@ func (a *Agent) handleChecksums(w http.ResponseWriter, r *http.Request) {
 	}
 	rs := v.Status().RegionSize
 	regions := uint64(v.Size() / rs)
-	def := uint32(min(uint64(volume.MaxChecksumRegions), regions-min(regions, uint64(first))))
+	def := uint32(min(uint64(agentapi.MaxChecksumRegions), regions-min(regions, uint64(first))))
 	count, err := queryUint32(q, "count", def)
 	if err != nil {
 		writeErr(w, http.StatusBadRequest, err)
@@ -57,7 +44,7 @@ func (a *Agent) handleChecksums(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, code, err)
 		return
 	}
-	out := Checksums{RegionSize: rs, First: first, Algorithm: ChecksumAlgorithm, Sums: make([]string, len(sums))}
+	out := agentapi.Checksums{RegionSize: rs, First: first, Algorithm: agentapi.ChecksumAlgorithm, Sums: make([]string, len(sums))}
 	for i := range sums {
 		out.Sums[i] = hex.EncodeToString(sums[i][:])
 	}
@@ -74,21 +61,4 @@ func queryUint32(q url.Values, key string, def uint32) (uint32, error) {
 		return 0, fmt.Errorf("query parameter %s=%q: want a region number from 0 to %d", key, s, uint32(1<<32-1))
 	}
 	return uint32(n), nil
-}
-
-// Checksums returns the SHA-256 of count regions of a volume's local replica,
-// starting at region first (count ≤ volume.MaxChecksumRegions).
-func (c *Client) Checksums(ctx context.Context, ns, name string, first, count uint32) (Checksums, error) {
-	var s Checksums
-	path := fmt.Sprintf("/v1/volumes/%s/%s/checksums?first=%d&count=%d", ns, name, first, count)
-	if err := c.do(ctx, http.MethodGet, path, nil, &s); err != nil {
-		return s, err
-	}
-	if s.Algorithm != "" && s.Algorithm != ChecksumAlgorithm {
-		return s, fmt.Errorf("checksums of %s/%s: agent uses %q, want %q", ns, name, s.Algorithm, ChecksumAlgorithm)
-	}
-	if len(s.Sums) != int(count) || s.First != first {
-		return s, fmt.Errorf("checksums of %s/%s: asked for regions [%d, +%d), got [%d, +%d)", ns, name, first, count, s.First, len(s.Sums))
-	}
-	return s, nil
 }

@@ -42,13 +42,13 @@ func TestChecksumsAPI(t *testing.T) {
 
 	// Defaults: from region 0, as many as one call allows, cut at the end.
 	var all Checksums
-	if err := c.do(ctx, http.MethodGet, "/v1/volumes/ns/vol/checksums", nil, &all); err != nil {
+	if err := rawCall(ctx, c, http.MethodGet, "/v1/volumes/ns/vol/checksums", nil, &all); err != nil {
 		t.Fatal(err)
 	}
 	if all.First != 0 || len(all.Sums) != size/rs || all.Sums[9] != nine {
 		t.Fatalf("default window: first %d, %d sums, sum[9] %s", all.First, len(all.Sums), all.Sums[9])
 	}
-	if err := c.do(ctx, http.MethodGet, "/v1/volumes/ns/vol/checksums?first=120", nil, &all); err != nil || len(all.Sums) != 8 {
+	if err := rawCall(ctx, c, http.MethodGet, "/v1/volumes/ns/vol/checksums?first=120", nil, &all); err != nil || len(all.Sums) != 8 {
 		t.Fatalf("default count from region 120: %d sums, err %v; want 8", len(all.Sums), err)
 	}
 
@@ -65,7 +65,7 @@ func TestChecksumsAPI(t *testing.T) {
 		{"/v1/volumes/ns/vol/checksums?count=4097", 400, "at most 4096"},
 		{"/v1/volumes/ns/missing/checksums", 404, "no volume ns/missing"},
 	} {
-		err := c.do(ctx, http.MethodGet, tc.path, nil, nil)
+		err := rawCall(ctx, c, http.MethodGet, tc.path, nil, nil)
 		if !errors.As(err, &apiErr) || apiErr.Code != tc.code || !strings.Contains(apiErr.Message, tc.msg) {
 			t.Errorf("GET %s: err = %v, want %d containing %q", tc.path, err, tc.code, tc.msg)
 		}

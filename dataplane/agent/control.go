@@ -20,37 +20,13 @@ import (
 
 	"github.com/tandem-storage/tandem/dataplane/bitmap"
 	"github.com/tandem-storage/tandem/dataplane/meta"
-	"github.com/tandem-storage/tandem/dataplane/volume"
+	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
 var (
 	errNotFound = errors.New("not found")
 	errConflict = errors.New("conflict")
 )
-
-// VolumeRequest is the body of PUT /v1/volumes/{namespace}/{name}.
-type VolumeRequest struct {
-	// Size and RegionSize create the replica when it does not exist; they
-	// must match an existing one.
-	Size       int64 `json:"size"`
-	RegionSize int64 `json:"regionSize"`
-	// Spec is the desired state.
-	Spec volume.Spec `json:"spec"`
-}
-
-// PeerOutdatedRequest is the body of POST .../peer-outdated.
-type PeerOutdatedRequest struct {
-	Epoch uint64 `json:"epoch"`
-}
-
-// Info is the answer of GET /v1/info.
-type Info struct {
-	Node               string `json:"node"`
-	NBDAddress         string `json:"nbdAddress"`
-	ReplicationAddress string `json:"replicationAddress"`
-	ControlAddress     string `json:"controlAddress"`
-	Volumes            int    `json:"volumes"`
-}
 
 // SetAddresses records the listen addresses reported by /v1/info.
 func (a *Agent) SetAddresses(nbdAddr, replAddr, controlAddr string) {
@@ -193,7 +169,7 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 }
 
 func writeErr(w http.ResponseWriter, code int, err error) {
-	writeJSON(w, code, map[string]string{"error": err.Error()})
+	writeJSON(w, code, agentapi.ErrorBody{Error: err.Error()})
 }
 
 func decode(r *http.Request, v any) error {
@@ -207,13 +183,13 @@ func decode(r *http.Request, v any) error {
 
 func (a *Agent) handleInfo(w http.ResponseWriter, _ *http.Request) {
 	a.mu.Lock()
-	info := Info{Node: a.cfg.Node, NBDAddress: a.nbdAddr, ReplicationAddress: a.replAddr, ControlAddress: a.controlAddr, Volumes: len(a.volumes)}
+	info := agentapi.Info{Node: a.cfg.Node, NBDAddress: a.nbdAddr, ReplicationAddress: a.replAddr, ControlAddress: a.controlAddr, Volumes: len(a.volumes)}
 	a.mu.Unlock()
 	writeJSON(w, http.StatusOK, info)
 }
 
 func (a *Agent) handleList(w http.ResponseWriter, _ *http.Request) {
-	out := []volume.Status{}
+	out := []agentapi.Status{}
 	for _, v := range a.list() {
 		out = append(out, v.Status())
 	}
@@ -226,7 +202,7 @@ func (a *Agent) handlePut(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusBadRequest, err)
 		return
 	}
-	var req VolumeRequest
+	var req agentapi.VolumeRequest
 	if err := decode(r, &req); err != nil {
 		writeErr(w, http.StatusBadRequest, err)
 		return
@@ -254,7 +230,7 @@ func (a *Agent) handlePut(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusConflict, err)
 		return
 	}
-	if k, ok := a.cfg.Authority.(interface{ Kick() }); ok && req.Spec.Role == volume.RolePrimary {
+	if k, ok := a.cfg.Authority.(interface{ Kick() }); ok && req.Spec.Role == agentapi.RolePrimary {
 		k.Kick()
 	}
 	writeJSON(w, http.StatusOK, v.Status())
@@ -307,7 +283,7 @@ func (a *Agent) handlePeerOutdated(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusNotFound, fmt.Errorf("no volume %s/%s on node %s", r.PathValue("ns"), r.PathValue("name"), a.cfg.Node))
 		return
 	}
-	var req PeerOutdatedRequest
+	var req agentapi.PeerOutdatedRequest
 	if err := decode(r, &req); err != nil {
 		writeErr(w, http.StatusBadRequest, err)
 		return
@@ -401,17 +377,11 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	}
 }
 
-// Bitmap is the answer of GET .../bitmap: the dirty regions as inclusive runs.
-type Bitmap struct {
-	RegionSize int64       `json:"regionSize"`
-	Runs       [][2]uint32 `json:"runs"`
-}
-
 func (a *Agent) handleBitmap(w http.ResponseWriter, r *http.Request) {
 	v := a.get(r.PathValue("ns") + "/" + r.PathValue("name"))
 	if v == nil {
 		writeErr(w, http.StatusNotFound, fmt.Errorf("no volume %s/%s on node %s", r.PathValue("ns"), r.PathValue("name"), a.cfg.Node))
 		return
 	}
-	writeJSON(w, http.StatusOK, Bitmap{RegionSize: v.Status().RegionSize, Runs: v.DirtyRanges()})
+	writeJSON(w, http.StatusOK, agentapi.Bitmap{RegionSize: v.Status().RegionSize, Runs: v.DirtyRanges()})
 }

@@ -231,51 +231,6 @@ func TestInfoWhileServingReplication(t *testing.T) {
 	}
 }
 
-// TestClientErrNotSent: a call that never reached the agent says so
-// (ErrNotSent); one that may have reached it (the connection was made, the
-// answer was lost) must not, since the agent may have acted on it. The
-// controller relies on this to know whether a peer-outdated confirmation
-// can have reached the writer (invariant 2).
-func TestClientErrNotSent(t *testing.T) {
-	ctx := context.Background()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close() // nothing listens there now
-	c := NewClient("http://"+addr, "s3cret")
-	if _, err := c.PeerOutdated(ctx, "ns", "vol", 1); !errors.Is(err, ErrNotSent) {
-		t.Fatalf("call to an address nobody listens on: %v, want ErrNotSent", err)
-	}
-
-	// The agent receives the request, then the answer is lost.
-	got := make(chan string, 1)
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		got <- r.URL.Path
-		conn, _, err := w.(http.Hijacker).Hijack()
-		if err == nil {
-			conn.Close()
-		}
-	}))
-	defer srv.Close()
-	c = NewClient(srv.URL, "s3cret")
-	_, err = c.PeerOutdated(ctx, "ns", "vol", 1)
-	if err == nil || errors.Is(err, ErrNotSent) {
-		t.Fatalf("call whose answer was lost: %v, want an error that is not ErrNotSent", err)
-	}
-	if p := <-got; !strings.HasSuffix(p, "/peer-outdated") {
-		t.Fatalf("agent saw %q", p)
-	}
-
-	// A context that ended before the call: nothing sent.
-	cctx, cancel := context.WithCancel(ctx)
-	cancel()
-	if _, err := c.PeerOutdated(cctx, "ns", "vol", 1); !errors.Is(err, ErrNotSent) {
-		t.Fatalf("call with a cancelled context: %v, want ErrNotSent", err)
-	}
-}
-
 // TestInfoKeepsAdvertisedReplicationAddress: the address advertised with
 // SetAddresses (what peers dial) is what /v1/info reports, not the listen
 // address ServeReplication got, which may be a wildcard such as ":7401".

@@ -34,7 +34,6 @@ package agent
 import (
 	"context"
 	"fmt"
-	"path/filepath"
 	"sync"
 	"time"
 
@@ -66,12 +65,6 @@ type Endpoints struct {
 	// DataDir is the agent's data directory (absolute), advertised so the
 	// controller can name a replica's files it could not remove.
 	DataDir string
-}
-
-// ReplicaDir is where an agent with data directory dataDir keeps the
-// replica of namespace/name.
-func ReplicaDir(dataDir, namespace, name string) string {
-	return filepath.Join(dataDir, "volumes", namespace, name)
 }
 
 // Option configures Register and NewKubeAuthority.

@@ -5,11 +5,13 @@ import (
 	"crypto/sha256"
 	"fmt"
 	"syscall"
+
+	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
 // MaxChecksumRegions bounds one RegionChecksums call, so a single control API
-// request reads at most this many regions.
-const MaxChecksumRegions = 4096
+// request reads at most this many regions (the control API's limit).
+const MaxChecksumRegions = agentapi.MaxChecksumRegions
 
 // checksumChunk is how much of a region is read at a time; large regions
 // (up to 64 MiB) are hashed in pieces so a call needs one small buffer.

@@ -231,10 +231,10 @@ func (l *link) session() error {
 	}
 	// Journal the peer's diff before relying on it: if this side crashes
 	// now, the merged regions must still be copied (invariant 3).
-	merge := l.spec.mergePeer() && peerBitmap != nil && !peerBitmap.IsEmpty()
+	merge := l.spec.MergesPeerBitmap() && peerBitmap != nil && !peerBitmap.IsEmpty()
 	// The backup keeps what it wrote alone when its diff is not merged
 	// (mergePrimaryBitmap false): it must know, to report those regions.
-	unmerged := !l.spec.mergePeer() && peerBitmap != nil && !peerBitmap.IsEmpty()
+	unmerged := !l.spec.MergesPeerBitmap() && peerBitmap != nil && !peerBitmap.IsEmpty()
 	full := fullCopyReason(ack, l.spec.PairUID, primaryZero)
 	if full != "" {
 		all := roaring.New()

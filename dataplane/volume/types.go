@@ -4,169 +4,35 @@ import (
 	"errors"
 	"fmt"
 	"syscall"
-	"time"
+
+	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
-// Role is the role a member plays.
-type Role string
+// The engine reports its state in the control API's types (package
+// agentapi, the contract between controller and agent). These aliases keep
+// the engine's code and tests reading as before: volume.Status is
+// agentapi.Status, volume.RolePrimary is agentapi.RolePrimary, and so on.
+type (
+	Role       = agentapi.Role
+	Mode       = agentapi.Mode
+	DataState  = agentapi.DataState
+	Spec       = agentapi.Spec
+	Status     = agentapi.Status
+	CopyStatus = agentapi.CopyStatus
+	Counters   = agentapi.Counters
+)
 
-// Roles.
+// Roles, modes and data states (see agentapi).
 const (
-	RolePrimary Role = "Primary"
-	RoleBackup  Role = "Backup"
-	// RoleNone is the fenced state: after a restart, and for a member told to
-	// stand aside. It serves nothing and accepts no replication.
-	RoleNone Role = "None"
+	RolePrimary  = agentapi.RolePrimary
+	RoleBackup   = agentapi.RoleBackup
+	RoleNone     = agentapi.RoleNone
+	ModeSync     = agentapi.ModeSync
+	ModeAsync    = agentapi.ModeAsync
+	UpToDate     = agentapi.UpToDate
+	Outdated     = agentapi.Outdated
+	Inconsistent = agentapi.Inconsistent
 )
-
-// Mode says when a client write is acknowledged.
-type Mode string
-
-// Modes.
-const (
-	ModeSync  Mode = "Sync"
-	ModeAsync Mode = "Async"
-)
-
-// DataState says how far a member's data can be trusted.
-type DataState string
-
-// Data states.
-const (
-	UpToDate     DataState = "UpToDate"
-	Outdated     DataState = "Outdated"
-	Inconsistent DataState = "Inconsistent"
-)
-
-// Spec is the desired state the controller sets through the control API.
-type Spec struct {
-	// PairUID is the VolumePair's UID: the identity of the pair whose data
-	// this replica must hold. A replica holding no data of this pair (new,
-	// wiped, or left from another VolumePair of the same name) is
-	// Inconsistent until a full copy completes. It also names the pair's
-	// authority Lease.
-	PairUID string `json:"pairUID,omitempty"`
-	// Role is the desired role.
-	Role Role `json:"role"`
-	// Epoch is the authority epoch; it grows with every change of writer.
-	// Frames from a lower epoch are refused.
-	Epoch uint64 `json:"epoch"`
-	// Mode is Sync or Async.
-	Mode Mode `json:"mode"`
-	// PeerNode names the other member.
-	PeerNode string `json:"peerNode,omitempty"`
-	// PeerAddress is host:port of the peer agent's replication listener. A
-	// primary dials it; a backup accepts only its peer's Hello.
-	PeerAddress string `json:"peerAddress,omitempty"`
-	// MergePeerBitmap ORs the returning member's own diff into the resync
-	// (default true; false copies only this side's diff).
-	MergePeerBitmap *bool `json:"mergePeerBitmap,omitempty"`
-	// MaxBytesPerSecond caps the resync rate; 0 is unlimited.
-	MaxBytesPerSecond int64 `json:"maxBytesPerSecond,omitempty"`
-	// Hold asks an acting primary to hold new writes and drain its diff
-	// (failback). Held writes are not failed.
-	Hold bool `json:"hold,omitempty"`
-	// Initialize lets a replica that holds no data of the pair (a new one)
-	// become its primary: its contents become the pair's data. The
-	// controller sets it only for the first writer of a pair that no
-	// member ever held data of; without it a new or wiped replica is
-	// never made primary (DESIGN invariant 8).
-	Initialize bool `json:"initialize,omitempty"`
-	// AllowPromoteInconsistent lets a member with Inconsistent data become
-	// primary. Only a user's explicit override sets it.
-	AllowPromoteInconsistent bool `json:"allowPromoteInconsistent,omitempty"`
-}
-
-func (s Spec) mergePeer() bool { return s.MergePeerBitmap == nil || *s.MergePeerBitmap }
-
-// CopyStatus reports a running resync.
-type CopyStatus struct {
-	Running        bool      `json:"running"`
-	TotalBytes     int64     `json:"totalBytes"`
-	DoneBytes      int64     `json:"doneBytes"`
-	BytesPerSecond int64     `json:"bytesPerSecond"`
-	ETASeconds     int64     `json:"etaSeconds"`
-	StartTime      time.Time `json:"startTime,omitzero"`
-	FullCopy       bool      `json:"fullCopy,omitempty"`
-	// Reason says why the whole volume is copied.
-	Reason string `json:"reason,omitempty"`
-	// CopiedBytesTotal counts every byte of the volume resynced since the
-	// agent started (regions of zeros included, though they travel as
-	// Zero frames without data), for tests and benchmarks.
-	CopiedBytesTotal int64 `json:"copiedBytesTotal"`
-}
-
-// Status is the actual state the agent reports.
-type Status struct {
-	Name       string    `json:"name"`
-	Size       int64     `json:"size"`
-	RegionSize int64     `json:"regionSize"`
-	Role       Role      `json:"role"`
-	Epoch      uint64    `json:"epoch"`
-	Mode       Mode      `json:"mode"`
-	DataState  DataState `json:"dataState"`
-	// DataStateReason says why the data is not UpToDate, when known (a new
-	// or wiped replica, another pair's data, a copy not finished).
-	DataStateReason string `json:"dataStateReason,omitempty"`
-	// Joined is true when the replica holds the data of the pair PairUID:
-	// it started the pair's data, or a full copy from a member holding it
-	// completed. PairUID is empty for a replica joined before UIDs were
-	// recorded, until the controller gives it its pair's UID.
-	Joined  bool   `json:"joined,omitempty"`
-	PairUID string `json:"pairUID,omitempty"`
-	// UnmergedRegions counts the regions that differ from the peer's
-	// because a resync did not merge this member's own diff
-	// (mergePrimaryBitmap false: writes this member acknowledged that
-	// never reached the peer). Both members are otherwise in sync.
-	UnmergedRegions uint64 `json:"unmergedRegions,omitempty"`
-	// Writable is true when this member accepts client writes now.
-	Writable bool `json:"writable"`
-	// Reason explains why the member is not writable.
-	Reason string `json:"reason,omitempty"`
-	// PeerConnected is true when the replication link is up and streaming.
-	PeerConnected bool   `json:"peerConnected"`
-	PeerNode      string `json:"peerNode,omitempty"`
-	// OutOfSyncRegions/Bytes is the dirty bitmap: what the peer may lack.
-	OutOfSyncRegions uint64 `json:"outOfSyncRegions"`
-	OutOfSyncBytes   int64  `json:"outOfSyncBytes"`
-	// BitmapsLost is true when the journal could not be read back and the
-	// whole volume is treated as dirty.
-	BitmapsLost bool       `json:"bitmapsLost,omitempty"`
-	Copy        CopyStatus `json:"copy"`
-	// OldestUnreplicatedSeconds is the age of the oldest write the peer does
-	// not hold: not acknowledged yet, or, while it is away and until the
-	// resync completes, written since it went away (or left unacknowledged
-	// then).
-	OldestUnreplicatedSeconds float64 `json:"oldestUnreplicatedSeconds"`
-	// WaitingForPeerOutdated counts sync writes held until the controller
-	// records the peer as Outdated (invariant 2).
-	WaitingForPeerOutdated int64 `json:"waitingForPeerOutdated"`
-	// Holding is true while new writes are held for a failback; Drained when
-	// nothing is left to ship.
-	Holding bool `json:"holding"`
-	// HoldSeconds is how long the current hold has lasted.
-	HoldSeconds     float64   `json:"holdSeconds,omitempty"`
-	Drained         bool      `json:"drained"`
-	LastHoldSeconds float64   `json:"lastHoldSeconds"`
-	HeldWrites      int64     `json:"heldWrites"`
-	ForwardedWrites int64     `json:"forwardedWrites"`
-	Counters        Counters  `json:"counters"`
-	LastError       string    `json:"lastError,omitempty"`
-	LastErrorTime   time.Time `json:"lastErrorTime,omitzero"`
-}
-
-// Counters are monotonically increasing totals.
-type Counters struct {
-	Writes         int64 `json:"writes"`
-	WriteBytes     int64 `json:"writeBytes"`
-	Reads          int64 `json:"reads"`
-	ReadBytes      int64 `json:"readBytes"`
-	Flushes        int64 `json:"flushes"`
-	FramesSent     int64 `json:"framesSent"`
-	FramesApplied  int64 `json:"framesApplied"`
-	Reconnects     int64 `json:"reconnects"`
-	RejectedFrames int64 `json:"rejectedFrames"`
-}
 
 // Errors the engine returns; the NBD layer maps them to errnos.
 var (

@@ -11,7 +11,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/tandem-storage/tandem/dataplane/volume"
+	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
 type failbackRes struct {
@@ -38,7 +38,7 @@ func (b *bench) runFailback() error {
 		return err
 	}
 	const vol, size = "fb", int64(1 << 30)
-	if err := pair(x, y, vol, size, volume.ModeAsync, 1); err != nil {
+	if err := pair(x, y, vol, size, agentapi.ModeAsync, 1); err != nil {
 		return err
 	}
 	if err := waitFor(30*time.Second, "pair in sync", inSync(x, y, vol)); err != nil {
@@ -63,7 +63,7 @@ func (b *bench) runFailback() error {
 	n := 2 * b.runs
 	for i := 0; i < n; i++ {
 		t0 := time.Now()
-		if err := writer.put(vol, size, volume.Spec{Role: volume.RolePrimary, Epoch: epoch, Mode: volume.ModeAsync,
+		if err := writer.put(vol, size, agentapi.Spec{Role: agentapi.RolePrimary, Epoch: epoch, Mode: agentapi.ModeAsync,
 			PeerNode: other.node, PeerAddress: other.repl, Hold: true}); err != nil {
 			errs = append(errs, err.Error())
 			break
@@ -76,11 +76,11 @@ func (b *bench) runFailback() error {
 			break
 		}
 		epoch++
-		if err := writer.put(vol, size, volume.Spec{Role: volume.RoleBackup, Epoch: epoch, Mode: volume.ModeAsync, PeerNode: other.node}); err != nil {
+		if err := writer.put(vol, size, agentapi.Spec{Role: agentapi.RoleBackup, Epoch: epoch, Mode: agentapi.ModeAsync, PeerNode: other.node}); err != nil {
 			errs = append(errs, err.Error())
 			break
 		}
-		if err := other.put(vol, size, volume.Spec{Role: volume.RolePrimary, Epoch: epoch, Mode: volume.ModeAsync,
+		if err := other.put(vol, size, agentapi.Spec{Role: agentapi.RolePrimary, Epoch: epoch, Mode: agentapi.ModeAsync,
 			PeerNode: writer.node, PeerAddress: writer.repl}); err != nil {
 			errs = append(errs, err.Error())
 			break
@@ -109,7 +109,7 @@ func (b *bench) runFailback() error {
 				return false, err
 			}
 			ss, err := writer.status(vol)
-			return err == nil && ps.PeerConnected && !ps.Copy.Running && ss.DataState == volume.UpToDate, err
+			return err == nil && ps.PeerConnected && !ps.Copy.Running && ss.DataState == agentapi.UpToDate, err
 		}); err != nil {
 			errs = append(errs, err.Error())
 			break
@@ -158,7 +158,7 @@ func (b *bench) runRSS() error {
 			args := []string{"--ioengine=nbd", "--rw=randwrite", "--bs=64k", "--iodepth=4", "--size=1g", "--io_size=4m"}
 			for ; made < c; made++ {
 				vol := fmt.Sprintf("v%02d", made)
-				if err := a.put(vol, 1<<30, volume.Spec{Role: volume.RolePrimary, Epoch: 1, Mode: volume.ModeAsync}); err != nil {
+				if err := a.put(vol, 1<<30, agentapi.Spec{Role: agentapi.RolePrimary, Epoch: 1, Mode: agentapi.ModeAsync}); err != nil {
 					return err
 				}
 				args = append(args, "--name="+vol, "--uri="+a.url(vol))

@@ -12,7 +12,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/tandem-storage/tandem/dataplane/volume"
+	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
 type results struct {
@@ -76,13 +76,13 @@ func (b *bench) runFio() error {
 	if err := bk.start(); err != nil {
 		return err
 	}
-	if err := a.put("solo", fioVolSize, volume.Spec{Role: volume.RolePrimary, Epoch: 1, Mode: volume.ModeAsync}); err != nil {
+	if err := a.put("solo", fioVolSize, agentapi.Spec{Role: agentapi.RolePrimary, Epoch: 1, Mode: agentapi.ModeAsync}); err != nil {
 		return err
 	}
-	if err := pair(a, bk, "async", fioVolSize, volume.ModeAsync, 1); err != nil {
+	if err := pair(a, bk, "async", fioVolSize, agentapi.ModeAsync, 1); err != nil {
 		return err
 	}
-	if err := pair(a, bk, "sync", fioVolSize, volume.ModeSync, 1); err != nil {
+	if err := pair(a, bk, "sync", fioVolSize, agentapi.ModeSync, 1); err != nil {
 		return err
 	}
 	for _, v := range []string{"async", "sync"} {
@@ -109,10 +109,10 @@ func (b *bench) runFio() error {
 		if err := d.start(); err != nil {
 			return err
 		}
-		if err := c.put("solo", fioVolSize, volume.Spec{Role: volume.RolePrimary, Epoch: 1, Mode: volume.ModeAsync}); err != nil {
+		if err := c.put("solo", fioVolSize, agentapi.Spec{Role: agentapi.RolePrimary, Epoch: 1, Mode: agentapi.ModeAsync}); err != nil {
 			return err
 		}
-		for _, m := range []volume.Mode{volume.ModeAsync, volume.ModeSync} {
+		for _, m := range []agentapi.Mode{agentapi.ModeAsync, agentapi.ModeSync} {
 			v := strings.ToLower(string(m))
 			if err := pair(c, d, v, fioVolSize, m, 1); err != nil {
 				return err

@@ -1,12 +1,9 @@
 package main
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"os"
@@ -17,7 +14,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/tandem-storage/tandem/dataplane/volume"
+	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
 const (
@@ -43,14 +40,14 @@ type agentProc struct {
 	ctrl, repl, nbd, pprof string
 	cmd                    *exec.Cmd
 	exited                 chan struct{}
-	http                   *http.Client
+	api                    *agentapi.Client // its control API (the harness links neither the agent nor a Kubernetes client)
 }
 
 // newAgent allocates ports and a data dir; start runs it.
 func (b *bench) newAgent(node string) *agentProc {
 	a := &agentProc{b: b, bin: b.agentBin, node: node, dir: filepath.Join(b.work, node),
 		ctrl: freePort(), repl: freePort(), nbd: freePort(), pprof: freePort()}
-	a.http = &http.Client{Timeout: 30 * time.Second}
+	a.api = &agentapi.Client{BaseURL: "http://" + a.ctrl, Token: token, HTTP: &http.Client{Timeout: callTimeout}}
 	return a
 }
 
@@ -134,65 +131,28 @@ func (a *agentProc) pid() int { return a.cmd.Process.Pid }
 
 func (a *agentProc) url(vol string) string { return "nbd://" + a.nbd + "/" + ns + "/" + vol }
 
-// call is one control API request (see package dataplane/agent); the
-// harness speaks HTTP/JSON itself so that it does not link the agent's
-// Kubernetes client.
-func (a *agentProc) call(method, vol, query string, in, out any) error {
-	var body io.Reader
-	if in != nil {
-		data, err := json.Marshal(in)
-		if err != nil {
-			return err
-		}
-		body = bytes.NewReader(data)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+// callTimeout bounds one control API call.
+const callTimeout = 30 * time.Second
+
+func (a *agentProc) put(vol string, size int64, s agentapi.Spec) error {
+	ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, method, "http://"+a.ctrl+"/v1/volumes/"+ns+"/"+vol+query, body)
-	if err != nil {
-		return err
-	}
-	req.Header.Set("Authorization", "Bearer "+token)
-	resp, err := a.http.Do(req)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	data, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return err
-	}
-	if resp.StatusCode/100 != 2 {
-		return fmt.Errorf("%s %s: %s: %s", method, vol, resp.Status, bytes.TrimSpace(data))
-	}
-	if out != nil {
-		return json.Unmarshal(data, out)
-	}
-	return nil
-}
-
-// volumeRequest is the body of PUT /v1/volumes/{ns}/{name}.
-type volumeRequest struct {
-	Size       int64       `json:"size"`
-	RegionSize int64       `json:"regionSize"`
-	Spec       volume.Spec `json:"spec"`
-}
-
-func (a *agentProc) put(vol string, size int64, s volume.Spec) error {
-	if err := a.call(http.MethodPut, vol, "", volumeRequest{Size: size, RegionSize: regionSize, Spec: s}, nil); err != nil {
+	if _, err := a.api.Put(ctx, ns, vol, agentapi.VolumeRequest{Size: size, RegionSize: regionSize, Spec: s}); err != nil {
 		return fmt.Errorf("%s: PUT %s %+v: %w", a.node, vol, s, err)
 	}
 	return nil
 }
 
-func (a *agentProc) status(vol string) (volume.Status, error) {
-	var st volume.Status
-	err := a.call(http.MethodGet, vol, "", nil, &st)
-	return st, err
+func (a *agentProc) status(vol string) (agentapi.Status, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
+	defer cancel()
+	return a.api.Get(ctx, ns, vol)
 }
 
 func (a *agentProc) remove(vol string) {
-	_ = a.call(http.MethodDelete, vol, "?purge=true", nil, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
+	defer cancel()
+	_ = a.api.Delete(ctx, ns, vol, true)
 }
 
 // rss is the agent's resident set size in bytes (VmRSS).
@@ -236,11 +196,11 @@ func waitFor(timeout time.Duration, what string, cond func() (bool, error)) erro
 }
 
 // pair configures vol as a pair: p primary, s backup, mode, at epoch.
-func pair(p, s *agentProc, vol string, size int64, mode volume.Mode, epoch uint64) error {
-	if err := s.put(vol, size, volume.Spec{Role: volume.RoleBackup, Epoch: epoch, Mode: mode, PeerNode: p.node}); err != nil {
+func pair(p, s *agentProc, vol string, size int64, mode agentapi.Mode, epoch uint64) error {
+	if err := s.put(vol, size, agentapi.Spec{Role: agentapi.RoleBackup, Epoch: epoch, Mode: mode, PeerNode: p.node}); err != nil {
 		return err
 	}
-	return p.put(vol, size, volume.Spec{Role: volume.RolePrimary, Epoch: epoch, Mode: mode, PeerNode: s.node, PeerAddress: s.repl})
+	return p.put(vol, size, agentapi.Spec{Role: agentapi.RolePrimary, Epoch: epoch, Mode: mode, PeerNode: s.node, PeerAddress: s.repl})
 }
 
 // inSync reports whether the writer p streams to its peer with nothing to copy.
@@ -254,7 +214,7 @@ func inSync(p, s *agentProc, vol string) func() (bool, error) {
 		if err != nil {
 			return false, err
 		}
-		return ps.PeerConnected && ps.OutOfSyncRegions == 0 && !ps.Copy.Running && ss.DataState == volume.UpToDate, nil
+		return ps.PeerConnected && ps.OutOfSyncRegions == 0 && !ps.Copy.Running && ss.DataState == agentapi.UpToDate, nil
 	}
 }
 

@@ -9,7 +9,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/tandem-storage/tandem/dataplane/volume"
+	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
 const resyncVolSize = 4 << 30
@@ -45,7 +45,7 @@ func writeRegions(uri string, size int64, n int64) error {
 // It returns the COPY's duration and bytes; the volume stays on B (acting
 // primary) for the caller, who deletes it.
 func (b *bench) resyncOnce(a, bk *agentProc, vol string, size int64, pct, ownPct float64) (time.Duration, int64, error) {
-	if err := pair(a, bk, vol, size, volume.ModeAsync, 1); err != nil {
+	if err := pair(a, bk, vol, size, agentapi.ModeAsync, 1); err != nil {
 		return 0, 0, err
 	}
 	if err := waitFor(30*time.Second, "pair in sync", inSync(a, bk, vol)); err != nil {
@@ -63,7 +63,7 @@ func (b *bench) resyncOnce(a, bk *agentProc, vol string, size int64, pct, ownPct
 	} else {
 		a.kill()
 	}
-	if err := bk.put(vol, size, volume.Spec{Role: volume.RolePrimary, Epoch: 2, Mode: volume.ModeAsync, PeerNode: a.node}); err != nil {
+	if err := bk.put(vol, size, agentapi.Spec{Role: agentapi.RolePrimary, Epoch: 2, Mode: agentapi.ModeAsync, PeerNode: a.node}); err != nil {
 		return 0, 0, err
 	}
 	if err := writeRegions(bk.url(vol), size, int64(float64(regions)*pct/100)); err != nil {
@@ -77,11 +77,11 @@ func (b *bench) resyncOnce(a, bk *agentProc, vol string, size int64, pct, ownPct
 		return 0, 0, err
 	}
 	before := st.Copy.CopiedBytesTotal
-	if err := a.put(vol, size, volume.Spec{Role: volume.RoleBackup, Epoch: 2, Mode: volume.ModeAsync, PeerNode: bk.node}); err != nil {
+	if err := a.put(vol, size, agentapi.Spec{Role: agentapi.RoleBackup, Epoch: 2, Mode: agentapi.ModeAsync, PeerNode: bk.node}); err != nil {
 		return 0, 0, err
 	}
 	t0 := time.Now()
-	if err := bk.put(vol, size, volume.Spec{Role: volume.RolePrimary, Epoch: 2, Mode: volume.ModeAsync, PeerNode: a.node, PeerAddress: a.repl}); err != nil {
+	if err := bk.put(vol, size, agentapi.Spec{Role: agentapi.RolePrimary, Epoch: 2, Mode: agentapi.ModeAsync, PeerNode: a.node, PeerAddress: a.repl}); err != nil {
 		return 0, 0, err
 	}
 	if err := waitFor(10*time.Minute, "resync", inSync(bk, a, vol)); err != nil {
@@ -225,7 +225,7 @@ func (b *bench) runScaling() error {
 	sizes := []int{1, 4, 16}
 	for _, g := range sizes {
 		vol := fmt.Sprintf("scale-%dg", g)
-		if err := pair(a, bk, vol, int64(g)<<30, volume.ModeAsync, 1); err != nil {
+		if err := pair(a, bk, vol, int64(g)<<30, agentapi.ModeAsync, 1); err != nil {
 			return err
 		}
 		if err := waitFor(30*time.Second, vol+" in sync", inSync(a, bk, vol)); err != nil {
@@ -258,7 +258,7 @@ func (b *bench) runScaling() error {
 				accs[i].errs = append(accs[i].errs, err.Error())
 				continue
 			}
-			if err := a.put(vol, size, volume.Spec{Role: volume.RolePrimary, Epoch: 1, Mode: volume.ModeAsync, PeerNode: bk.node}); err != nil {
+			if err := a.put(vol, size, agentapi.Spec{Role: agentapi.RolePrimary, Epoch: 1, Mode: agentapi.ModeAsync, PeerNode: bk.node}); err != nil {
 				return err
 			}
 			if err := writeRegions(a.url(vol), size, diffRegions); err != nil {
@@ -270,7 +270,7 @@ func (b *bench) runScaling() error {
 			}
 			before := st.Copy.CopiedBytesTotal
 			t0 := time.Now()
-			if err := a.put(vol, size, volume.Spec{Role: volume.RolePrimary, Epoch: 1, Mode: volume.ModeAsync, PeerNode: bk.node, PeerAddress: bk.repl}); err != nil {
+			if err := a.put(vol, size, agentapi.Spec{Role: agentapi.RolePrimary, Epoch: 1, Mode: agentapi.ModeAsync, PeerNode: bk.node, PeerAddress: bk.repl}); err != nil {
 				return err
 			}
 			if err := waitFor(5*time.Minute, vol+" resync", inSync(a, bk, vol)); err != nil {

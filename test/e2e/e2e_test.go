@@ -25,8 +25,7 @@ import (
 	"time"
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
-	"github.com/tandem-storage/tandem/dataplane/agent"
-	"github.com/tandem-storage/tandem/dataplane/volume"
+	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
 var (
@@ -294,7 +293,7 @@ func (s *story) identical(active, other string) {
 	deadline := time.Now().Add(90 * time.Second)
 	for {
 		a, o := s.agentStatus(active), s.agentStatus(other)
-		if a.Writable && a.PeerConnected && !a.Copy.Running && a.OutOfSyncBytes == 0 && o.DataState == volume.UpToDate {
+		if a.Writable && a.PeerConnected && !a.Copy.Running && a.OutOfSyncBytes == 0 && o.DataState == agentapi.UpToDate {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -310,10 +309,10 @@ func (s *story) identical(active, other string) {
 }
 
 // agentStatus reads a member's own view through its control API.
-func (s *story) agentStatus(node string) volume.Status {
+func (s *story) agentStatus(node string) agentapi.Status {
 	s.t.Helper()
 	out := mustKubectl(s.t, "-n", "tandem-system", "get", "lease", v1.AgentLeaseName(node), "-o", "jsonpath={.metadata.annotations.storage\\.tandem\\.dev/control-endpoint}")
-	c := agent.NewClient(strings.TrimSpace(out), agentToken)
+	c := agentapi.NewClient(strings.TrimSpace(out), agentToken)
 	st, err := c.Get(context.Background(), s.ns, s.name)
 	if err != nil {
 		s.t.Fatalf("agent status on %s: %v", node, err)

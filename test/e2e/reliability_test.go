@@ -35,9 +35,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
-	"github.com/tandem-storage/tandem/dataplane/agent"
-	"github.com/tandem-storage/tandem/dataplane/volume"
 	"github.com/tandem-storage/tandem/internal/stresstest"
+	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
 // ---------------------------------------------------------------- knobs
@@ -305,7 +304,7 @@ type rig struct {
 	t       *testing.T
 	mode    string
 	members []string
-	ctl     map[string]*agent.Client
+	ctl     map[string]*agentapi.Client
 	export  string
 
 	mu         sync.Mutex
@@ -328,14 +327,14 @@ type sample struct {
 	node string
 	at   time.Time
 	ok   bool
-	st   volume.Status
+	st   agentapi.Status
 }
 
 func newRig(s *story, mode string, primary, backup string) *rig {
-	r := &rig{s: s, t: s.t, mode: mode, members: []string{primary, backup}, ctl: map[string]*agent.Client{},
+	r := &rig{s: s, t: s.t, mode: mode, members: []string{primary, backup}, ctl: map[string]*agentapi.Client{},
 		export: s.ns + "/" + s.name, last: map[string]sample{}}
 	for _, n := range r.members {
-		r.ctl[n] = agent.NewClient("http://"+net.JoinHostPort(nodeIP(n), "7400"), agentToken)
+		r.ctl[n] = agentapi.NewClient("http://"+net.JoinHostPort(nodeIP(n), "7400"), agentToken)
 	}
 	r.monStop, r.monDone = make(chan struct{}), make(chan struct{})
 	go r.monitor()
@@ -401,7 +400,7 @@ func (r *rig) monitor() {
 				r.samples = append(r.samples, sm)
 			}
 			r.mu.Unlock()
-			if sm.ok && st.DataState == volume.Inconsistent && (st.Writable || st.Role == volume.RolePrimary) {
+			if sm.ok && st.DataState == agentapi.Inconsistent && (st.Writable || st.Role == agentapi.RolePrimary) {
 				r.violate("invariant 4: %s is Inconsistent but role %s writable=%v (epoch %d)", n, st.Role, st.Writable, st.Epoch)
 			}
 		}
@@ -810,7 +809,7 @@ func (r *rig) checksums(ctx context.Context, node string) ([]string, error) {
 	regions := uint32(st.Size / st.RegionSize)
 	var sums []string
 	for first := uint32(0); first < regions; {
-		n := min(regions-first, uint32(volume.MaxChecksumRegions))
+		n := min(regions-first, uint32(agentapi.MaxChecksumRegions))
 		cs, err := r.ctl[node].Checksums(ctx, r.s.ns, r.s.name, first, n)
 		if err != nil {
 			return nil, err
@@ -880,7 +879,7 @@ func (r *rig) agentsAgree(active string) bool {
 			if !st.Writable || !st.PeerConnected || st.Copy.Running {
 				return false
 			}
-		} else if st.Role != volume.RoleBackup || st.DataState != volume.UpToDate {
+		} else if st.Role != agentapi.RoleBackup || st.DataState != agentapi.UpToDate {
 			return false
 		}
 	}

@@ -14,8 +14,7 @@ import (
 	"time"
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
-	"github.com/tandem-storage/tandem/dataplane/agent"
-	"github.com/tandem-storage/tandem/dataplane/volume"
+	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
 // Story 11: a member whose data directory is wiped (a replaced disk) comes
@@ -62,7 +61,7 @@ func TestStory11WipedMember(t *testing.T) {
 			vp = s.get()
 			ms := vp.Status.MemberStatus(c.wiped)
 			st := s.agentStatusOK(c.wiped)
-			holds := st != nil && st.Joined && st.DataState == "UpToDate"
+			holds := st != nil && st.Joined && st.DataState == agentapi.UpToDate
 			if vp.Status.Copy != nil && vp.Status.Copy.FullCopy {
 				sawCopy = true
 			}
@@ -98,12 +97,12 @@ func TestStory11WipedMember(t *testing.T) {
 
 // agentStatusOK is agentStatus that returns nil when the agent does not
 // answer or has no replica (yet).
-func (s *story) agentStatusOK(node string) *volume.Status {
+func (s *story) agentStatusOK(node string) *agentapi.Status {
 	out, err := kubectl(s.t, "-n", "tandem-system", "get", "lease", v1.AgentLeaseName(node), "-o", "jsonpath={.metadata.annotations.storage\\.tandem\\.dev/control-endpoint}")
 	if err != nil {
 		return nil
 	}
-	c := agent.NewClient(strings.TrimSpace(out), agentToken)
+	c := agentapi.NewClient(strings.TrimSpace(out), agentToken)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	st, err := c.Get(ctx, s.ns, s.name)

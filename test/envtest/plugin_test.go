@@ -23,7 +23,7 @@ import (
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
 	"github.com/tandem-storage/tandem/dataplane/agent"
-	"github.com/tandem-storage/tandem/dataplane/volume"
+	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
 // TestPlugin builds kubectl-tandem and drives it against the test API server
@@ -277,11 +277,11 @@ func testPluginVerify(t *testing.T, bin string) {
 			t.Fatal(err)
 		}
 	}
-	c := func(node string) *agent.Client { return agent.NewClient(agents[node].url, token) }
-	if _, err := c("node-a").Put(ctx, ns, "vol", agent.VolumeRequest{Size: size, RegionSize: rs, Spec: volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true, Mode: volume.ModeAsync, PeerNode: "node-b"}}); err != nil {
+	c := func(node string) *agentapi.Client { return agentapi.NewClient(agents[node].url, token) }
+	if _, err := c("node-a").Put(ctx, ns, "vol", agentapi.VolumeRequest{Size: size, RegionSize: rs, Spec: agentapi.Spec{Role: agentapi.RolePrimary, Epoch: 1, Initialize: true, Mode: agentapi.ModeAsync, PeerNode: "node-b"}}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := c("node-b").Put(ctx, ns, "vol", agent.VolumeRequest{Size: size, RegionSize: rs, Spec: volume.Spec{Role: volume.RoleBackup, Epoch: 1, Mode: volume.ModeAsync, PeerNode: "node-a"}}); err != nil {
+	if _, err := c("node-b").Put(ctx, ns, "vol", agentapi.VolumeRequest{Size: size, RegionSize: rs, Spec: agentapi.Spec{Role: agentapi.RoleBackup, Epoch: 1, Mode: agentapi.ModeAsync, PeerNode: "node-a"}}); err != nil {
 		t.Fatal(err)
 	}
 	verify := func(extra ...string) pluginResult {

@@ -1,0 +1,310 @@
+package volume
+
+import (
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/tandem-storage/tandem/dataplane/meta"
+)
+
+// persistLocked writes the metadata; v.mu held (or not yet shared).
+func (v *Volume) persistLocked() error {
+	return v.writeMeta(v.metaLocked())
+}
+
+// metaLocked is the metadata of the replica's current state; v.mu held.
+func (v *Volume) metaLocked() meta.Meta {
+	return meta.Meta{
+		Volume: v.opts.Name, Size: v.opts.Size, RegionSize: v.opts.RegionSize,
+		Epoch: v.epoch, Role: string(v.role), DataState: string(v.dataState),
+		Peer: v.spec.PeerNode, Joined: v.joined, PairUID: v.pairUID, Zero: v.zero.Load(), UpdatedAt: time.Now(),
+	}
+}
+
+// writeMeta replaces the metadata file with m.
+func (v *Volume) writeMeta(m meta.Meta) error {
+	if err := meta.Write(v.opts.Dir, m); err != nil {
+		return fmt.Errorf("volume %s: writing metadata: %w", v.opts.Name, err)
+	}
+	return nil
+}
+
+// clearZero records, durably, that the store no longer holds only zeros:
+// called before the first write of any kind lands on a zero store (a client
+// write, an applied frame), so a crash cannot leave a written replica that
+// claims to be all-zero.
+func (v *Volume) clearZero() error {
+	if !v.zero.Load() {
+		return nil
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if !v.zero.Load() {
+		return nil
+	}
+	m := v.metaLocked()
+	m.Zero = false
+	if err := v.writeMeta(m); err != nil {
+		return err
+	}
+	v.zero.Store(false)
+	return nil
+}
+
+// completeCopy makes the replica UpToDate and joined to pair uid, durably,
+// once a copy from a member holding the pair's data has completed.
+func (v *Volume) completeCopy(uid string) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.dataState == UpToDate && v.holdsLocked(uid) && (v.pairUID == uid) {
+		return nil
+	}
+	m := v.metaLocked()
+	m.DataState, m.Joined, m.PairUID = string(UpToDate), true, uid
+	if err := v.writeMeta(m); err != nil {
+		return err
+	}
+	old := v.dataState
+	joined := v.joined
+	v.dataState, v.joined, v.pairUID, v.dataReason = UpToDate, true, uid, ""
+	v.log.Info("Data state changed", "from", old, "to", UpToDate, "joinedPair", !joined)
+	v.notifyLocked()
+	return nil
+}
+
+// setDataState persists a new data state.
+func (v *Volume) setDataState(ds DataState) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.dataState == ds {
+		return nil
+	}
+	old := v.dataState
+	v.dataState = ds
+	if err := v.persistLocked(); err != nil {
+		v.dataState = old
+		return err
+	}
+	v.log.Info("Data state changed", "from", old, "to", ds)
+	v.notifyLocked()
+	return nil
+}
+
+// Apply sets the desired state. It is idempotent: applying the same Spec
+// twice changes nothing. Epochs never go backwards.
+func (v *Volume) Apply(s Spec) error {
+	if s.Mode == "" {
+		s.Mode = ModeAsync
+	}
+	switch s.Role {
+	case RolePrimary, RoleBackup, RoleNone:
+	default:
+		return fmt.Errorf("volume %s: unknown role %q", v.opts.Name, s.Role)
+	}
+	if s.Mode != ModeSync && s.Mode != ModeAsync {
+		return fmt.Errorf("volume %s: unknown mode %q", v.opts.Name, s.Mode)
+	}
+	v.applyMu.Lock()
+	defer v.applyMu.Unlock()
+	v.mu.Lock()
+	if err := v.refuseLocked(s); err != nil {
+		v.mu.Unlock()
+		return err
+	}
+	// A change of role or epoch first stops the stream from the old
+	// primary and waits for the frame it is applying: nothing that primary
+	// sent may land once this member plays its new part (invariant 1).
+	if b := v.backupConn; b != nil && (b.epoch != s.Epoch || s.Role != RoleBackup) {
+		v.backupConn = nil
+		v.mu.Unlock()
+		b.stop(errors.New("role or epoch changed"))
+		v.mu.Lock()
+		// The stream's last frame may have changed the data state.
+		if err := v.refuseLocked(s); err != nil {
+			v.mu.Unlock()
+			return err
+		}
+	}
+	old := v.spec
+	oldRole, oldEpoch := v.role, v.epoch
+	roleChanged := oldRole != s.Role || oldEpoch != s.Epoch
+	m := v.metaLocked()
+	idChange := v.identityLocked(s, &m)
+	if roleChanged || old.PeerNode != s.PeerNode || idChange != "" {
+		// Durable first: after a crash the replica must not come back
+		// at an older epoch than one it acted on, nor with another
+		// identity.
+		m.Role, m.Epoch, m.Peer = string(s.Role), s.Epoch, s.PeerNode
+		if err := v.writeMeta(m); err != nil {
+			v.mu.Unlock()
+			return err
+		}
+	}
+	if idChange != "" {
+		if !v.joined && m.Joined {
+			v.dataReason = ""
+		} else if !m.Joined {
+			v.dataReason = v.identityReasonLocked(s.PairUID)
+		}
+		v.joined, v.pairUID, v.dataState = m.Joined, m.PairUID, DataState(m.DataState)
+		v.log.Info("Replica identity", "change", idChange, "pairUID", s.PairUID, "dataState", v.dataState)
+	}
+	v.spec, v.role, v.epoch = s, s.Role, s.Epoch
+
+	// Failback hold bookkeeping.
+	switch {
+	case s.Hold && s.Role == RolePrimary && !old.Hold:
+		v.holdStart = time.Now()
+	case !(s.Hold && s.Role == RolePrimary) && !v.holdStart.IsZero():
+		v.lastHold = time.Since(v.holdStart)
+		v.holdStart = time.Time{}
+		v.log.Info("Write hold released", "heldFor", v.lastHold.String())
+	}
+
+	linkChanged := roleChanged || old.PeerAddress != s.PeerAddress || old.Mode != s.Mode
+	var stopLink *link
+	if linkChanged && v.link != nil {
+		stopLink, v.link = v.link, nil
+	}
+	if roleChanged && s.Role == RolePrimary && oldRole != RolePrimary {
+		// SWAP: the patent clears the promoted member's bitmap; it records
+		// every region written from now on while its peer is away. Regions
+		// it still owes a returning peer stay (they are sticky).
+		v.log.Info("Promoted to primary", "epoch", s.Epoch, "previousRole", oldRole)
+	}
+	if roleChanged && oldRole == RolePrimary && s.Role != RolePrimary {
+		v.log.Info("Stepped down from primary", "epoch", s.Epoch, "role", s.Role)
+	}
+	if s.Role == RolePrimary && s.PeerAddress != "" && v.link == nil {
+		v.link = newLink(v, s)
+		v.link.start()
+	}
+	if s.Role == RoleBackup && oldRole == RolePrimary {
+		v.fwd = newForwarder(v)
+	}
+	if s.Role == RolePrimary {
+		v.fwd = nil
+	}
+	v.notifyLocked()
+	v.mu.Unlock()
+
+	if stopLink != nil {
+		stopLink.stop()
+	}
+	if roleChanged {
+		v.log.Info("Applied desired state", "role", s.Role, "epoch", s.Epoch, "mode", s.Mode, "peer", s.PeerNode)
+	}
+	return nil
+}
+
+// refuseLocked returns why s cannot be applied now, or nil; v.mu held.
+func (v *Volume) refuseLocked(s Spec) error {
+	if v.closed {
+		return ErrClosed
+	}
+	if s.Epoch < v.epoch {
+		return fmt.Errorf("volume %s: epoch %d is older than the replica's epoch %d", v.opts.Name, s.Epoch, v.epoch)
+	}
+	if s.Role != RolePrimary || v.role == RolePrimary || s.AllowPromoteInconsistent {
+		return nil
+	}
+	if !v.holdsLocked(s.PairUID) {
+		if s.Initialize {
+			return nil
+		}
+		return fmt.Errorf("volume %s: refusing to become primary: data is Inconsistent: %s", v.opts.Name, v.identityReasonLocked(s.PairUID))
+	}
+	if v.dataState == Inconsistent {
+		return fmt.Errorf("volume %s: refusing to become primary: data is Inconsistent (a copy towards this member did not finish)", v.opts.Name)
+	}
+	return nil
+}
+
+// Reasons for a data state, shown in Status.DataStateReason.
+const (
+	reasonNew      = "new replica: it holds no data of the pair until a full copy completes"
+	reasonDataLost = "the replica's data file was missing and was recreated empty: a full copy brings the data back"
+	reasonCopying  = "a copy towards this member has not finished"
+)
+
+// holdsLocked reports whether the replica holds the data of pair uid; v.mu
+// held. A replica joined without a known UID (version 1 metadata) holds
+// whatever pair it is given.
+func (v *Volume) holdsLocked(uid string) bool {
+	return v.joined && (v.pairUID == uid || v.pairUID == "")
+}
+
+// identityReasonLocked says why the replica does not hold pair uid's data;
+// v.mu held.
+func (v *Volume) identityReasonLocked(uid string) string {
+	if v.joined {
+		return fmt.Sprintf("the replica holds the data of another VolumePair (uid %s), not of uid %s: a full copy replaces it", v.pairUID, uid)
+	}
+	if v.dataReason != "" {
+		return v.dataReason
+	}
+	return reasonNew
+}
+
+// identityLocked brings the replica's identity in line with s before s is
+// applied, into m (the metadata to persist): a replica holding another
+// pair's data is no longer joined (Inconsistent until a full copy); a
+// version 1 replica adopts the pair's UID; Initialize (or the user's
+// override) makes this member's data the pair's data. v.mu held. It
+// returns what changed, for the log.
+func (v *Volume) identityLocked(s Spec, m *meta.Meta) string {
+	switch {
+	case s.PairUID != "" && v.joined && v.pairUID == "":
+		m.PairUID = s.PairUID
+		return "adopted the pair's UID"
+	case s.PairUID != "" && v.joined && v.pairUID != s.PairUID:
+		m.Joined, m.DataState = false, string(Inconsistent)
+		if s.Role != RolePrimary || !(s.Initialize || s.AllowPromoteInconsistent) {
+			return "holds another VolumePair's data: Inconsistent until a full copy"
+		}
+	case v.joined:
+		return ""
+	}
+	if s.Role == RolePrimary && (s.Initialize || s.AllowPromoteInconsistent) {
+		m.Joined, m.PairUID = true, s.PairUID
+		if s.Initialize {
+			m.DataState = string(UpToDate)
+			return "initialized the pair's data as its first writer"
+		}
+		return "made the pair's writer by override, data Inconsistent"
+	}
+	return ""
+}
+
+// PeerOutdated records that the controller has marked the peer Outdated in
+// the API server at epoch: sync writes held because the peer is unreachable
+// may now be acknowledged with only the local copy (invariant 2).
+func (v *Volume) PeerOutdated(epoch uint64) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if epoch != v.epoch {
+		return fmt.Errorf("volume %s: peer-outdated for epoch %d, but the replica is at epoch %d", v.opts.Name, epoch, v.epoch)
+	}
+	if v.aloneEpoch != epoch {
+		v.aloneEpoch = epoch
+		v.log.Info("Peer recorded Outdated; continuing alone", "epoch", epoch)
+		v.notifyLocked()
+	}
+	return nil
+}
+
+// clearAlone forgets the controller's Outdated record of the peer once the
+// peer is back in sync (invariant 2 holds afresh for the next loss).
+func (v *Volume) clearAlone() {
+	v.mu.Lock()
+	v.aloneEpoch = 0
+	v.mu.Unlock()
+}
+
+// Spec returns the desired state last applied.
+func (v *Volume) Spec() Spec {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.spec
+}

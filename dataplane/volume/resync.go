@@ -7,9 +7,10 @@ import (
 	"time"
 
 	"github.com/RoaringBitmap/roaring/v2"
+	"golang.org/x/time/rate"
+
 	"github.com/tandem-storage/tandem/dataplane/bitmap"
 	"github.com/tandem-storage/tandem/dataplane/repl"
-	"golang.org/x/time/rate"
 )
 
 // copyRec is one frame of a resync copy in flight: a region is sent in

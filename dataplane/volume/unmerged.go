@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 
 	"github.com/RoaringBitmap/roaring/v2"
+
 	"github.com/tandem-storage/tandem/dataplane/bitmap"
 )
 

@@ -1,0 +1,158 @@
+package controllers
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	corev1 "k8s.io/api/core/v1"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/log"
+
+	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
+	"github.com/tandem-storage/tandem/pkg/agentapi"
+)
+
+// act carries out s.step.
+func (r *VolumePairReconciler) act(ctx context.Context, s *scope) error {
+	vp := s.vp
+	switch s.step.Kind {
+	case StepCreateAuthority:
+		return r.createAuthority(ctx, vp)
+	case StepConfigure:
+		return r.configure(ctx, s, false)
+	case StepHold:
+		return r.configure(ctx, s, true)
+	case StepReleaseHold:
+		if s.step.Message == HoldTimedOut {
+			r.probeState(client.ObjectKeyFromObject(vp), s.step.Target).holdGaveUp = r.Now()
+			r.Recorder.Eventf(vp, nil, corev1.EventTypeWarning, "FailbackHoldReleased", "ReleaseHold", "%s: the hold on %s did not drain within %.1fs; writes go on, failback is tried again in %v", HoldTimedOut, s.step.Target, MaxHoldSeconds, holdBackoff)
+		}
+		return r.configure(ctx, s, false)
+	case StepRecordOutdated:
+		// The deferred status patch writes it; the next round confirms to
+		// the writer, so the record is durable before anyone relies on it.
+		// Until a confirmation may have left, the record says NotSent.
+		setMemberState(vp, s.step.Target, func(m *v1.MemberStatus) {
+			m.DataState, m.OutdatedConfirmation = v1.DataOutdated, v1.OutdatedNotSent
+		})
+		r.Recorder.Eventf(vp, nil, corev1.EventTypeWarning, "MemberOutdated", "RecordOutdated", "Recorded %s as Outdated: the writer continues alone", s.step.Target)
+		return nil
+	case StepConfirmOutdated:
+		return r.confirmOutdated(ctx, s)
+	case StepFailover, StepSwitch:
+		if err := r.moveAuthority(ctx, s, s.step.Target, s.step.Kind == StepFailover); err != nil {
+			return err
+		}
+		// The next round's step is always Configure (the members play the
+		// old roles); taking it now saves a round on the way to a serving
+		// writer. It is the same push, in the same order (the old writer
+		// first, if it answers); if it fails, that Configure step retries.
+		if err := r.configure(ctx, s, false); err != nil {
+			log.FromContext(ctx).Info("Roles not pushed with the authority move; the next round retries", "reason", err.Error())
+		}
+		return nil
+	}
+	return nil
+}
+
+// confirmOutdated tells the writer (s.step.Target) that its peer is recorded
+// Outdated, so it may acknowledge sync writes alone (invariant 2, step 2).
+//
+// From the moment the confirmation may reach the writer, the peer may lack
+// acknowledged writes and must never be promoted automatically; until then
+// it holds every acknowledged write. So the record first says Sent, durably,
+// and only then is the confirmation sent. If it provably never left (no
+// connection to the agent was made, agentapi.ErrNotSent) and this round is the
+// one that marked it Sent, the record goes back to NotSent: should the
+// writer now be lost, the peer may still be promoted. Any other failure, an
+// answer lost for instance, leaves Sent.
+func (r *VolumePairReconciler) confirmOutdated(ctx context.Context, s *scope) error {
+	vp := s.vp
+	writer := s.step.Target
+	info, ok := s.agents[writer]
+	if !ok {
+		return fmt.Errorf("no agent endpoint for %s", writer)
+	}
+	peer := s.view.other(writer).Node
+	ms := vp.Status.MemberStatus(peer)
+	if ms == nil || ms.DataState != v1.DataOutdated {
+		return fmt.Errorf("%s is not recorded Outdated", peer)
+	}
+	marked := false
+	if ms.OutdatedConfirmation == v1.OutdatedNotSent {
+		if err := r.setOutdatedConfirmation(ctx, s, peer, v1.OutdatedSent); err != nil {
+			return fmt.Errorf("record the Outdated confirmation of %s as sent: %w", peer, err)
+		}
+		marked = true
+	}
+	_, err := r.NewAgentClient(info.control, r.AgentToken).PeerOutdated(ctx, vp.Namespace, vp.Name, s.view.Authority.Epoch)
+	if err != nil && marked && errors.Is(err, agentapi.ErrNotSent) {
+		if rerr := r.setOutdatedConfirmation(ctx, s, peer, v1.OutdatedNotSent); rerr != nil {
+			return errors.Join(err, fmt.Errorf("record the Outdated confirmation of %s as not sent: %w", peer, rerr))
+		}
+	}
+	return err
+}
+
+// setOutdatedConfirmation patches status now (not at the end of the round):
+// the confirmation must not be sent before the record says it may have been.
+// On failure the in-memory status says Sent, whatever c was: the server may
+// hold either value, and Sent is the one that is safe to keep.
+func (r *VolumePairReconciler) setOutdatedConfirmation(ctx context.Context, s *scope, node string, c v1.OutdatedConfirmation) error {
+	vp := s.vp
+	base := vp.DeepCopy()
+	setMemberState(vp, node, func(m *v1.MemberStatus) { m.OutdatedConfirmation = c })
+	if err := r.Status().Patch(ctx, vp, client.MergeFrom(base)); err != nil {
+		setMemberState(vp, node, func(m *v1.MemberStatus) { m.OutdatedConfirmation = v1.OutdatedSent })
+		return err
+	}
+	// vp now carries the server's metadata (a new resourceVersion): so must
+	// the base of the round's status patch, or that patch would carry the
+	// metadata difference too.
+	s.base.ObjectMeta = *vp.ObjectMeta.DeepCopy()
+	return nil
+}
+
+// configure pushes the desired roles to the agents: first the member that
+// must not write (so two writers never overlap), then the writer.
+func (r *VolumePairReconciler) configure(ctx context.Context, s *scope, hold bool) error {
+	vp := s.vp
+	a := s.view.Authority
+	writer, other := s.view.member(a.Holder), s.view.other(a.Holder)
+	merge := vp.Spec.MergesPrimaryBitmap()
+	// Only the first writer of a pair whose data no member ever held
+	// starts the pair's data; a writer without the data is never made to
+	// serve (it would serve an empty volume, DESIGN invariant 8).
+	initialize := !s.view.PairHasData()
+	writerRole := agentapi.RolePrimary
+	if !initialize && !HoldsData(writer, s.view.PairUID) && writer.Status != nil && writer.Status.Role != agentapi.RolePrimary {
+		writerRole = agentapi.RoleNone
+	}
+	if !initialize && writer.Status == nil && s.view.PairHasData() {
+		writerRole = agentapi.RoleNone
+	}
+	req := func(role agentapi.Role, peer string, peerAddr string, h bool) agentapi.VolumeRequest {
+		return agentapi.VolumeRequest{Size: vp.Spec.SizeBytes(), RegionSize: vp.Spec.RegionSizeBytes(), Spec: agentapi.Spec{
+			PairUID: string(vp.UID), Role: role, Epoch: a.Epoch, Mode: vp.Spec.Mode, PeerNode: peer, PeerAddress: peerAddr,
+			MergePeerBitmap: &merge, MaxBytesPerSecond: vp.Spec.Resync.MaxBytesPerSecond, Hold: h,
+			Initialize: initialize && role == agentapi.RolePrimary,
+		}}
+	}
+	var errs []error
+	if other.Reachable {
+		if info, ok := s.agents[other.Node]; ok {
+			if _, err := r.NewAgentClient(info.control, r.AgentToken).Put(ctx, vp.Namespace, vp.Name, req(agentapi.RoleBackup, writer.Node, "", false)); err != nil {
+				errs = append(errs, fmt.Errorf("configure %s as backup: %w", other.Node, err))
+			}
+		}
+	}
+	if writer.Reachable && len(errs) == 0 {
+		info := s.agents[writer.Node]
+		peerAddr := s.agents[other.Node].replication
+		if _, err := r.NewAgentClient(info.control, r.AgentToken).Put(ctx, vp.Namespace, vp.Name, req(writerRole, other.Node, peerAddr, hold && writerRole == agentapi.RolePrimary)); err != nil {
+			errs = append(errs, fmt.Errorf("configure %s as primary: %w", writer.Node, err))
+		}
+	}
+	return errors.Join(errs...)
+}

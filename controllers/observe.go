@@ -1,0 +1,215 @@
+package controllers
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"time"
+
+	coordinationv1 "k8s.io/api/coordination/v1"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/types"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
+	"github.com/tandem-storage/tandem/internal/authority"
+	"github.com/tandem-storage/tandem/pkg/agentapi"
+)
+
+// observe fills s.view: agents, probes, Node readiness, authority.
+func (r *VolumePairReconciler) observe(ctx context.Context, s *scope) error {
+	vp := s.vp
+	s.agents = map[string]agentInfo{}
+	key := client.ObjectKeyFromObject(vp)
+	s.view = View{
+		PairUID: string(vp.UID), DataInitialized: vp.Status.DataInitialized,
+		Mode: vp.Spec.Mode, FailoverPolicy: vp.Spec.Failover.Policy, FailbackPolicy: vp.Spec.Failback.Policy,
+		FailoverRequested: vp.Annotations[v1.AnnotationFailoverRequested] != "",
+		FailbackRequested: vp.Annotations[v1.AnnotationFailbackRequested] != "",
+	}
+	period, threshold := probeTiming(vp)
+	// Probe both members at once, each bounded by the probe period (at most
+	// 1 s), so an unreachable member costs one short timeout per round.
+	timeout := min(max(period, 200*time.Millisecond), time.Second)
+	nodes := []string{vp.Spec.Primary.Node, vp.Spec.Backup.Node}
+	type probeResult struct {
+		info      agentInfo
+		infoOK    bool
+		st        *agentapi.Status
+		reachable bool
+	}
+	results := make([]probeResult, len(nodes))
+	var wg sync.WaitGroup
+	for i, node := range nodes {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			info, err := r.agentInfo(ctx, node)
+			if err != nil {
+				return
+			}
+			results[i].info, results[i].infoOK = info, true
+			t := timeout
+			if r.probeState(key, node).failures > 0 {
+				// Already failing: a short look is enough to notice it is
+				// back, and keeps rounds (and failovers) fast.
+				t = min(t, 250*time.Millisecond)
+			}
+			pctx, cancel := context.WithTimeout(ctx, t)
+			defer cancel()
+			st, perr := r.probe(pctx, info, vp)
+			if perr == nil {
+				results[i].st, results[i].reachable = st, true
+			}
+		}()
+	}
+	wg.Wait()
+	for i, node := range nodes {
+		m := MemberView{Node: node}
+		if ms := vp.Status.MemberStatus(node); ms != nil && ms.DataState == v1.DataOutdated {
+			m.RecordedOutdated = true
+			m.OutdatedNotSent = ms.OutdatedConfirmation == v1.OutdatedNotSent
+		}
+		if results[i].infoOK {
+			s.agents[node] = results[i].info
+			m.Reachable, m.Status = results[i].reachable, results[i].st
+		}
+		ps := r.probeState(key, node)
+		now := r.Now()
+		if m.Reachable {
+			ps.failures, ps.lastSeen, ps.lostAt, ps.last = 0, now, time.Time{}, m.Status
+		} else {
+			ps.failures++
+		}
+		// Suspect after failureThreshold failed probes in a row, or when
+		// nothing answered for failureThreshold probe periods (rounds take
+		// longer than a period when probes time out), or when the Node is
+		// not Ready.
+		silent := !ps.lastSeen.IsZero() && now.Sub(ps.lastSeen) >= time.Duration(threshold)*period
+		m.Suspect = ps.failures >= threshold || silent || r.nodeNotReady(ctx, node)
+		if m.Suspect && ps.lostAt.IsZero() {
+			ps.lostAt = now
+		}
+		if i == 0 {
+			s.view.Primary = m
+		} else {
+			s.view.Backup = m
+		}
+	}
+	lease, err := r.readAuthority(ctx, vp)
+	switch {
+	case err != nil:
+		return err
+	case lease == nil:
+		return nil
+	}
+	if err := authority.CheckOwner(lease, authority.PairOf(vp)); err != nil {
+		s.notOwned = err
+		return nil
+	}
+	s.authority = lease
+	a := AuthorityView{Exists: true, FailedOver: authority.FailedOver(lease)}
+	if a.Holder, a.Epoch, err = authority.Holder(lease); err != nil {
+		return err
+	}
+	// Expiry on this controller's clock, from when it saw the Lease change
+	// (the agent's renewTime is never compared with this clock).
+	obs := r.leases.Observe(lease)
+	s.authorityExpiry, a.Expired = obs.ExpiresAt, obs.Expired
+	if a.Holder != vp.Spec.Primary.Node && a.Holder != vp.Spec.Backup.Node {
+		// Members are immutable except for swaps, so this is an
+		// authority left from an older object of the same name.
+		return fmt.Errorf("authority Lease %s names %q, which is not a member", lease.Name, a.Holder)
+	}
+	s.view.Authority = a
+	if gaveUp := r.probeState(key, a.Holder).holdGaveUp; !gaveUp.IsZero() && r.Now().Sub(gaveUp) < holdBackoff {
+		s.view.HoldBackoff = true
+	}
+	// A member that held the authority before its last move must have
+	// reached the API server since before it is given the authority back:
+	// this controller must have seen its agent Lease change after it saw
+	// the current holder arrive (its own move, or its first sight of the
+	// Lease after a restart, which may cost one agent renewal, 2 s).
+	for _, m := range []*MemberView{&s.view.Primary, &s.view.Backup} {
+		if info, ok := s.agents[m.Node]; ok && m.Node != a.Holder && !info.changed.After(obs.HolderSince) {
+			m.APILost = true
+		}
+	}
+	return nil
+}
+
+func (r *VolumePairReconciler) probeState(key types.NamespacedName, node string) *probeState {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	m := r.probes[key]
+	if m == nil {
+		m = map[string]*probeState{}
+		r.probes[key] = m
+	}
+	if m[node] == nil {
+		m[node] = &probeState{}
+	}
+	return m[node]
+}
+
+func (r *VolumePairReconciler) lastSeen(key types.NamespacedName, node string) time.Time {
+	return r.probeState(key, node).lastSeen
+}
+
+// CacheOptions is the manager's cache configuration for this controller:
+// Leases only in the operator namespace and only the agents' (their
+// endpoints; the manager may not list Leases elsewhere), Nodes for their
+// readiness. Reading these from the cache instead of the API server saves
+// four requests per pair and probe period; 16 pairs on a busy API server
+// made each round, and so each failover step, take a second.
+func CacheOptions(namespace string) cache.Options {
+	agents := labels.SelectorFromSet(labels.Set{v1.LabelComponent: "agent"})
+	return cache.Options{ByObject: map[client.Object]cache.ByObject{
+		&coordinationv1.Lease{}: {Namespaces: map[string]cache.Config{namespace: {}}, Label: agents},
+	}}
+}
+
+// agentInfo reads a node's agent Lease; an expired Lease still gives the
+// endpoints (probes decide liveness).
+func (r *VolumePairReconciler) agentInfo(ctx context.Context, node string) (agentInfo, error) {
+	l := &coordinationv1.Lease{}
+	if err := r.Get(ctx, client.ObjectKey{Namespace: r.Namespace, Name: v1.AgentLeaseName(node)}, l); err != nil {
+		return agentInfo{}, fmt.Errorf("agent Lease of %s: %w", node, err)
+	}
+	info := agentInfo{control: l.Annotations[v1.AnnControlEndpoint], replication: l.Annotations[v1.AnnReplicationEndpoint],
+		nbd: l.Annotations[v1.AnnNBDEndpoint], dataDir: l.Annotations[v1.AnnDataDir]}
+	info.changed = r.leases.Observe(l).LastChange
+	if info.control == "" {
+		return agentInfo{}, fmt.Errorf("agent Lease of %s has no control endpoint", node)
+	}
+	return info, nil
+}
+
+// probe asks the agent for the replica's status. An agent that answers but
+// has no replica yet is reachable with a nil status.
+func (r *VolumePairReconciler) probe(ctx context.Context, info agentInfo, vp *v1.VolumePair) (*agentapi.Status, error) {
+	c := r.NewAgentClient(info.control, r.AgentToken)
+	st, err := c.Get(ctx, vp.Namespace, vp.Name)
+	if agentapi.IsNotFound(err) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	return &st, nil
+}
+
+func (r *VolumePairReconciler) nodeNotReady(ctx context.Context, node string) bool {
+	n := &corev1.Node{}
+	if err := r.Get(ctx, client.ObjectKey{Name: node}, n); err != nil {
+		return false // no Node object: probes alone decide
+	}
+	for _, c := range n.Status.Conditions {
+		if c.Type == corev1.NodeReady {
+			return c.Status != corev1.ConditionTrue
+		}
+	}
+	return false
+}

@@ -1,0 +1,208 @@
+package controllers
+
+import (
+	"context"
+	"fmt"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/klog/v2"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/log"
+
+	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
+	"github.com/tandem-storage/tandem/pkg/agentapi"
+)
+
+func setMemberState(vp *v1.VolumePair, node string, fn func(*v1.MemberStatus)) {
+	if m := vp.Status.MemberStatus(node); m != nil {
+		fn(m)
+		return
+	}
+	vp.Status.Members = append(vp.Status.Members, v1.MemberStatus{Node: node})
+	fn(&vp.Status.Members[len(vp.Status.Members)-1])
+}
+
+// patchStatus computes the status from the observations and writes it in one
+// patch. observedGeneration moves only when the round succeeded.
+func (r *VolumePairReconciler) patchStatus(ctx context.Context, s *scope, ok bool) error {
+	vp := s.vp
+	st := &vp.Status
+	key := client.ObjectKeyFromObject(vp)
+	// The status shows a member whose last probe failed, but that is not
+	// suspect yet, as it last reported: one slow answer under load must not
+	// clear the endpoint or flip Ready. Decide saw the failed probe.
+	view := s.view
+	view.Primary = lastKnown(view.Primary, r.probeState(key, view.Primary.Node).last)
+	view.Backup = lastKnown(view.Backup, r.probeState(key, view.Backup.Node).last)
+	gen := vp.Generation
+	if s.notOwned != nil {
+		// Nothing else is known for sure; say why nothing happens.
+		set(&st.Conditions, gen, v1.ConditionFailoverBlocked, true, BlockedAuthorityNotOwned, s.notOwned.Error())
+		set(&st.Conditions, gen, v1.ConditionReady, false, BlockedAuthorityNotOwned,
+			"no step is taken while the pair's authority Lease is not its own; the writer cannot renew it and fences itself")
+		if err := r.Status().Patch(ctx, vp, client.MergeFrom(s.base)); err != nil {
+			return fmt.Errorf("patch status: %w", err)
+		}
+		return nil
+	}
+	if !view.Authority.Exists && s.step.Kind != StepCreateAuthority {
+		return nil
+	}
+	if view.Authority.Exists {
+		st.Epoch = int64(view.Authority.Epoch)
+		st.ActivePrimary = view.Authority.Holder
+	} else {
+		st.Epoch, st.ActivePrimary = 1, vp.Spec.Primary.Node
+	}
+	writer, other := view.member(st.ActivePrimary), view.other(st.ActivePrimary)
+
+	oldPhase := s.base.Status.Phase
+	st.Phase = DerivePhase(view, oldPhase)
+
+	nbd := ""
+	if info, ok := s.agents[writer.Node]; ok && info.nbd != "" {
+		nbd = "nbd://" + info.nbd + "/" + vp.Namespace + "/" + vp.Name
+	}
+	st.Endpoint = endpointFor(s.base.Status, st.ActivePrimary, st.Epoch, writer, nbd)
+	st.OutOfSyncBytes = 0
+	st.Copy = nil
+	if w := writer.Status; w != nil {
+		st.OutOfSyncBytes = w.OutOfSyncBytes
+		if w.Copy.Running {
+			start := metav1.NewTime(w.Copy.StartTime)
+			st.Copy = &v1.CopyProgress{Target: other.Node, TotalBytes: w.Copy.TotalBytes, DoneBytes: w.Copy.DoneBytes,
+				BytesPerSecond: w.Copy.BytesPerSecond, ETASeconds: w.Copy.ETASeconds, StartTime: &start, FullCopy: w.Copy.FullCopy,
+				Reason: truncate(w.Copy.Reason, 512)}
+		}
+	}
+	inSync := InSync(writer, other)
+	if writer.Status != nil && other.Status != nil {
+		st.UnmergedRegions = unmerged(writer, other)
+	}
+	for _, m := range []*MemberView{&view.Primary, &view.Backup} {
+		if m.Status != nil && m.Status.Joined && m.Status.PairUID == string(vp.UID) && !m.Stale {
+			st.DataInitialized = true
+		}
+	}
+	for _, m := range []*MemberView{&view.Primary, &view.Backup} {
+		setMemberState(vp, m.Node, func(ms *v1.MemberStatus) {
+			ms.Connected = m.Reachable && m.Status != nil && m.Status.PeerConnected
+			if seen := r.lastSeen(key, m.Node); !seen.IsZero() {
+				t := metav1.NewTime(seen)
+				ms.LastSeen = &t
+			}
+			ms.Message = ""
+			switch {
+			case m.Stale:
+				ms.Message = "no answer to the last probe; showing its previous report"
+				if m.Status != nil {
+					ms.Role = m.Status.Role
+				}
+			case !m.Reachable:
+				ms.Role = ""
+				if ms.DataState != v1.DataOutdated {
+					ms.DataState = v1.DataUnknown
+				}
+				ms.Message = "agent unreachable"
+			case m.Status == nil:
+				ms.Role, ms.DataState, ms.Message = "", v1.DataUnknown, "replica not created yet"
+			default:
+				ms.Role = m.Status.Role
+				ms.OutOfSyncBytes = m.Status.OutOfSyncBytes
+				reported := m.Status.DataState
+				switch {
+				case ms.DataState == v1.DataOutdated && m == other && !inSync:
+					// Keep the controller's Outdated record until the
+					// writer has brought this member back in sync.
+				default:
+					ms.DataState = reported
+				}
+				if !m.Status.Writable && m == writer {
+					ms.Message = m.Status.Reason
+				}
+				if m.Status.DataStateReason != "" && m.Status.DataState != agentapi.UpToDate {
+					ms.Message = m.Status.DataStateReason
+				}
+				if m.Status.LastError != "" {
+					ms.Message = m.Status.LastError
+				}
+			}
+			if ms.DataState != v1.DataOutdated {
+				ms.OutdatedConfirmation = ""
+			}
+			ms.Message = truncate(ms.Message, 1024)
+		})
+	}
+	setReadyCondition(&st.Conditions, gen, writer)
+	setSynchronizedCondition(&st.Conditions, gen, writer, other)
+	setDegradedCondition(&st.Conditions, gen, writer, other)
+	setFailoverBlockedCondition(&st.Conditions, gen, s.step)
+	if ok {
+		st.ObservedGeneration = gen
+	}
+	if st.Phase != oldPhase {
+		r.Recorder.Eventf(vp, nil, corev1.EventTypeNormal, "Phase"+string(st.Phase), "PhaseChange", "Phase %s → %s (writer %s, epoch %d)", orNone(oldPhase), st.Phase, st.ActivePrimary, st.Epoch)
+		log.FromContext(ctx).Info("Phase changed", "volumePair", klog.KObj(vp), "from", oldPhase, "to", st.Phase)
+	}
+	recordMetrics(vp)
+	// A merge patch carries only changed fields; make it always carry
+	// outOfSyncBytes so a pair in sync shows 0 rather than nothing.
+	s.base.Status.OutOfSyncBytes = -1
+	if err := r.Status().Patch(ctx, vp, client.MergeFrom(s.base)); err != nil {
+		return fmt.Errorf("patch status: %w", err)
+	}
+	// Clear one-shot requests once acted upon.
+	if s.step.Kind == StepFailover || s.step.Kind == StepSwitch {
+		return r.clearRequests(ctx, vp)
+	}
+	return nil
+}
+
+// lastKnown returns m as the status shows it: a member that did not answer
+// the last probe but is not suspect yet (fewer than failureThreshold failed
+// probes, its Node Ready) is shown with its last report, marked Stale.
+func lastKnown(m MemberView, last *agentapi.Status) MemberView {
+	if m.Reachable || m.Suspect || last == nil {
+		return m
+	}
+	m.Reachable, m.Status, m.Stale = true, last, true
+	return m
+}
+
+// endpointFor is status.endpoint: the writer's export (nbd, empty when its
+// agent Lease names none) while the writer accepts writes. While the writer
+// does not answer the controller, the endpoint it had at the same epoch
+// stays: the writer may well still serve (a partition from the controller
+// only), and clients that follow the endpoint should not be sent away until
+// another member holds the authority or the writer says it does not accept
+// writes.
+func endpointFor(prev v1.VolumePairStatus, holder string, epoch int64, writer *MemberView, nbd string) string {
+	switch {
+	case writer.Reachable && writer.Status != nil && writer.Status.Writable:
+		return nbd
+	case !writer.Reachable && prev.ActivePrimary == holder && prev.Epoch == epoch && prev.Endpoint != "":
+		return prev.Endpoint
+	}
+	return ""
+}
+
+func orNone(p v1.Phase) string {
+	if p == "" {
+		return "(new)"
+	}
+	return string(p)
+}
+
+func (r *VolumePairReconciler) clearRequests(ctx context.Context, vp *v1.VolumePair) error {
+	if vp.Annotations[v1.AnnotationFailoverRequested] == "" && vp.Annotations[v1.AnnotationFailbackRequested] == "" {
+		return nil
+	}
+	base := vp.DeepCopy()
+	delete(vp.Annotations, v1.AnnotationFailoverRequested)
+	delete(vp.Annotations, v1.AnnotationFailbackRequested)
+	if err := r.Patch(ctx, vp, client.MergeFrom(base)); err != nil {
+		return fmt.Errorf("clear request annotations: %w", err)
+	}
+	return nil
+}

@@ -1,7 +1,8 @@
 # Tandem — replicated block volume pairs for Kubernetes.
 #
-# Every tool the targets need is built from its Go module into bin/ by
-# hack/tools.sh (no binary downloads). Run `make help` for the list.
+# Every Go tool the targets need is built from its Go module into bin/ by
+# hack/tools.sh (no binary downloads); shellcheck and the NBD/fio tools come
+# from the distribution's packages. Run `make help` for the list.
 
 # Image used by docker-build and the deploy manifests.
 IMG ?= ghcr.io/tandem-storage/tandem:dev
@@ -17,6 +18,7 @@ SHELL := /usr/bin/env bash -o pipefail
 ROOT := $(CURDIR)
 BIN := $(ROOT)/bin
 CONTROLLER_GEN := $(BIN)/controller-gen
+STATICCHECK := $(BIN)/staticcheck
 KUBECTL := $(BIN)/kubectl
 HELM := $(BIN)/helm
 export KUBEBUILDER_ASSETS := $(BIN)
@@ -46,10 +48,24 @@ fmt: ## Run gofmt on the code.
 vet: ## Run go vet.
 	go vet ./...
 
+.PHONY: lint
+lint: tools-staticcheck ## Run staticcheck on every package, the e2e tests included.
+	$(STATICCHECK) -tags e2e ./...
+
+.PHONY: shellcheck
+shellcheck: ## Run shellcheck on every shell script (installs shellcheck when missing).
+	hack/verify-shell.sh
+
+.PHONY: tidy-check
+tidy-check: ## Fail when go.mod/go.sum, or a tool module's under hack/tools, is not what go mod tidy makes.
+	@go mod tidy -diff || { echo "verify: go.mod/go.sum are not tidy; run 'go mod tidy' and commit the result" >&2; exit 1; }
+	@for d in hack/tools/*/; do (cd "$$d" && go mod tidy -diff) || { echo "verify: $$d is not tidy; run 'go mod tidy' there and commit the result" >&2; exit 1; }; done
+
 .PHONY: verify
-verify: manifests generate ## Fail when generated files are stale, code is not gofmt'ed or vet complains.
+verify: manifests generate ## Fail when generated files are stale, code is not gofmt'ed, a module is not tidy, or vet, staticcheck or shellcheck complain.
 	@test -z "$$(gofmt -s -l $$(git ls-files '*.go'))" || { echo "verify: gofmt needed on:"; gofmt -s -l $$(git ls-files '*.go'); exit 1; }
 	go vet ./...
+	@$(MAKE) --no-print-directory lint shellcheck tidy-check
 	@git diff --exit-code -- api config charts || { echo "verify: generated files are stale; run 'make manifests generate' and commit the result" >&2; exit 1; }
 	@test -z "$$(git status --porcelain -- api config charts)" || { echo "verify: untracked generated files:" >&2; git status --porcelain -- api config charts; exit 1; }
 

@@ -26,13 +26,12 @@ import (
 )
 
 type story struct {
-	t      testing.TB
-	ns     string
-	name   string
-	log    *testLog
-	a, b   *node
-	vp     *v1.VolumePair
-	blockA *blocker
+	t    testing.TB
+	ns   string
+	name string
+	log  *testLog
+	a, b *node
+	vp   *v1.VolumePair
 }
 
 // blocker makes the controller's probes of one node fail (a partition between

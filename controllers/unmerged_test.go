@@ -45,14 +45,14 @@ func TestStoryUnmergedRegions(t *testing.T) {
 	}
 	s.a.netw.cutReplication(false)
 	s.a.start()
-	vp := s.waitFor(30*time.Second, "NORMAL: the returning member is back", func(vp *v1.VolumePair) bool {
+	s.waitFor(30*time.Second, "NORMAL: the returning member is back", func(vp *v1.VolumePair) bool {
 		ms := vp.Status.MemberStatus(s.a.name)
 		return vp.Status.Phase == v1.PhaseNormal && ms != nil && ms.DataState == v1.DataUpToDate && ms.Connected
 	})
 	if ha, hb := fileSum(t, s.a.dataPath(s.ns, s.name)), fileSum(t, s.b.dataPath(s.ns, s.name)); ha == hb {
 		t.Fatal("the replicas are identical: the scenario did not leave unshipped writes on the returning member")
 	}
-	vp = s.waitFor(10*time.Second, "the unmerged regions reported", func(vp *v1.VolumePair) bool {
+	vp := s.waitFor(10*time.Second, "the unmerged regions reported", func(vp *v1.VolumePair) bool {
 		return vp.Status.UnmergedRegions > 0
 	})
 	c := meta.FindStatusCondition(vp.Status.Conditions, v1.ConditionSynchronized)

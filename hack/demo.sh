@@ -50,7 +50,7 @@ esac
 
 # ---------------------------------------------------------------- helpers
 
-if [ -t 1 ]; then B=$'\e[1m' G=$'\e[32m' R=$'\e[31m' N=$'\e[0m'; else B= G= R= N=; fi
+if [ -t 1 ]; then B=$'\e[1m' G=$'\e[32m' R=$'\e[31m' N=$'\e[0m'; else B='' G='' R='' N=''; fi
 START=$SECONDS
 STEP=0
 step() {
@@ -221,7 +221,7 @@ step "Killing node-a: its agent is SIGKILLed, its heartbeats stop$([ "$TANDEM_NE
 T0=$(now)
 "$LC" kill-node node-a 2>&1 | sed 's/^/    /'
 say "timing until node-b accepts writes, first on its export directly, then through status.endpoint"
-T_DIRECT= T_EP=
+T_DIRECT='' T_EP=''
 deadline=$((SECONDS + 90))
 EP=
 while :; do
@@ -239,7 +239,7 @@ while :; do
   ((SECONDS < deadline)) || fail "no write through a node-b endpoint succeeded within 90s of killing node-a"
   sleep 0.2
 done
-T_PROMOTED=?
+T_PROMOTED='?'
 # lastFailoverTime has a 1 s resolution: promotion happened in [t, t+1).
 [ -n "$LFO" ] && T_PROMOTED=$(awk -v a="$T0" -v b="$(date -d "$LFO" +%s)" 'BEGIN {d = b - a; if (d < 0) d = 0; printf "%.1f-%.1f", d, b + 1 - a}')
 printf '    %sFailover: %ss from killing node-a to a write accepted through status.endpoint %s%s\n' "$G" "$T_EP" "$EP" "$N"
@@ -256,7 +256,7 @@ say "node-b's bitmap (second diff): $(mib "${SECOND_DIFF:-0}") of ${SIZE_MIB} Mi
 
 step "Restoring node-a (same data dir): COPY of only what changed, NORMAL, automatic failback"
 "$LC" restore-node node-a 2>&1 | sed 's/^/    /'
-MAX_TOTAL=0 SAW_COPY=0 COPY_START= COPY_END=
+MAX_TOTAL=0 SAW_COPY=0 COPY_START='' COPY_END=''
 deadline=$((SECONDS + 180))
 LASTP=
 while :; do
@@ -286,6 +286,7 @@ nbd_io "$EP" "write -P 0xc1 250M 1M" | sed 's/^/    /' || fail "write after fail
 wait_until 60 "the last write to reach node-b" a_synced
 wait_until 60 "both members in sync" synced
 for chk in "0xa1 0 32M" "0xb1 64M 1M" "0xb2 96M 8M" "0xb3 160M 8M" "0xc1 250M 1M"; do
+  # shellcheck disable=SC2086 # split "pattern offset length" into $1 $2 $3
   set -- $chk
   nbd_io "$EP" "read -P $1 $2 $3" >/dev/null || fail "pattern $1 at $2 (+$3) is wrong through $EP"
 done
@@ -321,7 +322,7 @@ COPIED=$(json_num copiedBytesTotal <<<"$B_STATUS")
 HOLD=$(json_num lastHoldSeconds <<<"$B_STATUS")
 FIRST_DIFF=$((MAX_TOTAL - ${SECOND_DIFF:-0}))
 ((FIRST_DIFF < 0)) && FIRST_DIFF=0
-COPY_SECS=?
+COPY_SECS='?'
 [ -n "$COPY_START" ] && [ -n "$COPY_END" ] && COPY_SECS=$(awk -v a="$COPY_START" -v b="$COPY_END" 'BEGIN {printf "%.1f", b - a}')
 
 cat <<EOF

@@ -62,14 +62,15 @@ print("%.0f %.1f %.0f %.0f" % (j["iops"], j["bw_bytes"]/1048576, p["50.000000"]/
 }
 printf "%-12s %-22s %10s %10s %9s %9s %8s\n" target workload IOPS MiB/s p50us p99us ratio
 for wl in "randwrite 4k 32" "write 1M 8"; do
+  # shellcheck disable=SC2086 # split "rw bs iodepth" into $1 $2 $3
   set -- $wl
   declare -A base=()
   for r in $(seq "$rounds"); do
     for tgt in ${TARGETS:-nbdkit standalone async sync}; do
       read -r iops mibs p50 p99 < <(run $tgt "$1" "$2" "$3")
-      [ $tgt = nbdkit ] && base[$r]=$iops
+      [ "$tgt" = nbdkit ] && base[$r]=$iops
       ratio=$(python3 -c "print('%.2f' % ($iops/${base[$r]}))")
-      printf "%-12s %-22s %10s %10s %9s %9s %8s\n" $tgt "$1 bs=$2 qd=$3" "$iops" "$mibs" "$p50" "$p99" "$ratio"
+      printf "%-12s %-22s %10s %10s %9s %9s %8s\n" "$tgt" "$1 bs=$2 qd=$3" "$iops" "$mibs" "$p50" "$p99" "$ratio"
     done
   done
 done

@@ -197,6 +197,7 @@ port_busy() { # PORT: anything listening on it in this network namespace
 }
 
 require_up() {
+  # shellcheck disable=SC2015 # alive only runs when the state exists; either failing dies
   [ -f "$STATE/network" ] && alive kube-apiserver ||
     die "the local cluster is not running (start it with: $0 up)"
 }
@@ -210,6 +211,7 @@ require_up() {
 teardown() {
   local pids=() p exe ns
   # Stop in dependency order, gently first.
+  # shellcheck disable=SC2012 # the pid files are named by this script (NAME.pid, no spaces)
   for name in $(ls "$PIDS" 2>/dev/null | sed -n 's/\.pid$//p' | sort -r); do
     case $name in kube-apiserver | etcd) continue ;; esac
     p=$(pid_of "$name")
@@ -363,6 +365,7 @@ net_up() {
 }
 
 start_etcd() {
+  # shellcheck disable=SC2174 # only etcd's data dir must be 0700 (etcd checks); its parent is the state dir
   mkdir -p -m 700 "$STATE/etcd"
   # --unsafe-no-fsync: a throw-away cluster on a disk shared with builds;
   # slow fsyncs would only make Lease renewals flaky.
@@ -416,6 +419,7 @@ install_api() {
 
 start_heartbeat() {
   local n=$1
+  # shellcheck disable=SC2046 # the prefix is a command (ip netns exec NS) or nothing: split it into words
   start_bg "heartbeat-$n" $(in_node_prefix "$n") "$BIN/tandem-nodesim" heartbeat --kubeconfig "$KUBECONFIG_FILE" --node "$n" --address "$(node_ip "$n")"
 }
 
@@ -706,7 +710,7 @@ cmd_env() {
   echo "TANDEM_AGENT_TOKEN_FILE=$STATE/agent-token"
   echo "TANDEM_NAMESPACE=$OPNS"
   for n in "${NODES[@]}"; do
-    echo "TANDEM_$(echo "${n#node-}" | tr a-z A-Z)_IP=$(node_ip "$n")"
+    echo "TANDEM_$(echo "${n#node-}" | tr '[:lower:]' '[:upper:]')_IP=$(node_ip "$n")"
   done
 }
 
@@ -743,7 +747,7 @@ cmd_start_manager() {
   log "Manager running"
 }
 
-need_node_arg() { [ $# -ge 1 ] && [ -n "$1" ] || die "usage: $prog $verb NODE (one of ${NODES[*]})"; }
+need_node_arg() { [ -n "${1:-}" ] || die "usage: $prog $verb NODE (one of ${NODES[*]})"; }
 
 verb=${1:-}
 [ $# -gt 0 ] && shift

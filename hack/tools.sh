@@ -15,8 +15,9 @@
 #   etcd            etcd                           (go.etcd.io/etcd/server/v3 v3.6.x)
 #   helm            helm                           (helm.sh/helm/v3)
 #   controller-gen  controller-gen                 (sigs.k8s.io/controller-tools)
+#   staticcheck     staticcheck                    (honnef.co/go/tools 2026.2, v0.8.x)
 #
-# Cold build of all five binaries on 2 cores: 15-21 minutes (kube-apiserver
+# Cold build of all six binaries on 2 cores: 15-21 minutes (kube-apiserver
 # dominates); warm: under a second.
 set -euo pipefail
 
@@ -31,10 +32,11 @@ declare -A tools=(
   [etcd]="etcd=go.etcd.io/etcd/server/v3"
   [helm]="helm=helm.sh/helm/v3/cmd/helm"
   [controller-gen]="controller-gen=sigs.k8s.io/controller-tools/cmd/controller-gen"
+  [staticcheck]="staticcheck=honnef.co/go/tools/cmd/staticcheck"
 )
 
 families=("$@")
-[ ${#families[@]} -gt 0 ] || families=(controller-gen etcd kubernetes helm)
+[ ${#families[@]} -gt 0 ] || families=(controller-gen staticcheck etcd kubernetes helm)
 
 for fam in "${families[@]}"; do
   [ -n "${tools[$fam]:-}" ] || { echo "tools.sh: unknown tool family '$fam' (known: ${!tools[*]})" >&2; exit 2; }

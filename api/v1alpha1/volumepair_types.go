@@ -407,7 +407,3 @@ type VolumePairList struct {
 	// items are the VolumePairs.
 	Items []VolumePair `json:"items"`
 }
-
-func init() {
-	SchemeBuilder.Register(&VolumePair{}, &VolumePairList{})
-}

@@ -15,10 +15,8 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"os/signal"
 	"syscall"
@@ -26,13 +24,11 @@ import (
 	"github.com/go-logr/logr"
 	"github.com/spf13/cobra"
 	"k8s.io/apimachinery/pkg/runtime"
-	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/cli-runtime/pkg/genericclioptions"
 	"k8s.io/cli-runtime/pkg/genericiooptions"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	ctrllog "sigs.k8s.io/controller-runtime/pkg/log"
-	"sigs.k8s.io/yaml"
 
 	storagev1alpha1 "github.com/tandem-storage/tandem/api/v1alpha1"
 )
@@ -152,45 +148,6 @@ func getPair(ctx context.Context, c client.Client, ns, name string) (*storagev1a
 func nameArg(cmd *cobra.Command, args []string) error {
 	if len(args) != 1 {
 		return fmt.Errorf("%s needs exactly one argument, the VolumePair's name (got %d); see '%s --help'", cmd.Name(), len(args), cmd.CommandPath())
-	}
-	return nil
-}
-
-// checkOutput validates -o.
-func checkOutput(format string) error {
-	switch format {
-	case "", "json", "yaml":
-		return nil
-	}
-	return fmt.Errorf("unknown output format %q: want json or yaml", format)
-}
-
-// printObject writes obj as JSON or YAML, like kubectl get -o: with its
-// apiVersion and kind, without managed fields.
-func printObject(w io.Writer, obj client.Object, gvk schema.GroupVersionKind, format string) error {
-	obj = obj.DeepCopyObject().(client.Object)
-	obj.GetObjectKind().SetGroupVersionKind(gvk)
-	obj.SetManagedFields(nil)
-	return printData(w, obj, format)
-}
-
-// printData writes v as indented JSON or YAML.
-func printData(w io.Writer, v any, format string) error {
-	var (
-		b   []byte
-		err error
-	)
-	if format == "yaml" {
-		b, err = yaml.Marshal(v)
-	} else {
-		b, err = json.MarshalIndent(v, "", "    ")
-		b = append(b, '\n')
-	}
-	if err != nil {
-		return fmt.Errorf("encode %s: %w", format, err)
-	}
-	if _, err := w.Write(b); err != nil {
-		return fmt.Errorf("write output: %w", err)
 	}
 	return nil
 }

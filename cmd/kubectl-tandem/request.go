@@ -12,6 +12,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/cli-runtime/pkg/printers"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	storagev1alpha1 "github.com/tandem-storage/tandem/api/v1alpha1"
@@ -59,7 +60,7 @@ fails back.`,
 }
 
 func newRequestCmd(o *rootOptions, r request) *cobra.Command {
-	var output string
+	var out *outputFlags
 	cmd := &cobra.Command{
 		Use:     r.verb + " NAME",
 		Short:   r.short,
@@ -67,8 +68,12 @@ func newRequestCmd(o *rootOptions, r request) *cobra.Command {
 		Example: fmt.Sprintf("  kubectl tandem %s db -n prod", r.verb),
 		Args:    nameArg,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := checkOutput(output); err != nil {
-				return err
+			var p printers.ResourcePrinter
+			if !out.human() {
+				var err error
+				if p, err = out.printer(); err != nil {
+					return err
+				}
 			}
 			ns, err := o.namespace()
 			if err != nil {
@@ -86,13 +91,13 @@ func newRequestCmd(o *rootOptions, r request) *cobra.Command {
 			if err := annotate(cmd.Context(), c, vp, r.annotation, at); err != nil {
 				return fmt.Errorf("request %s of volumepair %s/%s: %w", r.verb, ns, vp.Name, err)
 			}
-			if output != "" {
-				return printObject(o.streams.Out, vp, volumePairGVK, output)
+			if p != nil {
+				return out.printObject(p, o.streams.Out, vp, volumePairGVK)
 			}
 			return renderRequest(o.streams.Out, r, vp, at)
 		},
 	}
-	cmd.Flags().StringVarP(&output, "output", "o", "", "Output format: json or yaml (prints the annotated VolumePair).")
+	out = addObjectOutput(cmd, "the annotated VolumePair")
 	return cmd
 }
 

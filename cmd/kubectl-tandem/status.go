@@ -11,6 +11,7 @@ import (
 
 	"github.com/spf13/cobra"
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/cli-runtime/pkg/printers"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	storagev1alpha1 "github.com/tandem-storage/tandem/api/v1alpha1"
@@ -20,7 +21,7 @@ import (
 const maxEvents = 10
 
 func newStatusCmd(o *rootOptions) *cobra.Command {
-	var output string
+	var out *outputFlags
 	cmd := &cobra.Command{
 		Use:   "status NAME",
 		Short: "Show a VolumePair's phase, roles, diff, copy progress, members, conditions and events",
@@ -29,13 +30,19 @@ primary, phase (PAIR, SWAP, COPY, NORMAL), epoch, NBD endpoint, what is out of
 sync, the progress of a running copy, each member's state, the conditions, the
 last failover and failback, and the latest events.
 
-With -o json or -o yaml it prints the VolumePair object instead.`,
+With -o it prints the VolumePair object instead, in any of kubectl get's
+formats: json, yaml, name, jsonpath=..., go-template=...`,
 		Example: `  kubectl tandem status db -n prod
-  kubectl tandem status db -o yaml`,
+  kubectl tandem status db -o yaml
+  kubectl tandem status db -o jsonpath='{.status.phase}{"\n"}'`,
 		Args: nameArg,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := checkOutput(output); err != nil {
-				return err
+			var p printers.ResourcePrinter
+			if !out.human() {
+				var err error
+				if p, err = out.printer(); err != nil {
+					return err
+				}
 			}
 			ns, err := o.namespace()
 			if err != nil {
@@ -49,14 +56,14 @@ With -o json or -o yaml it prints the VolumePair object instead.`,
 			if err != nil {
 				return err
 			}
-			if output != "" {
-				return printObject(o.streams.Out, vp, volumePairGVK, output)
+			if p != nil {
+				return out.printObject(p, o.streams.Out, vp, volumePairGVK)
 			}
 			events, evErr := pairEvents(cmd.Context(), c, vp)
 			return renderStatus(o.streams.Out, vp, events, evErr, time.Now())
 		},
 	}
-	cmd.Flags().StringVarP(&output, "output", "o", "", "Output format: json or yaml (prints the VolumePair object).")
+	out = addObjectOutput(cmd, "the VolumePair object")
 	return cmd
 }
 

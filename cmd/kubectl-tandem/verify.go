@@ -17,6 +17,7 @@ import (
 	"github.com/spf13/cobra"
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/cli-runtime/pkg/printers"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	storagev1alpha1 "github.com/tandem-storage/tandem/api/v1alpha1"
@@ -40,7 +41,7 @@ const bytesPerCall = 256 << 20
 const maxTextRuns = 100
 
 type verifyOptions struct {
-	output       string
+	out          *outputFlags
 	operatorNS   string
 	tokenFile    string
 	batch        int
@@ -82,12 +83,19 @@ check could not be completed.`,
 			return nil
 		},
 		RunE: func(cmd *cobra.Command, args []string) error {
+			var p printers.ResourcePrinter
+			if !vo.out.human() {
+				var err error
+				if p, err = vo.out.printer(); err != nil {
+					return &exitError{code: 2, err: err}
+				}
+			}
 			rep, err := runVerify(cmd.Context(), o, vo, args[0])
 			if err != nil {
 				return &exitError{code: 2, err: err}
 			}
-			if vo.output != "" {
-				err = printData(o.streams.Out, rep, vo.output)
+			if !vo.out.human() {
+				err = vo.out.printReport(p, o.streams.Out, rep)
 			} else {
 				err = renderVerify(o.streams.Out, rep)
 			}
@@ -102,7 +110,7 @@ check could not be completed.`,
 	}
 	cmd.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return &exitError{code: 2, err: err} })
 	f := cmd.Flags()
-	f.StringVarP(&vo.output, "output", "o", "", "Output format: json or yaml (prints the report).")
+	vo.out = addReportOutput(cmd, "the report")
 	f.StringVar(&vo.operatorNS, "operator-namespace", "tandem-system", "Namespace of the agents' Leases and token Secret.")
 	f.StringVar(&vo.tokenFile, "token-file", "", "File holding the agents' bearer token (default: Secret tandem-agent-token in the operator namespace).")
 	f.IntVar(&vo.batch, "region-batch", 0, fmt.Sprintf("Regions hashed per agent call, 1 to %d (0: about %s per call).", agentapi.MaxChecksumRegions, humanBytes(bytesPerCall)))
@@ -143,9 +151,6 @@ type replica struct {
 }
 
 func runVerify(ctx context.Context, o *rootOptions, vo *verifyOptions, name string) (*verifyReport, error) {
-	if err := checkOutput(vo.output); err != nil {
-		return nil, err
-	}
 	if vo.batch < 0 || vo.batch > agentapi.MaxChecksumRegions {
 		return nil, fmt.Errorf("--region-batch %d: want 0 (automatic) or 1 to %d", vo.batch, agentapi.MaxChecksumRegions)
 	}
@@ -201,7 +206,7 @@ func runVerify(ctx context.Context, o *rootOptions, vo *verifyOptions, name stri
 		Runs: []regionRun{}, Notes: verifyNotes(vp, reps),
 	}
 	start := time.Now()
-	progress := newProgress(o.streams.ErrOut, vo.output == "", int64(regions)*rs)
+	progress := newProgress(o.streams.ErrOut, vo.out.human(), int64(regions)*rs)
 
 	// First pass over the whole volume.
 	var differ []uint32

@@ -16,6 +16,8 @@ import (
 
 	"github.com/RoaringBitmap/roaring/v2"
 	"github.com/go-logr/logr"
+
+	"github.com/tandem-storage/tandem/internal/fsutil"
 )
 
 // ErrClosed is returned by Journal methods called after Close.
@@ -255,7 +257,7 @@ func ResetJournal(dir string) error {
 			}
 		}
 	}
-	if err := syncDir(dir); err != nil {
+	if err := fsutil.SyncDir(dir); err != nil {
 		return fmt.Errorf("resetting bitmap journal %s: %w", dir, err)
 	}
 	return nil
@@ -722,8 +724,8 @@ func (j *Journal) appendBatch(f *os.File, gen uint64, off int64, ext *roaring.Bi
 	if err := j.fault(FaultSync); err != nil {
 		return 0, fmt.Errorf("fdatasync: %w", err)
 	}
-	if err := fdatasync(f); err != nil {
-		return 0, fmt.Errorf("fdatasync: %w", err)
+	if err := fsutil.Fdatasync(f); err != nil {
+		return 0, err
 	}
 	j.fsyncs.Add(1)
 	j.records.Add(1)
@@ -920,10 +922,10 @@ func (j *Journal) createLog(gen uint64, hot []extentRun) (*os.File, int64, error
 	if _, err := f.WriteAt(hdr, 0); err != nil {
 		return fail(err)
 	}
-	if err := fdatasync(f); err != nil {
+	if err := fsutil.Fdatasync(f); err != nil {
 		return fail(err)
 	}
-	if err := syncDir(j.dir); err != nil {
+	if err := fsutil.SyncDir(j.dir); err != nil {
 		return fail(err)
 	}
 	off := int64(len(hdr))
@@ -939,7 +941,7 @@ func (j *Journal) createLog(gen uint64, hot []extentRun) (*os.File, int64, error
 		if _, err := f.WriteAt(rec, off); err != nil {
 			return fail(err)
 		}
-		if err := fdatasync(f); err != nil {
+		if err := fsutil.Fdatasync(f); err != nil {
 			return fail(err)
 		}
 		j.fsyncs.Add(1)
@@ -958,27 +960,10 @@ func (j *Journal) writeCheckpoint(gen uint64, bm *roaring.Bitmap) error {
 	if err := j.fault(FaultCheckpoint); err != nil {
 		return fmt.Errorf("writing checkpoint: %w", err)
 	}
-	tmp := filepath.Join(j.dir, checkpointTmp)
-	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
-	if err != nil {
+	// Through checkpoint.tmp, the name the format gives it: OpenJournal and
+	// ResetJournal delete it.
+	if err := fsutil.WriteFileAtomicVia(filepath.Join(j.dir, checkpointName), checkpointTmp, data, 0o600); err != nil {
 		return fmt.Errorf("writing checkpoint: %w", err)
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return fmt.Errorf("writing checkpoint: %w", err)
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return fmt.Errorf("syncing checkpoint: %w", err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("closing checkpoint: %w", err)
-	}
-	if err := os.Rename(tmp, filepath.Join(j.dir, checkpointName)); err != nil {
-		return fmt.Errorf("installing checkpoint: %w", err)
-	}
-	if err := syncDir(j.dir); err != nil {
-		return fmt.Errorf("installing checkpoint: %w", err)
 	}
 	j.fsyncs.Add(2)
 	j.checkpoints.Add(1)
@@ -1007,7 +992,7 @@ func (j *Journal) removeLogsBefore(gen uint64) {
 		}
 	}
 	if removed > 0 {
-		if err := syncDir(j.dir); err != nil {
+		if err := fsutil.SyncDir(j.dir); err != nil {
 			j.log.Error(err, "syncing bitmap journal directory", "dir", j.dir)
 		}
 	}
@@ -1040,18 +1025,6 @@ func (j *Journal) Stats() JournalStats {
 
 // ExtentSize is the write-intent extent size in bytes.
 func (j *Journal) ExtentSize() int64 { return j.geo.extentSize }
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	if err := d.Sync(); err != nil {
-		d.Close()
-		return fmt.Errorf("fsync directory: %w", err)
-	}
-	return d.Close()
-}
 
 // stripedCounter is a counter for the lock-free fast path: concurrent Marks
 // of different extents increment different cache lines instead of bouncing

@@ -6,12 +6,13 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+
+	"github.com/tandem-storage/tandem/internal/fsutil"
 )
 
-// FileName is the metadata file's name inside a replica directory.
+// FileName is the metadata file's name inside a replica directory. Write's
+// temporary files are named FileName.tmp-* (fsutil.WriteFileAtomic).
 const FileName = "meta"
-
-const tempPrefix = FileName + ".tmp-"
 
 // dirLocks serializes Writes to one directory within this process, so one
 // Write never removes another's temporary file.
@@ -27,72 +28,27 @@ func lockDir(dir string) func() {
 	return mu.Unlock
 }
 
-// Write validates m and atomically replaces dir/meta with it: it writes a
-// temporary file in dir, fsyncs it, renames it over dir/meta and fsyncs dir.
-// It first removes temporary files an earlier crash left in dir. dir must
-// exist. When Write fails, dir/meta holds the old or (if only the final
-// directory fsync failed) the new contents.
+// Write validates m and atomically replaces dir/meta with it
+// (fsutil.WriteFileAtomic: a temporary file in dir, fsynced, renamed over
+// dir/meta, dir fsynced). It first removes the temporary files an earlier
+// crash left in dir; Writes to one directory are serialized within the
+// process so that this never removes a running Write's file. dir must exist.
+// When Write fails, dir/meta holds the old or (if only the final directory
+// fsync failed) the new contents, and the error names the failed step.
 func Write(dir string, m Meta) error {
 	b, err := encode(m)
 	if err != nil {
 		return err
 	}
 	defer lockDir(dir)()
-	if err := removeTemps(dir); err != nil {
+	path := filepath.Join(dir, FileName)
+	if err := fsutil.RemoveTemps(path); err != nil {
 		return fmt.Errorf("meta: write %s: %w", dir, err)
 	}
-	f, err := os.CreateTemp(dir, tempPrefix+"*")
-	if err != nil {
-		return fmt.Errorf("meta: write %s: %w", dir, err)
-	}
-	tmp := f.Name()
-	fail := func(step string, err error) error {
-		_ = f.Close()
-		_ = os.Remove(tmp)
-		return fmt.Errorf("meta: write %s: %s: %w", dir, step, err)
-	}
-	if _, err := f.Write(b); err != nil {
-		return fail("write temporary file", err)
-	}
-	if err := f.Sync(); err != nil {
-		return fail("fsync temporary file", err)
-	}
-	if err := f.Close(); err != nil {
-		return fail("close temporary file", err)
-	}
-	if err := os.Rename(tmp, filepath.Join(dir, FileName)); err != nil {
-		return fail("rename", err)
-	}
-	if err := syncDir(dir); err != nil {
-		return fmt.Errorf("meta: write %s: fsync directory: %w", dir, err)
+	if err := fsutil.WriteFileAtomic(path, b, 0o600); err != nil {
+		return fmt.Errorf("meta: %w", err)
 	}
 	return nil
-}
-
-// removeTemps deletes leftover temporary files in dir.
-func removeTemps(dir string) error {
-	tmps, err := filepath.Glob(filepath.Join(filepath.Clean(dir), tempPrefix+"*"))
-	if err != nil {
-		return err
-	}
-	for _, t := range tmps {
-		if err := os.Remove(t); err != nil && !os.IsNotExist(err) {
-			return fmt.Errorf("remove stale temporary file: %w", err)
-		}
-	}
-	return nil
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	err = d.Sync()
-	if cerr := d.Close(); err == nil {
-		err = cerr
-	}
-	return err
 }
 
 // Read reads and decodes dir/meta, ignoring temporary files. A missing file

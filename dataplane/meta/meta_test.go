@@ -302,7 +302,7 @@ func TestReadErrors(t *testing.T) {
 
 func temps(t *testing.T, dir string) []string {
 	t.Helper()
-	m, err := filepath.Glob(filepath.Join(dir, tempPrefix+"*"))
+	m, err := filepath.Glob(filepath.Join(dir, FileName+".tmp-*"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -323,7 +323,7 @@ func TestCrashAtomicity(t *testing.T) {
 	// Crash while writing the temporary file, and crash after writing it
 	// but before the rename.
 	for i, content := range [][]byte{encB[:len(encB)/3], encB, nil} {
-		if err := os.WriteFile(filepath.Join(dir, fmt.Sprintf("%s%d", tempPrefix, i)), content, 0o600); err != nil {
+		if err := os.WriteFile(filepath.Join(dir, fmt.Sprintf("%s.tmp-%d", FileName, i)), content, 0o600); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"sync/atomic"
 	"syscall"
+
+	"github.com/tandem-storage/tandem/internal/fsutil"
 )
 
 // ErrTooSmall is wrapped by OpenFile when an existing file or block device is
@@ -65,7 +67,10 @@ func initCreated(f *os.File, path string, size int64) (*File, error) {
 	fail := func(what string, err error) (*File, error) {
 		_ = f.Close()
 		_ = os.Remove(path)
-		return nil, fmt.Errorf("store: create %s: %s: %w", path, what, err)
+		if what != "" {
+			err = fmt.Errorf("%s: %w", what, err)
+		}
+		return nil, fmt.Errorf("store: create %s: %w", path, err)
 	}
 	if err := f.Truncate(size); err != nil {
 		return fail(fmt.Sprintf("truncate to %d bytes", size), err)
@@ -73,8 +78,8 @@ func initCreated(f *os.File, path string, size int64) (*File, error) {
 	if err := f.Sync(); err != nil {
 		return fail("fsync", err)
 	}
-	if err := syncDir(filepath.Dir(path)); err != nil {
-		return fail("fsync directory", err)
+	if err := fsutil.SyncDir(filepath.Dir(path)); err != nil {
+		return fail("", err) // it names the step and the directory
 	}
 	return &File{f: f, path: path, size: size, created: true, align: 1}, nil
 }
@@ -125,18 +130,6 @@ func openExisting(path string, size int64) (*File, error) {
 	return s, nil
 }
 
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	err = d.Sync()
-	if cerr := d.Close(); err == nil {
-		err = cerr
-	}
-	return err
-}
-
 // Path is the path the store was opened with.
 func (s *File) Path() string { return s.path }
 
@@ -177,8 +170,8 @@ func (s *File) WriteAt(p []byte, off int64) (int, error) {
 
 // Sync flushes completed writes to stable storage with fdatasync.
 func (s *File) Sync() error {
-	if err := s.datasync(); err != nil {
-		return fmt.Errorf("store: fdatasync %s: %w", s.path, err)
+	if err := fsutil.Fdatasync(s.f); err != nil {
+		return fmt.Errorf("store: %w", err) // "fdatasync PATH: ..."
 	}
 	return nil
 }

@@ -35,17 +35,6 @@ func (s *File) fallocate(mode uint32, off, n int64) error {
 	})
 }
 
-func (s *File) datasync() error {
-	return s.control(func(fd int) error {
-		for {
-			err := unix.Fdatasync(fd)
-			if err != unix.EINTR {
-				return err
-			}
-		}
-	})
-}
-
 // control runs fn with the file descriptor, which stays open meanwhile.
 func (s *File) control(fn func(fd int) error) error {
 	rc, err := s.f.SyscallConn()

@@ -14,8 +14,6 @@ func (s *File) punchHole(off, n int64) error { return errors.ErrUnsupported }
 
 func (s *File) zeroRange(off, n int64) error { return errors.ErrUnsupported }
 
-func (s *File) datasync() error { return s.f.Sync() }
-
 func blockDevGeometry(f *os.File) (size, sector int64, err error) {
 	size, err = f.Seek(0, io.SeekEnd)
 	return size, 512, err

@@ -33,7 +33,6 @@ func (d *journalDisk) hook(bitmap.FaultOp) error {
 // extents succeed without a restart, Status is writable again, and the pair
 // converges with every acknowledged write on both members.
 func TestDiskFaultJournalTransientENOSPC(t *testing.T) {
-	const extent = 4 << 20 // the default write-intent extent
 	for _, mode := range faultModes {
 		t.Run(string(mode), func(t *testing.T) {
 			tl := stresstest.NewTally(t, "disk-faults")

@@ -37,7 +37,7 @@
 #                         keeping the other steps' results in STRESS_OUT
 #                         (re-run a step, then regenerate the report)
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 1
 ROOT=$PWD
 
 export TANDEM_STRESS_TRIALS=${TANDEM_STRESS_TRIALS:-20}

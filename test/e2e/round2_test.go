@@ -231,7 +231,7 @@ func TestStory13FailbackUnderLoad(t *testing.T) {
 			time.Sleep(2 * time.Second) // fio is writing through node-b
 			s.lc("restore-node", "node-a")
 			restored := time.Now()
-			vp = s.wait(90*time.Second, "failback to node-a under load", func(vp *v1.VolumePair) bool {
+			s.wait(90*time.Second, "failback to node-a under load", func(vp *v1.VolumePair) bool {
 				return vp.Status.ActivePrimary == "node-a" && vp.Status.Epoch == 3
 			})
 			failback := time.Since(restored)

@@ -152,9 +152,9 @@ func TestStory03SyncZeroLoss(t *testing.T) {
 func TestStory04BackupLost(t *testing.T) {
 	s := newStory(t, "cache")
 	s.apply(s.pairManifest("Async", "node-a", "node-c", "64Mi", ""))
-	vp := s.wait(60*time.Second, "PAIR", inSync("node-a"))
+	s.wait(60*time.Second, "PAIR", inSync("node-a"))
 	s.lc("kill-node", "node-c")
-	vp = s.wait(30*time.Second, "Degraded", func(vp *v1.VolumePair) bool {
+	vp := s.wait(30*time.Second, "Degraded", func(vp *v1.VolumePair) bool {
 		return vp.Status.Phase == v1.PhasePair && condTrue(vp, v1.ConditionDegraded) && vp.Status.ActivePrimary == "node-a"
 	})
 	mustQemuIO(t, vp.Status.Endpoint, "write -P 0x41 4M 4M")
@@ -215,7 +215,7 @@ func TestStory05Partition(t *testing.T) {
 	time.Sleep(time.Second)
 	s.lc("partition", "node-a")
 	cut := time.Now()
-	vp = s.wait(60*time.Second, "promotion of node-b", func(vp *v1.VolumePair) bool {
+	s.wait(60*time.Second, "promotion of node-b", func(vp *v1.VolumePair) bool {
 		return vp.Status.ActivePrimary == "node-b" && vp.Status.Endpoint != ""
 	})
 	took := s.writeUntilAccepted(cut, 30*time.Second, "write -P 0xb5 8M 4k")
@@ -274,7 +274,7 @@ func TestStory06Switchover(t *testing.T) {
 func TestStory07ManagerRestartDuringCopy(t *testing.T) {
 	s := newStory(t, "batch")
 	s.apply(s.pairManifest("Async", "node-a", "node-b", "256Mi", "  resync: {maxBytesPerSecond: 4194304}\n  failback: {policy: Automatic}\n"))
-	vp := s.wait(60*time.Second, "PAIR", inSync("node-a"))
+	s.wait(60*time.Second, "PAIR", inSync("node-a"))
 	s.lc("kill-node", "node-a")
 	s.writeUntilAccepted(time.Now(), 30*time.Second, "write -P 0x71 0 16M")
 	s.lc("restore-node", "node-a")
@@ -282,7 +282,7 @@ func TestStory07ManagerRestartDuringCopy(t *testing.T) {
 	s.lc("kill-manager")
 	time.Sleep(2 * time.Second)
 	s.lc("start-manager")
-	vp = s.wait(120*time.Second, "PAIR after failback", func(vp *v1.VolumePair) bool {
+	vp := s.wait(120*time.Second, "PAIR after failback", func(vp *v1.VolumePair) bool {
 		return vp.Status.Phase == v1.PhasePair && inSync("node-a")(vp)
 	})
 	if vp.Status.Epoch != 3 {

@@ -24,6 +24,8 @@ import (
 	"io"
 	"net"
 	"os"
+	"strconv"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -145,4 +147,29 @@ func Listen(t testing.TB) net.Listener {
 	}
 	t.Cleanup(func() { l.Close() })
 	return l
+}
+
+// RefusingAddr returns a loopback address whose connections are refused:
+// its port is held by a socket that is bound but does not listen, until
+// the test ends. Closing a listener to get such an address would let any
+// process take the port meanwhile.
+func RefusingAddr(t testing.TB) string {
+	t.Helper()
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatalf("socket: %v", err)
+	}
+	t.Cleanup(func() { syscall.Close(fd) })
+	if err := syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatalf("bind on loopback: %v", err)
+	}
+	sa, err := syscall.Getsockname(fd)
+	if err != nil {
+		t.Fatalf("getsockname: %v", err)
+	}
+	in4, ok := sa.(*syscall.SockaddrInet4)
+	if !ok {
+		t.Fatalf("getsockname: %T", sa)
+	}
+	return net.JoinHostPort("127.0.0.1", strconv.Itoa(in4.Port))
 }

@@ -4,10 +4,12 @@ import (
 	"context"
 	"net"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/go-logr/logr"
+	"github.com/go-logr/logr/funcr"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes/fake"
 	clocktesting "k8s.io/utils/clock/testing"
@@ -20,46 +22,82 @@ import (
 	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
-// runAgent runs agent.Run in the background on loopback listeners; it
-// returns the agent, its endpoints, and a stop that cancels Run and
-// returns its error.
-func runAgent(t *testing.T, o agent.Options) (*agent.Agent, agent.Endpoints, func() error) {
+// runningAgent is an in-process agent started with agent.Run on loopback
+// listeners (testkit.Listen).
+type runningAgent struct {
+	*agent.Agent
+	ep  agent.Endpoints
+	c   *agent.Client // its control API, with the agent's token
+	log *logBuf       // its log, when the options gave none
+	// stop cancels Run and returns what it returned (once; later calls
+	// return the same).
+	stop func() error
+}
+
+// startAgent runs agent.Run(o) in the background; the listeners, node name
+// ("node-a") and data dir (a temporary one) are filled in when o leaves
+// them empty. When the test ends the agent is stopped, Run must have
+// returned nil and closed every replica without an error, and a failed
+// test prints the agent's log.
+func startAgent(t *testing.T, o agent.Options) *runningAgent {
 	t.Helper()
-	o.Control, o.Replication, o.NBD = testkit.Listen(t), testkit.Listen(t), testkit.Listen(t)
+	r := &runningAgent{}
+	if o.Control == nil {
+		o.Control = testkit.Listen(t)
+	}
+	if o.Replication == nil {
+		o.Replication = testkit.Listen(t)
+	}
+	if o.NBD == nil {
+		o.NBD = testkit.Listen(t)
+	}
 	if o.Node == "" {
 		o.Node = "node-a"
 	}
 	if o.DataDir == "" {
 		o.DataDir = t.TempDir()
 	}
-	type started struct {
-		a  *agent.Agent
-		ep agent.Endpoints
+	if o.Log.GetSink() == nil {
+		r.log = &logBuf{}
+		o.Log = funcr.New(func(prefix, args string) { r.log.add(prefix + " " + args) }, funcr.Options{})
 	}
-	up := make(chan started, 1)
-	o.Started = func(a *agent.Agent, ep agent.Endpoints) { up <- started{a, ep} }
+	up := make(chan struct{})
+	o.Started = func(a *agent.Agent, ep agent.Endpoints) { r.Agent, r.ep = a, ep; close(up) }
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- agent.Run(ctx, o) }()
-	var s started
 	select {
-	case s = <-up:
+	case <-up:
 	case err := <-done:
 		cancel()
 		t.Fatalf("agent.Run returned before serving: %v", err)
 	}
-	stopped := false
+	r.c = agent.NewClient(r.ep.Control, o.Token)
+	var once sync.Once
 	var runErr error
-	stop := func() error {
-		if !stopped {
-			stopped = true
+	r.stop = func() error {
+		once.Do(func() {
 			cancel()
 			runErr = <-done
-		}
+		})
 		return runErr
 	}
-	t.Cleanup(func() { _ = stop() })
-	return s.a, s.ep, stop
+	t.Cleanup(func() {
+		if err := r.stop(); err != nil {
+			t.Errorf("agent.Run: %v", err)
+		}
+		if r.log == nil {
+			return
+		}
+		lg := r.log.String()
+		if strings.Contains(lg, `"Closing replicas"`) {
+			t.Error("the agent failed to close its replicas (see its log)")
+		}
+		if t.Failed() {
+			t.Logf("---- %s agent log (tail) ----\n%s", o.Node, tail(lg, 80))
+		}
+	})
+	return r
 }
 
 // TestRunServesAndShutsDown: an agent assembled by Run answers its control
@@ -68,8 +106,8 @@ func runAgent(t *testing.T, o agent.Options) (*agent.Agent, agent.Endpoints, fun
 // nil.
 func TestRunServesAndShutsDown(t *testing.T) {
 	dir := t.TempDir()
-	a, ep, stop := runAgent(t, agent.Options{Config: agent.Config{DataDir: dir, Token: "tok", Log: logr.Discard()}})
-	c := agentapi.NewClient(ep.Control, "tok")
+	r := startAgent(t, agent.Options{Config: agent.Config{DataDir: dir, Token: "tok"}})
+	a, ep, stop, c := r.Agent, r.ep, r.stop, r.c
 	info, err := c.Info(context.Background())
 	if err != nil {
 		t.Fatal(err)
@@ -118,7 +156,7 @@ func TestRunServesAndShutsDown(t *testing.T) {
 // TestRunAdvertiseHost: the advertised endpoints carry AdvertiseHost with
 // the listeners' ports.
 func TestRunAdvertiseHost(t *testing.T) {
-	_, ep, _ := runAgent(t, agent.Options{Config: agent.Config{AdvertiseHost: "198.18.0.7", Log: logr.Discard()}})
+	ep := startAgent(t, agent.Options{Config: agent.Config{AdvertiseHost: "198.18.0.7"}}).ep
 	for _, addr := range []string{strings.TrimPrefix(ep.Control, "http://"), ep.Replication, ep.NBD} {
 		if host, _, err := net.SplitHostPort(addr); err != nil || host != "198.18.0.7" {
 			t.Errorf("advertised %q, want host 198.18.0.7", addr)
@@ -133,8 +171,9 @@ func TestRunRegistersAndRenews(t *testing.T) {
 	cs := fake.NewClientset()
 	t0 := time.Date(2031, 6, 1, 0, 0, 0, 0, time.UTC)
 	clk := clocktesting.NewFakeClock(t0)
-	a, ep, stop := runAgent(t, agent.Options{Config: agent.Config{Token: "tok", Clock: clk, Log: logr.Discard()},
+	r := startAgent(t, agent.Options{Config: agent.Config{Token: "tok", Clock: clk},
 		Leases: cs.CoordinationV1(), Namespace: "tandem-system"})
+	a, ep, stop := r.Agent, r.ep, r.stop
 	leases := cs.CoordinationV1().Leases("tandem-system")
 	testkit.Eventually(t, 10*time.Second, "the agent Lease", func() (bool, error) {
 		l, err := leases.Get(context.Background(), v1.AgentLeaseName("node-a"), metav1.GetOptions{})
@@ -152,8 +191,7 @@ func TestRunRegistersAndRenews(t *testing.T) {
 	})
 	// The KubeAuthority gates the writes: a primary is not served until
 	// its authority Lease names this node at its epoch and was renewed.
-	c := agentapi.NewClient(ep.Control, "tok")
-	if _, err := c.Put(context.Background(), "ns", "vol", agentapi.VolumeRequest{Size: 4 << 20, RegionSize: 64 << 10,
+	if _, err := r.c.Put(context.Background(), "ns", "vol", agentapi.VolumeRequest{Size: 4 << 20, RegionSize: 64 << 10,
 		Spec: agentapi.Spec{Role: agentapi.RolePrimary, Epoch: 1, Initialize: true, Mode: agentapi.ModeAsync, PairUID: "uid-1"}}); err != nil {
 		t.Fatal(err)
 	}

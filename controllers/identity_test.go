@@ -146,7 +146,7 @@ func wipedMemberTrial(t *testing.T, who string) {
 			t.Fatalf("member after the full copy: %+v", m)
 		}
 	}
-	time.Sleep(200 * time.Millisecond)
+	s.agentsInSync(s.a) // final
 	s.sameData()
 	copier := s.a
 	if who == "writer" {

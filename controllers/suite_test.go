@@ -36,6 +36,7 @@ import (
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
 	"github.com/tandem-storage/tandem/dataplane/agent"
+	"github.com/tandem-storage/tandem/internal/testkit"
 	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
@@ -74,11 +75,14 @@ var (
 
 // needEnvtest starts kube-apiserver and etcd (from KUBEBUILDER_ASSETS, or
 // bin/) the first time a test needs them, and fails the test if they
-// cannot start. Every test that uses cfg, k8s or cs calls it first (the
+// cannot start; under -short it skips the test. Every test that uses cfg, k8s or cs calls it first (the
 // helpers newStory, newNode and startManager do), so that the pure tests
 // (Decide, status rendering) run with plain go test and without bin/.
 func needEnvtest(t testing.TB) {
 	t.Helper()
+	// Every test here that needs the API server tells a story with
+	// in-process agents, and failovers wait for leases.
+	testkit.SkipIfShort(t, "an envtest story with in-process agents (tens of seconds)")
 	envOnce.Do(func() { envErr = startEnvtest() })
 	if envErr != nil {
 		t.Fatalf("controllers: %v", envErr)

@@ -47,6 +47,7 @@ var (
 // binary has it.
 func buildAgent(t *testing.T) string {
 	t.Helper()
+	testkit.SkipIfShort(t, "builds cmd/agent and runs agent processes")
 	buildOnce.Do(func() {
 		_, file, _, _ := runtime.Caller(0)
 		root := filepath.Join(filepath.Dir(file), "..", "..")

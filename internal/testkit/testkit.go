@@ -136,6 +136,17 @@ func SHA256(b []byte) string {
 	return hex.EncodeToString(s[:])
 }
 
+// SkipIfShort skips t under go test -short, saying why the test is slow:
+// the suites that start processes, run many trials or tell long stories
+// against envtest. make test and .ci/run do not pass -short: they run
+// everything.
+func SkipIfShort(t testing.TB, why string) {
+	t.Helper()
+	if testing.Short() {
+		t.Skipf("skipped with -short: %s", why)
+	}
+}
+
 // Listen returns a listener on a port of 127.0.0.1 chosen by the kernel,
 // closed when the test ends (closing it twice is harmless). Hand it to the
 // server; read the address from it.

@@ -30,6 +30,7 @@ import (
 // TestPlugin builds kubectl-tandem and drives it against the test API server
 // (and, for verify, two in-process agents), checking what users see.
 func TestPlugin(t *testing.T) {
+	testkit.SkipIfShort(t, "builds and runs kubectl-tandem, with in-process agents")
 	bin := filepath.Join(t.TempDir(), "kubectl-tandem")
 	build := exec.Command("go", "build", "-o", bin, "./cmd/kubectl-tandem")
 	build.Dir = repoRoot

@@ -2,6 +2,17 @@
 // data directory, serves the acting primaries over NBD, accepts replication
 // streams for the backups, and answers the controller's control API.
 //
+// # Running an agent
+//
+// Run assembles one from Options (Config, the three listeners, the control
+// API's limits, the NBD server's settings, and a Kubernetes Lease client for
+// registration and authority) and serves until its context ends, then shuts
+// down in the order that loses nothing (see Run). cmd/agent maps its flags
+// onto Options; tests run in-process agents with it, on listeners they
+// create once and hand over. The pieces (New, ServeControl, Handler,
+// ServeReplication, Register, KubeAuthority) stay exported for the tests
+// that drive one of them alone.
+//
 // # Control API (HTTP/JSON)
 //
 // The agent serves the control API of package agentapi (the contract

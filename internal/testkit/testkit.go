@@ -1,6 +1,6 @@
 // Package testkit holds what Tandem's tests share: one way to wait for a
 // condition (Eventually, and Wait for code that has no testing.T), file
-// hashing, and loopback listeners handed to servers.
+// hashing, loopback listeners handed to servers, and the -short switch.
 //
 // # Listeners, not free ports
 //
@@ -12,7 +12,13 @@
 // port 0 and reads back the address it bound (the agent's --addresses-file).
 // The one exception is restarting a server on the address it had: peers
 // and Leases name that address, so it is bound again by number, as a
-// restarted node would.
+// restarted node would. A test that needs an address where nothing
+// listens uses RefusingAddr, which holds the port without listening.
+//
+// # Slow suites
+//
+// SkipIfShort marks the suites go test -short skips (agent processes,
+// envtest stories with agents); make test and .ci/run run them all.
 //
 // It is imported by tests (and by test harnesses such as hack/bench) only.
 package testkit

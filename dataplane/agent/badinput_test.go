@@ -72,14 +72,7 @@ func (l *logBuf) about(remote, text string) bool {
 
 // waitLogged waits up to 2 s for a line about remote containing text.
 func (l *logBuf) waitLogged(remote, text string) bool {
-	deadline := time.Now().Add(2 * time.Second)
-	for !l.about(remote, text) {
-		if time.Now().After(deadline) {
-			return false
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	return true
+	return testkit.Wait(2*time.Second, "a log line", func() bool { return l.about(remote, text) }) == nil
 }
 
 // abuseEnv is an agent ("node-b") serving replication on loopback, with a

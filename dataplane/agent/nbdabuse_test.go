@@ -25,6 +25,7 @@ import (
 	"github.com/tandem-storage/tandem/dataplane/agent"
 	"github.com/tandem-storage/tandem/dataplane/volume"
 	"github.com/tandem-storage/tandem/internal/stresstest"
+	"github.com/tandem-storage/tandem/internal/testkit"
 )
 
 const (
@@ -329,8 +330,7 @@ func TestNBDAbuse(t *testing.T) {
 		}
 		tl.Faults.Add(int64(len(idle)))
 		before := good.Load()
-		time.Sleep(300 * time.Millisecond)
-		if good.Load() == before {
+		if testkit.Wait(300*time.Millisecond, "progress", func() bool { return good.Load() > before }) != nil {
 			tl.Violated.Add(1)
 			t.Errorf("trial %d: the well-behaved client made no progress with %d idle connections open", trial, len(idle))
 		}

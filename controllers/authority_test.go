@@ -21,6 +21,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/utils/clock"
 	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
@@ -236,8 +237,11 @@ func TestForeignAuthorityLeaseRefused(t *testing.T) {
 }
 
 // skewedClock is the real clock shifted by d: wall times differ, elapsed
-// times (monotonic) do not.
-type skewedClock struct{ d time.Duration }
+// times (monotonic) and timers do not.
+type skewedClock struct {
+	clock.RealClock
+	d time.Duration
+}
 
 func (c skewedClock) Now() time.Time                  { return time.Now().Add(c.d) }
 func (c skewedClock) Since(t time.Time) time.Duration { return c.Now().Sub(t) }
@@ -363,7 +367,7 @@ func clockSkewTrial(t *testing.T, mlog *testLog, blk *blocker, skew time.Duratio
 		}
 	})
 	s.a.kill()
-	s.a.clock = skewedClock{skew}
+	s.a.clock = skewedClock{d: skew}
 	s.a.start()
 	lease := time.Duration(s.vp.Spec.Failover.LeaseDurationSeconds) * time.Second
 	if err := k8sCreate(s); err != nil {
@@ -445,7 +449,7 @@ func clockSkewTrial(t *testing.T, mlog *testLog, blk *blocker, skew time.Duratio
 	s.waitFor(60*time.Second, "failback to PAIR in sync", func(vp *v1.VolumePair) bool {
 		return vp.Status.Phase == v1.PhasePair && pairInSync(s.a.name)(vp) && vp.Status.Epoch == 3
 	})
-	time.Sleep(300 * time.Millisecond)
+	s.agentsInSync(s.a)
 	s.sameData()
 	// Async: the cut-off writer's last writes never reached the backup and
 	// are lost by design; the backup's all survive the failback.

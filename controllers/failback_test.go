@@ -148,7 +148,7 @@ func failbackUnderLoadTrial(t *testing.T, mode v1.ReplicationMode) {
 	// Nothing acknowledged is lost: every block holds its last
 	// acknowledged write on the new writer, and the replicas agree.
 	s.waitFor(20*time.Second, "in sync after failback", pairInSync(s.a.name))
-	time.Sleep(200 * time.Millisecond)
+	s.agentsInSync(s.a)
 	s.sameData()
 	data, err := os.ReadFile(s.a.dataPath(s.ns, s.name))
 	if err != nil {

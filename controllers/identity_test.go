@@ -2,6 +2,7 @@ package controllers
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"sync"
@@ -11,6 +12,7 @@ import (
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
 	"github.com/tandem-storage/tandem/internal/stresstest"
+	"github.com/tandem-storage/tandem/internal/testkit"
 	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
@@ -125,13 +127,10 @@ func wipedMemberTrial(t *testing.T, who string) {
 		}
 	}
 	restarted := time.Now()
-	deadline := time.Now().Add(60 * time.Second)
-	for st := statusOf(wiped, s.ns, s.name); st == nil || !st.Joined || st.DataState != agentapi.UpToDate; st = statusOf(wiped, s.ns, s.name) {
-		if time.Now().After(deadline) {
-			t.Fatalf("the wiped member never got the pair's data back: %+v", st)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	testkit.Eventually(t, 60*time.Second, "the wiped member to get the pair's data back", func() (bool, string) {
+		st := statusOf(wiped, s.ns, s.name)
+		return st != nil && st.Joined && st.DataState == agentapi.UpToDate, fmt.Sprintf("%+v", st)
+	}, testkit.Every(50*time.Millisecond))
 	vp = s.waitFor(60*time.Second, "in sync again with the wiped member", func(vp *v1.VolumePair) bool {
 		ms := vp.Status.MemberStatus(wiped.name)
 		return pairInSync(final)(vp) && vp.Status.Copy == nil && ms != nil && ms.LastSeen != nil && ms.LastSeen.After(restarted)
@@ -146,7 +145,7 @@ func wipedMemberTrial(t *testing.T, who string) {
 			t.Fatalf("member after the full copy: %+v", m)
 		}
 	}
-	time.Sleep(200 * time.Millisecond)
+	s.agentsInSync(s.a) // final
 	s.sameData()
 	copier := s.a
 	if who == "writer" {

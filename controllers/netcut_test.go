@@ -29,20 +29,24 @@ var errPartitioned = errors.New("test partition: link cut")
 
 type cutTransport struct {
 	rt  http.RoundTripper
-	cut *atomic.Bool
+	cut []*atomic.Bool // any of them set cuts
 }
 
 func (c cutTransport) RoundTrip(r *http.Request) (*http.Response, error) {
-	if c.cut.Load() {
-		return nil, errPartitioned
+	for _, cut := range c.cut {
+		if cut.Load() {
+			return nil, errPartitioned
+		}
 	}
 	return c.rt.RoundTrip(r)
 }
 
-// clientset is the node's own client of the API server, cut while apiCut.
-func (nn *nodeNet) clientset(t testing.TB) kubernetes.Interface {
+// clientset is the node's own client of the API server, cut while apiCut
+// or any of also is set.
+func (nn *nodeNet) clientset(t testing.TB, also ...*atomic.Bool) kubernetes.Interface {
 	c := rest.CopyConfig(cfg)
-	c.WrapTransport = func(rt http.RoundTripper) http.RoundTripper { return cutTransport{rt: rt, cut: &nn.apiCut} }
+	cut := append([]*atomic.Bool{&nn.apiCut}, also...)
+	c.WrapTransport = func(rt http.RoundTripper) http.RoundTripper { return cutTransport{rt: rt, cut: cut} }
 	kc, err := kubernetes.NewForConfig(c)
 	if err != nil {
 		t.Fatal(err)

@@ -604,7 +604,7 @@ func apiOnlyTrial(t *testing.T, s *story, trial uint64, cut time.Time, lease tim
 		return vp.Status.Phase == v1.PhasePair && pairInSync(s.a.name)(vp) && vp.Status.Epoch == 3
 	})
 	t.Logf("trial %d: failback to %s done %v after healing", trial, s.a.name, time.Since(healed).Round(time.Millisecond))
-	time.Sleep(300 * time.Millisecond)
+	s.agentsInSync(s.a)
 	s.sameData()
 	if lost := lostAcked(t, s, *acks, nil); lost > 0 {
 		fail("%d acknowledged writes are missing from the converged replicas", lost)

@@ -3,7 +3,6 @@ package controllers
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
 	"fmt"
 	"os"
 	"strconv"
@@ -14,6 +13,7 @@ import (
 
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -22,6 +22,7 @@ import (
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
 	"github.com/tandem-storage/tandem/internal/authority"
+	"github.com/tandem-storage/tandem/internal/testkit"
 	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
@@ -121,19 +122,35 @@ func (s *story) get() *v1.VolumePair {
 	return vp
 }
 
+// waitFor polls the VolumePair until cond holds, and returns it.
 func (s *story) waitFor(d time.Duration, what string, cond func(*v1.VolumePair) bool) *v1.VolumePair {
 	s.t.Helper()
-	deadline := time.Now().Add(d)
 	var vp *v1.VolumePair
-	for time.Now().Before(deadline) {
+	testkit.Eventually(s.t, d, what, func() (bool, string) {
 		vp = s.get()
-		if cond(vp) {
-			return vp
-		}
-		time.Sleep(50 * time.Millisecond)
+		return cond(vp), fmt.Sprintf("status: %+v", vp.Status)
+	}, testkit.Every(50*time.Millisecond))
+	return vp
+}
+
+// agentsInSync waits until writer's agent itself reports its peer
+// connected, nothing to copy and every client write applied by the peer,
+// and the peer UpToDate: the replica files can be compared then. The
+// VolumePair's status lags the agents by up to a probe period.
+func (s *story) agentsInSync(writer *node) {
+	s.t.Helper()
+	peer := s.b
+	if writer == s.b {
+		peer = s.a
 	}
-	s.t.Fatalf("timed out after %v waiting for %s; status: %+v", d, what, vp.Status)
-	return nil
+	testkit.Eventually(s.t, 20*time.Second, writer.name+"'s agent in sync with "+peer.name, func() (bool, string) {
+		w, p := statusOf(writer, s.ns, s.name), statusOf(peer, s.ns, s.name)
+		if w == nil || p == nil {
+			return false, fmt.Sprintf("writer %v, peer %v", w, p)
+		}
+		return w.PeerConnected && w.OutOfSyncRegions == 0 && !w.Copy.Running && w.OldestUnreplicatedSeconds == 0 && p.DataState == agentapi.UpToDate,
+			fmt.Sprintf("writer %+v; peer %+v", *w, *p)
+	}, testkit.Every(20*time.Millisecond))
 }
 
 func cond(vp *v1.VolumePair, typ string) bool {
@@ -164,18 +181,10 @@ func pattern(b byte, n int) []byte { return bytes.Repeat([]byte{b}, n) }
 
 func (s *story) sameData() {
 	s.t.Helper()
-	ha, hb := fileSum(s.t, s.a.dataPath(s.ns, s.name)), fileSum(s.t, s.b.dataPath(s.ns, s.name))
+	ha, hb := testkit.FileSHA256(s.t, s.a.dataPath(s.ns, s.name)), testkit.FileSHA256(s.t, s.b.dataPath(s.ns, s.name))
 	if ha != hb {
-		s.t.Fatalf("replicas differ: %x vs %x", ha, hb)
+		s.t.Fatalf("replicas differ: %s vs %s", ha, hb)
 	}
-}
-
-func fileSum(t testing.TB, p string) [32]byte {
-	b, err := os.ReadFile(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return sha256.Sum256(b)
 }
 
 func (s *story) events() string {
@@ -265,7 +274,7 @@ func TestStory(t *testing.T) {
 				t.Fatalf("write after failback: %v", err)
 			}
 			s.waitFor(10*time.Second, "in sync", pairInSync(s.a.name))
-			time.Sleep(200 * time.Millisecond)
+			s.agentsInSync(s.a)
 			s.sameData()
 			ev := s.events()
 			for _, want := range []string{"Failover", "Failback", "PhaseSWAP", "PhaseCOPY", "PhasePAIR"} {
@@ -319,16 +328,10 @@ func controllerutilHas(vp *v1.VolumePair) bool {
 
 func (s *story) waitGone() {
 	s.t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
-	for time.Now().Before(deadline) {
-		vp := &v1.VolumePair{}
-		err := k8s.Get(context.Background(), client.ObjectKey{Namespace: s.ns, Name: s.name}, vp)
-		if client.IgnoreNotFound(err) == nil && err != nil {
-			return
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	s.t.Fatal("VolumePair not deleted")
+	testkit.Eventually(s.t, 15*time.Second, "the VolumePair deleted", func() (bool, error) {
+		err := k8s.Get(context.Background(), client.ObjectKey{Namespace: s.ns, Name: s.name}, &v1.VolumePair{})
+		return apierrors.IsNotFound(err), err
+	}, testkit.Every(50*time.Millisecond))
 }
 
 // TestBackupLostAndPartition: a lost backup keeps PAIR with Degraded and
@@ -368,7 +371,7 @@ func TestBackupLostAndPartition(t *testing.T) {
 		ms := vp.Status.MemberStatus(s.b.name)
 		return pairInSync(s.a.name)(vp) && ms != nil && ms.DataState == v1.DataUpToDate && !cond(vp, v1.ConditionDegraded)
 	})
-	time.Sleep(200 * time.Millisecond)
+	s.agentsInSync(s.a)
 	s.sameData()
 
 	// Partition between the controller and the primary's agent only.
@@ -471,7 +474,7 @@ func TestManualFailoverAndSwitchover(t *testing.T) {
 	if vp.Status.LastFailoverTime != nil {
 		t.Fatal("a switchover is not a failover")
 	}
-	time.Sleep(200 * time.Millisecond)
+	s.agentsInSync(s.b)
 	s.sameData()
 
 	// Manual failover: the writer (now node-b) dies; nothing happens until

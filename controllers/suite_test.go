@@ -10,11 +10,11 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"net/http"
 	"os"
 	"path/filepath"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -36,6 +36,7 @@ import (
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
 	"github.com/tandem-storage/tandem/dataplane/agent"
+	"github.com/tandem-storage/tandem/internal/testkit"
 	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
@@ -74,11 +75,14 @@ var (
 
 // needEnvtest starts kube-apiserver and etcd (from KUBEBUILDER_ASSETS, or
 // bin/) the first time a test needs them, and fails the test if they
-// cannot start. Every test that uses cfg, k8s or cs calls it first (the
+// cannot start; under -short it skips the test. Every test that uses cfg, k8s or cs calls it first (the
 // helpers newStory, newNode and startManager do), so that the pure tests
 // (Decide, status rendering) run with plain go test and without bin/.
 func needEnvtest(t testing.TB) {
 	t.Helper()
+	// Every test here that needs the API server tells a story with
+	// in-process agents, and failovers wait for leases.
+	testkit.SkipIfShort(t, "an envtest story with in-process agents (tens of seconds)")
 	envOnce.Do(func() { envErr = startEnvtest() })
 	if envErr != nil {
 		t.Fatalf("controllers: %v", envErr)
@@ -140,7 +144,9 @@ func (l *testLog) dump(t testing.TB) {
 	}
 }
 
-// node is an in-process agent.
+// node is an in-process agent, run by agent.Run as the agent binary runs it.
+// Its listeners are created once, in newNode; a restart after kill binds the
+// same ports again (its Lease and its peers' specs name them).
 type node struct {
 	t                   testing.TB
 	name, dir           string
@@ -148,52 +154,49 @@ type node struct {
 	log                 *testLog
 	netw                nodeNet // what tests can cut
 	// clock is the agent's clock (nil: the real one); set before start.
-	clock clock.PassiveClock
+	clock clock.WithTicker
 
 	mu     sync.Mutex
 	a      *agent.Agent
+	held   []net.Listener // from newNode until the first start
+	down   *atomic.Bool   // set by kill: the agent can no longer reach the API server
+	ctl    *connTracker   // the control API's connections, closed by kill
 	cancel context.CancelFunc
-	srv    *http.Server
-	lns    []net.Listener
-	wg     sync.WaitGroup
+	done   chan error // agent.Run's result
 }
 
 func newNode(t testing.TB, name string, log *testLog) *node {
 	needEnvtest(t)
 	n := &node{t: t, name: name, dir: t.TempDir(), log: log}
-	n.ctrl, n.repl, n.nbdAddr = freeAddr(t), freeAddr(t), freeAddr(t)
-	t.Cleanup(n.kill)
+	for _, addr := range []*string{&n.ctrl, &n.repl, &n.nbdAddr} {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		n.held = append(n.held, l)
+		*addr = l.Addr().String()
+	}
+	t.Cleanup(func() {
+		n.kill()
+		for _, l := range n.held { // never started
+			l.Close()
+		}
+	})
 	return n
 }
 
-func freeAddr(t testing.TB) string {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+// listeners are the node's control, replication and NBD listeners: those
+// newNode made, or after a kill new ones on the same addresses (retried
+// while the old sockets linger).
+func (n *node) listeners() []net.Listener {
+	if lns := n.held; lns != nil {
+		n.held = nil
+		return lns
 	}
-	defer l.Close()
-	return l.Addr().String()
-}
-
-func (n *node) start() {
-	n.t.Helper()
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	lg := n.log.logger(n.name)
-	kc := n.netw.clientset(n.t)
-	var opts []agent.Option
-	if n.clock != nil {
-		opts = append(opts, agent.WithClock(n.clock))
-	}
-	auth := agent.NewKubeAuthority(kc.CoordinationV1(), opNS, n.name, opts...)
-	a, err := agent.New(agent.Config{Node: n.name, DataDir: n.dir, Token: token, Authority: auth, Dial: n.netw.dial, Log: lg})
-	if err != nil {
-		n.t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
 	var lns []net.Listener
-	for _, addr := range []string{n.ctrl, n.repl} {
+	for _, addr := range []string{n.ctrl, n.repl, n.nbdAddr} {
 		var l net.Listener
+		var err error
 		for i := 0; ; i++ {
 			if l, err = net.Listen("tcp", addr); err == nil || i > 50 {
 				break
@@ -201,38 +204,101 @@ func (n *node) start() {
 			time.Sleep(50 * time.Millisecond)
 		}
 		if err != nil {
+			for _, l := range lns {
+				l.Close()
+			}
 			n.t.Fatal(err)
 		}
 		lns = append(lns, l)
 	}
-	lns[1] = n.netw.listener(lns[1])
-	ep := agent.Endpoints{Control: "http://" + n.ctrl, Replication: n.repl, NBD: n.nbdAddr, DataDir: n.dir}
-	a.SetAddresses(ep.NBD, ep.Replication, ep.Control)
-	srv := &http.Server{Handler: a.Handler()}
-	n.wg.Add(4)
-	go func() { defer n.wg.Done(); _ = srv.Serve(lns[0]) }()
-	go func() { defer n.wg.Done(); _ = a.ServeReplication(ctx, lns[1]) }()
-	go func() { defer n.wg.Done(); agent.Register(ctx, kc.CoordinationV1(), opNS, n.name, ep, lg, opts...) }()
-	go func() { defer n.wg.Done(); auth.Run(ctx, a.Primaries, lg) }()
-	n.a, n.cancel, n.srv, n.lns = a, cancel, srv, lns
+	return lns
+}
+
+func (n *node) start() {
+	n.t.Helper()
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	lg := n.log.logger(n.name)
+	down := &atomic.Bool{}
+	kc := n.netw.clientset(n.t, down)
+	lns := n.listeners()
+	ctl := &connTracker{Listener: lns[0]}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	started := make(chan *agent.Agent, 1)
+	go func() {
+		done <- agent.Run(ctx, agent.Options{
+			Config: agent.Config{Node: n.name, DataDir: n.dir, Token: token, Dial: n.netw.dial, Clock: n.clock, Log: lg},
+			// The replication listener is the one tests can cut.
+			Control: ctl, Replication: n.netw.listener(lns[1]), NBD: lns[2],
+			Leases: kc.CoordinationV1(), Namespace: opNS,
+			Started: func(a *agent.Agent, _ agent.Endpoints) { started <- a },
+		})
+	}()
+	select {
+	case a := <-started:
+		n.a = a
+	case err := <-done:
+		cancel()
+		n.t.Fatalf("agent %s: %v", n.name, err)
+	}
+	n.down, n.ctl, n.cancel, n.done = down, ctl, cancel, done
 }
 
 // kill stops the agent as a crash would, as far as peers and the API server
-// can tell: every endpoint goes away and nothing is renewed any more.
+// can tell: at once, nothing is renewed any more and the control API is
+// gone (its connections closed, new ones refused); then agent.Run shuts
+// down the rest (in-process, the replicas must be closed before a restart
+// opens them again).
 func (n *node) kill() {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if n.a == nil {
 		return
 	}
+	n.down.Store(true)
+	n.ctl.closeAll()
 	n.cancel()
-	_ = n.srv.Close()
-	for _, l := range n.lns {
-		l.Close()
-	}
-	_ = n.a.Close()
-	n.wg.Wait()
+	<-n.done // an error here is the control listener closed above
 	n.a = nil
+}
+
+// connTracker is a listener that remembers its connections, so that
+// closeAll can drop them and itself at once.
+type connTracker struct {
+	net.Listener
+	mu     sync.Mutex
+	conns  map[net.Conn]struct{}
+	closed bool
+}
+
+func (l *connTracker) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		c.Close()
+		return nil, net.ErrClosed
+	}
+	if l.conns == nil {
+		l.conns = map[net.Conn]struct{}{}
+	}
+	l.conns[c] = struct{}{}
+	return c, nil
+}
+
+func (l *connTracker) closeAll() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.closed = true
+	l.Listener.Close()
+	for c := range l.conns {
+		c.Close()
+	}
+	l.conns = nil
 }
 
 func (n *node) agent() *agent.Agent {

@@ -9,6 +9,7 @@ import (
 	"k8s.io/utils/ptr"
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
+	"github.com/tandem-storage/tandem/internal/testkit"
 )
 
 // TestStoryUnmergedRegions: the method's second embodiment
@@ -49,7 +50,7 @@ func TestStoryUnmergedRegions(t *testing.T) {
 		ms := vp.Status.MemberStatus(s.a.name)
 		return vp.Status.Phase == v1.PhaseNormal && ms != nil && ms.DataState == v1.DataUpToDate && ms.Connected
 	})
-	if ha, hb := fileSum(t, s.a.dataPath(s.ns, s.name)), fileSum(t, s.b.dataPath(s.ns, s.name)); ha == hb {
+	if ha, hb := testkit.FileSHA256(t, s.a.dataPath(s.ns, s.name)), testkit.FileSHA256(t, s.b.dataPath(s.ns, s.name)); ha == hb {
 		t.Fatal("the replicas are identical: the scenario did not leave unshipped writes on the returning member")
 	}
 	vp := s.waitFor(10*time.Second, "the unmerged regions reported", func(vp *v1.VolumePair) bool {

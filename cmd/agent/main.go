@@ -6,6 +6,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -14,12 +15,9 @@ import (
 	"net/http/pprof"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"strings"
 	"syscall"
-	"time"
 
-	"github.com/go-logr/logr"
 	"go.uber.org/zap/zapcore"
 	"k8s.io/apimachinery/pkg/api/resource"
 	"k8s.io/client-go/kubernetes"
@@ -30,6 +28,8 @@ import (
 	"github.com/tandem-storage/tandem/dataplane/agent"
 	"github.com/tandem-storage/tandem/dataplane/budget"
 	"github.com/tandem-storage/tandem/dataplane/nbd"
+	"github.com/tandem-storage/tandem/internal/fsutil"
+	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
 func main() {
@@ -55,6 +55,7 @@ func run() error {
 	kubeBurst := flag.Int("kube-api-burst", 100, "Burst of requests to the Kubernetes API server above --kube-api-qps.")
 	nbdAllowed := flag.String("nbd-allowed-clients", "", "Comma-separated client networks (CIDR prefixes or addresses) allowed to connect to the NBD port; others are refused before the handshake. Empty: any client (firewall the port then).")
 	pprofAddr := flag.String("pprof-address", "", "Serve Go profiles (net/http/pprof) on this address; off when empty. Bind it to localhost.")
+	addrFile := flag.String("addresses-file", "", "Once serving, write the advertised control, replication and NBD addresses (and the pprof one) as JSON to this file, replaced atomically. With port 0 in the listen addresses, this is how a test harness learns the ports the kernel chose.")
 	maxInflight := quantityFlag("max-inflight-bytes", 256<<20, "Memory budget for in-flight request data, shared by every NBD connection (read buffers, write payloads until replicated) and the requests a peer forwards. A request that does not fit waits for earlier ones. "+
 		"Keep it well under the container's memory limit: the agent also holds bitmaps (32 MiB per TiB at 4 KiB regions), up to 64 MiB of replication queue per primary and 16 MiB of resync per copy, and Go's collector lets the heap grow to about twice what is live; the default 256Mi fits the shipped 1Gi limit. Accepts a quantity (256Mi, 1Gi) or bytes.")
 	opts := zap.Options{TimeEncoder: zapcore.RFC3339NanoTimeEncoder}
@@ -86,7 +87,6 @@ func run() error {
 	}
 
 	var leases coordclient.LeasesGetter
-	var authority *agent.KubeAuthority
 	if *namespace != "" {
 		cfg, err := clientcmd.BuildConfigFromFlags("", *kubeconfig)
 		if err != nil {
@@ -101,177 +101,72 @@ func run() error {
 			return fmt.Errorf("kubernetes client: %w", err)
 		}
 		leases = cs.CoordinationV1()
-		authority = agent.NewKubeAuthority(leases, *namespace, *node)
 	} else {
 		log.Info("No --namespace: running without Kubernetes; writes are gated only by the control API")
 	}
-	bud := budget.New(*maxInflight)
-	acfg := agent.Config{Node: *node, DataDir: *dataDir, Token: token, Budget: bud, Log: log}
-	if authority != nil {
-		acfg.Authority = authority
+
+	var lns []net.Listener
+	listen := func(what, addr string) (net.Listener, error) {
+		l, err := net.Listen("tcp", addr)
+		if err != nil {
+			for _, l := range lns {
+				l.Close()
+			}
+			return nil, fmt.Errorf("%s listener: %w", what, err)
+		}
+		lns = append(lns, l)
+		return l, nil
 	}
-	a, err := agent.New(acfg)
+	cl, err := listen("control", *controlAddr)
 	if err != nil {
 		return err
 	}
-	closeReplicas := func() {
-		if err := a.Close(); err != nil {
-			log.Error(err, "Closing replicas")
-		}
-	}
-
-	sigCtx, stopSignals := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	defer stopSignals()
-
-	cl, err := net.Listen("tcp", *controlAddr)
+	rl, err := listen("replication", *replAddr)
 	if err != nil {
-		closeReplicas()
-		return fmt.Errorf("control listener: %w", err)
+		return err
 	}
-	rl, err := net.Listen("tcp", *replAddr)
+	nl, err := listen("NBD", *nbdAddr)
 	if err != nil {
-		closeReplicas()
-		return fmt.Errorf("replication listener: %w", err)
+		return err
 	}
-	nl, err := net.Listen("tcp", *nbdAddr)
-	if err != nil {
-		closeReplicas()
-		return fmt.Errorf("NBD listener: %w", err)
-	}
-	absDataDir, err := filepath.Abs(*dataDir)
-	if err != nil {
-		return fmt.Errorf("data dir: %w", err)
-	}
-	ep := agent.Endpoints{
-		Control:     "http://" + advertised(*advertise, cl.Addr()),
-		Replication: advertised(*advertise, rl.Addr()),
-		NBD:         advertised(*advertise, nl.Addr()),
-		DataDir:     absDataDir, // named in TeardownIncomplete events
-	}
-	a.SetAddresses(ep.NBD, ep.Replication, ep.Control)
-	// Registration and the authority renewals outlive the listeners: the
-	// writes drained at shutdown still need the authority (else they fail
-	// as fenced) until the replicas are closed.
-	leaseCtx, stopLeases := context.WithCancel(context.Background())
-	defer stopLeases()
-	if leases != nil {
-		go agent.Register(leaseCtx, leases, *namespace, *node, ep, log.WithName("register"))
-		go authority.Run(leaseCtx, a.Primaries, log.WithName("authority"))
-	}
-
+	var pprofBound string
 	if *pprofAddr != "" {
-		pl, err := net.Listen("tcp", *pprofAddr)
+		pl, err := listen("pprof", *pprofAddr)
 		if err != nil {
-			closeReplicas()
-			return fmt.Errorf("pprof listener: %w", err)
+			return err
 		}
+		pprofBound = pl.Addr().String()
 		mux := http.NewServeMux()
 		mux.HandleFunc("/debug/pprof/", pprof.Index)
 		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 		go func() { _ = http.Serve(pl, mux) }()
 	}
-	nbdSrv := &nbd.Server{Exports: a, Log: log.WithName("nbd"), AllowedClients: allowed, Budget: bud}
-	nbdSvc := start("NBD server", func(ctx context.Context) error { return nbdSrv.Serve(ctx, nl) })
-	replSvc := start("replication listener", func(ctx context.Context) error { return a.ServeReplication(ctx, rl) })
-	ctrlSvc := start("control API", func(ctx context.Context) error { return a.ServeControl(ctx, cl, agent.ControlLimits{}) })
-	log.Info("Agent started", "node", *node, "dataDir", *dataDir, "control", cl.Addr().String(),
-		"replication", rl.Addr().String(), "nbd", nl.Addr().String(), "auth", token != "", "nbdAllowedClients", *nbdAllowed,
-		"maxInflightBytes", *maxInflight)
 
-	select {
-	case <-sigCtx.Done():
-		log.Info("Shutting down")
-	case err = <-nbdSvc.done:
-		err = nbdSvc.exited(err)
-	case err = <-replSvc.done:
-		err = replSvc.exited(err)
-	case err = <-ctrlSvc.done:
-		err = ctrlSvc.exited(err)
-	}
-	if err != nil {
-		log.Error(err, "Listener failed; shutting down")
-	}
-
-	// Finding 8 of issue #12: the order that loses nothing. First no new
-	// NBD connections, and the requests in flight finish (up to the NBD
-	// server's drain timeout, then they are cancelled); then the replicas
-	// close, each waiting for its admitted writes before its final
-	// checkpoint, so a write that reached the local disk but not the peer
-	// is dirty after the restart; then the other listeners and the lease
-	// renewals stop. At worst 13 + 2 + 6 (volume.Options.CloseTimeout and
-	// the checkpoint loop) + 3 s, under the DaemonSet's 30 s grace period.
-	if !nbdSvc.stop(log, nbd.DefaultDrainTimeout+3*time.Second) {
-		log.Error(errors.New("NBD connections still open"), "Closing the replicas with NBD requests still running")
-	}
-	replSvc.stop(log, 2*time.Second)
-	closeReplicas()
-	log.Info("Replicas closed")
-	ctrlSvc.stop(log, 3*time.Second)
-	stopLeases()
-	return err
-}
-
-// service is a listener's serve loop run in its own goroutine.
-type service struct {
-	name   string
-	cancel context.CancelFunc
-	done   chan error
-	ended  bool
-}
-
-func start(name string, serve func(ctx context.Context) error) *service {
-	ctx, cancel := context.WithCancel(context.Background())
-	s := &service{name: name, cancel: cancel, done: make(chan error, 1)}
-	go func() { s.done <- serve(ctx) }()
-	return s
-}
-
-// exited records that the serve loop returned on its own with err (which
-// the caller received), and returns why.
-func (s *service) exited(err error) error {
-	s.ended = true
-	if err == nil {
-		err = fmt.Errorf("%s stopped", s.name)
-	}
-	return err
-}
-
-// stop cancels the serve loop and waits up to d for it to return; it
-// reports whether it did.
-func (s *service) stop(log logr.Logger, d time.Duration) bool {
-	s.cancel()
-	if s.ended {
-		return true
-	}
-	select {
-	case err := <-s.done:
-		s.ended = true
-		if err != nil {
-			log.Error(err, "Stopped with an error", "service", s.name)
-		} else {
-			log.Info("Stopped", "service", s.name)
-		}
-		return true
-	case <-time.After(d):
-		log.Error(errors.New("still running"), "Gave up waiting", "service", s.name, "after", d.String())
-		return false
-	}
-}
-
-// advertised joins the advertise host (or the listener's own host, or
-// 127.0.0.1 for a wildcard) with the listener's port.
-func advertised(host string, addr net.Addr) string {
-	h, port, err := net.SplitHostPort(addr.String())
-	if err != nil {
-		return addr.String()
-	}
-	if host == "" {
-		host = h
-		if ip := net.ParseIP(h); ip == nil || ip.IsUnspecified() {
-			host = "127.0.0.1"
-		}
-	}
-	return net.JoinHostPort(host, port)
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	// agent.Run shuts the agent down in the order that loses nothing (NBD
+	// drain, replication, replicas, control API, then the Lease renewals),
+	// within the DaemonSet's 30 s grace period.
+	return agent.Run(ctx, agent.Options{
+		Config: agent.Config{Node: *node, DataDir: *dataDir, Token: token, AdvertiseHost: *advertise,
+			Budget: budget.New(*maxInflight), Log: log},
+		Control: cl, Replication: rl, NBD: nl,
+		NBDAllowedClients: allowed,
+		Leases:            leases,
+		Namespace:         *namespace,
+		Started: func(_ *agent.Agent, ep agent.Endpoints) {
+			if *addrFile == "" {
+				return
+			}
+			b, err := json.Marshal(agentapi.ListenAddresses{Control: ep.Control, Replication: ep.Replication, NBD: ep.NBD, Pprof: pprofBound})
+			if err == nil {
+				err = fsutil.WriteFileAtomic(*addrFile, b, 0o644)
+			}
+			if err != nil {
+				log.Error(err, "Writing the addresses file", "path", *addrFile)
+			}
+		},
+	})
 }
 
 // quantityFlag defines a flag of bytes written as a Kubernetes quantity

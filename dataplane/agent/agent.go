@@ -2,6 +2,17 @@
 // data directory, serves the acting primaries over NBD, accepts replication
 // streams for the backups, and answers the controller's control API.
 //
+// # Running an agent
+//
+// Run assembles one from Options (Config, the three listeners, the control
+// API's limits, the NBD server's settings, and a Kubernetes Lease client for
+// registration and authority) and serves until its context ends, then shuts
+// down in the order that loses nothing (see Run). cmd/agent maps its flags
+// onto Options; tests run in-process agents with it, on listeners they
+// create once and hand over. The pieces (New, ServeControl, Handler,
+// ServeReplication, Register, KubeAuthority) stay exported for the tests
+// that drive one of them alone.
+//
 // # Control API (HTTP/JSON)
 //
 // The agent serves the control API of package agentapi (the contract
@@ -54,6 +65,7 @@ import (
 
 	"github.com/go-logr/logr"
 	"golang.org/x/time/rate"
+	"k8s.io/utils/clock"
 
 	"github.com/tandem-storage/tandem/dataplane/budget"
 	"github.com/tandem-storage/tandem/dataplane/meta"
@@ -77,7 +89,9 @@ type Config struct {
 	// Dial connects to peers (nil: TCP).
 	Dial volume.DialFunc
 	// AdvertiseHost is the address peers and clients use to reach this
-	// agent; it is reported in /v1/info and used in endpoints.
+	// agent: Run advertises its listeners' ports on this host (in /v1/info
+	// and on the agent Lease). Empty: the listeners' own host, or 127.0.0.1
+	// for a wildcard.
 	AdvertiseHost string
 	// MaxReplicationConns bounds the replication connections open at once
 	// (0: DefaultMaxReplicationConns), MaxReplicationHandshakes those whose
@@ -87,7 +101,11 @@ type Config struct {
 	// volumes charge the requests their peer forwards to them to it (the
 	// NBD server shares it). Nil: unbounded.
 	Budget *budget.Budget
-	Log    logr.Logger
+	// Clock is the agent's clock (nil: clock.RealClock{}): every volume
+	// reads and reports time by it (volume.Options.Clock), and Run gives
+	// it to the Kubernetes authority and registration (WithClock).
+	Clock clock.WithTicker
+	Log   logr.Logger
 }
 
 // Replication listener limits.
@@ -204,7 +222,7 @@ func (a *Agent) open(ns, name string, size, regionSize int64) (*volume.Volume, e
 	}
 	v, err := volume.Open(volume.Options{
 		Name: key, Node: a.cfg.Node, Dir: a.dir(ns, name), Size: size, RegionSize: regionSize,
-		Authority: a.cfg.Authority, Dial: a.cfg.Dial, Token: a.cfg.Token, Budget: a.cfg.Budget, Log: a.log,
+		Authority: a.cfg.Authority, Dial: a.cfg.Dial, Token: a.cfg.Token, Budget: a.cfg.Budget, Clock: a.cfg.Clock, Log: a.log,
 	})
 	if err != nil {
 		return nil, err

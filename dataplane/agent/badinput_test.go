@@ -15,7 +15,6 @@ import (
 	"fmt"
 	mrand "math/rand/v2"
 	"net"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -31,6 +30,7 @@ import (
 	"github.com/tandem-storage/tandem/dataplane/store"
 	"github.com/tandem-storage/tandem/dataplane/volume"
 	"github.com/tandem-storage/tandem/internal/stresstest"
+	"github.com/tandem-storage/tandem/internal/testkit"
 )
 
 const (
@@ -72,14 +72,7 @@ func (l *logBuf) about(remote, text string) bool {
 
 // waitLogged waits up to 2 s for a line about remote containing text.
 func (l *logBuf) waitLogged(remote, text string) bool {
-	deadline := time.Now().Add(2 * time.Second)
-	for !l.about(remote, text) {
-		if time.Now().After(deadline) {
-			return false
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	return true
+	return testkit.Wait(2*time.Second, "a log line", func() bool { return l.about(remote, text) }) == nil
 }
 
 // abuseEnv is an agent ("node-b") serving replication on loopback, with a
@@ -104,33 +97,13 @@ type abuseEnv struct {
 func newAbuseEnv(t *testing.T) *abuseEnv {
 	t.Helper()
 	e := &abuseEnv{t: t, dir: t.TempDir(), log: &logBuf{}, hlog: &logBuf{}}
-	lg := funcr.New(func(prefix, args string) { e.log.add(prefix + " " + args) }, funcr.Options{})
-	a, err := agent.New(agent.Config{Node: "node-b", DataDir: e.dir, Token: abuseToken, Log: lg})
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.a = a
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.replAddr = ln.Addr().String()
-	ctx, cancel := context.WithCancel(context.Background())
-	served := make(chan struct{})
-	go func() { defer close(served); _ = a.ServeReplication(ctx, ln) }()
-	srv := httptest.NewServer(a.Handler())
-	e.c = agent.NewClient(srv.URL, abuseToken)
-	t.Cleanup(func() {
-		cancel()
-		<-served
-		srv.Close()
-		if err := a.Close(); err != nil {
-			t.Error(err)
-		}
+	t.Cleanup(func() { // runs after the agent's cleanup, which prints its log
 		if t.Failed() {
-			t.Logf("---- agent log ----\n%s\n---- healthy primary log ----\n%s", e.log, e.hlog)
+			t.Logf("---- healthy primary log ----\n%s", e.hlog)
 		}
 	})
+	r := startAgent(t, agent.Options{Config: agent.Config{Node: "node-b", DataDir: e.dir, Token: abuseToken}})
+	e.a, e.c, e.log, e.replAddr = r.Agent, r.c, r.log, r.ep.Replication
 	put := func(name string, spec volume.Spec) {
 		if _, err := e.c.Put(context.Background(), "ns", name, agent.VolumeRequest{Size: abuseSize, RegionSize: abuseRegion, Spec: spec}); err != nil {
 			t.Fatalf("PUT ns/%s: %v", name, err)
@@ -152,7 +125,7 @@ func newAbuseEnv(t *testing.T) *abuseEnv {
 	if err := v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true, Mode: volume.ModeSync, PeerNode: "node-b", PeerAddress: e.replAddr}); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 20*time.Second, "healthy pair linked", func() (bool, string) {
+	testkit.Eventually(t, 20*time.Second, "healthy pair linked", func() (bool, string) {
 		st := v.Status()
 		return st.PeerConnected, fmt.Sprintf("%+v", st)
 	})
@@ -199,7 +172,7 @@ func (e *abuseEnv) checkHealthy() {
 	if e.writes.Load() == 0 {
 		t.Error("the healthy pair wrote nothing during the abuse")
 	}
-	waitFor(t, 20*time.Second, "healthy pair in sync", func() (bool, string) {
+	testkit.Eventually(t, 20*time.Second, "healthy pair in sync", func() (bool, string) {
 		ps := e.healthy.Status()
 		return ps.PeerConnected && ps.OutOfSyncRegions == 0 && ps.OldestUnreplicatedSeconds == 0, fmt.Sprintf("%+v", ps)
 	})
@@ -458,7 +431,7 @@ func TestBadReplicationInput(t *testing.T) {
 	if err := pv.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 5, Initialize: true, Mode: volume.ModeSync, PeerNode: "node-b", PeerAddress: e.replAddr}); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 20*time.Second, "victim paired with its real primary", func() (bool, string) {
+	testkit.Eventually(t, 20*time.Second, "victim paired with its real primary", func() (bool, string) {
 		st := pv.Status()
 		return st.PeerConnected, fmt.Sprintf("%+v", st)
 	})

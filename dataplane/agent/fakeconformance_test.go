@@ -4,13 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
-	"net/http/httptest"
 	"testing"
 
-	"github.com/go-logr/logr"
-
 	"github.com/tandem-storage/tandem/dataplane/agent"
+	"github.com/tandem-storage/tandem/internal/testkit"
 	"github.com/tandem-storage/tandem/pkg/agentapi"
 	"github.com/tandem-storage/tandem/pkg/agentapi/agentapitest"
 )
@@ -23,26 +20,11 @@ import (
 // tests pass against behaviour no agent has.
 func TestFakeAgentConforms(t *testing.T) {
 	const token = "s3cret"
-	a, err := agent.New(agent.Config{Node: "node-a", DataDir: t.TempDir(), Token: token, Log: logr.Discard()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := httptest.NewServer(a.Handler())
-	t.Cleanup(func() {
-		srv.Close()
-		if err := a.Close(); err != nil {
-			t.Error(err)
-		}
-	})
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	closed := "http://" + ln.Addr().String()
-	ln.Close() // nothing listens there now
+	url := startAgent(t, agent.Options{Config: agent.Config{Node: "node-a", Token: token}}).ep.Control
+	closed := "http://" + testkit.RefusingAddr(t) // nothing listens there
 
 	fakes := agentapitest.NewAgents()
-	fakes.Add(srv.URL, agentapitest.NewAgent("node-a", token))
+	fakes.Add(url, agentapitest.NewAgent("node-a", token))
 	impls := []struct {
 		name string
 		new  agentapi.NewFunc
@@ -52,7 +34,7 @@ func TestFakeAgentConforms(t *testing.T) {
 	}
 	run := func(newAPI agentapi.NewFunc) []string {
 		ctx := context.Background()
-		c := newAPI(srv.URL, token)
+		c := newAPI(url, token)
 		spec := func(role agentapi.Role, epoch uint64, init bool) agentapi.Spec {
 			return agentapi.Spec{PairUID: "uid-1", Role: role, Epoch: epoch, Mode: agentapi.ModeAsync, PeerNode: "node-b", Initialize: init}
 		}
@@ -80,7 +62,7 @@ func TestFakeAgentConforms(t *testing.T) {
 		see("put size 0", st, err)
 		st, err = c.Put(ctx, "ns", "init", agentapi.VolumeRequest{Size: 1 << 20, RegionSize: 64 << 10, Spec: spec(agentapi.RolePrimary, 1, true)})
 		see("put initializing primary", st, err)
-		st, err = newAPI(srv.URL, "wrong").Get(ctx, "ns", "init")
+		st, err = newAPI(url, "wrong").Get(ctx, "ns", "init")
 		see("get with a wrong token", st, err)
 		see("delete", agentapi.Status{}, c.Delete(ctx, "ns", "vol", false))
 		st, err = c.Get(ctx, "ns", "vol")

@@ -9,12 +9,9 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
-	"crypto/sha256"
-	"encoding/hex"
+	"errors"
 	"fmt"
-	"io"
 	mrand "math/rand/v2"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -28,6 +25,8 @@ import (
 	"github.com/tandem-storage/tandem/dataplane/agent"
 	"github.com/tandem-storage/tandem/dataplane/nbd/nbdtest"
 	"github.com/tandem-storage/tandem/dataplane/volume"
+	"github.com/tandem-storage/tandem/internal/testkit"
+	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
 const (
@@ -48,6 +47,7 @@ var (
 // binary has it.
 func buildAgent(t *testing.T) string {
 	t.Helper()
+	testkit.SkipIfShort(t, "builds cmd/agent and runs agent processes")
 	buildOnce.Do(func() {
 		_, file, _, _ := runtime.Caller(0)
 		root := filepath.Join(filepath.Dir(file), "..", "..")
@@ -74,27 +74,22 @@ func buildAgent(t *testing.T) string {
 	return agentBin
 }
 
-func freePort(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
-
+// proc is an agent process on loopback. Its first start binds port 0 and
+// reads the ports the kernel chose from its --addresses-file; a restart
+// binds the same ports again, since the peer's spec names them.
 type proc struct {
 	t                   *testing.T
 	node, dir           string
-	ctrl, repl, nbdAddr string
+	ctrl, repl, nbdAddr string // set by the first start
 	cmd                 *exec.Cmd
+	exited              chan struct{} // closed when cmd has exited
+	exitErr             error         // cmd.Wait's, once exited is closed
 	log                 *os.File
 	c                   *agent.Client
 }
 
 func newProc(t *testing.T, node string) *proc {
-	p := &proc{t: t, node: node, dir: t.TempDir(), ctrl: freePort(t), repl: freePort(t), nbdAddr: freePort(t)}
+	p := &proc{t: t, node: node, dir: t.TempDir()}
 	t.Cleanup(func() {
 		p.kill()
 		if t.Failed() {
@@ -102,7 +97,6 @@ func newProc(t *testing.T, node string) *proc {
 			t.Logf("---- %s agent log (tail) ----\n%s", node, tail(string(b), 60))
 		}
 	})
-	p.c = agent.NewClient("http://"+p.ctrl, token)
 	return p
 }
 
@@ -126,17 +120,40 @@ func (p *proc) start() {
 		t.Fatal(err)
 	}
 	p.log = lf
+	ctrl, repl, nbdAddr := p.ctrl, p.repl, p.nbdAddr
+	if ctrl == "" {
+		ctrl, repl, nbdAddr = "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"
+	}
+	addrFile := filepath.Join(p.dir, "addresses.json")
+	if err := os.Remove(addrFile); err != nil && !errors.Is(err, os.ErrNotExist) {
+		t.Fatal(err)
+	}
 	p.cmd = exec.Command(buildAgent(t), "--node", p.node, "--data-dir", filepath.Join(p.dir, "data"),
-		"--control-address", p.ctrl, "--replication-address", p.repl, "--nbd-address", p.nbdAddr,
-		"--token-file", tokenFile, "--zap-log-level", "info")
+		"--control-address", ctrl, "--replication-address", repl, "--nbd-address", nbdAddr,
+		"--addresses-file", addrFile, "--token-file", tokenFile, "--zap-log-level", "info")
 	p.cmd.Stdout, p.cmd.Stderr = lf, lf
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 30*time.Second, p.node+" control API up", func() (bool, string) {
-		_, err := p.c.Info(context.Background())
-		return err == nil, fmt.Sprint(err)
-	})
+	exited, cmd := make(chan struct{}), p.cmd
+	p.exited = exited
+	go func() { p.exitErr = cmd.Wait(); close(exited) }()
+	var addrs agentapi.ListenAddresses
+	testkit.Eventually(t, 30*time.Second, p.node+" serving", func() (bool, error) {
+		select {
+		case <-exited:
+			t.Fatalf("agent %s exited at start: %v", p.node, p.exitErr)
+		default:
+		}
+		var err error
+		addrs, err = agentapi.ReadListenAddresses(addrFile)
+		return err == nil, err
+	}, testkit.Every(50*time.Millisecond))
+	p.ctrl, p.repl, p.nbdAddr = strings.TrimPrefix(addrs.Control, "http://"), addrs.Replication, addrs.NBD
+	p.c = agent.NewClient(addrs.Control, token)
+	if _, err := p.c.Info(context.Background()); err != nil {
+		t.Fatalf("%s control API: %v", p.node, err)
+	}
 }
 
 func (p *proc) kill() {
@@ -145,10 +162,25 @@ func (p *proc) kill() {
 	}
 	_ = p.cmd.Process.Signal(syscall.SIGCONT)
 	_ = p.cmd.Process.Kill()
-	_ = p.cmd.Wait()
+	<-p.exited
 	p.cmd = nil
 	if p.log != nil {
 		p.log.Close()
+	}
+}
+
+// waitExit waits up to d for the process to exit by itself; it returns
+// cmd.Wait's error, or fails the test.
+func (p *proc) waitExit(d time.Duration) error {
+	p.t.Helper()
+	select {
+	case <-p.exited:
+		p.cmd = nil
+		p.log.Close()
+		return p.exitErr
+	case <-time.After(d):
+		p.t.Fatalf("%s did not exit within %v", p.node, d)
+		return nil
 	}
 }
 
@@ -200,21 +232,6 @@ func (p *proc) bitmapRegions() map[uint32]bool {
 	return out
 }
 
-func waitFor(t *testing.T, d time.Duration, what string, cond func() (bool, string)) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	last := ""
-	for time.Now().Before(deadline) {
-		ok, s := cond()
-		if ok {
-			return
-		}
-		last = s
-		time.Sleep(50 * time.Millisecond)
-	}
-	t.Fatalf("timed out after %v waiting for %s (last: %s)", d, what, last)
-}
-
 func qemuIO(t *testing.T, url string, cmds ...string) string {
 	t.Helper()
 	bin := nbdtest.Require(t, "qemu-io")
@@ -230,20 +247,6 @@ func qemuIO(t *testing.T, url string, cmds ...string) string {
 		t.Fatalf("qemu-io %v on %s: %v\n%s", cmds, url, err, out)
 	}
 	return string(out)
-}
-
-func fileHash(t *testing.T, path string) string {
-	t.Helper()
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		t.Fatal(err)
-	}
-	return hex.EncodeToString(h.Sum(nil))
 }
 
 // diffRegions lists the regions whose bytes differ between two files.
@@ -268,14 +271,14 @@ func diffRegions(t *testing.T, a, b string) []uint32 {
 
 func waitInSync(t *testing.T, primary, backup *proc) {
 	t.Helper()
-	waitFor(t, 60*time.Second, "pair in sync", func() (bool, string) {
+	// OldestUnreplicatedSeconds is 0 once the backup acknowledged every
+	// client frame as applied, which it does after writing it to its
+	// replica file: the files can be compared as soon as this holds.
+	testkit.Eventually(t, 60*time.Second, "pair in sync", func() (bool, string) {
 		ps, bs := primary.status(), backup.status()
 		ok := ps.PeerConnected && ps.OutOfSyncRegions == 0 && !ps.Copy.Running && bs.DataState == volume.UpToDate && ps.OldestUnreplicatedSeconds == 0
 		return ok, fmt.Sprintf("primary %+v; backup %+v", ps, bs)
-	})
-	// The backup acks "durable" every few ms; give the last ack time to land
-	// before hashing files.
-	time.Sleep(100 * time.Millisecond)
+	}, testkit.Every(50*time.Millisecond))
 }
 
 func TestPairStory(t *testing.T) {
@@ -324,7 +327,7 @@ func pairStory(t *testing.T, mode volume.Mode) {
 	}
 	qemuIO(t, a.url(), "write -P 0x11 16M 1M", "write -z 17M 64k", "discard 18M 128k", "flush", "read -P 0x11 16M 1M")
 	waitInSync(t, a, b)
-	if ha, hb := fileHash(t, a.dataPath()), fileHash(t, b.dataPath()); ha != hb {
+	if ha, hb := testkit.FileSHA256(t, a.dataPath()), testkit.FileSHA256(t, b.dataPath()); ha != hb {
 		t.Fatalf("PAIR: replicas differ: %v", diffRegions(t, a.dataPath(), b.dataPath()))
 	}
 
@@ -345,10 +348,10 @@ func pairStory(t *testing.T, mode volume.Mode) {
 		// controller records the peer Outdated.
 		done := make(chan string, 1)
 		go func() { done <- qemuIOErr(b.url(), "write -P 0xb2 20M 512k") }()
-		waitFor(t, 20*time.Second, "sync write held for peer outdating", func() (bool, string) {
+		testkit.Eventually(t, 20*time.Second, "sync write held for peer outdating", func() (bool, string) {
 			st := b.status()
 			return st.WaitingForPeerOutdated > 0, fmt.Sprint(st.WaitingForPeerOutdated)
-		})
+		}, testkit.Every(50*time.Millisecond))
 		select {
 		case out := <-done:
 			t.Fatalf("sync write completed without its peer and before outdating: %s", out)
@@ -407,7 +410,7 @@ func pairStory(t *testing.T, mode volume.Mode) {
 	}
 	t.Logf("%s resync: copied %d bytes = %d regions (first diff %d, second diff %d) of a %d-byte volume (%.2f%%)",
 		mode, copied, len(union), len(first), len(second), volSize, 100*float64(copied)/volSize)
-	if ha, hb := fileHash(t, a.dataPath()), fileHash(t, b.dataPath()); ha != hb {
+	if ha, hb := testkit.FileSHA256(t, a.dataPath()), testkit.FileSHA256(t, b.dataPath()); ha != hb {
 		t.Fatalf("after COPY replicas differ in regions %v", diffRegions(t, a.dataPath(), b.dataPath()))
 	}
 
@@ -416,10 +419,10 @@ func pairStory(t *testing.T, mode volume.Mode) {
 	b.put(volume.Spec{Role: volume.RolePrimary, Epoch: 2, Mode: mode, PeerNode: "node-a", PeerAddress: a.repl, Hold: true})
 	held := make(chan string, 1)
 	go func() { held <- qemuIOErr(b.url(), "write -P 0xc3 30M 64k") }()
-	waitFor(t, 20*time.Second, "write held and pair drained", func() (bool, string) {
+	testkit.Eventually(t, 20*time.Second, "write held and pair drained", func() (bool, string) {
 		st := b.status()
 		return st.HeldWrites > 0 && st.Drained, fmt.Sprintf("held=%d drained=%v", st.HeldWrites, st.Drained)
-	})
+	}, testkit.Every(50*time.Millisecond))
 	b.put(volume.Spec{Role: volume.RoleBackup, Epoch: 3, Mode: mode, PeerNode: "node-a"})
 	a.put(volume.Spec{Role: volume.RolePrimary, Epoch: 3, Mode: mode, PeerNode: "node-b", PeerAddress: b.repl})
 	select {
@@ -434,7 +437,7 @@ func pairStory(t *testing.T, mode volume.Mode) {
 	t.Logf("%s failback: write hold %.3fs", mode, hold)
 	waitInSync(t, a, b)
 	qemuIO(t, a.url(), "read -P 0xc3 30M 64k", "read -P 0xb2 20M 512k", "read -P 0x11 16M 1M")
-	if ha, hb := fileHash(t, a.dataPath()), fileHash(t, b.dataPath()); ha != hb {
+	if ha, hb := testkit.FileSHA256(t, a.dataPath()), testkit.FileSHA256(t, b.dataPath()); ha != hb {
 		t.Fatalf("after failback replicas differ in regions %v", diffRegions(t, a.dataPath(), b.dataPath()))
 	}
 	got := make([]byte, 8<<20)
@@ -501,7 +504,12 @@ func TestCrashRecoveredBitmapCovers(t *testing.T) {
 		if stopBackup {
 			b.signal(syscall.SIGCONT)
 		}
-		time.Sleep(200 * time.Millisecond) // let the backup apply what it received
+		// The backup applies what was on its socket, then sees the
+		// stream end.
+		testkit.Eventually(t, 20*time.Second, "the backup's stream ended", func() (bool, string) {
+			st := b.status()
+			return !st.PeerConnected, fmt.Sprintf("%+v", st)
+		}, testkit.Every(50*time.Millisecond))
 
 		a.start()
 		recovered := a.bitmapRegions()

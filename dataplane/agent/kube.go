@@ -272,11 +272,11 @@ func (k *KubeAuthority) Run(ctx context.Context, primaries func() map[string]Pri
 				}
 				defer func() { <-sem }()
 				for ctx.Err() == nil {
-					start := time.Now()
+					start := k.clock.Now()
 					if err := k.renew(ctx, vol, p); err != nil {
 						log.Info("Authority not renewed", "volume", vol, "epoch", p.Epoch, "reason", err.Error())
 					}
-					if time.Since(start) < authorityRenew {
+					if k.clock.Since(start) < authorityRenew {
 						return
 					}
 					// A slow renewal: the next round may be most of a

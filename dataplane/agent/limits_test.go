@@ -13,7 +13,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	"os"
 	"runtime"
 	"strings"
@@ -27,13 +26,13 @@ import (
 
 	"github.com/tandem-storage/tandem/dataplane/agent"
 	"github.com/tandem-storage/tandem/dataplane/budget"
-	"github.com/tandem-storage/tandem/dataplane/nbd"
 	"github.com/tandem-storage/tandem/dataplane/repl"
 	"github.com/tandem-storage/tandem/dataplane/volume"
+	"github.com/tandem-storage/tandem/internal/testkit"
 )
 
-// limitsAgent is an agent with its replication listener (and optionally
-// an NBD server) on loopback, and a control API client.
+// limitsAgent is an agent run by agent.Run on loopback (control API,
+// replication listener, NBD server), and a control API client.
 type limitsAgent struct {
 	a        *agent.Agent
 	c        *agent.Client
@@ -42,47 +41,11 @@ type limitsAgent struct {
 	nbdAddr  string
 }
 
-func newLimitsAgent(t *testing.T, cfg agent.Config, withNBD bool) *limitsAgent {
+func newLimitsAgent(t *testing.T, cfg agent.Config) *limitsAgent {
 	t.Helper()
-	e := &limitsAgent{log: &logBuf{}}
 	cfg.Node, cfg.DataDir, cfg.Token = "node-b", t.TempDir(), abuseToken
-	cfg.Log = funcr.New(func(prefix, args string) { e.log.add(prefix + " " + args) }, funcr.Options{})
-	a, err := agent.New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.a = a
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	rl, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.replAddr = rl.Addr().String()
-	wg.Go(func() { _ = a.ServeReplication(ctx, rl) })
-	if withNBD {
-		nl, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		e.nbdAddr = nl.Addr().String()
-		srv := &nbd.Server{Exports: a, Log: cfg.Log.WithName("nbd"), Budget: cfg.Budget}
-		wg.Go(func() { _ = srv.Serve(ctx, nl) })
-	}
-	hs := httptest.NewServer(a.Handler())
-	e.c = agent.NewClient(hs.URL, abuseToken)
-	t.Cleanup(func() {
-		cancel()
-		wg.Wait()
-		hs.Close()
-		if err := a.Close(); err != nil {
-			t.Error(err)
-		}
-		if t.Failed() {
-			t.Logf("---- agent log (tail) ----\n%s", tail(e.log.String(), 80))
-		}
-	})
-	return e
+	r := startAgent(t, agent.Options{Config: cfg})
+	return &limitsAgent{a: r.Agent, c: r.c, log: r.log, replAddr: r.ep.Replication, nbdAddr: r.ep.NBD}
 }
 
 // emfileListener fails its first n Accepts with err, as a process out of
@@ -126,7 +89,7 @@ func TestReplicationAcceptErrorsRetried(t *testing.T) {
 				cancel()
 				<-served
 			}()
-			waitFor(t, 10*time.Second, "the failing accepts retried", func() (bool, string) {
+			testkit.Eventually(t, 10*time.Second, "the failing accepts retried", func() (bool, string) {
 				select {
 				case err := <-served:
 					served <- err // for the deferred wait
@@ -166,7 +129,7 @@ func TestReplicationConnectionLimits(t *testing.T) {
 		{"all connections", 2, 10, "too many connections (limit 2)"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			e := newLimitsAgent(t, agent.Config{MaxReplicationConns: tc.conns, MaxReplicationHandshakes: tc.handshake}, false)
+			e := newLimitsAgent(t, agent.Config{MaxReplicationConns: tc.conns, MaxReplicationHandshakes: tc.handshake})
 			limit := min(tc.conns, tc.handshake)
 			idle := make([]net.Conn, limit)
 			for i := range idle {
@@ -177,7 +140,7 @@ func TestReplicationConnectionLimits(t *testing.T) {
 				defer c.Close()
 				idle[i] = c
 			}
-			waitFor(t, 10*time.Second, "the idle connections counted", func() (bool, string) {
+			testkit.Eventually(t, 10*time.Second, "the idle connections counted", func() (bool, string) {
 				return replConnMetric(t, e.c, "handshaking") == limit, fmt.Sprint(replConnMetric(t, e.c, "handshaking"))
 			})
 			over, err := net.Dial("tcp", e.replAddr)
@@ -193,7 +156,7 @@ func TestReplicationConnectionLimits(t *testing.T) {
 			}
 			// A slot freed is usable again.
 			idle[0].Close()
-			waitFor(t, 10*time.Second, "the closed connection released", func() (bool, string) {
+			testkit.Eventually(t, 10*time.Second, "the closed connection released", func() (bool, string) {
 				n := replConnMetric(t, e.c, "handshaking")
 				return n == limit-1, fmt.Sprint(n)
 			})
@@ -251,7 +214,7 @@ func TestAbuseHeapBounded(t *testing.T) {
 		wsize     = 16 << 20
 	)
 	b := budget.New(bud)
-	e := newLimitsAgent(t, agent.Config{Budget: b}, true)
+	e := newLimitsAgent(t, agent.Config{Budget: b})
 	spec := volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true, Mode: volume.ModeAsync, Hold: true}
 	if _, err := e.c.Put(context.Background(), "ns", "held", agent.VolumeRequest{Size: 64 << 20, RegionSize: abuseRegion, Spec: spec}); err != nil {
 		t.Fatal(err)
@@ -306,7 +269,7 @@ func TestAbuseHeapBounded(t *testing.T) {
 			}
 		})
 	}
-	waitFor(t, 30*time.Second, "writes held by the volume", func() (bool, string) {
+	testkit.Eventually(t, 30*time.Second, "writes held by the volume", func() (bool, string) {
 		st, err := e.c.Get(context.Background(), "ns", "held")
 		return err == nil && st.HeldWrites >= bud/wsize, fmt.Sprintf("%+v %v", st.HeldWrites, err)
 	})
@@ -346,7 +309,7 @@ func TestAbuseHeapBounded(t *testing.T) {
 			}
 		}
 	}
-	waitFor(t, 10*time.Second, "the budget given back", func() (bool, string) {
+	testkit.Eventually(t, 10*time.Second, "the budget given back", func() (bool, string) {
 		s := b.Stats()
 		return s.InUse == 0, fmt.Sprintf("%+v", s)
 	})

@@ -17,18 +17,15 @@ import (
 	"io"
 	mrand "math/rand/v2"
 	"net"
-	"net/http/httptest"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/go-logr/logr/funcr"
-
 	"github.com/tandem-storage/tandem/dataplane/agent"
-	"github.com/tandem-storage/tandem/dataplane/nbd"
 	"github.com/tandem-storage/tandem/dataplane/volume"
 	"github.com/tandem-storage/tandem/internal/stresstest"
+	"github.com/tandem-storage/tandem/internal/testkit"
 )
 
 const (
@@ -125,14 +122,8 @@ func closedWithin(c net.Conn, d time.Duration) bool {
 
 func TestNBDAbuse(t *testing.T) {
 	tl := stresstest.NewTally(t, "bad-nbd-input")
-	log := &logBuf{}
-	lg := funcr.New(func(prefix, args string) { log.add(prefix + " " + args) }, funcr.Options{})
-	a, err := agent.New(agent.Config{Node: "node-a", DataDir: t.TempDir(), Token: abuseToken, Log: lg})
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := httptest.NewServer(a.Handler())
-	c := agent.NewClient(srv.URL, abuseToken)
+	ag := startAgent(t, agent.Options{Config: agent.Config{Node: "node-a", Token: abuseToken}, NBDHandshakeTimeout: abuseHSLimit})
+	c, addr, log := ag.c, ag.ep.NBD, ag.log
 	for _, name := range []string{"healthy", "victim"} {
 		// Standalone writers: no peer, the control API's word is final.
 		if _, err := c.Put(context.Background(), "ns", name, agent.VolumeRequest{Size: abuseSize, RegionSize: abuseRegion,
@@ -140,26 +131,6 @@ func TestNBDAbuse(t *testing.T) {
 			t.Fatalf("PUT ns/%s: %v", name, err)
 		}
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ns := &nbd.Server{Exports: a, Log: lg.WithName("nbd"), HandshakeTimeout: abuseHSLimit}
-	ctx, cancel := context.WithCancel(context.Background())
-	served := make(chan struct{})
-	go func() { defer close(served); _ = ns.Serve(ctx, ln) }()
-	t.Cleanup(func() {
-		cancel()
-		<-served
-		srv.Close()
-		if err := a.Close(); err != nil {
-			t.Error(err)
-		}
-		if t.Failed() {
-			t.Logf("---- agent log ----\n%s", log)
-		}
-	})
 
 	// The victim's known content: a pattern over its first MiB.
 	pattern := make([]byte, 1<<20)
@@ -359,8 +330,7 @@ func TestNBDAbuse(t *testing.T) {
 		}
 		tl.Faults.Add(int64(len(idle)))
 		before := good.Load()
-		time.Sleep(300 * time.Millisecond)
-		if good.Load() == before {
+		if testkit.Wait(300*time.Millisecond, "progress", func() bool { return good.Load() > before }) != nil {
 			tl.Violated.Add(1)
 			t.Errorf("trial %d: the well-behaved client made no progress with %d idle connections open", trial, len(idle))
 		}

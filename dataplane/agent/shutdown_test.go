@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/tandem-storage/tandem/dataplane/volume"
+	"github.com/tandem-storage/tandem/internal/testkit"
 )
 
 // TestSIGTERMDrainsThenCloses (finding 8 of issue #12): an async primary
@@ -89,7 +90,7 @@ func TestSIGTERMDrainsThenCloses(t *testing.T) {
 			replies.Add(1)
 		}
 	}()
-	waitFor(t, 30*time.Second, "every write read by the agent", func() (bool, string) {
+	testkit.Eventually(t, 30*time.Second, "every write read by the agent", func() (bool, string) {
 		return readAnswered.Load(), fmt.Sprintf("%d writes answered", replies.Load())
 	})
 	if err := <-sendErr; err != nil {
@@ -97,17 +98,8 @@ func TestSIGTERMDrainsThenCloses(t *testing.T) {
 	}
 	inFlight := n - replies.Load()
 	a.signal(syscall.SIGTERM)
-	exited := make(chan error, 1)
-	go func() { exited <- a.cmd.Wait() }()
-	select {
-	case err := <-exited:
-		a.cmd = nil
-		a.log.Close()
-		if err != nil {
-			t.Fatalf("the agent exited with %v after SIGTERM", err)
-		}
-	case <-time.After(40 * time.Second):
-		t.Fatal("the agent did not exit within 40 s of SIGTERM")
+	if err := a.waitExit(40 * time.Second); err != nil {
+		t.Fatalf("the agent exited with %v after SIGTERM", err)
 	}
 	if err := <-readDone; !errors.Is(err, io.EOF) {
 		t.Logf("NBD connection ended with %v", err)
@@ -130,10 +122,10 @@ func TestSIGTERMDrainsThenCloses(t *testing.T) {
 	// The backup takes what was on its socket and sees the stream end.
 	b.signal(syscall.SIGCONT)
 	stopped = false
-	waitFor(t, 20*time.Second, "the backup's stream ended", func() (bool, string) {
+	testkit.Eventually(t, 20*time.Second, "the backup's stream ended", func() (bool, string) {
 		st := b.status()
 		return !st.PeerConnected, fmt.Sprintf("%+v", st)
-	})
+	}, testkit.Every(50*time.Millisecond))
 
 	a.start()
 	recovered := a.bitmapRegions()

@@ -3,11 +3,14 @@ package budget
 import (
 	"context"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/tandem-storage/tandem/internal/testkit"
 )
 
 // acquireAsync runs Acquire in a goroutine and reports its error.
@@ -22,13 +25,10 @@ func acquireAsync(b *Budget, ctx context.Context, n int64) <-chan error {
 
 func waitWaiting(t *testing.T, b *Budget, n int) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for b.Stats().Waiting != n {
-		if time.Now().After(deadline) {
-			t.Fatalf("waiting = %d, want %d", b.Stats().Waiting, n)
-		}
-		time.Sleep(time.Millisecond)
-	}
+	testkit.Eventually(t, 5*time.Second, fmt.Sprintf("%d waiting", n), func() (bool, string) {
+		w := b.Stats().Waiting
+		return w == n, fmt.Sprintf("waiting = %d", w)
+	}, testkit.Every(time.Millisecond))
 }
 
 // done reports whether the Acquire behind ch finished within a short while.

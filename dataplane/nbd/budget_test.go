@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/tandem-storage/tandem/dataplane/budget"
+	"github.com/tandem-storage/tandem/internal/testkit"
 )
 
 // gate holds backend operations until opened, and counts the payload bytes
@@ -43,15 +44,11 @@ func (g *gate) hook(ctx context.Context, op Op, off, n int64) error {
 	}
 }
 
+// waitUntil is testkit.Eventually with this package's timeout, polling
+// finely: the budget states it waits for can be brief.
 func waitUntil(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(testTimeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
+	testkit.Eventually(t, testTimeout, what, cond, testkit.Every(2*time.Millisecond))
 }
 
 // sendAsync sends requests from a goroutine: the server may not read them

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/tandem-storage/tandem/dataplane/nbd/nbdtest"
+	"github.com/tandem-storage/tandem/internal/testkit"
 )
 
 // These tests drive the server with real NBD clients (Debian packages
@@ -198,15 +199,6 @@ func randomFile(t *testing.T, n int, seed uint64) (string, []byte) {
 	return p, b
 }
 
-func fileSum(t *testing.T, path string) [32]byte {
-	t.Helper()
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return sha256.Sum256(b)
-}
-
 func TestInteropNbdcopy(t *testing.T) {
 	nbdtest.Require(t, "nbdcopy")
 	const size = 16 << 20
@@ -223,7 +215,7 @@ func TestInteropNbdcopy(t *testing.T) {
 	}
 	dst := filepath.Join(t.TempDir(), "out.img")
 	runClient(t, true, "nbdcopy", env.uri(testExport), dst)
-	if fileSum(t, dst) != sha256.Sum256(data) {
+	if testkit.FileSHA256(t, dst) != testkit.SHA256(data) {
 		t.Fatal("copied-out file differs")
 	}
 	if env.srv.Stats().ConnsTotal < 2 {

@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/tandem-storage/tandem/internal/testkit"
 )
 
 func TestCommands(t *testing.T) {
@@ -751,11 +753,8 @@ func waitErr(t *testing.T, done <-chan error) error {
 
 func waitStats(t *testing.T, s *Server, ok func(Stats) bool) {
 	t.Helper()
-	deadline := time.Now().Add(testTimeout)
-	for !ok(s.Stats()) {
-		if time.Now().After(deadline) {
-			t.Fatalf("stats never reached the expected state: %+v", s.Stats())
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	testkit.Eventually(t, testTimeout, "the expected server stats", func() (bool, string) {
+		st := s.Stats()
+		return ok(st), fmt.Sprintf("%+v", st)
+	}, testkit.Every(5*time.Millisecond))
 }

@@ -102,4 +102,15 @@
 // Close refuses new writes and waits (Options.CloseTimeout) for the admitted
 // ones before it stops the link and writes the final checkpoint, so a write
 // that reached the local disk but not the peer is dirty after a restart.
+//
+// # Time
+//
+// What the volume measures and reports is read from Options.Clock (tests
+// give it a fake clock): failback hold durations, the oldest-unreplicated
+// age, the copy's start, rate and ETA, the last error's time, the
+// metadata's UpdatedAt, and the checkpoint ticker. The waits that bound I/O
+// stay on real time whatever the clock (connection deadlines, the link's
+// reconnect backoff and ping ticker, the backup's sync cadence, the wait for
+// a new writer's authority, Close's timeout, forwarding waits): a stopped
+// fake clock must not hang a connection or a shutdown.
 package volume

@@ -27,10 +27,12 @@ import (
 	"time"
 
 	"github.com/go-logr/logr/funcr"
+	"k8s.io/utils/clock"
 
 	"github.com/tandem-storage/tandem/dataplane/store"
 	"github.com/tandem-storage/tandem/dataplane/volume"
 	"github.com/tandem-storage/tandem/internal/stresstest"
+	"github.com/tandem-storage/tandem/internal/testkit"
 )
 
 // fmember is a member whose store injects faults.
@@ -46,12 +48,18 @@ func newFaultyMemberN(t testing.TB, node string) *fmember { return newFaultyMemb
 // volume name of the caller's choice.
 func newFaultyMember(t testing.TB, node, name string) *fmember {
 	t.Helper()
+	return newFaultyMemberClock(t, node, name, nil)
+}
+
+// newFaultyMemberClock is newFaultyMember on clock clk (nil: the real one).
+func newFaultyMemberClock(t testing.TB, node, name string, clk clock.WithTicker) *fmember {
+	t.Helper()
 	mem := store.NewMem(size)
 	f := store.NewFaulty(mem)
 	m := &member{st: mem, logs: &syncBuf{}}
 	log := funcr.New(func(prefix, args string) { m.logs.add(prefix + " " + args) }, funcr.Options{})
 	v, err := volume.Open(volume.Options{Name: name, Node: node, Dir: t.TempDir(), Size: size, RegionSize: region,
-		Store: f, CheckpointInterval: 100 * time.Millisecond, Log: log})
+		Store: f, CheckpointInterval: 100 * time.Millisecond, Clock: clk, Log: log})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -209,27 +217,6 @@ func uncoveredDiff(t *testing.T, p, b *fmember) []int {
 		}
 	}
 	return out
-}
-
-func waitForD(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", d, what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
-// eventually polls cond until it holds or d has passed, and says which.
-func eventually(d time.Duration, cond func() bool) bool {
-	for deadline := time.Now().Add(d); !cond(); time.Sleep(10 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			return false
-		}
-	}
-	return true
 }
 
 var faultModes = []volume.Mode{volume.ModeAsync, volume.ModeSync}
@@ -452,22 +439,22 @@ func backupFaultTrial(t *testing.T, tl *stresstest.Tally, mode volume.Mode, inje
 			t.Fatalf("seed %d: primary write while the backup's disk fails: %v", seed, err)
 		}
 	}
-	waitForD(t, 20*time.Second, "backup reports its disk error", func() bool {
+	testkit.Eventually(t, 20*time.Second, "backup reports its disk error", func() bool {
 		return strings.Contains(b.v.Status().LastError, errText)
 	})
-	waitForD(t, 20*time.Second, "primary reports the peer disconnected", func() bool {
+	testkit.Eventually(t, 20*time.Second, "primary reports the peer disconnected", func() bool {
 		return !p.v.Status().PeerConnected
 	})
 	// The primary logs why the link went down once the session has ended,
 	// a moment after PeerConnected turned false.
-	if !eventually(5*time.Second, func() bool { return strings.Contains(p.logs.String(), errText) }) {
+	if testkit.Wait(5*time.Second, "the error in the primary's log", func() bool { return strings.Contains(p.logs.String(), errText) }) != nil {
 		t.Errorf("seed %d: the primary's log does not give the backup's reason %q", seed, errText)
 	}
 	if d := uncoveredDiff(t, p, b); len(d) > 0 {
 		tl.Violated.Add(1)
 		t.Errorf("seed %d: regions %v lack on the backup but are clear in the primary's bitmap (invariant 3)", seed, d)
 	}
-	eventually(5*time.Second, func() bool { return p.v.Status().Counters.Reconnects > reconnects })
+	_ = testkit.Wait(5*time.Second, "a reconnect", func() bool { return p.v.Status().Counters.Reconnects > reconnects })
 	if st := p.v.Status(); st.OutOfSyncRegions == 0 || st.Counters.Reconnects == reconnects {
 		t.Errorf("seed %d: primary status after the backup's refusal: %+v", seed, st)
 	}
@@ -623,7 +610,7 @@ func TestDiskFaultRead(t *testing.T) {
 		if err := p.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 2, Mode: volume.ModeAsync, PeerNode: "b", PeerAddress: b.addr}); err != nil {
 			t.Fatal(err)
 		}
-		waitForD(t, 20*time.Second, "resync read error reported", func() bool {
+		testkit.Eventually(t, 20*time.Second, "resync read error reported", func() bool {
 			return strings.Contains(p.v.Status().LastError, "resync read of region")
 		})
 		time.Sleep(200 * time.Millisecond)

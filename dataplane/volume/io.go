@@ -106,7 +106,7 @@ func (v *Volume) admit(ctx context.Context) (*forwarder, error) {
 	if err := v.awaitAuthority(ctx); err != nil {
 		return nil, err
 	}
-	var heldSince time.Time
+	held := false // counted once in heldWrites
 	for {
 		v.mu.Lock()
 		if v.fwd != nil {
@@ -126,8 +126,8 @@ func (v *Volume) admit(ctx context.Context) (*forwarder, error) {
 			v.mu.Unlock()
 			return nil, nil
 		}
-		if heldSince.IsZero() {
-			heldSince = time.Now()
+		if !held {
+			held = true
 			v.heldWrites.Add(1)
 		}
 		ch := v.changed

@@ -12,6 +12,7 @@ import (
 	"github.com/tandem-storage/tandem/dataplane/bitmap"
 	"github.com/tandem-storage/tandem/dataplane/volume"
 	"github.com/tandem-storage/tandem/internal/stresstest"
+	"github.com/tandem-storage/tandem/internal/testkit"
 )
 
 // journalDisk stands for the disk under a replica's write-intent journal:
@@ -94,7 +95,7 @@ func journalENOSPCTrial(t *testing.T, mode volume.Mode) {
 
 	disk.full.Store(false)
 	// Recovers by itself: a retried write to a new extent succeeds.
-	waitForD(t, 20*time.Second, "a write to a new extent after the disk has space again", func() bool {
+	testkit.Eventually(t, 20*time.Second, "a write to a new extent after the disk has space again", func() bool {
 		return log.op(ctx, p.v, "write", block(4), 2*extent+ackBlock, ackBlock, false) == nil
 	})
 	if err := log.op(ctx, p.v, "write", block(5), 3*extent+ackBlock, ackBlock, true); err != nil {
@@ -141,7 +142,7 @@ func TestJournalFaultRecoversIdle(t *testing.T) {
 		t.Fatal("no fault while the journal's disk is full")
 	}
 	disk.full.Store(false)
-	waitForD(t, 10*time.Second, "the journal to recover without writes", func() bool { return m.v.Fault() == nil })
+	testkit.Eventually(t, 10*time.Second, "the journal to recover without writes", func() bool { return m.v.Fault() == nil })
 	if st := m.v.Status(); !st.Writable {
 		t.Fatalf("not writable after the journal recovered: %q", st.Reason)
 	}

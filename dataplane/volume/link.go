@@ -115,7 +115,7 @@ func newLink(v *Volume, s Spec) *link {
 	if v.tracker.Count() > 0 {
 		// Owed from before this link: how long is not known, at least
 		// this long.
-		l.behindSince = time.Now()
+		l.behindSince = v.opts.Clock.Now()
 	}
 	return l
 }
@@ -219,7 +219,7 @@ func (l *link) session() error {
 	l.streaming = true
 	l.nextSeq, l.applied, l.durable = 0, 0, 0
 	l.copies, l.copyBytes, l.copyDone = nil, 0, false
-	l.cp = CopyStatus{Running: total > 0, TotalBytes: total, StartTime: time.Now(), FullCopy: full != "", Reason: full}
+	l.cp = CopyStatus{Running: total > 0, TotalBytes: total, StartTime: l.v.opts.Clock.Now(), FullCopy: full != "", Reason: full}
 	// The first frame tells the backup how much is coming: it marks itself
 	// Inconsistent before the first copied region lands.
 	begin := repl.Frame{Type: repl.TypeResyncBegin, Offset: uint64(total)}
@@ -388,13 +388,13 @@ func (l *link) status() linkStatus {
 	st := linkStatus{streaming: l.streaming, copy: l.cp, copyDone: l.copyDone,
 		allAcked: l.applied >= l.nextSeq && l.durable >= l.nextSeq}
 	if len(l.sentAt) > 0 {
-		st.oldest = time.Since(l.sentAt[0].at)
+		st.oldest = l.v.opts.Clock.Since(l.sentAt[0].at)
 	}
 	if !l.behindSince.IsZero() {
-		st.oldest = max(st.oldest, time.Since(l.behindSince))
+		st.oldest = max(st.oldest, l.v.opts.Clock.Since(l.behindSince))
 	}
 	if st.copy.Running {
-		el := time.Since(st.copy.StartTime).Seconds()
+		el := l.v.opts.Clock.Since(st.copy.StartTime).Seconds()
 		if el > 0 {
 			st.copy.BytesPerSecond = int64(float64(st.copy.DoneBytes) / el)
 		}

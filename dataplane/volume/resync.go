@@ -121,7 +121,7 @@ func (l *link) copier(gen uint64) error {
 					l.v.clearAlone()
 					if l.cp.Running {
 						l.cp.Running = false
-						l.log.Info("Resync complete", "copiedBytes", l.cp.DoneBytes, "seconds", time.Since(l.cp.StartTime).Seconds())
+						l.log.Info("Resync complete", "copiedBytes", l.cp.DoneBytes, "seconds", l.v.opts.Clock.Since(l.cp.StartTime).Seconds())
 					}
 				}
 				l.mu.Unlock()
@@ -139,8 +139,9 @@ func (l *link) copier(gen uint64) error {
 			// New sticky regions after a CopyDone: the peer is
 			// inconsistent again until they are copied.
 			l.copyDone = false
-			l.noteBehindLocked(time.Now())
-			l.cp = CopyStatus{Running: true, TotalBytes: int64(sticky.GetCardinality()) * rs, StartTime: time.Now()}
+			now := l.v.opts.Clock.Now()
+			l.noteBehindLocked(now)
+			l.cp = CopyStatus{Running: true, TotalBytes: int64(sticky.GetCardinality()) * rs, StartTime: now}
 			l.enqueueLocked(repl.Frame{Type: repl.TypeResyncBegin, Offset: uint64(l.cp.TotalBytes)}, nil, 0)
 		}
 		l.mu.Unlock()

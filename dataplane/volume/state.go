@@ -18,7 +18,7 @@ func (v *Volume) metaLocked() meta.Meta {
 	return meta.Meta{
 		Volume: v.opts.Name, Size: v.opts.Size, RegionSize: v.opts.RegionSize,
 		Epoch: v.epoch, Role: string(v.role), DataState: string(v.dataState),
-		Peer: v.spec.PeerNode, Joined: v.joined, PairUID: v.pairUID, Zero: v.zero.Load(), UpdatedAt: time.Now(),
+		Peer: v.spec.PeerNode, Joined: v.joined, PairUID: v.pairUID, Zero: v.zero.Load(), UpdatedAt: v.opts.Clock.Now(),
 	}
 }
 
@@ -155,9 +155,9 @@ func (v *Volume) Apply(s Spec) error {
 	// Failback hold bookkeeping.
 	switch {
 	case s.Hold && s.Role == RolePrimary && !old.Hold:
-		v.holdStart = time.Now()
+		v.holdStart = v.opts.Clock.Now()
 	case !(s.Hold && s.Role == RolePrimary) && !v.holdStart.IsZero():
-		v.lastHold = time.Since(v.holdStart)
+		v.lastHold = v.opts.Clock.Since(v.holdStart)
 		v.holdStart = time.Time{}
 		v.log.Info("Write hold released", "heldFor", v.lastHold.String())
 	}

@@ -1,9 +1,6 @@
 package volume
 
-import (
-	"fmt"
-	"time"
-)
+import "fmt"
 
 // Status reports the actual state.
 func (v *Volume) Status() Status {
@@ -34,7 +31,7 @@ func (v *Volume) Status() Status {
 		}
 	}
 	if !v.holdStart.IsZero() {
-		st.HoldSeconds = time.Since(v.holdStart).Seconds()
+		st.HoldSeconds = v.opts.Clock.Since(v.holdStart).Seconds()
 	}
 	l, b := v.link, v.backupConn
 	inflight := v.inflight

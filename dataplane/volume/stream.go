@@ -74,7 +74,7 @@ func (l *link) enqueueClient(kind opKind, p []byte, off, n int64, fua bool, own 
 		if free == nil {
 			putBuf(buf)
 		}
-		l.noteBehindLocked(time.Now()) // the caller marks it for the resync
+		l.noteBehindLocked(l.v.opts.Clock.Now()) // the caller marks it for the resync
 		return ticket{}, false
 	}
 	f := repl.Frame{Type: kind.frameType(), Offset: uint64(off), Length: uint32(n)}
@@ -90,7 +90,7 @@ func (l *link) enqueueClient(kind opKind, p []byte, off, n int64, fua bool, own 
 		own.buf = nil
 	}
 	l.v.tracker.Mark(off, n, seq)
-	l.sentAt = append(l.sentAt, sentRec{seq: seq, at: time.Now()})
+	l.sentAt = append(l.sentAt, sentRec{seq: seq, at: l.v.opts.Clock.Now()})
 	return ticket{gen: gen, seq: seq}, true
 }
 

@@ -11,6 +11,7 @@ import (
 
 	"github.com/RoaringBitmap/roaring/v2"
 	"github.com/go-logr/logr"
+	"k8s.io/utils/clock"
 
 	"github.com/tandem-storage/tandem/dataplane/bitmap"
 	"github.com/tandem-storage/tandem/dataplane/budget"
@@ -63,7 +64,14 @@ type Options struct {
 	// requests the peer forwards to this member are charged to it. Nil:
 	// unbounded.
 	Budget *budget.Budget
-	Log    logr.Logger
+	// Clock is what the volume reads and reports time by (nil:
+	// clock.RealClock{}): failback hold durations, the oldest-unreplicated
+	// age, the copy's start, rate and ETA, the last error's time, the
+	// metadata's UpdatedAt, and the checkpoint ticker. Waits that bound a
+	// network or disk operation (deadlines, backoffs, Close's timeout) run on
+	// real time whatever it is, so a stopped fake clock cannot hang them.
+	Clock clock.WithTicker
+	Log   logr.Logger
 }
 
 // Volume is one replica and its replication engine.
@@ -143,6 +151,9 @@ func Open(opts Options) (*Volume, error) {
 	}
 	if opts.CheckpointInterval == 0 {
 		opts.CheckpointInterval = 5 * time.Second
+	}
+	if opts.Clock == nil {
+		opts.Clock = clock.RealClock{}
 	}
 	if opts.CloseTimeout <= 0 {
 		opts.CloseTimeout = 5 * time.Second
@@ -302,14 +313,14 @@ func (v *Volume) notify() {
 
 func (v *Volume) setError(err error) {
 	v.mu.Lock()
-	v.lastErr, v.lastErrTime = err.Error(), time.Now()
+	v.lastErr, v.lastErrTime = err.Error(), v.opts.Clock.Now()
 	v.mu.Unlock()
 }
 
 // checkpointLoop writes the bitmap to disk periodically.
 func (v *Volume) checkpointLoop() {
 	defer v.wg.Done()
-	t := time.NewTicker(v.opts.CheckpointInterval)
+	t := v.opts.Clock.NewTicker(v.opts.CheckpointInterval)
 	defer t.Stop()
 	var lastStats bitmap.JournalStats
 	lastCount := uint64(0)
@@ -317,7 +328,7 @@ func (v *Volume) checkpointLoop() {
 		select {
 		case <-v.stop:
 			return
-		case <-t.C:
+		case <-t.C():
 			st := v.journal.Stats()
 			cnt := v.tracker.Count()
 			// Idle: checkpoint until no extent is marked or covered in full

@@ -16,6 +16,7 @@ import (
 	"github.com/tandem-storage/tandem/dataplane/repl"
 	"github.com/tandem-storage/tandem/dataplane/store"
 	"github.com/tandem-storage/tandem/dataplane/volume"
+	"github.com/tandem-storage/tandem/internal/testkit"
 )
 
 const (
@@ -87,15 +88,10 @@ func openMember(t testing.TB, node, dir string, st *store.Mem) *member {
 	return m
 }
 
+// waitFor is testkit.Eventually with this package's timeout.
 func waitFor(t testing.TB, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	testkit.Eventually(t, 20*time.Second, what, cond)
 }
 
 func inSync(p, b *member) func() bool {

@@ -11,6 +11,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/tandem-storage/tandem/internal/testkit"
 	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
@@ -41,7 +42,7 @@ func (b *bench) runFailback() error {
 	if err := pair(x, y, vol, size, agentapi.ModeAsync, 1); err != nil {
 		return err
 	}
-	if err := waitFor(30*time.Second, "pair in sync", inSync(x, y, vol)); err != nil {
+	if err := testkit.Wait(30*time.Second, "pair in sync", inSync(x, y, vol)); err != nil {
 		return err
 	}
 	cmd := exec.Command("fio", "--name=client", "--ioengine=nbd", "--uri="+x.url(vol), "--rw=randwrite", "--bs=4k",
@@ -68,7 +69,7 @@ func (b *bench) runFailback() error {
 			errs = append(errs, err.Error())
 			break
 		}
-		if err := waitFor(30*time.Second, "drained", func() (bool, error) {
+		if err := testkit.Wait(30*time.Second, "drained", func() (bool, error) {
 			st, err := writer.status(vol)
 			return err == nil && st.Drained, err
 		}); err != nil {
@@ -85,7 +86,7 @@ func (b *bench) runFailback() error {
 			errs = append(errs, err.Error())
 			break
 		}
-		if err := waitFor(30*time.Second, "new writer streaming", func() (bool, error) {
+		if err := testkit.Wait(30*time.Second, "new writer streaming", func() (bool, error) {
 			st, err := other.status(vol)
 			return err == nil && st.PeerConnected, err
 		}); err != nil {
@@ -101,7 +102,7 @@ func (b *bench) runFailback() error {
 		holds = append(holds, st.LastHoldSeconds)
 		switches = append(switches, sw.Seconds())
 		b.logln("  failback %2d (%s → %s, epoch %d): hold %.3f s, switch %.3f s", i+1, writer.node, other.node, epoch, st.LastHoldSeconds, sw.Seconds())
-		if err := waitFor(60*time.Second, "resynced", func() (bool, error) {
+		if err := testkit.Wait(60*time.Second, "resynced", func() (bool, error) {
 			// Under the client's load a few regions are always in flight:
 			// wait for the copy to finish, not for zero dirty regions.
 			ps, err := other.status(vol)

@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/tandem-storage/tandem/internal/testkit"
 	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
@@ -86,7 +87,7 @@ func (b *bench) runFio() error {
 		return err
 	}
 	for _, v := range []string{"async", "sync"} {
-		if err := waitFor(30*time.Second, v+" pair in sync", inSync(a, bk, v)); err != nil {
+		if err := testkit.Wait(30*time.Second, v+" pair in sync", inSync(a, bk, v)); err != nil {
 			return err
 		}
 	}
@@ -117,7 +118,7 @@ func (b *bench) runFio() error {
 			if err := pair(c, d, v, fioVolSize, m, 1); err != nil {
 				return err
 			}
-			if err := waitFor(30*time.Second, v+" baseline pair in sync", inSync(c, d, v)); err != nil {
+			if err := testkit.Wait(30*time.Second, v+" baseline pair in sync", inSync(c, d, v)); err != nil {
 				return err
 			}
 		}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -14,6 +15,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/tandem-storage/tandem/internal/testkit"
 	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
@@ -22,7 +24,9 @@ const (
 	ns    = "bench"
 )
 
-// freePort returns a loopback address with a port nobody listens on now.
+// freePort returns a loopback address with a port nobody listens on now;
+// another process may take it before the caller binds it. Only for agent
+// binaries without --addresses-file (a -compare baseline older than it).
 func freePort() string {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -32,23 +36,28 @@ func freePort() string {
 	return l.Addr().String()
 }
 
+// hasAddressesFile reports whether the agent binary bin has the
+// --addresses-file flag (agents from before it are started on ports found
+// free instead).
+func hasAddressesFile(bin string) bool {
+	out, _ := exec.Command(bin, "-h").CombinedOutput()
+	return strings.Contains(string(out), "-addresses-file")
+}
+
 // agentProc is one agent process (one simulated node) on loopback.
 type agentProc struct {
 	b                      *bench
 	bin                    string // agent binary
 	node, dir              string
-	ctrl, repl, nbd, pprof string
+	ctrl, repl, nbd, pprof string // set by the first start
 	cmd                    *exec.Cmd
 	exited                 chan struct{}
 	api                    *agentapi.Client // its control API (the harness links neither the agent nor a Kubernetes client)
 }
 
-// newAgent allocates ports and a data dir; start runs it.
+// newAgent names an agent and its data dir; start runs it.
 func (b *bench) newAgent(node string) *agentProc {
-	a := &agentProc{b: b, bin: b.agentBin, node: node, dir: filepath.Join(b.work, node),
-		ctrl: freePort(), repl: freePort(), nbd: freePort(), pprof: freePort()}
-	a.api = &agentapi.Client{BaseURL: "http://" + a.ctrl, Token: token, HTTP: &http.Client{Timeout: callTimeout}}
-	return a
+	return &agentProc{b: b, bin: b.agentBin, node: node, dir: filepath.Join(b.work, node)}
 }
 
 func (a *agentProc) start() error {
@@ -59,9 +68,27 @@ func (a *agentProc) start() error {
 	if err != nil {
 		return err
 	}
-	a.cmd = exec.Command(a.bin, "--node", a.node, "--data-dir", a.dir,
-		"--control-address", a.ctrl, "--replication-address", a.repl, "--nbd-address", a.nbd,
-		"--pprof-address", a.pprof, "--token-file", a.b.tokenFile)
+	// The first start binds port 0 and reads back the ports the kernel
+	// chose; a restart binds them again (the peer's spec names them).
+	addrFile := ""
+	ctrl, repl, nbd, pprof := a.ctrl, a.repl, a.nbd, a.pprof
+	if ctrl == "" {
+		if hasAddressesFile(a.bin) {
+			ctrl, repl, nbd, pprof = "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"
+			addrFile = filepath.Join(a.b.work, a.node+".addresses.json")
+			_ = os.Remove(addrFile)
+		} else {
+			ctrl, repl, nbd, pprof = freePort(), freePort(), freePort(), freePort()
+			a.ctrl, a.repl, a.nbd, a.pprof = ctrl, repl, nbd, pprof
+		}
+	}
+	args := []string{"--node", a.node, "--data-dir", a.dir,
+		"--control-address", ctrl, "--replication-address", repl, "--nbd-address", nbd,
+		"--pprof-address", pprof, "--token-file", a.b.tokenFile}
+	if addrFile != "" {
+		args = append(args, "--addresses-file", addrFile)
+	}
+	a.cmd = exec.Command(a.bin, args...)
 	a.cmd.Stdout, a.cmd.Stderr = logf, logf
 	a.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := a.cmd.Start(); err != nil {
@@ -71,6 +98,25 @@ func (a *agentProc) start() error {
 	a.exited = make(chan struct{})
 	go func() { _ = a.cmd.Wait(); logf.Close(); close(a.exited) }()
 	a.b.procs = append(a.b.procs, a)
+	if addrFile != "" {
+		var addrs agentapi.ListenAddresses
+		err := testkit.Wait(20*time.Second, "agent "+a.node+" serving", func() (bool, error) {
+			if !a.running() {
+				return true, nil
+			}
+			var err error
+			addrs, err = agentapi.ReadListenAddresses(addrFile)
+			return err == nil, err
+		})
+		if err != nil {
+			return err
+		}
+		if !a.running() {
+			return fmt.Errorf("agent %s exited at start (see %s.log)", a.node, a.node)
+		}
+		a.ctrl, a.repl, a.nbd, a.pprof = strings.TrimPrefix(addrs.Control, "http://"), addrs.Replication, addrs.NBD, addrs.Pprof
+	}
+	a.api = &agentapi.Client{BaseURL: "http://" + a.ctrl, Token: token, HTTP: &http.Client{Timeout: callTimeout}}
 	deadline := time.Now().Add(20 * time.Second)
 	for time.Now().Before(deadline) {
 		resp, err := http.Get("http://" + a.ctrl + "/healthz")
@@ -173,28 +219,6 @@ func (a *agentProc) rss() (int64, error) {
 	return 0, errors.New("no VmRSS in /proc status")
 }
 
-// waitFor polls cond every 10 ms until it holds or timeout passes.
-func waitFor(timeout time.Duration, what string, cond func() (bool, error)) error {
-	deadline := time.Now().Add(timeout)
-	var last error
-	for {
-		ok, err := cond()
-		if ok {
-			return nil
-		}
-		if err != nil {
-			last = err
-		}
-		if time.Now().After(deadline) {
-			if last != nil {
-				return fmt.Errorf("timed out after %v waiting for %s (last error: %v)", timeout, what, last)
-			}
-			return fmt.Errorf("timed out after %v waiting for %s", timeout, what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 // pair configures vol as a pair: p primary, s backup, mode, at epoch.
 func pair(p, s *agentProc, vol string, size int64, mode agentapi.Mode, epoch uint64) error {
 	if err := s.put(vol, size, agentapi.Spec{Role: agentapi.RoleBackup, Epoch: epoch, Mode: mode, PeerNode: p.node}); err != nil {
@@ -237,14 +261,28 @@ func (b *bench) startNbdkit(file string, size int64) (*nbdkitProc, error) {
 		}
 		f.Close()
 	}
-	addr := freePort()
-	host, port, _ := net.SplitHostPort(addr)
+	// nbdkit gets its listening socket by socket activation (LISTEN_FDS:
+	// fd 3, LISTEN_PID: its own pid, hence the shell's exec), so the port
+	// is ours from the start instead of found free and bound later.
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	addr := l.Addr().String()
+	lf, err := l.(*net.TCPListener).File() // a duplicate, inherited by nbdkit
+	l.Close()
+	if err != nil {
+		return nil, err
+	}
+	defer lf.Close() // nbdkit has its own copy once started
+	_, port, _ := net.SplitHostPort(addr)
 	logf, err := os.OpenFile(filepath.Join(b.work, "nbdkit-"+port+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		return nil, err
 	}
 	n := &nbdkitProc{addr: addr, exited: make(chan struct{})}
-	n.cmd = exec.Command("nbdkit", "--foreground", "-i", host, "-p", port, "file", file)
+	n.cmd = exec.Command("sh", "-c", `LISTEN_PID=$$ LISTEN_FDS=1 exec nbdkit --foreground file "$1"`, "sh", file)
+	n.cmd.ExtraFiles = []*os.File{lf}
 	n.cmd.Stdout, n.cmd.Stderr = logf, logf
 	n.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := n.cmd.Start(); err != nil {
@@ -253,13 +291,23 @@ func (b *bench) startNbdkit(file string, size int64) (*nbdkitProc, error) {
 	}
 	go func() { _ = n.cmd.Wait(); logf.Close(); close(n.exited) }()
 	b.nbdkits = append(b.nbdkits, n)
-	err = waitFor(10*time.Second, "nbdkit listening", func() (bool, error) {
+	// The socket accepts connections before nbdkit runs: wait for its
+	// greeting, not for a connection.
+	err = testkit.Wait(10*time.Second, "nbdkit serving", func() (bool, error) {
+		if !processAlive(n.exited) {
+			return false, errors.New("nbdkit exited (see its log)")
+		}
 		c, err := net.DialTimeout("tcp", addr, time.Second)
 		if err != nil {
 			return false, err
 		}
-		c.Close()
-		return true, nil
+		defer c.Close()
+		_ = c.SetReadDeadline(time.Now().Add(time.Second))
+		magic := make([]byte, 8)
+		if _, err := io.ReadFull(c, magic); err != nil {
+			return false, err
+		}
+		return string(magic) == "NBDMAGIC", fmt.Errorf("greeting %q", magic)
 	})
 	return n, err
 }

@@ -9,6 +9,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/tandem-storage/tandem/internal/testkit"
 	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
@@ -48,7 +49,7 @@ func (b *bench) resyncOnce(a, bk *agentProc, vol string, size int64, pct, ownPct
 	if err := pair(a, bk, vol, size, agentapi.ModeAsync, 1); err != nil {
 		return 0, 0, err
 	}
-	if err := waitFor(30*time.Second, "pair in sync", inSync(a, bk, vol)); err != nil {
+	if err := testkit.Wait(30*time.Second, "pair in sync", inSync(a, bk, vol)); err != nil {
 		return 0, 0, err
 	}
 	regions := size / regionSize
@@ -84,7 +85,7 @@ func (b *bench) resyncOnce(a, bk *agentProc, vol string, size int64, pct, ownPct
 	if err := bk.put(vol, size, agentapi.Spec{Role: agentapi.RolePrimary, Epoch: 2, Mode: agentapi.ModeAsync, PeerNode: a.node, PeerAddress: a.repl}); err != nil {
 		return 0, 0, err
 	}
-	if err := waitFor(10*time.Minute, "resync", inSync(bk, a, vol)); err != nil {
+	if err := testkit.Wait(10*time.Minute, "resync", inSync(bk, a, vol)); err != nil {
 		return 0, 0, err
 	}
 	d := time.Since(t0)
@@ -228,7 +229,7 @@ func (b *bench) runScaling() error {
 		if err := pair(a, bk, vol, int64(g)<<30, agentapi.ModeAsync, 1); err != nil {
 			return err
 		}
-		if err := waitFor(30*time.Second, vol+" in sync", inSync(a, bk, vol)); err != nil {
+		if err := testkit.Wait(30*time.Second, vol+" in sync", inSync(a, bk, vol)); err != nil {
 			return err
 		}
 	}
@@ -254,7 +255,7 @@ func (b *bench) runScaling() error {
 				accs[i].iops = append(accs[i].iops, res.IOPS)
 			}
 			// Detach, write the diff alone, re-attach and time the COPY.
-			if err := waitFor(60*time.Second, vol+" in sync", inSync(a, bk, vol)); err != nil {
+			if err := testkit.Wait(60*time.Second, vol+" in sync", inSync(a, bk, vol)); err != nil {
 				accs[i].errs = append(accs[i].errs, err.Error())
 				continue
 			}
@@ -273,7 +274,7 @@ func (b *bench) runScaling() error {
 			if err := a.put(vol, size, agentapi.Spec{Role: agentapi.RolePrimary, Epoch: 1, Mode: agentapi.ModeAsync, PeerNode: bk.node, PeerAddress: bk.repl}); err != nil {
 				return err
 			}
-			if err := waitFor(5*time.Minute, vol+" resync", inSync(a, bk, vol)); err != nil {
+			if err := testkit.Wait(5*time.Minute, vol+" resync", inSync(a, bk, vol)); err != nil {
 				accs[i].errs = append(accs[i].errs, err.Error())
 				continue
 			}

@@ -17,8 +17,12 @@ import (
 )
 
 // Trials is the number of trials per case: def in `go test`,
-// TANDEM_STRESS_TRIALS under make stress.
+// TANDEM_STRESS_TRIALS under make stress, and at most one (min(def, 1))
+// under go test -short whatever the environment says.
 func Trials(def int) int {
+	if testing.Short() {
+		return min(def, 1)
+	}
 	if n, err := strconv.Atoi(os.Getenv("TANDEM_STRESS_TRIALS")); err == nil && n > 0 {
 		return n
 	}

@@ -5,6 +5,14 @@ import (
 )
 
 func TestKnobs(t *testing.T) {
+	if testing.Short() {
+		// One trial at most, whatever the environment says.
+		t.Setenv("TANDEM_STRESS_TRIALS", "30")
+		if Trials(3) != 1 || Trials(0) != 0 {
+			t.Fatalf("-short: Trials(3)=%d Trials(0)=%d, want 1 and 0", Trials(3), Trials(0))
+		}
+		return
+	}
 	t.Setenv("TANDEM_STRESS_TRIALS", "")
 	t.Setenv("TANDEM_STRESS_SEED", "")
 	if Trials(3) != 3 || Seed(7) != 7 {

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"reflect"
@@ -14,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tandem-storage/tandem/internal/testkit"
 	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
@@ -210,12 +210,7 @@ func TestClientErrorAnswers(t *testing.T) {
 // confirmation can have reached the writer (invariant 2).
 func TestClientErrNotSent(t *testing.T) {
 	ctx := context.Background()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close() // nothing listens there now
+	addr := testkit.RefusingAddr(t) // nothing listens there
 	c := agentapi.NewClient("http://"+addr, "s3cret")
 	if _, err := c.PeerOutdated(ctx, "ns", "vol", 1); !errors.Is(err, agentapi.ErrNotSent) {
 		t.Fatalf("call to an address nobody listens on: %v, want ErrNotSent", err)
@@ -232,7 +227,7 @@ func TestClientErrNotSent(t *testing.T) {
 	}))
 	defer srv.Close()
 	c = agentapi.NewClient(srv.URL, "s3cret")
-	_, err = c.PeerOutdated(ctx, "ns", "vol", 1)
+	_, err := c.PeerOutdated(ctx, "ns", "vol", 1)
 	if err == nil || errors.Is(err, agentapi.ErrNotSent) {
 		t.Fatalf("call whose answer was lost: %v, want an error that is not ErrNotSent", err)
 	}

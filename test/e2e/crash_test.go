@@ -13,6 +13,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
+	"github.com/tandem-storage/tandem/internal/testkit"
 )
 
 // Crash matrix (issue #8): SIGKILL the primary's agent, the backup's agent,
@@ -185,11 +186,11 @@ func crashTrial(r *rig, rng *rand.Rand, target string, i int) bool {
 			// Failback: from the end of the copy (Y has nothing left to
 			// ship, peer connected) until the roles switch back; the
 			// monitor's samples are finer than the VolumePair's phase.
-			ok := waitFor(30*time.Second, func() bool {
+			ok := testkit.Wait(30*time.Second, "the copy done", func() bool {
 				sm, x := r.lastSample(Y), r.lastSample(X)
 				return sm.ok && (sm.st.Holding || (sm.st.Writable && sm.st.PeerConnected && !sm.st.Copy.Running && sm.st.OutOfSyncBytes == 0)) ||
 					x.ok && x.st.Writable // the failback already happened
-			})
+			}, testkit.Every(50*time.Millisecond)) == nil
 			time.Sleep(jitter(rng, 0, 600*time.Millisecond))
 			a := acting(Y)
 			sm := r.lastSample(Y)
@@ -201,14 +202,14 @@ func crashTrial(r *rig, rng *rand.Rand, target string, i int) bool {
 	restoreAll(r, down)
 
 	// Invariant 3, as soon as both members answer again.
-	if !wipe && waitFor(20*time.Second, func() bool {
+	if !wipe && testkit.Wait(20*time.Second, "both members answering", func() bool {
 		for _, n := range r.members {
 			if sm := r.lastSample(n); !sm.ok || time.Since(sm.at) > 300*time.Millisecond {
 				return false
 			}
 		}
 		return true
-	}) {
+	}, testkit.Every(50*time.Millisecond)) == nil {
 		r.checkBitmapsCover(w)
 	}
 

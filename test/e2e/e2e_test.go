@@ -11,11 +11,8 @@ package e2e
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -25,6 +22,7 @@ import (
 	"time"
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
+	"github.com/tandem-storage/tandem/internal/testkit"
 	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
@@ -202,19 +200,16 @@ func (s *story) get() *v1.VolumePair {
 	return vp
 }
 
+// wait polls the VolumePair (kubectl, every 250 ms) until cond holds, and
+// returns it.
 func (s *story) wait(d time.Duration, what string, cond func(*v1.VolumePair) bool) *v1.VolumePair {
 	s.t.Helper()
-	deadline := time.Now().Add(d)
 	var vp *v1.VolumePair
-	for time.Now().Before(deadline) {
+	testkit.Eventually(s.t, d, what, func() (bool, string) {
 		vp = s.get()
-		if cond(vp) {
-			return vp
-		}
-		time.Sleep(250 * time.Millisecond)
-	}
-	s.t.Fatalf("timed out after %v waiting for %s; status: %+v", d, what, vp.Status)
-	return nil
+		return cond(vp), fmt.Sprintf("status: %+v", vp.Status)
+	}, testkit.Every(250*time.Millisecond))
+	return vp
 }
 
 func condTrue(vp *v1.VolumePair, typ string) bool {
@@ -270,20 +265,6 @@ func (s *story) replicaPath(node string) string {
 	return strings.TrimSpace(lc(s.t, "replica-path", node, s.ns+"/"+s.name))
 }
 
-func fileSum(t *testing.T, path string) string {
-	t.Helper()
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		t.Fatal(err)
-	}
-	return hex.EncodeToString(h.Sum(nil))
-}
-
 // identical waits for the pair to be in sync and compares both backing files.
 func (s *story) identical(active, other string) {
 	s.t.Helper()
@@ -302,7 +283,7 @@ func (s *story) identical(active, other string) {
 		time.Sleep(200 * time.Millisecond)
 	}
 	time.Sleep(300 * time.Millisecond) // the backup's durable ack trails by a few ms
-	a, b := fileSum(s.t, s.replicaPath(active)), fileSum(s.t, s.replicaPath(other))
+	a, b := testkit.FileSHA256(s.t, s.replicaPath(active)), testkit.FileSHA256(s.t, s.replicaPath(other))
 	if a != b {
 		s.t.Fatalf("replicas differ: %s=%s %s=%s", active, a, other, b)
 	}

@@ -23,6 +23,7 @@ import (
 	"time"
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
+	"github.com/tandem-storage/tandem/internal/testkit"
 )
 
 // The load suite of issue #8: 16 pairs on the local cluster, concurrent fio
@@ -786,7 +787,7 @@ func TestLoad(t *testing.T) {
 		pathOf := func(node string) string {
 			return strings.TrimSpace(strings.SplitN(lc(t, "replica-path", node, s.ns+"/"+lp.name), "\n", 2)[0])
 		}
-		a, b := fileSum(t, pathOf(lp.primary)), fileSum(t, pathOf(lp.backup))
+		a, b := testkit.FileSHA256(t, pathOf(lp.primary)), testkit.FileSHA256(t, pathOf(lp.backup))
 		if a != b {
 			differing++
 			violation("converge", "%s: replicas differ after convergence: %s=%s %s=%s", lp.name, lp.primary, a, lp.backup, b)

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
+	"github.com/tandem-storage/tandem/internal/testkit"
 )
 
 // Partitions (issue #8), with the network namespaces of the local cluster:
@@ -106,7 +107,7 @@ func partitionTrial(r *rig, rng *rand.Rand, kind, X string, i int) (string, bool
 		hold := jitter(rng, 3*time.Second, 5*time.Second)
 		// The cut must bite (established replication connections too):
 		// keep it until X noticed (its detection may take a few seconds).
-		if !waitFor(15*time.Second, func() bool { sm := r.lastSample(X); return sm.ok && !sm.st.PeerConnected }) {
+		if testkit.Wait(15*time.Second, X+" seeing its peer disconnected", func() bool { sm := r.lastSample(X); return sm.ok && !sm.st.PeerConnected }, testkit.Every(50*time.Millisecond)) != nil {
 			t.Errorf("trial %d: %s still reports its peer connected 15 s after cut %s %s", i, X, X, Y)
 		}
 		t.Logf("trial %d: %s saw its peer disconnected %.2fs after the cut", i, X, time.Since(r.faults[len(r.faults)-1].at).Seconds())

@@ -13,9 +13,7 @@ package e2e
 
 import (
 	"context"
-	"crypto/sha256"
 	"encoding/binary"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"hash/fnv"
@@ -36,6 +34,7 @@ import (
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
 	"github.com/tandem-storage/tandem/internal/stresstest"
+	"github.com/tandem-storage/tandem/internal/testkit"
 	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
@@ -432,24 +431,12 @@ func (r *rig) lastSample(n string) sample {
 	return r.last[n]
 }
 
-// waitFor polls cond every 50 ms up to d.
-func waitFor(d time.Duration, cond func() bool) bool {
-	deadline := time.Now().Add(d)
-	for time.Now().Before(deadline) {
-		if cond() {
-			return true
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	return cond()
-}
-
 // waitWritable waits until the monitor sees node accept writes.
 func (r *rig) waitWritable(node string, d time.Duration) bool {
-	return waitFor(d, func() bool {
+	return testkit.Wait(d, node+" writable", func() bool {
 		sm := r.lastSample(node)
 		return sm.ok && sm.st.Writable
-	})
+	}, testkit.Every(50*time.Millisecond)) == nil
 }
 
 // phase reads the VolumePair's phase (kubectl).
@@ -835,16 +822,11 @@ func (r *rig) checkIdentical() {
 }
 
 func (r *rig) fileSum(node string) string {
-	f, err := os.Open(filepath.Join(root, ".local", "nodes", node, "volumes", r.s.ns, r.s.name, "data"))
+	sum, err := testkit.HashFile(filepath.Join(root, ".local", "nodes", node, "volumes", r.s.ns, r.s.name, "data"))
 	if err != nil {
 		return "error: " + err.Error()
 	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		return "error: " + err.Error()
-	}
-	return hex.EncodeToString(h.Sum(nil))
+	return sum
 }
 
 // converged: the pair serves from active, both members up to date and

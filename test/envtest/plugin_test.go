@@ -6,29 +6,31 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/go-logr/logr"
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
+	"github.com/go-logr/logr/funcr"
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
 	"github.com/tandem-storage/tandem/dataplane/agent"
+	"github.com/tandem-storage/tandem/internal/testkit"
 	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
 // TestPlugin builds kubectl-tandem and drives it against the test API server
 // (and, for verify, two in-process agents), checking what users see.
 func TestPlugin(t *testing.T) {
+	testkit.SkipIfShort(t, "builds and runs kubectl-tandem, with in-process agents")
 	bin := filepath.Join(t.TempDir(), "kubectl-tandem")
 	build := exec.Command("go", "build", "-o", bin, "./cmd/kubectl-tandem")
 	build.Dir = repoRoot
@@ -228,7 +230,7 @@ func testPluginRequests(t *testing.T, bin string) {
 	}
 }
 
-// verifyAgent is an in-process agent behind an httptest server.
+// verifyAgent is an in-process agent run by agent.Run on loopback.
 type verifyAgent struct {
 	a       *agent.Agent
 	url     string
@@ -237,19 +239,39 @@ type verifyAgent struct {
 
 func startVerifyAgent(t *testing.T, node, token string) *verifyAgent {
 	t.Helper()
-	dir := t.TempDir()
-	a, err := agent.New(agent.Config{Node: node, DataDir: dir, Token: token, Log: logr.Discard()})
-	if err != nil {
-		t.Fatal(err)
+	va := &verifyAgent{dataDir: t.TempDir()}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	up := make(chan struct{})
+	var closeErrs atomic.Int32
+	log := funcr.New(func(prefix, args string) {
+		if strings.Contains(args, `"Closing replicas"`) {
+			closeErrs.Add(1)
+		}
+	}, funcr.Options{})
+	go func() {
+		done <- agent.Run(ctx, agent.Options{
+			Config:  agent.Config{Node: node, DataDir: va.dataDir, Token: token, Log: log},
+			Control: testkit.Listen(t), Replication: testkit.Listen(t), NBD: testkit.Listen(t),
+			Started: func(a *agent.Agent, ep agent.Endpoints) { va.a, va.url = a, ep.Control; close(up) },
+		})
+	}()
+	select {
+	case <-up:
+	case err := <-done:
+		cancel()
+		t.Fatalf("agent %s: %v", node, err)
 	}
-	srv := httptest.NewServer(a.Handler())
 	t.Cleanup(func() {
-		srv.Close()
-		if err := a.Close(); err != nil {
+		cancel()
+		if err := <-done; err != nil {
 			t.Error(err)
 		}
+		if closeErrs.Load() > 0 {
+			t.Errorf("agent %s failed to close its replicas", node)
+		}
 	})
-	return &verifyAgent{a: a, url: srv.URL, dataDir: dir}
+	return va
 }
 
 func testPluginVerify(t *testing.T, bin string) {

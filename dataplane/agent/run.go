@@ -1,0 +1,240 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/go-logr/logr"
+	coordclient "k8s.io/client-go/kubernetes/typed/coordination/v1"
+
+	"github.com/tandem-storage/tandem/dataplane/nbd"
+)
+
+// Options configure Run: the agent itself (Config) and what it serves on.
+type Options struct {
+	Config
+
+	// Control, Replication and NBD are the listeners of the control API,
+	// the replication link and the NBD server; all three are required. Run
+	// owns them: they are closed when it returns. The endpoints the agent
+	// advertises are their addresses, with Config.AdvertiseHost as the host
+	// when it is set (else the listener's host, or 127.0.0.1 for a
+	// wildcard).
+	Control, Replication, NBD net.Listener
+	// ControlLimits bound the control API's connections (zero: defaults).
+	ControlLimits ControlLimits
+	// NBDAllowedClients, when not empty, lists the client networks allowed
+	// to connect to the NBD port (nbd.Server.AllowedClients).
+	NBDAllowedClients []netip.Prefix
+	// NBDHandshakeTimeout bounds an NBD client's negotiation (0:
+	// nbd.DefaultHandshakeTimeout).
+	NBDHandshakeTimeout time.Duration
+
+	// Leases connects the agent to Kubernetes: with it, the agent registers
+	// its Lease in Namespace (Register) and renews the authority Leases of
+	// the volumes it serves as primary (a KubeAuthority, which gates every
+	// volume's writes; Config.Authority must then be nil). Nil: standalone,
+	// the control API's word is final (or Config.Authority's).
+	Leases    coordclient.LeasesGetter
+	Namespace string
+
+	// Started, if set, is called once the agent serves on all three
+	// listeners, with the agent and the endpoints it advertises.
+	Started func(*Agent, Endpoints)
+}
+
+// Shutdown timing (Run). At worst nbd.DefaultDrainTimeout+3 s for the NBD
+// connections, 2 s for the replication listener, volume.Options'
+// CloseTimeout (5 s) plus the last checkpoint for the replicas, 3 s for the
+// control API: under the DaemonSet's 30 s grace period.
+const (
+	nbdStopWait     = nbd.DefaultDrainTimeout + 3*time.Second
+	replStopWait    = 2 * time.Second
+	controlStopWait = 3 * time.Second
+)
+
+// Run assembles an agent (New) and serves it on o's listeners until ctx is
+// done or one of them fails, then shuts it down in the order that loses
+// nothing:
+//
+//  1. no new NBD connections; the requests in flight finish (up to the NBD
+//     server's drain timeout, then they are cancelled);
+//  2. the replication listener stops;
+//  3. the replicas close, each waiting for its admitted writes before its
+//     final checkpoint, so a write that reached the local disk but not the
+//     peer is dirty after a restart;
+//  4. the control API stops;
+//  5. registration and the authority renewals stop. They outlive the
+//     listeners: the writes drained in 1 and 3 still need the authority
+//     (else they fail as fenced) until the replicas are closed.
+//
+// Run returns nil after a shutdown for ctx, or the error of the listener
+// that failed. cmd/agent runs it with a context cancelled by SIGTERM; tests
+// run in-process agents with it.
+func Run(ctx context.Context, o Options) error {
+	lns := []net.Listener{o.Control, o.Replication, o.NBD}
+	fail := func(err error) error {
+		for _, l := range lns {
+			if l != nil {
+				l.Close()
+			}
+		}
+		return err
+	}
+	if o.Control == nil || o.Replication == nil || o.NBD == nil {
+		return fail(errors.New("agent: Run needs the control, replication and NBD listeners"))
+	}
+	cfg := o.Config
+	log := cfg.Log
+	var clockOpts []Option
+	if cfg.Clock != nil {
+		clockOpts = append(clockOpts, WithClock(cfg.Clock))
+	}
+	var auth *KubeAuthority
+	if o.Leases != nil {
+		if cfg.Authority != nil {
+			return fail(errors.New("agent: Options.Leases and Config.Authority exclude each other"))
+		}
+		if o.Namespace == "" {
+			return fail(errors.New("agent: Options.Leases needs a Namespace"))
+		}
+		auth = NewKubeAuthority(o.Leases, o.Namespace, cfg.Node, clockOpts...)
+		cfg.Authority = auth
+	}
+	absDataDir, err := filepath.Abs(cfg.DataDir)
+	if err != nil {
+		return fail(fmt.Errorf("agent: data dir: %w", err))
+	}
+	a, err := New(cfg)
+	if err != nil {
+		return fail(err)
+	}
+	ep := Endpoints{
+		Control:     "http://" + advertised(cfg.AdvertiseHost, o.Control.Addr()),
+		Replication: advertised(cfg.AdvertiseHost, o.Replication.Addr()),
+		NBD:         advertised(cfg.AdvertiseHost, o.NBD.Addr()),
+		DataDir:     absDataDir, // named in TeardownIncomplete events
+	}
+	a.SetAddresses(ep.NBD, ep.Replication, ep.Control)
+
+	// Not derived from ctx: the renewals stop last (step 5).
+	leaseCtx, stopLeases := context.WithCancel(context.WithoutCancel(ctx))
+	var leaseWG sync.WaitGroup
+	defer func() {
+		stopLeases()
+		leaseWG.Wait()
+	}()
+	if auth != nil {
+		leaseWG.Go(func() {
+			Register(leaseCtx, o.Leases, o.Namespace, cfg.Node, ep, log.WithName("register"), clockOpts...)
+		})
+		leaseWG.Go(func() { auth.Run(leaseCtx, a.Primaries, log.WithName("authority")) })
+	}
+
+	nbdSrv := &nbd.Server{Exports: a, Log: log.WithName("nbd"), AllowedClients: o.NBDAllowedClients,
+		Budget: cfg.Budget, HandshakeTimeout: o.NBDHandshakeTimeout}
+	nbdSvc := startService("NBD server", func(ctx context.Context) error { return nbdSrv.Serve(ctx, o.NBD) })
+	replSvc := startService("replication listener", func(ctx context.Context) error { return a.ServeReplication(ctx, o.Replication) })
+	ctrlSvc := startService("control API", func(ctx context.Context) error { return a.ServeControl(ctx, o.Control, o.ControlLimits) })
+	log.Info("Agent started", "node", cfg.Node, "dataDir", cfg.DataDir, "control", o.Control.Addr().String(),
+		"replication", o.Replication.Addr().String(), "nbd", o.NBD.Addr().String(), "auth", cfg.Token != "",
+		"kubernetes", auth != nil, "nbdAllowedClients", fmt.Sprint(o.NBDAllowedClients), "maxInflightBytes", cfg.Budget.Stats().Size)
+	if o.Started != nil {
+		o.Started(a, ep)
+	}
+
+	select {
+	case <-ctx.Done():
+		log.Info("Shutting down")
+	case err = <-nbdSvc.done:
+		err = nbdSvc.exited(err)
+	case err = <-replSvc.done:
+		err = replSvc.exited(err)
+	case err = <-ctrlSvc.done:
+		err = ctrlSvc.exited(err)
+	}
+	if err != nil {
+		log.Error(err, "Listener failed; shutting down")
+	}
+	if !nbdSvc.stop(log, nbdStopWait) {
+		log.Error(errors.New("NBD connections still open"), "Closing the replicas with NBD requests still running")
+	}
+	replSvc.stop(log, replStopWait)
+	if cerr := a.Close(); cerr != nil {
+		log.Error(cerr, "Closing replicas")
+	}
+	log.Info("Replicas closed")
+	ctrlSvc.stop(log, controlStopWait)
+	return err
+}
+
+// service is a listener's serve loop run in its own goroutine.
+type service struct {
+	name   string
+	cancel context.CancelFunc
+	done   chan error
+	ended  bool
+}
+
+func startService(name string, serve func(ctx context.Context) error) *service {
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &service{name: name, cancel: cancel, done: make(chan error, 1)}
+	go func() { s.done <- serve(ctx) }()
+	return s
+}
+
+// exited records that the serve loop returned on its own with err (which
+// the caller received), and returns why.
+func (s *service) exited(err error) error {
+	s.ended = true
+	if err == nil {
+		err = fmt.Errorf("%s stopped", s.name)
+	}
+	return err
+}
+
+// stop cancels the serve loop and waits up to d for it to return; it
+// reports whether it did.
+func (s *service) stop(log logr.Logger, d time.Duration) bool {
+	s.cancel()
+	if s.ended {
+		return true
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case err := <-s.done:
+		s.ended = true
+		if err != nil {
+			log.Error(err, "Stopped with an error", "service", s.name)
+		} else {
+			log.Info("Stopped", "service", s.name)
+		}
+		return true
+	case <-t.C:
+		log.Error(errors.New("still running"), "Gave up waiting", "service", s.name, "after", d.String())
+		return false
+	}
+}
+
+// advertised joins the advertise host (or the listener's own host, or
+// 127.0.0.1 for a wildcard) with the listener's port.
+func advertised(host string, addr net.Addr) string {
+	h, port, err := net.SplitHostPort(addr.String())
+	if err != nil {
+		return addr.String()
+	}
+	if host == "" {
+		host = h
+		if ip := net.ParseIP(h); ip == nil || ip.IsUnspecified() {
+			host = "127.0.0.1"
+		}
+	}
+	return net.JoinHostPort(host, port)
+}

@@ -123,7 +123,7 @@ func (r *VolumePairReconciler) configure(ctx context.Context, s *scope, hold boo
 	merge := vp.Spec.MergesPrimaryBitmap()
 	// Only the first writer of a pair whose data no member ever held
 	// starts the pair's data; a writer without the data is never made to
-	// serve (it would serve an empty volume, DESIGN invariant 8).
+	// serve (it would serve an empty volume: invariant 8, docs/architecture.md).
 	initialize := !s.view.PairHasData()
 	writerRole := agentapi.RolePrimary
 	if !initialize && !HoldsData(writer, s.view.PairUID) && writer.Status != nil && writer.Status.Role != agentapi.RolePrimary {

@@ -1,9 +1,8 @@
 package controllers
 
-// Authority Leases against a real API server (issue #12, findings 2, 4 and
-// 11): every pair has its own Lease even when the older "<ns>-<name>"
-// naming made two pairs share one; a Lease that belongs to another pair is
-// refused; expiry does not depend on the agent's wall clock; a teardown that
+// Authority Leases against a real API server: every pair has its own Lease
+// even when the older "<ns>-<name>" naming made two pairs share one; a Lease
+// that belongs to another pair is refused; expiry does not depend on the agent's wall clock; a teardown that
 // cannot reach an agent says where the replica was left.
 
 import (

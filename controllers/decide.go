@@ -49,7 +49,7 @@ type AuthorityView struct {
 type View struct {
 	Primary, Backup MemberView // by spec
 	// PairUID is the VolumePair's UID: the pair whose data a member must
-	// hold to be trusted (DESIGN invariant 8).
+	// hold to be trusted (invariant 8, docs/architecture.md).
 	PairUID string
 	// DataInitialized is status.dataInitialized: some member has held the
 	// pair's data, so a member without it is new or wiped, not a member of
@@ -187,7 +187,7 @@ func Decide(v View) Step {
 	writer := v.member(v.Authority.Holder)
 	other := v.other(v.Authority.Holder)
 
-	// 1. A lost writer: promote the other member if it is safe (DESIGN §4).
+	// 1. A lost writer: promote the other member if it is safe (docs/architecture.md, "Invariants and how they are kept").
 	// A writer that still answers probes but fenced itself, and whose
 	// authority has expired, is lost too: it cannot renew (it lost the API
 	// server) and serves nothing until it can, while promoting the backup is
@@ -271,7 +271,7 @@ func Decide(v View) Step {
 	return Step{Kind: StepNone, Blocked: BlockedNone}
 }
 
-// Failback hold budget (DESIGN §7: the hold lasts at most a second).
+// Failback hold budget: the hold is meant to last at most a second (docs/benchmarks.md).
 const (
 	// FailbackDrainBytes is the most a writer may still have to ship to
 	// its peer for a failback hold to start: it drains in a small fraction

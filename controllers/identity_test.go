@@ -20,7 +20,7 @@ import (
 // disk) comes back as a new replica. It is fully copied before the pair
 // reports in sync, it is never made the writer while it holds nothing, and
 // when the wiped member was the writer the backup takes over instead of the
-// wiped member serving an empty volume (DESIGN invariant 8).
+// wiped member serving an empty volume (invariant 8, docs/architecture.md).
 func TestStoryWipedMember(t *testing.T) {
 	// One manager for every trial: two would reconcile the same pairs.
 	mlog := &testLog{}

@@ -1,6 +1,6 @@
 package controllers
 
-// Split brain (issue #8, DESIGN §4.1): the primary's node is cut off from
+// Split brain (invariant 1, docs/architecture.md): the primary's node is cut off from
 // the API server and from the controller (and, in the "node" partition, from
 // its backup too) while clients keep writing. Two clients write all the
 // time, one to each member's export, as confused clients would; every write

@@ -28,7 +28,7 @@ const (
 	PolicyManual Policy = "Manual"
 )
 
-// Phase is the pair's phase as the controller sees it (DESIGN §3).
+// Phase is the pair's phase as the controller sees it (docs/architecture.md, "Phases").
 // +kubebuilder:validation:Enum=PAIR;SWAP;COPY;NORMAL
 type Phase string
 
@@ -74,7 +74,7 @@ const (
 )
 
 // OutdatedConfirmation says whether the writer may have been told that a
-// member recorded Outdated is Outdated (DESIGN §4.2). A sync-mode writer that
+// member recorded Outdated is Outdated (invariant 2, docs/architecture.md). A sync-mode writer that
 // lost its peer acknowledges writes the peer lacks only after it was told.
 // +kubebuilder:validation:Enum=NotSent;Sent
 type OutdatedConfirmation string
@@ -303,7 +303,7 @@ type MemberStatus struct {
 
 // VolumePairStatus is the observed state of a VolumePair.
 type VolumePairStatus struct {
-	// phase is PAIR, SWAP, COPY or NORMAL (DESIGN §3).
+	// phase is PAIR, SWAP, COPY or NORMAL (docs/architecture.md, "Phases").
 	// +optional
 	Phase Phase `json:"phase,omitempty"`
 	// activePrimary names the node that serves writes now.

@@ -252,7 +252,7 @@ func renderStatus(w io.Writer, vp *storagev1alpha1.VolumePair, events []corev1.E
 	return nil
 }
 
-// phaseMeaning explains a phase in a few words (DESIGN §3).
+// phaseMeaning explains a phase in a few words (docs/architecture.md, "Phases").
 func phaseMeaning(p storagev1alpha1.Phase) string {
 	switch p {
 	case storagev1alpha1.PhasePair:

@@ -1,6 +1,6 @@
 package agent_test
 
-// Bad replication input (issue #8, DESIGN §4.7): hostile or broken streams
+// Bad replication input (invariant 7, docs/architecture.md): hostile or broken streams
 // against a running agent's replication listener. Each one must close that
 // connection with a logged reason, while a healthy pair on the same agent
 // keeps replicating without a hiccup and the attacked volume stays intact

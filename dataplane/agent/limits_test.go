@@ -1,6 +1,6 @@
 package agent_test
 
-// Resource limits of a running agent (findings 6 and 11 of issue #12):
+// Resource limits of a running agent:
 // unauthenticated replication connections, busy NBD clients, accept errors
 // and slow or idle control API clients must not exhaust the agent.
 

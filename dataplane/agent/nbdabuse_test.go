@@ -1,6 +1,6 @@
 package agent_test
 
-// NBD abuse against a running agent (issue #8, "Bad input and abuse"): raw
+// NBD abuse against a running agent: raw
 // TCP clients that send huge lengths, offsets past the end, unknown
 // commands, half frames, bad magic, or that idle or trickle through the
 // handshake, while a well-behaved client keeps writing to another volume of

@@ -17,7 +17,7 @@ import (
 	"github.com/tandem-storage/tandem/dataplane/volume"
 )
 
-// TestAuthorityNotRenewedWhileJournalFails (issue #12 finding 7): a primary
+// TestAuthorityNotRenewedWhileJournalFails: a primary
 // whose write-intent journal fails (ENOSPC) is left out of Primaries, so the
 // agent stops renewing its authority Lease and the grant lapses (the
 // controller may then fail over); once the journal's disk has space again,

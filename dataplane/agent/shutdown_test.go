@@ -18,7 +18,7 @@ import (
 	"github.com/tandem-storage/tandem/internal/testkit"
 )
 
-// TestSIGTERMDrainsThenCloses (finding 8 of issue #12): an async primary
+// TestSIGTERMDrainsThenCloses: an async primary
 // agent gets SIGTERM while NBD writes are in flight (its backup is stopped,
 // so the replication queue is full and the last writes wait for room). The
 // agent stops taking connections, lets the writes it read finish and

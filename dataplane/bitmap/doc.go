@@ -1,5 +1,5 @@
 // Package bitmap tracks which regions of a replicated volume the peer may
-// lack (DESIGN.md §4 invariant 3, §5): an in-memory dirty bitmap (Tracker)
+// lack (invariant 3, docs/architecture.md): an in-memory dirty bitmap (Tracker)
 // and its crash-safe on-disk form (Journal), a write-intent log of coarse
 // extents plus checkpoints, like DRBD's activity log or md's write-intent
 // bitmap.

@@ -113,7 +113,7 @@ type Meta struct {
 	// it started the pair's data as its first writer, or a copy from a
 	// member that held it completed. A replica that is not joined (new, its
 	// data lost, or joined to another pair) is Inconsistent for the pair
-	// until a full copy completes (DESIGN invariant 8).
+	// until a full copy completes (invariant 8, docs/architecture.md).
 	Joined bool `json:"joined,omitempty"`
 	// PairUID is the UID of the VolumePair whose data the replica holds
 	// (when Joined). Empty for a joined replica of a version 1 file, whose

@@ -22,7 +22,7 @@
 //	44     N    payload
 //
 // Every frame carries the sender's authority epoch; the link refuses frames
-// of a lower epoch than its own (DESIGN.md §4.1). This package only carries it.
+// of a lower epoch than its own (invariant 1, docs/architecture.md). This package only carries it.
 //
 // # Types
 //
@@ -82,7 +82,7 @@
 // io.ErrUnexpectedEOF (the stream ended inside a frame), each with the frame's
 // index and stream offset in the message; a clean end between frames is
 // io.EOF itself. Every error is final for the stream: the link closes the
-// connection and logs the reason (DESIGN.md §4.7).
+// connection and logs the reason (invariant 7, docs/architecture.md).
 package repl
 
 import (

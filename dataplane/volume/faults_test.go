@@ -1,6 +1,6 @@
 package volume_test
 
-// Disk faults (issue #8): a fault-injecting store (store.Faulty over
+// Disk faults: a fault-injecting store (store.Faulty over
 // store.Mem) under one member of a pair. Every trial keeps a log of the
 // writes the "client" got acknowledged and reads them back from both members
 // at the end: whatever the fault, clients get I/O errors rather than silent

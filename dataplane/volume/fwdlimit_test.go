@@ -1,6 +1,6 @@
 package volume_test
 
-// Forwarded requests are bounded (finding 11 of issue #12): the writer used
+// Forwarded requests are bounded: the writer used
 // to start one goroutine per request its peer forwarded, with a copy of the
 // payload, without any bound.
 

@@ -26,7 +26,7 @@ func (d *journalDisk) hook(bitmap.FaultOp) error {
 	return nil
 }
 
-// TestDiskFaultJournalTransientENOSPC (issue #12 finding 7): the primary's
+// TestDiskFaultJournalTransientENOSPC: the primary's
 // write-intent journal hits a transient ENOSPC. While it lasts, writes to
 // extents not already marked fail with EIO (never acknowledged), Status says
 // the member is not writable and why, and Fault is set (the agent stops

@@ -10,7 +10,7 @@ import (
 	"github.com/tandem-storage/tandem/dataplane/volume"
 )
 
-// TestOldestUnreplicatedWhileDisconnected (issue #12 finding 11): while the
+// TestOldestUnreplicatedWhileDisconnected: while the
 // peer is away, the oldest-unreplicated age is that of the oldest write the
 // peer does not hold, growing, not 0; it returns to 0 once the resync has
 // brought the peer up to date. The primary runs on a fake clock: the age is

@@ -1,6 +1,6 @@
 package volume_test
 
-// Shutdown with writes in flight (finding 8 of issue #12): Close must not
+// Shutdown with writes in flight: Close must not
 // write its final checkpoint while admitted writes are still between their
 // write-intent mark and their dirty bit, or a region that differs from the
 // peer comes back clean after a restart and is never resynced (invariant 3).

@@ -97,7 +97,7 @@ type Volume struct {
 	role      Role
 	epoch     uint64
 	dataState DataState
-	// Identity (DESIGN invariant 8): joined says the replica holds the
+	// Identity (invariant 8, docs/architecture.md): joined says the replica holds the
 	// data of the pair pairUID ("" for a replica of a version 1 metadata
 	// file, which adopts the first UID it is given); zero that the store
 	// holds only zeros (created so, never written); dataReason why the

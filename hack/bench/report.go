@@ -250,11 +250,11 @@ func pct(s stat) string {
 	return fmt.Sprintf("%.2f %% (%.2f–%.2f)", 100*s.Med, 100*s.Min, 100*s.Max)
 }
 
-// scorecard compares the run with DESIGN.md §7.
+// scorecard compares the run with the targets the project set itself.
 func (b *bench) scorecard(w *strings.Builder) {
 	r := &b.res
 	p := func(format string, args ...any) { fmt.Fprintf(w, format, args...) }
-	p("## DESIGN.md §7 targets\n\n| target | goal | measured (median, min–max) | met |\n|---|---|---|---|\n")
+	p("## Targets\n\n| target | goal | measured (median, min–max) | met |\n|---|---|---|---|\n")
 	ratio := func(wl, t string) stat {
 		for _, f := range r.Fio {
 			if f.Workload == wl && f.Target == t {
@@ -381,7 +381,7 @@ set yrange [0.01:*]
 set key bottom right
 plot %q using 1:2:3:4 with yerrorlines lw 2 pt 7 title "Tandem COPY (union of the diffs)", \
      %g with lines dt 2 lw 2 title "full nbdcopy of the volume (%.1f s)", \
-     %g*0.03 with lines dt 3 lw 1 title "3 %% of the full copy (DESIGN §7)"
+     %g*0.03 with lines dt 3 lw 1 title "3 %% of the full copy (target)"
 unset multiplot
 `, png, r.Machine.CPU, r.Started.UTC().Format("2006-01-02"), filepath.Join(dir, "ratios.dat"), filepath.Join(dir, "resync.dat"), full, full, full)
 	sp := filepath.Join(dir, "plot.gp")

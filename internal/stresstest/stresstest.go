@@ -1,5 +1,4 @@
-// Package stresstest holds what Tandem's reliability suites share (issue
-// #8): the knobs `make stress` turns (TANDEM_STRESS_TRIALS,
+// Package stresstest holds what Tandem's reliability suites share: the knobs `make stress` turns (TANDEM_STRESS_TRIALS,
 // TANDEM_STRESS_SEED) and the line every suite logs for hack/stress/report
 // to collect into docs/reliability.md:
 //

@@ -16,12 +16,12 @@ import (
 	"github.com/tandem-storage/tandem/internal/testkit"
 )
 
-// Crash matrix (issue #8): SIGKILL the primary's agent, the backup's agent,
+// Crash matrix: SIGKILL the primary's agent, the backup's agent,
 // the manager or a whole node, in Async and Sync, at a random moment among
 // PAIR (steady writes), SWAP (just after a failover started), COPY (a
 // throttled resync running) and failback (the copy just finished, the roles
 // about to switch back). Each trial restores what was killed, waits for the
-// pair to converge back to PAIR on its preferred primary, and checks DESIGN
+// pair to converge back to PAIR on its preferred primary, and checks the
 // §4 invariants 1-5 (see reliability_test.go). One RELIABILITY line per cell;
 // TANDEM_STRESS_TRIALS trials per cell (default 2), one pair reused across
 // the trials of a cell.
@@ -35,7 +35,7 @@ func TestCrashMatrix(t *testing.T) {
 			t.Run(target+"-"+mode, func(t *testing.T) { crashCell(t, target, mode, p[0], p[1]) })
 		}
 	}
-	// A lost disk (issue #12): the agent is killed and its data directory
+	// A lost disk: the agent is killed and its data directory
 	// wiped before it restarts; the member must come back through a full
 	// copy, never serving or reported in sync before it completes.
 	for _, c := range []struct{ target, mode string }{{"backup-disk", "Async"}, {"primary-disk", "Sync"}} {

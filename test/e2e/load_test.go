@@ -26,7 +26,7 @@ import (
 	"github.com/tandem-storage/tandem/internal/testkit"
 )
 
-// The load suite of issue #8: 16 pairs on the local cluster, concurrent fio
+// The load suite: 16 pairs on the local cluster, concurrent fio
 // on all of them for TANDEM_LOAD_DURATION (default 45s, the CI short version;
 // make stress uses 10m), a failover in the middle, then: the killed node's
 // pairs are served by their backups within loadFailoverBound, every pair
@@ -73,7 +73,7 @@ const (
 	// (failover to the backup, then failback).
 	loadErrorGrace = 10 * time.Second
 	// A pair whose primary was killed must be served by its backup within
-	// loadFailoverBound of the kill. DESIGN §7's failover target (≤ 10 s
+	// loadFailoverBound of the kill. the failover target in docs/benchmarks.md (≤ 10 s
 	// with the defaults: probe 2 s, 3 failures, Lease 6 s) is for one pair
 	// (the failover benchmark: 6.5 s; e2e story 2: 7 s). Here six pairs fail
 	// over at once while 16 fio jobs, three agents, the API server and etcd
@@ -121,7 +121,7 @@ func loadLayout(killed string) []loadPair {
 // loadFailover is the pairs' spec.failover for TANDEM_LOAD_FAILOVER.
 var loadFailover = map[string]string{
 	// The VolumePair defaults (probe 2 s × 3, Lease 6 s): what users run,
-	// and what DESIGN §7's failover target is for.
+	// and what the failover target in docs/benchmarks.md is for.
 	"default": "{}",
 	// Tight: fast failover, but a writer fences itself when the API server
 	// takes over ~1.5 s to answer its renewals (hack/stress/findings.md).

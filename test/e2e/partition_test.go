@@ -11,7 +11,7 @@ import (
 	"github.com/tandem-storage/tandem/internal/testkit"
 )
 
-// Partitions (issue #8), with the network namespaces of the local cluster:
+// Partitions, with the network namespaces of the local cluster:
 // the acting primary cut from its backup only, from the API server only, the
 // manager cut from both agents' control APIs, the primary's whole node cut
 // off, and the primary's link flapping (down/up every 0.5-2 s, randomised,

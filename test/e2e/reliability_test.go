@@ -2,11 +2,11 @@
 
 package e2e
 
-// Shared machinery of the cluster-level reliability suites of issue #8
+// Shared machinery of the cluster-level reliability suites
 // (crash_test.go, partition_test.go): a minimal NBD client that can dial from
 // inside a node's network namespace, a writer of numbered verifiable blocks
 // that records what was acknowledged, a monitor polling both members' own
-// status through the control API, and the invariant checks of DESIGN §4.
+// status through the control API, and the invariant checks of docs/architecture.md.
 //
 // Knobs: TANDEM_STRESS_TRIALS (trials per case, default 1: the CI short
 // version) and TANDEM_STRESS_SEED (randomised choices; default: time, logged).

@@ -1,6 +1,6 @@
 package envtest
 
-// The install artefacts (issue #5): the kustomize tree under config/ and the
+// The install artefacts: the kustomize tree under config/ and the
 // Helm chart under charts/tandem must render, say what docs/install.md says
 // (least-privilege RBAC, a non-root manager, an agent without privileged mode
 // or capabilities), and be accepted by a real API server.

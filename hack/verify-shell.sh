@@ -2,8 +2,11 @@
 # Runs shellcheck on every shell script of the repository: the *.sh files and
 # every other file whose first line is a sh/bash shebang (.ci/run). Tracked
 # and new (untracked, not ignored) files both count, so a script is checked
-# before its first commit. shellcheck comes from the distribution and is
-# installed when missing, as .ci/run installs the test dependencies.
+# before its first commit. Files that are only sourced (hack/lib/) have no
+# shebang: they name their shell with a `# shellcheck shell=bash` line, and
+# the script sourcing them names each with a `# shellcheck source=` line, so
+# its check sees their definitions. shellcheck comes from the distribution and
+# is installed when missing, as .ci/run installs the test dependencies.
 #
 # A finding that is deliberate gets a directive on the line before it, with
 # the reason:  # shellcheck disable=SC2086 # split "a b c" into $1 $2 $3

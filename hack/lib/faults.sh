@@ -1,0 +1,133 @@
+# shellcheck shell=bash
+# Part of hack/local-cluster.sh (sourced; not run on its own): the fault
+# verbs. Killing and restoring a node, its agent or the manager, and (netns
+# network only) the cuts: a node's whole link (partition, heal) or one path
+# (cut, cut-api, cut-control; policy-routing rules, see netns.sh).
+
+cmd_kill_node() {
+  local n=$1
+  node_index "$n" >/dev/null
+  require_up
+  stop_proc "agent-$n" KILL
+  stop_proc "heartbeat-$n" KILL
+  if [ "$(net_mode)" = netns ]; then
+    ip link set "$(veth_name "$n")" down
+  fi
+  # What the node-lifecycle controller would do after its grace period.
+  "$BIN/tandem-nodesim" mark-unknown --kubeconfig "$KUBECONFIG_FILE" --node "$n" ||
+    log "warning: could not mark Node $n Ready=Unknown"
+  if [ "$(net_mode)" = netns ]; then
+    log "Node $n killed: agent SIGKILLed, heartbeats stopped (Ready=Unknown), link $(veth_name "$n") down"
+  else
+    log "Node $n killed: agent SIGKILLed, heartbeats stopped (Ready=Unknown); loopback network: no link to cut"
+  fi
+}
+
+cmd_restore_node() {
+  local n=$1
+  node_index "$n" >/dev/null
+  require_up
+  if [ "$(net_mode)" = netns ]; then
+    ip link set "$(veth_name "$n")" up
+  fi
+  alive "heartbeat-$n" || start_heartbeat "$n"
+  if alive "agent-$n"; then
+    log "The agent on $n is already running (pid $(pid_of "agent-$n"))"
+  else
+    start_agent "$n"
+  fi
+  WATCH=agent-$n wait_for 30 "the agent on $n to answer and register (see $LOGS/agent-$n.log)" agent_ready "$n"
+  WATCH=heartbeat-$n wait_for 30 "Node $n to be Ready" node_ready "$n"
+  log "Node $n restored: link up, agent (same data dir $(node_dir "$n" | sed "s|^$ROOT/||")) and heartbeats running"
+}
+
+cmd_partition() {
+  local n=$1 up=$2
+  node_index "$n" >/dev/null
+  require_up
+  [ "$(net_mode)" = netns ] ||
+    die "partition/heal need the netns network (run 'up' as root); on loopback the nodes are not isolated"
+  if [ "$up" = 1 ]; then
+    ip link set "$(veth_name "$n")" up
+    log "Node $n healed: link $(veth_name "$n") up"
+  else
+    ip link set "$(veth_name "$n")" down
+    log "Node $n partitioned: link $(veth_name "$n") down (its agent and heartbeat keep running, cut off)"
+  fi
+}
+
+cmd_cut() {
+  local n=$1 peer=$2
+  node_index "$n" >/dev/null
+  node_index "$peer" >/dev/null
+  [ "$n" != "$peer" ] || die "cut wants two different nodes"
+  require_up
+  need_netns
+  add_cut "$n" to "$(node_ip "$peer")"
+  add_cut "$peer" to "$(node_ip "$n")"
+  log "Cut $n <-> $peer (policy routing; API server and manager still reachable)"
+}
+
+cmd_cut_api() {
+  local n=$1
+  node_index "$n" >/dev/null
+  require_up
+  need_netns
+  add_cut "$n" to "$(api_ip)" ipproto tcp dport "$API_PORT"
+  log "Cut $n -> API server $(api_ip):$API_PORT (agent and heartbeat cannot reach it)"
+}
+
+cmd_cut_control() {
+  local n=$1
+  node_index "$n" >/dev/null
+  require_up
+  need_netns
+  add_cut "$n" to "$(api_ip)" ipproto tcp sport "$CONTROL_PORT"
+  log "Cut manager <-> control API of $n (replies from :$CONTROL_PORT to $(api_ip) dropped)"
+}
+
+cmd_heal() {
+  local n=$1 other
+  node_index "$n" >/dev/null
+  require_up
+  need_netns
+  ip link set "$(veth_name "$n")" up
+  del_cuts "$n"
+  for other in "${NODES[@]}"; do
+    [ "$other" = "$n" ] || del_cuts "$other" to "$(node_ip "$n")"
+  done
+  log "Node $n healed: link $(veth_name "$n") up, no cut rules involving it"
+}
+
+cmd_kill_agent() {
+  local n=$1
+  node_index "$n" >/dev/null
+  require_up
+  stop_proc "agent-$n" KILL
+  log "Agent on $n SIGKILLed (link and heartbeat untouched)"
+}
+
+cmd_start_agent() {
+  local n=$1
+  node_index "$n" >/dev/null
+  require_up
+  alive "agent-$n" || start_agent "$n"
+  WATCH=agent-$n wait_for 30 "the agent on $n to answer and register (see $LOGS/agent-$n.log)" agent_ready "$n"
+  log "Agent on $n running"
+}
+
+cmd_kill_manager() {
+  require_up
+  stop_proc manager KILL
+  log "Manager SIGKILLed"
+}
+
+cmd_start_manager() {
+  require_up
+  if alive manager; then
+    log "The manager is already running (pid $(pid_of manager))"
+    return
+  fi
+  start_manager
+  log "Manager running"
+}

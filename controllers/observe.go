@@ -10,6 +10,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/types"
+	toolscache "k8s.io/client-go/tools/cache"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
@@ -165,10 +166,49 @@ func (r *VolumePairReconciler) lastSeen(key types.NamespacedName, node string) t
 // four requests per pair and probe period; 16 pairs on a busy API server
 // made each round, and so each failover step, take a second.
 func CacheOptions(namespace string) cache.Options {
-	agents := labels.SelectorFromSet(labels.Set{v1.LabelComponent: "agent"})
+	ours, err := labels.Parse(v1.LabelComponent + " in (agent,authority)")
+	if err != nil {
+		panic(fmt.Sprintf("controllers: Lease selector: %v", err)) // a constant
+	}
 	return cache.Options{ByObject: map[client.Object]cache.ByObject{
-		&coordinationv1.Lease{}: {Namespaces: map[string]cache.Config{namespace: {}}, Label: agents},
+		&coordinationv1.Lease{}: {Namespaces: map[string]cache.Config{namespace: {}}, Label: ours},
 	}}
+}
+
+// watchLeases times every renewal of an agent or authority Lease when the
+// watch delivers it, not when the next round reads the Lease: a round reads
+// the authority Lease once per probe period, so the last renewal of a writer
+// that died was seen up to a period late, and its failover came up to a
+// period late too (expiry counts from the observation, never from a time
+// another node wrote). Rounds still read the authority Lease live.
+func (r *VolumePairReconciler) watchLeases(ctx context.Context, c cache.Cache) error {
+	inf, err := c.GetInformer(ctx, &coordinationv1.Lease{})
+	if err != nil {
+		return fmt.Errorf("informer for Leases: %w", err)
+	}
+	_, err = inf.AddEventHandler(toolscache.ResourceEventHandlerFuncs{
+		AddFunc:    func(obj any) { r.observeLease(obj) },
+		UpdateFunc: func(_, obj any) { r.observeLease(obj) },
+		DeleteFunc: func(obj any) {
+			if tomb, ok := obj.(toolscache.DeletedFinalStateUnknown); ok {
+				obj = tomb.Obj
+			}
+			if l, ok := obj.(*coordinationv1.Lease); ok && l.Labels[v1.LabelComponent] == "authority" {
+				r.leases.Forget(l.Namespace, l.Name)
+			}
+		},
+	})
+	if err != nil {
+		return fmt.Errorf("watch Leases: %w", err)
+	}
+	return nil
+}
+
+// observeLease records a Lease the watch delivered.
+func (r *VolumePairReconciler) observeLease(obj any) {
+	if l, ok := obj.(*coordinationv1.Lease); ok && l.Namespace == r.Namespace {
+		r.leases.Observe(l)
+	}
 }
 
 // agentInfo reads a node's agent Lease; an expired Lease still gives the

@@ -146,6 +146,9 @@ func (r *VolumePairReconciler) SetupWithManager(mgr ctrl.Manager) error {
 	r.probes = map[types.NamespacedName]map[string]*probeState{}
 	r.leases = authority.NewObserver(r.Clock)
 	r.legacyGone = map[types.UID]bool{}
+	if err := r.watchLeases(context.Background(), mgr.GetCache()); err != nil {
+		return err
+	}
 	return ctrl.NewControllerManagedBy(mgr).For(&v1.VolumePair{}).Named("volumepair").
 		WithOptions(controller.Options{MaxConcurrentReconciles: maxConcurrentReconciles}).Complete(r)
 }

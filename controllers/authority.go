@@ -174,7 +174,11 @@ func (r *VolumePairReconciler) moveAuthority(ctx context.Context, s *scope, targ
 		r.Recorder.Eventf(s.vp, nil, corev1.EventTypeWarning, "Failover", "Promote", "Writer %s lost; promoted %s at epoch %d", from, target, epoch)
 	} else {
 		s.vp.Status.LastFailbackTime = &now2
-		r.Recorder.Eventf(s.vp, nil, corev1.EventTypeNormal, "Failback", "Switch", "Writes drained; %s hands the writer role to %s at epoch %d", from, target, epoch)
+		if s.step.Handover {
+			r.Recorder.Eventf(s.vp, nil, corev1.EventTypeNormal, "Handover", "Switch", "The agent on %s is stopping; writes drained, %s is the writer at epoch %d", from, target, epoch)
+		} else {
+			r.Recorder.Eventf(s.vp, nil, corev1.EventTypeNormal, "Failback", "Switch", "Writes drained; %s hands the writer role to %s at epoch %d", from, target, epoch)
+		}
 	}
 	return nil
 }

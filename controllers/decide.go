@@ -103,6 +103,9 @@ type Step struct {
 	// otherwise); Message explains it in words.
 	Blocked string
 	Message string
+	// Handover is true for a Hold or Switch away from a writer whose agent
+	// is stopping (a rolling update), not a failback towards spec.primary.
+	Handover bool
 }
 
 func (v *View) member(node string) *MemberView {
@@ -244,29 +247,43 @@ func Decide(v View) Step {
 	// almost always is. Under the hold the writer drains; then the roles
 	// switch. A hold that does not drain in time is released (the writes
 	// go on) and tried again a little later.
+	// A writer whose agent is stopping (a rolling update) hands its role to
+	// the other member the same way, whichever of the two spec.primary is:
+	// its agent waits for that before it goes (docs/architecture.md, "Agent
+	// restarts").
 	holding := writer.Status != nil && writer.Status.Holding
-	if v.Authority.Holder == v.Backup.Node {
-		wanted := !v.Authority.FailedOver || v.FailbackPolicy == v1.PolicyAutomatic || v.FailbackRequested
+	handover := writer.Status != nil && writer.Status.Stopping
+	what := "failback"
+	if handover {
+		what = "the handover from the stopping agent on " + writer.Node
+	}
+	if v.Authority.Holder == v.Backup.Node || handover {
+		wanted := handover || !v.Authority.FailedOver || v.FailbackPolicy == v1.PolicyAutomatic || v.FailbackRequested
 		if wanted && other.Reachable && !other.Suspect && FailbackReady(&v, writer, other) {
 			if other.APILost && !holding {
-				return Step{Kind: StepNone, Blocked: BlockedNone,
-					Message: "failback waits until the agent on " + other.Node + " reaches the API server again (it could not renew its authority)"}
+				return Step{Kind: StepNone, Blocked: BlockedNone, Handover: handover,
+					Message: what + " waits until the agent on " + other.Node + " reaches the API server again (it could not renew its authority)"}
 			}
 			switch {
 			case holding && writer.Status.Drained:
-				return Step{Kind: StepSwitch, Target: other.Node, Blocked: BlockedNone}
+				return Step{Kind: StepSwitch, Target: other.Node, Blocked: BlockedNone, Handover: handover}
 			case holding && writer.Status.HoldSeconds > MaxHoldSeconds:
-				return Step{Kind: StepReleaseHold, Target: writer.Node, Blocked: BlockedNone, Message: HoldTimedOut}
+				return Step{Kind: StepReleaseHold, Target: writer.Node, Blocked: BlockedNone, Message: HoldTimedOut, Handover: handover}
 			case holding:
-				return Step{Kind: StepNone, Blocked: BlockedNone, Message: "draining for failback"}
+				return Step{Kind: StepNone, Blocked: BlockedNone, Message: "draining for " + what, Handover: handover}
 			case v.HoldBackoff:
-				return Step{Kind: StepNone, Blocked: BlockedNone, Message: "the last failback hold did not drain in time; failback is tried again shortly"}
+				return Step{Kind: StepNone, Blocked: BlockedNone, Handover: handover,
+					Message: "the last hold did not drain in time; " + what + " is tried again shortly"}
 			}
-			return Step{Kind: StepHold, Target: writer.Node, Blocked: BlockedNone}
+			return Step{Kind: StepHold, Target: writer.Node, Blocked: BlockedNone, Handover: handover}
 		}
 	}
 	if holding {
-		return Step{Kind: StepReleaseHold, Target: writer.Node, Blocked: BlockedNone}
+		return Step{Kind: StepReleaseHold, Target: writer.Node, Blocked: BlockedNone, Handover: handover}
+	}
+	if handover {
+		return Step{Kind: StepNone, Blocked: BlockedNone, Handover: true,
+			Message: "the agent on " + writer.Node + " is stopping; its writer role moves to " + other.Node + " once " + other.Node + " is reachable and in sync"}
 	}
 	return Step{Kind: StepNone, Blocked: BlockedNone}
 }
@@ -287,12 +304,13 @@ const (
 
 // FailbackReady reports whether the writer may start a failback hold
 // towards other now: the link is up, no copy runs, other holds the pair's
-// data UpToDate, and what the writer has still to ship (live writes in
-// flight, in async mode) is small enough to drain under the hold.
+// data UpToDate and is not stopping, and what the writer has still to ship
+// (live writes in flight, in async mode) is small enough to drain under the
+// hold.
 func FailbackReady(v *View, writer, other *MemberView) bool {
 	w, o := writer.Status, other.Status
 	return w != nil && o != nil && w.Role == agentapi.RolePrimary && w.PeerConnected && !w.Copy.Running &&
-		o.DataState == agentapi.UpToDate && HoldsData(other, v.PairUID) && w.OutOfSyncBytes <= FailbackDrainBytes
+		o.DataState == agentapi.UpToDate && !o.Stopping && HoldsData(other, v.PairUID) && w.OutOfSyncBytes <= FailbackDrainBytes
 }
 
 // dataReason is the member's account of why its data is not usable.

@@ -228,6 +228,38 @@ func TestDecide(t *testing.T) {
 			v.Backup.Status = st(agentapi.RolePrimary, 2, agentapi.UpToDate, true, drained)
 			v.Primary.Status = st(agentapi.RoleBackup, 2, agentapi.UpToDate, true)
 		}, StepSwitch, "a", BlockedNone},
+		// A writer whose agent is stopping (rolling update) hands over.
+		{"writer's agent stopping, peer in sync: hold for the handover", func(v *View) {
+			v.Primary.Status.Stopping = true
+		}, StepHold, "a", BlockedNone},
+		{"writer's agent stopping, drained: switch to the peer (spec.backup)", func(v *View) {
+			v.Primary.Status = st(agentapi.RolePrimary, 1, agentapi.UpToDate, true, drained, func(s *agentapi.Status) { s.Stopping = true })
+		}, StepSwitch, "b", BlockedNone},
+		{"writer's agent stopping, peer catching up: wait", func(v *View) {
+			v.Primary.Status = st(agentapi.RolePrimary, 1, agentapi.UpToDate, true, func(s *agentapi.Status) { s.Stopping = true; s.Copy.Running = true })
+			v.Backup.Status.DataState = agentapi.Inconsistent
+		}, StepNone, "", BlockedNone},
+		{"writer's agent stopping, peer away: wait (nobody to hand over to)", func(v *View) {
+			v.Primary.Status = st(agentapi.RolePrimary, 1, agentapi.UpToDate, false, func(s *agentapi.Status) { s.Stopping = true })
+			v.Backup = lost("b")
+		}, StepNone, "", BlockedNone},
+		{"writer at spec.backup stopping after a failover, failback Manual: hand over anyway", func(v *View) {
+			v.Authority = auth("b", 2, false, true)
+			v.Backup.Status = st(agentapi.RolePrimary, 2, agentapi.UpToDate, true, func(s *agentapi.Status) { s.Stopping = true })
+			v.Primary.Status = st(agentapi.RoleBackup, 2, agentapi.UpToDate, true)
+		}, StepHold, "b", BlockedNone},
+		{"failback Automatic towards a stopping spec.primary: no hold", func(v *View) {
+			v.Authority = auth("b", 2, false, true)
+			v.FailbackPolicy = v1.PolicyAutomatic
+			v.Backup.Status = st(agentapi.RolePrimary, 2, agentapi.UpToDate, true)
+			v.Primary.Status = st(agentapi.RoleBackup, 2, agentapi.UpToDate, true, func(s *agentapi.Status) { s.Stopping = true })
+		}, StepNone, "", BlockedNone},
+		{"failback towards a stopping spec.primary while holding: release", func(v *View) {
+			v.Authority = auth("b", 2, false, true)
+			v.FailbackPolicy = v1.PolicyAutomatic
+			v.Backup.Status = st(agentapi.RolePrimary, 2, agentapi.UpToDate, true, holding)
+			v.Primary.Status = st(agentapi.RoleBackup, 2, agentapi.UpToDate, true, func(s *agentapi.Status) { s.Stopping = true })
+		}, StepReleaseHold, "b", BlockedNone},
 		{"COPY running: no failback yet", func(v *View) {
 			v.Authority = auth("b", 2, false, true)
 			v.FailbackPolicy = v1.PolicyAutomatic

@@ -54,6 +54,7 @@ func run() error {
 	kubeQPS := flag.Float64("kube-api-qps", 50, "Requests per second to the Kubernetes API server (client-side limit). The agent renews one authority Lease per primary volume every second, plus its own Lease: keep this above the number of primaries per node.")
 	kubeBurst := flag.Int("kube-api-burst", 100, "Burst of requests to the Kubernetes API server above --kube-api-qps.")
 	nbdAllowed := flag.String("nbd-allowed-clients", "", "Comma-separated client networks (CIDR prefixes or addresses) allowed to connect to the NBD port; others are refused before the handshake. Empty: any client (firewall the port then).")
+	handover := flag.Duration("handover-timeout", agent.DefaultHandoverTimeout, "On SIGTERM (a rolling update, a drain), how long to wait for the controller to move this node's writer roles to their peers before shutting down; 0 disables the handover. Keep the Pod's terminationGracePeriodSeconds above this plus 30 s.")
 	pprofAddr := flag.String("pprof-address", "", "Serve Go profiles (net/http/pprof) on this address; off when empty. Bind it to localhost.")
 	addrFile := flag.String("addresses-file", "", "Once serving, write the advertised control, replication and NBD addresses (and the pprof one) as JSON to this file, replaced atomically. With port 0 in the listen addresses, this is how a test harness learns the ports the kernel chose.")
 	maxInflight := quantityFlag("max-inflight-bytes", 256<<20, "Memory budget for in-flight request data, shared by every NBD connection (read buffers, write payloads until replicated) and the requests a peer forwards. A request that does not fit waits for earlier ones. "+
@@ -144,9 +145,14 @@ func run() error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	// agent.Run shuts the agent down in the order that loses nothing (NBD
-	// drain, replication, replicas, control API, then the Lease renewals),
-	// within the DaemonSet's 30 s grace period.
+	// agent.Run shuts the agent down in the order that loses nothing (the
+	// writer roles handed over, NBD drain, replication, replicas, control
+	// API, then the Lease renewals), within the DaemonSet's 60 s grace
+	// period.
+	handoverTimeout := *handover
+	if handoverTimeout == 0 {
+		handoverTimeout = -1 // Options: negative disables
+	}
 	return agent.Run(ctx, agent.Options{
 		Config: agent.Config{Node: *node, DataDir: *dataDir, Token: token, AdvertiseHost: *advertise,
 			Budget: budget.New(*maxInflight), Log: log},
@@ -154,6 +160,7 @@ func run() error {
 		NBDAllowedClients: allowed,
 		Leases:            leases,
 		Namespace:         *namespace,
+		HandoverTimeout:   handoverTimeout,
 		Started: func(_ *agent.Agent, ep agent.Endpoints) {
 			if *addrFile == "" {
 				return

@@ -141,6 +141,9 @@ type Agent struct {
 	replConns, replHandshakes atomic.Int64
 	replRefused               atomic.Int64 // closed at once: over a limit
 	replRefuseLog             rate.Sometimes
+
+	// stopping is set when the agent was asked to stop (BeginStopping).
+	stopping atomic.Bool
 }
 
 var nameRE = regexp.MustCompile(`^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$`)

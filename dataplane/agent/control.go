@@ -137,6 +137,7 @@ func (a *Agent) Handler() http.Handler {
 	reg.MustRegister(&collector{a: a}, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = io.WriteString(w, "ok\n") })
+	mux.HandleFunc("GET /readyz", a.handleReady)
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /v1/info", a.auth(a.handleInfo))
 	mux.HandleFunc("GET /v1/volumes", a.auth(a.handleList))
@@ -192,7 +193,7 @@ func (a *Agent) handleInfo(w http.ResponseWriter, _ *http.Request) {
 func (a *Agent) handleList(w http.ResponseWriter, _ *http.Request) {
 	out := []agentapi.Status{}
 	for _, v := range a.list() {
-		out = append(out, v.Status())
+		out = append(out, a.status(v))
 	}
 	writeJSON(w, http.StatusOK, out)
 }
@@ -234,7 +235,7 @@ func (a *Agent) handlePut(w http.ResponseWriter, r *http.Request) {
 	if k, ok := a.cfg.Authority.(interface{ Kick() }); ok && req.Spec.Role == agentapi.RolePrimary {
 		k.Kick()
 	}
-	writeJSON(w, http.StatusOK, v.Status())
+	writeJSON(w, http.StatusOK, a.status(v))
 }
 
 // validGeometry checks a request's size and region size against what the
@@ -258,7 +259,7 @@ func (a *Agent) handleGet(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusNotFound, fmt.Errorf("no volume %s/%s on node %s", r.PathValue("ns"), r.PathValue("name"), a.cfg.Node))
 		return
 	}
-	writeJSON(w, http.StatusOK, v.Status())
+	writeJSON(w, http.StatusOK, a.status(v))
 }
 
 func (a *Agent) handleDelete(w http.ResponseWriter, r *http.Request) {
@@ -293,7 +294,7 @@ func (a *Agent) handlePeerOutdated(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusConflict, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, v.Status())
+	writeJSON(w, http.StatusOK, a.status(v))
 }
 
 // collector exports every volume's status as Prometheus metrics.

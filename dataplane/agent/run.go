@@ -12,6 +12,7 @@ import (
 
 	"github.com/go-logr/logr"
 	coordclient "k8s.io/client-go/kubernetes/typed/coordination/v1"
+	"k8s.io/utils/clock"
 
 	"github.com/tandem-storage/tandem/dataplane/nbd"
 )
@@ -44,15 +45,25 @@ type Options struct {
 	Leases    coordclient.LeasesGetter
 	Namespace string
 
+	// HandoverTimeout bounds how long a stopping agent waits for the
+	// controller to move its writer roles to their peers (handOver; only
+	// with Leases, where a controller acts on Status.Stopping). Zero:
+	// DefaultHandoverTimeout; negative: no handover.
+	HandoverTimeout time.Duration
+	// HandoverClientGrace bounds the wait, after a handover, for the NBD
+	// clients to disconnect on their own (zero: DefaultHandoverClientGrace).
+	HandoverClientGrace time.Duration
+
 	// Started, if set, is called once the agent serves on all three
 	// listeners, with the agent and the endpoints it advertises.
 	Started func(*Agent, Endpoints)
 }
 
-// Shutdown timing (Run). At worst nbd.DefaultDrainTimeout+3 s for the NBD
+// Shutdown timing (Run). At worst the handover (HandoverTimeout, 20 s, and
+// the clients' grace, 5 s), nbd.DefaultDrainTimeout+3 s for the NBD
 // connections, 2 s for the replication listener, volume.Options'
 // CloseTimeout (5 s) plus the last checkpoint for the replicas, 3 s for the
-// control API: under the DaemonSet's 30 s grace period.
+// control API: under the DaemonSet's 60 s grace period.
 const (
 	nbdStopWait     = nbd.DefaultDrainTimeout + 3*time.Second
 	replStopWait    = 2 * time.Second
@@ -63,6 +74,8 @@ const (
 // done or one of them fails, then shuts it down in the order that loses
 // nothing:
 //
+//  0. (ctx done, with Leases) the writer roles move to the peers first
+//     (handOver), and the NBD clients get a moment to follow them;
 //  1. no new NBD connections; the requests in flight finish (up to the NBD
 //     server's drain timeout, then they are cancelled);
 //  2. the replication listener stops;
@@ -152,6 +165,22 @@ func Run(ctx context.Context, o Options) error {
 	select {
 	case <-ctx.Done():
 		log.Info("Shutting down")
+		if auth != nil && o.HandoverTimeout >= 0 {
+			timeout, grace := o.HandoverTimeout, o.HandoverClientGrace
+			if timeout == 0 {
+				timeout = DefaultHandoverTimeout
+			}
+			if grace == 0 {
+				grace = DefaultHandoverClientGrace
+			}
+			var clk clock.Clock = clock.RealClock{}
+			if cfg.Clock != nil {
+				clk = cfg.Clock
+			}
+			// Not ctx (done already): the handover is bounded by its timeout.
+			a.handOver(context.WithoutCancel(ctx), clk, timeout, grace,
+				func() int64 { return nbdSrv.Stats().ConnsActive }, log.WithName("handover"))
+		}
 	case err = <-nbdSvc.done:
 		err = nbdSvc.exited(err)
 	case err = <-replSvc.done:

@@ -152,10 +152,16 @@ type Status struct {
 	// nothing is left to ship.
 	Holding bool `json:"holding"`
 	// HoldSeconds is how long the current hold has lasted.
-	HoldSeconds     float64   `json:"holdSeconds,omitempty"`
-	Drained         bool      `json:"drained"`
-	LastHoldSeconds float64   `json:"lastHoldSeconds"`
-	HeldWrites      int64     `json:"heldWrites"`
+	HoldSeconds     float64 `json:"holdSeconds,omitempty"`
+	Drained         bool    `json:"drained"`
+	LastHoldSeconds float64 `json:"lastHoldSeconds"`
+	HeldWrites      int64   `json:"heldWrites"`
+	// Stopping is true once the agent was asked to stop (SIGTERM: a rolling
+	// update, a node drain). The controller then hands this member's writer
+	// role to its peer when the peer is in sync, the way a failback does
+	// (hold, drain, switch), and never makes it the writer
+	// (docs/architecture.md, "Agent restarts").
+	Stopping        bool      `json:"stopping,omitempty"`
 	ForwardedWrites int64     `json:"forwardedWrites"`
 	Counters        Counters  `json:"counters"`
 	LastError       string    `json:"lastError,omitempty"`

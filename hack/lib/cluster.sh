@@ -12,6 +12,12 @@ build() {
     log "Building etcd, kube-apiserver and kubectl from source (first time only: 15-20 minutes on 2 cores)"
   fi
   "$ROOT/hack/tools.sh" etcd kubernetes
+  if [ "$(node_mode)" = kubelet ]; then
+    log "Building kubelet, kube-scheduler and kube-controller-manager (first time only: about 5 minutes each) and Tandem's images"
+    "$ROOT/hack/tools.sh" kubernetes-node
+    [ "${TANDEM_INSTALL:-kustomize}" != helm ] || "$ROOT/hack/tools.sh" helm
+    make -C "$ROOT" --no-print-directory image >"$LOGS/image.log" 2>&1 || die "make image failed: $(tail -n 5 "$LOGS/image.log")"
+  fi
 }
 
 install_api() {
@@ -38,7 +44,10 @@ install_api() {
 # teardown stops every process this checkout's cluster started, then removes
 # the namespaces, links and state (but the logs). Tolerates missing pieces.
 teardown() {
+  stop_nodes
   stop_all
+  remove_node_cgroups
+  restore_sysctls
   net_down
   # Keep the logs of the last run for post-mortems.
   if [ -d "$STATE" ]; then
@@ -73,6 +82,16 @@ cmd_up() {
   done
   teardown # leftovers of a crashed run
   mode=$(net_mode)
+  if [ "$(node_mode)" = kubelet ]; then
+    [ "$mode" = netns ] ||
+      die "real nodes (TANDEM_NODES=kubelet, the default) need the netns network (root and iproute2): each node is a network namespace; TANDEM_NODES=process runs without"
+    local c
+    for c in containerd runc ctr iptables nsenter unshare; do
+      command -v "$c" >/dev/null || die "$c is required for the nodes (Debian: apt-get install containerd runc containernetworking-plugins iptables util-linux)"
+    done
+    [ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/host-local ] ||
+      die "the CNI plugins are required in /usr/lib/cni (Debian: apt-get install containernetworking-plugins)"
+  fi
   if [ "$mode" = netns ]; then
     [ "$(id -u)" = 0 ] || die "TANDEM_NETWORK=netns needs root"
     command -v ip >/dev/null || die "iproute2 (ip) is required for network namespaces"
@@ -81,8 +100,10 @@ cmd_up() {
   trap 'exit 130' INT TERM
   mkdir -p "$STATE" "$LOGS" "$PIDS" "$STATE/kube"
   for f in "$LOGS"/*.log; do [ -f "$f" ] && mv -f "$f" "$f.prev"; done
+  if [ -d "$LOGS/nodes" ]; then rm -rf "$LOGS/nodes.prev" && mv "$LOGS/nodes" "$LOGS/nodes.prev"; fi
   build
   echo "$mode" >"$STATE/network"
+  node_mode >"$STATE/nodes-mode.tmp" && mv "$STATE/nodes-mode.tmp" "$STATE/nodes-mode"
   for port in "$ETCD_PORT" "$ETCD_PEER_PORT" "$METRICS_PORT" "$PROBE_PORT" "$API_PORT"; do
     if port_busy "$port"; then die "port $port is already in use (set TANDEM_API_PORT, TANDEM_ETCD_PORT, TANDEM_MANAGER_*_PORT to move)"; fi
   done
@@ -94,18 +115,11 @@ cmd_up() {
   log "Starting kube-apiserver (https://$(api_ip):$API_PORT)"
   start_apiserver
   write_kubeconfig "$KUBECONFIG_FILE" admin
-  write_kubeconfig "$STATE/kube/manager.kubeconfig" tandem-manager
-  for n in "${NODES[@]}"; do write_kubeconfig "$STATE/kube/agent-$n.kubeconfig" "tandem-agent:$n"; done
-  install_api
-  log "Starting the Node heartbeats and the node-lifecycle stand-in"
-  start_bg lifecycle "$BIN/tandem-nodesim" lifecycle --kubeconfig "$KUBECONFIG_FILE"
-  for n in "${NODES[@]}"; do start_heartbeat "$n"; done
-  for n in "${NODES[@]}"; do WATCH=heartbeat-$n wait_for 30 "Node $n to be Ready (see $LOGS/heartbeat-$n.log)" node_ready "$n"; done
-  log "Starting the manager"
-  start_manager
-  log "Starting the agents"
-  for n in "${NODES[@]}"; do start_agent "$n"; done
-  for n in "${NODES[@]}"; do WATCH=agent-$n wait_for 30 "the agent on $n to answer and register (see $LOGS/agent-$n.log)" agent_ready "$n"; done
+  if [ "$(node_mode)" = kubelet ]; then
+    up_kubelet_nodes
+  else
+    up_process_nodes
+  fi
   trap - EXIT INT TERM
   local rel=${KUBECONFIG_FILE#"$ROOT"/}
   cat >&2 <<EOF
@@ -124,6 +138,23 @@ Try:
 EOF
 }
 
+# up_process_nodes: the manager and the agents as processes, the Nodes'
+# heartbeats simulated.
+up_process_nodes() {
+  write_kubeconfig "$STATE/kube/manager.kubeconfig" tandem-manager
+  for n in "${NODES[@]}"; do write_kubeconfig "$STATE/kube/agent-$n.kubeconfig" "tandem-agent:$n"; done
+  install_api
+  log "Starting the Node heartbeats and the node-lifecycle stand-in"
+  start_bg lifecycle "$BIN/tandem-nodesim" lifecycle --kubeconfig "$KUBECONFIG_FILE"
+  for n in "${NODES[@]}"; do start_heartbeat "$n"; done
+  for n in "${NODES[@]}"; do WATCH=heartbeat-$n wait_for 30 "Node $n to be Ready (see $LOGS/heartbeat-$n.log)" node_ready "$n"; done
+  log "Starting the manager"
+  start_manager
+  log "Starting the agents"
+  for n in "${NODES[@]}"; do start_agent "$n"; done
+  for n in "${NODES[@]}"; do WATCH=agent-$n wait_for 30 "the agent on $n to answer and register (see $LOGS/agent-$n.log)" agent_ready "$n"; done
+}
+
 cmd_down() {
   teardown
   log "Local cluster stopped and cleaned up (logs kept in ${LOGS#"$ROOT"/}/)"
@@ -134,13 +165,25 @@ cmd_status() {
     echo "The local cluster is not running."
     return 1
   fi
-  echo "Network: $(net_mode)   API server: https://$(api_ip):$API_PORT   kubeconfig: ${KUBECONFIG_FILE#"$ROOT"/}"
+  echo "Nodes: $(node_mode)   Network: $(net_mode)   API server: https://$(api_ip):$API_PORT   kubeconfig: ${KUBECONFIG_FILE#"$ROOT"/}"
   echo
-  printf '%-20s %-8s %s\n' PROCESS PID STATE
+  printf '%-24s %-8s %s\n' PROCESS PID STATE
   local name p
-  for name in etcd kube-apiserver manager lifecycle $(for n in "${NODES[@]}"; do echo "heartbeat-$n agent-$n"; done); do
+  local names
+  if [ "$(node_mode)" = kubelet ]; then
+    names="etcd kube-apiserver kube-controller-manager kube-scheduler $(for n in "${NODES[@]}"; do echo "holder-$n containerd-$n kubelet-$n"; done)"
+  else
+    names="etcd kube-apiserver manager lifecycle $(for n in "${NODES[@]}"; do echo "heartbeat-$n agent-$n"; done)"
+  fi
+  for name in $names; do
     p=$(pid_of "$name")
-    if ours "$p"; then printf '%-20s %-8s %s\n' "$name" "$p" running; else printf '%-20s %-8s %s\n' "$name" - stopped; fi
+    if ! ours "$p"; then
+      printf '%-24s %-8s %s\n' "$name" - stopped
+    elif [ "$(awk '{sub(/^.*\) /, ""); print $1}' "/proc/$p/stat" 2>/dev/null)" = T ]; then
+      printf '%-24s %-8s %s\n' "$name" "$p" "paused (kill-agent; start-agent resumes it)"
+    else
+      printf '%-24s %-8s %s\n' "$name" "$p" running
+    fi
   done
   echo
   printf '%-8s %-14s %s\n' NODE ADDRESS LINK
@@ -148,6 +191,8 @@ cmd_status() {
   if alive kube-apiserver; then
     echo
     kubectl get nodes -o wide 2>&1 || true
+    echo
+    [ "$(node_mode)" = process ] || { echo; kubectl -n "$OPNS" get pods -o wide 2>&1 || true; }
     echo
     kubectl get volumepairs -A -o wide 2>&1 || true
   fi
@@ -158,7 +203,7 @@ cmd_replica_path() {
   node_index "$n" >/dev/null
   [[ $ref == */* ]] || die "replica-path wants NAMESPACE/NAME, got '$ref'"
   local p
-  p="$(node_dir "$n")/volumes/${ref%%/*}/${ref#*/}/data"
+  p="$(node_data_dir "$n")/volumes/${ref%%/*}/${ref#*/}/data"
   echo "$p"
   [ -f "$p" ] || {
     printf '%s: warning: %s does not exist (yet)\n' "$PROG" "$p" >&2
@@ -166,10 +211,39 @@ cmd_replica_path() {
   }
 }
 
+# cmd_procs prints NAME PID METRICS_URL for the manager (the leader, with
+# real nodes) and each node's agent: what the load test samples.
+cmd_procs() {
+  require_up
+  local n p
+  if [ "$(node_mode)" = kubelet ]; then
+    local leader pod ip node
+    leader=$(kubectl -n "$OPNS" get lease tandem-manager.storage.tandem.dev -o jsonpath='{.spec.holderIdentity}' 2>/dev/null || true)
+    pod=${leader%%_*}
+    if [ -n "$pod" ]; then
+      read -r ip node <<<"$(kubectl -n "$OPNS" get pod "$pod" -o jsonpath='{.status.podIP} {.spec.nodeName}' 2>/dev/null)"
+      p=""
+      [ -z "$node" ] || p=$(container_pids "$node" /usr/local/bin/manager | awk '{print $1}')
+      [ -z "$p" ] || [ -z "$ip" ] || echo "manager $p http://$ip:8080/metrics"
+    fi
+    for n in "${NODES[@]}"; do
+      p=$(container_pids "$n" /usr/local/bin/agent | awk '{print $1}')
+      [ -z "$p" ] || echo "agent-$n $p http://$(node_ip "$n"):$CONTROL_PORT/metrics"
+    done
+    return 0
+  fi
+  alive manager && echo "manager $(pid_of manager) http://127.0.0.1:$METRICS_PORT/metrics"
+  for n in "${NODES[@]}"; do
+    alive "agent-$n" && echo "agent-$n $(pid_of "agent-$n") http://$(node_ip "$n"):$CONTROL_PORT/metrics"
+  done
+  return 0
+}
+
 cmd_env() {
   require_up
   echo "KUBECONFIG=$KUBECONFIG_FILE"
   echo "TANDEM_NETWORK=$(net_mode)"
+  echo "TANDEM_NODES=$(node_mode)"
   echo "TANDEM_AGENT_TOKEN_FILE=$STATE/agent-token"
   echo "TANDEM_NAMESPACE=$OPNS"
   for n in "${NODES[@]}"; do

@@ -8,6 +8,13 @@ cmd_kill_node() {
   local n=$1
   node_index "$n" >/dev/null
   require_up
+  if [ "$(node_mode)" = kubelet ]; then
+    kill_node_tasks "$n"
+    ip link set "$(veth_name "$n")" down
+    rm -f "$PIDS/holder-$n.pid" "$PIDS/containerd-$n.pid" "$PIDS/kubelet-$n.pid"
+    log "Node $n killed: kubelet, containerd and every container on it SIGKILLed (cgroup /$(node_cgroup "$n") frozen first), link $(veth_name "$n") down"
+    return
+  fi
   stop_proc "agent-$n" KILL
   stop_proc "heartbeat-$n" KILL
   if [ "$(net_mode)" = netns ]; then
@@ -27,6 +34,20 @@ cmd_restore_node() {
   local n=$1
   node_index "$n" >/dev/null
   require_up
+  if [ "$(node_mode)" = kubelet ]; then
+    ip link set "$(veth_name "$n")" up
+    if alive "kubelet-$n"; then
+      # A kill-agent may have paused it.
+      kill -CONT "$(pid_of "kubelet-$n")"
+      log "Node $n is already running (kubelet pid $(pid_of "kubelet-$n"))"
+    else
+      start_node "$n"
+    fi
+    WATCH=kubelet-$n wait_for 120 "Node $n to be Ready (see $LOGS/kubelet-$n.log)" node_ready "$n"
+    wait_for 120 "the agent on $n to answer and register" agent_ready "$n"
+    log "Node $n restored: link up, containerd and kubelet running, agent Pod ready (same disk $(node_root "$n" | sed "s|^$ROOT/||"))"
+    return
+  fi
   if [ "$(net_mode)" = netns ]; then
     ip link set "$(veth_name "$n")" up
   fi
@@ -82,6 +103,14 @@ cmd_cut_control() {
   node_index "$n" >/dev/null
   require_up
   need_netns
+  if [ "$(node_mode)" = kubelet ]; then
+    # The managers are Pods: their requests come from a node's address
+    # (masqueraded) or, on this node, from its Pod network.
+    add_cut "$n" to "$NODE_NETWORK" ipproto tcp sport "$CONTROL_PORT"
+    add_cut "$n" to "$POD_NETWORK" ipproto tcp sport "$CONTROL_PORT"
+    log "Cut managers <-> control API of $n (replies from :$CONTROL_PORT to the nodes, the host and the Pods dropped)"
+    return
+  fi
   add_cut "$n" to "$(api_ip)" ipproto tcp sport "$CONTROL_PORT"
   log "Cut manager <-> control API of $n (replies from :$CONTROL_PORT to $(api_ip) dropped)"
 }
@@ -103,6 +132,19 @@ cmd_kill_agent() {
   local n=$1
   node_index "$n" >/dev/null
   require_up
+  if [ "$(node_mode)" = kubelet ]; then
+    local p
+    p=$(container_pids "$n" /usr/local/bin/agent)
+    [ -n "$p" ] || die "no agent container process on $n"
+    # The agent stays down until start-agent: the node's kubelet, which
+    # would restart it within 2 s, is paused (SIGSTOP) meanwhile; its Node
+    # heartbeats pause with it (NotReady after the grace period, 50 s).
+    kill -STOP "$(pid_of "kubelet-$n")"
+    # shellcheck disable=SC2086 # one or more pids
+    kill -KILL $p
+    log "Agent container on $n SIGKILLed (pid $p); kubelet-$n paused until start-agent"
+    return
+  fi
   stop_proc "agent-$n" KILL
   log "Agent on $n SIGKILLed (link and heartbeat untouched)"
 }
@@ -111,6 +153,15 @@ cmd_start_agent() {
   local n=$1
   node_index "$n" >/dev/null
   require_up
+  if [ "$(node_mode)" = kubelet ]; then
+    local k
+    k=$(pid_of "kubelet-$n")
+    ours "$k" || die "node $n is down (no kubelet): restore-node $n"
+    kill -CONT "$k"
+    wait_for 120 "the agent on $n to answer and register (its kubelet restarts it)" agent_ready "$n"
+    log "Agent on $n running (kubelet-$n resumed)"
+    return
+  fi
   alive "agent-$n" || start_agent "$n"
   WATCH=agent-$n wait_for 30 "the agent on $n to answer and register (see $LOGS/agent-$n.log)" agent_ready "$n"
   log "Agent on $n running"
@@ -118,12 +169,38 @@ cmd_start_agent() {
 
 cmd_kill_manager() {
   require_up
+  if [ "$(node_mode)" = kubelet ]; then
+    local n p all=""
+    for n in "${NODES[@]}"; do
+      p=$(container_pids "$n" /usr/local/bin/manager)
+      all+=" $p"
+    done
+    # Every manager crashes and stays down until start-manager: SIGKILL,
+    # and the Deployment scaled to 0 so that no kubelet restarts them (one
+    # restarted before its Pod's deletion arrives cannot lead: the dead
+    # leader's lease has not run out).
+    # shellcheck disable=SC2086 # one or more pids
+    [ -z "${all// /}" ] || kill -KILL $all
+    kubectl -n "$OPNS" get deployment tandem-manager -o jsonpath='{.spec.replicas}' >"$STATE/manager-replicas"
+    kubectl -n "$OPNS" scale deployment tandem-manager --replicas 0 >/dev/null
+    log "Managers SIGKILLed (pids${all:- none}); Deployment scaled to 0 until start-manager"
+    return
+  fi
   stop_proc manager KILL
   log "Manager SIGKILLed"
 }
 
 cmd_start_manager() {
   require_up
+  if [ "$(node_mode)" = kubelet ]; then
+    local want
+    want=$(cat "$STATE/manager-replicas" 2>/dev/null || echo 2)
+    [ "$want" -gt 0 ] 2>/dev/null || want=2
+    kubectl -n "$OPNS" scale deployment tandem-manager --replicas "$want" >/dev/null
+    wait_for 120 "the manager Deployment to be available" kubectl -n "$OPNS" rollout status deployment/tandem-manager --timeout 2s
+    log "Managers running ($want replicas)"
+    return
+  fi
   if alive manager; then
     log "The manager is already running (pid $(pid_of manager))"
     return

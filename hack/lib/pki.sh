@@ -23,7 +23,16 @@ gen_pki() {
       echo "$(openssl rand -hex 24),admin,admin,\"system:masters\""
       echo "$(openssl rand -hex 24),tandem-manager,tandem-manager,\"tandem:managers\""
       for n in "${NODES[@]}"; do echo "$(openssl rand -hex 24),tandem-agent:$n,tandem-agent-$n,\"tandem:agents\""; done
+      # Real nodes: the kubelets (the Node authorizer knows them by name and
+      # group), the controller-manager and the scheduler.
+      for n in "${NODES[@]}"; do echo "$(openssl rand -hex 24),system:node:$n,node-$n,\"system:nodes\""; done
+      echo "$(openssl rand -hex 24),system:kube-controller-manager,kube-controller-manager"
+      echo "$(openssl rand -hex 24),system:kube-scheduler,kube-scheduler"
     } >tokens.csv
+    # The API server's client certificate towards the kubelets (logs, exec).
+    openssl req -newkey rsa:2048 -nodes -keyout kubelet-client.key -out kubelet-client.csr -subj "/O=system:masters/CN=kube-apiserver-kubelet-client" 2>/dev/null
+    printf '%s\n' "extendedKeyUsage=clientAuth" "keyUsage=critical,digitalSignature,keyEncipherment" >kubelet-client.ext
+    openssl x509 -req -in kubelet-client.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out kubelet-client.crt -days 30 -extfile kubelet-client.ext 2>/dev/null
     chmod 600 ./*.key tokens.csv
   )
   # The agents' control API / replication token, shared with the manager.

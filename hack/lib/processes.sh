@@ -109,7 +109,7 @@ stop_all() {
   for p in /proc/[0-9]*; do
     exe=$(readlink "$p/exe" 2>/dev/null) || continue
     case $exe in
-    "$BIN"/agent* | "$BIN"/manager* | "$BIN"/tandem-nodesim*) ours "${p#/proc/}" && procs+=("${p#/proc/}") ;;
+    "$BIN"/agent* | "$BIN"/manager* | "$BIN"/tandem-nodesim* | "$BIN"/kube-controller-manager* | "$BIN"/kube-scheduler* | "$BIN"/kubelet*) ours "${p#/proc/}" && procs+=("${p#/proc/}") ;;
     esac
   done
   kill_all "${procs[@]}"
@@ -150,7 +150,9 @@ start_apiserver() {
     --bind-address "$ip" --advertise-address "$ip" --secure-port "$API_PORT" --endpoint-reconciler-type none \
     --cert-dir "$PKI" --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
     --client-ca-file "$PKI/ca.crt" --token-auth-file "$PKI/tokens.csv" \
-    --authorization-mode RBAC \
+    --authorization-mode "$([ "$(node_mode)" = kubelet ] && echo Node,RBAC || echo RBAC)" \
+    --enable-admission-plugins NodeRestriction \
+    --kubelet-client-certificate "$PKI/kubelet-client.crt" --kubelet-client-key "$PKI/kubelet-client.key" --kubelet-preferred-address-types InternalIP \
     --service-account-issuer https://kubernetes.default.svc --service-account-key-file "$PKI/sa.pub" \
     --service-account-signing-key-file "$PKI/sa.key" --service-cluster-ip-range 10.0.0.0/24 \
     --allow-privileged=true

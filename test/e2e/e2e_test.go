@@ -157,13 +157,17 @@ func (s *story) dumpLogs() {
 	ev, _ := kubectl(t, "get", "events", "-n", s.ns, "--sort-by=.lastTimestamp")
 	t.Logf("---- events ----\n%s", ev)
 	logs, _ := filepath.Glob(filepath.Join(root, ".local", "logs", "*.log"))
+	// With real nodes, the containers' logs: nodes/NODE/pods/NS_POD_UID/CONTAINER/N.log.
+	pods, _ := filepath.Glob(filepath.Join(root, ".local", "logs", "nodes", "*", "pods", "*", "*", "*.log"))
+	logs = append(logs, pods...)
 	for _, f := range logs {
 		b, _ := os.ReadFile(f)
 		lines := strings.Split(string(b), "\n")
 		if len(lines) > 40 {
 			lines = lines[len(lines)-40:]
 		}
-		t.Logf("---- %s (tail) ----\n%s", filepath.Base(f), strings.Join(lines, "\n"))
+		name, _ := filepath.Rel(filepath.Join(root, ".local", "logs"), f)
+		t.Logf("---- %s (tail) ----\n%s", name, strings.Join(lines, "\n"))
 	}
 }
 
@@ -258,6 +262,14 @@ func mustQemuIO(t *testing.T, uri string, cmds ...string) string {
 		t.Fatalf("qemu-io %v on %s: %v\n%s", cmds, uri, err, out)
 	}
 	return out
+}
+
+// replicaFile is where a member's backing file is (or would be) on this
+// host: hack/local-cluster.sh replica-path, which knows the node's data dir.
+func replicaFile(node, ns, name string) string {
+	out, _ := lcRun("replica-path", node, ns+"/"+name) // non-zero when the file does not exist
+	p, _, _ := strings.Cut(out, "\n")
+	return strings.TrimSpace(p)
 }
 
 func (s *story) replicaPath(node string) string {

@@ -191,41 +191,46 @@ type procSample struct {
 }
 
 type procWatch struct {
-	names   []string
-	metrics map[string]string // name → /metrics URL
-	client  *http.Client
+	names  []string
+	client *http.Client
 
 	mu      sync.Mutex
 	samples map[string][]procSample
+	where   map[string][2]string // the last procs()
 }
 
 func newProcWatch(t *testing.T) *procWatch {
 	w := &procWatch{
 		names:   []string{"manager"},
-		metrics: map[string]string{},
 		client:  &http.Client{Timeout: 3 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}},
 		samples: map[string][]procSample{},
 	}
-	port := os.Getenv("TANDEM_MANAGER_METRICS_PORT")
-	if port == "" {
-		port = "18080"
-	}
-	w.metrics["manager"] = "http://127.0.0.1:" + port + "/metrics"
 	for _, n := range loadNodes {
-		name := "agent-" + n
-		w.names = append(w.names, name)
-		ep := mustKubectl(t, "-n", "tandem-system", "get", "lease", v1.AgentLeaseName(n), "-o",
-			"jsonpath={.metadata.annotations.storage\\.tandem\\.dev/control-endpoint}")
-		w.metrics[name] = strings.TrimRight(strings.TrimSpace(ep), "/") + "/metrics"
+		w.names = append(w.names, "agent-"+n)
 	}
 	return w
 }
 
-func (w *procWatch) sample(name string) procSample {
-	s := procSample{at: time.Now(), gors: -1}
-	if b, err := os.ReadFile(filepath.Join(root, ".local", "pids", name+".pid")); err == nil {
-		s.pid, _ = strconv.Atoi(strings.TrimSpace(string(b)))
+// procs asks the local cluster where the processes are now: name → pid and
+// /metrics URL (an agent's pid changes when it restarts; with real nodes
+// the leading manager may move).
+func (w *procWatch) procs() map[string][2]string {
+	out, _ := lcRun("procs")
+	m := map[string][2]string{}
+	for _, l := range strings.Split(out, "\n") {
+		if f := strings.Fields(l); len(f) == 3 {
+			m[f[0]] = [2]string{f[1], f[2]}
+		}
 	}
+	w.mu.Lock()
+	w.where = m
+	w.mu.Unlock()
+	return m
+}
+
+func (w *procWatch) sample(name string, where map[string][2]string) procSample {
+	s := procSample{at: time.Now(), gors: -1}
+	s.pid, _ = strconv.Atoi(where[name][0])
 	if s.pid > 0 {
 		if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", s.pid)); err == nil {
 			for _, l := range strings.Split(string(b), "\n") {
@@ -236,21 +241,23 @@ func (w *procWatch) sample(name string) procSample {
 			}
 		}
 	}
-	if resp, err := w.client.Get(w.metrics[name]); err == nil {
-		sc := bufio.NewScanner(resp.Body)
-		sc.Buffer(make([]byte, 64<<10), 1<<20)
-		for sc.Scan() {
-			if v, ok := strings.CutPrefix(sc.Text(), "go_goroutines "); ok {
-				f, _ := strconv.ParseFloat(strings.TrimSpace(v), 64)
-				s.gors = int(f)
+	if url := where[name][1]; url != "" {
+		if resp, err := w.client.Get(url); err == nil {
+			sc := bufio.NewScanner(resp.Body)
+			sc.Buffer(make([]byte, 64<<10), 1<<20)
+			for sc.Scan() {
+				if v, ok := strings.CutPrefix(sc.Text(), "go_goroutines "); ok {
+					f, _ := strconv.ParseFloat(strings.TrimSpace(v), 64)
+					s.gors = int(f)
+				}
+				if v, ok := strings.CutPrefix(sc.Text(), "go_memstats_heap_inuse_bytes "); ok {
+					f, _ := strconv.ParseFloat(strings.TrimSpace(v), 64)
+					s.heap = int64(f)
+				}
 			}
-			if v, ok := strings.CutPrefix(sc.Text(), "go_memstats_heap_inuse_bytes "); ok {
-				f, _ := strconv.ParseFloat(strings.TrimSpace(v), 64)
-				s.heap = int64(f)
-			}
+			_, _ = io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
 		}
-		_, _ = io.Copy(io.Discard, resp.Body)
-		resp.Body.Close()
 	}
 	return s
 }
@@ -258,8 +265,9 @@ func (w *procWatch) sample(name string) procSample {
 // sampleAll takes one sample of every process and records it.
 func (w *procWatch) sampleAll() map[string]procSample {
 	out := map[string]procSample{}
+	where := w.procs()
 	for _, n := range w.names {
-		s := w.sample(n)
+		s := w.sample(n, where)
 		out[n] = s
 		w.mu.Lock()
 		w.samples[n] = append(w.samples[n], s)
@@ -403,6 +411,51 @@ func runFio(ctx context.Context, uri string, runtime time.Duration, iops int) fi
 	}
 	return r
 }
+
+// followEndpoint is a client of one pair until end: fio runs on the pair's
+// current endpoint, and when the endpoint in status moves, the run is
+// stopped (failure "killed: endpoint moved ...") and a new one starts on the
+// new endpoint; a failed run is retried there. Each run is handed to done.
+func followEndpoint(ctx context.Context, pw *pairWatch, name string, end time.Time, iops int, done func(fioRun)) {
+	for attempt := 0; attempt < 500; attempt++ {
+		remaining := time.Until(end).Truncate(time.Second)
+		if remaining < 2*time.Second || ctx.Err() != nil {
+			return
+		}
+		ep := pw.current(name)
+		if ep == "" {
+			time.Sleep(500 * time.Millisecond)
+			continue
+		}
+		runCtx, cancel := context.WithCancelCause(ctx)
+		runCtx, cancelT := context.WithTimeoutCause(runCtx, remaining+30*time.Second, errors.New("fio overran its runtime by 30s"))
+		moved := make(chan struct{})
+		go func() { // the client follows the endpoint in status
+			for {
+				select {
+				case <-moved:
+					return
+				case <-time.After(500 * time.Millisecond):
+				}
+				if now := pw.current(name); now != ep {
+					cancel(fmt.Errorf("%w from %s to %q", errEndpointMoved, ep, now))
+					return
+				}
+			}
+		}()
+		r := runFio(runCtx, ep, remaining, iops)
+		close(moved)
+		cancelT()
+		cancel(nil)
+		done(r)
+		if r.failure != "" {
+			time.Sleep(500 * time.Millisecond)
+		}
+	}
+}
+
+// errEndpointMoved is why followEndpoint stops a run: not an I/O error.
+var errEndpointMoved = errors.New("endpoint moved")
 
 // ---------------------------------------------------------------- status monitor
 
@@ -552,7 +605,7 @@ func TestLoad(t *testing.T) {
 	}
 	for _, n := range watch.names {
 		if baseline[n].gors < 0 {
-			t.Fatalf("no go_goroutines from %s (%s)", n, watch.metrics[n])
+			t.Fatalf("no go_goroutines from %s (%v)", n, watch.where[n])
 		}
 		if baseline[n].rss <= 0 {
 			t.Fatalf("no RSS for %s (pid %d)", n, baseline[n].pid)
@@ -641,43 +694,11 @@ func TestLoad(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for attempt := 0; attempt < 500; attempt++ {
-				remaining := time.Until(loadEnd).Truncate(time.Second)
-				if remaining < 2*time.Second || loadCtx.Err() != nil {
-					return
-				}
-				ep := pw.current(lp.name)
-				if ep == "" {
-					time.Sleep(500 * time.Millisecond)
-					continue
-				}
-				ctx, cancel := context.WithCancelCause(loadCtx)
-				ctx, cancelT := context.WithTimeoutCause(ctx, remaining+30*time.Second, errors.New("fio overran its runtime by 30s"))
-				moved := make(chan struct{})
-				go func() { // the client follows the endpoint in status
-					for {
-						select {
-						case <-moved:
-							return
-						case <-time.After(500 * time.Millisecond):
-						}
-						if now := pw.current(lp.name); now != ep {
-							cancel(fmt.Errorf("endpoint moved from %s to %q", ep, now))
-							return
-						}
-					}
-				}()
-				r := runFio(ctx, ep, remaining, iops)
-				close(moved)
-				cancelT()
-				cancel(nil)
+			followEndpoint(loadCtx, pw, lp.name, loadEnd, iops, func(r fioRun) {
 				runsMu.Lock()
 				runs[lp.name] = append(runs[lp.name], r)
 				runsMu.Unlock()
-				if r.failure != "" {
-					time.Sleep(500 * time.Millisecond)
-				}
-			}
+			})
 		}()
 	}
 
@@ -959,11 +980,12 @@ func mib(b int64) float64 { return float64(b) / (1 << 20) }
 
 // controlConns counts pid's established TCP connections to an agent's
 // control API (port 7400): idle keep-alive connections of net/http's
-// transport, two goroutines each (readLoop, writeLoop).
+// transport, two goroutines each (readLoop, writeLoop). In pid's network
+// namespace: a manager Pod has its own.
 func controlConns(pid int) int {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	out, err := exec.CommandContext(ctx, "ss", "-Htnp", "state", "established", "dport", "=", ":7400").Output()
+	out, err := exec.CommandContext(ctx, "nsenter", "-t", strconv.Itoa(pid), "-n", "ss", "-Htnp", "state", "established", "dport", "=", ":7400").Output()
 	if err != nil {
 		return 0
 	}

@@ -822,7 +822,7 @@ func (r *rig) checkIdentical() {
 }
 
 func (r *rig) fileSum(node string) string {
-	sum, err := testkit.HashFile(filepath.Join(root, ".local", "nodes", node, "volumes", r.s.ns, r.s.name, "data"))
+	sum, err := testkit.HashFile(replicaFile(node, r.s.ns, r.s.name))
 	if err != nil {
 		return "error: " + err.Error()
 	}

@@ -6,7 +6,7 @@
 #      primary, node-b backup, failback Automatic, default failover settings)
 #   2. write 32 MiB through the pair's endpoint with qemu-io; wait until the
 #      backup holds it
-#   3. kill node-a (agent SIGKILLed, heartbeats stopped, link cut) and time how
+#   3. kill node-a (kubelet, containerd and every container on it, link cut) and time how
 #      long until a write through the new status.endpoint (node-b) succeeds
 #   4. SWAP: write more on node-b, check the old data is there
 #   5. bring node-a back: COPY of only the changed regions, with progress;
@@ -73,8 +73,15 @@ dump() {
   echo "----- events"
   k -n "$NS" get events --sort-by=.metadata.creationTimestamp 2>&1 | tail -n 25 || true
   for f in manager agent-node-a agent-node-b; do
+    [ -f "$ROOT/.local/logs/$f.log" ] || continue
     echo "----- last lines of .local/logs/$f.log"
     tail -n 15 "$ROOT/.local/logs/$f.log" 2>/dev/null || true
+  done
+  # Real nodes: the containers' logs.
+  for f in "$ROOT"/.local/logs/nodes/*/pods/tandem-system_*/*/*.log; do
+    [ -f "$f" ] || continue
+    echo "----- last lines of ${f#"$ROOT"/}"
+    tail -n 15 "$f" 2>/dev/null || true
   done
   "$LC" status 2>&1 || true
 }
@@ -174,7 +181,11 @@ trap 'exit 130' INT TERM
 
 # ---------------------------------------------------------------- the story
 
-step "Bringing up the local cluster: etcd, kube-apiserver, manager, 3 nodes with agents"
+if [ "${TANDEM_NODES:-kubelet}" = kubelet ]; then
+  step "Bringing up the local cluster: control plane, 3 nodes (containerd + kubelet), Tandem installed from config/default"
+else
+  step "Bringing up the local cluster: etcd, kube-apiserver, manager, 3 nodes with agents (process nodes)"
+fi
 "$LC" up || {
   trap - EXIT
   echo "demo: hack/local-cluster.sh up failed (see above)" >&2
@@ -182,6 +193,7 @@ step "Bringing up the local cluster: etcd, kube-apiserver, manager, 3 nodes with
 }
 eval "$("$LC" env | grep '^TANDEM_')"
 k get nodes | sed 's/^/    /'
+[ "$TANDEM_NODES" != kubelet ] || k -n tandem-system get pods -o wide | sed 's/^/    /'
 
 step "Creating an Async VolumePair: ${SIZE_MIB}Mi, primary node-a, backup node-b, failback Automatic"
 say "failover settings are the defaults (probe every 2s, 3 failed probes, 6s authority lease);"
@@ -217,7 +229,11 @@ a_synced() { agent_synced node-a; }
 wait_until 30 "node-a's agent to report every write acknowledged by node-b" a_synced
 say "node-b holds all of it (Synchronized=True, out-of-sync 0)"
 
-step "Killing node-a: its agent is SIGKILLed, its heartbeats stop$([ "$TANDEM_NETWORK" = netns ] && echo " and its link is cut")"
+if [ "$TANDEM_NODES" = kubelet ]; then
+  step "Killing node-a: its kubelet, containerd and every container on it (the agent, maybe a manager) are SIGKILLed, its link is cut"
+else
+  step "Killing node-a: its agent is SIGKILLed, its heartbeats stop$([ "$TANDEM_NETWORK" = netns ] && echo " and its link is cut")"
+fi
 T0=$(now)
 "$LC" kill-node node-a 2>&1 | sed 's/^/    /'
 say "timing until node-b accepts writes, first on its export directly, then through status.endpoint"

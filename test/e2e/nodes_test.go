@@ -70,9 +70,12 @@ func TestStory14ManagerNodeLost(t *testing.T) {
 	if newNode == node {
 		t.Errorf("the leader is still the manager on the killed node %s", node)
 	}
-	// The usual bound (story 2) plus the leader election lease (8 s).
-	if took > 18*time.Second {
-		t.Errorf("failover took %v with the leading manager's node lost, more than 18 s (story 2's 10 s and the 8 s leader lease)", took)
+	// The bound of a node loss under load (the load test's 15 s): the
+	// standby takes over when the 8 s leader lease runs out and finds the
+	// writer's authority expired already (it watched the Leases while it
+	// waited), not one authority lease later.
+	if took > 15*time.Second {
+		t.Errorf("failover took %v with the leading manager's node lost, more than 15 s", took)
 	}
 	vp = s.wait(20*time.Second, "SWAP", func(vp *v1.VolumePair) bool { return vp.Status.ActivePrimary == backup })
 	mustQemuIO(t, vp.Status.Endpoint, "read -P 0x41 0 4M", "read -P 0x42 8M 512k")

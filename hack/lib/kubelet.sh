@@ -327,7 +327,6 @@ up_kubelet_nodes() {
   log "Starting kube-controller-manager and kube-scheduler"
   start_kcm
   start_scheduler
-  install_tandem
   save_sysctls
   local n
   for n in "${NODES[@]}"; do
@@ -337,6 +336,9 @@ up_kubelet_nodes() {
     start_node "$n"
   done
   for n in "${NODES[@]}"; do WATCH=kubelet-$n wait_for 120 "Node $n to be Ready (see $LOGS/kubelet-$n.log)" node_ready "$n"; done
+  # Onto a cluster whose nodes are there, as a user would: the managers'
+  # anti-affinity needs two nodes to place them.
+  install_tandem
   log "Waiting for Tandem's Pods (agent DaemonSet, manager Deployment)"
   wait_for 180 "Tandem's DaemonSet and Deployment to be rolled out (kubectl -n $OPNS get pods)" tandem_ready
   for n in "${NODES[@]}"; do wait_for 60 "the agent on $n to answer and register" agent_ready "$n"; done

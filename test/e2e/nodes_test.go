@@ -48,6 +48,12 @@ func leadingManager(t *testing.T) (pod, node string) {
 func TestStory14ManagerNodeLost(t *testing.T) {
 	requireKubeletNodes(t)
 	pod, node := leadingManager(t)
+	// The managers' anti-affinity: never both on one node.
+	nodes := strings.Fields(mustKubectl(t, "-n", "tandem-system", "get", "pods", "-l", "app.kubernetes.io/component=manager",
+		"-o", "jsonpath={.items[*].spec.nodeName}"))
+	if len(nodes) != 2 || nodes[0] == nodes[1] {
+		t.Fatalf("want two managers on two nodes, have them on %v", nodes)
+	}
 	var backup string
 	for _, n := range loadNodes {
 		if n != node {

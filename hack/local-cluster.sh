@@ -106,6 +106,9 @@ OPNS=tandem-system
 NODES=(node-a node-b node-c)
 BRIDGE=tandem-br0
 BRIDGE_IP=198.18.0.1
+NODE_NETWORK=198.18.0.0/24
+# Real nodes: node-<i>'s Pods get 10.244.<i>.0/24.
+POD_NETWORK=10.244.0.0/16
 API_PORT=${TANDEM_API_PORT:-16443}
 ETCD_PORT=${TANDEM_ETCD_PORT:-23790}
 ETCD_PEER_PORT=$((ETCD_PORT + 10))

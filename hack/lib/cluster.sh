@@ -89,8 +89,9 @@ cmd_up() {
     for c in containerd runc ctr iptables nsenter unshare; do
       command -v "$c" >/dev/null || die "$c is required for the nodes (Debian: apt-get install containerd runc containernetworking-plugins iptables util-linux)"
     done
-    [ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/host-local ] ||
+    if [ ! -x /usr/lib/cni/bridge ] || [ ! -x /usr/lib/cni/host-local ]; then
       die "the CNI plugins are required in /usr/lib/cni (Debian: apt-get install containernetworking-plugins)"
+    fi
   fi
   if [ "$mode" = netns ]; then
     [ "$(id -u)" = 0 ] || die "TANDEM_NETWORK=netns needs root"

@@ -37,8 +37,6 @@
 NODE_SYSCTLS=(kernel.panic kernel.panic_on_oops vm.overcommit_memory)
 SANDBOX_IMAGE=tandem.local/pause:1
 SERVICE_IP=10.0.0.1
-POD_NETWORK=10.244.0.0/16
-NODE_NETWORK=198.18.0.0/24
 
 # node_mode: process (the agents as processes, Node heartbeats simulated) or
 # kubelet (real nodes); fixed by `up` for the cluster's lifetime.
@@ -379,7 +377,7 @@ memory_dir() { awk '$3 == "cgroup" && $4 ~ /(^|,)memory(,|$)/ {print $2; exit}' 
 cmd_cost() {
   local secs=${1:-60}
   require_up
-  [[ $secs =~ ^[0-9]+$ ]] && [ "$secs" -gt 0 ] || die "cost wants a number of seconds, got '$secs'"
+  if ! [[ $secs =~ ^[0-9]+$ ]] || [ "$secs" -eq 0 ]; then die "cost wants a number of seconds, got '$secs'"; fi
   local pids=() p n name
   for name in etcd kube-apiserver kube-controller-manager kube-scheduler manager lifecycle; do
     p=$(pid_of "$name")

@@ -232,7 +232,9 @@ func (n *node) start() {
 			// The replication listener is the one tests can cut.
 			Control: ctl, Replication: n.netw.listener(lns[1]), NBD: lns[2],
 			Leases: kc.CoordinationV1(), Namespace: opNS,
-			Started: func(a *agent.Agent, _ agent.Endpoints) { started <- a },
+			// kill is a crash: nothing is handed over.
+			HandoverTimeout: -1,
+			Started:         func(a *agent.Agent, _ agent.Endpoints) { started <- a },
 		})
 	}()
 	select {

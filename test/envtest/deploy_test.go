@@ -409,9 +409,28 @@ func checkWorkloads(t *testing.T, objs []*unstructured.Unstructured, w workloadE
 	}
 	ns := w.namespace
 
-	// The manager: non-root, read-only, no capabilities, the agreed flags.
+	// The manager: non-root, read-only, no capabilities, the agreed flags;
+	// two of them, never on one node, leaving a lost node soon.
 	if d := typed[appsv1.Deployment](t, findObject(objs, "Deployment", ns, w.prefix+"-manager")); d != nil {
 		p := d.Spec.Template.Spec
+		if d.Spec.Replicas == nil || *d.Spec.Replicas < 2 {
+			t.Errorf("manager replicas = %v, want at least 2 (a standby for when the leader's node is lost)", d.Spec.Replicas)
+		}
+		if a := p.Affinity; a == nil || a.PodAntiAffinity == nil || len(a.PodAntiAffinity.RequiredDuringSchedulingIgnoredDuringExecution) != 1 ||
+			a.PodAntiAffinity.RequiredDuringSchedulingIgnoredDuringExecution[0].TopologyKey != "kubernetes.io/hostname" ||
+			a.PodAntiAffinity.RequiredDuringSchedulingIgnoredDuringExecution[0].LabelSelector == nil ||
+			a.PodAntiAffinity.RequiredDuringSchedulingIgnoredDuringExecution[0].LabelSelector.MatchLabels["app.kubernetes.io/component"] != "manager" {
+			t.Errorf("manager affinity = %+v, want a required podAntiAffinity on the hostname against the other managers", p.Affinity)
+		}
+		fast := 0
+		for _, tol := range p.Tolerations {
+			if (tol.Key == "node.kubernetes.io/unreachable" || tol.Key == "node.kubernetes.io/not-ready") && tol.TolerationSeconds != nil && *tol.TolerationSeconds <= 60 {
+				fast++
+			}
+		}
+		if fast != 2 {
+			t.Errorf("manager tolerations = %+v, want unreachable and not-ready for at most 60 s", p.Tolerations)
+		}
 		if p.ServiceAccountName != w.prefix+"-manager" {
 			t.Errorf("manager serviceAccountName = %q", p.ServiceAccountName)
 		}
@@ -456,6 +475,18 @@ func checkWorkloads(t *testing.T, objs []*unstructured.Unstructured, w workloadE
 		p := ds.Spec.Template.Spec
 		if p.ServiceAccountName != w.prefix+"-agent" {
 			t.Errorf("agent serviceAccountName = %q", p.ServiceAccountName)
+		}
+		// A rolling update: one agent at a time, each ready for a while
+		// before the next stops, and time to hand its writer roles over
+		// (20 s), let clients follow (5 s) and shut down (23 s at worst).
+		if u := ds.Spec.UpdateStrategy.RollingUpdate; u == nil || u.MaxUnavailable == nil || u.MaxUnavailable.IntValue() != 1 {
+			t.Errorf("agent updateStrategy = %+v, want a rolling update with maxUnavailable 1", ds.Spec.UpdateStrategy)
+		}
+		if ds.Spec.MinReadySeconds < 5 {
+			t.Errorf("agent minReadySeconds = %d, want at least 5", ds.Spec.MinReadySeconds)
+		}
+		if g := p.TerminationGracePeriodSeconds; g == nil || *g < 50 {
+			t.Errorf("agent terminationGracePeriodSeconds = %v, want at least 50", g)
 		}
 		if !p.HostNetwork || p.DNSPolicy != corev1.DNSClusterFirstWithHostNet {
 			t.Errorf("agent hostNetwork = %v, dnsPolicy = %q; want true, ClusterFirstWithHostNet", p.HostNetwork, p.DNSPolicy)
@@ -506,9 +537,15 @@ func checkWorkloads(t *testing.T, objs []*unstructured.Unstructured, w workloadE
 			if !slices.Equal(ports, w.ports[:]) {
 				t.Errorf("agent container ports = %v, want %v", ports, w.ports)
 			}
-			for name, probe := range map[string]*corev1.Probe{"startup": c.StartupProbe, "readiness": c.ReadinessProbe, "liveness": c.LivenessProbe} {
-				if probe == nil || probe.HTTPGet == nil || probe.HTTPGet.Path != "/healthz" || probe.HTTPGet.Port.String() != "control" {
-					t.Errorf("agent %s probe = %+v, want GET /healthz on the control port", name, probe)
+			// Ready only when not stopping and not catching up (the
+			// rolling update waits for it); alive as long as it answers.
+			for _, pr := range []struct {
+				name  string
+				probe *corev1.Probe
+				path  string
+			}{{"startup", c.StartupProbe, "/healthz"}, {"liveness", c.LivenessProbe, "/healthz"}, {"readiness", c.ReadinessProbe, "/readyz"}} {
+				if pr.probe == nil || pr.probe.HTTPGet == nil || pr.probe.HTTPGet.Path != pr.path || pr.probe.HTTPGet.Port.String() != "control" {
+					t.Errorf("agent %s probe = %+v, want GET %s on the control port", pr.name, pr.probe, pr.path)
 				}
 			}
 			var mounted bool

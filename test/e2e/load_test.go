@@ -37,7 +37,10 @@ import (
 // Knobs: TANDEM_LOAD_DURATION (Go duration, ≥ 20s), TANDEM_LOAD_IOPS (per-fio
 // job cap per direction, default 100: 16 jobs on 2 shared CPUs),
 // TANDEM_LOAD_FAULT (kill-node, the default, or kill-agent), TANDEM_LOAD_NODE
-// (the node killed, default node-a), TANDEM_LOAD_FAILOVER (the pairs'
+// (the node killed; default node-a, or with real nodes the first one that
+// does not run the leading manager: losing the leader too adds the leader
+// lease to every failover, which story 14 bounds on its own),
+// TANDEM_LOAD_FAILOVER (the pairs'
 // spec.failover: default, the VolumePair defaults, or tight: probe 1 s × 2,
 // Lease 3 s).
 //
@@ -116,6 +119,22 @@ func loadLayout(killed string) []loadPair {
 		}
 	}
 	return out
+}
+
+// loadDefaultNode is the node the load test kills by default: node-a, or
+// with real nodes the first node that does not run the leading manager.
+func loadDefaultNode(t *testing.T) string {
+	b, _ := os.ReadFile(filepath.Join(root, ".local", "nodes-mode"))
+	if strings.TrimSpace(string(b)) != "kubelet" {
+		return "node-a"
+	}
+	_, leader := leadingManager(t)
+	for _, n := range loadNodes {
+		if n != leader {
+			return n
+		}
+	}
+	return "node-a"
 }
 
 // loadFailover is the pairs' spec.failover for TANDEM_LOAD_FAILOVER.
@@ -546,7 +565,7 @@ func TestLoad(t *testing.T) {
 	restoreVerb := map[string]string{"kill-node": "restore-node", "kill-agent": "start-agent"}[fault]
 	killed := os.Getenv("TANDEM_LOAD_NODE")
 	if killed == "" {
-		killed = "node-a"
+		killed = loadDefaultNode(t)
 	}
 	// Schedule within the load: warm-up, kill at a third, restore after a
 	// quarter of the run (15-60 s: long enough for every failover).

@@ -14,8 +14,9 @@
 #   6. check every pattern through node-a's export, compare both replicas'
 #      backing files (sha256), and print a summary
 #
-#   hack/demo.sh           run it (1-2 minutes once bin/ holds the tools; a cold
-#                          build of etcd and kube-apiserver first takes 15-20 minutes)
+#   hack/demo.sh           run it (about a minute once bin/ holds the tools; from a
+#                          fresh clone with cold Go caches 12 minutes, most of it
+#                          building Kubernetes)
 #   KEEP=1 hack/demo.sh    leave the cluster running afterwards for exploring
 #
 # Environment: KEEP=1 keeps the cluster; DEMO_RESYNC_RATE (bytes/s, default

@@ -1,19 +1,20 @@
 # shellcheck shell=bash
 # Part of hack/local-cluster.sh (sourced; not run on its own): the verbs on
 # the whole cluster. up (build, credentials, network, etcd, kube-apiserver,
-# the API objects, heartbeats, manager, agents, in that order; cleans up after
-# itself when a step fails), down, status, env and replica-path.
+# then the real nodes and Tandem's Pods (kubelet.sh), or the API objects,
+# heartbeats, manager and agents as processes; cleans up after itself when a
+# step fails), down, status, env, replica-path and procs.
 
 build() {
   log "Building bin/manager, bin/agent and bin/tandem-nodesim"
   (cd "$ROOT" && go build -o "$BIN/manager" ./cmd/manager && go build -o "$BIN/agent" ./cmd/agent &&
     go build -o "$BIN/tandem-nodesim" ./hack/localcluster/nodesim)
   if [ ! -x "$BIN/etcd" ] || [ ! -x "$BIN/kube-apiserver" ] || [ ! -x "$BIN/kubectl" ]; then
-    log "Building etcd, kube-apiserver and kubectl from source (first time only: 15-20 minutes on 2 cores)"
+    log "Building etcd, kube-apiserver and kubectl from source (first time only: about 10 minutes on 2 cores)"
   fi
   "$ROOT/hack/tools.sh" etcd kubernetes
   if [ "$(node_mode)" = kubelet ]; then
-    log "Building kubelet, kube-scheduler and kube-controller-manager (first time only: about 5 minutes each) and Tandem's images"
+    log "Building kubelet, kube-scheduler and kube-controller-manager (first time only: about 2 minutes after kube-apiserver) and Tandem's images (make image)"
     "$ROOT/hack/tools.sh" kubernetes-node
     [ "${TANDEM_INSTALL:-kustomize}" != helm ] || "$ROOT/hack/tools.sh" helm
     make -C "$ROOT" --no-print-directory image >"$LOGS/image.log" 2>&1 || die "make image failed: $(tail -n 5 "$LOGS/image.log")"

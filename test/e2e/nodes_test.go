@@ -41,6 +41,25 @@ func leadingManager(t *testing.T) (pod, node string) {
 	return pod, node
 }
 
+// failoverNodes are the members of a story that times a failover: node-a
+// and node-b, or with real nodes two nodes whose first does not run the
+// leading manager.
+func failoverNodes(t *testing.T) (primary, backup string) {
+	t.Helper()
+	b, _ := os.ReadFile(filepath.Join(root, ".local", "nodes-mode"))
+	if strings.TrimSpace(string(b)) != "kubelet" {
+		return "node-a", "node-b"
+	}
+	_, leader := leadingManager(t)
+	var others []string
+	for _, n := range loadNodes {
+		if n != leader {
+			others = append(others, n)
+		}
+	}
+	return others[0], others[1]
+}
+
 // Story 14: the node that runs the leading manager is lost together with a
 // pair's writer. The standby manager on another node takes over and fails
 // the pair over; a lone manager would have held every failover until its

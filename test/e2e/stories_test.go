@@ -47,13 +47,16 @@ func TestStory01AsyncPair(t *testing.T) {
 // identical.
 func TestStory02FailoverResyncFailback(t *testing.T) {
 	s := newStory(t, "db")
+	// The primary's node does not run the leading manager: losing the
+	// leader as well adds its lease to the failover (story 14's bound).
+	pri, bak := failoverNodes(t)
 	const size = 256 << 20
-	s.apply(s.pairManifest("Async", "node-a", "node-b", "256Mi", "  failback: {policy: Automatic}\n"))
-	vp := s.wait(60*time.Second, "PAIR", inSync("node-a"))
+	s.apply(s.pairManifest("Async", pri, bak, "256Mi", "  failback: {policy: Automatic}\n"))
+	vp := s.wait(60*time.Second, "PAIR", inSync(pri))
 	mustQemuIO(t, vp.Status.Endpoint, "write -P 0x11 0 8M", "write -P 0x12 64M 1M")
-	s.wait(30*time.Second, "in sync", inSync("node-a"))
+	s.wait(30*time.Second, "in sync", inSync(pri))
 
-	s.lc("kill-node", "node-a")
+	s.lc("kill-node", pri)
 	killed := time.Now()
 	took := s.writeUntilAccepted(killed, 30*time.Second, "write -P 0x21 100M 512k")
 	t.Logf("STORY 2 failover: primary node killed → first write accepted on the backup in %.2fs", took.Seconds())
@@ -61,19 +64,19 @@ func TestStory02FailoverResyncFailback(t *testing.T) {
 		t.Errorf("failover took %v, more than the documented 10 s", took)
 	}
 	vp = s.wait(20*time.Second, "SWAP", func(vp *v1.VolumePair) bool {
-		return vp.Status.Phase == v1.PhaseSwap && vp.Status.ActivePrimary == "node-b"
+		return vp.Status.Phase == v1.PhaseSwap && vp.Status.ActivePrimary == bak
 	})
 	mustQemuIO(t, vp.Status.Endpoint, "write -P 0x22 120M 1M", "read -P 0x21 100M 512k")
-	second := s.agentStatus("node-b").OutOfSyncBytes
+	second := s.agentStatus(bak).OutOfSyncBytes
 
-	before := s.agentStatus("node-b").Copy.CopiedBytesTotal
-	s.lc("restore-node", "node-a")
+	before := s.agentStatus(bak).Copy.CopiedBytesTotal
+	s.lc("restore-node", pri)
 	vp = s.wait(120*time.Second, "failback to PAIR", func(vp *v1.VolumePair) bool {
-		return vp.Status.Phase == v1.PhasePair && inSync("node-a")(vp) && vp.Status.Epoch >= 3
+		return vp.Status.Phase == v1.PhasePair && inSync(pri)(vp) && vp.Status.Epoch >= 3
 	})
-	copied := s.agentStatus("node-b").Copy.CopiedBytesTotal - before
+	copied := s.agentStatus(bak).Copy.CopiedBytesTotal - before
 	t.Logf("STORY 2 resync: copied %d bytes of a %d-byte volume (%.2f%%); second diff %d bytes; hold %.3fs",
-		copied, size, 100*float64(copied)/size, second, s.agentStatus("node-b").LastHoldSeconds)
+		copied, size, 100*float64(copied)/size, second, s.agentStatus(bak).LastHoldSeconds)
 	if copied <= 0 || copied >= size/4 {
 		t.Fatalf("resync copied %d bytes; it must copy the diffs (≥ %d), far below the volume size", copied, second)
 	}
@@ -81,7 +84,7 @@ func TestStory02FailoverResyncFailback(t *testing.T) {
 		t.Fatalf("resync copied %d bytes, less than the second diff alone (%d)", copied, second)
 	}
 	mustQemuIO(t, vp.Status.Endpoint, "read -P 0x22 120M 1M", "read -P 0x11 0 8M")
-	s.identical("node-a", "node-b")
+	s.identical(pri, bak)
 	ev := mustKubectl(t, "get", "events", "-n", s.ns)
 	// COPY may be too short to be observed here; story 7 slows one down.
 	for _, want := range []string{"Failover", "Failback", "PhaseSWAP", "PhaseNORMAL", "PhasePAIR"} {

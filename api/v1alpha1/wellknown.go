@@ -20,6 +20,11 @@ const (
 	// (replicas live in <dir>/volumes/<namespace>/<name>/), so a teardown
 	// that cannot reach the agent can say where files were left.
 	AnnDataDir = "storage.tandem.dev/data-dir"
+	// AnnFreeBytes and AnnCapacityBytes on an agent Lease: free and total
+	// bytes of the filesystem holding the agent's data directory, as of the
+	// last renewal (the CSI controller places volumes with them).
+	AnnFreeBytes     = "storage.tandem.dev/free-bytes"
+	AnnCapacityBytes = "storage.tandem.dev/capacity-bytes"
 	// AnnRetainData on a VolumePair: "true" keeps the replicas' files when
 	// the VolumePair is deleted (default: deleted).
 	AnnRetainData = "storage.tandem.dev/retain-data"

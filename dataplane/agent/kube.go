@@ -34,8 +34,11 @@ package agent
 import (
 	"context"
 	"fmt"
+	"strconv"
 	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	coordinationv1 "k8s.io/api/coordination/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -131,6 +134,11 @@ func renewAgentLease(ctx context.Context, c coordclient.LeaseInterface, name, no
 	}
 	if ep.DataDir != "" {
 		ann[v1.AnnDataDir] = ep.DataDir
+		var st unix.Statfs_t
+		if err := unix.Statfs(ep.DataDir, &st); err == nil {
+			ann[v1.AnnFreeBytes] = strconv.FormatUint(st.Bavail*uint64(st.Bsize), 10)
+			ann[v1.AnnCapacityBytes] = strconv.FormatUint(st.Blocks*uint64(st.Bsize), 10)
+		}
 	}
 	l, err := c.Get(ctx, name, metav1.GetOptions{})
 	if apierrors.IsNotFound(err) {

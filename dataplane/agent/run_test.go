@@ -3,6 +3,7 @@ package agent_test
 import (
 	"context"
 	"net"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -183,6 +184,12 @@ func TestRunRegistersAndRenews(t *testing.T) {
 		if l.Annotations[v1.AnnControlEndpoint] != ep.Control || l.Annotations[v1.AnnNBDEndpoint] != ep.NBD ||
 			l.Annotations[v1.AnnReplicationEndpoint] != ep.Replication || l.Annotations[v1.AnnDataDir] != ep.DataDir {
 			t.Fatalf("agent Lease annotations %v, endpoints %+v", l.Annotations, ep)
+		}
+		// The CSI controller places volumes by the data directory's free space.
+		free, err1 := strconv.ParseInt(l.Annotations[v1.AnnFreeBytes], 10, 64)
+		total, err2 := strconv.ParseInt(l.Annotations[v1.AnnCapacityBytes], 10, 64)
+		if err1 != nil || err2 != nil || free <= 0 || total < free {
+			t.Fatalf("agent Lease free/capacity bytes %q/%q", l.Annotations[v1.AnnFreeBytes], l.Annotations[v1.AnnCapacityBytes])
 		}
 		if !l.Spec.RenewTime.Time.Equal(t0) {
 			t.Fatalf("agent Lease renewTime %v, want the agent clock's %v", l.Spec.RenewTime, t0)

@@ -1,0 +1,473 @@
+package csi
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	coordinationv1 "k8s.io/api/coordination/v1"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/validation"
+	"k8s.io/utils/clock"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// DefaultVolumeSize is the size of a volume whose request names none.
+const DefaultVolumeSize = 1 << 30
+
+// Controller serves the CSI controller service: volumes are VolumePairs.
+type Controller struct {
+	csi.UnimplementedControllerServer
+	// Client reads and writes VolumePairs, agent Leases and Nodes.
+	Client client.Client
+	// Namespace holds the VolumePairs the driver creates and the agents'
+	// Leases (the operator's namespace).
+	Namespace string
+	// Clock judges whether an agent's Lease is current (default: real).
+	Clock clock.PassiveClock
+}
+
+func (c *Controller) now() time.Time {
+	if c.Clock == nil {
+		return time.Now()
+	}
+	return c.Clock.Now()
+}
+
+// ControllerGetCapabilities: create/delete only; no attach step (the
+// CSIDriver says attachRequired: false).
+func (c *Controller) ControllerGetCapabilities(context.Context, *csi.ControllerGetCapabilitiesRequest) (*csi.ControllerGetCapabilitiesResponse, error) {
+	var caps []*csi.ControllerServiceCapability
+	for _, t := range []csi.ControllerServiceCapability_RPC_Type{
+		csi.ControllerServiceCapability_RPC_CREATE_DELETE_VOLUME,
+		csi.ControllerServiceCapability_RPC_GET_CAPACITY,
+		csi.ControllerServiceCapability_RPC_LIST_VOLUMES,
+		csi.ControllerServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
+	} {
+		caps = append(caps, &csi.ControllerServiceCapability{Type: &csi.ControllerServiceCapability_Rpc{Rpc: &csi.ControllerServiceCapability_RPC{Type: t}}})
+	}
+	return &csi.ControllerGetCapabilitiesResponse{Capabilities: caps}, nil
+}
+
+// VolumePairName is the name CreateVolume gives the VolumePair for a
+// request's name.
+func VolumePairName(csiName string) string {
+	if len(csiName) <= 63 && len(validation.IsDNS1123Label(csiName)) == 0 {
+		return csiName
+	}
+	sum := sha256.Sum256([]byte(csiName))
+	return "tv-" + hex.EncodeToString(sum[:])[:40]
+}
+
+// volumeKey turns a volume ID into the VolumePair's key.
+func (c *Controller) volumeKey(id string) (client.ObjectKey, error) {
+	return VolumeKey(id, c.Namespace)
+}
+
+// VolumeKey turns a volume ID into the VolumePair's key: "name" in the
+// driver's namespace, or "namespace/name".
+func VolumeKey(id, namespace string) (client.ObjectKey, error) {
+	if id == "" {
+		return client.ObjectKey{}, status.Error(codes.InvalidArgument, "volume ID is empty")
+	}
+	ns, name, found := strings.Cut(id, "/")
+	if !found {
+		ns, name = namespace, id
+	}
+	if len(validation.IsDNS1123Label(ns)) > 0 || len(validation.IsDNS1123Subdomain(name)) > 0 {
+		return client.ObjectKey{}, status.Errorf(codes.NotFound, "volume ID %q does not name a VolumePair", id)
+	}
+	return client.ObjectKey{Namespace: ns, Name: name}, nil
+}
+
+// checkCapabilities refuses what the node service cannot provide: more
+// than one node at a time, or a filesystem other than ext4 and xfs.
+func checkCapabilities(caps []*csi.VolumeCapability) error {
+	if len(caps) == 0 {
+		return status.Error(codes.InvalidArgument, "volume capabilities are missing")
+	}
+	for _, vc := range caps {
+		if err := checkCapability(vc); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func checkCapability(vc *csi.VolumeCapability) error {
+	switch m := vc.GetAccessMode().GetMode(); m {
+	case csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER, csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER,
+		csi.VolumeCapability_AccessMode_SINGLE_NODE_MULTI_WRITER, csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY:
+	case csi.VolumeCapability_AccessMode_UNKNOWN:
+		return status.Error(codes.InvalidArgument, "volume capability has no access mode")
+	default:
+		return status.Errorf(codes.InvalidArgument, "access mode %s is not supported: a Tandem volume is used from one node at a time (ReadWriteOnce, ReadWriteOncePod)", m)
+	}
+	switch t := vc.GetAccessType().(type) {
+	case *csi.VolumeCapability_Block:
+	case *csi.VolumeCapability_Mount:
+		if fs := t.Mount.GetFsType(); fs != "" && fs != "ext4" && fs != "xfs" {
+			return status.Errorf(codes.InvalidArgument, "filesystem %q is not supported: use ext4 (the default) or xfs", fs)
+		}
+	default:
+		return status.Error(codes.InvalidArgument, "volume capability is neither block nor mount")
+	}
+	return nil
+}
+
+// volumeSize rounds the requested capacity up to whole regions within the
+// limit.
+func volumeSize(r *csi.CapacityRange, region int64) (int64, error) {
+	req, lim := r.GetRequiredBytes(), r.GetLimitBytes()
+	if req < 0 || lim < 0 {
+		return 0, status.Error(codes.OutOfRange, "capacity range has a negative bound")
+	}
+	if lim > 0 && req > lim {
+		return 0, status.Errorf(codes.OutOfRange, "required bytes %d exceed the limit %d", req, lim)
+	}
+	size := req
+	if size == 0 {
+		size = DefaultVolumeSize
+		if lim > 0 && lim < size {
+			size = lim
+		}
+	}
+	size = (size + region - 1) / region * region
+	if lim > 0 && size > lim {
+		size = lim / region * region
+		if size < req || size == 0 {
+			return 0, status.Errorf(codes.OutOfRange, "no whole number of %s regions lies between %d and %d bytes", qty(region), req, lim)
+		}
+	}
+	return size, nil
+}
+
+// paramsDigest identifies the parameters that shape a volume, so a repeated
+// CreateVolume can tell the same request from another.
+func paramsDigest(p map[string]string) string {
+	keys := make([]string, 0, len(p))
+	for k := range p {
+		if !strings.HasPrefix(k, "csi.storage.k8s.io/") {
+			keys = append(keys, k)
+		}
+	}
+	slices.Sort(keys)
+	h := sha256.New()
+	for _, k := range keys {
+		fmt.Fprintf(h, "%s=%s\n", k, p[k])
+	}
+	return hex.EncodeToString(h.Sum(nil))[:16]
+}
+
+// annParams records paramsDigest on the VolumePair.
+const annParams = DriverName + "/parameters"
+
+// CreateVolume creates the VolumePair (or finds the one an earlier call
+// created).
+func (c *Controller) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest) (*csi.CreateVolumeResponse, error) {
+	if req.GetName() == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume name is empty")
+	}
+	if err := checkCapabilities(req.GetVolumeCapabilities()); err != nil {
+		return nil, err
+	}
+	if req.GetVolumeContentSource() != nil {
+		return nil, status.Error(codes.InvalidArgument, "volume content sources (snapshots, clones) are not supported")
+	}
+	params, err := parseParams(req.GetParameters())
+	if err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	size, err := volumeSize(req.GetCapacityRange(), params.regionSize)
+	if err != nil {
+		return nil, err
+	}
+	key := client.ObjectKey{Namespace: c.Namespace, Name: VolumePairName(req.GetName())}
+	digest := paramsDigest(req.GetParameters())
+
+	vp := &v1.VolumePair{}
+	err = c.Client.Get(ctx, key, vp)
+	switch {
+	case err == nil:
+		return c.existing(vp, req, digest)
+	case !apierrors.IsNotFound(err):
+		return nil, status.Errorf(codes.Unavailable, "reading VolumePair %s: %v", key, err)
+	}
+
+	cands, err := c.candidates(ctx)
+	if err != nil {
+		return nil, err
+	}
+	primary, backup, err := place(cands, size, req.GetAccessibilityRequirements())
+	if err != nil {
+		return nil, status.Error(codes.ResourceExhausted, err.Error())
+	}
+	vp = &v1.VolumePair{
+		ObjectMeta: metav1.ObjectMeta{
+			Namespace: key.Namespace, Name: key.Name,
+			Labels:      map[string]string{LabelManagedBy: DriverName},
+			Annotations: map[string]string{AnnVolumeName: req.GetName(), annParams: digest},
+		},
+		Spec: params.spec,
+	}
+	vp.Spec.Size = *resource.NewQuantity(size, resource.BinarySI)
+	vp.Spec.Primary = v1.Member{Node: primary}
+	vp.Spec.Backup = v1.Member{Node: backup}
+	for ann, val := range map[string]string{AnnPVCName: params.pvcName, AnnPVCNamespace: params.pvcNS, AnnPVName: params.pvName} {
+		if val != "" {
+			vp.Annotations[ann] = val
+		}
+	}
+	if !params.podFailover {
+		vp.Annotations[AnnPodFailover] = "false"
+	}
+	if err := c.Client.Create(ctx, vp); err != nil {
+		switch {
+		case apierrors.IsAlreadyExists(err):
+			// A concurrent call created it: answer as a repeated call.
+			if err := c.Client.Get(ctx, key, vp); err != nil {
+				return nil, status.Errorf(codes.Aborted, "VolumePair %s was created concurrently and cannot be read: %v", key, err)
+			}
+			return c.existing(vp, req, digest)
+		case apierrors.IsInvalid(err):
+			return nil, status.Errorf(codes.InvalidArgument, "the API server refused VolumePair %s: %v", key, err)
+		default:
+			return nil, status.Errorf(codes.Unavailable, "creating VolumePair %s: %v", key, err)
+		}
+	}
+	return &csi.CreateVolumeResponse{Volume: c.volume(vp)}, nil
+}
+
+// existing answers a CreateVolume whose VolumePair exists: the same
+// request gets the same volume; anything else is AlreadyExists.
+func (c *Controller) existing(vp *v1.VolumePair, req *csi.CreateVolumeRequest, digest string) (*csi.CreateVolumeResponse, error) {
+	key := client.ObjectKeyFromObject(vp)
+	if vp.Annotations[AnnVolumeName] != req.GetName() {
+		return nil, status.Errorf(codes.AlreadyExists, "VolumePair %s exists and was not created for volume %q", key, req.GetName())
+	}
+	if !vp.DeletionTimestamp.IsZero() {
+		return nil, status.Errorf(codes.Aborted, "VolumePair %s is being deleted", key)
+	}
+	size := vp.Spec.Size.Value()
+	r := req.GetCapacityRange()
+	if size < r.GetRequiredBytes() || (r.GetLimitBytes() > 0 && size > r.GetLimitBytes()) {
+		return nil, status.Errorf(codes.AlreadyExists, "volume %q exists with %d bytes, outside the requested range [%d, %d]", req.GetName(), size, r.GetRequiredBytes(), r.GetLimitBytes())
+	}
+	if vp.Annotations[annParams] != digest {
+		return nil, status.Errorf(codes.AlreadyExists, "volume %q exists with other parameters", req.GetName())
+	}
+	return &csi.CreateVolumeResponse{Volume: c.volume(vp)}, nil
+}
+
+// volume describes a VolumePair as a CSI volume.
+func (c *Controller) volume(vp *v1.VolumePair) *csi.Volume {
+	id := vp.Name
+	if vp.Namespace != c.Namespace {
+		id = vp.Namespace + "/" + vp.Name
+	}
+	return &csi.Volume{
+		VolumeId:      id,
+		CapacityBytes: vp.Spec.Size.Value(),
+		AccessibleTopology: []*csi.Topology{
+			{Segments: map[string]string{TopologyKey: vp.Spec.Primary.Node}},
+			{Segments: map[string]string{TopologyKey: vp.Spec.Backup.Node}},
+		},
+	}
+}
+
+// candidates lists the nodes with an agent Lease, and why any cannot hold
+// a member now.
+func (c *Controller) candidates(ctx context.Context) ([]candidate, error) {
+	var leases coordinationv1.LeaseList
+	if err := c.Client.List(ctx, &leases, client.InNamespace(c.Namespace), client.MatchingLabels{v1.LabelComponent: "agent"}); err != nil {
+		return nil, status.Errorf(codes.Unavailable, "listing agent Leases: %v", err)
+	}
+	var nodes corev1.NodeList
+	if err := c.Client.List(ctx, &nodes); err != nil {
+		return nil, status.Errorf(codes.Unavailable, "listing Nodes: %v", err)
+	}
+	byName := map[string]*corev1.Node{}
+	for i := range nodes.Items {
+		byName[nodes.Items[i].Name] = &nodes.Items[i]
+	}
+	now := c.now()
+	var out []candidate
+	for _, l := range leases.Items {
+		node := l.Labels[v1.LabelNode]
+		if node == "" {
+			continue
+		}
+		cd := candidate{node: node, free: -1}
+		if s, ok := l.Annotations[v1.AnnFreeBytes]; ok {
+			if n, err := strconv.ParseInt(s, 10, 64); err == nil {
+				cd.free = n
+			}
+		}
+		cd.unfit = unfit(l, byName[node], now)
+		out = append(out, cd)
+	}
+	return out, nil
+}
+
+// unfit says why a node cannot take a new member ("" when it can).
+func unfit(l coordinationv1.Lease, n *corev1.Node, now time.Time) string {
+	if l.Spec.RenewTime == nil || l.Spec.LeaseDurationSeconds == nil {
+		return "its agent has not registered"
+	}
+	if exp := l.Spec.RenewTime.Add(time.Duration(*l.Spec.LeaseDurationSeconds) * time.Second); now.After(exp) {
+		return fmt.Sprintf("its agent's Lease expired %s ago", now.Sub(exp).Round(time.Second))
+	}
+	if n == nil {
+		return "no Node object"
+	}
+	if n.Spec.Unschedulable {
+		return "cordoned"
+	}
+	for _, cond := range n.Status.Conditions {
+		if cond.Type == corev1.NodeReady && cond.Status != corev1.ConditionTrue {
+			return "Node not Ready"
+		}
+	}
+	return ""
+}
+
+// DeleteVolume deletes the VolumePair (its replicas go with it unless it
+// is annotated storage.tandem.dev/retain-data).
+func (c *Controller) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest) (*csi.DeleteVolumeResponse, error) {
+	key, err := c.volumeKey(req.GetVolumeId())
+	if err != nil {
+		if status.Code(err) == codes.NotFound {
+			return &csi.DeleteVolumeResponse{}, nil // no such volume: deleted
+		}
+		return nil, err
+	}
+	vp := &v1.VolumePair{}
+	if err := c.Client.Get(ctx, key, vp); err != nil {
+		if apierrors.IsNotFound(err) {
+			return &csi.DeleteVolumeResponse{}, nil
+		}
+		return nil, status.Errorf(codes.Unavailable, "reading VolumePair %s: %v", key, err)
+	}
+	if vp.Labels[LabelManagedBy] != DriverName {
+		return nil, status.Errorf(codes.FailedPrecondition, "VolumePair %s was not created by %s; delete it yourself if its data is no longer needed", key, DriverName)
+	}
+	if err := c.Client.Delete(ctx, vp, client.Preconditions{UID: &vp.UID}); err != nil && !apierrors.IsNotFound(err) {
+		return nil, status.Errorf(codes.Unavailable, "deleting VolumePair %s: %v", key, err)
+	}
+	return &csi.DeleteVolumeResponse{}, nil
+}
+
+// ValidateVolumeCapabilities confirms the capabilities the node service
+// supports for an existing volume.
+func (c *Controller) ValidateVolumeCapabilities(ctx context.Context, req *csi.ValidateVolumeCapabilitiesRequest) (*csi.ValidateVolumeCapabilitiesResponse, error) {
+	key, err := c.volumeKey(req.GetVolumeId())
+	if err != nil {
+		return nil, err
+	}
+	if len(req.GetVolumeCapabilities()) == 0 {
+		return nil, status.Error(codes.InvalidArgument, "volume capabilities are missing")
+	}
+	if err := c.Client.Get(ctx, key, &v1.VolumePair{}); err != nil {
+		if apierrors.IsNotFound(err) {
+			return nil, status.Errorf(codes.NotFound, "VolumePair %s not found", key)
+		}
+		return nil, status.Errorf(codes.Unavailable, "reading VolumePair %s: %v", key, err)
+	}
+	if err := checkCapabilities(req.GetVolumeCapabilities()); err != nil {
+		return &csi.ValidateVolumeCapabilitiesResponse{Message: status.Convert(err).Message()}, nil
+	}
+	if _, err := parseParams(req.GetParameters()); err != nil {
+		return &csi.ValidateVolumeCapabilitiesResponse{Message: err.Error()}, nil
+	}
+	return &csi.ValidateVolumeCapabilitiesResponse{Confirmed: &csi.ValidateVolumeCapabilitiesResponse_Confirmed{
+		VolumeContext:      req.GetVolumeContext(),
+		VolumeCapabilities: req.GetVolumeCapabilities(),
+		Parameters:         req.GetParameters(),
+	}}, nil
+}
+
+// GetCapacity reports the largest volume that could be placed now within
+// the topology: the second-largest free space among eligible nodes (a
+// volume needs two).
+func (c *Controller) GetCapacity(ctx context.Context, req *csi.GetCapacityRequest) (*csi.GetCapacityResponse, error) {
+	if _, err := parseParams(req.GetParameters()); err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	for _, vc := range req.GetVolumeCapabilities() {
+		if err := checkCapability(vc); err != nil {
+			return &csi.GetCapacityResponse{}, nil //nolint:nilerr // unsupported capability: no capacity
+		}
+	}
+	cands, err := c.candidates(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var allowed map[string]bool
+	if t := req.GetAccessibleTopology(); t != nil {
+		allowed, _ = topologyNodes([]*csi.Topology{t})
+	}
+	var free []int64
+	for _, cd := range cands {
+		if cd.unfit != "" || (allowed != nil && !allowed[cd.node]) {
+			continue
+		}
+		f := cd.free
+		if f < 0 {
+			f = 0
+		}
+		free = append(free, f)
+	}
+	slices.Sort(free)
+	var capacity int64
+	if len(free) >= 2 {
+		capacity = free[len(free)-2]
+	}
+	return &csi.GetCapacityResponse{AvailableCapacity: capacity, MaximumVolumeSize: nil}, nil
+}
+
+// ListVolumes lists the driver's volumes in name order; the token is the
+// last name of the previous page.
+func (c *Controller) ListVolumes(ctx context.Context, req *csi.ListVolumesRequest) (*csi.ListVolumesResponse, error) {
+	if req.GetMaxEntries() < 0 {
+		return nil, status.Error(codes.InvalidArgument, "max_entries is negative")
+	}
+	var list v1.VolumePairList
+	if err := c.Client.List(ctx, &list, client.InNamespace(c.Namespace), client.MatchingLabels{LabelManagedBy: DriverName}); err != nil {
+		return nil, status.Errorf(codes.Unavailable, "listing VolumePairs: %v", err)
+	}
+	items := list.Items
+	slices.SortFunc(items, func(a, b v1.VolumePair) int { return strings.Compare(a.Name, b.Name) })
+	start := 0
+	if tok := req.GetStartingToken(); tok != "" {
+		i, found := slices.BinarySearchFunc(items, tok, func(vp v1.VolumePair, t string) int { return strings.Compare(vp.Name, t) })
+		if !found {
+			return nil, status.Errorf(codes.Aborted, "starting token %q names no volume (it was deleted since the previous page); list again from the start", tok)
+		}
+		start = i + 1
+	}
+	end := len(items)
+	if m := int(req.GetMaxEntries()); m > 0 && start+m < end {
+		end = start + m
+	}
+	resp := &csi.ListVolumesResponse{}
+	for i := start; i < end; i++ {
+		resp.Entries = append(resp.Entries, &csi.ListVolumesResponse_Entry{Volume: c.volume(&items[i])})
+	}
+	if end < len(items) && end > start {
+		resp.NextToken = items[end-1].Name
+	}
+	return resp, nil
+}

@@ -1,0 +1,99 @@
+package envtest
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/go-logr/logr/testr"
+	"github.com/kubernetes-csi/csi-test/v5/pkg/sanity"
+	coordinationv1 "k8s.io/api/coordination/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/utils/ptr"
+
+	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
+	"github.com/tandem-storage/tandem/internal/csi"
+	"github.com/tandem-storage/tandem/internal/csi/csifake"
+)
+
+// TestCSISanity runs the CSI conformance suite (kubernetes-csi/csi-test's
+// csi-sanity) against the driver's identity, controller and node services,
+// with the test API server behind them and two Ready Nodes whose agents'
+// Leases are current. No VolumePair controller runs: volumes are the
+// VolumePair objects. The node service attaches and mounts through the
+// in-memory twins of package csifake (the real attach is tested on the
+// local cluster).
+func TestCSISanity(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	ns := newNamespace(t)
+	nodes := []string{"csi-sanity-a", "csi-sanity-b"}
+	for _, n := range nodes {
+		node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: n}}
+		if err := k8s.Create(ctx, node); err != nil {
+			t.Fatalf("create Node: %v", err)
+		}
+		t.Cleanup(func() { _ = k8s.Delete(context.Background(), node) })
+		node.Status.Conditions = []corev1.NodeCondition{{Type: corev1.NodeReady, Status: corev1.ConditionTrue, LastHeartbeatTime: metav1.Now(), LastTransitionTime: metav1.Now()}}
+		if err := k8s.Status().Update(ctx, node); err != nil {
+			t.Fatalf("Node status: %v", err)
+		}
+		now := metav1.NewMicroTime(time.Now())
+		lease := &coordinationv1.Lease{
+			ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: v1.AgentLeaseName(n),
+				Labels:      map[string]string{v1.LabelComponent: "agent", v1.LabelNode: n},
+				Annotations: map[string]string{v1.AnnFreeBytes: "107374182400"}},
+			// Long enough for the whole suite.
+			Spec: coordinationv1.LeaseSpec{HolderIdentity: ptr.To(n), LeaseDurationSeconds: ptr.To(int32(3600)), RenewTime: &now},
+		}
+		if err := k8s.Create(ctx, lease); err != nil {
+			t.Fatalf("create agent Lease: %v", err)
+		}
+	}
+
+	dir := t.TempDir()
+	devDir := filepath.Join(dir, "dev")
+	if err := os.MkdirAll(devDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	controller := &csi.Controller{Client: k8s, Namespace: ns}
+	node := &csi.Node{NodeID: nodes[0], Client: k8s, Namespace: ns,
+		Attacher: &csifake.Attacher{Dir: devDir}, Mounter: &csifake.Mounter{}, StateDir: filepath.Join(dir, "state")}
+	sock := filepath.Join(dir, "csi.sock")
+	ln, err := csi.Listen("unix://" + sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() {
+		served <- csi.Serve(ctx, ln, csi.Services{
+			Identity:   &csi.Identity{Controller: true, Version: "sanity"},
+			Controller: controller, Node: node,
+		}, testr.New(t))
+	}()
+
+	cfg := sanity.NewTestConfig()
+	cfg.Address = "unix://" + sock
+	cfg.TargetPath = filepath.Join(dir, "target")
+	cfg.StagingPath = filepath.Join(dir, "staging")
+	cfg.TestVolumeSize = 64 << 20
+	cfg.IdempotentCount = 2
+	sanity.Test(t, cfg)
+
+	cancel()
+	if err := <-served; err != nil {
+		t.Errorf("Serve: %v", err)
+	}
+	// Every volume the suite created it also deleted.
+	var left v1.VolumePairList
+	if err := k8s.List(context.Background(), &left); err == nil {
+		for _, vp := range left.Items {
+			if vp.Namespace == ns {
+				t.Errorf("VolumePair %s/%s left behind", vp.Namespace, vp.Name)
+			}
+		}
+	}
+}

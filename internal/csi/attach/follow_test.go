@@ -1,0 +1,175 @@
+package attach
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"net"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/go-logr/logr/testr"
+
+	"github.com/tandem-storage/tandem/dataplane/nbd"
+)
+
+// member is an NBD server standing in for one member's agent; the two
+// members of a test share one backend, as replication would make them.
+type member struct {
+	uri     string
+	exports *nbd.StaticExports
+	be      nbd.Backend
+}
+
+func startMember(t *testing.T, be nbd.Backend) *member {
+	t.Helper()
+	m := &member{exports: &nbd.StaticExports{}, be: be}
+	m.exports.Add("ns/vol", &nbd.Export{Name: "ns/vol", Backend: be})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.uri = "nbd://" + ln.Addr().String() + "/ns/vol"
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { _ = (&nbd.Server{Exports: m.exports}).Serve(ctx, ln); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	return m
+}
+
+// switchable is a Resolver the test points at a member, or at none.
+type switchable struct {
+	mu  sync.Mutex
+	uri string
+}
+
+func (s *switchable) set(uri string) { s.mu.Lock(); s.uri = uri; s.mu.Unlock() }
+func (s *switchable) resolve(context.Context) (string, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.uri == "" {
+		return "", errors.New("no member accepts writes")
+	}
+	return s.uri, nil
+}
+
+// writerGate makes a backend refuse client I/O as a member that is not the
+// writer does (EPERM), or fail every write with a chosen errno.
+type writerGate struct {
+	mu  sync.Mutex
+	err error
+}
+
+func (g *writerGate) set(err error) { g.mu.Lock(); g.err = err; g.mu.Unlock() }
+func (g *writerGate) hook(_ context.Context, op nbd.Op, _, _ int64) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if op == nbd.OpWrite || op == nbd.OpRead {
+		return g.err
+	}
+	return nil
+}
+
+func TestFollowerFollowsTheWriter(t *testing.T) {
+	shared := nbd.NewMemBackend(1 << 20)
+	a := startMember(t, shared)
+	r := &switchable{uri: a.uri}
+	f := &Follower{Resolve: r.resolve, IOTimeout: 10 * time.Second, Log: testr.New(t)}
+	defer f.Close()
+	ctx := context.Background()
+	if size, err := f.Connect(ctx); err != nil || size != 1<<20 {
+		t.Fatalf("Connect: %d, %v", size, err)
+	}
+	if err := f.WriteAt(ctx, []byte("one"), 0, false); err != nil {
+		t.Fatal(err)
+	}
+
+	// a stops being the writer (it refuses with EPERM); for a while no member
+	// is named; then b is. The write in between waits and lands on b.
+	gate := &writerGate{}
+	shared.SetHook(gate.hook)
+	b := startMember(t, nbd.NewMemBackend(1<<20))
+	gate.set(syscall.EPERM)
+	r.set("")
+	go func() {
+		time.Sleep(300 * time.Millisecond)
+		r.set(b.uri)
+	}()
+	start := time.Now()
+	if err := f.WriteAt(ctx, []byte("two"), 4096, true); err != nil {
+		t.Fatalf("write across the change of writer: %v", err)
+	}
+	if d := time.Since(start); d < 250*time.Millisecond {
+		t.Fatalf("the write returned after %s, before any writer was named", d)
+	}
+	if f.Endpoint() != b.uri || f.Reconnects() != 1 {
+		t.Fatalf("endpoint %s after %d reconnects, want %s after 1", f.Endpoint(), f.Reconnects(), b.uri)
+	}
+	got := make([]byte, 3)
+	if err := f.ReadAt(ctx, got, 4096); err != nil || string(got) != "two" {
+		t.Fatalf("read back %q, %v", got, err)
+	}
+	if !bytes.Equal(b.be.(*nbd.MemBackend).Bytes()[4096:4099], []byte("two")) {
+		t.Fatal("the write did not reach the new writer")
+	}
+}
+
+func TestFollowerGivesUp(t *testing.T) {
+	r := &switchable{}
+	f := &Follower{Resolve: r.resolve, IOTimeout: 300 * time.Millisecond, Log: testr.New(t)}
+	defer f.Close()
+	start := time.Now()
+	err := f.WriteAt(context.Background(), []byte{1}, 0, false)
+	if !errors.Is(err, syscall.EIO) {
+		t.Fatalf("write with no writer: %v, want EIO", err)
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Fatalf("gave up after %s, the timeout is 300ms", d)
+	}
+}
+
+func TestFollowerDoesNotRetryWhatCannotSucceed(t *testing.T) {
+	be := nbd.NewMemBackend(1 << 20)
+	a := startMember(t, be)
+	r := &switchable{uri: a.uri}
+	f := &Follower{Resolve: r.resolve, IOTimeout: 10 * time.Second, Log: testr.New(t)}
+	defer f.Close()
+	gate := &writerGate{}
+	be.SetHook(gate.hook)
+	gate.set(syscall.ENOSPC)
+	start := time.Now()
+	err := f.WriteAt(context.Background(), []byte{1}, 0, false)
+	if !errors.Is(err, syscall.ENOSPC) || time.Since(start) > time.Second {
+		t.Fatalf("ENOSPC write: %v after %s, want ENOSPC at once", err, time.Since(start))
+	}
+	start = time.Now()
+	if err := f.ReadAt(context.Background(), make([]byte, 2), 1<<20-1); !errors.Is(err, syscall.EINVAL) || time.Since(start) > time.Second {
+		t.Fatalf("read past the end: %v after %s, want EINVAL at once", err, time.Since(start))
+	}
+	f.Close()
+	if err := f.WriteAt(context.Background(), []byte{1}, 0, false); !errors.Is(err, errFollowerClosed) {
+		t.Fatalf("write after Close: %v", err)
+	}
+}
+
+func TestParseURI(t *testing.T) {
+	for _, tc := range []struct{ uri, addr, name string }{
+		{"nbd://198.18.0.11:10809/team/db", "198.18.0.11:10809", "team/db"},
+		{"nbd://host/ns/v", "host:10809", "ns/v"},
+		{"http://x/y", "", ""},
+		{"nbd:///x", "", ""},
+	} {
+		addr, name, err := ParseURI(tc.uri)
+		if tc.addr == "" {
+			if err == nil {
+				t.Errorf("%s: no error", tc.uri)
+			}
+			continue
+		}
+		if err != nil || addr != tc.addr || name != tc.name {
+			t.Errorf("%s: %s %s %v", tc.uri, addr, name, err)
+		}
+	}
+}

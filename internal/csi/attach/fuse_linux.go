@@ -1,0 +1,235 @@
+package attach
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/go-logr/logr"
+	"github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/tandem-storage/tandem/internal/csi"
+)
+
+// UserSpace attaches volumes without the kernel's NBD client: a FUSE
+// filesystem per volume with one file, "disk", whose reads and writes a
+// Follower sends to the pair's writer, and a loop device on that file. The
+// page cache of the file is bypassed (direct I/O), so every write the
+// filesystem above issues reaches the writer, and its flushes become NBD
+// flushes.
+//
+// The FUSE file is served by this process: when it exits, the loop devices
+// it attached fail every request until their volumes are staged again (see
+// docs/install.md, "Which attach path a node uses").
+type UserSpace struct {
+	// Dir holds one FUSE mount point per attached volume.
+	Dir string
+	// Resolver returns the Resolver of a volume's writer.
+	Resolver func(csi.Volume) Resolver
+	Log      logr.Logger
+	// IOTimeout bounds one request's retries (default DefaultIOTimeout).
+	IOTimeout time.Duration
+
+	mu       sync.Mutex
+	attached map[string]*userAttachment
+}
+
+type userAttachment struct {
+	follower *Follower
+	server   *fuse.Server
+	mnt      string
+	loop     *loopDevice
+}
+
+// Attach returns the loop device of the volume, attaching it first.
+func (u *UserSpace) Attach(ctx context.Context, vol csi.Volume) (string, error) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if a, ok := u.attached[vol.ID]; ok {
+		return a.loop.path, nil
+	}
+	f := &Follower{Resolve: u.Resolver(vol), IOTimeout: u.IOTimeout, Log: u.Log.WithValues("volume", vol.ID)}
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	size, err := f.Connect(cctx)
+	cancel()
+	if err != nil {
+		f.Close()
+		return "", status.Errorf(codes.Unavailable, "volume %s has no writer to connect to yet: %v", vol.ID, err)
+	}
+	if size != vol.Size {
+		f.Close()
+		return "", status.Errorf(codes.Internal, "volume %s: the writer exports %d bytes, the VolumePair says %d", vol.ID, size, vol.Size)
+	}
+	sum := sha256.Sum256([]byte(vol.ID))
+	mnt := filepath.Join(u.Dir, hex.EncodeToString(sum[:8]))
+	if err := os.MkdirAll(mnt, 0o700); err != nil {
+		f.Close()
+		return "", fmt.Errorf("FUSE mount point: %w", err)
+	}
+	root := &fuseRoot{disk: &fuseDisk{f: f, size: size}}
+	srv, err := fs.Mount(mnt, root, &fs.Options{MountOptions: fuse.MountOptions{
+		FsName: "tandem:" + vol.ID, Name: "tandem", DirectMount: true, DirectMountStrict: true,
+		AllowOther: true, MaxWrite: 1 << 20, DisableXAttrs: true,
+	}})
+	if err != nil {
+		f.Close()
+		return "", fmt.Errorf("mounting the FUSE file of %s at %s: %w", vol.ID, mnt, err)
+	}
+	backing, err := os.OpenFile(filepath.Join(mnt, "disk"), os.O_RDWR, 0)
+	if err != nil {
+		_ = srv.Unmount()
+		f.Close()
+		return "", fmt.Errorf("opening the FUSE file of %s: %w", vol.ID, err)
+	}
+	loop, err := attachLoop(backing, "tandem:"+vol.ID)
+	_ = backing.Close() // the loop device holds its own reference
+	if err != nil {
+		_ = srv.Unmount()
+		f.Close()
+		return "", err
+	}
+	if u.attached == nil {
+		u.attached = map[string]*userAttachment{}
+	}
+	u.attached[vol.ID] = &userAttachment{follower: f, server: srv, mnt: mnt, loop: loop}
+	u.Log.Info("Volume attached", "volume", vol.ID, "device", loop.path, "writer", f.Endpoint())
+	return loop.path, nil
+}
+
+// Detach unbinds the loop device, unmounts the FUSE file and disconnects.
+func (u *UserSpace) Detach(_ context.Context, id string) error {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	a, ok := u.attached[id]
+	if !ok {
+		return nil
+	}
+	if err := a.loop.detach(); err != nil {
+		return err
+	}
+	// A flush the loop device issued last must not be lost: the follower
+	// is closed only after the file's last request.
+	if err := a.server.Unmount(); err != nil {
+		return fmt.Errorf("unmounting the FUSE file of %s: %w", id, err)
+	}
+	a.follower.Close()
+	_ = os.Remove(a.mnt)
+	delete(u.attached, id)
+	u.Log.Info("Volume detached", "volume", id)
+	return nil
+}
+
+// Follower returns the follower of an attached volume (nil when not
+// attached), for status and tests.
+func (u *UserSpace) Follower(id string) *Follower {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if a, ok := u.attached[id]; ok {
+		return a.follower
+	}
+	return nil
+}
+
+type fuseRoot struct {
+	fs.Inode
+	disk *fuseDisk
+}
+
+var _ fs.NodeOnAdder = (*fuseRoot)(nil)
+
+func (r *fuseRoot) OnAdd(ctx context.Context) {
+	r.AddChild("disk", r.NewPersistentInode(ctx, r.disk, fs.StableAttr{Mode: syscall.S_IFREG}), false)
+}
+
+// fuseDisk is the file "disk": the volume.
+type fuseDisk struct {
+	fs.Inode
+	f    *Follower
+	size int64
+}
+
+var (
+	_ fs.NodeGetattrer = (*fuseDisk)(nil)
+	_ fs.NodeSetattrer = (*fuseDisk)(nil)
+	_ fs.NodeOpener    = (*fuseDisk)(nil)
+	_ fs.NodeReader    = (*fuseDisk)(nil)
+	_ fs.NodeWriter    = (*fuseDisk)(nil)
+	_ fs.NodeFsyncer   = (*fuseDisk)(nil)
+	_ fs.NodeFlusher   = (*fuseDisk)(nil)
+)
+
+func (d *fuseDisk) Getattr(_ context.Context, _ fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	out.Mode = syscall.S_IFREG | 0o600
+	out.Size = uint64(d.size)
+	out.Blocks = uint64(d.size) / 512
+	out.Blksize = 4096
+	return 0
+}
+
+// Setattr allows only what changes nothing (a truncate to the same size).
+func (d *fuseDisk) Setattr(ctx context.Context, fh fs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
+	if sz, ok := in.GetSize(); ok && int64(sz) != d.size {
+		return syscall.EPERM
+	}
+	return d.Getattr(ctx, fh, out)
+}
+
+func (d *fuseDisk) Open(context.Context, uint32) (fs.FileHandle, uint32, syscall.Errno) {
+	return nil, fuse.FOPEN_DIRECT_IO, 0
+}
+
+func (d *fuseDisk) Read(ctx context.Context, _ fs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	if off >= d.size {
+		return fuse.ReadResultData(nil), 0
+	}
+	n := min(int64(len(dest)), d.size-off)
+	if err := d.f.ReadAt(ctx, dest[:n], off); err != nil {
+		return nil, errno(err)
+	}
+	return fuse.ReadResultData(dest[:n]), 0
+}
+
+func (d *fuseDisk) Write(ctx context.Context, _ fs.FileHandle, data []byte, off int64) (uint32, syscall.Errno) {
+	if off < 0 || off+int64(len(data)) > d.size {
+		return 0, syscall.ENOSPC
+	}
+	if err := d.f.WriteAt(ctx, data, off, false); err != nil {
+		return 0, errno(err)
+	}
+	return uint32(len(data)), 0
+}
+
+func (d *fuseDisk) Fsync(ctx context.Context, _ fs.FileHandle, _ uint32) syscall.Errno {
+	return errno(d.f.Flush(ctx))
+}
+
+// Flush (a close of the file) does not flush the volume: the loop device
+// and fsync do.
+func (d *fuseDisk) Flush(context.Context, fs.FileHandle) syscall.Errno { return 0 }
+
+// errno maps a follower error to what the kernel reports up the stack.
+func errno(err error) syscall.Errno {
+	if err == nil {
+		return 0
+	}
+	var e syscall.Errno
+	for _, want := range []syscall.Errno{syscall.ENOSPC, syscall.EINVAL, syscall.EROFS} {
+		if errors.Is(err, want) {
+			return want
+		}
+	}
+	if errors.As(err, &e) && e == syscall.EINTR {
+		return syscall.EINTR
+	}
+	return syscall.EIO
+}

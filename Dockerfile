@@ -41,19 +41,31 @@ RUN --mount=type=cache,target=/go/pkg/mod \
     go build -trimpath -buildvcs=false -ldflags='-s -w' -o /out/ \
       ./cmd/manager ./cmd/agent ./cmd/kubectl-tandem
 
-# Nothing but the three binaries: no libc, no shell, no package manager, no
-# /etc/passwd, no CA bundle, no time zone data. The binaries are static and
-# need none of them: they talk only to the API server (trusted through the
-# service account's ca.crt) and to each other, and log in UTC. It runs as
+# The filesystem tools the CSI node plugin runs (mkfs.ext4, mkfs.xfs), with
+# the libraries they load, laid out by the script `make image` takes its list
+# from.
+FROM debian:bookworm-slim AS fstools
+RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends e2fsprogs xfsprogs \
+    && rm -rf /var/lib/apt/lists/*
+COPY hack/image/fstools.sh /fstools.sh
+RUN /fstools.sh --copy /out
+
+# Nothing but the three binaries and the filesystem tools (with the glibc
+# they are linked against): no shell, no package manager, no /etc/passwd, no
+# CA bundle, no time zone data. Tandem's binaries are static and need none of
+# them: they talk only to the API server (trusted through the service
+# account's ca.crt) and to each other, and log in UTC. It runs as
 # 65532:65532 (distroless's "nonroot"), given by number, which is what lets
 # the kubelet check runAsNonRoot. The agent's Pod overrides the user with
 # root without capabilities, only so it can write its root-owned hostPath
-# directory (see config/agent/agent.yaml).
+# directory (see config/agent/agent.yaml); the CSI node plugin's runs
+# privileged (it attaches, formats and mounts volumes: config/csi).
 FROM scratch
 ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 LABEL org.opencontainers.image.source="https://github.com/tandem-storage/tandem" \
       org.opencontainers.image.description="Tandem: replicated block volume pairs for Kubernetes" \
       org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=build /out/manager /out/agent /out/kubectl-tandem /usr/local/bin/
+COPY --from=fstools /out/ /
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/manager"]

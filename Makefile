@@ -37,7 +37,7 @@ help: ## Show the targets and what they do.
 
 .PHONY: manifests
 manifests: tools-controller-gen ## Generate the CRD and RBAC manifests (config/, charts/tandem/crds).
-	$(CONTROLLER_GEN) rbac:roleName=tandem-manager crd paths="./api/..." paths="./controllers/..." output:crd:artifacts:config=config/crd/bases output:rbac:artifacts:config=config/rbac
+	$(CONTROLLER_GEN) rbac:roleName=tandem-manager crd paths="./api/..." paths="./controllers/..." paths="./internal/csi/..." output:crd:artifacts:config=config/crd/bases output:rbac:artifacts:config=config/rbac
 	hack/sync-chart-crds.sh
 
 .PHONY: generate
@@ -131,8 +131,11 @@ image: ## Write $(IMG) and the pause image as archives in bin/images/, no Docker
 	@mkdir -p $(BIN)/image $(BIN)/images
 	CGO_ENABLED=0 GOOS=linux GOARCH=$(IMAGE_ARCH) go build $(IMAGE_GOFLAGS) -o $(BIN)/image/ \
 	  $(addprefix ./cmd/,$(IMAGE_CMDS)) ./hack/image/pause
+	@[ "$(IMAGE_ARCH)" = "$$(go env GOHOSTARCH)" ] || { echo "make image: the filesystem tools (hack/image/fstools.sh) come from this machine; build $(IMAGE_ARCH) images on $(IMAGE_ARCH) or with the Dockerfile" >&2; exit 1; }
+	hack/image/fstools.sh >$(BIN)/image/fstools.list
 	go run ./hack/image --name $(IMG) --out $(BIN)/images/tandem.tar --arch $(IMAGE_ARCH) $(IMAGE_CONFIG) \
-	  $(foreach c,$(IMAGE_CMDS),--file /usr/local/bin/$(c)=$(BIN)/image/$(c))
+	  $(foreach c,$(IMAGE_CMDS),--file /usr/local/bin/$(c)=$(BIN)/image/$(c)) \
+	  $$(sed 's/^/--file /' $(BIN)/image/fstools.list)
 	go run ./hack/image --name $(PAUSE_IMG) --out $(BIN)/images/pause.tar --arch $(IMAGE_ARCH) \
 	  --user 65535:65535 --entrypoint /pause --file /pause=$(BIN)/image/pause
 

@@ -33,6 +33,13 @@ import (
 )
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == "csi-node" {
+		if err := runCSINode(os.Args[2:]); err != nil {
+			fmt.Fprintf(os.Stderr, "tandem csi-node: %v\n", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if err := run(); err != nil {
 		fmt.Fprintf(os.Stderr, "tandem agent: %v\n", err)
 		os.Exit(1)

@@ -20,6 +20,7 @@ import (
 
 	storagev1alpha1 "github.com/tandem-storage/tandem/api/v1alpha1"
 	"github.com/tandem-storage/tandem/controllers"
+	"github.com/tandem-storage/tandem/internal/csi"
 )
 
 func newScheme() *runtime.Scheme {
@@ -31,7 +32,8 @@ func newScheme() *runtime.Scheme {
 
 func main() {
 	var metricsAddr, probeAddr, leaderNamespace, namespace, tokenFile string
-	var leaderElect bool
+	var leaderElect, provision bool
+	var csiEndpoint string
 	var leaseDuration, renewDeadline, retryPeriod time.Duration
 	flag.StringVar(&metricsAddr, "metrics-bind-address", ":8080", "Address the metrics endpoint binds to; 0 disables it.")
 	flag.StringVar(&probeAddr, "health-probe-bind-address", ":8081", "Address the health and readiness probes bind to.")
@@ -45,6 +47,8 @@ func main() {
 	flag.StringVar(&leaderNamespace, "leader-election-namespace", "", "Namespace of the leader election Lease (default: the in-cluster namespace).")
 	flag.StringVar(&namespace, "namespace", os.Getenv("POD_NAMESPACE"), "Operator namespace: where agents register their Leases and the per-pair authority Leases live.")
 	flag.StringVar(&tokenFile, "agent-token-file", "", "File holding the bearer token of the agents' control API.")
+	flag.BoolVar(&provision, "csi-provisioner", true, "Provision PersistentVolumes for claims of StorageClasses whose provisioner is "+csi.DriverName+" (the leader only).")
+	flag.StringVar(&csiEndpoint, "csi-controller-endpoint", "", "Also serve the CSI identity and controller services on this socket (unix:///path or tcp://host:port), for clusters that run the external-provisioner sidecar instead; empty: not served.")
 	opts := zap.Options{}
 	opts.BindFlags(flag.CommandLine)
 	flag.Parse()
@@ -101,6 +105,12 @@ func main() {
 	}).SetupWithManager(mgr); err != nil {
 		log.Error(err, "Unable to set up the VolumePair controller")
 		os.Exit(1)
+	}
+	if provision || csiEndpoint != "" {
+		if err := setupCSI(mgr, namespace, provision, csiEndpoint); err != nil {
+			log.Error(err, "Unable to set up the CSI driver")
+			os.Exit(1)
+		}
 	}
 	if err := mgr.AddHealthzCheck("healthz", healthz.Ping); err != nil {
 		log.Error(err, "Unable to add the health check")

@@ -177,6 +177,15 @@ func TestDockerfileMatchesMakeImage(t *testing.T) {
 		t.Errorf("Makefile: the image recipe does not put $(IMAGE_CMDS) at /usr/local/bin:\n%s", mk.recipe("image"))
 	}
 
+	// The same filesystem tools: make image takes them from the list
+	// hack/image/fstools.sh prints, the Dockerfile from the files it copies.
+	if !df.fstoolsRun || df.fstools != "/out/ -> /" {
+		t.Errorf("Dockerfile: want a stage running hack/image/fstools.sh --copy /out and COPY --from=fstools /out/ / in the final stage (got run %t, copy %q)", df.fstoolsRun, df.fstools)
+	}
+	if !strings.Contains(mk.recipe("image"), "hack/image/fstools.sh") {
+		t.Errorf("Makefile: the image recipe does not add hack/image/fstools.sh's files:\n%s", mk.recipe("image"))
+	}
+
 	// Built the same way: static, with the same flags, the same packages.
 	goflags := mk.vars["IMAGE_GOFLAGS"]
 	if !strings.Contains(df.goBuild, " "+goflags+" ") {
@@ -208,6 +217,8 @@ type dockerfile struct {
 	env         []string
 	labels      map[string]string
 	copies      []string // "src -> dst" into the final stage
+	fstools     string   // "src -> dst" of the final stage's COPY --from=fstools
+	fstoolsRun  bool     // a stage runs hack/image/fstools.sh --copy /out
 	goBuild     string   // the go build command of the stages before
 	cgoDisabled bool
 }
@@ -225,7 +236,7 @@ func readDockerfile(t *testing.T, path string) dockerfile {
 		rest = strings.TrimSpace(rest)
 		if strings.ToUpper(instr) == "FROM" {
 			stage++
-			df = dockerfile{goBuild: df.goBuild, cgoDisabled: df.cgoDisabled}
+			df = dockerfile{goBuild: df.goBuild, cgoDisabled: df.cgoDisabled, fstoolsRun: df.fstoolsRun}
 			fields := strings.Fields(rest)
 			for _, f := range fields {
 				if !strings.HasPrefix(f, "--") {
@@ -243,6 +254,9 @@ func readDockerfile(t *testing.T, path string) dockerfile {
 		case "RUN":
 			if i := strings.Index(rest, "go build "); i >= 0 {
 				df.goBuild = rest[i:]
+			}
+			if strings.Contains(rest, "fstools.sh --copy /out") {
+				df.fstoolsRun = true
 			}
 		case "ENV":
 			for _, w := range words {
@@ -276,10 +290,18 @@ func readDockerfile(t *testing.T, path string) dockerfile {
 			}
 		case "COPY":
 			var args []string
+			fromFSTools := false
 			for _, w := range words {
+				if w == "--from=fstools" {
+					fromFSTools = true
+				}
 				if !strings.HasPrefix(w, "--") {
 					args = append(args, w)
 				}
+			}
+			if fromFSTools && len(args) == 2 {
+				df.fstools = args[0] + " -> " + args[1]
+				continue
 			}
 			if len(args) < 2 {
 				t.Fatalf("%s: %s: want sources and a destination", path, line)

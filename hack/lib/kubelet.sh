@@ -254,7 +254,10 @@ start_holder() {
   done
   local r
   r=$(node_root "$n")
-  nsenter -t "$pid" -m -- sh -c "mount --bind '$r/var/lib' /var/lib && mount --bind '$LOGS/nodes/$n' /var/log && mount --bind '$r/run' /run"
+  # /var/lib shared within the node (still a slave of the host's mounts):
+  # the CSI node plugin's mounts for Pods (Bidirectional, under
+  # /var/lib/kubelet) must reach the kubelet, as on a real node.
+  nsenter -t "$pid" -m -- sh -c "mount --bind '$r/var/lib' /var/lib && mount --make-rshared /var/lib && mount --bind '$LOGS/nodes/$n' /var/log && mount --bind '$r/run' /run"
 }
 
 start_node() {

@@ -157,3 +157,9 @@ func parseParams(p map[string]string) (volumeParams, error) {
 	}
 	return vp, nil
 }
+
+// CheckParameters checks StorageClass parameters as CreateVolume does.
+func CheckParameters(p map[string]string) error {
+	_, err := parseParams(p)
+	return err
+}

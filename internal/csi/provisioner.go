@@ -19,6 +19,13 @@ import (
 	"sigs.k8s.io/sig-storage-lib-external-provisioner/v13/controller"
 )
 
+// The manager's rules for the CSI controller side (make manifests collects
+// them into config/rbac/role.yaml with the controllers'):
+// +kubebuilder:rbac:groups=storage.tandem.dev,resources=volumepairs,verbs=get;list;watch;create;delete
+// +kubebuilder:rbac:groups=core,resources=persistentvolumes,verbs=get;list;watch;create;update;patch;delete
+// +kubebuilder:rbac:groups=core,resources=persistentvolumeclaims,verbs=get;list;watch;update;patch
+// +kubebuilder:rbac:groups=storage.k8s.io,resources=storageclasses,verbs=get;list;watch
+
 // ParamFSType is the StorageClass parameter naming a volume's filesystem
 // (the key the external-provisioner sidecar uses).
 const ParamFSType = "csi.storage.k8s.io/fstype"

@@ -23,12 +23,15 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
+	storagev1 "k8s.io/api/storage/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	k8sruntime "k8s.io/apimachinery/pkg/runtime"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	"github.com/tandem-storage/tandem/internal/csi"
 )
 
 const (
@@ -65,6 +68,7 @@ func TestKustomizeRendersAndDryRunApplies(t *testing.T) {
 		tokenKey:    "token",
 		tolerateAll: true,
 	})
+	checkCSI(t, objs, "tandem", operatorNamespace)
 	if ns := findObject(objs, "Namespace", "", operatorNamespace); ns != nil {
 		if got := ns.GetLabels()["pod-security.kubernetes.io/enforce"]; got != "privileged" {
 			t.Errorf("namespace label pod-security.kubernetes.io/enforce = %q, want privileged (hostNetwork and hostPath need it)", got)
@@ -109,6 +113,7 @@ func TestHelmRendersAndDryRunApplies(t *testing.T) {
 				t.Errorf("generated token = %q (%d bytes decoded, err %v), want at least 32 random bytes", tok, len(raw), err)
 			}
 		}
+		checkCSI(t, objs, "tandem", operatorNamespace)
 		ds := typed[appsv1.DaemonSet](t, findObject(objs, "DaemonSet", operatorNamespace, "tandem-agent"))
 		if ds != nil && len(ds.Spec.Template.Spec.NodeSelector) != 0 {
 			t.Errorf("agent nodeSelector = %v, want none by default", ds.Spec.Template.Spec.NodeSelector)
@@ -359,6 +364,62 @@ func workloadObjects(prefix string) []objKey {
 		{"Service", ns, prefix + "-manager-metrics"},
 		{"Deployment", ns, prefix + "-manager"},
 		{"DaemonSet", ns, prefix + "-agent"},
+		// The CSI driver.
+		{"CSIDriver", "", "csi.tandem.dev"},
+		{"ServiceAccount", ns, prefix + "-csi-node"},
+		{"ClusterRole", "", prefix + "-csi-node"},
+		{"ClusterRoleBinding", "", prefix + "-csi-node"},
+		{"DaemonSet", ns, prefix + "-csi-node"},
+		{"StorageClass", "", "tandem"},
+	}
+}
+
+// checkCSI checks the CSI objects of a rendering: no attach step, the node
+// plugin privileged with the kubelet's directory mounted Bidirectional (or
+// the Pods' mounts never reach the kubelet), replaced only on delete, and
+// the StorageClass's parameters accepted by the driver.
+func checkCSI(t *testing.T, objs []*unstructured.Unstructured, prefix, namespace string) {
+	t.Helper()
+	drv := typed[storagev1.CSIDriver](t, findObject(objs, "CSIDriver", "", "csi.tandem.dev"))
+	if drv == nil || drv.Spec.AttachRequired == nil || *drv.Spec.AttachRequired {
+		t.Errorf("CSIDriver csi.tandem.dev: attachRequired must be false: %+v", drv)
+	}
+	ds := typed[appsv1.DaemonSet](t, findObject(objs, "DaemonSet", namespace, prefix+"-csi-node"))
+	if ds == nil {
+		return
+	}
+	if ds.Spec.UpdateStrategy.Type != appsv1.OnDeleteDaemonSetStrategyType {
+		t.Errorf("csi-node updateStrategy %q, want OnDelete (attached volumes are served by the plugin)", ds.Spec.UpdateStrategy.Type)
+	}
+	pod := ds.Spec.Template.Spec
+	if len(pod.Containers) != 1 {
+		t.Fatalf("csi-node containers: %d", len(pod.Containers))
+	}
+	c := pod.Containers[0]
+	if !slices.Equal(c.Command, []string{"/usr/local/bin/agent", "csi-node"}) {
+		t.Errorf("csi-node command %q", c.Command)
+	}
+	if c.SecurityContext == nil || c.SecurityContext.Privileged == nil || !*c.SecurityContext.Privileged {
+		t.Error("csi-node is not privileged: its mounts cannot propagate to the kubelet")
+	}
+	bidi := false
+	for _, m := range c.VolumeMounts {
+		if m.MountPath == "/var/lib/kubelet" && m.MountPropagation != nil && *m.MountPropagation == corev1.MountPropagationBidirectional {
+			bidi = true
+		}
+	}
+	if !bidi {
+		t.Error("csi-node does not mount /var/lib/kubelet with Bidirectional propagation")
+	}
+	if !pod.HostNetwork {
+		t.Error("csi-node is not on the host network (writers are reached on node addresses)")
+	}
+	sc := typed[storagev1.StorageClass](t, findObject(objs, "StorageClass", "", "tandem"))
+	if sc == nil || sc.Provisioner != "csi.tandem.dev" {
+		t.Fatalf("StorageClass tandem: %+v", sc)
+	}
+	if err := csi.CheckParameters(sc.Parameters); err != nil {
+		t.Errorf("StorageClass tandem: the driver refuses its parameters: %v", err)
 	}
 }
 

@@ -129,6 +129,28 @@ func (u *UserSpace) Detach(_ context.Context, id string) error {
 	return nil
 }
 
+// Attached lists the volume IDs attached now.
+func (u *UserSpace) Attached() []string {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	ids := make([]string, 0, len(u.attached))
+	for id := range u.attached {
+		ids = append(ids, id)
+	}
+	return ids
+}
+
+// KernelNBDStatus says whether this kernel has an NBD client, for the log
+// line that names the attach path a node uses. The user-space path is
+// used either way for now: the kernel path is not built yet (see
+// docs/reliability.md, Open).
+func KernelNBDStatus() string {
+	if _, err := os.Stat("/sys/module/nbd"); err == nil {
+		return "the kernel has an NBD client (module nbd), not used yet"
+	}
+	return "the kernel has no NBD client (no module nbd)"
+}
+
 // Follower returns the follower of an attached volume (nil when not
 // attached), for status and tests.
 func (u *UserSpace) Follower(id string) *Follower {

@@ -17,8 +17,10 @@ type loopDevice struct {
 
 // attachLoop binds a free loop device to backing (LOOP_CONFIGURE, so the
 // device appears at once with the file's size). The device keeps its own
-// reference to the file. It is not auto-cleared: Detach clears it, and a
-// device left by a crashed agent shows in losetup -l with its file.
+// reference to the file. It is auto-cleared: once neither this process (it
+// holds the device open while attached) nor a mount uses it, the kernel
+// unbinds it, so a node plugin that dies leaves no loop device behind once
+// the kubelet has unmounted its volumes.
 func attachLoop(backing *os.File, name string) (*loopDevice, error) {
 	ctl, err := os.OpenFile("/dev/loop-control", os.O_RDWR, 0)
 	if err != nil {
@@ -38,6 +40,7 @@ func attachLoop(backing *os.File, name string) (*loopDevice, error) {
 			return nil, err
 		}
 		cfg := &unix.LoopConfig{Fd: uint32(backing.Fd()), Size: 4096}
+		cfg.Info.Flags = unix.LO_FLAGS_AUTOCLEAR
 		copy(cfg.Info.File_name[:], name)
 		err = unix.IoctlLoopConfigure(int(f.Fd()), cfg)
 		if errors.Is(err, unix.EBUSY) {

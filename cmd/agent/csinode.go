@@ -1,0 +1,79 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap/zapcore"
+	"k8s.io/apimachinery/pkg/runtime"
+	utilruntime "k8s.io/apimachinery/pkg/util/runtime"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/tools/clientcmd"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/log/zap"
+
+	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
+	"github.com/tandem-storage/tandem/internal/csi"
+	"github.com/tandem-storage/tandem/internal/csi/attach"
+)
+
+// runCSINode serves the CSI node plugin ("agent csi-node"): a second
+// container of the agent DaemonSet's Pod, privileged (it mounts, and its
+// mounts propagate to the kubelet), next to the unprivileged agent.
+func runCSINode(args []string) error {
+	host, _ := os.Hostname()
+	fs := flag.NewFlagSet("csi-node", flag.ExitOnError)
+	node := fs.String("node", envOr("NODE_NAME", host), "This node's Kubernetes name (the CSI node ID).")
+	endpoint := fs.String("csi-endpoint", "unix:///var/lib/kubelet/plugins/"+csi.DriverName+"/csi.sock", "The CSI socket the kubelet connects to.")
+	registry := fs.String("registration-dir", "/var/lib/kubelet/plugins_registry", "The kubelet's plugin registration directory; empty: do not register (tests, or a node-driver-registrar sidecar does it).")
+	stateDir := fs.String("state-dir", "/var/lib/tandem/csi", "Where staged volumes are recorded and their FUSE files mounted.")
+	namespace := fs.String("namespace", os.Getenv("POD_NAMESPACE"), "The driver's namespace: where the VolumePairs of provisioned volumes live.")
+	kubeconfig := fs.String("kubeconfig", "", "Kubeconfig file (default: in-cluster config).")
+	ioTimeout := fs.Duration("io-timeout", attach.DefaultIOTimeout, "How long a volume request waits for a writer (across a failover or a switchover) before the filesystem gets EIO.")
+	opts := zap.Options{TimeEncoder: zapcore.RFC3339NanoTimeEncoder}
+	opts.BindFlags(fs)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	log := zap.New(zap.UseFlagOptions(&opts)).WithName("csi-node")
+	if *namespace == "" {
+		return fmt.Errorf("--namespace (or POD_NAMESPACE) is required")
+	}
+	cfg, err := clientcmd.BuildConfigFromFlags("", *kubeconfig)
+	if err != nil {
+		return fmt.Errorf("kubernetes client config: %w", err)
+	}
+	scheme := runtime.NewScheme()
+	utilruntime.Must(clientgoscheme.AddToScheme(scheme))
+	utilruntime.Must(v1.AddToScheme(scheme))
+	c, err := client.New(cfg, client.Options{Scheme: scheme})
+	if err != nil {
+		return fmt.Errorf("kubernetes client: %w", err)
+	}
+	resolve := csi.WriterResolver(c)
+	attacher := &attach.UserSpace{
+		Dir: filepath.Join(*stateDir, "fuse"), IOTimeout: *ioTimeout, Log: log.WithName("attach"),
+		Resolver: func(v csi.Volume) attach.Resolver { return resolve(v) },
+	}
+	log.Info("Attach path", "path", "user-space (FUSE file + loop device)", "why", attach.KernelNBDStatus())
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	p := &csi.NodePlugin{
+		Node: &csi.Node{NodeID: *node, Client: c, Namespace: *namespace, Attacher: attacher,
+			Mounter: csi.LinuxMounter{}, StateDir: *stateDir},
+		Endpoint: *endpoint, RegistryDir: *registry, Log: log,
+	}
+	err = p.Run(ctx)
+	// Volumes still attached stop working with this process (their FUSE
+	// files go): say which.
+	if n := attacher.Attached(); len(n) > 0 {
+		log.Info("Stopping with volumes attached; their I/O fails until they are staged again", "volumes", n, "grace", 5*time.Second)
+	}
+	return err
+}

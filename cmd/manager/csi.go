@@ -1,0 +1,71 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"time"
+
+	"k8s.io/client-go/kubernetes"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/manager"
+	"sigs.k8s.io/sig-storage-lib-external-provisioner/v13/controller"
+
+	"github.com/tandem-storage/tandem/internal/csi"
+)
+
+// setupCSI adds the CSI controller side to the manager: the provisioner
+// (leader only) and, when asked, the CSI controller service on a socket.
+// Both read through an uncached client: CreateVolume must see the
+// VolumePair an earlier call created, not the cache's view of a moment ago.
+func setupCSI(mgr manager.Manager, namespace string, provision bool, endpoint string) error {
+	c, err := client.New(mgr.GetConfig(), client.Options{Scheme: mgr.GetScheme()})
+	if err != nil {
+		return fmt.Errorf("CSI client: %w", err)
+	}
+	cc := &csi.Controller{Client: c, Namespace: namespace}
+	log := ctrl.Log.WithName("csi")
+	if provision {
+		cs, err := kubernetes.NewForConfig(mgr.GetConfig())
+		if err != nil {
+			return fmt.Errorf("CSI provisioner client: %w", err)
+		}
+		// A Runnable without NeedLeaderElection runs on the leader only; the
+		// library's own election is off.
+		if err := mgr.Add(manager.RunnableFunc(func(ctx context.Context) error {
+			pc := controller.NewProvisionController(ctx, cs, csi.DriverName, &csi.Provisioner{Controller: cc},
+				controller.LeaderElection(false), controller.Threadiness(4),
+				controller.FailedProvisionThreshold(0), controller.FailedDeleteThreshold(0),
+				controller.RetryIntervalMax(time.Minute))
+			log.Info("Provisioning volumes", "provisioner", csi.DriverName)
+			pc.Run(ctx)
+			return nil
+		})); err != nil {
+			return err
+		}
+	}
+	if endpoint != "" {
+		ln, err := csi.Listen(endpoint)
+		if err != nil {
+			return err
+		}
+		if err := mgr.Add(csiServer{ln: ln, cc: cc}); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// csiServer serves the controller service on every manager (not only the
+// leader): a sidecar next to each one calls its own.
+type csiServer struct {
+	ln net.Listener
+	cc *csi.Controller
+}
+
+func (s csiServer) Start(ctx context.Context) error {
+	return csi.Serve(ctx, s.ln, csi.Services{Identity: &csi.Identity{Controller: true}, Controller: s.cc}, ctrl.Log.WithName("csi"))
+}
+
+func (csiServer) NeedLeaderElection() bool { return false }

@@ -136,7 +136,7 @@ func (r *VolumePairReconciler) configure(ctx context.Context, s *scope, hold boo
 		return agentapi.VolumeRequest{Size: vp.Spec.SizeBytes(), RegionSize: vp.Spec.RegionSizeBytes(), Spec: agentapi.Spec{
 			PairUID: string(vp.UID), Role: role, Epoch: a.Epoch, Mode: vp.Spec.Mode, PeerNode: peer, PeerAddress: peerAddr,
 			MergePeerBitmap: &merge, MaxBytesPerSecond: vp.Spec.Resync.MaxBytesPerSecond, Hold: h,
-			Initialize: initialize && role == agentapi.RolePrimary,
+			Initialize: initialize && role == agentapi.RolePrimary, Clients: s.view.Clients,
 		}}
 	}
 	var errs []error

@@ -64,6 +64,9 @@ type View struct {
 	// because it did not drain in time: no new hold yet.
 	HoldBackoff bool
 	Authority   AuthorityView
+	// Clients is the NBD client restriction the members must enforce
+	// (spec.clients with the nodes' addresses); nil: none.
+	Clients *agentapi.Clients
 }
 
 // StepKind is the one data-affecting step a reconcile takes.
@@ -125,7 +128,7 @@ func (v *View) other(node string) *MemberView {
 // wantRole is the role and epoch a member must have.
 func (v *View) matches(m *MemberView, role agentapi.Role) bool {
 	s := m.Status
-	return s != nil && s.Role == role && s.Epoch == v.Authority.Epoch && s.Mode == v.Mode
+	return s != nil && s.Role == role && s.Epoch == v.Authority.Epoch && s.Mode == v.Mode && s.Clients.Equal(v.Clients)
 }
 
 // HoldsData reports whether the member's replica holds the data of pair

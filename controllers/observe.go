@@ -3,11 +3,13 @@ package controllers
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sync"
 	"time"
 
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/types"
 	toolscache "k8s.io/client-go/tools/cache"
@@ -30,6 +32,11 @@ func (r *VolumePairReconciler) observe(ctx context.Context, s *scope) error {
 		FailoverRequested: vp.Annotations[v1.AnnotationFailoverRequested] != "",
 		FailbackRequested: vp.Annotations[v1.AnnotationFailbackRequested] != "",
 	}
+	clients, err := r.desiredClients(ctx, vp)
+	if err != nil {
+		return err
+	}
+	s.view.Clients = clients
 	period, threshold := probeTiming(vp)
 	// Probe both members at once, each bounded by the probe period (at most
 	// 1 s), so an unreachable member costs one short timeout per round.
@@ -252,4 +259,29 @@ func (r *VolumePairReconciler) nodeNotReady(ctx context.Context, node string) bo
 		}
 	}
 	return false
+}
+
+// desiredClients is spec.clients with the nodes' addresses (the InternalIP
+// addresses of their Node objects; a node without a Node object or an
+// address contributes none, so its clients are refused).
+func (r *VolumePairReconciler) desiredClients(ctx context.Context, vp *v1.VolumePair) (*agentapi.Clients, error) {
+	if vp.Spec.Clients == nil {
+		return nil, nil
+	}
+	c := &agentapi.Clients{Nodes: append([]string{}, vp.Spec.Clients.Nodes...), Addresses: []string{}}
+	for _, name := range vp.Spec.Clients.Nodes {
+		n := &corev1.Node{}
+		if err := r.Get(ctx, client.ObjectKey{Name: name}, n); err != nil {
+			if apierrors.IsNotFound(err) {
+				continue
+			}
+			return nil, fmt.Errorf("client node %s: %w", name, err)
+		}
+		for _, a := range n.Status.Addresses {
+			if a.Type == corev1.NodeInternalIP && !slices.Contains(c.Addresses, a.Address) {
+				c.Addresses = append(c.Addresses, a.Address)
+			}
+		}
+	}
+	return c, nil
 }

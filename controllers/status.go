@@ -76,6 +76,14 @@ func (r *VolumePairReconciler) patchStatus(ctx context.Context, s *scope, ok boo
 				Reason: truncate(w.Copy.Reason, 512)}
 		}
 	}
+	// What the writer enforces of spec.clients: the CSI driver's
+	// ControllerUnpublishVolume waits for a node to be gone from it.
+	if w := writer.Status; w != nil && writer.Reachable && !writer.Stale {
+		st.Clients = nil
+		if w.Clients != nil {
+			st.Clients = &v1.ClientsSpec{Nodes: append([]string{}, w.Clients.Nodes...)}
+		}
+	}
 	inSync := InSync(writer, other)
 	if writer.Status != nil && other.Status != nil {
 		st.UnmergedRegions = unmerged(writer, other)

@@ -233,6 +233,27 @@ type VolumePairSpec struct {
 	// +optional
 	// +kubebuilder:default={}
 	Resync ResyncSpec `json:"resync,omitempty"`
+
+	// clients, when set, restricts the writer's NBD export to the nodes it
+	// names: a client connecting from any other address is refused, and the
+	// requests of one already connected fail with EPERM once its node is
+	// removed. The CSI driver sets it to the node a Pod uses the volume
+	// from (ControllerPublishVolume), which is what keeps a Pod left on a
+	// lost node from writing after its replacement started elsewhere.
+	// Absent: any client the agents' --nbd-allowed-clients admit.
+	// +optional
+	Clients *ClientsSpec `json:"clients,omitempty"`
+}
+
+// ClientsSpec names the nodes whose NBD clients the writer serves.
+type ClientsSpec struct {
+	// nodes are Kubernetes node names; a node's addresses are those in its
+	// Node object's status. Empty: no client at all.
+	// +required
+	// +listType=set
+	// +kubebuilder:validation:MaxItems=4
+	// +kubebuilder:validation:items:MaxLength=253
+	Nodes []string `json:"nodes"`
 }
 
 // CopyProgress reports a running copy.
@@ -354,6 +375,11 @@ type VolumePairStatus struct {
 	// +listMapKey=type
 	// +kubebuilder:validation:MaxItems=16
 	Conditions []metav1.Condition `json:"conditions,omitempty"`
+	// clients are the client nodes the writer enforces now (see
+	// spec.clients), as its agent last reported them; absent while the
+	// export is unrestricted or the writer has not confirmed yet.
+	// +optional
+	Clients *ClientsSpec `json:"clients,omitempty"`
 	// dataInitialized is true once a member has held the pair's data. From
 	// then on a member without it (a new replica, a wiped disk, a replica
 	// of another VolumePair) is Inconsistent: it receives a full copy and is

@@ -27,6 +27,10 @@ func setupCSI(mgr manager.Manager, namespace string, provision bool, endpoint st
 	cc := &csi.Controller{Client: c, Namespace: namespace}
 	log := ctrl.Log.WithName("csi")
 	if provision {
+		// Attaching (VolumeAttachments) and provisioning run on the leader.
+		if err := (&csi.AttachController{Client: mgr.GetClient(), Controller: cc}).SetupWithManager(mgr); err != nil {
+			return fmt.Errorf("CSI attacher: %w", err)
+		}
 		cs, err := kubernetes.NewForConfig(mgr.GetConfig())
 		if err != nil {
 			return fmt.Errorf("CSI provisioner client: %w", err)

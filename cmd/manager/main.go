@@ -47,7 +47,7 @@ func main() {
 	flag.StringVar(&leaderNamespace, "leader-election-namespace", "", "Namespace of the leader election Lease (default: the in-cluster namespace).")
 	flag.StringVar(&namespace, "namespace", os.Getenv("POD_NAMESPACE"), "Operator namespace: where agents register their Leases and the per-pair authority Leases live.")
 	flag.StringVar(&tokenFile, "agent-token-file", "", "File holding the bearer token of the agents' control API.")
-	flag.BoolVar(&provision, "csi-provisioner", true, "Provision PersistentVolumes for claims of StorageClasses whose provisioner is "+csi.DriverName+" (the leader only).")
+	flag.BoolVar(&provision, "csi-controller", true, "Run the CSI driver's controller side on the leader: provision PersistentVolumes for claims of StorageClasses whose provisioner is "+csi.DriverName+" and carry out their VolumeAttachments. Off: an external-provisioner and external-attacher do it through --csi-controller-endpoint.")
 	flag.StringVar(&csiEndpoint, "csi-controller-endpoint", "", "Also serve the CSI identity and controller services on this socket (unix:///path or tcp://host:port), for clusters that run the external-provisioner sidecar instead; empty: not served.")
 	opts := zap.Options{}
 	opts.BindFlags(flag.CommandLine)

@@ -54,10 +54,12 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"regexp"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -133,6 +135,10 @@ type Agent struct {
 
 	mu      sync.Mutex
 	volumes map[string]*volume.Volume
+
+	// Each volume's NBD client restriction (clients.go).
+	clientsMu sync.Mutex
+	clients   map[string]*atomic.Pointer[clientsState]
 
 	// The listen addresses reported by /v1/info; a.mu guards them.
 	nbdAddr, replAddr, controlAddr string
@@ -258,6 +264,7 @@ func (a *Agent) remove(ns, name string, purge bool) error {
 	v := a.volumes[key]
 	delete(a.volumes, key)
 	a.mu.Unlock()
+	a.forgetClients(key)
 	if v != nil {
 		if err := v.Close(); err != nil {
 			a.log.Error(err, "Closing replica", "volume", key)
@@ -306,7 +313,12 @@ func (a *Agent) Lookup(name string) (*nbd.Export, error) {
 	if err := v.Writable(); err != nil {
 		return nil, fmt.Errorf("volume %s is not served here: %v", name, err)
 	}
-	return &nbd.Export{Name: name, Description: "Tandem volume " + name + " on " + a.cfg.Node, Backend: v}, nil
+	ns, vol, _ := strings.Cut(name, "/")
+	slot := a.clientsSlot(name, a.dir(ns, vol))
+	return &nbd.Export{Name: name, Description: "Tandem volume " + name + " on " + a.cfg.Node, Backend: v,
+		// Asked again before every request: a client node removed from the
+		// restriction can do nothing more on the connection it has.
+		Admit: func(addr netip.Addr) error { return slot.Load().admit(addr) }}, nil
 }
 
 // List implements nbd.Exports: the exports this node serves now.

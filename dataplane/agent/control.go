@@ -228,6 +228,12 @@ func (a *Agent) handlePut(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, code, err)
 		return
 	}
+	// The client restriction is in force (and durable) before the volume
+	// plays a new role: a new writer never serves a fenced client.
+	if err := a.setClients(ns+"/"+name, a.dir(ns, name), req.Spec.Clients); err != nil {
+		writeErr(w, http.StatusBadRequest, err)
+		return
+	}
 	if err := v.Apply(req.Spec); err != nil {
 		writeErr(w, http.StatusConflict, err)
 		return

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/go-logr/logr"
@@ -46,6 +47,8 @@ func (a *Agent) BeginStopping() { a.stopping.Store(true) }
 func (a *Agent) status(v *volume.Volume) agentapi.Status {
 	st := v.Status()
 	st.Stopping = a.stopping.Load()
+	ns, name, _ := strings.Cut(st.Name, "/")
+	st.Clients = a.clientsOf(st.Name, a.dir(ns, name)).reported()
 	return st
 }
 

@@ -29,6 +29,7 @@ type conn struct {
 	puncher    ZeroPuncher // nil if be cannot punch
 	taker      BufferTaker // nil if be copies write payloads
 	size       uint64
+	admit      func() error // nil: every request admitted
 	minBlock   uint32
 	maxPayload uint32
 	readOnly   bool
@@ -105,6 +106,15 @@ func (s *Server) transmit(ctx context.Context, nc net.Conn, br *bufio.Reader, ex
 		maxInFlight:  s.maxInFlight(),
 		maxBytes:     s.maxInFlightBytes(),
 		barrier:      newFlushBarrier(),
+	}
+	if exp.Admit != nil {
+		addr, admit := clientAddr(nc.RemoteAddr()), exp.Admit
+		c.admit = func() error {
+			if err := admit(addr); err != nil {
+				return fmt.Errorf("%w: %w", ErrNotAdmitted, err)
+			}
+			return nil
+		}
 	}
 	c.puncher, _ = exp.Backend.(ZeroPuncher)
 	c.taker, _ = exp.Backend.(BufferTaker)
@@ -373,6 +383,11 @@ func (c *conn) serve(r *request) {
 
 // exec performs a validated request on the backend.
 func (c *conn) exec(r *request) error {
+	if c.admit != nil {
+		if err := c.admit(); err != nil {
+			return err
+		}
+	}
 	h := &r.hdr
 	ctx := c.ctx
 	off, n := int64(h.Offset), int64(h.Length)

@@ -5,8 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"math/bits"
+	"net"
+	"net/netip"
 	"slices"
 	"sync"
+	"syscall"
 )
 
 // Backend is one export's I/O. ctx is cancelled when the client's connection
@@ -66,6 +69,30 @@ type Export struct {
 	// Block size constraints (NBD_INFO_BLOCK_SIZE). Zero means the default:
 	// 1, 4096 and 32 MiB. MaxBlock is capped at Server.MaxPayload.
 	MinBlock, PrefBlock, MaxBlock uint32
+	// Admit, when set, says whether the client at an address may use the
+	// export. It is asked at negotiation (a refusal is NBD_REP_ERR_POLICY
+	// with its text) and before every request of an established connection
+	// (a refusal fails the request with EPERM): a client the export's owner
+	// stops admitting can do nothing more on a connection it already has.
+	// Nil admits every client.
+	Admit func(client netip.Addr) error
+}
+
+// ErrNotAdmitted wraps an Export.Admit refusal of a request: the client sees
+// EPERM.
+var ErrNotAdmitted = fmt.Errorf("client not admitted to this export: %w", syscall.EPERM)
+
+// clientAddr is the IP address of a connection's peer (the zero Addr when
+// it has none, e.g. a pipe).
+func clientAddr(a net.Addr) netip.Addr {
+	if a == nil {
+		return netip.Addr{}
+	}
+	ap, err := netip.ParseAddrPort(a.String())
+	if err != nil {
+		return netip.Addr{}
+	}
+	return ap.Addr().Unmap()
 }
 
 // Default block sizes.

@@ -8,11 +8,13 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -377,3 +379,46 @@ func (c *scriptConn) Close() error                     { return nil }
 func (c *scriptConn) SetDeadline(time.Time) error      { return nil }
 func (c *scriptConn) SetReadDeadline(time.Time) error  { return nil }
 func (c *scriptConn) SetWriteDeadline(time.Time) error { return nil }
+
+// TestExportAdmit: an export's Admit refuses a client at negotiation, and
+// fails the requests of a connection it stops admitting with EPERM.
+func TestExportAdmit(t *testing.T) {
+	var deny atomic.Bool
+	var asked atomic.Value
+	env := startServer(t, 1<<20, func(_ *Server, ex *StaticExports) {
+		ex.Add("fenced", &Export{Name: "fenced", Backend: NewMemBackend(1 << 20), Admit: func(a netip.Addr) error {
+			asked.Store(a)
+			if deny.Load() {
+				return fmt.Errorf("node at %s does not use this volume now", a)
+			}
+			return nil
+		}})
+	})
+	ctx := context.Background()
+	c := dialTest(t, env.addr, "fenced")
+	if got, _ := asked.Load().(netip.Addr); got != netip.MustParseAddr("127.0.0.1") {
+		t.Fatalf("Admit asked about %v, want the client's 127.0.0.1", got)
+	}
+	if err := c.WriteAt(ctx, []byte{1}, 0, false); err != nil {
+		t.Fatalf("admitted write: %v", err)
+	}
+	deny.Store(true)
+	for name, err := range map[string]error{
+		"write": c.WriteAt(ctx, []byte{1}, 0, false),
+		"read":  c.ReadAt(ctx, make([]byte, 1), 0),
+		"flush": c.Flush(ctx),
+	} {
+		if !errors.Is(err, syscall.EPERM) {
+			t.Errorf("%s after the client stopped being admitted: %v, want EPERM", name, err)
+		}
+	}
+	_, err := Dial(ctx, env.addr, "fenced")
+	var oe *OptionError
+	if !errors.As(err, &oe) || oe.Reply != repErrPolicy || !strings.Contains(oe.Message, "does not use this volume now") {
+		t.Fatalf("Dial of a refusing export: %v, want NBD_REP_ERR_POLICY with the reason", err)
+	}
+	deny.Store(false)
+	if err := c.WriteAt(ctx, []byte{2}, 0, false); err != nil {
+		t.Fatalf("write once admitted again: %v", err)
+	}
+}

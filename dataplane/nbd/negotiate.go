@@ -231,6 +231,10 @@ func (n *negotiator) resolve(name string) (e *Export, flags uint16, minB, prefB,
 			minB, prefB, maxB, err = e.blockSizes(n.s.maxPayload())
 			if err != nil {
 				err = fmt.Errorf("%w: export %q is misconfigured: %w", ErrUnknownExport, name, err)
+			} else if e.Admit != nil {
+				if aerr := e.Admit(clientAddr(n.c.RemoteAddr())); aerr != nil {
+					err = fmt.Errorf("%w: %w", ErrPolicy, aerr)
+				}
 			}
 		}
 	}

@@ -17,6 +17,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/validation"
+	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/utils/clock"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
@@ -38,6 +39,9 @@ type Controller struct {
 	Namespace string
 	// Clock judges whether an agent's Lease is current (default: real).
 	Clock clock.PassiveClock
+	// PublishWait bounds the wait for the writer to enforce a publish or
+	// unpublish (default DefaultPublishWait).
+	PublishWait time.Duration
 }
 
 func (c *Controller) now() time.Time {
@@ -47,12 +51,13 @@ func (c *Controller) now() time.Time {
 	return c.Clock.Now()
 }
 
-// ControllerGetCapabilities: create/delete only; no attach step (the
-// CSIDriver says attachRequired: false).
+// ControllerGetCapabilities: create/delete, publish/unpublish (the pair's
+// client restriction: see ControllerPublishVolume), capacity, list.
 func (c *Controller) ControllerGetCapabilities(context.Context, *csi.ControllerGetCapabilitiesRequest) (*csi.ControllerGetCapabilitiesResponse, error) {
 	var caps []*csi.ControllerServiceCapability
 	for _, t := range []csi.ControllerServiceCapability_RPC_Type{
 		csi.ControllerServiceCapability_RPC_CREATE_DELETE_VOLUME,
+		csi.ControllerServiceCapability_RPC_PUBLISH_UNPUBLISH_VOLUME,
 		csi.ControllerServiceCapability_RPC_GET_CAPACITY,
 		csi.ControllerServiceCapability_RPC_LIST_VOLUMES,
 		csi.ControllerServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
@@ -224,6 +229,8 @@ func (c *Controller) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequ
 		Spec: params.spec,
 	}
 	vp.Spec.Size = *resource.NewQuantity(size, resource.BinarySI)
+	// No client until a node is published (ControllerPublishVolume).
+	vp.Spec.Clients = &v1.ClientsSpec{Nodes: []string{}}
 	vp.Spec.Primary = v1.Member{Node: primary}
 	vp.Spec.Backup = v1.Member{Node: backup}
 	for ann, val := range map[string]string{AnnPVCName: params.pvcName, AnnPVCNamespace: params.pvcNS, AnnPVName: params.pvName} {
@@ -470,4 +477,154 @@ func (c *Controller) ListVolumes(ctx context.Context, req *csi.ListVolumesReques
 		resp.NextToken = items[end-1].Name
 	}
 	return resp, nil
+}
+
+// DefaultPublishWait bounds how long ControllerPublishVolume and
+// ControllerUnpublishVolume wait for the pair's writer to enforce the new
+// client restriction (status.clients) before they return an error the
+// caller retries.
+const DefaultPublishWait = 20 * time.Second
+
+func (c *Controller) publishWait() time.Duration {
+	if c.PublishWait > 0 {
+		return c.PublishWait
+	}
+	return DefaultPublishWait
+}
+
+// ControllerPublishVolume lets node use the volume: it becomes the pair's
+// only client node (spec.clients), and the call returns once the writer
+// enforces that. A volume is used from one node at a time: publishing to a
+// node while another is published is refused; the other is unpublished
+// first (when its Pod is gone, or by the workload failover when its node is
+// lost), and from then on the writer refuses that node's clients.
+func (c *Controller) ControllerPublishVolume(ctx context.Context, req *csi.ControllerPublishVolumeRequest) (*csi.ControllerPublishVolumeResponse, error) {
+	key, err := c.volumeKey(req.GetVolumeId())
+	if err != nil {
+		return nil, err
+	}
+	node := req.GetNodeId()
+	switch {
+	case node == "":
+		return nil, status.Error(codes.InvalidArgument, "node ID is empty")
+	case req.GetVolumeCapability() == nil:
+		return nil, status.Error(codes.InvalidArgument, "volume capability is missing")
+	}
+	if err := checkCapability(req.GetVolumeCapability()); err != nil {
+		return nil, err
+	}
+	if err := c.Client.Get(ctx, client.ObjectKey{Name: node}, &corev1.Node{}); err != nil {
+		if apierrors.IsNotFound(err) {
+			return nil, status.Errorf(codes.NotFound, "node %s not found", node)
+		}
+		return nil, status.Errorf(codes.Unavailable, "reading Node %s: %v", node, err)
+	}
+	vp, err := c.updateClients(ctx, key, func(nodes []string) ([]string, error) {
+		for _, n := range nodes {
+			if n != node {
+				return nil, status.Errorf(codes.FailedPrecondition, "volume %s is published on node %s; a Tandem volume is used from one node at a time", req.GetVolumeId(), n)
+			}
+		}
+		return []string{node}, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	if err := c.waitClients(ctx, key, vp, func(enforced []string) bool { return slices.Contains(enforced, node) }); err != nil {
+		return nil, err
+	}
+	return &csi.ControllerPublishVolumeResponse{PublishContext: map[string]string{}}, nil
+}
+
+// ControllerUnpublishVolume removes node from the pair's client nodes and
+// returns once the writer refuses that node's clients: from then on a Pod
+// left on it cannot write, whatever it does.
+func (c *Controller) ControllerUnpublishVolume(ctx context.Context, req *csi.ControllerUnpublishVolumeRequest) (*csi.ControllerUnpublishVolumeResponse, error) {
+	key, err := c.volumeKey(req.GetVolumeId())
+	if err != nil {
+		if status.Code(err) == codes.NotFound {
+			return &csi.ControllerUnpublishVolumeResponse{}, nil
+		}
+		return nil, err
+	}
+	node := req.GetNodeId()
+	vp, err := c.updateClients(ctx, key, func(nodes []string) ([]string, error) {
+		if node == "" {
+			return []string{}, nil // from every node
+		}
+		return slices.DeleteFunc(slices.Clone(nodes), func(n string) bool { return n == node }), nil
+	})
+	if status.Code(err) == codes.NotFound {
+		return &csi.ControllerUnpublishVolumeResponse{}, nil // the volume is gone
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := c.waitClients(ctx, key, vp, func(enforced []string) bool {
+		return node == "" && len(enforced) == 0 || node != "" && !slices.Contains(enforced, node)
+	}); err != nil {
+		return nil, err
+	}
+	return &csi.ControllerUnpublishVolumeResponse{}, nil
+}
+
+// updateClients rewrites spec.clients.nodes with f (optimistic
+// concurrency: retried on conflicts).
+func (c *Controller) updateClients(ctx context.Context, key client.ObjectKey, f func([]string) ([]string, error)) (*v1.VolumePair, error) {
+	for attempt := 0; ; attempt++ {
+		vp := &v1.VolumePair{}
+		if err := c.Client.Get(ctx, key, vp); err != nil {
+			if apierrors.IsNotFound(err) {
+				return nil, status.Errorf(codes.NotFound, "VolumePair %s not found", key)
+			}
+			return nil, status.Errorf(codes.Unavailable, "reading VolumePair %s: %v", key, err)
+		}
+		var cur []string
+		if vp.Spec.Clients != nil {
+			cur = vp.Spec.Clients.Nodes
+		}
+		next, err := f(cur)
+		if err != nil {
+			return nil, err
+		}
+		if vp.Spec.Clients != nil && slices.Equal(cur, next) {
+			return vp, nil
+		}
+		vp.Spec.Clients = &v1.ClientsSpec{Nodes: next}
+		err = c.Client.Update(ctx, vp)
+		switch {
+		case err == nil:
+			return vp, nil
+		case apierrors.IsConflict(err) && attempt < 5:
+			continue
+		default:
+			return nil, status.Errorf(codes.Unavailable, "updating the client nodes of VolumePair %s: %v", key, err)
+		}
+	}
+}
+
+// waitClients waits until the writer enforces what done accepts
+// (status.clients), for up to publishWait.
+func (c *Controller) waitClients(ctx context.Context, key client.ObjectKey, vp *v1.VolumePair, done func([]string) bool) error {
+	ok := func(vp *v1.VolumePair) bool { return vp.Status.Clients != nil && done(vp.Status.Clients.Nodes) }
+	if ok(vp) {
+		return nil
+	}
+	var last *v1.VolumePair
+	err := wait.PollUntilContextTimeout(ctx, 200*time.Millisecond, c.publishWait(), true, func(ctx context.Context) (bool, error) {
+		cur := &v1.VolumePair{}
+		if err := c.Client.Get(ctx, key, cur); err != nil {
+			return false, client.IgnoreNotFound(err)
+		}
+		last = cur
+		return ok(cur), nil
+	})
+	if err == nil {
+		return nil
+	}
+	enforced := "nothing yet"
+	if last != nil && last.Status.Clients != nil {
+		enforced = fmt.Sprintf("%v", last.Status.Clients.Nodes)
+	}
+	return status.Errorf(codes.DeadlineExceeded, "the writer of VolumePair %s does not enforce the new client nodes yet (it enforces %s; is a member reachable?)", key, enforced)
 }

@@ -80,6 +80,45 @@ type Spec struct {
 	// AllowPromoteInconsistent lets a member with Inconsistent data become
 	// primary. Only a user's explicit override sets it.
 	AllowPromoteInconsistent bool `json:"allowPromoteInconsistent,omitempty"`
+	// Clients, when set, restricts the volume's NBD export to these
+	// clients (VolumePair spec.clients); nil leaves it unrestricted. The
+	// agent keeps it across restarts (the replica's clients.json).
+	Clients *Clients `json:"clients,omitempty"`
+}
+
+// Clients restricts who may use a volume's NBD export.
+type Clients struct {
+	// Nodes names the client nodes, for status (the agent does not
+	// resolve them).
+	Nodes []string `json:"nodes"`
+	// Addresses are the IP addresses (or CIDR prefixes) of those nodes:
+	// the only clients served. Empty: none.
+	Addresses []string `json:"addresses"`
+}
+
+// Equal reports whether two restrictions are the same (order aside).
+func (c *Clients) Equal(o *Clients) bool {
+	if c == nil || o == nil {
+		return c == nil && o == nil
+	}
+	return sameSet(c.Nodes, o.Nodes) && sameSet(c.Addresses, o.Addresses)
+}
+
+func sameSet(a, b []string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	m := make(map[string]int, len(a))
+	for _, x := range a {
+		m[x]++
+	}
+	for _, x := range b {
+		if m[x] == 0 {
+			return false
+		}
+		m[x]--
+	}
+	return true
 }
 
 // MergesPeerBitmap is MergePeerBitmap with its default (true when unset).
@@ -161,7 +200,9 @@ type Status struct {
 	// role to its peer when the peer is in sync, the way a failback does
 	// (hold, drain, switch), and never makes it the writer
 	// (docs/architecture.md, "Agent restarts").
-	Stopping        bool      `json:"stopping,omitempty"`
+	Stopping bool `json:"stopping,omitempty"`
+	// Clients is the restriction the export enforces (Spec.Clients).
+	Clients         *Clients  `json:"clients,omitempty"`
 	ForwardedWrites int64     `json:"forwardedWrites"`
 	Counters        Counters  `json:"counters"`
 	LastError       string    `json:"lastError,omitempty"`

@@ -11,8 +11,10 @@ import (
 	"github.com/kubernetes-csi/csi-test/v5/pkg/sanity"
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/utils/ptr"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
 	"github.com/tandem-storage/tandem/internal/csi"
@@ -54,12 +56,16 @@ func TestCSISanity(t *testing.T) {
 		}
 	}
 
+	// No VolumePair controller runs: stand in for its writer, which
+	// reports the client nodes it enforces (status.clients) once told.
+	go mirrorClients(ctx, t, ns)
+
 	dir := t.TempDir()
 	devDir := filepath.Join(dir, "dev")
 	if err := os.MkdirAll(devDir, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	controller := &csi.Controller{Client: k8s, Namespace: ns}
+	controller := &csi.Controller{Client: k8s, Namespace: ns, PublishWait: 5 * time.Second}
 	node := &csi.Node{NodeID: nodes[0], Client: k8s, Namespace: ns,
 		Attacher: &csifake.Attacher{Dir: devDir}, Mounter: &csifake.Mounter{}, StateDir: filepath.Join(dir, "state")}
 	sock := filepath.Join(dir, "csi.sock")
@@ -94,6 +100,29 @@ func TestCSISanity(t *testing.T) {
 			if vp.Namespace == ns {
 				t.Errorf("VolumePair %s/%s left behind", vp.Namespace, vp.Name)
 			}
+		}
+	}
+}
+
+// mirrorClients copies every VolumePair's spec.clients to its
+// status.clients in ns, as the writer's agent would report them, until ctx
+// ends.
+func mirrorClients(ctx context.Context, t *testing.T, ns string) {
+	for ctx.Err() == nil {
+		var l v1.VolumePairList
+		if err := k8s.List(ctx, &l, client.InNamespace(ns)); err == nil {
+			for i := range l.Items {
+				vp := &l.Items[i]
+				if equality.Semantic.DeepEqual(vp.Spec.Clients, vp.Status.Clients) {
+					continue
+				}
+				vp.Status.Clients = vp.Spec.Clients.DeepCopy()
+				_ = k8s.Status().Update(ctx, vp)
+			}
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(50 * time.Millisecond):
 		}
 	}
 }

@@ -374,15 +374,15 @@ func workloadObjects(prefix string) []objKey {
 	}
 }
 
-// checkCSI checks the CSI objects of a rendering: no attach step, the node
+// checkCSI checks the CSI objects of a rendering: an attach step, the node
 // plugin privileged with the kubelet's directory mounted Bidirectional (or
 // the Pods' mounts never reach the kubelet), replaced only on delete, and
 // the StorageClass's parameters accepted by the driver.
 func checkCSI(t *testing.T, objs []*unstructured.Unstructured, prefix, namespace string) {
 	t.Helper()
 	drv := typed[storagev1.CSIDriver](t, findObject(objs, "CSIDriver", "", "csi.tandem.dev"))
-	if drv == nil || drv.Spec.AttachRequired == nil || *drv.Spec.AttachRequired {
-		t.Errorf("CSIDriver csi.tandem.dev: attachRequired must be false: %+v", drv)
+	if drv == nil || drv.Spec.AttachRequired == nil || !*drv.Spec.AttachRequired {
+		t.Errorf("CSIDriver csi.tandem.dev: attachRequired must be true (attaching is what fences a lost node's Pod): %+v", drv)
 	}
 	ds := typed[appsv1.DaemonSet](t, findObject(objs, "DaemonSet", namespace, prefix+"-csi-node"))
 	if ds == nil {

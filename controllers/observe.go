@@ -173,7 +173,8 @@ func (r *VolumePairReconciler) lastSeen(key types.NamespacedName, node string) t
 // four requests per pair and probe period; 16 pairs on a busy API server
 // made each round, and so each failover step, take a second.
 func CacheOptions(namespace string) cache.Options {
-	ours, err := labels.Parse(v1.LabelComponent + " in (agent,authority)")
+	// csi-node: the CSI node plugins' heartbeats (internal/csi).
+	ours, err := labels.Parse(v1.LabelComponent + " in (agent,authority,csi-node)")
 	if err != nil {
 		panic(fmt.Sprintf("controllers: Lease selector: %v", err)) // a constant
 	}

@@ -38,6 +38,10 @@ const (
 	Finalizer = "storage.tandem.dev/teardown"
 )
 
+// NodePluginLeaseName is the name of the Lease the CSI node plugin renews as
+// its heartbeat.
+func NodePluginLeaseName(node string) string { return shortName("tandem-csi-node-", node) }
+
 // AgentLeaseName is the name of the Lease an agent renews as its heartbeat.
 func AgentLeaseName(node string) string { return shortName("tandem-agent-", node) }
 

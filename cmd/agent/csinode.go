@@ -69,6 +69,7 @@ func runCSINode(args []string) error {
 			Mounter: csi.LinuxMounter{}, StateDir: *stateDir},
 		Endpoint: *endpoint, RegistryDir: *registry, Log: log,
 	}
+	go csi.Heartbeat(ctx, c, *namespace, *node, nil, log.WithName("heartbeat"))
 	err = p.Run(ctx)
 	// Volumes still attached stop working with this process (their FUSE
 	// files go): say which.

@@ -31,6 +31,9 @@ func setupCSI(mgr manager.Manager, namespace string, provision bool, endpoint st
 		if err := (&csi.AttachController{Client: mgr.GetClient(), Controller: cc}).SetupWithManager(mgr); err != nil {
 			return fmt.Errorf("CSI attacher: %w", err)
 		}
+		if err := (&csi.PodFailover{Client: mgr.GetClient(), Controller: cc, Recorder: mgr.GetEventRecorder("tandem-pod-failover")}).SetupWithManager(mgr); err != nil {
+			return fmt.Errorf("CSI workload failover: %w", err)
+		}
 		cs, err := kubernetes.NewForConfig(mgr.GetConfig())
 		if err != nil {
 			return fmt.Errorf("CSI provisioner client: %w", err)

@@ -369,6 +369,8 @@ func workloadObjects(prefix string) []objKey {
 		{"ServiceAccount", ns, prefix + "-csi-node"},
 		{"ClusterRole", "", prefix + "-csi-node"},
 		{"ClusterRoleBinding", "", prefix + "-csi-node"},
+		{"Role", ns, prefix + "-csi-node"},
+		{"RoleBinding", ns, prefix + "-csi-node"},
 		{"DaemonSet", ns, prefix + "-csi-node"},
 		{"StorageClass", "", "tandem"},
 	}

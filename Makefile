@@ -8,6 +8,8 @@
 IMG ?= ghcr.io/tandem-storage/tandem:dev
 # The pod sandbox image make image writes next to $(IMG).
 PAUSE_IMG ?= tandem.local/pause:1
+# The CSI story's workload (hack/recorder): appends durable numbered records to a volume.
+RECORDER_IMG ?= tandem.local/recorder:1
 # GOARCH of make image's binaries (the build machine's by default).
 IMAGE_ARCH ?= $(shell go env GOARCH)
 # Go test flags for `make test`.
@@ -127,10 +129,10 @@ IMAGE_CONFIG := --user 65532:65532 --entrypoint /usr/local/bin/manager \
 	--label org.opencontainers.image.licenses=Apache-2.0
 
 .PHONY: image
-image: ## Write $(IMG) and the pause image as archives in bin/images/, no Docker needed (load: ctr -n k8s.io images import).
+image: ## Write $(IMG), the pause image and the CSI story's recorder image as archives in bin/images/, no Docker needed (load: ctr -n k8s.io images import).
 	@mkdir -p $(BIN)/image $(BIN)/images
 	CGO_ENABLED=0 GOOS=linux GOARCH=$(IMAGE_ARCH) go build $(IMAGE_GOFLAGS) -o $(BIN)/image/ \
-	  $(addprefix ./cmd/,$(IMAGE_CMDS)) ./hack/image/pause
+	  $(addprefix ./cmd/,$(IMAGE_CMDS)) ./hack/image/pause ./hack/recorder
 	@[ "$(IMAGE_ARCH)" = "$$(go env GOHOSTARCH)" ] || { echo "make image: the filesystem tools (hack/image/fstools.sh) come from this machine; build $(IMAGE_ARCH) images on $(IMAGE_ARCH) or with the Dockerfile" >&2; exit 1; }
 	hack/image/fstools.sh >$(BIN)/image/fstools.list
 	go run ./hack/image --name $(IMG) --out $(BIN)/images/tandem.tar --arch $(IMAGE_ARCH) $(IMAGE_CONFIG) \
@@ -138,6 +140,8 @@ image: ## Write $(IMG) and the pause image as archives in bin/images/, no Docker
 	  $$(sed 's/^/--file /' $(BIN)/image/fstools.list)
 	go run ./hack/image --name $(PAUSE_IMG) --out $(BIN)/images/pause.tar --arch $(IMAGE_ARCH) \
 	  --user 65535:65535 --entrypoint /pause --file /pause=$(BIN)/image/pause
+	go run ./hack/image --name $(RECORDER_IMG) --out $(BIN)/images/recorder.tar --arch $(IMAGE_ARCH) \
+	  --entrypoint /recorder --file /recorder=$(BIN)/image/recorder
 
 .PHONY: helm-lint
 helm-lint: tools-helm ## Lint the Helm chart.

@@ -1,0 +1,270 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+
+	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
+	"github.com/tandem-storage/tandem/internal/testkit"
+)
+
+// recorderLine is one line of the recorder's container log (CRI format:
+// time, stream, tag, text).
+type recorderLine struct {
+	at   time.Time
+	verb string // ack, verified, torn, error, stopped
+	n    int64
+}
+
+var recorderRe = regexp.MustCompile(`^(\S+) \S+ \S+ RECORDER (ack|verified|torn|error|stopped)\s*(\d*)`)
+
+// recorderLog reads the recorder's log of one Pod (by UID) on a node, from
+// the node's disk: the lines a Pod printed before its node was killed are
+// there too.
+func recorderLog(t *testing.T, node, ns, pod, uid string) []recorderLine {
+	t.Helper()
+	files, _ := filepath.Glob(filepath.Join(root, ".local", "logs", "nodes", node, "pods", ns+"_"+pod+"_"+uid, "recorder", "*.log"))
+	var out []recorderLine
+	for _, f := range files {
+		fh, err := os.Open(f)
+		if err != nil {
+			continue
+		}
+		sc := bufio.NewScanner(fh)
+		for sc.Scan() {
+			m := recorderRe.FindStringSubmatch(sc.Text())
+			if m == nil {
+				continue
+			}
+			at, _ := time.Parse(time.RFC3339Nano, m[1])
+			n, _ := strconv.ParseInt(m[3], 10, 64)
+			out = append(out, recorderLine{at: at, verb: m[2], n: n})
+		}
+		fh.Close()
+	}
+	return out
+}
+
+func lastAck(lines []recorderLine) (int64, time.Time) {
+	n, at := int64(-1), time.Time{}
+	for _, l := range lines {
+		if l.verb == "ack" && l.n > n {
+			n, at = l.n, l.at
+		}
+	}
+	return n, at
+}
+
+// podOf reads the StatefulSet's Pod.
+func podOf(t *testing.T, ns, name string) (*corev1.Pod, bool) {
+	out, err := kubectl(t, "get", "pod", name, "-n", ns, "-o", "json")
+	if err != nil {
+		return nil, false
+	}
+	p := &corev1.Pod{}
+	if err := json.Unmarshal([]byte(out), p); err != nil {
+		t.Fatalf("decode Pod: %v", err)
+	}
+	return p, true
+}
+
+// Story 16: a StatefulSet's Pod writes durable numbered records to a
+// filesystem on a PersistentVolumeClaim of a Tandem StorageClass. The node
+// it runs on (the pair's writer) is killed; the Pod runs again on the
+// promoted member, its filesystem mounts cleanly and every record it had
+// acknowledged is there (Sync); the node comes back, resyncs, and the
+// writer fails back to it while the Pod keeps writing from the other node.
+func TestStory16PodFollowsWriter(t *testing.T) {
+	requireKubeletNodes(t)
+	primary, backup := failoverNodes(t)
+	s := newStory(t, "records")
+	class := "tandem-" + s.ns
+	if len(class) > 63 {
+		class = class[:63]
+	}
+	// The class pins the members to the two nodes (allowedTopologies), the
+	// Pod prefers the first: it becomes the primary (WaitForFirstConsumer).
+	mustApplyCluster(t, fmt.Sprintf(`apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata:
+  name: %s
+provisioner: csi.tandem.dev
+volumeBindingMode: WaitForFirstConsumer
+reclaimPolicy: Delete
+allowedTopologies:
+- matchLabelExpressions:
+  - key: csi.tandem.dev/node
+    values: [%s, %s]
+parameters:
+  mode: Sync
+`, class, primary, backup))
+	t.Cleanup(func() { _, _ = kubectl(t, "delete", "storageclass", class, "--wait=false") })
+	s.apply(fmt.Sprintf(`apiVersion: apps/v1
+kind: StatefulSet
+metadata:
+  name: recorder
+spec:
+  serviceName: recorder
+  replicas: 1
+  selector:
+    matchLabels: {app: recorder}
+  template:
+    metadata:
+      labels: {app: recorder}
+    spec:
+      terminationGracePeriodSeconds: 5
+      affinity:
+        nodeAffinity:
+          preferredDuringSchedulingIgnoredDuringExecution:
+          - weight: 100
+            preference:
+              matchExpressions:
+              - {key: kubernetes.io/hostname, operator: In, values: [%s]}
+      containers:
+      - name: recorder
+        image: tandem.local/recorder:1
+        imagePullPolicy: Never
+        args: [--dir=/data, --interval=50ms]
+        volumeMounts:
+        - {name: data, mountPath: /data}
+  volumeClaimTemplates:
+  - metadata:
+      name: data
+    spec:
+      storageClassName: %s
+      accessModes: [ReadWriteOnce]
+      resources:
+        requests: {storage: 64Mi}
+`, primary, class))
+	t.Cleanup(func() {
+		_, _ = kubectl(t, "delete", "statefulset", "recorder", "-n", s.ns, "--wait=true", "--timeout=60s")
+		_, _ = kubectl(t, "delete", "pvc", "--all", "-n", s.ns, "--wait=true", "--timeout=60s")
+	})
+
+	// The Pod writes on the primary.
+	var pod *corev1.Pod
+	testkit.Eventually(t, 180*time.Second, "recorder-0 running and acknowledging records", func() (bool, string) {
+		p, ok := podOf(t, s.ns, "recorder-0")
+		if !ok || p.Status.Phase != corev1.PodRunning {
+			return false, fmt.Sprintf("pod %v", p != nil)
+		}
+		pod = p
+		n, _ := lastAck(recorderLog(t, p.Spec.NodeName, s.ns, p.Name, string(p.UID)))
+		return n >= 40, fmt.Sprintf("on %s, last ack %d", p.Spec.NodeName, n)
+	}, testkit.Every(500*time.Millisecond))
+	if pod.Spec.NodeName != primary {
+		t.Fatalf("recorder-0 runs on %s, want %s (its preferred node)", pod.Spec.NodeName, primary)
+	}
+	pvName := strings.TrimSpace(mustKubectl(t, "get", "pvc", "data-recorder-0", "-n", s.ns, "-o", "jsonpath={.spec.volumeName}"))
+	handle := strings.TrimSpace(mustKubectl(t, "get", "pv", pvName, "-o", "jsonpath={.spec.csi.volumeHandle}"))
+	getVP := func() *v1.VolumePair {
+		out := mustKubectl(t, "get", "vp", handle, "-n", "tandem-system", "-o", "json")
+		vp := &v1.VolumePair{}
+		if err := json.Unmarshal([]byte(out), vp); err != nil {
+			t.Fatal(err)
+		}
+		return vp
+	}
+	vp := getVP()
+	if vp.Spec.Primary.Node != primary || vp.Spec.Backup.Node != backup || vp.Annotations["csi.tandem.dev/pvc-name"] != "data-recorder-0" {
+		t.Fatalf("VolumePair %s: members %s/%s, annotations %v", handle, vp.Spec.Primary.Node, vp.Spec.Backup.Node, vp.Annotations)
+	}
+	if vp.Spec.Clients == nil || len(vp.Spec.Clients.Nodes) != 1 || vp.Spec.Clients.Nodes[0] != primary {
+		t.Fatalf("VolumePair %s client nodes %+v, want the Pod's node %s", handle, vp.Spec.Clients, primary)
+	}
+
+	// The writer's node, where the Pod runs, is lost.
+	s.lc("kill-node", primary)
+	killed := time.Now()
+	before, _ := lastAck(recorderLog(t, primary, s.ns, pod.Name, string(pod.UID)))
+
+	var moved *corev1.Pod
+	var verified int64 = -1
+	var firstAck time.Time
+	testkit.Eventually(t, 120*time.Second, "recorder-0 writing again on "+backup, func() (bool, string) {
+		p, ok := podOf(t, s.ns, "recorder-0")
+		if !ok || p.UID == pod.UID || p.Spec.NodeName == "" {
+			return false, "old Pod still there or none scheduled"
+		}
+		moved = p
+		for _, l := range recorderLog(t, p.Spec.NodeName, s.ns, p.Name, string(p.UID)) {
+			switch {
+			case l.verb == "verified":
+				verified = l.n
+			case l.verb == "ack" && firstAck.IsZero():
+				firstAck = l.at
+			case l.verb == "error":
+				t.Fatalf("the recorder failed on %s", p.Spec.NodeName)
+			}
+		}
+		return !firstAck.IsZero(), fmt.Sprintf("new Pod on %s (%s), verified %d", p.Spec.NodeName, p.Status.Phase, verified)
+	}, testkit.Every(250*time.Millisecond))
+	took := firstAck.Sub(killed)
+	if moved.Spec.NodeName != backup {
+		t.Fatalf("recorder-0 came back on %s, want the promoted member %s", moved.Spec.NodeName, backup)
+	}
+	// Sync: every acknowledged record survived (the record being written at
+	// the kill may be there too, or torn: it was never acknowledged).
+	if verified < before+1 {
+		t.Fatalf("after the failover %d records are intact, but %d were acknowledged", verified, before+1)
+	}
+	vp = getVP()
+	if vp.Status.ActivePrimary != backup {
+		t.Fatalf("the pair's writer is %s, want %s", vp.Status.ActivePrimary, backup)
+	}
+	t.Logf("STORY 16 pod failover: %s (writer, Pod) killed → recorder-0 writing again on %s in %.2fs; %d records acknowledged before, %d intact after",
+		primary, backup, took.Seconds(), before+1, verified)
+	if took > 30*time.Second {
+		t.Errorf("the Pod wrote again %v after its node was lost, more than 30 s", took)
+	}
+
+	// The node comes back: resync, then a failback while the Pod writes
+	// from the other node.
+	s.lc("restore-node", primary)
+	testkit.Eventually(t, 180*time.Second, "the pair in sync on "+backup, func() (bool, string) {
+		vp := getVP()
+		return inSync(backup)(vp), fmt.Sprintf("%+v", vp.Status)
+	}, testkit.Every(500*time.Millisecond))
+	mustKubectl(t, "annotate", "vp", handle, "-n", "tandem-system", v1.AnnotationFailbackRequested+"=e2e", "--overwrite")
+	testkit.Eventually(t, 120*time.Second, "the writer back on "+primary, func() (bool, string) {
+		vp := getVP()
+		return inSync(primary)(vp), fmt.Sprintf("%+v", vp.Status)
+	}, testkit.Every(500*time.Millisecond))
+	afterFailback, _ := lastAck(recorderLog(t, backup, s.ns, moved.Name, string(moved.UID)))
+	testkit.Eventually(t, 30*time.Second, "records acknowledged after the failback", func() (bool, string) {
+		n, _ := lastAck(recorderLog(t, backup, s.ns, moved.Name, string(moved.UID)))
+		return n >= afterFailback+20, fmt.Sprintf("last ack %d", n)
+	}, testkit.Every(250*time.Millisecond))
+	p, _ := podOf(t, s.ns, "recorder-0")
+	if p == nil || p.UID != moved.UID || len(p.Status.ContainerStatuses) == 0 || p.Status.ContainerStatuses[0].RestartCount != 0 {
+		t.Fatalf("the Pod did not keep running through the failback: %+v", p)
+	}
+	for _, l := range recorderLog(t, backup, s.ns, moved.Name, string(moved.UID)) {
+		if l.verb == "error" {
+			t.Fatal("the recorder saw an error across the failback")
+		}
+	}
+	t.Logf("STORY 16 failback with the Pod running on %s: writer back on %s, records still acknowledged, no restart", backup, primary)
+}
+
+// mustApplyCluster applies a cluster-scoped manifest.
+func mustApplyCluster(t *testing.T, manifest string) {
+	t.Helper()
+	f := filepath.Join(t.TempDir(), "m.yaml")
+	if err := os.WriteFile(f, []byte(manifest), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	mustKubectl(t, "apply", "-f", f)
+}

@@ -405,6 +405,7 @@ type VolumePairStatus struct {
 // +kubebuilder:printcolumn:name="Backup",type=string,JSONPath=`.spec.backup.node`
 // +kubebuilder:printcolumn:name="Phase",type=string,JSONPath=`.status.phase`
 // +kubebuilder:printcolumn:name="Out-Of-Sync",type=integer,format=int64,JSONPath=`.status.outOfSyncBytes`
+// +kubebuilder:printcolumn:name="Claim",type=string,JSONPath=`.metadata.annotations.csi\.tandem\.dev/pvc`,priority=1
 // +kubebuilder:printcolumn:name="Unmerged",type=integer,format=int64,JSONPath=`.status.unmergedRegions`,priority=1
 // +kubebuilder:printcolumn:name="Epoch",type=integer,JSONPath=`.status.epoch`,priority=1
 // +kubebuilder:printcolumn:name="Endpoint",type=string,JSONPath=`.status.endpoint`,priority=1

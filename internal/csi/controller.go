@@ -233,10 +233,11 @@ func (c *Controller) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequ
 	vp.Spec.Clients = &v1.ClientsSpec{Nodes: []string{}}
 	vp.Spec.Primary = v1.Member{Node: primary}
 	vp.Spec.Backup = v1.Member{Node: backup}
-	for ann, val := range map[string]string{AnnPVCName: params.pvcName, AnnPVCNamespace: params.pvcNS, AnnPVName: params.pvName} {
-		if val != "" {
-			vp.Annotations[ann] = val
-		}
+	if params.pvcName != "" {
+		vp.Annotations[AnnPVC] = params.pvcNS + "/" + params.pvcName
+	}
+	if params.pvName != "" {
+		vp.Annotations[AnnPVName] = params.pvName
 	}
 	if !params.podFailover {
 		vp.Annotations[AnnPodFailover] = "false"

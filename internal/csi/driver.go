@@ -29,11 +29,11 @@ const TopologyKey = DriverName + "/node"
 const (
 	// AnnVolumeName is the CreateVolume request's name.
 	AnnVolumeName = DriverName + "/volume-name"
-	// AnnPVCName, AnnPVCNamespace, AnnPVName name the claim and volume the
-	// provisioner created the VolumePair for.
-	AnnPVCName      = DriverName + "/pvc-name"
-	AnnPVCNamespace = DriverName + "/pvc-namespace"
-	AnnPVName       = DriverName + "/pv-name"
+	// AnnPVC ("namespace/name") and AnnPVName name the claim and volume
+	// the provisioner created the VolumePair for (kubectl get vp -o wide
+	// shows the claim).
+	AnnPVC    = DriverName + "/pvc"
+	AnnPVName = DriverName + "/pv-name"
 	// AnnPodFailover is "false" when the StorageClass opted out of the
 	// workload failover.
 	AnnPodFailover = DriverName + "/pod-failover"

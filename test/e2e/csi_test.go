@@ -178,7 +178,7 @@ spec:
 		return vp
 	}
 	vp := getVP()
-	if vp.Spec.Primary.Node != primary || vp.Spec.Backup.Node != backup || vp.Annotations["csi.tandem.dev/pvc-name"] != "data-recorder-0" {
+	if vp.Spec.Primary.Node != primary || vp.Spec.Backup.Node != backup || vp.Annotations["csi.tandem.dev/pvc"] != s.ns+"/data-recorder-0" {
 		t.Fatalf("VolumePair %s: members %s/%s, annotations %v", handle, vp.Spec.Primary.Node, vp.Spec.Backup.Node, vp.Annotations)
 	}
 	if vp.Spec.Clients == nil || len(vp.Spec.Clients.Nodes) != 1 || vp.Spec.Clients.Nodes[0] != primary {

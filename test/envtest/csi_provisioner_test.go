@@ -135,7 +135,7 @@ func TestCSIProvisioner(t *testing.T) {
 	if err := k8s.Get(ctx, client.ObjectKey{Namespace: ns, Name: pv.Spec.CSI.VolumeHandle}, vp); err != nil {
 		t.Fatalf("the PV's VolumePair: %v", err)
 	}
-	if vp.Spec.Mode != v1.ModeAsync || vp.Spec.Size.Value() != 101<<20 || vp.Annotations[csi.AnnPVCName] != "data" || vp.Annotations[csi.AnnPVCNamespace] != appNS {
+	if vp.Spec.Mode != v1.ModeAsync || vp.Spec.Size.Value() != 101<<20 || vp.Annotations[csi.AnnPVC] != appNS+"/data" {
 		t.Fatalf("VolumePair %+v %v", vp.Spec, vp.Annotations)
 	}
 	if pv.Spec.CSI.FSType != "xfs" || pv.Spec.Capacity.Storage().Value() != 101<<20 || pv.Spec.ClaimRef == nil || pv.Spec.ClaimRef.Name != "data" {
@@ -144,6 +144,12 @@ func TestCSIProvisioner(t *testing.T) {
 	members := pv.Spec.NodeAffinity.Required.NodeSelectorTerms[0].MatchExpressions[0].Values
 	if len(members) != 2 || members[0] != vp.Spec.Primary.Node || members[1] != vp.Spec.Backup.Node {
 		t.Fatalf("PV node affinity %v, VolumePair members %s/%s", members, vp.Spec.Primary.Node, vp.Spec.Backup.Node)
+	}
+
+	// kubectl shows the claim of a pair.
+	wide, err := runTool(t, nil, "kubectl", "--kubeconfig", kubeconfig, "get", "vp", vp.Name, "-n", ns, "-o", "wide")
+	if err != nil || !strings.Contains(wide, "CLAIM") || !strings.Contains(wide, appNS+"/data") {
+		t.Fatalf("kubectl get vp -o wide does not show the claim: %v\n%s", err, wide)
 	}
 
 	// WaitForFirstConsumer: the pod's node is the primary; allowedTopologies

@@ -137,6 +137,22 @@ func (n *Node) writeRecord(r *stageRecord) error {
 	return nil
 }
 
+// pair reads a volume's VolumePair.
+func (n *Node) pair(ctx context.Context, id string) (client.ObjectKey, *v1.VolumePair, error) {
+	key, err := VolumeKey(id, n.Namespace)
+	if err != nil {
+		return key, nil, err
+	}
+	vp := &v1.VolumePair{}
+	if err := n.Client.Get(ctx, key, vp); err != nil {
+		if apierrors.IsNotFound(err) {
+			return key, nil, status.Errorf(codes.NotFound, "VolumePair %s not found", key)
+		}
+		return key, nil, status.Errorf(codes.Unavailable, "reading VolumePair %s: %v", key, err)
+	}
+	return key, vp, nil
+}
+
 // NodeGetInfo names the node and its topology.
 func (n *Node) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.NodeGetInfoResponse, error) {
 	return &csi.NodeGetInfoResponse{
@@ -180,17 +196,10 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequ
 	if err := checkCapability(vc); err != nil {
 		return nil, err
 	}
-	key, err := VolumeKey(id, n.Namespace)
+	defer n.lock(id)()
+	key, vp, err := n.pair(ctx, id)
 	if err != nil {
 		return nil, err
-	}
-	defer n.lock(id)()
-	vp := &v1.VolumePair{}
-	if err := n.Client.Get(ctx, key, vp); err != nil {
-		if apierrors.IsNotFound(err) {
-			return nil, status.Errorf(codes.NotFound, "VolumePair %s not found", key)
-		}
-		return nil, status.Errorf(codes.Unavailable, "reading VolumePair %s: %v", key, err)
 	}
 	block := vc.GetBlock() != nil
 	fs := ""
@@ -310,16 +319,9 @@ func (n *Node) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolume
 	if err := checkCapability(vc); err != nil {
 		return nil, err
 	}
-	key, err := VolumeKey(id, n.Namespace)
-	if err != nil {
-		return nil, err
-	}
 	defer n.lock(id)()
-	if err := n.Client.Get(ctx, key, &v1.VolumePair{}); err != nil {
-		if apierrors.IsNotFound(err) {
-			return nil, status.Errorf(codes.NotFound, "VolumePair %s not found", key)
-		}
-		return nil, status.Errorf(codes.Unavailable, "reading VolumePair %s: %v", key, err)
+	if _, _, err := n.pair(ctx, id); err != nil {
+		return nil, err
 	}
 	rec, err := n.readRecord(id)
 	if err != nil {

@@ -9,11 +9,7 @@ import (
 
 	"github.com/go-logr/logr/testr"
 	"github.com/kubernetes-csi/csi-test/v5/pkg/sanity"
-	coordinationv1 "k8s.io/api/coordination/v1"
-	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
@@ -33,28 +29,7 @@ func TestCSISanity(t *testing.T) {
 	defer cancel()
 	ns := newNamespace(t)
 	nodes := []string{"csi-sanity-a", "csi-sanity-b"}
-	for _, n := range nodes {
-		node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: n}}
-		if err := k8s.Create(ctx, node); err != nil {
-			t.Fatalf("create Node: %v", err)
-		}
-		t.Cleanup(func() { _ = k8s.Delete(context.Background(), node) })
-		node.Status.Conditions = []corev1.NodeCondition{{Type: corev1.NodeReady, Status: corev1.ConditionTrue, LastHeartbeatTime: metav1.Now(), LastTransitionTime: metav1.Now()}}
-		if err := k8s.Status().Update(ctx, node); err != nil {
-			t.Fatalf("Node status: %v", err)
-		}
-		now := metav1.NewMicroTime(time.Now())
-		lease := &coordinationv1.Lease{
-			ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: v1.AgentLeaseName(n),
-				Labels:      map[string]string{v1.LabelComponent: "agent", v1.LabelNode: n},
-				Annotations: map[string]string{v1.AnnFreeBytes: "107374182400"}},
-			// Long enough for the whole suite.
-			Spec: coordinationv1.LeaseSpec{HolderIdentity: ptr.To(n), LeaseDurationSeconds: ptr.To(int32(3600)), RenewTime: &now},
-		}
-		if err := k8s.Create(ctx, lease); err != nil {
-			t.Fatalf("create agent Lease: %v", err)
-		}
-	}
+	readyNodes(t, ns, "107374182400", nodes...)
 
 	// No VolumePair controller runs: stand in for its writer, which
 	// reports the client nodes it enforces (status.clients) once told.

@@ -19,7 +19,7 @@ import (
 // (leader only) and, when asked, the CSI controller service on a socket.
 // Both read through an uncached client: CreateVolume must see the
 // VolumePair an earlier call created, not the cache's view of a moment ago.
-func setupCSI(mgr manager.Manager, namespace string, provision bool, endpoint string) error {
+func setupCSI(mgr manager.Manager, namespace string, provision, podFailover bool, endpoint string) error {
 	c, err := client.New(mgr.GetConfig(), client.Options{Scheme: mgr.GetScheme()})
 	if err != nil {
 		return fmt.Errorf("CSI client: %w", err)
@@ -30,9 +30,6 @@ func setupCSI(mgr manager.Manager, namespace string, provision bool, endpoint st
 		// Attaching (VolumeAttachments) and provisioning run on the leader.
 		if err := (&csi.AttachController{Client: mgr.GetClient(), Controller: cc}).SetupWithManager(mgr); err != nil {
 			return fmt.Errorf("CSI attacher: %w", err)
-		}
-		if err := (&csi.PodFailover{Client: mgr.GetClient(), Controller: cc, Recorder: mgr.GetEventRecorder("tandem-pod-failover")}).SetupWithManager(mgr); err != nil {
-			return fmt.Errorf("CSI workload failover: %w", err)
 		}
 		cs, err := kubernetes.NewForConfig(mgr.GetConfig())
 		if err != nil {
@@ -50,6 +47,11 @@ func setupCSI(mgr manager.Manager, namespace string, provision bool, endpoint st
 			return nil
 		})); err != nil {
 			return err
+		}
+	}
+	if podFailover {
+		if err := (&csi.PodFailover{Client: mgr.GetClient(), Controller: cc, Recorder: mgr.GetEventRecorder("tandem-pod-failover")}).SetupWithManager(mgr); err != nil {
+			return fmt.Errorf("CSI workload failover: %w", err)
 		}
 	}
 	if endpoint != "" {

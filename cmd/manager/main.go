@@ -32,7 +32,7 @@ func newScheme() *runtime.Scheme {
 
 func main() {
 	var metricsAddr, probeAddr, leaderNamespace, namespace, tokenFile string
-	var leaderElect, provision bool
+	var leaderElect, provision, podFailover bool
 	var csiEndpoint string
 	var leaseDuration, renewDeadline, retryPeriod time.Duration
 	flag.StringVar(&metricsAddr, "metrics-bind-address", ":8080", "Address the metrics endpoint binds to; 0 disables it.")
@@ -48,6 +48,7 @@ func main() {
 	flag.StringVar(&namespace, "namespace", os.Getenv("POD_NAMESPACE"), "Operator namespace: where agents register their Leases and the per-pair authority Leases live.")
 	flag.StringVar(&tokenFile, "agent-token-file", "", "File holding the bearer token of the agents' control API.")
 	flag.BoolVar(&provision, "csi-controller", true, "Run the CSI driver's controller side on the leader: provision PersistentVolumes for claims of StorageClasses whose provisioner is "+csi.DriverName+" and carry out their VolumeAttachments. Off: an external-provisioner and external-attacher do it through --csi-controller-endpoint.")
+	flag.BoolVar(&podFailover, "csi-pod-failover", true, "Move the Pods that use a Tandem volume off a lost node once its pair serves elsewhere (the leader only; see docs/install.md, \"When a node is lost\").")
 	flag.StringVar(&csiEndpoint, "csi-controller-endpoint", "", "Also serve the CSI identity and controller services on this socket (unix:///path or tcp://host:port), for clusters that run the external-provisioner sidecar instead; empty: not served.")
 	opts := zap.Options{}
 	opts.BindFlags(flag.CommandLine)
@@ -106,8 +107,8 @@ func main() {
 		log.Error(err, "Unable to set up the VolumePair controller")
 		os.Exit(1)
 	}
-	if provision || csiEndpoint != "" {
-		if err := setupCSI(mgr, namespace, provision, csiEndpoint); err != nil {
+	if provision || podFailover || csiEndpoint != "" {
+		if err := setupCSI(mgr, namespace, provision, podFailover, csiEndpoint); err != nil {
 			log.Error(err, "Unable to set up the CSI driver")
 			os.Exit(1)
 		}

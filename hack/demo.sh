@@ -327,6 +327,96 @@ if [ $HAVE_NBDCOPY = 1 ]; then
   [ "$SC" = "$SA" ] || fail "what the client reads differs from the replica files"
 fi
 
+if [ "$TANDEM_NODES" = kubelet ]; then
+  # ------------------------------------------------------------ a Pod on a Tandem volume
+  # The node for the Pod: not the one whose manager leads (losing that one
+  # is story 14 of the e2e suite; here the failover is the volume's).
+  LEADER_POD=$(k -n tandem-system get lease tandem-manager.storage.tandem.dev -o jsonpath='{.spec.holderIdentity}' | cut -d_ -f1)
+  LEADER_NODE=$(k -n tandem-system get pod "$LEADER_POD" -o jsonpath='{.spec.nodeName}' 2>/dev/null || true)
+  POD_NODE=node-c
+  [ "$LEADER_NODE" != node-c ] || POD_NODE=node-b
+  step "A Pod on a Tandem volume: StatefulSet recorder, a 64Mi claim of StorageClass tandem, the Pod preferring $POD_NODE"
+  say "the recorder appends numbered 4 KiB records, fdatasyncs each, then logs \"RECORDER ack N\""
+  k apply -f - <<EOF | sed 's/^/    /'
+apiVersion: apps/v1
+kind: StatefulSet
+metadata:
+  name: recorder
+  namespace: $NS
+spec:
+  serviceName: recorder
+  replicas: 1
+  selector:
+    matchLabels: {app: recorder}
+  template:
+    metadata:
+      labels: {app: recorder}
+    spec:
+      terminationGracePeriodSeconds: 5
+      affinity:
+        nodeAffinity:
+          preferredDuringSchedulingIgnoredDuringExecution:
+          - weight: 100
+            preference:
+              matchExpressions:
+              - {key: kubernetes.io/hostname, operator: In, values: [$POD_NODE]}
+      containers:
+      - name: recorder
+        image: tandem.local/recorder:1
+        imagePullPolicy: Never
+        args: [--dir=/data, --interval=50ms]
+        volumeMounts:
+        - {name: data, mountPath: /data}
+  volumeClaimTemplates:
+  - metadata:
+      name: data
+    spec:
+      storageClassName: tandem
+      accessModes: [ReadWriteOnce]
+      resources:
+        requests: {storage: 64Mi}
+EOF
+  # The recorder's log, read from the node's disk (also once the node is
+  # gone): rec_log NODE UID, rec_last NODE UID → the last acknowledged record.
+  rec_uid() { k -n "$NS" get pod recorder-0 -o jsonpath='{.metadata.uid}' 2>/dev/null || true; }
+  rec_node() { k -n "$NS" get pod recorder-0 -o jsonpath='{.spec.nodeName}' 2>/dev/null || true; }
+  rec_log() { cat "$ROOT/.local/logs/nodes/$1/pods/${NS}_recorder-0_$2"/recorder/*.log 2>/dev/null || true; }
+  rec_last() { rec_log "$1" "$2" | sed -n 's/.* RECORDER ack \([0-9]*\)$/\1/p' | tail -n1; }
+  acking() {
+    U=$(rec_uid) RN=$(rec_node)
+    [ -n "$U" ] && [ -n "$RN" ] && [ "$(rec_last "$RN" "$U")" -ge 40 ] 2>/dev/null
+  }
+  wait_until 180 "recorder-0 to run and acknowledge 40 records" acking
+  REC_UID=$U REC_NODE=$RN
+  VOL=$(k -n "$NS" get pv "$(k -n "$NS" get pvc data-recorder-0 -o jsonpath='{.spec.volumeName}')" -o jsonpath='{.spec.csi.volumeHandle}')
+  say "recorder-0 runs on $REC_NODE; its claim is VolumePair tandem-system/$VOL:"
+  k -n tandem-system get vp "$VOL" -o wide | sed 's/^/    /'
+
+  step "Killing $REC_NODE, where the Pod and its volume's writer run"
+  T1=$(now)
+  "$LC" kill-node "$REC_NODE" 2>&1 | sed 's/^/    /'
+  ACKED=$(rec_last "$REC_NODE" "$REC_UID")
+  say "records acknowledged before the kill: 0..$ACKED"
+  moved() {
+    local u n
+    u=$(rec_uid) n=$(rec_node)
+    [ -n "$u" ] && [ "$u" != "$REC_UID" ] && [ -n "$n" ] && [ -n "$(rec_last "$n" "$u")" ] && NEW_UID=$u NEW_NODE=$n
+  }
+  deadline=$((SECONDS + 120))
+  until moved; do
+    ((SECONDS < deadline)) || fail "recorder-0 did not write again within 120s of killing $REC_NODE"
+    sleep 0.25
+  done
+  T_POD=$(since "$T1")
+  VERIFIED=$(rec_log "$NEW_NODE" "$NEW_UID" | sed -n 's/.* RECORDER verified \([0-9]*\)$/\1/p' | head -n1)
+  printf '    %sPod failover: %ss from killing %s to recorder-0 acknowledging records on %s%s\n' "$G" "$T_POD" "$REC_NODE" "$NEW_NODE" "$N"
+  say "it found $VERIFIED records intact; $((ACKED + 1)) had been acknowledged"
+  [ "${VERIFIED:-0}" -ge $((ACKED + 1)) ] || fail "acknowledged records are missing after the Pod moved"
+  k get events -A --field-selector reason=PodFailover -o custom-columns=REASON:.reason,MESSAGE:.message 2>/dev/null | sed 's/^/    /' || true
+  "$LC" restore-node "$REC_NODE" 2>&1 | sed 's/^/    /'
+  k -n "$NS" delete statefulset recorder --wait=false >/dev/null 2>&1 || true
+fi
+
 step "What happened (events)"
 k -n "$NS" get events --field-selector "involvedObject.name=$NAME" --sort-by=.metadata.creationTimestamp \
   -o custom-columns=TIME:.metadata.creationTimestamp,REASON:.reason,MESSAGE:.message 2>/dev/null | sed 's/^/    /' ||
@@ -354,4 +444,5 @@ ${B}Summary${N}  (Async VolumePair ${NS}/${NAME}, ${SIZE_MIB} MiB, default failo
   failback write hold $(awk -v h="${HOLD:-0}" 'BEGIN {printf "%.3f", h}')s  (lastHoldSeconds on node-b's agent)
   replicas            identical: sha256 $SA on node-a and node-b
 EOF
+[ -z "${T_POD:-}" ] || echo "  pod failover        ${T_POD}s  $REC_NODE killed → recorder-0 writing on $NEW_NODE; ${VERIFIED} records intact of $((ACKED + 1)) acknowledged"
 [ "$SAW_COPY" = 1 ] || say "(note: the COPY finished between two polls; raise DEMO_RESYNC_RATE's cap to see it)"

@@ -13,9 +13,11 @@ import (
 	"k8s.io/client-go/tools/events"
 	"k8s.io/utils/clock"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
 	"sigs.k8s.io/controller-runtime/pkg/log"
+	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -102,8 +104,9 @@ func (p *PodFailover) SetupWithManager(mgr ctrl.Manager) error {
 		Complete(p); err != nil {
 		return err
 	}
+	plugins := predicate.NewPredicateFuncs(func(o client.Object) bool { return o.GetLabels()[v1.LabelComponent] == componentNode })
 	return ctrl.NewControllerManagedBy(mgr).Named("csi-node-untaint").
-		For(&coordinationv1.Lease{}).
+		For(&coordinationv1.Lease{}, builder.WithPredicates(plugins)).
 		Complete(reconcile.Func(p.untaint))
 }
 

@@ -48,27 +48,32 @@ func main() {
 
 func run() error {
 	host, _ := os.Hostname()
-	node := flag.String("node", envOr("NODE_NAME", host), "This agent's Kubernetes node name.")
-	dataDir := flag.String("data-dir", "/var/lib/tandem", "Directory holding the replicas.")
-	controlAddr := flag.String("control-address", ":7400", "Listen address of the control API (HTTP).")
-	replAddr := flag.String("replication-address", ":7401", "Listen address of the replication link.")
-	nbdAddr := flag.String("nbd-address", ":10809", "Listen address of the NBD server.")
-	tokenFile := flag.String("token-file", "", "File holding the shared bearer token for the control API and replication; required unless --insecure-no-auth.")
-	noAuth := flag.Bool("insecure-no-auth", false, "Run without authentication (tests on loopback only).")
-	namespace := flag.String("namespace", os.Getenv("POD_NAMESPACE"), "Operator namespace: the agent registers its Lease there and renews the authority Leases of the volumes it serves. Empty: no Kubernetes (standalone, the control API's word is final).")
-	kubeconfig := flag.String("kubeconfig", "", "Kubeconfig file (default: in-cluster config).")
-	advertise := flag.String("advertise-address", os.Getenv("POD_IP"), "Address peers and clients use to reach this agent (default: the listen addresses' host, or 127.0.0.1).")
-	kubeQPS := flag.Float64("kube-api-qps", 50, "Requests per second to the Kubernetes API server (client-side limit). The agent renews one authority Lease per primary volume every second, plus its own Lease: keep this above the number of primaries per node.")
-	kubeBurst := flag.Int("kube-api-burst", 100, "Burst of requests to the Kubernetes API server above --kube-api-qps.")
-	nbdAllowed := flag.String("nbd-allowed-clients", "", "Comma-separated client networks (CIDR prefixes or addresses) allowed to connect to the NBD port; others are refused before the handshake. Empty: any client (firewall the port then).")
-	handover := flag.Duration("handover-timeout", agent.DefaultHandoverTimeout, "On SIGTERM (a rolling update, a drain), how long to wait for the controller to move this node's writer roles to their peers before shutting down; 0 disables the handover. Keep the Pod's terminationGracePeriodSeconds above this plus 30 s.")
-	pprofAddr := flag.String("pprof-address", "", "Serve Go profiles (net/http/pprof) on this address; off when empty. Bind it to localhost.")
-	addrFile := flag.String("addresses-file", "", "Once serving, write the advertised control, replication and NBD addresses (and the pprof one) as JSON to this file, replaced atomically. With port 0 in the listen addresses, this is how a test harness learns the ports the kernel chose.")
-	maxInflight := quantityFlag("max-inflight-bytes", 256<<20, "Memory budget for in-flight request data, shared by every NBD connection (read buffers, write payloads until replicated) and the requests a peer forwards. A request that does not fit waits for earlier ones. "+
+	// A flag set of its own: packages the agent links register flags of
+	// theirs on flag.CommandLine (controller-runtime's --kubeconfig).
+	fs := flag.NewFlagSet("agent", flag.ExitOnError)
+	node := fs.String("node", envOr("NODE_NAME", host), "This agent's Kubernetes node name.")
+	dataDir := fs.String("data-dir", "/var/lib/tandem", "Directory holding the replicas.")
+	controlAddr := fs.String("control-address", ":7400", "Listen address of the control API (HTTP).")
+	replAddr := fs.String("replication-address", ":7401", "Listen address of the replication link.")
+	nbdAddr := fs.String("nbd-address", ":10809", "Listen address of the NBD server.")
+	tokenFile := fs.String("token-file", "", "File holding the shared bearer token for the control API and replication; required unless --insecure-no-auth.")
+	noAuth := fs.Bool("insecure-no-auth", false, "Run without authentication (tests on loopback only).")
+	namespace := fs.String("namespace", os.Getenv("POD_NAMESPACE"), "Operator namespace: the agent registers its Lease there and renews the authority Leases of the volumes it serves. Empty: no Kubernetes (standalone, the control API's word is final).")
+	kubeconfig := fs.String("kubeconfig", "", "Kubeconfig file (default: in-cluster config).")
+	advertise := fs.String("advertise-address", os.Getenv("POD_IP"), "Address peers and clients use to reach this agent (default: the listen addresses' host, or 127.0.0.1).")
+	kubeQPS := fs.Float64("kube-api-qps", 50, "Requests per second to the Kubernetes API server (client-side limit). The agent renews one authority Lease per primary volume every second, plus its own Lease: keep this above the number of primaries per node.")
+	kubeBurst := fs.Int("kube-api-burst", 100, "Burst of requests to the Kubernetes API server above --kube-api-qps.")
+	nbdAllowed := fs.String("nbd-allowed-clients", "", "Comma-separated client networks (CIDR prefixes or addresses) allowed to connect to the NBD port; others are refused before the handshake. Empty: any client (firewall the port then).")
+	handover := fs.Duration("handover-timeout", agent.DefaultHandoverTimeout, "On SIGTERM (a rolling update, a drain), how long to wait for the controller to move this node's writer roles to their peers before shutting down; 0 disables the handover. Keep the Pod's terminationGracePeriodSeconds above this plus 30 s.")
+	pprofAddr := fs.String("pprof-address", "", "Serve Go profiles (net/http/pprof) on this address; off when empty. Bind it to localhost.")
+	addrFile := fs.String("addresses-file", "", "Once serving, write the advertised control, replication and NBD addresses (and the pprof one) as JSON to this file, replaced atomically. With port 0 in the listen addresses, this is how a test harness learns the ports the kernel chose.")
+	maxInflight := quantityFlag(fs, "max-inflight-bytes", 256<<20, "Memory budget for in-flight request data, shared by every NBD connection (read buffers, write payloads until replicated) and the requests a peer forwards. A request that does not fit waits for earlier ones. "+
 		"Keep it well under the container's memory limit: the agent also holds bitmaps (32 MiB per TiB at 4 KiB regions), up to 64 MiB of replication queue per primary and 16 MiB of resync per copy, and Go's collector lets the heap grow to about twice what is live; the default 256Mi fits the shipped 1Gi limit. Accepts a quantity (256Mi, 1Gi) or bytes.")
 	opts := zap.Options{TimeEncoder: zapcore.RFC3339NanoTimeEncoder}
-	opts.BindFlags(flag.CommandLine)
-	flag.Parse()
+	opts.BindFlags(fs)
+	if err := fs.Parse(os.Args[1:]); err != nil {
+		return err
+	}
 	log := zap.New(zap.UseFlagOptions(&opts)).WithName("agent")
 	if *maxInflight < 1<<20 {
 		return fmt.Errorf("--max-inflight-bytes=%d: want at least 1Mi", *maxInflight)
@@ -185,9 +190,9 @@ func run() error {
 
 // quantityFlag defines a flag of bytes written as a Kubernetes quantity
 // ("256Mi", "1Gi") or a plain number.
-func quantityFlag(name string, def int64, usage string) *int64 {
+func quantityFlag(fs *flag.FlagSet, name string, def int64, usage string) *int64 {
 	v := def
-	flag.Func(name, usage+fmt.Sprintf(" (default %s)", resource.NewQuantity(def, resource.BinarySI)), func(s string) error {
+	fs.Func(name, usage+fmt.Sprintf(" (default %s)", resource.NewQuantity(def, resource.BinarySI)), func(s string) error {
 		q, err := resource.ParseQuantity(s)
 		if err != nil {
 			return err

@@ -28,6 +28,7 @@ import (
 // +kubebuilder:rbac:groups=core,resources=pods,verbs=get;list;watch;delete
 // +kubebuilder:rbac:groups=storage.k8s.io,resources=volumeattachments,verbs=delete
 // +kubebuilder:rbac:groups=core,resources=nodes,verbs=patch;update
+// +kubebuilder:rbac:groups=core,resources=nodes/status,verbs=patch
 
 // Workload failover (the Pods that use a volume follow its writer when
 // their node is lost; what piraeus-ha-controller does for DRBD).
@@ -169,6 +170,14 @@ func (p *PodFailover) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Res
 			}
 		}
 	}
+	// The lost node's kubelet never reports the volume unmounted: the
+	// attach-detach controller would keep it "in use" there and hold the
+	// attachment to the new node for up to a minute (its periodic sync).
+	// The writer refuses the node already; say the volume is not in use
+	// there any more.
+	if err := p.releaseVolumeInUse(ctx, node, volID); err != nil {
+		return ctrl.Result{}, err
+	}
 	for _, claim := range claims {
 		var pods corev1.PodList
 		if err := p.Client.List(ctx, &pods, client.InNamespace(claim.Namespace)); err != nil {
@@ -296,4 +305,26 @@ func (p *PodFailover) untaint(ctx context.Context, req reconcile.Request) (recon
 	}
 	p.Recorder.Eventf(n, nil, corev1.EventTypeNormal, "TandemNodeBack", "Untaint", "Removed %s: the Tandem node plugin renews its Lease again", TaintLost)
 	return reconcile.Result{}, nil
+}
+
+// releaseVolumeInUse removes the volume from a fenced node's
+// status.volumesInUse and status.volumesAttached.
+func (p *PodFailover) releaseVolumeInUse(ctx context.Context, node, volID string) error {
+	unique := corev1.UniqueVolumeName("kubernetes.io/csi/" + DriverName + "^" + volID)
+	n := &corev1.Node{}
+	if err := p.Client.Get(ctx, client.ObjectKey{Name: node}, n); err != nil {
+		return client.IgnoreNotFound(err)
+	}
+	inUse := slices.Contains(n.Status.VolumesInUse, unique)
+	attached := slices.ContainsFunc(n.Status.VolumesAttached, func(a corev1.AttachedVolume) bool { return a.Name == unique })
+	if !inUse && !attached {
+		return nil
+	}
+	base := n.DeepCopy()
+	n.Status.VolumesInUse = slices.DeleteFunc(n.Status.VolumesInUse, func(v corev1.UniqueVolumeName) bool { return v == unique })
+	n.Status.VolumesAttached = slices.DeleteFunc(n.Status.VolumesAttached, func(a corev1.AttachedVolume) bool { return a.Name == unique })
+	if err := p.Client.Status().Patch(ctx, n, client.MergeFromWithOptions(base, client.MergeFromWithOptimisticLock{})); err != nil {
+		return fmt.Errorf("releasing %s on lost node %s: %w", unique, node, err)
+	}
+	return nil
 }

@@ -110,6 +110,17 @@ func TestCSIPodFailover(t *testing.T) {
 		}
 		return p
 	}
+	// The lost node's kubelet last reported the volume in use.
+	unique := corev1.UniqueVolumeName("kubernetes.io/csi/csi.tandem.dev^pf-vol")
+	nodeA := &corev1.Node{}
+	if err := k8s.Get(ctx, client.ObjectKey{Name: "pf-a"}, nodeA); err != nil {
+		t.Fatal(err)
+	}
+	nodeA.Status.VolumesInUse = []corev1.UniqueVolumeName{unique, "kubernetes.io/csi/other^x"}
+	nodeA.Status.VolumesAttached = []corev1.AttachedVolume{{Name: unique}}
+	if err := k8s.Status().Update(ctx, nodeA); err != nil {
+		t.Fatal(err)
+	}
 	mover := pod("db-0", false)
 	stayer := pod("pinned", true)
 	gone := func(o client.Object) func() (bool, error) {
@@ -152,6 +163,12 @@ func TestCSIPodFailover(t *testing.T) {
 	}
 	if !tainted() {
 		t.Fatal("the lost node is not tainted")
+	}
+	if err := k8s.Get(ctx, client.ObjectKey{Name: "pf-a"}, nodeA); err != nil {
+		t.Fatal(err)
+	}
+	if slices.Contains(nodeA.Status.VolumesInUse, unique) || len(nodeA.Status.VolumesAttached) != 0 || !slices.Contains(nodeA.Status.VolumesInUse, "kubernetes.io/csi/other^x") {
+		t.Fatalf("the lost node still reports the volume (or lost another): in use %v, attached %v", nodeA.Status.VolumesInUse, nodeA.Status.VolumesAttached)
 	}
 	if ok, _ := gone(stayer)(); ok {
 		t.Fatal("the Pod that opted out was deleted")

@@ -89,8 +89,36 @@ node_tasks() {
   done
 }
 
-# kill_node_tasks NODE: freeze the node's tree, SIGKILL every task, thaw, and
-# wait (≤10 s) until it is empty.
+# node_fuse_conns NODE: the FUSE connections of the volumes the node's CSI
+# node plugin serves (mounts of type fuse.tandem in its tasks' mount
+# namespaces; the connection's number is the mount's minor device number).
+node_fuse_conns() {
+  local p
+  for p in $(node_tasks "$1"); do
+    awk '$0 ~ / - fuse\.tandem / { split($3, d, ":"); print d[2] }' "/proc/$p/mountinfo" 2>/dev/null
+  done | sort -u
+}
+
+# abort_fuse_conns IDS: abort those FUSE connections (fusectl, mounted for
+# the purpose when it is not). A node plugin killed while one of its own
+# threads waits on a volume it serves (an unmount flushing through the loop
+# device) cannot finish dying: the kernel holds that thread until the
+# connection goes. Aborting it fails the pending I/O and lets it go, and the
+# loop device clears itself.
+abort_fuse_conns() {
+  local c mounted=0
+  if ! grep -q ' /sys/fs/fuse/connections fusectl ' /proc/mounts; then
+    mount -t fusectl none /sys/fs/fuse/connections 2>/dev/null && mounted=1
+  fi
+  for c in $1; do
+    [ -w "/sys/fs/fuse/connections/$c/abort" ] && echo 1 >"/sys/fs/fuse/connections/$c/abort" 2>/dev/null
+  done
+  [ "$mounted" = 0 ] || umount /sys/fs/fuse/connections 2>/dev/null || true
+}
+
+# kill_node_tasks NODE: freeze the node's tree, SIGKILL every task, thaw,
+# abort the FUSE connections its node plugin served, and wait (≤10 s) until
+# it is empty.
 kill_node_tasks() {
   local n=$1 cg fz p
   cg=$(node_cgroup "$n")
@@ -99,8 +127,11 @@ kill_node_tasks() {
     [ -f "$h/$cg/freezer.state" ] && fz="$h/$cg/freezer.state"
   done
   [ -n "$fz" ] && echo FROZEN >"$fz" 2>/dev/null
+  local conns
+  conns=$(node_fuse_conns "$n")
   for p in $(node_tasks "$n"); do kill -KILL "$p" 2>/dev/null || true; done
   [ -n "$fz" ] && echo THAWED >"$fz" 2>/dev/null
+  [ -z "$conns" ] || abort_fuse_conns "$conns"
   for _ in $(seq 100); do
     [ -z "$(node_tasks "$n")" ] && return 0
     for p in $(node_tasks "$n"); do kill -KILL "$p" 2>/dev/null || true; done

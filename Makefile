@@ -150,7 +150,7 @@ helm-lint: tools-helm ## Lint the Helm chart.
 ##@ Try it
 
 .PHONY: demo
-demo: ## Run the failover/failback story on a local 3-node cluster (KEEP=1 keeps the cluster).
+demo: ## Run the failover/failback story, then a Pod following its volume, on a local 3-node cluster (KEEP=1 keeps the cluster).
 	hack/demo.sh
 
 ##@ Local cluster

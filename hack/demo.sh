@@ -12,7 +12,11 @@
 #   5. bring node-a back: COPY of only the changed regions, with progress;
 #      NORMAL; automatic failback to PAIR with node-a at the next epoch
 #   6. check every pattern through node-a's export, compare both replicas'
-#      backing files (sha256), and print a summary
+#      backing files (sha256)
+#   7. (real nodes) a StatefulSet's Pod writes durable records to a claim of
+#      the StorageClass tandem; its node (the writer's) is killed; time until
+#      it writes again on the other member, check every acknowledged record;
+#      then print a summary
 #
 #   hack/demo.sh           run it (about a minute once bin/ holds the tools; from a
 #                          fresh clone with cold Go caches 12 minutes, most of it

@@ -29,9 +29,14 @@ awk -v max=40 '
       name = failed[i]
       if (!(name in cnt)) continue
       printed = 0
-      # VIOLATION and error lines first, then the last lines of the test.
+      # The test'"'"'s own messages first (t.Logf/t.Fatalf: "file_test.go:N: …",
+      # not the log dumps of its cleanup, which start with "----"), then
+      # VIOLATION and error lines of the dumps, then the last lines.
       for (j = 1; j <= cnt[name] && printed < max; j++)
-        if (buf[name, j] ~ /VIOLATION|[Ee]rror|FAIL|panic/) { print "[" name "] " buf[name, j]; printed++ }
+        if (buf[name, j] ~ /^ +[A-Za-z0-9_]+_test\.go:[0-9]+: / && buf[name, j] !~ /_test\.go:[0-9]+: ----/) { print "[" name "] " buf[name, j]; printed++; mine[j] = 1 }
+      for (j = 1; j <= cnt[name] && printed < 2 * max; j++)
+        if (!(j in mine) && buf[name, j] ~ /VIOLATION|[Ee]rror|FAIL|panic/) { print "[" name "] " buf[name, j]; printed++ }
+      delete mine
       print "--- last lines of " name ":"
       from = cnt[name] - 15; if (from < 1) from = 1
       for (j = from; j <= cnt[name]; j++) print "[" name "] " buf[name, j]

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/tandem-storage/tandem/dataplane/volume"
 	"github.com/tandem-storage/tandem/internal/stresstest"
@@ -186,5 +187,44 @@ func TestDamagedMetadataNeedsFullCopy(t *testing.T) {
 	same(t, p, r)
 	if !p.v.Status().Copy.FullCopy {
 		t.Fatal("not a full copy")
+	}
+}
+
+// TestFullCopyWithLiveWrites: a wiped backup is copied in full while the
+// writer keeps taking writes; the copy never overwrites a newer live write.
+func TestFullCopyWithLiveWrites(t *testing.T) {
+	for _, mode := range []volume.Mode{volume.ModeSync, volume.ModeAsync} {
+		t.Run(string(mode), func(t *testing.T) {
+			p, b := newMember(t, "a"), newMember(t, "b")
+			if err := b.v.Apply(volume.Spec{PairUID: uidA, Role: volume.RoleBackup, Epoch: 1, Mode: mode, PeerNode: "a"}); err != nil {
+				t.Fatal(err)
+			}
+			if err := p.v.Apply(volume.Spec{PairUID: uidA, Role: volume.RolePrimary, Epoch: 1, Initialize: true, Mode: mode, PeerNode: "b", PeerAddress: b.addr}); err != nil {
+				t.Fatal(err)
+			}
+			waitFor(t, "new pair in sync", inSync(p, b))
+			write(t, p.v, rand.New(rand.NewPCG(12, 1)), 300)
+			waitFor(t, "writes replicated", inSync(p, b))
+			b.v.Close()
+			w := newMember(t, "b")
+			if err := w.v.Apply(volume.Spec{PairUID: uidA, Role: volume.RoleBackup, Epoch: 1, Mode: mode, PeerNode: "a"}); err != nil {
+				t.Fatal(err)
+			}
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				rng := rand.New(rand.NewPCG(7, 2))
+				for i := 0; i < 40; i++ {
+					write(t, p.v, rng, 5)
+					time.Sleep(time.Duration(rng.IntN(3)) * time.Millisecond)
+				}
+			}()
+			if err := p.v.Apply(volume.Spec{PairUID: uidA, Role: volume.RolePrimary, Epoch: 1, Mode: mode, PeerNode: "b", PeerAddress: w.addr}); err != nil {
+				t.Fatal(err)
+			}
+			<-done
+			waitFor(t, "full copy to the new replica", inSync(p, w))
+			same(t, p, w)
+		})
 	}
 }

@@ -142,6 +142,11 @@ cmd_kill_agent() {
     kill -STOP "$(pid_of "kubelet-$n")"
     # shellcheck disable=SC2086 # one or more pids
     kill -KILL $p
+    # SIGKILL is delivered asynchronously: the agent is down when its
+    # processes are gone, not when kill returns (a test wipes its disk next;
+    # a dying agent must not answer or write after that).
+    # shellcheck disable=SC2086
+    wait_for 10 "the agent on $n (pid $p) to exit" all_gone $p
     log "Agent container on $n SIGKILLed (pid $p); kubelet-$n paused until start-agent"
     return
   fi

@@ -389,12 +389,23 @@ stop_nodes() {
   done
 }
 
-# container_pids NODE PROGRAM: the node's processes whose command is PROGRAM
-# (as the container sees its path), e.g. /usr/local/bin/agent.
+# container_pids NODE PROGRAM [SUBCOMMAND]: the node's processes whose
+# command is PROGRAM (as the container sees its path), e.g.
+# /usr/local/bin/agent, run with SUBCOMMAND as its first argument, or, with
+# none given, with no subcommand (a first argument that is a flag): the
+# agent's image also runs the CSI node plugin ("agent csi-node"), which is
+# not the agent.
 container_pids() {
-  local n=$1 prog=$2 p
+  local n=$1 prog=$2 sub=${3:-} p argv
   for p in $(node_tasks "$n"); do
-    [ "$(tr '\0' '\n' <"/proc/$p/cmdline" 2>/dev/null | head -n 1)" = "$prog" ] && printf '%s ' "$p"
+    mapfile -t argv < <(tr '\0' '\n' <"/proc/$p/cmdline" 2>/dev/null)
+    [ "${argv[0]:-}" = "$prog" ] || continue
+    if [ -n "$sub" ]; then
+      [ "${argv[1]:-}" = "$sub" ] || continue
+    else
+      case ${argv[1]:-} in "" | -*) ;; *) continue ;; esac
+    fi
+    printf '%s ' "$p"
   done
   return 0
 }

@@ -51,6 +51,16 @@ stop_proc() {
   rm -f "$PIDS/$name.pid"
 }
 
+# all_gone PID...: none of the processes runs any more (gone, or a zombie
+# that only awaits its parent's wait).
+all_gone() {
+  local p st
+  for p in "$@"; do
+    st=$(awk '{print $3}' "/proc/$p/stat" 2>/dev/null) || continue
+    [ -z "$st" ] || [ "$st" = Z ] || return 1
+  done
+}
+
 # wait_for SECONDS WHAT CMD...: run CMD until it succeeds; die after SECONDS,
 # or as soon as the process named by $WATCH (if set) has exited.
 wait_for() {

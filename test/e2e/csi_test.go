@@ -169,14 +169,8 @@ spec:
 	}
 	pvName := strings.TrimSpace(mustKubectl(t, "get", "pvc", "data-recorder-0", "-n", s.ns, "-o", "jsonpath={.spec.volumeName}"))
 	handle := strings.TrimSpace(mustKubectl(t, "get", "pv", pvName, "-o", "jsonpath={.spec.csi.volumeHandle}"))
-	getVP := func() *v1.VolumePair {
-		out := mustKubectl(t, "get", "vp", handle, "-n", "tandem-system", "-o", "json")
-		vp := &v1.VolumePair{}
-		if err := json.Unmarshal([]byte(out), vp); err != nil {
-			t.Fatal(err)
-		}
-		return vp
-	}
+	pair := &story{t: t, ns: "tandem-system", name: handle}
+	getVP := pair.get
 	vp := getVP()
 	if vp.Spec.Primary.Node != primary || vp.Spec.Backup.Node != backup || vp.Annotations["csi.tandem.dev/pvc"] != s.ns+"/data-recorder-0" {
 		t.Fatalf("VolumePair %s: members %s/%s, annotations %v", handle, vp.Spec.Primary.Node, vp.Spec.Backup.Node, vp.Annotations)

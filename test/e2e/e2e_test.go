@@ -194,15 +194,32 @@ spec:
 %s`, s.name, size, mode, primary, backup, extra)
 }
 
+// get reads the VolumePair. A failed read is tried again for up to
+// transientFor: on a busy two-core machine the API server now and then
+// times a request out, which says nothing about Tandem.
 func (s *story) get() *v1.VolumePair {
 	s.t.Helper()
-	out := mustKubectl(s.t, "get", "vp", s.name, "-n", s.ns, "-o", "json")
-	vp := &v1.VolumePair{}
-	if err := json.Unmarshal([]byte(out), vp); err != nil {
-		s.t.Fatalf("decode VolumePair: %v", err)
+	var last error
+	for deadline := time.Now().Add(transientFor); ; {
+		out, err := kubectl(s.t, "get", "vp", s.name, "-n", s.ns, "-o", "json")
+		if err == nil {
+			vp := &v1.VolumePair{}
+			if err := json.Unmarshal([]byte(out), vp); err != nil {
+				s.t.Fatalf("decode VolumePair: %v", err)
+			}
+			return vp
+		}
+		last = fmt.Errorf("%w: %s", err, strings.TrimSpace(out))
+		if time.Now().After(deadline) {
+			s.t.Fatalf("kubectl get vp %s -n %s failed for %s: %v", s.name, s.ns, transientFor, last)
+		}
+		time.Sleep(250 * time.Millisecond)
 	}
-	return vp
 }
+
+// transientFor is how long a story keeps trying a read that failed (the
+// API server or an agent busy, not down) before it fails.
+const transientFor = 15 * time.Second
 
 // wait polls the VolumePair (kubectl, every 250 ms) until cond holds, and
 // returns it.
@@ -302,15 +319,30 @@ func (s *story) identical(active, other string) {
 }
 
 // agentStatus reads a member's own view through its control API.
+// A failed read is tried again for up to transientFor.
 func (s *story) agentStatus(node string) agentapi.Status {
 	s.t.Helper()
-	out := mustKubectl(s.t, "-n", "tandem-system", "get", "lease", v1.AgentLeaseName(node), "-o", "jsonpath={.metadata.annotations.storage\\.tandem\\.dev/control-endpoint}")
-	c := agentapi.NewClient(strings.TrimSpace(out), agentToken)
-	st, err := c.Get(context.Background(), s.ns, s.name)
-	if err != nil {
-		s.t.Fatalf("agent status on %s: %v", node, err)
+	var last error
+	for deadline := time.Now().Add(transientFor); ; {
+		out, err := kubectl(s.t, "-n", "tandem-system", "get", "lease", v1.AgentLeaseName(node), "-o", "jsonpath={.metadata.annotations.storage\\.tandem\\.dev/control-endpoint}")
+		if err == nil {
+			c := agentapi.NewClient(strings.TrimSpace(out), agentToken)
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			var st agentapi.Status
+			st, err = c.Get(ctx, s.ns, s.name)
+			cancel()
+			if err == nil {
+				return st
+			}
+		} else {
+			err = fmt.Errorf("%w: %s", err, strings.TrimSpace(out))
+		}
+		last = err
+		if time.Now().After(deadline) {
+			s.t.Fatalf("agent status on %s: %v", node, last)
+		}
+		time.Sleep(250 * time.Millisecond)
 	}
-	return st
 }
 
 // writeUntilAccepted retries a write on the current endpoint until it is

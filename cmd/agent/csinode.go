@@ -36,6 +36,7 @@ func runCSINode(args []string) error {
 	namespace := fs.String("namespace", os.Getenv("POD_NAMESPACE"), "The driver's namespace: where the VolumePairs of provisioned volumes live.")
 	kubeconfig := fs.String("kubeconfig", "", "Kubeconfig file (default: in-cluster config).")
 	ioTimeout := fs.Duration("io-timeout", attach.DefaultIOTimeout, "How long a volume request waits for a writer (across a failover or a switchover) before the filesystem gets EIO.")
+	attachPath := fs.String("attach", "auto", "How volumes become block devices: kernel (the kernel's NBD client, /dev/nbdN), user-space (a FUSE file with a loop device, for kernels without NBD), or auto (kernel when the kernel has an NBD client, else user-space).")
 	opts := zap.Options{TimeEncoder: zapcore.RFC3339NanoTimeEncoder}
 	opts.BindFlags(fs)
 	if err := fs.Parse(args); err != nil {
@@ -57,24 +58,58 @@ func runCSINode(args []string) error {
 		return fmt.Errorf("kubernetes client: %w", err)
 	}
 	resolve := csi.WriterResolver(c)
-	attacher := &attach.UserSpace{
-		Dir: filepath.Join(*stateDir, "fuse"), IOTimeout: *ioTimeout, Log: log.WithName("attach"),
-		Resolver: func(v csi.Volume) attach.Resolver { return resolve(v) },
+	resolver := func(v csi.Volume) attach.Resolver { return resolve(v) }
+	nodeSvc := &csi.Node{NodeID: *node, Client: c, Namespace: *namespace, Mounter: csi.LinuxMounter{}, StateDir: *stateDir}
+	attacher, path, err := chooseAttacher(*attachPath, func() (nodeAttacher, error) {
+		return attach.NewKernel(attach.KernelOptions{IOTimeout: *ioTimeout, Log: log.WithName("attach"), Resolver: resolver, Lookup: nodeSvc.Volume})
+	}, func() nodeAttacher {
+		return &attach.UserSpace{Dir: filepath.Join(*stateDir, "fuse"), IOTimeout: *ioTimeout, Log: log.WithName("attach"), Resolver: resolver}
+	})
+	if err != nil {
+		return err
 	}
-	log.Info("Attach path", "path", "user-space (FUSE file + loop device)", "why", attach.KernelNBDStatus())
+	log.Info("Attach path", "path", path)
+	nodeSvc.Attacher = attacher
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	p := &csi.NodePlugin{
-		Node: &csi.Node{NodeID: *node, Client: c, Namespace: *namespace, Attacher: attacher,
-			Mounter: csi.LinuxMounter{}, StateDir: *stateDir},
-		Endpoint: *endpoint, RegistryDir: *registry, Log: log,
-	}
-	go csi.Heartbeat(ctx, c, *namespace, *node, nil, log.WithName("heartbeat"))
+	p := &csi.NodePlugin{Node: nodeSvc, Endpoint: *endpoint, RegistryDir: *registry, Log: log}
+	go csi.Heartbeat(ctx, c, *namespace, *node, map[string]string{csi.AnnotationAttachPath: path}, nil, log.WithName("heartbeat"))
 	err = p.Run(ctx)
-	// Volumes still attached stop working with this process (their FUSE
-	// files go): say which.
 	if n := attacher.Attached(); len(n) > 0 {
-		log.Info("Stopping with volumes attached; their I/O fails until they are staged again", "volumes", n, "grace", 5*time.Second)
+		if _, kernel := attacher.(*attach.Kernel); kernel {
+			log.Info("Stopping with volumes attached; the kernel keeps serving them, and the next run follows their writers again", "volumes", n)
+		} else {
+			// Their FUSE files go with this process.
+			log.Info("Stopping with volumes attached; their I/O fails until they are staged again", "volumes", n, "grace", 5*time.Second)
+		}
 	}
 	return err
+}
+
+// nodeAttacher is what the node plugin needs of an attach path.
+type nodeAttacher interface {
+	csi.Attacher
+	Attached() []string
+}
+
+// chooseAttacher picks the attach path the --attach flag asks for, and says
+// which it is and why.
+func chooseAttacher(want string, kernel func() (nodeAttacher, error), userSpace func() nodeAttacher) (nodeAttacher, string, error) {
+	switch want {
+	case "kernel":
+		a, err := kernel()
+		if err != nil {
+			return nil, "", fmt.Errorf("--attach=kernel: %w", err)
+		}
+		return a, "kernel NBD (/dev/nbdN)", nil
+	case "user-space":
+		return userSpace(), "user-space (FUSE file + loop device): --attach=user-space", nil
+	case "auto":
+		a, err := kernel()
+		if err != nil {
+			return userSpace(), "user-space (FUSE file + loop device): " + err.Error(), nil
+		}
+		return a, "kernel NBD (/dev/nbdN)", nil
+	}
+	return nil, "", fmt.Errorf("--attach=%q: want auto, kernel or user-space", want)
 }

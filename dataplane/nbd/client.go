@@ -149,15 +149,49 @@ func Dial(ctx context.Context, addr, name string) (*Client, error) {
 
 // NewClient negotiates export name over conn and starts reading replies.
 func NewClient(ctx context.Context, conn net.Conn, name string) (*Client, error) {
+	c, br, err := negotiate(ctx, conn, name)
+	if err != nil {
+		return nil, err
+	}
+	go c.readLoop(br)
+	return c, nil
+}
+
+// ExportInfo is what the handshake told about an export.
+type ExportInfo struct {
+	Size  int64
+	Flags uint16 // transmission flags (FlagSendFlush, FlagSendFUA...)
+	// MinBlock is the smallest request size the server accepts (1 when it
+	// did not say), MaxPayload the largest read or write.
+	MinBlock, MaxPayload uint32
+}
+
+// Negotiate performs only the handshake for export name over conn and
+// leaves conn in the transmission phase for another client to use, such as
+// the kernel's NBD driver: nothing of conn is read beyond the handshake.
+func Negotiate(ctx context.Context, conn net.Conn, name string) (ExportInfo, error) {
+	c, br, err := negotiate(ctx, conn, name)
+	if err != nil {
+		return ExportInfo{}, err
+	}
+	if br.Buffered() > 0 {
+		// The server sent something after its last option reply, which
+		// the protocol does not allow before the first request.
+		return ExportInfo{}, fmt.Errorf("%w: %d bytes after the handshake", ErrProtocol, br.Buffered())
+	}
+	return ExportInfo{Size: c.size, Flags: c.flags, MinBlock: c.minSize, MaxPayload: c.maxLen}, nil
+}
+
+func negotiate(ctx context.Context, conn net.Conn, name string) (*Client, *bufio.Reader, error) {
 	if len(name) > maxStringLen {
-		return nil, fmt.Errorf("export name of %d bytes exceeds the protocol's %d", len(name), maxStringLen)
+		return nil, nil, fmt.Errorf("export name of %d bytes exceeds the protocol's %d", len(name), maxStringLen)
 	}
 	dl, ok := ctx.Deadline()
 	if !ok {
 		dl = time.Now().Add(30 * time.Second)
 	}
 	if err := conn.SetDeadline(dl); err != nil {
-		return nil, fmt.Errorf("setting handshake deadline: %w", err)
+		return nil, nil, fmt.Errorf("setting handshake deadline: %w", err)
 	}
 	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(aLongTimeAgo) })
 	defer stop()
@@ -165,15 +199,14 @@ func NewClient(ctx context.Context, conn net.Conn, name string) (*Client, error)
 	c := &Client{conn: conn, bw: bufio.NewWriterSize(conn, 64<<10), pending: map[uint64]*clientCall{}, done: make(chan struct{}), maxLen: DefaultClientMaxPayload, minSize: 1}
 	if err := c.handshake(br, name); err != nil {
 		if ctx.Err() != nil {
-			return nil, fmt.Errorf("NBD handshake: %w (%w)", context.Cause(ctx), err)
+			return nil, nil, fmt.Errorf("NBD handshake: %w (%w)", context.Cause(ctx), err)
 		}
-		return nil, fmt.Errorf("NBD handshake: %w", err)
+		return nil, nil, fmt.Errorf("NBD handshake: %w", err)
 	}
 	if err := conn.SetDeadline(time.Time{}); err != nil {
-		return nil, fmt.Errorf("clearing handshake deadline: %w", err)
+		return nil, nil, fmt.Errorf("clearing handshake deadline: %w", err)
 	}
-	go c.readLoop(br)
-	return c, nil
+	return c, br, nil
 }
 
 func (c *Client) handshake(br *bufio.Reader, name string) error {

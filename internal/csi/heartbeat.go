@@ -28,11 +28,16 @@ const (
 	componentNode = "csi-node"
 )
 
+// AnnotationAttachPath on the node plugin's Lease says how the node makes
+// volumes block devices (kernel NBD or user space, and why).
+const AnnotationAttachPath = "csi.tandem.dev/attach-path"
+
 // NodeLeaseName is the node plugin's Lease on node.
 func NodeLeaseName(node string) string { return v1.NodePluginLeaseName(node) }
 
-// Heartbeat renews the node plugin's Lease until ctx is done.
-func Heartbeat(ctx context.Context, c client.Client, namespace, node string, clk clock.WithTicker, log logr.Logger) {
+// Heartbeat renews the node plugin's Lease until ctx is done, with the
+// given annotations.
+func Heartbeat(ctx context.Context, c client.Client, namespace, node string, annotations map[string]string, clk clock.WithTicker, log logr.Logger) {
 	if clk == nil {
 		clk = clock.RealClock{}
 	}
@@ -40,7 +45,7 @@ func Heartbeat(ctx context.Context, c client.Client, namespace, node string, clk
 	defer t.Stop()
 	failing := false
 	for {
-		err := renewNodeLease(ctx, c, namespace, node, clk)
+		err := renewNodeLease(ctx, c, namespace, node, annotations, clk)
 		switch {
 		case err != nil && !failing:
 			log.Error(err, "Cannot renew the node plugin's Lease")
@@ -57,7 +62,7 @@ func Heartbeat(ctx context.Context, c client.Client, namespace, node string, clk
 	}
 }
 
-func renewNodeLease(ctx context.Context, c client.Client, namespace, node string, clk clock.Clock) error {
+func renewNodeLease(ctx context.Context, c client.Client, namespace, node string, annotations map[string]string, clk clock.Clock) error {
 	ctx, cancel := context.WithTimeout(ctx, NodeHeartbeatDuration/2)
 	defer cancel()
 	now := metav1.NewMicroTime(clk.Now())
@@ -66,7 +71,7 @@ func renewNodeLease(ctx context.Context, c client.Client, namespace, node string
 	if apierrors.IsNotFound(err) {
 		l = &coordinationv1.Lease{
 			ObjectMeta: metav1.ObjectMeta{Namespace: namespace, Name: NodeLeaseName(node),
-				Labels: map[string]string{v1.LabelComponent: componentNode, v1.LabelNode: node}},
+				Labels: map[string]string{v1.LabelComponent: componentNode, v1.LabelNode: node}, Annotations: annotations},
 			Spec: coordinationv1.LeaseSpec{HolderIdentity: ptr.To(node), LeaseDurationSeconds: ptr.To(int32(NodeHeartbeatDuration / time.Second)),
 				AcquireTime: &now, RenewTime: &now},
 		}
@@ -80,6 +85,12 @@ func renewNodeLease(ctx context.Context, c client.Client, namespace, node string
 	}
 	l.Spec.RenewTime = &now
 	l.Spec.HolderIdentity = ptr.To(node)
+	for k, v := range annotations {
+		if l.Annotations == nil {
+			l.Annotations = map[string]string{}
+		}
+		l.Annotations[k] = v
+	}
 	l.Spec.LeaseDurationSeconds = ptr.To(int32(NodeHeartbeatDuration / time.Second))
 	if err := c.Update(ctx, l); err != nil {
 		return fmt.Errorf("renew node plugin Lease: %w", err)

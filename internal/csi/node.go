@@ -153,6 +153,15 @@ func (n *Node) pair(ctx context.Context, id string) (client.ObjectKey, *v1.Volum
 	return key, vp, nil
 }
 
+// Volume describes volume id for an Attacher.
+func (n *Node) Volume(ctx context.Context, id string) (Volume, error) {
+	key, vp, err := n.pair(ctx, id)
+	if err != nil {
+		return Volume{}, err
+	}
+	return Volume{ID: id, Pair: key, Size: vp.Spec.Size.Value()}, nil
+}
+
 // NodeGetInfo names the node and its topology.
 func (n *Node) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.NodeGetInfoResponse, error) {
 	return &csi.NodeGetInfoResponse{

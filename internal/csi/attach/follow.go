@@ -1,7 +1,9 @@
-// Package attach makes a Tandem volume a block device on a node. The
-// user-space path, for kernels without an NBD client: a Follower (an NBD
-// client that follows the pair's writer) behind a FUSE file, with a loop
-// device on that file.
+// Package attach makes a Tandem volume a block device on a node, two ways:
+// the kernel's NBD client (Kernel: /dev/nbdN, the socket handed to the
+// kernel after Tandem's handshake, replaced when the writer moves), and for
+// kernels without one the user-space path (UserSpace: a Follower, an NBD
+// client that follows the pair's writer, behind a FUSE file, with a loop
+// device on that file).
 package attach
 
 import (

@@ -140,17 +140,6 @@ func (u *UserSpace) Attached() []string {
 	return ids
 }
 
-// KernelNBDStatus says whether this kernel has an NBD client, for the log
-// line that names the attach path a node uses. The user-space path is
-// used either way for now: the kernel path is not built yet (see
-// docs/reliability.md, Open).
-func KernelNBDStatus() string {
-	if _, err := os.Stat("/sys/module/nbd"); err == nil {
-		return "the kernel has an NBD client (module nbd), not used yet"
-	}
-	return "the kernel has no NBD client (no module nbd)"
-}
-
 // Follower returns the follower of an attached volume (nil when not
 // attached), for status and tests.
 func (u *UserSpace) Follower(id string) *Follower {

@@ -24,6 +24,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -54,7 +55,8 @@ func main() {
 	flag.IntVar(&b.runs, "runs", 5, "Runs per figure (median, min, max).")
 	flag.DurationVar(&b.runtime, "runtime", 3*time.Second, "Measured time of each fio run (plus 1 s ramp).")
 	flag.BoolVar(&b.syncRuns, "sync", true, "Flush the page cache's dirty data (sync) before each fio run, so no run pays for another's writeback.")
-	only := flag.String("only", "", "Comma-separated sections to run (fio,resync,failover,failback,bitmaps,rss,scaling); empty: all.")
+	only := flag.String("only", "", "Comma-separated sections to run (fio,resync,failover,failback,bitmaps,rss,scaling,podfailover); empty: all. podfailover needs root and brings the local cluster up.")
+	update := flag.Bool("update", false, "Start from the results of the last run (the .json next to -out) and replace only the sections run now, e.g. -only podfailover -update.")
 	keep := flag.Bool("keep", false, "Keep the work directory.")
 	from := flag.String("from", "", "Only write the report (and plot) again from the results of an earlier run (the .json next to the report), e.g. after editing hack/bench/analysis.md.")
 	compare := flag.String("compare", "", "Git revision whose agent runs as extra fio targets (standalone-base, async-base, sync-base), for before/after figures; implies -only fio unless -only is set.")
@@ -125,9 +127,19 @@ func main() {
 			*only = "fio"
 		}
 	}
-	b.res.Machine = machineInfo()
-	b.res.Started = b.start
-	b.res.Runs, b.res.Runtime = b.runs, b.runtime
+	if *update {
+		data, err := os.ReadFile(strings.TrimSuffix(*out, filepath.Ext(*out)) + ".json")
+		if err != nil {
+			fatal(fmt.Errorf("-update: %w", err))
+		}
+		if err := json.Unmarshal(data, &b.res); err != nil {
+			fatal(fmt.Errorf("-update: %w", err))
+		}
+	} else {
+		b.res.Machine = machineInfo()
+		b.res.Started = b.start
+		b.res.Runs, b.res.Runtime = b.runs, b.runtime
+	}
 
 	want := map[string]bool{}
 	for _, s := range strings.Split(*only, ",") {
@@ -146,6 +158,7 @@ func main() {
 		{"rss", b.runRSS},
 		{"bitmaps", b.runBitmaps},
 		{"failover", b.runFailover},
+		{"podfailover", b.runPodFailover},
 	}
 	for _, s := range sections {
 		if len(want) > 0 && !want[s.name] {
@@ -155,6 +168,7 @@ func main() {
 		b.logln("== %s", s.name)
 		err := s.fn()
 		d := time.Since(t0)
+		b.res.Sections = slices.DeleteFunc(b.res.Sections, func(t sectionTime) bool { return t.Name == s.name })
 		b.res.Sections = append(b.res.Sections, sectionTime{Name: s.name, Seconds: d.Seconds(), Err: errString(err)})
 		if err != nil {
 			b.logln("%s failed after %v: %v", s.name, d.Round(time.Second), err)
@@ -163,8 +177,10 @@ func main() {
 		}
 		b.cleanup()
 	}
-	b.res.Finished = time.Now()
-	b.res.Machine.LoadAfter = loadAvg()
+	if !*update {
+		b.res.Finished = time.Now()
+		b.res.Machine.LoadAfter = loadAvg()
+	}
 	data, err := json.MarshalIndent(&b.res, "", "  ")
 	if err != nil {
 		fatal(err)

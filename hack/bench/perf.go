@@ -34,7 +34,9 @@ type results struct {
 	RSS      []rssRow
 	Bitmaps  []benchLine
 	Failover []benchLine
-	Raw      map[string]string `json:"-"` // raw output of the go benchmarks, by section
+	// PodFailover is measured on the local cluster (-only podfailover).
+	PodFailover podFailoverRes
+	Raw         map[string]string `json:"-"` // raw output of the go benchmarks, by section
 }
 
 type sectionTime struct {

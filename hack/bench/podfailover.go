@@ -145,8 +145,15 @@ func reportPodFailover(p func(string, ...any), r *results) {
 	for i, x := range pf.Seconds {
 		times[i] = ff(x, 2)
 	}
-	p("| runs | min s | median s | max s | individual times s | records |\n|---|---|---|---|---|---|\n")
-	p("| %d | %s | %s | %s | %s | %s |\n", s.N, ff(s.Min, 2), ff(s.Med, 2), ff(s.Max, 2), strings.Join(times, " "), oneLine(strings.Join(uniq(pf.Records), "; ")))
+	records := make([]string, len(pf.Records))
+	for i, r := range pf.Records {
+		records[i] = r
+		if m := recordsRE.FindStringSubmatch(r); m != nil {
+			records[i] = m[2] + "/" + m[1]
+		}
+	}
+	p("| runs | min s | median s | max s | individual times s | acknowledged records intact after |\n|---|---|---|---|---|---|\n")
+	p("| %d | %s | %s | %s | %s | %s |\n", s.N, ff(s.Min, 2), ff(s.Med, 2), ff(s.Max, 2), strings.Join(times, " "), oneLine(strings.Join(records, " ")))
 	for _, e := range pf.Errors {
 		p("| | failed run: %s | | | | |\n", oneLine(e))
 	}
@@ -163,17 +170,8 @@ func reportPodFailover(p func(string, ...any), r *results) {
 	}
 }
 
-func uniq(xs []string) []string {
-	seen := map[string]bool{}
-	var out []string
-	for _, x := range xs {
-		if !seen[x] {
-			seen[x] = true
-			out = append(out, x)
-		}
-	}
-	return out
-}
+// recordsRE reads story 16's "N records acknowledged before, M intact after".
+var recordsRE = regexp.MustCompile(`^(\d+) records acknowledged before, (\d+) intact after$`)
 
 // podFailoverAnalysis explains the figures (written after looking at the
 // breakdowns).

@@ -90,6 +90,16 @@ func podOf(t *testing.T, ns, name string) (*corev1.Pod, bool) {
 func TestStory16PodFollowsWriter(t *testing.T) {
 	requireKubeletNodes(t)
 	primary, backup := failoverNodes(t)
+	// The node plugin says which attach path it uses, and why: this
+	// machine's kernel decides which one.
+	want := "user-space"
+	if _, err := os.Stat("/sys/module/nbd"); err == nil {
+		want = "kernel NBD"
+	}
+	path := mustKubectl(t, "-n", "tandem-system", "get", "lease", "tandem-csi-node-"+primary, "-o", "jsonpath={.metadata.annotations.csi\\.tandem\\.dev/attach-path}")
+	if !strings.HasPrefix(path, want) {
+		t.Fatalf("the node plugin on %s reports the attach path %q, want %s", primary, path, want)
+	}
 	s := newStory(t, "records")
 	class := "tandem-" + s.ns
 	if len(class) > 63 {

@@ -331,6 +331,11 @@ if [ $HAVE_NBDCOPY = 1 ]; then
   [ "$SC" = "$SA" ] || fail "what the client reads differs from the replica files"
 fi
 
+# Agents report their totals on the control API; node-b ran the resync and
+# held the writes at failback. Read now: the Pod chapter below may kill
+# node-b, and its agent's totals start again with it.
+B_STATUS=$(agent_status node-b) || fail "cannot read node-b's agent status"
+
 if [ "$TANDEM_NODES" = kubelet ]; then
   # ------------------------------------------------------------ a Pod on a Tandem volume
   # The node for the Pod: not the one whose manager leads (losing that one
@@ -426,9 +431,6 @@ k -n "$NS" get events --field-selector "involvedObject.name=$NAME" --sort-by=.me
   -o custom-columns=TIME:.metadata.creationTimestamp,REASON:.reason,MESSAGE:.message 2>/dev/null | sed 's/^/    /' ||
   k -n "$NS" get events --sort-by=.metadata.creationTimestamp | sed 's/^/    /'
 
-# Agents report their totals on the control API; node-b ran the resync and
-# held the writes at failback.
-B_STATUS=$(agent_status node-b) || fail "cannot read node-b's agent status"
 COPIED=$(json_num copiedBytesTotal <<<"$B_STATUS")
 HOLD=$(json_num lastHoldSeconds <<<"$B_STATUS")
 FIRST_DIFF=$((MAX_TOTAL - ${SECOND_DIFF:-0}))

@@ -97,13 +97,36 @@ func kubectl(t *testing.T, args ...string) (string, error) {
 	return string(out), err
 }
 
+// mustKubectl runs kubectl and fails the test if it fails. An answer that
+// says the API server was busy (a timeout, etcd slow) is tried again for up
+// to transientFor: on a loaded two-core machine that happens now and then
+// and says nothing about Tandem.
 func mustKubectl(t *testing.T, args ...string) string {
 	t.Helper()
-	out, err := kubectl(t, args...)
-	if err != nil {
-		t.Fatalf("kubectl %v: %v\n%s", args, err, out)
+	deadline := time.Now().Add(transientFor)
+	for {
+		out, err := kubectl(t, args...)
+		if err == nil {
+			return out
+		}
+		if !transientAPIError(out) || time.Now().After(deadline) {
+			t.Fatalf("kubectl %v: %v\n%s", args, err, out)
+		}
+		time.Sleep(500 * time.Millisecond)
 	}
-	return out
+}
+
+// transientAPIError says whether kubectl's output reports an API server
+// that could not answer in time, rather than an answer.
+func transientAPIError(out string) bool {
+	for _, s := range []string{"Timeout: request did not complete", "the server was unable to return a response in the time allotted",
+		"etcdserver: request timed out", "http: Handler timeout", "context deadline exceeded", "TLS handshake timeout",
+		"the server is currently unable to handle the request", "connection reset by peer"} {
+		if strings.Contains(out, s) {
+			return true
+		}
+	}
+	return false
 }
 
 // story gives one user story its namespace and dumps logs when it fails.

@@ -346,45 +346,8 @@ if [ "$TANDEM_NODES" = kubelet ]; then
   [ "$LEADER_NODE" != node-c ] || POD_NODE=node-b
   step "A Pod on a Tandem volume: StatefulSet recorder, a 64Mi claim of StorageClass tandem, the Pod preferring $POD_NODE"
   say "the recorder appends numbered 4 KiB records, fdatasyncs each, then logs \"RECORDER ack N\""
-  k apply -f - <<EOF | sed 's/^/    /'
-apiVersion: apps/v1
-kind: StatefulSet
-metadata:
-  name: recorder
-  namespace: $NS
-spec:
-  serviceName: recorder
-  replicas: 1
-  selector:
-    matchLabels: {app: recorder}
-  template:
-    metadata:
-      labels: {app: recorder}
-    spec:
-      terminationGracePeriodSeconds: 5
-      affinity:
-        nodeAffinity:
-          preferredDuringSchedulingIgnoredDuringExecution:
-          - weight: 100
-            preference:
-              matchExpressions:
-              - {key: kubernetes.io/hostname, operator: In, values: [$POD_NODE]}
-      containers:
-      - name: recorder
-        image: tandem.local/recorder:1
-        imagePullPolicy: Never
-        args: [--dir=/data, --interval=50ms]
-        volumeMounts:
-        - {name: data, mountPath: /data}
-  volumeClaimTemplates:
-  - metadata:
-      name: data
-    spec:
-      storageClassName: tandem
-      accessModes: [ReadWriteOnce]
-      resources:
-        requests: {storage: 64Mi}
-EOF
+  sed -e "s/namespace: NAMESPACE/namespace: $NS/; s/\[NODE\]/[$POD_NODE]/; s/storageClassName: STORAGE_CLASS/storageClassName: tandem/" "$ROOT/hack/recorder/statefulset.yaml" |
+    k apply -f - | sed 's/^/    /'
   # The recorder's log, read from the node's disk (also once the node is
   # gone): rec_log NODE UID, rec_last NODE UID → the last acknowledged record.
   rec_uid() { k -n "$NS" get pod recorder-0 -o jsonpath='{.metadata.uid}' 2>/dev/null || true; }

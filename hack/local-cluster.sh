@@ -80,7 +80,9 @@
 # TANDEM_ETCD_PORT (23790; peer port +10), TANDEM_MANAGER_METRICS_PORT (18080),
 # TANDEM_MANAGER_PROBE_PORT (18081), MANAGER_ARGS / AGENT_ARGS (extra flags;
 # process nodes only).
-set -euo pipefail
+set -Eeuo pipefail
+# set -e ends the script silently: say which command failed, and where.
+trap 'echo "local-cluster.sh: ${BASH_SOURCE[0]##*/}:$LINENO: \"$BASH_COMMAND\" failed (exit $?)" >&2' ERR
 
 # The script is in parts, sourced below from hack/lib/ (each file's header
 # says what it holds): common.sh (messages, node names and addresses, kubectl),
@@ -121,7 +123,7 @@ NBD_PORT=10809
 PROG=$(basename "$0")
 
 usage() {
-  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+  sed -n '2,/^set -Eeuo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
 }
 
 # shellcheck source-path=SCRIPTDIR

@@ -95,7 +95,9 @@ node_tasks() {
 node_fuse_conns() {
   local p
   for p in $(node_tasks "$1"); do
-    awk '$0 ~ / - fuse\.tandem / { split($3, d, ":"); print d[2] }' "/proc/$p/mountinfo" 2>/dev/null
+    # A task may exit meanwhile, or be a zombie (a CNI plugin its parent
+    # has not reaped yet): it has no mount table to read.
+    awk '$0 ~ / - fuse\.tandem / { split($3, d, ":"); print d[2] }' "/proc/$p/mountinfo" 2>/dev/null || true
   done | sort -u
 }
 
@@ -443,7 +445,8 @@ cmd_cost() {
     local t=0 p c hz
     hz=$(getconf CLK_TCK)
     for p in "${pids[@]}"; do
-      [ -r "/proc/$p/stat" ] && t=$((t + $(awk -v hz="$hz" '{sub(/^.*\) /, ""); printf "%d", ($12 + $13) * 1e9 / hz}' "/proc/$p/stat")))
+      # (a process that exits meanwhile counts 0)
+      t=$((t + $(awk -v hz="$hz" '{sub(/^.*\) /, ""); printf "%d", ($12 + $13) * 1e9 / hz}' "/proc/$p/stat" 2>/dev/null || echo 0)))
     done
     for c in "${cgs[@]}"; do t=$((t + $(cat "$c"))); done
     echo "$t"
@@ -452,7 +455,7 @@ cmd_cost() {
   before=$(usage)
   sleep "$secs"
   after=$(usage)
-  rss=$(for p in "${pids[@]}"; do awk '/^VmRSS:/ {print $2}' "/proc/$p/status" 2>/dev/null; done | awk -v n="$rss_node" '{s += $1} END {print s + n}')
+  rss=$(for p in "${pids[@]}"; do awk '/^VmRSS:/ {print $2}' "/proc/$p/status" 2>/dev/null || true; done | awk -v n="$rss_node" '{s += $1} END {print s + n}')
   awk -v b="$before" -v a="$after" -v s="$secs" -v rss="$rss" -v mode="$(node_mode)" \
     'BEGIN {printf "cluster idle cost (%s nodes): %.1f%% of one core over %ds, %.0f MiB resident\n", mode, 100 * (a - b) / 1e9 / s, s, rss / 1024}'
 }

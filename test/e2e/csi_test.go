@@ -122,43 +122,11 @@ parameters:
   mode: Sync
 `, class, primary, backup))
 	t.Cleanup(func() { _, _ = kubectl(t, "delete", "storageclass", class, "--wait=false") })
-	s.apply(fmt.Sprintf(`apiVersion: apps/v1
-kind: StatefulSet
-metadata:
-  name: recorder
-spec:
-  serviceName: recorder
-  replicas: 1
-  selector:
-    matchLabels: {app: recorder}
-  template:
-    metadata:
-      labels: {app: recorder}
-    spec:
-      terminationGracePeriodSeconds: 5
-      affinity:
-        nodeAffinity:
-          preferredDuringSchedulingIgnoredDuringExecution:
-          - weight: 100
-            preference:
-              matchExpressions:
-              - {key: kubernetes.io/hostname, operator: In, values: [%s]}
-      containers:
-      - name: recorder
-        image: tandem.local/recorder:1
-        imagePullPolicy: Never
-        args: [--dir=/data, --interval=50ms]
-        volumeMounts:
-        - {name: data, mountPath: /data}
-  volumeClaimTemplates:
-  - metadata:
-      name: data
-    spec:
-      storageClassName: %s
-      accessModes: [ReadWriteOnce]
-      resources:
-        requests: {storage: 64Mi}
-`, primary, class))
+	manifest, err := os.ReadFile(filepath.Join(root, "hack", "recorder", "statefulset.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.apply(strings.NewReplacer("namespace: NAMESPACE", "namespace: "+s.ns, "[NODE]", "["+primary+"]", "storageClassName: STORAGE_CLASS", "storageClassName: "+class).Replace(string(manifest)))
 	t.Cleanup(func() {
 		_, _ = kubectl(t, "delete", "statefulset", "recorder", "-n", s.ns, "--wait=true", "--timeout=60s")
 		_, _ = kubectl(t, "delete", "pvc", "--all", "-n", s.ns, "--wait=true", "--timeout=60s")

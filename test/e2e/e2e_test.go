@@ -35,7 +35,7 @@ var (
 
 func TestMain(m *testing.M) { os.Exit(run(m)) }
 
-func run(m *testing.M) int {
+func run(m *testing.M) (code int) {
 	_, file, _, _ := runtime.Caller(0)
 	root = filepath.Clean(filepath.Join(filepath.Dir(file), "..", ".."))
 	bin = filepath.Join(root, "bin")
@@ -47,9 +47,12 @@ func run(m *testing.M) int {
 			return 1
 		}
 		if os.Getenv("KEEP") == "" {
+			// A cluster that does not come down leaves the host changed
+			// (namespaces, mounts, processes): that fails the run.
 			defer func() {
 				if out, err := lcRun("down"); err != nil {
-					fmt.Fprintf(os.Stderr, "e2e: local-cluster down: %v\n%s\n", err, out)
+					fmt.Fprintf(os.Stderr, "e2e: local-cluster down failed, the host is not clean: %v\n%s\n", err, out)
+					code = 1
 				}
 			}()
 		}

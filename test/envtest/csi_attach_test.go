@@ -33,14 +33,7 @@ func TestCSIAttach(t *testing.T) {
 	defer cancel()
 	ns := newNamespace(t)
 	readyNodes(t, ns, "10737418240", "att-a", "att-b")
-	mgr, err := ctrl.NewManager(cfg, ctrl.Options{Scheme: scheme, Metrics: metricsserver.Options{BindAddress: "0"}, Controller: ctrlconfig.Controller{SkipNameValidation: ptr.To(true)}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	cc := &csi.Controller{Client: k8s, Namespace: ns, PublishWait: 2 * time.Second}
-	if err := (&csi.AttachController{Client: mgr.GetClient(), Controller: cc}).SetupWithManager(mgr); err != nil {
-		t.Fatal(err)
-	}
+	mgr, _ := newAttachManager(t, ns, 2*time.Second, ctrl.Options{})
 	go func() { _ = mgr.Start(ctx) }()
 	// The writer's report is held back while enforced is false.
 	enforce := make(chan bool, 1)
@@ -147,4 +140,23 @@ func TestCSIAttach(t *testing.T) {
 	if got := clientNodes(); len(got) != 0 {
 		t.Fatalf("client nodes %v after the last detach", got)
 	}
+}
+
+// newAttachManager is a manager running the CSI attacher for the driver
+// namespace ns (opts add to the test defaults), and the driver's
+// controller service it calls.
+func newAttachManager(t *testing.T, ns string, publishWait time.Duration, opts ctrl.Options) (ctrl.Manager, *csi.Controller) {
+	t.Helper()
+	opts.Scheme = scheme
+	opts.Metrics = metricsserver.Options{BindAddress: "0"}
+	opts.Controller = ctrlconfig.Controller{SkipNameValidation: ptr.To(true)}
+	mgr, err := ctrl.NewManager(cfg, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cc := &csi.Controller{Client: k8s, Namespace: ns, PublishWait: publishWait}
+	if err := (&csi.AttachController{Client: mgr.GetClient(), Controller: cc}).SetupWithManager(mgr); err != nil {
+		t.Fatal(err)
+	}
+	return mgr, cc
 }

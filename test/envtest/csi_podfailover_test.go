@@ -15,8 +15,6 @@ import (
 	"k8s.io/utils/ptr"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
-	ctrlconfig "sigs.k8s.io/controller-runtime/pkg/config"
-	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
 	"github.com/tandem-storage/tandem/controllers"
@@ -36,15 +34,7 @@ func TestCSIPodFailover(t *testing.T) {
 	ns := newNamespace(t)
 	appNS := newNamespace(t)
 	readyNodes(t, ns, "10737418240", "pf-a", "pf-b")
-	mgr, err := ctrl.NewManager(cfg, ctrl.Options{Scheme: scheme, Metrics: metricsserver.Options{BindAddress: "0"}, Controller: ctrlconfig.Controller{SkipNameValidation: ptr.To(true)},
-		Cache: controllers.CacheOptions(ns)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	cc := &csi.Controller{Client: k8s, Namespace: ns, PublishWait: 5 * time.Second}
-	if err := (&csi.AttachController{Client: mgr.GetClient(), Controller: cc}).SetupWithManager(mgr); err != nil {
-		t.Fatal(err)
-	}
+	mgr, cc := newAttachManager(t, ns, 5*time.Second, ctrl.Options{Cache: controllers.CacheOptions(ns)})
 	if err := (&csi.PodFailover{Client: mgr.GetClient(), Controller: cc, Recorder: mgr.GetEventRecorder("test")}).SetupWithManager(mgr); err != nil {
 		t.Fatal(err)
 	}

@@ -32,8 +32,15 @@ awk -v max=40 '
       # The test'"'"'s own messages first (t.Logf/t.Fatalf: "file_test.go:N: …",
       # not the log dumps of its cleanup, which start with "----"), then
       # VIOLATION and error lines of the dumps, then the last lines.
-      for (j = 1; j <= cnt[name] && printed < max; j++)
-        if (buf[name, j] ~ /^ +[A-Za-z0-9_]+_test\.go:[0-9]+: / && buf[name, j] !~ /_test\.go:[0-9]+: ----/) { print "[" name "] " buf[name, j]; printed++; mine[j] = 1 }
+      # A message of several lines (t.Fatalf("…\n%s", out)) continues on
+      # lines indented deeper, up to the next message or dump header.
+      for (j = 1; j <= cnt[name] && printed < max; j++) {
+        if (buf[name, j] !~ /^ +[A-Za-z0-9_]+_test\.go:[0-9]+: / || buf[name, j] ~ /_test\.go:[0-9]+: ----/) continue
+        print "[" name "] " buf[name, j]; printed++; mine[j] = 1
+        for (k = j + 1; k <= cnt[name] && k <= j + 20 && buf[name, k] ~ /^        / && buf[name, k] !~ /^ +[A-Za-z0-9_]+_test\.go:[0-9]+: /; k++) {
+          print "[" name "] " buf[name, k]; mine[k] = 1
+        }
+      }
       for (j = 1; j <= cnt[name] && printed < 2 * max; j++)
         if (!(j in mine) && buf[name, j] ~ /VIOLATION|[Ee]rror|FAIL|panic/) { print "[" name "] " buf[name, j]; printed++ }
       delete mine

@@ -93,11 +93,26 @@ func lc(t *testing.T, args ...string) string {
 
 func kubectl(t *testing.T, args ...string) (string, error) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), kubectlBound(args))
 	defer cancel()
 	cmd := exec.CommandContext(ctx, filepath.Join(bin, "kubectl"), append([]string{"--kubeconfig", kubeconfig}, args...)...)
 	out, err := cmd.CombinedOutput()
 	return string(out), err
+}
+
+// kubectlBound is how long a kubectl run may take: a minute, or longer
+// than the --timeout it was given (rollout status, wait), so that kubectl
+// reports its own timeout instead of being killed before it.
+func kubectlBound(args []string) time.Duration {
+	bound := 60 * time.Second
+	for _, a := range args {
+		if v, ok := strings.CutPrefix(a, "--timeout="); ok {
+			if d, err := time.ParseDuration(v); err == nil && d+30*time.Second > bound {
+				bound = d + 30*time.Second
+			}
+		}
+	}
+	return bound
 }
 
 // mustKubectl runs kubectl and fails the test if it fails. An answer that

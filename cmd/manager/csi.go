@@ -38,7 +38,7 @@ func setupCSI(mgr manager.Manager, namespace string, provision, podFailover bool
 		// A Runnable without NeedLeaderElection runs on the leader only; the
 		// library's own election is off.
 		if err := mgr.Add(manager.RunnableFunc(func(ctx context.Context) error {
-			pc := controller.NewProvisionController(ctx, cs, csi.DriverName, &csi.Provisioner{Controller: cc},
+			pc := controller.NewProvisionController(ctx, cs, csi.DriverName, &csi.Provisioner{Controller: cc, Attachments: mgr.GetClient()},
 				controller.LeaderElection(false), controller.Threadiness(4),
 				controller.FailedProvisionThreshold(0), controller.FailedDeleteThreshold(0),
 				controller.RetryIntervalMax(time.Minute))

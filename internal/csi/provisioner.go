@@ -16,6 +16,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/selection"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/sig-storage-lib-external-provisioner/v13/controller"
 )
 
@@ -38,6 +39,9 @@ const ParamFSType = "csi.storage.k8s.io/fstype"
 // here).
 type Provisioner struct {
 	Controller *Controller
+	// Attachments lists VolumeAttachments (the manager's cache): a PV still
+	// attached to a node is not deleted (nil: no check).
+	Attachments client.Reader
 }
 
 var _ controller.Provisioner = (*Provisioner)(nil)
@@ -220,6 +224,22 @@ func fsTypeOrDefault(fs string, block bool) string {
 func (p *Provisioner) Delete(ctx context.Context, pv *corev1.PersistentVolume) error {
 	if pv.Spec.CSI == nil || pv.Spec.CSI.Driver != DriverName {
 		return &controller.IgnoredError{Reason: "not a " + DriverName + " volume"}
+	}
+	// As the external-provisioner does: a PV deleted while its
+	// VolumeAttachment still stands can never be detached (the
+	// attach/detach controller needs the PV to detach it), which leaves the
+	// attachment, and the node's fence, behind for good. The library
+	// retries the deletion with backoff and records the reason on the PV.
+	if p.Attachments != nil {
+		var vas storagev1.VolumeAttachmentList
+		if err := p.Attachments.List(ctx, &vas); err != nil {
+			return fmt.Errorf("list VolumeAttachments: %w", err)
+		}
+		for _, va := range vas.Items {
+			if va.Spec.Attacher == DriverName && va.Spec.Source.PersistentVolumeName != nil && *va.Spec.Source.PersistentVolumeName == pv.Name {
+				return fmt.Errorf("persistentvolume %s is still attached to node %s (VolumeAttachment %s); it is deleted once detached", pv.Name, va.Spec.NodeName, va.Name)
+			}
+		}
 	}
 	if _, err := p.Controller.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: pv.Spec.CSI.VolumeHandle}); err != nil {
 		return errors.New(status.Convert(err).Message())

@@ -63,7 +63,7 @@ func TestCSIProvisioner(t *testing.T) {
 	readyNodes(t, ns, "10737418240", "prov-a", "prov-b", "prov-c") // 10Gi free each
 	cs := kubernetes.NewForConfigOrDie(cfg)
 	ctrl := &csi.Controller{Client: k8s, Namespace: ns}
-	pc := controller.NewProvisionController(ctx, cs, csi.DriverName, &csi.Provisioner{Controller: ctrl},
+	pc := controller.NewProvisionController(ctx, cs, csi.DriverName, &csi.Provisioner{Controller: ctrl, Attachments: k8s},
 		controller.LeaderElection(false), controller.ResyncPeriod(time.Second), controller.ExponentialBackOffOnError(false),
 		controller.FailedProvisionThreshold(0), controller.RetryIntervalMax(time.Second))
 	go pc.Run(ctx)
@@ -180,9 +180,34 @@ func TestCSIProvisioner(t *testing.T) {
 	}
 
 	// Reclaim: a Released PV with reclaimPolicy Delete takes its
-	// VolumePair with it.
+	// VolumePair with it, but not while it is still attached to a node
+	// (the attach/detach controller could never detach it then).
+	va := &storagev1.VolumeAttachment{ObjectMeta: metav1.ObjectMeta{Name: "va-" + ns},
+		Spec: storagev1.VolumeAttachmentSpec{Attacher: csi.DriverName, NodeName: "prov-a",
+			Source: storagev1.VolumeAttachmentSource{PersistentVolumeName: ptr.To(pv.Name)}}}
+	if err := k8s.Create(ctx, va); err != nil {
+		t.Fatal(err)
+	}
 	pv.Status.Phase = corev1.VolumeReleased
 	if err := k8s.Status().Update(ctx, pv); err != nil {
+		t.Fatal(err)
+	}
+	testkit.Eventually(t, 30*time.Second, "a VolumeFailedDelete event saying the PV is still attached", func() (bool, error) {
+		var evs corev1.EventList
+		if err := k8s.List(ctx, &evs); err != nil {
+			return false, err
+		}
+		for _, e := range evs.Items {
+			if e.InvolvedObject.Name == pv.Name && e.Reason == "VolumeFailedDelete" && strings.Contains(e.Message, "still attached to node prov-a") {
+				return true, nil
+			}
+		}
+		return false, nil
+	})
+	if err := k8s.Get(ctx, client.ObjectKeyFromObject(vp), &v1.VolumePair{}); err != nil {
+		t.Fatalf("the VolumePair of a PV still attached: %v", err)
+	}
+	if err := k8s.Delete(ctx, va); err != nil {
 		t.Fatal(err)
 	}
 	testkit.Eventually(t, 30*time.Second, "the VolumePair of a released PV deleted", func() (bool, error) {

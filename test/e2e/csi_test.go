@@ -232,6 +232,18 @@ parameters:
 		}
 	}
 	t.Logf("STORY 16 failback with the Pod running on %s: writer back on %s, records still acknowledged, no restart", backup, primary)
+
+	// Deleting the workload and its claim detaches the volume first, then
+	// deletes the PV and its VolumePair: nothing is left attached.
+	mustKubectl(t, "delete", "statefulset", "recorder", "-n", s.ns, "--wait=true", "--timeout=90s")
+	mustKubectl(t, "delete", "pvc", "--all", "-n", s.ns, "--wait=true", "--timeout=90s")
+	testkit.Eventually(t, 120*time.Second, "the PV, its VolumeAttachments and its VolumePair gone", func() (bool, string) {
+		left := strings.TrimSpace(mustKubectl(t, "get", "volumeattachments", "-o",
+			`jsonpath={range .items[?(@.spec.source.persistentVolumeName=="`+pvName+`")]}{.metadata.name} on {.spec.nodeName}{"\n"}{end}`))
+		pvLeft := strings.TrimSpace(mustKubectl(t, "get", "pv", pvName, "--ignore-not-found", "-o", "name"))
+		vpLeft := strings.TrimSpace(mustKubectl(t, "get", "vp", handle, "-n", "tandem-system", "--ignore-not-found", "-o", "name"))
+		return left == "" && pvLeft == "" && vpLeft == "", fmt.Sprintf("attachments %q, PV %q, VolumePair %q", left, pvLeft, vpLeft)
+	}, testkit.Every(time.Second))
 }
 
 // mustApplyCluster applies a cluster-scoped manifest.

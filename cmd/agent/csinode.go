@@ -59,7 +59,11 @@ func runCSINode(args []string) error {
 	}
 	resolve := csi.WriterResolver(c)
 	resolver := func(v csi.Volume) attach.Resolver { return resolve(v) }
-	nodeSvc := &csi.Node{NodeID: *node, Client: c, Namespace: *namespace, Mounter: csi.LinuxMounter{}, StateDir: *stateDir}
+	// The node fences a volume to itself when it stages it (the CSIDriver's
+	// attachRequired is false): the same publish the controller service
+	// does for a VolumeAttachment, through this plugin's own client.
+	nodeSvc := &csi.Node{NodeID: *node, Client: c, Namespace: *namespace, Mounter: csi.LinuxMounter{}, StateDir: *stateDir,
+		Publisher: &csi.Controller{Client: c, Namespace: *namespace}}
 	attacher, path, err := chooseAttacher(*attachPath, func() (nodeAttacher, error) {
 		return attach.NewKernel(attach.KernelOptions{IOTimeout: *ioTimeout, Log: log.WithName("attach"), Resolver: resolver, Lookup: nodeSvc.Volume})
 	}, func() nodeAttacher {

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -60,6 +61,15 @@ type Mounter interface {
 	Format(ctx context.Context, device, fstype string) error
 }
 
+// Publisher makes a node a volume's client node and releases it: the
+// fence of a volume to one node (Controller's ControllerPublishVolume and
+// ControllerUnpublishVolume, which return once the pair's writer enforces
+// the change).
+type Publisher interface {
+	ControllerPublishVolume(context.Context, *csi.ControllerPublishVolumeRequest) (*csi.ControllerPublishVolumeResponse, error)
+	ControllerUnpublishVolume(context.Context, *csi.ControllerUnpublishVolumeRequest) (*csi.ControllerUnpublishVolumeResponse, error)
+}
+
 // Node serves the CSI node service of one node.
 type Node struct {
 	csi.UnimplementedNodeServer
@@ -74,6 +84,13 @@ type Node struct {
 	// StateDir holds a record per staged volume, so that unstaging after a
 	// restart knows what was done.
 	StateDir string
+	// Publisher, when set, fences volumes to this node from the node side
+	// (the CSIDriver's attachRequired is false): NodeStageVolume makes the
+	// node the volume's client node before attaching, and is refused
+	// (FailedPrecondition) while another node is; NodeUnstageVolume
+	// releases it after detaching. Nil: ControllerPublishVolume (a
+	// VolumeAttachment) does that.
+	Publisher Publisher
 
 	locks sync.Map // volume ID → *sync.Mutex
 }
@@ -192,7 +209,7 @@ func fsTypeOf(vc *csi.VolumeCapability) string {
 
 // NodeStageVolume attaches the volume and, for a filesystem volume, formats
 // it if blank and mounts it at the staging path.
-func (n *Node) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequest) (*csi.NodeStageVolumeResponse, error) {
+func (n *Node) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequest) (_ *csi.NodeStageVolumeResponse, err error) {
 	id, staging, vc := req.GetVolumeId(), req.GetStagingTargetPath(), req.GetVolumeCapability()
 	switch {
 	case id == "":
@@ -221,6 +238,24 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequ
 	}
 	if rec != nil && (rec.StagingPath != staging || rec.Block != block || rec.FSType != fs) {
 		return nil, status.Errorf(codes.AlreadyExists, "volume %s is already staged at %s (block %t, filesystem %q)", id, rec.StagingPath, rec.Block, rec.FSType)
+	}
+	if n.Publisher != nil {
+		// The fence first: from here on the writer serves this node's
+		// clients and refuses every other node's.
+		if _, err := n.Publisher.ControllerPublishVolume(ctx, &csi.ControllerPublishVolumeRequest{VolumeId: id, NodeId: n.NodeID, VolumeCapability: vc}); err != nil {
+			return nil, err
+		}
+		if rec == nil {
+			defer func() {
+				if err != nil && finalError(err) {
+					// The kubelet does not unstage a volume whose stage
+					// failed with a final error: undo it here, so that the
+					// node does not keep every other node out of a volume
+					// it may never use.
+					n.undoStage(id)
+				}
+			}()
+		}
 	}
 	dev, err := n.Attacher.Attach(ctx, Volume{ID: id, Pair: key, Size: vp.Spec.Size.Value()})
 	if err != nil {
@@ -286,12 +321,42 @@ func (n *Node) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolume
 	if err := n.Attacher.Detach(ctx, id); err != nil {
 		return nil, status.Errorf(codes.Internal, "detaching volume %s: %v", id, err)
 	}
+	if n.Publisher != nil {
+		// Detached and flushed: another node may use the volume now.
+		if _, err := n.Publisher.ControllerUnpublishVolume(ctx, &csi.ControllerUnpublishVolumeRequest{VolumeId: id, NodeId: n.NodeID}); err != nil {
+			return nil, err
+		}
+	}
 	if rec != nil {
 		if err := os.Remove(n.recordPath(id)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return nil, status.Errorf(codes.Internal, "removing the stage record of %s: %v", id, err)
 		}
 	}
 	return &csi.NodeUnstageVolumeResponse{}, nil
+}
+
+// finalError says whether the kubelet treats a NodeStageVolume error as
+// final (the volume is not staged) rather than uncertain (it calls
+// NodeUnstageVolume later): the codes its CSI client counts as final.
+func finalError(err error) bool {
+	switch status.Code(err) {
+	case codes.Canceled, codes.DeadlineExceeded, codes.Unavailable, codes.ResourceExhausted, codes.Aborted:
+		return false
+	}
+	return true
+}
+
+// undoStage detaches a volume whose first stage failed and gives up this
+// node's publication (best effort, bounded: the next stage or unstage
+// tries again).
+func (n *Node) undoStage(id string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := n.Attacher.Detach(ctx, id); err != nil {
+		return // still attached: keep the fence and the record
+	}
+	_ = os.Remove(n.recordPath(id))
+	_, _ = n.Publisher.ControllerUnpublishVolume(ctx, &csi.ControllerUnpublishVolumeRequest{VolumeId: id, NodeId: n.NodeID})
 }
 
 // unmount unmounts path if something is mounted there (idempotent).

@@ -63,7 +63,10 @@ const (
 // Without it, Kubernetes leaves such Pods Terminating on the lost node for
 // minutes (eviction after 5 minutes, then a 6-minute force-detach).
 // StorageClass parameter podFailover: "false" or the Pod annotation
-// csi.tandem.dev/pod-failover: "false" opt out.
+// csi.tandem.dev/pod-failover: "false" opt out. A pair opted out is left
+// alone until no Pod on the lost node uses it any more (they were deleted
+// by hand); then the node is released (unpublished), so that their
+// replacements can stage the volume elsewhere.
 type PodFailover struct {
 	Client     client.Client
 	Controller *Controller
@@ -117,9 +120,10 @@ func (p *PodFailover) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Res
 	if err := p.Client.Get(ctx, req.NamespacedName, vp); err != nil {
 		return ctrl.Result{}, client.IgnoreNotFound(err)
 	}
-	if vp.Spec.Clients == nil || len(vp.Spec.Clients.Nodes) == 0 || vp.Annotations[AnnPodFailover] == "false" || !vp.DeletionTimestamp.IsZero() {
+	if vp.Spec.Clients == nil || len(vp.Spec.Clients.Nodes) == 0 || !vp.DeletionTimestamp.IsZero() {
 		return ctrl.Result{}, nil
 	}
+	optedOut := vp.Annotations[AnnPodFailover] == "false"
 	node := vp.Spec.Clients.Nodes[0]
 	lost, why, err := p.lost(ctx, vp, node)
 	if err != nil {
@@ -143,6 +147,27 @@ func (p *PodFailover) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Res
 	if vp.Namespace != p.Controller.Namespace {
 		volID = vp.Namespace + "/" + vp.Name
 	}
+	pvs, claims, err := p.claims(ctx, volID)
+	if err != nil {
+		return ctrl.Result{}, err
+	}
+	if optedOut {
+		// The Pods stay where they are. Once none on the lost node uses
+		// the volume any more (deleted by hand), the node is released, so
+		// that their replacement can stage the volume elsewhere: what the
+		// attach/detach controller's force-detach does for attachable
+		// volumes.
+		used, err := p.usedOn(ctx, node, claims)
+		if err != nil || used {
+			return ctrl.Result{RequeueAfter: 5 * time.Second}, err
+		}
+		if _, err := p.Controller.ControllerUnpublishVolume(ctx, &csi.ControllerUnpublishVolumeRequest{VolumeId: volID, NodeId: node}); err != nil {
+			return ctrl.Result{}, fmt.Errorf("releasing lost node %s from %s: %w", node, volID, err)
+		}
+		p.Recorder.Eventf(vp, nil, corev1.EventTypeWarning, "ConsumerReleased", "PodFailover",
+			"Node %s is lost (%s) and no Pod on it uses the volume any more: the writer %s refuses it now, and another node may use the volume", node, why, writer)
+		return ctrl.Result{}, nil
+	}
 	// 1. The fence.
 	if _, err := p.Controller.ControllerUnpublishVolume(ctx, &csi.ControllerUnpublishVolumeRequest{VolumeId: volID, NodeId: node}); err != nil {
 		return ctrl.Result{}, fmt.Errorf("fencing lost node %s from %s: %w", node, volID, err)
@@ -153,11 +178,8 @@ func (p *PodFailover) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Res
 	if err := p.taint(ctx, node); err != nil {
 		return ctrl.Result{}, err
 	}
-	// 3. The attachment and the Pods.
-	pvs, claims, err := p.claims(ctx, volID)
-	if err != nil {
-		return ctrl.Result{}, err
-	}
+	// 3. The attachment (a cluster whose CSIDriver still has
+	// attachRequired: true) and the Pods.
 	var vas storagev1.VolumeAttachmentList
 	if err := p.Client.List(ctx, &vas); err != nil {
 		return ctrl.Result{}, err
@@ -252,6 +274,23 @@ func (p *PodFailover) claims(ctx context.Context, volID string) ([]string, []cli
 		}
 	}
 	return names, claims, nil
+}
+
+// usedOn says whether a Pod on node uses one of claims (a Pod being
+// deleted counts until it is gone: its containers may still run).
+func (p *PodFailover) usedOn(ctx context.Context, node string, claims []client.ObjectKey) (bool, error) {
+	for _, claim := range claims {
+		var pods corev1.PodList
+		if err := p.Client.List(ctx, &pods, client.InNamespace(claim.Namespace)); err != nil {
+			return false, err
+		}
+		for i := range pods.Items {
+			if pods.Items[i].Spec.NodeName == node && usesClaim(&pods.Items[i], claim.Name) {
+				return true, nil
+			}
+		}
+	}
+	return false, nil
 }
 
 func usesClaim(pod *corev1.Pod, claim string) bool {

@@ -8,6 +8,7 @@ import (
 
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
+	eventsv1 "k8s.io/api/events/v1"
 	storagev1 "k8s.io/api/storage/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
@@ -176,4 +177,63 @@ func TestCSIPodFailover(t *testing.T) {
 	// The node plugin is back: the taint goes.
 	plugin("pf-a", time.Now().Add(time.Hour))
 	testkit.Eventually(t, 20*time.Second, "pf-a untainted", func() (bool, error) { return !tainted(), nil })
+
+	// A pair whose StorageClass opted out: its Pod on the lost node stays,
+	// and so does the node's publication, until the Pod is deleted by
+	// hand; then the node is released, so that the Pod's replacement can
+	// stage the volume elsewhere (no attach/detach controller does that
+	// without VolumeAttachments).
+	held := &v1.VolumePair{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "pf-held", Annotations: map[string]string{csi.AnnPodFailover: "false"}},
+		Spec: v1.VolumePairSpec{Size: resource.MustParse("64Mi"), Mode: v1.ModeSync, Primary: v1.Member{Node: "pf-a"}, Backup: v1.Member{Node: "pf-b"},
+			Clients: &v1.ClientsSpec{Nodes: []string{"pf-a"}}}}
+	if err := k8s.Create(ctx, held); err != nil {
+		t.Fatal(err)
+	}
+	held.Status = vp.Status
+	held.Status.Clients = &v1.ClientsSpec{Nodes: []string{"pf-a"}}
+	if err := k8s.Status().Update(ctx, held); err != nil {
+		t.Fatal(err)
+	}
+	heldPV := pv.DeepCopy()
+	heldPV.ObjectMeta = metav1.ObjectMeta{Name: "pf-held-pv-" + ns}
+	heldPV.Spec.ClaimRef = &corev1.ObjectReference{Namespace: appNS, Name: "held"}
+	heldPV.Spec.CSI.VolumeHandle = "pf-held"
+	if err := k8s.Create(ctx, heldPV); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = k8s.Delete(context.Background(), heldPV) })
+	user := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: appNS, Name: "held-0"}, Spec: corev1.PodSpec{
+		NodeName:   "pf-a",
+		Containers: []corev1.Container{{Name: "c", Image: "x"}},
+		Volumes:    []corev1.Volume{{Name: "d", VolumeSource: corev1.VolumeSource{PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: "held"}}}}}}
+	if err := k8s.Create(ctx, user); err != nil {
+		t.Fatal(err)
+	}
+	clientsOf := func() []string {
+		cur := &v1.VolumePair{}
+		if err := k8s.Get(ctx, client.ObjectKeyFromObject(held), cur); err != nil {
+			t.Fatal(err)
+		}
+		return cur.Spec.Clients.Nodes
+	}
+	plugin("pf-a", time.Now().Add(-time.Minute))
+	time.Sleep(3 * time.Second) // several of the failover's re-checks
+	if ok, _ := gone(user)(); ok || !slices.Equal(clientsOf(), []string{"pf-a"}) {
+		t.Fatalf("an opted-out pair's Pod or publication was moved (Pod gone %v, client nodes %v)", ok, clientsOf())
+	}
+	if err := k8s.Delete(ctx, user, client.GracePeriodSeconds(0)); err != nil {
+		t.Fatal(err)
+	}
+	testkit.Eventually(t, 30*time.Second, "the lost node released once no Pod on it uses the opted-out volume", func() (bool, error) {
+		return len(clientsOf()) == 0, nil
+	})
+	testkit.Eventually(t, 10*time.Second, "a ConsumerReleased event", func() (bool, error) {
+		var evs eventsv1.EventList
+		if err := k8s.List(ctx, &evs, client.InNamespace(ns)); err != nil {
+			return false, err
+		}
+		return slices.ContainsFunc(evs.Items, func(e eventsv1.Event) bool {
+			return e.Reason == "ConsumerReleased" && e.Regarding.Name == "pf-held"
+		}), nil
+	})
 }

@@ -41,8 +41,11 @@ func TestCSISanity(t *testing.T) {
 		t.Fatal(err)
 	}
 	controller := &csi.Controller{Client: k8s, Namespace: ns, PublishWait: 5 * time.Second}
+	// As the node plugin runs it: it fences the volume to its node when it
+	// stages it.
 	node := &csi.Node{NodeID: nodes[0], Client: k8s, Namespace: ns,
-		Attacher: &csifake.Attacher{Dir: devDir}, Mounter: &csifake.Mounter{}, StateDir: filepath.Join(dir, "state")}
+		Attacher: &csifake.Attacher{Dir: devDir}, Mounter: &csifake.Mounter{}, StateDir: filepath.Join(dir, "state"),
+		Publisher: &csi.Controller{Client: k8s, Namespace: ns, PublishWait: 5 * time.Second}}
 	sock := filepath.Join(dir, "csi.sock")
 	ln, err := csi.Listen("unix://" + sock)
 	if err != nil {

@@ -376,15 +376,27 @@ func workloadObjects(prefix string) []objKey {
 	}
 }
 
-// checkCSI checks the CSI objects of a rendering: an attach step, the node
-// plugin privileged with the kubelet's directory mounted Bidirectional (or
+// checkCSI checks the CSI objects of a rendering: no attach step (the node
+// plugin fences at NodeStageVolume, and may update VolumePairs for it), the
+// node plugin privileged with the kubelet's directory mounted Bidirectional (or
 // the Pods' mounts never reach the kubelet), replaced only on delete, and
 // the StorageClass's parameters accepted by the driver.
 func checkCSI(t *testing.T, objs []*unstructured.Unstructured, prefix, namespace string) {
 	t.Helper()
 	drv := typed[storagev1.CSIDriver](t, findObject(objs, "CSIDriver", "", "csi.tandem.dev"))
-	if drv == nil || drv.Spec.AttachRequired == nil || !*drv.Spec.AttachRequired {
-		t.Errorf("CSIDriver csi.tandem.dev: attachRequired must be true (attaching is what fences a lost node's Pod): %+v", drv)
+	if drv == nil || drv.Spec.AttachRequired == nil || *drv.Spec.AttachRequired {
+		t.Errorf("CSIDriver csi.tandem.dev: attachRequired must be false (the node plugin fences at NodeStageVolume; an attach step makes the kubelet wait for its next node status update): %+v", drv)
+	}
+	if role := typed[rbacv1.ClusterRole](t, findObject(objs, "ClusterRole", "", prefix+"-csi-node")); role != nil {
+		canUpdate := slices.ContainsFunc(role.Rules, func(r rbacv1.PolicyRule) bool {
+			return slices.Contains(r.Resources, "volumepairs") && slices.Contains(r.Verbs, "update")
+		})
+		canGetNodes := slices.ContainsFunc(role.Rules, func(r rbacv1.PolicyRule) bool {
+			return slices.Contains(r.Resources, "nodes") && slices.Contains(r.Verbs, "get")
+		})
+		if !canUpdate || !canGetNodes {
+			t.Errorf("ClusterRole %s-csi-node must allow update on volumepairs and get on nodes (the node-side publish): %+v", prefix, role.Rules)
+		}
 	}
 	ds := typed[appsv1.DaemonSet](t, findObject(objs, "DaemonSet", namespace, prefix+"-csi-node"))
 	if ds == nil {

@@ -138,7 +138,7 @@ func reportPodFailover(p func(string, ...any), r *results) {
 	p("The local cluster (real kubelets, containerd, scheduler and controller-manager; default failover settings: probe 2 s, 3 failures, Lease 6 s): ")
 	p("end-to-end story 16, run %d times on one cluster (commit %s, %s). A StatefulSet's Pod writes numbered records to ext4 on a Tandem volume (Sync) on the writer's node; ", len(pf.Seconds), pf.Commit, pf.Measured.Format("2006-01-02 15:04 UTC"))
 	p("that node is killed (every process of it frozen and killed, its link cut); the time is until the Pod, recreated on the promoted member, has its next record acknowledged: ")
-	p("failover of the pair, fencing the lost node, the Pod's deletion, scheduling, attach, mount and the container's start included. ")
+	p("failover of the pair, fencing the lost node, the Pod's deletion, scheduling, staging (the fence to the new node, attach, mount) and the container's start included. ")
 	p("Goal ≤ 15 s; piraeus-ha-controller starts DRBD's pod failover after about 10 s; Kubernetes alone takes about 6 minutes (eviction, then the 6-minute force-detach).\n\n")
 	s := summarize(pf.Seconds)
 	times := make([]string, len(pf.Seconds))

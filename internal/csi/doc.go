@@ -37,7 +37,14 @@
 //
 // # Node service
 //
-// NodeStageVolume attaches the volume to the node as a block device through
+// NodeStageVolume first fences the volume to its node: the node becomes the
+// pair's only client node (spec.clients, as ControllerPublishVolume does),
+// refused while another node is, and the call goes on once the writer
+// refuses every other node; NodeUnstageVolume releases it after detaching.
+// The CSIDriver therefore has no attach step (attachRequired: false); the
+// attacher (attacher.go) still carries out the VolumeAttachments of a
+// CSIDriver created with one. Then NodeStageVolume attaches the volume to
+// the node as a block device through
 // an Attacher (the kernel's NBD client where the kernel has one, else a
 // user-space NBD client behind a FUSE file with a loop device on it: see
 // attach.go) that follows the pair's writer, formats it when it holds no

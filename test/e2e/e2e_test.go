@@ -274,6 +274,16 @@ func (s *story) wait(d time.Duration, what string, cond func(*v1.VolumePair) boo
 	return vp
 }
 
+// wantEvent waits until an event with this reason on the story's namespace
+// carries the message.
+func (s *story) wantEvent(reason, message string) {
+	s.t.Helper()
+	testkit.Eventually(s.t, 30*time.Second, "event "+reason+": "+message, func() (bool, string) {
+		out, err := kubectl(s.t, "get", "events", "-n", s.ns, "--field-selector", "reason="+reason, "-o", "jsonpath={range .items[*]}{.message}{\"\\n\"}{end}")
+		return err == nil && strings.Contains(out, message), out
+	}, testkit.Every(250*time.Millisecond))
+}
+
 func condTrue(vp *v1.VolumePair, typ string) bool {
 	for _, c := range vp.Status.Conditions {
 		if c.Type == typ {

@@ -46,13 +46,19 @@ func TestStory11WipedMember(t *testing.T) {
 		if c.wiped == "node-a" {
 			// The writer lost its data: the backup is promoted once the
 			// old writer's authority has expired, and serves the data.
+			// The automatic failback may bring the writer role home
+			// within a second of that (the full copy of a volume that is
+			// mostly zeros is quick), so the failover is awaited as an
+			// epoch, and the Failover event says who was promoted.
 			vp = s.wait(60*time.Second, "failover away from the wiped writer", func(vp *v1.VolumePair) bool {
-				return vp.Status.ActivePrimary == "node-b" && vp.Status.Epoch == 2 && vp.Status.Endpoint != ""
+				return vp.Status.Epoch >= 2 && vp.Status.Endpoint != ""
 			})
+			s.wantEvent("Failover", "Writer node-a lost; promoted node-b at epoch 2")
 			// A read of other data than was written fails the story at
-			// once. An I/O refused right after the failover (seen once
-			// in CI, cause not found yet: docs/reliability.md, Open) is
-			// logged with what each member said, and tried again.
+			// once. A refused I/O is tried again on the endpoint the
+			// status names then: a connection opened on a member that
+			// has just handed the writer role back is refused (new
+			// connections go to the writer; open ones are forwarded).
 			cmds := []string{"read -P 0x31 0 24M", "write -P 0x33 64M 1M"}
 			for deadline := time.Now().Add(15 * time.Second); ; {
 				out, err := qemuIO(vp.Status.Endpoint, cmds...)
@@ -61,11 +67,11 @@ func TestStory11WipedMember(t *testing.T) {
 				}
 				if strings.Contains(out, "Pattern verification failed") || time.Now().After(deadline) {
 					s.logMembers(c.other, c.wiped)
-					t.Fatalf("the promoted %s failed the I/O after the failover: qemu-io %v: %v\n%s", c.other, cmds, err, out)
+					t.Fatalf("the I/O after the failover failed: qemu-io %v on %s: %v\n%s", cmds, vp.Status.Endpoint, err, out)
 				}
-				t.Logf("STORY 11 I/O REFUSED after the failover to %s: qemu-io %v: %v\n%s", c.other, cmds, err, out)
-				s.logMembers(c.other, c.wiped)
-				time.Sleep(time.Second)
+				t.Logf("STORY 11 I/O refused by %s (writer %s at epoch %d): qemu-io %v: %v\n%s", vp.Status.Endpoint, vp.Status.ActivePrimary, vp.Status.Epoch, cmds, err, out)
+				time.Sleep(500 * time.Millisecond)
+				vp = s.get()
 			}
 		}
 		// Until the wiped member holds the data, it is not UpToDate and

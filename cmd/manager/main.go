@@ -35,6 +35,7 @@ func main() {
 	var leaderElect, provision, podFailover bool
 	var csiEndpoint string
 	var leaseDuration, renewDeadline, retryPeriod time.Duration
+	var wh webhookFlags
 	flag.StringVar(&metricsAddr, "metrics-bind-address", ":8080", "Address the metrics endpoint binds to; 0 disables it.")
 	flag.StringVar(&probeAddr, "health-probe-bind-address", ":8081", "Address the health and readiness probes bind to.")
 	flag.BoolVar(&leaderElect, "leader-elect", false, "Elect a leader so only one manager acts at a time.")
@@ -50,6 +51,10 @@ func main() {
 	flag.BoolVar(&provision, "csi-controller", true, "Run the CSI driver's controller side on the leader: provision PersistentVolumes for claims of StorageClasses whose provisioner is "+csi.DriverName+" and carry out their VolumeAttachments. Off: an external-provisioner and external-attacher do it through --csi-controller-endpoint.")
 	flag.BoolVar(&podFailover, "csi-pod-failover", true, "Move the Pods that use a Tandem volume off a lost node once its pair serves elsewhere (the leader only; see docs/install.md, \"When a node is lost\").")
 	flag.StringVar(&csiEndpoint, "csi-controller-endpoint", "", "Also serve the CSI identity and controller services on this socket (unix:///path or tcp://host:port), for clusters that run the external-provisioner sidecar instead; empty: not served.")
+	flag.IntVar(&wh.port, "webhook-port", 0, "Serve the Pod placement webhook (it prefers the writer's node for Pods that use a Tandem volume) over TLS on this port; 0 disables it.")
+	flag.StringVar(&wh.service, "webhook-service", "tandem-webhook", "Name of the Service in front of the webhook (the serving certificate's DNS names).")
+	flag.StringVar(&wh.config, "webhook-configuration", "tandem-pod-placement", "MutatingWebhookConfiguration whose caBundle the manager keeps current.")
+	flag.StringVar(&wh.secret, "webhook-secret", "tandem-webhook-tls", "Secret in --namespace that holds the webhook's CA and serving certificate (created when absent).")
 	opts := zap.Options{}
 	opts.BindFlags(flag.CommandLine)
 	flag.Parse()
@@ -110,6 +115,12 @@ func main() {
 	if provision || podFailover || csiEndpoint != "" {
 		if err := setupCSI(mgr, namespace, provision, podFailover, csiEndpoint); err != nil {
 			log.Error(err, "Unable to set up the CSI driver")
+			os.Exit(1)
+		}
+	}
+	if wh.port != 0 {
+		if err := setupWebhook(mgr, namespace, wh); err != nil {
+			log.Error(err, "Unable to set up the Pod placement webhook")
 			os.Exit(1)
 		}
 	}

@@ -155,6 +155,9 @@ start_apiserver() {
   ip=$(api_ip)
   # No endpoint reconciler: nothing here uses the "kubernetes" Service, and it
   # refuses a loopback --advertise-address (the loopback network mode).
+  # Aggregator routing: there is no kube-proxy, so the API server calls a
+  # webhook's Service (Tandem's Pod placement webhook) at the address of one
+  # of its ready Pods, which the host routes to, instead of its ClusterIP.
   start_bg kube-apiserver "$BIN/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
     --bind-address "$ip" --advertise-address "$ip" --secure-port "$API_PORT" --endpoint-reconciler-type none \
@@ -165,7 +168,7 @@ start_apiserver() {
     --kubelet-client-certificate "$PKI/kubelet-client.crt" --kubelet-client-key "$PKI/kubelet-client.key" --kubelet-preferred-address-types InternalIP \
     --service-account-issuer https://kubernetes.default.svc --service-account-key-file "$PKI/sa.pub" \
     --service-account-signing-key-file "$PKI/sa.key" --service-cluster-ip-range 10.0.0.0/24 \
-    --allow-privileged=true
+    --allow-privileged=true --enable-aggregator-routing=true
   local admin
   admin=$(token_of admin)
   WATCH=kube-apiserver wait_for 120 "kube-apiserver to be ready on https://$ip:$API_PORT (see $LOGS/kube-apiserver.log)" \

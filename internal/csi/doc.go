@@ -33,7 +33,10 @@
 // (with WaitForFirstConsumer the provisioner puts the pod's node first); the
 // backup is the eligible node with the most free space. The topology key is
 // csi.tandem.dev/node (a node's name); a volume is accessible from its two
-// members, so its pods are scheduled there.
+// members, so its pods are scheduled there. Of the two, a Pod created while
+// the pair has a writer prefers the writer's node: the PodPlacement webhook
+// (podplacement.go) adds a preferred node affinity term for it, never
+// refusing a Pod (failurePolicy Ignore; a failed lookup only warns).
 //
 // # Node service
 //

@@ -20,6 +20,7 @@ import (
 	"strings"
 	"testing"
 
+	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
@@ -69,6 +70,7 @@ func TestKustomizeRendersAndDryRunApplies(t *testing.T) {
 		tolerateAll: true,
 	})
 	checkCSI(t, objs, "tandem", operatorNamespace)
+	checkWebhook(t, objs, "tandem", operatorNamespace)
 	if ns := findObject(objs, "Namespace", "", operatorNamespace); ns != nil {
 		if got := ns.GetLabels()["pod-security.kubernetes.io/enforce"]; got != "privileged" {
 			t.Errorf("namespace label pod-security.kubernetes.io/enforce = %q, want privileged (hostNetwork and hostPath need it)", got)
@@ -114,6 +116,7 @@ func TestHelmRendersAndDryRunApplies(t *testing.T) {
 			}
 		}
 		checkCSI(t, objs, "tandem", operatorNamespace)
+		checkWebhook(t, objs, "tandem", operatorNamespace)
 		ds := typed[appsv1.DaemonSet](t, findObject(objs, "DaemonSet", operatorNamespace, "tandem-agent"))
 		if ds != nil && len(ds.Spec.Template.Spec.NodeSelector) != 0 {
 			t.Errorf("agent nodeSelector = %v, want none by default", ds.Spec.Template.Spec.NodeSelector)
@@ -134,6 +137,8 @@ manager:
   leaderElect: true
   metricsPort: 9090
   metricsService:
+    enabled: false
+  podPlacementWebhook:
     enabled: false
 agent:
   dataDir: /srv/tandem
@@ -159,7 +164,9 @@ agent:
 			t.Fatalf("helm template: %v", err)
 		}
 		objs := decodeManifest(t, out)
-		want := slices.DeleteFunc(workloadObjects("edge-tandem"), func(k objKey) bool { return k.kind == "Service" })
+		want := slices.DeleteFunc(workloadObjects("edge-tandem"), func(k objKey) bool {
+			return k.kind == "Service" || strings.HasSuffix(k.name, "-webhook") || strings.HasSuffix(k.name, "-pod-placement")
+		})
 		for i := range want {
 			if want[i].namespace != "" {
 				want[i].namespace = ns
@@ -373,6 +380,13 @@ func workloadObjects(prefix string) []objKey {
 		{"RoleBinding", ns, prefix + "-csi-node"},
 		{"DaemonSet", ns, prefix + "-csi-node"},
 		{"StorageClass", "", "tandem"},
+		// The Pod placement webhook.
+		{"Service", ns, prefix + "-webhook"},
+		{"MutatingWebhookConfiguration", "", prefix + "-pod-placement"},
+		{"ClusterRole", "", prefix + "-manager-webhook"},
+		{"ClusterRoleBinding", "", prefix + "-manager-webhook"},
+		{"Role", ns, prefix + "-manager-webhook"},
+		{"RoleBinding", ns, prefix + "-manager-webhook"},
 	}
 }
 
@@ -381,6 +395,56 @@ func workloadObjects(prefix string) []objKey {
 // node plugin privileged with the kubelet's directory mounted Bidirectional (or
 // the Pods' mounts never reach the kubelet), replaced only on delete, and
 // the StorageClass's parameters accepted by the driver.
+// checkWebhook: the manager serves the Pod placement webhook on the port
+// the Service targets, with the names the configuration and the RBAC use,
+// and the configuration can never keep a Pod from being created.
+func checkWebhook(t *testing.T, objs []*unstructured.Unstructured, prefix, namespace string) {
+	t.Helper()
+	d := typed[appsv1.Deployment](t, findObject(objs, "Deployment", namespace, prefix+"-manager"))
+	mwc := typed[admissionregistrationv1.MutatingWebhookConfiguration](t, findObject(objs, "MutatingWebhookConfiguration", "", prefix+"-pod-placement"))
+	svc := typed[corev1.Service](t, findObject(objs, "Service", namespace, prefix+"-webhook"))
+	cr := typed[rbacv1.ClusterRole](t, findObject(objs, "ClusterRole", "", prefix+"-manager-webhook"))
+	role := typed[rbacv1.Role](t, findObject(objs, "Role", namespace, prefix+"-manager-webhook"))
+	if d == nil || mwc == nil || svc == nil || cr == nil || role == nil {
+		return
+	}
+	c := container(t, d.Spec.Template.Spec, "manager")
+	requireArgs(t, "manager", c.Args, "--webhook-port=9443", "--webhook-service="+prefix+"-webhook",
+		"--webhook-configuration="+prefix+"-pod-placement", "--webhook-secret="+prefix+"-webhook-tls")
+	if !slices.ContainsFunc(c.Ports, func(p corev1.ContainerPort) bool { return p.Name == "webhook" && p.ContainerPort == 9443 }) {
+		t.Errorf("manager ports %+v lack webhook 9443", c.Ports)
+	}
+	if len(svc.Spec.Ports) != 1 || svc.Spec.Ports[0].Port != 443 || svc.Spec.Ports[0].TargetPort.StrVal != "webhook" {
+		t.Errorf("Service %s ports %+v, want 443 -> webhook", svc.Name, svc.Spec.Ports)
+	}
+	if len(mwc.Webhooks) != 1 {
+		t.Fatalf("%s: %d webhooks", mwc.Name, len(mwc.Webhooks))
+	}
+	w := mwc.Webhooks[0]
+	ref := w.ClientConfig.Service
+	if ref == nil || ref.Name != svc.Name || ref.Namespace != namespace || ref.Path == nil || *ref.Path != csi.PodPlacementPath {
+		t.Errorf("%s calls %+v, want Service %s/%s path %s", mwc.Name, ref, namespace, svc.Name, csi.PodPlacementPath)
+	}
+	if w.FailurePolicy == nil || *w.FailurePolicy != admissionregistrationv1.Ignore || w.TimeoutSeconds == nil || *w.TimeoutSeconds > 5 {
+		t.Errorf("%s: failurePolicy %v, timeout %v; want Ignore and at most 5 s (a Pod must start without the manager)", mwc.Name, w.FailurePolicy, w.TimeoutSeconds)
+	}
+	if w.NamespaceSelector == nil || !slices.ContainsFunc(w.NamespaceSelector.MatchExpressions, func(e metav1.LabelSelectorRequirement) bool {
+		return e.Operator == metav1.LabelSelectorOpNotIn && slices.Contains(e.Values, namespace)
+	}) {
+		t.Errorf("%s must leave the operator namespace %s out (its Pods start before the manager): %+v", mwc.Name, namespace, w.NamespaceSelector)
+	}
+	if !slices.ContainsFunc(cr.Rules, func(r rbacv1.PolicyRule) bool {
+		return slices.Contains(r.Resources, "mutatingwebhookconfigurations") && slices.Equal(r.ResourceNames, []string{mwc.Name}) && slices.Contains(r.Verbs, "patch")
+	}) {
+		t.Errorf("ClusterRole %s must allow patching %s (and only it): %+v", cr.Name, mwc.Name, cr.Rules)
+	}
+	if !slices.ContainsFunc(role.Rules, func(r rbacv1.PolicyRule) bool {
+		return slices.Contains(r.Resources, "secrets") && slices.Equal(r.ResourceNames, []string{prefix + "-webhook-tls"}) && slices.Contains(r.Verbs, "update")
+	}) {
+		t.Errorf("Role %s must allow updating the Secret %s-webhook-tls: %+v", role.Name, prefix, role.Rules)
+	}
+}
+
 func checkCSI(t *testing.T, objs []*unstructured.Unstructured, prefix, namespace string) {
 	t.Helper()
 	drv := typed[storagev1.CSIDriver](t, findObject(objs, "CSIDriver", "", "csi.tandem.dev"))

@@ -128,7 +128,8 @@ func (v *View) other(node string) *MemberView {
 // wantRole is the role and epoch a member must have.
 func (v *View) matches(m *MemberView, role agentapi.Role) bool {
 	s := m.Status
-	return s != nil && s.Role == role && s.Epoch == v.Authority.Epoch && s.Mode == v.Mode && s.Clients.Equal(v.Clients)
+	return s != nil && s.Role == role && s.Epoch == v.Authority.Epoch && s.Mode == v.Mode && s.Clients.Equal(v.Clients) &&
+		(s.PeerNode == "" || s.PeerNode == v.other(m.Node).Node) // a replaced member: the new peer
 }
 
 // HoldsData reports whether the member's replica holds the data of pair

@@ -21,7 +21,11 @@ func (r *VolumePairReconciler) reconcileDelete(ctx context.Context, vp *v1.Volum
 		return ctrl.Result{}, nil
 	}
 	purge := vp.Annotations[v1.AnnRetainData] != "true"
-	for _, node := range []string{vp.Spec.Primary.Node, vp.Spec.Backup.Node} {
+	nodes := []string{vp.Spec.Primary.Node, vp.Spec.Backup.Node}
+	for _, m := range vp.Status.RemovedMembers {
+		nodes = append(nodes, m.Node) // replaced members not deleted yet
+	}
+	for _, node := range nodes {
 		info, err := r.agentInfo(ctx, node)
 		if err == nil {
 			err = r.NewAgentClient(info.control, r.AgentToken).Delete(ctx, vp.Namespace, vp.Name, purge)

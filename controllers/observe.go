@@ -127,9 +127,11 @@ func (r *VolumePairReconciler) observe(ctx context.Context, s *scope) error {
 	obs := r.leases.Observe(lease)
 	s.authorityExpiry, a.Expired = obs.ExpiresAt, obs.Expired
 	if a.Holder != vp.Spec.Primary.Node && a.Holder != vp.Spec.Backup.Node {
-		// Members are immutable except for swaps, so this is an
-		// authority left from an older object of the same name.
-		return fmt.Errorf("authority Lease %s names %q, which is not a member", lease.Name, a.Holder)
+		// The writer's node was replaced in the spec (the Lease is this
+		// pair's: CheckOwner above). Nothing is done until the user sets
+		// it back; the writer keeps serving meanwhile.
+		s.writerReplaced = writerNotMember(vp, a.Holder)
+		return nil
 	}
 	s.view.Authority = a
 	if gaveUp := r.probeState(key, a.Holder).holdGaveUp; !gaveUp.IsZero() && r.Now().Sub(gaveUp) < holdBackoff {

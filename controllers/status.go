@@ -36,6 +36,15 @@ func (r *VolumePairReconciler) patchStatus(ctx context.Context, s *scope, ok boo
 	view.Primary = lastKnown(view.Primary, r.probeState(key, view.Primary.Node).last)
 	view.Backup = lastKnown(view.Backup, r.probeState(key, view.Backup.Node).last)
 	gen := vp.Generation
+	if s.writerReplaced != nil {
+		// The writer keeps serving, but nothing would fail it over.
+		set(&st.Conditions, gen, v1.ConditionFailoverBlocked, true, BlockedWriterReplaced, s.writerReplaced.Error())
+		set(&st.Conditions, gen, v1.ConditionDegraded, true, BlockedWriterReplaced, s.writerReplaced.Error())
+		if err := r.Status().Patch(ctx, vp, client.MergeFrom(s.base)); err != nil {
+			return fmt.Errorf("patch status: %w", err)
+		}
+		return nil
+	}
 	if s.notOwned != nil {
 		// Nothing else is known for sure; say why nothing happens.
 		set(&st.Conditions, gen, v1.ConditionFailoverBlocked, true, BlockedAuthorityNotOwned, s.notOwned.Error())

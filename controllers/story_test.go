@@ -143,18 +143,28 @@ func (s *story) agentsInSync(writer *node) {
 	if writer == s.b {
 		peer = s.a
 	}
+	s.agentsInSyncWith(writer, peer)
+}
+
+// agentsInSyncWith is agentsInSync for any two nodes (a replaced member).
+func (s *story) agentsInSyncWith(writer, peer *node) {
+	s.t.Helper()
 	testkit.Eventually(s.t, 20*time.Second, writer.name+"'s agent in sync with "+peer.name, func() (bool, string) {
 		w, p := statusOf(writer, s.ns, s.name), statusOf(peer, s.ns, s.name)
 		if w == nil || p == nil {
 			return false, fmt.Sprintf("writer %v, peer %v", w, p)
 		}
-		return w.PeerConnected && w.OutOfSyncRegions == 0 && !w.Copy.Running && w.OldestUnreplicatedSeconds == 0 && p.DataState == agentapi.UpToDate,
+		return w.PeerConnected && w.PeerNode == peer.name && w.OutOfSyncRegions == 0 && !w.Copy.Running && w.OldestUnreplicatedSeconds == 0 && p.DataState == agentapi.UpToDate,
 			fmt.Sprintf("writer %+v; peer %+v", *w, *p)
 	}, testkit.Every(20*time.Millisecond))
 }
 
 func cond(vp *v1.VolumePair, typ string) bool {
 	return meta.IsStatusConditionTrue(vp.Status.Conditions, typ)
+}
+
+func condOf(vp *v1.VolumePair, typ string) *metav1.Condition {
+	return meta.FindStatusCondition(vp.Status.Conditions, typ)
 }
 
 func pairInSync(writer string) func(*v1.VolumePair) bool {

@@ -122,6 +122,9 @@ type scope struct {
 	// notOwned is set when the pair's authority Lease belongs to another
 	// pair (authority.NotOwnedError): no step is taken.
 	notOwned error
+	// writerReplaced is set when the authority's holder is not a member
+	// of the spec any more: no step is taken.
+	writerReplaced error
 }
 
 type agentInfo struct {
@@ -181,8 +184,17 @@ func (r *VolumePairReconciler) Reconcile(ctx context.Context, req ctrl.Request) 
 		}
 	}()
 
+	r.trackRemoved(vp)
 	if err := r.observe(ctx, s); err != nil {
 		return ctrl.Result{}, err
+	}
+	if s.writerReplaced != nil {
+		period, _ := probeTiming(vp)
+		s.step = Step{Kind: StepNone, Blocked: BlockedWriterReplaced, Message: s.writerReplaced.Error()}
+		if c := meta.FindStatusCondition(vp.Status.Conditions, v1.ConditionFailoverBlocked); c == nil || c.Reason != BlockedWriterReplaced {
+			r.Recorder.Eventf(vp, nil, corev1.EventTypeWarning, BlockedWriterReplaced, "Refuse", "%v", s.writerReplaced)
+		}
+		return ctrl.Result{RequeueAfter: period}, nil
 	}
 	if s.notOwned != nil {
 		// Another pair's Lease: acting on it would move that pair's writer.
@@ -195,6 +207,9 @@ func (r *VolumePairReconciler) Reconcile(ctx context.Context, req ctrl.Request) 
 		return ctrl.Result{RequeueAfter: period}, nil
 	}
 	s.step = Decide(s.view)
+	if s.step.Kind == StepNone {
+		r.retireRemoved(ctx, s)
+	}
 	if s.step.Kind != StepNone {
 		logger.Info("Taking step", "step", s.step.Kind, "target", s.step.Target, "epoch", s.view.Authority.Epoch)
 		s.stepErr = r.act(ctx, s)

@@ -128,6 +128,20 @@ type Member struct {
 	Node string `json:"node"`
 }
 
+// RemovedMember is a node replaced out of a pair whose replica is still to
+// be deleted.
+type RemovedMember struct {
+	// node is the replaced member's node.
+	// +required
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=253
+	Node string `json:"node"`
+	// message says what the deletion waits for.
+	// +optional
+	// +kubebuilder:validation:MaxLength=1024
+	Message string `json:"message,omitempty"`
+}
+
 // FailoverSpec tunes loss detection and automatic promotion.
 // +kubebuilder:validation:XValidation:rule="!has(self.leaseDurationSeconds) || !has(self.probePeriodSeconds) || self.leaseDurationSeconds > self.probePeriodSeconds",message="spec.failover.leaseDurationSeconds must be greater than spec.failover.probePeriodSeconds"
 type FailoverSpec struct {
@@ -189,7 +203,7 @@ type ResyncSpec struct {
 // VolumePairSpec declares the volume, its two members and how they replicate.
 // +kubebuilder:validation:XValidation:rule="self.primary.node != self.backup.node",message="spec.backup.node must differ from spec.primary.node"
 // +kubebuilder:validation:XValidation:rule="!has(self.regionSize) || (isQuantity(string(self.size)) && isQuantity(string(self.regionSize)) && quantity(string(self.regionSize)).isInteger() && quantity(string(self.size)).isInteger() && quantity(string(self.regionSize)).asInteger() > 0 && quantity(string(self.size)).asInteger() % quantity(string(self.regionSize)).asInteger() == 0)",message="spec.size must be a multiple of spec.regionSize"
-// +kubebuilder:validation:XValidation:rule="(self.primary.node == oldSelf.primary.node && self.backup.node == oldSelf.backup.node) || (self.primary.node == oldSelf.backup.node && self.backup.node == oldSelf.primary.node)",message="spec.primary.node and spec.backup.node can only be swapped with each other (a planned switchover); replacing a member is not supported in v1alpha1"
+// +kubebuilder:validation:XValidation:rule="self.primary.node == oldSelf.primary.node || self.backup.node == oldSelf.backup.node || (self.primary.node == oldSelf.backup.node && self.backup.node == oldSelf.primary.node)",message="spec.primary.node and spec.backup.node: replace one member at a time, or swap the two (a planned switchover)"
 type VolumePairSpec struct {
 	// size is the volume's size in bytes. Immutable.
 	// +required
@@ -363,6 +377,16 @@ type VolumePairStatus struct {
 	// +listMapKey=node
 	// +kubebuilder:validation:MaxItems=2
 	Members []MemberStatus `json:"members,omitempty"`
+	// removedMembers are nodes replaced out of the pair (a member's node
+	// changed in the spec) whose replicas are still to be deleted: that
+	// happens once the pair is in sync with its new member, so the old
+	// copy is kept until redundancy is back; a node that does not answer
+	// keeps its replica until it does (message says where).
+	// +optional
+	// +listType=map
+	// +listMapKey=node
+	// +kubebuilder:validation:MaxItems=16
+	RemovedMembers []RemovedMember `json:"removedMembers,omitempty"`
 	// lastFailoverTime is when the backup was last promoted.
 	// +optional
 	LastFailoverTime *metav1.Time `json:"lastFailoverTime,omitempty"`

@@ -1,5 +1,5 @@
 // Package meta keeps a replica's metadata (volume, size, region size, epoch,
-// role, data state, peer) in one small file, "meta", in the replica's
+// role, data state, peer, identity) in one small file, "meta", in the replica's
 // directory, replaced atomically.
 //
 // # File format
@@ -8,7 +8,7 @@
 //
 //	offset  size  field
 //	0       8     magic "TNDMMETA"
-//	8       4     format version (2; 1 is still read, see below)
+//	8       4     format version (2 or 3; 1 is still read, see below)
 //	12      4     payload length L (at most MaxPayload = 64 KiB)
 //	16      L     payload: a JSON object (the Meta fields, see the json tags)
 //	16+L    4     CRC32-Castagnoli of bytes [0, 16+L)
@@ -22,6 +22,25 @@
 // it). A version that changes the payload's meaning, including adding fields,
 // increments the version.
 //
+// # Payload fields
+//
+// The payload's keys (version 3; see Meta for each field's meaning):
+//
+//	volume       string  "<namespace>/<name>"
+//	size         int     volume size in bytes, > 0
+//	regionSize   int     dirty-bitmap region size, a power of two in [4 KiB, 64 MiB]
+//	epoch        uint    highest authority epoch seen
+//	role         string  "Primary", "Backup" or "None"
+//	dataState    string  "UpToDate", "Outdated" or "Inconsistent"
+//	peer         string  the member the replica's bitmaps track (omitted if none)
+//	joined       bool    holds the data of pair pairUID (omitted if false)
+//	pairUID      string  the pair whose data it holds (omitted if empty)
+//	zero         bool    the store holds only zeros (omitted if false)
+//	peerChanged  bool    the bitmaps do not describe the differences to peer:
+//	                     the next resync with peer copies the whole volume
+//	                     (omitted if false; version 3 only)
+//	updatedAt    string  RFC 3339 time, UTC, nanoseconds
+//
 // # Versions
 //
 // Version 2 added the replica's identity: pairUID, joined and zero (see
@@ -30,7 +49,17 @@
 // agent, so it counts as joined to a pair whose UID it does not know yet
 // (PairUID empty); the agent adopts the first pair UID the controller gives
 // it. Its createdFresh is ignored (zero is false: nothing is assumed about
-// its contents). Write always writes version 2.
+// its contents).
+//
+// Version 3 added peerChanged (member replacement: the peer changed, so the
+// bitmaps no longer describe the differences to it). A version 2 file means
+// peerChanged false, and a version 2 payload must not set it (Decode refuses
+// "peerChanged":true in a version 2 file as corrupt). Write writes version 3
+// only when PeerChanged is set, and version 2 otherwise: both mean the same
+// then, and an agent that reads only versions 1 and 2 (a rollback) still
+// reads every replica but one whose flag is set, which it refuses with its
+// ErrVersion instead of reading it without the flag (and then copying only
+// the bitmaps' regions to a peer they do not describe).
 //
 // # Atomic replacement
 //
@@ -68,9 +97,14 @@ const (
 
 // Format constants.
 const (
-	Magic   = "TNDMMETA"
-	Version = 2
-	// version1 is the format before the replica identity fields.
+	Magic = "TNDMMETA"
+	// Version is the newest format version, the one with every field.
+	// Encode writes it only when a field it added is set (PeerChanged), and
+	// version 2 otherwise (see the package comment).
+	Version = 3
+	// version2 is the format before peerChanged; version1 the format
+	// before the replica identity fields.
+	version2   = 2
 	version1   = 1
 	MaxPayload = 64 << 10
 
@@ -107,7 +141,9 @@ type Meta struct {
 	Role string `json:"role"`
 	// DataState is UpToDate, Outdated or Inconsistent.
 	DataState string `json:"dataState"`
-	// Peer is the peer node's name, if any.
+	// Peer is the peer node's name, if any: the member whose differences
+	// from this replica the replica's bitmaps track (its agent keeps the
+	// last peer it was given when a spec names none).
 	Peer string `json:"peer,omitempty"`
 	// Joined is true when the replica holds the data of the pair PairUID:
 	// it started the pair's data as its first writer, or a copy from a
@@ -123,6 +159,14 @@ type Meta struct {
 	// all-zero and nothing was written to it since. Two members that are
 	// both all-zero are identical without a copy.
 	Zero bool `json:"zero,omitempty"`
+	// PeerChanged is true when the replica's bitmaps do not describe its
+	// differences to Peer: the member it tracked was replaced by Peer (the
+	// controller gave it another peer). The next resync with Peer copies
+	// the whole volume; the flag is cleared once that copy no longer
+	// depends on the bitmaps (the writer journaled every region as owed to
+	// Peer, or this replica received the whole volume). False in files of
+	// versions 1 and 2; set, it makes Encode write version 3.
+	PeerChanged bool `json:"peerChanged,omitempty"`
 	// UpdatedAt is when the metadata was last written. Encode stores it in
 	// UTC with nanoseconds.
 	UpdatedAt time.Time `json:"updatedAt"`
@@ -153,7 +197,17 @@ func (m Meta) Validate() error {
 	return nil
 }
 
-// Encode serializes m in the file format. It does not validate m (Write
+// encodedVersion is the format version Encode writes for m: the oldest
+// that can hold it.
+func encodedVersion(m Meta) uint32 {
+	if m.PeerChanged {
+		return Version
+	}
+	return version2
+}
+
+// Encode serializes m in the file format, as version 3 if m.PeerChanged is
+// set and as version 2 otherwise. It does not validate m (Write
 // does), so it can produce bytes that Decode refuses: an invalid Meta, or a
 // payload over MaxPayload. It panics only if m.UpdatedAt lies outside years
 // 0..9999, which JSON cannot represent.
@@ -165,7 +219,7 @@ func Encode(m Meta) []byte {
 	}
 	b := make([]byte, 0, headerLen+len(payload)+trailerLen)
 	b = append(b, Magic...)
-	b = binary.BigEndian.AppendUint32(b, Version)
+	b = binary.BigEndian.AppendUint32(b, encodedVersion(m))
 	b = binary.BigEndian.AppendUint32(b, uint32(len(payload)))
 	b = append(b, payload...)
 	return binary.BigEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
@@ -253,6 +307,13 @@ func decode(b []byte) (Meta, error) {
 		if err := decodeJSON(body[headerLen:], &m); err != nil {
 			return Meta{}, err
 		}
+	case version2:
+		if err := decodeJSON(body[headerLen:], &m); err != nil {
+			return Meta{}, err
+		}
+		if m.PeerChanged {
+			return Meta{}, corrupt("payload: peerChanged set in a version %d file (added in version %d)", version2, Version)
+		}
 	case version1:
 		var m1 metaV1
 		if err := decodeJSON(body[headerLen:], &m1); err != nil {
@@ -261,7 +322,7 @@ func decode(b []byte) (Meta, error) {
 		m = Meta{Volume: m1.Volume, Size: m1.Size, RegionSize: m1.RegionSize, Epoch: m1.Epoch,
 			Role: m1.Role, DataState: m1.DataState, Peer: m1.Peer, Joined: true, UpdatedAt: m1.UpdatedAt}
 	default:
-		return Meta{}, fmt.Errorf("format version %d, this agent reads %d and %d: %w", v, version1, Version, ErrVersion)
+		return Meta{}, fmt.Errorf("format version %d, this agent reads %d to %d: %w", v, version1, Version, ErrVersion)
 	}
 	if err := m.Validate(); err != nil {
 		return Meta{}, corrupt("invalid %v", err)

@@ -65,6 +65,8 @@ func roundTripCases() []struct {
 			m.UpdatedAt = time.Date(2030, 1, 2, 3, 4, 5, 6, time.FixedZone("X", -7*3600))
 		})},
 		{"unicode and quotes", with(func(m *Meta) { m.Peer = "nœud-\"β\"\n"; m.PairUID = `\u0000` })},
+		{"peer changed", with(func(m *Meta) { m.PeerChanged, m.Peer = true, "node-c" })},
+		{"peer changed, minimal", func() Meta { m := minimal(); m.PeerChanged = true; return m }()},
 	}
 }
 
@@ -214,12 +216,15 @@ func TestDecodeRejects(t *testing.T) {
 			b[len(b)-1] ^= 1
 			return b
 		}(), ErrCorrupt, "checksum"},
-		{"newer version", frame(3, p), ErrVersion, "version 3"},
+		{"newer version", frame(4, p), ErrVersion, "version 4"},
 		{"version zero", frame(0, p), ErrVersion, "version 0"},
 		{"not JSON", frame(2, "hello"), ErrCorrupt, "payload"},
 		{"JSON null", frame(2, "null"), ErrCorrupt, "invalid"},
 		{"JSON array", frame(2, "[]"), ErrCorrupt, "payload"},
 		{"unknown field", frame(2, strings.Replace(p, "{", `{"color":"red",`, 1)), ErrCorrupt, "unknown field"},
+		{"unknown field, version 3", frame(3, strings.Replace(p, "{", `{"color":"red",`, 1)), ErrCorrupt, "unknown field"},
+		{"peerChanged in version 2", frame(2, strings.Replace(p, "{", `{"peerChanged":true,`, 1)), ErrCorrupt, "peerChanged"},
+		{"peerChanged not a bool", frame(3, strings.Replace(p, "{", `{"peerChanged":1,`, 1)), ErrCorrupt, "peerChanged"},
 		{"two objects", frame(2, p+p), ErrCorrupt, "after the JSON object"},
 		{"trailing bracket", frame(2, p+"]"), ErrCorrupt, "after the JSON object"},
 		{"wrong type", frame(2, strings.Replace(p, `"epoch":42`, `"epoch":"42"`, 1)), ErrCorrupt, "epoch"},
@@ -402,6 +407,8 @@ func FuzzDecode(f *testing.F) {
 	f.Add(frame(2, "{}"))
 	f.Add(frame(2, payloadOf(full())+" "))
 	f.Add(frame(2, payloadOf(full())))
+	f.Add(frame(3, payloadOf(full())))
+	f.Add(frame(2, strings.Replace(payloadOf(full()), "{", `{"peerChanged":true,`, 1)))
 	f.Add(frame(2, `{"volume":"a/b","size":1,"regionSize":4096,"role":"None","dataState":"Outdated","updatedAt":"0001-01-01T00:00:00Z","VOLUME":"c/d"}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		m, err := Decode(b)
@@ -448,7 +455,70 @@ func TestDecodeVersion1(t *testing.T) {
 		t.Fatalf("a version 1 file with a version 2 field: %v", err)
 	}
 	// Written back, it is version 2.
-	if v := binary.BigEndian.Uint32(Encode(m)[8:]); v != Version {
+	if v := binary.BigEndian.Uint32(Encode(m)[8:]); v != 2 {
 		t.Fatalf("re-encoded as version %d", v)
+	}
+}
+
+// TestPeerChanged: the flag round-trips, is written as version 3 only when
+// set (so an agent that reads versions 1 and 2 refuses exactly the files
+// that carry it), and files without it, of versions 1, 2 and 3, read as
+// false.
+func TestPeerChanged(t *testing.T) {
+	m := full()
+	m.Peer, m.PeerChanged = "node-c", true
+	b := Encode(m)
+	if v := binary.BigEndian.Uint32(b[8:]); v != 3 {
+		t.Fatalf("a Meta with PeerChanged encoded as version %d, want 3", v)
+	}
+	if p := payloadOf(m); !strings.Contains(p, `"peerChanged":true`) {
+		t.Fatalf("payload %s lacks peerChanged", p)
+	}
+	got, err := Decode(b)
+	if err != nil || !got.PeerChanged || !same(got, m) {
+		t.Fatalf("Decode = %+v, %v; want %+v", got, err, m)
+	}
+	dir := t.TempDir()
+	if err := Write(dir, m); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := Read(dir); err != nil || !got.PeerChanged || !same(got, m) {
+		t.Fatalf("Read = %+v, %v; want %+v", got, err, m)
+	}
+
+	// Cleared, the file is version 2 again and has no peerChanged key.
+	m.PeerChanged = false
+	if err := Write(dir, m); err != nil {
+		t.Fatal(err)
+	}
+	raw, err := os.ReadFile(filepath.Join(dir, FileName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v := binary.BigEndian.Uint32(raw[8:]); v != 2 || bytes.Contains(raw, []byte("peerChanged")) {
+		t.Fatalf("a Meta without PeerChanged written as version %d: %q", v, raw)
+	}
+	if got, err := Read(dir); err != nil || got.PeerChanged || !same(got, m) {
+		t.Fatalf("Read after clearing = %+v, %v", got, err)
+	}
+
+	// A file written before the field existed (version 2, as the previous
+	// agent wrote it) reads as false.
+	old := `{"volume":"prod/db-0","size":1048576,"regionSize":65536,"epoch":7,"role":"Primary","dataState":"UpToDate",` +
+		`"peer":"node-b","joined":true,"pairUID":"u","updatedAt":"2026-03-04T05:06:07Z"}`
+	for _, v := range []uint32{2, 3} {
+		got, err := Decode(frame(v, old))
+		if err != nil {
+			t.Fatalf("version %d without peerChanged: %v", v, err)
+		}
+		if got.PeerChanged || got.Peer != "node-b" || !got.Joined || got.Epoch != 7 {
+			t.Fatalf("version %d without peerChanged decoded as %+v", v, got)
+		}
+	}
+	// An explicit false means the same in either version.
+	for _, v := range []uint32{2, 3} {
+		if got, err := Decode(frame(v, strings.Replace(old, "{", `{"peerChanged":false,`, 1))); err != nil || got.PeerChanged {
+			t.Fatalf("version %d with peerChanged false: %+v, %v", v, got, err)
+		}
 	}
 }

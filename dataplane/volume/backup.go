@@ -23,6 +23,12 @@ type backupSide struct {
 	// pairUID is the pair the stream serves (the controller's, checked
 	// against the primary's Hello).
 	pairUID string
+	// primary is the primary's node (its Hello); peerGen the replica's
+	// peer change (Volume.peerGen) its HelloAck answered: a full copy that
+	// completes clears the peerChanged flag only if the peer did not
+	// change since.
+	primary string
+	peerGen uint64
 
 	wmu sync.Mutex // serialises frames written to conn
 	bw  *bufio.Writer
@@ -96,6 +102,10 @@ func refuse(conn net.Conn, epoch uint64, reason string) {
 	conn.Close()
 }
 
+// maxOwnBitmap is the largest own diff a backup sends in its handshake (a
+// variable so that tests can make a small diff "too large").
+var maxOwnBitmap = repl.MaxPayload
+
 // ServePrimary takes over a connection whose Hello named this volume and
 // serves it as the backup until it fails. br must be the buffered reader the
 // Hello was read from. It returns when the stream ends.
@@ -132,11 +142,16 @@ func (v *Volume) ServePrimary(conn net.Conn, br *bufio.Reader, rd *repl.Reader, 
 	if uid == "" {
 		uid = h.PairUID
 	}
-	b := &backupSide{v: v, conn: conn, epoch: v.epoch, pairUID: uid, bw: bufio.NewWriterSize(conn, 64<<10), done: make(chan struct{}), kick: make(chan struct{}, 1)}
+	b := &backupSide{v: v, conn: conn, epoch: v.epoch, pairUID: uid, primary: h.Node, peerGen: v.peerGen,
+		bw: bufio.NewWriterSize(conn, 64<<10), done: make(chan struct{}), kick: make(chan struct{}, 1)}
 	b.fwd = newFwdClient(b)
 	old := v.backupConn
 	v.backupConn = b
-	fullCopy := v.bitmapsLost
+	// Our bitmaps say nothing of what this primary lacks or holds if they
+	// were lost, or if they track another member than it: the peer
+	// changed (peerChanged), or a spec without a peer node let another
+	// primary than the one they track connect.
+	fullCopy := v.bitmapsLost || v.peerChanged || (v.metaPeer != "" && h.Node != v.metaPeer)
 	ds := v.dataState
 	joined, pairUID, zero := v.joined, v.pairUID, v.zero.Load()
 	fwd := v.fwd
@@ -161,17 +176,19 @@ func (v *Volume) ServePrimary(conn net.Conn, br *bufio.Reader, rd *repl.Reader, 
 	}()
 
 	// Answer with our state and our own diff: writes this member acknowledged
-	// as a primary that may never have reached the peer.
-	ackPayload, _ := json.Marshal(HelloAck{Node: v.opts.Node, DataState: ds, FullCopy: fullCopy,
-		Joined: joined, PairUID: pairUID, Zero: zero})
+	// as a primary that may never have reached the peer. A diff too large
+	// for one frame is replaced by a request for a full copy, which the
+	// HelloAck must carry (it is encoded after this decision).
 	own, err := v.tracker.Dirty().ToBytes()
 	if err != nil {
 		return fmt.Errorf("serialise own bitmap: %w", err)
 	}
-	if len(own) > repl.MaxPayload {
+	if len(own) > maxOwnBitmap {
 		fullCopy = true
 		own = nil
 	}
+	ackPayload, _ := json.Marshal(HelloAck{Node: v.opts.Node, DataState: ds, FullCopy: fullCopy,
+		Joined: joined, PairUID: pairUID, Zero: zero})
 	if err := b.send(&repl.Frame{Type: repl.TypeHelloAck, Epoch: b.epoch, Payload: ackPayload}); err != nil {
 		return fmt.Errorf("send HelloAck: %w", err)
 	}
@@ -351,7 +368,16 @@ func (b *backupSide) effect(f *repl.Frame) (bool, error) {
 		if err := v.flushUnmerged(); err != nil {
 			return false, b.fail(err)
 		}
-		if err := v.completeCopy(b.pairUID); err != nil {
+		// A full copy also ends a peer change (peerChanged): this replica
+		// now holds what the primary holds, and its bitmaps (cleared at
+		// ResyncBegin) track the primary. Not earlier: from ResyncBegin
+		// on, only the primary that journaled the full copy knows what
+		// is still missing here; were the copy interrupted (a crash, a
+		// lost connection, another replacement), the flag keeps asking
+		// whoever connects next for the whole volume, as a replica not
+		// joined yet does. Being Inconsistent during the copy is not
+		// enough: a joined Inconsistent backup gets only the diffs.
+		if err := v.completeCopy(b.pairUID, b.fullCopy, b.primary, b.peerGen); err != nil {
 			return false, b.fail(err)
 		}
 	}

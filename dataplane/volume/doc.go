@@ -69,6 +69,23 @@
 // handshake; CopyDone makes it hold the pair's data. Two all-zero replicas
 // need no copy. A backup refuses a primary whose Hello names another pair.
 //
+// # Member replacement
+//
+// A replica's bitmaps describe its differences to the member it tracks,
+// the peer recorded in its metadata. When Apply gives it another peer (the
+// controller replaced a member: A+B becomes A+C, maybe A+B again later),
+// they mean nothing for the new one: Apply durably sets the metadata's
+// PeerChanged before acting on the new spec, comparing against the peer
+// in the metadata after a restart (a replica without one, new or legacy,
+// sets nothing). With the flag set, the next resync with the new peer
+// copies the whole volume, whichever side has it: a writer copies
+// everything (unless both stores hold only zeros), a backup's HelloAck
+// asks for it (FullCopy). The writer clears its flag once the full copy's
+// regions are journaled as owed to the new peer; the backup once the full
+// copy completes (CopyDone). Without it, a returning member that still
+// holds the pair's data would get only the regions written since the
+// replacement's sync, and stay silently stale.
+//
 // # Role changes
 //
 // Apply and the attaching of a new stream (ServePrimary) are serialised. A

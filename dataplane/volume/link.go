@@ -40,7 +40,9 @@ const (
 type HelloAck struct {
 	Node      string    `json:"node"`
 	DataState DataState `json:"dataState"`
-	// FullCopy: the backup's data or bitmaps were lost; copy everything.
+	// FullCopy: the backup's data or bitmaps were lost, or its bitmaps
+	// track another member than this primary (its peer changed, a member
+	// was replaced); copy everything.
 	FullCopy bool `json:"fullCopy,omitempty"`
 	// Joined and PairUID: the backup holds the data of that pair (see
 	// Status). A backup that does not hold the primary's pair's data gets
@@ -183,17 +185,24 @@ func (l *link) session() error {
 	// Read before the stream starts: a write that clears it later is
 	// either streamed or tracked dirty (not streaming yet), so it is copied.
 	primaryZero := l.v.zero.Load()
+	// Likewise: a peer change after this is a new change (peerGen), which
+	// this session does not clear.
+	peerChanged, peerGen, tracked := l.v.peerChangedState()
 	ack, peerBitmap, err := l.handshake(conn, rd, bw)
 	if err != nil {
 		return err
 	}
+	// The bitmaps track one member: a backup other than that one (a spec
+	// without a peer node, an address that leads elsewhere) is a changed
+	// peer for this session too, and does not clear the flag.
+	otherPeer := tracked != "" && ack.Node != tracked
 	// Journal the peer's diff before relying on it: if this side crashes
 	// now, the merged regions must still be copied (invariant 3).
 	merge := l.spec.MergesPeerBitmap() && peerBitmap != nil && !peerBitmap.IsEmpty()
 	// The backup keeps what it wrote alone when its diff is not merged
 	// (mergePrimaryBitmap false): it must know, to report those regions.
 	unmerged := !l.spec.MergesPeerBitmap() && peerBitmap != nil && !peerBitmap.IsEmpty()
-	full := fullCopyReason(ack, l.spec.PairUID, primaryZero)
+	full := fullCopyReason(ack, l.spec.PairUID, primaryZero, peerChanged || otherPeer)
 	if full != "" {
 		all := roaring.New()
 		all.AddRange(0, uint64(l.v.tracker.Regions()))
@@ -208,6 +217,21 @@ func (l *link) session() error {
 			return err
 		}
 		l.v.tracker.MarkRegions(peerBitmap)
+	}
+	if peerChanged && !otherPeer {
+		// The tracker now durably owes this peer every region (the full
+		// copy's, journaled above; a crash recovers them from the
+		// journal, and only this peer's acks clear them), or both stores
+		// hold only zeros: either way the bitmaps describe the
+		// differences to this peer again, so later resyncs with it copy
+		// only them. Until this write, every handshake copies everything.
+		how := "journaled every region as owed to the peer"
+		if full == "" {
+			how = "both replicas hold only zeros"
+		}
+		if err := l.v.clearPeerChanged(peerGen, ack.Node, how); err != nil {
+			return fmt.Errorf("record the full copy to %s: %w", ack.Node, err)
+		}
 	}
 	total := l.v.tracker.Bytes()
 	l.log.Info("Replication link up", "peerDataState", ack.DataState, "peerDiffRegions", cardinality(peerBitmap),

@@ -29,15 +29,23 @@ type copyRec struct {
 
 // fullCopyReason says why the backup of pair uid must receive the whole
 // volume, or "" when a copy of the diffs is enough: the backup lost its
-// bitmaps, or it does not hold this pair's data (new, wiped, another
-// pair's) and is not, like this primary, all zeros.
-func fullCopyReason(ack HelloAck, uid string, primaryZero bool) string {
+// bitmaps or its own tracked another member (it asks, ack.FullCopy); this
+// primary's bitmaps track another member than the backup (peerChanged: a
+// member was replaced); or the backup does not hold this pair's data (new,
+// wiped, another pair's). Both stores holding only zeros (ack.Zero and
+// primaryZero) are identical: that needs no copy, whatever the bitmaps
+// track (a replaced member's bitmaps included), but it does not override
+// the backup's own request.
+func fullCopyReason(ack HelloAck, uid string, primaryZero, peerChanged bool) string {
+	bothZero := ack.Zero && primaryZero
 	switch {
 	case ack.FullCopy:
-		return "the replica on " + ack.Node + " lost its data or its bitmaps"
+		return "the replica on " + ack.Node + " lost its data or its bitmaps, or they track another member"
+	case peerChanged && !bothZero:
+		return "this replica's bitmaps track another member than " + ack.Node + " (a member was replaced): copying everything"
 	case peerHolds(ack, uid):
 		return ""
-	case ack.Zero && primaryZero:
+	case bothZero:
 		return ""
 	case ack.Joined:
 		return "the replica on " + ack.Node + " holds another VolumePair's data (uid " + ack.PairUID + ")"

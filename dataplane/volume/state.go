@@ -14,12 +14,44 @@ func (v *Volume) persistLocked() error {
 }
 
 // metaLocked is the metadata of the replica's current state; v.mu held.
+// Every metadata write starts from it, so none drops the peer the bitmaps
+// track or its PeerChanged flag: only Apply (a new peer) sets the flag, and
+// only clearPeerChanged and completeCopy clear it.
 func (v *Volume) metaLocked() meta.Meta {
 	return meta.Meta{
 		Volume: v.opts.Name, Size: v.opts.Size, RegionSize: v.opts.RegionSize,
 		Epoch: v.epoch, Role: string(v.role), DataState: string(v.dataState),
-		Peer: v.spec.PeerNode, Joined: v.joined, PairUID: v.pairUID, Zero: v.zero.Load(), UpdatedAt: v.opts.Clock.Now(),
+		Peer: v.metaPeer, Joined: v.joined, PairUID: v.pairUID, Zero: v.zero.Load(),
+		PeerChanged: v.peerChanged, UpdatedAt: v.opts.Clock.Now(),
 	}
+}
+
+// peerChangedState returns the peerChanged flag, the peer change it stems
+// from (for clearPeerChanged) and the peer the bitmaps track.
+func (v *Volume) peerChangedState() (changed bool, gen uint64, tracked string) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.peerChanged, v.peerGen, v.metaPeer
+}
+
+// clearPeerChanged durably clears the peerChanged flag once the bitmaps
+// describe the differences to node again (see link.session): unless node
+// is not the peer the flag is about, or the peer changed again since the
+// change gen (that change needs its own full copy).
+func (v *Volume) clearPeerChanged(gen uint64, node, why string) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if !v.peerChanged || v.peerGen != gen || node != v.metaPeer {
+		return nil
+	}
+	m := v.metaLocked()
+	m.PeerChanged = false
+	if err := v.writeMeta(m); err != nil {
+		return err
+	}
+	v.peerChanged = false
+	v.log.Info("Peer change resolved: the bitmaps track the peer again", "peer", v.metaPeer, "how", why)
+	return nil
 }
 
 // writeMeta replaces the metadata file with m.
@@ -53,22 +85,37 @@ func (v *Volume) clearZero() error {
 }
 
 // completeCopy makes the replica UpToDate and joined to pair uid, durably,
-// once a copy from a member holding the pair's data has completed.
-func (v *Volume) completeCopy(uid string) error {
+// once a copy from a member holding the pair's data has completed. With
+// full set the copy, from node primary, was of the whole volume: it also
+// clears the peerChanged flag in the same write, unless primary is not the
+// peer the flag is about or the peer changed again since the change
+// peerGen (the one the stream's HelloAck answered).
+func (v *Volume) completeCopy(uid string, full bool, primary string, peerGen uint64) error {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	if v.dataState == UpToDate && v.holdsLocked(uid) && (v.pairUID == uid) {
+	clearPeer := full && v.peerChanged && v.peerGen == peerGen && primary == v.metaPeer
+	joins := !(v.dataState == UpToDate && v.holdsLocked(uid) && (v.pairUID == uid))
+	if !joins && !clearPeer {
 		return nil
 	}
 	m := v.metaLocked()
 	m.DataState, m.Joined, m.PairUID = string(UpToDate), true, uid
+	if clearPeer {
+		m.PeerChanged = false
+	}
 	if err := v.writeMeta(m); err != nil {
 		return err
 	}
 	old := v.dataState
 	joined := v.joined
 	v.dataState, v.joined, v.pairUID, v.dataReason = UpToDate, true, uid, ""
-	v.log.Info("Data state changed", "from", old, "to", UpToDate, "joinedPair", !joined)
+	if clearPeer {
+		v.peerChanged = false
+		v.log.Info("Peer change resolved: the bitmaps track the peer again", "peer", v.metaPeer, "how", "received the whole volume")
+	}
+	if joins {
+		v.log.Info("Data state changed", "from", old, "to", UpToDate, "joinedPair", !joined)
+	}
 	v.notifyLocked()
 	return nil
 }
@@ -112,13 +159,15 @@ func (v *Volume) Apply(s Spec) error {
 		v.mu.Unlock()
 		return err
 	}
-	// A change of role or epoch first stops the stream from the old
-	// primary and waits for the frame it is applying: nothing that primary
-	// sent may land once this member plays its new part (invariant 1).
-	if b := v.backupConn; b != nil && (b.epoch != s.Epoch || s.Role != RoleBackup) {
+	// A change of role or epoch, or of the primary this member backs up,
+	// first stops the stream from the old primary and waits for the frame
+	// it is applying: nothing that primary sent may land once this member
+	// plays its new part (invariant 1), nor may its CopyDone clear a
+	// peerChanged flag set for the new peer.
+	if b := v.backupConn; b != nil && (b.epoch != s.Epoch || s.Role != RoleBackup || (s.PeerNode != "" && b.primary != s.PeerNode)) {
 		v.backupConn = nil
 		v.mu.Unlock()
-		b.stop(errors.New("role or epoch changed"))
+		b.stop(errors.New("role, epoch or primary changed"))
 		v.mu.Lock()
 		// The stream's last frame may have changed the data state.
 		if err := v.refuseLocked(s); err != nil {
@@ -129,17 +178,42 @@ func (v *Volume) Apply(s Spec) error {
 	old := v.spec
 	oldRole, oldEpoch := v.role, v.epoch
 	roleChanged := oldRole != s.Role || oldEpoch != s.Epoch
+	// Member replacement: the bitmaps describe the differences to the
+	// member they tracked (v.metaPeer, from the metadata after a restart).
+	// Given another peer, they mean nothing for it: the next resync with
+	// it must copy everything (peerChanged), or a returning member that
+	// still holds the pair's data (joined, same pair) would get only the
+	// regions written since the replaced member's sync, and stay silently
+	// stale. A replica without a known peer (new, or whose metadata never
+	// recorded one) has nothing to invalidate; a spec without a peer
+	// keeps the one the bitmaps track.
+	newPeer := s.PeerNode != "" && s.PeerNode != v.metaPeer
+	peerChanged := newPeer && v.metaPeer != ""
 	m := v.metaLocked()
 	idChange := v.identityLocked(s, &m)
-	if roleChanged || old.PeerNode != s.PeerNode || idChange != "" {
+	if roleChanged || old.PeerNode != s.PeerNode || newPeer || idChange != "" {
 		// Durable first: after a crash the replica must not come back
 		// at an older epoch than one it acted on, nor with another
-		// identity.
-		m.Role, m.Epoch, m.Peer = string(s.Role), s.Epoch, s.PeerNode
+		// identity, nor forget that its bitmaps track a replaced member.
+		m.Role, m.Epoch = string(s.Role), s.Epoch
+		if newPeer {
+			m.Peer = s.PeerNode
+		}
+		if peerChanged {
+			m.PeerChanged = true
+		}
 		if err := v.writeMeta(m); err != nil {
 			v.mu.Unlock()
 			return err
 		}
+	}
+	if newPeer {
+		if peerChanged {
+			v.peerChanged = true
+			v.peerGen++
+			v.log.Info("Peer changed: the next resync copies everything", "old", v.metaPeer, "new", s.PeerNode)
+		}
+		v.metaPeer = s.PeerNode
 	}
 	if idChange != "" {
 		if !v.joined && m.Joined {
@@ -162,7 +236,9 @@ func (v *Volume) Apply(s Spec) error {
 		v.log.Info("Write hold released", "heldFor", v.lastHold.String())
 	}
 
-	linkChanged := roleChanged || old.PeerAddress != s.PeerAddress || old.Mode != s.Mode
+	// A link to another member handshakes again (a full copy if the peer
+	// changed), even at the same address.
+	linkChanged := roleChanged || old.PeerNode != s.PeerNode || old.PeerAddress != s.PeerAddress || old.Mode != s.Mode
 	var stopLink *link
 	if linkChanged && v.link != nil {
 		stopLink, v.link = v.link, nil

@@ -107,6 +107,23 @@ type Volume struct {
 	zero        atomic.Bool
 	dataReason  string
 	bitmapsLost bool
+	// metaPeer is the peer recorded in the metadata: the member whose
+	// differences from this replica its bitmaps track. Loaded at Open (the
+	// baseline the first Apply compares against, as v.spec is empty then)
+	// and replaced by every Apply that names another peer; a spec without
+	// a peer keeps it (the bitmaps still track that member). "" for a new
+	// replica, or one whose metadata never recorded a peer.
+	metaPeer string
+	// peerChanged: the bitmaps do not describe the differences to
+	// metaPeer, because the member they tracked was replaced by it
+	// (meta.Meta.PeerChanged, kept in every metadata write). The next
+	// resync with metaPeer copies the whole volume, whichever side this
+	// replica is on: as the writer it copies everything (fullCopyReason),
+	// as the backup its HelloAck asks for it (FullCopy). peerGen counts
+	// the peer changes that set it, so that a link or stream that read the
+	// flag clears it only if no newer change happened meanwhile.
+	peerChanged bool
+	peerGen     uint64
 	// unmerged are the regions a resync left different on the two members
 	// because this member's own diff was not merged (mergePrimaryBitmap
 	// false, the method's second embodiment); kept in the file "unmerged"
@@ -189,6 +206,7 @@ func Open(opts Options) (*Volume, error) {
 		v.epoch, v.dataState = m.Epoch, DataState(m.DataState)
 		v.joined, v.pairUID = m.Joined, m.PairUID
 		v.zero.Store(m.Zero)
+		v.metaPeer, v.peerChanged = m.Peer, m.PeerChanged
 		if !v.joined {
 			v.dataReason = reasonNew
 		}
@@ -279,7 +297,7 @@ func Open(opts Options) (*Volume, error) {
 		return nil, err
 	}
 	log.Info("Opened replica", "dir", opts.Dir, "epoch", v.epoch, "dataState", v.dataState,
-		"recoveredDirtyRegions", v.tracker.Count(), "bitmapsLost", v.bitmapsLost)
+		"recoveredDirtyRegions", v.tracker.Count(), "bitmapsLost", v.bitmapsLost, "peer", v.metaPeer, "peerChanged", v.peerChanged)
 	v.wg.Add(1)
 	go v.checkpointLoop()
 	return v, nil

@@ -110,7 +110,7 @@ stop_all() {
   local procs=() p exe name
   # Stop in dependency order, gently first.
   # shellcheck disable=SC2012 # the pid files are named by this script (NAME.pid, no spaces)
-  for name in $(ls "$PIDS" 2>/dev/null | sed -n 's/\.pid$//p' | sort -r); do
+  for name in $({ ls "$PIDS" 2>/dev/null || true; } | sed -n 's/\.pid$//p' | sort -r); do
     case $name in kube-apiserver | etcd) continue ;; esac
     p=$(pid_of "$name")
     ours "$p" && procs+=("$p")

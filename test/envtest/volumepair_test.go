@@ -76,6 +76,8 @@ func TestAllowedUpdates(t *testing.T) {
 		{"swap members (planned switchover)", func(p *v1.VolumePair) {
 			p.Spec.Primary, p.Spec.Backup = p.Spec.Backup, p.Spec.Primary
 		}},
+		{"replace the backup's node (a member replaced)", func(p *v1.VolumePair) { p.Spec.Backup.Node = "node-c" }},
+		{"replace the primary's node", func(p *v1.VolumePair) { p.Spec.Primary.Node = "node-d" }},
 		{"same size spelled differently", func(p *v1.VolumePair) { p.Spec.Size = resource.MustParse("1073741824") }},
 		{"failover tuning", func(p *v1.VolumePair) {
 			p.Spec.Failover.Policy = v1.PolicyManual
@@ -100,7 +102,7 @@ func TestAllowedUpdates(t *testing.T) {
 	if err := k8s.Get(ctx, client.ObjectKeyFromObject(vp), &final); err != nil {
 		t.Fatal(err)
 	}
-	if final.Spec.Primary.Node != "node-b" || final.Spec.Backup.Node != "node-a" || final.Spec.Mode != v1.ModeSync {
+	if final.Spec.Primary.Node != "node-d" || final.Spec.Backup.Node != "node-c" || final.Spec.Mode != v1.ModeSync {
 		t.Errorf("final spec = %+v", final.Spec)
 	}
 }

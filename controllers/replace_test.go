@@ -1,0 +1,141 @@
+package controllers
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
+	"github.com/tandem-storage/tandem/internal/testkit"
+)
+
+// TestStoryReplaceMember: a member's node is replaced in the spec. The new
+// node gets a full copy (never a writer meanwhile), the pair is in sync on
+// the new member and the old member's replica is deleted afterwards. An old
+// member that was unreachable keeps its replica, listed in
+// status.removedMembers; if it is made a member again while it holds stale
+// data, it gets a full copy too (the writer's bitmaps describe the member
+// it replaced), never a diff. Replacing the writer is refused until the
+// writer role has moved.
+func TestStoryReplaceMember(t *testing.T) {
+	mlog := &testLog{}
+	t.Cleanup(func() {
+		if t.Failed() {
+			mlog.dump(t)
+		}
+	})
+	startManager(t, mlog, nil)
+	s := newStory(t, v1.ModeSync, nil)
+	ctx := context.Background()
+	if err := k8s.Create(ctx, s.vp); err != nil {
+		t.Fatal(err)
+	}
+	s.waitFor(20*time.Second, "PAIR in sync", pairInSync(s.a.name))
+	for i := range 8 {
+		if err := s.write(s.a, int64(i)<<20, pattern(0x40+byte(i), 256<<10)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c := newNode(t, "node-c-"+s.ns, s.log)
+	c.start()
+	size := s.vp.Spec.SizeBytes()
+
+	replace := func(from, to string) {
+		t.Helper()
+		testkit.Eventually(t, 10*time.Second, "spec updated", func() (bool, error) {
+			vp := s.get()
+			switch from {
+			case vp.Spec.Primary.Node:
+				vp.Spec.Primary.Node = to
+			case vp.Spec.Backup.Node:
+				vp.Spec.Backup.Node = to
+			default:
+				return false, fmt.Errorf("%s is not a member of %+v", from, vp.Spec)
+			}
+			err := k8s.Update(ctx, vp)
+			return err == nil, err
+		}, testkit.Every(100*time.Millisecond))
+	}
+	copied := func() int64 { return statusOf(s.a, s.ns, s.name).Copy.CopiedBytesTotal }
+	identical := func(x, y *node) {
+		t.Helper()
+		if hx, hy := testkit.FileSHA256(t, x.dataPath(s.ns, s.name)), testkit.FileSHA256(t, y.dataPath(s.ns, s.name)); hx != hy {
+			t.Fatalf("replicas on %s and %s differ", x.name, y.name)
+		}
+	}
+	inSyncWith := func(n *node, since time.Time) func(vp *v1.VolumePair) bool {
+		return func(vp *v1.VolumePair) bool {
+			ms := vp.Status.MemberStatus(n.name)
+			return pairInSync(s.a.name)(vp) && ms != nil && ms.DataState == v1.DataUpToDate && ms.LastSeen != nil && ms.LastSeen.After(since)
+		}
+	}
+
+	// 1. The writer's node cannot be replaced.
+	replace(s.a.name, "node-gone-"+s.ns)
+	s.waitFor(20*time.Second, "FailoverBlocked/WriterReplaced", func(vp *v1.VolumePair) bool {
+		c := condOf(vp, v1.ConditionFailoverBlocked)
+		return c != nil && c.Reason == BlockedWriterReplaced && strings.Contains(c.Message, "a writer cannot be replaced")
+	})
+	if err := s.write(s.a, 9<<20, pattern(0x49, 64<<10)); err != nil {
+		t.Fatalf("the writer stopped serving while its replacement was refused: %v", err)
+	}
+	replace("node-gone-"+s.ns, s.a.name)
+
+	// 2. The backup is replaced by node c: a full copy, then in sync, then
+	// the old replica is deleted.
+	before := copied()
+	at := time.Now()
+	replace(s.b.name, c.name)
+	vp := s.waitFor(60*time.Second, "in sync with the new member "+c.name, inSyncWith(c, at))
+	if got := copied() - before; got < size {
+		t.Fatalf("the copy to the new member was %d bytes, not the whole volume (%d)", got, size)
+	}
+	s.agentsInSyncWith(s.a, c)
+	identical(s.a, c)
+	testkit.Eventually(t, 20*time.Second, "the old member's replica deleted", func() (bool, string) {
+		vp = s.get()
+		_, err := os.Stat(s.b.dataPath(s.ns, s.name))
+		return len(vp.Status.RemovedMembers) == 0 && os.IsNotExist(err), fmt.Sprintf("removed %+v, stat %v", vp.Status.RemovedMembers, err)
+	}, testkit.Every(100*time.Millisecond))
+	if vp.Status.MemberStatus(s.b.name) != nil {
+		t.Fatalf("the old member is still in status.members: %+v", vp.Status.Members)
+	}
+	for _, want := range []string{"MemberReplaced", "MemberRemoved"} {
+		if ev := s.events(); !strings.Contains(ev, want) {
+			t.Errorf("no %s event:\n%s", want, ev)
+		}
+	}
+
+	// 3. Node c is replaced by b while c is down: c keeps its replica,
+	// listed; writes go on (b not there yet), then c becomes a member
+	// again holding stale data: it must get everything, not a diff.
+	if err := s.write(s.a, 10<<20, pattern(0x4a, 64<<10)); err != nil {
+		t.Fatal(err)
+	}
+	s.agentsInSyncWith(s.a, c)
+	c.kill()
+	at = time.Now()
+	replace(c.name, s.b.name)
+	s.waitFor(60*time.Second, "in sync with "+s.b.name+" again", inSyncWith(s.b, at))
+	vp = s.waitFor(20*time.Second, "the unreachable old member listed", func(vp *v1.VolumePair) bool {
+		return len(vp.Status.RemovedMembers) == 1 && vp.Status.RemovedMembers[0].Node == c.name && strings.Contains(vp.Status.RemovedMembers[0].Message, "could not be deleted yet")
+	})
+	for i := range 4 {
+		if err := s.write(s.a, int64(i)<<20, pattern(0x60+byte(i), 128<<10)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	before = copied()
+	at = time.Now()
+	replace(s.b.name, c.name)
+	c.start()
+	s.waitFor(60*time.Second, "in sync with the returning stale member "+c.name, inSyncWith(c, at))
+	if got := copied() - before; got < size {
+		t.Fatalf("the copy to the stale returning member was %d bytes, not the whole volume (%d)", got, size)
+	}
+	s.agentsInSyncWith(s.a, c)
+	identical(s.a, c)
+}

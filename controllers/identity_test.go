@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -119,12 +120,28 @@ func wipedMemberTrial(t *testing.T, who string) {
 		// The backup is promoted once the writer's authority
 		// expires; the wiped member is copied to; the automatic
 		// failback brings the writer role back.
-		s.waitFor(30*time.Second, "failover to the backup", func(vp *v1.VolumePair) bool {
-			return vp.Status.ActivePrimary == s.b.name && vp.Status.Epoch == 2 && cond(vp, v1.ConditionReady)
+		// The failover is awaited as an epoch: the copy and the
+		// failback may follow within a round (e2e story 11 missed the
+		// epoch-2 state that way, finding 35); the event says who was
+		// promoted.
+		vp := s.waitFor(30*time.Second, "failover to the backup", func(vp *v1.VolumePair) bool {
+			return vp.Status.Epoch >= 2 && cond(vp, v1.ConditionReady)
 		})
-		if err := s.write(s.b, 13<<20, pattern(0x77, 64<<10)); err != nil {
-			t.Fatal(err)
-		}
+		testkit.Eventually(t, 10*time.Second, "the Failover event", func() (bool, string) {
+			ev := s.events()
+			return strings.Contains(ev, "Failover: Writer "+s.a.name+" lost; promoted "+s.b.name+" at epoch 2"), ev
+		}, testkit.Every(50*time.Millisecond))
+		// Written on the writer the status names (the role may move back
+		// meanwhile: then on the next one).
+		testkit.Eventually(t, 10*time.Second, "a write on the writer", func() (bool, error) {
+			writer := s.b
+			if vp.Status.ActivePrimary == s.a.name {
+				writer = s.a
+			}
+			err := s.write(writer, 13<<20, pattern(0x77, 64<<10))
+			vp = s.get()
+			return err == nil, err
+		}, testkit.Every(100*time.Millisecond))
 	}
 	restarted := time.Now()
 	testkit.Eventually(t, 60*time.Second, "the wiped member to get the pair's data back", func() (bool, string) {

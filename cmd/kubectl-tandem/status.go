@@ -209,6 +209,16 @@ func renderStatus(w io.Writer, vp *storagev1alpha1.VolumePair, events []corev1.E
 		_ = tw.Flush()
 	}
 
+	if len(st.RemovedMembers) > 0 {
+		ew.printf("\nRemoved members (replaced; their replicas are still to be deleted):\n")
+		tw := tabwriter.NewWriter(ew, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(tw, "  NODE\tWAITING FOR")
+		for _, m := range st.RemovedMembers {
+			fmt.Fprintf(tw, "  %s\t%s\n", m.Node, orDash(oneLine(m.Message)))
+		}
+		_ = tw.Flush()
+	}
+
 	ew.printf("\nConditions:\n")
 	if len(st.Conditions) == 0 {
 		ew.printf("  <none>\n")

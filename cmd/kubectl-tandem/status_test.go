@@ -137,7 +137,22 @@ func TestRenderStatus(t *testing.T) {
 			"Observed:         generation 2 of 3: the status does not reflect the latest spec yet",
 			"  <unavailable: events is forbidden: no RBAC>",
 		},
-		wantNot: []string{"Unmerged:"},
+		wantNot: []string{"Unmerged:", "Removed members"},
+	}, {
+		name: "a member replaced: the new one being copied, the old one listed",
+		vp: func() *storagev1alpha1.VolumePair {
+			vp := testPair()
+			vp.Spec.Backup.Node = "node-c"
+			vp.Status = storagev1alpha1.VolumePairStatus{Phase: storagev1alpha1.PhaseCopy, ActivePrimary: "node-a",
+				RemovedMembers: []storagev1alpha1.RemovedMember{{Node: "node-b", Message: "deleted once the new member holds the data and the pair is in sync"}}}
+			return vp
+		}(),
+		want: []string{
+			"Backup (spec):    node-c",
+			"Removed members (replaced; their replicas are still to be deleted):",
+			"  NODE    WAITING FOR",
+			"  node-b  deleted once the new member holds the data and the pair is in sync",
+		},
 	}, {
 		name: "second embodiment: unmerged regions, full copy to a wiped member",
 		vp: func() *storagev1alpha1.VolumePair {

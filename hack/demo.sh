@@ -13,7 +13,9 @@
 #      NORMAL; automatic failback to PAIR with node-a at the next epoch
 #   6. check every pattern through node-a's export, compare both replicas'
 #      backing files (sha256)
-#   7. (real nodes) a StatefulSet's Pod writes durable records to a claim of
+#   7. replace node-b by node-c in the spec (a retired node): full copy to
+#      node-c, in sync, node-b's replica deleted
+#   8. (real nodes) a StatefulSet's Pod writes durable records to a claim of
 #      the StorageClass tandem; its node (the writer's) is killed; time until
 #      it writes again on the other member, check every acknowledged record;
 #      then print a summary
@@ -336,6 +338,29 @@ fi
 # node-b, and its agent's totals start again with it.
 B_STATUS=$(agent_status node-b) || fail "cannot read node-b's agent status"
 
+# ---------------------------------------------------------------- replacing a member
+step "Replacing node-b by node-c without deleting the pair (a node retired for good)"
+say "kubectl patch volumepair $NAME --type=merge -p '{\"spec\":{\"backup\":{\"node\":\"node-c\"},\"resync\":{\"maxBytesPerSecond\":0}}}'"
+say "(the resync cap lifted: node-c gets a full copy; zeros travel as Zero frames)"
+T2=$(now)
+k -n "$NS" patch volumepair "$NAME" --type=merge -p '{"spec":{"backup":{"node":"node-c"},"resync":{"maxBytesPerSecond":0}}}' | sed 's/^/    /'
+replaced() {
+  [ "$(jp '{.status.members[?(@.node=="node-c")].dataState}')" = UpToDate ] && synced &&
+    [ -z "$(jp '{.status.removedMembers}')" ] && [ -z "$(jp '{.status.members[?(@.node=="node-b")].node}')" ]
+}
+wait_until 120 "node-c to hold the data and node-b's replica to be deleted" replaced
+printf '    %sMember replaced: node-c in sync %ss after the patch; node-b'"'"'s replica deleted%s\n' "$G" "$(since "$T2")" "$N"
+T_REPLACE=$(since "$T2")
+show
+k -n "$NS" get events --field-selector "involvedObject.name=$NAME" -o custom-columns=REASON:.reason,MESSAGE:.message 2>/dev/null |
+  grep -E '^(REASON|MemberReplaced|MemberRemoved)' | sed 's/^/    /' || true
+for chk in "0xa1 0 32M" "0xc1 250M 1M"; do
+  # shellcheck disable=SC2086 # split "pattern offset length" into $1 $2 $3
+  set -- $chk
+  nbd_io "$ENDPOINT" "read -P $1 $2 $3" >/dev/null || fail "pattern $1 at $2 (+$3) is wrong after the replacement"
+done
+say "the data reads back as before through $ENDPOINT"
+
 if [ "$TANDEM_NODES" = kubelet ]; then
   # ------------------------------------------------------------ a Pod on a Tandem volume
   # The node for the Pod: not the one whose manager leads (losing that one
@@ -413,5 +438,6 @@ ${B}Summary${N}  (Async VolumePair ${NS}/${NAME}, ${SIZE_MIB} MiB, default failo
   failback write hold $(awk -v h="${HOLD:-0}" 'BEGIN {printf "%.3f", h}')s  (lastHoldSeconds on node-b's agent)
   replicas            identical: sha256 $SA on node-a and node-b
 EOF
+echo "  member replaced     ${T_REPLACE}s  node-b → node-c: full copy, in sync, node-b's replica deleted"
 [ -z "${T_POD:-}" ] || echo "  pod failover        ${T_POD}s  $REC_NODE killed → recorder-0 writing on $NEW_NODE; ${VERIFIED} records intact of $((ACKED + 1)) acknowledged"
 [ "$SAW_COPY" = 1 ] || say "(note: the COPY finished between two polls; raise DEMO_RESYNC_RATE's cap to see it)"

@@ -28,15 +28,17 @@ import (
 const BlockedWriterReplaced = "WriterReplaced"
 
 // trackRemoved moves the status entries of nodes that are no longer
-// members into status.removedMembers (with an event), and takes a node that
-// is a member again off that list. It reads the stored status, so it is
-// level-based: a replacement seen once is recorded in the same status patch
-// that drops the old member.
-func (r *VolumePairReconciler) trackRemoved(vp *v1.VolumePair) {
+// members into status.removedMembers, and takes a node that is a member
+// again off that list. It reads the stored status, so it is level-based: a
+// replacement seen once is recorded in the same status patch that drops the
+// old member. It returns the nodes it just moved, for announceRemoved (the
+// events wait until the replacement is known not to drop the writer).
+func trackRemoved(vp *v1.VolumePair) []string {
 	members := []string{vp.Spec.Primary.Node, vp.Spec.Backup.Node}
 	st := &vp.Status
 	st.RemovedMembers = slices.DeleteFunc(st.RemovedMembers, func(m v1.RemovedMember) bool { return slices.Contains(members, m.Node) })
 	var kept []v1.MemberStatus
+	var moved []string
 	for _, m := range st.Members {
 		if slices.Contains(members, m.Node) {
 			kept = append(kept, m)
@@ -44,15 +46,24 @@ func (r *VolumePairReconciler) trackRemoved(vp *v1.VolumePair) {
 		}
 		if !slices.ContainsFunc(st.RemovedMembers, func(rm v1.RemovedMember) bool { return rm.Node == m.Node }) {
 			st.RemovedMembers = append(st.RemovedMembers, v1.RemovedMember{Node: m.Node, Message: waitingForCopy})
-			newNode := vp.Spec.Primary.Node
-			if st.MemberStatus(newNode) != nil {
-				newNode = vp.Spec.Backup.Node
-			}
-			r.Recorder.Eventf(vp, nil, corev1.EventTypeNormal, "MemberReplaced", "Replace",
-				"%s replaces %s: it receives a full copy; the replica on %s is deleted once the pair is in sync again", newNode, m.Node, m.Node)
+			moved = append(moved, m.Node)
 		}
 	}
 	st.Members = kept
+	return moved
+}
+
+// announceRemoved records a MemberReplaced event for each node just
+// replaced.
+func (r *VolumePairReconciler) announceRemoved(vp *v1.VolumePair, moved []string) {
+	for _, old := range moved {
+		newNode := vp.Spec.Primary.Node
+		if vp.Status.MemberStatus(newNode) != nil {
+			newNode = vp.Spec.Backup.Node
+		}
+		r.Recorder.Eventf(vp, nil, corev1.EventTypeNormal, "MemberReplaced", "Replace",
+			"%s replaces %s: it receives a full copy; the replica on %s is deleted once the pair is in sync again", newNode, old, old)
+	}
 }
 
 const waitingForCopy = "deleted once the new member holds the data and the pair is in sync"

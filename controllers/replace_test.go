@@ -75,10 +75,17 @@ func TestStoryReplaceMember(t *testing.T) {
 
 	// 1. The writer's node cannot be replaced.
 	replace(s.a.name, "node-gone-"+s.ns)
-	s.waitFor(20*time.Second, "FailoverBlocked/WriterReplaced", func(vp *v1.VolumePair) bool {
+	blocked := s.waitFor(20*time.Second, "FailoverBlocked/WriterReplaced", func(vp *v1.VolumePair) bool {
 		c := condOf(vp, v1.ConditionFailoverBlocked)
 		return c != nil && c.Reason == BlockedWriterReplaced && strings.Contains(c.Message, "a writer cannot be replaced")
 	})
+	if strings.Contains(s.events(), "MemberReplaced") {
+		t.Fatalf("a refused replacement of the writer was announced:\n%s", s.events())
+	}
+	if len(blocked.Status.RemovedMembers) != 0 || blocked.Status.MemberStatus(s.a.name) == nil {
+		t.Fatalf("the writer whose replacement is refused must stay a member, not be listed for deletion: members %+v, removed %+v",
+			blocked.Status.Members, blocked.Status.RemovedMembers)
+	}
 	if err := s.write(s.a, 9<<20, pattern(0x49, 64<<10)); err != nil {
 		t.Fatalf("the writer stopped serving while its replacement was refused: %v", err)
 	}

@@ -37,7 +37,10 @@ func (r *VolumePairReconciler) patchStatus(ctx context.Context, s *scope, ok boo
 	view.Backup = lastKnown(view.Backup, r.probeState(key, view.Backup.Node).last)
 	gen := vp.Generation
 	if s.writerReplaced != nil {
-		// The writer keeps serving, but nothing would fail it over.
+		// The writer keeps serving, but nothing would fail it over. Its
+		// member entry stays (it is not a removed member: nothing of it
+		// is deleted while it holds the authority).
+		st.Members, st.RemovedMembers = s.base.Status.Members, s.base.Status.RemovedMembers
 		set(&st.Conditions, gen, v1.ConditionFailoverBlocked, true, BlockedWriterReplaced, s.writerReplaced.Error())
 		set(&st.Conditions, gen, v1.ConditionDegraded, true, BlockedWriterReplaced, s.writerReplaced.Error())
 		if err := r.Status().Patch(ctx, vp, client.MergeFrom(s.base)); err != nil {

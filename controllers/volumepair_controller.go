@@ -184,9 +184,12 @@ func (r *VolumePairReconciler) Reconcile(ctx context.Context, req ctrl.Request) 
 		}
 	}()
 
-	r.trackRemoved(vp)
+	moved := trackRemoved(vp)
 	if err := r.observe(ctx, s); err != nil {
 		return ctrl.Result{}, err
+	}
+	if s.writerReplaced == nil {
+		r.announceRemoved(vp, moved)
 	}
 	if s.writerReplaced != nil {
 		period, _ := probeTiming(vp)

@@ -146,3 +146,67 @@ func TestStoryReplaceMember(t *testing.T) {
 	s.agentsInSyncWith(s.a, c)
 	identical(s.a, c)
 }
+
+// TestStoryReplaceLostPrimary: the spec's primary is lost for good; the
+// backup took over (failover). The user replaces the lost node by a new
+// one: it gets a full copy from the acting writer and, with the automatic
+// failback, becomes the writer once it holds the data. The lost node is
+// listed until it answers again; then its stale replica is deleted, and
+// nothing of it is ever copied back.
+func TestStoryReplaceLostPrimary(t *testing.T) {
+	mlog := &testLog{}
+	t.Cleanup(func() {
+		if t.Failed() {
+			mlog.dump(t)
+		}
+	})
+	startManager(t, mlog, nil)
+	s := newStory(t, v1.ModeSync, nil)
+	ctx := context.Background()
+	if err := k8s.Create(ctx, s.vp); err != nil {
+		t.Fatal(err)
+	}
+	s.waitFor(20*time.Second, "PAIR in sync", pairInSync(s.a.name))
+	if err := s.write(s.a, 0, pattern(0x71, 1<<20)); err != nil {
+		t.Fatal(err)
+	}
+	s.agentsInSync(s.a)
+	s.a.kill()
+	s.waitFor(30*time.Second, "failover to "+s.b.name, func(vp *v1.VolumePair) bool {
+		return vp.Status.ActivePrimary == s.b.name && vp.Status.Epoch == 2 && cond(vp, v1.ConditionReady)
+	})
+	if err := s.write(s.b, 2<<20, pattern(0x72, 1<<20)); err != nil {
+		t.Fatal(err)
+	}
+
+	c := newNode(t, "node-c-"+s.ns, s.log)
+	c.start()
+	testkit.Eventually(t, 10*time.Second, "spec.primary replaced", func() (bool, error) {
+		vp := s.get()
+		vp.Spec.Primary.Node = c.name
+		err := k8s.Update(ctx, vp)
+		return err == nil, err
+	}, testkit.Every(100*time.Millisecond))
+	// The automatic failback makes the new node the writer once it holds
+	// the data (epoch 3).
+	vp := s.waitFor(60*time.Second, c.name+" the writer, in sync with "+s.b.name, func(vp *v1.VolumePair) bool {
+		return pairInSync(c.name)(vp) && vp.Status.Epoch == 3
+	})
+	if len(vp.Status.RemovedMembers) != 1 || vp.Status.RemovedMembers[0].Node != s.a.name {
+		t.Fatalf("removed members %+v, want the lost %s listed until it answers", vp.Status.RemovedMembers, s.a.name)
+	}
+	s.agentsInSyncWith(c, s.b)
+	if hc, hb := testkit.FileSHA256(t, c.dataPath(s.ns, s.name)), testkit.FileSHA256(t, s.b.dataPath(s.ns, s.name)); hc != hb {
+		t.Fatalf("replicas on %s and %s differ", c.name, s.b.name)
+	}
+	// The lost node comes back: its stale replica is deleted.
+	s.a.start()
+	testkit.Eventually(t, 30*time.Second, "the returned old member's replica deleted", func() (bool, string) {
+		vp = s.get()
+		_, err := os.Stat(s.a.dataPath(s.ns, s.name))
+		return len(vp.Status.RemovedMembers) == 0 && os.IsNotExist(err), fmt.Sprintf("removed %+v, stat %v", vp.Status.RemovedMembers, err)
+	}, testkit.Every(100*time.Millisecond))
+	if vp.Status.ActivePrimary != c.name {
+		t.Fatalf("the writer is %s, want %s", vp.Status.ActivePrimary, c.name)
+	}
+}

@@ -21,19 +21,7 @@ import (
 // it replaced), never a diff. Replacing the writer is refused until the
 // writer role has moved.
 func TestStoryReplaceMember(t *testing.T) {
-	mlog := &testLog{}
-	t.Cleanup(func() {
-		if t.Failed() {
-			mlog.dump(t)
-		}
-	})
-	startManager(t, mlog, nil)
-	s := newStory(t, v1.ModeSync, nil)
-	ctx := context.Background()
-	if err := k8s.Create(ctx, s.vp); err != nil {
-		t.Fatal(err)
-	}
-	s.waitFor(20*time.Second, "PAIR in sync", pairInSync(s.a.name))
+	s := replaceStory(t)
 	for i := range 8 {
 		if err := s.write(s.a, int64(i)<<20, pattern(0x40+byte(i), 256<<10)); err != nil {
 			t.Fatal(err)
@@ -43,22 +31,6 @@ func TestStoryReplaceMember(t *testing.T) {
 	c.start()
 	size := s.vp.Spec.SizeBytes()
 
-	replace := func(from, to string) {
-		t.Helper()
-		testkit.Eventually(t, 10*time.Second, "spec updated", func() (bool, error) {
-			vp := s.get()
-			switch from {
-			case vp.Spec.Primary.Node:
-				vp.Spec.Primary.Node = to
-			case vp.Spec.Backup.Node:
-				vp.Spec.Backup.Node = to
-			default:
-				return false, fmt.Errorf("%s is not a member of %+v", from, vp.Spec)
-			}
-			err := k8s.Update(ctx, vp)
-			return err == nil, err
-		}, testkit.Every(100*time.Millisecond))
-	}
 	copied := func() int64 { return statusOf(s.a, s.ns, s.name).Copy.CopiedBytesTotal }
 	identical := func(x, y *node) {
 		t.Helper()
@@ -74,7 +46,7 @@ func TestStoryReplaceMember(t *testing.T) {
 	}
 
 	// 1. The writer's node cannot be replaced.
-	replace(s.a.name, "node-gone-"+s.ns)
+	s.replaceNode(s.a.name, "node-gone-"+s.ns)
 	blocked := s.waitFor(20*time.Second, "FailoverBlocked/WriterReplaced", func(vp *v1.VolumePair) bool {
 		c := condOf(vp, v1.ConditionFailoverBlocked)
 		return c != nil && c.Reason == BlockedWriterReplaced && strings.Contains(c.Message, "a writer cannot be replaced")
@@ -89,13 +61,13 @@ func TestStoryReplaceMember(t *testing.T) {
 	if err := s.write(s.a, 9<<20, pattern(0x49, 64<<10)); err != nil {
 		t.Fatalf("the writer stopped serving while its replacement was refused: %v", err)
 	}
-	replace("node-gone-"+s.ns, s.a.name)
+	s.replaceNode("node-gone-"+s.ns, s.a.name)
 
 	// 2. The backup is replaced by node c: a full copy, then in sync, then
 	// the old replica is deleted.
 	before := copied()
 	at := time.Now()
-	replace(s.b.name, c.name)
+	s.replaceNode(s.b.name, c.name)
 	vp := s.waitFor(60*time.Second, "in sync with the new member "+c.name, inSyncWith(c, at))
 	if got := copied() - before; got < size {
 		t.Fatalf("the copy to the new member was %d bytes, not the whole volume (%d)", got, size)
@@ -125,7 +97,7 @@ func TestStoryReplaceMember(t *testing.T) {
 	s.agentsInSyncWith(s.a, c)
 	c.kill()
 	at = time.Now()
-	replace(c.name, s.b.name)
+	s.replaceNode(c.name, s.b.name)
 	s.waitFor(60*time.Second, "in sync with "+s.b.name+" again", inSyncWith(s.b, at))
 	vp = s.waitFor(20*time.Second, "the unreachable old member listed", func(vp *v1.VolumePair) bool {
 		return len(vp.Status.RemovedMembers) == 1 && vp.Status.RemovedMembers[0].Node == c.name && strings.Contains(vp.Status.RemovedMembers[0].Message, "could not be deleted yet")
@@ -137,7 +109,7 @@ func TestStoryReplaceMember(t *testing.T) {
 	}
 	before = copied()
 	at = time.Now()
-	replace(s.b.name, c.name)
+	s.replaceNode(s.b.name, c.name)
 	c.start()
 	s.waitFor(60*time.Second, "in sync with the returning stale member "+c.name, inSyncWith(c, at))
 	if got := copied() - before; got < size {
@@ -154,19 +126,7 @@ func TestStoryReplaceMember(t *testing.T) {
 // listed until it answers again; then its stale replica is deleted, and
 // nothing of it is ever copied back.
 func TestStoryReplaceLostPrimary(t *testing.T) {
-	mlog := &testLog{}
-	t.Cleanup(func() {
-		if t.Failed() {
-			mlog.dump(t)
-		}
-	})
-	startManager(t, mlog, nil)
-	s := newStory(t, v1.ModeSync, nil)
-	ctx := context.Background()
-	if err := k8s.Create(ctx, s.vp); err != nil {
-		t.Fatal(err)
-	}
-	s.waitFor(20*time.Second, "PAIR in sync", pairInSync(s.a.name))
+	s := replaceStory(t)
 	if err := s.write(s.a, 0, pattern(0x71, 1<<20)); err != nil {
 		t.Fatal(err)
 	}
@@ -181,12 +141,7 @@ func TestStoryReplaceLostPrimary(t *testing.T) {
 
 	c := newNode(t, "node-c-"+s.ns, s.log)
 	c.start()
-	testkit.Eventually(t, 10*time.Second, "spec.primary replaced", func() (bool, error) {
-		vp := s.get()
-		vp.Spec.Primary.Node = c.name
-		err := k8s.Update(ctx, vp)
-		return err == nil, err
-	}, testkit.Every(100*time.Millisecond))
+	s.replaceNode(s.a.name, c.name)
 	// The automatic failback makes the new node the writer once it holds
 	// the data (epoch 3).
 	vp := s.waitFor(60*time.Second, c.name+" the writer, in sync with "+s.b.name, func(vp *v1.VolumePair) bool {
@@ -209,4 +164,40 @@ func TestStoryReplaceLostPrimary(t *testing.T) {
 	if vp.Status.ActivePrimary != c.name {
 		t.Fatalf("the writer is %s, want %s", vp.Status.ActivePrimary, c.name)
 	}
+}
+
+// replaceStory starts a manager and a Sync pair of two fresh nodes, in sync.
+func replaceStory(t *testing.T) *story {
+	t.Helper()
+	mlog := &testLog{}
+	t.Cleanup(func() {
+		if t.Failed() {
+			mlog.dump(t)
+		}
+	})
+	startManager(t, mlog, nil)
+	s := newStory(t, v1.ModeSync, nil)
+	if err := k8s.Create(context.Background(), s.vp); err != nil {
+		t.Fatal(err)
+	}
+	s.waitFor(20*time.Second, "PAIR in sync", pairInSync(s.a.name))
+	return s
+}
+
+// replaceNode changes the member on node from to node to in the spec.
+func (s *story) replaceNode(from, to string) {
+	s.t.Helper()
+	testkit.Eventually(s.t, 10*time.Second, "spec updated", func() (bool, error) {
+		vp := s.get()
+		switch from {
+		case vp.Spec.Primary.Node:
+			vp.Spec.Primary.Node = to
+		case vp.Spec.Backup.Node:
+			vp.Spec.Backup.Node = to
+		default:
+			return false, fmt.Errorf("%s is not a member of %+v", from, vp.Spec)
+		}
+		err := k8s.Update(context.Background(), vp)
+		return err == nil, err
+	}, testkit.Every(100*time.Millisecond))
 }

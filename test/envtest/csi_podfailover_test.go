@@ -13,6 +13,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/util/retry"
 	"k8s.io/utils/ptr"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -189,9 +190,16 @@ func TestCSIPodFailover(t *testing.T) {
 	if err := k8s.Create(ctx, held); err != nil {
 		t.Fatal(err)
 	}
-	held.Status = vp.Status
-	held.Status.Clients = &v1.ClientsSpec{Nodes: []string{"pf-a"}}
-	if err := k8s.Status().Update(ctx, held); err != nil {
+	// mirrorClients may write the new pair's status first: retried on a
+	// conflict with the object as it is then.
+	if err := retry.RetryOnConflict(retry.DefaultBackoff, func() error {
+		if err := k8s.Get(ctx, client.ObjectKeyFromObject(held), held); err != nil {
+			return err
+		}
+		held.Status = vp.Status
+		held.Status.Clients = &v1.ClientsSpec{Nodes: []string{"pf-a"}}
+		return k8s.Status().Update(ctx, held)
+	}); err != nil {
 		t.Fatal(err)
 	}
 	heldPV := pv.DeepCopy()

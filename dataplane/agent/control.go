@@ -296,7 +296,11 @@ func (a *Agent) handlePeerOutdated(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusBadRequest, err)
 		return
 	}
-	if err := v.PeerOutdated(req.Epoch); err != nil {
+	var nodes []string
+	if req.Node != "" {
+		nodes = append(nodes, req.Node)
+	}
+	if err := v.PeerOutdated(req.Epoch, nodes...); err != nil {
 		writeErr(w, http.StatusConflict, err)
 		return
 	}

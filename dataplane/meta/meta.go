@@ -8,7 +8,7 @@
 //
 //	offset  size  field
 //	0       8     magic "TNDMMETA"
-//	8       4     format version (2 or 3; 1 is still read, see below)
+//	8       4     format version (2, 3 or 4; 1 is still read, see below)
 //	12      4     payload length L (at most MaxPayload = 64 KiB)
 //	16      L     payload: a JSON object (the Meta fields, see the json tags)
 //	16+L    4     CRC32-Castagnoli of bytes [0, 16+L)
@@ -24,7 +24,7 @@
 //
 // # Payload fields
 //
-// The payload's keys (version 3; see Meta for each field's meaning):
+// The payload's keys (version 4; see Meta for each field's meaning):
 //
 //	volume       string  "<namespace>/<name>"
 //	size         int     volume size in bytes, > 0
@@ -38,7 +38,12 @@
 //	zero         bool    the store holds only zeros (omitted if false)
 //	peerChanged  bool    the bitmaps do not describe the differences to peer:
 //	                     the next resync with peer copies the whole volume
-//	                     (omitted if false; version 3 only)
+//	                     (omitted if false; versions 3 and 4)
+//	otherPeers   [string] the further members the bitmaps track, beyond peer
+//	                     (a pair of three or more; omitted if none; version 4)
+//	otherPeersChanged [string] those of otherPeers the bitmaps do not
+//	                     describe the differences to, as peerChanged for peer
+//	                     (omitted if none; version 4)
 //	updatedAt    string  RFC 3339 time, UTC, nanoseconds
 //
 // # Versions
@@ -60,6 +65,14 @@
 // reads every replica but one whose flag is set, which it refuses with its
 // ErrVersion instead of reading it without the flag (and then copying only
 // the bitmaps' regions to a peer they do not describe).
+//
+// Version 4 added otherPeers and otherPeersChanged (pairs of three or more
+// members: the bitmaps track each other member). Write writes version 4
+// only when one of them is set, and the oldest version that holds the rest
+// otherwise; an older agent refuses a version 4 file with ErrVersion rather
+// than read it as tracking one member. A version 2 or 3 payload must not set
+// them; otherPeersChanged names only members of otherPeers, and no member
+// is named twice (peer included).
 //
 // # Atomic replacement
 //
@@ -101,9 +114,11 @@ const (
 	// Version is the newest format version, the one with every field.
 	// Encode writes it only when a field it added is set (PeerChanged), and
 	// version 2 otherwise (see the package comment).
-	Version = 3
-	// version2 is the format before peerChanged; version1 the format
-	// before the replica identity fields.
+	Version = 4
+	// version3 is the format before otherPeers; version2 the format
+	// before peerChanged; version1 the format before the replica identity
+	// fields.
+	version3   = 3
 	version2   = 2
 	version1   = 1
 	MaxPayload = 64 << 10
@@ -167,6 +182,16 @@ type Meta struct {
 	// Peer, or this replica received the whole volume). False in files of
 	// versions 1 and 2; set, it makes Encode write version 3.
 	PeerChanged bool `json:"peerChanged,omitempty"`
+	// OtherPeers are the further members whose differences from this
+	// replica its bitmaps track, beyond Peer (a pair of three or more
+	// members), in the order the controller gave them. Set, it makes Encode
+	// write version 4.
+	OtherPeers []string `json:"otherPeers,omitempty"`
+	// OtherPeersChanged are those of OtherPeers whose differences the
+	// bitmaps do not describe (as PeerChanged for Peer): the next resync
+	// with each copies the whole volume. Set, it makes Encode write
+	// version 4.
+	OtherPeersChanged []string `json:"otherPeersChanged,omitempty"`
 	// UpdatedAt is when the metadata was last written. Encode stores it in
 	// UTC with nanoseconds.
 	UpdatedAt time.Time `json:"updatedAt"`
@@ -194,20 +219,41 @@ func (m Meta) Validate() error {
 	default:
 		return fmt.Errorf("dataState %q: want %s, %s or %s", m.DataState, UpToDate, Outdated, Inconsistent)
 	}
+	if len(m.OtherPeers) > 0 && m.Peer == "" {
+		return fmt.Errorf("otherPeers %q without a peer", m.OtherPeers)
+	}
+	seen := map[string]bool{m.Peer: true}
+	for _, p := range m.OtherPeers {
+		if p == "" || seen[p] {
+			return fmt.Errorf("otherPeers %q: empty or repeated member %q", m.OtherPeers, p)
+		}
+		seen[p] = true
+	}
+	changed := map[string]bool{}
+	for _, p := range m.OtherPeersChanged {
+		if p == m.Peer || !seen[p] || changed[p] {
+			return fmt.Errorf("otherPeersChanged %q: %q is not one of otherPeers %q, or is repeated", m.OtherPeersChanged, p, m.OtherPeers)
+		}
+		changed[p] = true
+	}
 	return nil
 }
 
 // encodedVersion is the format version Encode writes for m: the oldest
 // that can hold it.
 func encodedVersion(m Meta) uint32 {
-	if m.PeerChanged {
+	switch {
+	case len(m.OtherPeers) > 0 || len(m.OtherPeersChanged) > 0:
 		return Version
+	case m.PeerChanged:
+		return version3
 	}
 	return version2
 }
 
-// Encode serializes m in the file format, as version 3 if m.PeerChanged is
-// set and as version 2 otherwise. It does not validate m (Write
+// Encode serializes m in the file format, as version 4 if m.OtherPeers or
+// m.OtherPeersChanged is set, else as version 3 if m.PeerChanged is set,
+// and as version 2 otherwise. It does not validate m (Write
 // does), so it can produce bytes that Decode refuses: an invalid Meta, or a
 // payload over MaxPayload. It panics only if m.UpdatedAt lies outside years
 // 0..9999, which JSON cannot represent.
@@ -307,12 +353,15 @@ func decode(b []byte) (Meta, error) {
 		if err := decodeJSON(body[headerLen:], &m); err != nil {
 			return Meta{}, err
 		}
-	case version2:
+	case version3, version2:
 		if err := decodeJSON(body[headerLen:], &m); err != nil {
 			return Meta{}, err
 		}
-		if m.PeerChanged {
-			return Meta{}, corrupt("payload: peerChanged set in a version %d file (added in version %d)", version2, Version)
+		if m.PeerChanged && v == version2 {
+			return Meta{}, corrupt("payload: peerChanged set in a version %d file (added in version %d)", version2, version3)
+		}
+		if len(m.OtherPeers) > 0 || len(m.OtherPeersChanged) > 0 {
+			return Meta{}, corrupt("payload: otherPeers or otherPeersChanged set in a version %d file (added in version %d)", v, Version)
 		}
 	case version1:
 		var m1 metaV1

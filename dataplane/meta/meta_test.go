@@ -67,6 +67,10 @@ func roundTripCases() []struct {
 		{"unicode and quotes", with(func(m *Meta) { m.Peer = "nœud-\"β\"\n"; m.PairUID = `\u0000` })},
 		{"peer changed", with(func(m *Meta) { m.PeerChanged, m.Peer = true, "node-c" })},
 		{"peer changed, minimal", func() Meta { m := minimal(); m.PeerChanged = true; return m }()},
+		{"three members", with(func(m *Meta) { m.OtherPeers = []string{"node-c", "node-d"} })},
+		{"three members, one changed", with(func(m *Meta) {
+			m.OtherPeers, m.OtherPeersChanged, m.PeerChanged = []string{"node-c", "node-d"}, []string{"node-d"}, true
+		})},
 	}
 }
 
@@ -216,7 +220,7 @@ func TestDecodeRejects(t *testing.T) {
 			b[len(b)-1] ^= 1
 			return b
 		}(), ErrCorrupt, "checksum"},
-		{"newer version", frame(4, p), ErrVersion, "version 4"},
+		{"newer version", frame(5, p), ErrVersion, "version 5"},
 		{"version zero", frame(0, p), ErrVersion, "version 0"},
 		{"not JSON", frame(2, "hello"), ErrCorrupt, "payload"},
 		{"JSON null", frame(2, "null"), ErrCorrupt, "invalid"},
@@ -224,6 +228,13 @@ func TestDecodeRejects(t *testing.T) {
 		{"unknown field", frame(2, strings.Replace(p, "{", `{"color":"red",`, 1)), ErrCorrupt, "unknown field"},
 		{"unknown field, version 3", frame(3, strings.Replace(p, "{", `{"color":"red",`, 1)), ErrCorrupt, "unknown field"},
 		{"peerChanged in version 2", frame(2, strings.Replace(p, "{", `{"peerChanged":true,`, 1)), ErrCorrupt, "peerChanged"},
+		{"otherPeers in version 3", frame(3, strings.Replace(p, "{", `{"otherPeers":["node-c"],`, 1)), ErrCorrupt, "otherPeers"},
+		{"otherPeersChanged in version 2", frame(2, strings.Replace(p, "{", `{"otherPeersChanged":["node-c"],`, 1)), ErrCorrupt, "otherPeers"},
+		{"otherPeers repeats peer", frame(4, strings.Replace(p, "{", `{"otherPeers":["node-b"],`, 1)), ErrCorrupt, "repeated"},
+		{"otherPeers repeated", frame(4, strings.Replace(p, "{", `{"otherPeers":["node-c","node-c"],`, 1)), ErrCorrupt, "repeated"},
+		{"otherPeers empty name", frame(4, strings.Replace(p, "{", `{"otherPeers":[""],`, 1)), ErrCorrupt, "empty"},
+		{"otherPeersChanged not in otherPeers", frame(4, strings.Replace(p, "{", `{"otherPeers":["node-c"],"otherPeersChanged":["node-d"],`, 1)), ErrCorrupt, "otherPeersChanged"},
+		{"otherPeersChanged names peer", frame(4, strings.Replace(p, "{", `{"otherPeers":["node-c"],"otherPeersChanged":["node-b"],`, 1)), ErrCorrupt, "otherPeersChanged"},
 		{"peerChanged not a bool", frame(3, strings.Replace(p, "{", `{"peerChanged":1,`, 1)), ErrCorrupt, "peerChanged"},
 		{"two objects", frame(2, p+p), ErrCorrupt, "after the JSON object"},
 		{"trailing bracket", frame(2, p+"]"), ErrCorrupt, "after the JSON object"},
@@ -520,5 +531,37 @@ func TestPeerChanged(t *testing.T) {
 		if got, err := Decode(frame(v, strings.Replace(old, "{", `{"peerChanged":false,`, 1))); err != nil || got.PeerChanged {
 			t.Fatalf("version %d with peerChanged false: %+v, %v", v, got, err)
 		}
+	}
+}
+
+// TestOtherPeers: the further members round-trip, make Encode write version
+// 4 (so an agent that reads up to version 3 refuses the file instead of
+// reading it as tracking one member), and clearing them writes the older
+// version again.
+func TestOtherPeers(t *testing.T) {
+	m := full()
+	m.OtherPeers, m.OtherPeersChanged = []string{"node-c"}, []string{"node-c"}
+	dir := t.TempDir()
+	if err := Write(dir, m); err != nil {
+		t.Fatal(err)
+	}
+	raw, err := os.ReadFile(filepath.Join(dir, FileName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v := binary.BigEndian.Uint32(raw[8:]); v != 4 {
+		t.Fatalf("a Meta with otherPeers written as version %d, want 4", v)
+	}
+	if got, err := Read(dir); err != nil || !same(got, m) {
+		t.Fatalf("Read = %+v, %v; want %+v", got, err, m)
+	}
+	m.OtherPeers, m.OtherPeersChanged = nil, nil
+	if v := binary.BigEndian.Uint32(Encode(m)[8:]); v != 2 {
+		t.Fatalf("without otherPeers encoded as version %d, want 2", v)
+	}
+	// otherPeers needs a peer to extend.
+	m.Peer, m.OtherPeers = "", []string{"node-c"}
+	if err := Write(dir, m); err == nil || !strings.Contains(err.Error(), "without a peer") {
+		t.Fatalf("Write of otherPeers without a peer: %v", err)
 	}
 }

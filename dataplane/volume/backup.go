@@ -6,10 +6,12 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/tandem-storage/tandem/dataplane/bitmap"
 	"github.com/tandem-storage/tandem/dataplane/repl"
 )
 
@@ -29,6 +31,11 @@ type backupSide struct {
 	// change since.
 	primary string
 	peerGen uint64
+	// tr is the tracker of the primary (this replica's own diff towards
+	// it, sent in the HelloAck and cleared at ResyncBegin); nil when
+	// several members are tracked and the primary is none of them (then
+	// the HelloAck sent their union and asked for a full copy).
+	tr *bitmap.Tracker
 
 	wmu sync.Mutex // serialises frames written to conn
 	bw  *bufio.Writer
@@ -142,7 +149,8 @@ func (v *Volume) ServePrimary(conn net.Conn, br *bufio.Reader, rd *repl.Reader, 
 	if uid == "" {
 		uid = h.PairUID
 	}
-	b := &backupSide{v: v, conn: conn, epoch: v.epoch, pairUID: uid, primary: h.Node, peerGen: v.peerGen,
+	gen, changed := v.changedPeers[h.Node]
+	b := &backupSide{v: v, conn: conn, epoch: v.epoch, pairUID: uid, primary: h.Node, peerGen: gen, tr: v.trackerForLocked(h.Node),
 		bw: bufio.NewWriterSize(conn, 64<<10), done: make(chan struct{}), kick: make(chan struct{}, 1)}
 	b.fwd = newFwdClient(b)
 	old := v.backupConn
@@ -151,7 +159,7 @@ func (v *Volume) ServePrimary(conn net.Conn, br *bufio.Reader, rd *repl.Reader, 
 	// were lost, or if they track another member than it: the peer
 	// changed (peerChanged), or a spec without a peer node let another
 	// primary than the one they track connect.
-	fullCopy := v.bitmapsLost || v.peerChanged || (v.metaPeer != "" && h.Node != v.metaPeer)
+	fullCopy := v.bitmapsLost || changed || b.tr == nil || (len(v.tracked) > 0 && !slices.Contains(v.tracked, h.Node))
 	ds := v.dataState
 	joined, pairUID, zero := v.joined, v.pairUID, v.zero.Load()
 	fwd := v.fwd
@@ -179,7 +187,11 @@ func (v *Volume) ServePrimary(conn net.Conn, br *bufio.Reader, rd *repl.Reader, 
 	// as a primary that may never have reached the peer. A diff too large
 	// for one frame is replaced by a request for a full copy, which the
 	// HelloAck must carry (it is encoded after this decision).
-	own, err := v.tracker.Dirty().ToBytes()
+	ownDiff := v.dirty()
+	if b.tr != nil {
+		ownDiff = b.tr.Dirty()
+	}
+	own, err := ownDiff.ToBytes()
 	if err != nil {
 		return fmt.Errorf("serialise own bitmap: %w", err)
 	}
@@ -200,7 +212,7 @@ func (v *Volume) ServePrimary(conn net.Conn, br *bufio.Reader, rd *repl.Reader, 
 	if fwd != nil {
 		fwd.attach(b.fwd)
 	}
-	v.log.Info("Serving replication stream from the primary", "primary", h.Node, "epoch", b.epoch, "ownDiffRegions", v.tracker.Count())
+	v.log.Info("Serving replication stream from the primary", "primary", h.Node, "epoch", b.epoch, "ownDiffRegions", ownDiff.GetCardinality())
 
 	stopSync := make(chan struct{})
 	defer close(stopSync)
@@ -330,15 +342,18 @@ func (b *backupSide) effect(f *repl.Frame) (bool, error) {
 			}
 		}
 		b.fullCopy = int64(f.Offset) >= v.opts.Size
-		if f.Length&repl.ResyncUnmerged != 0 {
+		if f.Length&repl.ResyncUnmerged != 0 && b.tr != nil {
 			// Our diff stays ours (second embodiment): remember it.
-			if err := v.keepUnmerged(v.tracker.Dirty()); err != nil {
+			if err := v.keepUnmerged(b.tr.Dirty()); err != nil {
 				return false, b.fail(err)
 			}
 		}
 		// The primary journaled our diff before sending this (or keeps
-		// it unmerged): ours can go.
-		v.tracker.Clear()
+		// it unmerged): ours can go. Our trackers of other members stay:
+		// they say where those may differ from what we held.
+		if b.tr != nil {
+			b.tr.Clear()
+		}
 		v.mu.Lock()
 		v.bitmapsLost = false
 		v.mu.Unlock()

@@ -1,8 +1,27 @@
 // Package volume is the replication engine of one replica: it serves client
-// I/O when this member is the acting primary, mirrors every write to the peer
-// over one ordered stream, tracks in a dirty bitmap what the peer may lack,
-// and runs the patent's transitions (PAIR, SWAP, COPY, failback) when the
-// controller changes the desired role and epoch.
+// I/O when this member is the acting primary, mirrors every write to each
+// other member over one ordered stream per member, tracks in a dirty bitmap
+// per member what that member may lack, and runs the patent's transitions
+// (PAIR, SWAP, COPY, failback) when the controller changes the desired role
+// and epoch.
+//
+// # Members
+//
+// A pair has one writer and one or more backups (Spec.PeerNode and
+// Spec.MoreBackups). The writer keeps a link and a tracker per backup: a
+// write is queued on every link (the client's buffer goes to the last,
+// the others copy it) or, for a backup that is not streaming, marked in
+// that backup's tracker; each backup's acks clear only its own tracker, so
+// each lags, and resyncs, on its own. A write is acknowledged once every
+// Sync backup applied it (or was recorded Outdated by the controller:
+// PeerOutdated names the member); Async backups never hold it beyond their
+// queue bound. The write-intent journal is shared: its checkpoints hold
+// the union of the trackers, and after a crash every tracker restarts from
+// it (over-reporting for a member that was ahead, never under-reporting).
+// The metadata records the tracked members (meta.Meta.Peer, OtherPeers).
+// A backup does not yet track which regions it holds that the other
+// backups may lack, which a promoted backup needs to resync them by diff;
+// until it does, the controller gives a writer one backup.
 //
 // # Write path (acting primary)
 //

@@ -305,7 +305,7 @@ func (v *Volume) submitOwned(ctx context.Context, kind opKind, p []byte, off, n 
 		// range for resync so the replicas cannot stay different with a
 		// clean bitmap (invariant 3). Done under the region locks and
 		// the checkpoint read lock, like the mark of an unqueued write.
-		v.tracker.MarkRange(off, n)
+		v.markAll(off, n)
 		locked.unlock()
 		v.ckpt.RUnlock()
 		v.setError(err)
@@ -315,16 +315,37 @@ func (v *Volume) submitOwned(ctx context.Context, kind opKind, p []byte, off, n 
 	// is replicated or resynced: it is no longer unmerged.
 	v.coveredUnmerged(off, n)
 	v.mu.Lock()
-	l := v.link
-	mode := v.spec.Mode
+	ps := v.peers
 	v.mu.Unlock()
-	var tk ticket
-	queued := false
-	if l != nil {
-		tk, queued = l.enqueueClient(kind, p, off, n, fua, own)
+	// Every member gets the frame, or its tracker marks the range for the
+	// resync. The client's buffer goes to the last link; the others copy
+	// it, as the first to send it could give it back meanwhile.
+	var inline [4]ticket
+	tks := inline[:0]
+	if len(ps) > len(inline) {
+		tks = make([]ticket, 0, len(ps))
 	}
-	if !queued {
-		v.tracker.MarkRange(off, n)
+	lastLink := -1
+	for i, pr := range ps {
+		if pr.link != nil {
+			lastLink = i
+		}
+	}
+	for i, pr := range ps {
+		var tk ticket
+		queued := false
+		if pr.link != nil {
+			o := own
+			if i != lastLink {
+				o = nil
+			}
+			tk, queued = pr.link.enqueueClient(kind, p, off, n, fua, o)
+		}
+		if !queued {
+			pr.tr.MarkRange(off, n)
+			tk = ticket{}
+		}
+		tks = append(tks, tk)
 	}
 	locked.unlock()
 	v.ckpt.RUnlock()
@@ -338,8 +359,16 @@ func (v *Volume) submitOwned(ctx context.Context, kind opKind, p []byte, off, n 
 	}
 	v.ctr.writes.Add(1)
 	v.ctr.writeBytes.Add(n)
-	if mode == ModeSync && !(queued && l.waitApplied(ctx, tk, fua)) {
-		if err := v.waitAlone(ctx); err != nil {
+	// Sync members acknowledge first (invariant 2); async ones never hold
+	// the write beyond their queue bound.
+	for i, pr := range ps {
+		if pr.Mode != ModeSync {
+			continue
+		}
+		if tks[i] != (ticket{}) && pr.link.waitApplied(ctx, tks[i], fua) {
+			continue
+		}
+		if err := v.waitAlone(ctx, pr.node); err != nil {
 			return err
 		}
 	}
@@ -375,16 +404,16 @@ func (v *Volume) applyLocal(kind opKind, p []byte, off, n int64) error {
 	return nil
 }
 
-// waitAlone holds a sync-mode write that the peer did not confirm until the
-// controller has recorded the peer as Outdated, or the link is back and in
-// sync (then the resync carried the write to the peer).
-func (v *Volume) waitAlone(ctx context.Context) error {
+// waitAlone holds a sync-mode write that member node did not confirm
+// until the controller has recorded it as Outdated, or its link is back and
+// in sync (then the resync carried the write to it).
+func (v *Volume) waitAlone(ctx context.Context, node string) error {
 	v.waitingAlone.Add(1)
 	defer v.waitingAlone.Add(-1)
 	logged := false
 	for {
 		v.mu.Lock()
-		if v.aloneEpoch == v.epoch && v.role == RolePrimary {
+		if v.alone[node] == v.epoch && v.role == RolePrimary {
 			v.mu.Unlock()
 			return nil
 		}
@@ -392,14 +421,30 @@ func (v *Volume) waitAlone(ctx context.Context) error {
 			v.mu.Unlock()
 			return fmt.Errorf("sync write not confirmed by the peer and this member stopped being primary: %w", syscall.EIO)
 		}
-		l := v.link
+		// The member, or, if it is no longer one (it was replaced), every
+		// current member: the write must reach one that is in sync, or the
+		// controller must have recorded them Outdated.
+		var waitFor []*peer
+		if p := v.peerForLocked(node); p != nil {
+			waitFor = []*peer{p}
+		} else {
+			for _, p := range v.peers {
+				if v.alone[p.node] != v.epoch {
+					waitFor = append(waitFor, p)
+				}
+			}
+		}
 		ch := v.changed
 		v.mu.Unlock()
-		if l != nil && l.inSync() {
+		inSync := len(waitFor) > 0
+		for _, p := range waitFor {
+			inSync = inSync && p.link != nil && p.link.inSync()
+		}
+		if inSync || len(waitFor) == 0 {
 			return nil
 		}
 		if !logged {
-			v.log.Info("Holding sync write until the peer is recorded Outdated")
+			v.log.Info("Holding sync write until the peer is recorded Outdated", "peer", node)
 			logged = true
 		}
 		select {
@@ -411,8 +456,8 @@ func (v *Volume) waitAlone(ctx context.Context) error {
 	}
 }
 
-// Flush makes every completed write durable locally and, in Sync mode, on
-// the peer.
+// Flush makes every completed write durable locally and on every Sync
+// member.
 func (v *Volume) Flush(ctx context.Context) error {
 	if err := v.awaitAuthority(ctx); err != nil {
 		return err
@@ -436,7 +481,7 @@ func (v *Volume) Flush(ctx context.Context) error {
 		v.mu.Unlock()
 		return err
 	}
-	l, mode := v.link, v.spec.Mode
+	ps := v.peers
 	v.mu.Unlock()
 	v.ctr.flushes.Add(1)
 	if err := v.store.Sync(); err != nil {
@@ -444,13 +489,18 @@ func (v *Volume) Flush(ctx context.Context) error {
 		v.setError(err)
 		return err
 	}
-	if mode != ModeSync {
-		return nil
-	}
-	if l != nil {
-		if tk, ok := l.enqueueFlush(); ok && l.waitApplied(ctx, tk, true) {
-			return nil
+	for _, p := range ps {
+		if p.Mode != ModeSync {
+			continue
+		}
+		if p.link != nil {
+			if tk, ok := p.link.enqueueFlush(); ok && p.link.waitApplied(ctx, tk, true) {
+				continue
+			}
+		}
+		if err := v.waitAlone(ctx, p.node); err != nil {
+			return err
 		}
 	}
-	return v.waitAlone(ctx)
+	return nil
 }

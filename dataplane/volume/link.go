@@ -7,12 +7,14 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
 
 	"github.com/RoaringBitmap/roaring/v2"
 
+	"github.com/tandem-storage/tandem/dataplane/bitmap"
 	"github.com/tandem-storage/tandem/dataplane/repl"
 )
 
@@ -64,8 +66,13 @@ type linkStatus struct {
 // dials, handshakes, merges the backup's bitmap, streams writes in order and
 // runs the resync copy. One per (volume, epoch, peer address).
 type link struct {
-	v      *Volume
-	spec   Spec
+	v    *Volume
+	spec Spec
+	// peer is the member this link mirrors to (its address and mode),
+	// node its resolved name, tr its tracker.
+	peer   Peer
+	node   string
+	tr     *bitmap.Tracker
 	epoch  uint64
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -104,17 +111,17 @@ type logLike interface {
 	Error(err error, msg string, kv ...any)
 }
 
-func newLink(v *Volume, s Spec) *link {
+func newLink(v *Volume, s Spec, p *peer) *link {
 	ctx, cancel := context.WithCancel(context.Background())
 	l := &link{
-		v: v, spec: s, epoch: s.Epoch, ctx: ctx, cancel: cancel,
+		v: v, spec: s, peer: p.Peer, node: p.node, tr: p.tr, epoch: s.Epoch, ctx: ctx, cancel: cancel,
 		done:    make(chan struct{}),
 		changed: make(chan struct{}),
-		log:     v.log.WithValues("peer", s.PeerNode, "peerAddress", s.PeerAddress, "epoch", s.Epoch),
+		log:     v.log.WithValues("peer", p.node, "peerAddress", p.Address, "epoch", s.Epoch),
 	}
 	l.space = sync.NewCond(&l.mu)
 	l.work = sync.NewCond(&l.mu)
-	if v.tracker.Count() > 0 {
+	if l.tr.Count() > 0 {
 		// Owed from before this link: how long is not known, at least
 		// this long.
 		l.behindSince = v.opts.Clock.Now()
@@ -162,17 +169,17 @@ func (l *link) dial() (net.Conn, error) {
 	ctx, cancel := context.WithTimeout(l.ctx, dialTimeout)
 	defer cancel()
 	if l.v.opts.Dial != nil {
-		return l.v.opts.Dial(ctx, l.spec.PeerAddress)
+		return l.v.opts.Dial(ctx, l.peer.Address)
 	}
 	var d net.Dialer
-	return d.DialContext(ctx, "tcp", l.spec.PeerAddress)
+	return d.DialContext(ctx, "tcp", l.peer.Address)
 }
 
 // session runs one connection: handshake, then stream until an error.
 func (l *link) session() error {
 	conn, err := l.dial()
 	if err != nil {
-		return fmt.Errorf("dial %s: %w", l.spec.PeerAddress, err)
+		return fmt.Errorf("dial %s: %w", l.peer.Address, err)
 	}
 	defer conn.Close()
 	stopOnCancel := context.AfterFunc(l.ctx, func() { conn.Close() })
@@ -187,15 +194,15 @@ func (l *link) session() error {
 	primaryZero := l.v.zero.Load()
 	// Likewise: a peer change after this is a new change (peerGen), which
 	// this session does not clear.
-	peerChanged, peerGen, tracked := l.v.peerChangedState()
+	peerChanged, peerGen, tracked := l.v.peerChangedState(l.node)
 	ack, peerBitmap, err := l.handshake(conn, rd, bw)
 	if err != nil {
 		return err
 	}
-	// The bitmaps track one member: a backup other than that one (a spec
-	// without a peer node, an address that leads elsewhere) is a changed
+	// The tracker is about one member: a backup other than that one (an
+	// address that leads elsewhere, a spec without a node) is a changed
 	// peer for this session too, and does not clear the flag.
-	otherPeer := tracked != "" && ack.Node != tracked
+	otherPeer := len(tracked) > 0 && (ack.Node != l.node || !slices.Contains(tracked, ack.Node))
 	// Journal the peer's diff before relying on it: if this side crashes
 	// now, the merged regions must still be copied (invariant 3).
 	merge := l.spec.MergesPeerBitmap() && peerBitmap != nil && !peerBitmap.IsEmpty()
@@ -205,7 +212,7 @@ func (l *link) session() error {
 	full := fullCopyReason(ack, l.spec.PairUID, primaryZero, peerChanged || otherPeer)
 	if full != "" {
 		all := roaring.New()
-		all.AddRange(0, uint64(l.v.tracker.Regions()))
+		all.AddRange(0, uint64(l.tr.Regions()))
 		peerBitmap, merge, unmerged = all, true, false
 	} else if !peerHolds(ack, l.spec.PairUID) {
 		// Both all-zero: identical without a copy; the backup joins at
@@ -216,7 +223,7 @@ func (l *link) session() error {
 		if err := l.journalRegions(peerBitmap); err != nil {
 			return err
 		}
-		l.v.tracker.MarkRegions(peerBitmap)
+		l.tr.MarkRegions(peerBitmap)
 	}
 	if peerChanged && !otherPeer {
 		// The tracker now durably owes this peer every region (the full
@@ -233,7 +240,7 @@ func (l *link) session() error {
 			return fmt.Errorf("record the full copy to %s: %w", ack.Node, err)
 		}
 	}
-	total := l.v.tracker.Bytes()
+	total := l.tr.Bytes()
 	l.log.Info("Replication link up", "peerDataState", ack.DataState, "peerDiffRegions", cardinality(peerBitmap),
 		"merged", merge, "fullCopy", full != "", "fullCopyReason", full, "toCopyBytes", total)
 
@@ -353,8 +360,8 @@ func (l *link) handshake(conn net.Conn, rd *repl.Reader, bw *bufio.Writer) (Hell
 		if _, err := bm.FromBuffer(append([]byte(nil), f.Payload...)); err != nil {
 			return ack, nil, fmt.Errorf("decode peer bitmap: %w", err)
 		}
-		if bm.GetCardinality() > 0 && bm.Maximum() >= l.v.tracker.Regions() {
-			return ack, nil, fmt.Errorf("peer bitmap names region %d of a volume with %d regions", bm.Maximum(), l.v.tracker.Regions())
+		if bm.GetCardinality() > 0 && bm.Maximum() >= l.tr.Regions() {
+			return ack, nil, fmt.Errorf("peer bitmap names region %d of a volume with %d regions", bm.Maximum(), l.tr.Regions())
 		}
 	}
 	return ack, bm, nil
@@ -370,7 +377,7 @@ func (l *link) teardown(gen uint64) {
 	}
 	l.gen++
 	l.streaming = false
-	l.v.tracker.PeerLost()
+	l.tr.PeerLost()
 	for i := range l.queue {
 		l.queue[i].release()
 	}
@@ -396,7 +403,7 @@ func (l *link) inSync() bool {
 	l.mu.Lock()
 	s := l.streaming
 	l.mu.Unlock()
-	return s && l.v.tracker.Count() == 0
+	return s && l.tr.Count() == 0
 }
 
 // noteBehindLocked records that the peer lacks a write made at t; l.mu held.

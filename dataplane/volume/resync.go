@@ -115,7 +115,7 @@ func (l *link) copier(gen uint64) error {
 		ch := l.changed
 		l.mu.Unlock()
 
-		sticky := l.v.tracker.Sticky()
+		sticky := l.tr.Sticky()
 		if sticky.IsEmpty() || pending > 0 {
 			if sticky.IsEmpty() && pending == 0 {
 				l.mu.Lock()
@@ -126,7 +126,7 @@ func (l *link) copier(gen uint64) error {
 					l.behindSince = time.Time{}
 					// In sync: a later loss of the peer needs a new
 					// Outdated record before the writer continues alone.
-					l.v.clearAlone()
+					l.v.clearAlone(l.node)
 					if l.cp.Running {
 						l.cp.Running = false
 						l.log.Info("Resync complete", "copiedBytes", l.cp.DoneBytes, "seconds", l.v.opts.Clock.Since(l.cp.StartTime).Seconds())
@@ -192,7 +192,7 @@ func (l *link) copyRegion(gen uint64, r uint32, off, size int64) error {
 		buf := getBuf(int(n))
 		locked := l.v.locks.lock(off+done, n)
 		if done == 0 {
-			tok = l.v.tracker.CopyBegin(r)
+			tok = l.tr.CopyBegin(r)
 		}
 		if _, err := l.v.store.ReadAt(*buf, off+done); err != nil {
 			locked.unlock()

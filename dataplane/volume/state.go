@@ -3,6 +3,8 @@ package volume
 import (
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"time"
 
 	"github.com/tandem-storage/tandem/dataplane/meta"
@@ -18,39 +20,61 @@ func (v *Volume) persistLocked() error {
 // track or its PeerChanged flag: only Apply (a new peer) sets the flag, and
 // only clearPeerChanged and completeCopy clear it.
 func (v *Volume) metaLocked() meta.Meta {
-	return meta.Meta{
+	m := meta.Meta{
 		Volume: v.opts.Name, Size: v.opts.Size, RegionSize: v.opts.RegionSize,
 		Epoch: v.epoch, Role: string(v.role), DataState: string(v.dataState),
-		Peer: v.metaPeer, Joined: v.joined, PairUID: v.pairUID, Zero: v.zero.Load(),
-		PeerChanged: v.peerChanged, UpdatedAt: v.opts.Clock.Now(),
+		Joined: v.joined, PairUID: v.pairUID, Zero: v.zero.Load(),
+		UpdatedAt: v.opts.Clock.Now(),
+	}
+	setMetaPeers(&m, v.tracked, v.changedPeers)
+	return m
+}
+
+// setMetaPeers records the tracked members and which of them changed in m.
+func setMetaPeers(m *meta.Meta, tracked []string, changed map[string]uint64) {
+	m.Peer, m.PeerChanged, m.OtherPeers, m.OtherPeersChanged = "", false, nil, nil
+	if len(tracked) == 0 {
+		return
+	}
+	m.Peer = tracked[0]
+	_, m.PeerChanged = changed[tracked[0]]
+	for _, n := range tracked[1:] {
+		m.OtherPeers = append(m.OtherPeers, n)
+		if _, ok := changed[n]; ok {
+			m.OtherPeersChanged = append(m.OtherPeersChanged, n)
+		}
 	}
 }
 
-// peerChangedState returns the peerChanged flag, the peer change it stems
-// from (for clearPeerChanged) and the peer the bitmaps track.
-func (v *Volume) peerChangedState() (changed bool, gen uint64, tracked string) {
+// peerChangedState returns whether the bitmaps do not describe member
+// node (changed), the change it stems from (for clearPeerChanged) and the
+// members the bitmaps track.
+func (v *Volume) peerChangedState(node string) (changed bool, gen uint64, tracked []string) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	return v.peerChanged, v.peerGen, v.metaPeer
+	gen, changed = v.changedPeers[v.resolveLocked(node)]
+	return changed, gen, slices.Clone(v.tracked)
 }
 
-// clearPeerChanged durably clears the peerChanged flag once the bitmaps
-// describe the differences to node again (see link.session): unless node
-// is not the peer the flag is about, or the peer changed again since the
-// change gen (that change needs its own full copy).
+// clearPeerChanged durably clears member node's changed flag once the
+// bitmaps describe the differences to it again (see link.session): unless
+// node is not changed, or changed again since the change gen (that change
+// needs its own full copy).
 func (v *Volume) clearPeerChanged(gen uint64, node, why string) error {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	if !v.peerChanged || v.peerGen != gen || node != v.metaPeer {
+	if g, ok := v.changedPeers[node]; !ok || g != gen {
 		return nil
 	}
+	changed := maps.Clone(v.changedPeers)
+	delete(changed, node)
 	m := v.metaLocked()
-	m.PeerChanged = false
+	setMetaPeers(&m, v.tracked, changed)
 	if err := v.writeMeta(m); err != nil {
 		return err
 	}
-	v.peerChanged = false
-	v.log.Info("Peer change resolved: the bitmaps track the peer again", "peer", v.metaPeer, "how", why)
+	v.changedPeers = changed
+	v.log.Info("Peer change resolved: the bitmaps track the peer again", "peer", node, "how", why)
 	return nil
 }
 
@@ -93,16 +117,20 @@ func (v *Volume) clearZero() error {
 func (v *Volume) completeCopy(uid string, full bool, primary string, peerGen uint64) error {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	clearPeer := full && v.peerChanged && v.peerGen == peerGen && primary == v.metaPeer
+	g, isChanged := v.changedPeers[primary]
+	clearPeer := full && isChanged && g == peerGen
 	joins := !(v.dataState == UpToDate && v.holdsLocked(uid) && (v.pairUID == uid))
 	if !joins && !clearPeer {
 		return nil
 	}
+	changed := v.changedPeers
+	if clearPeer {
+		changed = maps.Clone(v.changedPeers)
+		delete(changed, primary)
+	}
 	m := v.metaLocked()
 	m.DataState, m.Joined, m.PairUID = string(UpToDate), true, uid
-	if clearPeer {
-		m.PeerChanged = false
-	}
+	setMetaPeers(&m, v.tracked, changed)
 	if err := v.writeMeta(m); err != nil {
 		return err
 	}
@@ -110,8 +138,8 @@ func (v *Volume) completeCopy(uid string, full bool, primary string, peerGen uin
 	joined := v.joined
 	v.dataState, v.joined, v.pairUID, v.dataReason = UpToDate, true, uid, ""
 	if clearPeer {
-		v.peerChanged = false
-		v.log.Info("Peer change resolved: the bitmaps track the peer again", "peer", v.metaPeer, "how", "received the whole volume")
+		v.changedPeers = changed
+		v.log.Info("Peer change resolved: the bitmaps track the peer again", "peer", primary, "how", "received the whole volume")
 	}
 	if joins {
 		v.log.Info("Data state changed", "from", old, "to", UpToDate, "joinedPair", !joined)
@@ -152,6 +180,9 @@ func (v *Volume) Apply(s Spec) error {
 	if s.Mode != ModeSync && s.Mode != ModeAsync {
 		return fmt.Errorf("volume %s: unknown mode %q", v.opts.Name, s.Mode)
 	}
+	if err := s.ValidatePeers(); err != nil {
+		return fmt.Errorf("volume %s: %w", v.opts.Name, err)
+	}
 	v.applyMu.Lock()
 	defer v.applyMu.Unlock()
 	v.mu.Lock()
@@ -179,41 +210,53 @@ func (v *Volume) Apply(s Spec) error {
 	oldRole, oldEpoch := v.role, v.epoch
 	roleChanged := oldRole != s.Role || oldEpoch != s.Epoch
 	// Member replacement: the bitmaps describe the differences to the
-	// member they tracked (v.metaPeer, from the metadata after a restart).
-	// Given another peer, they mean nothing for it: the next resync with
-	// it must copy everything (peerChanged), or a returning member that
-	// still holds the pair's data (joined, same pair) would get only the
-	// regions written since the replaced member's sync, and stay silently
-	// stale. A replica without a known peer (new, or whose metadata never
-	// recorded one) has nothing to invalidate; a spec without a peer
-	// keeps the one the bitmaps track.
-	newPeer := s.PeerNode != "" && s.PeerNode != v.metaPeer
-	peerChanged := newPeer && v.metaPeer != ""
+	// members they tracked (v.tracked, from the metadata after a restart).
+	// Given another member, they mean nothing for it: the next resync with
+	// it must copy everything (changed), or a returning member that still
+	// holds the pair's data (joined, same pair) would get only the regions
+	// written since the replaced member's sync, and stay silently stale. A
+	// replica without known members (new, or whose metadata never recorded
+	// one) has nothing to invalidate; a spec without members keeps the
+	// ones the bitmaps track.
+	var nodes []string
+	for _, p := range s.Peers() {
+		if p.Node != "" {
+			nodes = append(nodes, p.Node)
+		}
+	}
+	trackedChange, added := v.setTrackedLocked(nodes, false)
 	m := v.metaLocked()
 	idChange := v.identityLocked(s, &m)
-	if roleChanged || old.PeerNode != s.PeerNode || newPeer || idChange != "" {
+	if roleChanged || old.PeerNode != s.PeerNode || trackedChange || idChange != "" {
 		// Durable first: after a crash the replica must not come back
 		// at an older epoch than one it acted on, nor with another
 		// identity, nor forget that its bitmaps track a replaced member.
 		m.Role, m.Epoch = string(s.Role), s.Epoch
-		if newPeer {
-			m.Peer = s.PeerNode
-		}
-		if peerChanged {
-			m.PeerChanged = true
+		if trackedChange {
+			changed := maps.Clone(v.changedPeers)
+			for n := range changed {
+				if !slices.Contains(nodes, n) {
+					delete(changed, n)
+				}
+			}
+			if len(v.tracked) > 0 {
+				for _, n := range added {
+					changed[n] = 0
+				}
+			}
+			setMetaPeers(&m, nodes, changed)
 		}
 		if err := v.writeMeta(m); err != nil {
 			v.mu.Unlock()
 			return err
 		}
 	}
-	if newPeer {
-		if peerChanged {
-			v.peerChanged = true
-			v.peerGen++
-			v.log.Info("Peer changed: the next resync copies everything", "old", v.metaPeer, "new", s.PeerNode)
+	if trackedChange {
+		oldTracked := v.tracked
+		v.setTrackedLocked(nodes, true)
+		if len(oldTracked) > 0 && len(added) > 0 {
+			v.log.Info("Peer changed: the next resync copies everything", "old", oldTracked, "new", added)
 		}
-		v.metaPeer = s.PeerNode
 	}
 	if idChange != "" {
 		if !v.joined && m.Joined {
@@ -237,11 +280,26 @@ func (v *Volume) Apply(s Spec) error {
 	}
 
 	// A link to another member handshakes again (a full copy if the peer
-	// changed), even at the same address.
-	linkChanged := roleChanged || old.PeerNode != s.PeerNode || old.PeerAddress != s.PeerAddress || old.Mode != s.Mode
-	var stopLink *link
-	if linkChanged && v.link != nil {
-		stopLink, v.link = v.link, nil
+	// changed), even at the same address; so does every link after a
+	// change of role or epoch. Links that stay are reused.
+	reuse := map[string]*link{}
+	for _, p := range v.peers {
+		if p.link != nil && !roleChanged && slices.ContainsFunc(s.Peers(), func(q Peer) bool { return q == p.Peer }) {
+			reuse[p.Node] = p.link
+		}
+	}
+	oldPeers := v.peers
+	v.peers = v.peersLocked(s, reuse)
+	var stopLinks, startLinks []*link
+	for _, p := range oldPeers {
+		if p.link != nil && !slices.ContainsFunc(v.peers, func(q *peer) bool { return q.link == p.link }) {
+			stopLinks = append(stopLinks, p.link)
+		}
+	}
+	for _, p := range v.peers {
+		if p.link != nil && !slices.ContainsFunc(oldPeers, func(q *peer) bool { return q.link == p.link }) {
+			startLinks = append(startLinks, p.link)
+		}
 	}
 	if roleChanged && s.Role == RolePrimary && oldRole != RolePrimary {
 		// SWAP: the patent clears the promoted member's bitmap; it records
@@ -252,9 +310,8 @@ func (v *Volume) Apply(s Spec) error {
 	if roleChanged && oldRole == RolePrimary && s.Role != RolePrimary {
 		v.log.Info("Stepped down from primary", "epoch", s.Epoch, "role", s.Role)
 	}
-	if s.Role == RolePrimary && s.PeerAddress != "" && v.link == nil {
-		v.link = newLink(v, s)
-		v.link.start()
+	for _, l := range startLinks {
+		l.start()
 	}
 	if s.Role == RoleBackup && oldRole == RolePrimary {
 		v.fwd = newForwarder(v)
@@ -265,8 +322,8 @@ func (v *Volume) Apply(s Spec) error {
 	v.notifyLocked()
 	v.mu.Unlock()
 
-	if stopLink != nil {
-		stopLink.stop()
+	for _, l := range stopLinks {
+		l.stop()
 	}
 	if roleChanged {
 		v.log.Info("Applied desired state", "role", s.Role, "epoch", s.Epoch, "mode", s.Mode, "peer", s.PeerNode)
@@ -353,28 +410,41 @@ func (v *Volume) identityLocked(s Spec, m *meta.Meta) string {
 	return ""
 }
 
-// PeerOutdated records that the controller has marked the peer Outdated in
-// the API server at epoch: sync writes held because the peer is unreachable
-// may now be acknowledged with only the local copy (invariant 2).
-func (v *Volume) PeerOutdated(epoch uint64) error {
+// PeerOutdated records that the controller has marked members Outdated in
+// the API server at epoch: the named ones, or with none named every member
+// the writer mirrors to. Sync writes held because such a member is
+// unreachable may now be acknowledged without it (invariant 2).
+func (v *Volume) PeerOutdated(epoch uint64, nodes ...string) error {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	if epoch != v.epoch {
 		return fmt.Errorf("volume %s: peer-outdated for epoch %d, but the replica is at epoch %d", v.opts.Name, epoch, v.epoch)
 	}
-	if v.aloneEpoch != epoch {
-		v.aloneEpoch = epoch
-		v.log.Info("Peer recorded Outdated; continuing alone", "epoch", epoch)
+	if len(nodes) == 0 {
+		for _, p := range v.peers {
+			nodes = append(nodes, p.node)
+		}
+	}
+	changed := false
+	for _, n := range nodes {
+		n = v.resolveLocked(n)
+		if v.alone[n] != epoch {
+			v.alone[n] = epoch
+			changed = true
+			v.log.Info("Peer recorded Outdated; continuing without it", "epoch", epoch, "peer", n)
+		}
+	}
+	if changed {
 		v.notifyLocked()
 	}
 	return nil
 }
 
-// clearAlone forgets the controller's Outdated record of the peer once the
-// peer is back in sync (invariant 2 holds afresh for the next loss).
-func (v *Volume) clearAlone() {
+// clearAlone forgets the controller's Outdated record of member node once
+// it is back in sync (invariant 2 holds afresh for its next loss).
+func (v *Volume) clearAlone(node string) {
 	v.mu.Lock()
-	v.aloneEpoch = 0
+	delete(v.alone, node)
 	v.mu.Unlock()
 }
 

@@ -33,18 +33,44 @@ func (v *Volume) Status() Status {
 	if !v.holdStart.IsZero() {
 		st.HoldSeconds = v.opts.Clock.Since(v.holdStart).Seconds()
 	}
-	l, b := v.link, v.backupConn
+	ps, b := v.peers, v.backupConn
+	isWriter := v.role == RolePrimary
+	alone := make([]bool, len(ps))
+	for i, p := range ps {
+		alone[i] = v.alone[p.node] == v.epoch && v.epoch != 0
+	}
 	inflight := v.inflight
 	v.mu.Unlock()
 
-	st.OutOfSyncRegions = v.tracker.Count()
-	st.OutOfSyncBytes = v.tracker.Bytes()
-	if l != nil {
-		ls := l.status()
-		st.PeerConnected = ls.streaming
-		st.Copy = ls.copy
-		st.OldestUnreplicatedSeconds = ls.oldest.Seconds()
-		st.Drained = st.Holding && inflight == 0 && ls.streaming && ls.copyDone && st.OutOfSyncRegions == 0 && ls.allAcked
+	if len(ps) == 1 {
+		st.OutOfSyncRegions, st.OutOfSyncBytes = ps[0].tr.Count(), ps[0].tr.Bytes()
+	} else {
+		u := v.dirty()
+		st.OutOfSyncRegions, st.OutOfSyncBytes = u.GetCardinality(), v.regionBytes(u)
+	}
+	links, drained := 0, st.Holding && inflight == 0 && st.OutOfSyncRegions == 0
+	connected := true
+	for i, p := range ps {
+		ps := PeerStatus{Node: p.node, Mode: p.Mode, Outdated: alone[i],
+			OutOfSyncRegions: p.tr.Count(), OutOfSyncBytes: p.tr.Bytes()}
+		if p.link != nil {
+			links++
+			ls := p.link.status()
+			ps.Connected, ps.Copy, ps.OldestUnreplicatedSeconds = ls.streaming, ls.copy, ls.oldest.Seconds()
+			drained = drained && ls.streaming && ls.copyDone && ls.allAcked
+			st.OldestUnreplicatedSeconds = max(st.OldestUnreplicatedSeconds, ps.OldestUnreplicatedSeconds)
+			addCopy(&st.Copy, ps.Copy)
+		} else {
+			drained = false
+		}
+		connected = connected && ps.Connected
+		if isWriter {
+			st.Peers = append(st.Peers, ps)
+		}
+	}
+	if links > 0 {
+		st.PeerConnected = connected
+		st.Drained = drained
 	}
 	if b != nil {
 		st.PeerConnected = b.connected()
@@ -86,7 +112,7 @@ func (v *Volume) Writable() error {
 // DirtyRanges returns the dirty regions as inclusive [first, last] runs.
 func (v *Volume) DirtyRanges() [][2]uint32 {
 	var out [][2]uint32
-	it := v.tracker.Dirty().Iterator()
+	it := v.dirty().Iterator()
 	for it.HasNext() {
 		r := it.Next()
 		if n := len(out); n > 0 && out[n-1][1]+1 == r {
@@ -96,4 +122,35 @@ func (v *Volume) DirtyRanges() [][2]uint32 {
 		out = append(out, [2]uint32{r, r})
 	}
 	return out
+}
+
+// addCopy sums the copy c into the total t (the pair-level Copy of a
+// writer with several members: running if any runs, bytes summed, the
+// earliest start; rate and ETA from the sums).
+func addCopy(t *CopyStatus, c CopyStatus) {
+	if !c.Running && !t.Running && t.TotalBytes == 0 {
+		*t = c
+		return
+	}
+	if !c.Running {
+		return
+	}
+	if !t.Running {
+		*t = CopyStatus{}
+	}
+	t.Running = true
+	t.TotalBytes += c.TotalBytes
+	t.DoneBytes += c.DoneBytes
+	t.BytesPerSecond += c.BytesPerSecond
+	if t.StartTime.IsZero() || c.StartTime.Before(t.StartTime) {
+		t.StartTime = c.StartTime
+	}
+	t.FullCopy = t.FullCopy || c.FullCopy
+	if c.Reason != "" && t.Reason == "" {
+		t.Reason = c.Reason
+	}
+	t.ETASeconds = 0
+	if t.BytesPerSecond > 0 {
+		t.ETASeconds = (t.TotalBytes - t.DoneBytes) / t.BytesPerSecond
+	}
 }

@@ -89,7 +89,7 @@ func (l *link) enqueueClient(kind opKind, p []byte, off, n int64, fua bool, own 
 		l.queue[len(l.queue)-1].free = free
 		own.buf = nil
 	}
-	l.v.tracker.Mark(off, n, seq)
+	l.tr.Mark(off, n, seq)
 	l.sentAt = append(l.sentAt, sentRec{seq: seq, at: l.v.opts.Clock.Now()})
 	return ticket{gen: gen, seq: seq}, true
 }
@@ -308,11 +308,11 @@ func (l *link) acked(gen, applied, durable uint64) {
 	}
 	l.sentAt = l.sentAt[:copy(l.sentAt, l.sentAt[i:])]
 	// Bits clear only once the peer holds the data durably.
-	l.v.tracker.Acked(durable)
+	l.tr.Acked(durable)
 	j := 0
 	for j < len(l.copies) && l.copies[j].seq <= durable {
 		c := l.copies[j]
-		if c.last && l.v.tracker.CopyDone(c.region, c.tok, durable) {
+		if c.last && l.tr.CopyDone(c.region, c.tok, durable) {
 			l.cp.DoneBytes += c.regionBytes
 		}
 		l.copyBytes -= c.bytes

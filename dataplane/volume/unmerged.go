@@ -40,7 +40,7 @@ func (v *Volume) coveredUnmerged(off, n int64) {
 	first := (off + rs - 1) / rs
 	end := (off + n) / rs
 	if off+n >= v.opts.Size {
-		end = int64(v.tracker.Regions())
+		end = int64(v.regions())
 	}
 	if end <= first || v.unmergedN.Load() == 0 {
 		return

@@ -80,7 +80,6 @@ type Volume struct {
 	log     logr.Logger
 	store   store.Store
 	journal *bitmap.Journal
-	tracker *bitmap.Tracker
 	auth    Authority
 	locks   regionLocks
 
@@ -107,38 +106,43 @@ type Volume struct {
 	zero        atomic.Bool
 	dataReason  string
 	bitmapsLost bool
-	// metaPeer is the peer recorded in the metadata: the member whose
-	// differences from this replica its bitmaps track. Loaded at Open (the
-	// baseline the first Apply compares against, as v.spec is empty then)
-	// and replaced by every Apply that names another peer; a spec without
-	// a peer keeps it (the bitmaps still track that member). "" for a new
-	// replica, or one whose metadata never recorded a peer.
-	metaPeer string
-	// peerChanged: the bitmaps do not describe the differences to
-	// metaPeer, because the member they tracked was replaced by it
-	// (meta.Meta.PeerChanged, kept in every metadata write). The next
-	// resync with metaPeer copies the whole volume, whichever side this
-	// replica is on: as the writer it copies everything (fullCopyReason),
-	// as the backup its HelloAck asks for it (FullCopy). peerGen counts
-	// the peer changes that set it, so that a link or stream that read the
-	// flag clears it only if no newer change happened meanwhile.
-	peerChanged bool
-	peerGen     uint64
+	// tracked are the members recorded in the metadata (its peer, then
+	// otherPeers): those whose differences from this replica its bitmaps
+	// track, one tracker each (trackers; under "" while none is tracked,
+	// see peers.go). Loaded at Open (the baseline the first Apply compares
+	// against, as v.spec is empty then) and replaced by every Apply that
+	// names other members; a spec without members keeps them. Empty for a
+	// new replica, or one whose metadata never recorded a peer.
+	tracked  []string
+	trackers map[string]*bitmap.Tracker
+	// changedPeers holds the tracked members whose differences the bitmaps do
+	// not describe, because they replaced a member the bitmaps tracked
+	// (meta.Meta.PeerChanged and OtherPeersChanged, kept in every metadata
+	// write). The next resync with such a member copies the whole volume,
+	// whichever side this replica is on: as the writer it copies
+	// everything (fullCopyReason), as the backup its HelloAck asks for it
+	// (FullCopy). The value is the change's number (peerGen counts them),
+	// so that a link or stream that read the flag clears it only if no
+	// newer change happened meanwhile.
+	changedPeers map[string]uint64
+	peerGen      uint64
+	// peers are the members of the current spec, with their trackers and,
+	// on the writer, links (peers.go). Replaced as a whole by Apply.
+	peers []*peer
 	// unmerged are the regions a resync left different on the two members
 	// because this member's own diff was not merged (mergePrimaryBitmap
 	// false, the method's second embodiment); kept in the file "unmerged"
 	// and shrunk as frames covering a whole region arrive.
 	unmerged      *roaring.Bitmap
-	unmergedDirty bool          // the file lags the set (only shrunk since)
-	unmergedN     atomic.Uint64 // its size, read without v.mu on the write path
-	aloneEpoch    uint64        // the controller recorded the peer Outdated at this epoch
+	unmergedDirty bool              // the file lags the set (only shrunk since)
+	unmergedN     atomic.Uint64     // its size, read without v.mu on the write path
+	alone         map[string]uint64 // member -> the epoch the controller recorded it Outdated at
 	changed       chan struct{}
 	inflight      int64 // admitted client writes not yet finished
 	holdStart     time.Time
 	lastHold      time.Duration
 	lastErr       string
 	lastErrTime   time.Time
-	link          *link       // primary side
 	backupConn    *backupSide // backup side
 	fwd           *forwarder  // ex-writer forwarding to the new writer
 	closed        bool
@@ -186,15 +190,17 @@ func Open(opts Options) (*Volume, error) {
 	}
 	log := opts.Log.WithValues("volume", opts.Name)
 	v := &Volume{
-		opts:    opts,
-		log:     log,
-		auth:    opts.Authority,
-		tracker: bitmap.NewTracker(opts.Size, opts.RegionSize),
-		role:    RoleNone,
-		changed: make(chan struct{}),
-		stop:    make(chan struct{}),
+		opts:         opts,
+		log:          log,
+		auth:         opts.Authority,
+		role:         RoleNone,
+		alone:        map[string]uint64{},
+		changedPeers: map[string]uint64{},
+		changed:      make(chan struct{}),
+		stop:         make(chan struct{}),
 	}
 	v.locks.init(opts.RegionSize)
+	v.trackers = map[string]*bitmap.Tracker{}
 
 	m, err := meta.Read(opts.Dir)
 	switch {
@@ -206,7 +212,17 @@ func Open(opts Options) (*Volume, error) {
 		v.epoch, v.dataState = m.Epoch, DataState(m.DataState)
 		v.joined, v.pairUID = m.Joined, m.PairUID
 		v.zero.Store(m.Zero)
-		v.metaPeer, v.peerChanged = m.Peer, m.PeerChanged
+		if m.Peer != "" {
+			v.tracked = append([]string{m.Peer}, m.OtherPeers...)
+			if m.PeerChanged {
+				v.peerGen++
+				v.changedPeers[m.Peer] = v.peerGen
+			}
+			for _, n := range m.OtherPeersChanged {
+				v.peerGen++
+				v.changedPeers[n] = v.peerGen
+			}
+		}
 		if !v.joined {
 			v.dataReason = reasonNew
 		}
@@ -261,7 +277,7 @@ func Open(opts Options) (*Volume, error) {
 		// Which regions differ is lost: say all of them may.
 		log.Error(err, "Unmerged regions lost; reporting every region as possibly different")
 		v.unmerged = roaring.New()
-		v.unmerged.AddRange(0, uint64(v.tracker.Regions()))
+		v.unmerged.AddRange(0, uint64(v.regions()))
 	}
 	v.unmergedN.Store(v.unmerged.GetCardinality())
 
@@ -283,21 +299,32 @@ func Open(opts Options) (*Volume, error) {
 	// Extents that keep being written stay marked across checkpoints: no
 	// group commit (fdatasync) on the write path after each checkpoint.
 	j.KeepHot(true)
-	if recovered != nil && !recovered.IsEmpty() {
-		v.tracker.MarkRegions(recovered)
+	// One tracker per tracked member, each from the recovered union (see
+	// peers.go).
+	names := v.tracked
+	if len(names) == 0 {
+		names = []string{""}
 	}
-	if v.bitmapsLost {
-		all := roaring.New()
-		all.AddRange(0, uint64(v.tracker.Regions()))
-		v.tracker.MarkRegions(all)
+	for _, n := range names {
+		t := v.newTracker()
+		if recovered != nil && !recovered.IsEmpty() {
+			t.MarkRegions(recovered)
+		}
+		if v.bitmapsLost {
+			all := roaring.New()
+			all.AddRange(0, uint64(v.regions()))
+			t.MarkRegions(all)
+		}
+		v.trackers[n] = t
 	}
+	v.peers = v.peersLocked(Spec{Mode: ModeAsync}, nil)
 	if err := v.persistLocked(); err != nil {
-		v.journal.Close(v.tracker.Dirty())
+		v.journal.Close(v.dirty())
 		st.Close()
 		return nil, err
 	}
 	log.Info("Opened replica", "dir", opts.Dir, "epoch", v.epoch, "dataState", v.dataState,
-		"recoveredDirtyRegions", v.tracker.Count(), "bitmapsLost", v.bitmapsLost, "peer", v.metaPeer, "peerChanged", v.peerChanged)
+		"recoveredDirtyRegions", v.dirtyCount(), "bitmapsLost", v.bitmapsLost, "peers", v.tracked, "changedPeers", len(v.changedPeers))
 	v.wg.Add(1)
 	go v.checkpointLoop()
 	return v, nil
@@ -348,7 +375,7 @@ func (v *Volume) checkpointLoop() {
 			return
 		case <-t.C():
 			st := v.journal.Stats()
-			cnt := v.tracker.Count()
+			cnt := v.dirtyCount()
 			// Idle: checkpoint until no extent is marked or covered in full
 			// any more, so that recovery after a crash reports the tracker's
 			// bitmap exactly. A failed journal is never idle: a checkpoint
@@ -370,7 +397,7 @@ func (v *Volume) checkpointLoop() {
 // covers every write whose Mark happened in an earlier journal generation.
 func (v *Volume) checkpoint() error {
 	v.ckpt.Lock()
-	snap := v.tracker.Dirty()
+	snap := v.dirty()
 	v.ckpt.Unlock()
 	if err := v.flushUnmerged(); err != nil {
 		return err
@@ -409,13 +436,16 @@ func (v *Volume) Close() error {
 		v.mu.Lock()
 	}
 	stuck := v.inflight
-	l, b := v.link, v.backupConn
-	v.link, v.backupConn = nil, nil
+	ps, b := v.peers, v.backupConn
+	v.peers = withoutLinks(ps)
+	v.backupConn = nil
 	v.notifyLocked()
 	v.mu.Unlock()
-	if l != nil {
-		// Frames not acknowledged yet stay dirty (PeerLost).
-		l.stop()
+	for _, p := range ps {
+		if p.link != nil {
+			// Frames not acknowledged yet stay dirty (PeerLost).
+			p.link.stop()
+		}
 	}
 	if b != nil {
 		// Once stopped, no frame of the stream touches the store; a frame
@@ -454,7 +484,7 @@ func (v *Volume) Close() error {
 		// No write between its journal mark and its tracker bit: the
 		// tracker covers every write (see checkpoint).
 		v.ckpt.Lock()
-		final = v.tracker.Dirty()
+		final = v.dirty()
 		v.ckpt.Unlock()
 	} else {
 		err := fmt.Errorf("volume %s: %d client writes still in progress %v after close began; keeping the write-intent journal for recovery instead of a final checkpoint", v.opts.Name, stuck, v.opts.CloseTimeout)

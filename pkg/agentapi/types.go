@@ -1,6 +1,7 @@
 package agentapi
 
 import (
+	"fmt"
 	"path/filepath"
 	"time"
 
@@ -62,6 +63,14 @@ type Spec struct {
 	// PeerAddress is host:port of the peer agent's replication listener. A
 	// primary dials it; a backup accepts only its peer's Hello.
 	PeerAddress string `json:"peerAddress,omitempty"`
+	// MoreBackups are the writer's backups beyond the one PeerNode,
+	// PeerAddress and Mode name (a pair of three or more members): the
+	// writer mirrors every write to each of them, over a link of its own,
+	// and keeps a dirty bitmap per backup (each lags on its own). Every
+	// entry names its node, which no other entry and not PeerNode names.
+	// An agent that does not know the field mirrors to the first backup
+	// only: the controller sends it only to agents that advertise it.
+	MoreBackups []Peer `json:"moreBackups,omitempty"`
 	// MergePeerBitmap ORs the returning member's own diff into the resync
 	// (default true, see MergesPeerBitmap; false copies only this side's
 	// diff).
@@ -84,6 +93,65 @@ type Spec struct {
 	// clients (VolumePair spec.clients); nil leaves it unrestricted. The
 	// agent keeps it across restarts (the replica's clients.json).
 	Clients *Clients `json:"clients,omitempty"`
+}
+
+// Peer is a member a writer mirrors to.
+type Peer struct {
+	// Node names the member.
+	Node string `json:"node"`
+	// Address is host:port of its agent's replication listener ("": not
+	// known yet; the writer tracks what it lacks until it is).
+	Address string `json:"address,omitempty"`
+	// Mode is when a client write is acknowledged with respect to this
+	// member: Sync (after it applied the write) or Async; "" is the
+	// spec's Mode.
+	Mode Mode `json:"mode,omitempty"`
+}
+
+// Peers returns every member the spec names besides this one: the first
+// from PeerNode, PeerAddress and Mode (when PeerNode or PeerAddress is
+// set), then MoreBackups, each with its mode resolved.
+func (s Spec) Peers() []Peer {
+	mode := s.Mode
+	if mode == "" {
+		mode = ModeAsync
+	}
+	var out []Peer
+	if s.PeerNode != "" || s.PeerAddress != "" {
+		out = append(out, Peer{Node: s.PeerNode, Address: s.PeerAddress, Mode: mode})
+	}
+	for _, p := range s.MoreBackups {
+		if p.Mode == "" {
+			p.Mode = mode
+		}
+		out = append(out, p)
+	}
+	return out
+}
+
+// ValidatePeers reports the first problem with the spec's members: with
+// MoreBackups, every member names a node (PeerNode included), no node
+// twice, and each mode is Sync, Async or empty.
+func (s Spec) ValidatePeers() error {
+	if len(s.MoreBackups) == 0 {
+		return nil
+	}
+	if s.PeerNode == "" {
+		return fmt.Errorf("moreBackups needs peerNode: every member of a pair of three or more is named")
+	}
+	seen := map[string]bool{s.PeerNode: true}
+	for i, p := range s.MoreBackups {
+		switch {
+		case p.Node == "":
+			return fmt.Errorf("moreBackups[%d].node is empty", i)
+		case seen[p.Node]:
+			return fmt.Errorf("moreBackups[%d].node %q is named twice", i, p.Node)
+		case p.Mode != "" && p.Mode != ModeSync && p.Mode != ModeAsync:
+			return fmt.Errorf("moreBackups[%d].mode %q: want %s or %s", i, p.Mode, ModeSync, ModeAsync)
+		}
+		seen[p.Node] = true
+	}
+	return nil
 }
 
 // Clients restricts who may use a volume's NBD export.
@@ -201,12 +269,36 @@ type Status struct {
 	// (hold, drain, switch), and never makes it the writer
 	// (docs/architecture.md, "Agent restarts").
 	Stopping bool `json:"stopping,omitempty"`
+	// Peers reports each member a writer mirrors to (Spec.Peers), in
+	// order; the fields above sum them up: PeerConnected when every one is
+	// connected, OutOfSync the union of their bitmaps, Copy the copies
+	// running, OldestUnreplicatedSeconds the oldest of theirs. Empty on a
+	// member that is not the writer.
+	Peers []PeerStatus `json:"peers,omitempty"`
 	// Clients is the restriction the export enforces (Spec.Clients).
 	Clients         *Clients  `json:"clients,omitempty"`
 	ForwardedWrites int64     `json:"forwardedWrites"`
 	Counters        Counters  `json:"counters"`
 	LastError       string    `json:"lastError,omitempty"`
 	LastErrorTime   time.Time `json:"lastErrorTime,omitzero"`
+}
+
+// PeerStatus is what a writer reports of one member it mirrors to.
+type PeerStatus struct {
+	Node string `json:"node"`
+	Mode Mode   `json:"mode"`
+	// Connected is true when the link to it is up and streaming.
+	Connected bool `json:"connected"`
+	// OutOfSyncRegions/Bytes is the dirty bitmap of this member: what it
+	// may lack.
+	OutOfSyncRegions uint64     `json:"outOfSyncRegions"`
+	OutOfSyncBytes   int64      `json:"outOfSyncBytes"`
+	Copy             CopyStatus `json:"copy"`
+	// OldestUnreplicatedSeconds is the age of the oldest write it lacks.
+	OldestUnreplicatedSeconds float64 `json:"oldestUnreplicatedSeconds"`
+	// Outdated is true when the controller recorded it Outdated at the
+	// writer's epoch: sync writes no longer wait for it.
+	Outdated bool `json:"outdated,omitempty"`
 }
 
 // Counters are monotonically increasing totals.
@@ -236,6 +328,9 @@ type VolumeRequest struct {
 // recorded the writer's peer Outdated at this authority epoch.
 type PeerOutdatedRequest struct {
 	Epoch uint64 `json:"epoch"`
+	// Node names the member recorded Outdated; "" is every member the
+	// writer mirrors to (what a controller that names none means).
+	Node string `json:"node,omitempty"`
 }
 
 // ResyncRequest is the body of POST .../resync: regions the writer must copy

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"reflect"
 	"sync"
 	"testing"
 
@@ -58,7 +59,7 @@ func TestAgentVolumes(t *testing.T) {
 		st.DataState != want.DataState || st.Joined || st.Writable {
 		t.Fatalf("new backup: %+v, want %+v", st, want)
 	}
-	if got, err := c.Get(ctx, "ns", "vol"); err != nil || got != st {
+	if got, err := c.Get(ctx, "ns", "vol"); err != nil || !reflect.DeepEqual(got, st) {
 		t.Fatalf("Get after Put: %+v, %v; want %+v", got, err, st)
 	}
 

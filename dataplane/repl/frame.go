@@ -10,7 +10,7 @@
 //
 //	offset size field
 //	0      4    magic 0x544E4452 ("TNDR")
-//	4      1    version (1)
+//	4      1    version (1; 2 for the types version 2 added)
 //	5      1    type
 //	6      2    flags
 //	8      8    epoch
@@ -51,6 +51,8 @@
 //	21 FwdFlush    request id              -                   -
 //	22 FwdRead     request id              volume range        -
 //	23 FwdReply    request id              offset 0: ok, 1: error, 2: re-issue   data, error text, or -
+//	24 Watermark   0                       offset: a seq of this link up to which every member holds
+//	                                       everything (0: none)   entries (see Watermark)   version 2 only
 //
 // Fwd* frames flow from an ex-writer (now the backup) to the writer: requests
 // of client connections that were open when the roles switched (failback)
@@ -73,7 +75,12 @@
 //	bit 1  DurableAck  the Ack covering this frame must mean durable, not just applied
 //
 // Undefined type values and flag bits are malformed (ErrMalformed): a version
-// that adds any increments the version byte.
+// that adds any increments the version byte. Version 2 added Watermark (a
+// writer with several backups tells each what the others hold); a frame of
+// a version 1 type is still written as version 1, so a pair of two members
+// speaks version 1 only and an agent of version 1 keeps working in it. A
+// frame marked with another version than the one that added its type (a
+// Watermark of version 1, a Write of version 2) is malformed.
 //
 // # Errors
 //
@@ -106,10 +113,12 @@ const ResyncUnmerged = 1
 
 // Wire constants.
 const (
-	Magic      uint32 = 0x544E4452 // "TNDR"
-	Version    uint8  = 1
-	HeaderLen         = 44
-	MaxPayload        = 32 << 20
+	Magic   uint32 = 0x544E4452 // "TNDR"
+	Version uint8  = 2
+	// version1 is the version of every type but Watermark.
+	version1   uint8 = 1
+	HeaderLen        = 44
+	MaxPayload       = 32 << 20
 )
 
 // Errors wrapped by Reader.Next, WriteFrame and Frame.Validate.
@@ -151,6 +160,7 @@ const (
 	TypeFwdFlush
 	TypeFwdRead
 	TypeFwdReply
+	TypeWatermark
 	typeEnd // one past the last type
 )
 
@@ -161,6 +171,16 @@ var typeNames = [...]string{
 	TypeHold: "Hold", TypeRelease: "Release", TypeRoleSwitch: "RoleSwitch",
 	TypeResyncBegin: "ResyncBegin", TypeFwdWrite: "FwdWrite", TypeFwdTrim: "FwdTrim",
 	TypeFwdZero: "FwdZero", TypeFwdFlush: "FwdFlush", TypeFwdRead: "FwdRead", TypeFwdReply: "FwdReply",
+	TypeWatermark: "Watermark",
+}
+
+// version is the frame version a type is written with: the oldest that
+// defines it.
+func (t Type) version() uint8 {
+	if t >= TypeWatermark {
+		return Version
+	}
+	return version1
 }
 
 // Valid reports whether t is a defined type.
@@ -264,7 +284,7 @@ func (f *Frame) Validate() error {
 func putHeader(h []byte, f *Frame) {
 	_ = h[HeaderLen-1]
 	binary.BigEndian.PutUint32(h[0:], Magic)
-	h[4] = Version
+	h[4] = f.Type.version()
 	h[5] = byte(f.Type)
 	binary.BigEndian.PutUint16(h[6:], uint16(f.Flags))
 	binary.BigEndian.PutUint64(h[8:], f.Epoch)
@@ -394,8 +414,11 @@ func (r *Reader) next() error {
 	if m := binary.BigEndian.Uint32(h[0:]); m != Magic {
 		return fmt.Errorf("magic %#08x, want %#08x: %w", m, Magic, ErrBadMagic)
 	}
-	if v := h[4]; v != Version {
-		return fmt.Errorf("version %d, this agent speaks %d: %w", v, Version, ErrVersion)
+	if v := h[4]; v != version1 && v != Version {
+		return fmt.Errorf("version %d, this agent speaks %d and %d: %w", v, version1, Version, ErrVersion)
+	}
+	if t := Type(h[5]); t.Valid() && h[4] != t.version() {
+		return fmt.Errorf("%v frame marked version %d, want %d (the version that added it): %w", t, h[4], t.version(), ErrMalformed)
 	}
 	n := binary.BigEndian.Uint32(h[36:])
 	if n > r.max {

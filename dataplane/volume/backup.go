@@ -36,6 +36,11 @@ type backupSide struct {
 	// several members are tracked and the primary is none of them (then
 	// the HelloAck sent their union and asked for a full copy).
 	tr *bitmap.Tracker
+	// siblings are the trackers of the other members (watermark.go): the
+	// frames this stream applies are marked in them until the primary's
+	// watermarks clear them. When the stream stops they become sticky
+	// (PeerLost): the next stream numbers its frames from 1 again.
+	siblings []*bitmap.Tracker
 
 	wmu sync.Mutex // serialises frames written to conn
 	bw  *bufio.Writer
@@ -82,8 +87,20 @@ func (b *backupSide) close(reason error) {
 func (b *backupSide) stop(reason error) {
 	b.close(reason)
 	b.emu.Lock()
-	b.stopped = true
+	b.stopLocked()
 	b.emu.Unlock()
+}
+
+// stopLocked marks the stream stopped and ends its seq numbering in the
+// sibling trackers; b.emu held.
+func (b *backupSide) stopLocked() {
+	if b.stopped {
+		return
+	}
+	b.stopped = true
+	for _, t := range b.siblings {
+		t.PeerLost()
+	}
 }
 
 func (b *backupSide) send(f *repl.Frame) error {
@@ -150,7 +167,14 @@ func (v *Volume) ServePrimary(conn net.Conn, br *bufio.Reader, rd *repl.Reader, 
 		uid = h.PairUID
 	}
 	gen, changed := v.changedPeers[h.Node]
-	b := &backupSide{v: v, conn: conn, epoch: v.epoch, pairUID: uid, primary: h.Node, peerGen: gen, tr: v.trackerForLocked(h.Node),
+	primaryTr := v.trackerForLocked(h.Node)
+	var siblings []*bitmap.Tracker
+	for _, t := range v.trackers {
+		if t != primaryTr {
+			siblings = append(siblings, t)
+		}
+	}
+	b := &backupSide{v: v, conn: conn, epoch: v.epoch, pairUID: uid, primary: h.Node, peerGen: gen, tr: primaryTr, siblings: siblings,
 		bw: bufio.NewWriterSize(conn, 64<<10), done: make(chan struct{}), kick: make(chan struct{}, 1)}
 	b.fwd = newFwdClient(b)
 	old := v.backupConn
@@ -172,7 +196,7 @@ func (v *Volume) ServePrimary(conn net.Conn, br *bufio.Reader, rd *repl.Reader, 
 	v.applyMu.Unlock()
 	b.alive.Store(true)
 	defer func() {
-		b.close(errors.New("stream ended"))
+		b.stop(errors.New("stream ended"))
 		close(b.done)
 		b.fwd.fail(errStreamEnded)
 		v.mu.Lock()
@@ -282,6 +306,20 @@ func (b *backupSide) apply(br *bufio.Reader, rd *repl.Reader) error {
 		case repl.TypeFwdReply:
 			b.fwd.deliver(f)
 			continue
+		case repl.TypeWatermark:
+			// Not acknowledged; never applied once the stream stopped (the
+			// trackers may serve this member's own links by then).
+			b.emu.Lock()
+			err := errStopped
+			if !b.stopped {
+				err = b.watermark(f)
+			}
+			b.emu.Unlock()
+			if err != nil {
+				v.ctr.rejected.Add(1)
+				return err
+			}
+			continue
 		}
 		ackNow, err := b.effect(f)
 		if err != nil {
@@ -313,26 +351,36 @@ func (b *backupSide) effect(f *repl.Frame) (bool, error) {
 		}
 	}
 	switch f.Type {
-	case repl.TypeWrite, repl.TypeCopyData:
+	case repl.TypeWrite, repl.TypeCopyData, repl.TypeTrim, repl.TypeZero:
 		if err := b.checkRange(f); err != nil {
 			return false, err
 		}
-		if _, err := v.store.WriteAt(f.Payload, int64(f.Offset)); err != nil {
-			return false, b.fail(fmt.Errorf("apply %v at %d: %w", f.Type, f.Offset, err))
+		off, n := int64(f.Offset), int64(f.Length)
+		do := func() error {
+			var err error
+			switch f.Type {
+			case repl.TypeWrite, repl.TypeCopyData:
+				_, err = v.store.WriteAt(f.Payload, off)
+			case repl.TypeTrim:
+				err = v.store.Punch(off, n)
+			default:
+				err = v.store.Zero(off, n)
+			}
+			if err != nil {
+				return fmt.Errorf("apply %v at %d: %w", f.Type, f.Offset, err)
+			}
+			return nil
 		}
-		v.coveredUnmerged(int64(f.Offset), int64(f.Length))
-	case repl.TypeTrim, repl.TypeZero:
-		if err := b.checkRange(f); err != nil {
-			return false, err
+		var err error
+		if len(b.siblings) > 0 {
+			err = b.markSiblings(off, n, f.Seq, do)
+		} else {
+			err = do()
 		}
-		op := v.store.Punch
-		if f.Type == repl.TypeZero {
-			op = v.store.Zero
+		if err != nil {
+			return false, b.fail(err)
 		}
-		if err := op(int64(f.Offset), int64(f.Length)); err != nil {
-			return false, b.fail(fmt.Errorf("apply %v at %d: %w", f.Type, f.Offset, err))
-		}
-		v.coveredUnmerged(int64(f.Offset), int64(f.Length))
+		v.coveredUnmerged(off, n)
 	case repl.TypeFlush:
 		sync = true
 	case repl.TypeResyncBegin:

@@ -19,9 +19,11 @@
 // the union of the trackers, and after a crash every tracker restarts from
 // it (over-reporting for a member that was ahead, never under-reporting).
 // The metadata records the tracked members (meta.Meta.Peer, OtherPeers).
-// A backup does not yet track which regions it holds that the other
-// backups may lack, which a promoted backup needs to resync them by diff;
-// until it does, the controller gives a writer one backup.
+// A backup that knows the other backups (its spec's MoreBackups) keeps a
+// tracker of each: the frames it applies are journaled and marked there
+// until the writer's watermarks say the others hold them (watermark.go).
+// Promoted, it resyncs each other member by the OR of its tracker of that
+// member and that member's tracker of it, as with a returning primary.
 //
 // # Write path (acting primary)
 //

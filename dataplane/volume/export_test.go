@@ -7,3 +7,15 @@ func SetMaxOwnBitmap(t interface{ Cleanup(func()) }, n int) {
 	maxOwnBitmap = n
 	t.Cleanup(func() { maxOwnBitmap = old })
 }
+
+// TrackedRegions is the number of regions in v's tracker of member node
+// (-1: none).
+func TrackedRegions(v *Volume, node string) int {
+	v.mu.Lock()
+	t := v.trackers[node]
+	v.mu.Unlock()
+	if t == nil {
+		return -1
+	}
+	return int(t.Count())
+}

@@ -305,7 +305,7 @@ func (v *Volume) submitOwned(ctx context.Context, kind opKind, p []byte, off, n 
 		// range for resync so the replicas cannot stay different with a
 		// clean bitmap (invariant 3). Done under the region locks and
 		// the checkpoint read lock, like the mark of an unqueued write.
-		v.markAll(off, n)
+		v.markAllHoled(off, n)
 		locked.unlock()
 		v.ckpt.RUnlock()
 		v.setError(err)
@@ -325,11 +325,19 @@ func (v *Volume) submitOwned(ctx context.Context, kind opKind, p []byte, off, n 
 	if len(ps) > len(inline) {
 		tks = make([]ticket, 0, len(ps))
 	}
-	lastLink := -1
+	lastLink, links := -1, 0
 	for i, pr := range ps {
 		if pr.link != nil {
 			lastLink = i
+			links++
 		}
+	}
+	// With several links, writes are numbered and queued on every link in
+	// one order, for the watermarks (watermark.go).
+	var g uint64
+	if links > 1 {
+		v.fanMu.Lock()
+		g = v.gseq.Add(1)
 	}
 	for i, pr := range ps {
 		var tk ticket
@@ -339,13 +347,16 @@ func (v *Volume) submitOwned(ctx context.Context, kind opKind, p []byte, off, n 
 			if i != lastLink {
 				o = nil
 			}
-			tk, queued = pr.link.enqueueClient(kind, p, off, n, fua, o)
+			tk, queued = pr.link.enqueueClient(kind, p, off, n, fua, o, g)
 		}
 		if !queued {
 			pr.tr.MarkRange(off, n)
 			tk = ticket{}
 		}
 		tks = append(tks, tk)
+	}
+	if links > 1 {
+		v.fanMu.Unlock()
 	}
 	locked.unlock()
 	v.ckpt.RUnlock()

@@ -9,6 +9,7 @@ import (
 	"net"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -70,9 +71,12 @@ type link struct {
 	spec Spec
 	// peer is the member this link mirrors to (its address and mode),
 	// node its resolved name, tr its tracker.
-	peer   Peer
-	node   string
-	tr     *bitmap.Tracker
+	peer Peer
+	node string
+	tr   *bitmap.Tracker
+	// multi: the writer has other backups too; the link keeps what the
+	// watermarks need (watermark.go).
+	multi  atomic.Bool
 	epoch  uint64
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -97,6 +101,18 @@ type link struct {
 	copyBytes int64
 	copyDone  bool // CopyDone queued and nothing left to copy
 	cp        CopyStatus
+
+	// Watermarks (watermark.go): the data frames some sibling may still
+	// need to hear about, the last one forgotten, the first write the
+	// member missed (0: none), and the Watermark frame for the sender
+	// with what the last one said.
+	gs          []gseq
+	poppedSeq   uint64
+	poppedG     uint64
+	holeG       uint64
+	wm          *repl.Frame
+	wmSent      []repl.WatermarkEntry
+	wmCleanSent uint64
 
 	// behindSince is when the peer started to lack a write that no frame
 	// in sentAt accounts for: the oldest unacked frame at a teardown, or
@@ -125,6 +141,7 @@ func newLink(v *Volume, s Spec, p *peer) *link {
 		// Owed from before this link: how long is not known, at least
 		// this long.
 		l.behindSince = v.opts.Clock.Now()
+		l.holeLocked(0)
 	}
 	return l
 }
@@ -249,6 +266,11 @@ func (l *link) session() error {
 	gen := l.gen
 	l.streaming = true
 	l.nextSeq, l.applied, l.durable = 0, 0, 0
+	l.gs, l.poppedSeq, l.poppedG, l.wm, l.wmSent, l.wmCleanSent = l.gs[:0], 0, 0, nil, nil, 0
+	if merge || full != "" {
+		// The member's data differs from ours where it wrote alone.
+		l.holeLocked(0)
+	}
 	l.copies, l.copyBytes, l.copyDone = nil, 0, false
 	l.cp = CopyStatus{Running: total > 0, TotalBytes: total, StartTime: l.v.opts.Clock.Now(), FullCopy: full != "", Reason: full}
 	// The first frame tells the backup how much is coming: it marks itself
@@ -378,6 +400,15 @@ func (l *link) teardown(gen uint64) {
 	l.gen++
 	l.streaming = false
 	l.tr.PeerLost()
+	// The member misses every write from the oldest it did not durably
+	// acknowledge (watermark.go).
+	for _, e := range l.gs {
+		if e.seq > l.durable {
+			l.holeLocked(e.g)
+			break
+		}
+	}
+	l.gs, l.wm = l.gs[:0], nil
 	for i := range l.queue {
 		l.queue[i].release()
 	}

@@ -277,3 +277,206 @@ func TestMembersSurviveRestart(t *testing.T) {
 	same(t, a, b)
 	same(t, a, c)
 }
+
+// backupSpec makes m a backup of primary with the pair's other members
+// (siblings) named.
+func backupSpec(epoch uint64, primary string, siblings ...string) volume.Spec {
+	s := volume.Spec{Role: volume.RoleBackup, Epoch: epoch, PeerNode: primary}
+	for _, n := range siblings {
+		s.MoreBackups = append(s.MoreBackups, volume.Peer{Node: n})
+	}
+	return s
+}
+
+// writeModel writes n random 4 KiB blocks and returns the regions written.
+func writeModel(t *testing.T, v *volume.Volume, seed uint64, n int) map[int64]bool {
+	t.Helper()
+	model := map[int64]bool{}
+	rng := rand.New(rand.NewPCG(seed, 7))
+	buf := make([]byte, 4096)
+	for range n {
+		off := rng.Int64N(size/4096) * 4096
+		for i := range buf {
+			buf[i] = byte(rng.Uint32())
+		}
+		if err := v.WriteAt(context.Background(), buf, off, false); err != nil {
+			t.Fatalf("write at %d: %v", off, err)
+		}
+		model[off/region] = true
+	}
+	return model
+}
+
+// settled: every member holds everything and the backups' trackers of
+// each other are clear (the writer's watermarks reached them).
+func settled(t *testing.T, w *member, backups ...*member) func() bool {
+	return func() bool {
+		for _, b := range backups {
+			if !inSyncWith(t, w, b)() || b.v.Status().OutOfSyncRegions != 0 {
+				return false
+			}
+		}
+		return true
+	}
+}
+
+// copiedTo is what the writer copied since before (CopiedBytesTotal).
+func copiedSince(w *member, before int64) int64 { return w.v.Status().Copy.CopiedBytesTotal - before }
+
+// TestPromotedBackupResyncsOthersByDiff: the writer A of B and C is lost
+// while C is away; B, the most current backup, is promoted. C returns and
+// gets from B exactly the regions A wrote while C was away (B's tracker of
+// C, kept by the watermarks), not a full copy; A returns and gets exactly
+// what B wrote since. All three end byte-identical.
+func TestPromotedBackupResyncsOthersByDiff(t *testing.T) {
+	a, b, c := newMember(t, "a"), newMember(t, "b"), newMember(t, "c")
+	apply(t, b, backupSpec(1, "a", "c"))
+	apply(t, c, backupSpec(1, "a", "b"))
+	apply(t, a, writerSpec(1, b, volume.ModeSync, c, volume.ModeAsync))
+	writeModel(t, a.v, 41, 200)
+	waitFor(t, "all three settled", settled(t, a, b, c))
+	same(t, a, b)
+	same(t, a, c)
+
+	// C goes away; A writes on with B; then A is lost.
+	if err := c.v.Close(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "A sees C gone", func() bool { return !peerStatus(t, a, "c").Connected })
+	m2 := writeModel(t, a.v, 42, 60)
+	waitFor(t, "B holds every write", inSyncWith(t, a, b))
+	waitFor(t, "B's tracker of C holds what C missed", func() bool {
+		return b.v.Status().OutOfSyncRegions == uint64(len(m2))
+	})
+	if err := a.v.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	// B is promoted; C returns as its backup.
+	c = reopen(t, c)
+	apply(t, c, backupSpec(2, "b", "a"))
+	apply(t, b, volume.Spec{Role: volume.RolePrimary, Epoch: 2, Mode: volume.ModeAsync, PeerNode: "c", PeerAddress: c.addr,
+		MoreBackups: []volume.Peer{{Node: "a"}}})
+	before := int64(0)
+	waitFor(t, "C in sync with B", inSyncWith(t, b, c))
+	if p := peerStatus(t, b, "c"); p.Copy.FullCopy {
+		t.Fatalf("C got a full copy: %+v", p.Copy)
+	}
+	if n, want := copiedSince(b, before), int64(len(m2))*region; n != want {
+		t.Fatalf("B copied %d bytes to C, want the %d regions A wrote while C was away (%d bytes)", n, len(m2), want)
+	}
+	same(t, b, c)
+
+	// B writes while A is away; A returns.
+	m3 := writeModel(t, b.v, 43, 30)
+	waitFor(t, "C in sync after B's writes", inSyncWith(t, b, c))
+	before = b.v.Status().Copy.CopiedBytesTotal
+	a = reopen(t, a)
+	apply(t, a, backupSpec(2, "b", "c"))
+	apply(t, b, volume.Spec{Role: volume.RolePrimary, Epoch: 2, Mode: volume.ModeAsync, PeerNode: "c", PeerAddress: c.addr,
+		MoreBackups: []volume.Peer{{Node: "a", Address: a.addr}}})
+	waitFor(t, "A in sync with B", inSyncWith(t, b, a))
+	// A's bitmaps come back from its journal as one union after its
+	// restart: its diff towards B holds what C lacked from A too (m2).
+	// Over-reporting, never a full copy.
+	union := map[int64]bool{}
+	for r := range m2 {
+		union[r] = true
+	}
+	for r := range m3 {
+		union[r] = true
+	}
+	if n, lo, hi := copiedSince(b, before), int64(len(m3))*region, int64(len(union))*region; n < lo || n > hi {
+		t.Fatalf("B copied %d bytes to the returning A, want B's writes since (%d bytes) up to those and A's restarted union (%d bytes)", n, lo, hi)
+	}
+	waitFor(t, "all three settled under B", settled(t, b, a, c))
+	same(t, b, a)
+	same(t, b, c)
+}
+
+// TestLaggingBackupPromoted: B is away while A writes to C, then A is lost
+// and B (which lacks those writes) is promoted anyway. C holds writes B
+// lacks: its tracker of B says which, its HelloAck sends them, and B copies
+// its own version over exactly those regions, so C ends identical to the
+// writer it now follows, without a full copy.
+func TestLaggingBackupPromoted(t *testing.T) {
+	a, b, c := newMember(t, "a"), newMember(t, "b"), newMember(t, "c")
+	apply(t, b, backupSpec(1, "a", "c"))
+	apply(t, c, backupSpec(1, "a", "b"))
+	apply(t, a, writerSpec(1, b, volume.ModeAsync, c, volume.ModeAsync))
+	writeModel(t, a.v, 51, 100)
+	waitFor(t, "all three settled", settled(t, a, b, c))
+
+	if err := b.v.Close(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "A sees B gone", func() bool { return !peerStatus(t, a, "b").Connected })
+	m2 := writeModel(t, a.v, 52, 40)
+	waitFor(t, "C holds every write", inSyncWith(t, a, c))
+	if err := a.v.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := c.v.Status().OutOfSyncRegions; got != uint64(len(m2)) {
+		t.Fatalf("C's trackers hold %d regions, want the %d written while B was away", got, len(m2))
+	}
+
+	b = reopen(t, b)
+	apply(t, b, volume.Spec{Role: volume.RolePrimary, Epoch: 2, Mode: volume.ModeAsync, PeerNode: "c", PeerAddress: c.addr,
+		MoreBackups: []volume.Peer{{Node: "a"}}})
+	apply(t, c, backupSpec(2, "b", "a"))
+	waitFor(t, "C in sync with B", inSyncWith(t, b, c))
+	p := peerStatus(t, b, "c")
+	if p.Copy.FullCopy {
+		t.Fatalf("C got a full copy: %+v", p.Copy)
+	}
+	if n, want := b.v.Status().Copy.CopiedBytesTotal, int64(len(m2))*region; n != want {
+		t.Fatalf("B copied %d bytes to C, want the %d regions C held and B lacked (%d bytes)", n, len(m2), want)
+	}
+	same(t, b, c)
+}
+
+// TestWatermarksWithAMemberAway: with D away the pair is never wholly in
+// sync, so only the per-member watermarks can tell B that C holds what A
+// wrote. A writes and is lost; B is promoted: C, which streamed all along,
+// gets nothing copied, while B's tracker of D still holds every region A
+// wrote since D left.
+func TestWatermarksWithAMemberAway(t *testing.T) {
+	a, b, c, d := newMember(t, "a"), newMember(t, "b"), newMember(t, "c"), newMember(t, "d")
+	apply(t, b, backupSpec(1, "a", "c", "d"))
+	apply(t, c, backupSpec(1, "a", "b", "d"))
+	apply(t, d, backupSpec(1, "a", "b", "c"))
+	spec := writerSpec(1, b, volume.ModeAsync, c, volume.ModeAsync)
+	spec.MoreBackups = append(spec.MoreBackups, volume.Peer{Node: "d", Address: d.addr})
+	apply(t, a, spec)
+	waitFor(t, "all four settled", settled(t, a, b, c, d))
+	if err := d.v.Close(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "A sees D gone", func() bool { return !peerStatus(t, a, "d").Connected })
+	m := writeModel(t, a.v, 61, 50)
+	waitFor(t, "B and C hold every write", func() bool { return inSyncWith(t, a, b)() && inSyncWith(t, a, c)() })
+	// B's and C's trackers of each other clear once the watermarks
+	// arrive; of D they keep every region written.
+	waitFor(t, "B's and C's trackers of each other clear", func() bool {
+		return volume.TrackedRegions(b.v, "c") == 0 && volume.TrackedRegions(c.v, "b") == 0
+	})
+	for _, x := range []*member{b, c} {
+		if n := volume.TrackedRegions(x.v, "d"); n != len(m) {
+			t.Fatalf("%s's tracker of D: %d regions, want %d", x.node, n, len(m))
+		}
+	}
+	if err := a.v.Close(); err != nil {
+		t.Fatal(err)
+	}
+	apply(t, c, backupSpec(2, "b", "a", "d"))
+	apply(t, b, volume.Spec{Role: volume.RolePrimary, Epoch: 2, Mode: volume.ModeAsync, PeerNode: "c", PeerAddress: c.addr,
+		MoreBackups: []volume.Peer{{Node: "a"}, {Node: "d"}}})
+	waitFor(t, "C in sync with B", inSyncWith(t, b, c))
+	if n := b.v.Status().Copy.CopiedBytesTotal; n != 0 {
+		t.Fatalf("B copied %d bytes to C, which held everything", n)
+	}
+	if p := peerStatus(t, b, "d"); p.OutOfSyncRegions != uint64(len(m)) {
+		t.Fatalf("B's tracker of D: %d regions, want the %d A wrote while D was away", p.OutOfSyncRegions, len(m))
+	}
+	same(t, b, c)
+}

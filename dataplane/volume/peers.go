@@ -118,10 +118,23 @@ func (v *Volume) dirtyCount() uint64 {
 	return v.dirty().GetCardinality()
 }
 
-// markAll marks [off, off+n) for a resync to every member.
-func (v *Volume) markAll(off, n int64) {
+// markAllHoled marks [off, off+n) for a resync to every member, which
+// differs there in a way no write number says (a torn local write, a
+// repair): their watermarks stop until the resync (watermark.go). The
+// marks come first, so a resync completing meanwhile sees them.
+func (v *Volume) markAllHoled(off, n int64) {
 	for _, t := range v.trackerList() {
 		t.MarkRange(off, n)
+	}
+	v.mu.Lock()
+	ps := v.peers
+	v.mu.Unlock()
+	for _, p := range ps {
+		if p.link != nil {
+			p.link.mu.Lock()
+			p.link.holeLocked(0)
+			p.link.mu.Unlock()
+		}
 	}
 }
 
@@ -224,6 +237,12 @@ func (v *Volume) peersLocked(s Spec, reuse map[string]*link) []*peer {
 			}
 		}
 		out = append(out, np)
+	}
+	multi := multiLinks(out) != nil
+	for _, p := range out {
+		if p.link != nil {
+			p.link.multi.Store(multi)
+		}
 	}
 	return out
 }

@@ -26,7 +26,7 @@ func (v *Volume) RequestResync(ctx context.Context, first, count uint32) error {
 	if err := v.journal.Mark(ctx, off, n); err != nil {
 		return fmt.Errorf("journal resync request: %w", err)
 	}
-	v.markAll(off, n)
+	v.markAllHoled(off, n)
 	v.log.Info("Resync of regions requested", "first", first, "count", count)
 	return nil
 }

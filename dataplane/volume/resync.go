@@ -122,6 +122,13 @@ func (l *link) copier(gen uint64) error {
 				if l.gen == gen && !l.copyDone {
 					l.enqueueLocked(repl.Frame{Type: repl.TypeCopyDone, Flags: repl.FlagDurableAck}, nil, 0)
 					l.copyDone = true
+					// The member holds every write but the ones not
+					// durable yet (watermark.go), unless regions were
+					// marked for it again since the check above (they
+					// set a hole after marking).
+					if l.tr.StickyCount() == 0 {
+						l.holeG = 0
+					}
 					// The peer holds every write but those in sentAt.
 					l.behindSince = time.Time{}
 					// In sync: a later loss of the peer needs a new
@@ -208,14 +215,25 @@ func (l *link) copyRegion(gen uint64, r uint32, off, size int64) error {
 			f.Type, f.Payload = repl.TypeZero, nil
 		}
 		last := done+n == size
+		multi := l.multi.Load()
+		if multi {
+			// Ordered with the client writes fanned out (watermark.go).
+			l.v.fanMu.Lock()
+		}
 		l.mu.Lock()
 		if l.gen != gen {
 			l.mu.Unlock()
+			if multi {
+				l.v.fanMu.Unlock()
+			}
 			locked.unlock()
 			putBuf(buf)
 			return errors.New("connection generation ended")
 		}
 		seq := l.enqueueLocked(f, buf, int64(len(f.Payload)))
+		if multi {
+			l.noteGLocked(seq, l.v.gseq.Load())
+		}
 		rec := copyRec{seq: seq, region: r, tok: tok, bytes: n, last: last}
 		if last {
 			rec.regionBytes = size
@@ -223,6 +241,9 @@ func (l *link) copyRegion(gen uint64, r uint32, off, size int64) error {
 		l.copies = append(l.copies, rec)
 		l.copyBytes += n
 		l.mu.Unlock()
+		if multi {
+			l.v.fanMu.Unlock()
+		}
 		locked.unlock()
 		l.v.copiedTotal.Add(n)
 		done += n

@@ -53,7 +53,10 @@ func (l *link) enqueueLocked(f repl.Frame, buf *[]byte, size int64) uint64 {
 // the link is not streaming (the caller then marks the regions dirty). With
 // own set (p is *own.buf) the frame takes the buffer instead of a copy and
 // own.buf is cleared; when it returns false the caller still owns it.
-func (l *link) enqueueClient(kind opKind, p []byte, off, n int64, fua bool, own *owned) (ticket, bool) {
+//
+// g numbers the write among those fanned out to several backups (0: one
+// backup, not numbered).
+func (l *link) enqueueClient(kind opKind, p []byte, off, n int64, fua bool, own *owned, g uint64) (ticket, bool) {
 	var buf *[]byte
 	var free func(*[]byte)
 	if kind == opWrite {
@@ -75,6 +78,9 @@ func (l *link) enqueueClient(kind opKind, p []byte, off, n int64, fua bool, own 
 			putBuf(buf)
 		}
 		l.noteBehindLocked(l.v.opts.Clock.Now()) // the caller marks it for the resync
+		if g > 0 {
+			l.holeLocked(g)
+		}
 		return ticket{}, false
 	}
 	f := repl.Frame{Type: kind.frameType(), Offset: uint64(off), Length: uint32(n)}
@@ -90,6 +96,9 @@ func (l *link) enqueueClient(kind opKind, p []byte, off, n int64, fua bool, own 
 		own.buf = nil
 	}
 	l.tr.Mark(off, n, seq)
+	if g > 0 {
+		l.noteGLocked(seq, g)
+	}
 	l.sentAt = append(l.sentAt, sentRec{seq: seq, at: l.v.opts.Clock.Now()})
 	return ticket{gen: gen, seq: seq}, true
 }
@@ -206,13 +215,17 @@ func (l *link) sender(gen uint64, conn net.Conn, bw *bufio.Writer) error {
 	}()
 	for {
 		l.mu.Lock()
-		for len(l.queue) == 0 && l.gen == gen && len(pinger) == 0 {
+		for len(l.queue) == 0 && l.gen == gen && len(pinger) == 0 && l.wm == nil {
 			l.work.Wait()
 		}
 		if l.gen != gen {
 			l.mu.Unlock()
 			return errors.New("connection generation ended")
 		}
+		// A watermark names only frames the member applied: sent after
+		// the batch, it follows them anyway.
+		wm := l.wm
+		l.wm = nil
 		batch := l.queue
 		l.queue, l.spare = l.spare[:0], nil
 		l.qbytes = 0
@@ -242,6 +255,9 @@ func (l *link) sender(gen uint64, conn net.Conn, bw *bufio.Writer) error {
 			}
 			batch[i].release()
 			batch[i] = qframe{}
+		}
+		if err == nil && wm != nil {
+			err = repl.WriteFrame(bw, wm)
 		}
 		if err == nil {
 			err = bw.Flush()

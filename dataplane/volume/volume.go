@@ -83,6 +83,12 @@ type Volume struct {
 	auth    Authority
 	locks   regionLocks
 
+	// fanMu orders the client writes and copies queued on several links
+	// (a writer with several backups), gseq numbers the writes
+	// (watermark.go). Lock order: region locks, fanMu, a link's mu.
+	fanMu sync.Mutex
+	gseq  atomic.Uint64
+
 	// ckpt orders checkpoints against writes between journal Mark and the
 	// tracker bit being set (see checkpoint).
 	ckpt sync.RWMutex
@@ -325,8 +331,9 @@ func Open(opts Options) (*Volume, error) {
 	}
 	log.Info("Opened replica", "dir", opts.Dir, "epoch", v.epoch, "dataState", v.dataState,
 		"recoveredDirtyRegions", v.dirtyCount(), "bitmapsLost", v.bitmapsLost, "peers", v.tracked, "changedPeers", len(v.changedPeers))
-	v.wg.Add(1)
+	v.wg.Add(2)
 	go v.checkpointLoop()
+	go v.watermarkLoop()
 	return v, nil
 }
 

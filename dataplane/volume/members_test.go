@@ -480,3 +480,22 @@ func TestWatermarksWithAMemberAway(t *testing.T) {
 	}
 	same(t, b, c)
 }
+
+// TestMemberWithoutAddressNeverCleared: a member whose address the writer
+// does not know lacks every write; the backups' trackers of it must keep
+// them even when every linked member is in sync.
+func TestMemberWithoutAddressNeverCleared(t *testing.T) {
+	a, b, c := newMember(t, "a"), newMember(t, "b"), newMember(t, "c")
+	apply(t, b, backupSpec(1, "a", "c", "d"))
+	apply(t, c, backupSpec(1, "a", "b", "d"))
+	spec := writerSpec(1, b, volume.ModeAsync, c, volume.ModeAsync)
+	spec.MoreBackups = append(spec.MoreBackups, volume.Peer{Node: "d"})
+	apply(t, a, spec)
+	m := writeModel(t, a.v, 71, 30)
+	waitFor(t, "B and C hold every write", func() bool { return inSyncWith(t, a, b)() && inSyncWith(t, a, c)() })
+	waitFor(t, "B's tracker of C clear", func() bool { return volume.TrackedRegions(b.v, "c") == 0 })
+	time.Sleep(300 * time.Millisecond) // three watermark rounds: a wrong "all in sync" would have come
+	if n := volume.TrackedRegions(b.v, "d"); n != len(m) {
+		t.Fatalf("B's tracker of D, which has no link: %d regions, want %d", n, len(m))
+	}
+}

@@ -75,6 +75,9 @@ func multiLinks(ps []*peer) []*link {
 func (v *Volume) sendWatermarks() {
 	v.mu.Lock()
 	links := multiLinks(v.peers)
+	// A member without a link (its address not known) lacks whatever it
+	// lacks: the pair is not wholly in sync.
+	clean := !slices.ContainsFunc(v.peers, func(p *peer) bool { return p.link == nil })
 	v.mu.Unlock()
 	if links == nil {
 		return
@@ -85,7 +88,6 @@ func (v *Volume) sendWatermarks() {
 	g := v.gseq.Load()
 	dur := make([]uint64, len(links))
 	holed := make([]bool, len(links))
-	clean := true
 	for i, l := range links {
 		l.mu.Lock()
 		dur[i], holed[i] = l.durGLocked(g)

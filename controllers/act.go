@@ -74,7 +74,10 @@ func (r *VolumePairReconciler) confirmOutdated(ctx context.Context, s *scope) er
 	if !ok {
 		return fmt.Errorf("no agent endpoint for %s", writer)
 	}
-	peer := s.view.other(writer).Node
+	peer := s.step.Member
+	if peer == "" {
+		peer = s.view.other(writer).Node
+	}
 	ms := vp.Status.MemberStatus(peer)
 	if ms == nil || ms.DataState != v1.DataOutdated {
 		return fmt.Errorf("%s is not recorded Outdated", peer)
@@ -86,7 +89,7 @@ func (r *VolumePairReconciler) confirmOutdated(ctx context.Context, s *scope) er
 		}
 		marked = true
 	}
-	_, err := r.NewAgentClient(info.control, r.AgentToken).PeerOutdated(ctx, vp.Namespace, vp.Name, s.view.Authority.Epoch)
+	_, err := r.NewAgentClient(info.control, r.AgentToken).PeerOutdated(ctx, vp.Namespace, vp.Name, s.view.Authority.Epoch, peer)
 	if err != nil && marked && errors.Is(err, agentapi.ErrNotSent) {
 		if rerr := r.setOutdatedConfirmation(ctx, s, peer, v1.OutdatedNotSent); rerr != nil {
 			return errors.Join(err, fmt.Errorf("record the Outdated confirmation of %s as not sent: %w", peer, rerr))
@@ -114,12 +117,12 @@ func (r *VolumePairReconciler) setOutdatedConfirmation(ctx context.Context, s *s
 	return nil
 }
 
-// configure pushes the desired roles to the agents: first the member that
+// configure pushes the desired roles to the agents: first the members that
 // must not write (so two writers never overlap), then the writer.
 func (r *VolumePairReconciler) configure(ctx context.Context, s *scope, hold bool) error {
 	vp := s.vp
 	a := s.view.Authority
-	writer, other := s.view.member(a.Holder), s.view.other(a.Holder)
+	writer, others := s.view.member(a.Holder), s.view.others(a.Holder)
 	merge := vp.Spec.MergesPrimaryBitmap()
 	// Only the first writer of a pair whose data no member ever held
 	// starts the pair's data; a writer without the data is never made to
@@ -132,25 +135,45 @@ func (r *VolumePairReconciler) configure(ctx context.Context, s *scope, hold boo
 	if !initialize && writer.Status == nil && s.view.PairHasData() {
 		writerRole = agentapi.RoleNone
 	}
-	req := func(role agentapi.Role, peer string, peerAddr string, h bool) agentapi.VolumeRequest {
+	req := func(role agentapi.Role, peer, peerAddr string, more []agentapi.Peer, h bool) agentapi.VolumeRequest {
 		return agentapi.VolumeRequest{Size: vp.Spec.SizeBytes(), RegionSize: vp.Spec.RegionSizeBytes(), Spec: agentapi.Spec{
 			PairUID: string(vp.UID), Role: role, Epoch: a.Epoch, Mode: vp.Spec.Mode, PeerNode: peer, PeerAddress: peerAddr,
-			MergePeerBitmap: &merge, MaxBytesPerSecond: vp.Spec.Resync.MaxBytesPerSecond, Hold: h,
+			MoreBackups: more, MergePeerBitmap: &merge, MaxBytesPerSecond: vp.Spec.Resync.MaxBytesPerSecond, Hold: h,
 			Initialize: initialize && role == agentapi.RolePrimary, Clients: s.view.Clients,
 		}}
 	}
 	var errs []error
-	if other.Reachable {
-		if info, ok := s.agents[other.Node]; ok {
-			if _, err := r.NewAgentClient(info.control, r.AgentToken).Put(ctx, vp.Namespace, vp.Name, req(agentapi.RoleBackup, writer.Node, "", false)); err != nil {
-				errs = append(errs, fmt.Errorf("configure %s as backup: %w", other.Node, err))
+	for _, o := range others {
+		if !o.Reachable {
+			continue
+		}
+		info, ok := s.agents[o.Node]
+		if !ok {
+			continue
+		}
+		// A backup knows the other backups: it tracks what they lack of
+		// what it applies (watermarks), for when it is promoted.
+		var siblings []agentapi.Peer
+		for _, sib := range others {
+			if sib != o {
+				siblings = append(siblings, agentapi.Peer{Node: sib.Node})
 			}
+		}
+		if _, err := r.NewAgentClient(info.control, r.AgentToken).Put(ctx, vp.Namespace, vp.Name, req(agentapi.RoleBackup, writer.Node, "", siblings, false)); err != nil {
+			errs = append(errs, fmt.Errorf("configure %s as backup: %w", o.Node, err))
 		}
 	}
 	if writer.Reachable && len(errs) == 0 {
 		info := s.agents[writer.Node]
-		peerAddr := s.agents[other.Node].replication
-		if _, err := r.NewAgentClient(info.control, r.AgentToken).Put(ctx, vp.Namespace, vp.Name, req(writerRole, other.Node, peerAddr, hold && writerRole == agentapi.RolePrimary)); err != nil {
+		first := others[0]
+		var more []agentapi.Peer
+		for _, o := range others[1:] {
+			more = append(more, agentapi.Peer{Node: o.Node, Address: s.agents[o.Node].replication, Mode: s.view.modeOf(o)})
+		}
+		// The first backup's mode is the spec's (spec.primary or
+		// spec.backup: the pair's mode).
+		if _, err := r.NewAgentClient(info.control, r.AgentToken).Put(ctx, vp.Namespace, vp.Name,
+			req(writerRole, first.Node, s.agents[first.Node].replication, more, hold && writerRole == agentapi.RolePrimary)); err != nil {
 			errs = append(errs, fmt.Errorf("configure %s as primary: %w", writer.Node, err))
 		}
 	}

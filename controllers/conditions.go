@@ -52,33 +52,47 @@ func setReadyCondition(conds *[]metav1.Condition, gen int64, writer *MemberView)
 	}
 }
 
-// setSynchronizedCondition: True when both members hold identical data.
-func setSynchronizedCondition(conds *[]metav1.Condition, gen int64, writer, other *MemberView) {
+// setSynchronizedCondition: True when every member holds the writer's
+// data.
+func setSynchronizedCondition(conds *[]metav1.Condition, gen int64, writer *MemberView, others []*MemberView) {
 	w := writer.Status
-	switch {
-	case w == nil || !w.PeerConnected:
-		set(conds, gen, v1.ConditionSynchronized, false, ReasonPeerDisconnected, fmt.Sprintf("%s is not connected to %s", writer.Node, other.Node))
-	case w.Copy.Running:
-		msg := fmt.Sprintf("copying %d of %d bytes to %s", w.Copy.TotalBytes-w.Copy.DoneBytes, w.Copy.TotalBytes, other.Node)
-		if w.Copy.FullCopy {
-			msg += " (full copy: " + w.Copy.Reason + ")"
+	all := "both members hold the same data"
+	if len(others) > 1 {
+		all = fmt.Sprintf("all %d members hold the same data", len(others)+1)
+	}
+	for _, other := range others {
+		p := LinkTo(writer, other)
+		switch {
+		case w == nil || !p.Connected:
+			set(conds, gen, v1.ConditionSynchronized, false, ReasonPeerDisconnected, fmt.Sprintf("%s is not connected to %s", writer.Node, other.Node))
+			return
+		case p.Copy.Running:
+			msg := fmt.Sprintf("copying %d of %d bytes to %s", p.Copy.TotalBytes-p.Copy.DoneBytes, p.Copy.TotalBytes, other.Node)
+			if p.Copy.FullCopy {
+				msg += " (full copy: " + p.Copy.Reason + ")"
+			}
+			set(conds, gen, v1.ConditionSynchronized, false, ReasonCopying, truncate(msg, 32768))
+			return
+		case p.OutOfSyncRegions > 0 || other.Status == nil || other.Status.DataState != agentapi.UpToDate:
+			set(conds, gen, v1.ConditionSynchronized, false, ReasonOutOfSync, fmt.Sprintf("%d bytes not yet on %s", p.OutOfSyncBytes, other.Node))
+			return
 		}
-		set(conds, gen, v1.ConditionSynchronized, false, ReasonCopying, truncate(msg, 32768))
-	case w.OutOfSyncRegions > 0 || other.Status == nil || other.Status.DataState != agentapi.UpToDate:
-		set(conds, gen, v1.ConditionSynchronized, false, ReasonOutOfSync, fmt.Sprintf("%d bytes not yet on %s", w.OutOfSyncBytes, other.Node))
-	case unmerged(writer, other) > 0:
+	}
+	if n := unmerged(append([]*MemberView{writer}, others...)...); n > 0 {
 		holder := writer.Node
-		if other.Status.UnmergedRegions > 0 {
-			holder = other.Node
+		for _, o := range others {
+			if o.Status.UnmergedRegions > 0 {
+				holder = o.Node
+			}
 		}
 		set(conds, gen, v1.ConditionSynchronized, false, ReasonUnmergedRegions, fmt.Sprintf(
 			"%d regions may differ between the members: %s holds there writes it acknowledged alone that were never copied to its peer "+
 				"(spec.resync.mergePrimaryBitmap is false); everything else is in sync. kubectl tandem verify lists the regions that differ; "+
 				"kubectl tandem verify --repair copies the writer's data over them",
-			unmerged(writer, other), holder))
-	default:
-		set(conds, gen, v1.ConditionSynchronized, true, ReasonInSync, "both members hold the same data")
+			n, holder))
+		return
 	}
+	set(conds, gen, v1.ConditionSynchronized, true, ReasonInSync, all)
 }
 
 // unmerged is how many regions the members report as unmerged.
@@ -92,22 +106,32 @@ func unmerged(members ...*MemberView) int64 {
 	return n
 }
 
-// setDegradedCondition: True when only one member holds current data.
-func setDegradedCondition(conds *[]metav1.Condition, gen int64, writer, other *MemberView) {
-	switch {
-	case writer.Status == nil:
+// setDegradedCondition: True when some member does not hold current data
+// (a pair of two: only one member does).
+func setDegradedCondition(conds *[]metav1.Condition, gen int64, writer *MemberView, others []*MemberView) {
+	if writer.Status == nil {
 		set(conds, gen, v1.ConditionDegraded, true, ReasonWriterUnreachable, fmt.Sprintf("no report from the writer %s", writer.Node))
-	case !writer.Status.PeerConnected:
-		set(conds, gen, v1.ConditionDegraded, true, ReasonPeerLost, fmt.Sprintf("%s runs without %s; changed regions are tracked for resync", writer.Node, other.Node))
-	case other.Status == nil || other.Status.DataState != agentapi.UpToDate:
-		msg := fmt.Sprintf("%s is being resynced", other.Node)
-		if other.Status != nil && other.Status.DataStateReason != "" {
-			msg = fmt.Sprintf("%s is being resynced: %s", other.Node, other.Status.DataStateReason)
-		}
-		set(conds, gen, v1.ConditionDegraded, true, ReasonPeerNotUpToDate, truncate(msg, 32768))
-	default:
-		set(conds, gen, v1.ConditionDegraded, false, ReasonBothHealthy, "both members are connected and up to date")
+		return
 	}
+	for _, other := range others {
+		switch {
+		case !LinkTo(writer, other).Connected:
+			set(conds, gen, v1.ConditionDegraded, true, ReasonPeerLost, fmt.Sprintf("%s runs without %s; changed regions are tracked for resync", writer.Node, other.Node))
+			return
+		case other.Status == nil || other.Status.DataState != agentapi.UpToDate:
+			msg := fmt.Sprintf("%s is being resynced", other.Node)
+			if other.Status != nil && other.Status.DataStateReason != "" {
+				msg = fmt.Sprintf("%s is being resynced: %s", other.Node, other.Status.DataStateReason)
+			}
+			set(conds, gen, v1.ConditionDegraded, true, ReasonPeerNotUpToDate, truncate(msg, 32768))
+			return
+		}
+	}
+	msg := "both members are connected and up to date"
+	if len(others) > 1 {
+		msg = fmt.Sprintf("all %d members are connected and up to date", len(others)+1)
+	}
+	set(conds, gen, v1.ConditionDegraded, false, ReasonBothHealthy, msg)
 }
 
 // setFailoverBlockedCondition: True when a lost writer is not replaced.

@@ -1,6 +1,8 @@
 package controllers
 
 import (
+	"slices"
+
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
 	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
@@ -34,6 +36,9 @@ type MemberView struct {
 	// record whose confirmation may have reached the writer, or that
 	// predates the field.
 	OutdatedNotSent bool
+	// Mode is the member's replication mode as a backup (spec.mode, or an
+	// additional backup's own); "" is the pair's.
+	Mode v1.ReplicationMode
 }
 
 // AuthorityView is the per-pair authority Lease.
@@ -48,6 +53,12 @@ type AuthorityView struct {
 // View is everything Decide needs.
 type View struct {
 	Primary, Backup MemberView // by spec
+	// More are the additional backups (spec.additionalBackups), in order.
+	More []MemberView
+	// LastWriterPeers is the writer's last report of its backups
+	// (agentapi.Status.Peers), kept while it does not answer: a lost
+	// writer's successor is the most current backup it reported.
+	LastWriterPeers []agentapi.PeerStatus
 	// PairUID is the VolumePair's UID: the pair whose data a member must
 	// hold to be trusted (invariant 8, docs/architecture.md).
 	PairUID string
@@ -95,6 +106,7 @@ const (
 	BlockedBackupInconsistent  = "BackupInconsistent"
 	BlockedBackupUnknown       = "BackupStateUnknown"
 	BlockedBackupCatchingUp    = "BackupCatchingUp"
+	BlockedBackupAsync         = "BackupAsync"
 	BlockedDataLost            = "DataLost"
 )
 
@@ -109,15 +121,43 @@ type Step struct {
 	// Handover is true for a Hold or Switch away from a writer whose agent
 	// is stopping (a rolling update), not a failback towards spec.primary.
 	Handover bool
+	// Member is the member a ConfirmOutdated step is about (Target is the
+	// writer told).
+	Member string
+}
+
+// all returns every member: spec.primary, spec.backup, the additional
+// backups.
+func (v *View) all() []*MemberView {
+	out := []*MemberView{&v.Primary, &v.Backup}
+	for i := range v.More {
+		out = append(out, &v.More[i])
+	}
+	return out
 }
 
 func (v *View) member(node string) *MemberView {
-	if node == v.Backup.Node {
-		return &v.Backup
+	for _, m := range v.all() {
+		if m.Node == node {
+			return m
+		}
 	}
 	return &v.Primary
 }
 
+// others returns every member but node, in spec order (the preferred
+// primary first when node is not it).
+func (v *View) others(node string) []*MemberView {
+	var out []*MemberView
+	for _, m := range v.all() {
+		if m.Node != node {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// other is the first of others: the peer of a pair of two.
 func (v *View) other(node string) *MemberView {
 	if node == v.Backup.Node {
 		return &v.Primary
@@ -125,11 +165,69 @@ func (v *View) other(node string) *MemberView {
 	return &v.Backup
 }
 
-// wantRole is the role and epoch a member must have.
+// modeOf is member m's replication mode as a backup.
+func (v *View) modeOf(m *MemberView) v1.ReplicationMode {
+	if m.Mode != "" {
+		return m.Mode
+	}
+	return v.Mode
+}
+
+// anySync reports whether some member is a Sync backup: then a write is
+// acknowledged only once each Sync backup holds it, and an Async backup
+// may lack acknowledged writes.
+func (v *View) anySync() bool {
+	for _, m := range v.all() {
+		if v.modeOf(m) == v1.ModeSync {
+			return true
+		}
+	}
+	return false
+}
+
+// matches reports whether member m plays role at the authority's epoch
+// with the spec's mode, clients and members: a writer mirrors to every
+// other member (with its mode); a backup follows the writer and knows the
+// other backups.
 func (v *View) matches(m *MemberView, role agentapi.Role) bool {
 	s := m.Status
-	return s != nil && s.Role == role && s.Epoch == v.Authority.Epoch && s.Mode == v.Mode && s.Clients.Equal(v.Clients) &&
-		(s.PeerNode == "" || s.PeerNode == v.other(m.Node).Node) // a replaced member: the new peer
+	if s == nil || s.Role != role || s.Epoch != v.Authority.Epoch || s.Mode != v.Mode || !s.Clients.Equal(v.Clients) {
+		return false
+	}
+	others := v.others(m.Node)
+	if role == agentapi.RolePrimary {
+		if len(s.Peers) == 0 {
+			// An agent that reports no members: a pair of two, its peer
+			// named (a replaced member: the new peer).
+			return len(others) == 1 && (s.PeerNode == "" || s.PeerNode == others[0].Node)
+		}
+		if len(s.Peers) != len(others) {
+			return false
+		}
+		for _, o := range others {
+			i := slices.IndexFunc(s.Peers, func(p agentapi.PeerStatus) bool { return p.Node == o.Node })
+			if i < 0 || s.Peers[i].Mode != v.modeOf(o) {
+				return false
+			}
+		}
+		return true
+	}
+	writer := v.Authority.Holder
+	if s.PeerNode != "" && s.PeerNode != writer {
+		return false
+	}
+	if len(others) == 1 {
+		return true
+	}
+	// A backup of several knows them all (its trackers of the others).
+	want := make([]string, 0, len(others))
+	for _, o := range others {
+		want = append(want, o.Node)
+	}
+	got := slices.Clone(s.Tracked)
+	slices.Sort(want)
+	slices.Sort(got)
+	return slices.Equal(want, got)
 }
 
 // HoldsData reports whether the member's replica holds the data of pair
@@ -144,7 +242,15 @@ func HoldsData(m *MemberView, uid string) bool {
 // copy may bring it in. Otherwise the pair is brand new and its first
 // writer starts its data (Spec.Initialize).
 func (v *View) PairHasData() bool {
-	return v.DataInitialized || HoldsData(&v.Primary, v.PairUID) || HoldsData(&v.Backup, v.PairUID)
+	if v.DataInitialized {
+		return true
+	}
+	for _, m := range v.all() {
+		if HoldsData(m, v.PairUID) {
+			return true
+		}
+	}
+	return false
 }
 
 // WriterLostData reports whether the authority's holder answers but holds
@@ -164,11 +270,46 @@ func WriterLostData(v View) bool {
 	return s == nil || (s.Role != agentapi.RolePrimary && (!HoldsData(w, v.PairUID) || s.DataState == agentapi.Inconsistent))
 }
 
-// InSync reports whether the writer holds its peer fully in sync.
+// LinkTo is what the writer reports of its link to member m: its own
+// entry in Status.Peers, or, from an agent that reports none (a pair of
+// two), the status's summary.
+func LinkTo(writer, m *MemberView) agentapi.PeerStatus {
+	w := writer.Status
+	if w == nil {
+		return agentapi.PeerStatus{Node: m.Node}
+	}
+	for _, p := range w.Peers {
+		if p.Node == m.Node {
+			return p
+		}
+	}
+	if len(w.Peers) > 0 || (w.PeerNode != "" && w.PeerNode != m.Node) {
+		// Not a member the writer mirrors to (an agent from before
+		// several backups mirrors to its first one only).
+		return agentapi.PeerStatus{Node: m.Node}
+	}
+	return agentapi.PeerStatus{Node: m.Node, Mode: w.Mode, Connected: w.PeerConnected, OutOfSyncRegions: w.OutOfSyncRegions,
+		OutOfSyncBytes: w.OutOfSyncBytes, Copy: w.Copy, OldestUnreplicatedSeconds: w.OldestUnreplicatedSeconds, Drained: w.Drained}
+}
+
+// InSync reports whether the writer holds member other fully in sync.
 func InSync(writer, other *MemberView) bool {
 	w, o := writer.Status, other.Status
-	return w != nil && o != nil && w.Role == agentapi.RolePrimary && w.PeerConnected &&
-		w.OutOfSyncRegions == 0 && !w.Copy.Running && o.DataState == agentapi.UpToDate
+	if w == nil || o == nil || w.Role != agentapi.RolePrimary {
+		return false
+	}
+	p := LinkTo(writer, other)
+	return p.Connected && p.OutOfSyncRegions == 0 && !p.Copy.Running && o.DataState == agentapi.UpToDate
+}
+
+// AllInSync reports whether the writer holds every other member in sync.
+func AllInSync(writer *MemberView, others []*MemberView) bool {
+	for _, o := range others {
+		if !InSync(writer, o) {
+			return false
+		}
+	}
+	return true
 }
 
 // WriterFenced reports whether the authority's holder answers probes but
@@ -192,12 +333,13 @@ func Decide(v View) Step {
 		return Step{Kind: StepCreateAuthority, Target: v.Primary.Node, Blocked: BlockedNone}
 	}
 	writer := v.member(v.Authority.Holder)
-	other := v.other(v.Authority.Holder)
+	others := v.others(v.Authority.Holder)
 
-	// 1. A lost writer: promote the other member if it is safe (docs/architecture.md, "Invariants and how they are kept").
+	// 1. A lost writer: promote the most current other member if it is
+	// safe (docs/architecture.md, "Invariants and how they are kept").
 	// A writer that still answers probes but fenced itself, and whose
 	// authority has expired, is lost too: it cannot renew (it lost the API
-	// server) and serves nothing until it can, while promoting the backup is
+	// server) and serves nothing until it can, while promoting a backup is
 	// as safe as for an unreachable writer.
 	fenced := WriterFenced(v) && v.Authority.Expired
 	if WriterLostData(v) {
@@ -206,42 +348,41 @@ func Decide(v View) Step {
 		// like for any lost writer.
 		if !v.Authority.Expired {
 			return Step{Kind: StepNone, Blocked: BlockedAuthorityNotExpired,
-				Message: "the writer " + writer.Node + " lost the pair's data (" + dataReason(writer) + "); " + other.Node + " is promoted once its authority expires"}
+				Message: "the writer " + writer.Node + " lost the pair's data (" + dataReason(writer) + "); " + names(others) + " is promoted once its authority expires"}
 		}
-		blocked, msg := failoverBlocked(&v, writer, other)
-		if blocked == BlockedNone {
-			return Step{Kind: StepFailover, Target: other.Node, Blocked: BlockedNone}
-		}
-		return Step{Kind: StepNone, Blocked: blocked, Message: msg}
+		return failoverStep(&v, writer, others, false)
 	}
 	if writer.Suspect || fenced {
-		if fenced && writer.Status.PeerConnected && other.Reachable && !other.Suspect && !InSync(writer, other) &&
-			other.Status != nil && other.Status.DataState != agentapi.Inconsistent {
-			// Still streaming to the backup: let it receive what the
-			// fenced writer acknowledged before (async mode) first.
-			return Step{Kind: StepNone, Blocked: BlockedBackupCatchingUp,
-				Message: "the writer " + writer.Node + " fenced itself and its authority expired; " + other.Node + " is promoted once it holds every write " + writer.Node + " still ships to it"}
-		}
-		blocked, msg := failoverBlocked(&v, writer, other)
-		if blocked == BlockedNone {
-			return Step{Kind: StepFailover, Target: other.Node, Blocked: BlockedNone}
-		}
-		return Step{Kind: StepNone, Blocked: blocked, Message: msg}
+		return failoverStep(&v, writer, others, fenced)
 	}
 
 	// 2. Agents must play the roles the authority says, at its epoch.
-	if (writer.Reachable && !v.matches(writer, agentapi.RolePrimary)) || (other.Reachable && !v.matches(other, agentapi.RoleBackup)) {
+	if writer.Reachable && !v.matches(writer, agentapi.RolePrimary) {
 		return Step{Kind: StepConfigure, Target: writer.Node, Blocked: BlockedNone}
 	}
-
-	// 3. Sync mode, peer lost: record it Outdated, then let the writer go on.
-	if v.Mode == v1.ModeSync && writer.Status != nil && !writer.Status.PeerConnected &&
-		(writer.Status.WaitingForPeerOutdated > 0 || other.Suspect) {
-		if !other.RecordedOutdated {
-			return Step{Kind: StepRecordOutdated, Target: other.Node, Blocked: BlockedNone}
+	for _, o := range others {
+		if o.Reachable && !v.matches(o, agentapi.RoleBackup) {
+			return Step{Kind: StepConfigure, Target: writer.Node, Blocked: BlockedNone}
 		}
-		if writer.Status.WaitingForPeerOutdated > 0 {
-			return Step{Kind: StepConfirmOutdated, Target: writer.Node, Blocked: BlockedNone}
+	}
+
+	// 3. A Sync member lost: record it Outdated, then let the writer go on
+	// without it.
+	if w := writer.Status; w != nil {
+		for _, o := range others {
+			if v.modeOf(o) != v1.ModeSync {
+				continue
+			}
+			link := LinkTo(writer, o)
+			if link.Connected || (w.WaitingForPeerOutdated == 0 && !o.Suspect) {
+				continue
+			}
+			if !o.RecordedOutdated {
+				return Step{Kind: StepRecordOutdated, Target: o.Node, Blocked: BlockedNone}
+			}
+			if w.WaitingForPeerOutdated > 0 && !link.Outdated {
+				return Step{Kind: StepConfirmOutdated, Target: writer.Node, Member: o.Node, Blocked: BlockedNone}
+			}
 		}
 	}
 
@@ -252,25 +393,29 @@ func Decide(v View) Step {
 	// switch. A hold that does not drain in time is released (the writes
 	// go on) and tried again a little later.
 	// A writer whose agent is stopping (a rolling update) hands its role to
-	// the other member the same way, whichever of the two spec.primary is:
-	// its agent waits for that before it goes (docs/architecture.md, "Agent
-	// restarts").
+	// another member the same way (spec.primary if it can take it, else
+	// the most current backup): its agent waits for that before it goes
+	// (docs/architecture.md, "Agent restarts").
 	holding := writer.Status != nil && writer.Status.Holding
 	handover := writer.Status != nil && writer.Status.Stopping
 	what := "failback"
 	if handover {
 		what = "the handover from the stopping agent on " + writer.Node
 	}
-	if v.Authority.Holder == v.Backup.Node || handover {
+	if v.Authority.Holder != v.Primary.Node || handover {
+		target := &v.Primary
+		if handover {
+			target = handoverTarget(&v, writer, others)
+		}
 		wanted := handover || !v.Authority.FailedOver || v.FailbackPolicy == v1.PolicyAutomatic || v.FailbackRequested
-		if wanted && other.Reachable && !other.Suspect && FailbackReady(&v, writer, other) {
-			if other.APILost && !holding {
+		if wanted && target != nil && target.Reachable && !target.Suspect && FailbackReady(&v, writer, target) {
+			if target.APILost && !holding {
 				return Step{Kind: StepNone, Blocked: BlockedNone, Handover: handover,
-					Message: what + " waits until the agent on " + other.Node + " reaches the API server again (it could not renew its authority)"}
+					Message: what + " waits until the agent on " + target.Node + " reaches the API server again (it could not renew its authority)"}
 			}
 			switch {
-			case holding && writer.Status.Drained:
-				return Step{Kind: StepSwitch, Target: other.Node, Blocked: BlockedNone, Handover: handover}
+			case holding && LinkTo(writer, target).Drained:
+				return Step{Kind: StepSwitch, Target: target.Node, Blocked: BlockedNone, Handover: handover}
 			case holding && writer.Status.HoldSeconds > MaxHoldSeconds:
 				return Step{Kind: StepReleaseHold, Target: writer.Node, Blocked: BlockedNone, Message: HoldTimedOut, Handover: handover}
 			case holding:
@@ -287,9 +432,90 @@ func Decide(v View) Step {
 	}
 	if handover {
 		return Step{Kind: StepNone, Blocked: BlockedNone, Handover: true,
-			Message: "the agent on " + writer.Node + " is stopping; its writer role moves to " + other.Node + " once " + other.Node + " is reachable and in sync"}
+			Message: "the agent on " + writer.Node + " is stopping; its writer role moves to " + names(others) + " once one is reachable and in sync"}
 	}
 	return Step{Kind: StepNone, Blocked: BlockedNone}
+}
+
+// names lists the members' nodes for messages ("b", "b or c").
+func names(ms []*MemberView) string {
+	out := ""
+	for i, m := range ms {
+		switch {
+		case i == 0:
+		case i == len(ms)-1:
+			out += " or "
+		default:
+			out += ", "
+		}
+		out += m.Node
+	}
+	return out
+}
+
+// handoverTarget is the member a stopping writer hands its role to:
+// spec.primary if it could take it now, else the first other member in
+// sync.
+func handoverTarget(v *View, writer *MemberView, others []*MemberView) *MemberView {
+	var first *MemberView
+	for _, o := range others {
+		if o.Reachable && !o.Suspect && FailbackReady(v, writer, o) {
+			if o.Node == v.Primary.Node {
+				return o
+			}
+			if first == nil {
+				first = o
+			}
+		}
+	}
+	if first == nil && len(others) > 0 {
+		return others[0]
+	}
+	return first
+}
+
+// failoverStep promotes the most current member that may take over from
+// the lost writer: among those failoverBlocked lets through, a Sync backup
+// before an Async one, then the one the writer last reported the least
+// behind, then spec order. If none may, it says why the first in spec
+// order may not. A fenced writer still streaming to the chosen member is
+// given time to ship what it acknowledged first.
+func failoverStep(v *View, writer *MemberView, others []*MemberView, fenced bool) Step {
+	var best *MemberView
+	var bestRank [2]uint64
+	for _, o := range others {
+		if blocked, _ := failoverBlocked(v, writer, o); blocked != BlockedNone {
+			continue
+		}
+		rank := [2]uint64{1, ^uint64(0)}
+		if v.modeOf(o) == v1.ModeSync {
+			rank[0] = 0
+		}
+		for _, p := range v.LastWriterPeers {
+			if p.Node == o.Node {
+				rank[1] = p.OutOfSyncRegions
+			}
+		}
+		if best == nil || rank[0] < bestRank[0] || (rank[0] == bestRank[0] && rank[1] < bestRank[1]) {
+			best, bestRank = o, rank
+		}
+	}
+	if best == nil {
+		blocked, msg := failoverBlocked(v, writer, others[0])
+		for _, o := range others[1:] {
+			_, m := failoverBlocked(v, writer, o)
+			msg += "; " + m
+		}
+		return Step{Kind: StepNone, Blocked: blocked, Message: msg}
+	}
+	if fenced && writer.Status.PeerConnected && LinkTo(writer, best).Connected && !InSync(writer, best) &&
+		best.Status != nil && best.Status.DataState != agentapi.Inconsistent {
+		// Still streaming to it: let it receive what the fenced writer
+		// acknowledged before (async mode) first.
+		return Step{Kind: StepNone, Blocked: BlockedBackupCatchingUp,
+			Message: "the writer " + writer.Node + " fenced itself and its authority expired; " + best.Node + " is promoted once it holds every write " + writer.Node + " still ships to it"}
+	}
+	return Step{Kind: StepFailover, Target: best.Node, Blocked: BlockedNone}
 }
 
 // Failback hold budget: the hold is meant to last at most a second (docs/benchmarks.md).
@@ -313,8 +539,12 @@ const (
 // hold.
 func FailbackReady(v *View, writer, other *MemberView) bool {
 	w, o := writer.Status, other.Status
-	return w != nil && o != nil && w.Role == agentapi.RolePrimary && w.PeerConnected && !w.Copy.Running &&
-		o.DataState == agentapi.UpToDate && !o.Stopping && HoldsData(other, v.PairUID) && w.OutOfSyncBytes <= FailbackDrainBytes
+	if w == nil || o == nil || w.Role != agentapi.RolePrimary {
+		return false
+	}
+	p := LinkTo(writer, other)
+	return p.Connected && !p.Copy.Running && o.DataState == agentapi.UpToDate && !o.Stopping && HoldsData(other, v.PairUID) &&
+		p.OutOfSyncBytes <= FailbackDrainBytes
 }
 
 // dataReason is the member's account of why its data is not usable.
@@ -336,7 +566,7 @@ func failoverBlocked(v *View, writer, other *MemberView) (string, string) {
 	case !v.Authority.Expired:
 		return BlockedAuthorityNotExpired, "the writer " + writer.Node + " is unreachable but its authority Lease is still being renewed or has not expired; it may still be serving"
 	case (!other.Reachable || other.Suspect) && writer.Suspect:
-		return BlockedBackupUnreachable, "both members are unreachable"
+		return BlockedBackupUnreachable, "the writer " + writer.Node + " and " + other.Node + " are unreachable"
 	case !other.Reachable || other.Suspect:
 		return BlockedBackupUnreachable, "the writer " + writer.Node + " fenced itself and its authority expired, and " + other.Node + " is unreachable"
 	case other.Status == nil:
@@ -348,6 +578,9 @@ func failoverBlocked(v *View, writer, other *MemberView) (string, string) {
 		// block: the writer holds sync writes until it is told (invariant
 		// 2), so it acknowledged nothing the other member lacks.
 		return BlockedBackupOutdated, "the replica on " + other.Node + " is Outdated: the writer may have continued alone after it was lost; promoting it would lose acknowledged writes"
+	case v.modeOf(other) == v1.ModeAsync && v.anySync() && !v.FailoverRequested:
+		return BlockedBackupAsync, "the replica on " + other.Node + " is an Async backup of a pair with Sync members: it may lack acknowledged writes; " +
+			"set the annotation " + v1.AnnotationFailoverRequested + " (kubectl tandem failover) to promote it anyway"
 	case v.FailoverPolicy == v1.PolicyManual && !v.FailoverRequested:
 		return BlockedManualPolicy, "failover policy is Manual; set the annotation " + v1.AnnotationFailoverRequested + " (kubectl tandem failover) to promote " + other.Node
 	}
@@ -361,7 +594,6 @@ func DerivePhase(v View, last v1.Phase) v1.Phase {
 		return v1.PhasePair
 	}
 	writer := v.member(v.Authority.Holder)
-	other := v.other(v.Authority.Holder)
 	w := writer.Status
 	if w == nil || w.Role != agentapi.RolePrimary {
 		if last == "" {
@@ -369,7 +601,13 @@ func DerivePhase(v View, last v1.Phase) v1.Phase {
 		}
 		return last
 	}
-	copying := w.PeerConnected && (w.Copy.Running || (other.Status != nil && other.Status.DataState == agentapi.Inconsistent))
+	copying := false
+	for _, o := range v.others(v.Authority.Holder) {
+		p := LinkTo(writer, o)
+		if p.Connected && (p.Copy.Running || (o.Status != nil && o.Status.DataState == agentapi.Inconsistent)) {
+			copying = true
+		}
+	}
 	if v.Authority.Holder == v.Primary.Node {
 		if copying {
 			return v1.PhaseCopy
@@ -378,9 +616,9 @@ func DerivePhase(v View, last v1.Phase) v1.Phase {
 	}
 	// Writes in flight to the peer (async mode) are not a copy: the phase
 	// is NORMAL while the link streams, whatever the bitmap holds for the
-	// moment.
+	// moment. SWAP while the preferred primary is away.
 	switch {
-	case !w.PeerConnected:
+	case !LinkTo(writer, &v.Primary).Connected:
 		return v1.PhaseSwap
 	case copying:
 		return v1.PhaseCopy

@@ -13,7 +13,7 @@ import (
 	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
-// reconcileDelete removes the replicas from both agents (kept with the
+// reconcileDelete removes the replicas from every member's agent (kept with the
 // storage.tandem.dev/retain-data annotation), the authority Lease and the
 // finalizer. Unreachable agents keep their files; an event says so.
 func (r *VolumePairReconciler) reconcileDelete(ctx context.Context, vp *v1.VolumePair) (ctrl.Result, error) {
@@ -21,7 +21,7 @@ func (r *VolumePairReconciler) reconcileDelete(ctx context.Context, vp *v1.Volum
 		return ctrl.Result{}, nil
 	}
 	purge := vp.Annotations[v1.AnnRetainData] != "true"
-	nodes := []string{vp.Spec.Primary.Node, vp.Spec.Backup.Node}
+	nodes := vp.Spec.MemberNodes()
 	for _, m := range vp.Status.RemovedMembers {
 		nodes = append(nodes, m.Node) // replaced members not deleted yet
 	}

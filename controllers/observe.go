@@ -38,10 +38,10 @@ func (r *VolumePairReconciler) observe(ctx context.Context, s *scope) error {
 	}
 	s.view.Clients = clients
 	period, threshold := probeTiming(vp)
-	// Probe both members at once, each bounded by the probe period (at most
+	// Probe every member at once, each bounded by the probe period (at most
 	// 1 s), so an unreachable member costs one short timeout per round.
 	timeout := min(max(period, 200*time.Millisecond), time.Second)
-	nodes := []string{vp.Spec.Primary.Node, vp.Spec.Backup.Node}
+	nodes := vp.Spec.MemberNodes()
 	type probeResult struct {
 		info      agentInfo
 		infoOK    bool
@@ -100,10 +100,16 @@ func (r *VolumePairReconciler) observe(ctx context.Context, s *scope) error {
 		if m.Suspect && ps.lostAt.IsZero() {
 			ps.lostAt = now
 		}
-		if i == 0 {
+		if i >= 2 {
+			m.Mode = vp.Spec.ModeOf(node)
+		}
+		switch i {
+		case 0:
 			s.view.Primary = m
-		} else {
+		case 1:
 			s.view.Backup = m
+		default:
+			s.view.More = append(s.view.More, m)
 		}
 	}
 	lease, err := r.readAuthority(ctx, vp)
@@ -126,7 +132,7 @@ func (r *VolumePairReconciler) observe(ctx context.Context, s *scope) error {
 	// (the agent's renewTime is never compared with this clock).
 	obs := r.leases.Observe(lease)
 	s.authorityExpiry, a.Expired = obs.ExpiresAt, obs.Expired
-	if a.Holder != vp.Spec.Primary.Node && a.Holder != vp.Spec.Backup.Node {
+	if !vp.Spec.IsMember(a.Holder) {
 		// The writer's node was replaced in the spec (the Lease is this
 		// pair's: CheckOwner above). Nothing is done until the user sets
 		// it back; the writer keeps serving meanwhile.
@@ -134,6 +140,9 @@ func (r *VolumePairReconciler) observe(ctx context.Context, s *scope) error {
 		return nil
 	}
 	s.view.Authority = a
+	if last := r.probeState(key, a.Holder).last; last != nil {
+		s.view.LastWriterPeers = last.Peers
+	}
 	if gaveUp := r.probeState(key, a.Holder).holdGaveUp; !gaveUp.IsZero() && r.Now().Sub(gaveUp) < holdBackoff {
 		s.view.HoldBackoff = true
 	}
@@ -142,7 +151,7 @@ func (r *VolumePairReconciler) observe(ctx context.Context, s *scope) error {
 	// this controller must have seen its agent Lease change after it saw
 	// the current holder arrive (its own move, or its first sight of the
 	// Lease after a restart, which may cost one agent renewal, 2 s).
-	for _, m := range []*MemberView{&s.view.Primary, &s.view.Backup} {
+	for _, m := range s.view.all() {
 		if info, ok := s.agents[m.Node]; ok && m.Node != a.Holder && !info.changed.After(obs.HolderSince) {
 			m.APILost = true
 		}

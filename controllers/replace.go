@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strings"
 
 	corev1 "k8s.io/api/core/v1"
 	"sigs.k8s.io/controller-runtime/pkg/log"
@@ -34,7 +35,7 @@ const BlockedWriterReplaced = "WriterReplaced"
 // old member. It returns the nodes it just moved, for announceRemoved (the
 // events wait until the replacement is known not to drop the writer).
 func trackRemoved(vp *v1.VolumePair) []string {
-	members := []string{vp.Spec.Primary.Node, vp.Spec.Backup.Node}
+	members := vp.Spec.MemberNodes()
 	st := &vp.Status
 	st.RemovedMembers = slices.DeleteFunc(st.RemovedMembers, func(m v1.RemovedMember) bool { return slices.Contains(members, m.Node) })
 	var kept []v1.MemberStatus
@@ -56,13 +57,20 @@ func trackRemoved(vp *v1.VolumePair) []string {
 // announceRemoved records a MemberReplaced event for each node just
 // replaced.
 func (r *VolumePairReconciler) announceRemoved(vp *v1.VolumePair, moved []string) {
-	for _, old := range moved {
-		newNode := vp.Spec.Primary.Node
-		if vp.Status.MemberStatus(newNode) != nil {
-			newNode = vp.Spec.Backup.Node
+	var added []string
+	for _, n := range vp.Spec.MemberNodes() {
+		if vp.Status.MemberStatus(n) == nil {
+			added = append(added, n)
+		}
+	}
+	for i, old := range moved {
+		if i < len(added) {
+			r.Recorder.Eventf(vp, nil, corev1.EventTypeNormal, "MemberReplaced", "Replace",
+				"%s replaces %s: it receives a full copy; the replica on %s is deleted once the pair is in sync again", added[i], old, old)
+			continue
 		}
 		r.Recorder.Eventf(vp, nil, corev1.EventTypeNormal, "MemberReplaced", "Replace",
-			"%s replaces %s: it receives a full copy; the replica on %s is deleted once the pair is in sync again", newNode, old, old)
+			"%s was removed from the pair; its replica is deleted once the other members are in sync", old)
 	}
 }
 
@@ -77,9 +85,14 @@ func (r *VolumePairReconciler) retireRemoved(ctx context.Context, s *scope) {
 	if len(vp.Status.RemovedMembers) == 0 || !s.view.Authority.Exists {
 		return
 	}
-	writer, other := s.view.member(s.view.Authority.Holder), s.view.other(s.view.Authority.Holder)
-	if !InSync(writer, other) || !HoldsData(other, s.view.PairUID) {
+	writer, others := s.view.member(s.view.Authority.Holder), s.view.others(s.view.Authority.Holder)
+	if !AllInSync(writer, others) {
 		return
+	}
+	for _, o := range others {
+		if !HoldsData(o, s.view.PairUID) {
+			return
+		}
 	}
 	purge := vp.Annotations[v1.AnnRetainData] != "true"
 	var left []v1.RemovedMember
@@ -104,7 +117,7 @@ func (r *VolumePairReconciler) retireRemoved(ctx context.Context, s *scope) {
 			what = "closed (retain-data: its files stay)"
 		}
 		log.FromContext(ctx).Info("Removed member's replica "+what, "node", m.Node)
-		r.Recorder.Eventf(vp, nil, corev1.EventTypeNormal, "MemberRemoved", "Delete", "The replica on the replaced member %s was %s; the pair is in sync on %s and %s", m.Node, what, writer.Node, other.Node)
+		r.Recorder.Eventf(vp, nil, corev1.EventTypeNormal, "MemberRemoved", "Delete", "The replica on the replaced member %s was %s; the pair is in sync on %s and %s", m.Node, what, writer.Node, names(others))
 	}
 	vp.Status.RemovedMembers = left
 }
@@ -122,7 +135,7 @@ func removedMessage(vp *v1.VolumePair, node, dataDir string, err error) string {
 // writerNotMember is the error observe reports when the authority's holder
 // is not a member of the spec: its node was replaced while it was the writer.
 func writerNotMember(vp *v1.VolumePair, holder string) error {
-	return fmt.Errorf("the writer %s is no longer a member (spec names %s and %s): a writer cannot be replaced; "+
+	return fmt.Errorf("the writer %s is no longer a member (spec names %s): a writer cannot be replaced; "+
 		"set its node back, then move the writer role first (swap spec.primary and spec.backup, or kubectl tandem failover) and replace it afterwards",
-		holder, vp.Spec.Primary.Node, vp.Spec.Backup.Node)
+		holder, strings.Join(vp.Spec.MemberNodes(), ", "))
 }

@@ -3,6 +3,7 @@ package controllers
 import (
 	"context"
 	"fmt"
+	"slices"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -35,6 +36,10 @@ func (r *VolumePairReconciler) patchStatus(ctx context.Context, s *scope, ok boo
 	view := s.view
 	view.Primary = lastKnown(view.Primary, r.probeState(key, view.Primary.Node).last)
 	view.Backup = lastKnown(view.Backup, r.probeState(key, view.Backup.Node).last)
+	view.More = slices.Clone(view.More)
+	for i := range view.More {
+		view.More[i] = lastKnown(view.More[i], r.probeState(key, view.More[i].Node).last)
+	}
 	gen := vp.Generation
 	if s.writerReplaced != nil {
 		// The writer keeps serving, but nothing would fail it over. Its
@@ -67,7 +72,7 @@ func (r *VolumePairReconciler) patchStatus(ctx context.Context, s *scope, ok boo
 	} else {
 		st.Epoch, st.ActivePrimary = 1, vp.Spec.Primary.Node
 	}
-	writer, other := view.member(st.ActivePrimary), view.other(st.ActivePrimary)
+	writer, others := view.member(st.ActivePrimary), view.others(st.ActivePrimary)
 
 	oldPhase := s.base.Status.Phase
 	st.Phase = DerivePhase(view, oldPhase)
@@ -81,11 +86,13 @@ func (r *VolumePairReconciler) patchStatus(ctx context.Context, s *scope, ok boo
 	st.Copy = nil
 	if w := writer.Status; w != nil {
 		st.OutOfSyncBytes = w.OutOfSyncBytes
-		if w.Copy.Running {
-			start := metav1.NewTime(w.Copy.StartTime)
-			st.Copy = &v1.CopyProgress{Target: other.Node, TotalBytes: w.Copy.TotalBytes, DoneBytes: w.Copy.DoneBytes,
-				BytesPerSecond: w.Copy.BytesPerSecond, ETASeconds: w.Copy.ETASeconds, StartTime: &start, FullCopy: w.Copy.FullCopy,
-				Reason: truncate(w.Copy.Reason, 512)}
+		// status.copy: the first copy running, in spec order (each
+		// member's is in its entry).
+		for _, o := range others {
+			if c := copyProgress(o.Node, LinkTo(writer, o).Copy); c != nil {
+				st.Copy = c
+				break
+			}
 		}
 	}
 	// What the writer enforces of spec.clients: the CSI driver's
@@ -96,17 +103,32 @@ func (r *VolumePairReconciler) patchStatus(ctx context.Context, s *scope, ok boo
 			st.Clients = &v1.ClientsSpec{Nodes: append([]string{}, w.Clients.Nodes...)}
 		}
 	}
-	inSync := InSync(writer, other)
-	if writer.Status != nil && other.Status != nil {
-		st.UnmergedRegions = unmerged(writer, other)
+	if writer.Status != nil {
+		st.UnmergedRegions = unmerged(append([]*MemberView{writer}, others...)...)
 	}
-	for _, m := range []*MemberView{&view.Primary, &view.Backup} {
+	holding := 0
+	if w := writer.Status; w != nil && w.Role == agentapi.RolePrimary && w.DataState == agentapi.UpToDate {
+		holding++
+	}
+	for _, o := range others {
+		if InSync(writer, o) {
+			holding++
+		}
+	}
+	st.MembersInSync = fmt.Sprintf("%d/%d", holding, len(others)+1)
+	for _, m := range view.all() {
 		if m.Status != nil && m.Status.Joined && m.Status.PairUID == string(vp.UID) && !m.Stale {
 			st.DataInitialized = true
 		}
 	}
-	for _, m := range []*MemberView{&view.Primary, &view.Backup} {
+	for _, m := range view.all() {
+		inSync := InSync(writer, m)
+		isOther := m != writer
 		setMemberState(vp, m.Node, func(ms *v1.MemberStatus) {
+			ms.Mode, ms.Copy = "", nil
+			if isOther {
+				ms.Mode = view.modeOf(m)
+			}
 			ms.Connected = m.Reachable && m.Status != nil && m.Status.PeerConnected
 			if seen := r.lastSeen(key, m.Node); !seen.IsZero() {
 				t := metav1.NewTime(seen)
@@ -130,9 +152,14 @@ func (r *VolumePairReconciler) patchStatus(ctx context.Context, s *scope, ok boo
 			default:
 				ms.Role = m.Status.Role
 				ms.OutOfSyncBytes = m.Status.OutOfSyncBytes
+				if isOther && writer.Status != nil {
+					link := LinkTo(writer, m)
+					ms.OutOfSyncBytes = link.OutOfSyncBytes
+					ms.Copy = copyProgress(m.Node, link.Copy)
+				}
 				reported := m.Status.DataState
 				switch {
-				case ms.DataState == v1.DataOutdated && m == other && !inSync:
+				case ms.DataState == v1.DataOutdated && isOther && !inSync:
 					// Keep the controller's Outdated record until the
 					// writer has brought this member back in sync.
 				default:
@@ -155,8 +182,8 @@ func (r *VolumePairReconciler) patchStatus(ctx context.Context, s *scope, ok boo
 		})
 	}
 	setReadyCondition(&st.Conditions, gen, writer)
-	setSynchronizedCondition(&st.Conditions, gen, writer, other)
-	setDegradedCondition(&st.Conditions, gen, writer, other)
+	setSynchronizedCondition(&st.Conditions, gen, writer, others)
+	setDegradedCondition(&st.Conditions, gen, writer, others)
 	setFailoverBlockedCondition(&st.Conditions, gen, s.step)
 	if ok {
 		st.ObservedGeneration = gen
@@ -177,6 +204,18 @@ func (r *VolumePairReconciler) patchStatus(ctx context.Context, s *scope, ok boo
 		return r.clearRequests(ctx, vp)
 	}
 	return nil
+}
+
+// copyProgress is a member's copy as the status shows it (nil when none
+// runs).
+func copyProgress(target string, c agentapi.CopyStatus) *v1.CopyProgress {
+	if !c.Running {
+		return nil
+	}
+	start := metav1.NewTime(c.StartTime)
+	return &v1.CopyProgress{Target: target, TotalBytes: c.TotalBytes, DoneBytes: c.DoneBytes,
+		BytesPerSecond: c.BytesPerSecond, ETASeconds: c.ETASeconds, StartTime: &start, FullCopy: c.FullCopy,
+		Reason: truncate(c.Reason, 512)}
 }
 
 // lastKnown returns m as the status shows it: a member that did not answer

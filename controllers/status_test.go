@@ -123,7 +123,7 @@ func TestSynchronizedCondition(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var conds []metav1.Condition
-			setSynchronizedCondition(&conds, 1, tc.writer, tc.other)
+			setSynchronizedCondition(&conds, 1, tc.writer, []*MemberView{tc.other})
 			c := meta.FindStatusCondition(conds, v1.ConditionSynchronized)
 			if c == nil || (c.Status == metav1.ConditionTrue) != tc.want || c.Reason != tc.reason || !strings.Contains(c.Message, tc.msg) {
 				t.Fatalf("Synchronized = %+v, want %v/%s with %q", c, tc.want, tc.reason, tc.msg)

@@ -33,6 +33,37 @@ func (st *VolumePairStatus) MemberStatus(node string) *MemberStatus {
 	return nil
 }
 
+// MemberNodes returns every member's node: spec.primary, spec.backup, then
+// each additional backup.
+func (s *VolumePairSpec) MemberNodes() []string {
+	out := []string{s.Primary.Node, s.Backup.Node}
+	for _, b := range s.AdditionalBackups {
+		out = append(out, b.Node)
+	}
+	return out
+}
+
+// IsMember reports whether node is one of the pair's members.
+func (s *VolumePairSpec) IsMember(node string) bool {
+	for _, n := range s.MemberNodes() {
+		if n == node {
+			return true
+		}
+	}
+	return false
+}
+
+// ModeOf returns the replication mode of member node: its own for an
+// additional backup that names one, else spec.mode.
+func (s *VolumePairSpec) ModeOf(node string) ReplicationMode {
+	for _, b := range s.AdditionalBackups {
+		if b.Node == node && b.Mode != "" {
+			return b.Mode
+		}
+	}
+	return s.Mode
+}
+
 // PeerOf returns the other member's node, or "" when node is not a member.
 func (s *VolumePairSpec) PeerOf(node string) string {
 	switch node {

@@ -10,7 +10,7 @@ import (
 type ReplicationMode string
 
 const (
-	// ModeSync acknowledges a write after both members hold it.
+	// ModeSync acknowledges a write after every Sync member holds it.
 	ModeSync ReplicationMode = "Sync"
 	// ModeAsync acknowledges a write after the local copy holds it; the backup
 	// receives it later, in order.
@@ -128,6 +128,22 @@ type Member struct {
 	Node string `json:"node"`
 }
 
+// BackupMember names the node of one more backup, and when a write is
+// acknowledged with respect to it.
+type BackupMember struct {
+	// node is the name of the Kubernetes node whose agent holds this copy.
+	// +required
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=253
+	// +kubebuilder:validation:Pattern=`^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$`
+	Node string `json:"node"`
+	// mode is this backup's replication mode: Sync (a write is
+	// acknowledged once it holds it too) or Async (it receives writes in
+	// order, never holding them up beyond its queue). Default: spec.mode.
+	// +optional
+	Mode ReplicationMode `json:"mode,omitempty"`
+}
+
 // RemovedMember is a node replaced out of a pair whose replica is still to
 // be deleted.
 type RemovedMember struct {
@@ -200,10 +216,11 @@ type ResyncSpec struct {
 	MaxBytesPerSecond int64 `json:"maxBytesPerSecond,omitempty"`
 }
 
-// VolumePairSpec declares the volume, its two members and how they replicate.
+// VolumePairSpec declares the volume, its members and how they replicate.
 // +kubebuilder:validation:XValidation:rule="self.primary.node != self.backup.node",message="spec.backup.node must differ from spec.primary.node"
+// +kubebuilder:validation:XValidation:rule="!has(self.additionalBackups) || self.additionalBackups.all(b, b.node != self.primary.node && b.node != self.backup.node && self.additionalBackups.exists_one(c, c.node == b.node))",message="spec.additionalBackups: every member's node must differ from the others' (spec.primary, spec.backup and each additional backup)"
 // +kubebuilder:validation:XValidation:rule="!has(self.regionSize) || (isQuantity(string(self.size)) && isQuantity(string(self.regionSize)) && quantity(string(self.regionSize)).isInteger() && quantity(string(self.size)).isInteger() && quantity(string(self.regionSize)).asInteger() > 0 && quantity(string(self.size)).asInteger() % quantity(string(self.regionSize)).asInteger() == 0)",message="spec.size must be a multiple of spec.regionSize"
-// +kubebuilder:validation:XValidation:rule="self.primary.node == oldSelf.primary.node || self.backup.node == oldSelf.backup.node || (self.primary.node == oldSelf.backup.node && self.backup.node == oldSelf.primary.node)",message="spec.primary.node and spec.backup.node: replace one member at a time, or swap the two (a planned switchover)"
+// +kubebuilder:validation:XValidation:rule="([oldSelf.primary.node, oldSelf.backup.node] + (has(oldSelf.additionalBackups) ? oldSelf.additionalBackups.map(b, b.node) : [])).filter(n, !(n in ([self.primary.node, self.backup.node] + (has(self.additionalBackups) ? self.additionalBackups.map(b, b.node) : [])))).size() <= 1",message="spec.primary, spec.backup and spec.additionalBackups: replace or remove one member at a time (swapping members, a planned switchover, and adding backups are fine)"
 type VolumePairSpec struct {
 	// size is the volume's size in bytes. Immutable.
 	// +required
@@ -219,8 +236,9 @@ type VolumePairSpec struct {
 	// +kubebuilder:validation:XValidation:rule="quantity(string(self)).compareTo(quantity(string(oldSelf))) == 0",message="spec.regionSize is immutable"
 	RegionSize *resource.Quantity `json:"regionSize,omitempty"`
 
-	// mode Sync acknowledges a write after both members hold it; Async after
-	// the local copy. May change on a live pair.
+	// mode Sync acknowledges a write after every Sync member holds it;
+	// Async after the local copy. It is the mode of spec.backup, and of
+	// each additional backup that names none. May change on a live pair.
 	// +required
 	Mode ReplicationMode `json:"mode"`
 
@@ -232,6 +250,19 @@ type VolumePairSpec struct {
 	// asks for a planned switchover.
 	// +required
 	Backup Member `json:"backup"`
+
+	// additionalBackups are further copies of the volume, each on its own
+	// node (three copies: one additional backup). The writer mirrors every
+	// write to each backup and tracks what each lacks on its own; when the
+	// writer is lost the most current eligible backup takes over
+	// (spec.backup first among equals) and the others resync from it by
+	// diff. Adding one gives it a full copy; removing one deletes its
+	// replica once the others are in sync.
+	// +optional
+	// +listType=map
+	// +listMapKey=node
+	// +kubebuilder:validation:MaxItems=2
+	AdditionalBackups []BackupMember `json:"additionalBackups,omitempty"`
 
 	// failover tunes loss detection and promotion of the backup.
 	// +optional
@@ -320,9 +351,17 @@ type MemberStatus struct {
 	// lastSeen is when the member's agent last answered a probe.
 	// +optional
 	LastSeen *metav1.Time `json:"lastSeen,omitempty"`
-	// outOfSyncBytes is the member's own dirty bitmap in bytes: what its peer lacks.
+	// outOfSyncBytes is, for a backup, what it lacks of the writer's data
+	// as the writer reports it; for the writer, its own dirty bitmaps in
+	// bytes (what some backup lacks).
 	// +optional
 	OutOfSyncBytes int64 `json:"outOfSyncBytes,omitempty"`
+	// mode is the member's replication mode (backups only).
+	// +optional
+	Mode ReplicationMode `json:"mode,omitempty"`
+	// copy reports a copy running towards this member.
+	// +optional
+	Copy *CopyProgress `json:"copy,omitempty"`
 	// message explains the member's state in words.
 	// +optional
 	// +kubebuilder:validation:MaxLength=1024
@@ -375,8 +414,13 @@ type VolumePairStatus struct {
 	// +optional
 	// +listType=map
 	// +listMapKey=node
-	// +kubebuilder:validation:MaxItems=2
+	// +kubebuilder:validation:MaxItems=4
 	Members []MemberStatus `json:"members,omitempty"`
+	// membersInSync is how many members hold the writer's data, out of how
+	// many there are ("3/3"), for kubectl get.
+	// +optional
+	// +kubebuilder:validation:MaxLength=8
+	MembersInSync string `json:"membersInSync,omitempty"`
 	// removedMembers are nodes replaced out of the pair (a member's node
 	// changed in the spec) whose replicas are still to be deleted: that
 	// happens once the pair is in sync with its new member, so the old
@@ -417,8 +461,8 @@ type VolumePairStatus struct {
 	ObservedGeneration int64 `json:"observedGeneration,omitempty"`
 }
 
-// VolumePair is a block volume kept on two nodes, with automatic failover and
-// resync of only what changed.
+// VolumePair is a block volume kept on two or more nodes, with automatic
+// failover and resync of only what changed.
 //
 // +kubebuilder:object:root=true
 // +kubebuilder:subresource:status
@@ -428,6 +472,7 @@ type VolumePairStatus struct {
 // +kubebuilder:printcolumn:name="Active",type=string,JSONPath=`.status.activePrimary`
 // +kubebuilder:printcolumn:name="Backup",type=string,JSONPath=`.spec.backup.node`
 // +kubebuilder:printcolumn:name="Phase",type=string,JSONPath=`.status.phase`
+// +kubebuilder:printcolumn:name="In-Sync",type=string,JSONPath=`.status.membersInSync`
 // +kubebuilder:printcolumn:name="Out-Of-Sync",type=integer,format=int64,JSONPath=`.status.outOfSyncBytes`
 // +kubebuilder:printcolumn:name="Claim",type=string,JSONPath=`.metadata.annotations.csi\.tandem\.dev/pvc`,priority=1
 // +kubebuilder:printcolumn:name="Unmerged",type=integer,format=int64,JSONPath=`.status.unmergedRegions`,priority=1

@@ -167,10 +167,22 @@ func actingPrimary(vp *storagev1alpha1.VolumePair) string {
 
 func failoverNext(vp *storagev1alpha1.VolumePair) []string {
 	primary := actingPrimary(vp)
-	backup := vp.Spec.PeerOf(primary)
-	out := []string{fmt.Sprintf("the controller promotes %s once the primary %s is lost and %s is UpToDate; otherwise the FailoverBlocked condition says why.", backup, primary, backup)}
-	if m := vp.Status.MemberStatus(backup); m != nil && m.DataState != "" && m.DataState != storagev1alpha1.DataUpToDate {
-		out = append(out, fmt.Sprintf("Warning: %s is %s now; it is not promoted while its data is not UpToDate.", backup, m.DataState))
+	var backups []string
+	for _, n := range vp.Spec.MemberNodes() {
+		if n != primary {
+			backups = append(backups, n)
+		}
+	}
+	var out []string
+	if len(backups) == 1 {
+		out = append(out, fmt.Sprintf("the controller promotes %s once the primary %s is lost and %s is UpToDate; otherwise the FailoverBlocked condition says why.", backups[0], primary, backups[0]))
+	} else {
+		out = append(out, fmt.Sprintf("the controller promotes the most current UpToDate backup of %s once the primary %s is lost; otherwise the FailoverBlocked condition says why.", strings.Join(backups, ", "), primary))
+	}
+	for _, backup := range backups {
+		if m := vp.Status.MemberStatus(backup); m != nil && m.DataState != "" && m.DataState != storagev1alpha1.DataUpToDate {
+			out = append(out, fmt.Sprintf("Warning: %s is %s now; it is not promoted while its data is not UpToDate.", backup, m.DataState))
+		}
 	}
 	if c := meta.FindStatusCondition(vp.Status.Conditions, storagev1alpha1.ConditionFailoverBlocked); c != nil && c.Status == metav1.ConditionTrue {
 		out = append(out, fmt.Sprintf("FailoverBlocked now: %s: %s", orDash(c.Reason), orDash(oneLine(c.Message))))

@@ -151,6 +151,16 @@ func renderStatus(w io.Writer, vp *storagev1alpha1.VolumePair, events []corev1.E
 	field("Size", fmt.Sprintf("%s in regions of %s", humanBytes(vp.Spec.SizeBytes()), humanBytes(vp.Spec.RegionSizeBytes())))
 	field("Primary (spec)", vp.Spec.Primary.Node)
 	field("Backup (spec)", vp.Spec.Backup.Node)
+	if len(vp.Spec.AdditionalBackups) > 0 {
+		var more []string
+		for _, b := range vp.Spec.AdditionalBackups {
+			more = append(more, fmt.Sprintf("%s (%s)", b.Node, vp.Spec.ModeOf(b.Node)))
+		}
+		field("More backups", strings.Join(more, ", "))
+	}
+	if st.MembersInSync != "" {
+		field("In sync", st.MembersInSync+" members hold the writer's data")
+	}
 	if st.Phase == "" {
 		field("Phase", "<none>: the controller has not reported a status yet")
 	} else {
@@ -277,17 +287,15 @@ func phaseMeaning(p storagev1alpha1.Phase) string {
 	return "unknown phase"
 }
 
-// orderMembers lists the reported members: spec primary, spec backup, others.
+// orderMembers lists the reported members: spec primary, spec backup, the
+// additional backups, others.
 func orderMembers(vp *storagev1alpha1.VolumePair) []storagev1alpha1.MemberStatus {
 	out := slices.Clone(vp.Status.Members)
 	rank := func(node string) int {
-		switch node {
-		case vp.Spec.Primary.Node:
-			return 0
-		case vp.Spec.Backup.Node:
-			return 1
+		if i := slices.Index(vp.Spec.MemberNodes(), node); i >= 0 {
+			return i
 		}
-		return 2
+		return len(vp.Spec.MemberNodes())
 	}
 	slices.SortStableFunc(out, func(a, b storagev1alpha1.MemberStatus) int { return rank(a.Node) - rank(b.Node) })
 	return out

@@ -1,6 +1,9 @@
 package volume
 
-import "fmt"
+import (
+	"fmt"
+	"slices"
+)
 
 // Status reports the actual state.
 func (v *Volume) Status() Status {
@@ -34,6 +37,7 @@ func (v *Volume) Status() Status {
 		st.HoldSeconds = v.opts.Clock.Since(v.holdStart).Seconds()
 	}
 	ps, b := v.peers, v.backupConn
+	st.Tracked = slices.Clone(v.tracked)
 	isWriter := v.role == RolePrimary
 	alone := make([]bool, len(ps))
 	for i, p := range ps {
@@ -57,6 +61,7 @@ func (v *Volume) Status() Status {
 			links++
 			ls := p.link.status()
 			ps.Connected, ps.Copy, ps.OldestUnreplicatedSeconds = ls.streaming, ls.copy, ls.oldest.Seconds()
+			ps.Drained = st.Holding && inflight == 0 && ls.streaming && ls.copyDone && ls.allAcked && ps.OutOfSyncRegions == 0
 			drained = drained && ls.streaming && ls.copyDone && ls.allAcked
 			st.OldestUnreplicatedSeconds = max(st.OldestUnreplicatedSeconds, ps.OldestUnreplicatedSeconds)
 			addCopy(&st.Copy, ps.Copy)

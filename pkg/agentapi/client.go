@@ -22,10 +22,10 @@ type API interface {
 	Put(ctx context.Context, ns, name string, req VolumeRequest) (Status, error)
 	// Delete closes a replica; purge deletes its files.
 	Delete(ctx context.Context, ns, name string, purge bool) error
-	// PeerOutdated tells the writer the controller recorded its peer
-	// Outdated at epoch. An error wrapping ErrNotSent means the agent never
-	// received it.
-	PeerOutdated(ctx context.Context, ns, name string, epoch uint64) (Status, error)
+	// PeerOutdated tells the writer the controller recorded member node
+	// (none given: every member it mirrors to) Outdated at epoch. An error
+	// wrapping ErrNotSent means the agent never received it.
+	PeerOutdated(ctx context.Context, ns, name string, epoch uint64, node ...string) (Status, error)
 }
 
 // NewFunc returns the API of the agent whose control endpoint is endpoint
@@ -140,11 +140,16 @@ func (c *Client) Delete(ctx context.Context, ns, name string, purge bool) error 
 	return c.do(ctx, http.MethodDelete, volumePath(ns, name)+q, nil, nil)
 }
 
-// PeerOutdated tells the agent the controller recorded its peer Outdated.
-// An error wrapping ErrNotSent means the agent never received it.
-func (c *Client) PeerOutdated(ctx context.Context, ns, name string, epoch uint64) (Status, error) {
+// PeerOutdated tells the agent the controller recorded member node (none
+// given: every member it mirrors to) Outdated. An error wrapping
+// ErrNotSent means the agent never received it.
+func (c *Client) PeerOutdated(ctx context.Context, ns, name string, epoch uint64, node ...string) (Status, error) {
 	var s Status
-	return s, c.do(ctx, http.MethodPost, volumePath(ns, name)+"/peer-outdated", PeerOutdatedRequest{Epoch: epoch}, &s)
+	req := PeerOutdatedRequest{Epoch: epoch}
+	if len(node) > 0 {
+		req.Node = node[0]
+	}
+	return s, c.do(ctx, http.MethodPost, volumePath(ns, name)+"/peer-outdated", req, &s)
 }
 
 // Bitmap returns a volume's dirty regions.

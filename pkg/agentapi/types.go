@@ -269,6 +269,10 @@ type Status struct {
 	// (hold, drain, switch), and never makes it the writer
 	// (docs/architecture.md, "Agent restarts").
 	Stopping bool `json:"stopping,omitempty"`
+	// Tracked are the members whose differences from this replica its
+	// bitmaps track: a writer's backups, a backup's primary and the other
+	// backups it knows (Spec.PeerNode and Spec.MoreBackups).
+	Tracked []string `json:"tracked,omitempty"`
 	// Peers reports each member a writer mirrors to (Spec.Peers), in
 	// order; the fields above sum them up: PeerConnected when every one is
 	// connected, OutOfSync the union of their bitmaps, Copy the copies
@@ -299,6 +303,10 @@ type PeerStatus struct {
 	// Outdated is true when the controller recorded it Outdated at the
 	// writer's epoch: sync writes no longer wait for it.
 	Outdated bool `json:"outdated,omitempty"`
+	// Drained is true while the writer holds writes (failback) and this
+	// member holds every one it acknowledged: the writer role may move to
+	// it.
+	Drained bool `json:"drained,omitempty"`
 }
 
 // Counters are monotonically increasing totals.

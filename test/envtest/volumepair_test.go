@@ -78,6 +78,14 @@ func TestAllowedUpdates(t *testing.T) {
 		}},
 		{"replace the backup's node (a member replaced)", func(p *v1.VolumePair) { p.Spec.Backup.Node = "node-c" }},
 		{"replace the primary's node", func(p *v1.VolumePair) { p.Spec.Primary.Node = "node-d" }},
+		{"add two backups (three copies, then four)", func(p *v1.VolumePair) {
+			p.Spec.AdditionalBackups = []v1.BackupMember{{Node: "node-e", Mode: v1.ModeAsync}, {Node: "node-f"}}
+		}},
+		{"promote an additional backup to spec.backup (same members)", func(p *v1.VolumePair) {
+			p.Spec.Backup.Node, p.Spec.AdditionalBackups[0].Node = p.Spec.AdditionalBackups[0].Node, p.Spec.Backup.Node
+		}},
+		{"replace an additional backup's node", func(p *v1.VolumePair) { p.Spec.AdditionalBackups[1].Node = "node-g" }},
+		{"remove an additional backup", func(p *v1.VolumePair) { p.Spec.AdditionalBackups = p.Spec.AdditionalBackups[:1] }},
 		{"same size spelled differently", func(p *v1.VolumePair) { p.Spec.Size = resource.MustParse("1073741824") }},
 		{"failover tuning", func(p *v1.VolumePair) {
 			p.Spec.Failover.Policy = v1.PolicyManual
@@ -102,7 +110,8 @@ func TestAllowedUpdates(t *testing.T) {
 	if err := k8s.Get(ctx, client.ObjectKeyFromObject(vp), &final); err != nil {
 		t.Fatal(err)
 	}
-	if final.Spec.Primary.Node != "node-d" || final.Spec.Backup.Node != "node-c" || final.Spec.Mode != v1.ModeSync {
+	if final.Spec.Primary.Node != "node-d" || final.Spec.Backup.Node != "node-e" || final.Spec.Mode != v1.ModeSync ||
+		len(final.Spec.AdditionalBackups) != 1 || final.Spec.AdditionalBackups[0] != (v1.BackupMember{Node: "node-c", Mode: v1.ModeAsync}) {
 		t.Errorf("final spec = %+v", final.Spec)
 	}
 }
@@ -269,11 +278,11 @@ func TestKubectlUserFlow(t *testing.T) {
 		t.Fatalf("kubectl get vp: %v\n%s", err, out)
 	}
 	header := strings.Fields(strings.SplitN(out, "\n", 2)[0])
-	want := []string{"NAME", "MODE", "PRIMARY", "ACTIVE", "BACKUP", "PHASE", "OUT-OF-SYNC", "AGE"}
+	want := []string{"NAME", "MODE", "PRIMARY", "ACTIVE", "BACKUP", "PHASE", "IN-SYNC", "OUT-OF-SYNC", "AGE"}
 	if strings.Join(header, " ") != strings.Join(want, " ") {
 		t.Errorf("kubectl get vp header = %v, want %v", header, want)
 	}
-	for _, row := range []string{"db-async   Async   node-a", "db-sync    Sync    node-b"} {
+	for _, row := range []string{"db-async   Async   node-a", "db-sync    Sync    node-b", "db-three   Sync    node-a"} {
 		if !strings.Contains(strings.Join(strings.Fields(out), " "), strings.Join(strings.Fields(row), " ")) {
 			t.Errorf("kubectl get vp output lacks %q:\n%s", row, out)
 		}

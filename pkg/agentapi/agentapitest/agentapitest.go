@@ -28,6 +28,7 @@ import (
 	"fmt"
 	"net/http"
 	"slices"
+	"strings"
 	"sync"
 
 	"github.com/tandem-storage/tandem/pkg/agentapi"
@@ -53,6 +54,8 @@ type Call struct {
 	Namespace, Name string
 	// Request is Put's body.
 	Request agentapi.VolumeRequest
+	// Member is PeerOutdated's member ("" when none was named).
+	Member string
 	// Epoch is PeerOutdated's.
 	Epoch uint64
 	// Purge is Delete's.
@@ -194,6 +197,18 @@ func (a *Agent) put(ns, name string, req agentapi.VolumeRequest) (agentapi.Statu
 		st.DataState, st.DataStateReason, st.Joined = agentapi.UpToDate, "", true
 	}
 	st.Role, st.Epoch, st.Mode, st.PeerNode = s.Role, s.Epoch, s.Mode, s.PeerNode
+	// A replica of a pair of three or more reports its members (a real
+	// agent reports them for two as well; the fake keeps the summary
+	// fields tests set for two). Links start disconnected.
+	st.Tracked, st.Peers = nil, nil
+	if peers := s.Peers(); len(peers) > 1 {
+		for _, p := range peers {
+			st.Tracked = append(st.Tracked, p.Node)
+			if s.Role == agentapi.RolePrimary {
+				st.Peers = append(st.Peers, agentapi.PeerStatus{Node: p.Node, Mode: p.Mode})
+			}
+		}
+	}
 	if s.PairUID != "" {
 		st.PairUID = s.PairUID
 	}
@@ -253,8 +268,8 @@ func (c *client) Delete(_ context.Context, ns, name string, purge bool) error {
 	return err
 }
 
-func (c *client) PeerOutdated(_ context.Context, ns, name string, epoch uint64) (agentapi.Status, error) {
-	return c.agent.call(Call{Endpoint: c.endpoint, Op: OpPeerOutdated, Namespace: ns, Name: name, Epoch: epoch}, c.token,
+func (c *client) PeerOutdated(_ context.Context, ns, name string, epoch uint64, node ...string) (agentapi.Status, error) {
+	return c.agent.call(Call{Endpoint: c.endpoint, Op: OpPeerOutdated, Namespace: ns, Name: name, Epoch: epoch, Member: strings.Join(node, ",")}, c.token,
 		func() (agentapi.Status, error) { return c.agent.peerOutdated(ns, name) })
 }
 
@@ -333,6 +348,6 @@ func (n nobody) Put(context.Context, string, string, agentapi.VolumeRequest) (ag
 
 func (n nobody) Delete(context.Context, string, string, bool) error { return n.err(OpDelete) }
 
-func (n nobody) PeerOutdated(context.Context, string, string, uint64) (agentapi.Status, error) {
+func (n nobody) PeerOutdated(context.Context, string, string, uint64, ...string) (agentapi.Status, error) {
 	return agentapi.Status{}, n.err(OpPeerOutdated)
 }

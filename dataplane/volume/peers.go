@@ -138,13 +138,6 @@ func (v *Volume) markAllHoled(off, n int64) {
 	}
 }
 
-// markAllRegions marks the regions of b in every tracker.
-func (v *Volume) markAllRegions(b *roaring.Bitmap) {
-	for _, t := range v.trackerList() {
-		t.MarkRegions(b)
-	}
-}
-
 // setTrackedLocked makes nodes (non-empty, distinct) the tracked members,
 // into m (the metadata to persist first) and, with commit, into the
 // volume: members not tracked before are changed when others were; members

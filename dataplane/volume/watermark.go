@@ -200,20 +200,6 @@ func (l *link) setWatermarkLocked(entries []repl.WatermarkEntry, clean uint64) {
 	l.work.Signal()
 }
 
-// siblingsOf is every tracker but the primary's (tr): the other members a
-// backup tracks.
-func (v *Volume) siblingsOf(tr *bitmap.Tracker) []*bitmap.Tracker {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	var out []*bitmap.Tracker
-	for _, t := range v.trackers {
-		if t != tr {
-			out = append(out, t)
-		}
-	}
-	return out
-}
-
 // markSiblings journals [off, off+n), applied as frame seq of the primary's
 // stream, and marks it in every sibling tracker: the other members may
 // lack it until the primary's watermark says otherwise. A crash keeps the

@@ -320,7 +320,20 @@ func settled(t *testing.T, w *member, backups ...*member) func() bool {
 	}
 }
 
-// copiedTo is what the writer copied since before (CopiedBytesTotal).
+// settledThree starts A as the writer of B (bMode) and C (Async), backups
+// that know each other, writes n blocks and waits until all three settled.
+func settledThree(t *testing.T, bMode volume.Mode, seed uint64, n int) (a, b, c *member) {
+	t.Helper()
+	a, b, c = newMember(t, "a"), newMember(t, "b"), newMember(t, "c")
+	apply(t, b, backupSpec(1, "a", "c"))
+	apply(t, c, backupSpec(1, "a", "b"))
+	apply(t, a, writerSpec(1, b, bMode, c, volume.ModeAsync))
+	writeModel(t, a.v, seed, n)
+	waitFor(t, "all three settled", settled(t, a, b, c))
+	return a, b, c
+}
+
+// copiedSince is what the writer copied since before (CopiedBytesTotal).
 func copiedSince(w *member, before int64) int64 { return w.v.Status().Copy.CopiedBytesTotal - before }
 
 // TestPromotedBackupResyncsOthersByDiff: the writer A of B and C is lost
@@ -329,12 +342,7 @@ func copiedSince(w *member, before int64) int64 { return w.v.Status().Copy.Copie
 // C, kept by the watermarks), not a full copy; A returns and gets exactly
 // what B wrote since. All three end byte-identical.
 func TestPromotedBackupResyncsOthersByDiff(t *testing.T) {
-	a, b, c := newMember(t, "a"), newMember(t, "b"), newMember(t, "c")
-	apply(t, b, backupSpec(1, "a", "c"))
-	apply(t, c, backupSpec(1, "a", "b"))
-	apply(t, a, writerSpec(1, b, volume.ModeSync, c, volume.ModeAsync))
-	writeModel(t, a.v, 41, 200)
-	waitFor(t, "all three settled", settled(t, a, b, c))
+	a, b, c := settledThree(t, volume.ModeSync, 41, 200)
 	same(t, a, b)
 	same(t, a, c)
 
@@ -400,12 +408,7 @@ func TestPromotedBackupResyncsOthersByDiff(t *testing.T) {
 // its own version over exactly those regions, so C ends identical to the
 // writer it now follows, without a full copy.
 func TestLaggingBackupPromoted(t *testing.T) {
-	a, b, c := newMember(t, "a"), newMember(t, "b"), newMember(t, "c")
-	apply(t, b, backupSpec(1, "a", "c"))
-	apply(t, c, backupSpec(1, "a", "b"))
-	apply(t, a, writerSpec(1, b, volume.ModeAsync, c, volume.ModeAsync))
-	writeModel(t, a.v, 51, 100)
-	waitFor(t, "all three settled", settled(t, a, b, c))
+	a, b, c := settledThree(t, volume.ModeAsync, 51, 100)
 
 	if err := b.v.Close(); err != nil {
 		t.Fatal(err)

@@ -129,3 +129,84 @@ func TestStoryThreeMembers(t *testing.T) {
 		t.Fatalf("status lists %d members: %+v", len(vp.Status.Members), vp.Status.Members)
 	}
 }
+
+// TestStoryThreeMembersWriterCutFromAPI: quorum with three members. The
+// writer A loses only the API server; it still reaches B and C over the
+// replication links and the controller still reaches it. A has two members
+// with it, the majority of the pair by count, and still stops writing once
+// it cannot renew its authority (it fences itself); B is promoted only
+// after that, and at no moment do two members accept writes. The API
+// server's Lease is the tie-breaker, not a count of members.
+func TestStoryThreeMembersWriterCutFromAPI(t *testing.T) {
+	mlog := &testLog{}
+	t.Cleanup(func() {
+		if t.Failed() {
+			mlog.dump(t)
+		}
+	})
+	startManager(t, mlog, nil)
+	s := newStory(t, v1.ModeSync, nil)
+	c := newNode(t, "node-c-"+s.ns, s.log)
+	c.start()
+	s.vp.Spec.AdditionalBackups = []v1.BackupMember{{Node: c.name, Mode: v1.ModeSync}}
+	if err := k8s.Create(context.Background(), s.vp); err != nil {
+		t.Fatal(err)
+	}
+	s.waitFor(30*time.Second, "three members in sync", func(vp *v1.VolumePair) bool {
+		return pairInSync(s.a.name)(vp) && vp.Status.MembersInSync == "3/3"
+	})
+	if err := s.write(s.a, 0, pattern(0x7a, 256<<10)); err != nil {
+		t.Fatal(err)
+	}
+	s.linkInSync(s.a, s.b)
+	s.linkInSync(s.a, c)
+
+	// A loses the API server only.
+	s.a.down.Store(true)
+	cut := time.Now()
+	var writersAtOnce, samples int
+	var aFenced time.Duration
+	nodes := []*node{s.a, s.b, c}
+	testkit.Eventually(t, 60*time.Second, "another member promoted", func() (bool, string) {
+		writable := 0
+		var who []string
+		for _, n := range nodes {
+			if st := statusOf(n, s.ns, s.name); st != nil && st.Writable {
+				writable++
+				who = append(who, n.name)
+			}
+		}
+		samples++
+		if writable > 1 {
+			writersAtOnce++
+		}
+		if aFenced == 0 && !slices.Contains(who, s.a.name) {
+			aFenced = time.Since(cut)
+		}
+		return len(who) == 1 && who[0] != s.a.name, fmt.Sprintf("writable: %v", who)
+	}, testkit.Every(20*time.Millisecond))
+	if writersAtOnce > 0 {
+		t.Fatalf("two members accepted writes at once in %d of %d samples", writersAtOnce, samples)
+	}
+	vp := s.waitFor(20*time.Second, "the status names the new writer", func(vp *v1.VolumePair) bool {
+		return vp.Status.ActivePrimary != s.a.name && vp.Status.Epoch >= 2
+	})
+	t.Logf("A fenced itself %.1fs after losing the API server; %s promoted at epoch %d (%d samples, never two writers)",
+		aFenced.Seconds(), vp.Status.ActivePrimary, vp.Status.Epoch, samples)
+	if err := s.write(s.a, 1<<20, pattern(0x7b, 4096)); err == nil {
+		t.Fatal("A, cut from the API server, accepted a write after the failover")
+	}
+	writer := s.b
+	if vp.Status.ActivePrimary == c.name {
+		writer = c
+	}
+	if err := s.write(writer, 2<<20, pattern(0x7c, 4096)); err != nil {
+		t.Fatalf("the new writer %s refused a write: %v", writer.name, err)
+	}
+
+	// A reaches the API server again: it rejoins as a backup, in sync.
+	s.a.down.Store(false)
+	s.waitFor(60*time.Second, "three members in sync again", func(vp *v1.VolumePair) bool {
+		return vp.Status.ActivePrimary == writer.name && cond(vp, v1.ConditionReady) && vp.Status.MembersInSync == "3/3"
+	})
+}

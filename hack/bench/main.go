@@ -55,7 +55,7 @@ func main() {
 	flag.IntVar(&b.runs, "runs", 5, "Runs per figure (median, min, max).")
 	flag.DurationVar(&b.runtime, "runtime", 3*time.Second, "Measured time of each fio run (plus 1 s ramp).")
 	flag.BoolVar(&b.syncRuns, "sync", true, "Flush the page cache's dirty data (sync) before each fio run, so no run pays for another's writeback.")
-	only := flag.String("only", "", "Comma-separated sections to run (fio,resync,failover,failback,bitmaps,rss,scaling,podfailover); empty: all. podfailover needs root and brings the local cluster up.")
+	only := flag.String("only", "", "Comma-separated sections to run (fio,resync,failover,failback,bitmaps,rss,scaling,backups,thirdresync,podfailover); empty: all. podfailover needs root and brings the local cluster up.")
 	update := flag.Bool("update", false, "Start from the results of the last run (the .json next to -out) and replace only the sections run now, e.g. -only podfailover -update.")
 	keep := flag.Bool("keep", false, "Keep the work directory.")
 	from := flag.String("from", "", "Only write the report (and plot) again from the results of an earlier run (the .json next to the report), e.g. after editing hack/bench/analysis.md.")
@@ -158,6 +158,8 @@ func main() {
 		{"rss", b.runRSS},
 		{"bitmaps", b.runBitmaps},
 		{"failover", b.runFailover},
+		{"backups", b.runBackups},
+		{"thirdresync", b.runThirdResync},
 		{"podfailover", b.runPodFailover},
 	}
 	for _, s := range sections {

@@ -159,7 +159,7 @@ func (b *bench) runRSS() error {
 			args := []string{"--ioengine=nbd", "--rw=randwrite", "--bs=64k", "--iodepth=4", "--size=1g", "--io_size=4m"}
 			for ; made < c; made++ {
 				vol := fmt.Sprintf("v%02d", made)
-				if err := a.put(vol, 1<<30, agentapi.Spec{Role: agentapi.RolePrimary, Epoch: 1, Mode: agentapi.ModeAsync}); err != nil {
+				if err := a.put(vol, 1<<30, agentapi.Spec{Role: agentapi.RolePrimary, Epoch: 1, Mode: agentapi.ModeAsync, Initialize: true}); err != nil {
 					return err
 				}
 				args = append(args, "--name="+vol, "--uri="+a.url(vol))

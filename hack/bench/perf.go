@@ -25,15 +25,17 @@ type results struct {
 	Runtime           time.Duration
 	Sections          []sectionTime
 
-	Fio      []fioRow
-	Profiles []profile
-	Resync   []resyncRow
-	FullCopy resyncRow
-	Scaling  []scaleRow
-	Failback failbackRes
-	RSS      []rssRow
-	Bitmaps  []benchLine
-	Failover []benchLine
+	Fio         []fioRow
+	Profiles    []profile
+	Resync      []resyncRow
+	FullCopy    resyncRow
+	Scaling     []scaleRow
+	Failback    failbackRes
+	RSS         []rssRow
+	Bitmaps     []benchLine
+	Failover    []benchLine
+	Backups     []backupsRow
+	ThirdResync thirdResync
 	// PodFailover is measured on the local cluster (-only podfailover).
 	PodFailover podFailoverRes
 	Raw         map[string]string `json:"-"` // raw output of the go benchmarks, by section
@@ -79,7 +81,7 @@ func (b *bench) runFio() error {
 	if err := bk.start(); err != nil {
 		return err
 	}
-	if err := a.put("solo", fioVolSize, agentapi.Spec{Role: agentapi.RolePrimary, Epoch: 1, Mode: agentapi.ModeAsync}); err != nil {
+	if err := a.put("solo", fioVolSize, agentapi.Spec{Role: agentapi.RolePrimary, Epoch: 1, Mode: agentapi.ModeAsync, Initialize: true}); err != nil {
 		return err
 	}
 	if err := pair(a, bk, "async", fioVolSize, agentapi.ModeAsync, 1); err != nil {
@@ -112,7 +114,7 @@ func (b *bench) runFio() error {
 		if err := d.start(); err != nil {
 			return err
 		}
-		if err := c.put("solo", fioVolSize, agentapi.Spec{Role: agentapi.RolePrimary, Epoch: 1, Mode: agentapi.ModeAsync}); err != nil {
+		if err := c.put("solo", fioVolSize, agentapi.Spec{Role: agentapi.RolePrimary, Epoch: 1, Mode: agentapi.ModeAsync, Initialize: true}); err != nil {
 			return err
 		}
 		for _, m := range []agentapi.Mode{agentapi.ModeAsync, agentapi.ModeSync} {

@@ -224,7 +224,7 @@ func pair(p, s *agentProc, vol string, size int64, mode agentapi.Mode, epoch uin
 	if err := s.put(vol, size, agentapi.Spec{Role: agentapi.RoleBackup, Epoch: epoch, Mode: mode, PeerNode: p.node}); err != nil {
 		return err
 	}
-	return p.put(vol, size, agentapi.Spec{Role: agentapi.RolePrimary, Epoch: epoch, Mode: mode, PeerNode: s.node, PeerAddress: s.repl})
+	return p.put(vol, size, agentapi.Spec{Role: agentapi.RolePrimary, Epoch: epoch, Mode: mode, PeerNode: s.node, PeerAddress: s.repl, Initialize: epoch == 1})
 }
 
 // inSync reports whether the writer p streams to its peer with nothing to copy.

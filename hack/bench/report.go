@@ -40,7 +40,7 @@ func (b *bench) report(out string) error {
 		"which is why targets are alternated round by round and compared as ratios within a round.\n\n")
 
 	p("## How to reproduce\n\n```sh\nmake bench                       # everything, writes docs/benchmarks.md and docs/benchmarks.png\n")
-	p("go run ./hack/bench -only fio -runs 3   # one section (fio,resync,scaling,failback,rss,bitmaps,failover)\n")
+	p("go run ./hack/bench -only fio -runs 3   # one section (fio,resync,scaling,failback,rss,bitmaps,failover,backups,thirdresync)\n")
 	p("sudo go run ./hack/bench -only podfailover -update   # the pod failover on the local cluster, into the last run's report\n")
 	p("go run ./hack/bench -compare HEAD -runs 3   # fio with the agent of another revision as extra targets (before/after)\n")
 	p("go run ./hack/bench -from docs/benchmarks.json   # rewrite this page from the last run's results (e.g. after editing hack/bench/analysis.md)\n```\n\n")
@@ -129,6 +129,7 @@ func (b *bench) report(out string) error {
 	p("\n")
 
 	reportPodFailover(p, r)
+	reportBackups(p, r)
 
 	p("## Failback write hold\n\n")
 	fb := r.Failback

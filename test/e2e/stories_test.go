@@ -27,10 +27,10 @@ func TestStory01AsyncPair(t *testing.T) {
 	})
 	out := mustKubectl(t, "get", "vp", "-n", s.ns)
 	header := strings.Fields(strings.SplitN(out, "\n", 2)[0])
-	if strings.Join(header, " ") != "NAME MODE PRIMARY ACTIVE BACKUP PHASE OUT-OF-SYNC AGE" {
+	if strings.Join(header, " ") != "NAME MODE PRIMARY ACTIVE BACKUP PHASE IN-SYNC OUT-OF-SYNC AGE" {
 		t.Fatalf("kubectl get vp columns: %v", header)
 	}
-	if !strings.Contains(strings.Join(strings.Fields(out), " "), "web Async node-a node-a node-b PAIR 0") {
+	if !strings.Contains(strings.Join(strings.Fields(out), " "), "web Async node-a node-a node-b PAIR 2/2 0") {
 		t.Fatalf("kubectl get vp row:\n%s", out)
 	}
 	info, err := exec.Command("nbdinfo", "--size", vp.Status.Endpoint).CombinedOutput()

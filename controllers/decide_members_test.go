@@ -149,6 +149,11 @@ func TestDecideThreeMembers(t *testing.T) {
 			})
 			v.More[0].Status.Epoch, v.More[0].Status.PeerNode, v.More[0].Status.Tracked = 2, "b", []string{"a", "b"}
 		}, want: StepSwitch, target: "a"},
+		{name: "planned switchover (spec.primary and spec.backup swapped): hold on A, then switch to B", mut: func(v *View) {
+			v.Primary, v.Backup = v.Backup, v.Primary
+			v.Backup.Status.Holding = true
+			v.Backup.Status.Peers[0].Drained = true
+		}, want: StepSwitch, target: "b"},
 		{name: "stopping writer: hand over to B (spec.primary is the writer)", mut: func(v *View) {
 			v.Primary.Status.Stopping = true
 		}, want: StepHold, target: "a"},

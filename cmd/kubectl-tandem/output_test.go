@@ -217,7 +217,7 @@ func TestRequestOutput(t *testing.T) {
 // yaml print it as it is, the templates see the same JSON.
 func TestReportOutput(t *testing.T) {
 	rep := &verifyReport{
-		Volume: "prod/db", Nodes: [2]string{"node-a", "node-b"}, SizeBytes: 1 << 30, RegionSize: 64 << 10, Regions: 16384,
+		Volume: "prod/db", Nodes: []string{"node-a", "node-b"}, SizeBytes: 1 << 30, RegionSize: 64 << 10, Regions: 16384,
 		Algorithm: "sha256", Seconds: 3.5, DifferingRegions: 3, DifferingBytes: 3 * 64 << 10,
 		Runs: mergeRuns([]uint32{5, 6, 100}, 64<<10), DirtyRegions: 1,
 	}

@@ -49,11 +49,12 @@ func newVerifyCmd(o *rootOptions) *cobra.Command {
 	vo := &verifyOptions{}
 	cmd := &cobra.Command{
 		Use:   "verify NAME",
-		Short: "Compare both replicas of a VolumePair region by region (online verify)",
-		Long: `Compare both replicas of a VolumePair region by region while it runs, like
-DRBD's online verify: each member's agent hashes its local copy of every
-region (SHA-256) and the plugin reports the regions whose sums differ, as
-runs with byte offsets.
+		Short: "Compare the replicas of a VolumePair region by region (online verify)",
+		Long: `Compare the replicas of a VolumePair (every member's, additional backups
+included) region by region while it runs, like DRBD's online verify: each
+member's agent hashes its local copy of every region (SHA-256) and the
+plugin reports the regions whose sums differ on some member, as runs with
+byte offsets.
 
 The agents are found through their Leases tandem-agent-<node> in the operator
 namespace (annotation storage.tandem.dev/control-endpoint) and authenticated
@@ -62,9 +63,9 @@ with the token in Secret tandem-agent-token (key token) there, or --token-file.
 While the pair is live a region being written can differ for a moment (the
 write reaches the primary before the backup), and regions in a member's dirty
 bitmap differ by design (writes not yet replicated, a resync in progress, the
-diff of a SWAP). So a region that differs is hashed again on both members
+diff of a SWAP). So a region that differs is hashed again on every member
 after --recheck-delay, and it is reported only if it still differs and is in
-neither member's dirty bitmap, read both before and after the re-check.
+no member's dirty bitmap, read both before and after the re-check.
 Regions excluded that way are counted in the report.
 
 Exit status: 0 when the replicas match, 1 when regions differ, 2 when the
@@ -117,13 +118,13 @@ check could not be completed.`,
 
 // verifyReport is the result of a verify run (-o json|yaml prints it).
 type verifyReport struct {
-	Volume     string    `json:"volume"`
-	Nodes      [2]string `json:"nodes"`
-	SizeBytes  int64     `json:"sizeBytes"`
-	RegionSize int64     `json:"regionSize"`
-	Regions    uint32    `json:"regions"`
-	Algorithm  string    `json:"algorithm"`
-	Seconds    float64   `json:"seconds"`
+	Volume     string   `json:"volume"`
+	Nodes      []string `json:"nodes"`
+	SizeBytes  int64    `json:"sizeBytes"`
+	RegionSize int64    `json:"regionSize"`
+	Regions    uint32   `json:"regions"`
+	Algorithm  string   `json:"algorithm"`
+	Seconds    float64  `json:"seconds"`
 	// DifferingRegions still differed on the re-check and are in neither
 	// member's dirty bitmap.
 	DifferingRegions int         `json:"differingRegions"`
@@ -136,6 +137,15 @@ type verifyReport struct {
 	// replicated, which is expected; they are not reported as differing.
 	DirtyRegions int      `json:"dirtyRegions"`
 	Notes        []string `json:"notes,omitempty"`
+}
+
+// nodesOf lists the replicas' nodes.
+func nodesOf(reps []*replica) []string {
+	out := make([]string, len(reps))
+	for i, r := range reps {
+		out[i] = r.node
+	}
+	return out
 }
 
 // replica is one member's agent.
@@ -168,8 +178,8 @@ func runVerify(ctx context.Context, o *rootOptions, vo *verifyOptions, name stri
 	if err != nil {
 		return nil, err
 	}
-	var reps [2]*replica
-	for i, node := range []string{vp.Spec.Primary.Node, vp.Spec.Backup.Node} {
+	var reps []*replica
+	for _, node := range vp.Spec.MemberNodes() {
 		ep, err := agentEndpoint(ctx, c, vo.operatorNS, node)
 		if err != nil {
 			return nil, err
@@ -186,7 +196,7 @@ func runVerify(ctx context.Context, o *rootOptions, vo *verifyOptions, name stri
 			return nil, fmt.Errorf("the replica of %s/%s on node %s has size %d and region size %d, but the VolumePair declares %d and %d",
 				ns, name, node, r.st.Size, r.st.RegionSize, vp.Spec.SizeBytes(), vp.Spec.RegionSizeBytes())
 		}
-		reps[i] = r
+		reps = append(reps, r)
 	}
 
 	rs := vp.Spec.RegionSizeBytes()
@@ -196,7 +206,7 @@ func runVerify(ctx context.Context, o *rootOptions, vo *verifyOptions, name stri
 		batch = autoBatch(rs)
 	}
 	rep := &verifyReport{
-		Volume: ns + "/" + name, Nodes: [2]string{reps[0].node, reps[1].node},
+		Volume: ns + "/" + name, Nodes: nodesOf(reps),
 		SizeBytes: vp.Spec.SizeBytes(), RegionSize: rs, Regions: regions, Algorithm: agentapi.ChecksumAlgorithm,
 		Runs: []regionRun{}, Notes: verifyNotes(vp, reps),
 	}
@@ -258,7 +268,7 @@ func runVerify(ctx context.Context, o *rootOptions, vo *verifyOptions, name stri
 }
 
 // repair asks the writer's agent to copy every differing run to its peer.
-func repair(ctx context.Context, vp *storagev1alpha1.VolumePair, reps [2]*replica, rep *verifyReport) error {
+func repair(ctx context.Context, vp *storagev1alpha1.VolumePair, reps []*replica, rep *verifyReport) error {
 	var writer *replica
 	for _, r := range reps {
 		if r.node == vp.Status.ActivePrimary && r.st.Role == agentapi.RolePrimary {
@@ -273,7 +283,11 @@ func repair(ctx context.Context, vp *storagev1alpha1.VolumePair, reps [2]*replic
 			return fmt.Errorf("repair: resync of regions %d-%d on %s: %w", run.FirstRegion, run.LastRegion, writer.node, err)
 		}
 	}
-	rep.Notes = append(rep.Notes, fmt.Sprintf("repair requested: %s copies %d regions to its peer; run verify again once the pair is Synchronized", writer.node, rep.DifferingRegions))
+	peers := "its peer"
+	if len(reps) > 2 {
+		peers = "every backup"
+	}
+	rep.Notes = append(rep.Notes, fmt.Sprintf("repair requested: %s copies %d regions to %s; run verify again once the pair is Synchronized", writer.node, rep.DifferingRegions, peers))
 	return nil
 }
 

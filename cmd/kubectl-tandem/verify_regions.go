@@ -18,12 +18,10 @@ func autoBatch(regionSize int64) uint32 {
 
 // compareWindow hashes regions [first, first+n) on both members at once and
 // returns the regions whose sums differ.
-func compareWindow(ctx context.Context, reps [2]*replica, ns, name string, first, n uint32) ([]uint32, error) {
-	var (
-		wg   sync.WaitGroup
-		sums [2][]string
-		errs [2]error
-	)
+func compareWindow(ctx context.Context, reps []*replica, ns, name string, first, n uint32) ([]uint32, error) {
+	var wg sync.WaitGroup
+	sums := make([][]string, len(reps))
+	errs := make([]error, len(reps))
 	for i, r := range reps {
 		wg.Add(1)
 		go func() {
@@ -37,10 +35,16 @@ func compareWindow(ctx context.Context, reps [2]*replica, ns, name string, first
 		}()
 	}
 	wg.Wait()
-	if err := errors.Join(errs[:]...); err != nil {
+	if err := errors.Join(errs...); err != nil {
 		return nil, err
 	}
-	return diffRegions(first, sums[0], sums[1]), nil
+	// A region differs when any replica's differs from the first's.
+	var out []uint32
+	for _, other := range sums[1:] {
+		out = append(out, diffRegions(first, sums[0], other)...)
+	}
+	slices.Sort(out)
+	return slices.Compact(out), nil
 }
 
 // diffRegions returns first+i for every i where a[i] and b[i] differ (a
@@ -85,7 +89,7 @@ func intersectSorted(a, b []uint32) []uint32 {
 }
 
 // dirtyRuns reads both members' dirty bitmaps as inclusive runs.
-func dirtyRuns(ctx context.Context, reps [2]*replica, ns, name string) ([][2]uint32, error) {
+func dirtyRuns(ctx context.Context, reps []*replica, ns, name string) ([][2]uint32, error) {
 	var out [][2]uint32
 	for _, r := range reps {
 		b, err := r.c.Bitmap(ctx, ns, name)

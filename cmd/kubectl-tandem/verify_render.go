@@ -11,7 +11,7 @@ import (
 )
 
 // verifyNotes points out states in which the members differ by design.
-func verifyNotes(vp *storagev1alpha1.VolumePair, reps [2]*replica) []string {
+func verifyNotes(vp *storagev1alpha1.VolumePair, reps []*replica) []string {
 	var notes []string
 	switch vp.Status.Phase {
 	case storagev1alpha1.PhaseSwap, storagev1alpha1.PhaseCopy:
@@ -34,7 +34,7 @@ func verifyNotes(vp *storagev1alpha1.VolumePair, reps [2]*replica) []string {
 // renderVerify writes the readable report.
 func renderVerify(w io.Writer, rep *verifyReport) error {
 	var b strings.Builder
-	fmt.Fprintf(&b, "Verified %s on %s and %s: %s in %d regions of %s (%s), %s.\n", rep.Volume, rep.Nodes[0], rep.Nodes[1],
+	fmt.Fprintf(&b, "Verified %s on %s: %s in %d regions of %s (%s), %s.\n", rep.Volume, andList(rep.Nodes),
 		humanBytes(rep.SizeBytes), rep.Regions, humanBytes(rep.RegionSize), rep.Algorithm, elapsed(rep.Seconds))
 	if rep.DifferingRegions == 0 {
 		b.WriteString("No differing regions: the replicas match.\n")
@@ -112,4 +112,15 @@ func (p *progress) finish() {
 	if p.on && p.printed {
 		fmt.Fprintf(p.w, "verify: compared %s\n", humanBytes(p.done))
 	}
+}
+
+// andList is "a and b", "a, b and c".
+func andList(xs []string) string {
+	switch len(xs) {
+	case 0:
+		return ""
+	case 1:
+		return xs[0]
+	}
+	return strings.Join(xs[:len(xs)-1], ", ") + " and " + xs[len(xs)-1]
 }

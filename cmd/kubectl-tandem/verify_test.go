@@ -116,7 +116,7 @@ func TestAutoBatch(t *testing.T) {
 }
 
 func TestRenderVerify(t *testing.T) {
-	base := verifyReport{Volume: "prod/db", Nodes: [2]string{"node-a", "node-b"}, SizeBytes: 1 << 30, RegionSize: 64 << 10, Regions: 16384, Algorithm: "sha256", Seconds: 3.4}
+	base := verifyReport{Volume: "prod/db", Nodes: []string{"node-a", "node-b"}, SizeBytes: 1 << 30, RegionSize: 64 << 10, Regions: 16384, Algorithm: "sha256", Seconds: 3.4}
 	same := base
 	same.SettledRegions = 2
 	same.DirtyRegions = 1

@@ -392,4 +392,48 @@ func testPluginVerify(t *testing.T, bin string) {
 	if res.code != 2 || !strings.Contains(res.stderr, "lease "+ns+"/tandem-agent-node-a") {
 		t.Errorf("verify without agent leases:\n%s", res)
 	}
+
+	// A third member (an additional backup) is verified too: a region that
+	// differs on it alone is reported.
+	va := startVerifyAgent(t, "node-c", token)
+	agents["node-c"] = va
+	if err := k8s.Create(ctx, &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{
+		Namespace: opNS, Name: "tandem-agent-node-c",
+		Annotations: map[string]string{"storage.tandem.dev/control-endpoint": va.url + "/"},
+	}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c("node-c").Put(ctx, ns, "vol", agentapi.VolumeRequest{Size: size, RegionSize: rs, Spec: agentapi.Spec{Role: agentapi.RoleBackup, Epoch: 1, Mode: agentapi.ModeAsync, PeerNode: "node-a"}}); err != nil {
+		t.Fatal(err)
+	}
+	cur := &v1.VolumePair{}
+	if err := k8s.Get(ctx, client.ObjectKeyFromObject(vp), cur); err != nil {
+		t.Fatal(err)
+	}
+	cur.Spec.AdditionalBackups = []v1.BackupMember{{Node: "node-c"}}
+	if err := k8s.Update(ctx, cur); err != nil {
+		t.Fatal(err)
+	}
+	// node-c is a new replica (zeros): it matches node-a but in region 9
+	// (dirty on node-a) and region 5 (which node-b corrupted); rot region 7
+	// on node-c alone.
+	f, err = os.OpenFile(filepath.Join(va.dataDir, "volumes", ns, "vol", "data"), os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte("bit rot"), 7*rs); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
+	res = verify()
+	if res.code != 1 {
+		t.Fatalf("verify of three replicas, two corrupt regions: want exit 1\n%s", res)
+	}
+	for _, want := range []string{"on node-a, node-b and node-c", "DIFFERING REGIONS: 2 (128 KiB) in 2 runs:", "  region 5,", "  region 7,"} {
+		if !strings.Contains(res.stdout, want) {
+			t.Errorf("verify of three replicas lacks %q\n%s", want, res)
+		}
+	}
 }

@@ -26,13 +26,7 @@ import (
 // ("authority Lease not yet renewed by this node"): the client got EIO.
 func TestStoryFailbackUnderLoad(t *testing.T) {
 	// One manager for every trial: two would reconcile the same pairs.
-	mlog := &testLog{}
-	t.Cleanup(func() {
-		if t.Failed() {
-			mlog.dump(t)
-		}
-	})
-	startManager(t, mlog, nil)
+	startLoggedManager(t)
 	for _, mode := range []v1.ReplicationMode{v1.ModeAsync, v1.ModeSync} {
 		t.Run(string(mode), func(t *testing.T) {
 			tl := stresstest.NewTally(t, "failback")

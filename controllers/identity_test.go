@@ -24,13 +24,7 @@ import (
 // wiped member serving an empty volume (invariant 8, docs/architecture.md).
 func TestStoryWipedMember(t *testing.T) {
 	// One manager for every trial: two would reconcile the same pairs.
-	mlog := &testLog{}
-	t.Cleanup(func() {
-		if t.Failed() {
-			mlog.dump(t)
-		}
-	})
-	startManager(t, mlog, nil)
+	startLoggedManager(t)
 	for _, who := range []string{"backup", "writer"} {
 		t.Run(who, func(t *testing.T) {
 			tl := stresstest.NewTally(t, "disk-loss")

@@ -34,6 +34,20 @@ func (s *story) linkInSync(writer, m *node) {
 	}, testkit.Every(20*time.Millisecond))
 }
 
+// threeMemberStory creates a Sync pair of a story's two nodes with a third
+// node as an additional backup in cMode, of the given size.
+func threeMemberStory(t *testing.T, cMode v1.ReplicationMode, size string) (*story, *node) {
+	t.Helper()
+	s := newStory(t, v1.ModeSync, func(vp *v1.VolumePair) { vp.Spec.Size = resource.MustParse(size) })
+	c := newNode(t, "node-c-"+s.ns, s.log)
+	c.start()
+	s.vp.Spec.AdditionalBackups = []v1.BackupMember{{Node: c.name, Mode: cMode}}
+	if err := k8s.Create(context.Background(), s.vp); err != nil {
+		t.Fatal(err)
+	}
+	return s, c
+}
+
 // TestStoryThreeMembers: a Sync pair with an Async third member on three
 // nodes. The writer is lost while the third member is away: the Sync
 // backup, which holds every acknowledged write, is promoted; the third
@@ -42,23 +56,8 @@ func (s *story) linkInSync(writer, m *node) {
 // failback policy being Automatic, gets its role back. All three replicas
 // end identical and the status lists each member.
 func TestStoryThreeMembers(t *testing.T) {
-	mlog := &testLog{}
-	t.Cleanup(func() {
-		if t.Failed() {
-			mlog.dump(t)
-		}
-	})
-	startManager(t, mlog, nil)
-	var c *node
-	s := newStory(t, v1.ModeSync, func(vp *v1.VolumePair) {
-		vp.Spec.Size = resource.MustParse("256Mi")
-	})
-	c = newNode(t, "node-c-"+s.ns, s.log)
-	c.start()
-	s.vp.Spec.AdditionalBackups = []v1.BackupMember{{Node: c.name, Mode: v1.ModeAsync}}
-	if err := k8s.Create(context.Background(), s.vp); err != nil {
-		t.Fatal(err)
-	}
+	startLoggedManager(t)
+	s, c := threeMemberStory(t, v1.ModeAsync, "256Mi")
 	all3 := func(writer string) func(*v1.VolumePair) bool {
 		return func(vp *v1.VolumePair) bool { return pairInSync(writer)(vp) && vp.Status.MembersInSync == "3/3" }
 	}
@@ -138,20 +137,8 @@ func TestStoryThreeMembers(t *testing.T) {
 // after that, and at no moment do two members accept writes. The API
 // server's Lease is the tie-breaker, not a count of members.
 func TestStoryThreeMembersWriterCutFromAPI(t *testing.T) {
-	mlog := &testLog{}
-	t.Cleanup(func() {
-		if t.Failed() {
-			mlog.dump(t)
-		}
-	})
-	startManager(t, mlog, nil)
-	s := newStory(t, v1.ModeSync, nil)
-	c := newNode(t, "node-c-"+s.ns, s.log)
-	c.start()
-	s.vp.Spec.AdditionalBackups = []v1.BackupMember{{Node: c.name, Mode: v1.ModeSync}}
-	if err := k8s.Create(context.Background(), s.vp); err != nil {
-		t.Fatal(err)
-	}
+	startLoggedManager(t)
+	s, c := threeMemberStory(t, v1.ModeSync, "16Mi")
 	s.waitFor(30*time.Second, "three members in sync", func(vp *v1.VolumePair) bool {
 		return pairInSync(s.a.name)(vp) && vp.Status.MembersInSync == "3/3"
 	})

@@ -169,13 +169,7 @@ func TestStoryReplaceLostPrimary(t *testing.T) {
 // replaceStory starts a manager and a Sync pair of two fresh nodes, in sync.
 func replaceStory(t *testing.T) *story {
 	t.Helper()
-	mlog := &testLog{}
-	t.Cleanup(func() {
-		if t.Failed() {
-			mlog.dump(t)
-		}
-	})
-	startManager(t, mlog, nil)
+	startLoggedManager(t)
 	s := newStory(t, v1.ModeSync, nil)
 	if err := k8s.Create(context.Background(), s.vp); err != nil {
 		t.Fatal(err)

@@ -146,17 +146,11 @@ func (s *story) agentsInSync(writer *node) {
 	s.agentsInSyncWith(writer, peer)
 }
 
-// agentsInSyncWith is agentsInSync for any two nodes (a replaced member).
+// agentsInSyncWith is agentsInSync for any two nodes (a replaced member):
+// the writer's report of its link to peer (linkInSync).
 func (s *story) agentsInSyncWith(writer, peer *node) {
 	s.t.Helper()
-	testkit.Eventually(s.t, 20*time.Second, writer.name+"'s agent in sync with "+peer.name, func() (bool, string) {
-		w, p := statusOf(writer, s.ns, s.name), statusOf(peer, s.ns, s.name)
-		if w == nil || p == nil {
-			return false, fmt.Sprintf("writer %v, peer %v", w, p)
-		}
-		return w.PeerConnected && w.PeerNode == peer.name && w.OutOfSyncRegions == 0 && !w.Copy.Running && w.OldestUnreplicatedSeconds == 0 && p.DataState == agentapi.UpToDate,
-			fmt.Sprintf("writer %+v; peer %+v", *w, *p)
-	}, testkit.Every(20*time.Millisecond))
+	s.linkInSync(writer, peer)
 }
 
 func cond(vp *v1.VolumePair, typ string) bool {

@@ -319,6 +319,18 @@ type manager struct {
 	done   chan struct{}
 }
 
+// startLoggedManager starts a manager whose log is dumped if the test
+// fails.
+func startLoggedManager(t testing.TB) *manager {
+	mlog := &testLog{}
+	t.Cleanup(func() {
+		if t.Failed() {
+			mlog.dump(t)
+		}
+	})
+	return startManager(t, mlog, nil)
+}
+
 func startManager(t testing.TB, log *testLog, wrap agentapi.NewFunc) *manager {
 	t.Helper()
 	needEnvtest(t)

@@ -94,8 +94,8 @@ test-e2e: tools build ## Run the end-to-end user stories, crash matrix, partitio
 	  || { hack/e2e-failures.sh .e2e-helm.log; exit 1; }
 
 .PHONY: bench
-bench: tools ## Measure Tandem against nbdkit, nbdcopy and DESIGN §7 on this machine; writes docs/benchmarks.md and .png (BENCH_FLAGS=-only fio,...).
-	@need=(); for pc in fio:fio nbdkit:nbdkit libnbd-bin:nbdcopy gnuplot-nox:gnuplot; do \
+bench: tools ## Measure Tandem against nbdkit, qemu-storage-daemon's mirror, nbdcopy and DESIGN §7 on this machine; writes docs/benchmarks.md and .png (BENCH_FLAGS=-only fio,...).
+	@need=(); for pc in fio:fio nbdkit:nbdkit libnbd-bin:nbdcopy qemu-system-common:qemu-storage-daemon gnuplot-nox:gnuplot; do \
 	  command -v "$${pc#*:}" >/dev/null 2>&1 || need+=("$${pc%%:*}"); done; \
 	if [ $${#need[@]} -gt 0 ]; then echo "bench: installing $${need[*]}"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$${need[@]}"; fi

@@ -24,16 +24,20 @@ type workload struct {
 
 // fioResult is what one fio run measured.
 type fioResult struct {
-	IOPS    float64 // read + write
-	MiBs    float64
-	P50us   float64 // write latency (read latency for read-only jobs)
-	P99us   float64
-	MaxUs   float64
-	Errors  int
-	Elapsed time.Duration
+	IOPS  float64 // read + write
+	MiBs  float64
+	P50us float64 // write latency (read latency for read-only jobs)
+	P99us float64
+	MaxUs float64
+	// WriteBytes and ReadBytes are what the measured time moved (fio's
+	// io_bytes: the ramp excluded).
+	WriteBytes, ReadBytes int64
+	Errors                int
+	Elapsed               time.Duration
 }
 
 type fioSide struct {
+	IOBytes int64   `json:"io_bytes"`
 	IOPS    float64 `json:"iops"`
 	BwBytes float64 `json:"bw_bytes"`
 	ClatNs  struct {
@@ -50,14 +54,24 @@ type fioJSON struct {
 	} `json:"jobs"`
 }
 
-// fio runs one job against an NBD URI and parses its JSON output. args are
-// extra fio options.
+// fio runs one job against an NBD URI and parses its JSON output. A timed
+// run (runtime > 0) is measured after a 1 s ramp. args are extra fio
+// options.
 func fio(uri string, size int64, w workload, runtime time.Duration, args ...string) (fioResult, error) {
+	return fioRamp(uri, size, w, runtime, time.Second, args...)
+}
+
+// fioRamp is fio with the given ramp before a timed run's measured time
+// (none if 0).
+func fioRamp(uri string, size int64, w workload, runtime, ramp time.Duration, args ...string) (fioResult, error) {
 	a := []string{"--name=bench", "--ioengine=nbd", "--uri=" + uri, "--rw=" + w.rw, "--bs=" + w.bs,
 		"--iodepth=" + strconv.Itoa(w.qd), "--size=" + strconv.FormatInt(size, 10),
 		"--output-format=json", "--randrepeat=0"}
 	if runtime > 0 {
-		a = append(a, "--time_based", fmt.Sprintf("--runtime=%dms", runtime.Milliseconds()), "--ramp_time=1s")
+		a = append(a, "--time_based", fmt.Sprintf("--runtime=%dms", runtime.Milliseconds()))
+		if ramp > 0 {
+			a = append(a, fmt.Sprintf("--ramp_time=%dms", ramp.Milliseconds()))
+		}
 	}
 	if w.mixed {
 		a = append(a, "--rwmixread=70")
@@ -99,7 +113,8 @@ func parseFio(data []byte) (fioResult, error) {
 		return fioResult{}, fmt.Errorf("fio JSON has no jobs")
 	}
 	jb := j.Jobs[0]
-	r := fioResult{IOPS: jb.Read.IOPS + jb.Write.IOPS, MiBs: (jb.Read.BwBytes + jb.Write.BwBytes) / (1 << 20), Errors: jb.Error}
+	r := fioResult{IOPS: jb.Read.IOPS + jb.Write.IOPS, MiBs: (jb.Read.BwBytes + jb.Write.BwBytes) / (1 << 20), Errors: jb.Error,
+		WriteBytes: jb.Write.IOBytes, ReadBytes: jb.Read.IOBytes}
 	lat := jb.Write
 	if jb.Write.IOPS == 0 {
 		lat = jb.Read

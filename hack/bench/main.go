@@ -22,10 +22,12 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"runtime"
 	"slices"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 )
@@ -42,8 +44,13 @@ type bench struct {
 	runtime   time.Duration
 	syncRuns  bool
 	baseBin   string // -compare: agent binary of the baseline
+	tmpfs     bool   // -tmpfs: the fio section's replicas on a tmpfs
+	pin       bool   // -pin: the fio section's primary side on CPU 0, backup side on CPU 1
+	mu        sync.Mutex
 	procs     []*agentProc
 	nbdkits   []*nbdkitProc
+	qemus     []*qemuMirror
+	mounts    []string // tmpfs mount points to unmount in cleanup
 	start     time.Time
 	res       results
 	logf      *os.File
@@ -55,11 +62,13 @@ func main() {
 	flag.IntVar(&b.runs, "runs", 5, "Runs per figure (median, min, max).")
 	flag.DurationVar(&b.runtime, "runtime", 3*time.Second, "Measured time of each fio run (plus 1 s ramp).")
 	flag.BoolVar(&b.syncRuns, "sync", true, "Flush the page cache's dirty data (sync) before each fio run, so no run pays for another's writeback.")
-	only := flag.String("only", "", "Comma-separated sections to run (fio,resync,failover,failback,bitmaps,rss,scaling,backups,thirdresync,podfailover); empty: all. podfailover needs root and brings the local cluster up.")
+	only := flag.String("only", "", "Comma-separated sections to run (fio,resync,failover,failback,bitmaps,rss,scaling,backups,thirdresync,podfailover); empty: all. podfailover needs root and brings the local cluster up. With -tmpfs or -pin, fio runs as fio-tmpfs, fio-pinned or fio-tmpfs-pinned (its own results).")
 	update := flag.Bool("update", false, "Start from the results of the last run (the .json next to -out) and replace only the sections run now, e.g. -only podfailover -update.")
 	keep := flag.Bool("keep", false, "Keep the work directory.")
 	from := flag.String("from", "", "Only write the report (and plot) again from the results of an earlier run (the .json next to the report), e.g. after editing hack/bench/analysis.md.")
 	compare := flag.String("compare", "", "Git revision whose agent runs as extra fio targets (standalone-base, async-base, sync-base), for before/after figures; implies -only fio unless -only is set.")
+	flag.BoolVar(&b.tmpfs, "tmpfs", false, "Put the data of every fio target (nbdkit's file, the qemu mirror's files, each agent's data directory) on a tmpfs the harness mounts under its work directory (root); the results go to their own section (fio-tmpfs), beside the on-disk ones.")
+	flag.BoolVar(&b.pin, "pin", false, "Pin the fio targets' primary side (nbdkit, standalone and primary agents, qemu-storage-daemon) to CPU 0 and the backup side (backup agent, the mirror's nbdkit) to CPU 1, fio unpinned: two nodes on two CPUs; the results go to their own section (fio-pinned).")
 	flag.Parse()
 
 	root, err := os.Getwd()
@@ -75,7 +84,7 @@ func main() {
 	if err != nil {
 		fatal(err)
 	}
-	defer func() {
+	finish := func() {
 		b.cleanup()
 		if *keep {
 			fmt.Fprintf(os.Stderr, "bench: work directory kept: %s\n", b.work)
@@ -90,7 +99,9 @@ func main() {
 			return
 		}
 		fmt.Fprintf(os.Stderr, "bench: removing the work directory %s in the background (pid %d)\n", b.work, rm.Process.Pid)
-	}()
+	}
+	b.finishOnSignal(finish)
+	defer finish()
 	if *from != "" {
 		data, err := os.ReadFile(*from)
 		if err != nil {
@@ -163,8 +174,11 @@ func main() {
 		{"podfailover", b.runPodFailover},
 	}
 	for _, s := range sections {
-		if len(want) > 0 && !want[s.name] {
+		if len(want) > 0 && !want[s.name] && !(s.name == "fio" && want[b.fioKey()]) {
 			continue
+		}
+		if s.name == "fio" {
+			s.name = b.fioKey() // fio-tmpfs, fio-pinned: a section of their own
 		}
 		t0 := time.Now()
 		b.logln("== %s", s.name)
@@ -223,16 +237,42 @@ func errString(err error) string {
 	return err.Error()
 }
 
-// cleanup stops every process a section started.
+// cleanup stops every process a section started and unmounts its tmpfs.
 func (b *bench) cleanup() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
 	for _, a := range b.procs {
 		a.stop()
 	}
 	b.procs = nil
+	for _, q := range b.qemus {
+		q.stop()
+	}
+	b.qemus = nil
 	for _, n := range b.nbdkits {
 		n.stop()
 	}
 	b.nbdkits = nil
+	for _, m := range b.mounts {
+		if err := unmount(m); err != nil {
+			b.logln("%v", err)
+		}
+	}
+	b.mounts = nil
+}
+
+// finishOnSignal runs finish (stop the processes, unmount the tmpfs,
+// remove the work directory) when the run is interrupted: the processes
+// would die with the harness, the mount would stay.
+func (b *bench) finishOnSignal(finish func()) {
+	ch := make(chan os.Signal, 1)
+	signal.Notify(ch, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	go func() {
+		sig := <-ch
+		b.logln("%v: cleaning up", sig)
+		finish()
+		os.Exit(1)
+	}()
 }
 
 func (b *bench) logln(format string, args ...any) {
@@ -259,6 +299,7 @@ func (b *bench) syncAll() {
 // Machine describes where the figures were taken.
 type Machine struct {
 	CPU, Kernel, Go, Fio, Nbdkit, Disk string
+	Qemu                               string `json:",omitempty"` // qemu-storage-daemon --version
 	CPUs                               int
 	MemGiB                             float64
 	LoadBefore, LoadAfter              string
@@ -283,6 +324,9 @@ func machineInfo() Machine {
 	m.Kernel = cmdOut("uname", "-sr")
 	m.Fio = cmdOut("fio", "--version")
 	m.Nbdkit = cmdOut("nbdkit", "--version")
+	if _, err := exec.LookPath("qemu-storage-daemon"); err == nil {
+		m.Qemu = cmdOut("qemu-storage-daemon", "--version")
+	}
 	m.Disk = cmdOut("sh", "-c", `d=$(df --output=source "${TMPDIR:-/tmp}" | tail -1); fs=$(df --output=fstype "${TMPDIR:-/tmp}" | tail -1); n=$(basename "$d"); r=$(cat /sys/block/$n/queue/rotational 2>/dev/null); echo "$d ($fs, rotational=$r)"`)
 	return m
 }

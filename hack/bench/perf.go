@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"math"
 	"net/http"
 	"os"
 	"os/exec"
@@ -25,7 +26,14 @@ type results struct {
 	Runtime           time.Duration
 	Sections          []sectionTime
 
-	Fio         []fioRow
+	// FioEnv is how Fio was taken (zero in results from before it: on
+	// disk, unpinned, after a 1 s ramp).
+	FioEnv fioEnv `json:",omitzero"`
+	Fio    []fioRow
+	// FioVariants are the fio sections taken with -tmpfs or -pin, by
+	// section name (fio-tmpfs, fio-pinned, fio-tmpfs-pinned), kept beside
+	// the main one.
+	FioVariants map[string]*fioSet `json:",omitempty"`
 	Profiles    []profile
 	Resync      []resyncRow
 	FullCopy    resyncRow
@@ -47,12 +55,85 @@ type sectionTime struct {
 	Err     string
 }
 
+// fioEnv is how a fio section was taken.
+type fioEnv struct {
+	Storage string `json:",omitempty"` // where every replica's data was: disk or tmpfs
+	Pinning string `json:",omitempty"` // empty: unpinned
+	// NoRamp: runs measured from their first I/O, without a ramp, so that
+	// the CPU time and the bytes written cover the same interval.
+	NoRamp  bool          `json:",omitempty"`
+	Runs    int           `json:",omitempty"`
+	Runtime time.Duration `json:",omitempty"`
+	Started time.Time     `json:",omitzero"`
+}
+
+// fioSet is one fio section: how it was taken, its targets, its rows.
+type fioSet struct {
+	fioEnv
+	Targets []string
+	Rows    []fioRow
+}
+
+// fioVariantKeys are the fio sections besides the main one, in report order.
+var fioVariantKeys = []string{"fio-tmpfs", "fio-pinned", "fio-tmpfs-pinned"}
+
+// namedFioSet is a fio section with its results key.
+type namedFioSet struct {
+	Key string
+	Set *fioSet
+}
+
+// fioSets are the results' fio sections, the main one (key fio) first;
+// sections without rows are left out.
+func (r *results) fioSets() []namedFioSet {
+	main := &fioSet{fioEnv: r.FioEnv, Targets: r.Targets, Rows: r.Fio}
+	if main.Storage == "" {
+		main.Storage = storageDisk
+	}
+	if main.Runs == 0 {
+		main.Runs, main.Runtime = r.Runs, r.Runtime
+	}
+	var out []namedFioSet
+	for _, n := range append([]namedFioSet{{"fio", main}}, variants(r.FioVariants)...) {
+		if n.Set != nil && len(n.Set.Rows) > 0 {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+func variants(m map[string]*fioSet) []namedFioSet {
+	var out []namedFioSet
+	for _, k := range fioVariantKeys {
+		out = append(out, namedFioSet{k, m[k]})
+	}
+	return out
+}
+
+// setFio stores a fio section under its key.
+func (r *results) setFio(key string, s *fioSet) {
+	if key == "fio" {
+		r.FioEnv, r.Targets, r.Fio = s.fioEnv, s.Targets, s.Rows
+		return
+	}
+	if r.FioVariants == nil {
+		r.FioVariants = map[string]*fioSet{}
+	}
+	r.FioVariants[key] = s
+}
+
 type fioRow struct {
 	Workload, Target string
 	IOPS, MiBs       stat
 	P50, P99         stat // µs
 	Ratio            stat // IOPS ÷ nbdkit IOPS of the same round
-	Errors           []string
+	// QemuRatio is IOPS ÷ the qemu mirror's of the same kind (sync:
+	// write-blocking, async: background) in the same round.
+	QemuRatio stat `json:",omitzero"`
+	// CPU is the CPU seconds (utime+stime of all the target's processes)
+	// per GiB written (read, for a read-only workload).
+	CPU    stat `json:",omitzero"`
+	Errors []string
 }
 
 type profile struct {
@@ -66,121 +147,73 @@ var workloads = []workload{
 	{name: "4K randread QD32", rw: "randread", bs: "4k", qd: 32, isRead: true},
 }
 
-var targets = []string{"nbdkit", "standalone", "async", "sync"}
+// targets of the fio section, each peer next to its Tandem counterpart.
+var targets = []string{"nbdkit", "standalone", "async", "qemu-async", "sync", "qemu-sync"}
+
+// qemuPeer is the qemu mirror target a Tandem target is compared with:
+// write-blocking for Sync, background for Async ("" for none).
+func qemuPeer(target string) string {
+	switch {
+	case strings.HasPrefix(target, "sync"):
+		return "qemu-sync"
+	case strings.HasPrefix(target, "async"):
+		return "qemu-async"
+	}
+	return ""
+}
 
 const fioVolSize = 1 << 30
 
-// runFio measures the four targets on each workload, rotating the order
-// round by round (A B C D, B C D A, ...), then takes CPU profiles of both
-// agents during one extra Async-pair run of each workload.
+// fioTarget is one target of the fio section.
+type fioTarget struct {
+	name string
+	uri  string
+	// pids are the processes whose CPU time the target costs.
+	pids func() []int
+	// prepare, before a run, restarts what died (nil: nothing).
+	prepare func() error
+	// check, after a run, reports an error if the replication broke.
+	check func() error
+	// drained, after a run, reports whether every replica holds every
+	// write (nil: no replica).
+	drained func() (bool, error)
+}
+
+// runFio measures the targets on each workload, rotating the order round
+// by round (A B C D, B C D A, ...); in the main section it then takes CPU
+// profiles of both agents during one extra Async-pair run of each workload.
 func (b *bench) runFio() error {
-	a, bk := b.newAgent("node-a"), b.newAgent("node-b")
-	if err := a.start(); err != nil {
-		return err
+	key := b.fioKey()
+	set := &fioSet{fioEnv: fioEnv{Storage: storageDisk, NoRamp: true, Runs: b.runs, Runtime: b.runtime, Started: time.Now()}}
+	if b.tmpfs {
+		set.Storage = storageTmpfs
 	}
-	if err := bk.start(); err != nil {
-		return err
+	if b.pin {
+		set.Pinning = pinningSides
 	}
-	if err := a.put("solo", fioVolSize, agentapi.Spec{Role: agentapi.RolePrimary, Epoch: 1, Mode: agentapi.ModeAsync, Initialize: true}); err != nil {
-		return err
+	defer b.res.setFio(key, set)  // what was measured, also if a later step fails
+	if b.res.Machine.Qemu == "" { // -update of results from before the qemu targets
+		b.res.Machine.Qemu = cmdOut("qemu-storage-daemon", "--version")
 	}
-	if err := pair(a, bk, "async", fioVolSize, agentapi.ModeAsync, 1); err != nil {
-		return err
+	if key == "fio" {
+		b.res.Profiles = nil
 	}
-	if err := pair(a, bk, "sync", fioVolSize, agentapi.ModeSync, 1); err != nil {
-		return err
-	}
-	for _, v := range []string{"async", "sync"} {
-		if err := testkit.Wait(30*time.Second, v+" pair in sync", inSync(a, bk, v)); err != nil {
-			return err
-		}
-	}
-	if err := os.MkdirAll(filepath.Join(b.work, "peer"), 0o700); err != nil {
-		return err
-	}
-	nk, err := b.startNbdkit(filepath.Join(b.work, "peer", "disk.img"), fioVolSize)
+	ts, a, bk, err := b.fioTargets()
 	if err != nil {
 		return err
 	}
-	uri := map[string]string{"nbdkit": nk.url(), "standalone": a.url("solo"), "async": a.url("async"), "sync": a.url("sync")}
-	targets := append([]string(nil), targets...)
-	if b.baseBin != "" {
-		// The baseline's agents: a second pair, same volumes.
-		c, d := b.newAgent("base-a"), b.newAgent("base-b")
-		c.bin, d.bin = b.baseBin, b.baseBin
-		if err := c.start(); err != nil {
-			return err
-		}
-		if err := d.start(); err != nil {
-			return err
-		}
-		if err := c.put("solo", fioVolSize, agentapi.Spec{Role: agentapi.RolePrimary, Epoch: 1, Mode: agentapi.ModeAsync, Initialize: true}); err != nil {
-			return err
-		}
-		for _, m := range []agentapi.Mode{agentapi.ModeAsync, agentapi.ModeSync} {
-			v := strings.ToLower(string(m))
-			if err := pair(c, d, v, fioVolSize, m, 1); err != nil {
-				return err
-			}
-			if err := testkit.Wait(30*time.Second, v+" baseline pair in sync", inSync(c, d, v)); err != nil {
-				return err
-			}
-		}
-		uri["standalone-base"], uri["async-base"], uri["sync-base"] = c.url("solo"), c.url("async"), c.url("sync")
-		targets = []string{"nbdkit", "standalone", "standalone-base", "async", "async-base", "sync", "sync-base"}
+	for _, t := range ts {
+		set.Targets = append(set.Targets, t.name)
 	}
-	b.res.Targets = targets
-
 	for _, w := range workloads {
-		type runs struct {
-			iops, mibs, p50, p99, ratio []float64
-			errs                        []string
-		}
-		per := map[string]*runs{}
-		for _, t := range targets {
-			per[t] = &runs{}
-		}
-		for r := 0; r < b.runs; r++ {
-			got := map[string]float64{}
-			for i := range targets {
-				t := targets[(i+r)%len(targets)]
-				if t == "nbdkit" && !processAlive(nk.exited) {
-					b.logln("nbdkit exited; restarting it")
-					if nk, err = b.startNbdkit(filepath.Join(b.work, "peer", "disk.img"), fioVolSize); err != nil {
-						return err
-					}
-					uri["nbdkit"] = nk.url()
-				}
-				b.syncAll()
-				res, err := fio(uri[t], fioVolSize, w, b.runtime)
-				if err != nil {
-					b.logln("  %s %s round %d: %v", w.name, t, r+1, err)
-					per[t].errs = append(per[t].errs, err.Error())
-					continue
-				}
-				got[t] = res.IOPS
-				p := per[t]
-				p.iops, p.mibs = append(p.iops, res.IOPS), append(p.mibs, res.MiBs)
-				p.p50, p.p99 = append(p.p50, res.P50us), append(p.p99, res.P99us)
-				b.logln("  %-22s %-10s round %d: %8.0f IOPS %8.1f MiB/s p50 %6.0fµs p99 %7.0fµs", w.name, t, r+1, res.IOPS, res.MiBs, res.P50us, res.P99us)
-			}
-			if base := got["nbdkit"]; base > 0 {
-				for _, t := range targets {
-					if v, ok := got[t]; ok {
-						per[t].ratio = append(per[t].ratio, v/base)
-					}
-				}
-			}
-		}
-		for _, t := range targets {
-			p := per[t]
-			b.res.Fio = append(b.res.Fio, fioRow{Workload: w.name, Target: t, IOPS: summarize(p.iops), MiBs: summarize(p.mibs),
-				P50: summarize(p.p50), P99: summarize(p.p99), Ratio: summarize(p.ratio), Errors: p.errs})
+		set.Rows = append(set.Rows, b.fioWorkload(w, ts)...)
+		if key != "fio" {
+			continue
 		}
 		// One more Async run, profiled on both sides (not counted).
 		b.syncAll()
 		profs, err := b.profileRun(a, bk, func() error {
-			_, err := fio(uri["async"], fioVolSize, w, b.runtime)
+			_, err := fio(a.url("async"), fioVolSize, w, b.runtime)
 			return err
 		})
 		if err != nil {
@@ -190,8 +223,243 @@ func (b *bench) runFio() error {
 		for side, top := range profs {
 			b.res.Profiles = append(b.res.Profiles, profile{Workload: w.name, Side: side, Top: top})
 		}
+		if err := testkit.Wait(2*time.Minute, "async pair caught up after the profile", inSync(a, bk, "async"), testkit.Every(50*time.Millisecond)); err != nil {
+			return err
+		}
 	}
 	return nil
+}
+
+// fioTargets starts every target of the fio section: nbdkit, a standalone
+// member, the Async and Sync pairs (primary agent a, backup agent bk), the
+// qemu mirrors, and with -compare the baseline agent's members.
+func (b *bench) fioTargets() (ts []*fioTarget, a, bk *agentProc, err error) {
+	if _, err := exec.LookPath("qemu-storage-daemon"); err != nil {
+		return nil, nil, nil, fmt.Errorf("qemu-storage-daemon is missing (make bench installs it: qemu-system-common): %w", err)
+	}
+	volumes := 10
+	if b.baseBin != "" {
+		volumes += 5
+	}
+	data, err := b.fioDataDir(volumes, fioVolSize)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	pc, bc := b.sideCPUs()
+	a, bk = b.newAgent("node-a"), b.newAgent("node-b")
+	byName := map[string]*fioTarget{}
+	members, err := b.fioMembers(a, bk, b.agentBin, data, pc, bc, "")
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	for _, t := range members {
+		byName[t.name] = t
+	}
+	nk, err := b.fioNbdkit(filepath.Join(data, "peer", "disk.img"), pc)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	byName[nk.name] = nk
+	for _, m := range []struct{ name, mode string }{{"qemu-async", mirrorBackground}, {"qemu-sync", mirrorWriteBlocking}} {
+		q, err := b.fioQemu(m.name, filepath.Join(data, m.name), m.mode, pc, bc)
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		byName[m.name] = q
+	}
+	order := targets
+	if b.baseBin != "" {
+		c, d := b.newAgent("base-a"), b.newAgent("base-b")
+		c.bin, d.bin = b.baseBin, b.baseBin
+		base, err := b.fioMembers(c, d, b.baseBin, data, pc, bc, "-base")
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		for _, t := range base {
+			byName[t.name] = t
+		}
+		order = []string{"nbdkit", "standalone", "standalone-base", "async", "async-base", "qemu-async", "sync", "sync-base", "qemu-sync"}
+	}
+	for _, n := range order {
+		ts = append(ts, byName[n])
+	}
+	return ts, a, bk, nil
+}
+
+// fioMembers starts agents p and s (data under data, on CPUs pc and sc)
+// with a standalone member (solo) and an Async and a Sync pair, and
+// returns them as targets named standalone, async, sync plus suffix.
+func (b *bench) fioMembers(p, s *agentProc, bin, data, pc, sc, suffix string) ([]*fioTarget, error) {
+	p.bin, s.bin = bin, bin
+	p.dir, s.dir = filepath.Join(data, p.node), filepath.Join(data, s.node)
+	p.cpu, s.cpu = pc, sc
+	for _, ag := range []*agentProc{p, s} {
+		if err := ag.start(); err != nil {
+			return nil, err
+		}
+	}
+	if err := p.put("solo", fioVolSize, agentapi.Spec{Role: agentapi.RolePrimary, Epoch: 1, Mode: agentapi.ModeAsync, Initialize: true}); err != nil {
+		return nil, err
+	}
+	ts := []*fioTarget{{name: "standalone" + suffix, uri: p.url("solo"), pids: func() []int { return []int{p.pid()} }}}
+	for _, m := range []agentapi.Mode{agentapi.ModeAsync, agentapi.ModeSync} {
+		v := strings.ToLower(string(m))
+		if err := pair(p, s, v, fioVolSize, m, 1); err != nil {
+			return nil, err
+		}
+		if err := testkit.Wait(30*time.Second, v+suffix+" pair in sync", inSync(p, s, v)); err != nil {
+			return nil, err
+		}
+		ts = append(ts, &fioTarget{name: v + suffix, uri: p.url(v), pids: func() []int { return []int{p.pid(), s.pid()} }, drained: inSync(p, s, v)})
+	}
+	return ts, nil
+}
+
+// fioNbdkit is the nbdkit target, restarted before a run if it exited.
+func (b *bench) fioNbdkit(file, cpu string) (*fioTarget, error) {
+	if err := os.MkdirAll(filepath.Dir(file), 0o700); err != nil {
+		return nil, err
+	}
+	nk, err := b.startNbdkitOn(file, fioVolSize, cpu)
+	if err != nil {
+		return nil, err
+	}
+	t := &fioTarget{name: "nbdkit", uri: nk.url(), pids: func() []int { return []int{nk.cmd.Process.Pid} }}
+	t.prepare = func() error {
+		if processAlive(nk.exited) {
+			return nil
+		}
+		b.logln("nbdkit exited; restarting it")
+		n, err := b.startNbdkitOn(file, fioVolSize, cpu)
+		if err != nil {
+			return err
+		}
+		nk, t.uri = n, n.url()
+		return nil
+	}
+	return t, nil
+}
+
+// fioQemu is a qemu mirror target; one whose job died is started again
+// (fresh files) before the next run.
+func (b *bench) fioQemu(name, dir, mode, pc, bc string) (*fioTarget, error) {
+	q, err := b.startQemuMirror(dir, fioVolSize, mode, pc, bc)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", name, err)
+	}
+	t := &fioTarget{name: name, uri: q.url(), pids: func() []int { return q.pids() },
+		check: func() error { return q.healthy() }, drained: func() (bool, error) { return q.drained() }}
+	t.prepare = func() error {
+		err := q.healthy()
+		if err == nil {
+			return nil
+		}
+		b.logln("%s: %v; starting it again", name, err)
+		q.stop()
+		n, err := b.startQemuMirror(dir, fioVolSize, mode, pc, bc)
+		if err != nil {
+			return fmt.Errorf("%s: %w", name, err)
+		}
+		q, t.uri = n, n.url()
+		return nil
+	}
+	return t, nil
+}
+
+// fioWorkload runs workload w on every target, b.runs rounds in a rotated
+// order, and summarizes each target's runs.
+func (b *bench) fioWorkload(w workload, ts []*fioTarget) []fioRow {
+	type runs struct {
+		iops, mibs, p50, p99, ratio, qratio, cpu []float64
+		errs                                     []string
+	}
+	per := map[string]*runs{}
+	for _, t := range ts {
+		per[t.name] = &runs{}
+	}
+	for r := 0; r < b.runs; r++ {
+		got := map[string]float64{}
+		for i := range ts {
+			t := ts[(i+r)%len(ts)]
+			res, cpu, err := b.fioOnce(t, w)
+			if err != nil {
+				b.logln("  %s %s round %d: %v", w.name, t.name, r+1, err)
+				per[t.name].errs = append(per[t.name].errs, err.Error())
+				continue
+			}
+			got[t.name] = res.IOPS
+			p := per[t.name]
+			p.iops, p.mibs = append(p.iops, res.IOPS), append(p.mibs, res.MiBs)
+			p.p50, p.p99 = append(p.p50, res.P50us), append(p.p99, res.P99us)
+			if !math.IsNaN(cpu) {
+				p.cpu = append(p.cpu, cpu)
+			}
+			b.logln("  %-22s %-15s round %d: %8.0f IOPS %8.1f MiB/s p50 %6.0fµs p99 %7.0fµs %6.2f CPU s/GiB", w.name, t.name, r+1, res.IOPS, res.MiBs, res.P50us, res.P99us, cpu)
+		}
+		for name, v := range got {
+			if base := got["nbdkit"]; base > 0 {
+				per[name].ratio = append(per[name].ratio, v/base)
+			}
+			if peer := got[qemuPeer(name)]; peer > 0 {
+				per[name].qratio = append(per[name].qratio, v/peer)
+			}
+		}
+	}
+	var rows []fioRow
+	for _, t := range ts {
+		p := per[t.name]
+		rows = append(rows, fioRow{Workload: w.name, Target: t.name, IOPS: summarize(p.iops), MiBs: summarize(p.mibs),
+			P50: summarize(p.p50), P99: summarize(p.p99), Ratio: summarize(p.ratio), QemuRatio: summarize(p.qratio),
+			CPU: summarize(p.cpu), Errors: p.errs})
+	}
+	return rows
+}
+
+// fioOnce runs w once on t, from a state where every replica holds every
+// write to the same again, and returns fio's figures and the CPU seconds
+// the target's processes spent per GiB written (read, for a read-only
+// workload; NaN if none). The run has no ramp: fio's bytes and the CPU
+// time cover the same interval, which for a replicated target ends when
+// the backup has caught up (the copy an async mirror owes is part of the
+// cost of the writes).
+func (b *bench) fioOnce(t *fioTarget, w workload) (fioResult, float64, error) {
+	if t.prepare != nil {
+		if err := t.prepare(); err != nil {
+			return fioResult{}, 0, err
+		}
+	}
+	b.syncAll()
+	pids := t.pids()
+	cpu0, err := cpuSeconds(pids)
+	if err != nil {
+		return fioResult{}, 0, err
+	}
+	res, err := fioRamp(t.uri, fioVolSize, w, b.runtime, 0)
+	if err != nil {
+		return res, 0, err
+	}
+	if t.check != nil {
+		if err := t.check(); err != nil {
+			return res, 0, fmt.Errorf("after the run: %w", err)
+		}
+	}
+	if t.drained != nil {
+		if err := testkit.Wait(2*time.Minute, t.name+"'s backup caught up", t.drained, testkit.Every(50*time.Millisecond)); err != nil {
+			return res, 0, err
+		}
+	}
+	cpu1, err := cpuSeconds(pids)
+	if err != nil {
+		return res, 0, err
+	}
+	moved := res.WriteBytes
+	if w.isRead {
+		moved = res.ReadBytes
+	}
+	if moved <= 0 {
+		return res, math.NaN(), nil
+	}
+	return res, (cpu1 - cpu0) / (float64(moved) / (1 << 30)), nil
 }
 
 func processAlive(exited chan struct{}) bool {

@@ -49,6 +49,7 @@ type agentProc struct {
 	b                      *bench
 	bin                    string // agent binary
 	node, dir              string
+	cpu                    string // taskset -c list the process runs on (-pin); empty: any
 	ctrl, repl, nbd, pprof string // set by the first start
 	cmd                    *exec.Cmd
 	exited                 chan struct{}
@@ -88,7 +89,7 @@ func (a *agentProc) start() error {
 	if addrFile != "" {
 		args = append(args, "--addresses-file", addrFile)
 	}
-	a.cmd = exec.Command(a.bin, args...)
+	a.cmd = pinned(a.cpu, a.bin, args...)
 	a.cmd.Stdout, a.cmd.Stderr = logf, logf
 	a.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := a.cmd.Start(); err != nil {
@@ -97,7 +98,9 @@ func (a *agentProc) start() error {
 	}
 	a.exited = make(chan struct{})
 	go func() { _ = a.cmd.Wait(); logf.Close(); close(a.exited) }()
+	a.b.mu.Lock()
 	a.b.procs = append(a.b.procs, a)
+	a.b.mu.Unlock()
 	if addrFile != "" {
 		var addrs agentapi.ListenAddresses
 		err := testkit.Wait(20*time.Second, "agent "+a.node+" serving", func() (bool, error) {
@@ -250,6 +253,21 @@ type nbdkitProc struct {
 }
 
 func (b *bench) startNbdkit(file string, size int64) (*nbdkitProc, error) {
+	return b.startNbdkitOn(file, size, "")
+}
+
+// pinned is exec.Command, run on the CPUs cpu lists (taskset -c) unless it
+// is empty. taskset execs the command: the process keeps its pid, and
+// every thread it starts inherits the affinity.
+func pinned(cpu, name string, args ...string) *exec.Cmd {
+	if cpu == "" {
+		return exec.Command(name, args...)
+	}
+	return exec.Command("taskset", append([]string{"-c", cpu, name}, args...)...)
+}
+
+// startNbdkitOn is startNbdkit on the CPUs cpu lists (empty: any).
+func (b *bench) startNbdkitOn(file string, size int64, cpu string) (*nbdkitProc, error) {
 	if _, err := os.Stat(file); errors.Is(err, os.ErrNotExist) {
 		f, err := os.Create(file)
 		if err != nil {
@@ -281,7 +299,11 @@ func (b *bench) startNbdkit(file string, size int64) (*nbdkitProc, error) {
 		return nil, err
 	}
 	n := &nbdkitProc{addr: addr, exited: make(chan struct{})}
-	n.cmd = exec.Command("sh", "-c", `LISTEN_PID=$$ LISTEN_FDS=1 exec nbdkit --foreground file "$1"`, "sh", file)
+	pin := ""
+	if cpu != "" {
+		pin = "taskset -c " + cpu + " " // taskset execs nbdkit: LISTEN_PID stays right
+	}
+	n.cmd = exec.Command("sh", "-c", `LISTEN_PID=$$ LISTEN_FDS=1 exec `+pin+`nbdkit --foreground file "$1"`, "sh", file)
 	n.cmd.ExtraFiles = []*os.File{lf}
 	n.cmd.Stdout, n.cmd.Stderr = logf, logf
 	n.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
@@ -290,7 +312,9 @@ func (b *bench) startNbdkit(file string, size int64) (*nbdkitProc, error) {
 		return nil, err
 	}
 	go func() { _ = n.cmd.Wait(); logf.Close(); close(n.exited) }()
+	b.mu.Lock()
 	b.nbdkits = append(b.nbdkits, n)
+	b.mu.Unlock()
 	// The socket accepts connections before nbdkit runs: wait for its
 	// greeting, not for a connection.
 	err = testkit.Wait(10*time.Second, "nbdkit serving", func() (bool, error) {

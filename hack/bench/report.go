@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 )
@@ -35,44 +36,31 @@ func (b *bench) report(out string) error {
 	m := r.Machine
 	p("| CPU | %s, %d logical CPUs |\n| memory | %.1f GiB |\n| kernel | %s |\n| disk under the data | %s |\n", m.CPU, m.CPUs, m.MemGiB, m.Kernel, m.Disk)
 	p("| Go | %s |\n| fio | %s |\n| nbdkit | %s |\n", m.Go, m.Fio, m.Nbdkit)
+	if m.Qemu != "" {
+		p("| qemu-storage-daemon | %s |\n", m.Qemu)
+	}
 	p("| load average (1, 5, 15 min) | %s before, %s after |\n\n", m.LoadBefore, m.LoadAfter)
 	p("The machine is shared with other work (see the load average): absolute figures move from run to run, " +
 		"which is why targets are alternated round by round and compared as ratios within a round.\n\n")
 
 	p("## How to reproduce\n\n```sh\nmake bench                       # everything, writes docs/benchmarks.md and docs/benchmarks.png\n")
 	p("go run ./hack/bench -only fio -runs 3   # one section (fio,resync,scaling,failback,rss,bitmaps,failover,backups,thirdresync)\n")
+	p("sudo go run ./hack/bench -only fio -tmpfs -update   # fio with every replica on a tmpfs (root: the harness mounts it), beside the on-disk figures\n")
+	p("go run ./hack/bench -only fio -pin -update   # fio with the primary side pinned to CPU 0 and the backup side to CPU 1 (two nodes on two CPUs)\n")
 	p("sudo go run ./hack/bench -only podfailover -update   # the pod failover on the local cluster, into the last run's report\n")
 	p("go run ./hack/bench -compare HEAD -runs 3   # fio with the agent of another revision as extra targets (before/after)\n")
 	p("go run ./hack/bench -from docs/benchmarks.json   # rewrite this page from the last run's results (e.g. after editing hack/bench/analysis.md)\n```\n\n")
 	p("Each agent is its own process on loopback (one per simulated node), with its data in a temporary directory on the disk above; ")
-	p("nbdkit's file plugin serves a sparse file on the same disk. `make bench` installs fio, nbdkit, nbdcopy (libnbd-bin) and gnuplot (gnuplot-nox) with apt-get when missing.\n\n")
+	p("nbdkit's file plugin serves a sparse file on the same disk. `make bench` installs fio, nbdkit, nbdcopy (libnbd-bin), qemu-storage-daemon (qemu-system-common) and gnuplot (gnuplot-nox) with apt-get when missing.\n\n")
 
 	b.scorecard(&w)
 
-	p("## fio through NBD (1 GiB volumes)\n\n")
-	p("fio %s, `ioengine=nbd`, %v measured after a 1 s ramp per run, `sync` before each run so that no run pays for another's writeback. ", m.Fio, r.Runtime)
-	p("Targets run in a rotated order each round (nbdkit, standalone, async, sync; then standalone, async, sync, nbdkit; …). ")
-	p("*ratio* is the target's IOPS divided by nbdkit's in the same round. Latencies are fio's completion latencies of writes (of reads for the read-only workload).\n\n")
-	p("- **nbdkit**: `nbdkit file` on a sparse file, the peer without replication;\n")
-	p("- **standalone**: one Tandem member, Async mode, no peer (journal and bitmap tracking on);\n")
-	p("- **async** / **sync**: a Tandem pair, primary and backup agents on loopback, mirroring every write.\n")
-	if r.Baseline != "" {
-		p("- ***-base**: the same with the agent built from `%s`, run alternately with the others (before/after).\n", r.Baseline)
+	sets := r.fioSets()
+	for _, fs := range sets {
+		reportFio(p, r, fs.Key, fs.Set)
 	}
-	p("\n")
-	cur := ""
-	for _, f := range r.Fio {
-		if f.Workload != cur {
-			cur = f.Workload
-			p("### %s\n\n| target | IOPS | MiB/s | p50 µs | p99 µs | ratio to nbdkit |\n|---|---|---|---|---|---|\n", cur)
-		}
-		p("| %s | %s | %s | %s | %s | %s |\n", f.Target, f.IOPS.f(0), f.MiBs.f(1), f.P50.f(0), f.P99.f(0), f.Ratio.f(2))
-		if len(f.Errors) > 0 {
-			p("| | %d failed runs: %s | | | | |\n", len(f.Errors), oneLine(f.Errors[0]))
-		}
-		if f.Target == r.Targets[len(r.Targets)-1] {
-			p("\n")
-		}
+	if len(sets) == 0 {
+		p("## fio through NBD\n\n%s\n\n", sectionErr(r, "fio"))
 	}
 	if _, err := os.Stat(png); err == nil {
 		p("![Ratio to nbdkit per workload and target; resync time against the share of regions changed](%s)\n\n", filepath.Base(png))
@@ -285,6 +273,9 @@ func (b *bench) scorecard(w *strings.Builder) {
 			p("| %s, %s | ≥ %.1f× nbdkit | %s× | %s |\n", t.target, wl, t.goal, s.f(2), met(s.Med >= t.goal, s))
 		}
 	}
+	for _, fs := range r.fioSets() {
+		scoreQemu(p, fs.Set, met)
+	}
 	for _, rr := range r.Resync {
 		if rr.Pct == 1 && rr.OwnPct == 0 {
 			p("| resync after 1 %% of 4 GiB changed | ≤ 3 %% of a full nbdcopy | %s (%s s vs %s s) | %s |\n", pct(rr.VsFull), ff(rr.Seconds.Med, 2), ff(r.FullCopy.Seconds.Med, 2), met(rr.VsFull.Med <= 0.03, rr.VsFull))
@@ -321,7 +312,7 @@ func (b *bench) plot(png string) error {
 	var bars strings.Builder
 	for _, wl := range workloads {
 		fmt.Fprintf(&bars, "%q", wl.rw+" "+wl.bs+" QD"+fmt.Sprint(wl.qd))
-		for _, t := range targets[1:] {
+		for _, t := range []string{"standalone", "async", "sync", "qemu-async", "qemu-sync"} {
 			var s stat
 			for _, f := range r.Fio {
 				if f.Workload == wl.name && f.Target == t {
@@ -373,7 +364,9 @@ set arrow 2 from graph 0, first 0.8 to graph 1, first 0.8 nohead dt 2 lc rgb "#d
 set arrow 3 from graph 0, first 0.5 to graph 1, first 0.5 nohead dt 2 lc rgb "#7570b3"
 plot %q using 2:3:4:xtic(1) title "standalone (target 0.9)" lc rgb "#1b9e77", \
      '' using 5:6:7 title "async pair (target 0.8)" lc rgb "#d95f02", \
-     '' using 8:9:10 title "sync pair (target 0.5)" lc rgb "#7570b3"
+     '' using 8:9:10 title "sync pair (target 0.5)" lc rgb "#7570b3", \
+     '' using 11:12:13 title "qemu mirror, background (peer of async)" lc rgb "#e6ab02", \
+     '' using 14:15:16 title "qemu mirror, write-blocking (peer of sync)" lc rgb "#666666"
 unset arrow
 set title "Resync of a 4 GiB volume after SWAP vs a full nbdcopy"
 set style data linespoints
@@ -396,4 +389,188 @@ unset multiplot
 		return fmt.Errorf("gnuplot: %v: %s", err, out)
 	}
 	return nil
+}
+
+// fioHeadline names a fio section by where its replicas' data was and how
+// its processes were pinned.
+func fioHeadline(s *fioSet) string {
+	if s.Storage == storageTmpfs {
+		return "fio through NBD, " + fioWhere(s)
+	}
+	return "fio through NBD (1 GiB volumes), " + fioWhere(s)
+}
+
+// fioWhere is "on disk" or "every replica on tmpfs", and the pinning.
+func fioWhere(s *fioSet) string {
+	w := "on disk"
+	if s.Storage == storageTmpfs {
+		w = "every replica on tmpfs"
+	}
+	if s.Pinning != "" {
+		w += ", pinned (" + s.Pinning + ")"
+	}
+	return w
+}
+
+// reportFio writes one fio section: how it was measured, what each target
+// promises, and a table per workload.
+func reportFio(p func(string, ...any), r *results, key string, s *fioSet) {
+	p("## %s\n\n", fioHeadline(s))
+	if key != "fio" {
+		p("Results key `%s` (taken %s with `-only fio", key, s.Started.UTC().Format("2006-01-02 15:04 MST"))
+		if s.Storage == storageTmpfs {
+			p(" -tmpfs")
+		}
+		if s.Pinning != "" {
+			p(" -pin")
+		}
+		p("`), kept beside the main fio section.\n\n")
+	}
+	ramp := "measured after a 1 s ramp"
+	if s.NoRamp {
+		ramp = "measured from the first I/O (no ramp, so that fio's bytes and the CPU time cover the same interval), each run starting with every replica caught up"
+	}
+	p("fio %s, `ioengine=nbd`, %v per run, %s; `sync` before each run so that no run pays for another's writeback; %d rounds. ", r.Machine.Fio, s.Runtime, ramp, s.Runs)
+	p("Targets run in a rotated order each round (%s; then the same starting from the second; …). ", strings.Join(s.Targets, ", "))
+	p("*ratio to nbdkit* is the target's IOPS divided by nbdkit's in the same round. ")
+	if slices.ContainsFunc(s.Rows, func(f fioRow) bool { return f.QemuRatio.N > 0 }) {
+		p("*ratio to qemu mirror* divides a Tandem pair's IOPS by the qemu mirror's of the same kind (sync by write-blocking, async by background) in the same round. ")
+	}
+	p("Latencies are fio's completion latencies of writes (of reads for the read-only workload).\n\n")
+	switch {
+	case s.Storage == storageTmpfs:
+		p("Storage: every target's data (nbdkit's file, the qemu mirror's source and backup files, each agent's data directory) on a tmpfs the harness mounted for the run: the software's cost alone, `fdatasync` costs nothing.\n\n")
+	default:
+		p("Storage: every target's data on the disk under the work directory (see Machine).\n\n")
+	}
+	if s.Pinning != "" {
+		p("Pinning (`taskset -c` at start; every thread inherits it): nbdkit, the standalone and primary agents and qemu-storage-daemon on CPU %s; the backup agent and the mirror's nbdkit on CPU %s; fio unpinned. The closest this machine gets to two nodes.\n\n", cpuPrimary, cpuBackup)
+	}
+	fioPromises(p, r, s)
+	fioTables(p, s)
+}
+
+// fioPromises says what each target of a fio section promises when it
+// acknowledges a write.
+func fioPromises(p func(string, ...any), r *results, s *fioSet) {
+	p("What each target promises when it acknowledges a write:\n\n")
+	p("- **nbdkit**: `nbdkit file` on a sparse file, the peer without replication; it acknowledges from the page cache;\n")
+	p("- **standalone**: one Tandem member, Async mode, no peer (journal and bitmap tracking on);\n")
+	p("- **async** / **sync**: a Tandem pair, primary and backup agents on loopback, mirroring every write. The backup acknowledges durably: it `fdatasync`s what it applied before the primary clears the regions' bits; ")
+	p("Sync acknowledges the client's write once the backup has applied it;\n")
+	if slices.Contains(s.Targets, "qemu-sync") {
+		p("- **qemu-async** / **qemu-sync**: the real peer, `qemu-storage-daemon` serving a raw file over NBD with a `blockdev-mirror` job (`sync=none` on fresh sparse files, measured once the job is READY) to `nbdkit file` on TCP loopback, ")
+		p("`copy-mode=background` (a dirty bitmap the job copies from: the peer of Async) and `copy-mode=write-blocking` (a write completes once the target acknowledged it too: the peer of Sync). ")
+		p("Its target acknowledges from the page cache (not durable). After each run `query-block-jobs` must still show the job running (and READY for write-blocking), or the run counts as failed;\n")
+	}
+	if r.Baseline != "" && slices.ContainsFunc(s.Targets, func(t string) bool { return strings.HasSuffix(t, "-base") }) {
+		p("- ***-base**: the same with the agent built from `%s`, run alternately with the others (before/after).\n", r.Baseline)
+	}
+	p("\n")
+}
+
+// fioTables writes a fio section's table of each workload; the columns
+// results from before them lack are left out.
+func fioTables(p func(string, ...any), s *fioSet) {
+	hasQemu := slices.ContainsFunc(s.Rows, func(f fioRow) bool { return f.QemuRatio.N > 0 })
+	hasCPU := slices.ContainsFunc(s.Rows, func(f fioRow) bool { return f.CPU.N > 0 })
+	if hasCPU {
+		p("*CPU s/GiB*: utime+stime (`/proc/PID/stat`) of all the target's processes (nbdkit; qemu-storage-daemon and its nbdkit target; the standalone agent; ")
+		p("the primary and the backup agent of a pair) from just before fio starts until, after fio's end, every replica holds every write ")
+		p("(a pair in sync; the mirror job's dirty bitmap clean and its copies done), divided by the GiB fio wrote (read, for the read-only workload). ")
+		p("An async target's catch-up after the run is part of the cost of the run's writes. An agent serves several volumes; the others are idle meanwhile.\n\n")
+	}
+	head := []string{"target", "IOPS", "MiB/s", "p50 µs", "p99 µs", "ratio to nbdkit"}
+	if hasQemu {
+		head = append(head, "ratio to qemu mirror")
+	}
+	if hasCPU {
+		head = append(head, "CPU s/GiB")
+	}
+	cur := ""
+	for _, f := range s.Rows {
+		if f.Workload != cur {
+			if cur != "" {
+				p("\n")
+			}
+			cur = f.Workload
+			p("### %s\n\n| %s |\n|%s\n", cur, strings.Join(head, " | "), strings.Repeat("---|", len(head)))
+		}
+		cells := []string{f.Target, f.IOPS.f(0), f.MiBs.f(1), f.P50.f(0), f.P99.f(0), f.Ratio.f(2)}
+		if hasQemu {
+			cells = append(cells, dash(f.QemuRatio, 2, ""))
+		}
+		if hasCPU {
+			unit := ""
+			if isReadWorkload(f.Workload) {
+				unit = " per GiB read"
+			}
+			cells = append(cells, dash(f.CPU, 2, unit))
+		}
+		p("| %s |\n", strings.Join(cells, " | "))
+		if len(f.Errors) > 0 {
+			e := make([]string, len(head))
+			e[1] = fmt.Sprintf("%d failed runs: %s", len(f.Errors), oneLine(f.Errors[0]))
+			p("| %s |\n", strings.Join(e, " | "))
+		}
+	}
+	p("\n")
+}
+
+// dash is s.f(prec) with a unit, or "—" where nothing was measured.
+func dash(s stat, prec int, unit string) string {
+	if s.N == 0 {
+		return "—"
+	}
+	return s.f(prec) + unit
+}
+
+func isReadWorkload(name string) bool {
+	for _, w := range workloads {
+		if w.name == name {
+			return w.isRead
+		}
+	}
+	return false
+}
+
+// scoreWorkloads are the workloads the scorecard judges.
+var scoreWorkloads = []string{"4K randwrite QD32", "1M seq write QD8"}
+
+// scoreQemu adds the scorecard's rows against the qemu mirror for one fio
+// section: IOPS ratios within a round, and CPU per GiB written.
+func scoreQemu(p func(string, ...any), s *fioSet, met func(bool, stat) string) {
+	row := func(wl, t string) fioRow {
+		for _, f := range s.Rows {
+			if f.Workload == wl && f.Target == t {
+				return f
+			}
+		}
+		return fioRow{}
+	}
+	where := fioWhere(s)
+	pairs := []struct{ tandem, peer, label string }{
+		{"sync", "qemu-sync", "sync vs qemu write-blocking"},
+		{"async", "qemu-async", "async vs qemu background"},
+	}
+	for _, pr := range pairs {
+		for _, wl := range scoreWorkloads {
+			q := row(wl, pr.tandem).QemuRatio
+			if q.N == 0 {
+				continue
+			}
+			p("| %s, %s, %s | ≥ 1.0× | %s× | %s |\n", pr.label, wl, where, q.f(2), met(q.Med >= 1, q))
+		}
+	}
+	for _, pr := range pairs {
+		for _, wl := range scoreWorkloads {
+			t, q := row(wl, pr.tandem).CPU, row(wl, pr.peer).CPU
+			if t.N == 0 || q.N == 0 {
+				continue
+			}
+			both := stat{N: min(t.N, q.N)}
+			p("| CPU per GiB written, %s ≤ %s, %s, %s | ≤ 1.0× | %s s/GiB vs %s s/GiB (%s×) | %s |\n",
+				pr.tandem, pr.peer, wl, where, t.f(2), q.f(2), ff(t.Med/q.Med, 2), met(t.Med <= q.Med, both))
+		}
+	}
 }

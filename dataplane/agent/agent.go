@@ -86,6 +86,9 @@ type Config struct {
 	// Token authenticates the control API and replication streams. Empty
 	// disables authentication (tests only; the shipped manifests set one).
 	Token string
+	// PayloadChecksums asks for payload checksums on every replication
+	// link (volume.Options.PayloadChecksums).
+	PayloadChecksums bool
 	// Authority gates writes of every volume (nil: the control API's word).
 	Authority volume.Authority
 	// Dial connects to peers (nil: TCP).
@@ -231,7 +234,7 @@ func (a *Agent) open(ns, name string, size, regionSize int64) (*volume.Volume, e
 	}
 	v, err := volume.Open(volume.Options{
 		Name: key, Node: a.cfg.Node, Dir: a.dir(ns, name), Size: size, RegionSize: regionSize,
-		Authority: a.cfg.Authority, Dial: a.cfg.Dial, Token: a.cfg.Token, Budget: a.cfg.Budget, Clock: a.cfg.Clock, Log: a.log,
+		Authority: a.cfg.Authority, Dial: a.cfg.Dial, Token: a.cfg.Token, PayloadChecksums: a.cfg.PayloadChecksums, Budget: a.cfg.Budget, Clock: a.cfg.Clock, Log: a.log,
 	})
 	if err != nil {
 		return nil, err

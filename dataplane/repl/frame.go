@@ -19,6 +19,7 @@
 //	32     4    length   (type-specific: bytes affected, e.g. a TRIM's length)
 //	36     4    payload length N (at most MaxPayload, 32 MiB)
 //	40     4    CRC32-Castagnoli of header bytes 0..39 followed by the payload
+//	            (of header bytes 0..39 only with flag HeaderChecksum)
 //	44     N    payload
 //
 // Every frame carries the sender's authority epoch; the link refuses frames
@@ -71,11 +72,28 @@
 //
 // # Flags
 //
-//	bit 0  FUA         the data must be durable on the receiver before it is acked
-//	bit 1  DurableAck  the Ack covering this frame must mean durable, not just applied
+//	bit 0  FUA             the data must be durable on the receiver before it is acked
+//	bit 1  DurableAck      the Ack covering this frame must mean durable, not just applied
+//	bit 2  HeaderChecksum  the checksum covers the header only, not the payload
+//	                       (Write and CopyData frames only; negotiated, see below)
+//
+// # Payload checksums
+//
+// The checksum always covers the header. Whether it also covers the payload
+// of the data frames (Write, CopyData) is negotiated in the handshake, as
+// DRBD's data-integrity-alg is configured per connection: the Hello and the
+// answer to it each say Checksum "header" (this side does not ask for
+// payload checksums and accepts data frames without them) or "payload" (it
+// wants them). The data frames go without a payload checksum only when
+// both sides said "header"; TCP's own checksum then guards the payload, as
+// in DRBD's default. Every other frame, and every frame of an agent that
+// says nothing (one older than the negotiation), carries the full checksum.
+// A Reader made to require payload checksums (RequirePayloadChecksum)
+// refuses a data frame without one.
 //
 // Undefined type values and flag bits are malformed (ErrMalformed): a version
-// that adds any increments the version byte. Version 2 added Watermark (a
+// that adds any increments the version byte (HeaderChecksum is the
+// exception: it is sent only to a peer that announced it in the handshake). Version 2 added Watermark (a
 // writer with several backups tells each what the others hold); a frame of
 // a version 1 type is still written as version 1, so a pair of two members
 // speaks version 1 only and an agent of version 1 keeps working in it. A
@@ -204,9 +222,28 @@ const (
 	// FlagDurableAck asks that the Ack covering this frame mean durable on
 	// the receiver, not just applied.
 	FlagDurableAck
+	// FlagHeaderChecksum: the frame's checksum covers its header only
+	// (Write and CopyData frames of a link that negotiated it).
+	FlagHeaderChecksum
 
-	knownFlags = FlagFUA | FlagDurableAck
+	knownFlags = FlagFUA | FlagDurableAck | FlagHeaderChecksum
 )
+
+// Checksum scopes announced in the handshake (Hello.Checksum and the
+// answer's): see the package documentation.
+const (
+	// ChecksumHeader: do not ask for payload checksums; accept data frames
+	// without them.
+	ChecksumHeader = "header"
+	// ChecksumPayload: ask for payload checksums on every frame.
+	ChecksumPayload = "payload"
+)
+
+// HeaderChecksumAgreed reports whether a link may send its data frames with
+// header-only checksums: both sides announced ChecksumHeader.
+func HeaderChecksumAgreed(ours, theirs string) bool {
+	return ours == ChecksumHeader && theirs == ChecksumHeader
+}
 
 func (f Flags) String() string {
 	if f == 0 {
@@ -218,6 +255,9 @@ func (f Flags) String() string {
 	}
 	if f&FlagDurableAck != 0 {
 		parts = append(parts, "DurableAck")
+	}
+	if f&FlagHeaderChecksum != 0 {
+		parts = append(parts, "HeaderChecksum")
 	}
 	if rest := f &^ knownFlags; rest != 0 {
 		parts = append(parts, fmt.Sprintf("%#x", uint16(rest)))
@@ -256,6 +296,9 @@ func (f *Frame) Validate() error {
 		return fmt.Errorf("%v frame: payload of %d bytes exceeds %d: %w", f.Type, len(f.Payload), MaxPayload, ErrTooLarge)
 	}
 	n := len(f.Payload)
+	if f.Flags&FlagHeaderChecksum != 0 && f.Type != TypeWrite && f.Type != TypeCopyData {
+		return fmt.Errorf("%v frame: flag HeaderChecksum on a frame that is not Write or CopyData: %w", f.Type, ErrMalformed)
+	}
 	switch f.Type {
 	case TypeHello:
 		if n == 0 {
@@ -280,7 +323,7 @@ func (f *Frame) Validate() error {
 }
 
 // putHeader fills h (HeaderLen bytes) for f, with the checksum over h[:40]
-// and f.Payload.
+// and f.Payload (h[:40] only with FlagHeaderChecksum).
 func putHeader(h []byte, f *Frame) {
 	_ = h[HeaderLen-1]
 	binary.BigEndian.PutUint32(h[0:], Magic)
@@ -293,7 +336,9 @@ func putHeader(h []byte, f *Frame) {
 	binary.BigEndian.PutUint32(h[32:], f.Length)
 	binary.BigEndian.PutUint32(h[36:], uint32(len(f.Payload)))
 	crc := crc32.Update(0, castagnoli, h[:40])
-	crc = crc32.Update(crc, castagnoli, f.Payload)
+	if f.Flags&FlagHeaderChecksum == 0 {
+		crc = crc32.Update(crc, castagnoli, f.Payload)
+	}
 	binary.BigEndian.PutUint32(h[40:], crc)
 }
 
@@ -354,7 +399,15 @@ type Reader struct {
 	frames uint64 // frames decoded so far
 	pos    int64  // stream offset of the next frame
 	err    error  // sticky: the first error
+	// needPayloadCRC: refuse data frames without a payload checksum.
+	needPayloadCRC bool
 }
+
+// RequirePayloadChecksum makes r refuse (ErrMalformed) data frames whose
+// checksum does not cover their payload: the side that asked for payload
+// checksums in the handshake, or one whose peer did not agree to go
+// without.
+func (r *Reader) RequirePayloadChecksum(on bool) { r.needPayloadCRC = on }
 
 // NewReader returns a Reader of r that refuses payloads larger than
 // maxPayload bytes; 0 or anything above MaxPayload means MaxPayload.
@@ -434,14 +487,20 @@ func (r *Reader) next() error {
 		}
 		return fmt.Errorf("reading %d-byte payload: %w", n, err)
 	}
+	flags := Flags(binary.BigEndian.Uint16(h[6:]))
 	crc := crc32.Update(0, castagnoli, h[:40])
-	crc = crc32.Update(crc, castagnoli, p)
+	if flags&FlagHeaderChecksum == 0 {
+		crc = crc32.Update(crc, castagnoli, p)
+	}
 	if want := binary.BigEndian.Uint32(h[40:]); crc != want {
 		return fmt.Errorf("checksum %#08x, computed %#08x: %w", want, crc, ErrChecksum)
 	}
+	if flags&FlagHeaderChecksum != 0 && r.needPayloadCRC {
+		return fmt.Errorf("%v frame without a payload checksum, which this side asked for: %w", Type(h[5]), ErrMalformed)
+	}
 	r.f = Frame{
 		Type:    Type(h[5]),
-		Flags:   Flags(binary.BigEndian.Uint16(h[6:])),
+		Flags:   flags,
 		Epoch:   binary.BigEndian.Uint64(h[8:]),
 		Seq:     binary.BigEndian.Uint64(h[16:]),
 		Offset:  binary.BigEndian.Uint64(h[24:]),

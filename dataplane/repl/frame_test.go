@@ -136,6 +136,7 @@ func TestTypeAndFlagStrings(t *testing.T) {
 	}{
 		{TypeWrite, "Write"}, {TypeRoleSwitch, "RoleSwitch"}, {Type(0), "Type(0)"}, {Type(17), "ResyncBegin"}, {Type(24), "Watermark"}, {Type(25), "Type(25)"},
 		{Flags(0), "0"}, {FlagFUA, "FUA"}, {FlagFUA | FlagDurableAck, "FUA|DurableAck"}, {Flags(0x8001), "FUA|0x8000"},
+		{FlagHeaderChecksum | FlagFUA, "FUA|HeaderChecksum"},
 		{&Frame{Type: TypeTrim, Epoch: 2, Seq: 3, Offset: 4, Length: 5}, "Trim{epoch=2 seq=3 offset=4 length=5 payload=0B flags=0}"},
 	} {
 		if got := tc.s.String(); got != tc.want {
@@ -153,7 +154,10 @@ func TestValidate(t *testing.T) {
 		{"type 0", Frame{Type: 0}, ErrMalformed},
 		{"type past the last", Frame{Type: typeEnd}, ErrMalformed},
 		{"type 255", Frame{Type: 255}, ErrMalformed},
-		{"undefined flag", Frame{Type: TypeFlush, Flags: 1 << 2}, ErrMalformed},
+		{"undefined flag", Frame{Type: TypeFlush, Flags: 1 << 3}, ErrMalformed},
+		{"HeaderChecksum on a Flush", Frame{Type: TypeFlush, Flags: FlagHeaderChecksum}, ErrMalformed},
+		{"HeaderChecksum on a FwdWrite", Frame{Type: TypeFwdWrite, Flags: FlagHeaderChecksum, Length: 1, Payload: []byte{1}}, ErrMalformed},
+		{"HeaderChecksum on a Bitmap", Frame{Type: TypeBitmap, Flags: FlagHeaderChecksum, Payload: []byte{1}}, ErrMalformed},
 		{"top flag", Frame{Type: TypeAck, Flags: 1 << 15}, ErrMalformed},
 		{"Hello without payload", Frame{Type: TypeHello}, ErrMalformed},
 		{"empty Write", Frame{Type: TypeWrite, Length: 0}, ErrMalformed},
@@ -625,4 +629,76 @@ func FuzzParseWatermark(f *testing.F) {
 			t.Fatalf("entries %+v re-encode differently", es)
 		}
 	})
+}
+
+// TestHeaderChecksum: a data frame sent with FlagHeaderChecksum round-trips,
+// any damage to its header is still detected, its payload is not covered
+// (TCP's checksum guards it), and a Reader that requires payload checksums
+// refuses it.
+func TestHeaderChecksum(t *testing.T) {
+	for _, f := range []*Frame{
+		{Type: TypeWrite, Flags: FlagHeaderChecksum | FlagFUA, Epoch: 3, Seq: 9, Offset: 8192, Length: 4096, Payload: data(4096, 7)},
+		{Type: TypeCopyData, Flags: FlagHeaderChecksum, Epoch: 3, Seq: 10, Offset: 1 << 20, Length: 200 << 10, Payload: data(200<<10, 8)},
+	} {
+		enc := AppendFrame(nil, f)
+		full := *f
+		full.Flags &^= FlagHeaderChecksum
+		if crcHeaderOnly, crcFull := enc[40:44], AppendFrame(nil, &full)[40:44]; bytes.Equal(crcHeaderOnly, crcFull) {
+			t.Fatalf("%v: same checksum with and without the flag", f)
+		}
+		got, err := NewReader(bytes.NewReader(enc), 0).Next()
+		if err != nil || !equal(got, f) {
+			t.Fatalf("%v: round trip = %v, %v", f, got, err)
+		}
+		var w bytes.Buffer
+		if err := WriteFrame(&w, f); err != nil || !bytes.Equal(w.Bytes(), enc) {
+			t.Fatalf("%v: WriteFrame = %v, encoding differs from AppendFrame", f, err)
+		}
+		for bit := range HeaderLen * 8 {
+			enc[bit/8] ^= 1 << (bit % 8)
+			if got, err := NewReader(bytes.NewReader(append(enc, AppendFrame(nil, &Frame{Type: TypePing})...)), 0).Next(); err == nil || !isKnown(err) {
+				t.Fatalf("%v: header bit %d flipped: Next = %v, %v", f, bit, got, err)
+			}
+			enc[bit/8] ^= 1 << (bit % 8)
+		}
+		enc[HeaderLen+5] ^= 0x10
+		if got, err := NewReader(bytes.NewReader(enc), 0).Next(); err != nil || got.Payload[5] != f.Payload[5]^0x10 {
+			t.Fatalf("%v: a payload bit flipped under a header-only checksum: Next = %v, %v; want the frame as sent", f, got, err)
+		}
+		enc[HeaderLen+5] ^= 0x10
+		r := NewReader(bytes.NewReader(append(AppendFrame(nil, &full), enc...)), 0)
+		r.RequirePayloadChecksum(true)
+		if got, err := r.Next(); err != nil || !equal(got, &full) {
+			t.Fatalf("%v: with payload checksum, required: Next = %v, %v", f, got, err)
+		}
+		if got, err := r.Next(); !errors.Is(err, ErrMalformed) {
+			t.Fatalf("%v: without payload checksum, required: Next = %v, %v; want ErrMalformed", f, got, err)
+		}
+	}
+}
+
+func TestHeaderChecksumAgreed(t *testing.T) {
+	for _, tc := range []struct {
+		ours, theirs string
+		want         bool
+	}{
+		{ChecksumHeader, ChecksumHeader, true},
+		{ChecksumHeader, ChecksumPayload, false},
+		{ChecksumPayload, ChecksumHeader, false},
+		{ChecksumPayload, ChecksumPayload, false},
+		{ChecksumHeader, "", false}, // an agent older than the negotiation
+		{"", ChecksumHeader, false},
+		{ChecksumHeader, "xxhash", false},
+	} {
+		if got := HeaderChecksumAgreed(tc.ours, tc.theirs); got != tc.want {
+			t.Errorf("HeaderChecksumAgreed(%q, %q) = %v, want %v", tc.ours, tc.theirs, got, tc.want)
+		}
+	}
+	h := Hello{Volume: "ns/v", Node: "a", Size: 1, RegionSize: 1, Checksum: ChecksumHeader}
+	if got, err := ParseHello(h.Payload()); err != nil || got.Checksum != ChecksumHeader {
+		t.Fatalf("ParseHello = %+v, %v", got, err)
+	}
+	if got, err := ParseHello([]byte(`{"volume":"ns/v","node":"a","size":1,"regionSize":1}`)); err != nil || got.Checksum != "" {
+		t.Fatalf("a Hello of an older agent: ParseHello = %+v, %v; want no checksum scope", got, err)
+	}
 }

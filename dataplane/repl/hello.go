@@ -18,6 +18,10 @@ type Hello struct {
 	// to another pair refuses the stream.
 	PairUID string `json:"pairUID,omitempty"`
 	Token   string `json:"token,omitempty"`
+	// Checksum is what this side asks of the data frames' checksums:
+	// ChecksumHeader or ChecksumPayload; empty (an agent older than the
+	// negotiation): payload checksums, and no header-only frames.
+	Checksum string `json:"checksum,omitempty"`
 }
 
 // String describes h for logs; the token is never printed.

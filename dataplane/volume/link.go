@@ -53,6 +53,10 @@ type HelloAck struct {
 	Joined  bool   `json:"joined,omitempty"`
 	PairUID string `json:"pairUID,omitempty"`
 	Zero    bool   `json:"zero,omitempty"`
+	// Checksum is what the backup asks of the data frames' checksums
+	// (repl.Hello.Checksum); empty from an agent older than the
+	// negotiation: payload checksums.
+	Checksum string `json:"checksum,omitempty"`
 }
 
 type linkStatus struct {
@@ -259,7 +263,8 @@ func (l *link) session() error {
 	}
 	total := l.tr.Bytes()
 	l.log.Info("Replication link up", "peerDataState", ack.DataState, "peerDiffRegions", cardinality(peerBitmap),
-		"merged", merge, "fullCopy", full != "", "fullCopyReason", full, "toCopyBytes", total)
+		"merged", merge, "fullCopy", full != "", "fullCopyReason", full, "toCopyBytes", total,
+		"payloadChecksums", !repl.HeaderChecksumAgreed(l.v.checksumScope(), ack.Checksum))
 
 	l.mu.Lock()
 	l.gen++
@@ -284,11 +289,13 @@ func (l *link) session() error {
 	l.mu.Unlock()
 	l.v.notify()
 
+	headerOnly := repl.HeaderChecksumAgreed(l.v.checksumScope(), ack.Checksum)
+	rd.RequirePayloadChecksum(!headerOnly)
 	errc := make(chan error, 3)
 	var wg sync.WaitGroup
 	wg.Add(3)
 	fs := newFwdSession(l.ctx)
-	go func() { defer wg.Done(); errc <- l.sender(gen, conn, bw) }()
+	go func() { defer wg.Done(); errc <- l.sender(gen, conn, bw, headerOnly) }()
 	go func() { defer wg.Done(); errc <- l.receiver(gen, conn, rd, fs) }()
 	go func() { defer wg.Done(); errc <- l.copier(gen) }()
 	err = preferRefusal(<-errc, errc)
@@ -346,6 +353,7 @@ func (l *link) handshake(conn net.Conn, rd *repl.Reader, bw *bufio.Writer) (Hell
 	h := repl.Hello{
 		Volume: l.v.opts.Name, Node: l.v.opts.Node, Role: string(RolePrimary), Epoch: l.epoch,
 		Size: l.v.opts.Size, RegionSize: l.v.opts.RegionSize, PairUID: l.spec.PairUID, Token: l.v.opts.Token,
+		Checksum: l.v.checksumScope(),
 	}
 	if err := repl.WriteFrame(bw, &repl.Frame{Type: repl.TypeHello, Epoch: l.epoch, Payload: h.Payload()}); err != nil {
 		return ack, nil, fmt.Errorf("send Hello: %w", err)
@@ -465,4 +473,13 @@ func (l *link) status() linkStatus {
 		}
 	}
 	return st
+}
+
+// checksumScope is what this replica asks of its links' data frames in the
+// handshake (repl.Hello.Checksum).
+func (v *Volume) checksumScope() string {
+	if v.opts.PayloadChecksums {
+		return repl.ChecksumPayload
+	}
+	return repl.ChecksumHeader
 }

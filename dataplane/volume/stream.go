@@ -186,8 +186,9 @@ func (l *link) wakeLocked(all bool) {
 }
 
 // sender writes queued frames to the connection, batching them into as few
-// syscalls as possible, and pings when idle.
-func (l *link) sender(gen uint64, conn net.Conn, bw *bufio.Writer) error {
+// syscalls as possible, and pings when idle. With headerOnly (negotiated in
+// the handshake) the data frames' checksums cover their headers only.
+func (l *link) sender(gen uint64, conn net.Conn, bw *bufio.Writer, headerOnly bool) error {
 	ticker := time.NewTicker(pingInterval)
 	defer ticker.Stop()
 	pinger := make(chan struct{}, 1)
@@ -242,6 +243,9 @@ func (l *link) sender(gen uint64, conn net.Conn, bw *bufio.Writer) error {
 		_ = conn.SetWriteDeadline(time.Now().Add(peerTimeout))
 		var err error
 		for i := range batch {
+			if t := batch[i].f.Type; headerOnly && (t == repl.TypeWrite || t == repl.TypeCopyData) {
+				batch[i].f.Flags |= repl.FlagHeaderChecksum
+			}
 			if err == nil {
 				if len(batch[i].f.Payload) >= bigFrame {
 					// Header and payload in one writev, not copied through

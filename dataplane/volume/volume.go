@@ -55,6 +55,11 @@ type Options struct {
 	Dial DialFunc
 	// Token authenticates this agent to the peer's replication listener.
 	Token string
+	// PayloadChecksums asks for a CRC-32C over every replicated payload on
+	// the links this replica is in, sent and verified on top of TCP's
+	// checksum. Off (the default), the data frames carry a checksum of
+	// their header only when the peer agrees (repl: Payload checksums).
+	PayloadChecksums bool
 	// CheckpointInterval is how often the bitmap is checkpointed (0: 5 s).
 	CheckpointInterval time.Duration
 	// CloseTimeout bounds how long Close waits for the client writes already

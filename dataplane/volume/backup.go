@@ -47,6 +47,9 @@ type backupSide struct {
 
 	applied atomic.Uint64
 	durable atomic.Uint64
+	// wantDurable is the seq of the last frame applied that asked for a
+	// durable ack (FlagDurableAck).
+	wantDurable atomic.Uint64
 	// kick asks the syncer for a sync now (a FUA write or a Flush was
 	// applied): the apply loop goes on with the next frames meanwhile.
 	kick  chan struct{}
@@ -224,7 +227,10 @@ func (v *Volume) ServePrimary(conn net.Conn, br *bufio.Reader, rd *repl.Reader, 
 		own = nil
 	}
 	ackPayload, _ := json.Marshal(HelloAck{Node: v.opts.Node, DataState: ds, FullCopy: fullCopy,
-		Joined: joined, PairUID: pairUID, Zero: zero})
+		Joined: joined, PairUID: pairUID, Zero: zero, Checksum: v.checksumScope()})
+	// Data frames may come without payload checksums only if both sides
+	// said so.
+	rd.RequirePayloadChecksum(!repl.HeaderChecksumAgreed(v.checksumScope(), h.Checksum))
 	if err := b.send(&repl.Frame{Type: repl.TypeHelloAck, Epoch: b.epoch, Payload: ackPayload}); err != nil {
 		return fmt.Errorf("send HelloAck: %w", err)
 	}
@@ -244,23 +250,50 @@ func (v *Volume) ServePrimary(conn net.Conn, br *bufio.Reader, rd *repl.Reader, 
 	return b.apply(br, rd)
 }
 
-// syncer makes applied frames durable every few milliseconds, or at once
-// when kicked for a FUA write or a Flush, and reports it, so the primary can
-// clear bits (and finish FUA writes and flushes) without the apply loop
-// stopping for an fdatasync. Every frame up to the applied seq read before
-// the fdatasync was written before it, so the durable ack covers them.
+// syncer makes applied frames durable and reports it, so the primary can
+// clear bits (and finish FUA writes, flushes and copies) without the apply
+// loop stopping for an fdatasync. Every frame up to the applied seq read
+// before the fdatasync was written before it, so the durable ack covers
+// them. When it syncs (syncDue):
+//
+//   - at once when kicked, for a FUA write or a Flush;
+//   - within syncEvery when a frame asked for a durable ack (the resync's
+//     CopyData and CopyDone: the copy's window moves on durable acks), or
+//     when the stream went quiet (no frame applied since the last tick):
+//     the primary sees a burst's regions clean right after it;
+//   - under a steady stream of plain writes, at most lazySyncAfter after
+//     the oldest write not yet durable. Those writes were acknowledged as
+//     applied (what both modes promise without FUA), so nothing waits for
+//     this sync but the primary's dirty bits; leaving the writeback to the
+//     kernel meanwhile spares the disk rewrites of the same pages and
+//     fdatasyncs that compete with the primary's (on one shared disk),
+//     as the page cache does for a client of one replica.
 func (b *backupSide) syncer(stop <-chan struct{}) {
 	t := time.NewTicker(syncEvery)
 	defer t.Stop()
+	var lastApplied uint64 // applied at the previous tick
+	var pendingSince time.Time
 	for {
+		kicked := false
 		select {
 		case <-stop:
 			return
 		case <-t.C:
 		case <-b.kick:
+			kicked = true
 		}
 		a := b.applied.Load()
 		if a <= b.durable.Load() {
+			lastApplied, pendingSince = a, time.Time{}
+			continue
+		}
+		now := time.Now()
+		if pendingSince.IsZero() {
+			pendingSince = now
+		}
+		quiet := a == lastApplied
+		lastApplied = a
+		if !syncDue(kicked, quiet, b.wantDurable.Load() > b.durable.Load(), now.Sub(pendingSince)) {
 			continue
 		}
 		if err := b.v.store.Sync(); err != nil {
@@ -272,6 +305,7 @@ func (b *backupSide) syncer(stop <-chan struct{}) {
 		if a > b.durable.Load() {
 			b.durable.Store(a)
 		}
+		pendingSince = time.Time{}
 		if err := b.ack(); err != nil {
 			b.close(err)
 			return
@@ -279,9 +313,23 @@ func (b *backupSide) syncer(stop <-chan struct{}) {
 	}
 }
 
-// syncEvery is the backup's durability cadence: how stale the primary's view
-// of what is durable here may get (its dirty bits clear on durable acks).
+// syncDue is the syncer's decision for applied frames not durable yet:
+// kicked (a FUA write or a Flush), quiet (no frame applied since the last
+// tick), asked (a frame asked for a durable ack), pending (how long the
+// oldest has waited, as the syncer saw it).
+func syncDue(kicked, quiet, asked bool, pending time.Duration) bool {
+	return kicked || quiet || asked || pending >= lazySyncAfter
+}
+
+// syncEvery is the syncer's tick: how late a quiet stream's or a copy's
+// frames become durable.
 const syncEvery = 20 * time.Millisecond
+
+// lazySyncAfter bounds how long a plain write applied here stays not
+// durable under a steady stream (the checkpoint interval's default): how
+// stale the primary's dirty bits of this member get, and how much a resync
+// after this member crashes may copy beyond what it lacks.
+const lazySyncAfter = 5 * time.Second
 
 func (b *backupSide) apply(br *bufio.Reader, rd *repl.Reader) error {
 	v := b.v
@@ -445,6 +493,9 @@ func (b *backupSide) effect(f *repl.Frame) (bool, error) {
 		}
 	}
 	v.ctr.framesApplied.Add(1)
+	if f.Flags&repl.FlagDurableAck != 0 {
+		b.wantDurable.Store(f.Seq)
+	}
 	b.applied.Store(f.Seq)
 	if kick {
 		select {

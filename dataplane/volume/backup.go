@@ -257,9 +257,10 @@ func (v *Volume) ServePrimary(conn net.Conn, br *bufio.Reader, rd *repl.Reader, 
 // them. When it syncs (syncDue):
 //
 //   - at once when kicked, for a FUA write or a Flush;
-//   - within syncEvery when a frame asked for a durable ack (the resync's
-//     CopyData and CopyDone: the copy's window moves on durable acks), or
-//     when the stream went quiet (no frame applied since the last tick):
+//   - when a frame asked for a durable ack (the resync's CopyData and
+//     CopyDone: the copy's window moves on durable acks): kicked once the
+//     frames received so far are applied, or at the next tick;
+//   - when the stream went quiet (no frame applied since the last tick):
 //     the primary sees a burst's regions clean right after it;
 //   - under a steady stream of plain writes, at most lazySyncAfter after
 //     the oldest write not yet durable. Those writes were acknowledged as
@@ -376,6 +377,14 @@ func (b *backupSide) apply(br *bufio.Reader, rd *repl.Reader) error {
 		if ackNow || br.Buffered() == 0 {
 			if err := b.ack(); err != nil {
 				return fmt.Errorf("send Ack: %w", err)
+			}
+		}
+		if br.Buffered() == 0 && b.wantDurable.Load() > b.durable.Load() {
+			// The resync's window moves on durable acks: sync what came
+			// now rather than at the next tick.
+			select {
+			case b.kick <- struct{}{}:
+			default:
 			}
 		}
 	}

@@ -52,10 +52,15 @@ type backupSide struct {
 	wantDurable atomic.Uint64
 	// kick asks the syncer for a sync now (a FUA write or a Flush was
 	// applied): the apply loop goes on with the next frames meanwhile.
-	kick  chan struct{}
-	alive atomic.Bool
-	done  chan struct{}
-	once  sync.Once
+	kick chan struct{}
+	// quiet fires quietAfter after the apply loop last ran out of frames
+	// to read (it is reset each time) and sends on quietKick: the stream
+	// went quiet (a failback's hold, the end of a burst).
+	quiet     *time.Timer
+	quietKick chan struct{}
+	alive     atomic.Bool
+	done      chan struct{}
+	once      sync.Once
 
 	// emu is held across every effect of a frame on the replica (a store
 	// write, a data-state change, the bitmap). stop sets stopped under it,
@@ -178,7 +183,8 @@ func (v *Volume) ServePrimary(conn net.Conn, br *bufio.Reader, rd *repl.Reader, 
 		}
 	}
 	b := &backupSide{v: v, conn: conn, epoch: v.epoch, pairUID: uid, primary: h.Node, peerGen: gen, tr: primaryTr, siblings: siblings,
-		bw: bufio.NewWriterSize(conn, 64<<10), done: make(chan struct{}), kick: make(chan struct{}, 1)}
+		bw: bufio.NewWriterSize(conn, 64<<10), done: make(chan struct{}), kick: make(chan struct{}, 1),
+		quietKick: make(chan struct{}, 1)}
 	b.fwd = newFwdClient(b)
 	old := v.backupConn
 	v.backupConn = b
@@ -246,6 +252,14 @@ func (v *Volume) ServePrimary(conn net.Conn, br *bufio.Reader, rd *repl.Reader, 
 
 	stopSync := make(chan struct{})
 	defer close(stopSync)
+	b.quiet = time.AfterFunc(time.Hour, func() {
+		select {
+		case b.quietKick <- struct{}{}:
+		default:
+		}
+	})
+	b.quiet.Stop()
+	defer b.quiet.Stop()
 	go b.syncer(stopSync)
 	return b.apply(br, rd)
 }
@@ -260,8 +274,10 @@ func (v *Volume) ServePrimary(conn net.Conn, br *bufio.Reader, rd *repl.Reader, 
 //   - when a frame asked for a durable ack (the resync's CopyData and
 //     CopyDone: the copy's window moves on durable acks): kicked once the
 //     frames received so far are applied, or at the next tick;
-//   - when the stream went quiet (no frame applied since the last tick):
-//     the primary sees a burst's regions clean right after it;
+//   - when the stream went quiet (no frame to read for quietAfter, or
+//     none applied since the last tick), at most once per syncEvery: the
+//     primary sees a burst's regions clean right after it, and a
+//     failback's hold drains at once;
 //   - under a steady stream of plain writes, at most lazySyncAfter after
 //     the oldest write not yet durable. Those writes were acknowledged as
 //     applied (what both modes promise without FUA), so nothing waits for
@@ -273,15 +289,17 @@ func (b *backupSide) syncer(stop <-chan struct{}) {
 	t := time.NewTicker(syncEvery)
 	defer t.Stop()
 	var lastApplied uint64 // applied at the previous tick
-	var pendingSince time.Time
+	var pendingSince, lastSync time.Time
 	for {
-		kicked := false
+		kicked, quietNow := false, false
 		select {
 		case <-stop:
 			return
 		case <-t.C:
 		case <-b.kick:
 			kicked = true
+		case <-b.quietKick:
+			quietNow = time.Since(lastSync) >= syncEvery
 		}
 		a := b.applied.Load()
 		if a <= b.durable.Load() {
@@ -292,11 +310,12 @@ func (b *backupSide) syncer(stop <-chan struct{}) {
 		if pendingSince.IsZero() {
 			pendingSince = now
 		}
-		quiet := a == lastApplied
+		quiet := quietNow || a == lastApplied
 		lastApplied = a
 		if !syncDue(kicked, quiet, b.wantDurable.Load() > b.durable.Load(), now.Sub(pendingSince)) {
 			continue
 		}
+		lastSync = now
 		if err := b.v.store.Sync(); err != nil {
 			// Tell the primary why, as the apply loop does for its errors.
 			err = b.fail(fmt.Errorf("backup sync: %w", err))
@@ -325,6 +344,10 @@ func syncDue(kicked, quiet, asked bool, pending time.Duration) bool {
 // syncEvery is the syncer's tick: how late a quiet stream's or a copy's
 // frames become durable.
 const syncEvery = 20 * time.Millisecond
+
+// quietAfter is how long the stream must bring nothing for the syncer to
+// treat it as quiet.
+const quietAfter = 2 * time.Millisecond
 
 // lazySyncAfter bounds how long a plain write applied here stays not
 // durable under a steady stream (the checkpoint interval's default): how
@@ -378,6 +401,9 @@ func (b *backupSide) apply(br *bufio.Reader, rd *repl.Reader) error {
 			if err := b.ack(); err != nil {
 				return fmt.Errorf("send Ack: %w", err)
 			}
+		}
+		if br.Buffered() == 0 {
+			b.quiet.Reset(quietAfter)
 		}
 		if br.Buffered() == 0 && b.wantDurable.Load() > b.durable.Load() {
 			// The resync's window moves on durable acks: sync what came

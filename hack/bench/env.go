@@ -14,8 +14,9 @@ import (
 	"github.com/tandem-storage/tandem/internal/testkit"
 )
 
-// Where the fio section runs: the replicas' storage (-tmpfs) and the CPUs
-// of the two sides (-pin). Each combination keeps its own results.
+// Where the fio section runs: the replicas' storage (-tmpfs), the CPUs
+// of the two sides (-pin) and their network (-netns, netns.go). Each
+// combination keeps its own results.
 const (
 	storageDisk  = "disk"
 	storageTmpfs = "tmpfs"
@@ -25,25 +26,25 @@ const (
 	cpuBackup    = "1"
 )
 
-// fioKey names the fio section this run fills: fio (on disk, unpinned),
-// fio-tmpfs, fio-pinned or fio-tmpfs-pinned.
+// fioKey names the fio section this run fills: fio (on disk, on
+// loopback, unpinned), or fio with -tmpfs, -netns, -pinned appended in
+// that order (fio-tmpfs, fio-netns, fio-tmpfs-netns-pinned, ...).
 func (b *bench) fioKey() string {
+	return fioKeyOf(b.tmpfs, b.netns, b.pin)
+}
+
+func fioKeyOf(tmpfs, netns, pin bool) string {
 	k := "fio"
-	if b.tmpfs {
+	if tmpfs {
 		k += "-" + storageTmpfs
 	}
-	if b.pin {
+	if netns {
+		k += "-netns"
+	}
+	if pin {
 		k += "-pinned"
 	}
 	return k
-}
-
-// sideCPUs are the CPUs of the primary and the backup side (empty: any).
-func (b *bench) sideCPUs() (primary, backup string) {
-	if !b.pin {
-		return "", ""
-	}
-	return cpuPrimary, cpuBackup
 }
 
 // fioDataDir is where the fio targets keep their data: the work directory,

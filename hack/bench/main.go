@@ -46,6 +46,7 @@ type bench struct {
 	baseBin   string // -compare: agent binary of the baseline
 	tmpfs     bool   // -tmpfs: the fio section's replicas on a tmpfs
 	pin       bool   // -pin: the fio section's primary side on CPU 0, backup side on CPU 1
+	netns     bool   // -netns: the fio section's two sides in two network namespaces over a bridge
 	mu        sync.Mutex
 	procs     []*agentProc
 	nbdkits   []*nbdkitProc
@@ -54,6 +55,10 @@ type bench struct {
 	start     time.Time
 	res       results
 	logf      *os.File
+
+	// netnsCreated: the -netns bridge and namespaces may exist (cleanup
+	// removes them).
+	netnsCreated bool
 }
 
 func main() {
@@ -62,14 +67,18 @@ func main() {
 	flag.IntVar(&b.runs, "runs", 5, "Runs per figure (median, min, max).")
 	flag.DurationVar(&b.runtime, "runtime", 3*time.Second, "Measured time of each fio run (plus 1 s ramp).")
 	flag.BoolVar(&b.syncRuns, "sync", true, "Flush the page cache's dirty data (sync) before each fio run, so no run pays for another's writeback.")
-	only := flag.String("only", "", "Comma-separated sections to run (fio,resync,failover,failback,bitmaps,rss,scaling,backups,thirdresync,podfailover); empty: all. podfailover needs root and brings the local cluster up. With -tmpfs or -pin, fio runs as fio-tmpfs, fio-pinned or fio-tmpfs-pinned (its own results).")
+	only := flag.String("only", "", "Comma-separated sections to run (fio,resync,failover,failback,bitmaps,rss,scaling,backups,thirdresync,podfailover); empty: all. podfailover needs root and brings the local cluster up. With -tmpfs, -netns or -pin, fio runs as fio-tmpfs, fio-netns, fio-pinned, fio-tmpfs-netns-pinned, ... (its own results).")
 	update := flag.Bool("update", false, "Start from the results of the last run (the .json next to -out) and replace only the sections run now, e.g. -only podfailover -update.")
 	keep := flag.Bool("keep", false, "Keep the work directory.")
 	from := flag.String("from", "", "Only write the report (and plot) again from the results of an earlier run (the .json next to the report), e.g. after editing hack/bench/analysis.md.")
 	compare := flag.String("compare", "", "Git revision whose agent runs as extra fio targets (standalone-base, async-base, sync-base), for before/after figures; implies -only fio unless -only is set.")
 	flag.BoolVar(&b.tmpfs, "tmpfs", false, "Put the data of every fio target (nbdkit's file, the qemu mirror's files, each agent's data directory) on a tmpfs the harness mounts under its work directory (root); the results go to their own section (fio-tmpfs), beside the on-disk ones.")
 	flag.BoolVar(&b.pin, "pin", false, "Pin the fio targets' primary side (nbdkit, standalone and primary agents, qemu-storage-daemon) to CPU 0 and the backup side (backup agent, the mirror's nbdkit) to CPU 1, fio unpinned: two nodes on two CPUs; the results go to their own section (fio-pinned).")
+	flag.BoolVar(&b.netns, "netns", false, "Run the fio targets' primary side (nbdkit, standalone and primary agents, qemu-storage-daemon) in a network namespace ("+netnsPrimary+", "+netnsAddrA+") and the backup side (backup agent, the mirror's nbdkit) in another ("+netnsBackup+", "+netnsAddrB+"), each with a veth into a bridge ("+netnsBridge+", "+netnsBridgeAddr+"), fio in the harness's namespace: the topology of a pair on the local cluster (root; everything is removed afterwards); the results go to their own section (fio-netns), beside the loopback ones.")
 	flag.Parse()
+	if b.netns && os.Geteuid() != 0 {
+		fatal(fmt.Errorf("-netns creates network namespaces and a bridge: run it as root (sudo)"))
+	}
 
 	root, err := os.Getwd()
 	if err != nil {
@@ -178,10 +187,11 @@ func main() {
 			continue
 		}
 		if s.name == "fio" {
-			s.name = b.fioKey() // fio-tmpfs, fio-pinned: a section of their own
+			s.name = b.fioKey() // fio-tmpfs, fio-netns, fio-pinned: a section of their own
 		}
 		t0 := time.Now()
 		b.logln("== %s", s.name)
+		b.res.forget(s.name)
 		err := s.fn()
 		d := time.Since(t0)
 		b.res.Sections = slices.DeleteFunc(b.res.Sections, func(t sectionTime) bool { return t.Name == s.name })
@@ -237,7 +247,8 @@ func errString(err error) string {
 	return err.Error()
 }
 
-// cleanup stops every process a section started and unmounts its tmpfs.
+// cleanup stops every process a section started, unmounts its tmpfs and
+// removes its network namespaces and bridge.
 func (b *bench) cleanup() {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -259,11 +270,13 @@ func (b *bench) cleanup() {
 		}
 	}
 	b.mounts = nil
+	b.netnsDown() // once every process in the namespaces is gone
 }
 
 // finishOnSignal runs finish (stop the processes, unmount the tmpfs,
-// remove the work directory) when the run is interrupted: the processes
-// would die with the harness, the mount would stay.
+// remove the namespaces, remove the work directory) when the run is
+// interrupted: the processes would die with the harness, the mount and
+// the namespaces would stay.
 func (b *bench) finishOnSignal(finish func()) {
 	ch := make(chan os.Signal, 1)
 	signal.Notify(ch, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)

@@ -30,9 +30,8 @@ type results struct {
 	// disk, unpinned, after a 1 s ramp).
 	FioEnv fioEnv `json:",omitzero"`
 	Fio    []fioRow
-	// FioVariants are the fio sections taken with -tmpfs or -pin, by
-	// section name (fio-tmpfs, fio-pinned, fio-tmpfs-pinned), kept beside
-	// the main one.
+	// FioVariants are the fio sections taken with -tmpfs, -netns or -pin,
+	// by section name (fioVariantKeys), kept beside the main one.
 	FioVariants map[string]*fioSet `json:",omitempty"`
 	Profiles    []profile
 	Resync      []resyncRow
@@ -59,6 +58,7 @@ type sectionTime struct {
 type fioEnv struct {
 	Storage string `json:",omitempty"` // where every replica's data was: disk or tmpfs
 	Pinning string `json:",omitempty"` // empty: unpinned
+	Network string `json:",omitempty"` // empty: every process on loopback; networkNetns
 	// NoRamp: runs measured from their first I/O, without a ramp, so that
 	// the CPU time and the bytes written cover the same interval.
 	NoRamp  bool          `json:",omitempty"`
@@ -74,8 +74,20 @@ type fioSet struct {
 	Rows    []fioRow
 }
 
-// fioVariantKeys are the fio sections besides the main one, in report order.
-var fioVariantKeys = []string{"fio-tmpfs", "fio-pinned", "fio-tmpfs-pinned"}
+// fioVariantKeys are the fio sections besides the main one, in report
+// order: on loopback (fio-tmpfs, fio-pinned, fio-tmpfs-pinned), then in
+// two network namespaces (fio-netns, fio-tmpfs-netns, ...).
+var fioVariantKeys = func() []string {
+	var keys []string
+	for _, netns := range []bool{false, true} {
+		for _, c := range []struct{ tmpfs, pin bool }{{false, false}, {true, false}, {false, true}, {true, true}} {
+			if k := fioKeyOf(c.tmpfs, netns, c.pin); k != "fio" {
+				keys = append(keys, k)
+			}
+		}
+	}
+	return keys
+}()
 
 // namedFioSet is a fio section with its results key.
 type namedFioSet struct {
@@ -191,6 +203,9 @@ func (b *bench) runFio() error {
 	if b.pin {
 		set.Pinning = pinningSides
 	}
+	if b.netns {
+		set.Network = networkNetns
+	}
 	defer b.res.setFio(key, set)  // what was measured, also if a later step fails
 	if b.res.Machine.Qemu == "" { // -update of results from before the qemu targets
 		b.res.Machine.Qemu = cmdOut("qemu-storage-daemon", "--version")
@@ -245,7 +260,12 @@ func (b *bench) fioTargets() (ts []*fioTarget, a, bk *agentProc, err error) {
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	pc, bc := b.sideCPUs()
+	if b.netns {
+		if err := b.netnsUp(); err != nil {
+			return nil, nil, nil, err
+		}
+	}
+	pc, bc := b.sides()
 	a, bk = b.newAgent("node-a"), b.newAgent("node-b")
 	byName := map[string]*fioTarget{}
 	members, err := b.fioMembers(a, bk, b.agentBin, data, pc, bc, "")
@@ -286,13 +306,13 @@ func (b *bench) fioTargets() (ts []*fioTarget, a, bk *agentProc, err error) {
 	return ts, a, bk, nil
 }
 
-// fioMembers starts agents p and s (data under data, on CPUs pc and sc)
+// fioMembers starts agents p and s (data under data, in places pc and sc)
 // with a standalone member (solo) and an Async and a Sync pair, and
 // returns them as targets named standalone, async, sync plus suffix.
-func (b *bench) fioMembers(p, s *agentProc, bin, data, pc, sc, suffix string) ([]*fioTarget, error) {
+func (b *bench) fioMembers(p, s *agentProc, bin, data string, pc, sc place, suffix string) ([]*fioTarget, error) {
 	p.bin, s.bin = bin, bin
 	p.dir, s.dir = filepath.Join(data, p.node), filepath.Join(data, s.node)
-	p.cpu, s.cpu = pc, sc
+	p.at, s.at = pc, sc
 	for _, ag := range []*agentProc{p, s} {
 		if err := ag.start(); err != nil {
 			return nil, err
@@ -316,11 +336,11 @@ func (b *bench) fioMembers(p, s *agentProc, bin, data, pc, sc, suffix string) ([
 }
 
 // fioNbdkit is the nbdkit target, restarted before a run if it exited.
-func (b *bench) fioNbdkit(file, cpu string) (*fioTarget, error) {
+func (b *bench) fioNbdkit(file string, at place) (*fioTarget, error) {
 	if err := os.MkdirAll(filepath.Dir(file), 0o700); err != nil {
 		return nil, err
 	}
-	nk, err := b.startNbdkitOn(file, fioVolSize, cpu)
+	nk, err := b.startNbdkitOn(file, fioVolSize, at)
 	if err != nil {
 		return nil, err
 	}
@@ -330,7 +350,7 @@ func (b *bench) fioNbdkit(file, cpu string) (*fioTarget, error) {
 			return nil
 		}
 		b.logln("nbdkit exited; restarting it")
-		n, err := b.startNbdkitOn(file, fioVolSize, cpu)
+		n, err := b.startNbdkitOn(file, fioVolSize, at)
 		if err != nil {
 			return err
 		}
@@ -342,7 +362,7 @@ func (b *bench) fioNbdkit(file, cpu string) (*fioTarget, error) {
 
 // fioQemu is a qemu mirror target; one whose job died is started again
 // (fresh files) before the next run.
-func (b *bench) fioQemu(name, dir, mode, pc, bc string) (*fioTarget, error) {
+func (b *bench) fioQemu(name, dir, mode string, pc, bc place) (*fioTarget, error) {
 	q, err := b.startQemuMirror(dir, fioVolSize, mode, pc, bc)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", name, err)

@@ -24,18 +24,6 @@ const (
 	ns    = "bench"
 )
 
-// freePort returns a loopback address with a port nobody listens on now;
-// another process may take it before the caller binds it. Only for agent
-// binaries without --addresses-file (a -compare baseline older than it).
-func freePort() string {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		panic(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
-
 // hasAddressesFile reports whether the agent binary bin has the
 // --addresses-file flag (agents from before it are started on ports found
 // free instead).
@@ -44,12 +32,13 @@ func hasAddressesFile(bin string) bool {
 	return strings.Contains(string(out), "-addresses-file")
 }
 
-// agentProc is one agent process (one simulated node) on loopback.
+// agentProc is one agent process (one simulated node), on loopback or in
+// a network namespace of its own (-netns).
 type agentProc struct {
 	b                      *bench
 	bin                    string // agent binary
 	node, dir              string
-	cpu                    string // taskset -c list the process runs on (-pin); empty: any
+	at                     place  // its CPUs (-pin) and network namespace (-netns); zero: any CPU, loopback
 	ctrl, repl, nbd, pprof string // set by the first start
 	cmd                    *exec.Cmd
 	exited                 chan struct{}
@@ -75,21 +64,35 @@ func (a *agentProc) start() error {
 	ctrl, repl, nbd, pprof := a.ctrl, a.repl, a.nbd, a.pprof
 	if ctrl == "" {
 		if hasAddressesFile(a.bin) {
-			ctrl, repl, nbd, pprof = "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"
+			port0 := net.JoinHostPort(a.at.listenHost(), "0")
+			ctrl, repl, nbd, pprof = port0, port0, port0, port0
 			addrFile = filepath.Join(a.b.work, a.node+".addresses.json")
 			_ = os.Remove(addrFile)
 		} else {
-			ctrl, repl, nbd, pprof = freePort(), freePort(), freePort(), freePort()
+			var ports [4]string
+			for i := range ports {
+				var err error
+				if ports[i], err = a.at.freePort(); err != nil {
+					logf.Close()
+					return err
+				}
+			}
+			ctrl, repl, nbd, pprof = ports[0], ports[1], ports[2], ports[3]
 			a.ctrl, a.repl, a.nbd, a.pprof = ctrl, repl, nbd, pprof
 		}
 	}
 	args := []string{"--node", a.node, "--data-dir", a.dir,
 		"--control-address", ctrl, "--replication-address", repl, "--nbd-address", nbd,
 		"--pprof-address", pprof, "--token-file", a.b.tokenFile}
+	if a.at.host != "" {
+		// What pair() gives the primary as its peer's address: the
+		// backup's namespace address, reachable from the other namespace.
+		args = append(args, "--advertise-address", a.at.host)
+	}
 	if addrFile != "" {
 		args = append(args, "--addresses-file", addrFile)
 	}
-	a.cmd = pinned(a.cpu, a.bin, args...)
+	a.cmd = a.at.command(a.bin, args...)
 	a.cmd.Stdout, a.cmd.Stderr = logf, logf
 	a.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := a.cmd.Start(); err != nil {
@@ -253,21 +256,12 @@ type nbdkitProc struct {
 }
 
 func (b *bench) startNbdkit(file string, size int64) (*nbdkitProc, error) {
-	return b.startNbdkitOn(file, size, "")
+	return b.startNbdkitOn(file, size, place{})
 }
 
-// pinned is exec.Command, run on the CPUs cpu lists (taskset -c) unless it
-// is empty. taskset execs the command: the process keeps its pid, and
-// every thread it starts inherits the affinity.
-func pinned(cpu, name string, args ...string) *exec.Cmd {
-	if cpu == "" {
-		return exec.Command(name, args...)
-	}
-	return exec.Command("taskset", append([]string{"-c", cpu, name}, args...)...)
-}
-
-// startNbdkitOn is startNbdkit on the CPUs cpu lists (empty: any).
-func (b *bench) startNbdkitOn(file string, size int64, cpu string) (*nbdkitProc, error) {
+// startNbdkitOn is startNbdkit in place at: on its CPUs, in its network
+// namespace, listening on its host.
+func (b *bench) startNbdkitOn(file string, size int64, at place) (*nbdkitProc, error) {
 	if _, err := os.Stat(file); errors.Is(err, os.ErrNotExist) {
 		f, err := os.Create(file)
 		if err != nil {
@@ -281,8 +275,9 @@ func (b *bench) startNbdkitOn(file string, size int64, cpu string) (*nbdkitProc,
 	}
 	// nbdkit gets its listening socket by socket activation (LISTEN_FDS:
 	// fd 3, LISTEN_PID: its own pid, hence the shell's exec), so the port
-	// is ours from the start instead of found free and bound later.
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	// is ours from the start instead of found free and bound later. The
+	// socket is opened in the namespace nbdkit runs in.
+	l, err := at.listen()
 	if err != nil {
 		return nil, err
 	}
@@ -299,11 +294,8 @@ func (b *bench) startNbdkitOn(file string, size int64, cpu string) (*nbdkitProc,
 		return nil, err
 	}
 	n := &nbdkitProc{addr: addr, exited: make(chan struct{})}
-	pin := ""
-	if cpu != "" {
-		pin = "taskset -c " + cpu + " " // taskset execs nbdkit: LISTEN_PID stays right
-	}
-	n.cmd = exec.Command("sh", "-c", `LISTEN_PID=$$ LISTEN_FDS=1 exec `+pin+`nbdkit --foreground file "$1"`, "sh", file)
+	// nsenter and taskset exec nbdkit: LISTEN_PID stays right.
+	n.cmd = exec.Command("sh", append([]string{"-c", `LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"`, "sh"}, at.wrap("nbdkit", "--foreground", "file", file)...)...)
 	n.cmd.ExtraFiles = []*os.File{lf}
 	n.cmd.Stdout, n.cmd.Stderr = logf, logf
 	n.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}

@@ -52,13 +52,13 @@ type blockJob struct {
 	Len    int64  `json:"len"`
 }
 
-// startQemuMirror starts the backup (nbdkit on dir/backup.img, on CPU
-// backupCPU if set), then qemu-storage-daemon serving dir/source.img (on
-// CPU primaryCPU if set) with a blockdev-mirror job of the given copy mode
+// startQemuMirror starts the backup (nbdkit on dir/backup.img, in place
+// backup), then qemu-storage-daemon serving dir/source.img (in place
+// primary) with a blockdev-mirror job of the given copy mode
 // to that backup, and waits until the job is READY. Both files are fresh
 // and sparse, so sync=none mirrors everything that matters: what is
 // written from now on.
-func (b *bench) startQemuMirror(dir string, size int64, mode, primaryCPU, backupCPU string) (*qemuMirror, error) {
+func (b *bench) startQemuMirror(dir string, size int64, mode string, primary, backup place) (*qemuMirror, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
@@ -68,7 +68,7 @@ func (b *bench) startQemuMirror(dir string, size int64, mode, primaryCPU, backup
 			return nil, err
 		}
 	}
-	bk, err := b.startNbdkitOn(filepath.Join(dir, "backup.img"), size, backupCPU)
+	bk, err := b.startNbdkitOn(filepath.Join(dir, "backup.img"), size, backup)
 	if err != nil {
 		return nil, fmt.Errorf("qemu mirror's backup: %w", err)
 	}
@@ -76,7 +76,7 @@ func (b *bench) startQemuMirror(dir string, size int64, mode, primaryCPU, backup
 	b.mu.Lock()
 	b.qemus = append(b.qemus, q)
 	b.mu.Unlock()
-	if err := q.start(b, src, primaryCPU); err != nil {
+	if err := q.start(b, src, primary); err != nil {
 		return q, err
 	}
 	if err := q.startJob(); err != nil {
@@ -98,11 +98,12 @@ func freshFile(path string, size int64) error {
 	return f.Close()
 }
 
-// start runs qemu-storage-daemon: its NBD server on a loopback listener the
-// harness opened (fd 3, as nbdkit's socket activation), its QMP monitor on
-// a unix socket.
-func (q *qemuMirror) start(b *bench, src, cpu string) error {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+// start runs qemu-storage-daemon in place at: its NBD server on a listener
+// the harness opened in at's namespace (fd 3, as nbdkit's socket
+// activation), its QMP monitor on a unix socket (unix sockets on the file
+// system are reachable from any network namespace).
+func (q *qemuMirror) start(b *bench, src string, at place) error {
+	l, err := at.listen()
 	if err != nil {
 		return err
 	}
@@ -129,7 +130,7 @@ func (q *qemuMirror) start(b *bench, src, cpu string) error {
 	if err != nil {
 		return err
 	}
-	q.cmd = pinned(cpu, "qemu-storage-daemon", args...)
+	q.cmd = at.command("qemu-storage-daemon", args...)
 	q.cmd.ExtraFiles = []*os.File{lf}
 	q.cmd.Stdout, q.cmd.Stderr = logf, logf
 	q.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}

@@ -40,7 +40,7 @@ func testQemuMirror(t *testing.T, mode string) {
 	t.Cleanup(b.cleanup)
 	const size = 16 << 20
 	dir := filepath.Join(b.work, "mirror")
-	q, err := b.startQemuMirror(dir, size, mode, "", "")
+	q, err := b.startQemuMirror(dir, size, mode, place{}, place{})
 	if err != nil {
 		logFiles(t, b.work, "*.log")
 		t.Fatal(err)

@@ -47,6 +47,7 @@ func (b *bench) report(out string) error {
 	p("go run ./hack/bench -only fio -runs 3   # one section (fio,resync,scaling,failback,rss,bitmaps,failover,backups,thirdresync)\n")
 	p("sudo go run ./hack/bench -only fio -tmpfs -update   # fio with every replica on a tmpfs (root: the harness mounts it), beside the on-disk figures\n")
 	p("go run ./hack/bench -only fio -pin -update   # fio with the primary side pinned to CPU 0 and the backup side to CPU 1 (two nodes on two CPUs)\n")
+	p("sudo go run ./hack/bench -only fio -netns -update   # fio with the primary side and the backup side in two network namespaces over a bridge (the local cluster's topology); combines with -tmpfs and -pin\n")
 	p("sudo go run ./hack/bench -only podfailover -update   # the pod failover on the local cluster, into the last run's report\n")
 	p("go run ./hack/bench -compare HEAD -runs 3   # fio with the agent of another revision as extra targets (before/after)\n")
 	p("go run ./hack/bench -from docs/benchmarks.json   # rewrite this page from the last run's results (e.g. after editing hack/bench/analysis.md)\n```\n\n")
@@ -400,11 +401,15 @@ func fioHeadline(s *fioSet) string {
 	return "fio through NBD (1 GiB volumes), " + fioWhere(s)
 }
 
-// fioWhere is "on disk" or "every replica on tmpfs", and the pinning.
+// fioWhere is "on disk" or "every replica on tmpfs", the network (two
+// namespaces over a bridge; loopback is not said) and the pinning.
 func fioWhere(s *fioSet) string {
 	w := "on disk"
 	if s.Storage == storageTmpfs {
 		w = "every replica on tmpfs"
+	}
+	if s.Network != networkLoopback {
+		w += ", " + s.Network
 	}
 	if s.Pinning != "" {
 		w += ", pinned (" + s.Pinning + ")"
@@ -420,6 +425,9 @@ func reportFio(p func(string, ...any), r *results, key string, s *fioSet) {
 		p("Results key `%s` (taken %s with `-only fio", key, s.Started.UTC().Format("2006-01-02 15:04 MST"))
 		if s.Storage == storageTmpfs {
 			p(" -tmpfs")
+		}
+		if s.Network != networkLoopback {
+			p(" -netns")
 		}
 		if s.Pinning != "" {
 			p(" -pin")
@@ -443,6 +451,12 @@ func reportFio(p func(string, ...any), r *results, key string, s *fioSet) {
 	default:
 		p("Storage: every target's data on the disk under the work directory (see Machine).\n\n")
 	}
+	if s.Network != networkLoopback {
+		p("Network: the topology of a pair on the local cluster. The primary side (nbdkit, the standalone and primary agents, qemu-storage-daemon) runs in a network namespace (`%s`, %s), ", netnsPrimary, netnsAddrA)
+		p("the backup side (the backup agent, the mirror's nbdkit) in another (`%s`, %s), each with a veth (MTU 1500) into a Linux bridge in the harness's namespace (`%s`, %s); ", netnsBackup, netnsAddrB, netnsBridge, netnsBridgeAddr)
+		p("fio runs in the harness's namespace and reaches the primary side over the bridge, the replication link (and the mirror job's NBD connection) crosses the bridge from one namespace to the other. ")
+		p("The traffic is bridged, not routed; with `br_netfilter` loaded (as on a Kubernetes node) every bridged packet also passes the host's iptables FORWARD chain.\n\n")
+	}
 	if s.Pinning != "" {
 		p("Pinning (`taskset -c` at start; every thread inherits it): nbdkit, the standalone and primary agents and qemu-storage-daemon on CPU %s; the backup agent and the mirror's nbdkit on CPU %s; fio unpinned. The closest this machine gets to two nodes.\n\n", cpuPrimary, cpuBackup)
 	}
@@ -456,10 +470,14 @@ func fioPromises(p func(string, ...any), r *results, s *fioSet) {
 	p("What each target promises when it acknowledges a write:\n\n")
 	p("- **nbdkit**: `nbdkit file` on a sparse file, the peer without replication; it acknowledges from the page cache;\n")
 	p("- **standalone**: one Tandem member, Async mode, no peer (journal and bitmap tracking on);\n")
-	p("- **async** / **sync**: a Tandem pair, primary and backup agents on loopback, mirroring every write. The backup acknowledges durably: it `fdatasync`s what it applied before the primary clears the regions' bits; ")
+	link, qlink := "on loopback", "on TCP loopback"
+	if s.Network != networkLoopback {
+		link, qlink = "in two network namespaces", "in the other namespace, over the bridge"
+	}
+	p("- **async** / **sync**: a Tandem pair, primary and backup agents %s, mirroring every write. The backup acknowledges durably: it `fdatasync`s what it applied before the primary clears the regions' bits; ", link)
 	p("Sync acknowledges the client's write once the backup has applied it;\n")
 	if slices.Contains(s.Targets, "qemu-sync") {
-		p("- **qemu-async** / **qemu-sync**: the real peer, `qemu-storage-daemon` serving a raw file over NBD with a `blockdev-mirror` job (`sync=none` on fresh sparse files, measured once the job is READY) to `nbdkit file` on TCP loopback, ")
+		p("- **qemu-async** / **qemu-sync**: the real peer, `qemu-storage-daemon` serving a raw file over NBD with a `blockdev-mirror` job (`sync=none` on fresh sparse files, measured once the job is READY) to `nbdkit file` %s, ", qlink)
 		p("`copy-mode=background` (a dirty bitmap the job copies from: the peer of Async) and `copy-mode=write-blocking` (a write completes once the target acknowledged it too: the peer of Sync). ")
 		p("Its target acknowledges from the page cache (not durable). After each run `query-block-jobs` must still show the job running (and READY for write-blocking), or the run counts as failed;\n")
 	}

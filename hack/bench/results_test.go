@@ -1,0 +1,42 @@
+package main
+
+import "testing"
+
+// TestForget: a section run again with -update replaces its rows. Before
+// forget, the rows of resync, scaling, rss and backups were appended to the
+// last run's, and the report listed two sets (two "resync after 1 %" rows
+// in the targets table, one of them stale).
+func TestForget(t *testing.T) {
+	full := func() *results {
+		return &results{
+			Resync:   []resyncRow{{Label: "1 % changed"}},
+			FullCopy: resyncRow{Label: "full"},
+			Scaling:  []scaleRow{{SizeGiB: 1}},
+			RSS:      []rssRow{{Volumes: 1}},
+			Backups:  []backupsRow{{Backups: 2}},
+			Fio:      []fioRow{{Target: "async"}},
+		}
+	}
+	for _, tc := range []struct {
+		section string
+		cleared func(r *results) bool
+	}{
+		{"resync", func(r *results) bool { return r.Resync == nil && r.FullCopy.Label == "" }},
+		{"scaling", func(r *results) bool { return r.Scaling == nil }},
+		{"rss", func(r *results) bool { return r.RSS == nil }},
+		{"backups", func(r *results) bool { return r.Backups == nil }},
+	} {
+		r := full()
+		r.forget(tc.section)
+		if !tc.cleared(r) {
+			t.Errorf("forget(%q) kept the section's rows", tc.section)
+		}
+		kept := 0
+		for _, n := range []int{len(r.Resync), len(r.Scaling), len(r.RSS), len(r.Backups), len(r.Fio)} {
+			kept += n
+		}
+		if kept != 4 {
+			t.Errorf("forget(%q) left %d rows of the other sections, want 4", tc.section, kept)
+		}
+	}
+}

@@ -7,9 +7,6 @@ import (
 	"net"
 	"sync"
 	"testing"
-	"time"
-
-	"github.com/go-logr/logr/funcr"
 
 	"github.com/tandem-storage/tandem/dataplane/repl"
 	"github.com/tandem-storage/tandem/dataplane/store"
@@ -75,26 +72,9 @@ func (d *dataFrames) read(r io.Reader) {
 
 func openChecksumMember(t *testing.T, node string, wants bool, dial volume.DialFunc) *member {
 	t.Helper()
-	m := &member{st: store.NewMem(size), logs: &syncBuf{}, dir: t.TempDir(), node: node}
-	v, err := volume.Open(volume.Options{Name: "ns/vol", Node: node, Dir: m.dir, Size: size, RegionSize: region,
-		Store: m.st, CheckpointInterval: 100 * time.Millisecond, PayloadChecksums: wants, Dial: dial,
-		Log: funcr.New(func(prefix, args string) { m.logs.add(prefix + " " + args) }, funcr.Options{})})
-	if err != nil {
-		t.Fatal(err)
-	}
-	m.v = v
-	ln := serveReplication(t, v)
-	m.addr = ln.Addr().String()
-	t.Cleanup(func() {
-		ln.Close()
-		if err := v.Close(); err != nil {
-			t.Error(err)
-		}
-		if t.Failed() {
-			t.Logf("---- %s log ----\n%s", node, m.logs)
-		}
+	return openMemberWith(t, node, t.TempDir(), store.NewMem(size), func(o *volume.Options) {
+		o.PayloadChecksums, o.Dial = wants, dial
 	})
-	return m
 }
 
 // TestPayloadChecksumNegotiated: the data frames (client writes and the

@@ -66,10 +66,21 @@ func reopen(t testing.TB, m *member) *member {
 
 func openMember(t testing.TB, node, dir string, st *store.Mem) *member {
 	t.Helper()
+	return openMemberWith(t, node, dir, st, nil)
+}
+
+// openMemberWith is openMember with the options adjusted by opt (nil:
+// none).
+func openMemberWith(t testing.TB, node, dir string, st *store.Mem, opt func(*volume.Options)) *member {
+	t.Helper()
 	m := &member{st: st, logs: &syncBuf{}, dir: dir, node: node}
 	log := funcr.New(func(prefix, args string) { m.logs.add(prefix + " " + args) }, funcr.Options{})
-	v, err := volume.Open(volume.Options{Name: "ns/vol", Node: node, Dir: dir, Size: size, RegionSize: region,
-		Store: m.st, CheckpointInterval: 100 * time.Millisecond, Log: log})
+	o := volume.Options{Name: "ns/vol", Node: node, Dir: dir, Size: size, RegionSize: region,
+		Store: m.st, CheckpointInterval: 100 * time.Millisecond, Log: log}
+	if opt != nil {
+		opt(&o)
+	}
+	v, err := volume.Open(o)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -55,15 +55,7 @@ func TestNetnsPair(t *testing.T) {
 	skipNetns(t)
 	linksBefore := linkNames(t)
 	b := &bench{work: t.TempDir(), netns: true, pin: true, start: time.Now()}
-	b.tokenFile = filepath.Join(b.work, "token")
-	if err := os.WriteFile(b.tokenFile, []byte(token), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	b.agentBin = filepath.Join(b.work, "agent")
-	if out, err := exec.Command("go", "build", "-o", b.agentBin, "../../cmd/agent").CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
-	t.Cleanup(b.cleanup)
+	withAgents(t, b)
 	if err := b.netnsUp(); err != nil {
 		t.Fatal(err)
 	}

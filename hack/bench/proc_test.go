@@ -42,15 +42,7 @@ func TestNbdkitSocketActivation(t *testing.T) {
 // holds no data of the pair), and every fio section failed.
 func TestPairsServe(t *testing.T) {
 	b := &bench{work: t.TempDir()}
-	b.tokenFile = filepath.Join(b.work, "token")
-	if err := os.WriteFile(b.tokenFile, []byte(token), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	b.agentBin = filepath.Join(b.work, "agent")
-	if out, err := exec.Command("go", "build", "-o", b.agentBin, "../../cmd/agent").CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
-	t.Cleanup(b.cleanup)
+	withAgents(t, b)
 	ag := []*agentProc{b.newAgent("node-a"), b.newAgent("node-b"), b.newAgent("node-c"), b.newAgent("node-d")}
 	for _, a := range ag {
 		if err := a.start(); err != nil {
@@ -75,4 +67,19 @@ func TestPairsServe(t *testing.T) {
 			t.Fatalf("%s: writer status %+v, %v", vol, st, err)
 		}
 	}
+}
+
+// withAgents gives b a token file and an agent binary built from this
+// tree in its work directory, and cleans b up after the test.
+func withAgents(t *testing.T, b *bench) {
+	t.Helper()
+	b.tokenFile = filepath.Join(b.work, "token")
+	if err := os.WriteFile(b.tokenFile, []byte(token), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	b.agentBin = filepath.Join(b.work, "agent")
+	if out, err := exec.Command("go", "build", "-o", b.agentBin, "../../cmd/agent").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	t.Cleanup(b.cleanup)
 }

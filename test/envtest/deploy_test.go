@@ -99,6 +99,7 @@ func TestHelmRendersAndDryRunApplies(t *testing.T) {
 			objKey{"CustomResourceDefinition", "", "volumepairs.storage.tandem.dev"},
 			objKey{"Secret", operatorNamespace, "tandem-agent-token"},
 		)
+		want = append(want, metricsAuthObjects("tandem")...)
 		requireObjects(t, objs, want)
 		checkWorkloads(t, objs, workloadExpect{
 			prefix:      "tandem",
@@ -117,6 +118,7 @@ func TestHelmRendersAndDryRunApplies(t *testing.T) {
 		}
 		checkCSI(t, objs, "tandem", operatorNamespace)
 		checkWebhook(t, objs, "tandem", operatorNamespace)
+		checkMetricsAuth(t, objs, "tandem", operatorNamespace, true)
 		ds := typed[appsv1.DaemonSet](t, findObject(objs, "DaemonSet", operatorNamespace, "tandem-agent"))
 		if ds != nil && len(ds.Spec.Template.Spec.NodeSelector) != 0 {
 			t.Errorf("agent nodeSelector = %v, want none by default", ds.Spec.Template.Spec.NodeSelector)
@@ -173,6 +175,7 @@ agent:
 			}
 		}
 		want = append(want, objKey{"CustomResourceDefinition", "", "volumepairs.storage.tandem.dev"})
+		want = append(want, metricsAuthObjects("edge-tandem")...)
 		requireObjects(t, objs, want)
 		for _, o := range objs {
 			switch {
@@ -225,6 +228,54 @@ agent:
 		}
 		dryRunApply(t, out, len(objs))
 	})
+}
+
+// metricsAuthObjects lists what the chart adds for manager.metricsSecure
+// (on by default): the manager's right to review tokens and access, and the
+// role a scraper needs.
+func metricsAuthObjects(prefix string) []objKey {
+	return []objKey{
+		{"ClusterRole", "", prefix + "-manager-metrics-auth"},
+		{"ClusterRoleBinding", "", prefix + "-manager-metrics-auth"},
+		{"ClusterRole", "", prefix + "-metrics-reader"},
+	}
+}
+
+// checkMetricsAuth: with secure metrics the manager is started with
+// --metrics-secure, may create TokenReviews and SubjectAccessReviews, and
+// the reader role allows exactly get on /metrics; without, none of it.
+func checkMetricsAuth(t *testing.T, objs []*unstructured.Unstructured, prefix, namespace string, secure bool) {
+	t.Helper()
+	d := typed[appsv1.Deployment](t, findObject(objs, "Deployment", namespace, prefix+"-manager"))
+	if d == nil {
+		t.Fatal("no manager Deployment")
+	}
+	if c := container(t, d.Spec.Template.Spec, "manager"); c != nil && slices.Contains(c.Args, "--metrics-secure") != secure {
+		t.Errorf("manager args %v: --metrics-secure present = %v, want %v", c.Args, !secure, secure)
+	}
+	auth := findObject(objs, "ClusterRole", "", prefix+"-manager-metrics-auth")
+	reader := findObject(objs, "ClusterRole", "", prefix+"-metrics-reader")
+	if !secure {
+		if auth != nil || reader != nil {
+			t.Error("metrics RBAC rendered without manager.metricsSecure")
+		}
+		return
+	}
+	if auth == nil || reader == nil {
+		t.Fatal("metrics RBAC missing with manager.metricsSecure")
+	}
+	if got, want := permissions(typed[rbacv1.ClusterRole](t, auth).Rules), []string{
+		"authentication.k8s.io/tokenreviews:create", "authorization.k8s.io/subjectaccessreviews:create",
+	}; !slices.Equal(got, want) {
+		t.Errorf("%s-manager-metrics-auth grants %v, want %v", prefix, got, want)
+	}
+	if r := typed[rbacv1.ClusterRole](t, reader).Rules; len(r) != 1 || !slices.Equal(r[0].NonResourceURLs, []string{"/metrics"}) || !slices.Equal(r[0].Verbs, []string{"get"}) || len(r[0].Resources) != 0 {
+		t.Errorf("%s-metrics-reader rules = %+v, want get on /metrics only", prefix, r)
+	}
+	b := typed[rbacv1.ClusterRoleBinding](t, findObject(objs, "ClusterRoleBinding", "", prefix+"-manager-metrics-auth"))
+	if b == nil || b.RoleRef.Name != prefix+"-manager-metrics-auth" || len(b.Subjects) != 1 || b.Subjects[0].Name != prefix+"-manager" || b.Subjects[0].Namespace != namespace {
+		t.Errorf("%s-manager-metrics-auth binding = %+v, want the manager's service account", prefix, b)
+	}
 }
 
 // TestHelmInstallUpgradeKeepsToken installs the chart for real into the test

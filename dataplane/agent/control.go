@@ -134,7 +134,7 @@ func (w logrWriter) Write(p []byte) (int, error) {
 // Handler returns the control API.
 func (a *Agent) Handler() http.Handler {
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(&collector{a: a}, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(a.MetricsCollectors()...)
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = io.WriteString(w, "ok\n") })
 	mux.HandleFunc("GET /readyz", a.handleReady)
@@ -149,6 +149,13 @@ func (a *Agent) Handler() http.Handler {
 	mux.HandleFunc("GET /v1/volumes/{ns}/{name}/checksums", a.auth(a.handleChecksums))
 	mux.HandleFunc("POST /v1/volumes/{ns}/{name}/resync", a.auth(a.handleResync))
 	return mux
+}
+
+// MetricsCollectors returns what the agent's /metrics serves: its volumes'
+// and its own metrics, Go's runtime and the process. The chart's alerts and
+// dashboard are checked against them (test/monitoring).
+func (a *Agent) MetricsCollectors() []prometheus.Collector {
+	return []prometheus.Collector{&collector{a: a}, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{})}
 }
 
 func (a *Agent) auth(h http.HandlerFunc) http.HandlerFunc {

@@ -25,12 +25,14 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	storagev1 "k8s.io/api/storage/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	k8sruntime "k8s.io/apimachinery/pkg/runtime"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/yaml"
 
 	"github.com/tandem-storage/tandem/internal/csi"
 )
@@ -276,6 +278,145 @@ func checkMetricsAuth(t *testing.T, objs []*unstructured.Unstructured, prefix, n
 	if b == nil || b.RoleRef.Name != prefix+"-manager-metrics-auth" || len(b.Subjects) != 1 || b.Subjects[0].Name != prefix+"-manager" || b.Subjects[0].Namespace != namespace {
 		t.Errorf("%s-manager-metrics-auth binding = %+v, want the manager's service account", prefix, b)
 	}
+}
+
+// TestHelmMonitoring renders the chart with every monitoring object on:
+// the ServiceMonitor scrapes the managers over HTTPS with the scraper's
+// token (plain HTTP without manager.metricsSecure), the PodMonitor the
+// agents' control port, both under the job names the alerts and the
+// dashboard select on; the PrometheusRule and the dashboard ConfigMap carry
+// config/monitoring's files unchanged. The API server here has no
+// Prometheus Operator CRDs, so nothing is applied.
+func TestHelmMonitoring(t *testing.T) {
+	chart := filepath.Join(repoRoot, "charts", "tandem")
+	render := func(t *testing.T, extra ...string) []*unstructured.Unstructured {
+		t.Helper()
+		args := append([]string{"template", "tandem", chart, "--namespace", operatorNamespace,
+			"--set", "monitoring.serviceMonitor.enabled=true,monitoring.podMonitor.enabled=true",
+			"--set", "monitoring.prometheusRule.enabled=true,monitoring.grafanaDashboard.enabled=true",
+			"--set", "monitoring.serviceMonitor.labels.release=prom,monitoring.grafanaDashboard.namespace=grafana"}, extra...)
+		out, err := helm(t, args...)
+		if err != nil {
+			t.Fatalf("helm template: %v", err)
+		}
+		return decodeManifest(t, out)
+	}
+	endpoint := func(t *testing.T, objs []*unstructured.Unstructured) map[string]any {
+		t.Helper()
+		sm := findObject(objs, "ServiceMonitor", operatorNamespace, "tandem-manager")
+		if sm == nil {
+			t.Fatal("no ServiceMonitor tandem-manager")
+		}
+		if sm.GetLabels()["release"] != "prom" {
+			t.Errorf("ServiceMonitor labels = %v, want release=prom from the values", sm.GetLabels())
+		}
+		eps, _, _ := unstructured.NestedSlice(sm.Object, "spec", "endpoints")
+		if len(eps) != 1 {
+			t.Fatalf("ServiceMonitor endpoints = %v", eps)
+		}
+		ep := eps[0].(map[string]any)
+		if ep["port"] != "metrics" || ep["honorLabels"] != true {
+			t.Errorf("ServiceMonitor endpoint = %v, want port metrics with honorLabels (the pairs' namespace label)", ep)
+		}
+		if !relabelsJob(ep, "tandem-manager") {
+			t.Errorf("ServiceMonitor endpoint %v does not set job=tandem-manager", ep)
+		}
+		return ep
+	}
+
+	t.Run("secure", func(t *testing.T) {
+		objs := render(t, "--set", "manager.metricsReaderSubjects[0].kind=ServiceAccount,manager.metricsReaderSubjects[0].name=prometheus,manager.metricsReaderSubjects[0].namespace=monitoring")
+		checkMetricsAuth(t, objs, "tandem", operatorNamespace, true)
+		ep := endpoint(t, objs)
+		if ep["scheme"] != "https" || ep["bearerTokenFile"] != "/var/run/secrets/kubernetes.io/serviceaccount/token" {
+			t.Errorf("ServiceMonitor endpoint = %v, want https with the service account token", ep)
+		}
+		rb := typed[rbacv1.ClusterRoleBinding](t, findObject(objs, "ClusterRoleBinding", "", "tandem-metrics-reader"))
+		if rb == nil || rb.RoleRef.Name != "tandem-metrics-reader" || len(rb.Subjects) != 1 || rb.Subjects[0].Name != "prometheus" || rb.Subjects[0].Namespace != "monitoring" {
+			t.Errorf("tandem-metrics-reader binding = %+v, want the subject from manager.metricsReaderSubjects", rb)
+		}
+
+		pm := findObject(objs, "PodMonitor", operatorNamespace, "tandem-agent")
+		if pm == nil {
+			t.Fatal("no PodMonitor tandem-agent")
+		}
+		if sel, _, _ := unstructured.NestedStringMap(pm.Object, "spec", "selector", "matchLabels"); sel["app.kubernetes.io/component"] != "agent" {
+			t.Errorf("PodMonitor selector = %v, want the agents", sel)
+		}
+		peps, _, _ := unstructured.NestedSlice(pm.Object, "spec", "podMetricsEndpoints")
+		if len(peps) != 1 || peps[0].(map[string]any)["port"] != "control" || !relabelsJob(peps[0].(map[string]any), "tandem-agent") {
+			t.Errorf("PodMonitor endpoints = %v, want port control with job=tandem-agent", peps)
+		}
+
+		src, err := os.ReadFile(filepath.Join(repoRoot, "config", "monitoring", "prometheus-rules.yaml"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var want map[string]any
+		if err := yaml.Unmarshal(src, &want); err != nil {
+			t.Fatal(err)
+		}
+		pr := findObject(objs, "PrometheusRule", operatorNamespace, "tandem")
+		if pr == nil {
+			t.Fatal("no PrometheusRule tandem")
+		}
+		if spec, _, _ := unstructured.NestedMap(pr.Object, "spec"); !equality.Semantic.DeepEqual(spec, want) {
+			t.Errorf("PrometheusRule spec differs from config/monitoring/prometheus-rules.yaml")
+		}
+
+		dash, err := os.ReadFile(filepath.Join(repoRoot, "config", "monitoring", "grafana-dashboard.json"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		cm := findObject(objs, "ConfigMap", "grafana", "tandem-grafana-dashboard")
+		if cm == nil {
+			t.Fatal("no ConfigMap grafana/tandem-grafana-dashboard")
+		}
+		if cm.GetLabels()["grafana_dashboard"] != "1" {
+			t.Errorf("dashboard ConfigMap labels = %v, want grafana_dashboard=1", cm.GetLabels())
+		}
+		if got, _, _ := unstructured.NestedString(cm.Object, "data", "tandem.json"); got != strings.TrimSuffix(string(dash), "\n") {
+			t.Errorf("the dashboard ConfigMap's tandem.json differs from config/monitoring/grafana-dashboard.json")
+		}
+	})
+
+	t.Run("plain HTTP", func(t *testing.T) {
+		objs := render(t, "--set", "manager.metricsSecure=false")
+		checkMetricsAuth(t, objs, "tandem", operatorNamespace, false)
+		if ep := endpoint(t, objs); ep["scheme"] != nil || ep["bearerTokenFile"] != nil || ep["tlsConfig"] != nil {
+			t.Errorf("ServiceMonitor endpoint = %v, want plain HTTP without a token", ep)
+		}
+	})
+
+	t.Run("off by default", func(t *testing.T) {
+		out, err := helm(t, "template", "tandem", chart, "--namespace", operatorNamespace)
+		if err != nil {
+			t.Fatalf("helm template: %v", err)
+		}
+		for _, o := range decodeManifest(t, out) {
+			if strings.HasPrefix(o.GetAPIVersion(), "monitoring.coreos.com/") || o.GetKind() == "ConfigMap" {
+				t.Errorf("default values render %s %s", o.GetKind(), o.GetName())
+			}
+		}
+	})
+
+	t.Run("a ServiceMonitor needs the metrics Service", func(t *testing.T) {
+		if _, err := helm(t, "template", "tandem", chart, "--namespace", operatorNamespace,
+			"--set", "monitoring.serviceMonitor.enabled=true,manager.metricsService.enabled=false"); err == nil || !strings.Contains(err.Error(), "needs manager.metricsService.enabled") {
+			t.Errorf("helm template = %v, want a failure naming manager.metricsService.enabled", err)
+		}
+	})
+}
+
+// relabelsJob: a scrape endpoint's relabelings set job to name.
+func relabelsJob(ep map[string]any, name string) bool {
+	rs, _ := ep["relabelings"].([]any)
+	for _, r := range rs {
+		if m, _ := r.(map[string]any); m["targetLabel"] == "job" && m["replacement"] == name {
+			return true
+		}
+	}
+	return false
 }
 
 // TestHelmInstallUpgradeKeepsToken installs the chart for real into the test

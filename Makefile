@@ -27,6 +27,7 @@ CONTROLLER_GEN := $(BIN)/controller-gen
 STATICCHECK := $(BIN)/staticcheck
 KUBECTL := $(BIN)/kubectl
 HELM := $(BIN)/helm
+PROMTOOL := $(BIN)/promtool
 export KUBEBUILDER_ASSETS := $(BIN)
 
 ##@ General
@@ -62,16 +63,25 @@ lint: tools-staticcheck ## Run staticcheck on every package, the e2e tests inclu
 shellcheck: ## Run shellcheck on every shell script (installs shellcheck when missing).
 	hack/verify-shell.sh
 
+.PHONY: lint-rules
+lint-rules: tools-promtool tools-helm ## Check the alerts with promtool (built on first use): config/monitoring's rules, their unit tests, and the PrometheusRule the chart renders.
+	$(PROMTOOL) check rules config/monitoring/prometheus-rules.yaml
+	$(PROMTOOL) test rules config/monitoring/prometheus-rules.test.yaml
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  $(HELM) template tandem charts/tandem --set monitoring.prometheusRule.enabled=true --show-only templates/monitoring.yaml \
+	    | go run ./hack/promrules >"$$tmp/chart-rules.yaml" && \
+	  echo "lint-rules: the PrometheusRule of charts/tandem" && $(PROMTOOL) check rules "$$tmp/chart-rules.yaml"
+
 .PHONY: tidy-check
 tidy-check: ## Fail when go.mod/go.sum, or a tool module's under hack/tools, is not what go mod tidy makes.
 	@go mod tidy -diff || { echo "verify: go.mod/go.sum are not tidy; run 'go mod tidy' and commit the result" >&2; exit 1; }
 	@for d in hack/tools/*/; do (cd "$$d" && go mod tidy -diff) || { echo "verify: $$d is not tidy; run 'go mod tidy' there and commit the result" >&2; exit 1; }; done
 
 .PHONY: verify
-verify: manifests generate ## Fail when generated files are stale, code is not gofmt'ed, a module is not tidy, or vet, staticcheck or shellcheck complain.
+verify: manifests generate ## Fail when generated files are stale, code is not gofmt'ed, a module is not tidy, or vet, staticcheck, shellcheck or promtool complain.
 	@test -z "$$(gofmt -s -l $$(git ls-files '*.go'))" || { echo "verify: gofmt needed on:"; gofmt -s -l $$(git ls-files '*.go'); exit 1; }
 	go vet ./...
-	@$(MAKE) --no-print-directory lint shellcheck tidy-check
+	@$(MAKE) --no-print-directory lint shellcheck tidy-check lint-rules
 	@git diff --exit-code -- api config charts || { echo "verify: generated files are stale; run 'make manifests generate' and commit the result" >&2; exit 1; }
 	@test -z "$$(git status --porcelain -- api config charts)" || { echo "verify: untracked generated files:" >&2; git status --porcelain -- api config charts; exit 1; }
 

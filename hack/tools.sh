@@ -18,8 +18,11 @@
 #   helm            helm                           (helm.sh/helm/v3)
 #   controller-gen  controller-gen                 (sigs.k8s.io/controller-tools)
 #   staticcheck     staticcheck                    (honnef.co/go/tools 2026.2, v0.8.x)
+#   promtool        promtool                       (github.com/prometheus/prometheus v0.316.x;
+#                                                   make lint-rules checks the chart's alerts)
 #
-# The default set leaves kubernetes-node out: `make test` does not need it.
+# The default set leaves kubernetes-node and promtool out: `make test` does not
+# need them.
 # Cold build of the default set's six binaries on 2 cores: 15-21 minutes (kube-apiserver
 # dominates); warm: under a second.
 set -euo pipefail
@@ -36,6 +39,7 @@ declare -A tools=(
   [helm]="helm=helm.sh/helm/v3/cmd/helm"
   [controller-gen]="controller-gen=sigs.k8s.io/controller-tools/cmd/controller-gen"
   [staticcheck]="staticcheck=honnef.co/go/tools/cmd/staticcheck"
+  [promtool]="promtool=github.com/prometheus/prometheus/cmd/promtool"
   [kubernetes-node]="kubelet=k8s.io/kubernetes/cmd/kubelet kube-scheduler=k8s.io/kubernetes/cmd/kube-scheduler kube-controller-manager=k8s.io/kubernetes/cmd/kube-controller-manager"
 )
 # family -> the module under hack/tools/ that pins it (default: its own name)

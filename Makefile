@@ -64,13 +64,15 @@ shellcheck: ## Run shellcheck on every shell script (installs shellcheck when mi
 	hack/verify-shell.sh
 
 .PHONY: lint-rules
-lint-rules: tools-promtool tools-helm ## Check the alerts with promtool (built on first use): config/monitoring's rules, their unit tests, and the PrometheusRule the chart renders.
+lint-rules: tools-promtool tools-helm ## Check the alerts with promtool (built on first use): config/monitoring's rules, their unit tests, the PrometheusRule the chart renders, and the dashboard's queries.
 	$(PROMTOOL) check rules config/monitoring/prometheus-rules.yaml
 	$(PROMTOOL) test rules config/monitoring/prometheus-rules.test.yaml
 	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
 	  $(HELM) template tandem charts/tandem --set monitoring.prometheusRule.enabled=true --show-only templates/monitoring.yaml \
 	    | go run ./hack/promrules >"$$tmp/chart-rules.yaml" && \
-	  echo "lint-rules: the PrometheusRule of charts/tandem" && $(PROMTOOL) check rules "$$tmp/chart-rules.yaml"
+	  echo "lint-rules: the PrometheusRule of charts/tandem" && $(PROMTOOL) check rules "$$tmp/chart-rules.yaml" && \
+	  go run ./hack/promrules -dashboard config/monitoring/grafana-dashboard.json >"$$tmp/dashboard-queries.yaml" && \
+	  echo "lint-rules: the queries of config/monitoring/grafana-dashboard.json" && $(PROMTOOL) check rules "$$tmp/dashboard-queries.yaml"
 
 .PHONY: tidy-check
 tidy-check: ## Fail when go.mod/go.sum, or a tool module's under hack/tools, is not what go mod tidy makes.

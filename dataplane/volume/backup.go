@@ -334,8 +334,8 @@ func (b *backupSide) syncer(stop <-chan struct{}) {
 }
 
 // syncDue is the syncer's decision for applied frames not durable yet:
-// kicked (a FUA write or a Flush), quiet (no frame applied since the last
-// tick), asked (a frame asked for a durable ack), pending (how long the
+// kicked (a FUA write or a Flush), quiet (no frame to read for quietAfter,
+// at most once per syncEvery, or none applied since the last tick), asked (a frame asked for a durable ack), pending (how long the
 // oldest has waited, as the syncer saw it).
 func syncDue(kicked, quiet, asked bool, pending time.Duration) bool {
 	return kicked || quiet || asked || pending >= lazySyncAfter

@@ -3,9 +3,11 @@ package main
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -115,26 +117,112 @@ func cpuSeconds(pids []int) (float64, error) {
 	return float64(ticks) / clkTck, nil
 }
 
-// procTicks is utime+stime of one process from /proc/PID/stat (the 14th
-// and 15th fields; the command name in parentheses may hold spaces).
+// procTicks is utime+stime of one process from /proc/PID/stat.
 func procTicks(pid int) (int64, error) {
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	st, err := readStat(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
 		return 0, fmt.Errorf("cpu time of %d: %w", pid, err)
 	}
-	s := string(data)
-	i := strings.LastIndexByte(s, ')')
-	if i < 0 {
-		return 0, fmt.Errorf("/proc/%d/stat: no command name", pid)
+	return st.ticks, nil
+}
+
+// procStat is what the bench reads of a /proc/.../stat file.
+type procStat struct {
+	comm  string
+	ppid  int
+	ticks int64 // utime+stime
+}
+
+// readStat parses a /proc/PID/stat (or /proc/thread-self/stat): the
+// command name in parentheses (it may hold spaces), the 4th field (ppid)
+// and the 14th and 15th (utime, stime).
+func readStat(path string) (procStat, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return procStat{}, err
 	}
-	f := strings.Fields(s[i+1:]) // f[0] is field 3 (state)
+	return parseStat(string(data))
+}
+
+func parseStat(s string) (procStat, error) {
+	i, j := strings.IndexByte(s, '('), strings.LastIndexByte(s, ')')
+	if i < 0 || j < i {
+		return procStat{}, fmt.Errorf("stat: no command name")
+	}
+	f := strings.Fields(s[j+1:]) // f[0] is field 3 (state)
 	if len(f) < 13 {
-		return 0, fmt.Errorf("/proc/%d/stat: %d fields", pid, len(f)+2)
+		return procStat{}, fmt.Errorf("stat: %d fields", len(f)+2)
 	}
+	ppid, err0 := strconv.Atoi(f[1])
 	utime, err1 := strconv.ParseInt(f[11], 10, 64)
 	stime, err2 := strconv.ParseInt(f[12], 10, 64)
-	if err := errors.Join(err1, err2); err != nil {
-		return 0, fmt.Errorf("/proc/%d/stat: %w", pid, err)
+	if err := errors.Join(err0, err1, err2); err != nil {
+		return procStat{}, fmt.Errorf("stat: %w", err)
 	}
-	return utime + stime, nil
+	return procStat{comm: s[i+1 : j], ppid: ppid, ticks: utime + stime}, nil
+}
+
+// kthreaddPid is the parent of every kernel thread.
+const kthreaddPid = 2
+
+// writebackSeconds is the CPU time the kernel's worker threads have used
+// so far (kworker*, where the page cache's writeback runs when no process
+// syncs, and jbd2*, ext4's journal): the work a target that leaves its
+// dirty pages to the kernel does not pay on its own account. Threads that
+// exited meanwhile are not counted.
+func writebackSeconds() (float64, error) {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return 0, err
+	}
+	var ticks int64
+	for _, e := range ents {
+		if _, err := strconv.Atoi(e.Name()); err != nil {
+			continue
+		}
+		st, err := readStat(filepath.Join("/proc", e.Name(), "stat"))
+		if err != nil || st.ppid != kthreaddPid {
+			continue // gone meanwhile, or not a kernel thread
+		}
+		if strings.HasPrefix(st.comm, "kworker") || strings.HasPrefix(st.comm, "jbd2") {
+			ticks += st.ticks
+		}
+	}
+	return float64(ticks) / clkTck, nil
+}
+
+// syncFiles fdatasyncs every regular file under paths (files or
+// directories) and returns the CPU time that took on the calling thread:
+// the writeback of whatever the files still had dirty.
+func syncFiles(paths []string) (float64, error) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	before, err := readStat("/proc/thread-self/stat")
+	if err != nil {
+		return 0, err
+	}
+	for _, root := range paths {
+		err := filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
+			if err != nil || !d.Type().IsRegular() {
+				return err
+			}
+			f, err := os.Open(path)
+			if err != nil {
+				return err
+			}
+			defer f.Close()
+			if err := syscall.Fdatasync(int(f.Fd())); err != nil {
+				return fmt.Errorf("fdatasync %s: %w", path, err)
+			}
+			return nil
+		})
+		if err != nil {
+			return 0, err
+		}
+	}
+	after, err := readStat("/proc/thread-self/stat")
+	if err != nil {
+		return 0, err
+	}
+	return float64(after.ticks-before.ticks) / clkTck, nil
 }

@@ -56,6 +56,11 @@ type bench struct {
 	res       results
 	logf      *os.File
 
+	// precondition: write each fio target's volume once before measuring.
+	precondition bool
+	// workloads and targets select part of the fio section (empty: all).
+	workloads, targets []string
+
 	// netnsCreated: the -netns bridge and namespaces may exist (cleanup
 	// removes them).
 	netnsCreated bool
@@ -75,7 +80,14 @@ func main() {
 	flag.BoolVar(&b.tmpfs, "tmpfs", false, "Put the data of every fio target (nbdkit's file, the qemu mirror's files, each agent's data directory) on a tmpfs the harness mounts under its work directory (root); the results go to their own section (fio-tmpfs), beside the on-disk ones.")
 	flag.BoolVar(&b.pin, "pin", false, "Pin the fio targets' primary side (nbdkit, standalone and primary agents, qemu-storage-daemon) to CPU 0 and the backup side (backup agent, the mirror's nbdkit) to CPU 1, fio unpinned: two nodes on two CPUs; the results go to their own section (fio-pinned).")
 	flag.BoolVar(&b.netns, "netns", false, "Run the fio targets' primary side (nbdkit, standalone and primary agents, qemu-storage-daemon) in a network namespace ("+netnsPrimary+", "+netnsAddrA+") and the backup side (backup agent, the mirror's nbdkit) in another ("+netnsBackup+", "+netnsAddrB+"), each with a veth into a bridge ("+netnsBridge+", "+netnsBridgeAddr+"), fio in the harness's namespace: the topology of a pair on the local cluster (root; everything is removed afterwards); the results go to their own section (fio-netns), beside the loopback ones.")
+	flag.BoolVar(&b.precondition, "precondition", false, "Write every fio target's volume once end to end (and wait for its replicas) before the first measured run, so that no run pays the file system's first allocation of a sparse file's blocks.")
+	wl := flag.String("workloads", "", "Comma-separated fio workloads to run (a prefix of the name, e.g. 4K,1M); empty: all. For quick experiments: refused with -update, whose section would lose the others.")
+	tg := flag.String("targets", "", "Comma-separated fio targets to run (e.g. async,qemu-async); empty: all. For quick experiments: refused with -update.")
 	flag.Parse()
+	b.workloads, b.targets = splitList(*wl), splitList(*tg)
+	if *update && (len(b.workloads) > 0 || len(b.targets) > 0) {
+		fatal(fmt.Errorf("-workloads and -targets run part of the fio section: write it elsewhere (-out /tmp/x.md), not with -update"))
+	}
 	if b.netns && os.Geteuid() != 0 {
 		fatal(fmt.Errorf("-netns creates network namespaces and a bridge: run it as root (sudo)"))
 	}
@@ -362,4 +374,15 @@ func cmdOut(name string, args ...string) string {
 		return "?"
 	}
 	return strings.TrimSpace(strings.SplitN(string(out), "\n", 2)[0])
+}
+
+// splitList splits a comma-separated flag value, dropping empty items.
+func splitList(s string) []string {
+	var out []string
+	for _, f := range strings.Split(s, ",") {
+		if f = strings.TrimSpace(f); f != "" {
+			out = append(out, f)
+		}
+	}
+	return out
 }

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -61,10 +62,13 @@ type fioEnv struct {
 	Network string `json:",omitempty"` // empty: every process on loopback; networkNetns
 	// NoRamp: runs measured from their first I/O, without a ramp, so that
 	// the CPU time and the bytes written cover the same interval.
-	NoRamp  bool          `json:",omitempty"`
-	Runs    int           `json:",omitempty"`
-	Runtime time.Duration `json:",omitempty"`
-	Started time.Time     `json:",omitzero"`
+	NoRamp bool `json:",omitempty"`
+	// Preconditioned: every target's volume was written once end to end
+	// before the first measured run (precondition).
+	Preconditioned bool          `json:",omitempty"`
+	Runs           int           `json:",omitempty"`
+	Runtime        time.Duration `json:",omitempty"`
+	Started        time.Time     `json:",omitzero"`
 }
 
 // fioSet is one fio section: how it was taken, its targets, its rows.
@@ -144,8 +148,12 @@ type fioRow struct {
 	QemuRatio stat `json:",omitzero"`
 	// CPU is the CPU seconds (utime+stime of all the target's processes)
 	// per GiB written (read, for a read-only workload).
-	CPU    stat `json:",omitzero"`
-	Errors []string
+	CPU stat `json:",omitzero"`
+	// CPUDurable adds the work of making every replica's data durable:
+	// the kernel's writeback threads during the run and an fdatasync of
+	// every replica file after it (cpuUse).
+	CPUDurable stat `json:",omitzero"`
+	Errors     []string
 }
 
 type profile struct {
@@ -188,7 +196,10 @@ type fioTarget struct {
 	check func() error
 	// drained, after a run, reports whether every replica holds every
 	// write (nil: no replica).
+	// files are the target's data on every replica (files or directories),
+	// synced after a run for the CPU until durable.
 	drained func() (bool, error)
+	files   func() []string
 }
 
 // runFio measures the targets on each workload, rotating the order round
@@ -196,7 +207,7 @@ type fioTarget struct {
 // profiles of both agents during one extra Async-pair run of each workload.
 func (b *bench) runFio() error {
 	key := b.fioKey()
-	set := &fioSet{fioEnv: fioEnv{Storage: storageDisk, NoRamp: true, Runs: b.runs, Runtime: b.runtime, Started: time.Now()}}
+	set := &fioSet{fioEnv: fioEnv{Storage: storageDisk, NoRamp: true, Preconditioned: b.precondition, Runs: b.runs, Runtime: b.runtime, Started: time.Now()}}
 	if b.tmpfs {
 		set.Storage = storageTmpfs
 	}
@@ -220,7 +231,17 @@ func (b *bench) runFio() error {
 	for _, t := range ts {
 		set.Targets = append(set.Targets, t.name)
 	}
+	if b.precondition {
+		for _, t := range ts {
+			if err := b.preconditionTarget(t); err != nil {
+				return err
+			}
+		}
+	}
 	for _, w := range workloads {
+		if len(b.workloads) > 0 && !slices.ContainsFunc(b.workloads, func(p string) bool { return strings.HasPrefix(w.name, p) }) {
+			continue
+		}
 		set.Rows = append(set.Rows, b.fioWorkload(w, ts)...)
 		if key != "fio" {
 			continue
@@ -244,6 +265,31 @@ func (b *bench) runFio() error {
 	}
 	return nil
 }
+
+// preconditionTarget writes every byte of t's volume once (1 MiB
+// sequential writes through NBD) and waits until its replicas hold them, so
+// that the measured runs overwrite allocated blocks, as on a volume in use.
+// On fresh sparse files a run also pays the file system's first allocation
+// of the blocks it touches, and not every target pays it in the measured
+// interval: a Tandem backup's fdatasync allocates its delayed blocks itself,
+// while the mirror's nbdkit leaves them to the kernel's flusher, after the
+// run (docs/benchmarks.md, analysis).
+func (b *bench) preconditionTarget(t *fioTarget) error {
+	t0 := time.Now()
+	if _, err := fioRamp(t.uri, fioVolSize, preconditionLoad, 0, 0); err != nil {
+		return fmt.Errorf("precondition %s: %w", t.name, err)
+	}
+	if t.drained != nil {
+		if err := testkit.Wait(2*time.Minute, t.name+"'s replicas caught up after the precondition", t.drained, testkit.Every(50*time.Millisecond)); err != nil {
+			return err
+		}
+	}
+	b.logln("  %s preconditioned (%d MiB written end to end) in %v", t.name, fioVolSize>>20, time.Since(t0).Round(100*time.Millisecond))
+	return nil
+}
+
+// preconditionLoad writes a volume once, sequentially.
+var preconditionLoad = workload{name: "precondition", rw: "write", bs: "1M", qd: 8}
 
 // fioTargets starts every target of the fio section: nbdkit, a standalone
 // member, the Async and Sync pairs (primary agent a, backup agent bk), the
@@ -301,6 +347,9 @@ func (b *bench) fioTargets() (ts []*fioTarget, a, bk *agentProc, err error) {
 		order = []string{"nbdkit", "standalone", "standalone-base", "async", "async-base", "qemu-async", "sync", "sync-base", "qemu-sync"}
 	}
 	for _, n := range order {
+		if len(b.targets) > 0 && !slices.Contains(b.targets, n) {
+			continue
+		}
 		ts = append(ts, byName[n])
 	}
 	return ts, a, bk, nil
@@ -321,7 +370,8 @@ func (b *bench) fioMembers(p, s *agentProc, bin, data string, pc, sc place, suff
 	if err := p.put("solo", fioVolSize, agentapi.Spec{Role: agentapi.RolePrimary, Epoch: 1, Mode: agentapi.ModeAsync, Initialize: true}); err != nil {
 		return nil, err
 	}
-	ts := []*fioTarget{{name: "standalone" + suffix, uri: p.url("solo"), pids: func() []int { return []int{p.pid()} }}}
+	ts := []*fioTarget{{name: "standalone" + suffix, uri: p.url("solo"), pids: func() []int { return []int{p.pid()} },
+		files: func() []string { return []string{p.volumeDir("solo")} }}}
 	for _, m := range []agentapi.Mode{agentapi.ModeAsync, agentapi.ModeSync} {
 		v := strings.ToLower(string(m))
 		if err := pair(p, s, v, fioVolSize, m, 1); err != nil {
@@ -330,7 +380,8 @@ func (b *bench) fioMembers(p, s *agentProc, bin, data string, pc, sc place, suff
 		if err := testkit.Wait(30*time.Second, v+suffix+" pair in sync", inSync(p, s, v)); err != nil {
 			return nil, err
 		}
-		ts = append(ts, &fioTarget{name: v + suffix, uri: p.url(v), pids: func() []int { return []int{p.pid(), s.pid()} }, drained: inSync(p, s, v)})
+		ts = append(ts, &fioTarget{name: v + suffix, uri: p.url(v), pids: func() []int { return []int{p.pid(), s.pid()} }, drained: inSync(p, s, v),
+			files: func() []string { return []string{p.volumeDir(v), s.volumeDir(v)} }})
 	}
 	return ts, nil
 }
@@ -344,7 +395,8 @@ func (b *bench) fioNbdkit(file string, at place) (*fioTarget, error) {
 	if err != nil {
 		return nil, err
 	}
-	t := &fioTarget{name: "nbdkit", uri: nk.url(), pids: func() []int { return []int{nk.cmd.Process.Pid} }}
+	t := &fioTarget{name: "nbdkit", uri: nk.url(), pids: func() []int { return []int{nk.cmd.Process.Pid} },
+		files: func() []string { return []string{file} }}
 	t.prepare = func() error {
 		if processAlive(nk.exited) {
 			return nil
@@ -367,7 +419,7 @@ func (b *bench) fioQemu(name, dir, mode string, pc, bc place) (*fioTarget, error
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", name, err)
 	}
-	t := &fioTarget{name: name, uri: q.url(), pids: func() []int { return q.pids() },
+	t := &fioTarget{name: name, uri: q.url(), pids: func() []int { return q.pids() }, files: func() []string { return []string{dir} },
 		check: func() error { return q.healthy() }, drained: func() (bool, error) { return q.drained() }}
 	t.prepare = func() error {
 		err := q.healthy()
@@ -381,6 +433,9 @@ func (b *bench) fioQemu(name, dir, mode string, pc, bc place) (*fioTarget, error
 			return fmt.Errorf("%s: %w", name, err)
 		}
 		q, t.uri = n, n.url()
+		if b.precondition {
+			return b.preconditionTarget(t)
+		}
 		return nil
 	}
 	return t, nil
@@ -390,8 +445,8 @@ func (b *bench) fioQemu(name, dir, mode string, pc, bc place) (*fioTarget, error
 // order, and summarizes each target's runs.
 func (b *bench) fioWorkload(w workload, ts []*fioTarget) []fioRow {
 	type runs struct {
-		iops, mibs, p50, p99, ratio, qratio, cpu []float64
-		errs                                     []string
+		iops, mibs, p50, p99, ratio, qratio, cpu, durable []float64
+		errs                                              []string
 	}
 	per := map[string]*runs{}
 	for _, t := range ts {
@@ -411,10 +466,13 @@ func (b *bench) fioWorkload(w workload, ts []*fioTarget) []fioRow {
 			p := per[t.name]
 			p.iops, p.mibs = append(p.iops, res.IOPS), append(p.mibs, res.MiBs)
 			p.p50, p.p99 = append(p.p50, res.P50us), append(p.p99, res.P99us)
-			if !math.IsNaN(cpu) {
-				p.cpu = append(p.cpu, cpu)
+			if !math.IsNaN(cpu.own) {
+				p.cpu = append(p.cpu, cpu.own)
 			}
-			b.logln("  %-22s %-15s round %d: %8.0f IOPS %8.1f MiB/s p50 %6.0fµs p99 %7.0fµs %6.2f CPU s/GiB", w.name, t.name, r+1, res.IOPS, res.MiBs, res.P50us, res.P99us, cpu)
+			if !math.IsNaN(cpu.durable) {
+				p.durable = append(p.durable, cpu.durable)
+			}
+			b.logln("  %-22s %-15s round %d: %8.0f IOPS %8.1f MiB/s p50 %6.0fµs p99 %7.0fµs %6.2f CPU s/GiB, %6.2f until durable", w.name, t.name, r+1, res.IOPS, res.MiBs, res.P50us, res.P99us, cpu.own, cpu.durable)
 		}
 		for name, v := range got {
 			if base := got["nbdkit"]; base > 0 {
@@ -430,56 +488,85 @@ func (b *bench) fioWorkload(w workload, ts []*fioTarget) []fioRow {
 		p := per[t.name]
 		rows = append(rows, fioRow{Workload: w.name, Target: t.name, IOPS: summarize(p.iops), MiBs: summarize(p.mibs),
 			P50: summarize(p.p50), P99: summarize(p.p99), Ratio: summarize(p.ratio), QemuRatio: summarize(p.qratio),
-			CPU: summarize(p.cpu), Errors: p.errs})
+			CPU: summarize(p.cpu), CPUDurable: summarize(p.durable), Errors: p.errs})
 	}
 	return rows
 }
 
+// cpuUse is what a run cost in CPU seconds per GiB written (read, for a
+// read-only workload; NaN if nothing moved or not measured).
+type cpuUse struct {
+	// own: utime+stime of the target's processes.
+	own float64
+	// durable: own, plus the kernel's writeback threads (kworker, jbd2)
+	// over the same interval, plus an fdatasync of every replica file once
+	// the replicas caught up. A target that syncs (a Tandem backup) does
+	// its writeback on its own account; one that leaves its dirty pages to
+	// the kernel (nbdkit) does not, and would look cheaper than it is.
+	durable float64
+}
+
 // fioOnce runs w once on t, from a state where every replica holds every
-// write to the same again, and returns fio's figures and the CPU seconds
-// the target's processes spent per GiB written (read, for a read-only
-// workload; NaN if none). The run has no ramp: fio's bytes and the CPU
-// time cover the same interval, which for a replicated target ends when
-// the backup has caught up (the copy an async mirror owes is part of the
-// cost of the writes).
-func (b *bench) fioOnce(t *fioTarget, w workload) (fioResult, float64, error) {
+// write to the same again, and returns fio's figures and the CPU it cost.
+// The run has no ramp: fio's bytes and the CPU time cover the same
+// interval, which for a replicated target ends when the backup has caught
+// up (the copy an async mirror owes is part of the cost of the writes).
+func (b *bench) fioOnce(t *fioTarget, w workload) (fioResult, cpuUse, error) {
+	none := cpuUse{math.NaN(), math.NaN()}
 	if t.prepare != nil {
 		if err := t.prepare(); err != nil {
-			return fioResult{}, 0, err
+			return fioResult{}, none, err
 		}
 	}
 	b.syncAll()
 	pids := t.pids()
 	cpu0, err := cpuSeconds(pids)
 	if err != nil {
-		return fioResult{}, 0, err
+		return fioResult{}, none, err
+	}
+	wb0, err := writebackSeconds()
+	if err != nil {
+		return fioResult{}, none, err
 	}
 	res, err := fioRamp(t.uri, fioVolSize, w, b.runtime, 0)
 	if err != nil {
-		return res, 0, err
+		return res, none, err
 	}
 	if t.check != nil {
 		if err := t.check(); err != nil {
-			return res, 0, fmt.Errorf("after the run: %w", err)
+			return res, none, fmt.Errorf("after the run: %w", err)
 		}
 	}
 	if t.drained != nil {
 		if err := testkit.Wait(2*time.Minute, t.name+"'s backup caught up", t.drained, testkit.Every(50*time.Millisecond)); err != nil {
-			return res, 0, err
+			return res, none, err
 		}
 	}
 	cpu1, err := cpuSeconds(pids)
 	if err != nil {
-		return res, 0, err
+		return res, none, err
 	}
 	moved := res.WriteBytes
 	if w.isRead {
 		moved = res.ReadBytes
 	}
 	if moved <= 0 {
-		return res, math.NaN(), nil
+		return res, none, nil
 	}
-	return res, (cpu1 - cpu0) / (float64(moved) / (1 << 30)), nil
+	gib := float64(moved) / (1 << 30)
+	use := cpuUse{own: (cpu1 - cpu0) / gib, durable: math.NaN()}
+	if t.files != nil {
+		synced, err := syncFiles(t.files())
+		if err != nil {
+			return res, none, err
+		}
+		wb1, err := writebackSeconds()
+		if err != nil {
+			return res, none, err
+		}
+		use.durable = (cpu1 - cpu0 + synced + wb1 - wb0) / gib
+	}
+	return res, use, nil
 }
 
 func processAlive(exited chan struct{}) bool {

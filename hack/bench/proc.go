@@ -45,6 +45,12 @@ type agentProc struct {
 	api                    *agentapi.Client // its control API (the harness links neither the agent nor a Kubernetes client)
 }
 
+// volumeDir is where the agent keeps volume name's files (data, journal,
+// bitmaps).
+func (a *agentProc) volumeDir(name string) string {
+	return filepath.Join(a.dir, "volumes", ns, name)
+}
+
 // newAgent names an agent and its data dir; start runs it.
 func (b *bench) newAgent(node string) *agentProc {
 	return &agentProc{b: b, bin: b.agentBin, node: node, dir: filepath.Join(b.work, node)}

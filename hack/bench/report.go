@@ -451,6 +451,9 @@ func reportFio(p func(string, ...any), r *results, key string, s *fioSet) {
 	default:
 		p("Storage: every target's data on the disk under the work directory (see Machine).\n\n")
 	}
+	if s.Preconditioned {
+		p("Preconditioned (`-precondition`): every target's volume was written once end to end (1 MiB sequential writes through NBD, replicas caught up) before the first measured run.\n\n")
+	}
 	if s.Network != networkLoopback {
 		p("Network: the topology of a pair on the local cluster. The primary side (nbdkit, the standalone and primary agents, qemu-storage-daemon) runs in a network namespace (`%s`, %s), ", netnsPrimary, netnsAddrA)
 		p("the backup side (the backup agent, the mirror's nbdkit) in another (`%s`, %s), each with a veth (MTU 1500) into a Linux bridge in the harness's namespace (`%s`, %s); ", netnsBackup, netnsAddrB, netnsBridge, netnsBridgeAddr)
@@ -492,11 +495,18 @@ func fioPromises(p func(string, ...any), r *results, s *fioSet) {
 func fioTables(p func(string, ...any), s *fioSet) {
 	hasQemu := slices.ContainsFunc(s.Rows, func(f fioRow) bool { return f.QemuRatio.N > 0 })
 	hasCPU := slices.ContainsFunc(s.Rows, func(f fioRow) bool { return f.CPU.N > 0 })
+	hasDurable := slices.ContainsFunc(s.Rows, func(f fioRow) bool { return f.CPUDurable.N > 0 })
 	if hasCPU {
 		p("*CPU s/GiB*: utime+stime (`/proc/PID/stat`) of all the target's processes (nbdkit; qemu-storage-daemon and its nbdkit target; the standalone agent; ")
 		p("the primary and the backup agent of a pair) from just before fio starts until, after fio's end, every replica holds every write ")
 		p("(a pair in sync; the mirror job's dirty bitmap clean and its copies done), divided by the GiB fio wrote (read, for the read-only workload). ")
 		p("An async target's catch-up after the run is part of the cost of the run's writes. An agent serves several volumes; the others are idle meanwhile.\n\n")
+	}
+	if hasDurable {
+		p("*until durable*: the same, plus what making every replica's data durable cost: the CPU time of the kernel's writeback threads (`kworker*`, `jbd2*`) over the same interval, ")
+		p("and an `fdatasync` by the harness of every replica file once the replicas caught up (its thread's CPU time). A Tandem backup syncs within the run, on its own account; ")
+		p("nbdkit and the mirror leave their dirty pages to the kernel, whose flusher writes them later on nobody's: this column charges both the same. ")
+		p("The kernel threads are shared by the whole machine; other work during the run (there is none by design) would be counted too.\n\n")
 	}
 	head := []string{"target", "IOPS", "MiB/s", "p50 µs", "p99 µs", "ratio to nbdkit"}
 	if hasQemu {
@@ -504,6 +514,9 @@ func fioTables(p func(string, ...any), s *fioSet) {
 	}
 	if hasCPU {
 		head = append(head, "CPU s/GiB")
+	}
+	if hasDurable {
+		head = append(head, "until durable")
 	}
 	cur := ""
 	for _, f := range s.Rows {
@@ -524,6 +537,9 @@ func fioTables(p func(string, ...any), s *fioSet) {
 				unit = " per GiB read"
 			}
 			cells = append(cells, dash(f.CPU, 2, unit))
+		}
+		if hasDurable {
+			cells = append(cells, dash(f.CPUDurable, 2, ""))
 		}
 		p("| %s |\n", strings.Join(cells, " | "))
 		if len(f.Errors) > 0 {
@@ -589,6 +605,10 @@ func scoreQemu(p func(string, ...any), s *fioSet, met func(bool, stat) string) {
 			both := stat{N: min(t.N, q.N)}
 			p("| CPU per GiB written, %s ≤ %s, %s, %s | ≤ 1.0× | %s s/GiB vs %s s/GiB (%s×) | %s |\n",
 				pr.tandem, pr.peer, wl, where, t.f(2), q.f(2), ff(t.Med/q.Med, 2), met(t.Med <= q.Med, both))
+			if td, qd := row(wl, pr.tandem).CPUDurable, row(wl, pr.peer).CPUDurable; td.N > 0 && qd.N > 0 {
+				p("| CPU per GiB written until durable, %s ≤ %s, %s, %s | ≤ 1.0× | %s s/GiB vs %s s/GiB (%s×) | %s |\n",
+					pr.tandem, pr.peer, wl, where, td.f(2), qd.f(2), ff(td.Med/qd.Med, 2), met(td.Med <= qd.Med, stat{N: min(td.N, qd.N)}))
+			}
 		}
 	}
 }

@@ -234,6 +234,9 @@ func (f *Faulty) Sync() error {
 	return f.s.Sync()
 }
 
+// DropCache drops the wrapped store's cached pages (CacheDropper).
+func (f *Faulty) DropCache() error { return DropCache(f.s) }
+
 // Close closes the wrapped store and ends pending Sync delays.
 func (f *Faulty) Close() error {
 	f.closeOnce.Do(func() { close(f.closed) })

@@ -20,6 +20,17 @@ func (s *File) zeroRange(off, n int64) error {
 	return s.fallocate(unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, off, n)
 }
 
+// DropCache implements CacheDropper (posix_fadvise POSIX_FADV_DONTNEED
+// over the whole file).
+func (s *File) DropCache() error {
+	return s.control(func(fd int) error {
+		if err := unix.Fadvise(fd, 0, 0, unix.FADV_DONTNEED); err != nil {
+			return fmt.Errorf("fadvise(DONTNEED) %s: %w", s.path, err)
+		}
+		return nil
+	})
+}
+
 func (s *File) fallocate(mode uint32, off, n int64) error {
 	return s.control(func(fd int) error {
 		for {

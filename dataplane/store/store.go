@@ -23,6 +23,22 @@ type Store interface {
 	Close() error
 }
 
+// CacheDropper is implemented by a Store whose data passes through the
+// kernel's page cache. DropCache asks the kernel to forget the store's
+// cached pages (it starts writeback of dirty ones and drops the clean
+// ones); it changes no data and promises no durability.
+type CacheDropper interface {
+	DropCache() error
+}
+
+// DropCache drops s's cached pages if it has any (CacheDropper).
+func DropCache(s Store) error {
+	if d, ok := s.(CacheDropper); ok {
+		return d.DropCache()
+	}
+	return nil
+}
+
 // ZeroReporter is implemented by a Store that can tell it holds only zeros
 // (a new memory store). A replica whose store says so needs no copy to be
 // identical to another all-zero replica.

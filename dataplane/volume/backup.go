@@ -13,6 +13,7 @@ import (
 
 	"github.com/tandem-storage/tandem/dataplane/bitmap"
 	"github.com/tandem-storage/tandem/dataplane/repl"
+	"github.com/tandem-storage/tandem/dataplane/store"
 )
 
 // backupSide is the backup's end of the replication stream: it applies the
@@ -329,6 +330,16 @@ func (b *backupSide) syncer(stop <-chan struct{}) {
 		if err := b.ack(); err != nil {
 			b.close(err)
 			return
+		}
+		// A backup never reads its data while it is one: the pages it
+		// wrote are only a cost once durable. Left cached, they keep the
+		// granularity of the writes that made them (the client's 4 KiB
+		// writes, say), and later writes to the same range pay per page;
+		// they also hold memory the backup's node could use. Dropped, the
+		// next writes cache pages sized by themselves (analysis in
+		// docs/benchmarks.md). A promoted backup reads from the disk.
+		if err := store.DropCache(b.v.store); err != nil {
+			b.v.log.V(1).Info("Could not drop the backup's cached pages", "error", err.Error())
 		}
 	}
 }

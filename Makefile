@@ -28,6 +28,10 @@ STATICCHECK := $(BIN)/staticcheck
 KUBECTL := $(BIN)/kubectl
 HELM := $(BIN)/helm
 PROMTOOL := $(BIN)/promtool
+# The Kubernetes version helm template checks the chart's kubeVersion against
+# (helm's own default is v1.20 unless built with hack/tools.sh's ldflags): the
+# oldest the chart supports.
+HELM_KUBE_VERSION ?= 1.29.0
 export KUBEBUILDER_ASSETS := $(BIN)
 
 ##@ General
@@ -68,7 +72,7 @@ lint-rules: tools-promtool tools-helm ## Check the alerts with promtool (built o
 	$(PROMTOOL) check rules config/monitoring/prometheus-rules.yaml
 	$(PROMTOOL) test rules config/monitoring/prometheus-rules.test.yaml
 	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
-	  $(HELM) template tandem charts/tandem --set monitoring.prometheusRule.enabled=true --show-only templates/monitoring.yaml \
+	  $(HELM) template tandem charts/tandem --kube-version $(HELM_KUBE_VERSION) --set monitoring.prometheusRule.enabled=true --show-only templates/monitoring.yaml \
 	    | go run ./hack/promrules >"$$tmp/chart-rules.yaml" && \
 	  echo "lint-rules: the PrometheusRule of charts/tandem" && $(PROMTOOL) check rules "$$tmp/chart-rules.yaml" && \
 	  go run ./hack/promrules -dashboard config/monitoring/grafana-dashboard.json >"$$tmp/dashboard-queries.yaml" && \

@@ -58,6 +58,18 @@ k8s_version() {
   done
 }
 
+# helm template and helm lint check a chart's kubeVersion against the
+# Kubernetes version compiled into helm (its release builds set it like this);
+# unset, it is v1.20, older than charts/tandem's kubeVersion allows.
+helm_k8s_version() {
+  local v major minor x
+  v=$(sed -n 's/^\(require \)\{0,1\}[[:space:]]*k8s.io\/kubernetes v\([0-9.]*\).*/\2/p' "$root/hack/tools/kubernetes/go.mod" | head -1)
+  major=${v%%.*}; minor=${v#*.}; minor=${minor%%.*}
+  for x in chartutil lint/rules; do
+    printf -- ' -X helm.sh/helm/v3/pkg/%s.k8sVersionMajor=%s -X helm.sh/helm/v3/pkg/%s.k8sVersionMinor=%s' "$x" "$major" "$x" "$minor"
+  done
+}
+
 families=("$@")
 [ ${#families[@]} -gt 0 ] || families=(controller-gen staticcheck etcd kubernetes helm)
 
@@ -65,7 +77,10 @@ for fam in "${families[@]}"; do
   [ -n "${tools[$fam]:-}" ] || { echo "tools.sh: unknown tool family '$fam' (known: ${!tools[*]})" >&2; exit 2; }
   dir="$root/hack/tools/${module[$fam]:-$fam}"
   ldflags='-s -w'
-  case $fam in kubernetes*) ldflags+=$(k8s_version) ;; esac
+  case $fam in
+  kubernetes*) ldflags+=$(k8s_version) ;;
+  helm) ldflags+=$(helm_k8s_version) ;;
+  esac
   want=$(cat "$dir/go.mod" "$dir/go.sum" | sha256sum | cut -d' ' -f1)
   for spec in ${tools[$fam]}; do
     name=${spec%%=*}; pkg=${spec#*=}

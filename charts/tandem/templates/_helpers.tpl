@@ -63,6 +63,23 @@ Per-component labels: call with (dict "ctx" $ "component" "manager").
 app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
+{{/*
+Labels of a Pod template: call with (dict "ctx" $ "component" "agent").
+Without helm.sh/chart and app.kubernetes.io/version, which change with every
+chart release: a Pod template label that changes rolls every Pod of the
+workload, and rolling every agent interrupts the volumes it serves. A new
+image changes the template anyway. The objects themselves keep both labels.
+*/}}
+{{- define "tandem.podLabels" -}}
+{{ include "tandem.selectorLabels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+app.kubernetes.io/part-of: tandem
+{{- with .ctx.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
 {{- define "tandem.componentSelectorLabels" -}}
 {{ include "tandem.selectorLabels" .ctx }}
 app.kubernetes.io/component: {{ .component }}

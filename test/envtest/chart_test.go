@@ -4,8 +4,10 @@ package envtest
 // versions, what it asks of the cluster (kubeVersion), and its CRDs.
 
 import (
+	"context"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -13,6 +15,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/equality"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/client-go/discovery"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/yaml"
 )
 
@@ -136,4 +139,133 @@ func TestHelmKubeVersion(t *testing.T) {
 			t.Errorf("helm template --kube-version %s: %v", v, err)
 		}
 	}
+}
+
+// TestHelmUpgradeChangesCRD is the chart's upgrade path for the CRD. Chart
+// 0.1.0 shipped it in crds/, which Helm installs once, never upgrades and
+// does not own; the chart now renders it from templates/crds. The test
+// installs a copy of the chart in the 0.1.0 layout on a cluster that already
+// has the CRD (as every 0.1.0 install does), then upgrades to a chart whose
+// CRD template differs: the first upgrade needs --take-ownership (or the
+// kubectl commands of docs/install.md) and changes the CRD; a later upgrade
+// changes it again without help; an uninstall keeps it.
+func TestHelmUpgradeChangesCRD(t *testing.T) {
+	const ns, release = "tandem-crd-upgrade", "tandem-crd"
+	const crdName = "volumepairs.storage.tandem.dev"
+	const crdFile = "storage.tandem.dev_volumepairs.yaml"
+	ctx := context.Background()
+	ensureNamespace(t, ns)
+
+	// 0.1.0: the CRD in crds/, no templates/crds.
+	old := copyChart(t, func(c map[string]any) { c["version"] = "0.1.0" })
+	if err := os.RemoveAll(filepath.Join(old, "templates", "crds")); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(filepath.Join(repoRoot, "config", "crd", "bases", crdFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(filepath.Join(old, "crds"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(old, "crds", crdFile), b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// The next version: its CRD gains a category.
+	next := copyChart(t, func(c map[string]any) { c["version"] = "0.2.0" })
+	tpl := filepath.Join(next, "templates", "crds", crdFile)
+	if b, err = os.ReadFile(tpl); err != nil {
+		t.Fatal(err)
+	}
+	changed := strings.Replace(string(b), "    categories:\n    - tandem\n", "    categories:\n    - tandem\n    - tandem-next\n", 1)
+	if changed == string(b) {
+		t.Fatalf("%s has no categories list to change", tpl)
+	}
+	if err := os.WriteFile(tpl, []byte(changed), 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	installed := true
+	if _, err := helm(t, "install", release, old, "--namespace", ns); err != nil {
+		t.Fatalf("helm install (0.1.0 layout): %v", err)
+	}
+	t.Cleanup(func() {
+		if installed {
+			if _, err := helm(t, "uninstall", release, "--namespace", ns); err != nil {
+				t.Errorf("helm uninstall: %v", err)
+			}
+		}
+		// Leave the CRD as the suite made it: the spec of config/crd/bases
+		// (the last upgrade restored it), without Helm's ownership.
+		crd := newCRD()
+		if err := k8s.Get(ctx, client.ObjectKey{Name: crdName}, crd); err != nil {
+			t.Errorf("the CRD is gone: %v", err)
+			return
+		}
+		a := crd.GetAnnotations()
+		for _, k := range []string{"meta.helm.sh/release-name", "meta.helm.sh/release-namespace", "helm.sh/resource-policy"} {
+			delete(a, k)
+		}
+		crd.SetAnnotations(a)
+		crd.SetLabels(nil)
+		if err := k8s.Update(ctx, crd); err != nil {
+			t.Errorf("drop Helm's ownership of the CRD: %v", err)
+		}
+	})
+	getCRD := func() *unstructured.Unstructured {
+		t.Helper()
+		crd := newCRD()
+		if err := k8s.Get(ctx, client.ObjectKey{Name: crdName}, crd); err != nil {
+			t.Fatalf("get CRD: %v", err)
+		}
+		return crd
+	}
+	categories := func(crd *unstructured.Unstructured) []string {
+		c, _, _ := unstructured.NestedStringSlice(crd.Object, "spec", "names", "categories")
+		return c
+	}
+	if slices.Contains(categories(getCRD()), "tandem-next") {
+		t.Fatal("the CRD has category tandem-next before the upgrade")
+	}
+
+	// Helm refuses to adopt the CRD it did not create...
+	if _, err := helm(t, "upgrade", release, next, "--namespace", ns); err == nil || !strings.Contains(err.Error(), "invalid ownership metadata") {
+		t.Errorf("helm upgrade from the crds/ layout without --take-ownership = %v, want a refusal for invalid ownership metadata (docs/install.md explains it)", err)
+	}
+	// ...until told to.
+	if _, err := helm(t, "upgrade", release, next, "--namespace", ns, "--take-ownership"); err != nil {
+		t.Fatalf("helm upgrade --take-ownership: %v", err)
+	}
+	crd := getCRD()
+	if c := categories(crd); !slices.Contains(c, "tandem-next") {
+		t.Errorf("after helm upgrade the CRD's categories = %v, want tandem-next among them", c)
+	}
+	if a := crd.GetAnnotations(); a["meta.helm.sh/release-name"] != release || a["helm.sh/resource-policy"] != "keep" {
+		t.Errorf("after helm upgrade the CRD's annotations = %v, want it owned by release %s and kept on uninstall", a, release)
+	}
+
+	// Later upgrades change it like any other object.
+	if _, err := helm(t, "upgrade", release, filepath.Join(repoRoot, "charts", "tandem"), "--namespace", ns); err != nil {
+		t.Fatalf("helm upgrade to the repository's chart: %v", err)
+	}
+	if c := categories(getCRD()); slices.Contains(c, "tandem-next") {
+		t.Errorf("after the second helm upgrade the CRD's categories = %v, want tandem-next gone", c)
+	}
+
+	if _, err := helm(t, "uninstall", release, "--namespace", ns); err != nil {
+		t.Fatalf("helm uninstall: %v", err)
+	}
+	installed = false
+	if crd := getCRD(); crd.GetDeletionTimestamp() != nil {
+		t.Error("helm uninstall is deleting the CRD (and with it every VolumePair); want it kept")
+	}
+}
+
+// newCRD is an empty CustomResourceDefinition for the client to fill (the
+// suite's scheme does not know the apiextensions types).
+func newCRD() *unstructured.Unstructured {
+	u := &unstructured.Unstructured{}
+	u.SetAPIVersion("apiextensions.k8s.io/v1")
+	u.SetKind("CustomResourceDefinition")
+	return u
 }

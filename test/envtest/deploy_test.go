@@ -427,7 +427,9 @@ func TestHelmInstallUpgradeKeepsToken(t *testing.T) {
 	const ns, release = "tandem-helm", "tandem-it"
 	chart := filepath.Join(repoRoot, "charts", "tandem")
 	ensureNamespace(t, ns)
-	if _, err := helm(t, "install", release, chart, "--namespace", ns); err != nil {
+	// The suite installed the CRD; TestHelmUpgradeChangesCRD has the chart
+	// manage it.
+	if _, err := helm(t, "install", release, chart, "--namespace", ns, "--set", "crds.install=false"); err != nil {
 		t.Fatalf("helm install: %v", err)
 	}
 	t.Cleanup(func() {
@@ -448,7 +450,7 @@ func TestHelmInstallUpgradeKeepsToken(t *testing.T) {
 	if len(before) < 32 {
 		t.Fatalf("generated token %q is too short", before)
 	}
-	if _, err := helm(t, "upgrade", release, chart, "--namespace", ns, "--set", "manager.replicas=2"); err != nil {
+	if _, err := helm(t, "upgrade", release, chart, "--namespace", ns, "--set", "crds.install=false,manager.replicas=2"); err != nil {
 		t.Fatalf("helm upgrade: %v", err)
 	}
 	if after := token(); after != before {
@@ -493,54 +495,66 @@ func TestHelmRBACMatchesGenerated(t *testing.T) {
 }
 
 // TestChartCRDsMatchConfig checks that both install paths ship the same CRDs:
-// charts/tandem/crds is config/crd/bases plus a header comment.
+// the chart's templates/crds render config/crd/bases plus the chart's labels
+// and the keep policy, only when crds.install is true, and the chart has no
+// crds/ directory left to define them a second time.
 func TestChartCRDsMatchConfig(t *testing.T) {
-	src := filepath.Join(repoRoot, "config", "crd", "bases")
-	dst := filepath.Join(repoRoot, "charts", "tandem", "crds")
-	names := func(dir string) []string {
-		t.Helper()
-		m, err := filepath.Glob(filepath.Join(dir, "*.yaml"))
+	chart := filepath.Join(repoRoot, "charts", "tandem")
+	if _, err := os.Stat(filepath.Join(chart, "crds")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("charts/tandem/crds exists (%v): Helm would install its CRDs besides templates/crds", err)
+	}
+	src, err := filepath.Glob(filepath.Join(repoRoot, "config", "crd", "bases", "*.yaml"))
+	if err != nil || len(src) == 0 {
+		t.Fatalf("config/crd/bases holds no CRD (%v)", err)
+	}
+	out, err := helm(t, "template", "tandem", chart, "--namespace", operatorNamespace)
+	if err != nil {
+		t.Fatalf("helm template: %v", err)
+	}
+	var rendered []*unstructured.Unstructured
+	for _, o := range decodeManifest(t, out) {
+		if o.GetKind() == "CustomResourceDefinition" {
+			rendered = append(rendered, o)
+		}
+	}
+	if len(rendered) != len(src) {
+		t.Errorf("the chart renders %d CRDs, config/crd/bases holds %d; run hack/sync-chart-crds.sh", len(rendered), len(src))
+	}
+	for _, f := range src {
+		b, err := os.ReadFile(f)
 		if err != nil {
 			t.Fatal(err)
 		}
-		for i := range m {
-			m[i] = filepath.Base(m[i])
+		want := decodeManifest(t, string(b))[0]
+		got := findObject(rendered, "CustomResourceDefinition", "", want.GetName())
+		if got == nil {
+			t.Errorf("the chart renders no CRD %s", want.GetName())
+			continue
 		}
-		sort.Strings(m)
-		return m
-	}
-	s, d := names(src), names(dst)
-	if len(s) == 0 {
-		t.Fatal("config/crd/bases holds no CRD")
-	}
-	if !slices.Equal(s, d) {
-		t.Fatalf("CRD files differ: config/crd/bases %v, charts/tandem/crds %v; run hack/sync-chart-crds.sh", s, d)
-	}
-	for _, name := range s {
-		a, err := os.ReadFile(filepath.Join(src, name))
-		if err != nil {
-			t.Fatal(err)
+		got = got.DeepCopy()
+		if p := got.GetAnnotations()["helm.sh/resource-policy"]; p != "keep" {
+			t.Errorf("CRD %s: annotation helm.sh/resource-policy = %q, want keep (an uninstall would delete every VolumePair)", got.GetName(), p)
 		}
-		b, err := os.ReadFile(filepath.Join(dst, name))
-		if err != nil {
-			t.Fatal(err)
+		if l := got.GetLabels()["app.kubernetes.io/managed-by"]; l != "Helm" {
+			t.Errorf("CRD %s: label app.kubernetes.io/managed-by = %q, want Helm", got.GetName(), l)
 		}
-		if !bytes.Equal(stripLeadingComments(a), stripLeadingComments(b)) {
-			t.Errorf("charts/tandem/crds/%s differs from config/crd/bases/%s; run hack/sync-chart-crds.sh", name, name)
+		a := got.GetAnnotations()
+		delete(a, "helm.sh/resource-policy")
+		got.SetAnnotations(a)
+		got.SetLabels(nil)
+		if !equality.Semantic.DeepEqual(got.Object, want.Object) {
+			t.Errorf("the chart's CRD %s differs from %s; run hack/sync-chart-crds.sh", got.GetName(), filepath.Base(f))
 		}
 	}
-}
-
-// stripLeadingComments drops the comment lines a file starts with.
-func stripLeadingComments(b []byte) []byte {
-	for bytes.HasPrefix(b, []byte("#")) {
-		i := bytes.IndexByte(b, '\n')
-		if i < 0 {
-			return nil
-		}
-		b = b[i+1:]
+	out, err = helm(t, "template", "tandem", chart, "--namespace", operatorNamespace, "--set", "crds.install=false")
+	if err != nil {
+		t.Fatalf("helm template: %v", err)
 	}
-	return b
+	for _, o := range decodeManifest(t, out) {
+		if o.GetKind() == "CustomResourceDefinition" {
+			t.Errorf("crds.install=false renders CRD %s", o.GetName())
+		}
+	}
 }
 
 // objKey names one object of a rendered manifest.

@@ -269,3 +269,87 @@ func newCRD() *unstructured.Unstructured {
 	u.SetKind("CustomResourceDefinition")
 	return u
 }
+
+// TestHelmValuesSchema keeps charts/tandem/values.schema.json and values.yaml
+// in step (every key of values.yaml is in the schema, and the schema
+// describes no key values.yaml lacks, except inside free-form maps), and
+// checks that helm refuses bad values with a message naming the field.
+func TestHelmValuesSchema(t *testing.T) {
+	chart := filepath.Join(repoRoot, "charts", "tandem")
+	read := func(name string) map[string]any {
+		t.Helper()
+		b, err := os.ReadFile(filepath.Join(chart, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var m map[string]any
+		if err := yaml.Unmarshal(b, &m); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		return m
+	}
+	values, schema := read("values.yaml"), read("values.schema.json")
+	var walk func(path string, v, s map[string]any)
+	walk = func(path string, v, s map[string]any) {
+		props, _ := s["properties"].(map[string]any)
+		if props == nil {
+			// A free-form map (labels, resources, ...): its keys are the
+			// user's.
+			if s["additionalProperties"] == false {
+				t.Errorf("schema %s: an object without properties that allows none", path)
+			}
+			return
+		}
+		// additionalProperties with a schema of its own: a map with some
+		// keys checked (StorageClass parameters).
+		_, openMap := s["additionalProperties"].(map[string]any)
+		for k, x := range v {
+			p := path + "." + k
+			ps, ok := props[k].(map[string]any)
+			if !ok && openMap {
+				continue
+			}
+			if !ok {
+				t.Errorf("values.yaml has %s, values.schema.json does not describe it", p)
+				continue
+			}
+			if vm, ok := x.(map[string]any); ok {
+				walk(p, vm, ps)
+			}
+		}
+		for k := range props {
+			if _, ok := v[k]; !ok && s["additionalProperties"] == false {
+				t.Errorf("values.schema.json describes %s.%s, values.yaml has no such key", path, k)
+			}
+		}
+		if s["additionalProperties"] != false && !openMap {
+			t.Errorf("schema %s: lists properties but allows others (a typo would pass)", path)
+		}
+	}
+	walk("", values, schema)
+
+	if _, err := helm(t, "lint", "--strict", chart); err != nil {
+		t.Errorf("helm lint --strict with the defaults: %v", err)
+	}
+	for _, c := range []struct{ set, want string }{
+		{"csi.attach=bogus", "/csi/attach"},
+		{"agent.ports.nbd=0", "/agent/ports/nbd"},
+		{"agent.ports.control=70000", "/agent/ports/control"},
+		{"manager.replicas=two", "/manager/replicas"},
+		{"manager.leaderElection.leaseDuration=8", "/manager/leaderElection/leaseDuration"},
+		{"image.pullPolicy=Sometimes", "/image/pullPolicy"},
+		{"agent.dataDir=relative/dir", "/agent/dataDir"},
+		{"agent.maxInflightBytes=lots", "/agent/maxInflightBytes"},
+		{"csi.storageClass.parameters.mode=sync", "/csi/storageClass/parameters/mode"},
+		{"crds.install=maybe", "/crds/install"},
+		{"agent.tokenSecret.existingSecretKey=", "/agent/tokenSecret/existingSecretKey"},
+		{"agent.tokn=x", "'tokn'"},
+	} {
+		if _, err := helm(t, "template", "tandem", chart, "--namespace", operatorNamespace, "--set", c.set); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("helm template --set %s = %v, want a schema error naming %s", c.set, err, c.want)
+		}
+		if _, err := helm(t, "lint", "--strict", chart, "--set", c.set); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("helm lint --strict --set %s = %v, want a schema error naming %s", c.set, err, c.want)
+		}
+	}
+}

@@ -353,3 +353,47 @@ func TestHelmValuesSchema(t *testing.T) {
 		}
 	}
 }
+
+// TestHelmRenderIsStableWithExistingSecret: what a GitOps tool does (render
+// the chart without the cluster, twice) gives the same manifest when the
+// token comes from agent.tokenSecret.existingSecret, with no Secret in it;
+// without it the generated token differs per render, which is why the docs
+// and NOTES tell GitOps users to set it.
+func TestHelmRenderIsStableWithExistingSecret(t *testing.T) {
+	chart := filepath.Join(repoRoot, "charts", "tandem")
+	render := func(args ...string) string {
+		t.Helper()
+		out, err := helm(t, append([]string{"template", "tandem", chart, "--namespace", operatorNamespace}, args...)...)
+		if err != nil {
+			t.Fatalf("helm template: %v", err)
+		}
+		return out
+	}
+	set := []string{"--set", "agent.tokenSecret.existingSecret=my-token,agent.tokenSecret.existingSecretKey=shared"}
+	a, b := render(set...), render(set...)
+	if a != b {
+		t.Error("two renders with agent.tokenSecret.existingSecret differ: a GitOps tool would change something on every sync")
+	}
+	objs := decodeManifest(t, a)
+	for _, o := range objs {
+		if o.GetKind() == "Secret" {
+			t.Errorf("with existingSecret the chart renders Secret %s", o.GetName())
+		}
+	}
+	ds := findObject(objs, "DaemonSet", operatorNamespace, "tandem-agent")
+	if ds == nil || !strings.Contains(mustYAML(t, ds.Object), "secretName: my-token") {
+		t.Error("the agent DaemonSet does not mount Secret my-token")
+	}
+	if render() == render() {
+		t.Error("two renders without existingSecret are identical: the generated token is not random (or this test no longer shows the GitOps hazard)")
+	}
+}
+
+func mustYAML(t *testing.T, v any) string {
+	t.Helper()
+	b, err := yaml.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}

@@ -429,8 +429,20 @@ func TestHelmInstallUpgradeKeepsToken(t *testing.T) {
 	ensureNamespace(t, ns)
 	// The suite installed the CRD; TestHelmUpgradeChangesCRD has the chart
 	// manage it.
-	if _, err := helm(t, "install", release, chart, "--namespace", ns, "--set", "crds.install=false"); err != nil {
+	out, err := helm(t, "install", release, chart, "--namespace", ns, "--set", "crds.install=false")
+	if err != nil {
 		t.Fatalf("helm install: %v", err)
+	}
+	// The namespace has no Pod Security label: NOTES say so, with the
+	// command that sets it.
+	for _, want := range []string{
+		"WARNING: namespace " + ns + " is not labelled pod-security.kubernetes.io/enforce=privileged",
+		"kubectl label namespace " + ns + " pod-security.kubernetes.io/enforce=privileged --overwrite",
+		"set agent.tokenSecret.existingSecret",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("helm install's NOTES lack %q:\n%s", want, out)
+		}
 	}
 	t.Cleanup(func() {
 		if _, err := helm(t, "uninstall", release, "--namespace", ns); err != nil {

@@ -35,6 +35,9 @@ func newScheme() *runtime.Scheme {
 }
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == "chart-test" {
+		os.Exit(chartTestMain(os.Args[2:]))
+	}
 	var metricsAddr, probeAddr, leaderNamespace, namespace, tokenFile string
 	var leaderElect, provision, podFailover, metricsSecure bool
 	var metricsCertDir string

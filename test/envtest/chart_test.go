@@ -12,6 +12,7 @@ import (
 	"sync"
 	"testing"
 
+	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/client-go/discovery"
@@ -396,4 +397,52 @@ func mustYAML(t *testing.T, v any) string {
 		t.Fatal(err)
 	}
 	return string(b)
+}
+
+// TestHelmTestPod: `helm test` runs a Pod with the chart's own image that
+// calls the manager binary's chart-test (cmd/manager, TestChartTest) with the
+// release's namespace, name and ports, under a service account that may list
+// exactly what the check reads; the API server accepts all of it.
+func TestHelmTestPod(t *testing.T) {
+	const ns = "tandem-helm-test"
+	ensureNamespace(t, ns)
+	out, err := helm(t, "template", "tandem", filepath.Join(repoRoot, "charts", "tandem"), "--namespace", ns,
+		"--show-only", "templates/tests/health.yaml", "--set", "manager.probePort=9081,agent.ports.control=9400")
+	if err != nil {
+		t.Fatalf("helm template: %v", err)
+	}
+	objs := decodeManifest(t, out)
+	for _, o := range objs {
+		if o.GetAnnotations()["helm.sh/hook"] != "test" {
+			t.Errorf("%s %s is not a test hook: helm install would create it", o.GetKind(), o.GetName())
+		}
+	}
+	p := findObject(objs, "Pod", ns, "tandem-test")
+	if p == nil {
+		t.Fatal("no test Pod tandem-test")
+	}
+	pod := typed[corev1.Pod](t, p)
+	if len(pod.Spec.Containers) != 1 {
+		t.Fatalf("test Pod has %d containers, want 1", len(pod.Spec.Containers))
+	}
+	c := pod.Spec.Containers[0]
+	if want := "ghcr.io/tandem-storage/tandem:" + chartAppVersion(t); c.Image != want {
+		t.Errorf("test Pod image = %s, want the chart's image %s", c.Image, want)
+	}
+	wantCmd := []string{"/usr/local/bin/manager", "chart-test", "--namespace=" + ns, "--instance=tandem", "--manager-probe-port=9081", "--agent-control-port=9400"}
+	if !slices.Equal(c.Command, wantCmd) {
+		t.Errorf("test Pod command = %v, want %v", c.Command, wantCmd)
+	}
+	if pod.Spec.RestartPolicy != corev1.RestartPolicyNever || pod.Spec.ServiceAccountName != "tandem-test" {
+		t.Errorf("test Pod restartPolicy %q, serviceAccount %q; want Never, tandem-test", pod.Spec.RestartPolicy, pod.Spec.ServiceAccountName)
+	}
+	for _, want := range []objKey{
+		{"ServiceAccount", ns, "tandem-test"}, {"Role", ns, "tandem-test"}, {"RoleBinding", ns, "tandem-test"},
+		{"ClusterRole", "", "tandem-test"}, {"ClusterRoleBinding", "", "tandem-test"},
+	} {
+		if findObject(objs, want.kind, want.namespace, want.name) == nil {
+			t.Errorf("the test renders no %s %s/%s", want.kind, want.namespace, want.name)
+		}
+	}
+	dryRunApply(t, out, len(objs))
 }

@@ -92,7 +92,7 @@ func TestHelmRendersAndDryRunApplies(t *testing.T) {
 	}
 
 	t.Run("defaults", func(t *testing.T) {
-		out, err := helm(t, "template", "tandem", chart, "--namespace", operatorNamespace, "--include-crds")
+		out, err := helm(t, "template", "tandem", chart, "--namespace", operatorNamespace, "--include-crds", "--skip-tests") // TestHelmTestPod checks the test hooks
 		if err != nil {
 			t.Fatalf("helm template: %v", err)
 		}
@@ -163,7 +163,7 @@ agent:
 `), 0o600); err != nil {
 			t.Fatal(err)
 		}
-		out, err := helm(t, "template", "edge", chart, "--namespace", ns, "--include-crds", "-f", values)
+		out, err := helm(t, "template", "edge", chart, "--namespace", ns, "--include-crds", "--skip-tests", "-f", values)
 		if err != nil {
 			t.Fatalf("helm template: %v", err)
 		}

@@ -385,7 +385,7 @@ func TestHelmRenderIsStableWithExistingSecret(t *testing.T) {
 	if ds == nil || !strings.Contains(mustYAML(t, ds.Object), "secretName: my-token") {
 		t.Error("the agent DaemonSet does not mount Secret my-token")
 	}
-	if render() == render() {
+	if first, second := render(), render(); first == second {
 		t.Error("two renders without existingSecret are identical: the generated token is not random (or this test no longer shows the GitOps hazard)")
 	}
 }

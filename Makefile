@@ -12,6 +12,11 @@ PAUSE_IMG ?= tandem.local/pause:1
 RECORDER_IMG ?= tandem.local/recorder:1
 # GOARCH of make image's binaries (the build machine's by default).
 IMAGE_ARCH ?= $(shell go env GOARCH)
+# The version the binaries report (kubectl tandem version), stamped with -ldflags.
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+COMMIT ?= $(shell git rev-parse HEAD 2>/dev/null)
+VERSION_PKG := github.com/tandem-storage/tandem/internal/version
+LDFLAGS := -X $(VERSION_PKG).Version=$(VERSION) -X $(VERSION_PKG).Commit=$(COMMIT)
 # Go test flags for `make test`.
 TEST_FLAGS ?= -race -count=1
 # Time budget for `make test`'s go test run.
@@ -125,9 +130,9 @@ stress: tools ## Reliability suites with many trials + fuzz every decoder; write
 
 .PHONY: build
 build: ## Build the manager, agent and kubectl-tandem binaries into bin/.
-	go build -o $(BIN)/manager ./cmd/manager
-	go build -o $(BIN)/agent ./cmd/agent
-	go build -o $(BIN)/kubectl-tandem ./cmd/kubectl-tandem
+	go build -ldflags='$(LDFLAGS)' -o $(BIN)/manager ./cmd/manager
+	go build -ldflags='$(LDFLAGS)' -o $(BIN)/agent ./cmd/agent
+	go build -ldflags='$(LDFLAGS)' -o $(BIN)/kubectl-tandem ./cmd/kubectl-tandem
 
 .PHONY: docker-build
 docker-build: ## Build the container image $(IMG) (needs a Docker engine).

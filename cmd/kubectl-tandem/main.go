@@ -4,6 +4,7 @@
 //	kubectl tandem failover NAME           ask the controller to promote the backup
 //	kubectl tandem failback NAME           ask the controller to give the primary role back
 //	kubectl tandem verify NAME             compare both replicas region by region (online verify)
+//	kubectl tandem completion SHELL        shell completion script (bash, zsh, fish, powershell)
 //
 // Install it by putting the binary on PATH as kubectl-tandem:
 //
@@ -19,6 +20,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/go-logr/logr"
@@ -90,6 +92,12 @@ type rootOptions struct {
 func newRootCmd(streams genericiooptions.IOStreams) *cobra.Command {
 	o := &rootOptions{flags: genericclioptions.NewConfigFlags(true), streams: streams}
 	o.newClient = o.defaultClient
+	return o.rootCmd()
+}
+
+// rootCmd builds the command tree around o.
+func (o *rootOptions) rootCmd() *cobra.Command {
+	streams := o.streams
 	cmd := &cobra.Command{
 		Use:   "kubectl-tandem",
 		Short: "Inspect and operate Tandem VolumePairs",
@@ -103,7 +111,13 @@ on two nodes, with automatic failover and a resync of only what changed.`,
 	cmd.SetOut(streams.Out)
 	cmd.SetErr(streams.ErrOut)
 	o.flags.AddFlags(cmd.PersistentFlags())
+	_ = cmd.RegisterFlagCompletionFunc("namespace", o.completeNamespaces)
 	cmd.AddCommand(newStatusCmd(o), newRequestCmd(o, failoverRequest), newRequestCmd(o, failbackRequest), newVerifyCmd(o))
+	for _, sub := range cmd.Commands() {
+		if strings.HasSuffix(sub.Use, " NAME") {
+			sub.ValidArgsFunction = o.completePairNames
+		}
+	}
 	return cmd
 }
 

@@ -37,6 +37,15 @@ type pluginResult struct {
 // server holding objs, in namespace prod.
 func runPluginFake(t *testing.T, objs []client.Object, args ...string) pluginResult {
 	t.Helper()
+	return runPluginArgs(t, objs, func(kubeconfig string) []string {
+		return append([]string{"--kubeconfig", kubeconfig, "-n", "prod"}, args...)
+	})
+}
+
+// runPluginArgs runs the plugin with the arguments args returns, given the
+// path of an empty kubeconfig, against a fake API server holding objs.
+func runPluginArgs(t *testing.T, objs []client.Object, args func(kubeconfig string) []string) pluginResult {
+	t.Helper()
 	scheme := runtime.NewScheme()
 	if err := clientgoscheme.AddToScheme(scheme); err != nil {
 		t.Fatal(err)
@@ -64,12 +73,8 @@ func runPluginFake(t *testing.T, objs []client.Object, args ...string) pluginRes
 			return c, nil
 		},
 	}
-	root := &cobra.Command{Use: "kubectl-tandem", SilenceUsage: true, SilenceErrors: true}
-	root.SetOut(&out)
-	root.SetErr(&errb)
-	o.flags.AddFlags(root.PersistentFlags())
-	root.AddCommand(newStatusCmd(o), newRequestCmd(o, failoverRequest), newRequestCmd(o, failbackRequest), newVerifyCmd(o))
-	root.SetArgs(append([]string{"--kubeconfig", kubeconfig, "-n", "prod"}, args...))
+	root := o.rootCmd()
+	root.SetArgs(args(kubeconfig))
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	res.err = root.ExecuteContext(ctx)

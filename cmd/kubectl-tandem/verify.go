@@ -19,14 +19,12 @@ import (
 	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
-// How the plugin finds and authenticates to the agents: each agent renews a
-// Lease (v1alpha1.AgentLeaseName, "tandem-agent-<node>") in the operator
-// namespace, annotated with its control API URL (v1alpha1.AnnControlEndpoint);
-// the shared bearer token is in a Secret there.
-const (
-	agentTokenSecret = "tandem-agent-token"
-	agentTokenKey    = "token"
-)
+// How the plugin finds and authenticates to the agents: it finds the agents'
+// DaemonSet by its labels (--agent-selector), in --operator-namespace or in
+// any namespace; the install's namespace is the DaemonSet's. Each agent renews
+// a Lease (v1alpha1.AgentLeaseName, "tandem-agent-<node>") there, annotated
+// with its control API URL (v1alpha1.AnnControlEndpoint); the bearer token is
+// the Secret the DaemonSet mounts as the agent's --token-file (see install.go).
 
 // bytesPerCall is what an automatic --region-batch aims to read per agent
 // call: 4096 regions of 64 KiB.
@@ -36,13 +34,14 @@ const bytesPerCall = 256 << 20
 const maxTextRuns = 100
 
 type verifyOptions struct {
-	out          *outputFlags
-	operatorNS   string
-	tokenFile    string
-	batch        int
-	recheckDelay time.Duration
-	agentTimeout time.Duration
-	repair       bool
+	out           *outputFlags
+	operatorNS    string
+	agentSelector string
+	tokenFile     string
+	batch         int
+	recheckDelay  time.Duration
+	agentTimeout  time.Duration
+	repair        bool
 }
 
 func newVerifyCmd(o *rootOptions) *cobra.Command {
@@ -56,9 +55,12 @@ member's agent hashes its local copy of every region (SHA-256) and the
 plugin reports the regions whose sums differ on some member, as runs with
 byte offsets.
 
-The agents are found through their Leases tandem-agent-<node> in the operator
-namespace (annotation storage.tandem.dev/control-endpoint) and authenticated
-with the token in Secret tandem-agent-token (key token) there, or --token-file.
+The plugin finds the install from its agents' DaemonSet (labels
+--agent-selector, in --operator-namespace or else in any namespace): the
+agents are found through their Leases tandem-agent-<node> in its namespace
+(annotation storage.tandem.dev/control-endpoint) and authenticated with the
+token of the Secret the DaemonSet mounts as the agents' --token-file, or with
+the plugin's --token-file.
 
 While the pair is live a region being written can differ for a moment (the
 write reaches the primary before the backup), and regions in a member's dirty
@@ -107,8 +109,10 @@ check could not be completed.`,
 	cmd.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return &exitError{code: 2, err: err} })
 	f := cmd.Flags()
 	vo.out = addReportOutput(cmd, "the report")
-	f.StringVar(&vo.operatorNS, "operator-namespace", "tandem-system", "Namespace of the agents' Leases and token Secret.")
-	f.StringVar(&vo.tokenFile, "token-file", "", "File holding the agents' bearer token (default: Secret tandem-agent-token in the operator namespace).")
+	f.StringVar(&vo.operatorNS, "operator-namespace", "", "Namespace of the Tandem install (default: the namespace of the one DaemonSet matching --agent-selector).")
+	f.StringVar(&vo.agentSelector, "agent-selector", defaultAgentSelector, "Label selector of the agents' DaemonSet.")
+	f.StringVar(&vo.tokenFile, "token-file", "", "File holding the agents' bearer token (default: the Secret the agents' DaemonSet mounts as their token).")
+	_ = cmd.RegisterFlagCompletionFunc("operator-namespace", o.completeNamespaces)
 	f.IntVar(&vo.batch, "region-batch", 0, fmt.Sprintf("Regions hashed per agent call, 1 to %d (0: about %s per call).", agentapi.MaxChecksumRegions, humanBytes(bytesPerCall)))
 	f.DurationVar(&vo.recheckDelay, "recheck-delay", 2*time.Second, "Wait before hashing differing regions again.")
 	f.DurationVar(&vo.agentTimeout, "agent-timeout", 2*time.Minute, "Time limit of one agent call.")
@@ -174,13 +178,13 @@ func runVerify(ctx context.Context, o *rootOptions, vo *verifyOptions, name stri
 	if err != nil {
 		return nil, err
 	}
-	token, err := vo.token(ctx, c)
+	operatorNS, token, err := vo.locate(ctx, c)
 	if err != nil {
 		return nil, err
 	}
 	var reps []*replica
 	for _, node := range vp.Spec.MemberNodes() {
-		ep, err := agentEndpoint(ctx, c, vo.operatorNS, node)
+		ep, err := agentEndpoint(ctx, c, operatorNS, node)
 		if err != nil {
 			return nil, err
 		}
@@ -291,26 +295,48 @@ func repair(ctx context.Context, vp *storagev1alpha1.VolumePair, reps []*replica
 	return nil
 }
 
-// token is --token-file's content, or the agents' token Secret.
-func (vo *verifyOptions) token(ctx context.Context, c client.Client) (string, error) {
+// locate returns the install's namespace and the agents' token: the
+// --operator-namespace and --token-file given, or what the agents' DaemonSet
+// says.
+func (vo *verifyOptions) locate(ctx context.Context, c client.Client) (ns, token string, err error) {
 	if vo.tokenFile != "" {
-		b, err := os.ReadFile(vo.tokenFile)
-		if err != nil {
-			return "", fmt.Errorf("read --token-file: %w", err)
+		if token, err = readTokenFile(vo.tokenFile); err != nil {
+			return "", "", err
 		}
-		tok := strings.TrimSpace(string(b))
-		if tok == "" {
-			return "", fmt.Errorf("--token-file %s is empty", vo.tokenFile)
+		if vo.operatorNS != "" {
+			return vo.operatorNS, token, nil
 		}
-		return tok, nil
+	}
+	ds, err := findAgents(ctx, c, vo.agentSelector, vo.operatorNS)
+	if err != nil {
+		return "", "", err
+	}
+	if token != "" {
+		return ds.Namespace, token, nil
+	}
+	ref, err := agentTokenRef(ds)
+	if err != nil {
+		return "", "", err
 	}
 	var s corev1.Secret
-	if err := c.Get(ctx, client.ObjectKey{Namespace: vo.operatorNS, Name: agentTokenSecret}, &s); err != nil {
-		return "", fmt.Errorf("read the agents' token from secret %s/%s (or pass --token-file): %w", vo.operatorNS, agentTokenSecret, err)
+	if err := c.Get(ctx, client.ObjectKey{Namespace: ref.namespace, Name: ref.secret}, &s); err != nil {
+		return "", "", fmt.Errorf("read the agents' token from %s, which DaemonSet %s/%s mounts (or pass --token-file): %w", ref, ds.Namespace, ds.Name, err)
 	}
-	tok := strings.TrimSpace(string(s.Data[agentTokenKey]))
+	token = strings.TrimSpace(string(s.Data[ref.key]))
+	if token == "" {
+		return "", "", fmt.Errorf("the agents' token: %s is missing or empty", ref)
+	}
+	return ds.Namespace, token, nil
+}
+
+func readTokenFile(name string) (string, error) {
+	b, err := os.ReadFile(name)
+	if err != nil {
+		return "", fmt.Errorf("read --token-file: %w", err)
+	}
+	tok := strings.TrimSpace(string(b))
 	if tok == "" {
-		return "", fmt.Errorf("secret %s/%s has no %q key", vo.operatorNS, agentTokenSecret, agentTokenKey)
+		return "", fmt.Errorf("--token-file %s is empty", name)
 	}
 	return tok, nil
 }

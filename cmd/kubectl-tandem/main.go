@@ -4,6 +4,7 @@
 //	kubectl tandem failover NAME           ask the controller to promote the backup
 //	kubectl tandem failback NAME           ask the controller to give the primary role back
 //	kubectl tandem verify NAME             compare both replicas region by region (online verify)
+//	kubectl tandem version                 the plugin's version and the install's
 //	kubectl tandem completion SHELL        shell completion script (bash, zsh, fish, powershell)
 //
 // Install it by putting the binary on PATH as kubectl-tandem:
@@ -112,7 +113,7 @@ on two nodes, with automatic failover and a resync of only what changed.`,
 	cmd.SetErr(streams.ErrOut)
 	o.flags.AddFlags(cmd.PersistentFlags())
 	_ = cmd.RegisterFlagCompletionFunc("namespace", o.completeNamespaces)
-	cmd.AddCommand(newStatusCmd(o), newRequestCmd(o, failoverRequest), newRequestCmd(o, failbackRequest), newVerifyCmd(o))
+	cmd.AddCommand(newStatusCmd(o), newRequestCmd(o, failoverRequest), newRequestCmd(o, failbackRequest), newVerifyCmd(o), newVersionCmd(o))
 	for _, sub := range cmd.Commands() {
 		if strings.HasSuffix(sub.Use, " NAME") {
 			sub.ValidArgsFunction = o.completePairNames

@@ -134,6 +134,18 @@ build: ## Build the manager, agent and kubectl-tandem binaries into bin/.
 	go build -ldflags='$(LDFLAGS)' -o $(BIN)/agent ./cmd/agent
 	go build -ldflags='$(LDFLAGS)' -o $(BIN)/kubectl-tandem ./cmd/kubectl-tandem
 
+# The plugin's release version: the tag vX.Y.Z on HEAD, else v0.0.0-dev.<commit>
+# (Krew wants a semantic version).
+RELEASE_VERSION ?= $(shell git describe --tags --exact-match --match 'v[0-9]*' 2>/dev/null || echo v0.0.0-dev.$$(git rev-parse --short HEAD))
+
+.PHONY: release
+release: ## Build the kubectl plugin's release into dist/: kubectl-tandem_<v>_{linux,darwin}_{amd64,arm64}.tar.gz (binary + LICENSE), SHA256SUMS, and the Krew manifest tandem.yaml with their sha256.
+	hack/release.sh $(RELEASE_VERSION) $(COMMIT)
+
+.PHONY: release-check
+release-check: tools-krew tools-kubernetes ## Install this machine's archive from dist/ with krew (built from its Go module) into a temporary KREW_ROOT and run kubectl tandem version through it.
+	hack/release-check.sh
+
 .PHONY: docker-build
 docker-build: ## Build the container image $(IMG) (needs a Docker engine).
 	docker build -t $(IMG) .

@@ -20,8 +20,10 @@
 #   staticcheck     staticcheck                    (honnef.co/go/tools 2026.2, v0.8.x)
 #   promtool        promtool                       (github.com/prometheus/prometheus v0.316.x;
 #                                                   make lint-rules checks the chart's alerts)
+#   krew            krew                           (sigs.k8s.io/krew v0.4.x; make release-check
+#                                                   installs the plugin's archive with it)
 #
-# The default set leaves kubernetes-node and promtool out: `make test` does not
+# The default set leaves kubernetes-node, promtool and krew out: `make test` does not
 # need them.
 # Cold build of the default set's six binaries on 2 cores: 15-21 minutes (kube-apiserver
 # dominates); warm: under a second.
@@ -40,6 +42,7 @@ declare -A tools=(
   [controller-gen]="controller-gen=sigs.k8s.io/controller-tools/cmd/controller-gen"
   [staticcheck]="staticcheck=honnef.co/go/tools/cmd/staticcheck"
   [promtool]="promtool=github.com/prometheus/prometheus/cmd/promtool"
+  [krew]="krew=sigs.k8s.io/krew/cmd/krew"
   [kubernetes-node]="kubelet=k8s.io/kubernetes/cmd/kubelet kube-scheduler=k8s.io/kubernetes/cmd/kube-scheduler kube-controller-manager=k8s.io/kubernetes/cmd/kube-controller-manager"
 )
 # family -> the module under hack/tools/ that pins it (default: its own name)

@@ -46,4 +46,4 @@ if grep -n '@[A-Za-z0-9_]*@' <<<"$manifest" >&2; then
 fi
 printf '%s\n' "$manifest" >"$dist/tandem.yaml"
 (cd "$dist" && sha256sum ./*.tar.gz | sed 's# \./# #' >SHA256SUMS)
-echo "release.sh: wrote $(cd "$root" && ls dist/* | tr '\n' ' ')" >&2
+(cd "$root" && echo "release.sh: wrote" dist/*) >&2

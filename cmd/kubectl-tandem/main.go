@@ -1,5 +1,6 @@
 // Command kubectl-tandem is the kubectl plugin for Tandem VolumePairs:
 //
+//	kubectl tandem list [-A] [-o wide]     the VolumePairs of a namespace, or of all
 //	kubectl tandem status NAME             phase, roles, diff, copy progress, members, conditions, events
 //	kubectl tandem failover NAME           ask the controller to promote the backup
 //	kubectl tandem failback NAME           ask the controller to give the primary role back
@@ -113,7 +114,7 @@ on two nodes, with automatic failover and a resync of only what changed.`,
 	cmd.SetErr(streams.ErrOut)
 	o.flags.AddFlags(cmd.PersistentFlags())
 	_ = cmd.RegisterFlagCompletionFunc("namespace", o.completeNamespaces)
-	cmd.AddCommand(newStatusCmd(o), newRequestCmd(o, failoverRequest), newRequestCmd(o, failbackRequest), newVerifyCmd(o), newVersionCmd(o))
+	cmd.AddCommand(newStatusCmd(o), newRequestCmd(o, failoverRequest), newRequestCmd(o, failbackRequest), newVerifyCmd(o), newVersionCmd(o), newListCmd(o))
 	for _, sub := range cmd.Commands() {
 		if strings.HasSuffix(sub.Use, " NAME") {
 			sub.ValidArgsFunction = o.completePairNames

@@ -28,12 +28,23 @@ type outputFlags struct {
 	// -o json and yaml encode it as it is (cli-runtime's JSON and YAML
 	// printers insist on an apiVersion and kind), and there is no -o name.
 	report bool
+	// wide: -o wide is allowed too (a table with more columns), which the
+	// subcommand prints itself.
+	wide bool
 }
 
 // addObjectOutput adds -o for a subcommand that prints one API object.
 // what says what -o prints, for the flag's help.
 func addObjectOutput(cmd *cobra.Command, what string) *outputFlags {
 	f := &outputFlags{print: genericclioptions.NewPrintFlags("")}
+	f.addFlags(cmd, what)
+	return f
+}
+
+// addListOutput adds -o for a subcommand that lists API objects: kubectl
+// get's formats, wide included.
+func addListOutput(cmd *cobra.Command, what string) *outputFlags {
+	f := &outputFlags{wide: true, print: genericclioptions.NewPrintFlags("")}
 	f.addFlags(cmd, what)
 	return f
 }
@@ -58,6 +69,9 @@ func (f *outputFlags) addFlags(cmd *cobra.Command, what string) {
 func (f *outputFlags) allowedFormats() []string {
 	if f.report {
 		return append([]string{"json", "yaml"}, f.print.AllowedFormats()...)
+	}
+	if f.wide {
+		return append(f.print.AllowedFormats(), "wide")
 	}
 	return f.print.AllowedFormats()
 }
@@ -92,7 +106,7 @@ func (f *outputFlags) printer() (printers.ResourcePrinter, error) {
 // encodings or name.
 func (f *outputFlags) templated() bool {
 	switch f.format() {
-	case "json", "yaml", "kyaml", "name":
+	case "json", "yaml", "kyaml", "name", "wide":
 		return false
 	}
 	return !f.human()

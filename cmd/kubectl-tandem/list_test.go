@@ -54,7 +54,7 @@ func TestListCommand(t *testing.T) {
 		{name: "go-template", args: []string{"-o", "go-template={{range .items}}{{.kind}}/{{.metadata.name}};{{end}}"}, wantOut: "VolumePair/db;VolumePair/web;"},
 		{name: "json", args: []string{"-o", "json"}, wantJSON: []string{"db", "web"}},
 		{name: "yaml", args: []string{"-o", "yaml"}, wantJSON: []string{"db", "web"}},
-		{name: "unknown format", args: []string{"-o", "table"}, wantErr: "unknown output format \"table\": want one of json, yaml, kyaml, name, go-template"},
+		{name: "unknown format", args: []string{"-o", "table"}, wantErr: "unknown output format \"table\": want one of json, yaml, kyaml, name, go-template, go-template-file, template, templatefile, jsonpath, jsonpath-as-json, jsonpath-file, wide"},
 		{name: "nothing found", args: []string{"-n", "empty"}, wantOut: ""},
 	} {
 		res := runPluginFake(t, objs, append([]string{"list"}, tt.args...)...)

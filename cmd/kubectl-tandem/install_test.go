@@ -1,13 +1,16 @@
 package main
 
 import (
+	"os"
 	"strings"
 	"testing"
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/yaml"
 )
 
 var agentLabels = map[string]string{"app.kubernetes.io/name": "tandem", "app.kubernetes.io/component": "agent"}
@@ -138,5 +141,29 @@ func TestVerifyFindsTheInstall(t *testing.T) {
 		if res.err == nil || !strings.Contains(res.err.Error(), tt.wantErr) {
 			t.Errorf("%s: verify: %v; want an error containing %q", tt.name, res.err, tt.wantErr)
 		}
+	}
+}
+
+// The DaemonSet config/agent installs is found by the default selector, and
+// its token is the Secret the install docs create.
+func TestAgentTokenRefOfConfig(t *testing.T) {
+	b, err := os.ReadFile("../../config/agent/agent.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ds appsv1.DaemonSet
+	if err := yaml.UnmarshalStrict(b, &ds); err != nil {
+		t.Fatalf("config/agent/agent.yaml: %v", err)
+	}
+	sel, err := labels.Parse(defaultAgentSelector)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !sel.Matches(labels.Set(ds.Labels)) {
+		t.Errorf("config/agent/agent.yaml: labels %v do not match the plugin's selector %s", ds.Labels, defaultAgentSelector)
+	}
+	got, err := agentTokenRef(&ds)
+	if want := (tokenRef{"tandem-system", "tandem-agent-token", "token"}); err != nil || got != want {
+		t.Errorf("agentTokenRef(config/agent/agent.yaml) = %v, %v; want %v", got, err, want)
 	}
 }

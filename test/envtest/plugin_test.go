@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	appsv1 "k8s.io/api/apps/v1"
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
@@ -284,7 +285,13 @@ func testPluginVerify(t *testing.T, bin string) {
 	if err := k8s.Create(ctx, vp); err != nil {
 		t.Fatalf("create: %v", err)
 	}
-	if err := k8s.Create(ctx, &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: opNS, Name: "tandem-agent-token"}, Data: map[string][]byte{"token": []byte(token + "\n")}}); err != nil {
+	// The plugin finds the token through the agents' DaemonSet: the Secret
+	// and key it mounts as the agent's --token-file (as the chart does with
+	// agent.tokenSecret.existingSecret).
+	if err := k8s.Create(ctx, &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: opNS, Name: "my-agent-token"}, Data: map[string][]byte{"tok": []byte(token + "\n")}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := k8s.Create(ctx, agentDaemonSet(opNS, "my-agent-token", "tok")); err != nil {
 		t.Fatal(err)
 	}
 	agents := map[string]*verifyAgent{}
@@ -382,7 +389,14 @@ func testPluginVerify(t *testing.T, bin string) {
 		t.Errorf("verify with a wrong token:\n%s", res)
 	}
 	res = runPlugin(t, bin, "-n", ns, "verify", "vol", "--operator-namespace", ns)
-	if res.code != 2 || !strings.Contains(res.stderr, "tandem-agent-token") {
+	if res.code != 2 || !strings.Contains(res.stderr, "found no Tandem agents: no DaemonSet with labels app.kubernetes.io/name=tandem,app.kubernetes.io/component=agent in namespace "+ns) {
+		t.Errorf("verify without an install:\n%s", res)
+	}
+	if err := k8s.Create(ctx, agentDaemonSet(ns, "missing", "token")); err != nil {
+		t.Fatal(err)
+	}
+	res = runPlugin(t, bin, "-n", ns, "verify", "vol", "--operator-namespace", ns)
+	if res.code != 2 || !strings.Contains(res.stderr, "secret "+ns+"/missing (key token), which DaemonSet "+ns+"/tandem-agent mounts") {
 		t.Errorf("verify without the token secret:\n%s", res)
 	}
 	if err := os.WriteFile(tokenFile, []byte(token), 0o600); err != nil {
@@ -435,5 +449,30 @@ func testPluginVerify(t *testing.T, bin string) {
 		if !strings.Contains(res.stdout, want) {
 			t.Errorf("verify of three replicas lacks %q\n%s", want, res)
 		}
+	}
+}
+
+// agentDaemonSet is an agent DaemonSet as config/agent installs it, its
+// token taken from key of Secret secret.
+func agentDaemonSet(ns, secret, key string) *appsv1.DaemonSet {
+	l := map[string]string{"app.kubernetes.io/name": "tandem", "app.kubernetes.io/component": "agent"}
+	return &appsv1.DaemonSet{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "tandem-agent", Labels: l},
+		Spec: appsv1.DaemonSetSpec{
+			Selector: &metav1.LabelSelector{MatchLabels: l},
+			Template: corev1.PodTemplateSpec{
+				ObjectMeta: metav1.ObjectMeta{Labels: l},
+				Spec: corev1.PodSpec{
+					Containers: []corev1.Container{{
+						Name: "agent", Image: "tandem:test", Command: []string{"/usr/local/bin/agent"},
+						Args:         []string{"--node=$(NODE_NAME)", "--token-file=/etc/tandem/token/token"},
+						VolumeMounts: []corev1.VolumeMount{{Name: "agent-token", MountPath: "/etc/tandem/token", ReadOnly: true}},
+					}},
+					Volumes: []corev1.Volume{{Name: "agent-token", VolumeSource: corev1.VolumeSource{Secret: &corev1.SecretVolumeSource{
+						SecretName: secret, Items: []corev1.KeyToPath{{Key: key, Path: "token"}},
+					}}}},
+				},
+			},
+		},
 	}
 }

@@ -71,16 +71,7 @@ func TestListCommand(t *testing.T) {
 			t.Errorf("%s: list: %v", tt.name, res.err)
 			continue
 		}
-		for _, w := range tt.want {
-			if !strings.Contains(res.stdout, w) {
-				t.Errorf("%s: output lacks %q:\n%s", tt.name, w, res.stdout)
-			}
-		}
-		for _, w := range tt.notWant {
-			if strings.Contains(res.stdout, w) {
-				t.Errorf("%s: output has %q:\n%s", tt.name, w, res.stdout)
-			}
-		}
+		checkContains(t, tt.name, res.stdout, tt.want, tt.notWant)
 		if tt.want == nil && tt.wantJSON == nil && res.stdout != tt.wantOut {
 			t.Errorf("%s: output %q, want %q", tt.name, res.stdout, tt.wantOut)
 		}

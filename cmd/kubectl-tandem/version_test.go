@@ -82,16 +82,7 @@ func TestVersionCommand(t *testing.T) {
 		if res.connected != tt.wantConnected {
 			t.Errorf("%s: connected = %v, want %v", tt.name, res.connected, tt.wantConnected)
 		}
-		for _, w := range tt.want {
-			if !strings.Contains(res.stdout, w) {
-				t.Errorf("%s: output lacks %q:\n%s", tt.name, w, res.stdout)
-			}
-		}
-		for _, w := range tt.notWant {
-			if strings.Contains(res.stdout, w) {
-				t.Errorf("%s: output has %q:\n%s", tt.name, w, res.stdout)
-			}
-		}
+		checkContains(t, tt.name, res.stdout, tt.want, tt.notWant)
 	}
 
 	// -o json: the report's structure.
@@ -124,5 +115,21 @@ func TestVersionUnreachable(t *testing.T) {
 	}
 	if want := "Cluster: not reachable: connect to the API server: refused"; !strings.Contains(out.String(), want) {
 		t.Errorf("version output lacks %q:\n%s", want, out.String())
+	}
+}
+
+// checkContains reports, for a test case called name, each of want that
+// out lacks and each of notWant it has.
+func checkContains(t *testing.T, name, out string, want, notWant []string) {
+	t.Helper()
+	for _, w := range want {
+		if !strings.Contains(out, w) {
+			t.Errorf("%s: output lacks %q:\n%s", name, w, out)
+		}
+	}
+	for _, w := range notWant {
+		if strings.Contains(out, w) {
+			t.Errorf("%s: output has %q:\n%s", name, w, out)
+		}
 	}
 }

@@ -24,6 +24,11 @@ const (
 	ReasonPeerLost          = "PeerLost"
 	ReasonPeerNotUpToDate   = "PeerNotUpToDate"
 	ReasonUnmergedRegions   = "UnmergedRegions"
+	// ReasonRequestIgnored is the event of a request annotation cleared
+	// because it asks for nothing possible (StaleRequest).
+	ReasonRequestIgnored = "RequestIgnored"
+	// ReasonMemberNotFound: a member's node no longer exists.
+	ReasonMemberNotFound = PendingMemberNotFound
 )
 
 func set(conds *[]metav1.Condition, gen int64, typ string, ok bool, reason, msg string) {
@@ -115,6 +120,10 @@ func setDegradedCondition(conds *[]metav1.Condition, gen int64, writer *MemberVi
 	}
 	for _, other := range others {
 		switch {
+		case !LinkTo(writer, other).Connected && other.NodeMissing:
+			set(conds, gen, v1.ConditionDegraded, true, ReasonMemberNotFound, fmt.Sprintf("%s runs without %s, whose node no longer exists (no Node object); "+
+				"changed regions are tracked for its return. If it is gone for good, replace it: set %s to another node (it receives a full copy)", writer.Node, other.Node, other.Field))
+			return
 		case !LinkTo(writer, other).Connected:
 			set(conds, gen, v1.ConditionDegraded, true, ReasonPeerLost, fmt.Sprintf("%s runs without %s; changed regions are tracked for resync", writer.Node, other.Node))
 			return

@@ -1,6 +1,7 @@
 package controllers
 
 import (
+	"fmt"
 	"slices"
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
@@ -11,6 +12,16 @@ import (
 type MemberView struct {
 	// Node is the member's node.
 	Node string
+	// Field is the spec field that names it ("spec.backup.node"), for
+	// messages.
+	Field string
+	// Unregistered is true when no agent has registered on the node (it
+	// has no agent Lease): the node has no Tandem agent, or no such node
+	// exists.
+	Unregistered bool
+	// NodeMissing is true when the cluster has Node objects but none for
+	// this member: a typo in the spec, or a node deleted since.
+	NodeMissing bool
 	// Reachable is true when the agent answered the last probe.
 	Reachable bool
 	// Suspect is true after failureThreshold failed probes in a row, or when
@@ -124,6 +135,43 @@ type Step struct {
 	// Member is the member a ConfirmOutdated step is about (Target is the
 	// writer told).
 	Member string
+	// Pending says why a pair without an authority does not start yet
+	// (PendingMemberNotFound, ...; "" when it starts or has started);
+	// Message explains it and Target names the member it waits for.
+	Pending string
+}
+
+// Reasons a new pair waits (Step.Pending, the Ready condition's reason
+// while the phase is PENDING).
+const (
+	// PendingMemberNotFound: a member names a node the cluster does not
+	// have.
+	PendingMemberNotFound = "MemberNotFound"
+	// PendingAgentNotRegistered: a member's node has no Tandem agent.
+	PendingAgentNotRegistered = "AgentNotRegistered"
+	// PendingPrimaryNotReady: spec.primary's agent registered but does not
+	// answer, or its Node is not Ready.
+	PendingPrimaryNotReady = "PrimaryNotReady"
+)
+
+// pending says why a new pair (no authority yet) may not start: a writer is
+// given only to a member that answers, and a member without an agent would
+// be lost the moment it became the writer (a failover that never was). A
+// pair starts once every member's agent has registered and spec.primary's
+// answers.
+func pending(v *View) (reason, target, msg string) {
+	for _, m := range v.all() {
+		switch {
+		case m.NodeMissing:
+			return PendingMemberNotFound, m.Node, fmt.Sprintf("%s: node %q does not exist; correct the node name, or the pair starts once the node joins and its Tandem agent registers", m.Field, m.Node)
+		case m.Unregistered:
+			return PendingAgentNotRegistered, m.Node, fmt.Sprintf("%s: no Tandem agent has registered on node %q (the agent DaemonSet runs no pod there: check its node selector, tolerations and the pod's events); the pair starts once it registers", m.Field, m.Node)
+		}
+	}
+	if p := &v.Primary; !p.Reachable || p.Suspect {
+		return PendingPrimaryNotReady, p.Node, fmt.Sprintf("%s: the agent on %q does not answer or its Node is not Ready; the pair starts with %s as the writer once it does", p.Field, p.Node, p.Node)
+	}
+	return "", "", ""
 }
 
 // all returns every member: spec.primary, spec.backup, the additional
@@ -330,6 +378,9 @@ func WriterFenced(v View) bool {
 // calls Decide again on the next round (level-based).
 func Decide(v View) Step {
 	if !v.Authority.Exists {
+		if reason, target, msg := pending(&v); reason != "" {
+			return Step{Kind: StepNone, Blocked: BlockedNone, Pending: reason, Target: target, Message: msg}
+		}
 		return Step{Kind: StepCreateAuthority, Target: v.Primary.Node, Blocked: BlockedNone}
 	}
 	writer := v.member(v.Authority.Holder)
@@ -435,6 +486,30 @@ func Decide(v View) Step {
 			Message: "the agent on " + writer.Node + " is stopping; its writer role moves to " + names(others) + " once one is reachable and in sync"}
 	}
 	return Step{Kind: StepNone, Blocked: BlockedNone}
+}
+
+// StaleRequest names a request annotation that asks for nothing this pair
+// can do, and says why: a failover while the writer serves (a failover
+// replaces a lost writer), a failback while spec.primary already writes.
+// Left in place, such a request would act later, unasked: a Manual
+// failover policy would promote a backup the moment the writer was next
+// lost. The controller clears it with a Warning event. "" when none is.
+func StaleRequest(v View) (annotation, msg string) {
+	if !v.Authority.Exists {
+		return "", ""
+	}
+	writer := v.member(v.Authority.Holder)
+	w := writer.Status
+	serving := writer.Reachable && !writer.Suspect && !writer.Stale && w != nil && w.Role == agentapi.RolePrimary &&
+		w.Epoch == v.Authority.Epoch && w.Writable && !w.Stopping
+	switch {
+	case v.FailoverRequested && serving && !WriterLostData(v):
+		return v1.AnnotationFailoverRequested, fmt.Sprintf("failover request ignored and cleared: the writer %s serves the volume, and a failover replaces a lost writer. "+
+			"For a planned switch of the writer, swap spec.primary.node with the member that should write (a switchover)", writer.Node)
+	case v.FailbackRequested && serving && v.Authority.Holder == v.Primary.Node:
+		return v1.AnnotationFailbackRequested, fmt.Sprintf("failback request ignored and cleared: %s (spec.primary) already writes; nothing to fail back", writer.Node)
+	}
+	return "", ""
 }
 
 // names lists the members' nodes for messages ("b", "b or c").
@@ -596,7 +671,7 @@ func DerivePhase(v View, last v1.Phase) v1.Phase {
 	writer := v.member(v.Authority.Holder)
 	w := writer.Status
 	if w == nil || w.Role != agentapi.RolePrimary {
-		if last == "" {
+		if last == "" || last == v1.PhasePending {
 			return v1.PhasePair
 		}
 		return last

@@ -25,6 +25,7 @@ func (r *VolumePairReconciler) reconcileDelete(ctx context.Context, vp *v1.Volum
 	for _, m := range vp.Status.RemovedMembers {
 		nodes = append(nodes, m.Node) // replaced members not deleted yet
 	}
+	neverStarted := vp.Status.Phase == v1.PhasePending && !vp.Status.DataInitialized
 	for _, node := range nodes {
 		info, err := r.agentInfo(ctx, node)
 		if err == nil {
@@ -32,6 +33,11 @@ func (r *VolumePairReconciler) reconcileDelete(ctx context.Context, vp *v1.Volum
 			if agentapi.IsNotFound(err) {
 				err = nil // no replica there: nothing to remove
 			}
+		}
+		if err != nil && neverStarted {
+			// No replica was ever created (no writer was given): nothing
+			// can be left on a node whose agent never registered.
+			continue
 		}
 		if err != nil {
 			r.Recorder.Eventf(vp, nil, corev1.EventTypeWarning, "TeardownIncomplete", "Delete", "%s", orphanMessage(vp, node, info.dataDir, purge, err))

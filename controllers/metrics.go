@@ -39,7 +39,7 @@ func MetricsCollectors() []prometheus.Collector {
 }
 
 func recordMetrics(vp *v1.VolumePair) {
-	for _, p := range []v1.Phase{v1.PhasePair, v1.PhaseSwap, v1.PhaseCopy, v1.PhaseNormal} {
+	for _, p := range []v1.Phase{v1.PhasePending, v1.PhasePair, v1.PhaseSwap, v1.PhaseCopy, v1.PhaseNormal} {
 		val := 0.0
 		if vp.Status.Phase == p {
 			val = 1
@@ -55,7 +55,7 @@ func recordMetrics(vp *v1.VolumePair) {
 }
 
 func forgetMetrics(vp *v1.VolumePair) {
-	for _, p := range []v1.Phase{v1.PhasePair, v1.PhaseSwap, v1.PhaseCopy, v1.PhaseNormal} {
+	for _, p := range []v1.Phase{v1.PhasePending, v1.PhasePair, v1.PhaseSwap, v1.PhaseCopy, v1.PhaseNormal} {
 		phaseGauge.DeleteLabelValues(vp.Namespace, vp.Name, string(p))
 	}
 	outOfSyncGauge.DeleteLabelValues(vp.Namespace, vp.Name)

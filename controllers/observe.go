@@ -43,10 +43,11 @@ func (r *VolumePairReconciler) observe(ctx context.Context, s *scope) error {
 	timeout := min(max(period, 200*time.Millisecond), time.Second)
 	nodes := vp.Spec.MemberNodes()
 	type probeResult struct {
-		info      agentInfo
-		infoOK    bool
-		st        *agentapi.Status
-		reachable bool
+		info         agentInfo
+		infoOK       bool
+		unregistered bool // no agent Lease for the node
+		st           *agentapi.Status
+		reachable    bool
 	}
 	results := make([]probeResult, len(nodes))
 	var wg sync.WaitGroup
@@ -56,6 +57,7 @@ func (r *VolumePairReconciler) observe(ctx context.Context, s *scope) error {
 			defer wg.Done()
 			info, err := r.agentInfo(ctx, node)
 			if err != nil {
+				results[i].unregistered = apierrors.IsNotFound(err)
 				return
 			}
 			results[i].info, results[i].infoOK = info, true
@@ -74,8 +76,14 @@ func (r *VolumePairReconciler) observe(ctx context.Context, s *scope) error {
 		}()
 	}
 	wg.Wait()
+	haveNodes, err := r.clusterHasNodes(ctx)
+	if err != nil {
+		return err
+	}
 	for i, node := range nodes {
-		m := MemberView{Node: node}
+		m := MemberView{Node: node, Field: memberField(i), Unregistered: results[i].unregistered}
+		found, notReady := r.nodeState(ctx, node)
+		m.NodeMissing = haveNodes && !found
 		if ms := vp.Status.MemberStatus(node); ms != nil && ms.DataState == v1.DataOutdated {
 			m.RecordedOutdated = true
 			m.OutdatedNotSent = ms.OutdatedConfirmation == v1.OutdatedNotSent
@@ -96,7 +104,7 @@ func (r *VolumePairReconciler) observe(ctx context.Context, s *scope) error {
 		// longer than a period when probes time out), or when the Node is
 		// not Ready.
 		silent := !ps.lastSeen.IsZero() && now.Sub(ps.lastSeen) >= time.Duration(threshold)*period
-		m.Suspect = ps.failures >= threshold || silent || r.nodeNotReady(ctx, node)
+		m.Suspect = ps.failures >= threshold || silent || notReady
 		if m.Suspect && ps.lostAt.IsZero() {
 			ps.lostAt = now
 		}
@@ -260,17 +268,44 @@ func (r *VolumePairReconciler) probe(ctx context.Context, info agentInfo, vp *v1
 	return &st, nil
 }
 
-func (r *VolumePairReconciler) nodeNotReady(ctx context.Context, node string) bool {
+// nodeState reads the member's Node object: whether it exists, and whether
+// it is not Ready. Without a Node object (or when it cannot be read) probes
+// alone decide whether the member is lost.
+func (r *VolumePairReconciler) nodeState(ctx context.Context, node string) (found, notReady bool) {
 	n := &corev1.Node{}
 	if err := r.Get(ctx, client.ObjectKey{Name: node}, n); err != nil {
-		return false // no Node object: probes alone decide
+		return !apierrors.IsNotFound(err), false
 	}
 	for _, c := range n.Status.Conditions {
 		if c.Type == corev1.NodeReady {
-			return c.Status != corev1.ConditionTrue
+			return true, c.Status != corev1.ConditionTrue
 		}
 	}
-	return false
+	return true, false
+}
+
+// clusterHasNodes reports whether the API server has any Node object. A
+// member whose Node does not exist is missing only then: a control plane
+// without Node objects (the controller's envtest suites) has agents but no
+// Nodes, and there probes alone decide.
+func (r *VolumePairReconciler) clusterHasNodes(ctx context.Context) (bool, error) {
+	var nodes corev1.NodeList
+	if err := r.List(ctx, &nodes, client.Limit(1)); err != nil {
+		return false, fmt.Errorf("list Nodes: %w", err)
+	}
+	return len(nodes.Items) > 0, nil
+}
+
+// memberField is the spec field that names the i-th member (in
+// VolumePairSpec.MemberNodes order), for messages.
+func memberField(i int) string {
+	switch i {
+	case 0:
+		return "spec.primary.node"
+	case 1:
+		return "spec.backup.node"
+	}
+	return fmt.Sprintf("spec.additionalBackups[%d].node", i-2)
 }
 
 // desiredClients is spec.clients with the nodes' addresses (the InternalIP

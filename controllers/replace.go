@@ -40,9 +40,16 @@ func trackRemoved(vp *v1.VolumePair) []string {
 	st.RemovedMembers = slices.DeleteFunc(st.RemovedMembers, func(m v1.RemovedMember) bool { return slices.Contains(members, m.Node) })
 	var kept []v1.MemberStatus
 	var moved []string
+	// A pair that never started (PENDING: no writer was ever given, so no
+	// member holds a replica) just forgets a member taken out of its spec:
+	// a corrected node name, nothing to delete.
+	neverStarted := st.Phase == v1.PhasePending && !st.DataInitialized
 	for _, m := range st.Members {
 		if slices.Contains(members, m.Node) {
 			kept = append(kept, m)
+			continue
+		}
+		if neverStarted {
 			continue
 		}
 		if !slices.ContainsFunc(st.RemovedMembers, func(rm v1.RemovedMember) bool { return rm.Node == m.Node }) {

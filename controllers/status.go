@@ -3,9 +3,11 @@ package controllers
 import (
 	"context"
 	"fmt"
+	"maps"
 	"slices"
 
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/klog/v2"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -58,6 +60,17 @@ func (r *VolumePairReconciler) patchStatus(ctx context.Context, s *scope, ok boo
 		set(&st.Conditions, gen, v1.ConditionFailoverBlocked, true, BlockedAuthorityNotOwned, s.notOwned.Error())
 		set(&st.Conditions, gen, v1.ConditionReady, false, BlockedAuthorityNotOwned,
 			"no step is taken while the pair's authority Lease is not its own; the writer cannot renew it and fences itself")
+		if err := r.Status().Patch(ctx, vp, client.MergeFrom(s.base)); err != nil {
+			return fmt.Errorf("patch status: %w", err)
+		}
+		return nil
+	}
+	if s.step.Pending != "" {
+		patchPending(vp, &view, s.step)
+		if ok {
+			st.ObservedGeneration = gen
+		}
+		recordMetrics(vp)
 		if err := r.Status().Patch(ctx, vp, client.MergeFrom(s.base)); err != nil {
 			return fmt.Errorf("patch status: %w", err)
 		}
@@ -146,7 +159,14 @@ func (r *VolumePairReconciler) patchStatus(ctx context.Context, s *scope, ok boo
 				if ms.DataState != v1.DataOutdated {
 					ms.DataState = v1.DataUnknown
 				}
-				ms.Message = "agent unreachable"
+				switch {
+				case m.NodeMissing:
+					ms.Message = "its node no longer exists (no Node object); if it is gone for good, replace it in " + m.Field
+				case m.Unregistered:
+					ms.Message = "no Tandem agent registered on this node"
+				default:
+					ms.Message = "agent unreachable"
+				}
 			case m.Status == nil:
 				ms.Role, ms.DataState, ms.Message = "", v1.DataUnknown, "replica not created yet"
 			default:
@@ -183,7 +203,11 @@ func (r *VolumePairReconciler) patchStatus(ctx context.Context, s *scope, ok boo
 	}
 	setReadyCondition(&st.Conditions, gen, writer)
 	setSynchronizedCondition(&st.Conditions, gen, writer, others)
+	oldDegraded := meta.FindStatusCondition(s.base.Status.Conditions, v1.ConditionDegraded)
 	setDegradedCondition(&st.Conditions, gen, writer, others)
+	if c := meta.FindStatusCondition(st.Conditions, v1.ConditionDegraded); c.Reason == ReasonMemberNotFound && (oldDegraded == nil || oldDegraded.Message != c.Message) {
+		r.Recorder.Eventf(vp, nil, corev1.EventTypeWarning, ReasonMemberNotFound, "Degrade", "%s", c.Message)
+	}
 	setFailoverBlockedCondition(&st.Conditions, gen, s.step)
 	if ok {
 		st.ObservedGeneration = gen
@@ -264,4 +288,75 @@ func (r *VolumePairReconciler) clearRequests(ctx context.Context, vp *v1.VolumeP
 		return fmt.Errorf("clear request annotations: %w", err)
 	}
 	return nil
+}
+
+// clearStaleRequest removes a request annotation StaleRequest finds
+// pointless, with a Warning event saying why, so it cannot act later
+// unasked.
+func (r *VolumePairReconciler) clearStaleRequest(ctx context.Context, s *scope) error {
+	ann, msg := StaleRequest(s.view)
+	if ann == "" {
+		return nil
+	}
+	vp := s.vp
+	patch := client.MergeFrom(vp.DeepCopy())
+	delete(vp.Annotations, ann)
+	if err := r.Patch(ctx, vp, patch); err != nil {
+		return fmt.Errorf("clear %s: %w", ann, err)
+	}
+	s.base.Annotations, s.base.ResourceVersion = maps.Clone(vp.Annotations), vp.ResourceVersion
+	switch ann {
+	case v1.AnnotationFailoverRequested:
+		s.view.FailoverRequested = false
+	case v1.AnnotationFailbackRequested:
+		s.view.FailbackRequested = false
+	}
+	r.Recorder.Eventf(vp, nil, corev1.EventTypeWarning, ReasonRequestIgnored, "ClearRequest", "%s", msg)
+	log.FromContext(ctx).Info("Cleared a request that asks for nothing possible", "volumePair", klog.KObj(vp), "annotation", ann)
+	return nil
+}
+
+// announcePending records a Warning event when a new pair starts waiting,
+// or waits for another reason (the Ready condition's reason is the last
+// one recorded).
+func (r *VolumePairReconciler) announcePending(s *scope) {
+	if s.step.Pending == "" {
+		return
+	}
+	if c := meta.FindStatusCondition(s.vp.Status.Conditions, v1.ConditionReady); c != nil && c.Reason == s.step.Pending && c.Message == s.step.Message {
+		return
+	}
+	r.Recorder.Eventf(s.vp, nil, corev1.EventTypeWarning, s.step.Pending, "Wait", "%s", s.step.Message)
+}
+
+// patchPending is the status of a new pair that waits (Decide's Pending):
+// phase PENDING, Ready False with the reason, each member with what it
+// lacks. Nothing was created for it yet.
+func patchPending(vp *v1.VolumePair, view *View, step Step) {
+	st := &vp.Status
+	gen := vp.Generation
+	st.Phase = v1.PhasePending
+	st.ActivePrimary, st.Endpoint, st.Epoch = "", "", 0
+	st.MembersInSync = fmt.Sprintf("0/%d", len(view.all()))
+	for _, m := range view.all() {
+		setMemberState(vp, m.Node, func(ms *v1.MemberStatus) {
+			ms.Role, ms.DataState, ms.Connected, ms.Copy, ms.Mode = "", v1.DataUnknown, false, nil, ""
+			switch {
+			case m.NodeMissing:
+				ms.Message = "no such node"
+			case m.Unregistered:
+				ms.Message = "no Tandem agent registered on this node"
+			case !m.Reachable:
+				ms.Message = "agent unreachable"
+			case m.Suspect:
+				ms.Message = "Node not Ready"
+			default:
+				ms.Message = "ready; waiting for the other members"
+			}
+		})
+	}
+	set(&st.Conditions, gen, v1.ConditionReady, false, step.Pending, step.Message)
+	set(&st.Conditions, gen, v1.ConditionSynchronized, false, step.Pending, "the pair has not started")
+	set(&st.Conditions, gen, v1.ConditionDegraded, false, step.Pending, "the pair has not started")
+	setFailoverBlockedCondition(&st.Conditions, gen, step)
 }

@@ -209,7 +209,11 @@ func (r *VolumePairReconciler) Reconcile(ctx context.Context, req ctrl.Request) 
 		}
 		return ctrl.Result{RequeueAfter: period}, nil
 	}
+	if err := r.clearStaleRequest(ctx, s); err != nil {
+		return ctrl.Result{}, err
+	}
 	s.step = Decide(s.view)
+	r.announcePending(s)
 	if s.step.Kind == StepNone {
 		r.retireRemoved(ctx, s)
 	}

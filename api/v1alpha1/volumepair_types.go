@@ -29,10 +29,14 @@ const (
 )
 
 // Phase is the pair's phase as the controller sees it (docs/architecture.md, "Phases").
-// +kubebuilder:validation:Enum=PAIR;SWAP;COPY;NORMAL
+// +kubebuilder:validation:Enum=PENDING;PAIR;SWAP;COPY;NORMAL
 type Phase string
 
 const (
+	// PhasePending: the pair has not started: a member's node does not
+	// exist or has no Tandem agent, or spec.primary's agent does not
+	// answer. The Ready condition says which; nothing was created yet.
+	PhasePending Phase = "PENDING"
 	// PhasePair: the preferred primary serves and mirrors to the backup.
 	PhasePair Phase = "PAIR"
 	// PhaseSwap: the preferred primary was lost; the backup serves and records
@@ -377,7 +381,7 @@ type MemberStatus struct {
 
 // VolumePairStatus is the observed state of a VolumePair.
 type VolumePairStatus struct {
-	// phase is PAIR, SWAP, COPY or NORMAL (docs/architecture.md, "Phases").
+	// phase is PENDING, PAIR, SWAP, COPY or NORMAL (docs/architecture.md, "Phases").
 	// +optional
 	Phase Phase `json:"phase,omitempty"`
 	// activePrimary names the node that serves writes now.
@@ -472,6 +476,7 @@ type VolumePairStatus struct {
 // +kubebuilder:printcolumn:name="Active",type=string,JSONPath=`.status.activePrimary`
 // +kubebuilder:printcolumn:name="Backup",type=string,JSONPath=`.spec.backup.node`
 // +kubebuilder:printcolumn:name="Phase",type=string,JSONPath=`.status.phase`
+// +kubebuilder:printcolumn:name="Status",type=string,JSONPath=`.status.conditions[?(@.type=="Ready")].reason`
 // +kubebuilder:printcolumn:name="In-Sync",type=string,JSONPath=`.status.membersInSync`
 // +kubebuilder:printcolumn:name="Out-Of-Sync",type=integer,format=int64,JSONPath=`.status.outOfSyncBytes`
 // +kubebuilder:printcolumn:name="Claim",type=string,JSONPath=`.metadata.annotations.csi\.tandem\.dev/pvc`,priority=1

@@ -450,6 +450,7 @@ var wantAlerts = []string{
 	"TandemVolumeOutOfSyncTooLong", // out of sync for too long
 	"TandemVolumePairFailedOver",   // a failover happened
 	"TandemVolumePairCopyStuck",    // a copy (resync) stuck
+	"TandemVolumePairPending",      // a new pair that cannot start (issue 19)
 	"TandemAgentDown",              // an agent down
 }
 

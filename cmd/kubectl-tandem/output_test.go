@@ -31,6 +31,8 @@ type pluginResult struct {
 	err            error
 	// connected: the command asked for an API client.
 	connected bool
+	// c is the fake API server, as the command left it.
+	c client.Client
 }
 
 // runPluginFake runs the plugin's subcommands in-process against a fake API
@@ -46,6 +48,25 @@ func runPluginFake(t *testing.T, objs []client.Object, args ...string) pluginRes
 // path of an empty kubeconfig, against a fake API server holding objs.
 func runPluginArgs(t *testing.T, objs []client.Object, args func(kubeconfig string) []string) pluginResult {
 	t.Helper()
+	return runPluginWith(t, objs, interceptor.Funcs{Get: withManagedFields}, args)
+}
+
+// runPluginWith is runPluginArgs with the fake API server's calls going
+// through funcs. The namespaces of objs exist, and prod.
+func runPluginWith(t *testing.T, objs []client.Object, funcs interceptor.Funcs, args func(kubeconfig string) []string) pluginResult {
+	t.Helper()
+	seen := map[string]bool{}
+	for _, o := range objs {
+		if n, ok := o.(*corev1.Namespace); ok {
+			seen[n.Name] = true
+		}
+	}
+	for _, ns := range append([]string{"prod"}, namespacesOf(objs)...) {
+		if !seen[ns] {
+			seen[ns] = true
+			objs = append(objs, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}})
+		}
+	}
 	scheme := runtime.NewScheme()
 	if err := clientgoscheme.AddToScheme(scheme); err != nil {
 		t.Fatal(err)
@@ -56,7 +77,7 @@ func runPluginArgs(t *testing.T, objs []client.Object, args func(kubeconfig stri
 	c := fake.NewClientBuilder().WithScheme(scheme).WithObjects(objs...).
 		WithIndex(&corev1.Event{}, "involvedObject.kind", func(o client.Object) []string { return []string{o.(*corev1.Event).InvolvedObject.Kind} }).
 		WithIndex(&corev1.Event{}, "involvedObject.name", func(o client.Object) []string { return []string{o.(*corev1.Event).InvolvedObject.Name} }).
-		WithInterceptorFuncs(interceptor.Funcs{Get: withManagedFields}).
+		WithInterceptorFuncs(funcs).
 		Build()
 	// An empty kubeconfig: nothing from the environment or ~/.kube is read.
 	kubeconfig := filepath.Join(t.TempDir(), "kubeconfig")
@@ -78,8 +99,19 @@ func runPluginArgs(t *testing.T, objs []client.Object, args func(kubeconfig stri
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	res.err = root.ExecuteContext(ctx)
-	res.stdout, res.stderr = out.String(), errb.String()
+	res.stdout, res.stderr, res.c = out.String(), errb.String(), c
 	return res
+}
+
+// namespacesOf lists the namespaces of the namespaced objects in objs.
+func namespacesOf(objs []client.Object) []string {
+	var out []string
+	for _, o := range objs {
+		if _, ok := o.(*corev1.Namespace); !ok && o.GetNamespace() != "" {
+			out = append(out, o.GetNamespace())
+		}
+	}
+	return out
 }
 
 // withManagedFields makes the fake API server return VolumePairs with
@@ -202,7 +234,7 @@ func TestOutputFormatErrors(t *testing.T) {
 }
 
 func TestRequestOutput(t *testing.T) {
-	res := runPluginFake(t, []client.Object{copyingPair()}, "failover", "db", "-o", "jsonpath={.metadata.annotations.storage\\.tandem\\.dev/failover-requested}")
+	res := runPluginFake(t, []client.Object{writerLostPair()}, "failover", "db", "-o", "jsonpath={.metadata.annotations.storage\\.tandem\\.dev/failover-requested}")
 	if res.err != nil {
 		t.Fatal(res.err)
 	}

@@ -28,6 +28,11 @@ type request struct {
 	// next explains what the controller does with the request, given the
 	// pair's current state.
 	next func(vp *storagev1alpha1.VolumePair) []string
+	// refuse says why the request cannot be acted on in the pair's
+	// current state (nil: it can). A refused request is not set: an
+	// annotation nobody acts on would stay, and fire later, at a moment the
+	// user did not choose.
+	refuse func(vp *storagev1alpha1.VolumePair) error
 }
 
 var failoverRequest = request{
@@ -40,8 +45,15 @@ storage.tandem.dev/failover-requested to the current time (RFC 3339).
 The controller promotes the backup when the primary is lost (its authority
 has expired) and the backup is UpToDate; otherwise the FailoverBlocked
 condition says why not. This is how a pair with spec.failover.policy Manual
-fails over.`,
-	next: failoverNext,
+fails over.
+
+Failover is for a writer that is lost: while the writer serves (condition
+Ready True) the request is refused and nothing is set. To move the writer
+role while it serves (a planned switchover, no write lost), swap
+spec.primary.node and spec.backup.node; to give it back to spec.primary
+after a failover, use kubectl tandem failback.`,
+	next:   failoverNext,
+	refuse: failoverRefused,
 }
 
 var failbackRequest = request{
@@ -55,8 +67,13 @@ Once the pair is NORMAL (the returning primary holds the same data as the
 acting one), the controller holds new writes, drains the last diff, gives the
 primary role back to spec.primary and resumes mirroring (PAIR). Held writes
 wait; they do not fail. This is how a pair with spec.failback.policy Manual
-fails back.`,
-	next: failbackNext,
+fails back.
+
+Failback is for a pair that failed over: while spec.primary serves the
+request is refused and nothing is set. For a planned switchover to a backup,
+swap spec.primary.node and spec.backup.node.`,
+	next:   failbackNext,
+	refuse: failbackRefused,
 }
 
 func newRequestCmd(o *rootOptions, r request) *cobra.Command {
@@ -86,6 +103,9 @@ func newRequestCmd(o *rootOptions, r request) *cobra.Command {
 			vp, err := getPair(cmd.Context(), c, ns, args[0])
 			if err != nil {
 				return err
+			}
+			if err := r.refuse(vp); err != nil {
+				return fmt.Errorf("%s of volumepair %s/%s refused, nothing was changed: %w", r.verb, ns, vp.Name, err)
 			}
 			at := time.Now().UTC().Format(time.RFC3339)
 			if err := annotate(cmd.Context(), c, vp, r.annotation, at); err != nil {
@@ -211,11 +231,66 @@ func failbackNext(vp *storagev1alpha1.VolumePair) []string {
 		out = append(out, "A copy is running"+progress+"; the failback follows when it completes.")
 	case st.Phase == storagev1alpha1.PhaseSwap:
 		out = append(out, fmt.Sprintf("The pair is in SWAP: the failback waits for %s to return and for the resync (COPY) to finish.", pref))
-	case st.Phase == storagev1alpha1.PhasePair && actingPrimary(vp) == pref:
-		out = append(out, fmt.Sprintf("%s already serves (PAIR): there is nothing to fail back now.", pref))
 	}
 	if vp.Spec.Failback.Policy == storagev1alpha1.PolicyAutomatic {
 		out = append(out, "spec.failback.policy is Automatic: the controller also fails back without a request.")
 	}
 	return out
+}
+
+// notReported refuses a request for a pair the controller has not reported
+// on: there is no writer to lose or to give the role back from.
+func notReported(vp *storagev1alpha1.VolumePair) error {
+	if vp.DeletionTimestamp != nil {
+		return fmt.Errorf("the VolumePair is being deleted (since %s)", vp.DeletionTimestamp.UTC().Format(time.RFC3339))
+	}
+	if vp.Status.Phase == "" && vp.Status.ActivePrimary == "" {
+		return fmt.Errorf("the controller has not reported a status for it yet, so no member is the writer: "+
+			"is the Tandem manager running (kubectl tandem version)? kubectl tandem status %s -n %s shows its conditions", vp.Name, vp.Namespace)
+	}
+	return nil
+}
+
+// switchoverCommand is the command that moves the writer role from the
+// acting primary to the spec backup while it serves: swap the two members.
+func switchoverCommand(vp *storagev1alpha1.VolumePair) string {
+	p, b := vp.Spec.Primary.Node, vp.Spec.Backup.Node
+	return fmt.Sprintf(`kubectl patch volumepair %s -n %s --type=merge -p '{"spec":{"primary":{"node":"%s"},"backup":{"node":"%s"}}}'`, vp.Name, vp.Namespace, b, p)
+}
+
+// failoverRefused refuses a failover while the writer serves: the
+// controller acts on the request only once the writer is lost.
+func failoverRefused(vp *storagev1alpha1.VolumePair) error {
+	if err := notReported(vp); err != nil {
+		return err
+	}
+	ready := meta.FindStatusCondition(vp.Status.Conditions, storagev1alpha1.ConditionReady)
+	if ready == nil || ready.Status != metav1.ConditionTrue {
+		return nil
+	}
+	writer := actingPrimary(vp)
+	why := fmt.Sprintf("the writer %s is serving (condition Ready: %s, %s): failover is for a writer that is lost, and the request would not be acted on", writer, orDash(ready.Reason), orDash(oneLine(ready.Message)))
+	var do string
+	if writer != vp.Spec.Primary.Node {
+		do = fmt.Sprintf("%s already took over from %s; to give the writer role back to %s, use kubectl tandem failback %s -n %s", writer, vp.Spec.Primary.Node, vp.Spec.Primary.Node, vp.Name, vp.Namespace)
+	} else {
+		do = fmt.Sprintf("For a planned switch of the writer to %s while %s serves (writes are held and drained: none is lost), swap spec.primary.node and spec.backup.node: %s", vp.Spec.Backup.Node, writer, switchoverCommand(vp))
+	}
+	return fmt.Errorf("%s. %s. If %s was lost just now, the controller notices within spec.failover.failureThreshold × probePeriodSeconds; run this again once kubectl tandem status %s -n %s shows Ready False",
+		why, do, writer, vp.Name, vp.Namespace)
+}
+
+// failbackRefused refuses a failback while spec.primary holds the writer
+// role: there is nothing to give back, and a request left set would fail a
+// later failover back at once, whatever spec.failback.policy says.
+func failbackRefused(vp *storagev1alpha1.VolumePair) error {
+	if err := notReported(vp); err != nil {
+		return err
+	}
+	pref := vp.Spec.Primary.Node
+	if vp.Status.ActivePrimary != pref {
+		return nil
+	}
+	return fmt.Errorf("%s (spec.primary) is already the writer (phase %s): failback gives the writer role back to spec.primary after a failover, and there is nothing to give back. "+
+		"For a planned switch of the writer to %s, swap spec.primary.node and spec.backup.node: %s", pref, orDash(string(vp.Status.Phase)), vp.Spec.Backup.Node, switchoverCommand(vp))
 }

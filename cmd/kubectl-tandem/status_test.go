@@ -269,9 +269,6 @@ func TestRequestExplanations(t *testing.T) {
 		{"failback during COPY", failbackRequest, copyingPair(), []string{
 			"Now:  phase COPY; node-b serves at epoch 4; node-a is Backup, Inconsistent, connected",
 		}},
-		{"failback with nothing to do", failbackRequest, blocked, []string{
-			"      node-a already serves (PAIR): there is nothing to fail back now.",
-		}},
 		{"no status", failoverRequest, testPair(), []string{
 			"Now:  the controller has not reported a status yet",
 		}},

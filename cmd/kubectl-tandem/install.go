@@ -9,6 +9,7 @@ import (
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/labels"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 )
@@ -51,6 +52,10 @@ func listBySelector(ctx context.Context, c client.Client, list client.ObjectList
 func findAgents(ctx context.Context, c client.Client, selector, ns string) (*appsv1.DaemonSet, error) {
 	var l appsv1.DaemonSetList
 	if err := listBySelector(ctx, c, &l, selector, ns); err != nil {
+		if apierrors.IsForbidden(err) {
+			return nil, fmt.Errorf("find the Tandem agents (DaemonSets with labels %s %s): you may not list DaemonSets there; "+
+				"pass --operator-namespace NS (where Tandem is installed) and --token-file FILE (the agents' token), which need no DaemonSet: %w", selector, scope(ns), err)
+		}
 		return nil, fmt.Errorf("find the Tandem agents (DaemonSets with labels %s %s): %w", selector, scope(ns), err)
 	}
 	switch len(l.Items) {

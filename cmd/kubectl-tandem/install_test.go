@@ -114,7 +114,7 @@ func TestVerifyFindsTheInstall(t *testing.T) {
 	}{
 		{"found by its labels, chart-named secret and key",
 			[]client.Object{pair, unlabelled, agentDS("storage", "rel-tandem-agent", "rel-tandem-agent-token", "tok"), token("storage", "rel-tandem-agent-token", "tok", "s3cret")}, nil,
-			"lease storage/tandem-agent-"},
+			"no Lease storage/tandem-agent-node-a"},
 		{"none",
 			[]client.Object{pair, unlabelled}, nil,
 			"found no Tandem agents: no DaemonSet with labels app.kubernetes.io/name=tandem,app.kubernetes.io/component=agent in any namespace"},
@@ -126,10 +126,10 @@ func TestVerifyFindsTheInstall(t *testing.T) {
 			"found 2 Tandem installs: DaemonSets other/tandem-agent, storage/tandem-agent all have labels"},
 		{"several, one picked",
 			[]client.Object{pair, other, agentDS("storage", "tandem-agent", "t", "token"), token("storage", "t", "token", "x")}, []string{"--operator-namespace", "storage"},
-			"lease storage/tandem-agent-"},
+			"no Lease storage/tandem-agent-node-a"},
 		{"another selector",
 			[]client.Object{pair, unlabelled, token("kube-system", "x", "token", "x")}, []string{"--agent-selector", "app.kubernetes.io/component=agent"},
-			"lease kube-system/tandem-agent-"},
+			"no Lease kube-system/tandem-agent-node-a"},
 		{"the secret is missing",
 			[]client.Object{pair, other}, nil,
 			"read the agents' token from secret other/tandem-agent-token (key token), which DaemonSet other/tandem-agent mounts (or pass --token-file)"},
@@ -137,7 +137,8 @@ func TestVerifyFindsTheInstall(t *testing.T) {
 			[]client.Object{pair, other, token("other", "tandem-agent-token", "token", " \n")}, nil,
 			"the agents' token: secret other/tandem-agent-token (key token) is missing or empty"},
 	} {
-		res := runPluginFake(t, tt.objs, append([]string{"verify", pair.Name}, tt.args...)...)
+		objs := append(tt.objs, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a"}}, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-b"}})
+		res := runPluginFake(t, objs, append([]string{"verify", pair.Name}, tt.args...)...)
 		if res.err == nil || !strings.Contains(res.err.Error(), tt.wantErr) {
 			t.Errorf("%s: verify: %v; want an error containing %q", tt.name, res.err, tt.wantErr)
 		}

@@ -54,13 +54,17 @@ go-template=... it prints the VolumePairs as kubectl get does (a list).`,
 			}
 			var l storagev1alpha1.VolumePairList
 			if err := listBySelector(cmd.Context(), c, &l, selector, ns); err != nil {
-				return fmt.Errorf("list volumepairs %s: %w", scope(ns), err)
+				return explainAPIError("list volumepairs "+scope(ns), err)
 			}
 			if p != nil {
 				return printList(out, p, o, &l)
 			}
 			if len(l.Items) == 0 {
-				_, err := fmt.Fprintf(o.streams.ErrOut, "No VolumePairs found %s.\n", scope(ns))
+				why := ""
+				if ns != "" && namespaceMissing(cmd.Context(), c, ns) {
+					why = fmt.Sprintf(": namespace %s does not exist (kubectl tandem list -A lists the VolumePairs of every namespace)", ns)
+				}
+				_, err := fmt.Fprintf(o.streams.ErrOut, "No VolumePairs found %s%s.\n", scope(ns), why)
 				return err
 			}
 			tp := printers.NewTablePrinter(printers.PrintOptions{Wide: wide, WithNamespace: allNamespaces})

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/yaml"
@@ -102,7 +103,14 @@ func TestListCommand(t *testing.T) {
 			}
 		}
 	}
-	if res := runPluginFake(t, objs, "list", "-n", "empty"); !strings.Contains(res.stderr, "No VolumePairs found in namespace empty.") {
-		t.Errorf("list of an empty namespace: stderr %q", res.stderr)
+	empty := append(objs, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "empty"}})
+	if res := runPluginFake(t, empty, "list", "-n", "empty"); res.err != nil || res.stderr != "No VolumePairs found in namespace empty.\n" {
+		t.Errorf("list of an empty namespace: %v, stderr %q", res.err, res.stderr)
+	}
+	// A namespace that does not exist (a typo in -n) is named as such, as
+	// kubectl get says nothing is found there.
+	if res := runPluginFake(t, objs, "list", "-n", "prdo"); res.err != nil ||
+		res.stderr != "No VolumePairs found in namespace prdo: namespace prdo does not exist (kubectl tandem list -A lists the VolumePairs of every namespace).\n" {
+		t.Errorf("list of a namespace that does not exist: %v, stderr %q", res.err, res.stderr)
 	}
 }

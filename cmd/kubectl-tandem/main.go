@@ -27,6 +27,7 @@ import (
 
 	"github.com/go-logr/logr"
 	"github.com/spf13/cobra"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/cli-runtime/pkg/genericclioptions"
 	"k8s.io/cli-runtime/pkg/genericiooptions"
@@ -146,7 +147,7 @@ func (o *rootOptions) defaultClient() (client.Client, error) {
 func (o *rootOptions) namespace() (string, error) {
 	ns, _, err := o.flags.ToRawKubeConfigLoader().Namespace()
 	if err != nil {
-		return "", fmt.Errorf("determine the namespace: %w", err)
+		return "", fmt.Errorf("read the kubeconfig (--kubeconfig, $KUBECONFIG or ~/.kube/config) for the namespace: %w", err)
 	}
 	return ns, nil
 }
@@ -154,10 +155,14 @@ func (o *rootOptions) namespace() (string, error) {
 // getPair reads one VolumePair.
 func getPair(ctx context.Context, c client.Client, ns, name string) (*storagev1alpha1.VolumePair, error) {
 	vp := &storagev1alpha1.VolumePair{}
-	if err := c.Get(ctx, client.ObjectKey{Namespace: ns, Name: name}, vp); err != nil {
-		return nil, fmt.Errorf("get volumepair %s/%s: %w", ns, name, err)
+	err := c.Get(ctx, client.ObjectKey{Namespace: ns, Name: name}, vp)
+	switch {
+	case err == nil:
+		return vp, nil
+	case apierrors.IsNotFound(err) && !isResourceNotServed(err):
+		return nil, pairNotFound(ctx, c, ns, name, err)
 	}
-	return vp, nil
+	return nil, explainAPIError(fmt.Sprintf("get volumepair %s/%s", ns, name), err)
 }
 
 // nameArg accepts exactly one argument, the VolumePair's name.

@@ -2,7 +2,9 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -12,6 +14,7 @@ import (
 	"github.com/spf13/cobra"
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/cli-runtime/pkg/printers"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
@@ -183,16 +186,33 @@ func runVerify(ctx context.Context, o *rootOptions, vo *verifyOptions, name stri
 		return nil, err
 	}
 	var reps []*replica
+	httpc := agentHTTPClient(vo.agentTimeout)
+	// Every member's agent is looked up before any is called: what the
+	// API server says (a node that does not exist, an agent that is not
+	// running) is quicker to hear than a timeout, and more to the point.
+	eps := map[string]string{}
 	for _, node := range vp.Spec.MemberNodes() {
-		ep, err := agentEndpoint(ctx, c, operatorNS, node)
-		if err != nil {
+		if eps[node], err = agentEndpoint(ctx, c, operatorNS, vp, node, time.Now()); err != nil {
 			return nil, err
 		}
-		r := &replica{node: node, c: &agentapi.Client{BaseURL: ep, Token: token, HTTP: &http.Client{Timeout: vo.agentTimeout}}}
+	}
+	for _, node := range vp.Spec.MemberNodes() {
+		ep := eps[node]
+		var err error
+		r := &replica{node: node, c: &agentapi.Client{BaseURL: ep, Token: token, HTTP: httpc}}
 		r.st, err = r.c.Get(ctx, ns, name)
 		if err != nil {
-			if agentapi.IsNotFound(err) {
+			var ae *agentapi.APIError
+			switch {
+			case agentapi.IsNotFound(err):
 				return nil, fmt.Errorf("node %s (agent %s) holds no replica of %s/%s", node, ep, ns, name)
+			case errors.Is(err, agentapi.ErrNotSent):
+				return nil, fmt.Errorf("cannot reach the agent of node %s at %s (from its Lease %s/%s): the plugin calls each member's agent directly, on its node's IP; "+
+					"run it where the nodes' addresses are reachable (on a node, say), and check the agent: kubectl -n %s get pods -l %s -o wide --field-selector spec.nodeName=%s: %w",
+					node, ep, operatorNS, storagev1alpha1.AgentLeaseName(node), operatorNS, defaultAgentSelector, node, err)
+			case errors.As(err, &ae) && ae.Code == http.StatusUnauthorized:
+				return nil, fmt.Errorf("the agent of node %s (%s) refused the token (HTTP 401): the token given (--token-file, or the Secret the agents' DaemonSet mounts) is not the one the agents were started with; "+
+					"the agents read it when they start: restart them after changing the Secret: %w", node, ep, err)
 			}
 			return nil, fmt.Errorf("status of %s/%s on node %s (agent %s): %w", ns, name, node, ep, err)
 		}
@@ -320,6 +340,11 @@ func (vo *verifyOptions) locate(ctx context.Context, c client.Client) (ns, token
 	}
 	var s corev1.Secret
 	if err := c.Get(ctx, client.ObjectKey{Namespace: ref.namespace, Name: ref.secret}, &s); err != nil {
+		if apierrors.IsForbidden(err) {
+			return "", "", fmt.Errorf("read the agents' token from %s, which DaemonSet %s/%s mounts: you may not read that Secret; "+
+				"pass the token in a file with --token-file (ask whoever administers Tandem), or get permission to get secrets/%s in namespace %s: %w",
+				ref, ds.Namespace, ds.Name, ref.secret, ref.namespace, err)
+		}
 		return "", "", fmt.Errorf("read the agents' token from %s, which DaemonSet %s/%s mounts (or pass --token-file): %w", ref, ds.Namespace, ds.Name, err)
 	}
 	token = strings.TrimSpace(string(s.Data[ref.key]))
@@ -341,12 +366,61 @@ func readTokenFile(name string) (string, error) {
 	return tok, nil
 }
 
-// agentEndpoint reads the control API URL of node's agent from its Lease.
-func agentEndpoint(ctx context.Context, c client.Client, operatorNS, node string) (string, error) {
+// connectTimeout bounds the TCP connection to an agent: an address that
+// does not answer (a node down, a firewall that drops) fails in seconds,
+// not after --agent-timeout.
+var connectTimeout = 10 * time.Second
+
+// agentHTTPClient is the HTTP client of the calls to the agents.
+func agentHTTPClient(timeout time.Duration) *http.Client {
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.DialContext = (&net.Dialer{Timeout: connectTimeout, KeepAlive: 30 * time.Second}).DialContext
+	return &http.Client{Timeout: timeout, Transport: tr}
+}
+
+// memberField names the spec field that makes node a member of vp.
+func memberField(vp *storagev1alpha1.VolumePair, node string) string {
+	switch node {
+	case vp.Spec.Primary.Node:
+		return "spec.primary.node"
+	case vp.Spec.Backup.Node:
+		return "spec.backup.node"
+	}
+	for i, b := range vp.Spec.AdditionalBackups {
+		if b.Node == node {
+			return fmt.Sprintf("spec.additionalBackups[%d].node", i)
+		}
+	}
+	return "a member"
+}
+
+// agentEndpoint reads the control API URL of node's agent from its Lease,
+// explaining a node that does not exist, an agent that never registered
+// and one that stopped renewing its Lease.
+func agentEndpoint(ctx context.Context, c client.Client, operatorNS string, vp *storagev1alpha1.VolumePair, node string, now time.Time) (string, error) {
 	var l coordinationv1.Lease
 	name := storagev1alpha1.AgentLeaseName(node)
 	if err := c.Get(ctx, client.ObjectKey{Namespace: operatorNS, Name: name}, &l); err != nil {
-		return "", fmt.Errorf("find the agent of node %s: lease %s/%s (is the agent running? see --operator-namespace): %w", node, operatorNS, name, err)
+		field := memberField(vp, node)
+		switch {
+		case apierrors.IsNotFound(err):
+			var n corev1.Node
+			if apierrors.IsNotFound(c.Get(ctx, client.ObjectKey{Name: node}, &n)) {
+				return "", fmt.Errorf("node %s (%s of volumepair %s/%s) does not exist in the cluster (kubectl get nodes lists them): a typo in the VolumePair, or a node that was removed; no agent holds a replica there: %w",
+					node, field, vp.Namespace, vp.Name, err)
+			}
+			return "", fmt.Errorf("no Tandem agent has registered on node %s (%s of volumepair %s/%s): there is no Lease %s/%s; is the agent running there (kubectl -n %s get pods -l %s -o wide --field-selector spec.nodeName=%s)? "+
+				"If Tandem is installed in another namespace, pass --operator-namespace: %w",
+				node, field, vp.Namespace, vp.Name, operatorNS, name, operatorNS, defaultAgentSelector, node, err)
+		case apierrors.IsForbidden(err):
+			return "", fmt.Errorf("find the agent of node %s: you may not read the agents' Leases in namespace %s (verify needs get on leases.coordination.k8s.io there): %w", node, operatorNS, err)
+		}
+		return "", fmt.Errorf("find the agent of node %s: lease %s/%s: %w", node, operatorNS, name, err)
+	}
+	if r, d := l.Spec.RenewTime, l.Spec.LeaseDurationSeconds; r != nil && d != nil && now.Sub(r.Time) > time.Duration(*d)*time.Second {
+		return "", fmt.Errorf("the agent of node %s is not running, or cannot reach the API server: it last renewed its Lease %s/%s %s ago (at %s; it renews it every few seconds). "+
+			"Check it: kubectl -n %s get pods -l %s -o wide --field-selector spec.nodeName=%s",
+			node, operatorNS, name, humanDuration(now.Sub(r.Time)), r.UTC().Format(time.RFC3339), operatorNS, defaultAgentSelector, node)
 	}
 	ep := strings.TrimRight(l.Annotations[storagev1alpha1.AnnControlEndpoint], "/")
 	if ep == "" {

@@ -187,7 +187,8 @@ func TestVerifyAgentsUnavailable(t *testing.T) {
 		funcs interceptor.Funcs
 		want  []string
 	}{
-		{"a typo in a member's node", append([]client.Object{typo, node("node-a"), node("node-b"), agentLease("node-a", wrongToken.URL, 0)}, install...), interceptor.Funcs{}, []string{
+		{"a typo in a member's node, the other's agent stopped", append([]client.Object{typo, node("node-a"), node("node-b"), agentLease("node-a", wrongToken.URL, time.Hour)}, install...), interceptor.Funcs{}, []string{
+			"the agent of node node-a is not running, or cannot reach the API server: it last renewed its Lease storage/tandem-agent-node-a 1h ago",
 			"node node-bb (spec.backup.node of volumepair prod/db) does not exist in the cluster (kubectl get nodes lists them): a typo in the VolumePair, or a node that was removed"}},
 		{"no agent registered", append([]client.Object{testPair(), node("node-a"), node("node-b")}, install...), interceptor.Funcs{}, []string{
 			"no Tandem agent has registered on node node-a (spec.primary.node of volumepair prod/db): there is no Lease storage/tandem-agent-node-a; is the agent running there (kubectl -n storage get pods -l app.kubernetes.io/name=tandem,app.kubernetes.io/component=agent -o wide --field-selector spec.nodeName=node-a)?"}},

@@ -190,11 +190,16 @@ func runVerify(ctx context.Context, o *rootOptions, vo *verifyOptions, name stri
 	// Every member's agent is looked up before any is called: what the
 	// API server says (a node that does not exist, an agent that is not
 	// running) is quicker to hear than a timeout, and more to the point.
+	// Every member's problem is reported, not only the first's.
 	eps := map[string]string{}
+	var errs []error
 	for _, node := range vp.Spec.MemberNodes() {
 		if eps[node], err = agentEndpoint(ctx, c, operatorNS, vp, node, time.Now()); err != nil {
-			return nil, err
+			errs = append(errs, err)
 		}
+	}
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
 	}
 	for _, node := range vp.Spec.MemberNodes() {
 		ep := eps[node]

@@ -17,9 +17,12 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
 	"github.com/go-logr/logr/funcr"
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
@@ -41,6 +44,7 @@ func TestPlugin(t *testing.T) {
 	t.Run("status", func(t *testing.T) { testPluginStatus(t, bin) })
 	t.Run("failover and failback", func(t *testing.T) { testPluginRequests(t, bin) })
 	t.Run("verify", func(t *testing.T) { testPluginVerify(t, bin) })
+	t.Run("first contact", func(t *testing.T) { testPluginFirstContact(t, bin) })
 }
 
 type pluginResult struct {
@@ -180,12 +184,39 @@ func testPluginStatus(t *testing.T, bin string) {
 	}
 }
 
+// setStatus records st as the controller would.
+func setStatus(t *testing.T, vp *v1.VolumePair, st v1.VolumePairStatus) {
+	t.Helper()
+	ctx := context.Background()
+	if err := k8s.Get(ctx, client.ObjectKeyFromObject(vp), vp); err != nil {
+		t.Fatal(err)
+	}
+	vp.Status = st
+	if err := k8s.Status().Update(ctx, vp); err != nil {
+		t.Fatalf("update status: %v", err)
+	}
+}
+
+// readyCondition is the Ready condition of a pair whose writer serves (ok)
+// or is lost.
+func readyCondition(ok bool, writer string) metav1.Condition {
+	c := metav1.Condition{Type: v1.ConditionReady, Status: metav1.ConditionTrue, Reason: "Serving", Message: writer + " serves the volume", LastTransitionTime: metav1.Now()}
+	if !ok {
+		c.Status, c.Reason, c.Message = metav1.ConditionFalse, "WriterUnreachable", "the agent on "+writer+" does not answer"
+	}
+	return c
+}
+
 func testPluginRequests(t *testing.T, bin string) {
 	ctx := context.Background()
 	ns := newNamespace(t)
-	if err := k8s.Create(ctx, minimalPair(ns, "db")); err != nil {
+	vp := minimalPair(ns, "db")
+	if err := k8s.Create(ctx, vp); err != nil {
 		t.Fatalf("create: %v", err)
 	}
+	// node-b took over from node-a and is lost in turn: both requests can
+	// be acted on.
+	setStatus(t, vp, v1.VolumePairStatus{Phase: v1.PhaseSwap, ActivePrimary: "node-b", Epoch: 2, Conditions: []metav1.Condition{readyCondition(false, "node-b")}})
 	for _, tc := range []struct{ verb, annotation string }{
 		{"failover", v1.AnnotationFailoverRequested},
 		{"failback", v1.AnnotationFailbackRequested},
@@ -213,8 +244,7 @@ func testPluginRequests(t *testing.T, bin string) {
 		}
 	}
 	// Both requests stay; other annotations are untouched by the merge patch.
-	var vp v1.VolumePair
-	if err := k8s.Get(ctx, client.ObjectKey{Namespace: ns, Name: "db"}, &vp); err != nil {
+	if err := k8s.Get(ctx, client.ObjectKey{Namespace: ns, Name: "db"}, vp); err != nil {
 		t.Fatal(err)
 	}
 	if len(vp.Annotations) != 2 {
@@ -403,7 +433,7 @@ func testPluginVerify(t *testing.T, bin string) {
 		t.Fatal(err)
 	}
 	res = runPlugin(t, bin, "-n", ns, "verify", "vol", "--operator-namespace", ns, "--token-file", tokenFile)
-	if res.code != 2 || !strings.Contains(res.stderr, "lease "+ns+"/tandem-agent-node-a") {
+	if res.code != 2 || !strings.Contains(res.stderr, `"tandem-agent-node-a" not found`) {
 		t.Errorf("verify without agent leases:\n%s", res)
 	}
 
@@ -474,5 +504,132 @@ func agentDaemonSet(ns, secret, key string) *appsv1.DaemonSet {
 				},
 			},
 		},
+	}
+}
+
+// testPluginFirstContact: what a new user types wrong first, against a real
+// API server with RBAC: a pair or namespace that does not exist, a failover
+// of a healthy pair, verify without the right to read the agents' token, of
+// a pair naming a node that does not exist, and with an agent that stopped.
+// Each gets the cause and what to do, and nothing is changed.
+func testPluginFirstContact(t *testing.T, bin string) {
+	ctx := context.Background()
+	ns, opNS := newNamespace(t), newNamespace(t)
+	vp := minimalPair(ns, "db")
+	if err := k8s.Create(ctx, vp); err != nil {
+		t.Fatalf("create: %v", err)
+	}
+	setStatus(t, vp, v1.VolumePairStatus{Phase: v1.PhasePair, ActivePrimary: "node-a", Epoch: 1, Conditions: []metav1.Condition{readyCondition(true, "node-a")}})
+
+	for _, args := range [][]string{{"status", "dbb"}, {"failover", "dbb"}, {"failback", "dbb"}, {"verify", "dbb", "--operator-namespace", opNS}} {
+		res := runPlugin(t, bin, append([]string{"-n", ns}, args...)...)
+		want := `volumepair "dbb" not found in namespace ` + ns + `: its VolumePairs are db: `
+		if res.code == 0 || !strings.Contains(res.stderr, want) {
+			t.Errorf("%v of a pair that does not exist: want %q\n%s", args, want, res)
+		}
+		res = runPlugin(t, bin, append([]string{"-n", ns + "x"}, args[0], "db")...)
+		want = "namespace " + ns + "x does not exist (a typo in -n, or in the kubeconfig context's namespace?); kubectl tandem list -A lists the VolumePairs of every namespace"
+		if res.code == 0 || !strings.Contains(res.stderr, want) {
+			t.Errorf("%s in a namespace that does not exist: want %q\n%s", args[0], want, res)
+		}
+	}
+	res := runPlugin(t, bin, "-n", ns+"x", "list")
+	if res.code != 0 || !strings.Contains(res.stderr, "No VolumePairs found in namespace "+ns+"x: namespace "+ns+"x does not exist") {
+		t.Errorf("list of a namespace that does not exist:\n%s", res)
+	}
+
+	// A failover of a healthy pair is refused and sets nothing.
+	res = runPlugin(t, bin, "-n", ns, "failover", "db")
+	for _, want := range []string{
+		"error: failover of volumepair " + ns + "/db refused, nothing was changed: the writer node-a is serving",
+		"failover is for a writer that is lost",
+		`swap spec.primary.node and spec.backup.node: kubectl patch volumepair db -n ` + ns + ` --type=merge -p '{"spec":{"primary":{"node":"node-b"},"backup":{"node":"node-a"}}}'`,
+	} {
+		if res.code != 1 || !strings.Contains(res.stderr, want) {
+			t.Errorf("failover of a healthy pair lacks %q\n%s", want, res)
+		}
+	}
+	res = runPlugin(t, bin, "-n", ns, "failback", "db")
+	if res.code != 1 || !strings.Contains(res.stderr, "node-a (spec.primary) is already the writer (phase PAIR)") {
+		t.Errorf("failback of a healthy pair:\n%s", res)
+	}
+	if err := k8s.Get(ctx, client.ObjectKeyFromObject(vp), vp); err != nil {
+		t.Fatal(err)
+	}
+	if len(vp.Annotations) != 0 {
+		t.Errorf("refused requests left annotations %v", vp.Annotations)
+	}
+
+	// verify by a user who may read pairs, the install and the agents'
+	// Leases, but not Secrets.
+	if err := k8s.Create(ctx, &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: opNS, Name: "tandem-agent-token"}, Data: map[string][]byte{"token": []byte("t0ken")}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := k8s.Create(ctx, agentDaemonSet(opNS, "tandem-agent-token", "token")); err != nil {
+		t.Fatal(err)
+	}
+	viewer := "viewer-" + ns
+	role := &rbacv1.ClusterRole{ObjectMeta: metav1.ObjectMeta{Name: viewer}, Rules: []rbacv1.PolicyRule{
+		{APIGroups: []string{v1.GroupVersion.Group}, Resources: []string{"volumepairs"}, Verbs: []string{"get", "list"}},
+		{APIGroups: []string{"apps"}, Resources: []string{"daemonsets"}, Verbs: []string{"get", "list"}},
+		{APIGroups: []string{"coordination.k8s.io"}, Resources: []string{"leases"}, Verbs: []string{"get", "list"}},
+		{APIGroups: []string{""}, Resources: []string{"namespaces", "events", "nodes"}, Verbs: []string{"get", "list"}},
+	}}
+	binding := &rbacv1.ClusterRoleBinding{ObjectMeta: metav1.ObjectMeta{Name: viewer},
+		RoleRef:  rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: viewer},
+		Subjects: []rbacv1.Subject{{APIGroup: rbacv1.GroupName, Kind: rbacv1.UserKind, Name: viewer}}}
+	for _, o := range []client.Object{role, binding} {
+		if err := k8s.Create(ctx, o); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = k8s.Delete(context.Background(), o) })
+	}
+	user, err := testEnv.AddUser(envtest.User{Name: viewer}, nil)
+	if err != nil {
+		t.Fatalf("add user: %v", err)
+	}
+	kc, err := user.KubeConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	viewerKC := filepath.Join(t.TempDir(), "kubeconfig")
+	if err := os.WriteFile(viewerKC, kc, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	want := "read the agents' token from secret " + opNS + "/tandem-agent-token (key token), which DaemonSet " + opNS + "/tandem-agent mounts: you may not read that Secret; pass the token in a file with --token-file"
+	// The binding takes effect when the authorizer's cache sees it.
+	testkit.Eventually(t, 30*time.Second, "verify without the right to read the token to say so", func() (bool, string) {
+		res = runPlugin(t, bin, "--kubeconfig", viewerKC, "-n", ns, "verify", "db", "--operator-namespace", opNS)
+		return res.code == 2 && strings.Contains(res.stderr, want), fmt.Sprintf("want exit 2 and %q\n%s", want, res)
+	})
+
+	// A member on a node that does not exist; a member whose agent stopped.
+	if err := k8s.Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a-" + ns}}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = k8s.Delete(context.Background(), &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a-" + ns}})
+	})
+	typo := minimalPair(ns, "typo")
+	typo.Spec.Primary.Node, typo.Spec.Backup.Node = "node-a-"+ns, "node-bb-"+ns
+	if err := k8s.Create(ctx, typo); err != nil {
+		t.Fatal(err)
+	}
+	stale := metav1.NewMicroTime(time.Now().Add(-10 * time.Minute))
+	if err := k8s.Create(ctx, &coordinationv1.Lease{
+		ObjectMeta: metav1.ObjectMeta{Namespace: opNS, Name: v1.AgentLeaseName("node-a-" + ns), Annotations: map[string]string{v1.AnnControlEndpoint: "http://127.0.0.1:1"}},
+		Spec:       coordinationv1.LeaseSpec{RenewTime: &stale, LeaseDurationSeconds: ptr.To(int32(15))},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	// Both members' problems are reported, each on a line.
+	res = runPlugin(t, bin, "-n", ns, "verify", "typo", "--operator-namespace", opNS)
+	for _, want := range []string{
+		"error: the agent of node node-a-" + ns + " is not running, or cannot reach the API server: it last renewed its Lease " + opNS + "/" + v1.AgentLeaseName("node-a-"+ns) + " 10m ago",
+		"\nnode node-bb-" + ns + " (spec.backup.node of volumepair " + ns + "/typo) does not exist in the cluster (kubectl get nodes lists them)",
+	} {
+		if res.code != 2 || !strings.Contains(res.stderr, want) {
+			t.Errorf("verify of a pair naming a node that does not exist, its other agent stopped: want exit 2 and %q\n%s", want, res)
+		}
 	}
 }

@@ -30,6 +30,9 @@ var (
 	scheme = k8sruntime.NewScheme()
 	// kubeconfig is a file for bin/kubectl, written for an admin user.
 	kubeconfig string
+	// testEnv is the running API server (AddUser makes users with fewer
+	// rights than the admin's).
+	testEnv *envtest.Environment
 )
 
 func TestMain(m *testing.M) {
@@ -57,12 +60,13 @@ func run(m *testing.M) int {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	env := &envtest.Environment{
+	testEnv = &envtest.Environment{
 		CRDDirectoryPaths:     []string{filepath.Join(repoRoot, "config", "crd", "bases")},
 		ErrorIfCRDPathMissing: true,
 		BinaryAssetsDirectory: assets,
 	}
 	var err error
+	env := testEnv
 	cfg, err = env.Start()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "envtest: start the API server: %v\n", err)

@@ -248,6 +248,14 @@ func notReported(vp *storagev1alpha1.VolumePair) error {
 		return fmt.Errorf("the controller has not reported a status for it yet, so no member is the writer: "+
 			"is the Tandem manager running (kubectl tandem version)? kubectl tandem status %s -n %s shows its conditions", vp.Name, vp.Namespace)
 	}
+	if vp.Status.ActivePrimary == "" {
+		why := ""
+		if c := meta.FindStatusCondition(vp.Status.Conditions, storagev1alpha1.ConditionReady); c != nil {
+			why = fmt.Sprintf(" (condition Ready: %s, %s)", orDash(c.Reason), orDash(oneLine(c.Message)))
+		}
+		return fmt.Errorf("no member has been the writer yet%s, so there is none to take the role from: "+
+			"kubectl tandem status %s -n %s shows what the pair waits for", why, vp.Name, vp.Namespace)
+	}
 	return nil
 }
 

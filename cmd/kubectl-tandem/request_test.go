@@ -39,6 +39,15 @@ func writerLostPair() *storagev1alpha1.VolumePair {
 	return vp
 }
 
+// waitingPair has a status but no writer yet (its members are not ready).
+func waitingPair() *storagev1alpha1.VolumePair {
+	vp := testPair()
+	vp.Status = storagev1alpha1.VolumePairStatus{Phase: storagev1alpha1.PhasePair, Conditions: []metav1.Condition{
+		{Type: storagev1alpha1.ConditionReady, Status: metav1.ConditionFalse, Reason: "NoWriter", Message: "no member holds the writer's authority yet", LastTransitionTime: at(time.Minute)},
+	}}
+	return vp
+}
+
 // swappedPair is in SWAP: node-b took over after node-a was lost.
 func swappedPair() *storagev1alpha1.VolumePair {
 	vp := healthyPair()
@@ -77,6 +86,9 @@ func TestRequestRefused(t *testing.T) {
 			"failover of volumepair prod/db refused, nothing was changed: the controller has not reported a status for it yet, so no member is the writer: is the Tandem manager running (kubectl tandem version)?",
 		}},
 		{"failover of a pair being deleted", deleting, "failover", []string{"the VolumePair is being deleted (since 2026-05-01T11:59:00Z)"}},
+		{"failover of a pair that never had a writer", waitingPair(), "failover", []string{
+			"failover of volumepair prod/db refused, nothing was changed: no member has been the writer yet (condition Ready: NoWriter, no member holds the writer's authority yet), so there is none to take the role from: kubectl tandem status db -n prod shows what the pair waits for"}},
+		{"failback of a pair that never had a writer", waitingPair(), "failback", []string{"no member has been the writer yet"}},
 		{"failover of a lost writer", writerLostPair(), "failover", nil},
 		{"failback of a healthy pair", healthyPair(), "failback", []string{
 			"failback of volumepair prod/db refused, nothing was changed: node-a (spec.primary) is already the writer (phase PAIR)",

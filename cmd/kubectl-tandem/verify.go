@@ -92,9 +92,12 @@ check could not be completed.`,
 				}
 			}
 			rep, err := runVerify(cmd.Context(), o, vo, args[0])
-			if err != nil {
+			if rep == nil {
 				return &exitError{code: 2, err: err}
 			}
+			// A repair that could not be requested still has a report:
+			// print it, then say why nothing was repaired.
+			repairErr := err
 			if !vo.out.human() {
 				err = vo.out.printReport(p, o.streams.Out, rep)
 			} else {
@@ -102,6 +105,9 @@ check could not be completed.`,
 			}
 			if err != nil {
 				return &exitError{code: 2, err: err}
+			}
+			if repairErr != nil {
+				return &exitError{code: 2, err: repairErr}
 			}
 			if rep.DifferingRegions > 0 {
 				return &exitError{code: 1}
@@ -290,7 +296,7 @@ func runVerify(ctx context.Context, o *rootOptions, vo *verifyOptions, name stri
 	rep.Seconds = time.Since(start).Seconds()
 	if vo.repair && len(rep.Runs) > 0 {
 		if err := repair(ctx, vp, reps, rep); err != nil {
-			return nil, err
+			return rep, err
 		}
 	}
 	return rep, nil
@@ -305,7 +311,12 @@ func repair(ctx context.Context, vp *storagev1alpha1.VolumePair, reps []*replica
 		}
 	}
 	if writer == nil {
-		return fmt.Errorf("repair: no writer found (status.activePrimary %q)", vp.Status.ActivePrimary)
+		who := "no member is the writer (status.activePrimary is empty)"
+		if vp.Status.ActivePrimary != "" {
+			who = fmt.Sprintf("the writer %s (status.activePrimary) does not report itself primary on its agent", vp.Status.ActivePrimary)
+		}
+		return fmt.Errorf("--repair: nothing was repaired: %s, and only the writer's data may be copied over the others'; "+
+			"run kubectl tandem verify --repair %s -n %s again once kubectl tandem status %s -n %s shows Ready True", who, vp.Name, vp.Namespace, vp.Name, vp.Namespace)
 	}
 	for _, run := range rep.Runs {
 		if _, err := writer.c.Resync(ctx, vp.Namespace, vp.Name, run.FirstRegion, run.LastRegion-run.FirstRegion+1); err != nil {

@@ -390,6 +390,18 @@ func testPluginVerify(t *testing.T, bin string) {
 		}
 	}
 
+	// --repair without a writer (the pair has no status) still prints the
+	// report, then says why nothing was repaired.
+	res = verify("--repair")
+	for _, want := range []string{"DIFFERING REGIONS: 1 (64 KiB) in 1 run:", "  region 5, bytes 327680-393215 (64 KiB)"} {
+		if res.code != 2 || !strings.Contains(res.stdout, want) {
+			t.Errorf("verify --repair without a writer: want exit 2 and the report's %q\n%s", want, res)
+		}
+	}
+	if want := "error: --repair: nothing was repaired: no member is the writer (status.activePrimary is empty), and only the writer's data may be copied over the others'; run kubectl tandem verify --repair vol -n " + ns + " again once kubectl tandem status vol -n " + ns + " shows Ready True"; !strings.Contains(res.stderr, want) {
+		t.Errorf("verify --repair without a writer: want %q\n%s", want, res)
+	}
+
 	res = verify("-o", "json")
 	var rep struct {
 		Volume           string `json:"volume"`

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"sort"
 	"strings"
 
@@ -69,4 +70,29 @@ func withPrefix(names []string, prefix string) []cobra.Completion {
 	}
 	sort.Strings(out)
 	return out
+}
+
+// completionShells are the shells cobra's completion command writes for.
+var completionShells = []string{"bash", "zsh", "fish", "powershell"}
+
+// initCompletionCmd adds cobra's completion command to root now, so that
+// it refuses what it would otherwise answer with its help and exit status
+// 0: no shell, or one it does not know (a typo that would leave the user
+// sourcing nothing).
+func initCompletionCmd(root *cobra.Command) {
+	root.InitDefaultCompletionCmd()
+	comp, _, err := root.Find([]string{"completion"})
+	if err != nil || comp == root {
+		return
+	}
+	want := strings.Join(completionShells, ", ")
+	comp.Args = func(cmd *cobra.Command, args []string) error {
+		if len(args) > 0 {
+			return fmt.Errorf("unknown shell %q: %s writes the script for %s", args[0], cmd.CommandPath(), want)
+		}
+		return nil
+	}
+	comp.RunE = func(cmd *cobra.Command, _ []string) error {
+		return fmt.Errorf("%s needs the shell, one of %s; e.g. source <(kubectl-tandem completion bash)", cmd.CommandPath(), want)
+	}
 }

@@ -65,3 +65,29 @@ func completions(out string) []string {
 	}
 	return got
 }
+
+// TestArgumentErrors: arguments a subcommand does not take are refused with
+// what to type instead, and the completion command refuses a missing or
+// unknown shell rather than printing its help with exit status 0.
+func TestArgumentErrors(t *testing.T) {
+	for _, tt := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"list", "db"}, `list takes no arguments (got "db"): to show one VolumePair, kubectl tandem status db; to list some, -l KEY=VALUE`},
+		{[]string{"completion"}, "kubectl tandem completion needs the shell, one of bash, zsh, fish, powershell; e.g. source <(kubectl-tandem completion bash)"},
+		{[]string{"completion", "bsh"}, `unknown shell "bsh": kubectl tandem completion writes the script for bash, zsh, fish, powershell`},
+	} {
+		res := runPluginFake(t, nil, tt.args...)
+		if res.err == nil || !strings.Contains(res.err.Error(), tt.want) {
+			t.Errorf("%v: %v; want an error containing %q", tt.args, res.err, tt.want)
+		}
+		if res.connected {
+			t.Errorf("%v: contacted the API server", tt.args)
+		}
+	}
+	res := runPluginFake(t, nil, "completion", "bash")
+	if res.err != nil || !strings.Contains(res.stdout, "bash completion V2 for kubectl-tandem") {
+		t.Errorf("completion bash: %v\n%.200s", res.err, res.stdout)
+	}
+}

@@ -31,7 +31,12 @@ go-template=... it prints the VolumePairs as kubectl get does (a list).`,
 		Example: `  kubectl tandem list -A
   kubectl tandem list -n prod -o wide
   kubectl tandem list -o jsonpath='{range .items[*]}{.metadata.name}{"\t"}{.status.phase}{"\n"}{end}'`,
-		Args: cobra.NoArgs,
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) > 0 {
+				return fmt.Errorf("list takes no arguments (got %q): to show one VolumePair, kubectl tandem status %s; to list some, -l KEY=VALUE; see 'kubectl tandem list --help'", strings.Join(args, " "), args[0])
+			}
+			return nil
+		},
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			wide := out.format() == "wide"
 			var p printers.ResourcePrinter

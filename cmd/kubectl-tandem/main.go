@@ -116,6 +116,7 @@ on two nodes, with automatic failover and a resync of only what changed.`,
 	o.flags.AddFlags(cmd.PersistentFlags())
 	_ = cmd.RegisterFlagCompletionFunc("namespace", o.completeNamespaces)
 	cmd.AddCommand(newStatusCmd(o), newRequestCmd(o, failoverRequest), newRequestCmd(o, failbackRequest), newVerifyCmd(o), newVersionCmd(o), newListCmd(o))
+	initCompletionCmd(cmd)
 	for _, sub := range cmd.Commands() {
 		if strings.HasSuffix(sub.Use, " NAME") {
 			sub.ValidArgsFunction = o.completePairNames

@@ -198,6 +198,11 @@ func renderStatus(w io.Writer, vp *storagev1alpha1.VolumePair, events []corev1.E
 			field(a.label, v+" (annotation "+a.key+")")
 		}
 	}
+	if vp.DeletionTimestamp != nil {
+		field("Deleting", fmt.Sprintf("since %s: the controller closes the replicas and deletes their files (finalizer %s; annotation %s=true keeps them); "+
+			"a member it cannot reach keeps its files (event TeardownIncomplete). If this stays, is the Tandem manager running (kubectl tandem version)?",
+			timestamp(vp.DeletionTimestamp, now), storagev1alpha1.Finalizer, storagev1alpha1.AnnRetainData))
+	}
 	if st.ObservedGeneration != 0 && st.ObservedGeneration != vp.Generation {
 		field("Observed", fmt.Sprintf("generation %d of %d: the status does not reflect the latest spec yet", st.ObservedGeneration, vp.Generation))
 	}

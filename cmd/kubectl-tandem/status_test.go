@@ -122,6 +122,16 @@ func TestRenderStatus(t *testing.T) {
 			"Events:", "  <none>",
 		},
 	}, {
+		name: "being deleted",
+		vp: func() *storagev1alpha1.VolumePair {
+			vp := healthyPair()
+			vp.DeletionTimestamp, vp.Finalizers = ptrTime(2*time.Minute), []string{storagev1alpha1.Finalizer}
+			return vp
+		}(),
+		want: []string{
+			"Deleting:         since 2026-05-01T11:58:00Z (2m ago): the controller closes the replicas and deletes their files (finalizer storage.tandem.dev/teardown; annotation storage.tandem.dev/retain-data=true keeps them); a member it cannot reach keeps its files (event TeardownIncomplete). If this stays, is the Tandem manager running (kubectl tandem version)?",
+		},
+	}, {
 		name: "stale status, events unavailable",
 		vp: func() *storagev1alpha1.VolumePair {
 			vp := testPair()

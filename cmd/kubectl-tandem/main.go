@@ -2,8 +2,8 @@
 //
 //	kubectl tandem list [-A] [-o wide]     the VolumePairs of a namespace, or of all
 //	kubectl tandem status NAME             phase, roles, diff, copy progress, members, conditions, events
-//	kubectl tandem failover NAME           ask the controller to promote the backup
-//	kubectl tandem failback NAME           ask the controller to give the primary role back
+//	kubectl tandem failover NAME           ask the controller to promote the backup of a lost writer
+//	kubectl tandem failback NAME           ask the controller to give the primary role back after a failover
 //	kubectl tandem verify NAME             compare both replicas region by region (online verify)
 //	kubectl tandem version                 the plugin's version and the install's
 //	kubectl tandem completion SHELL        shell completion script (bash, zsh, fish, powershell)

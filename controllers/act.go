@@ -159,8 +159,23 @@ func (r *VolumePairReconciler) configure(ctx context.Context, s *scope, hold boo
 				siblings = append(siblings, agentapi.Peer{Node: sib.Node})
 			}
 		}
-		if _, err := r.NewAgentClient(info.control, r.AgentToken).Put(ctx, vp.Namespace, vp.Name, req(agentapi.RoleBackup, writer.Node, "", siblings, false)); err != nil {
-			errs = append(errs, fmt.Errorf("configure %s as backup: %w", o.Node, err))
+		role := agentapi.RoleBackup
+		if s.view.IsHeld(o) {
+			if s.view.matchesHeld(o) {
+				continue // fenced already, or no replica to keep
+			}
+			// Fenced at this epoch: it refuses the writer's stream, so
+			// its data stays as it came back until the hold is lifted.
+			role = agentapi.RoleNone
+		}
+		if _, err := r.NewAgentClient(info.control, r.AgentToken).Put(ctx, vp.Namespace, vp.Name, req(role, writer.Node, "", siblings, false)); err != nil {
+			errs = append(errs, fmt.Errorf("configure %s as %s: %w", o.Node, role, err))
+			continue
+		}
+		if role == agentapi.RoleNone {
+			r.Recorder.Eventf(vp, nil, corev1.EventTypeWarning, ReasonResyncHeld, "Hold",
+				"%s is held out of resync (%s): fenced with its data as it is; remove it from the annotation to resync it from %s, which overwrites what it wrote since it left",
+				o.Node, v1.AnnotationHoldResync, writer.Node)
 		}
 	}
 	if writer.Reachable && len(errs) == 0 {

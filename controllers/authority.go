@@ -172,6 +172,18 @@ func (r *VolumePairReconciler) moveAuthority(ctx context.Context, s *scope, targ
 		}
 		failoversTotal.WithLabelValues(s.vp.Namespace, s.vp.Name).Inc()
 		r.Recorder.Eventf(s.vp, nil, corev1.EventTypeWarning, "Failover", "Promote", "Writer %s lost; promoted %s at epoch %d", from, target, epoch)
+		if s.view.ForcePromote == target {
+			by := s.vp.Annotations[v1.AnnotationForcePromoteBy]
+			s.vp.Status.LastForcePromotion = &v1.ForcePromotion{Node: target, From: from, Epoch: int64(epoch), Time: now2,
+				RequestedBy: truncate(by, 253), BlockedBy: s.step.ForcedOver}
+			who := ""
+			if by != "" {
+				who = " (requested by " + by + ")"
+			}
+			r.Recorder.Eventf(s.vp, nil, corev1.EventTypeWarning, "ForcePromoted", "Promote",
+				"%s promoted by force at epoch %d%s, overriding %s: writes %s acknowledged that %s lacked are discarded; %s is resynced from %s when it returns",
+				target, epoch, who, orNot(s.step.ForcedOver), from, target, from, target)
+		}
 	} else {
 		s.vp.Status.LastFailbackTime = &now2
 		if s.step.Handover {
@@ -216,4 +228,11 @@ func (r *VolumePairReconciler) deleteAuthority(ctx context.Context, vp *v1.Volum
 		r.leases.Forget(l.Namespace, l.Name)
 	}
 	return nil
+}
+
+func orNot(reason string) string {
+	if reason == "" {
+		return "nothing (it would have been promoted anyway)"
+	}
+	return reason
 }

@@ -27,6 +27,8 @@ const (
 	// ReasonRequestIgnored is the event of a request annotation cleared
 	// because it asks for nothing possible (StaleRequest).
 	ReasonRequestIgnored = "RequestIgnored"
+	// ReasonResyncHeld: a member is held out of resync.
+	ReasonResyncHeld = "ResyncHeld"
 	// ReasonMemberNotFound: a member's node no longer exists.
 	ReasonMemberNotFound = PendingMemberNotFound
 )
@@ -120,6 +122,10 @@ func setDegradedCondition(conds *[]metav1.Condition, gen int64, writer *MemberVi
 	}
 	for _, other := range others {
 		switch {
+		case !LinkTo(writer, other).Connected && other.Held:
+			set(conds, gen, v1.ConditionDegraded, true, ReasonResyncHeld, fmt.Sprintf("%s runs without %s, which is held out of resync (%s): "+
+				"its data stays as it came back; remove it from the annotation to resync it (what it wrote since it left is overwritten)", writer.Node, other.Node, v1.AnnotationHoldResync))
+			return
 		case !LinkTo(writer, other).Connected && other.NodeMissing:
 			set(conds, gen, v1.ConditionDegraded, true, ReasonMemberNotFound, fmt.Sprintf("%s runs without %s, whose node no longer exists (no Node object); "+
 				"changed regions are tracked for its return. If it is gone for good, replace it: set %s to another node (it receives a full copy)", writer.Node, other.Node, other.Field))

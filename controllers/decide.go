@@ -22,6 +22,10 @@ type MemberView struct {
 	// NodeMissing is true when the cluster has Node objects but none for
 	// this member: a typo in the spec, or a node deleted since.
 	NodeMissing bool
+	// Held is true when storage.tandem.dev/hold-resync names the member:
+	// it is kept out of resync, fenced (role None), and never promoted
+	// automatically.
+	Held bool
 	// Reachable is true when the agent answered the last probe.
 	Reachable bool
 	// Suspect is true after failureThreshold failed probes in a row, or when
@@ -82,6 +86,10 @@ type View struct {
 	FailbackPolicy    v1.Policy
 	FailoverRequested bool
 	FailbackRequested bool
+	// ForcePromote is the member storage.tandem.dev/force-promote names
+	// ("" none): promoted once the writer is lost even if it may lack
+	// acknowledged writes (Outdated, Async, held) or the policy is Manual.
+	ForcePromote string
 	// HoldBackoff is true for a while after a failback hold was released
 	// because it did not drain in time: no new hold yet.
 	HoldBackoff bool
@@ -119,6 +127,7 @@ const (
 	BlockedBackupCatchingUp    = "BackupCatchingUp"
 	BlockedBackupAsync         = "BackupAsync"
 	BlockedDataLost            = "DataLost"
+	BlockedBackupHeld          = "BackupHeld"
 )
 
 // Step is Decide's answer.
@@ -135,6 +144,11 @@ type Step struct {
 	// Member is the member a ConfirmOutdated step is about (Target is the
 	// writer told).
 	Member string
+	// Forced is true for a Failover that storage.tandem.dev/force-promote
+	// asked for and that would otherwise be blocked; ForcedOver is the
+	// reason it overrides.
+	Forced     bool
+	ForcedOver string
 	// Pending says why a pair without an authority does not start yet
 	// (PendingMemberNotFound, ...; "" when it starts or has started);
 	// Message explains it and Target names the member it waits for.
@@ -278,6 +292,21 @@ func (v *View) matches(m *MemberView, role agentapi.Role) bool {
 	return slices.Equal(want, got)
 }
 
+// IsHeld reports whether member m is held out of resync (and not the
+// writer: a hold applies to a member returning to a writer).
+func (v *View) IsHeld(m *MemberView) bool { return m.Held && m.Node != v.Authority.Holder }
+
+// matchesHeld reports whether held member m is as a hold wants it: fenced
+// (role None) at the authority's epoch, or without a replica (nothing to
+// keep). False for a member not held.
+func (v *View) matchesHeld(m *MemberView) bool {
+	if !v.IsHeld(m) {
+		return false
+	}
+	s := m.Status
+	return s == nil || (s.Role == agentapi.RoleNone && s.Epoch == v.Authority.Epoch)
+}
+
 // HoldsData reports whether the member's replica holds the data of pair
 // uid (a replica joined before UIDs were recorded holds its pair's).
 func HoldsData(m *MemberView, uid string) bool {
@@ -412,7 +441,7 @@ func Decide(v View) Step {
 		return Step{Kind: StepConfigure, Target: writer.Node, Blocked: BlockedNone}
 	}
 	for _, o := range others {
-		if o.Reachable && !v.matches(o, agentapi.RoleBackup) {
+		if o.Reachable && !v.matchesHeld(o) && !v.matches(o, agentapi.RoleBackup) {
 			return Step{Kind: StepConfigure, Target: writer.Node, Blocked: BlockedNone}
 		}
 	}
@@ -502,6 +531,17 @@ func StaleRequest(v View) (annotation, msg string) {
 	w := writer.Status
 	serving := writer.Reachable && !writer.Suspect && !writer.Stale && w != nil && w.Role == agentapi.RolePrimary &&
 		w.Epoch == v.Authority.Epoch && w.Writable && !w.Stopping
+	if f := v.ForcePromote; f != "" {
+		switch {
+		case !slices.ContainsFunc(v.all(), func(m *MemberView) bool { return m.Node == f }):
+			return v1.AnnotationForcePromote, fmt.Sprintf("force-promote request ignored and cleared: %q is not a member of the pair (%s)", f, names(v.all()))
+		case f == v.Authority.Holder:
+			return v1.AnnotationForcePromote, fmt.Sprintf("force-promote request ignored and cleared: %s already holds the writer's authority", f)
+		case serving && !WriterLostData(v):
+			return v1.AnnotationForcePromote, fmt.Sprintf("force-promote request ignored and cleared: the writer %s serves the volume, and a promotion replaces a lost writer. "+
+				"For a planned switch of the writer, swap spec.primary.node with the member that should write (a switchover)", writer.Node)
+		}
+	}
 	switch {
 	case v.FailoverRequested && serving && !WriterLostData(v):
 		return v1.AnnotationFailoverRequested, fmt.Sprintf("failover request ignored and cleared: the writer %s serves the volume, and a failover replaces a lost writer. "+
@@ -556,6 +596,15 @@ func handoverTarget(v *View, writer *MemberView, others []*MemberView) *MemberVi
 // order may not. A fenced writer still streaming to the chosen member is
 // given time to ship what it acknowledged first.
 func failoverStep(v *View, writer *MemberView, others []*MemberView, fenced bool) Step {
+	if i := slices.IndexFunc(others, func(o *MemberView) bool { return o.Node == v.ForcePromote }); i >= 0 {
+		// The member the operator named, and no other.
+		t := others[i]
+		if blocked, msg := failoverBlocked(v, writer, t); blocked != BlockedNone {
+			return Step{Kind: StepNone, Blocked: blocked, Message: "force-promote " + t.Node + ": " + msg}
+		}
+		over := overridden(v, t)
+		return Step{Kind: StepFailover, Target: t.Node, Blocked: BlockedNone, Forced: over != "", ForcedOver: over}
+	}
 	var best *MemberView
 	var bestRank [2]uint64
 	for _, o := range others {
@@ -648,11 +697,38 @@ func failoverBlocked(v *View, writer, other *MemberView) (string, string) {
 		return BlockedBackupUnknown, "the agent on " + other.Node + " has not reported the replica"
 	case other.Status.DataState == agentapi.Inconsistent || !HoldsData(other, v.PairUID):
 		return BlockedBackupInconsistent, "the replica on " + other.Node + " is Inconsistent (" + dataReason(other) + "); promoting it would serve corrupt or missing data"
+	}
+	if v.ForcePromote == other.Node {
+		// What follows is what an operator may override (overridden).
+		return BlockedNone, ""
+	}
+	return overridable(v, other)
+}
+
+// overridden is the reason force-promoting other overrides ("" when it
+// would have been promoted anyway).
+func overridden(v *View, other *MemberView) string {
+	r, _ := overridable(v, other)
+	if r == BlockedNone {
+		return ""
+	}
+	return r
+}
+
+// overridable are the reasons a member may not be promoted that an operator
+// may override with storage.tandem.dev/force-promote: it may lack
+// acknowledged writes, it is held, or the policy asks for a request.
+func overridable(v *View, other *MemberView) (string, string) {
+	switch {
+	case v.IsHeld(other):
+		return BlockedBackupHeld, "the member " + other.Node + " is held out of resync (" + v1.AnnotationHoldResync + "): it may lack acknowledged writes; " +
+			"remove it from the annotation to resync it, or force-promote it (kubectl tandem promote --force) to discard them"
 	case (other.RecordedOutdated && !other.OutdatedNotSent) || other.Status.DataState == agentapi.Outdated:
 		// A record whose confirmation never left the controller does not
 		// block: the writer holds sync writes until it is told (invariant
 		// 2), so it acknowledged nothing the other member lacks.
-		return BlockedBackupOutdated, "the replica on " + other.Node + " is Outdated: the writer may have continued alone after it was lost; promoting it would lose acknowledged writes"
+		return BlockedBackupOutdated, "the replica on " + other.Node + " is Outdated: the writer may have continued alone after it was lost; promoting it would lose acknowledged writes. " +
+			"If the writer is gone for good, kubectl tandem promote --force " + other.Node + " promotes it and discards them"
 	case v.modeOf(other) == v1.ModeAsync && v.anySync() && !v.FailoverRequested:
 		return BlockedBackupAsync, "the replica on " + other.Node + " is an Async backup of a pair with Sync members: it may lack acknowledged writes; " +
 			"set the annotation " + v1.AnnotationFailoverRequested + " (kubectl tandem failover) to promote it anyway"

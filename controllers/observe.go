@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -31,6 +32,7 @@ func (r *VolumePairReconciler) observe(ctx context.Context, s *scope) error {
 		Mode: vp.Spec.Mode, FailoverPolicy: vp.Spec.Failover.Policy, FailbackPolicy: vp.Spec.Failback.Policy,
 		FailoverRequested: vp.Annotations[v1.AnnotationFailoverRequested] != "",
 		FailbackRequested: vp.Annotations[v1.AnnotationFailbackRequested] != "",
+		ForcePromote:      strings.TrimSpace(vp.Annotations[v1.AnnotationForcePromote]),
 	}
 	clients, err := r.desiredClients(ctx, vp)
 	if err != nil {
@@ -80,8 +82,9 @@ func (r *VolumePairReconciler) observe(ctx context.Context, s *scope) error {
 	if err != nil {
 		return err
 	}
+	held := HeldMembers(vp)
 	for i, node := range nodes {
-		m := MemberView{Node: node, Field: memberField(i), Unregistered: results[i].unregistered}
+		m := MemberView{Node: node, Field: memberField(i), Unregistered: results[i].unregistered, Held: slices.Contains(held, node)}
 		found, notReady := r.nodeState(ctx, node)
 		m.NodeMissing = haveNodes && !found
 		if ms := vp.Status.MemberStatus(node); ms != nil && ms.DataState == v1.DataOutdated {
@@ -294,6 +297,18 @@ func (r *VolumePairReconciler) clusterHasNodes(ctx context.Context) (bool, error
 		return false, fmt.Errorf("list Nodes: %w", err)
 	}
 	return len(nodes.Items) > 0, nil
+}
+
+// HeldMembers is the storage.tandem.dev/hold-resync annotation's list of
+// nodes.
+func HeldMembers(vp *v1.VolumePair) []string {
+	var out []string
+	for _, n := range strings.Split(vp.Annotations[v1.AnnotationHoldResync], ",") {
+		if n = strings.TrimSpace(n); n != "" && !slices.Contains(out, n) {
+			out = append(out, n)
+		}
+	}
+	return out
 }
 
 // memberField is the spec field that names the i-th member (in

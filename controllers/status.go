@@ -198,6 +198,9 @@ func (r *VolumePairReconciler) patchStatus(ctx context.Context, s *scope, ok boo
 			if ms.DataState != v1.DataOutdated {
 				ms.OutdatedConfirmation = ""
 			}
+			if isOther && m.Held && m.Reachable {
+				ms.Message = "held out of resync (" + v1.AnnotationHoldResync + "): its data stays as it came back; remove it from the annotation to resync it"
+			}
 			ms.Message = truncate(ms.Message, 1024)
 		})
 	}
@@ -278,12 +281,14 @@ func orNone(p v1.Phase) string {
 }
 
 func (r *VolumePairReconciler) clearRequests(ctx context.Context, vp *v1.VolumePair) error {
-	if vp.Annotations[v1.AnnotationFailoverRequested] == "" && vp.Annotations[v1.AnnotationFailbackRequested] == "" {
+	requests := []string{v1.AnnotationFailoverRequested, v1.AnnotationFailbackRequested, v1.AnnotationForcePromote, v1.AnnotationForcePromoteBy}
+	if !slices.ContainsFunc(requests, func(a string) bool { return vp.Annotations[a] != "" }) {
 		return nil
 	}
 	base := vp.DeepCopy()
-	delete(vp.Annotations, v1.AnnotationFailoverRequested)
-	delete(vp.Annotations, v1.AnnotationFailbackRequested)
+	for _, a := range requests {
+		delete(vp.Annotations, a)
+	}
 	if err := r.Patch(ctx, vp, client.MergeFrom(base)); err != nil {
 		return fmt.Errorf("clear request annotations: %w", err)
 	}
@@ -301,6 +306,9 @@ func (r *VolumePairReconciler) clearStaleRequest(ctx context.Context, s *scope) 
 	vp := s.vp
 	patch := client.MergeFrom(vp.DeepCopy())
 	delete(vp.Annotations, ann)
+	if ann == v1.AnnotationForcePromote {
+		delete(vp.Annotations, v1.AnnotationForcePromoteBy)
+	}
 	if err := r.Patch(ctx, vp, patch); err != nil {
 		return fmt.Errorf("clear %s: %w", ann, err)
 	}
@@ -310,6 +318,8 @@ func (r *VolumePairReconciler) clearStaleRequest(ctx context.Context, s *scope) 
 		s.view.FailoverRequested = false
 	case v1.AnnotationFailbackRequested:
 		s.view.FailbackRequested = false
+	case v1.AnnotationForcePromote:
+		s.view.ForcePromote = ""
 	}
 	r.Recorder.Eventf(vp, nil, corev1.EventTypeWarning, ReasonRequestIgnored, "ClearRequest", "%s", msg)
 	log.FromContext(ctx).Info("Cleared a request that asks for nothing possible", "volumePair", klog.KObj(vp), "annotation", ann)

@@ -113,6 +113,26 @@ const (
 	AnnotationFailoverRequested = "storage.tandem.dev/failover-requested"
 	// AnnotationFailbackRequested asks for a failback when spec.failback.policy is Manual.
 	AnnotationFailbackRequested = "storage.tandem.dev/failback-requested"
+	// AnnotationForcePromote names a member to promote although it may
+	// lack acknowledged writes (it is Outdated, or an Async backup of a
+	// pair with Sync members), once the writer is lost and its authority
+	// expired: disaster recovery when the writer's node is gone for good.
+	// The writes the lost writer acknowledged that the member lacks are
+	// discarded for good: when the old writer returns it is resynced from
+	// the promoted member. Never a member whose data is Inconsistent.
+	// kubectl tandem promote --force sets it; the controller clears it.
+	AnnotationForcePromote = "storage.tandem.dev/force-promote"
+	// AnnotationForcePromoteBy says who asked for the force-promote (the
+	// plugin sets the user its credentials authenticate as); recorded in
+	// status.lastForcePromotion and the event.
+	AnnotationForcePromoteBy = "storage.tandem.dev/force-promote-by"
+	// AnnotationHoldResync lists members (comma-separated nodes) the
+	// controller keeps out of resync: a member that returns stays fenced
+	// (role None) with its data as it came back, so an operator can look
+	// at it first; removing the node from the list resyncs it (which
+	// overwrites what it wrote since it left). A held member is never
+	// promoted automatically.
+	AnnotationHoldResync = "storage.tandem.dev/hold-resync"
 )
 
 // Region size bounds and default.
@@ -160,6 +180,35 @@ type RemovedMember struct {
 	// +optional
 	// +kubebuilder:validation:MaxLength=1024
 	Message string `json:"message,omitempty"`
+}
+
+// ForcePromotion records a promotion forced with the
+// storage.tandem.dev/force-promote annotation.
+type ForcePromotion struct {
+	// node is the member promoted.
+	// +required
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=253
+	Node string `json:"node"`
+	// from is the writer it replaced.
+	// +optional
+	// +kubebuilder:validation:MaxLength=253
+	From string `json:"from,omitempty"`
+	// epoch is the authority epoch it was promoted at.
+	// +optional
+	Epoch int64 `json:"epoch,omitempty"`
+	// time is when.
+	// +required
+	Time metav1.Time `json:"time"`
+	// requestedBy is storage.tandem.dev/force-promote-by as it was set.
+	// +optional
+	// +kubebuilder:validation:MaxLength=253
+	RequestedBy string `json:"requestedBy,omitempty"`
+	// blockedBy is why it would not have been promoted without force
+	// (BackupOutdated, BackupAsync, BackupHeld, ManualPolicy).
+	// +optional
+	// +kubebuilder:validation:MaxLength=64
+	BlockedBy string `json:"blockedBy,omitempty"`
 }
 
 // FailoverSpec tunes loss detection and automatic promotion.
@@ -441,6 +490,11 @@ type VolumePairStatus struct {
 	// lastFailbackTime is when the original primary last got its role back.
 	// +optional
 	LastFailbackTime *metav1.Time `json:"lastFailbackTime,omitempty"`
+	// lastForcePromotion records the last promotion forced with the
+	// storage.tandem.dev/force-promote annotation (kubectl tandem promote
+	// --force): who asked, which member, and what would have blocked it.
+	// +optional
+	LastForcePromotion *ForcePromotion `json:"lastForcePromotion,omitempty"`
 	// conditions: Ready, Synchronized, Degraded, FailoverBlocked.
 	// +optional
 	// +listType=map

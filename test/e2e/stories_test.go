@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strings"
 	"sync"
@@ -27,10 +28,10 @@ func TestStory01AsyncPair(t *testing.T) {
 	})
 	out := mustKubectl(t, "get", "vp", "-n", s.ns)
 	header := strings.Fields(strings.SplitN(out, "\n", 2)[0])
-	if strings.Join(header, " ") != "NAME MODE PRIMARY ACTIVE BACKUP PHASE IN-SYNC OUT-OF-SYNC AGE" {
+	if strings.Join(header, " ") != "NAME MODE PRIMARY ACTIVE BACKUP PHASE STATUS IN-SYNC OUT-OF-SYNC AGE" {
 		t.Fatalf("kubectl get vp columns: %v", header)
 	}
-	if !strings.Contains(strings.Join(strings.Fields(out), " "), "web Async node-a node-a node-b PAIR 2/2 0") {
+	if !strings.Contains(strings.Join(strings.Fields(out), " "), "web Async node-a node-a node-b PAIR Serving 2/2 0") {
 		t.Fatalf("kubectl get vp row:\n%s", out)
 	}
 	info, err := exec.Command("nbdinfo", "--size", vp.Status.Endpoint).CombinedOutput()
@@ -39,6 +40,16 @@ func TestStory01AsyncPair(t *testing.T) {
 	}
 	mustQemuIO(t, vp.Status.Endpoint, "write -P 0x61 0 1M", "flush", "read -P 0x61 0 1M")
 	s.identical("node-a", "node-b")
+	if os.Getenv("TANDEM_INSTALL") == "helm" {
+		// Installed with the chart: its test Pod (manager chart-test)
+		// passes against the running install.
+		out, err := exec.Command(filepath.Join(bin, "helm"), "--kubeconfig", kubeconfig, "test", "tandem", "-n", "tandem-system",
+			"--timeout", "3m").CombinedOutput() // no --logs: the Pod is deleted once it succeeded (hook-delete-policy)
+		t.Logf("STORY 01 helm test tandem:\n%s", out)
+		if err != nil || !regexp.MustCompile(`Phase:\s+Succeeded`).Match(out) {
+			t.Fatalf("helm test tandem: %v", err)
+		}
+	}
 }
 
 // Story 2: Async, the primary's node is killed → SWAP; writes continue on

@@ -22,6 +22,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 	"k8s.io/client-go/kubernetes"
 	coordclient "k8s.io/client-go/kubernetes/typed/coordination/v1"
+	coreclient "k8s.io/client-go/kubernetes/typed/core/v1"
 	"k8s.io/client-go/tools/clientcmd"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 
@@ -63,7 +64,7 @@ func run() error {
 	advertise := fs.String("advertise-address", os.Getenv("POD_IP"), "Address peers and clients use to reach this agent (default: the listen addresses' host, or 127.0.0.1).")
 	kubeQPS := fs.Float64("kube-api-qps", 50, "Requests per second to the Kubernetes API server (client-side limit). The agent renews one authority Lease per primary volume every second, plus its own Lease: keep this above the number of primaries per node.")
 	kubeBurst := fs.Int("kube-api-burst", 100, "Burst of requests to the Kubernetes API server above --kube-api-qps.")
-	nbdAllowed := fs.String("nbd-allowed-clients", "", "Comma-separated client networks (CIDR prefixes or addresses) allowed to connect to the NBD port; others are refused before the handshake. Empty: any client (firewall the port then).")
+	nbdAllowed := fs.String("nbd-allowed-clients", "", "Who may connect to the NBD port, comma-separated: nodes (the cluster's Nodes, their addresses and Pod CIDRs, and loopback, kept current from the API server), CIDR prefixes or addresses, or any (everyone: firewall the port then). Others are refused before the handshake. Default: nodes with Kubernetes (--namespace), any without.")
 	handover := fs.Duration("handover-timeout", agent.DefaultHandoverTimeout, "On SIGTERM (a rolling update, a drain), how long to wait for the controller to move this node's writer roles to their peers before shutting down; 0 disables the handover. Keep the Pod's terminationGracePeriodSeconds above this plus 30 s.")
 	payloadCRC := fs.Bool("payload-checksums", false, "Ask for a CRC-32C over every replicated payload (Write and CopyData frames), on top of TCP's checksum, on every replication link of this agent; a link uses them when either side asks (DRBD's data-integrity-alg). Off: the frames' checksums cover their headers; costs CPU on both members when on (about a quarter of it for 1 MiB writes).")
 	pprofAddr := fs.String("pprof-address", "", "Serve Go profiles (net/http/pprof) on this address; off when empty. Bind it to localhost.")
@@ -95,12 +96,20 @@ func run() error {
 		return errors.New("--token-file is required (or --insecure-no-auth for loopback tests)")
 	}
 
-	allowed, err := nbd.ParseAllowedClients(*nbdAllowed)
+	allowSpec := *nbdAllowed
+	if allowSpec == "" && *namespace != "" {
+		allowSpec = "nodes"
+	}
+	allowed, err := nbd.ParseAllowList(allowSpec)
 	if err != nil {
 		return fmt.Errorf("--nbd-allowed-clients: %w", err)
 	}
+	if allowed.Nodes() && *namespace == "" {
+		return errors.New("--nbd-allowed-clients=nodes needs Kubernetes (--namespace): without it the agent cannot know the nodes")
+	}
 
 	var leases coordclient.LeasesGetter
+	var nodes coreclient.NodesGetter
 	if *namespace != "" {
 		cfg, err := clientcmd.BuildConfigFromFlags("", *kubeconfig)
 		if err != nil {
@@ -114,7 +123,7 @@ func run() error {
 		if err != nil {
 			return fmt.Errorf("kubernetes client: %w", err)
 		}
-		leases = cs.CoordinationV1()
+		leases, nodes = cs.CoordinationV1(), cs.CoreV1()
 	} else {
 		log.Info("No --namespace: running without Kubernetes; writes are gated only by the control API")
 	}
@@ -170,10 +179,11 @@ func run() error {
 		Config: agent.Config{Node: *node, DataDir: *dataDir, Token: token, AdvertiseHost: *advertise,
 			PayloadChecksums: *payloadCRC, Budget: budget.New(*maxInflight), Log: log},
 		Control: cl, Replication: rl, NBD: nl,
-		NBDAllowedClients: allowed,
-		Leases:            leases,
-		Namespace:         *namespace,
-		HandoverTimeout:   handoverTimeout,
+		NBDAllow:        allowed,
+		Nodes:           nodes,
+		Leases:          leases,
+		Namespace:       *namespace,
+		HandoverTimeout: handoverTimeout,
 		Started: func(_ *agent.Agent, ep agent.Endpoints) {
 			if *addrFile == "" {
 				return

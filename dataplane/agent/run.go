@@ -5,13 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"net/netip"
 	"path/filepath"
 	"sync"
 	"time"
 
 	"github.com/go-logr/logr"
 	coordclient "k8s.io/client-go/kubernetes/typed/coordination/v1"
+	coreclient "k8s.io/client-go/kubernetes/typed/core/v1"
 	"k8s.io/utils/clock"
 
 	"github.com/tandem-storage/tandem/dataplane/nbd"
@@ -30,9 +30,13 @@ type Options struct {
 	Control, Replication, NBD net.Listener
 	// ControlLimits bound the control API's connections (zero: defaults).
 	ControlLimits ControlLimits
-	// NBDAllowedClients, when not empty, lists the client networks allowed
-	// to connect to the NBD port (nbd.Server.AllowedClients).
-	NBDAllowedClients []netip.Prefix
+	// NBDAllow decides which clients may connect to the NBD port
+	// (nbd.Server.Allow; nil: any). One that admits the cluster's nodes
+	// needs Nodes.
+	NBDAllow *nbd.AllowList
+	// Nodes lets the agent watch the cluster's Nodes for NBDAllow
+	// (WatchNodes).
+	Nodes coreclient.NodesGetter
 	// NBDHandshakeTimeout bounds an NBD client's negotiation (0:
 	// nbd.DefaultHandshakeTimeout).
 	NBDHandshakeTimeout time.Duration
@@ -103,6 +107,9 @@ func Run(ctx context.Context, o Options) error {
 	if o.Control == nil || o.Replication == nil || o.NBD == nil {
 		return fail(errors.New("agent: Run needs the control, replication and NBD listeners"))
 	}
+	if o.NBDAllow.Nodes() && o.Nodes == nil {
+		return fail(errors.New("agent: an NBD allow-list of the cluster's nodes needs Options.Nodes (Kubernetes)"))
+	}
 	cfg := o.Config
 	log := cfg.Log
 	var clockOpts []Option
@@ -143,6 +150,9 @@ func Run(ctx context.Context, o Options) error {
 		stopLeases()
 		leaseWG.Wait()
 	}()
+	if o.NBDAllow.Nodes() {
+		leaseWG.Go(func() { WatchNodes(leaseCtx, o.Nodes, o.NBDAllow, log.WithName("nodes")) })
+	}
 	if auth != nil {
 		leaseWG.Go(func() {
 			Register(leaseCtx, o.Leases, o.Namespace, cfg.Node, ep, log.WithName("register"), clockOpts...)
@@ -150,14 +160,14 @@ func Run(ctx context.Context, o Options) error {
 		leaseWG.Go(func() { auth.Run(leaseCtx, a.Primaries, log.WithName("authority")) })
 	}
 
-	nbdSrv := &nbd.Server{Exports: a, Log: log.WithName("nbd"), AllowedClients: o.NBDAllowedClients,
+	nbdSrv := &nbd.Server{Exports: a, Log: log.WithName("nbd"), Allow: o.NBDAllow,
 		Budget: cfg.Budget, HandshakeTimeout: o.NBDHandshakeTimeout}
 	nbdSvc := startService("NBD server", func(ctx context.Context) error { return nbdSrv.Serve(ctx, o.NBD) })
 	replSvc := startService("replication listener", func(ctx context.Context) error { return a.ServeReplication(ctx, o.Replication) })
 	ctrlSvc := startService("control API", func(ctx context.Context) error { return a.ServeControl(ctx, o.Control, o.ControlLimits) })
 	log.Info("Agent started", "node", cfg.Node, "dataDir", cfg.DataDir, "control", o.Control.Addr().String(),
 		"replication", o.Replication.Addr().String(), "nbd", o.NBD.Addr().String(), "auth", cfg.Token != "",
-		"kubernetes", auth != nil, "nbdAllowedClients", fmt.Sprint(o.NBDAllowedClients), "maxInflightBytes", cfg.Budget.Stats().Size)
+		"kubernetes", auth != nil, "nbdAllowedClients", o.NBDAllow.String(), "maxInflightBytes", cfg.Budget.Stats().Size)
 	if o.Started != nil {
 		o.Started(a, ep)
 	}

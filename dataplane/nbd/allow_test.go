@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -42,7 +43,7 @@ func TestParseAllowedClients(t *testing.T) {
 	}
 }
 
-// TestAllowedClients: a client outside AllowedClients is closed before the
+// TestAllowedClients: a client outside Server.Allow is closed before the
 // greeting, with a logged reason; one inside negotiates as usual.
 func TestAllowedClients(t *testing.T) {
 	for _, tc := range []struct {
@@ -55,7 +56,7 @@ func TestAllowedClients(t *testing.T) {
 		{"other network only", []netip.Prefix{netip.MustParsePrefix("198.18.0.0/24")}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			env := startServer(t, 1<<20, func(s *Server, _ *StaticExports) { s.AllowedClients = tc.allow })
+			env := startServer(t, 1<<20, func(s *Server, _ *StaticExports) { s.Allow = NewAllowList(tc.allow, false) })
 			c := dial(t, env.addr)
 			b, err := c.readFull(18)
 			if tc.ok {
@@ -75,5 +76,61 @@ func TestAllowedClients(t *testing.T) {
 				t.Errorf("Stats().Refused = %d, want 1", got)
 			}
 		})
+	}
+}
+
+// TestAllowList: what each --nbd-allowed-clients value admits, before and
+// after the nodes' addresses are known.
+func TestAllowList(t *testing.T) {
+	node := netip.MustParseAddr("198.18.0.11")
+	pod := netip.MustParseAddr("10.244.1.7")
+	outsider := netip.MustParseAddr("203.0.113.9")
+	office := netip.MustParseAddr("192.168.7.3")
+	loop := netip.MustParseAddr("127.0.0.1")
+	everyone := []netip.Addr{node, pod, outsider, office, loop}
+	nodeNets := []netip.Prefix{netip.MustParsePrefix("198.18.0.11/32"), netip.MustParsePrefix("10.244.1.0/24")}
+	for _, tc := range []struct {
+		in      string
+		wantErr string
+		// admitted before SetNodes, and after
+		before, after []netip.Addr
+	}{
+		{in: "", before: everyone, after: everyone},
+		{in: "any", before: everyone, after: everyone},
+		{in: "nodes", before: []netip.Addr{loop}, after: []netip.Addr{node, pod, loop}},
+		{in: "nodes, 192.168.7.0/24", before: []netip.Addr{office, loop}, after: []netip.Addr{node, pod, office, loop}},
+		{in: "192.168.7.3", before: []netip.Addr{office}, after: []netip.Addr{office}},
+		{in: "::ffff:192.168.7.3", before: []netip.Addr{office}, after: []netip.Addr{office}},
+		{in: "any,nodes", wantErr: "any admits every client"},
+		{in: "any,10.0.0.0/8", wantErr: "any admits every client"},
+		{in: "node-a", wantErr: "or the keywords nodes, any"},
+	} {
+		t.Run(tc.in, func(t *testing.T) {
+			a, err := ParseAllowList(tc.in)
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("ParseAllowList(%q) error = %v, want %q", tc.in, err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			check := func(when string, want []netip.Addr) {
+				for _, addr := range []netip.Addr{node, pod, outsider, office, loop, netip.AddrFrom16(office.As16())} {
+					wantOK := slices.Contains(want, addr.Unmap())
+					if got := a.Allowed(addr); got != wantOK {
+						t.Errorf("%s, %s: Allowed(%s) = %v, want %v (%s)", tc.in, when, addr, got, wantOK, a)
+					}
+				}
+			}
+			check("before the nodes are known", tc.before)
+			a.SetNodes(nodeNets)
+			check("after", tc.after)
+		})
+	}
+	var none *AllowList
+	if !none.Allowed(netip.MustParseAddr("203.0.113.9")) || !none.Any() {
+		t.Fatal("a nil AllowList refuses")
 	}
 }

@@ -64,36 +64,28 @@ type Server struct {
 	// for a protocol violation, waits for requests in flight before
 	// cancelling their contexts (default 10s).
 	DrainTimeout time.Duration
-	// AllowedClients, when not empty, lists the client networks that may
-	// connect; a connection from any other address is closed before the
-	// handshake, with a logged reason. NBD has no authentication of its own
-	// here, so this (with a firewall) is what keeps other hosts away from the
-	// exports. Empty allows every address.
-	AllowedClients []netip.Prefix
+	// Allow decides which client addresses may connect; a connection from
+	// any other address is closed before the handshake, with a logged
+	// reason. NBD has no authentication of its own here, so this (with a
+	// firewall) is what keeps other hosts away from the exports. Nil
+	// admits every address.
+	Allow *AllowList
 
 	stats serverStats
 }
 
 // allowed reports whether a client at addr may connect.
 func (s *Server) allowed(addr net.Addr) bool {
-	if len(s.AllowedClients) == 0 {
+	if s.Allow.Any() {
 		return true
 	}
 	ap, err := netip.ParseAddrPort(addr.String())
-	if err != nil {
-		return false
-	}
-	ip := ap.Addr().Unmap()
-	for _, p := range s.AllowedClients {
-		if p.Contains(ip) {
-			return true
-		}
-	}
-	return false
+	return err == nil && s.Allow.Allowed(ap.Addr())
 }
 
 // ParseAllowedClients parses a comma-separated list of CIDR prefixes or
-// single addresses ("10.0.0.0/8,192.168.1.7") for Server.AllowedClients.
+// single addresses ("10.0.0.0/8,192.168.1.7"), as ParseAllowList takes
+// them.
 func ParseAllowedClients(list string) ([]netip.Prefix, error) {
 	var out []netip.Prefix
 	for _, f := range strings.Split(list, ",") {
@@ -243,7 +235,7 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn) error {
 	if a := c.RemoteAddr(); a != nil && !s.allowed(a) {
 		s.stats.refused.Add(1)
 		err := errors.New("nbd: client address not in the allowed clients")
-		log.Info("Refusing NBD connection: client address not allowed", "allowedClients", fmt.Sprint(s.AllowedClients))
+		log.Info("Refusing NBD connection: client address not allowed (the agent's --nbd-allowed-clients)", "allowedClients", s.Allow.String())
 		return err
 	}
 	if s.Exports == nil {

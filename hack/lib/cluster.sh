@@ -36,6 +36,8 @@ install_api() {
     kubectl -n "$OPNS" create role tandem-agent --verb get,list,watch,create,update,patch --resource leases.coordination.k8s.io >/dev/null
   fi
   kubectl -n "$OPNS" create rolebinding tandem-agent-local --role tandem-agent --group tandem:agents >/dev/null
+  # Nodes, read for the agents' NBD allow-list (agent_role.yaml's ClusterRole).
+  kubectl create clusterrolebinding tandem-agent-nodes-local --clusterrole tandem-agent-nodes --group tandem:agents >/dev/null
   # The agents' shared token, where the kubectl plugin (and the Helm chart)
   # expect it.
   kubectl -n "$OPNS" create secret generic tandem-agent-token --from-file=token="$STATE/agent-token" >/dev/null

@@ -332,8 +332,10 @@ install_tandem() {
   kubectl -n "$OPNS" create secret generic tandem-agent-token --from-file=token="$STATE/agent-token" >/dev/null
   case ${TANDEM_INSTALL:-kustomize} in
   kustomize)
-    log "Installing Tandem: kubectl apply -k config/default"
-    kubectl apply -k "$ROOT/config/default" >"$LOGS/install.log" 2>&1 || die "kubectl apply -k config/default failed: $(tail -n 5 "$LOGS/install.log")"
+    # config/default, with the host (the bridge's address, where the
+    # stories' NBD clients run) admitted by the agents' NBD allow-list.
+    log "Installing Tandem: kubectl apply -k hack/localcluster/install (config/default, NBD clients from $BRIDGE_IP allowed)"
+    kubectl apply -k "$ROOT/hack/localcluster/install" >"$LOGS/install.log" 2>&1 || die "kubectl apply -k hack/localcluster/install failed: $(tail -n 5 "$LOGS/install.log")"
     ;;
   helm)
     log "Installing Tandem: helm install tandem charts/tandem"
@@ -341,7 +343,7 @@ install_tandem() {
     # token Secret created above (the chart would generate its own).
     "$BIN/helm" --kubeconfig "$KUBECONFIG_FILE" install tandem "$ROOT/charts/tandem" -n "$OPNS" --wait=false \
       --set image.repository=ghcr.io/tandem-storage/tandem --set image.tag=dev \
-      --set agent.tokenSecret.existingSecret=tandem-agent-token >"$LOGS/install.log" 2>&1 ||
+      --set agent.tokenSecret.existingSecret=tandem-agent-token --set "agent.nbdAllowedClients={nodes,$BRIDGE_IP}" >"$LOGS/install.log" 2>&1 ||
       die "helm install failed: $(tail -n 5 "$LOGS/install.log")"
     ;;
   *) die "TANDEM_INSTALL must be kustomize or helm (got '$TANDEM_INSTALL')" ;;

@@ -181,6 +181,11 @@ start_heartbeat() {
   start_bg "heartbeat-$n" $(in_node_prefix "$n") "$BIN/tandem-nodesim" heartbeat --kubeconfig "$KUBECONFIG_FILE" --node "$n" --address "$(node_ip "$n")"
 }
 
+# host_client_address: where the stories' NBD clients connect from (the
+# host): the bridge's address, or loopback. The agents' NBD allow-list
+# (default: the cluster's nodes) admits it as well.
+host_client_address() { if [ "$(net_mode)" = netns ]; then echo "$BRIDGE_IP"; else echo 127.0.0.1; fi; }
+
 start_agent() {
   local n=$1 ip
   ip=$(node_ip "$n")
@@ -189,7 +194,7 @@ start_agent() {
   start_bg "agent-$n" $(in_node_prefix "$n") "$BIN/agent" --node "$n" --data-dir "$(node_dir "$n")" \
     --namespace "$OPNS" --kubeconfig "$STATE/kube/agent-$n.kubeconfig" --token-file "$STATE/agent-token" \
     --control-address "$ip:$CONTROL_PORT" --replication-address "$ip:$REPL_PORT" --nbd-address "$ip:$NBD_PORT" \
-    --advertise-address "$ip" ${AGENT_ARGS:-}
+    --advertise-address "$ip" --nbd-allowed-clients "nodes,$(host_client_address)" ${AGENT_ARGS:-}
 }
 
 agent_ready() { # NODE: the agent answers and has registered its Lease

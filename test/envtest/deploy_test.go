@@ -586,6 +586,9 @@ func workloadObjects(prefix string) []objKey {
 		{"RoleBinding", ns, prefix + "-leader-election"},
 		{"Role", ns, prefix + "-agent"},
 		{"RoleBinding", ns, prefix + "-agent"},
+		// Nodes, read for the agents' NBD allow-list.
+		{"ClusterRole", "", prefix + "-agent-nodes"},
+		{"ClusterRoleBinding", "", prefix + "-agent-nodes"},
 		{"Service", ns, prefix + "-manager-metrics"},
 		{"Deployment", ns, prefix + "-manager"},
 		{"DaemonSet", ns, prefix + "-agent"},
@@ -918,7 +921,8 @@ func checkWorkloads(t *testing.T, objs []*unstructured.Unstructured, w workloadE
 		}
 	}
 
-	// RBAC: the agent has Leases in its namespace and nothing else.
+	// RBAC: the agent has Leases in its namespace and, cluster-wide, reads
+	// Nodes (its NBD allow-list), nothing else.
 	if r := typed[rbacv1.Role](t, findObject(objs, "Role", ns, w.prefix+"-agent")); r != nil {
 		want := []string{
 			"coordination.k8s.io/leases:create", "coordination.k8s.io/leases:get", "coordination.k8s.io/leases:list",
@@ -938,7 +942,14 @@ func checkWorkloads(t *testing.T, objs []*unstructured.Unstructured, w workloadE
 				t.Errorf("%s %s: subject %+v, want a ServiceAccount in %s", o.GetKind(), o.GetName(), s, ns)
 			}
 			if s.Name == w.prefix+"-agent" && o.GetKind() == "ClusterRoleBinding" {
-				t.Errorf("ClusterRoleBinding %s gives the agent cluster-wide rights", o.GetName())
+				if b.RoleRef.Name != w.prefix+"-agent-nodes" {
+					t.Errorf("ClusterRoleBinding %s gives the agent cluster-wide rights (%s)", o.GetName(), b.RoleRef.Name)
+					continue
+				}
+				cr := typed[rbacv1.ClusterRole](t, findObject(objs, "ClusterRole", "", b.RoleRef.Name))
+				if got, want := permissions(cr.Rules), []string{"/nodes:get", "/nodes:list", "/nodes:watch"}; !slices.Equal(got, want) {
+					t.Errorf("ClusterRole %s grants the agent %v, want only %v", b.RoleRef.Name, got, want)
+				}
 			}
 		}
 	}

@@ -278,7 +278,7 @@ func TestKubectlUserFlow(t *testing.T) {
 		t.Fatalf("kubectl get vp: %v\n%s", err, out)
 	}
 	header := strings.Fields(strings.SplitN(out, "\n", 2)[0])
-	want := []string{"NAME", "MODE", "PRIMARY", "ACTIVE", "BACKUP", "PHASE", "IN-SYNC", "OUT-OF-SYNC", "AGE"}
+	want := []string{"NAME", "MODE", "PRIMARY", "ACTIVE", "BACKUP", "PHASE", "STATUS", "IN-SYNC", "OUT-OF-SYNC", "AGE"}
 	if strings.Join(header, " ") != strings.Join(want, " ") {
 		t.Errorf("kubectl get vp header = %v, want %v", header, want)
 	}

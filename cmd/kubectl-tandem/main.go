@@ -4,6 +4,9 @@
 //	kubectl tandem status NAME             phase, roles, diff, copy progress, members, conditions, events
 //	kubectl tandem failover NAME           ask the controller to promote the backup of a lost writer
 //	kubectl tandem failback NAME           ask the controller to give the primary role back after a failover
+//	kubectl tandem promote NAME NODE       what force-promoting NODE would lose; --force does it (disaster recovery)
+//	kubectl tandem hold NAME NODE          keep a returning member out of resync, its data as it came back
+//	kubectl tandem release NAME NODE       end the hold: the member is resynced
 //	kubectl tandem verify NAME             compare both replicas region by region (online verify)
 //	kubectl tandem version                 the plugin's version and the install's
 //	kubectl tandem completion SHELL        shell completion script (bash, zsh, fish, powershell)
@@ -24,6 +27,7 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/go-logr/logr"
 	"github.com/spf13/cobra"
@@ -90,6 +94,9 @@ type rootOptions struct {
 	streams genericiooptions.IOStreams
 	// newClient builds the API client; tests may replace it.
 	newClient func() (client.Client, error)
+	// pollInterval is how often a command that waits for the controller
+	// reads the VolumePair (0: defaultPollInterval); tests shorten it.
+	pollInterval time.Duration
 }
 
 func newRootCmd(streams genericiooptions.IOStreams) *cobra.Command {
@@ -115,7 +122,8 @@ on two nodes, with automatic failover and a resync of only what changed.`,
 	cmd.SetErr(streams.ErrOut)
 	o.flags.AddFlags(cmd.PersistentFlags())
 	_ = cmd.RegisterFlagCompletionFunc("namespace", o.completeNamespaces)
-	cmd.AddCommand(newStatusCmd(o), newRequestCmd(o, failoverRequest), newRequestCmd(o, failbackRequest), newVerifyCmd(o), newVersionCmd(o), newListCmd(o))
+	cmd.AddCommand(newStatusCmd(o), newRequestCmd(o, failoverRequest), newRequestCmd(o, failbackRequest), newVerifyCmd(o), newVersionCmd(o), newListCmd(o),
+		newPromoteCmd(o), newHoldCmd(o, true), newHoldCmd(o, false))
 	initCompletionCmd(cmd)
 	for _, sub := range cmd.Commands() {
 		if strings.HasSuffix(sub.Use, " NAME") {

@@ -89,6 +89,9 @@ func runPluginWith(t *testing.T, objs []client.Object, funcs interceptor.Funcs, 
 	o := &rootOptions{
 		flags:   genericclioptions.NewConfigFlags(true),
 		streams: genericiooptions.IOStreams{In: strings.NewReader(""), Out: &out, ErrOut: &errb},
+		// Commands that wait for the controller read often: the fake
+		// answers at once.
+		pollInterval: 10 * time.Millisecond,
 		newClient: func() (client.Client, error) {
 			res.connected = true
 			return c, nil

@@ -188,6 +188,9 @@ func renderStatus(w io.Writer, vp *storagev1alpha1.VolumePair, events []corev1.E
 	}
 	field("Last failover", timestamp(st.LastFailoverTime, now))
 	field("Last failback", timestamp(st.LastFailbackTime, now))
+	if f := st.LastForcePromotion; f != nil {
+		field("Forced promotion", forcePromotionLine(f, now))
+	}
 	field("Failover policy", string(vp.Spec.Failover.Policy))
 	field("Failback policy", string(vp.Spec.Failback.Policy))
 	for _, a := range []struct{ key, label string }{
@@ -197,6 +200,18 @@ func renderStatus(w io.Writer, vp *storagev1alpha1.VolumePair, events []corev1.E
 		if v, ok := vp.Annotations[a.key]; ok {
 			field(a.label, v+" (annotation "+a.key+")")
 		}
+	}
+	if v, ok := vp.Annotations[storagev1alpha1.AnnotationForcePromote]; ok {
+		by := vp.Annotations[storagev1alpha1.AnnotationForcePromoteBy]
+		if by != "" {
+			by = ", requested by " + by
+		}
+		field("Force request", fmt.Sprintf("%s%s (annotation %s): promoted once the writer is lost and its authority expired, even if it lacks acknowledged writes",
+			v, by, storagev1alpha1.AnnotationForcePromote))
+	}
+	if held := heldMembers(vp); len(held) > 0 {
+		field("Held", fmt.Sprintf("%s (annotation %s): fenced and kept out of resync, data as it came back; kubectl tandem release %s NODE -n %s resyncs one",
+			strings.Join(held, ", "), storagev1alpha1.AnnotationHoldResync, vp.Name, vp.Namespace))
 	}
 	if vp.DeletionTimestamp != nil {
 		field("Deleting", fmt.Sprintf("since %s: the controller closes the replicas and deletes their files (finalizer %s; annotation %s=true keeps them); "+
@@ -280,6 +295,8 @@ func renderStatus(w io.Writer, vp *storagev1alpha1.VolumePair, events []corev1.E
 // phaseMeaning explains a phase in a few words (docs/architecture.md, "Phases").
 func phaseMeaning(p storagev1alpha1.Phase) string {
 	switch p {
+	case storagev1alpha1.PhasePending:
+		return "the pair has not started: it waits for a member, condition Ready says which and why"
 	case storagev1alpha1.PhasePair:
 		return "the preferred primary serves and mirrors to the backup"
 	case storagev1alpha1.PhaseSwap:
@@ -290,6 +307,24 @@ func phaseMeaning(p storagev1alpha1.Phase) string {
 		return "both members identical, the backup still serves; failback is next"
 	}
 	return "unknown phase"
+}
+
+// forcePromotionLine describes status.lastForcePromotion.
+func forcePromotionLine(f *storagev1alpha1.ForcePromotion, now time.Time) string {
+	t := f.Time
+	s := fmt.Sprintf("%s at epoch %d, %s", f.Node, f.Epoch, timestamp(&t, now))
+	if f.From != "" {
+		s += ", in place of " + f.From
+	}
+	if f.RequestedBy != "" {
+		s += ", requested by " + f.RequestedBy
+	}
+	if f.BlockedBy != "" {
+		s += ", overriding " + f.BlockedBy
+	} else {
+		s += ", overriding nothing"
+	}
+	return s
 }
 
 // orderMembers lists the reported members: spec primary, spec backup, the

@@ -303,3 +303,45 @@ func TestRequestExplanations(t *testing.T) {
 		t.Errorf("failback during COPY: %q", got)
 	}
 }
+
+// TestRenderStatusDR: status explains PENDING, and shows the last forced
+// promotion, a pending force-promote and the held members.
+func TestRenderStatusDR(t *testing.T) {
+	vp := swappedPair()
+	vp.Annotations = map[string]string{
+		storagev1alpha1.AnnotationHoldResync:     "node-a",
+		storagev1alpha1.AnnotationForcePromote:   "node-a",
+		storagev1alpha1.AnnotationForcePromoteBy: "alice",
+	}
+	vp.Status.LastForcePromotion = &storagev1alpha1.ForcePromotion{Node: "node-b", From: "node-a", Epoch: 4, Time: at(10 * time.Minute), RequestedBy: "alice", BlockedBy: "BackupOutdated"}
+	pending := testPair()
+	pending.Status.Phase = storagev1alpha1.PhasePending
+	for _, tt := range []struct {
+		vp      *storagev1alpha1.VolumePair
+		want    []string
+		wantNot []string
+	}{
+		{vp, []string{
+			"Forced promotion: node-b at epoch 4, 2026-05-01T11:50:00Z (10m ago), in place of node-a, requested by alice, overriding BackupOutdated",
+			"Force request:    node-a, requested by alice (annotation storage.tandem.dev/force-promote): promoted once the writer is lost and its authority expired, even if it lacks acknowledged writes",
+			"Held:             node-a (annotation storage.tandem.dev/hold-resync): fenced and kept out of resync, data as it came back; kubectl tandem release db NODE -n prod resyncs one",
+		}, nil},
+		{pending, []string{"Phase:            PENDING (the pair has not started: it waits for a member, condition Ready says which and why)"},
+			[]string{"Forced promotion:", "Force request:", "Held:"}},
+	} {
+		var b strings.Builder
+		if err := renderStatus(&b, tt.vp, nil, nil, testNow); err != nil {
+			t.Fatal(err)
+		}
+		for _, w := range tt.want {
+			if !strings.Contains(b.String(), w) {
+				t.Errorf("status lacks %q:\n%s", w, b.String())
+			}
+		}
+		for _, w := range tt.wantNot {
+			if strings.Contains(b.String(), w) {
+				t.Errorf("status shows %q:\n%s", w, b.String())
+			}
+		}
+	}
+}

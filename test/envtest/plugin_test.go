@@ -45,6 +45,7 @@ func TestPlugin(t *testing.T) {
 	t.Run("failover and failback", func(t *testing.T) { testPluginRequests(t, bin) })
 	t.Run("verify", func(t *testing.T) { testPluginVerify(t, bin) })
 	t.Run("first contact", func(t *testing.T) { testPluginFirstContact(t, bin) })
+	t.Run("disaster recovery", func(t *testing.T) { testPluginDisasterRecovery(t, bin) })
 }
 
 type pluginResult struct {

@@ -296,7 +296,7 @@ func renderStatus(w io.Writer, vp *storagev1alpha1.VolumePair, events []corev1.E
 func phaseMeaning(p storagev1alpha1.Phase) string {
 	switch p {
 	case storagev1alpha1.PhasePending:
-		return "the pair has not started: it waits for a member, condition Ready says which and why"
+		return "a new pair waits: a member's node does not exist or has no agent, or spec.primary's agent does not answer; condition Ready says which"
 	case storagev1alpha1.PhasePair:
 		return "the preferred primary serves and mirrors to the backup"
 	case storagev1alpha1.PhaseSwap:

@@ -326,7 +326,7 @@ func TestRenderStatusDR(t *testing.T) {
 			"Force request:    node-a, requested by alice (annotation storage.tandem.dev/force-promote): promoted once the writer is lost and its authority expired, even if it lacks acknowledged writes",
 			"Held:             node-a (annotation storage.tandem.dev/hold-resync): fenced and kept out of resync, data as it came back; kubectl tandem release db NODE -n prod resyncs one",
 		}, nil},
-		{pending, []string{"Phase:            PENDING (the pair has not started: it waits for a member, condition Ready says which and why)"},
+		{pending, []string{"Phase:            PENDING (a new pair waits: a member's node does not exist or has no agent, or spec.primary's agent does not answer; condition Ready says which)"},
 			[]string{"Forced promotion:", "Force request:", "Held:"}},
 	} {
 		var b strings.Builder

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/util/duration"
@@ -113,6 +114,14 @@ func printList(out *outputFlags, p printers.ResourcePrinter, o *rootOptions, l *
 	return nil
 }
 
+// readyReason is the Ready condition's reason (the STATUS printer column).
+func readyReason(vp *storagev1alpha1.VolumePair) string {
+	if c := meta.FindStatusCondition(vp.Status.Conditions, storagev1alpha1.ConditionReady); c != nil {
+		return c.Reason
+	}
+	return ""
+}
+
 // pairTable is the VolumePairs as a Table with the CRD's printer columns
 // (priority 1: only with -o wide).
 func pairTable(items []storagev1alpha1.VolumePair, now time.Time) *metav1.Table {
@@ -123,6 +132,7 @@ func pairTable(items []storagev1alpha1.VolumePair, now time.Time) *metav1.Table 
 		{Name: "Active", Type: "string"},
 		{Name: "Backup", Type: "string"},
 		{Name: "Phase", Type: "string"},
+		{Name: "Status", Type: "string"},
 		{Name: "In-Sync", Type: "string"},
 		{Name: "Out-Of-Sync", Type: "string"},
 		{Name: "Claim", Type: "string", Priority: 1},
@@ -147,7 +157,7 @@ func pairTable(items []storagev1alpha1.VolumePair, now time.Time) *metav1.Table 
 		t.Rows = append(t.Rows, metav1.TableRow{
 			Object: runtime.RawExtension{Object: vp},
 			Cells: []any{vp.Name, string(vp.Spec.Mode), vp.Spec.Primary.Node, orDash(st.ActivePrimary), strings.Join(backups, ","),
-				orDash(string(st.Phase)), orDash(st.MembersInSync), humanBytes(st.OutOfSyncBytes),
+				orDash(string(st.Phase)), orDash(readyReason(vp)), orDash(st.MembersInSync), humanBytes(st.OutOfSyncBytes),
 				orDash(vp.Annotations["csi.tandem.dev/pvc"]), st.UnmergedRegions, st.Epoch, orDash(st.Endpoint), age},
 		})
 	}

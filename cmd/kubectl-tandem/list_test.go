@@ -20,7 +20,11 @@ func TestListCommand(t *testing.T) {
 		vp.Namespace, vp.Name, vp.Labels = ns, name, labels
 		vp.CreationTimestamp = metav1.NewTime(time.Now().Add(-3 * time.Hour))
 		vp.Status = storagev1alpha1.VolumePairStatus{Phase: phase, ActivePrimary: "node-a", Epoch: 7, OutOfSyncBytes: 2 << 20,
-			MembersInSync: "1/2", Endpoint: "198.18.0.2:10809", UnmergedRegions: 3}
+			MembersInSync: "1/2", Endpoint: "198.18.0.2:10809", UnmergedRegions: 3,
+			Conditions: []metav1.Condition{{Type: storagev1alpha1.ConditionReady, Status: metav1.ConditionTrue, Reason: "Serving", LastTransitionTime: metav1.Now()}}}
+		if phase == storagev1alpha1.PhaseCopy {
+			vp.Status.Conditions = nil
+		}
 		vp.ManagedFields = []metav1.ManagedFieldsEntry{{
 			Manager: "tandem-controller", Operation: metav1.ManagedFieldsOperationUpdate,
 			APIVersion: storagev1alpha1.GroupVersion.String(), FieldsType: "FieldsV1", FieldsV1: metav1.NewFieldsV1(`{"f:status":{}}`),
@@ -42,9 +46,9 @@ func TestListCommand(t *testing.T) {
 		wantJSON []string
 	}{
 		{name: "table", args: nil, want: []string{
-			"NAME   MODE    PRIMARY   ACTIVE   BACKUP   PHASE   IN-SYNC   OUT-OF-SYNC   AGE",
-			"db     Async   node-a    node-a   node-b   PAIR    1/2       2 MiB         3h",
-			"web ", "COPY"}, notWant: []string{"cache", "NAMESPACE", "EPOCH"}},
+			"NAME   MODE    PRIMARY   ACTIVE   BACKUP   PHASE   STATUS    IN-SYNC   OUT-OF-SYNC   AGE",
+			"db     Async   node-a    node-a   node-b   PAIR    Serving   1/2       2 MiB         3h",
+			"web    Async   node-a    node-a   node-b   COPY    -         1/2       2 MiB         3h"}, notWant: []string{"cache", "NAMESPACE", "EPOCH"}},
 		{name: "wide", args: []string{"-o", "wide"}, want: []string{
 			"UNMERGED   EPOCH   ENDPOINT",
 			"3          7       198.18.0.2:10809   3h"}},

@@ -120,7 +120,7 @@ func TestPromoteWarning(t *testing.T) {
 		"  - the members have not been in sync since ", "; condition Synchronized: PeerDisconnected.",
 		"  - the controller last heard from node-a ", " and from node-b ",
 		"When node-a returns it is resynced from node-b: what it wrote that node-b lacks is overwritten",
-		"To look at its data first, hold it once node-b is promoted, before node-a returns: kubectl tandem hold db node-a -n prod.",
+		"To look at its data first, keep it out of resync: add --hold-old-writer (or kubectl tandem hold db node-a -n prod once node-b is promoted, before node-a returns).",
 		"Do this only if node-a is gone for good",
 	} {
 		if !strings.Contains(res.stderr, w) {
@@ -187,7 +187,7 @@ func forcePromoteFuncs(user string, patched *map[string]string, controller func(
 			}
 			m := map[string]string{}
 			for k, v := range vp.Annotations {
-				if strings.HasPrefix(k, storagev1alpha1.AnnotationForcePromote) {
+				if strings.HasPrefix(k, storagev1alpha1.AnnotationForcePromote) || k == storagev1alpha1.AnnotationHoldResync {
 					m[k] = v
 				}
 			}
@@ -202,6 +202,16 @@ func forcePromoteFuncs(user string, patched *map[string]string, controller func(
 			return nil
 		},
 	}
+}
+
+func withAnnotations(vp *storagev1alpha1.VolumePair, kv ...string) *storagev1alpha1.VolumePair {
+	if vp.Annotations == nil {
+		vp.Annotations = map[string]string{}
+	}
+	for i := 0; i+1 < len(kv); i += 2 {
+		vp.Annotations[kv[i]] = kv[i+1]
+	}
+	return vp
 }
 
 func requestIgnoredEvent(name, msg string, count int32) *corev1.Event {
@@ -264,6 +274,8 @@ func TestPromoteForce(t *testing.T) {
 		wantOut    []string
 		wantStderr string
 		wantBy     string
+		extra      []string // more flags
+		wantHold   string   // the hold-resync annotation patched ("": none)
 	}{
 		{name: "promoted", vp: outdatedLostPair(), user: "alice", controller: promote, wait: "10s", wantBy: "alice", wantOut: []string{
 			"WARNING: promoting node-b by force",
@@ -271,6 +283,13 @@ func TestPromoteForce(t *testing.T) {
 			"Promoted: node-b is the writer at epoch 4, by force, in place of node-a (requested by alice); it overrode BackupOutdated.",
 			"Next: when node-a returns it is resynced from node-b, which overwrites what it wrote that node-b lacks; to keep it out of resync and look at it first: kubectl tandem hold db node-a -n prod",
 		}},
+		{name: "promoted, the old writer held", vp: withAnnotations(outdatedLostPair(), storagev1alpha1.AnnotationHoldResync, "node-x"), user: "alice", controller: promote, wait: "10s",
+			extra: []string{"--hold-old-writer"}, wantBy: "alice", wantHold: "node-x,node-a", wantOut: []string{
+				"node-a is held out of resync from the moment node-b is promoted (annotation storage.tandem.dev/hold-resync=node-x,node-a): when it returns it stays fenced with its data as it came back; kubectl tandem release db node-a -n prod resyncs it.",
+				"Next: node-a is held out of resync: when it returns it stays fenced with its data as it came back (kubectl tandem verify db -n prod lists the regions where it differs; its files are under the agent's data directory on node-a, volumes/prod/db). kubectl tandem release db node-a -n prod resyncs it from node-b, which overwrites what it wrote that node-b lacks.",
+			}},
+		{name: "the old writer held already", vp: withAnnotations(outdatedLostPair(), storagev1alpha1.AnnotationHoldResync, "node-a"), user: "alice", controller: promote, wait: "10s",
+			extra: []string{"--hold-old-writer"}, wantBy: "alice", wantHold: "node-a", wantOut: []string{"Next: node-a is held out of resync"}},
 		{name: "SelfSubjectReview not allowed", vp: outdatedLostPair(), user: "", controller: promote, wait: "10s", wantBy: "unknown",
 			wantStderr: `note: could not learn the user your credentials authenticate as (SelfSubjectReview: selfsubjectreviews.authentication.k8s.io is forbidden`,
 			wantOut:    []string{"requested by unknown", "Promoted: node-b is the writer at epoch 4, by force, in place of node-a (requested by unknown)"}},
@@ -298,7 +317,7 @@ func TestPromoteForce(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			var patched map[string]string
 			res := runPluginWith(t, []client.Object{tt.vp, old}, forcePromoteFuncs(tt.user, &patched, tt.controller), func(kubeconfig string) []string {
-				return []string{"--kubeconfig", kubeconfig, "-n", "prod", "promote", "db", "node-b", "--force", "--wait=" + tt.wait}
+				return append([]string{"--kubeconfig", kubeconfig, "-n", "prod", "promote", "db", "node-b", "--force", "--wait=" + tt.wait}, tt.extra...)
 			})
 			code := 0
 			if res.err != nil {
@@ -322,7 +341,11 @@ func TestPromoteForce(t *testing.T) {
 			if !strings.Contains(res.stderr, tt.wantStderr) {
 				t.Errorf("stderr lacks %q:\n%s", tt.wantStderr, res.stderr)
 			}
-			if want := map[string]string{storagev1alpha1.AnnotationForcePromote: "node-b", storagev1alpha1.AnnotationForcePromoteBy: tt.wantBy}; !reflect.DeepEqual(patched, want) {
+			want := map[string]string{storagev1alpha1.AnnotationForcePromote: "node-b", storagev1alpha1.AnnotationForcePromoteBy: tt.wantBy}
+			if tt.wantHold != "" {
+				want[storagev1alpha1.AnnotationHoldResync] = tt.wantHold
+			}
+			if !reflect.DeepEqual(patched, want) {
 				t.Errorf("annotations patched %v, want %v", patched, want)
 			}
 		})
@@ -475,5 +498,40 @@ func TestCompletionMembers(t *testing.T) {
 		if !strings.Contains(res.stdout, ":4\n") {
 			t.Errorf("%v: directive is not NoFileComp:\n%s", tt.args, res.stdout)
 		}
+	}
+}
+
+// TestPromoteHoldConflict: --hold-old-writer adds the lost writer to a hold
+// list someone changed between the read and the patch without dropping
+// their node.
+func TestPromoteHoldConflict(t *testing.T) {
+	conflicts := 0
+	funcs := interceptor.Funcs{
+		Get: withManagedFields,
+		Patch: func(ctx context.Context, c client.WithWatch, obj client.Object, patch client.Patch, opts ...client.PatchOption) error {
+			if conflicts == 0 {
+				conflicts++
+				cur := &storagev1alpha1.VolumePair{}
+				if err := c.Get(ctx, client.ObjectKeyFromObject(obj), cur); err != nil {
+					return err
+				}
+				cur.Annotations = map[string]string{storagev1alpha1.AnnotationHoldResync: "node-x"}
+				if err := c.Update(ctx, cur); err != nil {
+					return err
+				}
+				return apierrors.NewConflict(schema.GroupResource{Group: storagev1alpha1.GroupVersion.Group, Resource: "volumepairs"}, obj.GetName(), errors.New("the object has been modified"))
+			}
+			return c.Patch(ctx, obj, patch, opts...)
+		},
+	}
+	res := runPluginWith(t, []client.Object{outdatedLostPair()}, funcs, func(kubeconfig string) []string {
+		return []string{"--kubeconfig", kubeconfig, "-n", "prod", "promote", "db", "node-b", "--force", "--hold-old-writer", "--wait=0"}
+	})
+	if res.err != nil {
+		t.Fatal(res.err)
+	}
+	a := getVP(t, res.c).Annotations
+	if a[storagev1alpha1.AnnotationHoldResync] != "node-x,node-a" || a[storagev1alpha1.AnnotationForcePromote] != "node-b" || conflicts != 1 {
+		t.Errorf("annotations %v after %d conflicts, want node-x,node-a held and node-b requested after 1", a, conflicts)
 	}
 }

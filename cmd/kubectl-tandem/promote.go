@@ -12,6 +12,7 @@ import (
 	"github.com/spf13/cobra"
 	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -34,6 +35,9 @@ const exitPending = 2
 type promoteOptions struct {
 	force bool
 	wait  time.Duration
+	// holdOldWriter adds the lost writer to the hold-resync list with the
+	// request.
+	holdOldWriter bool
 }
 
 func newPromoteCmd(o *rootOptions) *cobra.Command {
@@ -67,8 +71,9 @@ the lost writer's authority has not expired (it might still be writing).
 
 What NODE lacks is lost for good: when the old writer returns it is resynced
 from NODE, which overwrites what it wrote after NODE stopped receiving its
-writes. Hold it first (kubectl tandem hold NAME OLD-WRITER) to look at its
-data before that happens.
+writes. To look at its data before that happens, add --hold-old-writer: it
+is then held out of resync (as kubectl tandem hold does) from the moment NODE
+is promoted, until kubectl tandem release.
 
 Refused, with nothing set: NODE is not a member, NODE is the writer, the
 writer serves (condition Ready True: use a switchover instead), NODE's data
@@ -88,6 +93,7 @@ is Inconsistent, or the controller never reported a writer.`,
 		},
 	}
 	cmd.Flags().BoolVar(&po.force, "force", false, "Set the force-promote request: promote NODE even if that discards writes the lost writer acknowledged. Without it nothing is changed.")
+	cmd.Flags().BoolVar(&po.holdOldWriter, "hold-old-writer", false, "With --force, also hold the lost writer out of resync (storage.tandem.dev/hold-resync), from the moment NODE is promoted: when it returns it stays fenced with its data as it came back, for you to look at before kubectl tandem release resyncs it.")
 	cmd.Flags().DurationVar(&po.wait, "wait", 60*time.Second, "How long --force waits for the controller to promote NODE or ignore the request (0: set it and return).")
 	return cmd
 }
@@ -134,16 +140,45 @@ func (o *rootOptions) runPromote(ctx context.Context, name, node string, po prom
 	}
 	before := vp.Status.LastForcePromotion.DeepCopy()
 	replaced := vp.Annotations[storagev1alpha1.AnnotationForcePromote]
-	if err := patchAnnotations(ctx, c, vp, map[string]*string{
-		storagev1alpha1.AnnotationForcePromote:   &node,
-		storagev1alpha1.AnnotationForcePromoteBy: &by,
-	}, false); err != nil {
-		return fmt.Errorf("request the force-promote of %s in volumepair %s/%s: %w", node, ns, vp.Name, err)
+	var holding string // the old writer, when this request adds it to the hold list
+	for attempt := 0; ; attempt++ {
+		set := map[string]*string{
+			storagev1alpha1.AnnotationForcePromote:   &node,
+			storagev1alpha1.AnnotationForcePromoteBy: &by,
+		}
+		// The controller holds no authority holder, so the old writer,
+		// held in the same patch, is held from the moment NODE takes over:
+		// no window in which it could return and be resynced first.
+		holding = ""
+		if old := vp.Status.ActivePrimary; po.holdOldWriter && !slices.Contains(heldMembers(vp), old) {
+			held := strings.Join(append(heldMembers(vp), old), ",")
+			set[storagev1alpha1.AnnotationHoldResync] = &held
+			holding = old
+		}
+		// A hold list read, modified and written back is guarded against
+		// a concurrent change (Conflict: read it again).
+		err := patchAnnotations(ctx, c, vp, set, holding != "")
+		if err == nil {
+			break
+		}
+		if holding == "" || !apierrors.IsConflict(err) || attempt >= 4 {
+			return fmt.Errorf("request the force-promote of %s in volumepair %s/%s: %w", node, ns, vp.Name, err)
+		}
+		if vp, err = getPair(ctx, c, ns, name); err != nil {
+			return err
+		}
+		if err := promoteRefused(vp, node); err != nil {
+			return fmt.Errorf("promote of %s in volumepair %s/%s refused, nothing was changed: %w", node, ns, vp.Name, err)
+		}
 	}
 	ew.printf("volumepair %s/%s: force-promote of %s requested by %s (annotations %s=%s, %s)\n", ns, vp.Name, node, by,
 		storagev1alpha1.AnnotationForcePromote, node, storagev1alpha1.AnnotationForcePromoteBy)
 	if replaced != "" && replaced != node {
 		ew.printf("It replaces the pending force-promote of %s.\n", replaced)
+	}
+	if holding != "" {
+		ew.printf("%s is held out of resync from the moment %s is promoted (annotation %s=%s): when it returns it stays fenced with its data as it came back; "+
+			"kubectl tandem release %s %s -n %s resyncs it.\n", holding, node, storagev1alpha1.AnnotationHoldResync, vp.Annotations[storagev1alpha1.AnnotationHoldResync], vp.Name, holding, ns)
 	}
 	if po.wait <= 0 {
 		ew.printf("Not waiting (--wait=0): the controller promotes %s once %s is lost and its authority expired, or clears the request (event RequestIgnored).\n"+
@@ -249,7 +284,7 @@ func lossWarning(vp *storagev1alpha1.VolumePair, node string, now time.Time) str
 	}
 	fmt.Fprintf(&b, "  - the controller last heard from %s %s and from %s %s.\n", writer, lastSeen(w, now), node, lastSeen(m, now))
 	fmt.Fprintf(&b, "When %s returns it is resynced from %s: what it wrote that %s lacks is overwritten, as DRBD's discard-my-data does to a split-brain victim. "+
-		"To look at its data first, hold it once %s is promoted, before %s returns: kubectl tandem hold %s %s -n %s.\n", writer, node, node, node, writer, vp.Name, writer, vp.Namespace)
+		"To look at its data first, keep it out of resync: add --hold-old-writer (or kubectl tandem hold %s %s -n %s once %s is promoted, before %s returns).\n", writer, node, node, vp.Name, writer, vp.Namespace, node, writer)
 	fmt.Fprintf(&b, "Applications see the volume as %s holds it: a filesystem or database on it may need its crash recovery (fsck, journal replay).\n", node)
 	fmt.Fprintf(&b, "Do this only if %s is gone for good, or the volume being down costs more than its last writes: bringing %s back loses nothing.", writer, writer)
 	return b.String()
@@ -404,7 +439,11 @@ func (p promotion) report(w io.Writer, asked *storagev1alpha1.VolumePair, node s
 			ew.printf("; nothing blocked it: it would have been promoted anyway")
 		}
 		ew.printf(".\nNow:  %s\n", stateSummary(vp))
-		if f.From != "" {
+		switch {
+		case f.From != "" && slices.Contains(heldMembers(vp), f.From):
+			ew.printf("Next: %s is held out of resync: when it returns it stays fenced with its data as it came back (kubectl tandem verify %s -n %s lists the regions where it differs; its files are under the agent's data directory on %s, volumes/%s/%s). "+
+				"kubectl tandem release %s %s -n %s resyncs it from %s, which overwrites what it wrote that %s lacks.\n", f.From, name, ns, f.From, ns, name, name, f.From, ns, node, node)
+		case f.From != "":
 			ew.printf("Next: when %s returns it is resynced from %s, which overwrites what it wrote that %s lacks; to keep it out of resync and look at it first: kubectl tandem hold %s %s -n %s\n",
 				f.From, node, node, name, f.From, ns)
 		}

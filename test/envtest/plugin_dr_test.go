@@ -100,13 +100,20 @@ func testPluginDisasterRecovery(t *testing.T, bin string) {
 		t.Errorf("promote without --force set %v", a)
 	}
 
-	// --force --wait=0: both annotations, the user the API server names.
-	res = runPlugin(t, bin, "-n", ns, "promote", "db", "node-b", "--force", "--wait=0")
+	// --force --wait=0: both annotations, the user the API server names;
+	// --hold-old-writer adds node-a to the hold list in the same patch
+	// (guarded by the resourceVersion it read).
+	res = runPlugin(t, bin, "-n", ns, "promote", "db", "node-b", "--force", "--hold-old-writer", "--wait=0")
 	if res.code != 0 || !strings.Contains(res.stdout, "force-promote of node-b requested by tandem-admin") || strings.Contains(res.stderr, "note:") {
 		t.Errorf("promote --force --wait=0:\n%s", res)
 	}
-	if a := get().Annotations; a[v1.AnnotationForcePromote] != "node-b" || a[v1.AnnotationForcePromoteBy] != "tandem-admin" || a["team"] != "storage" {
-		t.Errorf("annotations after promote --force: %v", a)
+	if a := get().Annotations; a[v1.AnnotationForcePromote] != "node-b" || a[v1.AnnotationForcePromoteBy] != "tandem-admin" || a[v1.AnnotationHoldResync] != "node-a" || a["team"] != "storage" {
+		t.Errorf("annotations after promote --force --hold-old-writer: %v", a)
+	}
+	unheld := get()
+	delete(unheld.Annotations, v1.AnnotationHoldResync)
+	if err := k8s.Update(ctx, unheld); err != nil {
+		t.Fatal(err)
 	}
 	clearRequest()
 

@@ -89,7 +89,7 @@ func (r *VolumePairReconciler) confirmOutdated(ctx context.Context, s *scope) er
 		}
 		marked = true
 	}
-	_, err := r.NewAgentClient(info.control, r.AgentToken).PeerOutdated(ctx, vp.Namespace, vp.Name, s.view.Authority.Epoch, peer)
+	_, err := r.NewAgentClient(info.control, r.agentToken()).PeerOutdated(ctx, vp.Namespace, vp.Name, s.view.Authority.Epoch, peer)
 	if err != nil && marked && errors.Is(err, agentapi.ErrNotSent) {
 		if rerr := r.setOutdatedConfirmation(ctx, s, peer, v1.OutdatedNotSent); rerr != nil {
 			return errors.Join(err, fmt.Errorf("record the Outdated confirmation of %s as not sent: %w", peer, rerr))
@@ -168,7 +168,7 @@ func (r *VolumePairReconciler) configure(ctx context.Context, s *scope, hold boo
 			// its data stays as it came back until the hold is lifted.
 			role = agentapi.RoleNone
 		}
-		if _, err := r.NewAgentClient(info.control, r.AgentToken).Put(ctx, vp.Namespace, vp.Name, req(role, writer.Node, "", siblings, false)); err != nil {
+		if _, err := r.NewAgentClient(info.control, r.agentToken()).Put(ctx, vp.Namespace, vp.Name, req(role, writer.Node, "", siblings, false)); err != nil {
 			errs = append(errs, fmt.Errorf("configure %s as %s: %w", o.Node, role, err))
 			continue
 		}
@@ -187,7 +187,7 @@ func (r *VolumePairReconciler) configure(ctx context.Context, s *scope, hold boo
 		}
 		// The first backup's mode is the spec's (spec.primary or
 		// spec.backup: the pair's mode).
-		if _, err := r.NewAgentClient(info.control, r.AgentToken).Put(ctx, vp.Namespace, vp.Name,
+		if _, err := r.NewAgentClient(info.control, r.agentToken()).Put(ctx, vp.Namespace, vp.Name,
 			req(writerRole, first.Node, s.agents[first.Node].replication, more, hold && writerRole == agentapi.RolePrimary)); err != nil {
 			errs = append(errs, fmt.Errorf("configure %s as primary: %w", writer.Node, err))
 		}

@@ -29,7 +29,7 @@ func (r *VolumePairReconciler) reconcileDelete(ctx context.Context, vp *v1.Volum
 	for _, node := range nodes {
 		info, err := r.agentInfo(ctx, node)
 		if err == nil {
-			err = r.NewAgentClient(info.control, r.AgentToken).Delete(ctx, vp.Namespace, vp.Name, purge)
+			err = r.NewAgentClient(info.control, r.agentToken()).Delete(ctx, vp.Namespace, vp.Name, purge)
 			if agentapi.IsNotFound(err) {
 				err = nil // no replica there: nothing to remove
 			}

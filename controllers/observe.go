@@ -260,7 +260,7 @@ func (r *VolumePairReconciler) agentInfo(ctx context.Context, node string) (agen
 // probe asks the agent for the replica's status. An agent that answers but
 // has no replica yet is reachable with a nil status.
 func (r *VolumePairReconciler) probe(ctx context.Context, info agentInfo, vp *v1.VolumePair) (*agentapi.Status, error) {
-	c := r.NewAgentClient(info.control, r.AgentToken)
+	c := r.NewAgentClient(info.control, r.agentToken())
 	st, err := c.Get(ctx, vp.Namespace, vp.Name)
 	if agentapi.IsNotFound(err) {
 		return nil, nil

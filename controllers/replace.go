@@ -106,7 +106,7 @@ func (r *VolumePairReconciler) retireRemoved(ctx context.Context, s *scope) {
 	for _, m := range vp.Status.RemovedMembers {
 		info, err := r.agentInfo(ctx, m.Node)
 		if err == nil {
-			err = r.NewAgentClient(info.control, r.AgentToken).Delete(ctx, vp.Namespace, vp.Name, purge)
+			err = r.NewAgentClient(info.control, r.agentToken()).Delete(ctx, vp.Namespace, vp.Name, purge)
 			if agentapi.IsNotFound(err) {
 				err = nil // nothing there (any more)
 			}

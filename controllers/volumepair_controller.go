@@ -39,6 +39,7 @@ import (
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
 	"github.com/tandem-storage/tandem/internal/authority"
+	agenttoken "github.com/tandem-storage/tandem/internal/token"
 	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
@@ -76,6 +77,9 @@ type VolumePairReconciler struct {
 	Namespace string
 	// AgentToken authenticates to the agents' control API.
 	AgentToken string
+	// AgentTokens, when set, replaces AgentToken: the token file's tokens,
+	// reloaded while the manager runs (package token).
+	AgentTokens *agenttoken.Source
 	// NewAgentClient builds a control API client (default agentapi.NewAPI;
 	// tests give a fake or a wrapped client).
 	NewAgentClient agentapi.NewFunc
@@ -250,6 +254,14 @@ func (r *VolumePairReconciler) Reconcile(ctx context.Context, req ctrl.Request) 
 
 // probeTiming is the pair's probe period and failure threshold (the CRD
 // defaults when unset).
+// agentToken is the token the manager presents to the agents now.
+func (r *VolumePairReconciler) agentToken() string {
+	if r.AgentTokens != nil {
+		return r.AgentTokens.Send()
+	}
+	return r.AgentToken
+}
+
 func probeTiming(vp *v1.VolumePair) (time.Duration, int32) {
 	period := time.Duration(vp.Spec.Failover.ProbePeriodSeconds) * time.Second
 	if period <= 0 {

@@ -15,7 +15,6 @@ import (
 	"net/http/pprof"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
 
 	"go.uber.org/zap/zapcore"
@@ -30,6 +29,7 @@ import (
 	"github.com/tandem-storage/tandem/dataplane/budget"
 	"github.com/tandem-storage/tandem/dataplane/nbd"
 	"github.com/tandem-storage/tandem/internal/fsutil"
+	"github.com/tandem-storage/tandem/internal/token"
 	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
@@ -81,16 +81,12 @@ func run() error {
 		return fmt.Errorf("--max-inflight-bytes=%d: want at least 1Mi", *maxInflight)
 	}
 
-	var token string
+	var tokens *token.Source
 	switch {
 	case *tokenFile != "":
-		b, err := os.ReadFile(*tokenFile)
-		if err != nil {
-			return fmt.Errorf("read token file: %w", err)
-		}
-		token = strings.TrimSpace(string(b))
-		if token == "" {
-			return fmt.Errorf("token file %s is empty", *tokenFile)
+		var err error
+		if tokens, err = token.FromFile(*tokenFile); err != nil {
+			return err
 		}
 	case !*noAuth:
 		return errors.New("--token-file is required (or --insecure-no-auth for loopback tests)")
@@ -167,6 +163,9 @@ func run() error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	// The token file is reloaded while the agent runs: a rotation (package
+	// token) needs no restart.
+	go tokens.Watch(ctx, token.ReloadEvery, log.WithName("token"))
 	// agent.Run shuts the agent down in the order that loses nothing (the
 	// writer roles handed over, NBD drain, replication, replicas, control
 	// API, then the Lease renewals), within the DaemonSet's 60 s grace
@@ -176,7 +175,7 @@ func run() error {
 		handoverTimeout = -1 // Options: negative disables
 	}
 	return agent.Run(ctx, agent.Options{
-		Config: agent.Config{Node: *node, DataDir: *dataDir, Token: token, AdvertiseHost: *advertise,
+		Config: agent.Config{Node: *node, DataDir: *dataDir, Tokens: tokens, AdvertiseHost: *advertise,
 			PayloadChecksums: *payloadCRC, Budget: budget.New(*maxInflight), Log: log},
 		Control: cl, Replication: rl, NBD: nl,
 		NBDAllow:        allowed,

@@ -19,6 +19,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	storagev1alpha1 "github.com/tandem-storage/tandem/api/v1alpha1"
+	agenttoken "github.com/tandem-storage/tandem/internal/token"
 	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
@@ -363,7 +364,11 @@ func (vo *verifyOptions) locate(ctx context.Context, c client.Client) (ns, token
 		}
 		return "", "", fmt.Errorf("read the agents' token from %s, which DaemonSet %s/%s mounts (or pass --token-file): %w", ref, ds.Namespace, ds.Name, err)
 	}
-	token = strings.TrimSpace(string(s.Data[ref.key]))
+	// During a rotation the Secret lists several tokens, one per line:
+	// the first is the one to present (package token).
+	if l := agenttoken.Parse(s.Data[ref.key]); len(l) > 0 {
+		token = l[0]
+	}
 	if token == "" {
 		return "", "", fmt.Errorf("the agents' token: %s is missing or empty", ref)
 	}
@@ -375,7 +380,10 @@ func readTokenFile(name string) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("read --token-file: %w", err)
 	}
-	tok := strings.TrimSpace(string(b))
+	tok := ""
+	if l := agenttoken.Parse(b); len(l) > 0 {
+		tok = l[0]
+	}
 	if tok == "" {
 		return "", fmt.Errorf("--token-file %s is empty", name)
 	}

@@ -4,12 +4,12 @@
 package main
 
 import (
+	"context"
 	"crypto/tls"
 	"flag"
 	"fmt"
 	"net/http"
 	"os"
-	"strings"
 	"time"
 
 	"k8s.io/apimachinery/pkg/runtime"
@@ -19,12 +19,14 @@ import (
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
+	"sigs.k8s.io/controller-runtime/pkg/manager"
 	"sigs.k8s.io/controller-runtime/pkg/metrics/filters"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	storagev1alpha1 "github.com/tandem-storage/tandem/api/v1alpha1"
 	"github.com/tandem-storage/tandem/controllers"
 	"github.com/tandem-storage/tandem/internal/csi"
+	"github.com/tandem-storage/tandem/internal/token"
 )
 
 func newScheme() *runtime.Scheme {
@@ -83,14 +85,13 @@ func main() {
 	if leaderNamespace == "" {
 		leaderNamespace = namespace
 	}
-	var token string
+	var tokens *token.Source
 	if tokenFile != "" {
-		b, err := os.ReadFile(tokenFile)
-		if err != nil {
+		var err error
+		if tokens, err = token.FromFile(tokenFile); err != nil {
 			log.Error(err, "Reading the agent token")
 			os.Exit(2)
 		}
-		token = strings.TrimSpace(string(b))
 	}
 	cfg := ctrl.GetConfigOrDie()
 	metricsOpts, err := metricsOptions(cfg, metricsAddr, metricsSecure, metricsCertDir)
@@ -119,11 +120,11 @@ func main() {
 		os.Exit(1)
 	}
 	if err := (&controllers.VolumePairReconciler{
-		Client:     mgr.GetClient(),
-		APIReader:  mgr.GetAPIReader(),
-		Recorder:   mgr.GetEventRecorder("tandem-manager"),
-		Namespace:  namespace,
-		AgentToken: token,
+		Client:      mgr.GetClient(),
+		APIReader:   mgr.GetAPIReader(),
+		Recorder:    mgr.GetEventRecorder("tandem-manager"),
+		Namespace:   namespace,
+		AgentTokens: tokens,
 	}).SetupWithManager(mgr); err != nil {
 		log.Error(err, "Unable to set up the VolumePair controller")
 		os.Exit(1)
@@ -139,6 +140,15 @@ func main() {
 			log.Error(err, "Unable to set up the Pod placement webhook")
 			os.Exit(1)
 		}
+	}
+	// The token file is reloaded while the manager runs: a rotation
+	// (package token) needs no restart.
+	if err := mgr.Add(everyReplica(func(ctx context.Context) error {
+		tokens.Watch(ctx, token.ReloadEvery, log.WithName("token"))
+		return nil
+	})); err != nil {
+		log.Error(err, "Unable to watch the token file")
+		os.Exit(1)
 	}
 	if err := mgr.AddHealthzCheck("healthz", healthz.Ping); err != nil {
 		log.Error(err, "Unable to add the health check")
@@ -184,3 +194,12 @@ func metricsOptions(cfg *rest.Config, addr string, secure bool, certDir string) 
 	}
 	return o, nil
 }
+
+// everyReplica is a Runnable that runs on every manager replica, not only
+// the leader (a standby must hold the current token when it takes over).
+type everyReplica manager.RunnableFunc
+
+func (f everyReplica) Start(ctx context.Context) error { return f(ctx) }
+
+// NeedLeaderElection implements manager.LeaderElectionRunnable.
+func (everyReplica) NeedLeaderElection() bool { return false }

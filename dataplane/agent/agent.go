@@ -50,7 +50,6 @@ package agent
 import (
 	"bufio"
 	"context"
-	"crypto/subtle"
 	"errors"
 	"fmt"
 	"net"
@@ -74,6 +73,7 @@ import (
 	"github.com/tandem-storage/tandem/dataplane/nbd"
 	"github.com/tandem-storage/tandem/dataplane/repl"
 	"github.com/tandem-storage/tandem/dataplane/volume"
+	"github.com/tandem-storage/tandem/internal/token"
 	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
@@ -86,6 +86,10 @@ type Config struct {
 	// Token authenticates the control API and replication streams. Empty
 	// disables authentication (tests only; the shipped manifests set one).
 	Token string
+	// Tokens, when set, replaces Token: the tokens of the token file,
+	// reloaded while the agent runs (package token: rotation without a
+	// restart).
+	Tokens *token.Source
 	// PayloadChecksums asks for payload checksums on every replication
 	// link (volume.Options.PayloadChecksums).
 	PayloadChecksums bool
@@ -182,6 +186,9 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.MaxReplicationHandshakes <= 0 {
 		cfg.MaxReplicationHandshakes = DefaultMaxReplicationHandshakes
 	}
+	if cfg.Tokens == nil {
+		cfg.Tokens = token.Static(cfg.Token)
+	}
 	a := &Agent{cfg: cfg, log: cfg.Log.WithValues("node", cfg.Node), volumes: map[string]*volume.Volume{}}
 	// A flood of refused connections must not flood the log too.
 	a.replRefuseLog = rate.Sometimes{First: 5, Interval: 5 * time.Second}
@@ -234,7 +241,7 @@ func (a *Agent) open(ns, name string, size, regionSize int64) (*volume.Volume, e
 	}
 	v, err := volume.Open(volume.Options{
 		Name: key, Node: a.cfg.Node, Dir: a.dir(ns, name), Size: size, RegionSize: regionSize,
-		Authority: a.cfg.Authority, Dial: a.cfg.Dial, Token: a.cfg.Token, PayloadChecksums: a.cfg.PayloadChecksums, Budget: a.cfg.Budget, Clock: a.cfg.Clock, Log: a.log,
+		Authority: a.cfg.Authority, Dial: a.cfg.Dial, Token: a.cfg.Tokens.Send, PayloadChecksums: a.cfg.PayloadChecksums, Budget: a.cfg.Budget, Clock: a.cfg.Clock, Log: a.log,
 	})
 	if err != nil {
 		return nil, err
@@ -299,13 +306,9 @@ func (a *Agent) Close() error {
 	return errors.Join(errs...)
 }
 
-// tokenOK compares in constant time.
-func (a *Agent) tokenOK(got string) bool {
-	if a.cfg.Token == "" {
-		return true
-	}
-	return subtle.ConstantTimeCompare([]byte(got), []byte(a.cfg.Token)) == 1
-}
+// tokenOK reports whether got is one of the current tokens (constant-time
+// comparisons; token.Source).
+func (a *Agent) tokenOK(got string) bool { return a.cfg.Tokens.Accept(got) }
 
 // Lookup implements nbd.Exports: only a writer serves its export.
 func (a *Agent) Lookup(name string) (*nbd.Export, error) {

@@ -116,7 +116,7 @@ func newAbuseEnv(t *testing.T) *abuseEnv {
 	e.hstore = store.NewMem(abuseSize)
 	hl := funcr.New(func(prefix, args string) { e.hlog.add(prefix + " " + args) }, funcr.Options{})
 	v, err := volume.Open(volume.Options{Name: "ns/healthy", Node: "node-a", Dir: t.TempDir(), Size: abuseSize, RegionSize: abuseRegion,
-		Store: e.hstore, Token: abuseToken, CheckpointInterval: 100 * time.Millisecond, Log: hl})
+		Store: e.hstore, Token: func() string { return abuseToken }, CheckpointInterval: 100 * time.Millisecond, Log: hl})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -423,7 +423,7 @@ func TestBadReplicationInput(t *testing.T) {
 	}
 	real := store.NewMem(abuseSize)
 	pv, err := volume.Open(volume.Options{Name: "ns/victim", Node: "node-x", Dir: t.TempDir(), Size: abuseSize, RegionSize: abuseRegion,
-		Store: real, Token: abuseToken, Log: funcr.New(func(string, string) {}, funcr.Options{})})
+		Store: real, Token: func() string { return abuseToken }, Log: funcr.New(func(string, string) {}, funcr.Options{})})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -166,7 +166,7 @@ func Run(ctx context.Context, o Options) error {
 	replSvc := startService("replication listener", func(ctx context.Context) error { return a.ServeReplication(ctx, o.Replication) })
 	ctrlSvc := startService("control API", func(ctx context.Context) error { return a.ServeControl(ctx, o.Control, o.ControlLimits) })
 	log.Info("Agent started", "node", cfg.Node, "dataDir", cfg.DataDir, "control", o.Control.Addr().String(),
-		"replication", o.Replication.Addr().String(), "nbd", o.NBD.Addr().String(), "auth", cfg.Token != "",
+		"replication", o.Replication.Addr().String(), "nbd", o.NBD.Addr().String(), "auth", a.cfg.Tokens.Enabled(),
 		"kubernetes", auth != nil, "nbdAllowedClients", o.NBDAllow.String(), "maxInflightBytes", cfg.Budget.Stats().Size)
 	if o.Started != nil {
 		o.Started(a, ep)

@@ -352,7 +352,7 @@ func (l *link) handshake(conn net.Conn, rd *repl.Reader, bw *bufio.Writer) (Hell
 	defer conn.SetDeadline(time.Time{})
 	h := repl.Hello{
 		Volume: l.v.opts.Name, Node: l.v.opts.Node, Role: string(RolePrimary), Epoch: l.epoch,
-		Size: l.v.opts.Size, RegionSize: l.v.opts.RegionSize, PairUID: l.spec.PairUID, Token: l.v.opts.Token,
+		Size: l.v.opts.Size, RegionSize: l.v.opts.RegionSize, PairUID: l.spec.PairUID, Token: l.v.opts.token(),
 		Checksum: l.v.checksumScope(),
 	}
 	if err := repl.WriteFrame(bw, &repl.Frame{Type: repl.TypeHello, Epoch: l.epoch, Payload: h.Payload()}); err != nil {

@@ -53,8 +53,10 @@ type Options struct {
 	Authority Authority
 	// Dial connects to the peer's replication listener; nil uses net.Dialer.
 	Dial DialFunc
-	// Token authenticates this agent to the peer's replication listener.
-	Token string
+	// Token is the token that authenticates this agent to the peer's
+	// replication listener, asked for at every connection (it may be
+	// rotated while the volume is open); nil: none.
+	Token func() string
 	// PayloadChecksums asks for a CRC-32C over every replicated payload on
 	// the links this replica is in, sent and verified on top of TCP's
 	// checksum. Off (the default), the data frames carry a checksum of
@@ -347,6 +349,14 @@ func (v *Volume) Name() string { return v.opts.Name }
 
 // Size is the volume size in bytes.
 func (v *Volume) Size() int64 { return v.opts.Size }
+
+// token is the replication token to present now ("" none).
+func (o *Options) token() string {
+	if o.Token == nil {
+		return ""
+	}
+	return o.Token()
+}
 
 // StorePath is the backing file (empty when a custom Store is used).
 func (v *Volume) StorePath() string {

@@ -142,6 +142,22 @@ const (
 	DefaultRegionSize int64 = 64 << 10
 )
 
+// MaxRegions is the most regions a volume has (spec.size / spec.regionSize):
+// the data path numbers regions with 32 bits (dataplane/bitmap.MaxRegions:
+// roaring bitmaps of uint32, the journal's extent runs, the agents' checksum
+// API). The largest volume is MaxRegions regions: 16Ti - 4Ki with 4Ki
+// regions, 256Ti - 64Ki with the default 64Ki, 256Pi - 64Mi with 64Mi. The
+// CEL rules on VolumePairSpec spell this number out.
+//
+// The size rules compare quantities (compareTo) instead of converting them
+// with asInteger(): the quantity parser keeps some whole numbers of bytes as
+// decimals (100Ti, 1.5Ti, 100000Gi, 1Pi: three or more digits before a Ti,
+// any Pi), for which isInteger() is false and asInteger() fails, so those
+// valid sizes were refused. The multiple check divides approximately, then
+// compares the nearest whole number of regions exactly; it runs only below
+// the region limit, where that product is an int64.
+const MaxRegions int64 = 1<<32 - 1
+
 // Member names the node that holds one copy of the volume.
 type Member struct {
 	// node is the name of the Kubernetes node whose agent holds this copy.
@@ -272,12 +288,16 @@ type ResyncSpec struct {
 // VolumePairSpec declares the volume, its members and how they replicate.
 // +kubebuilder:validation:XValidation:rule="self.primary.node != self.backup.node",message="spec.backup.node must differ from spec.primary.node"
 // +kubebuilder:validation:XValidation:rule="!has(self.additionalBackups) || self.additionalBackups.all(b, b.node != self.primary.node && b.node != self.backup.node && self.additionalBackups.exists_one(c, c.node == b.node))",message="spec.additionalBackups: every member's node must differ from the others' (spec.primary, spec.backup and each additional backup)"
-// +kubebuilder:validation:XValidation:rule="!has(self.regionSize) || (isQuantity(string(self.size)) && isQuantity(string(self.regionSize)) && quantity(string(self.regionSize)).isInteger() && quantity(string(self.size)).isInteger() && quantity(string(self.regionSize)).asInteger() > 0 && quantity(string(self.size)).asInteger() % quantity(string(self.regionSize)).asInteger() == 0)",message="spec.size must be a multiple of spec.regionSize"
+// +kubebuilder:validation:XValidation:rule="!has(self.regionSize) || !isQuantity(string(self.size)) || !isQuantity(string(self.regionSize)) || quantity(string(self.regionSize)).compareTo(quantity('4Ki')) < 0 || quantity(string(self.regionSize)).compareTo(quantity('64Mi')) > 0 || !(int(quantity(string(self.regionSize)).asApproximateFloat() + 0.5) in [4096, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576, 2097152, 4194304, 8388608, 16777216, 33554432, 67108864]) || quantity(string(self.size)).compareTo(quantity('0').add(4294967295 * int(quantity(string(self.regionSize)).asApproximateFloat() + 0.5))) <= 0",messageExpression="'spec.size must be at most ' + {4096: '17592186040320 bytes (16Ti - 4Ki, 4294967295 regions of 4Ki)', 8192: '35184372080640 bytes (32Ti - 8Ki, 4294967295 regions of 8Ki)', 16384: '70368744161280 bytes (64Ti - 16Ki, 4294967295 regions of 16Ki)', 32768: '140737488322560 bytes (128Ti - 32Ki, 4294967295 regions of 32Ki)', 65536: '281474976645120 bytes (256Ti - 64Ki, 4294967295 regions of 64Ki)', 131072: '562949953290240 bytes (512Ti - 128Ki, 4294967295 regions of 128Ki)', 262144: '1125899906580480 bytes (1Pi - 256Ki, 4294967295 regions of 256Ki)', 524288: '2251799813160960 bytes (2Pi - 512Ki, 4294967295 regions of 512Ki)', 1048576: '4503599626321920 bytes (4Pi - 1Mi, 4294967295 regions of 1Mi)', 2097152: '9007199252643840 bytes (8Pi - 2Mi, 4294967295 regions of 2Mi)', 4194304: '18014398505287680 bytes (16Pi - 4Mi, 4294967295 regions of 4Mi)', 8388608: '36028797010575360 bytes (32Pi - 8Mi, 4294967295 regions of 8Mi)', 16777216: '72057594021150720 bytes (64Pi - 16Mi, 4294967295 regions of 16Mi)', 33554432: '144115188042301440 bytes (128Pi - 32Mi, 4294967295 regions of 32Mi)', 67108864: '288230376084602880 bytes (256Pi - 64Mi, 4294967295 regions of 64Mi)'}[int(quantity(string(self.regionSize)).asApproximateFloat() + 0.5)] + ': the dirty bitmaps number regions with 32 bits; a larger spec.regionSize allows a larger volume'",message="spec.size must be at most 4294967295 regions of spec.regionSize (16Ti - 4Ki with 4Ki regions, 256Ti - 64Ki with the default 64Ki, 256Pi - 64Mi with 64Mi): the dirty bitmaps number regions with 32 bits; a larger spec.regionSize allows a larger volume",fieldPath=".size",reason="FieldValueInvalid"
+// +kubebuilder:validation:XValidation:rule="!has(self.regionSize) || !isQuantity(string(self.size)) || !isQuantity(string(self.regionSize)) || quantity(string(self.regionSize)).compareTo(quantity('4Ki')) < 0 || quantity(string(self.regionSize)).compareTo(quantity('64Mi')) > 0 || !(int(quantity(string(self.regionSize)).asApproximateFloat() + 0.5) in [4096, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576, 2097152, 4194304, 8388608, 16777216, 33554432, 67108864]) || !quantity(string(self.size)).isGreaterThan(quantity('0')) || quantity(string(self.size)).compareTo(quantity('0').add(4294967295 * int(quantity(string(self.regionSize)).asApproximateFloat() + 0.5))) > 0 || quantity(string(self.size)).sub(int(quantity(string(self.size)).asApproximateFloat() / double(int(quantity(string(self.regionSize)).asApproximateFloat() + 0.5)) + 0.5) * int(quantity(string(self.regionSize)).asApproximateFloat() + 0.5)).compareTo(quantity('0')) == 0",messageExpression="'spec.size must be a multiple of spec.regionSize (' + {4096: '4Ki', 8192: '8Ki', 16384: '16Ki', 32768: '32Ki', 65536: '64Ki', 131072: '128Ki', 262144: '256Ki', 524288: '512Ki', 1048576: '1Mi', 2097152: '2Mi', 4194304: '4Mi', 8388608: '8Mi', 16777216: '16Mi', 33554432: '32Mi', 67108864: '64Mi'}[int(quantity(string(self.regionSize)).asApproximateFloat() + 0.5)] + '): ' + string(self.size) + ' is not a whole number of regions'",message="spec.size must be a multiple of spec.regionSize: a volume is a whole number of regions",fieldPath=".size",reason="FieldValueInvalid"
 // +kubebuilder:validation:XValidation:rule="([oldSelf.primary.node, oldSelf.backup.node] + (has(oldSelf.additionalBackups) ? oldSelf.additionalBackups.map(b, b.node) : [])).filter(n, !(n in ([self.primary.node, self.backup.node] + (has(self.additionalBackups) ? self.additionalBackups.map(b, b.node) : [])))).size() <= 1",message="spec.primary, spec.backup and spec.additionalBackups: replace or remove one member at a time (swapping members, a planned switchover, and adding backups are fine)"
 type VolumePairSpec struct {
-	// size is the volume's size in bytes. Immutable.
+	// size is the volume's size in bytes: a whole number of regions
+	// (spec.regionSize), at most 4294967295 of them (256Ti - 64Ki with the
+	// default 64Ki regions, 16Ti - 4Ki with 4Ki, 256Pi - 64Mi with 64Mi).
+	// Immutable.
 	// +required
-	// +kubebuilder:validation:XValidation:rule="isQuantity(string(self)) && quantity(string(self)).isInteger() && quantity(string(self)).asInteger() > 0",message="spec.size must be a positive whole number of bytes"
+	// +kubebuilder:validation:XValidation:rule="!isQuantity(string(self)) || quantity(string(self)).isGreaterThan(quantity('0'))",message="spec.size must be greater than 0"
 	// +kubebuilder:validation:XValidation:rule="quantity(string(self)).compareTo(quantity(string(oldSelf))) == 0",message="spec.size is immutable"
 	Size resource.Quantity `json:"size"`
 
@@ -285,7 +305,7 @@ type VolumePairSpec struct {
 	// A power of two from 4Ki to 64Mi. Immutable.
 	// +optional
 	// +kubebuilder:default="64Ki"
-	// +kubebuilder:validation:XValidation:rule="isQuantity(string(self)) && quantity(string(self)).isInteger() && quantity(string(self)).asInteger() in [4096, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576, 2097152, 4194304, 8388608, 16777216, 33554432, 67108864]",message="spec.regionSize must be a power of two from 4Ki to 64Mi"
+	// +kubebuilder:validation:XValidation:rule="isQuantity(string(self)) && quantity(string(self)).compareTo(quantity('4Ki')) >= 0 && quantity(string(self)).compareTo(quantity('64Mi')) <= 0 && int(quantity(string(self)).asApproximateFloat() + 0.5) in [4096, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576, 2097152, 4194304, 8388608, 16777216, 33554432, 67108864] && quantity(string(self)).sub(int(quantity(string(self)).asApproximateFloat() + 0.5)).compareTo(quantity('0')) == 0",message="spec.regionSize must be a power of two from 4Ki to 64Mi: the granularity of the dirty bitmaps (one bit per region), which the agents accept in that range only"
 	// +kubebuilder:validation:XValidation:rule="quantity(string(self)).compareTo(quantity(string(oldSelf))) == 0",message="spec.regionSize is immutable"
 	RegionSize *resource.Quantity `json:"regionSize,omitempty"`
 

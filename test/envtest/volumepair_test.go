@@ -266,12 +266,13 @@ func kubectl(t *testing.T, args ...string) (string, error) {
 }
 
 // TestKubectlUserFlow is the acceptance check a user would do: apply the
-// samples with bin/kubectl, list them with the printer columns, and see each
+// samples with bin/kubectl as the README says (kubectl apply -f
+// config/samples/), list them with the printer columns, and see each
 // invalid manifest refused with its message.
 func TestKubectlUserFlow(t *testing.T) {
 	ns := newNamespace(t)
-	if out, err := kubectl(t, "apply", "-n", ns, "-k", filepath.Join(repoRoot, "config", "samples")); err != nil {
-		t.Fatalf("kubectl apply samples: %v\n%s", err, out)
+	if out, err := kubectl(t, "apply", "-n", ns, "-f", filepath.Join(repoRoot, "config", "samples")+"/"); err != nil {
+		t.Fatalf("kubectl apply -f config/samples/: %v\n%s", err, out)
 	}
 	out, err := kubectl(t, "get", "vp", "-n", ns)
 	if err != nil {

@@ -24,6 +24,7 @@ import (
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/wrapperspb"
 )
 
 // DefaultVolumeSize is the size of a volume whose request names none.
@@ -134,7 +135,9 @@ func checkCapability(vc *csi.VolumeCapability) error {
 }
 
 // volumeSize rounds the requested capacity up to whole regions within the
-// limit.
+// limit, and refuses more than the data path's v1.MaxRegions regions (the
+// API server would refuse the VolumePair; rounding near MaxInt64 would
+// overflow).
 func volumeSize(r *csi.CapacityRange, region int64) (int64, error) {
 	req, lim := r.GetRequiredBytes(), r.GetLimitBytes()
 	if req < 0 || lim < 0 {
@@ -143,6 +146,10 @@ func volumeSize(r *csi.CapacityRange, region int64) (int64, error) {
 	if lim > 0 && req > lim {
 		return 0, status.Errorf(codes.OutOfRange, "required bytes %d exceed the limit %d", req, lim)
 	}
+	if most := maxVolumeSize(region); req > most {
+		return 0, status.Errorf(codes.OutOfRange, "required bytes %d: a volume is at most %d bytes (%d regions of %s): "+
+			"the dirty bitmaps number regions with 32 bits; a larger regionSize parameter allows a larger volume", req, most, v1.MaxRegions, qty(region))
+	}
 	size := req
 	if size == 0 {
 		size = DefaultVolumeSize
@@ -150,7 +157,7 @@ func volumeSize(r *csi.CapacityRange, region int64) (int64, error) {
 			size = lim
 		}
 	}
-	size = (size + region - 1) / region * region
+	size = (size + region - 1) / region * region // req <= maxVolumeSize: no overflow
 	if lim > 0 && size > lim {
 		size = lim / region * region
 		if size < req || size == 0 {
@@ -159,6 +166,9 @@ func volumeSize(r *csi.CapacityRange, region int64) (int64, error) {
 	}
 	return size, nil
 }
+
+// maxVolumeSize is the largest volume of regions of the given size.
+func maxVolumeSize(region int64) int64 { return v1.MaxRegions * region }
 
 // paramsDigest identifies the parameters that shape a volume, so a repeated
 // CreateVolume can tell the same request from another.
@@ -409,11 +419,14 @@ func (c *Controller) ValidateVolumeCapabilities(ctx context.Context, req *csi.Va
 
 // GetCapacity reports the largest volume that could be placed now within
 // the topology: the second-largest free space among eligible nodes (a
-// volume needs two).
+// volume needs two); and as MaximumVolumeSize the data path's largest
+// volume, v1.MaxRegions regions of the class's regionSize.
 func (c *Controller) GetCapacity(ctx context.Context, req *csi.GetCapacityRequest) (*csi.GetCapacityResponse, error) {
-	if _, err := parseParams(req.GetParameters()); err != nil {
+	params, err := parseParams(req.GetParameters())
+	if err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
+	most := wrapperspb.Int64(maxVolumeSize(params.regionSize))
 	for _, vc := range req.GetVolumeCapabilities() {
 		if err := checkCapability(vc); err != nil {
 			return &csi.GetCapacityResponse{}, nil //nolint:nilerr // unsupported capability: no capacity
@@ -443,7 +456,7 @@ func (c *Controller) GetCapacity(ctx context.Context, req *csi.GetCapacityReques
 	if len(free) >= 2 {
 		capacity = free[len(free)-2]
 	}
-	return &csi.GetCapacityResponse{AvailableCapacity: capacity, MaximumVolumeSize: nil}, nil
+	return &csi.GetCapacityResponse{AvailableCapacity: capacity, MaximumVolumeSize: most}, nil
 }
 
 // ListVolumes lists the driver's volumes in name order; the token is the

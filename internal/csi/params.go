@@ -2,6 +2,7 @@ package csi
 
 import (
 	"fmt"
+	"math/big"
 	"slices"
 	"strconv"
 	"strings"
@@ -94,7 +95,7 @@ func parseParams(p map[string]string) (volumeParams, error) {
 			}
 		case ParamRegionSize:
 			q, err := resource.ParseQuantity(val)
-			n, ok := q.AsInt64()
+			n, ok := wholeBytes(q)
 			if err != nil || !ok || n < v1.MinRegionSize || n > v1.MaxRegionSize || n&(n-1) != 0 {
 				bad(key, val, "want a power of two from 4Ki to 64Mi")
 				continue
@@ -119,7 +120,7 @@ func parseParams(p map[string]string) (volumeParams, error) {
 			}
 		case ParamResyncMaxBytesPerSecond:
 			q, err := resource.ParseQuantity(val)
-			n, ok := q.AsInt64()
+			n, ok := wholeBytes(q)
 			if err != nil || !ok || n < 0 {
 				bad(key, val, "want a byte rate (a quantity such as 100Mi, 0 for unlimited)")
 				continue
@@ -162,4 +163,28 @@ func parseParams(p map[string]string) (volumeParams, error) {
 func CheckParameters(p map[string]string) error {
 	_, err := parseParams(p)
 	return err
+}
+
+// wholeBytes is q as an int64 when q is a whole number in its range.
+// Quantity.AsInt64 is not enough: the parser keeps some whole numbers as
+// decimals (0.5Mi, 100Ti), for which it reports false.
+func wholeBytes(q resource.Quantity) (int64, bool) {
+	if n, ok := q.AsInt64(); ok {
+		return n, true
+	}
+	d := q.AsDec() // unscaled × 10^-scale
+	u, scale := new(big.Int).Set(d.UnscaledBig()), int64(d.Scale())
+	pow := new(big.Int).Exp(big.NewInt(10), big.NewInt(max(scale, -scale)), nil)
+	if scale > 0 {
+		var rem big.Int
+		if u.QuoRem(u, pow, &rem); rem.Sign() != 0 {
+			return 0, false
+		}
+	} else {
+		u.Mul(u, pow)
+	}
+	if !u.IsInt64() {
+		return 0, false
+	}
+	return u.Int64(), true
 }

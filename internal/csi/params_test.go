@@ -40,6 +40,18 @@ func TestParseParams(t *testing.T) {
 		{name: "region too large", in: map[string]string{"regionSize": "128Mi"}, wantErr: "regionSize"},
 		{name: "region smallest", in: map[string]string{"regionSize": "4Ki"}},
 		{name: "region largest", in: map[string]string{"regionSize": "64Mi"}},
+		{name: "region spelled as a fraction", in: map[string]string{"regionSize": "0.5Mi"}, check: func(t *testing.T, p volumeParams) {
+			if p.regionSize != 512<<10 {
+				t.Errorf("regionSize = %d, want 512Ki", p.regionSize)
+			}
+		}},
+		{name: "region not a whole number", in: map[string]string{"regionSize": "4096.5"}, wantErr: "want a power of two from 4Ki to 64Mi"},
+		{name: "rate the quantity parser keeps as a decimal", in: map[string]string{"resyncMaxBytesPerSecond": "100Ti"}, check: func(t *testing.T, p volumeParams) {
+			if p.spec.Resync.MaxBytesPerSecond != 100<<40 {
+				t.Errorf("maxBytesPerSecond = %d, want 100Ti", p.spec.Resync.MaxBytesPerSecond)
+			}
+		}},
+		{name: "rate beyond int64", in: map[string]string{"resyncMaxBytesPerSecond": "1e30"}, wantErr: "want a byte rate"},
 		{name: "lease out of range", in: map[string]string{"leaseDurationSeconds": "301"}, wantErr: "want a whole number from 2 to 300"},
 		{name: "lease not above probe", in: map[string]string{"leaseDurationSeconds": "4", "probePeriodSeconds": "4"}, wantErr: "leaseDurationSeconds (4) must be greater than probePeriodSeconds (4)"},
 		{name: "lease default not above probe", in: map[string]string{"probePeriodSeconds": "6"}, wantErr: "leaseDurationSeconds (6) must be greater than probePeriodSeconds (6)"},

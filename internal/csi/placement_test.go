@@ -1,10 +1,19 @@
 package csi
 
 import (
+	"context"
+	"math"
 	"strings"
 	"testing"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"k8s.io/apimachinery/pkg/runtime"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"sigs.k8s.io/controller-runtime/pkg/client/fake"
+
+	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
 )
 
 func topo(nodes ...string) []*csi.Topology {
@@ -72,10 +81,50 @@ func TestVolumeSize(t *testing.T) {
 		{r + 1, 3 * r, 2 * r, false},
 		{2 * r, r, 0, true},
 		{-1, 0, 0, true},
+		// The data path's limit: v1.MaxRegions regions (the API refuses more).
+		{v1.MaxRegions * r, 0, v1.MaxRegions * r, false},
+		{v1.MaxRegions*r - 1, 0, v1.MaxRegions * r, false},
+		{v1.MaxRegions*r + 1, 0, 0, true},
+		{v1.MaxRegions * r, math.MaxInt64, v1.MaxRegions * r, false},
+		// Rounding up must not overflow into a negative size.
+		{math.MaxInt64, 0, 0, true},
+		{math.MaxInt64 - r + 2, math.MaxInt64, 0, true},
 	} {
 		got, err := volumeSize(&csi.CapacityRange{RequiredBytes: tc.req, LimitBytes: tc.lim}, r)
 		if (err != nil) != tc.err || got != tc.want {
 			t.Errorf("required %d limit %d: got %d, %v; want %d (error %t)", tc.req, tc.lim, got, err, tc.want, tc.err)
+		}
+	}
+	_, err := volumeSize(&csi.CapacityRange{RequiredBytes: math.MaxInt64}, r)
+	if status.Code(err) != codes.OutOfRange || !strings.Contains(err.Error(), "at most 281474976645120 bytes (4294967295 regions of 64Ki)") {
+		t.Errorf("required MaxInt64: err = %v, want OutOfRange naming the limit", err)
+	}
+}
+
+// TestGetCapacityMaximumVolumeSize: GetCapacity states the data path's
+// largest volume for the class's regionSize (v1.MaxRegions regions), so the
+// external-provisioner's CSIStorageCapacity tells the scheduler, rather
+// than leaving the limit to a failed CreateVolume.
+func TestGetCapacityMaximumVolumeSize(t *testing.T) {
+	scheme := runtime.NewScheme()
+	if err := clientgoscheme.AddToScheme(scheme); err != nil {
+		t.Fatal(err)
+	}
+	c := &Controller{Client: fake.NewClientBuilder().WithScheme(scheme).Build(), Namespace: "tandem-system"}
+	for _, tc := range []struct {
+		params map[string]string
+		want   int64
+	}{
+		{nil, v1.MaxRegions * v1.DefaultRegionSize},
+		{map[string]string{ParamRegionSize: "4Ki"}, v1.MaxRegions * 4096},
+		{map[string]string{ParamRegionSize: "64Mi"}, v1.MaxRegions * (64 << 20)},
+	} {
+		resp, err := c.GetCapacity(context.Background(), &csi.GetCapacityRequest{Parameters: tc.params})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := resp.GetMaximumVolumeSize().GetValue(); got != tc.want {
+			t.Errorf("parameters %v: MaximumVolumeSize = %d, want %d", tc.params, got, tc.want)
 		}
 	}
 }

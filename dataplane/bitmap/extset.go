@@ -25,13 +25,66 @@ func (s *extSet) has(e uint32) bool {
 
 // hasRange reports whether every extent in [first, last] is in the set.
 func (s *extSet) hasRange(first, last uint32) bool {
-	for e := first; ; e++ {
-		if !s.has(e) {
-			return false
+	return s.nextClear(uint64(first), uint64(last)) > uint64(last)
+}
+
+// nextClear returns the first extent in [e, last] that is not in the set,
+// or last+1. It reads a word per 64 extents.
+func (s *extSet) nextClear(e, last uint64) uint64 {
+	for e <= last {
+		i := e >> 6
+		if i >= uint64(len(s.w)) {
+			return e
 		}
-		if e == last {
-			return true
+		if w := ^s.w[i].Load() >> (e & 63); w != 0 {
+			return min(e+uint64(bits.TrailingZeros64(w)), last+1)
 		}
+		e = (i + 1) << 6
+	}
+	return last + 1
+}
+
+// nextSet returns the first extent in [e, last] that is in the set, or
+// last+1.
+func (s *extSet) nextSet(e, last uint64) uint64 {
+	for e <= last {
+		i := e >> 6
+		if i >= uint64(len(s.w)) {
+			return last + 1
+		}
+		if w := s.w[i].Load() >> (e & 63); w != 0 {
+			return min(e+uint64(bits.TrailingZeros64(w)), last+1)
+		}
+		e = (i + 1) << 6
+	}
+	return last + 1
+}
+
+// addRange adds every extent of [first, last], a word per 64 extents.
+func (s *extSet) addRange(first, last uint32) {
+	for e := uint64(first); e <= uint64(last); {
+		i := e >> 6
+		hi := min(uint64(last), i<<6+63) & 63
+		mask := (^uint64(0) >> (63 - hi)) &^ (uint64(1)<<(e&63) - 1)
+		if s.w[i].Load()&mask != mask {
+			s.w[i].Or(mask)
+		}
+		e = (i + 1) << 6
+	}
+}
+
+// forEachRun calls fn for each maximal run [first, last] of members in
+// increasing order, a word per 64 extents.
+func (s *extSet) forEachRun(fn func(first, last uint32)) {
+	end := uint64(len(s.w)) << 6
+	for e := uint64(0); e < end; {
+		f := s.nextSet(e, end-1)
+		if f >= end {
+			return
+		}
+		l := s.nextClear(f, end-1) // one past the run
+		fn(uint32(f), uint32(l-1))
+		e = l
 	}
 }
 
@@ -48,22 +101,9 @@ func (s *extSet) count() int {
 	return n
 }
 
-// forEach calls fn for each member in increasing order.
-func (s *extSet) forEach(fn func(e uint32)) {
-	for i := range s.w {
-		v := s.w[i].Load()
-		for v != 0 {
-			b := bits.TrailingZeros64(v)
-			fn(uint32(i*64 + b))
-			v &= v - 1
-		}
-	}
-}
-
 // addRegionsTo sets in dst every region of every member extent.
 func (s *extSet) addRegionsTo(g *geometry, dst *roaring.Bitmap) {
-	s.forEach(func(e uint32) {
-		lo, hi := g.extentRegions(e)
-		dst.AddRange(lo, hi)
+	s.forEachRun(func(first, last uint32) {
+		g.addExtentRegions(first, last, dst)
 	})
 }

@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"math"
 	"math/bits"
+
+	"github.com/RoaringBitmap/roaring/v2"
 )
 
 // DefaultExtentSize is the write-intent extent used when OpenJournal is given
@@ -107,6 +109,13 @@ func (g *geometry) extentRegions(e uint32) (lo, hi uint64) {
 		hi = uint64(g.regions)
 	}
 	return lo, hi
+}
+
+// addExtentRegions sets in dst every region of extents first..last.
+func (g *geometry) addExtentRegions(first, last uint32, dst *roaring.Bitmap) {
+	lo, _ := g.extentRegions(first)
+	_, hi := g.extentRegions(last)
+	dst.AddRange(lo, hi)
 }
 
 // lastRegionShort is how many bytes the last region lacks of a full region.

@@ -83,10 +83,7 @@ func (j *Journal) recover() (*roaring.Bitmap, uint64, error) {
 			return nil, 0, err
 		}
 		for _, r := range lc.runs {
-			for e := r.first; e < r.first+r.n; e++ {
-				lo, hi := j.geo.extentRegions(e)
-				bm.AddRange(lo, hi)
-			}
+			j.geo.addExtentRegions(r.first, r.first+r.n-1, bm)
 		}
 		records += lc.records
 		torn += lc.torn
@@ -177,12 +174,8 @@ func (j *Journal) rotate(content *roaring.Bitmap, unionRetired, keepHot bool) er
 	newGen := j.gen + 1 // only rotate writes j.gen, and rotations are serialized
 	var hot []extentRun
 	if keepHot {
-		j.used.Load().forEach(func(e uint32) {
-			if k := len(hot) - 1; k >= 0 && hot[k].first+hot[k].n == e {
-				hot[k].n++
-			} else {
-				hot = append(hot, extentRun{first: e, n: 1})
-			}
+		j.used.Load().forEachRun(func(first, last uint32) {
+			hot = append(hot, extentRun{first: first, n: last - first + 1})
 		})
 	}
 	nf, off, err := j.createLog(newGen, hot)
@@ -192,10 +185,8 @@ func (j *Journal) rotate(content *roaring.Bitmap, unionRetired, keepHot bool) er
 	newSet := newExtSet(j.geo.extents)
 	carried := 0
 	for _, r := range hot {
-		for e := r.first; e < r.first+r.n; e++ {
-			newSet.add(e)
-			carried++
-		}
+		newSet.addRange(r.first, r.first+r.n-1)
+		carried += int(r.n)
 	}
 
 	j.mu.Lock()
@@ -220,7 +211,7 @@ func (j *Journal) rotate(content *roaring.Bitmap, unionRetired, keepHot bool) er
 	}
 	retired := 0
 	if unionRetired {
-		oldSet.forEach(func(uint32) { retired++ })
+		retired = oldSet.count()
 		oldSet.addRegionsTo(&j.geo, j.carry)
 	}
 	content.Or(j.carry)

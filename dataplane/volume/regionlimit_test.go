@@ -176,3 +176,63 @@ func TestGeometryAtRegionLimit(t *testing.T) {
 		})
 	}
 }
+
+// TestFullCopyAtRegionLimit: a new member of a volume of v1.MaxRegions
+// regions gets its full copy. The writer journals every region as owed to
+// it before the copy starts; that took a step per region and per extent
+// (5-7 s for 2^32 regions on a 2-core machine, a minute under the race
+// detector), longer than the backup waits for a frame (peerTimeout), so the
+// link dropped and retried forever ("Replication link down; will retry ...
+// read from peer: EOF") and no byte was ever copied. Run by run it takes
+// milliseconds (a second under the race detector).
+func TestFullCopyAtRegionLimit(t *testing.T) {
+	for _, rs := range []int64{v1.MinRegionSize, v1.DefaultRegionSize} {
+		t.Run(fmt.Sprintf("region=%d", rs), func(t *testing.T) {
+			size := v1.MaxRegions * rs
+			open := func(node string) *member {
+				m := &member{logs: &syncBuf{}, node: node, st: store.NewMem(size)}
+				log := funcr.New(func(prefix, args string) { m.logs.add(prefix + " " + args) }, funcr.Options{})
+				v, err := volume.Open(volume.Options{Name: "ns/vol", Node: node, Dir: t.TempDir(), Size: size, RegionSize: rs,
+					Store: m.st, CheckpointInterval: 100 * time.Millisecond, Log: log})
+				if err != nil {
+					t.Fatal(err)
+				}
+				m.v = v
+				t.Cleanup(func() {
+					if err := v.Close(); err != nil {
+						t.Error(err)
+					}
+					if t.Failed() {
+						t.Logf("---- %s log ----\n%s", node, m.logs)
+					}
+				})
+				return m
+			}
+			a := open("a")
+			if err := a.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true, Mode: volume.ModeAsync}); err != nil {
+				t.Fatal(err)
+			}
+			if err := a.v.WriteAt(context.Background(), bytes.Repeat([]byte{0x5a}, 4096), size-4096, true); err != nil {
+				t.Fatal(err)
+			}
+			b := open("b")
+			ln := serveReplication(t, b.v)
+			t.Cleanup(func() { ln.Close() })
+			if err := b.v.Apply(volume.Spec{Role: volume.RoleBackup, Epoch: 1, Mode: volume.ModeAsync, PeerNode: "a"}); err != nil {
+				t.Fatal(err)
+			}
+			if err := a.v.Apply(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true, Mode: volume.ModeAsync, PeerNode: "b", PeerAddress: ln.Addr().String()}); err != nil {
+				t.Fatal(err)
+			}
+			waitFor(t, "the full copy to b to copy 16 MiB", func() bool {
+				st := a.v.Status()
+				return st.Copy.FullCopy && st.Copy.DoneBytes >= 16<<20
+			})
+			if n := a.v.Status().Counters.Reconnects; n > 0 {
+				// Not a failure by itself: a loaded machine (go test -race
+				// ./... runs packages side by side) can delay a frame.
+				t.Logf("the link to b reconnected %d times before the copy progressed", n)
+			}
+		})
+	}
+}

@@ -59,37 +59,17 @@ func peerHolds(ack HelloAck, uid string) bool {
 	return ack.Joined && (ack.PairUID == uid || ack.PairUID == "" || uid == "")
 }
 
-// journalRegions durably marks the extents of the given regions.
+// journalRegions durably marks the extents of the given regions, run by
+// run: a full copy's 2^32-1 regions are one Mark, not a step per region
+// (which took longer than the peer waits for a frame).
 func (l *link) journalRegions(b *roaring.Bitmap) error {
 	rs := l.v.opts.RegionSize
-	it := b.ManyIterator()
-	buf := make([]uint32, 4096)
-	var runStart, runEnd int64 = -1, -1
-	flush := func() error {
-		if runStart < 0 {
-			return nil
-		}
-		n := min(runEnd, l.v.opts.Size) - runStart
-		return l.v.journal.Mark(l.ctx, runStart, n)
-	}
-	for {
-		n := it.NextMany(buf)
-		if n == 0 {
-			break
-		}
-		for _, r := range buf[:n] {
-			off := int64(r) * rs
-			if off == runEnd {
-				runEnd += rs
-				continue
-			}
-			if err := flush(); err != nil {
-				return fmt.Errorf("journal peer bitmap: %w", err)
-			}
-			runStart, runEnd = off, off+rs
-		}
-	}
-	if err := flush(); err != nil {
+	err := bitmap.ForEachRun(b, func(first, last uint32) error {
+		off := int64(first) * rs
+		end := min((int64(last)+1)*rs, l.v.opts.Size)
+		return l.v.journal.Mark(l.ctx, off, end-off)
+	})
+	if err != nil {
 		return fmt.Errorf("journal peer bitmap: %w", err)
 	}
 	return nil

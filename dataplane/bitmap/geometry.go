@@ -12,6 +12,25 @@ import (
 // an extentSize of 0 (or one smaller than the region size).
 const DefaultExtentSize int64 = 4 << 20
 
+// MaxDefaultExtents bounds the extents of the default extent size: the
+// journal keeps two dense sets of extents (marked, written) of a bit each,
+// and a checkpoint builds a new pair, so 2^26 extents cost 8 MiB per set. It
+// is the extents of the largest volume of the default 64Ki regions (256Ti -
+// 64Ki in 4Mi extents); a larger volume gets larger extents rather than,
+// at 2^32 extents (256Pi - 64Mi in 64Mi regions), 512 MiB per set.
+const MaxDefaultExtents = 1 << 26
+
+// ExtentSizeFor is the default write-intent extent of a volume of size bytes
+// in regionSize regions: DefaultExtentSize, or regionSize if larger, doubled
+// until the volume has at most MaxDefaultExtents extents.
+func ExtentSizeFor(size, regionSize int64) int64 {
+	e := max(DefaultExtentSize, regionSize)
+	for e < 1<<62 && ceilDiv(size, e) > MaxDefaultExtents {
+		e <<= 1
+	}
+	return e
+}
+
 // MinRegionSize is the smallest region size accepted (one sector).
 const MinRegionSize int64 = 512
 

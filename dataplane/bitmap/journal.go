@@ -140,7 +140,7 @@ type batch struct {
 
 // OpenJournal opens (creating if needed) the journal in dir for a volume of
 // size bytes tracked in regionSize regions, with write-intent extents of
-// extentSize bytes (0 means DefaultExtentSize, or regionSize if larger).
+// extentSize bytes (0 means ExtentSizeFor(size, regionSize)).
 //
 // It returns the recovered regions: the last checkpoint ∪ every region of
 // every extent marked in the logs since. The caller merges them into its
@@ -153,7 +153,7 @@ type batch struct {
 // ErrGeometry. A fresh directory recovers an empty bitmap.
 func OpenJournal(dir string, size, regionSize, extentSize int64, log logr.Logger) (*Journal, *roaring.Bitmap, error) {
 	if extentSize == 0 {
-		extentSize = max(DefaultExtentSize, regionSize)
+		extentSize = ExtentSizeFor(size, regionSize)
 	}
 	g, err := newGeometry(size, regionSize, extentSize)
 	if err != nil {

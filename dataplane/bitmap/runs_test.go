@@ -154,3 +154,29 @@ func TestExtSetWords(t *testing.T) {
 		}
 	}
 }
+
+// TestExtentSizeFor: 4 MiB extents (or a region, if larger) up to 2^26 of
+// them, so no volume of the default 64Ki regions changes; larger volumes
+// get larger extents, never more than MaxDefaultExtents.
+func TestExtentSizeFor(t *testing.T) {
+	for _, tc := range []struct{ size, region, want int64 }{
+		{1 << 30, 64 << 10, DefaultExtentSize},
+		{MaxRegions * (64 << 10), 64 << 10, DefaultExtentSize},
+		{MaxRegions * 4096, 4096, DefaultExtentSize},
+		{64 << 20, 64 << 20, 64 << 20},
+		{1 << 48, 128 << 10, DefaultExtentSize}, // 256Ti: 2^26 extents of 4Mi
+		{1<<48 + 128<<10, 128 << 10, 8 << 20},   // one region more
+		{MaxRegions * (64 << 20), 64 << 20, 4 << 30},
+	} {
+		got := ExtentSizeFor(tc.size, tc.region)
+		if got != tc.want {
+			t.Errorf("ExtentSizeFor(%d, %d) = %d, want %d", tc.size, tc.region, got, tc.want)
+		}
+		if err := ValidateGeometry(tc.size, tc.region, got); err != nil {
+			t.Errorf("ExtentSizeFor(%d, %d) = %d: %v", tc.size, tc.region, got, err)
+		}
+		if n := ceilDiv(tc.size, got); n > MaxDefaultExtents {
+			t.Errorf("ExtentSizeFor(%d, %d): %d extents", tc.size, tc.region, n)
+		}
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -234,5 +235,33 @@ func TestFullCopyAtRegionLimit(t *testing.T) {
 				t.Logf("the link to b reconnected %d times before the copy progressed", n)
 			}
 		})
+	}
+}
+
+// TestOpenAtRegionLimitMemory: opening a volume of v1.MaxRegions regions
+// costs the agent a few MiB whatever the region size. The write-intent
+// journal keeps dense sets of extents; with 4 MiB extents (or one region,
+// if larger) a volume of 2^32 regions of 64Mi had 2^32 extents, 512 MiB per
+// set, 1 GiB at open and more at each checkpoint: the agent's 1Gi memory
+// limit, for one volume. Extents now grow with the volume beyond 2^26.
+func TestOpenAtRegionLimitMemory(t *testing.T) {
+	for _, rs := range []int64{v1.DefaultRegionSize, 1 << 20, v1.MaxRegionSize} {
+		size := v1.MaxRegions * rs
+		var before, after runtime.MemStats
+		runtime.GC()
+		runtime.ReadMemStats(&before)
+		v, err := volume.Open(volume.Options{Name: "ns/vol", Node: "a", Dir: t.TempDir(), Size: size, RegionSize: rs, Store: store.NewMem(size)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		runtime.GC()
+		runtime.ReadMemStats(&after)
+		grew := int64(after.HeapAlloc) - int64(before.HeapAlloc)
+		if err := v.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if grew > 64<<20 {
+			t.Errorf("region %d, size %d: opening took %d MiB of heap, want a few", rs, size, grew>>20)
+		}
 	}
 }

@@ -45,7 +45,8 @@ type Options struct {
 	// bitmap journal under "bitmap/".
 	Dir string
 	// Size and RegionSize of the volume; ExtentSize of write-intent extents
-	// (0: 4 MiB).
+	// (0: bitmap.ExtentSizeFor, 4 MiB or the region size if larger, larger
+	// for a volume of more than 2^26 such extents).
 	Size, RegionSize, ExtentSize int64
 	// Store overrides the backing file (a block device, or a fault injector).
 	Store store.Store
@@ -181,7 +182,7 @@ type counters struct {
 // UpToDate with an empty bitmap (a brand-new pair needs no initial copy).
 func Open(opts Options) (*Volume, error) {
 	if opts.ExtentSize == 0 {
-		opts.ExtentSize = max(4<<20, opts.RegionSize)
+		opts.ExtentSize = bitmap.ExtentSizeFor(opts.Size, opts.RegionSize)
 	}
 	if opts.CheckpointInterval == 0 {
 		opts.CheckpointInterval = 5 * time.Second

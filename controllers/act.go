@@ -169,7 +169,11 @@ func (r *VolumePairReconciler) configure(ctx context.Context, s *scope, hold boo
 			role = agentapi.RoleNone
 		}
 		if _, err := r.NewAgentClient(info.control, r.agentToken()).Put(ctx, vp.Namespace, vp.Name, req(role, writer.Node, "", siblings, false)); err != nil {
-			errs = append(errs, fmt.Errorf("configure %s as %s: %w", o.Node, role, err))
+			what := "backup"
+			if role == agentapi.RoleNone {
+				what = "fenced member (held out of resync)"
+			}
+			errs = append(errs, fmt.Errorf("configure %s as %s: %w", o.Node, what, err))
 			continue
 		}
 		if role == agentapi.RoleNone {

@@ -159,14 +159,7 @@ func (r *VolumePairReconciler) patchStatus(ctx context.Context, s *scope, ok boo
 				if ms.DataState != v1.DataOutdated {
 					ms.DataState = v1.DataUnknown
 				}
-				switch {
-				case m.NodeMissing:
-					ms.Message = "its node no longer exists (no Node object); if it is gone for good, replace it in " + m.Field
-				case m.Unregistered:
-					ms.Message = "no Tandem agent registered on this node"
-				default:
-					ms.Message = "agent unreachable"
-				}
+				ms.Message = "agent unreachable"
 			case m.Status == nil:
 				ms.Role, ms.DataState, ms.Message = "", v1.DataUnknown, "replica not created yet"
 			default:
@@ -197,6 +190,16 @@ func (r *VolumePairReconciler) patchStatus(ctx context.Context, s *scope, ok boo
 			}
 			if ms.DataState != v1.DataOutdated {
 				ms.OutdatedConfirmation = ""
+			}
+			// Why a member does not answer, when its Node or agent is
+			// gone, says more than its last report (Stale) does.
+			if !m.Reachable || m.Stale {
+				switch {
+				case m.NodeMissing:
+					ms.Message = "its node no longer exists (no Node object); if it is gone for good, replace it in " + m.Field
+				case m.Unregistered:
+					ms.Message = "no Tandem agent registered on this node"
+				}
 			}
 			if isOther && m.Held && m.Reachable {
 				ms.Message = "held out of resync (" + v1.AnnotationHoldResync + "): its data stays as it came back; remove it from the annotation to resync it"

@@ -3,6 +3,7 @@ package controllers
 import (
 	"fmt"
 	"slices"
+	"time"
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
 	"github.com/tandem-storage/tandem/pkg/agentapi"
@@ -90,6 +91,9 @@ type View struct {
 	// ("" none): promoted once the writer is lost even if it may lack
 	// acknowledged writes (Outdated, Async, held) or the policy is Manual.
 	ForcePromote string
+	// ForcePromoteAge is how long this controller has seen that request
+	// (it restarts from 0 with the controller).
+	ForcePromoteAge time.Duration
 	// HoldBackoff is true for a while after a failback hold was released
 	// because it did not drain in time: no new hold yet.
 	HoldBackoff bool
@@ -540,6 +544,9 @@ func StaleRequest(v View) (annotation, msg string) {
 		case serving && !WriterLostData(v):
 			return v1.AnnotationForcePromote, fmt.Sprintf("force-promote request ignored and cleared: the writer %s serves the volume, and a promotion replaces a lost writer. "+
 				"For a planned switch of the writer, swap spec.primary.node with the member that should write (a switchover)", writer.Node)
+		case v.ForcePromoteAge > v1.ForcePromoteTTL:
+			return v1.AnnotationForcePromote, fmt.Sprintf("force-promote request of %s expired and cleared: it could not act for %v (FailoverBlocked said why); "+
+				"a forced promotion is decided on what is known now, so ask again (kubectl tandem promote --force) once it can act", f, v1.ForcePromoteTTL)
 		}
 	}
 	switch {

@@ -3,6 +3,9 @@ package controllers
 import (
 	"strings"
 	"testing"
+	"time"
+
+	"k8s.io/apimachinery/pkg/types"
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
 	"github.com/tandem-storage/tandem/pkg/agentapi"
@@ -75,16 +78,19 @@ func TestStaleForcePromote(t *testing.T) {
 	for _, tt := range []struct {
 		name, node string
 		lost       bool
+		age        time.Duration
 		want       string
 	}{
-		{"the writer serves", "b", false, "serves the volume"},
-		{"names the writer", "a", true, "already holds"},
-		{"names no member", "z", true, "not a member"},
-		{"the writer is lost", "b", true, ""},
+		{"the writer serves", "b", false, 0, "serves the volume"},
+		{"names the writer", "a", true, 0, "already holds"},
+		{"names no member", "z", true, 0, "not a member"},
+		{"the writer is lost", "b", true, 0, ""},
+		{"the writer is lost, waiting for 9 minutes", "b", true, 9 * time.Minute, ""},
+		{"the writer is lost, waiting for 11 minutes: expired", "b", true, 11 * time.Minute, "expired and cleared"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			v := serving
-			v.ForcePromote = tt.node
+			v.ForcePromote, v.ForcePromoteAge = tt.node, tt.age
 			if tt.lost {
 				v.Primary = lost("a")
 			}
@@ -130,5 +136,30 @@ func TestDecideHeldMember(t *testing.T) {
 	w.Backup.Held = true
 	if w.IsHeld(&w.Backup) {
 		t.Fatal("the writer counts as held")
+	}
+}
+
+// TestForceAge: how long a force-promote request has been seen counts from
+// this controller's first sight of it, restarts when it names another node,
+// and is forgotten once the request is gone.
+func TestForceAge(t *testing.T) {
+	now := time.Date(2026, 12, 7, 8, 0, 0, 0, time.UTC)
+	r := &VolumePairReconciler{forceSeen: map[types.UID]forceRequest{}, Now: func() time.Time { return now }}
+	step := func(d time.Duration, node string, want time.Duration) {
+		t.Helper()
+		now = now.Add(d)
+		if got := r.forceAge("uid-1", node); got != want {
+			t.Fatalf("forceAge(%q) after %v = %v, want %v", node, d, got, want)
+		}
+	}
+	step(0, "b", 0)
+	step(4*time.Minute, "b", 4*time.Minute)
+	step(7*time.Minute, "b", 11*time.Minute)
+	step(time.Minute, "c", 0) // another node: a new request
+	step(time.Minute, "c", time.Minute)
+	step(time.Minute, "", 0)  // gone
+	step(time.Minute, "c", 0) // asked again: from now
+	if got := r.forceAge("uid-2", ""); got != 0 || len(r.forceSeen) != 1 {
+		t.Fatalf("another pair without a request: %v, %d entries", got, len(r.forceSeen))
 	}
 }

@@ -34,6 +34,7 @@ func (r *VolumePairReconciler) observe(ctx context.Context, s *scope) error {
 		FailbackRequested: vp.Annotations[v1.AnnotationFailbackRequested] != "",
 		ForcePromote:      strings.TrimSpace(vp.Annotations[v1.AnnotationForcePromote]),
 	}
+	s.view.ForcePromoteAge = r.forceAge(vp.UID, s.view.ForcePromote)
 	clients, err := r.desiredClients(ctx, vp)
 	if err != nil {
 		return err
@@ -297,6 +298,23 @@ func (r *VolumePairReconciler) clusterHasNodes(ctx context.Context) (bool, error
 		return false, fmt.Errorf("list Nodes: %w", err)
 	}
 	return len(nodes.Items) > 0, nil
+}
+
+// forceAge is how long this controller has seen the pair's force-promote
+// request for node ("" none: forgotten).
+func (r *VolumePairReconciler) forceAge(uid types.UID, node string) time.Duration {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if node == "" {
+		delete(r.forceSeen, uid)
+		return 0
+	}
+	now := r.Now()
+	if f, ok := r.forceSeen[uid]; ok && f.node == node {
+		return now.Sub(f.at)
+	}
+	r.forceSeen[uid] = forceRequest{node: node, at: now}
+	return 0
 }
 
 // HeldMembers is the storage.tandem.dev/hold-resync annotation's list of

@@ -3,6 +3,7 @@ package v1alpha1
 import (
 	"crypto/sha256"
 	"encoding/hex"
+	"time"
 )
 
 // Names, labels and annotations of the objects Tandem's components share
@@ -57,3 +58,9 @@ func shortName(prefix, s string) string {
 	sum := sha256.Sum256([]byte(s))
 	return n[:63-11] + "-" + hex.EncodeToString(sum[:])[:10]
 }
+
+// ForcePromoteTTL is how long a storage.tandem.dev/force-promote request
+// that cannot act (the member unreachable, the writer's authority not
+// expired) waits before the controller clears it: a decision that discards
+// writes is not carried out hours later on what was known when it was made.
+const ForcePromoteTTL = 10 * time.Minute

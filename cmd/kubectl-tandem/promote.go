@@ -63,7 +63,8 @@ SelfSubjectReview), then waits up to --wait for the controller:
     the writer serves again, or NODE became the writer; exit 1.
   - still waiting after --wait: the request stays set and the controller
     promotes NODE once it can (FailoverBlocked says what it waits for, e.g.
-    the lost writer's authority Lease to expire); exit 2.
+    the lost writer's authority Lease to expire), or clears it after 10
+    minutes without acting; exit 2.
 
 The controller never promotes a member whose data is Inconsistent (a copy
 towards it did not finish), one whose agent does not answer, or one while
@@ -475,8 +476,9 @@ func (p promotion) report(w io.Writer, asked *storagev1alpha1.VolumePair, node s
 	if c := meta.FindStatusCondition(vp.Status.Conditions, storagev1alpha1.ConditionReady); c != nil {
 		ew.printf("Ready: %s, %s: %s\n", c.Status, orDash(c.Reason), orDash(oneLine(c.Message)))
 	}
-	ew.printf("The request stays set: the controller promotes %s as soon as it can (the lost writer's authority must expire first). "+
-		"To withdraw it: kubectl annotate volumepair %s -n %s %s- %s-\n", node, name, ns, storagev1alpha1.AnnotationForcePromote, storagev1alpha1.AnnotationForcePromoteBy)
+	ew.printf("The request stays set: the controller promotes %s as soon as it can (the lost writer's authority must expire first), "+
+		"or clears it if it could not act for %v. "+
+		"To withdraw it: kubectl annotate volumepair %s -n %s %s- %s-\n", node, storagev1alpha1.ForcePromoteTTL, name, ns, storagev1alpha1.AnnotationForcePromote, storagev1alpha1.AnnotationForcePromoteBy)
 	ew.printf("Follow it with: kubectl tandem status %s -n %s\n", name, ns)
 	if err := ew.done(); err != nil {
 		return err

@@ -24,11 +24,7 @@ func (o *rootOptions) completePairNames(cmd *cobra.Command, args []string, toCom
 	if len(args) > 0 {
 		return nil, cobra.ShellCompDirectiveNoFileComp
 	}
-	ns, err := o.namespace()
-	if err != nil {
-		return nil, cobra.ShellCompDirectiveNoFileComp
-	}
-	c, err := o.newClient()
+	ns, c, err := o.connect()
 	if err != nil {
 		return nil, cobra.ShellCompDirectiveNoFileComp
 	}

@@ -88,11 +88,7 @@ func (o *rootOptions) completeMembers(pick func(vp *storagev1alpha1.VolumePair, 
 		default:
 			return nil, cobra.ShellCompDirectiveNoFileComp
 		}
-		ns, err := o.namespace()
-		if err != nil {
-			return nil, cobra.ShellCompDirectiveNoFileComp
-		}
-		c, err := o.newClient()
+		ns, c, err := o.connect()
 		if err != nil {
 			return nil, cobra.ShellCompDirectiveNoFileComp
 		}

@@ -435,25 +435,7 @@ func TestHoldConflict(t *testing.T) {
 	vp := swappedPair()
 	vp.Spec.AdditionalBackups = []storagev1alpha1.BackupMember{{Node: "node-c"}}
 	conflicts := 0
-	funcs := interceptor.Funcs{
-		Get: withManagedFields,
-		Patch: func(ctx context.Context, c client.WithWatch, obj client.Object, patch client.Patch, opts ...client.PatchOption) error {
-			if conflicts == 0 {
-				conflicts++
-				// Someone holds node-c meanwhile: the plugin's read is stale.
-				cur := &storagev1alpha1.VolumePair{}
-				if err := c.Get(ctx, client.ObjectKeyFromObject(obj), cur); err != nil {
-					return err
-				}
-				cur.Annotations = map[string]string{storagev1alpha1.AnnotationHoldResync: "node-c"}
-				if err := c.Update(ctx, cur); err != nil {
-					return err
-				}
-				return apierrors.NewConflict(schema.GroupResource{Group: storagev1alpha1.GroupVersion.Group, Resource: "volumepairs"}, obj.GetName(), errors.New("the object has been modified"))
-			}
-			return c.Patch(ctx, obj, patch, opts...)
-		},
-	}
+	funcs := holdChangedOnce(&conflicts, "node-c")
 	res := runPluginWith(t, []client.Object{vp}, funcs, func(kubeconfig string) []string {
 		return []string{"--kubeconfig", kubeconfig, "-n", "prod", "hold", "db", "node-a"}
 	})
@@ -506,24 +488,7 @@ func TestCompletionMembers(t *testing.T) {
 // their node.
 func TestPromoteHoldConflict(t *testing.T) {
 	conflicts := 0
-	funcs := interceptor.Funcs{
-		Get: withManagedFields,
-		Patch: func(ctx context.Context, c client.WithWatch, obj client.Object, patch client.Patch, opts ...client.PatchOption) error {
-			if conflicts == 0 {
-				conflicts++
-				cur := &storagev1alpha1.VolumePair{}
-				if err := c.Get(ctx, client.ObjectKeyFromObject(obj), cur); err != nil {
-					return err
-				}
-				cur.Annotations = map[string]string{storagev1alpha1.AnnotationHoldResync: "node-x"}
-				if err := c.Update(ctx, cur); err != nil {
-					return err
-				}
-				return apierrors.NewConflict(schema.GroupResource{Group: storagev1alpha1.GroupVersion.Group, Resource: "volumepairs"}, obj.GetName(), errors.New("the object has been modified"))
-			}
-			return c.Patch(ctx, obj, patch, opts...)
-		},
-	}
+	funcs := holdChangedOnce(&conflicts, "node-x")
 	res := runPluginWith(t, []client.Object{outdatedLostPair()}, funcs, func(kubeconfig string) []string {
 		return []string{"--kubeconfig", kubeconfig, "-n", "prod", "promote", "db", "node-b", "--force", "--hold-old-writer", "--wait=0"}
 	})
@@ -533,5 +498,29 @@ func TestPromoteHoldConflict(t *testing.T) {
 	a := getVP(t, res.c).Annotations
 	if a[storagev1alpha1.AnnotationHoldResync] != "node-x,node-a" || a[storagev1alpha1.AnnotationForcePromote] != "node-b" || conflicts != 1 {
 		t.Errorf("annotations %v after %d conflicts, want node-x,node-a held and node-b requested after 1", a, conflicts)
+	}
+}
+
+// holdChangedOnce makes the first patch of the plugin fail with a conflict
+// after someone else set the hold list to holder meanwhile (the plugin's
+// read is stale); later patches go through. It counts the conflicts.
+func holdChangedOnce(conflicts *int, holder string) interceptor.Funcs {
+	return interceptor.Funcs{
+		Get: withManagedFields,
+		Patch: func(ctx context.Context, c client.WithWatch, obj client.Object, patch client.Patch, opts ...client.PatchOption) error {
+			if *conflicts > 0 {
+				return c.Patch(ctx, obj, patch, opts...)
+			}
+			*conflicts++
+			cur := &storagev1alpha1.VolumePair{}
+			if err := c.Get(ctx, client.ObjectKeyFromObject(obj), cur); err != nil {
+				return err
+			}
+			cur.Annotations = map[string]string{storagev1alpha1.AnnotationHoldResync: holder}
+			if err := c.Update(ctx, cur); err != nil {
+				return err
+			}
+			return apierrors.NewConflict(schema.GroupResource{Group: storagev1alpha1.GroupVersion.Group, Resource: "volumepairs"}, obj.GetName(), errors.New("the object has been modified"))
+		},
 	}
 }

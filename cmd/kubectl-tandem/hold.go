@@ -9,7 +9,6 @@ import (
 
 	"github.com/spf13/cobra"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	"k8s.io/cli-runtime/pkg/printers"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	storagev1alpha1 "github.com/tandem-storage/tandem/api/v1alpha1"
@@ -64,18 +63,11 @@ Refused: NODE is not held.`
 		})
 	}
 	cmd.RunE = func(cmd *cobra.Command, args []string) error {
-		var p printers.ResourcePrinter
-		if !out.human() {
-			var err error
-			if p, err = out.printer(); err != nil {
-				return err
-			}
-		}
-		ns, err := o.namespace()
+		p, err := out.objectPrinter()
 		if err != nil {
 			return err
 		}
-		c, err := o.newClient()
+		ns, c, err := o.connect()
 		if err != nil {
 			return err
 		}

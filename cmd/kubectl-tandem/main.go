@@ -161,6 +161,33 @@ func (o *rootOptions) namespace() (string, error) {
 	return ns, nil
 }
 
+// connect returns the namespace a command acts in (-n or the context's) and
+// a client.
+func (o *rootOptions) connect() (string, client.Client, error) {
+	ns, err := o.namespace()
+	if err != nil {
+		return "", nil, err
+	}
+	c, err := o.newClient()
+	if err != nil {
+		return "", nil, err
+	}
+	return ns, c, nil
+}
+
+// pair connects and reads the VolumePair NAME in the command's namespace.
+func (o *rootOptions) pair(ctx context.Context, name string) (client.Client, *storagev1alpha1.VolumePair, error) {
+	ns, c, err := o.connect()
+	if err != nil {
+		return nil, nil, err
+	}
+	vp, err := getPair(ctx, c, ns, name)
+	if err != nil {
+		return nil, nil, err
+	}
+	return c, vp, nil
+}
+
 // getPair reads one VolumePair.
 func getPair(ctx context.Context, c client.Client, ns, name string) (*storagev1alpha1.VolumePair, error) {
 	vp := &storagev1alpha1.VolumePair{}

@@ -84,6 +84,16 @@ func (f *outputFlags) human() bool {
 	return f.format() == "" && (t == nil || *t == "")
 }
 
+// objectPrinter returns the printer for -o or --template, and nil for the
+// human output: the check every command that prints a VolumePair makes
+// before any work.
+func (f *outputFlags) objectPrinter() (printers.ResourcePrinter, error) {
+	if f.human() {
+		return nil, nil
+	}
+	return f.printer()
+}
+
 // printer returns the printer -o asks for; an unknown format or a template
 // that does not parse is an error. For a report's json and yaml it returns
 // nil: printReport encodes those itself. Call it before any work, so that a

@@ -100,18 +100,11 @@ is Inconsistent, or the controller never reported a writer.`,
 }
 
 func (o *rootOptions) runPromote(ctx context.Context, name, node string, po promoteOptions) error {
-	ns, err := o.namespace()
+	c, vp, err := o.pair(ctx, name)
 	if err != nil {
 		return err
 	}
-	c, err := o.newClient()
-	if err != nil {
-		return err
-	}
-	vp, err := getPair(ctx, c, ns, name)
-	if err != nil {
-		return err
-	}
+	ns := vp.Namespace
 	if err := promoteRefused(vp, node); err != nil {
 		return fmt.Errorf("promote of %s in volumepair %s/%s refused, nothing was changed: %w", node, ns, vp.Name, err)
 	}

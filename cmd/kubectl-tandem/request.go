@@ -12,7 +12,6 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
-	"k8s.io/cli-runtime/pkg/printers"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	storagev1alpha1 "github.com/tandem-storage/tandem/api/v1alpha1"
@@ -85,25 +84,15 @@ func newRequestCmd(o *rootOptions, r request) *cobra.Command {
 		Example: fmt.Sprintf("  kubectl tandem %s db -n prod", r.verb),
 		Args:    nameArg,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			var p printers.ResourcePrinter
-			if !out.human() {
-				var err error
-				if p, err = out.printer(); err != nil {
-					return err
-				}
-			}
-			ns, err := o.namespace()
+			p, err := out.objectPrinter()
 			if err != nil {
 				return err
 			}
-			c, err := o.newClient()
+			c, vp, err := o.pair(cmd.Context(), args[0])
 			if err != nil {
 				return err
 			}
-			vp, err := getPair(cmd.Context(), c, ns, args[0])
-			if err != nil {
-				return err
-			}
+			ns := vp.Namespace
 			if err := r.refuse(vp); err != nil {
 				return fmt.Errorf("%s of volumepair %s/%s refused, nothing was changed: %w", r.verb, ns, vp.Name, err)
 			}

@@ -11,7 +11,6 @@ import (
 
 	"github.com/spf13/cobra"
 	corev1 "k8s.io/api/core/v1"
-	"k8s.io/cli-runtime/pkg/printers"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	storagev1alpha1 "github.com/tandem-storage/tandem/api/v1alpha1"
@@ -37,22 +36,11 @@ formats: json, yaml, name, jsonpath=..., go-template=...`,
   kubectl tandem status db -o jsonpath='{.status.phase}{"\n"}'`,
 		Args: nameArg,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			var p printers.ResourcePrinter
-			if !out.human() {
-				var err error
-				if p, err = out.printer(); err != nil {
-					return err
-				}
-			}
-			ns, err := o.namespace()
+			p, err := out.objectPrinter()
 			if err != nil {
 				return err
 			}
-			c, err := o.newClient()
-			if err != nil {
-				return err
-			}
-			vp, err := getPair(cmd.Context(), c, ns, args[0])
+			c, vp, err := o.pair(cmd.Context(), args[0])
 			if err != nil {
 				return err
 			}

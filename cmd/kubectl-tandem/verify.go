@@ -176,18 +176,11 @@ func runVerify(ctx context.Context, o *rootOptions, vo *verifyOptions, name stri
 	if vo.agentTimeout <= 0 {
 		return nil, fmt.Errorf("--agent-timeout %s: want a positive duration", vo.agentTimeout)
 	}
-	ns, err := o.namespace()
+	c, vp, err := o.pair(ctx, name)
 	if err != nil {
 		return nil, err
 	}
-	c, err := o.newClient()
-	if err != nil {
-		return nil, err
-	}
-	vp, err := getPair(ctx, c, ns, name)
-	if err != nil {
-		return nil, err
-	}
+	ns := vp.Namespace
 	operatorNS, token, err := vo.locate(ctx, c)
 	if err != nil {
 		return nil, err

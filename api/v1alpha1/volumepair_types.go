@@ -105,6 +105,12 @@ const (
 	// ConditionFailoverBlocked is True when the primary is lost but the
 	// controller does not promote the backup, with the reason why.
 	ConditionFailoverBlocked = "FailoverBlocked"
+	// ConditionExpanding is True while spec.size is larger than what a
+	// member that answers serves: the controller grows the backups first,
+	// then the writer (reason Expanding), or an agent refused to grow
+	// (reason ExpansionRefused, the message names the node and its
+	// error; the pair keeps serving at the old size).
+	ConditionExpanding = "Expanding"
 )
 
 // Annotations a user sets to ask for an action the policy leaves to them.
@@ -295,10 +301,13 @@ type VolumePairSpec struct {
 	// size is the volume's size in bytes: a whole number of regions
 	// (spec.regionSize), at most 4294967295 of them (256Ti - 64Ki with the
 	// default 64Ki regions, 16Ti - 4Ki with 4Ki, 256Pi - 64Mi with 64Mi).
-	// Immutable.
+	// It may grow on a live pair, never shrink: the controller grows every
+	// backup first, then the writer (online expansion; status.size is what
+	// the writer serves, the Expanding condition says how far it got). A
+	// member that does not answer grows when it returns, before its resync.
 	// +required
 	// +kubebuilder:validation:XValidation:rule="!isQuantity(string(self)) || quantity(string(self)).isGreaterThan(quantity('0'))",message="spec.size must be greater than 0"
-	// +kubebuilder:validation:XValidation:rule="quantity(string(self)).compareTo(quantity(string(oldSelf))) == 0",message="spec.size is immutable"
+	// +kubebuilder:validation:XValidation:rule="!isQuantity(string(self)) || !isQuantity(string(oldSelf)) || quantity(string(self)).compareTo(quantity(string(oldSelf))) >= 0",messageExpression="'spec.size cannot shrink (from ' + string(oldSelf) + ' to ' + string(self) + '): a volume only grows'",message="spec.size cannot shrink: a volume only grows"
 	Size resource.Quantity `json:"size"`
 
 	// regionSize is the granularity of the dirty bitmaps: one bit per region.
@@ -460,6 +469,13 @@ type VolumePairStatus struct {
 	// epoch is the authority epoch; it grows with every change of writer.
 	// +optional
 	Epoch int64 `json:"epoch,omitempty"`
+	// size is the volume's size as the writer serves it (its NBD export),
+	// as it last reported: spec.size once an expansion completed, the
+	// size before it while the backups grow (the writer grows last, so
+	// every member that answered then serves at least this much). Absent
+	// until the writer first reports.
+	// +optional
+	Size *resource.Quantity `json:"size,omitempty"`
 	// endpoint is the nbd:// URI of the active primary's export. Empty while
 	// no member accepts writes; kept while the active primary does not answer
 	// the controller but still holds the authority at this epoch (it may
@@ -515,7 +531,7 @@ type VolumePairStatus struct {
 	// --force): who asked, which member, and what would have blocked it.
 	// +optional
 	LastForcePromotion *ForcePromotion `json:"lastForcePromotion,omitempty"`
-	// conditions: Ready, Synchronized, Degraded, FailoverBlocked.
+	// conditions: Ready, Synchronized, Degraded, FailoverBlocked, Expanding.
 	// +optional
 	// +listType=map
 	// +listMapKey=type
@@ -553,6 +569,7 @@ type VolumePairStatus struct {
 // +kubebuilder:printcolumn:name="Status",type=string,JSONPath=`.status.conditions[?(@.type=="Ready")].reason`
 // +kubebuilder:printcolumn:name="In-Sync",type=string,JSONPath=`.status.membersInSync`
 // +kubebuilder:printcolumn:name="Out-Of-Sync",type=integer,format=int64,JSONPath=`.status.outOfSyncBytes`
+// +kubebuilder:printcolumn:name="Size",type=string,JSONPath=`.status.size`,priority=1
 // +kubebuilder:printcolumn:name="Claim",type=string,JSONPath=`.metadata.annotations.csi\.tandem\.dev/pvc`,priority=1
 // +kubebuilder:printcolumn:name="Unmerged",type=integer,format=int64,JSONPath=`.status.unmergedRegions`,priority=1
 // +kubebuilder:printcolumn:name="Epoch",type=integer,JSONPath=`.status.epoch`,priority=1

@@ -87,6 +87,8 @@ func TestAllowedUpdates(t *testing.T) {
 		{"replace an additional backup's node", func(p *v1.VolumePair) { p.Spec.AdditionalBackups[1].Node = "node-g" }},
 		{"remove an additional backup", func(p *v1.VolumePair) { p.Spec.AdditionalBackups = p.Spec.AdditionalBackups[:1] }},
 		{"same size spelled differently", func(p *v1.VolumePair) { p.Spec.Size = resource.MustParse("1073741824") }},
+		{"grow the size (online expansion)", func(p *v1.VolumePair) { p.Spec.Size = resource.MustParse("2Gi") }},
+		{"grow it again, spelled in bytes", func(p *v1.VolumePair) { p.Spec.Size = resource.MustParse("3221225472") }},
 		{"failover tuning", func(p *v1.VolumePair) {
 			p.Spec.Failover.Policy = v1.PolicyManual
 			p.Spec.Failover.LeaseDurationSeconds = 10
@@ -111,7 +113,8 @@ func TestAllowedUpdates(t *testing.T) {
 		t.Fatal(err)
 	}
 	if final.Spec.Primary.Node != "node-d" || final.Spec.Backup.Node != "node-e" || final.Spec.Mode != v1.ModeSync ||
-		len(final.Spec.AdditionalBackups) != 1 || final.Spec.AdditionalBackups[0] != (v1.BackupMember{Node: "node-c", Mode: v1.ModeAsync}) {
+		len(final.Spec.AdditionalBackups) != 1 || final.Spec.AdditionalBackups[0] != (v1.BackupMember{Node: "node-c", Mode: v1.ModeAsync}) ||
+		final.Spec.SizeBytes() != 3<<30 {
 		t.Errorf("final spec = %+v", final.Spec)
 	}
 }

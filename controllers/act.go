@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/log"
 
@@ -40,6 +42,8 @@ func (r *VolumePairReconciler) act(ctx context.Context, s *scope) error {
 		return nil
 	case StepConfirmOutdated:
 		return r.confirmOutdated(ctx, s)
+	case StepGrow:
+		return r.grow(ctx, s)
 	case StepFailover, StepSwitch:
 		if err := r.moveAuthority(ctx, s, s.step.Target, s.step.Kind == StepFailover); err != nil {
 			return err
@@ -117,9 +121,23 @@ func (r *VolumePairReconciler) setOutdatedConfirmation(ctx context.Context, s *s
 	return nil
 }
 
-// configure pushes the desired roles to the agents: first the members that
-// must not write (so two writers never overlap), then the writer.
-func (r *VolumePairReconciler) configure(ctx context.Context, s *scope, hold bool) error {
+// push is one member's desired state, as configure and grow send it.
+type push struct {
+	m   *MemberView
+	req agentapi.VolumeRequest
+	// skip: configure leaves the member as it is (a held member fenced
+	// already, or without a replica to keep).
+	skip bool
+}
+
+// pushes are the requests for every member, backups first (in spec order),
+// the writer last: the roles the authority says at its epoch, the spec's
+// mode, members, resync settings and clients. Each carries spec.size, or
+// the member's own size when its replica is smaller: growing it is grow's,
+// which asks the members in the order growStep says; configure never
+// grows a replica (a writer grown before its backups would export more than
+// they hold).
+func (r *VolumePairReconciler) pushes(s *scope, hold bool) []push {
 	vp := s.vp
 	a := s.view.Authority
 	writer, others := s.view.member(a.Holder), s.view.others(a.Holder)
@@ -135,22 +153,19 @@ func (r *VolumePairReconciler) configure(ctx context.Context, s *scope, hold boo
 	if !initialize && writer.Status == nil && s.view.PairHasData() {
 		writerRole = agentapi.RoleNone
 	}
-	req := func(role agentapi.Role, peer, peerAddr string, more []agentapi.Peer, h bool) agentapi.VolumeRequest {
-		return agentapi.VolumeRequest{Size: vp.Spec.SizeBytes(), RegionSize: vp.Spec.RegionSizeBytes(), Spec: agentapi.Spec{
+	req := func(m *MemberView, role agentapi.Role, peer, peerAddr string, more []agentapi.Peer, h bool) agentapi.VolumeRequest {
+		size := vp.Spec.SizeBytes()
+		if s.view.Smaller(m) {
+			size = m.Status.Size
+		}
+		return agentapi.VolumeRequest{Size: size, RegionSize: vp.Spec.RegionSizeBytes(), Spec: agentapi.Spec{
 			PairUID: string(vp.UID), Role: role, Epoch: a.Epoch, Mode: vp.Spec.Mode, PeerNode: peer, PeerAddress: peerAddr,
 			MoreBackups: more, MergePeerBitmap: &merge, MaxBytesPerSecond: vp.Spec.Resync.MaxBytesPerSecond, Hold: h,
 			Initialize: initialize && role == agentapi.RolePrimary, Clients: s.view.Clients,
 		}}
 	}
-	var errs []error
+	var out []push
 	for _, o := range others {
-		if !o.Reachable {
-			continue
-		}
-		info, ok := s.agents[o.Node]
-		if !ok {
-			continue
-		}
 		// A backup knows the other backups: it tracks what they lack of
 		// what it applies (watermarks), for when it is promoted.
 		var siblings []agentapi.Peer
@@ -161,14 +176,49 @@ func (r *VolumePairReconciler) configure(ctx context.Context, s *scope, hold boo
 		}
 		role := agentapi.RoleBackup
 		if s.view.IsHeld(o) {
-			if s.view.matchesHeld(o) {
-				continue // fenced already, or no replica to keep
-			}
 			// Fenced at this epoch: it refuses the writer's stream, so
 			// its data stays as it came back until the hold is lifted.
 			role = agentapi.RoleNone
 		}
-		if _, err := r.NewAgentClient(info.control, r.agentToken()).Put(ctx, vp.Namespace, vp.Name, req(role, writer.Node, "", siblings, false)); err != nil {
+		out = append(out, push{m: o, req: req(o, role, writer.Node, "", siblings, false), skip: s.view.matchesHeld(o)})
+	}
+	first := others[0]
+	var more []agentapi.Peer
+	for _, o := range others[1:] {
+		more = append(more, agentapi.Peer{Node: o.Node, Address: s.agents[o.Node].replication, Mode: s.view.modeOf(o)})
+	}
+	// The first backup's mode is the spec's (spec.primary or
+	// spec.backup: the pair's mode).
+	out = append(out, push{m: writer, req: req(writer, writerRole, first.Node, s.agents[first.Node].replication, more, hold && writerRole == agentapi.RolePrimary)})
+	return out
+}
+
+// configure pushes the desired roles to the agents: first the members that
+// must not write (so two writers never overlap), then the writer.
+func (r *VolumePairReconciler) configure(ctx context.Context, s *scope, hold bool) error {
+	vp := s.vp
+	writer := s.view.member(s.view.Authority.Holder)
+	var errs []error
+	for _, p := range r.pushes(s, hold) {
+		o := p.m
+		if !o.Reachable || p.skip {
+			continue
+		}
+		info, ok := s.agents[o.Node]
+		if !ok {
+			continue
+		}
+		if o == writer {
+			if len(errs) > 0 {
+				break
+			}
+			if _, err := r.NewAgentClient(info.control, r.agentToken()).Put(ctx, vp.Namespace, vp.Name, p.req); err != nil {
+				errs = append(errs, fmt.Errorf("configure %s as primary: %w", writer.Node, err))
+			}
+			break
+		}
+		role := p.req.Spec.Role
+		if _, err := r.NewAgentClient(info.control, r.agentToken()).Put(ctx, vp.Namespace, vp.Name, p.req); err != nil {
 			what := "backup"
 			if role == agentapi.RoleNone {
 				what = "fenced member (held out of resync)"
@@ -182,19 +232,78 @@ func (r *VolumePairReconciler) configure(ctx context.Context, s *scope, hold boo
 				o.Node, v1.AnnotationHoldResync, writer.Node)
 		}
 	}
-	if writer.Reachable && len(errs) == 0 {
-		info := s.agents[writer.Node]
-		first := others[0]
-		var more []agentapi.Peer
-		for _, o := range others[1:] {
-			more = append(more, agentapi.Peer{Node: o.Node, Address: s.agents[o.Node].replication, Mode: s.view.modeOf(o)})
-		}
-		// The first backup's mode is the spec's (spec.primary or
-		// spec.backup: the pair's mode).
-		if _, err := r.NewAgentClient(info.control, r.agentToken()).Put(ctx, vp.Namespace, vp.Name,
-			req(writerRole, first.Node, s.agents[first.Node].replication, more, hold && writerRole == agentapi.RolePrimary)); err != nil {
-			errs = append(errs, fmt.Errorf("configure %s as primary: %w", writer.Node, err))
-		}
-	}
 	return errors.Join(errs...)
 }
+
+// Online expansion events.
+const (
+	// ReasonVolumeExpanded (Normal): the writer serves the larger
+	// spec.size, after every backup that answered grew.
+	ReasonVolumeExpanded = "VolumeExpanded"
+	// ReasonExpansionRefused (Warning): an agent refused to grow its
+	// replica; the message names the node and the agent's answer.
+	ReasonExpansionRefused = "ExpansionRefused"
+)
+
+// growRetry is how long after an agent refused to grow its replica it is
+// asked again (sooner when spec.size changes).
+const growRetry = 30 * time.Second
+
+// grow grows s.step.Target's replica to spec.size: the request configure
+// sends it, with spec.size. The agent grows the replica durably before it
+// answers. A refusal (the agent answered an error: its file system cannot
+// hold the size, an agent without online expansion) is not the step
+// failing: it is recorded for the member (MemberView.GrowRefused, asked
+// again after growRetry or once spec.size changes), with a Warning event
+// the first time it says this, and the Expanding condition names it; the
+// pair keeps serving at the old size. Anything else (no answer) fails the
+// step and the next round tries again.
+func (r *VolumePairReconciler) grow(ctx context.Context, s *scope) error {
+	vp := s.vp
+	node, size := s.step.Target, vp.Spec.SizeBytes()
+	info, ok := s.agents[node]
+	if !ok {
+		return fmt.Errorf("no agent endpoint for %s", node)
+	}
+	var req agentapi.VolumeRequest
+	for _, p := range r.pushes(s, false) {
+		if p.m.Node == node {
+			req = p.req
+		}
+	}
+	from := int64(0)
+	if m := s.view.member(node); m.Status != nil {
+		from = m.Status.Size
+	}
+	req.Size = size
+	st, err := r.NewAgentClient(info.control, r.agentToken()).Put(ctx, vp.Namespace, vp.Name, req)
+	var refusal *agentapi.APIError
+	switch {
+	case errors.As(err, &refusal):
+		r.refuseGrow(vp, node, size, from, refusal.Message)
+		return nil
+	case err != nil:
+		return fmt.Errorf("grow %s from %s to %s: %w", node, human(from), human(size), err)
+	case st.Size < size:
+		r.refuseGrow(vp, node, size, from, fmt.Sprintf("the agent answered with size %d bytes (%s)", st.Size, human(st.Size)))
+		return nil
+	}
+	r.probeState(client.ObjectKeyFromObject(vp), node).growRefused = growRefusal{}
+	log.FromContext(ctx).Info("Grew a replica", "node", node, "from", from, "to", size)
+	return nil
+}
+
+// refuseGrow records that node's agent refused to grow to size, with a
+// Warning event unless it said the same for this size before.
+func (r *VolumePairReconciler) refuseGrow(vp *v1.VolumePair, node string, size, from int64, msg string) {
+	ps := r.probeState(client.ObjectKeyFromObject(vp), node)
+	if prev := ps.growRefused; prev.size != size || prev.msg != msg {
+		r.Recorder.Eventf(vp, nil, corev1.EventTypeWarning, ReasonExpansionRefused, "Grow",
+			"the agent on %s refused to grow its replica from %s to %s (spec.size): %s; the volume keeps its size, asked again in %v or when spec.size changes",
+			node, human(from), human(size), msg, growRetry)
+	}
+	ps.growRefused = growRefusal{size: size, msg: msg, at: r.Now()}
+}
+
+// human is a size in bytes as a quantity ("16Mi").
+func human(n int64) string { return resource.NewQuantity(n, resource.BinarySI).String() }

@@ -2,6 +2,7 @@ package controllers
 
 import (
 	"fmt"
+	"strings"
 	"unicode/utf8"
 
 	"k8s.io/apimachinery/pkg/api/meta"
@@ -169,4 +170,132 @@ func truncate(s string, n int) string {
 		cut--
 	}
 	return s[:cut] + "…"
+}
+
+// Reasons of the Expanding condition (online expansion). While an agent
+// refuses to grow, the reason is ReasonExpansionRefused, as its event's.
+const (
+	// ReasonExpanding: spec.size grew and members are being grown (the
+	// backups first, then the writer), or a member that does not answer
+	// grows when it returns.
+	ReasonExpanding = "Expanding"
+	// ReasonNotExpanding: every member serves spec.size.
+	ReasonNotExpanding = "NotExpanding"
+)
+
+// expansion is how far an online expansion got: what each member serves
+// against spec.size.
+type expansion struct {
+	from, to int64 // what the writer serves (the smallest size known when it has not reported), spec.size
+	// grown and next are the backups that answer and serve spec.size, or
+	// do not yet; away the members that do not answer and last reported
+	// less (or nothing, after the controller restarted).
+	grown, next, away []string
+	// writerSmall: the writer answers and serves less than spec.size.
+	writerSmall bool
+	// refused is the first member (backups first) whose agent refused to
+	// grow, and its answer.
+	refused, refusedMsg string
+	writer              string
+}
+
+// active reports whether some member serves less than spec.size.
+func (e expansion) active() bool { return e.writerSmall || len(e.next) > 0 || len(e.away) > 0 }
+
+// expansionOf sizes up the members: a member that answers by its report,
+// one that does not by lastSize (its last report; 0: none).
+func expansionOf(v *View, writer *MemberView, others []*MemberView, lastSize func(node string) int64) expansion {
+	e := expansion{to: v.Size, writer: writer.Node}
+	size := func(m *MemberView) int64 {
+		if m.Status != nil && m.Status.Size > 0 {
+			return m.Status.Size
+		}
+		return lastSize(m.Node)
+	}
+	e.from = size(writer)
+	for _, o := range others {
+		n := size(o)
+		switch {
+		case !o.Reachable && n > 0 && n < v.Size:
+			e.away = append(e.away, o.Node)
+		case v.Smaller(o):
+			e.next = append(e.next, o.Node)
+			if o.GrowRefused != "" && e.refused == "" {
+				e.refused, e.refusedMsg = o.Node, o.GrowRefused
+			}
+		case o.Reachable && n >= v.Size:
+			e.grown = append(e.grown, o.Node)
+		}
+	}
+	if e.from == 0 {
+		for _, o := range others {
+			if n := size(o); n > 0 && (e.from == 0 || n < e.from) {
+				e.from = n
+			}
+		}
+	}
+	e.writerSmall = v.Smaller(writer)
+	if e.writerSmall && writer.GrowRefused != "" && e.refused == "" {
+		e.refused, e.refusedMsg = writer.Node, writer.GrowRefused
+	}
+	return e
+}
+
+// awayMsg says that members that do not answer grow when they return.
+func (e expansion) awayMsg() string {
+	if len(e.away) == 0 {
+		return ""
+	}
+	return fmt.Sprintf("%s does not answer and grows to %s when it returns, before its resync", strings.Join(e.away, ", "), human(e.to))
+}
+
+// setExpandingCondition: True while spec.size is larger than what a member
+// serves, saying which members grew and which are next (the backups
+// first, then the writer), or which agent refused and why.
+func setExpandingCondition(conds *[]metav1.Condition, gen int64, e expansion) {
+	if !e.active() {
+		set(conds, gen, v1.ConditionExpanding, false, ReasonNotExpanding, fmt.Sprintf("every member serves %s (spec.size)", human(e.to)))
+		return
+	}
+	head := fmt.Sprintf("growing from %s to %s: ", human(e.from), human(e.to))
+	if e.from == 0 {
+		head = fmt.Sprintf("growing to %s: ", human(e.to))
+	}
+	if e.refused != "" {
+		var msg string
+		if e.refused == e.writer {
+			msg = fmt.Sprintf("the backups serve %s, but the agent on the writer %s refused to grow: %s; the volume stays %s", human(e.to), e.writer, e.refusedMsg, human(e.from))
+		} else {
+			msg = fmt.Sprintf("the agent on %s refused to grow: %s; the writer %s serves %s until every backup that answers has grown", e.refused, e.refusedMsg, e.writer, human(e.from))
+		}
+		msg += fmt.Sprintf(" (asked again within %v, or when spec.size changes)", growRetry)
+		set(conds, gen, v1.ConditionExpanding, true, ReasonExpansionRefused, truncate(head+msg, 32768))
+		return
+	}
+	var parts []string
+	if len(e.grown) > 0 {
+		parts = append(parts, strings.Join(e.grown, ", ")+" done")
+	}
+	if len(e.next) > 0 {
+		parts = append(parts, strings.Join(e.next, ", ")+" next")
+	}
+	var msg string
+	switch {
+	case e.writerSmall || len(e.next) > 0:
+		msg = "backups first"
+		if len(parts) > 0 {
+			msg += " (" + strings.Join(parts, "; ") + ")"
+		}
+		msg += ", then the writer " + e.writer
+		if e.writerSmall && len(e.next) == 0 {
+			msg += " (next)"
+		}
+		if a := e.awayMsg(); a != "" {
+			msg += "; " + a
+		}
+	default:
+		head = fmt.Sprintf("grown to %s: ", human(e.to))
+		msg = fmt.Sprintf("the writer %s serves it, as every member that answers does; %s", e.writer, e.awayMsg())
+	}
+	set(conds, gen, v1.ConditionExpanding, true, ReasonExpanding, truncate(head+msg, 32768))
 }

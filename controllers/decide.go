@@ -55,6 +55,10 @@ type MemberView struct {
 	// Mode is the member's replication mode as a backup (spec.mode, or an
 	// additional backup's own); "" is the pair's.
 	Mode v1.ReplicationMode
+	// GrowRefused is the agent's answer when it refused to grow the
+	// replica to the View's Size less than growRetry ago ("" otherwise):
+	// it is not asked again before then, or before spec.size changes.
+	GrowRefused string
 }
 
 // AuthorityView is the per-pair authority Lease.
@@ -78,6 +82,9 @@ type View struct {
 	// PairUID is the VolumePair's UID: the pair whose data a member must
 	// hold to be trusted (invariant 8, docs/architecture.md).
 	PairUID string
+	// Size is spec.size in bytes: what every member must serve. A member
+	// whose replica is smaller grows (online expansion, growStep).
+	Size int64
 	// DataInitialized is status.dataInitialized: some member has held the
 	// pair's data, so a member without it is new or wiped, not a member of
 	// a brand-new pair.
@@ -117,6 +124,7 @@ const (
 	StepHold            StepKind = "Hold"            // failback: hold writes on the writer and drain
 	StepReleaseHold     StepKind = "ReleaseHold"     // give up a failback hold
 	StepSwitch          StepKind = "Switch"          // failback: move authority to Target with epoch+1
+	StepGrow            StepKind = "Grow"            // online expansion: grow Target's replica to spec.size
 )
 
 // Reasons for the FailoverBlocked condition.
@@ -470,7 +478,13 @@ func Decide(v View) Step {
 		}
 	}
 
-	// 4. Failback (DELPAIR) or a planned switchover towards spec.primary.
+	// 4. Online expansion: spec.size grew. Every backup that answers
+	// first, then the writer.
+	if st, ok := growStep(&v, writer, others); ok {
+		return st
+	}
+
+	// 5. Failback (DELPAIR) or a planned switchover towards spec.primary.
 	// The hold starts once what is left to ship can drain within it, not
 	// when nothing is left: under steady writes in async mode something
 	// almost always is. Under the hold the writer drains; then the roles
@@ -519,6 +533,41 @@ func Decide(v View) Step {
 			Message: "the agent on " + writer.Node + " is stopping; its writer role moves to " + names(others) + " once one is reachable and in sync"}
 	}
 	return Step{Kind: StepNone, Blocked: BlockedNone}
+}
+
+// Smaller reports whether member m answers and serves less than the
+// pair's size (spec.size): it has to grow. A member without a replica is
+// created at spec.size; one that does not answer grows when it returns.
+func (v *View) Smaller(m *MemberView) bool {
+	return m.Reachable && m.Status != nil && m.Status.Size > 0 && m.Status.Size < v.Size
+}
+
+// growStep is the next step of an online expansion (spec.size grew), if
+// one is due: every backup that answers grows first, one a step, in spec
+// order; the writer grows once every backup that answers serves spec.size,
+// so that it never exports more than a member it streams to holds (an
+// agent refuses the stream of a writer larger than its replica). A backup
+// that does not answer grows when it returns: its stream waits until then,
+// and Decide asks it to grow as soon as its roles are in place, before the
+// resync. A member whose agent refused (GrowRefused) is asked again after
+// growRetry or once spec.size changes; meanwhile the writer does not grow
+// past a backup that refused, and the pair serves the old size. A writer
+// holding writes for a failback grows after the hold.
+func growStep(v *View, writer *MemberView, others []*MemberView) (Step, bool) {
+	backupsGrown := true
+	for _, o := range others {
+		if !v.Smaller(o) {
+			continue
+		}
+		backupsGrown = false
+		if o.GrowRefused == "" {
+			return Step{Kind: StepGrow, Target: o.Node, Blocked: BlockedNone}, true
+		}
+	}
+	if backupsGrown && v.Smaller(writer) && writer.GrowRefused == "" && !writer.Status.Holding {
+		return Step{Kind: StepGrow, Target: writer.Node, Blocked: BlockedNone}, true
+	}
+	return Step{}, false
 }
 
 // StaleRequest names a request annotation that asks for nothing this pair

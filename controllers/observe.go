@@ -28,7 +28,7 @@ func (r *VolumePairReconciler) observe(ctx context.Context, s *scope) error {
 	s.agents = map[string]agentInfo{}
 	key := client.ObjectKeyFromObject(vp)
 	s.view = View{
-		PairUID: string(vp.UID), DataInitialized: vp.Status.DataInitialized,
+		PairUID: string(vp.UID), DataInitialized: vp.Status.DataInitialized, Size: vp.Spec.SizeBytes(),
 		Mode: vp.Spec.Mode, FailoverPolicy: vp.Spec.Failover.Policy, FailbackPolicy: vp.Spec.Failback.Policy,
 		FailoverRequested: vp.Annotations[v1.AnnotationFailoverRequested] != "",
 		FailbackRequested: vp.Annotations[v1.AnnotationFailbackRequested] != "",
@@ -98,6 +98,9 @@ func (r *VolumePairReconciler) observe(ctx context.Context, s *scope) error {
 		}
 		ps := r.probeState(key, node)
 		now := r.Now()
+		if g := ps.growRefused; g.size == vp.Spec.SizeBytes() && now.Sub(g.at) < growRetry {
+			m.GrowRefused = g.msg
+		}
 		if m.Reachable {
 			ps.failures, ps.lastSeen, ps.lostAt, ps.last = 0, now, time.Time{}, m.Status
 		} else {

@@ -5,9 +5,11 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"strings"
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
+	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/klog/v2"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -215,6 +217,32 @@ func (r *VolumePairReconciler) patchStatus(ctx context.Context, s *scope, ok boo
 		r.Recorder.Eventf(vp, nil, corev1.EventTypeWarning, ReasonMemberNotFound, "Degrade", "%s", c.Message)
 	}
 	setFailoverBlockedCondition(&st.Conditions, gen, s.step)
+	// Online expansion: status.size is what the writer serves (it grows
+	// last); the Expanding condition says how far the members got.
+	exp := expansionOf(&view, writer, others, func(node string) int64 {
+		if last := r.probeState(key, node).last; last != nil {
+			return last.Size
+		}
+		return 0
+	})
+	setExpandingCondition(&st.Conditions, gen, exp)
+	if w := writer.Status; w != nil && w.Size > 0 {
+		if old := s.base.Status.Size; old == nil || old.Value() != w.Size {
+			st.Size = resource.NewQuantity(w.Size, resource.BinarySI)
+			if old != nil && w.Size > old.Value() {
+				msg := fmt.Sprintf("the writer %s serves %s (was %s)", writer.Node, human(w.Size), human(old.Value()))
+				if len(exp.next) > 0 {
+					msg += "; " + strings.Join(exp.next, ", ") + " grows next"
+				} else {
+					msg += ", as every member that answers does"
+				}
+				if a := exp.awayMsg(); a != "" {
+					msg += "; " + a
+				}
+				r.Recorder.Eventf(vp, nil, corev1.EventTypeNormal, ReasonVolumeExpanded, "Grow", "%s", msg)
+			}
+		}
+	}
 	if ok {
 		st.ObservedGeneration = gen
 	}

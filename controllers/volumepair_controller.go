@@ -114,6 +114,15 @@ type probeState struct {
 	// holdGaveUp is when a failback hold on this member (as the writer)
 	// was released because it did not drain in time.
 	holdGaveUp time.Time
+	// growRefused is the member's last refusal to grow its replica.
+	growRefused growRefusal
+}
+
+// growRefusal is an agent's refusal to grow a replica to size (zero: none).
+type growRefusal struct {
+	size int64
+	msg  string
+	at   time.Time
 }
 
 // holdBackoff is how long after a failback hold that did not drain in time

@@ -2,8 +2,9 @@
 // member's agent, holds the per-pair authority Lease with its epoch, fences a
 // lost primary by waiting for that Lease to expire, and drives the phases
 // PAIR → SWAP → COPY → NORMAL → PAIR, writing status a user can read with
-// kubectl. Agents act; the controller decides (docs/architecture.md,
-// "Phases" and "Invariants and how they are kept").
+// kubectl; it grows the replicas when spec.size grows, the backups before
+// the writer. Agents act; the controller decides (docs/architecture.md,
+// "Phases", "Invariants and how they are kept" and "Growing a volume").
 //
 // A round (Reconcile) is fetch → finalizer → observe → Decide → act → one
 // status patch, each phase in its own file:
@@ -11,7 +12,7 @@
 //	volumepair_controller.go  Reconcile, the scope of a round, when the next one runs
 //	observe.go                probes of both members, Node readiness, the authority Lease (View)
 //	decide.go                 Decide and DerivePhase: pure functions of the View
-//	act.go                    carrying out the step: configure the agents, outdating
+//	act.go                    carrying out the step: configure the agents, outdating, growing a replica
 //	authority.go              reading, creating, moving and deleting the authority Lease
 //	status.go, conditions.go  the status patch and the condition helpers (pure)
 //	delete.go                 teardown when the VolumePair is deleted

@@ -280,12 +280,12 @@ func (r *VolumePairReconciler) grow(ctx context.Context, s *scope) error {
 	var refusal *agentapi.APIError
 	switch {
 	case errors.As(err, &refusal):
-		r.refuseGrow(vp, node, size, from, refusal.Message)
+		r.refuseGrow(s, node, size, from, refusal.Message)
 		return nil
 	case err != nil:
 		return fmt.Errorf("grow %s from %s to %s: %w", node, human(from), human(size), err)
 	case st.Size < size:
-		r.refuseGrow(vp, node, size, from, fmt.Sprintf("the agent answered with size %d bytes (%s)", st.Size, human(st.Size)))
+		r.refuseGrow(s, node, size, from, fmt.Sprintf("the agent answered with size %d bytes (%s)", st.Size, human(st.Size)))
 		return nil
 	}
 	r.probeState(client.ObjectKeyFromObject(vp), node).growRefused = growRefusal{}
@@ -294,8 +294,11 @@ func (r *VolumePairReconciler) grow(ctx context.Context, s *scope) error {
 }
 
 // refuseGrow records that node's agent refused to grow to size, with a
-// Warning event unless it said the same for this size before.
-func (r *VolumePairReconciler) refuseGrow(vp *v1.VolumePair, node string, size, from int64, msg string) {
+// Warning event unless it said the same for this size before; this round's
+// status says so too.
+func (r *VolumePairReconciler) refuseGrow(s *scope, node string, size, from int64, msg string) {
+	vp := s.vp
+	s.view.member(node).GrowRefused = msg
 	ps := r.probeState(client.ObjectKeyFromObject(vp), node)
 	if prev := ps.growRefused; prev.size != size || prev.msg != msg {
 		r.Recorder.Eventf(vp, nil, corev1.EventTypeWarning, ReasonExpansionRefused, "Grow",

@@ -259,6 +259,11 @@ func TestGrowAct(t *testing.T) {
 	if ps.growRefused.size != after || !strings.Contains(ps.growRefused.msg, "file too large") {
 		t.Fatalf("refusal recorded as %+v", ps.growRefused)
 	}
+	// This round's status says so already (the retry round's too: the
+	// condition does not flip back to Expanding while the agent is asked).
+	if msg := s.view.Primary.GrowRefused; !strings.Contains(msg, "file too large") {
+		t.Fatalf("the round's view: GrowRefused %q", msg)
+	}
 	rec := f.r.Recorder.(*events.FakeRecorder)
 	if n := len(rec.Events); n != 1 {
 		t.Fatalf("%d events, want 1 (the same refusal again is not announced again)", n)

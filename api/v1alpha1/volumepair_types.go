@@ -106,10 +106,12 @@ const (
 	// controller does not promote the backup, with the reason why.
 	ConditionFailoverBlocked = "FailoverBlocked"
 	// ConditionExpanding is True while spec.size is larger than what a
-	// member that answers serves: the controller grows the backups first,
-	// then the writer (reason Expanding), or an agent refused to grow
-	// (reason ExpansionRefused, the message names the node and its
-	// error; the pair keeps serving at the old size).
+	// member serves (one that does not answer: as it last reported): the
+	// controller grows the backups that answer first, then the writer, and
+	// a member that does not answer when it returns (reason Expanding), or
+	// an agent refused to grow (reason ExpansionRefused, the message names
+	// the node and its answer; the pair keeps serving at the old size).
+	// False (NotExpanding) once every member serves spec.size.
 	ConditionExpanding = "Expanding"
 )
 

@@ -29,9 +29,6 @@ const (
 	after  = 32 * mi // spec.size once it grew
 )
 
-// sized sets a member's replica size.
-func sized(n int64) func(*agentapi.Status) { return func(s *agentapi.Status) { s.Size = n } }
-
 // grownThree is a healthy pair of three (three) whose members serve a, b
 // and c bytes, with spec.size after.
 func grownThree(a, b, c int64) View {

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"net"
 	"net/http"
@@ -25,6 +26,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client/interceptor"
 
 	storagev1alpha1 "github.com/tandem-storage/tandem/api/v1alpha1"
+	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
 // TestPairNotFound: every subcommand that takes a pair's name says why it
@@ -173,6 +175,12 @@ func TestVerifyAgentsUnavailable(t *testing.T) {
 		_, _ = w.Write([]byte(`{"error":"unauthorized"}`))
 	}))
 	defer wrongToken.Close()
+	// An agent whose replica has not grown yet to spec.size (1Gi).
+	small := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(agentapi.Status{Name: "prod/db", Size: 512 << 20, RegionSize: testPair().Spec.RegionSizeBytes(), Role: agentapi.RoleBackup})
+	}))
+	defer small.Close()
 	node := func(name string) client.Object { return &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name}} }
 	install := []client.Object{agentDS("storage", "tandem-agent", "tandem-agent-token", "token"),
 		&corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: "storage", Name: "tandem-agent-token"}, Data: map[string][]byte{"token": []byte("s3cret")}}}
@@ -198,6 +206,8 @@ func TestVerifyAgentsUnavailable(t *testing.T) {
 		{"an agent that does not answer", append([]client.Object{testPair(), node("node-a"), node("node-b"), agentLease("node-a", closed, time.Second), agentLease("node-b", closed, time.Second)}, install...), interceptor.Funcs{}, []string{
 			"cannot reach the agent of node node-a at " + closed + " (from its Lease storage/tandem-agent-node-a): the plugin calls each member's agent directly, on its node's IP; run it where the nodes' addresses are reachable",
 			"connection refused"}},
+		{"a member still growing", append([]client.Object{testPair(), node("node-a"), node("node-b"), agentLease("node-a", small.URL, time.Second), agentLease("node-b", small.URL, time.Second)}, install...), interceptor.Funcs{}, []string{
+			"the replica of prod/db on node node-a serves 512 MiB, spec.size asks for 1 GiB: the pair is growing (kubectl tandem status db shows the Expanding condition); verify once every member serves spec.size"}},
 		{"a wrong token", append([]client.Object{testPair(), node("node-a"), node("node-b"), agentLease("node-a", wrongToken.URL, time.Second), agentLease("node-b", wrongToken.URL, time.Second)}, install...), interceptor.Funcs{}, []string{
 			"the agent of node node-a (" + wrongToken.URL + ") refused the token (HTTP 401): the token given (--token-file, or the Secret the agents' DaemonSet mounts) is not the one the agents were started with"}},
 		{"no right to read the token", append([]client.Object{testPair()}, install...), interceptor.Funcs{Get: func(ctx context.Context, c client.WithWatch, key client.ObjectKey, obj client.Object, opts ...client.GetOption) error {

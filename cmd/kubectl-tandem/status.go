@@ -136,7 +136,11 @@ func renderStatus(w io.Writer, vp *storagev1alpha1.VolumePair, events []corev1.E
 	field("Name", vp.Name)
 	field("Namespace", vp.Namespace)
 	field("Mode", string(vp.Spec.Mode))
-	field("Size", fmt.Sprintf("%s in regions of %s", humanBytes(vp.Spec.SizeBytes()), humanBytes(vp.Spec.RegionSizeBytes())))
+	size := fmt.Sprintf("%s in regions of %s", humanBytes(vp.Spec.SizeBytes()), humanBytes(vp.Spec.RegionSizeBytes()))
+	if st.Size != nil && st.Size.Value() != vp.Spec.SizeBytes() {
+		size += fmt.Sprintf(" (the writer serves %s: growing, see the Expanding condition)", humanBytes(st.Size.Value()))
+	}
+	field("Size", size)
 	field("Primary (spec)", vp.Spec.Primary.Node)
 	field("Backup (spec)", vp.Spec.Backup.Node)
 	if len(vp.Spec.AdditionalBackups) > 0 {

@@ -316,6 +316,10 @@ func TestRenderStatusDR(t *testing.T) {
 	vp.Status.LastForcePromotion = &storagev1alpha1.ForcePromotion{Node: "node-b", From: "node-a", Epoch: 4, Time: at(10 * time.Minute), RequestedBy: "alice", BlockedBy: "BackupOutdated"}
 	pending := testPair()
 	pending.Status.Phase = storagev1alpha1.PhasePending
+	growing := testPair()
+	growing.Spec.Size = resource.MustParse("2Gi")
+	served := resource.MustParse("1Gi")
+	growing.Status.Size = &served
 	for _, tt := range []struct {
 		vp      *storagev1alpha1.VolumePair
 		want    []string
@@ -328,6 +332,8 @@ func TestRenderStatusDR(t *testing.T) {
 		}, nil},
 		{pending, []string{"Phase:            PENDING (a new pair waits: a member's node does not exist or has no agent, or spec.primary's agent does not answer; condition Ready says which)"},
 			[]string{"Forced promotion:", "Force request:", "Held:"}},
+		{growing, []string{"Size:             2 GiB in regions of 64 KiB (the writer serves 1 GiB: growing, see the Expanding condition)"}, nil},
+		{testPair(), []string{"Size:             1 GiB in regions of 64 KiB\n"}, []string{"growing"}},
 	} {
 		var b strings.Builder
 		if err := renderStatus(&b, tt.vp, nil, nil, testNow); err != nil {

@@ -221,6 +221,10 @@ func runVerify(ctx context.Context, o *rootOptions, vo *verifyOptions, name stri
 			}
 			return nil, fmt.Errorf("status of %s/%s on node %s (agent %s): %w", ns, name, node, ep, err)
 		}
+		if r.st.RegionSize == vp.Spec.RegionSizeBytes() && r.st.Size < vp.Spec.SizeBytes() {
+			return nil, fmt.Errorf("the replica of %s/%s on node %s serves %s, spec.size asks for %s: the pair is growing (kubectl tandem status %s shows the Expanding condition); "+
+				"verify once every member serves spec.size", ns, name, node, humanBytes(r.st.Size), humanBytes(vp.Spec.SizeBytes()), name)
+		}
 		if r.st.Size != vp.Spec.SizeBytes() || r.st.RegionSize != vp.Spec.RegionSizeBytes() {
 			return nil, fmt.Errorf("the replica of %s/%s on node %s has size %d and region size %d, but the VolumePair declares %d and %d",
 				ns, name, node, r.st.Size, r.st.RegionSize, vp.Spec.SizeBytes(), vp.Spec.RegionSizeBytes())

@@ -26,6 +26,8 @@
 // A primary connects, sends a Hello frame (package repl) naming the volume,
 // its node, epoch and the cluster token; the agent hands the stream to that
 // volume, which refuses it with a Nack if the roles or epochs do not match.
+// With Config.TLS the connection is mutual TLS first, and the Hello must
+// name the node the primary's certificate names (tls.go).
 //
 // Until its token is checked a connection is anonymous, and costs little:
 // the Hello is read unbuffered with a payload limit of a few KiB
@@ -50,6 +52,7 @@ package agent
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -73,6 +76,7 @@ import (
 	"github.com/tandem-storage/tandem/dataplane/nbd"
 	"github.com/tandem-storage/tandem/dataplane/repl"
 	"github.com/tandem-storage/tandem/dataplane/volume"
+	"github.com/tandem-storage/tandem/internal/tlsid"
 	"github.com/tandem-storage/tandem/internal/token"
 	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
@@ -95,8 +99,15 @@ type Config struct {
 	PayloadChecksums bool
 	// Authority gates writes of every volume (nil: the control API's word).
 	Authority volume.Authority
-	// Dial connects to peers (nil: TCP).
+	// Dial connects to peers (nil: TCP). With TLS, the agent runs the TLS
+	// handshake on the connections it returns.
 	Dial volume.DialFunc
+	// TLS, when set, is this node's certificate, key and CA bundle
+	// (package tlsid; its certificate must name Node): the replication
+	// link and the control API then use mutual TLS with per-node
+	// identities (tls.go says what is checked where), on top of the
+	// token. Nil: plaintext.
+	TLS *tlsid.Source
 	// AdvertiseHost is the address peers and clients use to reach this
 	// agent: Run advertises its listeners' ports on this host (in /v1/info
 	// and on the agent Lease). Empty: the listeners' own host, or 127.0.0.1
@@ -157,6 +168,9 @@ type Agent struct {
 
 	// stopping is set when the agent was asked to stop (BeginStopping).
 	stopping atomic.Bool
+
+	// replTLS is the replication listener's TLS config (nil: plaintext).
+	replTLS *tls.Config
 }
 
 var nameRE = regexp.MustCompile(`^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$`)
@@ -190,6 +204,13 @@ func New(cfg Config) (*Agent, error) {
 		cfg.Tokens = token.Static(cfg.Token)
 	}
 	a := &Agent{cfg: cfg, log: cfg.Log.WithValues("node", cfg.Node), volumes: map[string]*volume.Volume{}}
+	if cfg.TLS != nil {
+		if id := cfg.TLS.Identity(); id != tlsid.NodeIdentity(cfg.Node) {
+			return nil, fmt.Errorf("agent: the TLS certificate in %s names %s, not this node (%s)", cfg.TLS.Dir(), id, tlsid.NodeIdentity(cfg.Node))
+		}
+		a.cfg.Dial = a.tlsDial(cfg.Dial)
+		a.replTLS = cfg.TLS.ServerConfig(true)
+	}
 	// A flood of refused connections must not flood the log too.
 	a.replRefuseLog = rate.Sometimes{First: 5, Interval: 5 * time.Second}
 	root := filepath.Join(cfg.DataDir, "volumes")
@@ -425,9 +446,25 @@ func (a *Agent) serveReplConn(ctx context.Context, c net.Conn) {
 			a.replHandshakes.Add(-1)
 		}
 	}()
-	stop := context.AfterFunc(ctx, func() { c.Close() })
+	raw := c // c becomes the TLS connection with TLS
+	stop := context.AfterFunc(ctx, func() { raw.Close() })
 	defer stop()
 	_ = c.SetReadDeadline(time.Now().Add(helloTimeout))
+	if a.replTLS != nil {
+		// The handshake is bounded by the Hello's deadline; a client
+		// without a certificate of the CA bundle, or speaking plaintext,
+		// fails it.
+		tc := tls.Server(c, a.replTLS)
+		hctx, cancel := context.WithTimeout(ctx, helloTimeout)
+		err := tc.HandshakeContext(hctx)
+		cancel()
+		if err != nil {
+			a.log.Info("Closing replication connection: TLS handshake failed", "remote", c.RemoteAddr().String(), "reason", err.Error())
+			c.Close()
+			return
+		}
+		c = tc
+	}
 	// The Hello is read straight from the connection (two reads: header,
 	// payload) with a small payload limit: an anonymous peer announcing a
 	// 32 MiB frame is refused before anything is allocated for it.
@@ -453,6 +490,11 @@ func (a *Agent) serveReplConn(ctx context.Context, c net.Conn) {
 	if !a.tokenOK(h.Token) {
 		log.Info("Refusing replication connection: wrong or missing token", "from", h.Node)
 		refuseConn(c, f.Epoch, "authentication failed: wrong or missing token")
+		return
+	}
+	if reason := a.replIdentityOK(c, h.Node); reason != "" {
+		log.Info("Refusing replication connection: TLS identity is not the Hello's node", "from", h.Node, "reason", reason)
+		refuseConn(c, f.Epoch, reason)
 		return
 	}
 	anonymous = false

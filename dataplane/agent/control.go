@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -88,7 +89,8 @@ func (l ControlLimits) withDefaults() ControlLimits {
 	return l
 }
 
-// ServeControl serves the control API on ln, within lim, until ctx is done;
+// ServeControl serves the control API on ln, within lim, until ctx is done
+// (over TLS with Config.TLS);
 // then it stops accepting and gives the requests in progress up to 5 s to
 // finish. It returns nil after such a shutdown, or the error that ended
 // serving.
@@ -112,7 +114,13 @@ func (a *Agent) ServeControl(ctx context.Context, ln net.Listener, lim ControlLi
 			a.log.Error(err, "Control API shutdown")
 		}
 	})
-	err := srv.Serve(netutil.LimitListener(ln, lim.MaxConns))
+	ln = netutil.LimitListener(ln, lim.MaxConns)
+	if a.cfg.TLS != nil {
+		// A client certificate is optional at the handshake (probes have
+		// none); auth requires one for /v1 (controlIdentityOK).
+		ln = tls.NewListener(ln, a.cfg.TLS.ServerConfig(false))
+	}
+	err := srv.Serve(ln)
 	if !stopped() {
 		<-done
 	}
@@ -165,6 +173,11 @@ func (a *Agent) auth(h http.HandlerFunc) http.HandlerFunc {
 			a.log.Info("Refused control API call: wrong or missing token", "remote", r.RemoteAddr, "path", r.URL.Path)
 			w.Header().Set("WWW-Authenticate", `Bearer realm="tandem-agent"`)
 			writeErr(w, http.StatusUnauthorized, errors.New("authentication required: send Authorization: Bearer <token>"))
+			return
+		}
+		if reason := a.controlIdentityOK(r); reason != "" {
+			a.log.Info("Refused control API call: "+reason, "remote", r.RemoteAddr, "method", r.Method, "path", r.URL.Path)
+			writeErr(w, http.StatusForbidden, errors.New(reason))
 			return
 		}
 		h(w, r)

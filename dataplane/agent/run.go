@@ -135,8 +135,12 @@ func Run(ctx context.Context, o Options) error {
 	if err != nil {
 		return fail(err)
 	}
+	scheme := "http://"
+	if cfg.TLS != nil {
+		scheme = "https://"
+	}
 	ep := Endpoints{
-		Control:     "http://" + advertised(cfg.AdvertiseHost, o.Control.Addr()),
+		Control:     scheme + advertised(cfg.AdvertiseHost, o.Control.Addr()),
 		Replication: advertised(cfg.AdvertiseHost, o.Replication.Addr()),
 		NBD:         advertised(cfg.AdvertiseHost, o.NBD.Addr()),
 		DataDir:     absDataDir, // named in TeardownIncomplete events
@@ -166,7 +170,7 @@ func Run(ctx context.Context, o Options) error {
 	replSvc := startService("replication listener", func(ctx context.Context) error { return a.ServeReplication(ctx, o.Replication) })
 	ctrlSvc := startService("control API", func(ctx context.Context) error { return a.ServeControl(ctx, o.Control, o.ControlLimits) })
 	log.Info("Agent started", "node", cfg.Node, "dataDir", cfg.DataDir, "control", o.Control.Addr().String(),
-		"replication", o.Replication.Addr().String(), "nbd", o.NBD.Addr().String(), "auth", a.cfg.Tokens.Enabled(),
+		"replication", o.Replication.Addr().String(), "nbd", o.NBD.Addr().String(), "auth", a.cfg.Tokens.Enabled(), "tls", cfg.TLS != nil,
 		"kubernetes", auth != nil, "nbdAllowedClients", o.NBDAllow.String(), "maxInflightBytes", cfg.Budget.Stats().Size)
 	if o.Started != nil {
 		o.Started(a, ep)

@@ -3,6 +3,7 @@ package agentapi
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -29,7 +30,8 @@ type API interface {
 }
 
 // NewFunc returns the API of the agent whose control endpoint is endpoint
-// ("http://host:port"), authenticating with token. The controller takes one
+// ("http://host:port", or "https://host:port" for an agent with mutual
+// TLS), authenticating with token. The controller takes one
 // (NewAPI unless a test gives another).
 type NewFunc func(endpoint, token string) API
 
@@ -38,13 +40,39 @@ func NewAPI(endpoint, token string) API { return NewClient(endpoint, token) }
 
 var _ NewFunc = NewAPI
 
+// NewTLSAPI returns the NewFunc of real agents for a caller with a TLS
+// config (the manager's certificate, and the verification of the agents'
+// certificates: package internal/tlsid): its clients share one transport
+// that presents it, so connections to an agent are kept alive across
+// calls. Plain "http://" endpoints are still reached without TLS.
+func NewTLSAPI(cfg *tls.Config) NewFunc {
+	tr := TLSTransport(cfg)
+	return func(endpoint, token string) API {
+		c := NewClient(endpoint, token)
+		c.HTTP.Transport = tr
+		return c
+	}
+}
+
+// TLSTransport is an HTTP transport like http.DefaultTransport whose TLS
+// connections use cfg.
+func TLSTransport(cfg *tls.Config) *http.Transport {
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.TLSClientConfig = cfg
+	// A custom TLS config disables HTTP/2 unless asked: the agents serve
+	// HTTP/1.1 over TLS.
+	tr.ForceAttemptHTTP2 = false
+	return tr
+}
+
 // DefaultTimeout bounds a call of a client from NewClient: a probe must not
 // wait for an agent that does not answer.
 const DefaultTimeout = 5 * time.Second
 
 // Client calls an agent's control API.
 type Client struct {
-	// BaseURL is "http://host:port".
+	// BaseURL is "http://host:port" (or "https://host:port"; HTTP's
+	// Transport then needs the TLS config: TLSTransport).
 	BaseURL string
 	Token   string
 	HTTP    *http.Client

@@ -29,6 +29,7 @@ import (
 	"github.com/tandem-storage/tandem/dataplane/budget"
 	"github.com/tandem-storage/tandem/dataplane/nbd"
 	"github.com/tandem-storage/tandem/internal/fsutil"
+	"github.com/tandem-storage/tandem/internal/tlsid"
 	"github.com/tandem-storage/tandem/internal/token"
 	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
@@ -58,6 +59,7 @@ func run() error {
 	replAddr := fs.String("replication-address", ":7401", "Listen address of the replication link.")
 	nbdAddr := fs.String("nbd-address", ":10809", "Listen address of the NBD server.")
 	tokenFile := fs.String("token-file", "", "File holding the shared bearer token for the control API and replication; required unless --insecure-no-auth.")
+	tlsDir := fs.String("tls-dir", "", "Directory holding this node's TLS certificate (tls.crt, its chain may follow), key (tls.key) and CA bundle (ca.crt): a kubernetes.io/tls Secret or a cert-manager Certificate mounted as a volume. The certificate must name this node in a URI SAN spiffe://tandem.dev/node/<node> and allow serverAuth and clientAuth. Set: the replication link is mutual TLS (a primary's certificate must name the node its Hello names; a backup's the node the spec names at its address), and the control API is HTTPS (/v1 needs a client certificate of the CA, only spiffe://tandem.dev/manager may change anything; the probes need none), both on top of the token. The files are read again every 5 s: a renewed certificate or CA bundle is used by new connections without a restart. Empty: plaintext.")
 	noAuth := fs.Bool("insecure-no-auth", false, "Run without authentication (tests on loopback only).")
 	namespace := fs.String("namespace", os.Getenv("POD_NAMESPACE"), "Operator namespace: the agent registers its Lease there and renews the authority Leases of the volumes it serves. Empty: no Kubernetes (standalone, the control API's word is final).")
 	kubeconfig := fs.String("kubeconfig", "", "Kubeconfig file (default: in-cluster config).")
@@ -90,6 +92,15 @@ func run() error {
 		}
 	case !*noAuth:
 		return errors.New("--token-file is required (or --insecure-no-auth for loopback tests)")
+	}
+
+	var tlsSrc *tlsid.Source
+	if *tlsDir != "" {
+		var err error
+		if tlsSrc, err = tlsid.Load(*tlsDir, tlsid.WithIdentity(tlsid.NodeIdentity(*node))); err != nil {
+			return fmt.Errorf("--tls-dir: %w", err)
+		}
+		log.Info("Mutual TLS on the replication link and the control API", "dir", *tlsDir, "identity", tlsSrc.Identity(), "notAfter", tlsSrc.NotAfter())
 	}
 
 	allowSpec := *nbdAllowed
@@ -166,6 +177,8 @@ func run() error {
 	// The token file is reloaded while the agent runs: a rotation (package
 	// token) needs no restart.
 	go tokens.Watch(ctx, token.ReloadEvery, log.WithName("token"))
+	// So are the TLS files (package tlsid).
+	go tlsSrc.Watch(ctx, tlsid.ReloadEvery, log.WithName("tls"))
 	// agent.Run shuts the agent down in the order that loses nothing (the
 	// writer roles handed over, NBD drain, replication, replicas, control
 	// API, then the Lease renewals), within the DaemonSet's 60 s grace
@@ -175,7 +188,7 @@ func run() error {
 		handoverTimeout = -1 // Options: negative disables
 	}
 	return agent.Run(ctx, agent.Options{
-		Config: agent.Config{Node: *node, DataDir: *dataDir, Tokens: tokens, AdvertiseHost: *advertise,
+		Config: agent.Config{Node: *node, DataDir: *dataDir, Tokens: tokens, TLS: tlsSrc, AdvertiseHost: *advertise,
 			PayloadChecksums: *payloadCRC, Budget: budget.New(*maxInflight), Log: log},
 		Control: cl, Replication: rl, NBD: nl,
 		NBDAllow:        allowed,

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"net/http"
 	"os"
+	"sync"
 	"time"
 
 	"k8s.io/apimachinery/pkg/runtime"
@@ -26,7 +27,9 @@ import (
 	storagev1alpha1 "github.com/tandem-storage/tandem/api/v1alpha1"
 	"github.com/tandem-storage/tandem/controllers"
 	"github.com/tandem-storage/tandem/internal/csi"
+	"github.com/tandem-storage/tandem/internal/tlsid"
 	"github.com/tandem-storage/tandem/internal/token"
+	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
 func newScheme() *runtime.Scheme {
@@ -42,7 +45,7 @@ func main() {
 	}
 	var metricsAddr, probeAddr, leaderNamespace, namespace, tokenFile string
 	var leaderElect, provision, podFailover, metricsSecure bool
-	var metricsCertDir string
+	var metricsCertDir, agentTLSDir string
 	var csiEndpoint string
 	var leaseDuration, renewDeadline, retryPeriod time.Duration
 	var wh webhookFlags
@@ -60,6 +63,7 @@ func main() {
 	flag.StringVar(&leaderNamespace, "leader-election-namespace", "", "Namespace of the leader election Lease (default: the in-cluster namespace).")
 	flag.StringVar(&namespace, "namespace", os.Getenv("POD_NAMESPACE"), "Operator namespace: where agents register their Leases and the per-pair authority Leases live.")
 	flag.StringVar(&tokenFile, "agent-token-file", "", "File holding the bearer token of the agents' control API.")
+	flag.StringVar(&agentTLSDir, "agent-tls-dir", "", "Directory holding the manager's TLS certificate (tls.crt), key (tls.key) and CA bundle (ca.crt) for the agents' control API over HTTPS (agents run with --tls-dir): the certificate must name spiffe://tandem.dev/manager in a URI SAN and allow clientAuth; an agent's certificate must name a node (spiffe://tandem.dev/node/<node>). Read again every 5 s (no restart for a renewal). Empty: agents are called over plain HTTP, and one with --tls-dir refuses the calls.")
 	flag.BoolVar(&provision, "csi-controller", true, "Run the CSI driver's controller side on the leader: provision PersistentVolumes for claims of StorageClasses whose provisioner is "+csi.DriverName+" and carry out their VolumeAttachments. Off: an external-provisioner and external-attacher do it through --csi-controller-endpoint.")
 	flag.BoolVar(&podFailover, "csi-pod-failover", true, "Move the Pods that use a Tandem volume off a lost node once its pair serves elsewhere (the leader only; see docs/install.md, \"When a node is lost\").")
 	flag.StringVar(&csiEndpoint, "csi-controller-endpoint", "", "Also serve the CSI identity and controller services on this socket (unix:///path or tcp://host:port), for clusters that run the external-provisioner sidecar instead; empty: not served.")
@@ -84,6 +88,23 @@ func main() {
 	}
 	if leaderNamespace == "" {
 		leaderNamespace = namespace
+	}
+	var newAgentClient agentapi.NewFunc // nil: the controller's default
+	var agentTLS *tlsid.Source
+	if agentTLSDir != "" {
+		var err error
+		if agentTLS, err = tlsid.Load(agentTLSDir, tlsid.WithIdentity(tlsid.Manager)); err != nil {
+			log.Error(err, "Reading --agent-tls-dir")
+			os.Exit(2)
+		}
+		// The endpoint alone does not say which node an agent is: any
+		// node's certificate of the CA is accepted.
+		newAgentClient = agentapi.NewTLSAPI(agentTLS.ClientConfig(func(id tlsid.Identity) error {
+			if _, ok := id.Node(); !ok {
+				return fmt.Errorf("the agent presented %s, not a node's identity", id)
+			}
+			return nil
+		}))
 	}
 	var tokens *token.Source
 	if tokenFile != "" {
@@ -120,11 +141,12 @@ func main() {
 		os.Exit(1)
 	}
 	if err := (&controllers.VolumePairReconciler{
-		Client:      mgr.GetClient(),
-		APIReader:   mgr.GetAPIReader(),
-		Recorder:    mgr.GetEventRecorder("tandem-manager"),
-		Namespace:   namespace,
-		AgentTokens: tokens,
+		Client:         mgr.GetClient(),
+		APIReader:      mgr.GetAPIReader(),
+		Recorder:       mgr.GetEventRecorder("tandem-manager"),
+		Namespace:      namespace,
+		AgentTokens:    tokens,
+		NewAgentClient: newAgentClient,
 	}).SetupWithManager(mgr); err != nil {
 		log.Error(err, "Unable to set up the VolumePair controller")
 		os.Exit(1)
@@ -141,10 +163,13 @@ func main() {
 			os.Exit(1)
 		}
 	}
-	// The token file is reloaded while the manager runs: a rotation
-	// (package token) needs no restart.
+	// The token file and the TLS files are reloaded while the manager
+	// runs: a rotation (packages token, tlsid) needs no restart.
 	if err := mgr.Add(everyReplica(func(ctx context.Context) error {
+		var wg sync.WaitGroup
+		wg.Go(func() { agentTLS.Watch(ctx, tlsid.ReloadEvery, log.WithName("agent-tls")) })
 		tokens.Watch(ctx, token.ReloadEvery, log.WithName("token"))
+		wg.Wait()
 		return nil
 	})); err != nil {
 		log.Error(err, "Unable to watch the token file")

@@ -9,6 +9,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	mrand "math/rand/v2"
@@ -86,6 +87,10 @@ type proc struct {
 	exitErr             error         // cmd.Wait's, once exited is closed
 	log                 *os.File
 	c                   *agent.Client
+	// tlsDir, when set, is passed as --tls-dir; the control API is then
+	// called with tlsClient.
+	tlsDir    string
+	tlsClient *tls.Config
 }
 
 func newProc(t *testing.T, node string) *proc {
@@ -128,9 +133,13 @@ func (p *proc) start() {
 	if err := os.Remove(addrFile); err != nil && !errors.Is(err, os.ErrNotExist) {
 		t.Fatal(err)
 	}
-	p.cmd = exec.Command(buildAgent(t), "--node", p.node, "--data-dir", filepath.Join(p.dir, "data"),
+	args := []string{"--node", p.node, "--data-dir", filepath.Join(p.dir, "data"),
 		"--control-address", ctrl, "--replication-address", repl, "--nbd-address", nbdAddr,
-		"--addresses-file", addrFile, "--token-file", tokenFile, "--zap-log-level", "info")
+		"--addresses-file", addrFile, "--token-file", tokenFile, "--zap-log-level", "info"}
+	if p.tlsDir != "" {
+		args = append(args, "--tls-dir", p.tlsDir)
+	}
+	p.cmd = exec.Command(buildAgent(t), args...)
 	p.cmd.Stdout, p.cmd.Stderr = lf, lf
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -149,8 +158,11 @@ func (p *proc) start() {
 		addrs, err = agentapi.ReadListenAddresses(addrFile)
 		return err == nil, err
 	}, testkit.Every(50*time.Millisecond))
-	p.ctrl, p.repl, p.nbdAddr = strings.TrimPrefix(addrs.Control, "http://"), addrs.Replication, addrs.NBD
+	p.ctrl, p.repl, p.nbdAddr = strings.TrimPrefix(strings.TrimPrefix(addrs.Control, "http://"), "https://"), addrs.Replication, addrs.NBD
 	p.c = agent.NewClient(addrs.Control, token)
+	if p.tlsClient != nil {
+		p.c.HTTP.Transport = agentapi.TLSTransport(p.tlsClient)
+	}
 	if _, err := p.c.Info(context.Background()); err != nil {
 		t.Fatalf("%s control API: %v", p.node, err)
 	}

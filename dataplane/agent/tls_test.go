@@ -9,6 +9,8 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -16,7 +18,9 @@ import (
 	"github.com/go-logr/logr"
 
 	"github.com/tandem-storage/tandem/dataplane/agent"
+	"github.com/tandem-storage/tandem/dataplane/nbd/nbdtest"
 	"github.com/tandem-storage/tandem/dataplane/repl"
+	"github.com/tandem-storage/tandem/dataplane/volume"
 	"github.com/tandem-storage/tandem/internal/testkit"
 	"github.com/tandem-storage/tandem/internal/tlsid"
 	"github.com/tandem-storage/tandem/internal/tlsid/tlsidtest"
@@ -325,5 +329,36 @@ func TestTLSRotation(t *testing.T) {
 	e.waitInSync("replicating again over a link opened with node-a's new certificate", a, "vol")
 	if strings.Contains(b.log.String(), "TLS handshake failed") {
 		t.Error("node-b refused a handshake")
+	}
+}
+
+// TestTLSProcesses: two agent processes started with --tls-dir replicate a
+// volume written through NBD over mutual TLS, called by the manager's
+// certificate; an agent given another node's certificate refuses to start.
+func TestTLSProcesses(t *testing.T) {
+	nbdtest.Require(t, "qemu-io")
+	ca := tlsidtest.NewCA(t, "tandem-ca")
+	mgr := tlsidtest.Load(t, ca.Dir(t, tlsid.Manager)).ClientConfig(nil)
+	a, b := newProc(t, "node-a"), newProc(t, "node-b")
+	a.tlsDir, a.tlsClient = ca.Dir(t, tlsid.NodeIdentity("node-a")), mgr
+	b.tlsDir, b.tlsClient = ca.Dir(t, tlsid.NodeIdentity("node-b")), mgr
+	a.start()
+	b.start()
+	b.put(volume.Spec{Role: volume.RoleBackup, Epoch: 1, Mode: volume.ModeSync, PeerNode: "node-a"})
+	a.put(volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true, Mode: volume.ModeSync, PeerNode: "node-b", PeerAddress: b.repl})
+	waitInSync(t, a, b)
+	qemuIO(t, a.url(), "write -P 0x5a 1M 2M", "flush")
+	waitInSync(t, a, b)
+	if ha, hb := testkit.FileSHA256(t, a.dataPath()), testkit.FileSHA256(t, b.dataPath()); ha != hb {
+		t.Fatal("the replicas differ after writes over the TLS link")
+	}
+
+	c := newProc(t, "node-c")
+	c.tlsDir = ca.Dir(t, tlsid.NodeIdentity("node-a"))
+	cmd := exec.Command(buildAgent(t), "--node", "node-c", "--data-dir", filepath.Join(c.dir, "data"), "--insecure-no-auth",
+		"--control-address", "127.0.0.1:0", "--replication-address", "127.0.0.1:0", "--nbd-address", "127.0.0.1:0", "--tls-dir", c.tlsDir)
+	out, err := cmd.CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "spiffe://tandem.dev/node/node-a, want spiffe://tandem.dev/node/node-c") {
+		t.Errorf("node-c with node-a's certificate: %v\n%s", err, out)
 	}
 }

@@ -19,7 +19,8 @@
 // between controller and agent: endpoints, bodies, errors, client).
 // ServeControl bounds the connections (timeouts for headers, request,
 // response and idle keep-alives, header size, connection count: see
-// ControlLimits).
+// ControlLimits). With Config.TLS it is HTTPS, and /v1 needs a client
+// certificate as well as the token (tls.go).
 //
 // # Replication listener
 //

@@ -13,7 +13,12 @@
 //
 // Every /v1 call needs "Authorization: Bearer <token>" (the token file given
 // to the agent); a missing or wrong token gets 401. /healthz and /metrics are
-// open, as probes and scrapers expect.
+// open, as probes and scrapers expect. An agent with mutual TLS (--tls-dir;
+// package internal/tlsid) serves the same over HTTPS at an "https://"
+// endpoint: /v1 then also needs a client certificate of its CA (403
+// otherwise), and PUT, DELETE and POST need the manager's identity
+// (spiffe://tandem.dev/manager); NewTLSAPI and TLSTransport make such
+// clients.
 //
 //	GET    /healthz                                   200 "ok"
 //	GET    /metrics                                   Prometheus metrics

@@ -1,13 +1,18 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
+	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"slices"
 
+	"github.com/tandem-storage/tandem/dataplane/repl"
 	"github.com/tandem-storage/tandem/dataplane/volume"
 	"github.com/tandem-storage/tandem/internal/tlsid"
 )
@@ -25,7 +30,9 @@ import (
 //     a peer some volume's spec names (every spec names its peers' nodes and
 //     addresses), the certificate must name that peer's node
 //     (expectedPeers). An address no spec names (not expected in practice)
-//     only needs a node certificate.
+//     only needs a node certificate. The backup's HelloAck must then name
+//     the node its certificate names (ackCheckConn), or the connection is
+//     closed: the volume learns the backup's node from it.
 //   - Control API: a client certificate is optional at the handshake (the
 //     kubelet's probes of /healthz and /metrics have none); every /v1 call
 //     needs a verified one, and the mutating ones (PUT, DELETE, POST) need
@@ -62,8 +69,57 @@ func (a *Agent) tlsDial(dial volume.DialFunc) volume.DialFunc {
 			c.Close()
 			return nil, fmt.Errorf("TLS handshake with %s: %w", addr, err)
 		}
-		return tc, nil
+		// The verification above accepted a node identity.
+		id, _ := tlsid.CertIdentity(tc.ConnectionState().PeerCertificates[0])
+		node, _ := id.Node()
+		return &ackCheckConn{Conn: tc, node: node}, nil
 	}
+}
+
+// maxAckPeek bounds the first frame ackCheckConn reads (a HelloAck is a few
+// hundred bytes of JSON).
+const maxAckPeek = 64 << 10
+
+// ackCheckConn is the primary's side of a TLS replication connection. It
+// reads the backup's first frame as it passes to the volume, and refuses a
+// HelloAck naming another node than the backup's certificate (node): the
+// volume keeps its bitmaps about the node the HelloAck names, so a backup
+// cannot pass for another node either. The frame's last bytes are
+// withheld until it was checked.
+type ackCheckConn struct {
+	*tls.Conn
+	node    string
+	buf     []byte
+	checked bool
+}
+
+func (c *ackCheckConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if c.checked || n == 0 {
+		return n, err
+	}
+	c.buf = append(c.buf, p[:n]...)
+	f, perr := repl.NewReader(bytes.NewReader(c.buf), maxAckPeek).Next()
+	switch {
+	case perr == nil:
+	case errors.Is(perr, io.ErrUnexpectedEOF):
+		return n, err // not all there yet
+	case errors.Is(perr, repl.ErrTooLarge):
+		c.Conn.Close()
+		return 0, fmt.Errorf("the backup's first frame is larger than %d bytes: %w", maxAckPeek, perr)
+	default:
+		c.checked, c.buf = true, nil
+		return n, err // garbage: the volume reports it
+	}
+	c.checked, c.buf = true, nil
+	if f.Type == repl.TypeHelloAck {
+		var ack volume.HelloAck
+		if jerr := json.Unmarshal(f.Payload, &ack); jerr == nil && ack.Node != c.node {
+			c.Conn.Close()
+			return 0, fmt.Errorf("authentication failed: the backup's HelloAck names node %q, its TLS certificate node %q", ack.Node, c.node)
+		}
+	}
+	return n, err
 }
 
 // expectedPeers returns the nodes the volumes' specs name at addr.

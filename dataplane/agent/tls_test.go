@@ -362,3 +362,41 @@ func TestTLSProcesses(t *testing.T) {
 		t.Errorf("node-c with node-a's certificate: %v\n%s", err, out)
 	}
 }
+
+// TestTLSBackupIdentity: a backup whose certificate names node-b but whose
+// HelloAck names another node is refused by the primary before the link
+// comes up (the primary's volume would keep its bitmaps about the node the
+// HelloAck names).
+func TestTLSBackupIdentity(t *testing.T) {
+	e := newTLSEnv(t)
+	a := e.startTLSAgent("node-a", e.ca.Dir(t, tlsid.NodeIdentity("node-a")), "")
+	nodeB := tlsidtest.Load(t, e.ca.Dir(t, tlsid.NodeIdentity("node-b")))
+	ln := tls.NewListener(testkit.Listen(t), nodeB.ServerConfig(true))
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				f, err := repl.NewReader(c, 0).Next()
+				if err != nil || f.Type != repl.TypeHello {
+					return
+				}
+				ack := fmt.Appendf(nil, `{"node":%q,"dataState":"UpToDate"}`, "node-x")
+				b := repl.AppendFrame(nil, &repl.Frame{Type: repl.TypeHelloAck, Epoch: f.Epoch, Payload: ack})
+				b = repl.AppendFrame(b, &repl.Frame{Type: repl.TypeBitmap, Epoch: f.Epoch})
+				_, _ = c.Write(b)
+				_, _ = io.Copy(io.Discard, c)
+			}()
+		}
+	}()
+	e.put(a, "vol", agentapi.Spec{Role: agentapi.RolePrimary, Epoch: 1, PeerNode: "node-b", PeerAddress: ln.Addr().String(), Initialize: true})
+	testkit.Eventually(t, 10*time.Second, "node-a refuses the backup's HelloAck", func() (bool, string) {
+		return strings.Contains(a.log.String(), `the backup's HelloAck names node \"node-x\", its TLS certificate node \"node-b\"`), ""
+	})
+	if strings.Contains(a.log.String(), "Replication link up") {
+		t.Error("the link came up with a backup naming another node than its certificate")
+	}
+}

@@ -49,7 +49,6 @@ func (r *VolumePairReconciler) reconcileDelete(ctx context.Context, vp *v1.Volum
 	r.mu.Lock()
 	delete(r.probes, client.ObjectKeyFromObject(vp))
 	delete(r.legacyGone, vp.UID)
-	delete(r.forceSeen, vp.UID)
 	r.mu.Unlock()
 	forgetMetrics(vp)
 	patch := client.MergeFrom(vp.DeepCopy())

@@ -174,3 +174,47 @@ func TestHoldReturningMember(t *testing.T) {
 	s.agentsInSync(s.b)
 	s.sameData()
 }
+
+// TestForcePromoteExpiryAcrossRestart (Open 20): the age of a
+// force-promote request that cannot act is kept in status.forcePromoteSeen,
+// so a manager that starts after the request had waited longer than
+// ForcePromoteTTL under its predecessor clears it at once, instead of
+// counting ten minutes from its own first sight.
+func TestForcePromoteExpiryAcrossRestart(t *testing.T) {
+	s := newStory(t, v1.ModeAsync, func(vp *v1.VolumePair) { vp.Spec.Failback.Policy = v1.PolicyManual })
+	m := startManager(t, s.log, nil)
+	if err := k8s.Create(context.Background(), s.vp); err != nil {
+		t.Fatal(err)
+	}
+	s.waitFor(20*time.Second, "PAIR in sync", pairInSync(s.a.name))
+	// Both members lost: a request for node-b cannot act (it is unreachable).
+	s.b.kill()
+	s.a.kill()
+	s.annotate(map[string]string{v1.AnnotationForcePromote: s.b.name, v1.AnnotationForcePromoteBy: "alice"})
+	vp := s.waitFor(20*time.Second, "the request's first sight recorded", func(vp *v1.VolumePair) bool {
+		return vp.Status.ForcePromoteSeen != nil && vp.Status.ForcePromoteSeen.Node == s.b.name
+	})
+	if vp.Annotations[v1.AnnotationForcePromote] != s.b.name {
+		t.Fatalf("the request was cleared before it expired: annotations %v", vp.Annotations)
+	}
+
+	// The manager stops; the request had been seen 11 minutes before.
+	m.stop()
+	vp = s.get()
+	patch := client.MergeFrom(vp.DeepCopy())
+	vp.Status.ForcePromoteSeen.Since = metav1.NewTime(vp.Status.ForcePromoteSeen.Since.Add(-(v1.ForcePromoteTTL + time.Minute)))
+	if err := k8s.Status().Patch(context.Background(), vp, patch); err != nil {
+		t.Fatal(err)
+	}
+	startManager(t, s.log, nil)
+	s.waitFor(20*time.Second, "the request cleared by the new manager", func(vp *v1.VolumePair) bool {
+		return vp.Annotations[v1.AnnotationForcePromote] == "" && vp.Status.ForcePromoteSeen == nil
+	})
+	testkit.Eventually(t, 10*time.Second, "a RequestIgnored event saying it expired", func() (bool, string) {
+		ev := s.events()
+		return strings.Contains(ev, "force-promote request of "+s.b.name+" expired and cleared"), ev
+	})
+	if vp := s.get(); vp.Status.ActivePrimary != s.a.name || vp.Status.LastForcePromotion != nil {
+		t.Fatalf("after the expiry: writer %s, last force promotion %+v", vp.Status.ActivePrimary, vp.Status.LastForcePromotion)
+	}
+}

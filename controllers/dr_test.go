@@ -5,7 +5,7 @@ import (
 	"testing"
 	"time"
 
-	"k8s.io/apimachinery/pkg/types"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
 	"github.com/tandem-storage/tandem/pkg/agentapi"
@@ -140,16 +140,20 @@ func TestDecideHeldMember(t *testing.T) {
 }
 
 // TestForceAge: how long a force-promote request has been seen counts from
-// this controller's first sight of it, restarts when it names another node,
-// and is forgotten once the request is gone.
+// its first sight recorded in status.forcePromoteSeen (which a restarted
+// manager reads), restarts when it names another node, and is forgotten
+// once the request is gone.
 func TestForceAge(t *testing.T) {
 	now := time.Date(2026, 12, 7, 8, 0, 0, 0, time.UTC)
-	r := &VolumePairReconciler{forceSeen: map[types.UID]forceRequest{}, Now: func() time.Time { return now }}
+	var st v1.VolumePairStatus
 	step := func(d time.Duration, node string, want time.Duration) {
 		t.Helper()
 		now = now.Add(d)
-		if got := r.forceAge("uid-1", node); got != want {
+		if got := forceAge(&st, node, now); got != want {
 			t.Fatalf("forceAge(%q) after %v = %v, want %v", node, d, got, want)
+		}
+		if node == "" && st.ForcePromoteSeen != nil || node != "" && (st.ForcePromoteSeen == nil || st.ForcePromoteSeen.Node != node || !st.ForcePromoteSeen.Since.Time.Equal(now.Add(-want))) {
+			t.Fatalf("forceAge(%q) after %v left status.forcePromoteSeen %+v", node, d, st.ForcePromoteSeen)
 		}
 	}
 	step(0, "b", 0)
@@ -159,7 +163,14 @@ func TestForceAge(t *testing.T) {
 	step(time.Minute, "c", time.Minute)
 	step(time.Minute, "", 0)  // gone
 	step(time.Minute, "c", 0) // asked again: from now
-	if got := r.forceAge("uid-2", ""); got != 0 || len(r.forceSeen) != 1 {
-		t.Fatalf("another pair without a request: %v, %d entries", got, len(r.forceSeen))
+	// A manager whose clock is behind the one that recorded the sight
+	// counts no negative age.
+	seen := st.ForcePromoteSeen.Since
+	if got := forceAge(&st, "c", now.Add(-time.Hour)); got != 0 || !st.ForcePromoteSeen.Since.Equal(&seen) {
+		t.Fatalf("a clock an hour behind: age %v, since %v (want 0, %v kept)", got, st.ForcePromoteSeen.Since, seen)
 	}
+	// A manager that starts with a recorded sight (its predecessor's)
+	// counts from it.
+	st.ForcePromoteSeen.Since = metav1.NewTime(now.Add(-11 * time.Minute))
+	step(0, "c", 11*time.Minute)
 }

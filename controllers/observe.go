@@ -12,6 +12,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/labels"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	toolscache "k8s.io/client-go/tools/cache"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
@@ -34,7 +35,7 @@ func (r *VolumePairReconciler) observe(ctx context.Context, s *scope) error {
 		FailbackRequested: vp.Annotations[v1.AnnotationFailbackRequested] != "",
 		ForcePromote:      strings.TrimSpace(vp.Annotations[v1.AnnotationForcePromote]),
 	}
-	s.view.ForcePromoteAge = r.forceAge(vp.UID, s.view.ForcePromote)
+	s.view.ForcePromoteAge = forceAge(&vp.Status, s.view.ForcePromote, r.Now())
 	clients, err := r.desiredClients(ctx, vp)
 	if err != nil {
 		return err
@@ -303,20 +304,20 @@ func (r *VolumePairReconciler) clusterHasNodes(ctx context.Context) (bool, error
 	return len(nodes.Items) > 0, nil
 }
 
-// forceAge is how long this controller has seen the pair's force-promote
-// request for node ("" none: forgotten).
-func (r *VolumePairReconciler) forceAge(uid types.UID, node string) time.Duration {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if node == "" {
-		delete(r.forceSeen, uid)
+// forceAge is how long the pair's force-promote request for node ("":
+// none) has been seen, counted from its first sight recorded in
+// status.forcePromoteSeen (so a manager restart or a leader change does not
+// restart the count). It records a new request, one that names another
+// node, and forgets one that is gone.
+func forceAge(st *v1.VolumePairStatus, node string, now time.Time) time.Duration {
+	switch {
+	case node == "":
+		st.ForcePromoteSeen = nil
 		return 0
+	case st.ForcePromoteSeen != nil && st.ForcePromoteSeen.Node == node:
+		return max(now.Sub(st.ForcePromoteSeen.Since.Time), 0)
 	}
-	now := r.Now()
-	if f, ok := r.forceSeen[uid]; ok && f.node == node {
-		return now.Sub(f.at)
-	}
-	r.forceSeen[uid] = forceRequest{node: node, at: now}
+	st.ForcePromoteSeen = &v1.ForcePromoteSeen{Node: node, Since: metav1.NewTime(now)}
 	return 0
 }
 

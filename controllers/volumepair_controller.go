@@ -96,15 +96,6 @@ type VolumePairReconciler struct {
 	leases *authority.Observer
 	// legacyGone: pairs whose Lease of the older naming is known gone.
 	legacyGone map[types.UID]bool
-	// forceSeen: when this controller first saw each pair's
-	// force-promote request (for ForcePromoteTTL), and for which node.
-	forceSeen map[types.UID]forceRequest
-}
-
-// forceRequest is a force-promote request as first seen.
-type forceRequest struct {
-	node string
-	at   time.Time
 }
 
 type probeState struct {
@@ -172,7 +163,6 @@ func (r *VolumePairReconciler) SetupWithManager(mgr ctrl.Manager) error {
 	r.probes = map[types.NamespacedName]map[string]*probeState{}
 	r.leases = authority.NewObserver(r.Clock)
 	r.legacyGone = map[types.UID]bool{}
-	r.forceSeen = map[types.UID]forceRequest{}
 	if err := r.watchLeases(context.Background(), mgr.GetCache()); err != nil {
 		return err
 	}

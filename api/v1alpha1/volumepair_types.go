@@ -235,6 +235,19 @@ type ForcePromotion struct {
 	BlockedBy string `json:"blockedBy,omitempty"`
 }
 
+// ForcePromoteSeen is a pending force-promote request as the controller
+// first saw it.
+type ForcePromoteSeen struct {
+	// node is the member the request names.
+	// +required
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=253
+	Node string `json:"node"`
+	// since is when the controller first saw the request for that node.
+	// +required
+	Since metav1.Time `json:"since"`
+}
+
 // FailoverSpec tunes loss detection and automatic promotion.
 // +kubebuilder:validation:XValidation:rule="!has(self.leaseDurationSeconds) || !has(self.probePeriodSeconds) || self.leaseDurationSeconds > self.probePeriodSeconds",message="spec.failover.leaseDurationSeconds must be greater than spec.failover.probePeriodSeconds"
 type FailoverSpec struct {
@@ -533,6 +546,12 @@ type VolumePairStatus struct {
 	// --force): who asked, which member, and what would have blocked it.
 	// +optional
 	LastForcePromotion *ForcePromotion `json:"lastForcePromotion,omitempty"`
+	// forcePromoteSeen is when the controller first saw the pending
+	// storage.tandem.dev/force-promote request, and for which node. A
+	// request that cannot act is cleared ForcePromoteTTL after it; kept in
+	// the status, the count survives a manager restart or a leader change.
+	// +optional
+	ForcePromoteSeen *ForcePromoteSeen `json:"forcePromoteSeen,omitempty"`
 	// conditions: Ready, Synchronized, Degraded, FailoverBlocked, Expanding.
 	// +optional
 	// +listType=map

@@ -16,6 +16,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/validation"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/utils/clock"
@@ -53,7 +54,7 @@ func (c *Controller) now() time.Time {
 }
 
 // ControllerGetCapabilities: create/delete, publish/unpublish (the pair's
-// client restriction: see ControllerPublishVolume), capacity, list.
+// client restriction: see ControllerPublishVolume), capacity, list, expand.
 func (c *Controller) ControllerGetCapabilities(context.Context, *csi.ControllerGetCapabilitiesRequest) (*csi.ControllerGetCapabilitiesResponse, error) {
 	var caps []*csi.ControllerServiceCapability
 	for _, t := range []csi.ControllerServiceCapability_RPC_Type{
@@ -62,6 +63,7 @@ func (c *Controller) ControllerGetCapabilities(context.Context, *csi.ControllerG
 		csi.ControllerServiceCapability_RPC_GET_CAPACITY,
 		csi.ControllerServiceCapability_RPC_LIST_VOLUMES,
 		csi.ControllerServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
+		csi.ControllerServiceCapability_RPC_EXPAND_VOLUME,
 	} {
 		caps = append(caps, &csi.ControllerServiceCapability{Type: &csi.ControllerServiceCapability_Rpc{Rpc: &csi.ControllerServiceCapability_RPC{Type: t}}})
 	}
@@ -641,4 +643,83 @@ func (c *Controller) waitClients(ctx context.Context, key client.ObjectKey, vp *
 		enforced = fmt.Sprintf("%v", last.Status.Clients.Nodes)
 	}
 	return status.Errorf(codes.DeadlineExceeded, "the writer of VolumePair %s does not enforce the new client nodes yet (it enforces %s; is a member reachable?)", key, enforced)
+}
+
+// regionSizeOf is a VolumePair's region size in bytes.
+func regionSizeOf(vp *v1.VolumePair) int64 {
+	if vp.Spec.RegionSize != nil && vp.Spec.RegionSize.Value() > 0 {
+		return vp.Spec.RegionSize.Value()
+	}
+	return v1.DefaultRegionSize
+}
+
+// ControllerExpandVolume grows a volume: spec.size of its VolumePair
+// becomes the requested capacity rounded up to whole regions (refused above
+// v1.MaxRegions regions), and the agents grow its replicas online. A
+// volume never shrinks: a request for no more than its size returns its
+// size and changes nothing, so repeating a call is harmless. The node
+// must always expand (node_expansion_required), block volumes included:
+// a device attached over NBD keeps the size it was attached with until
+// NodeExpandVolume tells it otherwise, and a filesystem is grown there.
+func (c *Controller) ControllerExpandVolume(ctx context.Context, req *csi.ControllerExpandVolumeRequest) (*csi.ControllerExpandVolumeResponse, error) {
+	if req.GetVolumeId() == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume ID is empty")
+	}
+	r := req.GetCapacityRange()
+	if r == nil {
+		return nil, status.Error(codes.InvalidArgument, "capacity range is missing")
+	}
+	if vc := req.GetVolumeCapability(); vc != nil {
+		if err := checkCapability(vc); err != nil {
+			return nil, err
+		}
+	}
+	key, err := c.volumeKey(req.GetVolumeId())
+	if err != nil {
+		return nil, err
+	}
+	for attempt := 0; ; attempt++ {
+		vp := &v1.VolumePair{}
+		if err := c.Client.Get(ctx, key, vp); err != nil {
+			if apierrors.IsNotFound(err) {
+				return nil, status.Errorf(codes.NotFound, "VolumePair %s not found", key)
+			}
+			return nil, status.Errorf(codes.Unavailable, "reading VolumePair %s: %v", key, err)
+		}
+		if !vp.DeletionTimestamp.IsZero() {
+			return nil, status.Errorf(codes.FailedPrecondition, "VolumePair %s is being deleted", key)
+		}
+		cur := vp.Spec.Size.Value()
+		if r.GetRequiredBytes() <= cur {
+			if lim := r.GetLimitBytes(); lim > 0 && lim < cur {
+				return nil, status.Errorf(codes.OutOfRange, "volume %s has %d bytes, more than the limit %d: a volume does not shrink", req.GetVolumeId(), cur, lim)
+			}
+			return expandResponse(cur), nil
+		}
+		size, err := volumeSize(r, regionSizeOf(vp))
+		if err != nil {
+			return nil, err
+		}
+		q := resource.NewQuantity(size, resource.BinarySI)
+		patch := fmt.Sprintf(`{"spec":{"size":%q}}`, q.String())
+		err = c.Client.Patch(ctx, vp, client.RawPatch(types.MergePatchType, []byte(patch)))
+		switch {
+		case err == nil:
+			return expandResponse(size), nil
+		case apierrors.IsNotFound(err):
+			return nil, status.Errorf(codes.NotFound, "VolumePair %s not found", key)
+		case apierrors.IsInvalid(err) && attempt < 3:
+			// A concurrent call may have grown it further (a volume does
+			// not shrink): read it again, and answer from what it has.
+			continue
+		case apierrors.IsInvalid(err):
+			return nil, status.Errorf(codes.InvalidArgument, "the API server refused to grow VolumePair %s to %s: %v", key, q, err)
+		default:
+			return nil, status.Errorf(codes.Unavailable, "growing VolumePair %s to %s: %v", key, q, err)
+		}
+	}
+}
+
+func expandResponse(size int64) *csi.ControllerExpandVolumeResponse {
+	return &csi.ControllerExpandVolumeResponse{CapacityBytes: size, NodeExpansionRequired: true}
 }

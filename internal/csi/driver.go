@@ -48,7 +48,8 @@ type Identity struct {
 	// Version is reported by GetPluginInfo.
 	Version string
 	// Controller is true in the controller plugin: it advertises
-	// CONTROLLER_SERVICE and VOLUME_ACCESSIBILITY_CONSTRAINTS.
+	// CONTROLLER_SERVICE and VOLUME_ACCESSIBILITY_CONSTRAINTS. Both
+	// plugins advertise online volume expansion (VolumeExpansion ONLINE).
 	Controller bool
 	// Ready reports whether the plugin can serve now (Probe); nil is ready.
 	Ready func(context.Context) error
@@ -74,6 +75,8 @@ func (i *Identity) GetPluginCapabilities(context.Context, *csi.GetPluginCapabili
 			caps = append(caps, &csi.PluginCapability{Type: &csi.PluginCapability_Service_{Service: &csi.PluginCapability_Service{Type: t}}})
 		}
 	}
+	caps = append(caps, &csi.PluginCapability{Type: &csi.PluginCapability_VolumeExpansion_{
+		VolumeExpansion: &csi.PluginCapability_VolumeExpansion{Type: csi.PluginCapability_VolumeExpansion_ONLINE}}})
 	return &csi.GetPluginCapabilitiesResponse{Capabilities: caps}, nil
 }
 

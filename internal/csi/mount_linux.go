@@ -192,3 +192,23 @@ func (LinuxMounter) Format(ctx context.Context, device, fstype string) error {
 	}
 	return nil
 }
+
+// Resize grows a mounted filesystem online: resize2fs on the device for
+// ext4, xfs_growfs on the mount point for xfs. Both do nothing when the
+// filesystem fills the device already.
+func (LinuxMounter) Resize(ctx context.Context, device, path, fstype string) error {
+	var cmd *exec.Cmd
+	switch fstype {
+	case "ext4":
+		cmd = exec.CommandContext(ctx, "resize2fs", device)
+	case "xfs":
+		cmd = exec.CommandContext(ctx, "xfs_growfs", path)
+	default:
+		return fmt.Errorf("filesystem %q is not supported", fstype)
+	}
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("%s: %w: %s", strings.Join(cmd.Args, " "), err, bytes.TrimSpace(out))
+	}
+	return nil
+}

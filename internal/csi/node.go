@@ -59,6 +59,20 @@ type Mounter interface {
 	Filesystem(device string) (string, error)
 	// Format makes a filesystem of type fstype on device.
 	Format(ctx context.Context, device, fstype string) error
+	// Resize grows the filesystem of type fstype on device, mounted at
+	// path, to the device's size (online; nothing to do is not an error).
+	Resize(ctx context.Context, device, path, fstype string) error
+}
+
+// Expander is an Attacher that grows an attached volume's device online
+// (NodeExpandVolume).
+type Expander interface {
+	// Expand makes the device of the attached volume vol.ID show the size
+	// its writer's export serves now, once that is at least vol.Size,
+	// and returns the device's size. It fails (codes.Unavailable) while
+	// the export is smaller, and (codes.NotFound) when the volume is not
+	// attached. Nothing to do is not an error.
+	Expand(ctx context.Context, vol Volume) (int64, error)
 }
 
 // Publisher makes a node a volume's client node and releases it: the
@@ -91,6 +105,13 @@ type Node struct {
 	// releases it after detaching. Nil: ControllerPublishVolume (a
 	// VolumeAttachment) does that.
 	Publisher Publisher
+	// ServedSize returns the size every member of a pair serves now (0
+	// while unknown): NodeExpandVolume waits for it. Nil reads the
+	// VolumePair's status.size (ServedSizeOf).
+	ServedSize func(ctx context.Context, key client.ObjectKey) (int64, error)
+	// ExpandWait bounds NodeExpandVolume's wait for the members to serve
+	// the new size (default DefaultExpandWait); the kubelet retries after.
+	ExpandWait time.Duration
 
 	locks sync.Map // volume ID → *sync.Mutex
 }
@@ -187,13 +208,14 @@ func (n *Node) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.NodeG
 	}, nil
 }
 
-// NodeGetCapabilities: staging, volume stats.
+// NodeGetCapabilities: staging, volume stats, expansion.
 func (n *Node) NodeGetCapabilities(context.Context, *csi.NodeGetCapabilitiesRequest) (*csi.NodeGetCapabilitiesResponse, error) {
 	var caps []*csi.NodeServiceCapability
 	for _, t := range []csi.NodeServiceCapability_RPC_Type{
 		csi.NodeServiceCapability_RPC_STAGE_UNSTAGE_VOLUME,
 		csi.NodeServiceCapability_RPC_GET_VOLUME_STATS,
 		csi.NodeServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
+		csi.NodeServiceCapability_RPC_EXPAND_VOLUME,
 	} {
 		caps = append(caps, &csi.NodeServiceCapability{Type: &csi.NodeServiceCapability_Rpc{Rpc: &csi.NodeServiceCapability_RPC{Type: t}}})
 	}

@@ -14,6 +14,9 @@ import (
 	"path/filepath"
 	"sync"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
 	"github.com/tandem-storage/tandem/internal/csi"
 )
 
@@ -49,6 +52,28 @@ func (a *Attacher) Attach(_ context.Context, vol csi.Volume) (string, error) {
 	return dev, nil
 }
 
+// Expand grows an attached volume's file to vol.Size (never shrinks it)
+// and returns its size, as a device that learnt its export's new size.
+func (a *Attacher) Expand(_ context.Context, vol csi.Volume) (int64, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	dev, ok := a.attached[vol.ID]
+	if !ok {
+		return 0, status.Errorf(codes.NotFound, "volume %s is not attached", vol.ID)
+	}
+	fi, err := os.Stat(dev)
+	if err != nil {
+		return 0, err
+	}
+	if fi.Size() >= vol.Size {
+		return fi.Size(), nil
+	}
+	if err := os.Truncate(dev, vol.Size); err != nil {
+		return 0, err
+	}
+	return vol.Size, nil
+}
+
 // Detach removes the file (idempotent).
 func (a *Attacher) Detach(_ context.Context, id string) error {
 	a.mu.Lock()
@@ -62,6 +87,13 @@ func (a *Attacher) Detach(_ context.Context, id string) error {
 		return err
 	}
 	return nil
+}
+
+// Path returns the file of an attached volume ("" when not attached).
+func (a *Attacher) Path(id string) string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.attached[id]
 }
 
 // Attached returns the volume IDs attached now.
@@ -80,6 +112,8 @@ type Mounter struct {
 	mu     sync.Mutex
 	mounts map[string]Mount  // target → mount
 	fs     map[string]string // device → filesystem made on it
+	// resized are the devices Resize grew.
+	resized []string
 }
 
 // Mount is one recorded mount.
@@ -163,4 +197,27 @@ func (m *Mounter) Mounts() map[string]Mount {
 		out[k] = v
 	}
 	return out
+}
+
+// Resize records a grown filesystem: the device must hold fstype and be
+// mounted at path.
+func (m *Mounter) Resize(_ context.Context, device, path, fstype string) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.init()
+	if m.fs[device] != fstype {
+		return fmt.Errorf("resizing %s as %s: it holds %q", device, fstype, m.fs[device])
+	}
+	if mt, ok := m.mounts[path]; !ok || mt.Source != device {
+		return fmt.Errorf("resizing %s: it is not mounted at %s", device, path)
+	}
+	m.resized = append(m.resized, device)
+	return nil
+}
+
+// Resized lists the devices whose filesystems Resize grew, in order.
+func (m *Mounter) Resized() []string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return append([]string(nil), m.resized...)
 }

@@ -15,8 +15,8 @@ import (
 	"github.com/tandem-storage/tandem/internal/csi"
 )
 
-// setupCSI adds the CSI controller side to the manager: the provisioner
-// (leader only) and, when asked, the CSI controller service on a socket.
+// setupCSI adds the CSI controller side to the manager: the provisioner,
+// the attacher and the resizer (leader only) and, when asked, the CSI controller service on a socket.
 // Both read through an uncached client: CreateVolume must see the
 // VolumePair an earlier call created, not the cache's view of a moment ago.
 func setupCSI(mgr manager.Manager, namespace string, provision, podFailover bool, endpoint string) error {
@@ -27,9 +27,13 @@ func setupCSI(mgr manager.Manager, namespace string, provision, podFailover bool
 	cc := &csi.Controller{Client: c, Namespace: namespace}
 	log := ctrl.Log.WithName("csi")
 	if provision {
-		// Attaching (VolumeAttachments) and provisioning run on the leader.
+		// Attaching (VolumeAttachments), resizing (claims asking for more)
+		// and provisioning run on the leader.
 		if err := (&csi.AttachController{Client: mgr.GetClient(), Controller: cc}).SetupWithManager(mgr); err != nil {
 			return fmt.Errorf("CSI attacher: %w", err)
+		}
+		if err := (&csi.Resizer{Client: mgr.GetClient(), Controller: cc, Recorder: mgr.GetEventRecorder("tandem-csi-resizer")}).SetupWithManager(mgr); err != nil {
+			return fmt.Errorf("CSI resizer: %w", err)
 		}
 		cs, err := kubernetes.NewForConfig(mgr.GetConfig())
 		if err != nil {

@@ -117,6 +117,7 @@ metadata:
 provisioner: csi.tandem.dev
 volumeBindingMode: WaitForFirstConsumer
 reclaimPolicy: Delete
+allowVolumeExpansion: true
 allowedTopologies:
 - matchLabelExpressions:
   - key: csi.tandem.dev/node

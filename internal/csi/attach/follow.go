@@ -50,6 +50,10 @@ type Follower struct {
 	c        *nbd.Client
 	endpoint string
 	closed   bool
+	// size is the export's size as the connection c negotiated it.
+	size int64
+	// renew makes the next request connect anew (Refresh).
+	renew bool
 
 	reconnects atomic.Uint64
 }
@@ -63,6 +67,33 @@ func (f *Follower) Endpoint() string {
 
 // Reconnects counts the connections made after the first.
 func (f *Follower) Reconnects() uint64 { return f.reconnects.Load() }
+
+// Size is the export's size as the current connection negotiated it (0
+// before the first).
+func (f *Follower) Size() int64 {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.size
+}
+
+// Refresh connects to the current writer anew and returns the export's
+// size as the new connection negotiates it: NBD has no in-band resize, a
+// connection keeps the size it was opened with, so this is how the
+// follower learns that the volume grew. The old connection is closed once
+// the new one is up; its requests in flight are re-issued on the new one,
+// as after a writer's move.
+func (f *Follower) Refresh(ctx context.Context) (int64, error) {
+	f.mu.Lock()
+	f.renew = true
+	f.mu.Unlock()
+	size, err := f.Connect(ctx)
+	if err != nil {
+		f.mu.Lock()
+		f.renew = false // keep the connection there is
+		f.mu.Unlock()
+	}
+	return size, err
+}
 
 // Connect dials the current writer now and returns the export's size.
 func (f *Follower) Connect(ctx context.Context) (int64, error) {
@@ -107,7 +138,7 @@ func (f *Follower) client(ctx context.Context) (*nbd.Client, error) {
 	if f.closed {
 		return nil, errFollowerClosed
 	}
-	if f.c != nil && f.c.Err() == nil {
+	if f.c != nil && f.c.Err() == nil && !f.renew {
 		return f.c, nil
 	}
 	uri, err := f.Resolve(ctx)
@@ -124,11 +155,18 @@ func (f *Follower) client(ctx context.Context) (*nbd.Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	if f.endpoint != "" {
+	switch {
+	case f.renew:
+		if f.c != nil {
+			_ = f.c.Close() // its requests are re-issued on c
+		}
+		f.reconnects.Add(1)
+		f.Log.Info("Connected anew", "writer", uri, "size", c.Size(), "previousSize", f.size)
+	case f.endpoint != "":
 		f.reconnects.Add(1)
 		f.Log.Info("Following the writer", "from", f.endpoint, "to", uri)
 	}
-	f.c, f.endpoint = c, uri
+	f.c, f.endpoint, f.size, f.renew = c, uri, c.Size(), false
 	return c, nil
 }
 

@@ -173,3 +173,109 @@ func TestParseURI(t *testing.T) {
 		}
 	}
 }
+
+// growable is a backend that grows, as a replica does when its volume is
+// expanded: a connection keeps the size it negotiated (the server checks
+// requests against it), a new connection sees the new size.
+type growable struct {
+	mu sync.RWMutex
+	be *nbd.MemBackend
+}
+
+func newGrowable(size int64) *growable { return &growable{be: nbd.NewMemBackend(size)} }
+
+// grow copies the contents into a larger backend (requests wait).
+func (g *growable) grow(t *testing.T, size int64) {
+	t.Helper()
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	nb := nbd.NewMemBackend(size)
+	if err := nb.WriteAt(context.Background(), g.be.Bytes(), 0, true); err != nil {
+		t.Fatal(err)
+	}
+	g.be = nb
+}
+
+func (g *growable) Size() int64 { g.mu.RLock(); defer g.mu.RUnlock(); return g.be.Size() }
+func (g *growable) ReadAt(ctx context.Context, p []byte, off int64) error {
+	g.mu.RLock()
+	defer g.mu.RUnlock()
+	return g.be.ReadAt(ctx, p, off)
+}
+func (g *growable) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
+	g.mu.RLock()
+	defer g.mu.RUnlock()
+	return g.be.WriteAt(ctx, p, off, fua)
+}
+func (g *growable) Flush(ctx context.Context) error {
+	g.mu.RLock()
+	defer g.mu.RUnlock()
+	return g.be.Flush(ctx)
+}
+func (g *growable) Trim(ctx context.Context, off, n int64, fua bool) error {
+	g.mu.RLock()
+	defer g.mu.RUnlock()
+	return g.be.Trim(ctx, off, n, fua)
+}
+func (g *growable) WriteZeroes(ctx context.Context, off, n int64, fua bool) error {
+	g.mu.RLock()
+	defer g.mu.RUnlock()
+	return g.be.WriteZeroes(ctx, off, n, fua)
+}
+
+// TestFollowerRefreshLearnsTheNewSize: after the export grows, the
+// follower's connection still has the old size (NBD has no in-band
+// resize); Refresh connects anew, returns the new size, and requests
+// beyond the old end then succeed, with the old data intact. A refresh
+// while no writer answers fails and keeps the old connection.
+func TestFollowerRefreshLearnsTheNewSize(t *testing.T) {
+	be := newGrowable(1 << 20)
+	a := startMember(t, be)
+	r := &switchable{uri: a.uri}
+	f := &Follower{Resolve: r.resolve, IOTimeout: 5 * time.Second, Log: testr.New(t)}
+	defer f.Close()
+	ctx := context.Background()
+	if size, err := f.Connect(ctx); err != nil || size != 1<<20 || f.Size() != 1<<20 {
+		t.Fatalf("Connect: %d (Size %d), %v", size, f.Size(), err)
+	}
+	if err := f.WriteAt(ctx, []byte("old"), 1<<20-3, true); err != nil {
+		t.Fatal(err)
+	}
+	be.grow(t, 2<<20)
+	if f.Size() != 1<<20 {
+		t.Fatalf("Size %d before Refresh: the connection negotiated 1 MiB", f.Size())
+	}
+	if err := f.WriteAt(ctx, []byte("new"), 1<<20+4096, false); !errors.Is(err, syscall.EINVAL) {
+		t.Fatalf("write beyond the size the connection negotiated: %v, want EINVAL", err)
+	}
+	size, err := f.Refresh(ctx)
+	if err != nil || size != 2<<20 || f.Size() != 2<<20 {
+		t.Fatalf("Refresh: %d (Size %d), %v; want 2 MiB", size, f.Size(), err)
+	}
+	if f.Reconnects() != 1 || f.Endpoint() != a.uri {
+		t.Fatalf("%d reconnects to %s after Refresh", f.Reconnects(), f.Endpoint())
+	}
+	if err := f.WriteAt(ctx, []byte("new"), 1<<20+4096, true); err != nil {
+		t.Fatalf("write beyond the old end after Refresh: %v", err)
+	}
+	got := make([]byte, 3)
+	if err := f.ReadAt(ctx, got, 1<<20-3); err != nil || string(got) != "old" {
+		t.Fatalf("old data after the growth: %q, %v", got, err)
+	}
+	if size, err := f.Refresh(ctx); err != nil || size != 2<<20 {
+		t.Fatalf("second Refresh: %d, %v", size, err)
+	}
+
+	// No writer named: Refresh gives up with its context, the old
+	// connection stays in use.
+	r.set("")
+	cctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	_, err = f.Refresh(cctx)
+	cancel()
+	if err == nil {
+		t.Fatal("Refresh succeeded with no writer named")
+	}
+	if err := f.ReadAt(ctx, got, 1<<20+4096); err != nil || string(got) != "new" {
+		t.Fatalf("read on the kept connection after a failed Refresh: %q, %v", got, err)
+	}
+}

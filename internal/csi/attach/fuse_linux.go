@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -49,6 +50,7 @@ type userAttachment struct {
 	server   *fuse.Server
 	mnt      string
 	loop     *loopDevice
+	disk     *fuseDisk
 }
 
 // Attach returns the loop device of the volume, attaching it first.
@@ -76,7 +78,9 @@ func (u *UserSpace) Attach(ctx context.Context, vol csi.Volume) (string, error) 
 		f.Close()
 		return "", fmt.Errorf("FUSE mount point: %w", err)
 	}
-	root := &fuseRoot{disk: &fuseDisk{f: f, size: size}}
+	disk := &fuseDisk{f: f}
+	disk.size.Store(size)
+	root := &fuseRoot{disk: disk}
 	srv, err := fs.Mount(mnt, root, &fs.Options{MountOptions: fuse.MountOptions{
 		FsName: "tandem:" + vol.ID, Name: "tandem", DirectMount: true, DirectMountStrict: true,
 		AllowOther: true, MaxWrite: 1 << 20, DisableXAttrs: true,
@@ -101,7 +105,7 @@ func (u *UserSpace) Attach(ctx context.Context, vol csi.Volume) (string, error) 
 	if u.attached == nil {
 		u.attached = map[string]*userAttachment{}
 	}
-	u.attached[vol.ID] = &userAttachment{follower: f, server: srv, mnt: mnt, loop: loop}
+	u.attached[vol.ID] = &userAttachment{follower: f, server: srv, mnt: mnt, loop: loop, disk: disk}
 	u.Log.Info("Volume attached", "volume", vol.ID, "device", loop.path, "writer", f.Endpoint())
 	return loop.path, nil
 }
@@ -151,6 +155,47 @@ func (u *UserSpace) Follower(id string) *Follower {
 	return nil
 }
 
+// Expand grows the device of an attached volume to the size its writer's
+// export serves now, once that is at least vol.Size: the follower connects
+// anew (a new NBD connection negotiates the new size), the FUSE file
+// takes that size (its cached attributes invalidated), and the loop device
+// is told its capacity changed (LOOP_SET_CAPACITY). It returns the loop
+// device's size; a device already grown is left as it is.
+func (u *UserSpace) Expand(ctx context.Context, vol csi.Volume) (int64, error) {
+	u.mu.Lock()
+	a, ok := u.attached[vol.ID]
+	u.mu.Unlock()
+	if !ok {
+		return 0, status.Errorf(codes.NotFound, "volume %s is not attached on this node", vol.ID)
+	}
+	if a.disk.size.Load() < vol.Size {
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		size, err := a.follower.Refresh(cctx)
+		cancel()
+		if err != nil {
+			return 0, status.Errorf(codes.Unavailable, "volume %s: connecting to its writer anew: %v", vol.ID, err)
+		}
+		if size < vol.Size {
+			return 0, status.Errorf(codes.Unavailable, "volume %s: its writer exports %d bytes, not yet %d", vol.ID, size, vol.Size)
+		}
+		if size > a.disk.size.Load() {
+			a.disk.size.Store(size)
+		}
+	}
+	if err := a.disk.refreshSize(filepath.Join(a.mnt, "disk")); err != nil {
+		return 0, fmt.Errorf("volume %s: %w", vol.ID, err)
+	}
+	dev, err := a.loop.setCapacity()
+	if err != nil {
+		return 0, fmt.Errorf("volume %s: %w", vol.ID, err)
+	}
+	if dev != a.disk.size.Load() {
+		return 0, status.Errorf(codes.Internal, "volume %s: the loop device %s has %d bytes after LOOP_SET_CAPACITY, its file %d", vol.ID, a.loop.path, dev, a.disk.size.Load())
+	}
+	u.Log.Info("Volume device grown", "volume", vol.ID, "device", a.loop.path, "size", dev)
+	return dev, nil
+}
+
 type fuseRoot struct {
 	fs.Inode
 	disk *fuseDisk
@@ -165,8 +210,10 @@ func (r *fuseRoot) OnAdd(ctx context.Context) {
 // fuseDisk is the file "disk": the volume.
 type fuseDisk struct {
 	fs.Inode
-	f    *Follower
-	size int64
+	f *Follower
+	// size is the volume's size as the follower's connection serves it;
+	// it grows (Expand), never shrinks.
+	size atomic.Int64
 }
 
 var (
@@ -181,15 +228,16 @@ var (
 
 func (d *fuseDisk) Getattr(_ context.Context, _ fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
 	out.Mode = syscall.S_IFREG | 0o600
-	out.Size = uint64(d.size)
-	out.Blocks = uint64(d.size) / 512
+	size := d.size.Load()
+	out.Size = uint64(size)
+	out.Blocks = uint64(size) / 512
 	out.Blksize = 4096
 	return 0
 }
 
 // Setattr allows only what changes nothing (a truncate to the same size).
 func (d *fuseDisk) Setattr(ctx context.Context, fh fs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
-	if sz, ok := in.GetSize(); ok && int64(sz) != d.size {
+	if sz, ok := in.GetSize(); ok && int64(sz) != d.size.Load() {
 		return syscall.EPERM
 	}
 	return d.Getattr(ctx, fh, out)
@@ -200,10 +248,11 @@ func (d *fuseDisk) Open(context.Context, uint32) (fs.FileHandle, uint32, syscall
 }
 
 func (d *fuseDisk) Read(ctx context.Context, _ fs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
-	if off >= d.size {
+	size := d.size.Load()
+	if off >= size {
 		return fuse.ReadResultData(nil), 0
 	}
-	n := min(int64(len(dest)), d.size-off)
+	n := min(int64(len(dest)), size-off)
 	if err := d.f.ReadAt(ctx, dest[:n], off); err != nil {
 		return nil, errno(err)
 	}
@@ -211,7 +260,7 @@ func (d *fuseDisk) Read(ctx context.Context, _ fs.FileHandle, dest []byte, off i
 }
 
 func (d *fuseDisk) Write(ctx context.Context, _ fs.FileHandle, data []byte, off int64) (uint32, syscall.Errno) {
-	if off < 0 || off+int64(len(data)) > d.size {
+	if off < 0 || off+int64(len(data)) > d.size.Load() {
 		return 0, syscall.ENOSPC
 	}
 	if err := d.f.WriteAt(ctx, data, off, false); err != nil {
@@ -222,6 +271,25 @@ func (d *fuseDisk) Write(ctx context.Context, _ fs.FileHandle, data []byte, off 
 
 func (d *fuseDisk) Fsync(ctx context.Context, _ fs.FileHandle, _ uint32) syscall.Errno {
 	return errno(d.f.Flush(ctx))
+}
+
+// refreshSize makes the kernel take the file's size again: its cached
+// attributes are invalidated (FUSE_NOTIFY_INVAL_INODE), and a stat of the
+// file (at path) fetches them, which sets the inode's size that the loop
+// device reads.
+func (d *fuseDisk) refreshSize(path string) error {
+	want := d.size.Load()
+	if errno := d.NotifyContent(-1, 0); errno != 0 && errno != syscall.ENOENT {
+		return fmt.Errorf("invalidating the attributes of the FUSE file %s: %w", path, errno)
+	}
+	fi, err := os.Stat(path)
+	if err != nil {
+		return fmt.Errorf("the FUSE file: %w", err)
+	}
+	if fi.Size() != want {
+		return fmt.Errorf("the FUSE file %s has %d bytes after its attributes were invalidated, want %d", path, fi.Size(), want)
+	}
+	return nil
 }
 
 // Flush (a close of the file) does not flush the volume: the loop device

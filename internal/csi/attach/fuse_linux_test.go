@@ -14,6 +14,8 @@ import (
 
 	"github.com/go-logr/logr/testr"
 	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/tandem-storage/tandem/dataplane/nbd"
@@ -209,4 +211,113 @@ func (v *view) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error
 		return err
 	}
 	return v.MemBackend.WriteAt(ctx, p, off, fua)
+}
+
+// TestUserSpaceExpand: a volume attached through FUSE and a loop device,
+// with a mounted xfs filesystem, grows online from 16 MiB to 32 MiB:
+// Expand refuses (Unavailable) while the export is still smaller, then,
+// once it has grown, the loop device shows the new size (BLKGETSIZE64) and
+// xfs_growfs (Mounter.Resize) grows the mounted filesystem, whose files
+// stay as they were. Expanding again changes nothing; a volume not
+// attached is NotFound. (xfs, not ext4: growing a mounted ext4 takes
+// CAP_SYS_RESOURCE, which the node plugin has and CI's container lacks;
+// the device's part is the same.)
+func TestUserSpaceExpand(t *testing.T) {
+	requireBlockDevices(t)
+	const small, large = 16 << 20, 32 << 20
+	be := newGrowable(small)
+	a := startMember(t, be)
+	r := &switchable{uri: a.uri}
+	dir := t.TempDir()
+	u := &UserSpace{Dir: filepath.Join(dir, "fuse"), Resolver: func(csi.Volume) Resolver { return r.resolve }, Log: testr.New(t), IOTimeout: 10 * time.Second}
+	vol := csi.Volume{ID: "vol-grow", Pair: client.ObjectKey{Namespace: "ns", Name: "vol"}, Size: small}
+	ctx := context.Background()
+	if _, err := u.Expand(ctx, vol); status.Code(err) != codes.NotFound {
+		t.Fatalf("Expand of a volume not attached: %v, want NotFound", err)
+	}
+	dev, err := u.Attach(ctx, vol)
+	if err != nil {
+		t.Fatalf("Attach: %v", err)
+	}
+	mnt := filepath.Join(dir, "mnt")
+	t.Cleanup(func() {
+		_ = exec.Command("umount", "-l", mnt).Run()
+		_ = u.Detach(context.Background(), vol.ID)
+	})
+	var m csi.LinuxMounter
+	// mkfs.xfs refuses less than 300 MB unless told it is a test.
+	mkfs := exec.Command("mkfs.xfs", "-f", "-q", "-K", dev)
+	mkfs.Env = append(os.Environ(), "TEST_DIR=1", "TEST_DEV=1", "QA_CHECK_FS=1")
+	if out, err := mkfs.CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.xfs: %v: %s", err, out)
+	}
+	if err := os.MkdirAll(mnt, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Mount(dev, mnt, "xfs", false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	data := bytes.Repeat([]byte("tandem"), 100000)
+	if err := os.WriteFile(filepath.Join(mnt, "before"), data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var before unix.Statfs_t
+	if err := unix.Statfs(mnt, &before); err != nil {
+		t.Fatal(err)
+	}
+
+	grown := vol
+	grown.Size = large
+	if _, err := u.Expand(ctx, grown); status.Code(err) != codes.Unavailable {
+		t.Fatalf("Expand before the export grew: %v, want Unavailable", err)
+	}
+	be.grow(t, large)
+	for round := 0; round < 2; round++ {
+		size, err := u.Expand(ctx, grown)
+		if err != nil || size != large {
+			t.Fatalf("round %d: Expand: %d, %v; want %d", round, size, err, large)
+		}
+		f, err := os.Open(dev)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := deviceSize(f)
+		_ = f.Close()
+		if err != nil || got != large {
+			t.Fatalf("round %d: %s has %d bytes (%v), want %d", round, dev, got, err, large)
+		}
+		if err := m.Resize(ctx, dev, mnt, "xfs"); err != nil {
+			t.Fatalf("round %d: %v", round, err)
+		}
+	}
+	var after unix.Statfs_t
+	if err := unix.Statfs(mnt, &after); err != nil {
+		t.Fatal(err)
+	}
+	if gotBytes := int64(after.Blocks) * after.Bsize; gotBytes <= int64(before.Blocks)*before.Bsize || gotBytes < large*3/4 {
+		t.Fatalf("the filesystem has %d bytes after xfs_growfs (%d before), want about %d", gotBytes, int64(before.Blocks)*before.Bsize, large)
+	}
+	// Written after the growth, beyond the old end as the filesystem fills.
+	big := bytes.Repeat([]byte{7}, 18<<20)
+	if err := os.WriteFile(filepath.Join(mnt, "after"), big, 0o600); err != nil {
+		t.Fatalf("filling the grown filesystem: %v", err)
+	}
+	if err := m.Unmount(mnt); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Mount(dev, mnt, "xfs", false, true, nil); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := os.ReadFile(filepath.Join(mnt, "before")); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("the file written before the growth: %v", err)
+	}
+	if got, err := os.ReadFile(filepath.Join(mnt, "after")); err != nil || !bytes.Equal(got, big) {
+		t.Fatalf("the file written after the growth: %v", err)
+	}
+	if err := m.Unmount(mnt); err != nil {
+		t.Fatal(err)
+	}
+	if err := u.Detach(ctx, vol.ID); err != nil {
+		t.Fatal(err)
+	}
 }

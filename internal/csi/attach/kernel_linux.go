@@ -342,3 +342,32 @@ func (k *Kernel) Writer(id string) string {
 	}
 	return ""
 }
+
+// Expand reports the size of an attached volume's device once it is at
+// least vol.Size. The kernel path does not grow a device online yet: the
+// kernel's socket keeps the size its handshake negotiated (NBD has no
+// in-band resize) and RECONFIGURE only replaces dead sockets, so a device
+// smaller than the volume is refused (FailedPrecondition) until it is
+// staged again (its Pod restarted), which attaches it at the new size.
+func (k *Kernel) Expand(_ context.Context, vol csi.Volume) (int64, error) {
+	k.mu.Lock()
+	a, ok := k.attached[vol.ID]
+	k.mu.Unlock()
+	if !ok {
+		return 0, status.Errorf(codes.NotFound, "volume %s is not attached on this node", vol.ID)
+	}
+	b, err := os.ReadFile(filepath.Join(k.opts.SysBlock, fmt.Sprintf("nbd%d", a.index), "size"))
+	if err != nil {
+		return 0, fmt.Errorf("the size of %s: %w", DevicePath(a.index), err)
+	}
+	var sectors int64
+	if _, err := fmt.Sscanf(strings.TrimSpace(string(b)), "%d", &sectors); err != nil {
+		return 0, fmt.Errorf("the size of %s: %q: %w", DevicePath(a.index), b, err)
+	}
+	size := sectors * 512
+	if size < vol.Size {
+		return 0, status.Errorf(codes.FailedPrecondition, "volume %s: %s has %d bytes, %d requested: the kernel NBD path does not grow an attached device; the volume takes its new size when it is staged again (restart its Pod)",
+			vol.ID, DevicePath(a.index), size, vol.Size)
+	}
+	return size, nil
+}

@@ -18,6 +18,8 @@ import (
 	"github.com/mdlayher/genetlink"
 	"github.com/mdlayher/genetlink/genltest"
 	"github.com/mdlayher/netlink"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/tandem-storage/tandem/dataplane/nbd"
 	"github.com/tandem-storage/tandem/internal/csi"
@@ -337,5 +339,39 @@ func TestNetlinkNBDMessages(t *testing.T) {
 	noGroup := genltest.Dial(genltest.ServeFamily(bare, func(genetlink.Message, netlink.Message) ([]genetlink.Message, error) { return nil, nil }))
 	if _, err := newNetlinkNBD(noGroup, events, join); err == nil || !strings.Contains(err.Error(), "multicast group") {
 		t.Fatalf("no multicast group: %v", err)
+	}
+}
+
+// TestKernelExpand: the kernel path reports the device's size (sysfs) when
+// it has the size asked for, and refuses a larger one (FailedPrecondition:
+// the kernel's socket keeps the size it negotiated; the volume takes its
+// new size when staged again); a volume not attached is NotFound.
+func TestKernelExpand(t *testing.T) {
+	const size = 1 << 20
+	a := startMember(t, nbd.NewMemBackend(size))
+	r := &switchable{uri: a.uri}
+	sys := t.TempDir()
+	k := newKernel(KernelOptions{Resolver: func(csi.Volume) Resolver { return r.resolve }, Log: testr.New(t), SysBlock: sys}, newFakeKernel())
+	defer k.Close()
+	ctx := context.Background()
+	vol := csi.Volume{ID: "ns/vol", Size: size}
+	if _, err := k.Expand(ctx, vol); status.Code(err) != codes.NotFound {
+		t.Fatalf("Expand of a volume not attached: %v, want NotFound", err)
+	}
+	if _, err := k.Attach(ctx, vol); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(filepath.Join(sys, "nbd0"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(sys, "nbd0", "size"), []byte("2048\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := k.Expand(ctx, vol); err != nil || got != size {
+		t.Fatalf("Expand to the device's size: %d, %v", got, err)
+	}
+	vol.Size = 2 * size
+	if _, err := k.Expand(ctx, vol); status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("Expand beyond the device's size: %v, want FailedPrecondition", err)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -90,4 +91,22 @@ func (l *loopDevice) detach() error {
 		time.Sleep(100 * time.Millisecond)
 	}
 	return fmt.Errorf("unbinding %s: %w", l.path, err)
+}
+
+// setCapacity makes the device take its file's size now (LOOP_SET_CAPACITY)
+// and returns the device's size.
+func (l *loopDevice) setCapacity() (int64, error) {
+	if err := unix.IoctlSetInt(int(l.f.Fd()), unix.LOOP_SET_CAPACITY, 0); err != nil {
+		return 0, fmt.Errorf("LOOP_SET_CAPACITY on %s: %w", l.path, err)
+	}
+	return deviceSize(l.f)
+}
+
+// deviceSize is a block device's size in bytes (BLKGETSIZE64).
+func deviceSize(f *os.File) (int64, error) {
+	var n uint64
+	if _, _, e := unix.Syscall(unix.SYS_IOCTL, f.Fd(), unix.BLKGETSIZE64, uintptr(unsafe.Pointer(&n))); e != 0 {
+		return 0, fmt.Errorf("BLKGETSIZE64 on %s: %w", f.Name(), e)
+	}
+	return int64(n), nil
 }

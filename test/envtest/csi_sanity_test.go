@@ -45,7 +45,15 @@ func TestCSISanity(t *testing.T) {
 	// stages it.
 	node := &csi.Node{NodeID: nodes[0], Client: k8s, Namespace: ns,
 		Attacher: &csifake.Attacher{Dir: devDir}, Mounter: &csifake.Mounter{}, StateDir: filepath.Join(dir, "state"),
-		Publisher: &csi.Controller{Client: k8s, Namespace: ns, PublishWait: 5 * time.Second}}
+		Publisher: &csi.Controller{Client: k8s, Namespace: ns, PublishWait: 5 * time.Second},
+		// No agents grow replicas here: every member serves spec.size.
+		ServedSize: func(ctx context.Context, key client.ObjectKey) (int64, error) {
+			vp := &v1.VolumePair{}
+			if err := k8s.Get(ctx, key, vp); err != nil {
+				return 0, err
+			}
+			return vp.Spec.Size.Value(), nil
+		}}
 	sock := filepath.Join(dir, "csi.sock")
 	ln, err := csi.Listen("unix://" + sock)
 	if err != nil {

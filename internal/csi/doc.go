@@ -55,4 +55,16 @@
 // NodePublishVolume bind-mounts that (or, for volumeMode Block, the device)
 // at the pod's target path. What is staged is recorded in the node's state
 // directory so that unstaging after a restart knows what to undo.
+//
+// # Expansion
+//
+// Volumes grow online. The Resizer (resizer.go, the external-resizer's work
+// and PVC status protocol) calls ControllerExpandVolume for a claim asking
+// for more than it has: the VolumePair's spec.size grows (whole regions,
+// never shrinking), the agents grow the replicas, and the VolumePair's
+// status.size says when every member serves the new size (ServedSizeOf).
+// NodeExpandVolume waits for that (ExpandWait, then Unavailable for the
+// kubelet to retry), has the Attacher grow the device (Expander: a new NBD
+// connection negotiates the new size, as NBD has no in-band resize) and
+// grows the filesystem (resize2fs, xfs_growfs).
 package csi

@@ -68,6 +68,10 @@ func (u *UserSpace) Attach(ctx context.Context, vol csi.Volume) (string, error) 
 		f.Close()
 		return "", status.Errorf(codes.Unavailable, "volume %s has no writer to connect to yet: %v", vol.ID, err)
 	}
+	if size < vol.Size {
+		f.Close()
+		return "", status.Errorf(codes.Unavailable, "volume %s: the writer exports %d bytes, the VolumePair says %d: its replicas have not grown yet", vol.ID, size, vol.Size)
+	}
 	if size != vol.Size {
 		f.Close()
 		return "", status.Errorf(codes.Internal, "volume %s: the writer exports %d bytes, the VolumePair says %d", vol.ID, size, vol.Size)

@@ -132,6 +132,9 @@ func (k *Kernel) Attach(ctx context.Context, vol csi.Volume) (string, error) {
 		return "", status.Errorf(codes.Unavailable, "volume %s has no writer to connect to yet: %v", vol.ID, err)
 	}
 	defer sock.Close() // the kernel holds its own reference
+	if info.Size < vol.Size {
+		return "", status.Errorf(codes.Unavailable, "volume %s: the writer exports %d bytes, the VolumePair says %d: its replicas have not grown yet", vol.ID, info.Size, vol.Size)
+	}
 	if info.Size != vol.Size {
 		return "", status.Errorf(codes.Internal, "volume %s: the writer exports %d bytes, the VolumePair says %d", vol.ID, info.Size, vol.Size)
 	}
@@ -306,7 +309,9 @@ func (k *Kernel) reconnect(a *kernelAttachment) {
 				return err
 			}
 			defer sock.Close()
-			if info.Size != a.vol.Size {
+			// A larger export is the volume grown since the device was
+			// attached: the device keeps its size (see Expand).
+			if info.Size < a.vol.Size {
 				return fmt.Errorf("the writer %s exports %d bytes, the device has %d", uri, info.Size, a.vol.Size)
 			}
 			if err := k.nl.Reconfigure(a.index, sock); err != nil {

@@ -370,8 +370,24 @@ func TestKernelExpand(t *testing.T) {
 	if got, err := k.Expand(ctx, vol); err != nil || got != size {
 		t.Fatalf("Expand to the device's size: %d, %v", got, err)
 	}
-	vol.Size = 2 * size
-	if _, err := k.Expand(ctx, vol); status.Code(err) != codes.FailedPrecondition {
+	grown := vol
+	grown.Size = 2 * size
+	if _, err := k.Expand(ctx, grown); status.Code(err) != codes.FailedPrecondition {
 		t.Fatalf("Expand beyond the device's size: %v, want FailedPrecondition", err)
+	}
+
+	// The replicas grew, then the writer's node is lost: the device, still
+	// at its old size, follows the new writer whose export is larger.
+	b := startMember(t, nbd.NewMemBackend(2*size))
+	r.set(b.uri)
+	k.nl.(*fakeKernel).linkDies(0)
+	testkit.Eventually(t, 10*time.Second, "the device reconfigured to the grown writer", func() bool {
+		_, n := k.nl.(*fakeKernel).counts()
+		return n == 1
+	})
+	// A volume staged while its replicas have not grown yet waits.
+	r.set(a.uri)
+	if _, err := k.Attach(ctx, csi.Volume{ID: "ns/vol2", Size: 2 * size}); status.Code(err) != codes.Unavailable {
+		t.Fatalf("Attach while the export is smaller than the VolumePair: %v, want Unavailable", err)
 	}
 }

@@ -54,7 +54,8 @@ func ServedSizeOf(ctx context.Context, c client.Reader, key client.ObjectKey) (i
 // member serves the requested size (status.size; Unavailable until then,
 // after waiting up to ExpandWait), the attached device learns the export's
 // new size (Expander: the user-space path reconnects its NBD client and
-// tells the loop device; the kernel path reconfigures /dev/nbdN), then
+// tells the loop device; the kernel path hands /dev/nbdN a new socket and
+// the new size), then
 // the filesystem grows to fill it (resize2fs, xfs_growfs). A block volume
 // only has its device grown. Repeating it does nothing more.
 func (n *Node) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolumeRequest) (*csi.NodeExpandVolumeResponse, error) {

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/go-logr/logr"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -34,6 +35,9 @@ import (
 // their Timeout expires. A switchover or failback leaves the old writer's
 // connection working: the old writer forwards its requests to the new one
 // (dataplane/volume, forward.go).
+//
+// Growing a volume (Expand) reuses that: the device's socket is shut down,
+// and the reconnect hands the kernel a new socket with the new size.
 type Kernel struct {
 	opts KernelOptions
 	nl   kernelNBD
@@ -42,6 +46,9 @@ type Kernel struct {
 	attached map[string]*kernelAttachment // volume ID
 	byIndex  map[uint32]*kernelAttachment
 	done     chan struct{}
+
+	// cutLink makes the kernel drop a device's socket (tests replace it).
+	cutLink func(a *kernelAttachment) error
 }
 
 // KernelOptions configure the kernel attach path.
@@ -58,6 +65,9 @@ type KernelOptions struct {
 	RequestTimeout time.Duration
 	// SysBlock is /sys/block (tests point it elsewhere).
 	SysBlock string
+	// ExpandTimeout bounds Expand's wait for the device to show its new
+	// size (default 20 s).
+	ExpandTimeout time.Duration
 	// Lookup describes a volume by its ID: a device attached by an earlier
 	// run of the node plugin is followed again when its link dies.
 	Lookup func(ctx context.Context, id string) (csi.Volume, error)
@@ -68,6 +78,12 @@ type kernelAttachment struct {
 	index uint32
 	// writer is the export the device's socket goes to.
 	writer string
+	// sock is this process's duplicate of the socket the kernel serves
+	// the device over (nil for a device adopted after a restart, until
+	// its first reconnect): shutting it down makes the kernel drop it.
+	sock *os.File
+	// growTo is the size the device takes with its next socket (0: none).
+	growTo int64
 }
 
 // NewKernel returns the kernel attacher, or an error saying why this node
@@ -90,7 +106,11 @@ func newKernel(o KernelOptions, nl kernelNBD) *Kernel {
 	if o.SysBlock == "" {
 		o.SysBlock = "/sys/block"
 	}
-	k := &Kernel{opts: o, nl: nl, attached: map[string]*kernelAttachment{}, byIndex: map[uint32]*kernelAttachment{}, done: make(chan struct{})}
+	if o.ExpandTimeout <= 0 {
+		o.ExpandTimeout = 20 * time.Second
+	}
+	k := &Kernel{opts: o, nl: nl, attached: map[string]*kernelAttachment{}, byIndex: map[uint32]*kernelAttachment{}, done: make(chan struct{}),
+		cutLink: func(a *kernelAttachment) error { return unix.Shutdown(int(a.sock.Fd()), unix.SHUT_RDWR) }}
 	go k.watch()
 	return k
 }
@@ -131,7 +151,12 @@ func (k *Kernel) Attach(ctx context.Context, vol csi.Volume) (string, error) {
 	if err != nil {
 		return "", status.Errorf(codes.Unavailable, "volume %s has no writer to connect to yet: %v", vol.ID, err)
 	}
-	defer sock.Close() // the kernel holds its own reference
+	keep := false
+	defer func() {
+		if !keep {
+			_ = sock.Close()
+		}
+	}()
 	if info.Size < vol.Size {
 		return "", status.Errorf(codes.Unavailable, "volume %s: the writer exports %d bytes, the VolumePair says %d: its replicas have not grown yet", vol.ID, info.Size, vol.Size)
 	}
@@ -145,7 +170,8 @@ func (k *Kernel) Attach(ctx context.Context, vol csi.Volume) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("connecting volume %s to the kernel's NBD client: %w", vol.ID, err)
 	}
-	a := &kernelAttachment{vol: vol, index: idx, writer: uri}
+	a := &kernelAttachment{vol: vol, index: idx, writer: uri, sock: sock}
+	keep = true // the kernel holds its own reference; this one is for Expand
 	k.attached[vol.ID], k.byIndex[idx] = a, a
 	k.opts.Log.Info("Volume attached", "volume", vol.ID, "device", DevicePath(idx), "writer", uri, "path", "kernel NBD")
 	return DevicePath(idx), nil
@@ -218,6 +244,9 @@ func (k *Kernel) Detach(_ context.Context, id string) error {
 	}
 	if err := k.nl.Disconnect(a.index); err != nil {
 		return err
+	}
+	if a.sock != nil {
+		_ = a.sock.Close()
 	}
 	delete(k.attached, id)
 	delete(k.byIndex, a.index)
@@ -304,24 +333,45 @@ func (k *Kernel) reconnect(a *kernelAttachment) {
 		err := func() error {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()
-			sock, info, uri, err := k.dial(ctx, a.vol)
+			k.mu.Lock()
+			vol, growTo := a.vol, a.growTo
+			k.mu.Unlock()
+			sock, info, uri, err := k.dial(ctx, vol)
 			if err != nil {
 				return err
 			}
-			defer sock.Close()
 			// A larger export is the volume grown since the device was
-			// attached: the device keeps its size (see Expand).
-			if info.Size < a.vol.Size {
-				return fmt.Errorf("the writer %s exports %d bytes, the device has %d", uri, info.Size, a.vol.Size)
+			// attached: the device keeps its size unless Expand asked for
+			// the new one.
+			if info.Size < vol.Size {
+				_ = sock.Close()
+				return fmt.Errorf("the writer %s exports %d bytes, the device has %d", uri, info.Size, vol.Size)
 			}
-			if err := k.nl.Reconfigure(a.index, sock); err != nil {
+			rc := Reconfig{Backend: backendName(vol.ID), Sock: sock}
+			if growTo > 0 && info.Size >= growTo {
+				rc.Size = growTo
+			}
+			if err := k.nl.Reconfigure(a.index, rc); err != nil {
+				_ = sock.Close()
 				return err
 			}
 			k.mu.Lock()
 			from := a.writer
 			a.writer = uri
+			if a.sock != nil {
+				_ = a.sock.Close()
+			}
+			a.sock = sock
+			if rc.Size > 0 {
+				a.vol.Size, a.growTo = rc.Size, 0
+			}
 			k.mu.Unlock()
-			log.Info("Following the writer", "from", from, "to", uri)
+			if rc.Size > 0 {
+				log.Info("Device grown", "writer", uri, "size", rc.Size)
+			}
+			if from != uri {
+				log.Info("Following the writer", "from", from, "to", uri)
+			}
 			return nil
 		}()
 		if err == nil {
@@ -348,31 +398,79 @@ func (k *Kernel) Writer(id string) string {
 	return ""
 }
 
-// Expand reports the size of an attached volume's device once it is at
-// least vol.Size. The kernel path does not grow a device online yet: the
-// kernel's socket keeps the size its handshake negotiated (NBD has no
-// in-band resize) and RECONFIGURE only replaces dead sockets, so a device
-// smaller than the volume is refused (FailedPrecondition) until it is
-// staged again (its Pod restarted), which attaches it at the new size.
-func (k *Kernel) Expand(_ context.Context, vol csi.Volume) (int64, error) {
+// Expand grows the device of an attached volume to vol.Size once the
+// writer's export serves that: the kernel's socket keeps the size its
+// handshake negotiated (NBD has no in-band resize) and RECONFIGURE only
+// replaces dead sockets, so Expand shuts the device's socket down; the
+// kernel reports the dead link, holds the device's requests, and the
+// reconnect (as after a failover) hands it a new socket together with the
+// new size (RECONFIGURE with NBD_ATTR_SIZE_BYTES). Requests that were in
+// flight are sent again at the latest when their request timeout expires.
+// Expand returns the device's size once it shows vol.Size (sysfs), or
+// Unavailable after ExpandTimeout. A device adopted after a restart of the
+// node plugin, whose socket this process does not hold, grows at its next
+// reconnect or stage (FailedPrecondition until then).
+func (k *Kernel) Expand(ctx context.Context, vol csi.Volume) (int64, error) {
 	k.mu.Lock()
 	a, ok := k.attached[vol.ID]
 	k.mu.Unlock()
 	if !ok {
 		return 0, status.Errorf(codes.NotFound, "volume %s is not attached on this node", vol.ID)
 	}
-	b, err := os.ReadFile(filepath.Join(k.opts.SysBlock, fmt.Sprintf("nbd%d", a.index), "size"))
+	size, err := k.deviceSize(a.index)
+	if err != nil || size >= vol.Size {
+		return size, err
+	}
+	// The export must serve the size before the device asks for it.
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	sock, info, uri, err := k.dial(cctx, vol)
+	cancel()
 	if err != nil {
-		return 0, fmt.Errorf("the size of %s: %w", DevicePath(a.index), err)
+		return 0, status.Errorf(codes.Unavailable, "volume %s: connecting to its writer: %v", vol.ID, err)
+	}
+	_ = sock.Close()
+	if info.Size < vol.Size {
+		return 0, status.Errorf(codes.Unavailable, "volume %s: its writer %s exports %d bytes, not yet %d", vol.ID, uri, info.Size, vol.Size)
+	}
+	k.mu.Lock()
+	held := a.sock != nil
+	if held && a.growTo < vol.Size {
+		a.growTo = vol.Size
+	}
+	k.mu.Unlock()
+	if !held {
+		return 0, status.Errorf(codes.FailedPrecondition, "volume %s: %s was attached by an earlier run of the node plugin, which held its socket; it takes the new size at its next reconnect, or when staged again (restart its Pod)",
+			vol.ID, DevicePath(a.index))
+	}
+	if err := k.cutLink(a); err != nil {
+		return 0, fmt.Errorf("volume %s: shutting down the socket of %s for a new one: %w", vol.ID, DevicePath(a.index), err)
+	}
+	deadline := time.Now().Add(k.opts.ExpandTimeout)
+	for {
+		size, err := k.deviceSize(a.index)
+		if err == nil && size >= vol.Size {
+			k.opts.Log.Info("Volume device grown", "volume", vol.ID, "device", DevicePath(a.index), "size", size)
+			return size, nil
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return 0, status.Errorf(codes.Unavailable, "volume %s: %s has %d bytes, %d requested, %s after its socket was replaced (%v)", vol.ID, DevicePath(a.index), size, vol.Size, k.opts.ExpandTimeout, err)
+		}
+		select {
+		case <-time.After(100 * time.Millisecond):
+		case <-ctx.Done():
+		}
+	}
+}
+
+// deviceSize reads a device's size from sysfs (512-byte sectors).
+func (k *Kernel) deviceSize(index uint32) (int64, error) {
+	b, err := os.ReadFile(filepath.Join(k.opts.SysBlock, fmt.Sprintf("nbd%d", index), "size"))
+	if err != nil {
+		return 0, fmt.Errorf("the size of %s: %w", DevicePath(index), err)
 	}
 	var sectors int64
 	if _, err := fmt.Sscanf(strings.TrimSpace(string(b)), "%d", &sectors); err != nil {
-		return 0, fmt.Errorf("the size of %s: %q: %w", DevicePath(a.index), b, err)
+		return 0, fmt.Errorf("the size of %s: %q: %w", DevicePath(index), b, err)
 	}
-	size := sectors * 512
-	if size < vol.Size {
-		return 0, status.Errorf(codes.FailedPrecondition, "volume %s: %s has %d bytes, %d requested: the kernel NBD path does not grow an attached device; the volume takes its new size when it is staged again (restart its Pod)",
-			vol.ID, DevicePath(a.index), size, vol.Size)
-	}
-	return size, nil
+	return sectors * 512, nil
 }

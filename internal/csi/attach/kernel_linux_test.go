@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -37,9 +38,13 @@ type fakeKernel struct {
 	connects int
 	reconfs  int
 	discs    []uint32
-	dead     chan uint32
-	closed   chan struct{}
-	once     sync.Once
+	// reconfigs are the RECONFIGUREs, in order; with sys set, a new size
+	// is written to <sys>/nbdN/size as the kernel would show it.
+	reconfigs []Reconfig
+	sys       string
+	dead      chan uint32
+	closed    chan struct{}
+	once      sync.Once
 }
 
 func newFakeKernel() *fakeKernel {
@@ -60,8 +65,8 @@ func (f *fakeKernel) Connect(c KernelConfig, sock *os.File) (uint32, error) {
 	return idx, nil
 }
 
-func (f *fakeKernel) Reconfigure(index uint32, sock *os.File) error {
-	conn, err := net.FileConn(sock)
+func (f *fakeKernel) Reconfigure(index uint32, r Reconfig) error {
+	conn, err := net.FileConn(r.Sock)
 	if err != nil {
 		return err
 	}
@@ -71,8 +76,18 @@ func (f *fakeKernel) Reconfigure(index uint32, sock *os.File) error {
 		_ = conn.Close()
 		return errors.New("no such device")
 	}
+	if c := f.configs[index]; c.Backend != "" && r.Backend != c.Backend {
+		_ = conn.Close()
+		return errors.New("must specify backend") // as Linux 5.14 and later
+	}
 	f.devs[index] = conn
 	f.reconfs++
+	f.reconfigs = append(f.reconfigs, r)
+	if r.Size > 0 && f.sys != "" {
+		if err := os.WriteFile(filepath.Join(f.sys, fmt.Sprintf("nbd%d", index), "size"), fmt.Appendf(nil, "%d\n", r.Size/512), 0o644); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 
@@ -294,7 +309,7 @@ func TestNetlinkNBDMessages(t *testing.T) {
 	if err != nil || idx != 3 {
 		t.Fatalf("Connect: %d, %v", idx, err)
 	}
-	if err := n.Reconfigure(3, sock); err != nil {
+	if err := n.Reconfigure(3, Reconfig{Backend: "tandem:ns/v", Sock: sock, Size: 2 << 30}); err != nil {
 		t.Fatal(err)
 	}
 	if err := n.Disconnect(3); err != nil {
@@ -318,7 +333,8 @@ func TestNetlinkNBDMessages(t *testing.T) {
 		t.Fatalf("CONNECT %+v attributes %v", got[0].Header, c)
 	}
 	r := decode(t, got[1].Data)
-	if got[1].Header.Command != nbdCmdReconfigure || u32(r[nbdAttrIndex]) != 3 || fdOf(t, r[nbdAttrSockets]) != uint32(sock.Fd()) {
+	if got[1].Header.Command != nbdCmdReconfigure || u32(r[nbdAttrIndex]) != 3 || fdOf(t, r[nbdAttrSockets]) != uint32(sock.Fd()) ||
+		u64(r[nbdAttrSizeBytes]) != 2<<30 || !bytes.Equal(bytes.TrimRight(r[nbdAttrBackendIdentifier], "\x00"), []byte("tandem:ns/v")) {
 		t.Fatalf("RECONFIGURE %+v attributes %v", got[1].Header, r)
 	}
 	d := decode(t, got[2].Data)
@@ -342,17 +358,24 @@ func TestNetlinkNBDMessages(t *testing.T) {
 	}
 }
 
-// TestKernelExpand: the kernel path reports the device's size (sysfs) when
-// it has the size asked for, and refuses a larger one (FailedPrecondition:
-// the kernel's socket keeps the size it negotiated; the volume takes its
-// new size when staged again); a volume not attached is NotFound.
+// TestKernelExpand: the kernel path grows an attached device online: it
+// refuses (Unavailable) while the writer's export is smaller; once the
+// export has grown, the device's socket is cut, and the reconnect hands
+// the kernel a new socket with the new size (RECONFIGURE naming the
+// device's backend, NBD_ATTR_SIZE_BYTES); Expand returns once the device
+// shows it and does nothing more the second time. A failover to a writer
+// whose export grew is followed without changing the size. A volume not
+// attached is NotFound; one staged before its replicas grew waits.
 func TestKernelExpand(t *testing.T) {
 	const size = 1 << 20
-	a := startMember(t, nbd.NewMemBackend(size))
+	a := startMember(t, newGrowable(size))
 	r := &switchable{uri: a.uri}
 	sys := t.TempDir()
-	k := newKernel(KernelOptions{Resolver: func(csi.Volume) Resolver { return r.resolve }, Log: testr.New(t), SysBlock: sys}, newFakeKernel())
+	fk := newFakeKernel()
+	fk.sys = sys
+	k := newKernel(KernelOptions{Resolver: func(csi.Volume) Resolver { return r.resolve }, Log: testr.New(t), SysBlock: sys, IOTimeout: 10 * time.Second, ExpandTimeout: 5 * time.Second}, fk)
 	defer k.Close()
+	k.cutLink = func(a *kernelAttachment) error { fk.linkDies(a.index); return nil }
 	ctx := context.Background()
 	vol := csi.Volume{ID: "ns/vol", Size: size}
 	if _, err := k.Expand(ctx, vol); status.Code(err) != codes.NotFound {
@@ -370,24 +393,43 @@ func TestKernelExpand(t *testing.T) {
 	if got, err := k.Expand(ctx, vol); err != nil || got != size {
 		t.Fatalf("Expand to the device's size: %d, %v", got, err)
 	}
-	grown := vol
-	grown.Size = 2 * size
-	if _, err := k.Expand(ctx, grown); status.Code(err) != codes.FailedPrecondition {
-		t.Fatalf("Expand beyond the device's size: %v, want FailedPrecondition", err)
-	}
 
-	// The replicas grew, then the writer's node is lost: the device, still
-	// at its old size, follows the new writer whose export is larger.
-	b := startMember(t, nbd.NewMemBackend(2*size))
-	r.set(b.uri)
-	k.nl.(*fakeKernel).linkDies(0)
+	// A failover to a writer whose export grew: followed, same size.
+	b := newGrowable(size)
+	b.grow(t, 2*size)
+	mb := startMember(t, b)
+	r.set(mb.uri)
+	fk.linkDies(0)
 	testkit.Eventually(t, 10*time.Second, "the device reconfigured to the grown writer", func() bool {
-		_, n := k.nl.(*fakeKernel).counts()
+		_, n := fk.counts()
 		return n == 1
 	})
-	// A volume staged while its replicas have not grown yet waits.
+	if rc := fk.reconfigs[0]; rc.Size != 0 || rc.Backend != "tandem:ns/vol" {
+		t.Fatalf("RECONFIGURE after the failover %+v, want the backend and no size", rc)
+	}
+
+	// Back to a, which has not grown yet: Expand waits for it.
 	r.set(a.uri)
+	grown := vol
+	grown.Size = 2 * size
+	if _, err := k.Expand(ctx, grown); status.Code(err) != codes.Unavailable {
+		t.Fatalf("Expand before the export grew: %v, want Unavailable", err)
+	}
 	if _, err := k.Attach(ctx, csi.Volume{ID: "ns/vol2", Size: 2 * size}); status.Code(err) != codes.Unavailable {
 		t.Fatalf("Attach while the export is smaller than the VolumePair: %v, want Unavailable", err)
+	}
+	a.be.(*growable).grow(t, 2*size)
+	for round := 0; round < 2; round++ {
+		got, err := k.Expand(ctx, grown)
+		if err != nil || got != 2*size {
+			t.Fatalf("round %d: Expand: %d, %v; want %d", round, got, err, 2*size)
+		}
+	}
+	_, n := fk.counts()
+	if n != 2 || fk.reconfigs[1].Size != 2*size || fk.reconfigs[1].Backend != "tandem:ns/vol" {
+		t.Fatalf("%d RECONFIGUREs, the last %+v; want a second one with the new size", n, fk.reconfigs[len(fk.reconfigs)-1])
+	}
+	if got := fk.read(t, 0, size+4096, 4); !bytes.Equal(got, make([]byte, 4)) {
+		t.Fatalf("reading beyond the old end through the new socket: %q", got)
 	}
 }

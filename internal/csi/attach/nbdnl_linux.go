@@ -12,12 +12,13 @@ import (
 
 // The kernel's NBD driver is configured over generic netlink (family "nbd",
 // linux/nbd-netlink.h): CONNECT hands it connected sockets and returns the
-// device's index (/dev/nbdN), RECONFIGURE replaces a dead socket,
-// DISCONNECT ends the device, and the family's multicast group announces
-// LINK_DEAD when a socket fails. Written on mdlayher/genetlink rather than
-// the nbd-client tool: the node plugin has to pass the socket it negotiated
-// itself (the handshake is Tandem's, the transmission the kernel's), and to
-// hear about dead links to reconnect them to the pair's current writer.
+// device's index (/dev/nbdN), RECONFIGURE replaces a dead socket and changes
+// the size, DISCONNECT ends the device, and the family's multicast group
+// announces LINK_DEAD when a socket fails. Written on mdlayher/genetlink
+// rather than the nbd-client tool: the node plugin has to pass the socket it
+// negotiated itself (the handshake is Tandem's, the transmission the
+// kernel's), and to hear about dead links to reconnect them to the pair's
+// current writer.
 const (
 	nbdFamily     = "nbd"
 	nbdMcastGroup = "nbd_mc_group"
@@ -58,13 +59,28 @@ type KernelConfig struct {
 	Backend string
 }
 
+// Reconfig is what a RECONFIGURE changes.
+type Reconfig struct {
+	// Backend is the device's backend name; the kernel refuses to
+	// reconfigure a device that has one unless it is named (Linux 5.14
+	// and later).
+	Backend string
+	// Sock replaces a dead socket (nil: none). The kernel ignores it when
+	// no socket of the device is dead.
+	Sock *os.File
+	// Size is the device's new size in bytes (0: unchanged); the kernel
+	// applies it before taking the socket.
+	Size int64
+}
+
 // kernelNBD is the part of the kernel's NBD driver the attacher uses; the
 // netlink one below, and a fake in tests.
 type kernelNBD interface {
 	// Connect creates a device served over sock and returns its index.
 	Connect(c KernelConfig, sock *os.File) (uint32, error)
-	// Reconfigure gives device index a new socket in place of a dead one.
-	Reconfigure(index uint32, sock *os.File) error
+	// Reconfigure changes device index: a new socket in place of a dead
+	// one, and a new size.
+	Reconfigure(index uint32, r Reconfig) error
 	// Disconnect ends device index.
 	Disconnect(index uint32) error
 	// LinkDead returns the index of the next device whose socket died;
@@ -178,10 +194,18 @@ func (n *netlinkNBD) Connect(c KernelConfig, sock *os.File) (uint32, error) {
 	return 0, errors.New("NBD CONNECT: the kernel's reply names no device")
 }
 
-func (n *netlinkNBD) Reconfigure(index uint32, sock *os.File) error {
+func (n *netlinkNBD) Reconfigure(index uint32, r Reconfig) error {
 	ae := netlink.NewAttributeEncoder()
 	ae.Uint32(nbdAttrIndex, index)
-	sockets(ae, sock)
+	if r.Backend != "" {
+		ae.String(nbdAttrBackendIdentifier, r.Backend)
+	}
+	if r.Size > 0 {
+		ae.Uint64(nbdAttrSizeBytes, uint64(r.Size))
+	}
+	if r.Sock != nil {
+		sockets(ae, r.Sock)
+	}
 	data, err := ae.Encode()
 	if err != nil {
 		return err

@@ -73,7 +73,7 @@ func TestJournalCrashChild(t *testing.T) {
 			}
 		}()
 	}
-	g := j.geo
+	g := *j.geo()
 	tr := NewTracker(tSize, tRegion)
 	tr.MarkRegions(rec)
 	var mu sync.RWMutex // writers hold it shared from Tracker bit to printed ack

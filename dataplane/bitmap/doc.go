@@ -104,7 +104,8 @@
 // only for the newest log, which no Mark has used yet. Anything else (L ≠
 // ^L, an impossible L, a CRC failure followed by data, an extent outside the
 // volume) is ErrCorrupt: when in doubt, report the bitmap lost rather than
-// risk under-reporting. Geometry different from the caller's is ErrGeometry.
+// risk under-reporting. A region or extent size different from the caller's
+// is ErrGeometry; a different volume size is not (see Growing).
 //
 // # Checkpoint file
 //
@@ -126,6 +127,24 @@
 //
 // It is written to checkpoint.tmp, fsynced, renamed over checkpoint, and the
 // directory is fsynced. Any damage is ErrCorrupt.
+//
+// # Growing
+//
+// A volume may grow, never shrink; region and extent size stay. Tracker.Grow
+// adds clean regions (the grown space reads as zeros on every member).
+// Journal.Grow switches the journal to the new size and writes a checkpoint
+// of it through the usual rotation, so log gen+1 and checkpoint gen+1 record
+// the new size while older files record the old one. Every file records the
+// size it was written for, which bounds its own extents and regions (past
+// it, ErrCorrupt as before); OpenJournal reads files of any size with the
+// caller's region and extent size and keeps what lies inside the caller's
+// volume. The caller (the volume engine) marks nothing past the old end
+// until its grow is committed (its metadata records the new size), so after
+// a crash in the middle, opening at the old size loses no mark: whatever
+// lies past the old end in a file of the new size was only ever zeros.
+// The extent holding the old end over-reports its regions past it once
+// read at the new size. The region set files (WriteRegionSet) follow the
+// same rule.
 //
 // # Failure handling
 //

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
+	"math"
 
 	"github.com/RoaringBitmap/roaring/v2"
 )
@@ -97,6 +98,7 @@ func recordCRC(gen uint64, rec []byte) uint32 {
 type logContents struct {
 	gen     uint64
 	runs    []extentRun
+	size    int64 // the volume size in the header
 	records int
 	valid   int // bytes of header and intact records
 	torn    int // bytes of an ignored torn tail
@@ -132,9 +134,11 @@ func decodeLog(data []byte, g *geometry) (logContents, error) {
 		return lc, fmt.Errorf("%w: log header: unknown flags %#x/%#x", ErrCorrupt, f, r)
 	}
 	lc.gen = binary.LittleEndian.Uint64(h[16:])
-	if err := checkGeometry(h[24:48], g); err != nil {
+	fg, err := checkGeometry(h[24:48], g)
+	if err != nil {
 		return lc, fmt.Errorf("log generation %d: %w", lc.gen, err)
 	}
+	lc.size = fg.size
 
 	off := logHeaderLen
 	for off < len(data) {
@@ -170,7 +174,7 @@ func decodeLog(data []byte, g *geometry) (logContents, error) {
 			}
 			return lc, fmt.Errorf("%w: log record at offset %d: checksum mismatch", ErrCorrupt, off)
 		}
-		runs, err := parseRecordPayload(rec[12:], g)
+		runs, err := parseRecordPayload(rec[12:], &fg)
 		if err != nil {
 			return lc, fmt.Errorf("log record at offset %d: %w", off, err)
 		}
@@ -254,7 +258,8 @@ func decodeCheckpoint(data []byte, g *geometry) (gen uint64, bm *roaring.Bitmap,
 		return 0, nil, fmt.Errorf("%w: checkpoint: unknown flags %#x", ErrCorrupt, f)
 	}
 	gen = binary.LittleEndian.Uint64(h[16:])
-	if err := checkGeometry(h[24:48], g); err != nil {
+	fg, err := checkGeometry(h[24:48], g)
+	if err != nil {
 		return 0, nil, fmt.Errorf("checkpoint generation %d: %w", gen, err)
 	}
 	plen := binary.LittleEndian.Uint64(h[48:])
@@ -269,9 +274,13 @@ func decodeCheckpoint(data []byte, g *geometry) (gen uint64, bm *roaring.Bitmap,
 	if err != nil {
 		return 0, nil, fmt.Errorf("%w: checkpoint payload: %w", ErrCorrupt, err)
 	}
-	if !bm.IsEmpty() && bm.Maximum() >= g.regions {
-		return 0, nil, fmt.Errorf("%w: checkpoint: region %d outside %d regions", ErrCorrupt, bm.Maximum(), g.regions)
+	if !bm.IsEmpty() && bm.Maximum() >= fg.regions {
+		return 0, nil, fmt.Errorf("%w: checkpoint: region %d outside %d regions", ErrCorrupt, bm.Maximum(), fg.regions)
 	}
+	// A checkpoint of a larger volume (a grow whose metadata was never
+	// committed) can hold no region past g's end: nothing was written
+	// there before the grow completed.
+	bm.RemoveRange(uint64(g.regions), 1<<32)
 	return gen, bm, nil
 }
 
@@ -298,16 +307,26 @@ func decodeRoaring(p []byte) (bm *roaring.Bitmap, err error) {
 	return bm, nil
 }
 
-// checkGeometry compares the size, regionSize, extentSize words of a header.
-func checkGeometry(b []byte, g *geometry) error {
+// checkGeometry compares the size, regionSize, extentSize words of a header
+// with g and returns the geometry the file was written with. Only the size
+// may differ (a volume that grew: Journal.Grow); the file's own size then
+// bounds its records, and the caller clips what it recovers to g.
+func checkGeometry(b []byte, g *geometry) (geometry, error) {
 	size := binary.LittleEndian.Uint64(b[0:])
 	rs := binary.LittleEndian.Uint64(b[8:])
 	es := binary.LittleEndian.Uint64(b[16:])
-	if size != uint64(g.size) || rs != uint64(g.regionSize) || es != uint64(g.extentSize) {
-		return fmt.Errorf("%w: on disk size=%d regionSize=%d extentSize=%d, want size=%d regionSize=%d extentSize=%d",
+	if rs != uint64(g.regionSize) || es != uint64(g.extentSize) || size > math.MaxInt64 {
+		return geometry{}, fmt.Errorf("%w: on disk size=%d regionSize=%d extentSize=%d, want size=%d regionSize=%d extentSize=%d",
 			ErrGeometry, size, rs, es, g.size, g.regionSize, g.extentSize)
 	}
-	return nil
+	if size == uint64(g.size) {
+		return *g, nil
+	}
+	fg, err := newGeometry(int64(size), g.regionSize, g.extentSize)
+	if err != nil {
+		return geometry{}, fmt.Errorf("%w: on disk size=%d: %w", ErrCorrupt, size, err)
+	}
+	return fg, nil
 }
 
 func allZero(b []byte) bool {

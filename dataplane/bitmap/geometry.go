@@ -134,7 +134,9 @@ func (g *geometry) extentRegions(e uint32) (lo, hi uint64) {
 func (g *geometry) addExtentRegions(first, last uint32, dst *roaring.Bitmap) {
 	lo, _ := g.extentRegions(first)
 	_, hi := g.extentRegions(last)
-	dst.AddRange(lo, hi)
+	if lo < hi { // extents past the end (a log of a larger volume) add nothing
+		dst.AddRange(lo, hi)
+	}
 }
 
 // lastRegionShort is how many bytes the last region lacks of a full region.

@@ -77,8 +77,9 @@ type JournalStats struct {
 // All methods are safe for concurrent use.
 type Journal struct {
 	dir string
-	geo geometry
-	log logr.Logger
+	// geoP is the volume's geometry; Grow replaces it (the size only).
+	geoP atomic.Pointer[geometry]
+	log  logr.Logger
 
 	lockF *os.File
 
@@ -168,7 +169,6 @@ func OpenJournal(dir string, size, regionSize, extentSize int64, log logr.Logger
 	}
 	j := &Journal{
 		dir:         dir,
-		geo:         g,
 		log:         log,
 		lockF:       lockF,
 		carry:       roaring.New(),
@@ -177,6 +177,7 @@ func OpenJournal(dir string, size, regionSize, extentSize int64, log logr.Logger
 		minRetry:    minRetryDelay,
 	}
 	j.cond.L = &j.mu
+	j.geoP.Store(&g)
 	j.set.Store(newExtSet(g.extents))
 	j.used.Store(newExtSet(g.extents))
 
@@ -262,8 +263,8 @@ func (j *Journal) Close(final *roaring.Bitmap) error {
 	var err error
 	// Also after a failed append: the final checkpoint goes with a new log.
 	if final != nil {
-		if !final.IsEmpty() && final.Maximum() >= j.geo.regions {
-			err = fmt.Errorf("final bitmap: region %d outside the volume's %d regions", final.Maximum(), j.geo.regions)
+		if !final.IsEmpty() && final.Maximum() >= j.geo().regions {
+			err = fmt.Errorf("final bitmap: region %d outside the volume's %d regions", final.Maximum(), j.geo().regions)
 		} else {
 			err = j.rotate(final.Clone(), false, false)
 		}
@@ -309,8 +310,14 @@ func (j *Journal) Stats() JournalStats {
 	}
 }
 
+// geo is the journal's current geometry.
+func (j *Journal) geo() *geometry { return j.geoP.Load() }
+
+// Size is the volume size the journal tracks now (it changes with Grow).
+func (j *Journal) Size() int64 { return j.geo().size }
+
 // ExtentSize is the write-intent extent size in bytes.
-func (j *Journal) ExtentSize() int64 { return j.geo.extentSize }
+func (j *Journal) ExtentSize() int64 { return j.geo().extentSize }
 
 // stripedCounter is a counter for the lock-free fast path: concurrent Marks
 // of different extents increment different cache lines instead of bouncing

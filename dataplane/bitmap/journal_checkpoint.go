@@ -48,13 +48,13 @@ func (j *Journal) recover() (*roaring.Bitmap, uint64, error) {
 				return nil, 0, fmt.Errorf("%w: %s has %d records but there is no checkpoint", ErrCorrupt, logName(gen), lc.records)
 			}
 		}
-		j.log.Info("created bitmap journal", "dir", j.dir, "regions", j.geo.regions, "extentSize", j.geo.extentSize)
+		j.log.Info("created bitmap journal", "dir", j.dir, "regions", j.geo().regions, "extentSize", j.geo().extentSize)
 		return roaring.New(), maxGen, nil
 	}
 	if err != nil {
 		return nil, 0, fmt.Errorf("reading checkpoint: %w", err)
 	}
-	ckGen, bm, err := decodeCheckpoint(data, &j.geo)
+	ckGen, bm, err := decodeCheckpoint(data, j.geo())
 	if err != nil {
 		return nil, 0, err
 	}
@@ -83,7 +83,7 @@ func (j *Journal) recover() (*roaring.Bitmap, uint64, error) {
 			return nil, 0, err
 		}
 		for _, r := range lc.runs {
-			j.geo.addExtentRegions(r.first, r.first+r.n-1, bm)
+			j.geo().addExtentRegions(r.first, r.first+r.n-1, bm)
 		}
 		records += lc.records
 		torn += lc.torn
@@ -102,7 +102,7 @@ func (j *Journal) readLog(gen uint64) (logContents, error) {
 	if err != nil {
 		return logContents{}, fmt.Errorf("reading %s: %w", name, err)
 	}
-	lc, err := decodeLog(data, &j.geo)
+	lc, err := decodeLog(data, j.geo())
 	if err != nil {
 		return lc, fmt.Errorf("%s: %w", name, err)
 	}
@@ -135,6 +135,45 @@ func (j *Journal) Checkpoint(b *roaring.Bitmap) error {
 	return nil
 }
 
+// Grow makes the journal track a volume of size bytes (same region and
+// extent size) and writes b as a checkpoint of that size, as Checkpoint
+// does: every file written from then on (log gen+1, checkpoint gen+1)
+// records the new size. b is the caller's dirty bitmap, as for Checkpoint.
+// Marks of the old volume may run meanwhile; the caller marks nothing past
+// the old end before Grow returns. A size below the current one is refused.
+//
+// A crash at any point leaves files of the old size, of the new size, or
+// both (checkpoint gen of the old size and log gen+1 of the new one), all
+// readable by OpenJournal at either size (see the package documentation:
+// Growing). If writing the checkpoint fails, the journal still tracks the
+// new size (its new log is in use) and the error is returned; calling Grow
+// again retries the checkpoint.
+func (j *Journal) Grow(size int64, b *roaring.Bitmap) error {
+	j.ckptMu.Lock()
+	defer j.ckptMu.Unlock()
+	cur := j.geo()
+	if size < cur.size {
+		return fmt.Errorf("growing bitmap journal %s to %d bytes: it tracks %d, a volume never shrinks", j.dir, size, cur.size)
+	}
+	g, err := newGeometry(size, cur.regionSize, cur.extentSize)
+	if err != nil {
+		return fmt.Errorf("growing bitmap journal %s: %w", j.dir, err)
+	}
+	content, err := j.checkpointContent(b)
+	if err != nil {
+		return err
+	}
+	// From here on the new log's header, its extent sets and the
+	// checkpoint have the new size; Marks still in flight are of the old
+	// volume, which the new geometry contains.
+	j.geoP.Store(&g)
+	if err := j.rotate(content, true, j.keepHot.Load()); err != nil {
+		return fmt.Errorf("growing bitmap journal %s to %d bytes: %w", j.dir, size, err)
+	}
+	j.log.Info("bitmap journal grown", "dir", j.dir, "size", size, "regions", g.regions, "previousSize", cur.size)
+	return nil
+}
+
 func (j *Journal) checkpointContent(b *roaring.Bitmap) (*roaring.Bitmap, error) {
 	j.mu.Lock()
 	closing := j.closing
@@ -147,8 +186,8 @@ func (j *Journal) checkpointContent(b *roaring.Bitmap) (*roaring.Bitmap, error) 
 	if b == nil {
 		return roaring.New(), nil
 	}
-	if !b.IsEmpty() && b.Maximum() >= j.geo.regions {
-		return nil, fmt.Errorf("checkpoint of bitmap journal %s: region %d outside the volume's %d regions", j.dir, b.Maximum(), j.geo.regions)
+	if !b.IsEmpty() && b.Maximum() >= j.geo().regions {
+		return nil, fmt.Errorf("checkpoint of bitmap journal %s: region %d outside the volume's %d regions", j.dir, b.Maximum(), j.geo().regions)
 	}
 	return b.Clone(), nil
 }
@@ -182,7 +221,7 @@ func (j *Journal) rotate(content *roaring.Bitmap, unionRetired, keepHot bool) er
 	if err != nil {
 		return err
 	}
-	newSet := newExtSet(j.geo.extents)
+	newSet := newExtSet(j.geo().extents)
 	carried := 0
 	for _, r := range hot {
 		newSet.addRange(r.first, r.first+r.n-1)
@@ -197,7 +236,7 @@ func (j *Journal) rotate(content *roaring.Bitmap, unionRetired, keepHot bool) er
 	oldF, oldSet := j.f, j.set.Load()
 	j.f, j.gen, j.off = nf, newGen, off
 	j.set.Store(newSet)
-	j.used.Store(newExtSet(j.geo.extents))
+	j.used.Store(newExtSet(j.geo().extents))
 	j.swapping = false
 	// A log that failed is retired now; the new one was written and synced.
 	j.recoveredLocked("checkpoint")
@@ -212,7 +251,7 @@ func (j *Journal) rotate(content *roaring.Bitmap, unionRetired, keepHot bool) er
 	retired := 0
 	if unionRetired {
 		retired = oldSet.count()
-		oldSet.addRegionsTo(&j.geo, j.carry)
+		oldSet.addRegionsTo(j.geo(), j.carry)
 	}
 	content.Or(j.carry)
 	if err := j.writeCheckpoint(newGen, content); err != nil {
@@ -245,7 +284,7 @@ func (j *Journal) createLog(gen uint64, hot []extentRun) (*os.File, int64, error
 		os.Remove(path)
 		return nil, 0, fmt.Errorf("creating %s: %w", logName(gen), err)
 	}
-	hdr := appendLogHeader(nil, gen, &j.geo)
+	hdr := appendLogHeader(nil, gen, j.geo())
 	if _, err := f.WriteAt(hdr, 0); err != nil {
 		return fail(err)
 	}
@@ -280,7 +319,7 @@ func (j *Journal) createLog(gen uint64, hot []extentRun) (*os.File, int64, error
 
 func (j *Journal) writeCheckpoint(gen uint64, bm *roaring.Bitmap) error {
 	bm.RunOptimize()
-	data, err := encodeCheckpoint(gen, &j.geo, bm)
+	data, err := encodeCheckpoint(gen, j.geo(), bm)
 	if err != nil {
 		return err
 	}

@@ -29,10 +29,10 @@ func (j *Journal) Mark(ctx context.Context, off, n int64) error {
 	if n == 0 {
 		return nil
 	}
-	if off < 0 || n < 0 || off >= j.geo.size || n > j.geo.size-off {
-		return fmt.Errorf("marking [%d, %d+%d): outside the volume of %d bytes", off, off, n, j.geo.size)
+	if off < 0 || n < 0 || off >= j.geo().size || n > j.geo().size-off {
+		return fmt.Errorf("marking [%d, %d+%d): outside the volume of %d bytes", off, off, n, j.geo().size)
 	}
-	first, last, _ := j.geo.extentRange(off, n)
+	first, last, _ := j.geo().extentRange(off, n)
 	if set := j.set.Load(); set.hasRange(first, last) {
 		j.noteUsed(first, last)
 		j.fastMarks.add(first)
@@ -40,7 +40,7 @@ func (j *Journal) Mark(ctx context.Context, off, n int64) error {
 		// than half the read-ahead window marked in front of it: mark the
 		// window now, without waiting, so it never stalls on a commit.
 		if j.keepHot.Load() && first > 0 && set.has(first-1) {
-			if h := last + max(1, j.aheadExtents()/2); h < j.geo.extents && !set.has(h) {
+			if h := last + max(1, j.aheadExtents()/2); h < j.geo().extents && !set.has(h) {
 				j.markAhead(last)
 			}
 		}
@@ -106,7 +106,7 @@ func (j *Journal) Mark(ctx context.Context, off, n int64) error {
 	}
 	// A write entering an unmarked extent at its start right after a marked
 	// one is likely sequential: mark the next extents in the same commit.
-	if wait == j.pending && j.keepHot.Load() && first > 0 && set.has(first-1) && off-int64(first)<<j.geo.extentShift < j.geo.extentSize/4 {
+	if wait == j.pending && j.keepHot.Load() && first > 0 && set.has(first-1) && off-int64(first)<<j.geo().extentShift < j.geo().extentSize/4 {
 		j.addAheadLocked(set, last)
 	}
 	b := wait
@@ -130,7 +130,7 @@ func (j *Journal) Mark(ctx context.Context, off, n int64) error {
 // most 1/64 of the volume (and at least one extent), so that the
 // over-report after a crash stays small on small volumes.
 func (j *Journal) aheadExtents() uint32 {
-	return uint32(max(1, min(markAheadBytes, j.geo.size/64)>>j.geo.extentShift))
+	return uint32(max(1, min(markAheadBytes, j.geo().size/64)>>j.geo().extentShift))
 }
 
 // markAhead queues the extents after last for the next group commit without
@@ -151,7 +151,7 @@ func (j *Journal) markAhead(last uint32) {
 func (j *Journal) addAheadLocked(set *extSet, last uint32) bool {
 	ahead := j.aheadExtents()
 	added := false
-	for e := last + 1; e <= last+ahead && e < j.geo.extents; e++ {
+	for e := last + 1; e <= last+ahead && e < j.geo().extents; e++ {
 		if set.has(e) || (j.inflight != nil && j.inflight.ext.Contains(e)) || (j.pending != nil && j.pending.ext.Contains(e)) {
 			continue
 		}

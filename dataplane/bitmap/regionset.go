@@ -34,8 +34,11 @@ func WriteRegionSet(path string, size, regionSize int64, bm *roaring.Bitmap) err
 }
 
 // ReadRegionSet reads a region set written by WriteRegionSet. A missing
-// file is an empty set; a damaged one or one of another geometry is an
-// error wrapping ErrCorrupt or ErrGeometry.
+// file is an empty set; a damaged one or one of another region size is an
+// error wrapping ErrCorrupt or ErrGeometry. A file written for another
+// volume size is read as it is (region numbers do not change when a
+// volume grows), without the regions past the end of a volume of size
+// bytes.
 func ReadRegionSet(path string, size, regionSize int64) (*roaring.Bitmap, error) {
 	g, err := newGeometry(size, regionSize, 0)
 	if err != nil {

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+	"sync/atomic"
 
 	"github.com/RoaringBitmap/roaring/v2"
 )
@@ -30,7 +31,8 @@ import (
 // Acked) touches only the hash table and the FIFO, which stay as small as the
 // replication window; the roaring bitmap changes only off the fast path.
 type Tracker struct {
-	geo geometry
+	// geoP is the volume's geometry; Grow replaces it (the size only).
+	geoP atomic.Pointer[geometry]
 
 	mu      sync.Mutex
 	sticky  *roaring.Bitmap // dirty regions that no ack can clean
@@ -67,29 +69,52 @@ func NewTracker(size, regionSize int64) *Tracker {
 	if err != nil {
 		panic(fmt.Sprintf("bitmap.NewTracker: %v", err))
 	}
-	return &Tracker{
-		geo:     g,
+	t := &Tracker{
 		sticky:  roaring.New(),
 		pending: newSeqTable(),
 		copies:  make(map[uint32]*copyState),
 	}
+	t.geoP.Store(&g)
+	return t
+}
+
+func (t *Tracker) geo() *geometry { return t.geoP.Load() }
+
+// Grow makes the Tracker cover a volume of size bytes, keeping its region
+// size and every bit: the new regions start clean (the grown space reads as
+// zeros on every member, so no member lacks it). Marks of the new regions
+// are tracked once Grow returns; a size below the current one is refused.
+// Safe while Marks and Acks run.
+func (t *Tracker) Grow(size int64) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	cur := t.geo()
+	if size < cur.size {
+		return fmt.Errorf("growing the dirty bitmap to %d bytes: it tracks %d, a volume never shrinks", size, cur.size)
+	}
+	g, err := newGeometry(size, cur.regionSize, 0)
+	if err != nil {
+		return fmt.Errorf("growing the dirty bitmap: %w", err)
+	}
+	t.geoP.Store(&g)
+	return nil
 }
 
 // RegionSize is the number of bytes one bit stands for.
-func (t *Tracker) RegionSize() int64 { return t.geo.regionSize }
+func (t *Tracker) RegionSize() int64 { return t.geo().regionSize }
 
 // Regions is the number of regions (bits) of the volume.
-func (t *Tracker) Regions() uint32 { return t.geo.regions }
+func (t *Tracker) Regions() uint32 { return t.geo().regions }
 
 // Size is the volume size in bytes.
-func (t *Tracker) Size() int64 { return t.geo.size }
+func (t *Tracker) Size() int64 { return t.geo().size }
 
 // RegionRange returns the first and last (inclusive) regions touched by the
 // byte range [off, off+n), clamped to the volume. ok is false when the range
 // is empty (n <= 0) or lies entirely outside the volume (off < 0 or
 // off >= size); first and last are then meaningless.
 func (t *Tracker) RegionRange(off, n int64) (first, last uint32, ok bool) {
-	return t.geo.regionRange(off, n)
+	return t.geo().regionRange(off, n)
 }
 
 // Mark records a write of [off, off+n) that will be shipped to the peer as
@@ -102,7 +127,7 @@ func (t *Tracker) RegionRange(off, n int64) (first, last uint32, ok bool) {
 // cannot be tracked by ack, so its regions are marked sticky instead (as if by
 // MarkRegions): the Tracker over-reports rather than under-reports.
 func (t *Tracker) Mark(off, n int64, seq uint64) {
-	first, last, ok := t.geo.regionRange(off, n)
+	first, last, ok := t.geo().regionRange(off, n)
 	if !ok {
 		return
 	}
@@ -164,9 +189,9 @@ func (t *Tracker) MarkRegions(b *roaring.Bitmap) {
 	if b == nil || b.IsEmpty() {
 		return
 	}
-	if b.Maximum() >= t.geo.regions {
+	if b.Maximum() >= t.geo().regions {
 		b = b.Clone()
-		b.RemoveRange(uint64(t.geo.regions), 1<<32)
+		b.RemoveRange(uint64(t.geo().regions), 1<<32)
 	}
 	t.mu.Lock()
 	t.sticky.Or(b)
@@ -233,7 +258,7 @@ func (t *Tracker) PeerLost() {
 // CopyDone. A newer CopyBegin of the same region invalidates older tokens.
 // It returns the zero token for a region outside the volume.
 func (t *Tracker) CopyBegin(r uint32) CopyToken {
-	if r >= t.geo.regions {
+	if r >= t.geo().regions {
 		return 0
 	}
 	t.mu.Lock()
@@ -329,9 +354,9 @@ func (t *Tracker) Bytes() int64 {
 }
 
 func (t *Tracker) bytesLocked() int64 {
-	n := int64(t.countLocked()) * t.geo.regionSize
-	if t.isDirtyLocked(t.geo.regions - 1) {
-		n -= t.geo.lastRegionShort()
+	n := int64(t.countLocked()) * t.geo().regionSize
+	if t.isDirtyLocked(t.geo().regions - 1) {
+		n -= t.geo().lastRegionShort()
 	}
 	return n
 }

@@ -6,7 +6,7 @@ import "github.com/RoaringBitmap/roaring/v2"
 // a write made while the peer is away. It does not allocate. An empty or
 // out-of-volume range is a no-op.
 func (t *Tracker) MarkRange(off, n int64) {
-	first, last, ok := t.geo.regionRange(off, n)
+	first, last, ok := t.geo().regionRange(off, n)
 	if !ok {
 		return
 	}

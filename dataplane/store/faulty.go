@@ -18,6 +18,7 @@ const (
 	OpSync
 	OpPunch
 	OpZero
+	OpGrow
 	numOps
 )
 
@@ -33,6 +34,8 @@ func (o Op) String() string {
 		return "punch"
 	case OpZero:
 		return "zero"
+	case OpGrow:
+		return "grow"
 	}
 	return fmt.Sprintf("Op(%d)", int(o))
 }
@@ -181,6 +184,15 @@ func anyOverlap(spans []span, off, n int64) bool {
 
 // Size is the wrapped store's size.
 func (f *Faulty) Size() int64 { return f.s.Size() }
+
+// Grow grows the wrapped store (Grower). The hook sees it as OpGrow with
+// off the new size and n 0; an error from it fails the grow.
+func (f *Faulty) Grow(size int64) error {
+	if err := f.fault(OpGrow, size, 0); err != nil {
+		return err
+	}
+	return Grow(f.s, size)
+}
 
 // ReadAt reads from the wrapped store unless a read fault applies.
 func (f *Faulty) ReadAt(p []byte, off int64) (int, error) {

@@ -25,7 +25,7 @@ var zeroBuf [256 << 10]byte
 type File struct {
 	f       *os.File
 	path    string
-	size    int64 // declared (usable) size
+	size    atomic.Int64 // declared (usable) size; only grows (Grow)
 	created bool
 	blkdev  bool
 	align   int64 // fallocate alignment: 1 for files, logical sector size for devices
@@ -81,7 +81,9 @@ func initCreated(f *os.File, path string, size int64) (*File, error) {
 	if err := fsutil.SyncDir(filepath.Dir(path)); err != nil {
 		return fail("", err) // it names the step and the directory
 	}
-	return &File{f: f, path: path, size: size, created: true, align: 1}, nil
+	s := &File{f: f, path: path, created: true, align: 1}
+	s.size.Store(size)
+	return s, nil
 }
 
 func openExisting(path string, size int64) (*File, error) {
@@ -102,7 +104,8 @@ func openExisting(path string, size int64) (*File, error) {
 	if err != nil {
 		return nil, fmt.Errorf("store: open %s: %w", path, err)
 	}
-	s := &File{f: f, path: path, size: size, blkdev: isBlk, align: 1}
+	s := &File{f: f, path: path, blkdev: isBlk, align: 1}
+	s.size.Store(size)
 	var actual int64
 	if isBlk {
 		actual, s.align, err = blockDevGeometry(f)
@@ -140,12 +143,12 @@ func (s *File) Created() bool { return s.created }
 func (s *File) BlockDevice() bool { return s.blkdev }
 
 // Size is the declared size.
-func (s *File) Size() int64 { return s.size }
+func (s *File) Size() int64 { return s.size.Load() }
 
 // ReadAt reads len(p) bytes at off. The whole range must lie inside the store
 // (else an error wrapping syscall.EINVAL and n == 0).
 func (s *File) ReadAt(p []byte, off int64) (int, error) {
-	if err := checkRead("read", off, len(p), s.size); err != nil {
+	if err := checkRead("read", off, len(p), s.size.Load()); err != nil {
 		return 0, err
 	}
 	n, err := s.f.ReadAt(p, off)
@@ -158,7 +161,7 @@ func (s *File) ReadAt(p []byte, off int64) (int, error) {
 // WriteAt writes p at off. A range past the end fails with an error wrapping
 // syscall.ENOSPC and writes nothing.
 func (s *File) WriteAt(p []byte, off int64) (int, error) {
-	if err := checkWrite("write", off, int64(len(p)), s.size); err != nil {
+	if err := checkWrite("write", off, int64(len(p)), s.size.Load()); err != nil {
 		return 0, err
 	}
 	n, err := s.f.WriteAt(p, off)
@@ -181,7 +184,7 @@ func (s *File) Sync() error {
 // or device does not support it, the range is overwritten with zeros instead
 // (slow for large ranges). Either way the range reads as zeros afterwards.
 func (s *File) Punch(off, n int64) error {
-	if err := checkWrite("punch", off, n, s.size); err != nil {
+	if err := checkWrite("punch", off, n, s.size.Load()); err != nil {
 		return err
 	}
 	if err := s.punch(off, n); err != nil {
@@ -193,7 +196,7 @@ func (s *File) Punch(off, n int64) error {
 // Zero makes [off, off+n) read as zeros, with fallocate(FALLOC_FL_ZERO_RANGE)
 // where supported, else by punching a hole, else by writing zeros.
 func (s *File) Zero(off, n int64) error {
-	if err := checkWrite("zero", off, n, s.size); err != nil {
+	if err := checkWrite("zero", off, n, s.size.Load()); err != nil {
 		return err
 	}
 	err := s.alignedFalloc(off, n, &s.noZeroRange, s.zeroRange)
@@ -262,5 +265,50 @@ func (s *File) writeZeros(off, n int64) error {
 		off += int64(w)
 		n -= int64(w)
 	}
+	return nil
+}
+
+// Grow makes the declared size size bytes (Grower). A regular file shorter
+// than that is extended with ftruncate, so the new space is sparse and
+// reads as zeros, and fsynced before the new size is used; a file already
+// that long (a grow that crashed before its metadata was written) is used
+// as it is. A block device must already hold size bytes (ErrTooSmall
+// otherwise). A size the file system cannot hold (EFBIG) or a failed
+// fsync leaves the declared size as it was; the file may then be longer
+// than it, which OpenFile accepts. Grow is safe while I/O runs: requests
+// are checked against the old size until it returns.
+func (s *File) Grow(size int64) error {
+	cur := s.size.Load()
+	if size < cur {
+		return fmt.Errorf("store: grow %s to %d bytes: it declares %d, a store never shrinks: %w", s.path, size, cur, syscall.EINVAL)
+	}
+	if size == cur {
+		return nil
+	}
+	var actual int64
+	if s.blkdev {
+		n, _, err := blockDevGeometry(s.f)
+		if err != nil {
+			return fmt.Errorf("store: grow %s: block device size: %w", s.path, err)
+		}
+		actual = n
+		if actual < size {
+			return fmt.Errorf("store: grow %s: the device holds %d bytes but the volume declares %d: %w", s.path, actual, size, ErrTooSmall)
+		}
+	} else {
+		fi, err := s.f.Stat()
+		if err != nil {
+			return fmt.Errorf("store: grow %s: %w", s.path, err)
+		}
+		if fi.Size() < size {
+			if err := s.f.Truncate(size); err != nil {
+				return fmt.Errorf("store: grow %s: truncate to %d bytes: %w", s.path, size, err)
+			}
+		}
+		if err := s.f.Sync(); err != nil {
+			return fmt.Errorf("store: grow %s: fsync: %w", s.path, err)
+		}
+	}
+	s.size.Store(size)
 	return nil
 }

@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"io/fs"
 	"sync"
+	"sync/atomic"
+	"syscall"
 )
 
 // memPage is Mem's allocation unit; pages never written (or punched whole)
@@ -16,7 +18,7 @@ const memPage = 64 << 10
 // write, punch and zero since the last successful Sync, as a power loss would.
 type Mem struct {
 	mu     sync.RWMutex
-	size   int64
+	size   atomic.Int64     // only grows (Grow)
 	pages  map[int64][]byte // page index -> memPage bytes; absent = zeros
 	undo   map[int64][]byte // page index -> contents at the last Sync (nil = absent)
 	closed bool
@@ -30,11 +32,13 @@ func NewMem(size int64) *Mem {
 	if size < 0 {
 		panic(fmt.Sprintf("store: NewMem(%d): negative size", size))
 	}
-	return &Mem{size: size, pages: map[int64][]byte{}, undo: map[int64][]byte{}}
+	m := &Mem{pages: map[int64][]byte{}, undo: map[int64][]byte{}}
+	m.size.Store(size)
+	return m
 }
 
 // Size is the store's size.
-func (m *Mem) Size() int64 { return m.size }
+func (m *Mem) Size() int64 { return m.size.Load() }
 
 // AllZero reports whether no byte was ever written (every page is absent).
 func (m *Mem) AllZero() bool {
@@ -45,7 +49,7 @@ func (m *Mem) AllZero() bool {
 
 // ReadAt reads len(p) bytes at off; the range must lie inside the store.
 func (m *Mem) ReadAt(p []byte, off int64) (int, error) {
-	if err := checkRead("read", off, len(p), m.size); err != nil {
+	if err := checkRead("read", off, len(p), m.size.Load()); err != nil {
 		return 0, err
 	}
 	m.mu.RLock()
@@ -69,7 +73,7 @@ func (m *Mem) ReadAt(p []byte, off int64) (int, error) {
 
 // WriteAt writes p at off; a range past the end wraps syscall.ENOSPC.
 func (m *Mem) WriteAt(p []byte, off int64) (int, error) {
-	if err := checkWrite("write", off, int64(len(p)), m.size); err != nil {
+	if err := checkWrite("write", off, int64(len(p)), m.size.Load()); err != nil {
 		return 0, err
 	}
 	m.mu.Lock()
@@ -100,7 +104,7 @@ func (m *Mem) Punch(off, n int64) error { return m.zero("punch", off, n) }
 func (m *Mem) Zero(off, n int64) error { return m.zero("zero", off, n) }
 
 func (m *Mem) zero(op string, off, n int64) error {
-	if err := checkWrite(op, off, n, m.size); err != nil {
+	if err := checkWrite(op, off, n, m.size.Load()); err != nil {
 		return err
 	}
 	m.mu.Lock()
@@ -187,5 +191,18 @@ func (m *Mem) Close() error {
 		return fmt.Errorf("store: mem close: %w", fs.ErrClosed)
 	}
 	m.closed = true
+	return nil
+}
+
+// Grow makes the store size bytes long (Grower); the new bytes read as
+// zeros. A smaller size wraps syscall.EINVAL. The growth is durable at
+// once: DropUnsynced does not undo it.
+func (m *Mem) Grow(size int64) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if cur := m.size.Load(); size < cur {
+		return fmt.Errorf("store: mem grow to %d bytes: it holds %d, a store never shrinks: %w", size, cur, syscall.EINVAL)
+	}
+	m.size.Store(size)
 	return nil
 }

@@ -4,7 +4,11 @@
 // inject errors (EIO, ENOSPC) and slow fsyncs.
 package store
 
-import "io"
+import (
+	"errors"
+	"fmt"
+	"io"
+)
 
 // Store is the byte storage of one replica. Implementations are safe for
 // concurrent use; writes to overlapping ranges are ordered by the caller.
@@ -51,4 +55,28 @@ type ZeroReporter interface {
 func AllZero(s Store) bool {
 	z, ok := s.(ZeroReporter)
 	return ok && z.AllZero()
+}
+
+// Grower is implemented by a Store that can be made larger while in use
+// (online volume expansion).
+type Grower interface {
+	// Grow makes the usable size size bytes, durably, before it returns;
+	// the new bytes read as zeros. A size below the current one is refused;
+	// the current one is a no-op. On error the usable size is unchanged.
+	Grow(size int64) error
+}
+
+// ErrNoGrow is wrapped by Grow when the store cannot be made larger.
+var ErrNoGrow = errors.New("store cannot grow")
+
+// Grow makes s size bytes long (Grower). A store without Grow that is
+// already that long is left as it is; any other is refused with ErrNoGrow.
+func Grow(s Store, size int64) error {
+	if g, ok := s.(Grower); ok {
+		return g.Grow(size)
+	}
+	if s.Size() >= size {
+		return nil
+	}
+	return fmt.Errorf("store: %T holds %d bytes and cannot grow to %d: %w", s, s.Size(), size, ErrNoGrow)
 }

@@ -1,8 +1,11 @@
 package bitmap
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/crc32"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -335,4 +338,25 @@ func (c *stripedCounter) load() uint64 {
 		sum += c[i].n.Load()
 	}
 	return sum
+}
+
+// StoredExtentSize returns the extent size of the checkpoint in the journal
+// directory dir, if it has an intact one (ok false otherwise). A volume
+// that grew keeps the extent size its journal was created with, which may
+// differ from ExtentSizeFor of its new size.
+func StoredExtentSize(dir string) (extentSize int64, ok bool) {
+	f, err := os.Open(filepath.Join(dir, checkpointName))
+	if err != nil {
+		return 0, false
+	}
+	defer f.Close()
+	h := make([]byte, ckptHeaderLen)
+	if _, err := io.ReadFull(f, h); err != nil {
+		return 0, false
+	}
+	if string(h[:8]) != ckptMagic || crc32.Checksum(h[:60], castagnoli) != binary.LittleEndian.Uint32(h[60:]) {
+		return 0, false
+	}
+	es := int64(binary.LittleEndian.Uint64(h[40:]))
+	return es, es > 0
 }

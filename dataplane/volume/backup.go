@@ -73,6 +73,9 @@ type backupSide struct {
 	stopped bool
 	// fullCopy: the resync in progress copies the whole volume.
 	fullCopy bool
+	// primarySize is the primary's size (its Hello): at most ours, less
+	// while the pair grows (backups first).
+	primarySize int64
 
 	fwd *fwdClient
 }
@@ -159,8 +162,12 @@ func (v *Volume) ServePrimary(conn net.Conn, br *bufio.Reader, rd *repl.Reader, 
 		reason = fmt.Sprintf("member %s expects its primary to be %s, not %s", v.opts.Node, v.spec.PeerNode, h.Node)
 	case v.spec.PairUID != "" && h.PairUID != "" && h.PairUID != v.spec.PairUID:
 		reason = fmt.Sprintf("pair mismatch: primary %s serves VolumePair uid %s, member %s belongs to uid %s", h.Node, h.PairUID, v.opts.Node, v.spec.PairUID)
-	case h.Size != v.opts.Size || h.RegionSize != v.opts.RegionSize:
-		reason = fmt.Sprintf("geometry mismatch: primary has size %d region %d, backup size %d region %d", h.Size, h.RegionSize, v.opts.Size, v.opts.RegionSize)
+	case h.RegionSize != v.opts.RegionSize:
+		reason = fmt.Sprintf("geometry mismatch: primary has size %d region %d, backup size %d region %d", h.Size, h.RegionSize, v.size.Load(), v.opts.RegionSize)
+	case h.Size > v.size.Load():
+		// A backup grows before its primary (Grow): this one has not yet,
+		// and could not hold the writes past its end. The link retries.
+		reason = fmt.Sprintf("size mismatch: primary %s has size %d, backup %s only %d; the backup must grow first (a volume never shrinks)", h.Node, h.Size, v.opts.Node, v.size.Load())
 	}
 	if reason != "" {
 		epoch := v.epoch
@@ -183,7 +190,7 @@ func (v *Volume) ServePrimary(conn net.Conn, br *bufio.Reader, rd *repl.Reader, 
 			siblings = append(siblings, t)
 		}
 	}
-	b := &backupSide{v: v, conn: conn, epoch: v.epoch, pairUID: uid, primary: h.Node, peerGen: gen, tr: primaryTr, siblings: siblings,
+	b := &backupSide{v: v, conn: conn, epoch: v.epoch, pairUID: uid, primary: h.Node, primarySize: h.Size, peerGen: gen, tr: primaryTr, siblings: siblings,
 		bw: bufio.NewWriterSize(conn, 64<<10), done: make(chan struct{}), kick: make(chan struct{}, 1),
 		quietKick: make(chan struct{}, 1)}
 	b.fwd = newFwdClient(b)
@@ -483,7 +490,14 @@ func (b *backupSide) effect(f *repl.Frame) (bool, error) {
 				return false, b.fail(err)
 			}
 		}
-		b.fullCopy = int64(f.Offset) >= v.opts.Size
+		// A full copy is of the primary's size, which may be below ours
+		// (we grew first): past its end the primary holds zeros.
+		b.fullCopy = int64(f.Offset) >= b.primarySize
+		if b.fullCopy && v.size.Load() > b.primarySize {
+			if err := v.store.Punch(b.primarySize, v.size.Load()-b.primarySize); err != nil {
+				return false, b.fail(fmt.Errorf("zeroing past the primary's end for a full copy: %w", err))
+			}
+		}
 		if f.Length&repl.ResyncUnmerged != 0 && b.tr != nil {
 			// Our diff stays ours (second embodiment): remember it.
 			if err := v.keepUnmerged(b.tr.Dirty()); err != nil {

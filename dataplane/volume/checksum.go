@@ -32,7 +32,7 @@ const checksumChunk = 1 << 20
 // between reads.
 func (v *Volume) RegionChecksums(ctx context.Context, first, count uint32) ([][32]byte, error) {
 	rs := v.opts.RegionSize
-	regions := uint64(v.opts.Size / rs)
+	regions := uint64(v.size.Load() / rs)
 	if count > MaxChecksumRegions {
 		return nil, fmt.Errorf("volume %s: checksums of %d regions asked, at most %d per call: %w", v.opts.Name, count, MaxChecksumRegions, syscall.EINVAL)
 	}

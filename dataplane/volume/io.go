@@ -92,8 +92,8 @@ func (k opKind) frameType() repl.Type {
 }
 
 func (v *Volume) checkRange(off, n int64) error {
-	if off < 0 || n < 0 || off > v.opts.Size || n > v.opts.Size-off {
-		return fmt.Errorf("range [%d, +%d) outside the volume of %d bytes: %w", off, n, v.opts.Size, syscall.EINVAL)
+	if off < 0 || n < 0 || off > v.size.Load() || n > v.size.Load()-off {
+		return fmt.Errorf("range [%d, +%d) outside the volume of %d bytes: %w", off, n, v.size.Load(), syscall.EINVAL)
 	}
 	return nil
 }

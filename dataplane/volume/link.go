@@ -352,7 +352,7 @@ func (l *link) handshake(conn net.Conn, rd *repl.Reader, bw *bufio.Writer) (Hell
 	defer conn.SetDeadline(time.Time{})
 	h := repl.Hello{
 		Volume: l.v.opts.Name, Node: l.v.opts.Node, Role: string(RolePrimary), Epoch: l.epoch,
-		Size: l.v.opts.Size, RegionSize: l.v.opts.RegionSize, PairUID: l.spec.PairUID, Token: l.v.opts.token(),
+		Size: l.v.size.Load(), RegionSize: l.v.opts.RegionSize, PairUID: l.spec.PairUID, Token: l.v.opts.token(),
 		Checksum: l.v.checksumScope(),
 	}
 	if err := repl.WriteFrame(bw, &repl.Frame{Type: repl.TypeHello, Epoch: l.epoch, Payload: h.Payload()}); err != nil {
@@ -391,7 +391,10 @@ func (l *link) handshake(conn net.Conn, rd *repl.Reader, bw *bufio.Writer) (Hell
 			return ack, nil, fmt.Errorf("decode peer bitmap: %w", err)
 		}
 		if bm.GetCardinality() > 0 && bm.Maximum() >= l.tr.Regions() {
-			return ack, nil, fmt.Errorf("peer bitmap names region %d of a volume with %d regions", bm.Maximum(), l.tr.Regions())
+			// A backup that grew before this primary and was itself a
+			// primary at its new size may hold writes past our end: we
+			// must grow before it can be served (the link retries).
+			return ack, nil, fmt.Errorf("peer bitmap names region %d of a volume with %d regions (%d bytes): a larger backup holds writes past this member's end until it grows too", bm.Maximum(), l.tr.Regions(), l.v.size.Load())
 		}
 	}
 	return ack, bm, nil

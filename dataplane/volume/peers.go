@@ -47,12 +47,12 @@ type peer struct {
 // regions is the number of regions of the volume.
 func (v *Volume) regions() uint32 {
 	rs := v.opts.RegionSize
-	return uint32((v.opts.Size + rs - 1) / rs)
+	return uint32((v.size.Load() + rs - 1) / rs)
 }
 
 // newTracker is an empty tracker of the volume's geometry.
 func (v *Volume) newTracker() *bitmap.Tracker {
-	return bitmap.NewTracker(v.opts.Size, v.opts.RegionSize)
+	return bitmap.NewTracker(v.size.Load(), v.opts.RegionSize)
 }
 
 // resolveLocked names the member a spec that names none means: the one
@@ -265,7 +265,7 @@ func withoutLinks(ps []*peer) []*peer {
 func (v *Volume) regionBytes(b *roaring.Bitmap) int64 {
 	n := int64(b.GetCardinality()) * v.opts.RegionSize
 	if last := v.regions() - 1; b.Contains(last) {
-		n -= int64(v.regions())*v.opts.RegionSize - v.opts.Size
+		n -= int64(v.regions())*v.opts.RegionSize - v.size.Load()
 	}
 	return n
 }

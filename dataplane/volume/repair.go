@@ -12,7 +12,7 @@ import (
 // survives a crash. Only the writer accepts it.
 func (v *Volume) RequestResync(ctx context.Context, first, count uint32) error {
 	rs := v.opts.RegionSize
-	regions := uint32((v.opts.Size + rs - 1) / rs)
+	regions := uint32((v.size.Load() + rs - 1) / rs)
 	if count == 0 || first >= regions || count > regions-first {
 		return fmt.Errorf("regions [%d, +%d) outside the volume's %d regions: %w", first, count, regions, syscall.EINVAL)
 	}
@@ -20,7 +20,7 @@ func (v *Volume) RequestResync(ctx context.Context, first, count uint32) error {
 		return fmt.Errorf("only the writer can resync regions to its peer: %w", err)
 	}
 	off := int64(first) * rs
-	n := min(int64(count)*rs, v.opts.Size-off)
+	n := min(int64(count)*rs, v.size.Load()-off)
 	v.ckpt.RLock()
 	defer v.ckpt.RUnlock()
 	if err := v.journal.Mark(ctx, off, n); err != nil {

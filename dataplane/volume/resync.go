@@ -66,7 +66,7 @@ func (l *link) journalRegions(b *roaring.Bitmap) error {
 	rs := l.v.opts.RegionSize
 	err := bitmap.ForEachRun(b, func(first, last uint32) error {
 		off := int64(first) * rs
-		end := min((int64(last)+1)*rs, l.v.opts.Size)
+		end := min((int64(last)+1)*rs, l.v.size.Load())
 		return l.v.journal.Mark(l.ctx, off, end-off)
 	})
 	if err != nil {
@@ -148,7 +148,7 @@ func (l *link) copier(gen uint64) error {
 			}
 			for _, r := range ids[:n] {
 				off := int64(r) * rs
-				size := min(rs, l.v.opts.Size-off)
+				size := min(rs, l.v.size.Load()-off)
 				if lim != nil {
 					if err := lim.WaitN(l.ctx, int(size)); err != nil {
 						return err

@@ -21,7 +21,7 @@ func (v *Volume) persistLocked() error {
 // only clearPeerChanged and completeCopy clear it.
 func (v *Volume) metaLocked() meta.Meta {
 	m := meta.Meta{
-		Volume: v.opts.Name, Size: v.opts.Size, RegionSize: v.opts.RegionSize,
+		Volume: v.opts.Name, Size: v.size.Load(), RegionSize: v.opts.RegionSize,
 		Epoch: v.epoch, Role: string(v.role), DataState: string(v.dataState),
 		Joined: v.joined, PairUID: v.pairUID, Zero: v.zero.Load(),
 		UpdatedAt: v.opts.Clock.Now(),

@@ -10,7 +10,7 @@ func (v *Volume) Status() Status {
 	fault := v.Fault()
 	v.mu.Lock()
 	st := Status{
-		Name: v.opts.Name, Size: v.opts.Size, RegionSize: v.opts.RegionSize,
+		Name: v.opts.Name, Size: v.size.Load(), RegionSize: v.opts.RegionSize,
 		Role: v.role, Epoch: v.epoch, Mode: v.spec.Mode, DataState: v.dataState,
 		Joined: v.joined, PairUID: v.pairUID, UnmergedRegions: v.unmerged.GetCardinality(),
 		PeerNode: v.spec.PeerNode, BitmapsLost: v.bitmapsLost,

@@ -22,7 +22,7 @@ func (v *Volume) keepUnmerged(own *roaring.Bitmap) error {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	next := roaring.Or(v.unmerged, own)
-	if err := bitmap.WriteRegionSet(filepath.Join(v.opts.Dir, unmergedFile), v.opts.Size, v.opts.RegionSize, next); err != nil {
+	if err := bitmap.WriteRegionSet(filepath.Join(v.opts.Dir, unmergedFile), v.size.Load(), v.opts.RegionSize, next); err != nil {
 		return fmt.Errorf("volume %s: recording unmerged regions: %w", v.opts.Name, err)
 	}
 	v.unmerged, v.unmergedDirty = next, false
@@ -39,7 +39,7 @@ func (v *Volume) coveredUnmerged(off, n int64) {
 	rs := v.opts.RegionSize
 	first := (off + rs - 1) / rs
 	end := (off + n) / rs
-	if off+n >= v.opts.Size {
+	if off+n >= v.size.Load() {
 		end = int64(v.regions())
 	}
 	if end <= first || v.unmergedN.Load() == 0 {
@@ -72,7 +72,7 @@ func (v *Volume) flushUnmerged() error {
 	if !v.unmergedDirty {
 		return nil
 	}
-	if err := bitmap.WriteRegionSet(filepath.Join(v.opts.Dir, unmergedFile), v.opts.Size, v.opts.RegionSize, v.unmerged); err != nil {
+	if err := bitmap.WriteRegionSet(filepath.Join(v.opts.Dir, unmergedFile), v.size.Load(), v.opts.RegionSize, v.unmerged); err != nil {
 		return fmt.Errorf("volume %s: recording unmerged regions: %w", v.opts.Name, err)
 	}
 	v.unmergedDirty = false

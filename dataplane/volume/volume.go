@@ -105,6 +105,13 @@ type Volume struct {
 	// (ServePrimary). Lock order: applyMu, then a stream's emu, then mu.
 	applyMu sync.Mutex
 
+	// size is the volume's size in bytes (Grow raises it once the
+	// metadata records it); growMu serialises Grow. growTestHook, if set
+	// (tests), runs after each step of Grow.
+	size         atomic.Int64
+	growMu       sync.Mutex
+	growTestHook func(step string) error
+
 	mu        sync.Mutex
 	spec      Spec
 	role      Role
@@ -182,7 +189,13 @@ type counters struct {
 // UpToDate with an empty bitmap (a brand-new pair needs no initial copy).
 func Open(opts Options) (*Volume, error) {
 	if opts.ExtentSize == 0 {
+		// A journal keeps the extent size it was created with when its
+		// volume grows (Grow): use it, or the default for the size.
 		opts.ExtentSize = bitmap.ExtentSizeFor(opts.Size, opts.RegionSize)
+		if es, ok := bitmap.StoredExtentSize(filepath.Join(opts.Dir, "bitmap")); ok && es != opts.ExtentSize &&
+			bitmap.ValidateGeometry(opts.Size, opts.RegionSize, es) == nil {
+			opts.ExtentSize = es
+		}
 	}
 	if opts.CheckpointInterval == 0 {
 		opts.CheckpointInterval = 5 * time.Second
@@ -216,12 +229,22 @@ func Open(opts Options) (*Volume, error) {
 	v.locks.init(opts.RegionSize)
 	v.trackers = map[string]*bitmap.Tracker{}
 
+	// growTo is the size a replica smaller than opts.Size grows to once
+	// open at its own size (Grow).
+	var growTo int64
 	m, err := meta.Read(opts.Dir)
 	switch {
 	case err == nil:
-		if m.Size != opts.Size || m.RegionSize != opts.RegionSize {
+		if m.RegionSize != opts.RegionSize {
 			return nil, fmt.Errorf("volume %s: replica in %s has size %d and region size %d, want %d and %d",
 				opts.Name, opts.Dir, m.Size, m.RegionSize, opts.Size, opts.RegionSize)
+		}
+		if m.Size > opts.Size {
+			return nil, fmt.Errorf("volume %s: replica in %s has size %d, larger than the %d asked: %w",
+				opts.Name, opts.Dir, m.Size, opts.Size, ErrShrink)
+		}
+		if m.Size < opts.Size {
+			growTo, opts.Size = opts.Size, m.Size
 		}
 		v.epoch, v.dataState = m.Epoch, DataState(m.DataState)
 		v.joined, v.pairUID = m.Joined, m.PairUID
@@ -261,6 +284,7 @@ func Open(opts Options) (*Volume, error) {
 		return nil, fmt.Errorf("volume %s: reading metadata: %w", opts.Name, err)
 	}
 	freshMeta := err != nil
+	v.size.Store(opts.Size)
 
 	st := opts.Store
 	if st == nil {
@@ -342,14 +366,20 @@ func Open(opts Options) (*Volume, error) {
 	v.wg.Add(2)
 	go v.checkpointLoop()
 	go v.watermarkLoop()
+	if growTo > 0 {
+		if err := v.Grow(growTo); err != nil {
+			v.Close()
+			return nil, err
+		}
+	}
 	return v, nil
 }
 
 // Name is "<namespace>/<name>".
 func (v *Volume) Name() string { return v.opts.Name }
 
-// Size is the volume size in bytes.
-func (v *Volume) Size() int64 { return v.opts.Size }
+// Size is the volume size in bytes; Grow raises it.
+func (v *Volume) Size() int64 { return v.size.Load() }
 
 // token is the replication token to present now ("" none).
 func (o *Options) token() string {

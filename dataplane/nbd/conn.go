@@ -87,7 +87,11 @@ type request struct {
 
 var requestPool = sync.Pool{New: func() any { return new(request) }}
 
-func (s *Server) transmit(ctx context.Context, nc net.Conn, br *bufio.Reader, exp *Export, log logr.Logger) error {
+// transmit serves the transmission phase of a connection to exp, whose size
+// the client was told was size: requests are checked against it, even if
+// the export grew since (NBD has no in-band resize; a new connection sees
+// the new size).
+func (s *Server) transmit(ctx context.Context, nc net.Conn, br *bufio.Reader, exp *Export, size int64, log logr.Logger) error {
 	minB, _, _, err := exp.blockSizes(s.maxPayload())
 	if err != nil { // checked during negotiation already
 		return fmt.Errorf("export misconfigured: %w", err)
@@ -98,7 +102,7 @@ func (s *Server) transmit(ctx context.Context, nc net.Conn, br *bufio.Reader, ex
 		br:           br,
 		log:          log,
 		be:           exp.Backend,
-		size:         uint64(exp.Backend.Size()),
+		size:         uint64(size),
 		minBlock:     minB,
 		maxPayload:   s.maxPayload(),
 		readOnly:     exp.ReadOnly,

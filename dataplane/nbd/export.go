@@ -19,8 +19,9 @@ import (
 // Backend sees them. Implementations must be safe for concurrent use: several
 // requests, and several connections, run at once.
 type Backend interface {
-	// Size is the export size in bytes; it must not change while clients are
-	// connected.
+	// Size is the export size in bytes. It may grow (online volume
+	// expansion): each connection keeps the size it negotiated, and a
+	// new connection sees the new size. It must never shrink.
 	Size() int64
 	// ReadAt fills p from offset off.
 	ReadAt(ctx context.Context, p []byte, off int64) error

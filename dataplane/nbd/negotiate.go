@@ -23,29 +23,34 @@ type negotiator struct {
 	bw       *bufio.Writer
 	log      logr.Logger
 	noZeroes bool
+	// size is the export size told to the client in the reply that ended
+	// the negotiation (NBD_OPT_EXPORT_NAME, NBD_OPT_GO): the connection
+	// keeps it even if the export grows meanwhile.
+	size int64
 }
 
 // negotiate runs the fixed newstyle handshake. It returns the export to
-// serve, or a nil export after NBD_OPT_ABORT, or an error to close on.
-func (s *Server) negotiate(ctx context.Context, c net.Conn, br *bufio.Reader, log logr.Logger) (*Export, string, error) {
+// serve and the size the client was told, or a nil export after
+// NBD_OPT_ABORT, or an error to close on.
+func (s *Server) negotiate(ctx context.Context, c net.Conn, br *bufio.Reader, log logr.Logger) (*Export, string, int64, error) {
 	if err := c.SetDeadline(time.Now().Add(s.handshakeTimeout())); err != nil {
-		return nil, "", fmt.Errorf("setting handshake deadline: %w", err)
+		return nil, "", 0, fmt.Errorf("setting handshake deadline: %w", err)
 	}
 	stop := context.AfterFunc(ctx, func() { _ = c.SetDeadline(aLongTimeAgo) })
 	n := &negotiator{s: s, c: c, br: br, bw: bufio.NewWriterSize(c, 4096), log: log}
 	exp, name, err := n.run()
 	if !stop() {
-		return nil, "", fmt.Errorf("negotiation interrupted: %w", context.Cause(ctx))
+		return nil, "", 0, fmt.Errorf("negotiation interrupted: %w", context.Cause(ctx))
 	}
 	if err != nil {
-		return nil, "", err
+		return nil, "", 0, err
 	}
 	if exp != nil {
 		if err := c.SetDeadline(time.Time{}); err != nil {
-			return nil, "", fmt.Errorf("clearing handshake deadline: %w", err)
+			return nil, "", 0, fmt.Errorf("clearing handshake deadline: %w", err)
 		}
 	}
-	return exp, name, nil
+	return exp, name, n.size, nil
 }
 
 func (n *negotiator) run() (*Export, string, error) {
@@ -118,7 +123,8 @@ func (n *negotiator) option(opt uint32, data []byte) (exp *Export, name string, 
 			return nil, "", true, fmt.Errorf("refusing export %q requested by NBD_OPT_EXPORT_NAME: %w", name, err)
 		}
 		var b [10 + 124]byte
-		binary.BigEndian.PutUint64(b[0:8], uint64(e.Backend.Size()))
+		n.size = e.Backend.Size()
+		binary.BigEndian.PutUint64(b[0:8], uint64(n.size))
 		binary.BigEndian.PutUint16(b[8:10], flags)
 		out := b[:]
 		if n.noZeroes {
@@ -165,8 +171,9 @@ func (n *negotiator) option(opt uint32, data []byte) (exp *Export, name string, 
 			return nil, "", false, n.replyErr(opt, lookupReply(err), err.Error())
 		}
 		var b [18]byte
+		size := e.Backend.Size()
 		binary.BigEndian.PutUint16(b[0:2], infoExport)
-		binary.BigEndian.PutUint64(b[2:10], uint64(e.Backend.Size()))
+		binary.BigEndian.PutUint64(b[2:10], uint64(size))
 		binary.BigEndian.PutUint16(b[10:12], flags)
 		if err := n.queue(opt, repInfo, b[:12]); err != nil {
 			return nil, "", false, err
@@ -203,6 +210,7 @@ func (n *negotiator) option(opt uint32, data []byte) (exp *Export, name string, 
 			return nil, "", false, err
 		}
 		if opt == optGo {
+			n.size = size
 			log.V(1).Info("Export selected", "export", name)
 			return e, name, true, nil
 		}

@@ -244,7 +244,7 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn) error {
 		return err
 	}
 	br := bufio.NewReaderSize(c, 64<<10)
-	exp, name, err := s.negotiate(ctx, c, br, log)
+	exp, name, size, err := s.negotiate(ctx, c, br, log)
 	if err != nil {
 		if ctx.Err() != nil {
 			log.V(1).Info("Connection closed during negotiation: shutting down")
@@ -260,5 +260,5 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn) error {
 		log.V(1).Info("Client aborted negotiation")
 		return nil
 	}
-	return s.transmit(ctx, c, br, exp, log.WithValues("export", name))
+	return s.transmit(ctx, c, br, exp, size, log.WithValues("export", name))
 }

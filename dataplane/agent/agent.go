@@ -250,25 +250,49 @@ func (a *Agent) dir(ns, name string) string {
 	return agentapi.ReplicaDir(a.cfg.DataDir, ns, name)
 }
 
-// open opens or creates a replica; a.mu must not be held.
+// open opens or creates a replica; a.mu must not be held. A replica
+// smaller than size grows to it (volume.Grow: durably, before open
+// returns), one on disk included, which is opened at its own size first so
+// that a grow that fails (EFBIG: more than the node's file system holds)
+// leaves it open, usable, at its old size. A replica larger than size is
+// refused with errConflict (a volume never shrinks), as is another region
+// size.
 func (a *Agent) open(ns, name string, size, regionSize int64) (*volume.Volume, error) {
 	key := ns + "/" + name
 	a.mu.Lock()
-	defer a.mu.Unlock()
-	if v := a.volumes[key]; v != nil {
-		if v.Size() != size || v.Status().RegionSize != regionSize {
-			return nil, fmt.Errorf("%w: volume %s exists with size %d and region size %d", errConflict, key, v.Size(), v.Status().RegionSize)
+	v := a.volumes[key]
+	if v == nil {
+		dir := a.dir(ns, name)
+		openSize := size
+		if m, err := meta.Read(dir); err == nil && m.Size < size && m.RegionSize == regionSize {
+			openSize = m.Size
 		}
-		return v, nil
+		var err error
+		v, err = volume.Open(volume.Options{
+			Name: key, Node: a.cfg.Node, Dir: dir, Size: openSize, RegionSize: regionSize,
+			Authority: a.cfg.Authority, Dial: a.cfg.Dial, Token: a.cfg.Tokens.Send, PayloadChecksums: a.cfg.PayloadChecksums, Budget: a.cfg.Budget, Clock: a.cfg.Clock, Log: a.log,
+		})
+		if err != nil {
+			a.mu.Unlock()
+			if errors.Is(err, volume.ErrShrink) {
+				return nil, fmt.Errorf("%w: %w", errConflict, err)
+			}
+			return nil, err
+		}
+		a.volumes[key] = v
 	}
-	v, err := volume.Open(volume.Options{
-		Name: key, Node: a.cfg.Node, Dir: a.dir(ns, name), Size: size, RegionSize: regionSize,
-		Authority: a.cfg.Authority, Dial: a.cfg.Dial, Token: a.cfg.Tokens.Send, PayloadChecksums: a.cfg.PayloadChecksums, Budget: a.cfg.Budget, Clock: a.cfg.Clock, Log: a.log,
-	})
-	if err != nil {
-		return nil, err
+	a.mu.Unlock()
+	cur, rs := v.Size(), v.Status().RegionSize
+	switch {
+	case rs != regionSize:
+		return nil, fmt.Errorf("%w: volume %s exists with size %d and region size %d", errConflict, key, cur, rs)
+	case size < cur:
+		return nil, fmt.Errorf("%w: volume %s has size %d; %d asked is smaller, and a volume never shrinks", errConflict, key, cur, size)
+	case size > cur:
+		if err := v.Grow(size); err != nil {
+			return nil, err // it names both sizes; the replica keeps its size
+		}
 	}
-	a.volumes[key] = v
 	return v, nil
 }
 

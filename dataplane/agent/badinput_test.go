@@ -274,6 +274,10 @@ func TestBadReplicationInput(t *testing.T) {
 	// Re-checksum so only the type is wrong.
 	undefinedType = rechecksum(undefinedType)
 	geometry := repl.AppendFrame(nil, &repl.Frame{Type: repl.TypeHello, Epoch: 5, Payload: repl.Hello{
+		Volume: "ns/victim", Node: "node-x", Epoch: 5, Size: abuseSize, RegionSize: abuseRegion * 2, Token: abuseToken}.Payload()})
+	// A primary larger than the backup (it grew first): refused until the
+	// backup grows.
+	larger := repl.AppendFrame(nil, &repl.Frame{Type: repl.TypeHello, Epoch: 5, Payload: repl.Hello{
 		Volume: "ns/victim", Node: "node-x", Epoch: 5, Size: abuseSize * 2, RegionSize: abuseRegion, Token: abuseToken}.Payload()})
 
 	cases := []struct {
@@ -302,6 +306,7 @@ func TestBadReplicationInput(t *testing.T) {
 		{name: "future epoch", parts: [][]byte{hello("ns/victim", "node-x", 6, abuseToken)}, nack: "epoch mismatch", log: "epoch mismatch"},
 		{name: "wrong primary", parts: [][]byte{hello("ns/victim", "node-evil", 5, abuseToken)}, nack: "expects its primary to be node-x", log: "expects its primary"},
 		{name: "geometry mismatch", parts: [][]byte{geometry}, nack: "geometry mismatch", log: "geometry mismatch"},
+		{name: "larger primary", parts: [][]byte{larger}, nack: "the backup must grow first", log: "size mismatch"},
 		{name: "Hello to the healthy volume's backup from a stale primary", parts: [][]byte{hello("ns/healthy", "node-a", 0, abuseToken)}, nack: "epoch mismatch", log: "epoch mismatch"},
 		{name: "idle connection", idle: true, log: "i/o timeout", maxWait: 15 * time.Second},
 		{name: "stalled half Hello", parts: [][]byte{ok[:len(ok)-3]}, idle: true, log: "i/o timeout", maxWait: 15 * time.Second},

@@ -100,7 +100,8 @@ func TestControlAPIVolumeLifecycle(t *testing.T) {
 		msg  string
 	}{
 		{"older epoch", VolumeRequest{Size: 8 << 20, RegionSize: 64 << 10, Spec: volume.Spec{Role: volume.RoleBackup, Epoch: 0}}, "ns", 409, "older than the replica's epoch"},
-		{"geometry change", VolumeRequest{Size: 16 << 20, RegionSize: 64 << 10, Spec: volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true}}, "ns", 409, "exists with size"},
+		{"shrink", VolumeRequest{Size: 4 << 20, RegionSize: 64 << 10, Spec: volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true}}, "ns", 409, "has size 8388608; 4194304 asked is smaller, and a volume never shrinks"},
+		{"region size change", VolumeRequest{Size: 8 << 20, RegionSize: 128 << 10, Spec: volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true}}, "ns", 409, "exists with size 8388608 and region size 65536"},
 		{"unknown role", VolumeRequest{Size: 8 << 20, RegionSize: 64 << 10, Spec: volume.Spec{Role: "Leader", Epoch: 1}}, "ns", 409, "unknown role"},
 		{"zero size", VolumeRequest{Size: 0, RegionSize: 64 << 10}, "ns", 400, "must be positive"},
 		{"bad namespace", VolumeRequest{Size: 8 << 20, RegionSize: 64 << 10}, "Bad_NS", 400, "not a valid Kubernetes namespace"},

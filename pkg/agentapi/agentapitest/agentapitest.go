@@ -15,9 +15,7 @@
 // 404 (agentapi.IsNotFound), except that purging one succeeds; a wrong
 // token is a 401; a Put creates the replica
 // (Inconsistent, or UpToDate and joined when the spec initializes the
-// pair's data as primary), grows it when the size asked is larger (online
-// expansion), refuses a smaller size or another region size with 409, and
-// copies the
+// pair's data as primary), refuses other geometry with 409, and copies the
 // spec's role, epoch, mode, peer and pair UID into the status; an
 // unreachable agent fails every call with agentapi.ErrNotSent. It does not
 // model the engine's rules (epoch order, which member may be promoted,
@@ -183,18 +181,24 @@ func (a *Agent) get(ns, name string) (agentapi.Status, error) {
 func (a *Agent) put(ns, name string, req agentapi.VolumeRequest) (agentapi.Status, error) {
 	key := ns + "/" + name
 	st, ok := a.volumes[key]
-	if !ok {
-		if req.Size <= 0 || req.RegionSize <= 0 {
-			return agentapi.Status{}, &agentapi.APIError{Code: http.StatusBadRequest,
-				Message: fmt.Sprintf("size (%d) and regionSize (%d) must be positive", req.Size, req.RegionSize)}
-		}
+	if req.Size <= 0 || req.RegionSize <= 0 {
+		return agentapi.Status{}, &agentapi.APIError{Code: http.StatusBadRequest,
+			Message: fmt.Sprintf("size (%d) and regionSize (%d) must be positive", req.Size, req.RegionSize)}
+	}
+	switch {
+	case !ok:
 		st = agentapi.Status{Name: key, Size: req.Size, RegionSize: req.RegionSize, Role: agentapi.RoleNone,
 			DataState: agentapi.Inconsistent, DataStateReason: "the replica is new"}
-	} else if req.Size < st.Size || st.RegionSize != req.RegionSize {
+	case st.RegionSize != req.RegionSize:
 		return agentapi.Status{}, &agentapi.APIError{Code: http.StatusConflict,
 			Message: fmt.Sprintf("volume %s exists with size %d and region size %d, asked %d and %d", key, st.Size, st.RegionSize, req.Size, req.RegionSize)}
-	} else if req.Size > st.Size {
-		st.Size = req.Size // online expansion: a larger size grows the replica
+	case req.Size < st.Size:
+		// As the agent: a volume never shrinks.
+		return agentapi.Status{}, &agentapi.APIError{Code: http.StatusConflict,
+			Message: fmt.Sprintf("volume %s has size %d; %d asked is smaller, and a volume never shrinks", key, st.Size, req.Size)}
+	default:
+		// A larger size grows the replica, as the agent does.
+		st.Size = req.Size
 	}
 	s := req.Spec
 	if s.Initialize && s.Role == agentapi.RolePrimary && !st.Joined {

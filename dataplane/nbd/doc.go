@@ -53,6 +53,18 @@
 // already in flight are finished, and the connection is closed with a logged
 // reason. A request with a bad magic closes the connection the same way.
 //
+// # Export size and growth
+//
+// The export size is read from Backend.Size when the negotiation answers
+// NBD_OPT_EXPORT_NAME or NBD_OPT_GO, and the connection keeps that size for
+// its whole life: every request is checked against it (past it: EINVAL for
+// a read, ENOSPC for a write, trim or zero, as past any end). A Backend may
+// grow (a volume expanded online, volume.Grow): NBD has no in-band resize
+// notice, so connections open before the grow keep the size they
+// negotiated, and a new connection sees the new size. The client side
+// (the CSI node plugin) reconnects to use the grown space. A Backend must
+// never shrink.
+//
 // # Concurrency and ordering
 //
 // One goroutine per connection reads requests (and WRITE payloads into pooled

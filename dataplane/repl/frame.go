@@ -100,6 +100,22 @@
 // frame marked with another version than the one that added its type (a
 // Watermark of version 1, a Write of version 2) is malformed.
 //
+// # Volume size
+//
+// The Hello carries the primary's volume size and region size. The region
+// sizes must match. The sizes need not: a volume grows online, backups
+// before the primary, so a backup accepts a primary of its size or smaller
+// (the primary's writes all fall inside it) and refuses a larger one with
+// a Nack naming both sizes ("size mismatch: ... the backup must grow
+// first"); the primary's link retries like after any refusal, and the
+// writes past the backup's end stay in the primary's dirty bitmap until a
+// stream is accepted. A stream accepted before the primary grew carries
+// the primary's new writes past the backup's end only if the backup grew
+// too: otherwise the backup Nacks the first such frame and the stream ends.
+// No field was added for this; an agent older than online expansion
+// refuses any size difference (as a geometry mismatch), which is transient
+// as well once both have grown.
+//
 // # Errors
 //
 // Reader.Next reports a damaged or hostile stream with errors that wrap

@@ -8,12 +8,15 @@ import (
 // Hello is the JSON payload of a Hello frame: who is speaking about which
 // volume. Unknown fields are ignored, so later versions can add some.
 type Hello struct {
-	Volume     string `json:"volume"` // "<namespace>/<name>"
-	Node       string `json:"node"`
-	Role       string `json:"role"`
-	Epoch      uint64 `json:"epoch"`
-	Size       int64  `json:"size"`
-	RegionSize int64  `json:"regionSize"`
+	Volume string `json:"volume"` // "<namespace>/<name>"
+	Node   string `json:"node"`
+	Role   string `json:"role"`
+	Epoch  uint64 `json:"epoch"`
+	// Size is the sender's volume size in bytes: a backup accepts a
+	// primary of its size or smaller (see Volume size in the package
+	// documentation); RegionSize must match exactly.
+	Size       int64 `json:"size"`
+	RegionSize int64 `json:"regionSize"`
 	// PairUID is the VolumePair the primary serves; a backup that belongs
 	// to another pair refuses the stream.
 	PairUID string `json:"pairUID,omitempty"`

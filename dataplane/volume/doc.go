@@ -135,6 +135,33 @@
 // room, the new writer drops a stream that exceeds it, and charges the
 // payloads to the agent's in-flight budget (Options.Budget).
 //
+// # Growing
+//
+// Grow makes the replica larger while I/O runs (never smaller: ErrShrink);
+// Open with Options.Size above the metadata's size opens the replica at
+// its own size and grows it the same way. The steps, in order: the store
+// grows (a file is extended sparse and fsynced; the new space reads as
+// zeros), the journal switches to the new size with a checkpoint
+// (bitmap.Journal.Grow), every tracker gains the new regions clean (every
+// member reads zeros there, so the grow marks nothing dirty), the
+// metadata records the new size (the commit point), and only then does the
+// volume admit requests past the old end (client I/O, a backup's frames;
+// Status.Size and Size report the new size). A crash before the commit
+// leaves a replica that opens at its old size with every dirty bit (a store
+// file longer than the metadata's size, and journal or unmerged-region files
+// of the new size, are read as they are); after it, one that opens at the
+// new size. A step that fails leaves the replica at its old size and
+// usable; Grow may be called again. A journal keeps its extent size when
+// its volume grows: Open uses the extent size of the journal on disk.
+//
+// A backup accepts a primary of its size or smaller (repl: Volume size):
+// the controller grows backups first. It refuses a larger primary with a
+// Nack naming both sizes (the link retries; the writes past its end stay in
+// the primary's tracker and are copied by the resync once it grew), and a
+// frame past its end ends the stream (the primary grew while streaming to a
+// backup that had not). A full copy from a smaller primary zeroes the
+// backup's store past the primary's end, where the primary reads zeros.
+//
 // # Close
 //
 // Close refuses new writes and waits (Options.CloseTimeout) for the admitted

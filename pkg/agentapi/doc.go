@@ -34,8 +34,10 @@
 //
 // Errors are an ErrorBody with 400 (bad request), 401, 404 (no such replica
 // on this node: IsNotFound), 409 (refused transition, e.g. promoting an
-// Inconsistent member; geometry that differs from the existing replica) or
-// 500. The client returns them as *APIError. A call that provably never
+// Inconsistent member; a region size that differs from the existing
+// replica's, or a smaller size: a volume never shrinks) or 500. A larger
+// size grows the replica (see VolumeRequest); one the node's file system
+// cannot hold is a 400. The client returns them as *APIError. A call that provably never
 // reached the agent fails with an error wrapping ErrNotSent.
 //
 // # Roles, modes and data states: one definition

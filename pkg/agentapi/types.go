@@ -324,8 +324,13 @@ type Counters struct {
 
 // VolumeRequest is the body of PUT /v1/volumes/{namespace}/{name}.
 type VolumeRequest struct {
-	// Size and RegionSize create the replica when it does not exist; they
-	// must match an existing one.
+	// Size and RegionSize create the replica when it does not exist.
+	// RegionSize must match an existing one. A Size larger than the
+	// existing replica's grows it, durably, before the spec is applied
+	// (the answer's Status.Size is the new size; grow backups before the
+	// writer); a smaller one is refused with 409 (a volume never shrinks),
+	// one the node's file system cannot hold with 400, the replica keeping
+	// its size.
 	Size       int64 `json:"size"`
 	RegionSize int64 `json:"regionSize"`
 	// Spec is the desired state.

@@ -104,7 +104,8 @@ type logContents struct {
 	torn    int // bytes of an ignored torn tail
 }
 
-// decodeLog parses a whole log file. A torn last record (short, or with a bad
+// decodeLog parses a whole log file, returning runs clipped to g (the
+// file's own volume size bounds them first, see checkGeometry). A torn last record (short, or with a bad
 // checksum and nothing after it) and trailing zero bytes are ignored: such a
 // record was never fsynced, so no Mark returned for it. Any other damage is
 // ErrCorrupt; a header of different geometry is ErrGeometry. A header that
@@ -178,7 +179,7 @@ func decodeLog(data []byte, g *geometry) (logContents, error) {
 		if err != nil {
 			return lc, fmt.Errorf("log record at offset %d: %w", off, err)
 		}
-		lc.runs = append(lc.runs, runs...)
+		lc.runs = appendClipped(lc.runs, runs, g.extents)
 		lc.records++
 		off += end
 		lc.valid = off
@@ -187,6 +188,20 @@ func decodeLog(data []byte, g *geometry) (logContents, error) {
 		lc.valid = logHeaderLen
 	}
 	return lc, nil
+}
+
+// appendClipped appends to dst the parts of runs below extents: a log of a
+// larger volume (a grow whose metadata was never committed) marks nothing
+// past the caller's end that was ever written (see Growing).
+func appendClipped(dst, runs []extentRun, extents uint32) []extentRun {
+	for _, r := range runs {
+		if r.first >= extents {
+			continue
+		}
+		r.n = min(r.n, extents-r.first)
+		dst = append(dst, r)
+	}
+	return dst
 }
 
 // parseRecordPayload parses the reserved word and payload of a record whose

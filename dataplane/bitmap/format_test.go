@@ -162,6 +162,15 @@ func FuzzDecodeLog(f *testing.F) {
 	f.Add(bad, true)       // same payload with fixed CRCs
 	f.Add([]byte{}, false) // empty file
 	f.Add([]byte("TNDMWLOG but not really a header"), false)
+	// A log of a larger volume (a grow not committed): runs past g's end
+	// are dropped.
+	lg, err := newGeometry(2*tSize, tRegion, tExtent)
+	if err != nil {
+		f.Fatal(err)
+	}
+	larger := appendLogHeader(nil, 3, &lg)
+	larger = appendRecord(larger, 3, []extentRun{{first: 1, n: 2}, {first: g.extents - 1, n: 4}, {first: lg.extents - 1, n: 1}})
+	f.Add(larger, false)
 	f.Fuzz(func(t *testing.T, data []byte, fix bool) {
 		if fix {
 			data = fixLogCRCs(slices.Clone(data))
@@ -224,6 +233,16 @@ func FuzzDecodeCheckpoint(f *testing.F) {
 	}
 	f.Add([]byte{}, false)
 	f.Add(small[:ckptHeaderLen], true)
+	// A checkpoint of a larger volume: regions past g's end are dropped.
+	lg, err := newGeometry(2*tSize, tRegion, tExtent)
+	if err != nil {
+		f.Fatal(err)
+	}
+	larger, err := encodeCheckpoint(5, &lg, roaring.BitmapOf(1, g.regions-1, g.regions, lg.regions-1))
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(larger, false)
 	f.Fuzz(func(t *testing.T, data []byte, fix bool) {
 		if fix {
 			data = fixCheckpointCRCs(slices.Clone(data))

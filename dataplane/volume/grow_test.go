@@ -414,3 +414,79 @@ func TestGrowKillPoints(t *testing.T) {
 		}
 	}
 }
+
+// TestGrowBackupAwayResyncsPastOldEnd: after the pair grew, the backup's
+// agent stops; the writer writes on, past the old end too; the backup comes
+// back (its agent restarted with the grown size) and the resync copies
+// exactly what it missed, the regions past the old end included.
+func TestGrowBackupAwayResyncsPastOldEnd(t *testing.T) {
+	a, b := newMember(t, "a"), newMember(t, "b")
+	apply(t, b, volume.Spec{Role: volume.RoleBackup, Epoch: 1, PeerNode: "a"})
+	apply(t, a, volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true, Mode: volume.ModeSync, PeerNode: "b", PeerAddress: b.addr})
+	waitFor(t, "B in sync", inSync(a, b))
+	for _, m := range []*member{b, a} {
+		if err := m.v.Grow(grownSize); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := b.v.Close(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "A sees B gone", func() bool { return !a.v.Status().PeerConnected })
+	if err := a.v.PeerOutdated(1); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	rng := rand.New(rand.NewPCG(21, 22))
+	buf := make([]byte, 4096)
+	model := map[int64]bool{}
+	for i := range 40 {
+		lo := int64(0)
+		if i%2 == 0 {
+			lo = size // half of them past the old end
+		}
+		off := lo + rng.Int64N((grownSize-lo-4096)/4096)*4096
+		for j := range buf {
+			buf[j] = byte(rng.Uint32())
+		}
+		if err := a.v.WriteAt(ctx, buf, off, false); err != nil {
+			t.Fatalf("write with B away: %v", err)
+		}
+		model[off/region] = true
+	}
+	if got := a.v.Status().OutOfSyncRegions; got != uint64(len(model)) {
+		t.Fatalf("%d regions out of sync, the model %d", got, len(model))
+	}
+	b.st.Reopen()
+	b = openMemberWith(t, "b", b.dir, b.st, func(o *volume.Options) { o.Size = grownSize })
+	apply(t, b, volume.Spec{Role: volume.RoleBackup, Epoch: 1, PeerNode: "a"})
+	copied := a.v.Status().Copy.CopiedBytesTotal
+	apply(t, a, volume.Spec{Role: volume.RolePrimary, Epoch: 1, Mode: volume.ModeSync, PeerNode: "b", PeerAddress: b.addr})
+	waitFor(t, "B in sync again", inSync(a, b))
+	if n, want := a.v.Status().Copy.CopiedBytesTotal-copied, int64(len(model))*region; n != want {
+		t.Fatalf("the resync copied %d bytes, want %d (the regions written while B was away)", n, want)
+	}
+	sameStores(t, a, b)
+}
+
+// TestGrowThreeMembers: both backups grow, then the writer, with a writer
+// running; the three replicas end identical at the new size.
+func TestGrowThreeMembers(t *testing.T) {
+	a, b, c := threeMembers(t, volume.ModeSync, volume.ModeAsync)
+	waitFor(t, "B in sync", inSyncWith(t, a, b))
+	waitFor(t, "C in sync", inSyncWith(t, a, c))
+	w := startWriter(a.v, size, 31)
+	for _, m := range []*member{b, c, a} {
+		n := w.n.Load()
+		waitFor(t, "writes before growing "+m.node, func() bool { return w.n.Load() > n+20 })
+		if err := m.v.Grow(grownSize); err != nil {
+			t.Fatalf("growing %s: %v", m.node, err)
+		}
+	}
+	waitFor(t, "writes past the old end", func() bool { return w.past.Load() > 30 })
+	w.finish(t)
+	waitFor(t, "B in sync after the grow", inSyncWith(t, a, b))
+	waitFor(t, "C in sync after the grow", inSyncWith(t, a, c))
+	sameStores(t, a, b)
+	sameStores(t, a, c)
+}

@@ -490,3 +490,27 @@ func TestGrowThreeMembers(t *testing.T) {
 	sameStores(t, a, b)
 	sameStores(t, a, c)
 }
+
+// TestGrowFullCopyToLargerBackupZeroesPastPrimaryEnd: a backup that grew
+// first and needs a full copy (it holds no data of the pair) gets the
+// primary's whole volume and zeros past the primary's end, where the
+// primary reads zeros: once the primary grows, the two are identical.
+func TestGrowFullCopyToLargerBackupZeroesPastPrimaryEnd(t *testing.T) {
+	a, b := newMember(t, "a"), newMember(t, "b")
+	apply(t, a, volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true, Mode: volume.ModeAsync})
+	write(t, a.v, rand.New(rand.NewPCG(41, 42)), 100)
+	if err := b.v.Grow(grownSize); err != nil {
+		t.Fatal(err)
+	}
+	// Stale bytes past the primary's end (another pair's data, say).
+	if _, err := b.st.WriteAt(bytes.Repeat([]byte{0xee}, 3*region), size+region); err != nil {
+		t.Fatal(err)
+	}
+	apply(t, b, volume.Spec{Role: volume.RoleBackup, Epoch: 1, PeerNode: "a"})
+	apply(t, a, volume.Spec{Role: volume.RolePrimary, Epoch: 1, Mode: volume.ModeAsync, PeerNode: "b", PeerAddress: b.addr})
+	waitFor(t, "B in sync after the full copy", inSync(a, b))
+	if err := a.v.Grow(grownSize); err != nil {
+		t.Fatal(err)
+	}
+	sameStores(t, a, b)
+}

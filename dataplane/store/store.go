@@ -1,7 +1,10 @@
 // Package store holds a replica's bytes: a sparse file under the agent's data
 // directory or a block device. Store is the seam between the volume engine and
 // the disk; Mem is an in-memory Store for tests and Faulty wraps any Store to
-// inject errors (EIO, ENOSPC) and slow fsyncs.
+// inject errors (EIO, ENOSPC) and slow fsyncs. A store may grow while in use
+// (Grower, for online volume expansion): a file is extended sparse and
+// fsynced; a file longer than the declared size (a grow whose metadata was
+// never written) is used up to that size. No store ever shrinks.
 package store
 
 import (

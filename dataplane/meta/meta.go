@@ -27,7 +27,9 @@
 // The payload's keys (version 4; see Meta for each field's meaning):
 //
 //	volume       string  "<namespace>/<name>"
-//	size         int     volume size in bytes, > 0
+//	size         int     volume size in bytes, > 0; it only grows (online
+//	                     expansion: its write is a grow's commit point, the
+//	                     data file and bitmap journal may be larger before)
 //	regionSize   int     dirty-bitmap region size, a power of two in [4 KiB, 64 MiB]
 //	epoch        uint    highest authority epoch seen
 //	role         string  "Primary", "Backup" or "None"

@@ -22,6 +22,7 @@ import (
 
 	"github.com/tandem-storage/tandem/dataplane/bitmap"
 	"github.com/tandem-storage/tandem/dataplane/meta"
+	"github.com/tandem-storage/tandem/dataplane/volume"
 	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
@@ -241,8 +242,9 @@ func (a *Agent) handlePut(w http.ResponseWriter, r *http.Request) {
 		switch {
 		case errors.Is(err, errConflict):
 			code = http.StatusConflict
-		case errors.Is(err, syscall.EFBIG):
-			// Larger than this node's file system can hold.
+		case errors.Is(err, syscall.EFBIG), errors.Is(err, volume.ErrGrowLimit):
+			// Larger than this node's file system can hold, or than a
+			// grown replica's journal can number.
 			code = http.StatusBadRequest
 		}
 		writeErr(w, code, err)

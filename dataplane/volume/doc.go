@@ -152,7 +152,8 @@
 // of the new size, are read as they are); after it, one that opens at the
 // new size. A step that fails leaves the replica at its old size and
 // usable; Grow may be called again. A journal keeps its extent size when
-// its volume grows: Open uses the extent size of the journal on disk.
+// its volume grows (Open uses the extent size of the journal on disk), so
+// a grow past 2^26 of its extents is refused (ErrGrowLimit).
 //
 // A backup accepts a primary of its size or smaller (repl: Volume size):
 // the controller grows backups first. It refuses a larger primary with a

@@ -12,6 +12,13 @@ import (
 // replica's: a volume grows, it never shrinks.
 var ErrShrink = fmt.Errorf("a volume never shrinks: %w", syscall.EINVAL)
 
+// ErrGrowLimit is wrapped by Grow when the new size needs more write-intent
+// extents than a journal keeps (bitmap.MaxDefaultExtents): a journal keeps
+// the extent size it was created with, so a volume grows to at most 2^26
+// of them (256 TiB with the default 4 MiB extents, 4 PiB with 64 MiB
+// regions). A volume created that large gets larger extents instead.
+var ErrGrowLimit = fmt.Errorf("too many write-intent extents: %w", syscall.EINVAL)
+
 // Grow steps, in order (see Grow); growHook sees each once it is done.
 const (
 	growStepStore   = "store"
@@ -51,8 +58,13 @@ func (v *Volume) Grow(size int64) error {
 	case size == cur:
 		return nil
 	}
-	if err := bitmap.ValidateGeometry(size, v.opts.RegionSize, v.journal.ExtentSize()); err != nil {
+	es := v.journal.ExtentSize()
+	if err := bitmap.ValidateGeometry(size, v.opts.RegionSize, es); err != nil {
 		return fmt.Errorf("volume %s: growing to %d bytes: %w: %w", v.opts.Name, size, err, syscall.EINVAL)
+	}
+	if n := (size + es - 1) / es; n > bitmap.MaxDefaultExtents && n > (cur+es-1)/es {
+		return fmt.Errorf("volume %s: growing from %d to %d bytes needs %d extents of the journal's %d bytes, more than %d: %w",
+			v.opts.Name, cur, size, n, es, bitmap.MaxDefaultExtents, ErrGrowLimit)
 	}
 	v.mu.Lock()
 	closed := v.closed

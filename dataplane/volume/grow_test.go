@@ -514,3 +514,18 @@ func TestGrowFullCopyToLargerBackupZeroesPastPrimaryEnd(t *testing.T) {
 	}
 	sameStores(t, a, b)
 }
+
+// TestGrowLimit: a journal keeps its extent size, so a volume grows to at
+// most 2^26 of its extents; a larger grow is refused before anything
+// changes.
+func TestGrowLimit(t *testing.T) {
+	const rs = 64 << 20
+	m := newMemberGeo(t, "g", 2*rs, rs)
+	limit := int64(1<<26) * rs
+	if err := m.v.Grow(limit + 1); !errors.Is(err, volume.ErrGrowLimit) || !strings.Contains(err.Error(), "needs 67108865 extents") {
+		t.Fatalf("Grow past the journal's extents = %v, want ErrGrowLimit", err)
+	}
+	if m.v.Size() != 2*rs || m.st.Size() != 2*rs {
+		t.Fatalf("a refused grow changed the size: %d, store %d", m.v.Size(), m.st.Size())
+	}
+}

@@ -37,7 +37,8 @@
 // Inconsistent member; a region size that differs from the existing
 // replica's, or a smaller size: a volume never shrinks) or 500. A larger
 // size grows the replica (see VolumeRequest); one the node's file system
-// cannot hold is a 400. The client returns them as *APIError. A call that provably never
+// cannot hold, or past 2^26 of the replica's write-intent extents, is a
+// 400. The client returns them as *APIError. A call that provably never
 // reached the agent fails with an error wrapping ErrNotSent.
 //
 // # Roles, modes and data states: one definition

@@ -44,7 +44,9 @@ type Options struct {
 	// Dir holds the replica: "data" (unless Store is set), "meta" and the
 	// bitmap journal under "bitmap/".
 	Dir string
-	// Size and RegionSize of the volume; ExtentSize of write-intent extents
+	// Size and RegionSize of the volume (an existing replica smaller than
+	// Size grows to it, see Grow; a larger one is refused, ErrShrink);
+	// ExtentSize of write-intent extents
 	// (0: bitmap.ExtentSizeFor, 4 MiB or the region size if larger, larger
 	// for a volume of more than 2^26 such extents).
 	Size, RegionSize, ExtentSize int64
@@ -183,7 +185,9 @@ type counters struct {
 	framesSent, framesApplied, reconnects, rejected atomic.Int64
 }
 
-// Open opens or creates the replica in opts.Dir. The volume starts fenced
+// Open opens or creates the replica in opts.Dir; a replica whose metadata
+// records a smaller size than opts.Size is opened at its own size and
+// grown (Grow) before Open returns. The volume starts fenced
 // (RoleNone): it accepts no writes and no replication until Apply gives it a
 // role and an epoch. A replica whose store this call created all-zero is
 // UpToDate with an empty bitmap (a brand-new pair needs no initial copy).

@@ -529,3 +529,20 @@ func TestGrowLimit(t *testing.T) {
 		t.Fatalf("a refused grow changed the size: %d, store %d", m.v.Size(), m.st.Size())
 	}
 }
+
+// TestOpenKeepsJournalExtentSize: a replica reopened without an extent
+// size uses its journal's (a grown volume keeps the one it was created
+// with) instead of losing its bitmaps to a geometry mismatch.
+func TestOpenKeepsJournalExtentSize(t *testing.T) {
+	a := openMemberWith(t, "a", t.TempDir(), store.NewMem(size), func(o *volume.Options) { o.ExtentSize = 1 << 20 })
+	apply(t, a, volume.Spec{Role: volume.RolePrimary, Epoch: 1, Initialize: true, Mode: volume.ModeAsync})
+	if err := a.v.WriteAt(context.Background(), make([]byte, 4096), 3*region, false); err != nil {
+		t.Fatal(err)
+	}
+	a.v.Close()
+	a.st.Reopen()
+	a2 := openMember(t, "a", a.dir, a.st)
+	if n := a2.v.Status().OutOfSyncRegions; n != 1 {
+		t.Fatalf("%d regions out of sync after reopening, want the 1 written", n)
+	}
+}

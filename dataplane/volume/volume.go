@@ -47,8 +47,9 @@ type Options struct {
 	// Size and RegionSize of the volume (an existing replica smaller than
 	// Size grows to it, see Grow; a larger one is refused, ErrShrink);
 	// ExtentSize of write-intent extents
-	// (0: bitmap.ExtentSizeFor, 4 MiB or the region size if larger, larger
-	// for a volume of more than 2^26 such extents).
+	// (0: the extent size of the journal on disk, which a grown volume
+	// keeps, or for a new journal bitmap.ExtentSizeFor, 4 MiB or the region
+	// size if larger, larger for a volume of more than 2^26 such extents).
 	Size, RegionSize, ExtentSize int64
 	// Store overrides the backing file (a block device, or a fault injector).
 	Store store.Store

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The filesystem tools the CSI node plugin runs (mkfs.ext4, mkfs.xfs), with
+# The filesystem tools the CSI node plugin runs (mkfs.ext4, mkfs.xfs, and
+# resize2fs, xfs_growfs to grow a mounted filesystem), with
 # the shared libraries they load and mke2fs's configuration, as the lines
 # IMAGE_PATH=SOURCE_PATH that `make image` turns into --file flags. They come
 # from the machine that builds the image (Debian's e2fsprogs and xfsprogs):
@@ -13,7 +14,7 @@ set -euo pipefail
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 declare -A files=()
 # tool:package — mkfs.ext4 is mke2fs under another name (it picks ext4 from it).
-for tool_pkg in mkfs.ext4:e2fsprogs mkfs.xfs:xfsprogs; do
+for tool_pkg in mkfs.ext4:e2fsprogs resize2fs:e2fsprogs mkfs.xfs:xfsprogs xfs_growfs:xfsprogs; do
   tool=${tool_pkg%%:*}
   src=$(command -v "$tool" || true)
   if [ -z "$src" ]; then

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"reflect"
 	"strings"
@@ -14,6 +15,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
 
 	"github.com/tandem-storage/tandem/hack/image/ociarchive"
+	"github.com/tandem-storage/tandem/internal/csi"
 )
 
 func TestParseArgs(t *testing.T) {
@@ -184,6 +186,18 @@ func TestDockerfileMatchesMakeImage(t *testing.T) {
 	}
 	if !strings.Contains(mk.recipe("image"), "hack/image/fstools.sh") {
 		t.Errorf("Makefile: the image recipe does not add hack/image/fstools.sh's files:\n%s", mk.recipe("image"))
+	}
+	// ... and they are every program the node plugin runs.
+	out, err := exec.Command("bash", filepath.Join("..", "..", "hack", "image", "fstools.sh")).CombinedOutput()
+	if err != nil {
+		t.Fatalf("hack/image/fstools.sh: %v\n%s", err, out)
+	}
+	for fs, tools := range csi.FilesystemTools {
+		for _, tool := range []string{tools.Format, tools.Grow} {
+			if !strings.Contains(string(out), "/usr/sbin/"+tool+"=") {
+				t.Errorf("hack/image/fstools.sh does not put %s (the node plugin runs it for %s) into the image:\n%s", tool, fs, out)
+			}
+		}
 	}
 
 	// Built the same way: static, with the same flags, the same packages.

@@ -180,9 +180,9 @@ func (LinuxMounter) Format(ctx context.Context, device, fstype string) error {
 	var cmd *exec.Cmd
 	switch fstype {
 	case "ext4":
-		cmd = exec.CommandContext(ctx, "mkfs.ext4", "-F", "-q", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1", device)
+		cmd = exec.CommandContext(ctx, FilesystemTools["ext4"].Format, "-F", "-q", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1", device)
 	case "xfs":
-		cmd = exec.CommandContext(ctx, "mkfs.xfs", "-f", "-q", "-K", device)
+		cmd = exec.CommandContext(ctx, FilesystemTools["xfs"].Format, "-f", "-q", "-K", device)
 	default:
 		return fmt.Errorf("filesystem %q is not supported", fstype)
 	}
@@ -200,9 +200,9 @@ func (LinuxMounter) Resize(ctx context.Context, device, path, fstype string) err
 	var cmd *exec.Cmd
 	switch fstype {
 	case "ext4":
-		cmd = exec.CommandContext(ctx, "resize2fs", device)
+		cmd = exec.CommandContext(ctx, FilesystemTools["ext4"].Grow, device)
 	case "xfs":
-		cmd = exec.CommandContext(ctx, "xfs_growfs", path)
+		cmd = exec.CommandContext(ctx, FilesystemTools["xfs"].Grow, path)
 	default:
 		return fmt.Errorf("filesystem %q is not supported", fstype)
 	}

@@ -134,6 +134,15 @@ type publication struct {
 	SingleWriter bool   `json:"singleWriter,omitempty"`
 }
 
+// FilesystemTools are the programs the node plugin runs for each filesystem
+// it supports: Format makes one, Grow grows it while mounted. The image
+// carries them (hack/image/fstools.sh; its test checks it against this
+// list).
+var FilesystemTools = map[string]struct{ Format, Grow string }{
+	"ext4": {Format: "mkfs.ext4", Grow: "resize2fs"},
+	"xfs":  {Format: "mkfs.xfs", Grow: "xfs_growfs"},
+}
+
 func (n *Node) lock(id string) func() {
 	m, _ := n.locks.LoadOrStore(id, &sync.Mutex{})
 	mu := m.(*sync.Mutex)

@@ -47,6 +47,13 @@
 // then drop the old one from the bundle. Renewing a certificate from the
 // same CA (what cert-manager does before expiry) needs no step: the files
 // change, the next handshake presents the new certificate.
+//
+// # In memory
+//
+// A process that makes its own certificate (the manager with
+// --agent-tls=issue, package agentca) uses FromPEM and Set instead of a
+// directory: the same configs, identity checks and rules, with the material
+// given as bytes. Such a Source has no files: Reload and Watch do nothing.
 package tlsid
 
 import (
@@ -213,6 +220,31 @@ func Load(dir string, opts ...Option) (*Source, error) {
 	return s, nil
 }
 
+// FromPEM returns an in-memory Source holding the certificate (its chain
+// may follow), key and CA bundle given as PEM; Set replaces them.
+func FromPEM(certPEM, keyPEM, caPEM []byte, opts ...Option) (*Source, error) {
+	s := &Source{clk: clock.RealClock{}}
+	for _, o := range opts {
+		o(s)
+	}
+	if err := s.Set(certPEM, keyPEM, caPEM); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// Set replaces the material with the PEM given, checked as Reload checks
+// files; on an error the material before stays in use. For a Source of
+// FromPEM (a Source of a directory takes its material from the files).
+func (s *Source) Set(certPEM, keyPEM, caPEM []byte) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.store([3][]byte{certPEM, keyPEM, caPEM}, "in memory")
+}
+
+// Serial is the current certificate's serial number, in hex.
+func (s *Source) Serial() string { return s.cur.Load().leaf.SerialNumber.Text(16) }
+
 // Dir is the directory the Source reads.
 func (s *Source) Dir() string { return s.dir }
 
@@ -225,6 +257,9 @@ func (s *Source) NotAfter() time.Time { return s.cur.Load().leaf.NotAfter }
 // Reload reads the files again. It reports whether they changed; on an
 // error the material loaded before stays in use.
 func (s *Source) Reload() (bool, error) {
+	if s.dir == "" {
+		return false, nil // in memory: nothing to read
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var raw [3][]byte
@@ -238,18 +273,27 @@ func (s *Source) Reload() (bool, error) {
 	if old := s.cur.Load(); old != nil && bytes.Equal(old.raw[0], raw[0]) && bytes.Equal(old.raw[1], raw[1]) && bytes.Equal(old.raw[2], raw[2]) {
 		return false, nil
 	}
+	if err := s.store(raw, s.dir); err != nil {
+		return false, err
+	}
+	return true, nil
+}
+
+// store parses raw and makes it current; where names the material in
+// errors. s.mu must be held.
+func (s *Source) store(raw [3][]byte, where string) error {
 	m, err := parse(raw)
 	if err != nil {
-		return false, fmt.Errorf("tls: %s: %w", s.dir, err)
+		return fmt.Errorf("tls: %s: %w", where, err)
 	}
 	if s.want != "" && m.id != s.want {
-		return false, fmt.Errorf("tls: %s: the certificate names %s, want %s", s.dir, m.id, s.want)
+		return fmt.Errorf("tls: %s: the certificate names %s, want %s", where, m.id, s.want)
 	}
 	if old := s.cur.Load(); old != nil && old.id != m.id {
-		return false, fmt.Errorf("tls: %s: the certificate names %s, was %s: a reload never changes identity", s.dir, m.id, old.id)
+		return fmt.Errorf("tls: %s: the certificate names %s, was %s: a reload never changes identity", where, m.id, old.id)
 	}
 	s.cur.Store(m)
-	return true, nil
+	return nil
 }
 
 func parse(raw [3][]byte) (*material, error) {
@@ -292,9 +336,10 @@ func parse(raw [3][]byte) (*material, error) {
 }
 
 // Watch reloads the files every interval until ctx is done, logging each
-// change and each failure once. A nil Source does nothing.
+// change and each failure once. A nil Source, or one in memory, does
+// nothing.
 func (s *Source) Watch(ctx context.Context, interval time.Duration, log logr.Logger) {
-	if s == nil {
+	if s == nil || s.dir == "" {
 		return
 	}
 	t := s.clk.NewTicker(interval)

@@ -387,3 +387,53 @@ func BenchmarkLoopbackStream(b *testing.B) {
 		})
 	}
 }
+
+// An in-memory Source (FromPEM, Set) serves handshakes like a directory's,
+// takes a renewed certificate at once, and refuses material of another
+// identity, keeping what it had.
+func TestInMemorySource(t *testing.T) {
+	ca := tlsidtest.NewCA(t, "ca")
+	cert, key := ca.Issue(t, tlsid.Manager)
+	m, err := tlsid.FromPEM(cert, key, tlsidtest.Bundle(ca), tlsid.WithIdentity(tlsid.Manager))
+	if err != nil {
+		t.Fatalf("FromPEM: %v", err)
+	}
+	node := tlsidtest.Load(t, ca.Dir(t, tlsid.NodeIdentity("node-a")))
+	r := handshake(t, node.ServerConfig(true), m.ClientConfig(nil))
+	if r.serverErr != nil || r.clientErr != nil {
+		t.Fatalf("handshake: server %v, client %v", r.serverErr, r.clientErr)
+	}
+	if got, err := tlsid.PeerIdentity(r.server); err != nil || got != tlsid.Manager {
+		t.Errorf("PeerIdentity = %q, %v; want the manager", got, err)
+	}
+	first := m.Serial()
+
+	cert2, key2 := ca.Issue(t, tlsid.Manager)
+	if err := m.Set(cert2, key2, tlsidtest.Bundle(ca)); err != nil {
+		t.Fatalf("Set: %v", err)
+	}
+	if m.Serial() == first {
+		t.Errorf("Serial still %s after Set", first)
+	}
+	r = handshake(t, node.ServerConfig(true), m.ClientConfig(nil))
+	if r.serverErr != nil {
+		t.Fatalf("handshake after Set: %v", r.serverErr)
+	}
+	if got := r.server.PeerCertificates[0].SerialNumber.Text(16); got != m.Serial() {
+		t.Errorf("the server saw serial %s, want the renewed %s", got, m.Serial())
+	}
+
+	other, otherKey := ca.Issue(t, tlsid.NodeIdentity("node-b"))
+	if err := m.Set(other, otherKey, tlsidtest.Bundle(ca)); err == nil {
+		t.Error("Set with a node's certificate on the manager's Source succeeded")
+	}
+	if err := m.Set(cert2, key, tlsidtest.Bundle(ca)); err == nil {
+		t.Error("Set with a key that does not match succeeded")
+	}
+	if changed, err := m.Reload(); changed || err != nil {
+		t.Errorf("Reload of an in-memory Source = %v, %v; want false, nil", changed, err)
+	}
+	if m.Identity() != tlsid.Manager || m.Serial() == first {
+		t.Errorf("after refused Sets: identity %s serial %s, want the renewed manager certificate", m.Identity(), m.Serial())
+	}
+}

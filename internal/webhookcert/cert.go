@@ -58,16 +58,11 @@ import (
 	"bytes"
 	"context"
 	"crypto"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
-	"encoding/pem"
 	"errors"
 	"fmt"
-	"math/big"
 	"slices"
 	"sync/atomic"
 	"time"
@@ -77,6 +72,8 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	"github.com/tandem-storage/tandem/internal/pki"
 )
 
 // Keys of the Secret.
@@ -96,17 +93,11 @@ const (
 	// renewBefore is how much validity must be left for a certificate to be
 	// kept.
 	renewBefore = 30 * 24 * time.Hour
-	// backdate is how long before now certificates become valid, for clock
-	// skew.
-	backdate = time.Hour
 	// maxAttempts bounds the re-read-and-retry loops after a lost race.
 	maxAttempts = 5
 	// caCommonName is the subject of generated CAs.
 	caCommonName = "tandem-webhook-ca"
 )
-
-// serialLimit is 2^128: serial numbers are random 128-bit numbers.
-var serialLimit = new(big.Int).Lsh(big.NewInt(1), 128)
 
 // Bundle is what the webhook server needs.
 type Bundle struct {
@@ -233,12 +224,12 @@ func (m *material) bundle() *Bundle {
 // generates the rest. changed reports whether anything was generated.
 func reconcileMaterial(data map[string][]byte, dnsNames []string, now time.Time) (m *material, changed bool, err error) {
 	m = &material{}
-	if ca, caKey, perr := parseCA(data[keyCACert], data[keyCAKey]); perr == nil && ca.NotAfter.Sub(now) >= renewBefore {
+	if ca, caKey, perr := pki.ParseCA(data[keyCACert], data[keyCAKey]); perr == nil && ca.NotAfter.Sub(now) >= renewBefore {
 		m.caPEM, m.caKeyPEM, m.ca, m.caKey = data[keyCACert], data[keyCAKey], ca, caKey
 	} else {
 		// Missing, damaged or expiring within renewBefore: a new CA, and
 		// so a new serving certificate below.
-		if m.caPEM, m.caKeyPEM, m.ca, m.caKey, err = newCA(now); err != nil {
+		if m.caPEM, m.caKeyPEM, m.ca, m.caKey, err = pki.NewCA(caCommonName, caValidityYears, now); err != nil {
 			return nil, false, err
 		}
 		changed = true
@@ -266,27 +257,6 @@ func reconcileMaterial(data map[string][]byte, dnsNames []string, now time.Time)
 	return m, true, nil
 }
 
-// parseCA parses a stored CA certificate and key, checking that they match
-// and that the certificate is a CA.
-func parseCA(certPEM, keyPEM []byte) (*x509.Certificate, crypto.Signer, error) {
-	pair, err := tls.X509KeyPair(certPEM, keyPEM)
-	if err != nil {
-		return nil, nil, err
-	}
-	ca, err := x509.ParseCertificate(pair.Certificate[0])
-	if err != nil {
-		return nil, nil, err
-	}
-	if !ca.IsCA || !ca.BasicConstraintsValid {
-		return nil, nil, errors.New("stored CA certificate is not a CA")
-	}
-	key, ok := pair.PrivateKey.(crypto.Signer)
-	if !ok {
-		return nil, nil, fmt.Errorf("stored CA key of type %T cannot sign", pair.PrivateKey)
-	}
-	return ca, key, nil
-}
-
 // servingUsable reports whether leaf can be kept: signed by ca, for exactly
 // dnsNames, with at least renewBefore left.
 func servingUsable(leaf, ca *x509.Certificate, dnsNames []string, now time.Time) bool {
@@ -303,88 +273,25 @@ func sameNames(a, b []string) bool {
 	return slices.Equal(slices.Compact(a), slices.Compact(b))
 }
 
-// newCA generates a self-signed CA valid for caValidityYears from now.
-func newCA(now time.Time) (certPEM, keyPEM []byte, ca *x509.Certificate, key crypto.Signer, err error) {
-	priv, keyPEM, err := newKey()
-	if err != nil {
-		return nil, nil, nil, nil, fmt.Errorf("generate CA key: %w", err)
-	}
-	serial, err := newSerial()
-	if err != nil {
-		return nil, nil, nil, nil, fmt.Errorf("generate CA serial number: %w", err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          serial,
-		Subject:               pkix.Name{CommonName: caCommonName},
-		NotBefore:             now.Add(-backdate),
-		NotAfter:              now.AddDate(caValidityYears, 0, 0),
-		IsCA:                  true,
-		BasicConstraintsValid: true,
-		MaxPathLenZero:        true, // signs serving certificates only
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, priv.Public(), priv)
-	if err != nil {
-		return nil, nil, nil, nil, fmt.Errorf("create CA certificate: %w", err)
-	}
-	if ca, err = x509.ParseCertificate(der); err != nil {
-		return nil, nil, nil, nil, fmt.Errorf("parse generated CA certificate: %w", err)
-	}
-	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), keyPEM, ca, priv, nil
-}
-
 // newServing generates a serving certificate for dnsNames signed by ca,
 // valid for servingValidityYears from now but not beyond ca.
 func newServing(ca *x509.Certificate, caKey crypto.Signer, dnsNames []string, now time.Time) (certPEM, keyPEM []byte, err error) {
-	priv, keyPEM, err := newKey()
+	priv, keyPEM, err := pki.NewKey()
 	if err != nil {
 		return nil, nil, fmt.Errorf("generate serving key: %w", err)
 	}
-	serial, err := newSerial()
+	certPEM, err = pki.Sign(&x509.Certificate{
+		Subject:     pkix.Name{CommonName: dnsNames[0]},
+		DNSNames:    slices.Clone(dnsNames),
+		NotBefore:   now.Add(-pki.Backdate),
+		NotAfter:    now.AddDate(servingValidityYears, 0, 0),
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}, priv.Public(), ca, caKey)
 	if err != nil {
-		return nil, nil, fmt.Errorf("generate serving serial number: %w", err)
+		return nil, nil, fmt.Errorf("serving certificate: %w", err)
 	}
-	notAfter := now.AddDate(servingValidityYears, 0, 0)
-	if notAfter.After(ca.NotAfter) {
-		notAfter = ca.NotAfter
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          serial,
-		Subject:               pkix.Name{CommonName: dnsNames[0]},
-		DNSNames:              slices.Clone(dnsNames),
-		NotBefore:             now.Add(-backdate),
-		NotAfter:              notAfter,
-		BasicConstraintsValid: true,
-		KeyUsage:              x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, priv.Public(), caKey)
-	if err != nil {
-		return nil, nil, fmt.Errorf("create serving certificate: %w", err)
-	}
-	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), keyPEM, nil
-}
-
-// newKey generates an ECDSA P-256 key and its PEM.
-func newKey() (*ecdsa.PrivateKey, []byte, error) {
-	priv, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return nil, nil, err
-	}
-	der, err := x509.MarshalECPrivateKey(priv)
-	if err != nil {
-		return nil, nil, err
-	}
-	return priv, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: der}), nil
-}
-
-// newSerial returns a random serial number in [1, 2^128).
-func newSerial() (*big.Int, error) {
-	n, err := rand.Int(rand.Reader, new(big.Int).Sub(serialLimit, big.NewInt(1)))
-	if err != nil {
-		return nil, err
-	}
-	return n.Add(n, big.NewInt(1)), nil
+	return certPEM, keyPEM, nil
 }
 
 // PatchCABundle sets the caBundle of every webhook in the

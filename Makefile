@@ -49,7 +49,7 @@ help: ## Show the targets and what they do.
 
 .PHONY: manifests
 manifests: tools-controller-gen ## Generate the CRD and RBAC manifests (config/, charts/tandem/crds).
-	$(CONTROLLER_GEN) rbac:roleName=tandem-manager crd paths="./api/..." paths="./controllers/..." paths="./internal/csi/..." output:crd:artifacts:config=config/crd/bases output:rbac:artifacts:config=config/rbac
+	$(CONTROLLER_GEN) rbac:roleName=tandem-manager crd paths="./api/..." paths="./controllers/..." paths="./internal/csi/..." paths="./internal/agentca/..." output:crd:artifacts:config=config/crd/bases output:rbac:artifacts:config=config/rbac
 	hack/sync-chart-crds.sh
 
 .PHONY: generate

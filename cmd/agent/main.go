@@ -15,6 +15,7 @@ import (
 	"net/http/pprof"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"syscall"
 
 	"go.uber.org/zap/zapcore"
@@ -29,6 +30,7 @@ import (
 	"github.com/tandem-storage/tandem/dataplane/budget"
 	"github.com/tandem-storage/tandem/dataplane/nbd"
 	"github.com/tandem-storage/tandem/internal/fsutil"
+	"github.com/tandem-storage/tandem/internal/nodecert"
 	"github.com/tandem-storage/tandem/internal/tlsid"
 	"github.com/tandem-storage/tandem/internal/token"
 	"github.com/tandem-storage/tandem/pkg/agentapi"
@@ -60,6 +62,8 @@ func run() error {
 	nbdAddr := fs.String("nbd-address", ":10809", "Listen address of the NBD server.")
 	tokenFile := fs.String("token-file", "", "File holding the shared bearer token for the control API and replication; required unless --insecure-no-auth.")
 	tlsDir := fs.String("tls-dir", "", "Directory holding this node's TLS certificate (tls.crt, its chain may follow), key (tls.key) and CA bundle (ca.crt): a kubernetes.io/tls Secret or a cert-manager Certificate mounted as a volume. The certificate must name this node in a URI SAN spiffe://tandem.dev/node/<node> and allow serverAuth and clientAuth. Set: the replication link is mutual TLS (a primary's certificate must name the node its Hello names; a backup's the node the spec names at its address), and the control API is HTTPS (/v1 needs a client certificate of the CA, only spiffe://tandem.dev/manager may change anything; the probes need none), both on top of the token. The files are read again every 5 s: a renewed certificate or CA bundle is used by new connections without a restart. Empty: plaintext.")
+	tlsIssue := fs.Bool("tls-issue", false, "Get this node's TLS certificate from the cluster instead of --tls-dir (which it excludes; needs --namespace): the agent keeps a key in <data-dir>/tls, asks for a certificate naming spiffe://tandem.dev/node/<node> with a CertificateSigningRequest (signer tandem.dev/agent; the manager signs it with --agent-tls=issue, only for the node this Pod runs on), copies the CA bundle from the ConfigMap --tls-ca-configmap, waits for the certificate before serving, and renews it in the background at two thirds of its lifetime, when the CA bundle changes, or when the file <data-dir>/tls/renew-now appears (checked every 30 s). Then mutual TLS as with --tls-dir.")
+	tlsCAConfigMap := fs.String("tls-ca-configmap", "tandem-agent-ca", "With --tls-issue: the ConfigMap in --namespace holding the agent CA bundle (key ca.crt), written by the manager.")
 	noAuth := fs.Bool("insecure-no-auth", false, "Run without authentication (tests on loopback only).")
 	namespace := fs.String("namespace", os.Getenv("POD_NAMESPACE"), "Operator namespace: the agent registers its Lease there and renews the authority Leases of the volumes it serves. Empty: no Kubernetes (standalone, the control API's word is final).")
 	kubeconfig := fs.String("kubeconfig", "", "Kubeconfig file (default: in-cluster config).")
@@ -94,14 +98,14 @@ func run() error {
 		return errors.New("--token-file is required (or --insecure-no-auth for loopback tests)")
 	}
 
-	var tlsSrc *tlsid.Source
-	if *tlsDir != "" {
-		var err error
-		if tlsSrc, err = tlsid.Load(*tlsDir, tlsid.WithIdentity(tlsid.NodeIdentity(*node))); err != nil {
-			return fmt.Errorf("--tls-dir: %w", err)
-		}
-		log.Info("Mutual TLS on the replication link and the control API", "dir", *tlsDir, "identity", tlsSrc.Identity(), "notAfter", tlsSrc.NotAfter())
+	if *tlsIssue && *tlsDir != "" {
+		return errors.New("--tls-issue and --tls-dir exclude each other")
 	}
+	if *tlsIssue && *namespace == "" {
+		return errors.New("--tls-issue needs Kubernetes (--namespace)")
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
 
 	allowSpec := *nbdAllowed
 	if allowSpec == "" && *namespace != "" {
@@ -117,6 +121,7 @@ func run() error {
 
 	var leases coordclient.LeasesGetter
 	var nodes coreclient.NodesGetter
+	var issuer *nodecert.Issuer
 	if *namespace != "" {
 		cfg, err := clientcmd.BuildConfigFromFlags("", *kubeconfig)
 		if err != nil {
@@ -131,8 +136,31 @@ func run() error {
 			return fmt.Errorf("kubernetes client: %w", err)
 		}
 		leases, nodes = cs.CoordinationV1(), cs.CoreV1()
+		if *tlsIssue {
+			issuer = &nodecert.Issuer{Client: cs, Node: *node, Namespace: *namespace, ConfigMap: *tlsCAConfigMap,
+				Dir: filepath.Join(*dataDir, "tls"), Log: log.WithName("tls")}
+		}
 	} else {
 		log.Info("No --namespace: running without Kubernetes; writes are gated only by the control API")
+	}
+
+	var tlsSrc *tlsid.Source
+	switch {
+	case *tlsDir != "":
+		if tlsSrc, err = tlsid.Load(*tlsDir, tlsid.WithIdentity(tlsid.NodeIdentity(*node))); err != nil {
+			return fmt.Errorf("--tls-dir: %w", err)
+		}
+	case issuer != nil:
+		// Serving waits for a certificate: the agent logs why meanwhile.
+		if err := issuer.Ensure(ctx); err != nil {
+			return fmt.Errorf("--tls-issue: %w", err)
+		}
+		if tlsSrc, err = tlsid.Load(issuer.Dir, tlsid.WithIdentity(tlsid.NodeIdentity(*node))); err != nil {
+			return fmt.Errorf("--tls-issue: %w", err)
+		}
+	}
+	if tlsSrc != nil {
+		log.Info("Mutual TLS on the replication link and the control API", "dir", tlsSrc.Dir(), "identity", tlsSrc.Identity(), "serial", tlsSrc.Serial(), "notAfter", tlsSrc.NotAfter())
 	}
 
 	var lns []net.Listener
@@ -172,13 +200,17 @@ func run() error {
 		go func() { _ = http.Serve(pl, mux) }()
 	}
 
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	defer stop()
 	// The token file is reloaded while the agent runs: a rotation (package
 	// token) needs no restart.
 	go tokens.Watch(ctx, token.ReloadEvery, log.WithName("token"))
-	// So are the TLS files (package tlsid).
-	go tlsSrc.Watch(ctx, tlsid.ReloadEvery, log.WithName("tls"))
+	// So are the TLS files (package tlsid); with --tls-issue the issuer
+	// renews them and reloads the Source itself (a reload of its own could
+	// see a new key before its certificate is written).
+	if issuer != nil {
+		go issuer.Run(ctx, tlsSrc)
+	} else {
+		go tlsSrc.Watch(ctx, tlsid.ReloadEvery, log.WithName("tls"))
+	}
 	// agent.Run shuts the agent down in the order that loses nothing (the
 	// writer roles handed over, NBD drain, replication, replicas, control
 	// API, then the Lease renewals), within the DaemonSet's 60 s grace

@@ -13,11 +13,14 @@ import (
 	"sync"
 	"time"
 
+	"github.com/go-logr/logr"
 	"k8s.io/apimachinery/pkg/runtime"
 	utilruntime "k8s.io/apimachinery/pkg/util/runtime"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
+	"k8s.io/utils/clock"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 	"sigs.k8s.io/controller-runtime/pkg/manager"
@@ -26,6 +29,7 @@ import (
 
 	storagev1alpha1 "github.com/tandem-storage/tandem/api/v1alpha1"
 	"github.com/tandem-storage/tandem/controllers"
+	"github.com/tandem-storage/tandem/internal/agentca"
 	"github.com/tandem-storage/tandem/internal/csi"
 	"github.com/tandem-storage/tandem/internal/tlsid"
 	"github.com/tandem-storage/tandem/internal/token"
@@ -45,7 +49,8 @@ func main() {
 	}
 	var metricsAddr, probeAddr, leaderNamespace, namespace, tokenFile string
 	var leaderElect, provision, podFailover, metricsSecure bool
-	var metricsCertDir, agentTLSDir string
+	var metricsCertDir, agentTLSDir, agentTLSMode, agentSA, agentCAName string
+	var agentTLSMaxLifetime time.Duration
 	var csiEndpoint string
 	var leaseDuration, renewDeadline, retryPeriod time.Duration
 	var wh webhookFlags
@@ -64,6 +69,10 @@ func main() {
 	flag.StringVar(&namespace, "namespace", os.Getenv("POD_NAMESPACE"), "Operator namespace: where agents register their Leases and the per-pair authority Leases live.")
 	flag.StringVar(&tokenFile, "agent-token-file", "", "File holding the bearer token of the agents' control API.")
 	flag.StringVar(&agentTLSDir, "agent-tls-dir", "", "Directory holding the manager's TLS certificate (tls.crt), key (tls.key) and CA bundle (ca.crt) for the agents' control API over HTTPS (agents run with --tls-dir): the certificate must name spiffe://tandem.dev/manager in a URI SAN and allow clientAuth; an agent's certificate must name a node (spiffe://tandem.dev/node/<node>). Read again every 5 s (no restart for a renewal). Empty: agents are called over plain HTTP, and one with --tls-dir refuses the calls.")
+	flag.StringVar(&agentTLSMode, "agent-tls", "", "issue: mutual TLS with the agents from a CA the manager keeps itself (the Secret --agent-ca-name in --namespace, created when absent and never replaced; its certificate is published in the ConfigMap of the same name): the leader approves and signs the agents' CertificateSigningRequests (signer tandem.dev/agent) for the node the requesting Pod runs on only, and every replica signs its own client certificate (spiffe://tandem.dev/manager) in memory, renewed at two thirds of its lifetime. Agents run with --tls-issue. Excludes --agent-tls-dir. Empty: see --agent-tls-dir.")
+	flag.StringVar(&agentSA, "agent-service-account", "tandem-agent", "With --agent-tls=issue: the agents' ServiceAccount in --namespace; only its CSRs are signed.")
+	flag.StringVar(&agentCAName, "agent-ca-name", agentca.DefaultName, "With --agent-tls=issue: the name of the Secret holding the agent CA and of the ConfigMap publishing its certificate, in --namespace.")
+	flag.DurationVar(&agentTLSMaxLifetime, "agent-tls-max-lifetime", agentca.DefaultMaxLifetime, "With --agent-tls=issue: the longest lifetime of a certificate signed for an agent (a CSR's expirationSeconds may ask for less) and the lifetime of the manager's own; at least 10m. Certificates are renewed at two thirds of it; short values make renewals happen within a test.")
 	flag.BoolVar(&provision, "csi-controller", true, "Run the CSI driver's controller side on the leader: provision PersistentVolumes for claims of StorageClasses whose provisioner is "+csi.DriverName+", carry out their VolumeAttachments and grow their volumes when their claims ask for more. Off: an external-provisioner, external-attacher and external-resizer do it through --csi-controller-endpoint.")
 	flag.BoolVar(&podFailover, "csi-pod-failover", true, "Move the Pods that use a Tandem volume off a lost node once its pair serves elsewhere (the leader only; see docs/install.md, \"When a node is lost\").")
 	flag.StringVar(&csiEndpoint, "csi-controller-endpoint", "", "Also serve the CSI identity and controller services on this socket (unix:///path or tcp://host:port), for clusters that run the external-provisioner sidecar instead; empty: not served.")
@@ -89,14 +98,44 @@ func main() {
 	if leaderNamespace == "" {
 		leaderNamespace = namespace
 	}
+	cfg := ctrl.GetConfigOrDie()
 	var newAgentClient agentapi.NewFunc // nil: the controller's default
 	var agentTLS *tlsid.Source
-	if agentTLSDir != "" {
+	var agentCA *agentca.CA
+	var renewManagerCert func(context.Context, logr.Logger)
+	switch {
+	case agentTLSMode != "" && agentTLSMode != "issue":
+		log.Error(nil, "--agent-tls: want issue or empty", "value", agentTLSMode)
+		os.Exit(2)
+	case agentTLSMode == "issue" && agentTLSDir != "":
+		log.Error(nil, "--agent-tls=issue and --agent-tls-dir exclude each other")
+		os.Exit(2)
+	case agentTLSMode == "issue" && agentTLSMaxLifetime < agentca.MinLifetime:
+		log.Error(nil, "--agent-tls-max-lifetime is below the minimum", "value", agentTLSMaxLifetime, "minimum", agentca.MinLifetime)
+		os.Exit(2)
+	case agentTLSMode == "issue":
+		c, err := client.New(cfg, client.Options{Scheme: newScheme()})
+		if err == nil {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			agentCA, err = agentca.EnsureCA(ctx, c, namespace, agentCAName, time.Now())
+			cancel()
+		}
+		if err == nil {
+			agentTLS, renewManagerCert, err = agentCA.ManagerSource(agentTLSMaxLifetime, clock.RealClock{})
+		}
+		if err != nil {
+			log.Error(err, "Setting up the agent CA (--agent-tls=issue)")
+			os.Exit(1)
+		}
+		log.Info("Mutual TLS with the agents, certificates issued by the manager", "ca", namespace+"/"+agentCAName, "serial", agentTLS.Serial(), "notAfter", agentTLS.NotAfter())
+	case agentTLSDir != "":
 		var err error
 		if agentTLS, err = tlsid.Load(agentTLSDir, tlsid.WithIdentity(tlsid.Manager)); err != nil {
 			log.Error(err, "Reading --agent-tls-dir")
 			os.Exit(2)
 		}
+	}
+	if agentTLS != nil {
 		// The endpoint alone does not say which node an agent is: any
 		// node's certificate of the CA is accepted.
 		newAgentClient = agentapi.NewTLSAPI(agentTLS.ClientConfig(func(id tlsid.Identity) error {
@@ -114,7 +153,6 @@ func main() {
 			os.Exit(2)
 		}
 	}
-	cfg := ctrl.GetConfigOrDie()
 	metricsOpts, err := metricsOptions(cfg, metricsAddr, metricsSecure, metricsCertDir)
 	if err != nil {
 		log.Error(err, "Unable to set up the metrics endpoint")
@@ -151,6 +189,15 @@ func main() {
 		log.Error(err, "Unable to set up the VolumePair controller")
 		os.Exit(1)
 	}
+	if agentCA != nil {
+		if err := (&agentca.Signer{
+			Client: mgr.GetClient(), CA: agentCA,
+			Policy: agentca.Policy{Username: agentca.ServiceAccountUser(namespace, agentSA), MaxLifetime: agentTLSMaxLifetime},
+		}).SetupWithManager(mgr); err != nil {
+			log.Error(err, "Unable to set up the agent CSR signer")
+			os.Exit(1)
+		}
+	}
 	if provision || podFailover || csiEndpoint != "" {
 		if err := setupCSI(mgr, namespace, provision, podFailover, csiEndpoint); err != nil {
 			log.Error(err, "Unable to set up the CSI driver")
@@ -168,6 +215,9 @@ func main() {
 	if err := mgr.Add(everyReplica(func(ctx context.Context) error {
 		var wg sync.WaitGroup
 		wg.Go(func() { agentTLS.Watch(ctx, tlsid.ReloadEvery, log.WithName("agent-tls")) })
+		if renewManagerCert != nil {
+			wg.Go(func() { renewManagerCert(ctx, log.WithName("agent-tls")) })
+		}
 		tokens.Watch(ctx, token.ReloadEvery, log.WithName("token"))
 		wg.Wait()
 		return nil

@@ -164,7 +164,7 @@ func (a *Agent) Handler() http.Handler {
 // and its own metrics, Go's runtime and the process. The chart's alerts and
 // dashboard are checked against them (test/monitoring).
 func (a *Agent) MetricsCollectors() []prometheus.Collector {
-	return []prometheus.Collector{&collector{a: a}, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{})}
+	return []prometheus.Collector{&collector{a: a}, tlsCollector{a: a}, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{})}
 }
 
 func (a *Agent) auth(h http.HandlerFunc) http.HandlerFunc {
@@ -208,6 +208,7 @@ func (a *Agent) handleInfo(w http.ResponseWriter, _ *http.Request) {
 	a.mu.Lock()
 	info := agentapi.Info{Node: a.cfg.Node, NBDAddress: a.nbdAddr, ReplicationAddress: a.replAddr, ControlAddress: a.controlAddr, Volumes: len(a.volumes)}
 	a.mu.Unlock()
+	a.tlsInfo(&info)
 	writeJSON(w, http.StatusOK, info)
 }
 

@@ -12,9 +12,12 @@ import (
 	"net/http"
 	"slices"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/tandem-storage/tandem/dataplane/repl"
 	"github.com/tandem-storage/tandem/dataplane/volume"
 	"github.com/tandem-storage/tandem/internal/tlsid"
+	"github.com/tandem-storage/tandem/pkg/agentapi"
 )
 
 // Mutual TLS (Config.TLS; package tlsid has the files, the identities and
@@ -174,4 +177,28 @@ func (a *Agent) controlIdentityOK(r *http.Request) string {
 		return fmt.Sprintf("only %s may %s; the client certificate names %s", tlsid.Manager, r.Method, id)
 	}
 	return ""
+}
+
+// tlsInfo adds the current certificate to /v1/info's answer.
+func (a *Agent) tlsInfo(info *agentapi.Info) {
+	if a.cfg.TLS == nil {
+		return
+	}
+	s := a.cfg.TLS
+	info.TLS = &agentapi.TLSInfo{Identity: string(s.Identity()), Serial: s.Serial(), NotBefore: s.NotBefore(), NotAfter: s.NotAfter()}
+}
+
+var descTLSNotAfter = prometheus.NewDesc("tandem_agent_tls_not_after_seconds",
+	"Expiry of the TLS certificate the agent presents (Unix seconds); serial: its serial number in hex. Absent without mutual TLS.", []string{"serial"}, nil)
+
+// tlsCollector exports the current certificate's expiry: a renewal shows
+// as a new serial and a later value.
+type tlsCollector struct{ a *Agent }
+
+func (c tlsCollector) Describe(ch chan<- *prometheus.Desc) { ch <- descTLSNotAfter }
+
+func (c tlsCollector) Collect(ch chan<- prometheus.Metric) {
+	if s := c.a.cfg.TLS; s != nil {
+		ch <- prometheus.MustNewConstMetric(descTLSNotAfter, prometheus.GaugeValue, float64(s.NotAfter().Unix()), s.Serial())
+	}
 }

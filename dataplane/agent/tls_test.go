@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -399,4 +400,64 @@ func TestTLSBackupIdentity(t *testing.T) {
 	if strings.Contains(a.log.String(), "Replication link up") {
 		t.Error("the link came up with a backup naming another node than its certificate")
 	}
+}
+
+// /v1/info and the metric tandem_agent_tls_not_after_seconds name the
+// certificate the agent presents, and follow a renewal (what an e2e
+// watches to see a rotation).
+func TestTLSInfoFollowsRenewal(t *testing.T) {
+	e := newTLSEnv(t)
+	dir := e.ca.Dir(t, tlsid.NodeIdentity("node-a"))
+	a := e.startTLSAgent("node-a", dir, "")
+	c := e.client(a.ep.Control, e.manager)
+	ctx := context.Background()
+	info, err := c.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := e.srcs["node-a"]
+	if info.TLS == nil || info.TLS.Serial != src.Serial() || !info.TLS.NotAfter.Equal(src.NotAfter()) || info.TLS.Identity != string(tlsid.NodeIdentity("node-a")) {
+		t.Fatalf("info.TLS = %+v, want serial %s notAfter %v", info.TLS, src.Serial(), src.NotAfter())
+	}
+	first := info.TLS.Serial
+	e.ca.WriteDir(t, dir, tlsid.NodeIdentity("node-a"))
+	if _, err := src.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	info, err = c.Info(ctx)
+	if err != nil || info.TLS == nil || info.TLS.Serial == first || info.TLS.Serial != src.Serial() {
+		t.Fatalf("after a renewal: info.TLS = %+v, %v; want the new serial %s", info.TLS, err, src.Serial())
+	}
+	// The metric, on the same control port (the probes' side: no client
+	// certificate needed).
+	resp, err := e.client(a.ep.Control, nil).HTTP.Get(a.ep.Control + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if !containsMetric(string(body), src.Serial(), src.NotAfter().Unix()) {
+		t.Errorf("/metrics lacks tandem_agent_tls_not_after_seconds{serial=%q} %d:\n%s", src.Serial(), src.NotAfter().Unix(), grepLines(string(body), "tandem_agent_tls"))
+	}
+}
+
+func containsMetric(body, serial string, v int64) bool {
+	for _, l := range strings.Split(body, "\n") {
+		if !strings.HasPrefix(l, `tandem_agent_tls_not_after_seconds{serial="`+serial+`"} `) {
+			continue
+		}
+		f, err := strconv.ParseFloat(strings.Fields(l)[1], 64)
+		return err == nil && int64(f) == v
+	}
+	return false
+}
+
+func grepLines(s, sub string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
 }

@@ -406,3 +406,9 @@ func (ca *CA) ManagerSource(lifetime time.Duration, clk clock.WithTicker) (*tlsi
 	}
 	return src, renew, nil
 }
+
+// ServiceAccountUser is the user name the API server gives a
+// ServiceAccount's tokens.
+func ServiceAccountUser(namespace, name string) string {
+	return "system:serviceaccount:" + namespace + ":" + name
+}

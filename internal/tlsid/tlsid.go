@@ -242,6 +242,9 @@ func (s *Source) Set(certPEM, keyPEM, caPEM []byte) error {
 	return s.store([3][]byte{certPEM, keyPEM, caPEM}, "in memory")
 }
 
+// NotBefore is when the current certificate starts to be valid.
+func (s *Source) NotBefore() time.Time { return s.cur.Load().leaf.NotBefore }
+
 // Serial is the current certificate's serial number, in hex.
 func (s *Source) Serial() string { return s.cur.Load().leaf.SerialNumber.Text(16) }
 

@@ -360,6 +360,16 @@ type Info struct {
 	ReplicationAddress string `json:"replicationAddress"`
 	ControlAddress     string `json:"controlAddress"`
 	Volumes            int    `json:"volumes"`
+	// TLS is the certificate the agent presents, with mutual TLS on.
+	TLS *TLSInfo `json:"tls,omitempty"`
+}
+
+// TLSInfo describes the agent's current TLS certificate.
+type TLSInfo struct {
+	Identity  string    `json:"identity"`
+	Serial    string    `json:"serial"` // hex
+	NotBefore time.Time `json:"notBefore"`
+	NotAfter  time.Time `json:"notAfter"`
 }
 
 // Bitmap is the answer of GET .../bitmap: the dirty regions as inclusive runs.

@@ -922,7 +922,8 @@ func checkWorkloads(t *testing.T, objs []*unstructured.Unstructured, w workloadE
 	}
 
 	// RBAC: the agent has Leases in its namespace and, cluster-wide, reads
-	// Nodes (its NBD allow-list), nothing else.
+	// Nodes (its NBD allow-list), nothing else; with issued TLS
+	// certificates also CSRs (checked below and in checkTLS).
 	if r := typed[rbacv1.Role](t, findObject(objs, "Role", ns, w.prefix+"-agent")); r != nil {
 		want := []string{
 			"coordination.k8s.io/leases:create", "coordination.k8s.io/leases:get", "coordination.k8s.io/leases:list",
@@ -940,6 +941,18 @@ func checkWorkloads(t *testing.T, objs []*unstructured.Unstructured, w workloadE
 		for _, s := range b.Subjects {
 			if s.Kind != rbacv1.ServiceAccountKind || s.Namespace != ns {
 				t.Errorf("%s %s: subject %+v, want a ServiceAccount in %s", o.GetKind(), o.GetName(), s, ns)
+			}
+			if s.Name == w.prefix+"-agent" && o.GetKind() == "ClusterRoleBinding" && b.RoleRef.Name == w.prefix+"-agent-tls" {
+				// Mutual TLS with issued certificates (tls.enabled,
+				// config/tls): the agent asks for its certificate
+				// with a CSR; the signer decides which identity it
+				// gets, not RBAC.
+				cr := typed[rbacv1.ClusterRole](t, findObject(objs, "ClusterRole", "", b.RoleRef.Name))
+				if got, want := permissions(cr.Rules), []string{"certificates.k8s.io/certificatesigningrequests:create", "certificates.k8s.io/certificatesigningrequests:get",
+					"certificates.k8s.io/certificatesigningrequests:list", "certificates.k8s.io/certificatesigningrequests:watch"}; !slices.Equal(got, want) {
+					t.Errorf("ClusterRole %s grants the agent %v, want only %v", b.RoleRef.Name, got, want)
+				}
+				continue
 			}
 			if s.Name == w.prefix+"-agent" && o.GetKind() == "ClusterRoleBinding" {
 				if b.RoleRef.Name != w.prefix+"-agent-nodes" {

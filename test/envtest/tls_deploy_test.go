@@ -1,0 +1,103 @@
+package envtest
+
+import (
+	"path/filepath"
+	"slices"
+	"testing"
+
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+)
+
+// TestTLSInstallRenders: mutual TLS with issued certificates (Helm
+// tls.enabled, kustomize config/tls) runs the manager with --agent-tls=issue
+// and the agents with --tls-issue, probes the agents over HTTPS, gives the
+// agents CSRs and the CA ConfigMap (read) and nothing else more, and the API
+// server accepts it all.
+func TestTLSInstallRenders(t *testing.T) {
+	ensureNamespace(t, operatorNamespace)
+	t.Run("helm", func(t *testing.T) {
+		out, err := helm(t, "template", "tandem", filepath.Join(repoRoot, "charts", "tandem"), "--namespace", operatorNamespace,
+			"--skip-tests", "--set", "tls.enabled=true", "--set", "tls.maxLifetime=10m")
+		if err != nil {
+			t.Fatalf("helm template: %v", err)
+		}
+		objs := decodeManifest(t, out)
+		checkWorkloads(t, objs, workloadExpect{prefix: "tandem", namespace: operatorNamespace, image: "ghcr.io/tandem-storage/tandem:" + chartAppVersion(t),
+			tokenSecret: "tandem-agent-token", tokenKey: "token", tolerateAll: true})
+		checkTLS(t, objs, "tandem", "--agent-tls-max-lifetime=10m")
+		dryRunApply(t, out, len(objs))
+	})
+	t.Run("helm default is off", func(t *testing.T) {
+		out, err := helm(t, "template", "tandem", filepath.Join(repoRoot, "charts", "tandem"), "--namespace", operatorNamespace, "--skip-tests")
+		if err != nil {
+			t.Fatalf("helm template: %v", err)
+		}
+		objs := decodeManifest(t, out)
+		if o := findObject(objs, "ClusterRole", "", "tandem-agent-tls"); o != nil {
+			t.Error("tls.enabled=false renders the agents' CSR rights")
+		}
+		if ds := typed[appsv1.DaemonSet](t, findObject(objs, "DaemonSet", operatorNamespace, "tandem-agent")); ds != nil {
+			if c := container(t, ds.Spec.Template.Spec, "agent"); c != nil && slices.Contains(c.Args, "--tls-issue") {
+				t.Error("tls.enabled=false runs the agent with --tls-issue")
+			}
+		}
+	})
+	t.Run("kustomize", func(t *testing.T) {
+		out, err := runTool(t, nil, "kubectl", "kustomize", filepath.Join(repoRoot, "config", "tls"))
+		if err != nil {
+			t.Fatalf("kubectl kustomize config/tls: %v", err)
+		}
+		objs := decodeManifest(t, out)
+		checkWorkloads(t, objs, workloadExpect{prefix: "tandem", namespace: operatorNamespace, image: "ghcr.io/tandem-storage/tandem:dev",
+			tokenSecret: "tandem-agent-token", tokenKey: "token", tolerateAll: true})
+		checkTLS(t, objs, "tandem")
+		dryRunApply(t, out, len(objs))
+	})
+}
+
+func checkTLS(t *testing.T, objs []*unstructured.Unstructured, prefix string, managerArgs ...string) {
+	t.Helper()
+	ns := operatorNamespace
+	ca := prefix + "-agent-ca"
+	if d := typed[appsv1.Deployment](t, findObject(objs, "Deployment", ns, prefix+"-manager")); d != nil {
+		c := container(t, d.Spec.Template.Spec, "manager")
+		requireArgs(t, "manager", c.Args, append([]string{"--agent-tls=issue", "--agent-service-account=" + prefix + "-agent", "--agent-ca-name=" + ca}, managerArgs...)...)
+	}
+	if ds := typed[appsv1.DaemonSet](t, findObject(objs, "DaemonSet", ns, prefix+"-agent")); ds != nil {
+		c := container(t, ds.Spec.Template.Spec, "agent")
+		requireArgs(t, "agent", c.Args, "--tls-issue", "--tls-ca-configmap="+ca)
+		for name, p := range map[string]*corev1.Probe{"startup": c.StartupProbe, "readiness": c.ReadinessProbe, "liveness": c.LivenessProbe} {
+			if p == nil || p.HTTPGet == nil || p.HTTPGet.Scheme != corev1.URISchemeHTTPS {
+				t.Errorf("agent %s probe %+v, want HTTPS (the control API serves TLS)", name, p)
+			}
+		}
+	}
+	if b := typed[rbacv1.ClusterRoleBinding](t, findObject(objs, "ClusterRoleBinding", "", prefix+"-agent-tls")); b == nil || b.RoleRef.Name != prefix+"-agent-tls" {
+		t.Errorf("no ClusterRoleBinding %s-agent-tls for the agents' CSRs", prefix)
+	}
+	if r := typed[rbacv1.Role](t, findObject(objs, "Role", ns, prefix+"-agent-tls")); r == nil {
+		t.Errorf("no Role %s-agent-tls", prefix)
+	} else if got, want := permissions(r.Rules), []string{"/configmaps:get", "/configmaps:watch"}; !slices.Equal(got, want) ||
+		!slices.ContainsFunc(r.Rules, func(p rbacv1.PolicyRule) bool { return slices.Equal(p.ResourceNames, []string{ca}) }) || len(r.Rules) != 1 {
+		t.Errorf("Role %s grants the agent %v (%+v), want only get and watch of the ConfigMap %s", r.Name, got, r.Rules, ca)
+	}
+	if r := typed[rbacv1.Role](t, findObject(objs, "Role", ns, prefix+"-manager-agent-ca")); r == nil {
+		t.Errorf("no Role %s-manager-agent-ca", prefix)
+	} else {
+		for _, p := range []string{"/secrets:get", "/secrets:create", "/secrets:update", "/configmaps:get", "/configmaps:create", "/configmaps:update"} {
+			if !slices.Contains(permissions(r.Rules), p) {
+				t.Errorf("Role %s lacks %s: %+v", r.Name, p, r.Rules)
+			}
+		}
+	}
+	if cr := typed[rbacv1.ClusterRole](t, findObject(objs, "ClusterRole", "", prefix+"-manager")); cr != nil {
+		if !slices.ContainsFunc(cr.Rules, func(r rbacv1.PolicyRule) bool {
+			return slices.Contains(r.Resources, "signers") && slices.Equal(r.ResourceNames, []string{"tandem.dev/agent"}) && slices.Contains(r.Verbs, "sign") && slices.Contains(r.Verbs, "approve")
+		}) {
+			t.Errorf("ClusterRole %s-manager cannot approve and sign for tandem.dev/agent: %+v", prefix, cr.Rules)
+		}
+	}
+}

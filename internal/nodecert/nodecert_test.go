@@ -62,7 +62,10 @@ func (s *signer) run(ctx context.Context, t *testing.T) {
 				csr.Status.Conditions = []certv1.CertificateSigningRequestCondition{{Type: certv1.CertificateDenied, Status: corev1.ConditionTrue, Reason: agentca.ReasonDenied, Message: err.Error()}}
 			} else {
 				csr.Status.Conditions = []certv1.CertificateSigningRequestCondition{{Type: certv1.CertificateApproved, Status: corev1.ConditionTrue}}
-				if csr.Status.Certificate, err = s.ca.SignCSR(req, node, csr.Spec.Usages, p.Lifetime(&csr), s.clk.Now()); err != nil {
+				s.mu.Lock()
+				ca := s.ca
+				s.mu.Unlock()
+				if csr.Status.Certificate, err = ca.SignCSR(req, node, csr.Spec.Usages, p.Lifetime(&csr), s.clk.Now()); err != nil {
 					t.Error(err)
 					return
 				}
@@ -225,5 +228,75 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 			t.Fatalf("timed out waiting for %s", what)
 		}
 		time.Sleep(time.Millisecond)
+	}
+}
+
+// A renewal that fails (here: denied) leaves the current certificate
+// serving and is retried with backoff; a changed CA bundle in the
+// ConfigMap makes Run renew and write the new bundle.
+func TestRenewalRetriesAndFollowsCA(t *testing.T) {
+	iss, s, ctx := setup(t, "node-a")
+	if err := iss.Ensure(ctx); err != nil {
+		t.Fatal(err)
+	}
+	src, err := tlsid.Load(iss.Dir, tlsid.WithIdentity(tlsid.NodeIdentity("node-a")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	iss.CheckEvery = time.Minute // well before the next renewal is due
+	runCtx, stop := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { defer close(done); iss.Run(runCtx, src) }()
+	defer func() { stop(); <-done }()
+	clk := s.clk
+	first := src.Serial()
+
+	s.mu.Lock()
+	s.requesterNode = "node-b" // every CSR is denied from now on
+	s.mu.Unlock()
+	waitFor(t, "Run's timer", clk.HasWaiters)
+	clk.SetTime(nodecert.Due(src.NotBefore(), src.NotAfter()))
+	waitFor(t, "a denied renewal", func() bool {
+		list, _ := s.cs.CertificatesV1().CertificateSigningRequests().List(ctx, metav1.ListOptions{})
+		for _, c := range list.Items {
+			if len(c.Status.Conditions) > 0 && c.Status.Conditions[0].Type == certv1.CertificateDenied {
+				return true
+			}
+		}
+		return false
+	})
+	waitFor(t, "the backoff timer", clk.HasWaiters)
+	if src.Serial() != first {
+		t.Fatal("the certificate changed although the renewal was denied")
+	}
+	s.mu.Lock()
+	s.requesterNode = "node-a"
+	s.mu.Unlock()
+	clk.Step(10 * time.Second) // the first backoff
+	waitFor(t, "the retried renewal", func() bool { return src.Serial() != first })
+	second := src.Serial()
+
+	// A new CA in the ConfigMap (and the signer using it).
+	crc := crfake.NewClientBuilder().Build()
+	newCA, err := agentca.EnsureCA(ctx, crc, ns, agentca.DefaultName, clk.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.mu.Lock()
+	s.ca = newCA
+	s.mu.Unlock()
+	cm, err := s.cs.CoreV1().ConfigMaps(ns).Get(ctx, agentca.DefaultName, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cm.Data[agentca.KeyCACert] = string(newCA.PEM)
+	if _, err := s.cs.CoreV1().ConfigMaps(ns).Update(ctx, cm, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "Run's timer", clk.HasWaiters)
+	clk.Step(iss.CheckEvery)
+	waitFor(t, "the renewal for the new CA", func() bool { return src.Serial() != second })
+	if got, _ := os.ReadFile(filepath.Join(iss.Dir, tlsid.CAFile)); string(got) != string(newCA.PEM) {
+		t.Error("ca.crt is not the new bundle")
 	}
 }

@@ -109,8 +109,8 @@ test-e2e: tools build ## Run the end-to-end user stories, crash matrix, partitio
 	flock -o $(CLUSTER_LOCK) go test -tags e2e -count=1 -timeout 45m -v ./test/e2e/ 2>&1 | tee .e2e.log \
 	  | grep -E '^(=== RUN|--- |PASS|FAIL|ok|\s+\S+_test.go:[0-9]+: (STORY|LOAD|RELIABILITY|VIOLATION))' \
 	  || { hack/e2e-failures.sh .e2e.log; exit 1; }
-	@echo "test-e2e: the Helm install path (TANDEM_INSTALL=helm): a pair, a failover and failback, the leading manager's node lost"
-	TANDEM_INSTALL=helm flock -o $(CLUSTER_LOCK) go test -tags e2e -count=1 -timeout 15m -v -run '^TestStory0[12]|^TestStory14' ./test/e2e/ 2>&1 | tee .e2e-helm.log \
+	@echo "test-e2e: the Helm install path (TANDEM_INSTALL=helm): a pair, a failover and failback, the leading manager's node lost, mutual TLS (tls.enabled)"
+	TANDEM_INSTALL=helm flock -o $(CLUSTER_LOCK) go test -tags e2e -count=1 -timeout 15m -v -run '^TestStory0[12]|^TestStory14|^TestStory23' ./test/e2e/ 2>&1 | tee .e2e-helm.log \
 	  | grep -E '^(=== RUN|--- |PASS|FAIL|ok|\s+\S+_test.go:[0-9]+: (STORY|VIOLATION))' \
 	  || { hack/e2e-failures.sh .e2e-helm.log; exit 1; }
 

@@ -375,9 +375,8 @@ func (s *story) agentStatus(node string) agentapi.Status {
 	s.t.Helper()
 	var last error
 	for deadline := time.Now().Add(transientFor); ; {
-		out, err := kubectl(s.t, "-n", "tandem-system", "get", "lease", v1.AgentLeaseName(node), "-o", "jsonpath={.metadata.annotations.storage\\.tandem\\.dev/control-endpoint}")
+		c, err := agentClient(s.t, node)
 		if err == nil {
-			c := agentapi.NewClient(strings.TrimSpace(out), agentToken)
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			var st agentapi.Status
 			st, err = c.Get(ctx, s.ns, s.name)
@@ -385,8 +384,6 @@ func (s *story) agentStatus(node string) agentapi.Status {
 			if err == nil {
 				return st
 			}
-		} else {
-			err = fmt.Errorf("%w: %s", err, strings.TrimSpace(out))
 		}
 		last = err
 		if time.Now().After(deadline) {

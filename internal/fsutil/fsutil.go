@@ -1,7 +1,8 @@
 // Package fsutil holds the durability primitives Tandem's on-disk state is
 // built from: replacing a file atomically (temporary file, fsync, rename,
 // directory fsync), cleaning up what a crash left of such a replacement,
-// making a directory entry durable, and fdatasync for appends.
+// making a directory entry durable, and fdatasync for appends; and the loop
+// that re-reads files while running (PollReload).
 package fsutil
 
 import (

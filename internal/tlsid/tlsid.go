@@ -74,6 +74,8 @@ import (
 
 	"github.com/go-logr/logr"
 	"k8s.io/utils/clock"
+
+	"github.com/tandem-storage/tandem/internal/fsutil"
 )
 
 // The files of a TLS directory.
@@ -345,27 +347,13 @@ func (s *Source) Watch(ctx context.Context, interval time.Duration, log logr.Log
 	if s == nil || s.dir == "" {
 		return
 	}
-	t := s.clk.NewTicker(interval)
-	defer t.Stop()
-	failing := false
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C():
-		}
-		changed, err := s.Reload()
-		switch {
-		case err != nil && !failing:
+	fsutil.PollReload(ctx, s.clk, interval, s.Reload,
+		func(err error) {
 			log.Error(err, "Cannot reload the TLS files; keeping the certificates loaded before", "dir", s.dir)
-			failing = true
-		case err == nil:
-			failing = false
-			if changed {
-				log.Info("TLS files reloaded", "dir", s.dir, "identity", s.Identity(), "notAfter", s.NotAfter())
-			}
-		}
-	}
+		},
+		func() {
+			log.Info("TLS files reloaded", "dir", s.dir, "identity", s.Identity(), "notAfter", s.NotAfter())
+		})
 }
 
 // verify checks a peer's chain against the current CA bundle for usage,

@@ -29,6 +29,9 @@ import (
 	"time"
 
 	"github.com/go-logr/logr"
+	"k8s.io/utils/clock"
+
+	"github.com/tandem-storage/tandem/internal/fsutil"
 )
 
 // ReloadEvery is how often the manager and the agents read the token file
@@ -103,27 +106,11 @@ func (s *Source) Watch(ctx context.Context, interval time.Duration, log logr.Log
 	if s == nil || s.path == "" {
 		return
 	}
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	failing := false
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		changed, err := s.Reload()
-		switch {
-		case err != nil && !failing:
+	fsutil.PollReload(ctx, clock.RealClock{}, interval, s.Reload,
+		func(err error) {
 			log.Error(err, "Cannot reload the token file; keeping the tokens loaded before", "path", s.path)
-			failing = true
-		case err == nil:
-			failing = false
-			if changed {
-				log.Info("Token file reloaded", "path", s.path, "tokens", len(s.list()))
-			}
-		}
-	}
+		},
+		func() { log.Info("Token file reloaded", "path", s.path, "tokens", len(s.list())) })
 }
 
 func (s *Source) list() []string {

@@ -104,37 +104,7 @@ func TestStory16PodFollowsWriter(t *testing.T) {
 		t.Fatalf("the node plugin on %s reports the attach path %q, want %s", primary, path, want)
 	}
 	s := newStory(t, "records")
-	class := "tandem-" + s.ns
-	if len(class) > 63 {
-		class = class[:63]
-	}
-	// The class pins the members to the two nodes (allowedTopologies), the
-	// Pod prefers the first: it becomes the primary (WaitForFirstConsumer).
-	mustApplyCluster(t, fmt.Sprintf(`apiVersion: storage.k8s.io/v1
-kind: StorageClass
-metadata:
-  name: %s
-provisioner: csi.tandem.dev
-volumeBindingMode: WaitForFirstConsumer
-reclaimPolicy: Delete
-allowVolumeExpansion: true
-allowedTopologies:
-- matchLabelExpressions:
-  - key: csi.tandem.dev/node
-    values: [%s, %s]
-parameters:
-  mode: Sync
-`, class, primary, backup))
-	t.Cleanup(func() { _, _ = kubectl(t, "delete", "storageclass", class, "--wait=false") })
-	manifest, err := os.ReadFile(filepath.Join(root, "hack", "recorder", "statefulset.yaml"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	s.apply(strings.NewReplacer("namespace: NAMESPACE", "namespace: "+s.ns, "[NODE]", "["+primary+"]", "storageClassName: STORAGE_CLASS", "storageClassName: "+class).Replace(string(manifest)))
-	t.Cleanup(func() {
-		_, _ = kubectl(t, "delete", "statefulset", "recorder", "-n", s.ns, "--wait=true", "--timeout=60s")
-		_, _ = kubectl(t, "delete", "pvc", "--all", "-n", s.ns, "--wait=true", "--timeout=60s")
-	})
+	s.startRecorder(primary, backup, "", "64Mi")
 
 	// The Pod writes on the primary.
 	var pod *corev1.Pod
@@ -364,4 +334,44 @@ func failoverBreakdown(t *testing.T, killed time.Time, vp *v1.VolumePair, ns, po
 	at("records verified", verified)
 	at("first record acknowledged", firstAck)
 	return strings.Join(steps, ", ") + " (s after the kill; API times to the second)"
+}
+
+// startRecorder makes the story a StorageClass that pins the members to
+// primary and backup (allowedTopologies) with the extra parameters (YAML
+// lines), and runs the recorder StatefulSet with a claim of size on it.
+// Its Pod prefers primary, which becomes the pair's writer
+// (WaitForFirstConsumer). The cleanup deletes all three.
+func (s *story) startRecorder(primary, backup, params, size string) {
+	t := s.t
+	t.Helper()
+	class := "tandem-" + s.ns
+	if len(class) > 63 {
+		class = class[:63]
+	}
+	mustApplyCluster(t, fmt.Sprintf(`apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata:
+  name: %s
+provisioner: csi.tandem.dev
+volumeBindingMode: WaitForFirstConsumer
+reclaimPolicy: Delete
+allowVolumeExpansion: true
+allowedTopologies:
+- matchLabelExpressions:
+  - key: csi.tandem.dev/node
+    values: [%s, %s]
+parameters:
+  mode: Sync
+%s`, class, primary, backup, params))
+	t.Cleanup(func() { _, _ = kubectl(t, "delete", "storageclass", class, "--wait=false") })
+	manifest, err := os.ReadFile(filepath.Join(root, "hack", "recorder", "statefulset.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.apply(strings.NewReplacer("namespace: NAMESPACE", "namespace: "+s.ns, "[NODE]", "["+primary+"]",
+		"storageClassName: STORAGE_CLASS", "storageClassName: "+class, "storage: 64Mi", "storage: "+size).Replace(string(manifest)))
+	t.Cleanup(func() {
+		_, _ = kubectl(t, "delete", "statefulset", "recorder", "-n", s.ns, "--wait=true", "--timeout=60s")
+		_, _ = kubectl(t, "delete", "pvc", "--all", "-n", s.ns, "--wait=true", "--timeout=60s")
+	})
 }

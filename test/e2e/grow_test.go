@@ -75,38 +75,8 @@ func TestStory22ClaimGrowsUnderItsPod(t *testing.T) {
 	requireKubeletNodes(t)
 	primary, backup := failoverNodes(t)
 	s := newStory(t, "records")
-	class := "tandem-" + s.ns
-	if len(class) > 63 {
-		class = class[:63]
-	}
-	mustApplyCluster(t, fmt.Sprintf(`apiVersion: storage.k8s.io/v1
-kind: StorageClass
-metadata:
-  name: %s
-provisioner: csi.tandem.dev
-volumeBindingMode: WaitForFirstConsumer
-reclaimPolicy: Delete
-allowVolumeExpansion: true
-allowedTopologies:
-- matchLabelExpressions:
-  - key: csi.tandem.dev/node
-    values: [%s, %s]
-parameters:
-  mode: Sync
-  csi.storage.k8s.io/fstype: xfs
-`, class, primary, backup))
-	t.Cleanup(func() { _, _ = kubectl(t, "delete", "storageclass", class, "--wait=false") })
-	manifest, err := os.ReadFile(filepath.Join(root, "hack", "recorder", "statefulset.yaml"))
-	if err != nil {
-		t.Fatal(err)
-	}
 	// XFS needs 300 MB at least.
-	s.apply(strings.NewReplacer("namespace: NAMESPACE", "namespace: "+s.ns, "[NODE]", "["+primary+"]",
-		"storageClassName: STORAGE_CLASS", "storageClassName: "+class, "storage: 64Mi", "storage: 512Mi").Replace(string(manifest)))
-	t.Cleanup(func() {
-		_, _ = kubectl(t, "delete", "statefulset", "recorder", "-n", s.ns, "--wait=true", "--timeout=60s")
-		_, _ = kubectl(t, "delete", "pvc", "--all", "-n", s.ns, "--wait=true", "--timeout=60s")
-	})
+	s.startRecorder(primary, backup, "  csi.storage.k8s.io/fstype: xfs\n", "512Mi")
 	var pod *corev1.Pod
 	testkit.Eventually(t, 180*time.Second, "recorder-0 running and acknowledging records", func() (bool, string) {
 		p, ok := podOf(t, s.ns, "recorder-0")

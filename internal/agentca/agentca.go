@@ -62,6 +62,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rsa"
+	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
@@ -155,11 +156,9 @@ func EnsureCA(ctx context.Context, c client.Client, namespace, name string, now 
 		if err != nil {
 			return nil, fmt.Errorf("get agent CA Secret %s: %w", key, err)
 		}
-		cert, priv, err := pki.ParseCA(s.Data[KeyCACert], s.Data[keyCAKey])
-		if err != nil {
-			return nil, fmt.Errorf("agent CA Secret %s holds no usable CA (%s and %s); it is never replaced automatically: fix or delete it: %w", key, KeyCACert, keyCAKey, err)
+		if ca, err = CAFromSecret(&s); err != nil {
+			return nil, fmt.Errorf("%w; it is never replaced automatically: fix or delete it", err)
 		}
-		ca = &CA{PEM: s.Data[KeyCACert], Cert: cert, Key: priv}
 		break
 	}
 	if ca == nil {
@@ -411,4 +410,52 @@ func (ca *CA) ManagerSource(lifetime time.Duration, clk clock.WithTicker) (*tlsi
 // ServiceAccount's tokens.
 func ServiceAccountUser(namespace, name string) string {
 	return "system:serviceaccount:" + namespace + ":" + name
+}
+
+// CAFromSecret returns the CA a Secret of EnsureCA holds (keys ca.crt and
+// ca.key), or an error saying it holds none.
+func CAFromSecret(s *corev1.Secret) (*CA, error) {
+	cert, priv, err := pki.ParseCA(s.Data[KeyCACert], s.Data[keyCAKey])
+	if err != nil {
+		return nil, fmt.Errorf("agent CA Secret %s/%s holds no usable CA (%s and %s): %w", s.Namespace, s.Name, KeyCACert, keyCAKey, err)
+	}
+	return &CA{PEM: s.Data[KeyCACert], Cert: cert, Key: priv}, nil
+}
+
+// ReadCA reads the CA of the Secret name in namespace; unlike EnsureCA it
+// never creates it. A failed read is returned wrapped, so that
+// apierrors.IsForbidden and IsNotFound still tell it.
+func ReadCA(ctx context.Context, r client.Reader, namespace, name string) (*CA, error) {
+	var s corev1.Secret
+	if err := r.Get(ctx, client.ObjectKey{Namespace: namespace, Name: name}, &s); err != nil {
+		return nil, fmt.Errorf("get agent CA Secret %s/%s: %w", namespace, name, err)
+	}
+	return CAFromSecret(&s)
+}
+
+// ManagerClientTLS is a TLS client config presenting a new manager
+// certificate of lifetime (ManagerCert) and verifying the agents'
+// certificates against the CA: what an administrator's client (kubectl
+// tandem verify, the e2e tests) uses to call agents as the manager does.
+func (ca *CA) ManagerClientTLS(lifetime time.Duration, now time.Time) (*tls.Config, error) {
+	certPEM, keyPEM, err := ca.ManagerCert(lifetime, now)
+	if err != nil {
+		return nil, err
+	}
+	src, err := tlsid.FromPEM(certPEM, keyPEM, ca.PEM, tlsid.WithIdentity(tlsid.Manager))
+	if err != nil {
+		return nil, fmt.Errorf("the manager's certificate: %w", err)
+	}
+	return src.ClientConfig(nil), nil
+}
+
+// ClientTLS reads the CA of the Secret name in namespace (ReadCA) and
+// returns its ManagerClientTLS, of lifetime from now. Reading the Secret
+// needs get on secrets/<name> in namespace.
+func ClientTLS(ctx context.Context, r client.Reader, namespace, name string, lifetime time.Duration) (*tls.Config, error) {
+	ca, err := ReadCA(ctx, r, namespace, name)
+	if err != nil {
+		return nil, err
+	}
+	return ca.ManagerClientTLS(lifetime, time.Now())
 }

@@ -306,3 +306,47 @@ func waitTimer(t *testing.T, clk *clocktesting.FakeClock) {
 		time.Sleep(time.Millisecond)
 	}
 }
+
+// TestClientTLS: ClientTLS reads the CA Secret and presents a manager
+// certificate of the lifetime asked, signed by that CA; a Secret missing or
+// holding no CA is an error that says so.
+func TestClientTLS(t *testing.T) {
+	ctx := context.Background()
+	c := newClient()
+	ca, err := agentca.EnsureCA(ctx, c, ns, agentca.DefaultName, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := agentca.ClientTLS(ctx, c, ns, agentca.DefaultName, 15*time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := cfg.GetClientCertificate(&tls.CertificateRequestInfo{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf, err := x509.ParseCertificate(cert.Certificate[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if id, err := tlsid.CertIdentity(leaf); err != nil || id != tlsid.Manager {
+		t.Errorf("identity %q, %v; want %s", id, err, tlsid.Manager)
+	}
+	if err := leaf.CheckSignatureFrom(ca.Cert); err != nil {
+		t.Errorf("not signed by the Secret's CA: %v", err)
+	}
+	if d := time.Until(leaf.NotAfter); d > 15*time.Minute || d < 14*time.Minute {
+		t.Errorf("expires in %s, want 15m", d)
+	}
+
+	if _, err := agentca.ClientTLS(ctx, c, ns, "absent", time.Hour); err == nil || !strings.Contains(err.Error(), "get agent CA Secret tandem-system/absent") {
+		t.Errorf("ClientTLS of a missing Secret: %v", err)
+	}
+	bad := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "bad"}, Data: map[string][]byte{"ca.crt": ca.PEM}}
+	if err := c.Create(ctx, bad); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := agentca.ClientTLS(ctx, c, ns, "bad", time.Hour); err == nil || !strings.Contains(err.Error(), "agent CA Secret tandem-system/bad holds no usable CA") {
+		t.Errorf("ClientTLS of a Secret without ca.key: %v", err)
+	}
+}

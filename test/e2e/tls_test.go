@@ -21,6 +21,9 @@ import (
 	"testing"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
 	"github.com/tandem-storage/tandem/internal/agentca"
 	"github.com/tandem-storage/tandem/internal/pki"
@@ -45,11 +48,11 @@ func installCA(t *testing.T) *agentca.CA {
 		}
 		raw[k] = b
 	}
-	cert, key, err := pki.ParseCA(raw["ca.crt"], raw["ca.key"])
+	ca, err := agentca.CAFromSecret(&corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: "tandem-system", Name: "tandem-agent-ca"}, Data: raw})
 	if err != nil {
-		t.Fatalf("Secret tandem-agent-ca: %v", err)
+		t.Fatal(err)
 	}
-	return &agentca.CA{PEM: raw["ca.crt"], Cert: cert, Key: key}
+	return ca
 }
 
 var (
@@ -68,15 +71,11 @@ func managerTLS(t *testing.T) *tls.Config {
 	if managerTLSCfg != nil && string(managerTLSCA) == string(ca.PEM) {
 		return managerTLSCfg
 	}
-	certPEM, keyPEM, err := ca.ManagerCert(time.Hour, time.Now())
+	cfg, err := ca.ManagerClientTLS(time.Hour, time.Now())
 	if err != nil {
 		t.Fatal(err)
 	}
-	src, err := tlsid.FromPEM(certPEM, keyPEM, ca.PEM, tlsid.WithIdentity(tlsid.Manager))
-	if err != nil {
-		t.Fatal(err)
-	}
-	managerTLSCfg, managerTLSCA = src.ClientConfig(nil), ca.PEM
+	managerTLSCfg, managerTLSCA = cfg, ca.PEM
 	return managerTLSCfg
 }
 

@@ -46,6 +46,7 @@ type verifyOptions struct {
 	recheckDelay  time.Duration
 	agentTimeout  time.Duration
 	repair        bool
+	tlsDir        string
 }
 
 func newVerifyCmd(o *rootOptions) *cobra.Command {
@@ -65,6 +66,16 @@ agents are found through their Leases tandem-agent-<node> in its namespace
 (annotation storage.tandem.dev/control-endpoint) and authenticated with the
 token of the Secret the DaemonSet mounts as the agents' --token-file, or with
 the plugin's --token-file.
+
+Agents that serve mutual TLS (an https:// endpoint on their Lease; the
+manager's --agent-tls=issue) are called with a client certificate: by
+default the plugin reads the agents' CA from its Secret in the install's
+namespace (tandem-agent-ca, or the manager Deployment's --agent-ca-name;
+this needs get on that Secret) and signs itself a manager certificate
+(spiffe://tandem.dev/manager) valid for 15 minutes, in memory. Without the
+right to read that Secret, pass --tls-dir DIR holding a certificate of the
+install's CA (tls.crt, tls.key) and the CA (ca.crt); --repair needs the
+manager's identity.
 
 While the pair is live a region being written can differ for a moment (the
 write reaches the primary before the backup), and regions in a member's dirty
@@ -126,6 +137,8 @@ check could not be completed.`,
 	f.IntVar(&vo.batch, "region-batch", 0, fmt.Sprintf("Regions hashed per agent call, 1 to %d (0: about %s per call).", agentapi.MaxChecksumRegions, humanBytes(bytesPerCall)))
 	f.DurationVar(&vo.recheckDelay, "recheck-delay", 2*time.Second, "Wait before hashing differing regions again.")
 	f.DurationVar(&vo.agentTimeout, "agent-timeout", 2*time.Minute, "Time limit of one agent call.")
+	f.StringVar(&vo.tlsDir, "tls-dir", "", "Directory holding the client certificate (tls.crt, tls.key) and the agents' CA (ca.crt) to call agents that serve mutual TLS (default: sign a manager certificate with the CA of the install's Secret tandem-agent-ca, or the manager's --agent-ca-name).")
+	_ = cmd.MarkFlagDirname("tls-dir")
 	f.BoolVar(&vo.repair, "repair", false, "Ask the writer to copy the differing regions to its peer again (the writer's data wins).")
 	return cmd
 }
@@ -186,7 +199,6 @@ func runVerify(ctx context.Context, o *rootOptions, vo *verifyOptions, name stri
 		return nil, err
 	}
 	var reps []*replica
-	httpc := agentHTTPClient(vo.agentTimeout)
 	// Every member's agent is looked up before any is called: what the
 	// API server says (a node that does not exist, an agent that is not
 	// running) is quicker to hear than a timeout, and more to the point.
@@ -200,6 +212,20 @@ func runVerify(ctx context.Context, o *rootOptions, vo *verifyOptions, name stri
 	}
 	if len(errs) > 0 {
 		return nil, errors.Join(errs...)
+	}
+	httpc := agentHTTPClient(vo.agentTimeout)
+	for _, ep := range eps {
+		if strings.HasPrefix(ep, "https://") {
+			cfg, err := vo.agentTLS(ctx, c, operatorNS)
+			if err != nil {
+				return nil, err
+			}
+			tr := httpc.Transport.(*http.Transport)
+			tr.TLSClientConfig = cfg
+			// The agents serve HTTP/1.1 over TLS (agentapi.TLSTransport).
+			tr.ForceAttemptHTTP2 = false
+			break
+		}
 	}
 	for _, node := range vp.Spec.MemberNodes() {
 		ep := eps[node]

@@ -237,6 +237,9 @@ func runVerify(ctx context.Context, o *rootOptions, vo *verifyOptions, name stri
 			switch {
 			case agentapi.IsNotFound(err):
 				return nil, fmt.Errorf("node %s (agent %s) holds no replica of %s/%s", node, ep, ns, name)
+			case strings.HasPrefix(ep, "https://") && isTLSError(err):
+				return nil, fmt.Errorf("the TLS handshake with the agent of node %s (%s) failed: the agents' certificates and the client certificate must both be of the install's CA "+
+					"(the Secret tandem-agent-ca, or the manager's --agent-ca-name; with --tls-dir, its ca.crt, tls.crt and tls.key): %w", node, ep, err)
 			case errors.Is(err, agentapi.ErrNotSent):
 				return nil, fmt.Errorf("cannot reach the agent of node %s at %s (from its Lease %s/%s): the plugin calls each member's agent directly, on its node's IP; "+
 					"run it where the nodes' addresses are reachable (on a node, say), and check the agent: kubectl -n %s get pods -l %s -o wide --field-selector spec.nodeName=%s: %w",
@@ -411,6 +414,14 @@ func readTokenFile(name string) (string, error) {
 		return "", fmt.Errorf("--token-file %s is empty", name)
 	}
 	return tok, nil
+}
+
+// isTLSError tells a failed TLS handshake or certificate check (which
+// crypto/tls and crypto/x509 report with these prefixes, also for an alert
+// the agent sent) from a network error.
+func isTLSError(err error) bool {
+	m := err.Error()
+	return strings.Contains(m, "tls: ") || strings.Contains(m, "x509: ")
 }
 
 // connectTimeout bounds the TCP connection to an agent: an address that

@@ -5,6 +5,8 @@ import (
 	"crypto/ecdsa"
 	"encoding/json"
 	"errors"
+	"io"
+	"log"
 	"net/http"
 	"net/http/httptest"
 	"strconv"
@@ -72,6 +74,7 @@ func newTLSAgent(t *testing.T, ca *tlsidtest.CA, node string) *tlsAgent {
 		t.Fatal(err)
 	}
 	a.srv.TLS = src.ServerConfig(true)
+	a.srv.Config.ErrorLog = log.New(io.Discard, "", 0) // refused handshakes are expected
 	a.srv.StartTLS()
 	t.Cleanup(a.srv.Close)
 	return a
@@ -125,6 +128,10 @@ func TestVerifyTLS(t *testing.T) {
 		return c.Get(ctx, key, obj, opts...)
 	}}
 	managerDir := ca.Dir(t, tlsid.Manager)
+	// A certificate the agents do not trust, with their CA as ca.crt.
+	untrusted := t.TempDir()
+	cert, key := tlsidtest.NewCA(t, "other").Issue(t, tlsid.Manager)
+	tlsidtest.WriteFiles(t, untrusted, cert, key, caPEM)
 	for _, tt := range []struct {
 		name  string
 		objs  []client.Object
@@ -142,6 +149,10 @@ func TestVerifyTLS(t *testing.T) {
 			"the agents serve mutual TLS, but their CA's secret storage/my-ca (the --agent-ca-name of Deployment storage/tandem-manager) does not exist"}},
 		{name: "a CA Secret without its key", objs: append([]client.Object{&corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: "storage", Name: "tandem-agent-ca"}, Data: map[string][]byte{"ca.crt": caPEM}}}, base...), want: []string{
 			"agent CA Secret storage/tandem-agent-ca holds no usable CA (ca.crt and ca.key)"}},
+		{name: "--tls-dir of another CA", objs: base, args: []string{"--tls-dir", tlsidtest.NewCA(t, "other").Dir(t, tlsid.Manager)}, want: []string{
+			"the TLS handshake with the agent of node node-a (" + a.srv.URL + ") failed: the agents' certificates and the client certificate must both be of the install's CA"}},
+		{name: "--tls-dir with a certificate the agents do not trust", objs: base, args: []string{"--tls-dir", untrusted}, want: []string{
+			"the TLS handshake with the agent of node node-a (" + a.srv.URL + ") failed"}},
 		{name: "--tls-dir without the files", objs: base, args: []string{"--tls-dir", t.TempDir()}, want: []string{"--tls-dir: "}},
 	} {
 		a.ids, b.ids = map[tlsid.Identity]bool{}, map[tlsid.Identity]bool{}

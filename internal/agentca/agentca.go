@@ -53,7 +53,9 @@
 // The manager's own certificate (spiffe://tandem.dev/manager) is not
 // requested through the API: every manager replica signs one in process
 // with the CA (ManagerCert) and renews it in memory at two thirds of its
-// lifetime (package tlsid's FromPEM and Set).
+// lifetime (package tlsid's FromPEM and Set). An administrator's client
+// that may read the CA Secret (kubectl tandem verify, the e2e tests) signs
+// itself a short-lived one the same way: ClientTLS.
 package agentca
 
 import (

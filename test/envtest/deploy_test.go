@@ -749,6 +749,7 @@ type workloadExpect struct {
 	metricsPort              int32    // default 8080
 	tolerateAll              bool     // the agent tolerates every taint
 	maxInflight              string   // --max-inflight-bytes; default 256Mi
+	tlsHostPath              string   // tls.mode=hostPath: a second hostPath volume "tls" (checkTLSHostPath checks it)
 }
 
 // checkWorkloads checks the manager Deployment, the agent DaemonSet and the
@@ -857,6 +858,9 @@ func checkWorkloads(t *testing.T, objs []*unstructured.Unstructured, w workloadE
 		var data *corev1.Volume
 		for i := range p.Volumes {
 			if p.Volumes[i].HostPath != nil {
+				if w.tlsHostPath != "" && p.Volumes[i].Name == "tls" && p.Volumes[i].HostPath.Path == w.tlsHostPath {
+					continue
+				}
 				if data != nil {
 					t.Errorf("agent has more than one hostPath volume: %s and %s", data.Name, p.Volumes[i].Name)
 				}

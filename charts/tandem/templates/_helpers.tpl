@@ -141,3 +141,23 @@ Call with (dict "ctx" $ "mode" 0400).
     - key: {{ include "tandem.tokenSecretKey" .ctx }}
       path: token
 {{- end }}
+
+{{/*
+The mutual-TLS mode: "" (tls.enabled false), "issue" (the manager signs the
+agents' CSRs) or "hostPath" (each node's certificate in a directory on the
+node, the manager's in a Secret). Fails when hostPath lacks its values.
+*/}}
+{{- define "tandem.tlsMode" -}}
+{{- if .Values.tls.enabled -}}
+{{- $mode := .Values.tls.mode | default "issue" -}}
+{{- if eq $mode "hostPath" -}}
+{{- if not .Values.tls.hostPath.agentDir -}}
+{{- fail "tls.mode=hostPath needs tls.hostPath.agentDir: the directory on every node holding that node's tls.crt, tls.key and ca.crt (docs/security.md, \"Certificates you provide\")" -}}
+{{- end -}}
+{{- if not .Values.tls.secret.managerSecretName -}}
+{{- fail "tls.mode=hostPath needs tls.secret.managerSecretName: the kubernetes.io/tls Secret (tls.crt, tls.key, ca.crt) with the manager's certificate, URI SAN spiffe://tandem.dev/manager (docs/security.md, \"Certificates you provide\")" -}}
+{{- end -}}
+{{- end -}}
+{{- $mode -}}
+{{- end -}}
+{{- end -}}

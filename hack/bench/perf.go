@@ -168,7 +168,14 @@ var workloads = []workload{
 }
 
 // targets of the fio section, each peer next to its Tandem counterpart.
-var targets = []string{"nbdkit", "standalone", "async", "qemu-async", "sync", "qemu-sync"}
+// async-tls and sync-tls are the pairs again with mutual TLS (a second pair
+// of agents with --tls-dir), for the TLS cost table.
+var targets = []string{"nbdkit", "standalone", "async", "async-tls", "qemu-async", "sync", "sync-tls", "qemu-sync"}
+
+// wantsTLS reports whether a target list (empty: all) has a TLS target.
+func wantsTLS(list []string) bool {
+	return len(list) == 0 || slices.Contains(list, "async-tls") || slices.Contains(list, "sync-tls")
+}
 
 // qemuPeer is the qemu mirror target a Tandem target is compared with:
 // write-blocking for Sync, background for Async ("" for none).
@@ -302,6 +309,9 @@ func (b *bench) fioTargets() (ts []*fioTarget, a, bk *agentProc, err error) {
 	if b.baseBin != "" {
 		volumes += 5
 	}
+	if wantsTLS(b.targets) {
+		volumes += 4
+	}
 	data, err := b.fioDataDir(volumes, fioVolSize)
 	if err != nil {
 		return nil, nil, nil, err
@@ -317,6 +327,21 @@ func (b *bench) fioTargets() (ts []*fioTarget, a, bk *agentProc, err error) {
 	members, err := b.fioMembers(a, bk, b.agentBin, data, pc, bc, "")
 	if err != nil {
 		return nil, nil, nil, err
+	}
+	if wantsTLS(b.targets) {
+		// A pair of its own: the same places and binary, both agents with
+		// --tls-dir, the control API over HTTPS.
+		ca, err := newBenchTLS(filepath.Join(b.work, "tls"))
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		c, d := b.newAgent("tls-a"), b.newAgent("tls-b")
+		c.tls, d.tls = ca, ca
+		tm, err := b.fioMembers(c, d, b.agentBin, data, pc, bc, "-tls")
+		if err != nil {
+			return nil, nil, nil, fmt.Errorf("TLS pair: %w", err)
+		}
+		members = append(members, tm...)
 	}
 	for _, t := range members {
 		byName[t.name] = t
@@ -344,7 +369,7 @@ func (b *bench) fioTargets() (ts []*fioTarget, a, bk *agentProc, err error) {
 		for _, t := range base {
 			byName[t.name] = t
 		}
-		order = []string{"nbdkit", "standalone", "standalone-base", "async", "async-base", "qemu-async", "sync", "sync-base", "qemu-sync"}
+		order = []string{"nbdkit", "standalone", "standalone-base", "async", "async-base", "async-tls", "qemu-async", "sync", "sync-base", "sync-tls", "qemu-sync"}
 	}
 	for _, n := range order {
 		if len(b.targets) > 0 && !slices.Contains(b.targets, n) {
@@ -357,7 +382,9 @@ func (b *bench) fioTargets() (ts []*fioTarget, a, bk *agentProc, err error) {
 
 // fioMembers starts agents p and s (data under data, in places pc and sc)
 // with a standalone member (solo) and an Async and a Sync pair, and
-// returns them as targets named standalone, async, sync plus suffix.
+// returns them as targets named standalone, async, sync plus suffix
+// (suffix -tls: the pairs only, standalone-tls would measure nothing TLS
+// touches).
 func (b *bench) fioMembers(p, s *agentProc, bin, data string, pc, sc place, suffix string) ([]*fioTarget, error) {
 	p.bin, s.bin = bin, bin
 	p.dir, s.dir = filepath.Join(data, p.node), filepath.Join(data, s.node)
@@ -367,11 +394,14 @@ func (b *bench) fioMembers(p, s *agentProc, bin, data string, pc, sc place, suff
 			return nil, err
 		}
 	}
-	if err := p.put("solo", fioVolSize, agentapi.Spec{Role: agentapi.RolePrimary, Epoch: 1, Mode: agentapi.ModeAsync, Initialize: true}); err != nil {
-		return nil, err
+	var ts []*fioTarget
+	if suffix != "-tls" {
+		if err := p.put("solo", fioVolSize, agentapi.Spec{Role: agentapi.RolePrimary, Epoch: 1, Mode: agentapi.ModeAsync, Initialize: true}); err != nil {
+			return nil, err
+		}
+		ts = append(ts, &fioTarget{name: "standalone" + suffix, uri: p.url("solo"), pids: func() []int { return []int{p.pid()} },
+			files: func() []string { return []string{p.volumeDir("solo")} }})
 	}
-	ts := []*fioTarget{{name: "standalone" + suffix, uri: p.url("solo"), pids: func() []int { return []int{p.pid()} },
-		files: func() []string { return []string{p.volumeDir("solo")} }}}
 	for _, m := range []agentapi.Mode{agentapi.ModeAsync, agentapi.ModeSync} {
 		v := strings.ToLower(string(m))
 		if err := pair(p, s, v, fioVolSize, m, 1); err != nil {

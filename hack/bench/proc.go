@@ -38,8 +38,9 @@ type agentProc struct {
 	b                      *bench
 	bin                    string // agent binary
 	node, dir              string
-	at                     place  // its CPUs (-pin) and network namespace (-netns); zero: any CPU, loopback
-	ctrl, repl, nbd, pprof string // set by the first start
+	at                     place     // its CPUs (-pin) and network namespace (-netns); zero: any CPU, loopback
+	tls                    *benchTLS // set: started with --tls-dir (a certificate naming node), its control API called over HTTPS as the manager
+	ctrl, repl, nbd, pprof string    // set by the first start
 	cmd                    *exec.Cmd
 	exited                 chan struct{}
 	api                    *agentapi.Client // its control API (the harness links neither the agent nor a Kubernetes client)
@@ -98,6 +99,16 @@ func (a *agentProc) start() error {
 	if addrFile != "" {
 		args = append(args, "--addresses-file", addrFile)
 	}
+	scheme, httpc := "http://", &http.Client{Timeout: callTimeout}
+	if a.tls != nil {
+		dir, err := a.tls.nodeDir(a.node)
+		if err != nil {
+			logf.Close()
+			return err
+		}
+		args = append(args, "--tls-dir", dir)
+		scheme, httpc.Transport = "https://", agentapi.TLSTransport(a.tls.client)
+	}
 	a.cmd = a.at.command(a.bin, args...)
 	a.cmd.Stdout, a.cmd.Stderr = logf, logf
 	a.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
@@ -126,12 +137,12 @@ func (a *agentProc) start() error {
 		if !a.running() {
 			return fmt.Errorf("agent %s exited at start (see %s.log)", a.node, a.node)
 		}
-		a.ctrl, a.repl, a.nbd, a.pprof = strings.TrimPrefix(addrs.Control, "http://"), addrs.Replication, addrs.NBD, addrs.Pprof
+		a.ctrl, a.repl, a.nbd, a.pprof = strings.TrimPrefix(addrs.Control, scheme), addrs.Replication, addrs.NBD, addrs.Pprof
 	}
-	a.api = &agentapi.Client{BaseURL: "http://" + a.ctrl, Token: token, HTTP: &http.Client{Timeout: callTimeout}}
+	a.api = &agentapi.Client{BaseURL: scheme + a.ctrl, Token: token, HTTP: httpc}
 	deadline := time.Now().Add(20 * time.Second)
 	for time.Now().Before(deadline) {
-		resp, err := http.Get("http://" + a.ctrl + "/healthz")
+		resp, err := httpc.Get(scheme + a.ctrl + "/healthz")
 		if err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == 200 {

@@ -465,6 +465,7 @@ func reportFio(p func(string, ...any), r *results, key string, s *fioSet) {
 	}
 	fioPromises(p, r, s)
 	fioTables(p, s)
+	tlsCost(p, s)
 }
 
 // fioPromises says what each target of a fio section promises when it
@@ -487,7 +488,51 @@ func fioPromises(p func(string, ...any), r *results, s *fioSet) {
 	if r.Baseline != "" && slices.ContainsFunc(s.Targets, func(t string) bool { return strings.HasSuffix(t, "-base") }) {
 		p("- ***-base**: the same with the agent built from `%s`, run alternately with the others (before/after).\n", r.Baseline)
 	}
+	if slices.ContainsFunc(s.Targets, func(t string) bool { return strings.HasSuffix(t, "-tls") }) {
+		p("- **async-tls** / **sync-tls**: the same pairs between a second pair of agents, both with `--tls-dir` (docs/security.md, Mutual TLS): the replication link is mutual TLS 1.3 (certificates of a CA the harness made at start, ECDSA P-256), run alternately with the others; see *TLS cost*.\n")
+	}
 	p("\n")
+}
+
+// tlsCost writes the TLS cost table of a fio section: each TLS pair's IOPS
+// and CPU per GiB divided by those of the same pair without TLS, per
+// workload (medians of the same rounds). Nothing without a TLS target.
+func tlsCost(p func(string, ...any), s *fioSet) {
+	row := func(wl, t string) (fioRow, bool) {
+		i := slices.IndexFunc(s.Rows, func(f fioRow) bool { return f.Workload == wl && f.Target == t })
+		if i < 0 {
+			return fioRow{}, false
+		}
+		return s.Rows[i], true
+	}
+	var wls, lines []string
+	for _, f := range s.Rows {
+		if !slices.Contains(wls, f.Workload) {
+			wls = append(wls, f.Workload)
+		}
+	}
+	for _, wl := range wls {
+		for _, m := range []string{"async", "sync"} {
+			plain, ok1 := row(wl, m)
+			tls, ok2 := row(wl, m+"-tls")
+			if !ok1 || !ok2 || plain.IOPS.N == 0 || tls.IOPS.N == 0 {
+				continue
+			}
+			cpu := "—"
+			if plain.CPU.N > 0 && tls.CPU.N > 0 {
+				cpu = fmt.Sprintf("%s s/GiB vs %s s/GiB (%s×)", ff(tls.CPU.Med, 2), ff(plain.CPU.Med, 2), ff(tls.CPU.Med/plain.CPU.Med, 2))
+			}
+			lines = append(lines, fmt.Sprintf("| %s | %s | %s vs %s (%s×) | %s |", wl, m, ff(tls.IOPS.Med, 0), ff(plain.IOPS.Med, 0), ff(tls.IOPS.Med/plain.IOPS.Med, 2), cpu))
+		}
+	}
+	if len(lines) == 0 {
+		return
+	}
+	p("### TLS cost\n\n")
+	p("Each pair with mutual TLS (`-tls`) against the same pair without, in the same rounds: IOPS and CPU s/GiB (medians), *tls ÷ plain*. ")
+	p("Below 1.0× in IOPS and above 1.0× in CPU is what TLS costs.\n\n")
+	p("| workload | pair | IOPS, tls vs plain | CPU per GiB, tls vs plain |\n|---|---|---|---|\n")
+	p("%s\n\n", strings.Join(lines, "\n"))
 }
 
 // fioTables writes a fio section's table of each workload; the columns

@@ -44,6 +44,17 @@ var (
 	buildErr  error
 )
 
+// TestMain removes the agent binary buildAgent compiled (82 MiB with the
+// race detector): every run of the package left one in the temporary
+// directory before.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if agentBin != "" {
+		_ = os.RemoveAll(filepath.Dir(agentBin))
+	}
+	os.Exit(code)
+}
+
 // buildAgent compiles cmd/agent once, with the race detector when this test
 // binary has it.
 func buildAgent(t *testing.T) string {

@@ -50,6 +50,17 @@
 // (client auth, server auth), its key usage digital signature (plus key
 // encipherment for RSA keys).
 //
+// The certificate also carries the node's name and its addresses as the
+// Node object lists them (status.addresses: InternalIP and ExternalIP as IP
+// SANs, the node name, Hostname, InternalDNS and ExternalDNS as DNS SANs),
+// which the signer reads itself when it signs: the agent does not ask for
+// them. Tandem's own peers check identities and ignore them (package
+// tlsid), but NBD clients speaking TLS through GnuTLS (qemu, nbdcopy,
+// nbdinfo with nbds://) check the server's certificate against the address
+// they dialed. A node whose addresses change gets them at its next renewal
+// (two thirds of the lifetime). A Node the signer cannot read (not created
+// yet) gets a certificate with its name only.
+//
 // The manager's own certificate (spiffe://tandem.dev/manager) is not
 // requested through the API: every manager replica signs one in process
 // with the CA (ManagerCert) and renews it in memory at two thirds of its
@@ -70,6 +81,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"net"
 	"net/url"
 	"slices"
 	"time"
@@ -311,14 +323,44 @@ func (p Policy) Lifetime(csr *certv1.CertificateSigningRequest) time.Duration {
 	return d
 }
 
+// NodeAddresses are the DNS names and IP addresses a node's certificate
+// carries besides its identity.
+type NodeAddresses struct {
+	DNSNames []string
+	IPs      []net.IP
+}
+
+// AddressesOf returns the names and addresses of node n: its name, then
+// status.addresses in order (duplicates and unparsable IPs left out).
+func AddressesOf(n *corev1.Node) NodeAddresses {
+	a := NodeAddresses{DNSNames: []string{n.Name}}
+	for _, ad := range n.Status.Addresses {
+		switch ad.Type {
+		case corev1.NodeInternalIP, corev1.NodeExternalIP:
+			ip := net.ParseIP(ad.Address)
+			if ip != nil && !slices.ContainsFunc(a.IPs, ip.Equal) {
+				a.IPs = append(a.IPs, ip)
+			}
+		case corev1.NodeHostName, corev1.NodeInternalDNS, corev1.NodeExternalDNS:
+			if ad.Address != "" && !slices.Contains(a.DNSNames, ad.Address) {
+				a.DNSNames = append(a.DNSNames, ad.Address)
+			}
+		}
+	}
+	return a
+}
+
 // SignCSR signs the checked request req for node with ca, valid for
-// lifetime from now, and returns the certificate's PEM.
-func (ca *CA) SignCSR(req *x509.CertificateRequest, node string, usages []certv1.KeyUsage, lifetime time.Duration, now time.Time) ([]byte, error) {
+// lifetime from now, naming addrs as well, and returns the certificate's
+// PEM.
+func (ca *CA) SignCSR(req *x509.CertificateRequest, node string, addrs NodeAddresses, usages []certv1.KeyUsage, lifetime time.Duration, now time.Time) ([]byte, error) {
 	tmpl := &x509.Certificate{
-		Subject:   pkix.Name{CommonName: "tandem-agent:" + node},
-		URIs:      req.URIs,
-		NotBefore: now.Add(-leafBackdate),
-		NotAfter:  now.Add(lifetime),
+		Subject:     pkix.Name{CommonName: "tandem-agent:" + node},
+		URIs:        req.URIs,
+		DNSNames:    addrs.DNSNames,
+		IPAddresses: addrs.IPs,
+		NotBefore:   now.Add(-leafBackdate),
+		NotAfter:    now.Add(lifetime),
 	}
 	for _, us := range usages {
 		switch us {

@@ -11,6 +11,7 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"net/url"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -130,9 +131,11 @@ func TestSigner(t *testing.T) {
 		uris     []string
 		dns      []string
 		lifetime time.Duration // of the certificate, when signed
+		noNode   bool          // no Node object node-a
 		want     want
 	}{
 		{name: "own node", lifetime: 24 * time.Hour, want: want{signed: true, cond: certv1.CertificateApproved}},
+		{name: "own node, Node not found: its name only", lifetime: 24 * time.Hour, noNode: true, want: want{signed: true, cond: certv1.CertificateApproved}},
 		{name: "own node, P-384, short expirationSeconds", key: ecKey(t, elliptic.P384()), lifetime: 15 * time.Minute,
 			edit: func(c *certv1.CertificateSigningRequest) { c.Spec.ExpirationSeconds = ptr.To[int32](900) },
 			want: want{signed: true, cond: certv1.CertificateApproved}},
@@ -186,7 +189,15 @@ func TestSigner(t *testing.T) {
 			if tc.edit != nil {
 				tc.edit(csr)
 			}
-			c := newClient(csr)
+			objs := []client.Object{csr}
+			if !tc.noNode {
+				objs = append(objs, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a"}, Status: corev1.NodeStatus{Addresses: []corev1.NodeAddress{
+					{Type: corev1.NodeInternalIP, Address: "198.18.0.2"}, {Type: corev1.NodeHostName, Address: "node-a"},
+					{Type: corev1.NodeHostName, Address: "node-a.example"}, {Type: corev1.NodeExternalIP, Address: "2001:db8::2"},
+					{Type: corev1.NodeInternalIP, Address: "198.18.0.2"}, {Type: corev1.NodeInternalIP, Address: "not-an-ip"},
+				}}})
+			}
+			c := newClient(objs...)
 			ca, err := agentca.EnsureCA(ctx, c, ns, agentca.DefaultName, t0)
 			if err != nil {
 				t.Fatal(err)
@@ -231,8 +242,21 @@ func TestSigner(t *testing.T) {
 			if id, err := tlsid.CertIdentity(leaf); err != nil || id != tlsid.NodeIdentity("node-a") {
 				t.Errorf("identity %q, %v; want node-a's", id, err)
 			}
-			if len(leaf.DNSNames)+len(leaf.IPAddresses) > 0 {
-				t.Errorf("certificate names %v %v", leaf.DNSNames, leaf.IPAddresses)
+			// The node's name and addresses, for NBD clients that check the
+			// address they dialed.
+			wantDNS, wantIPs := []string{"node-a", "node-a.example"}, []string{"198.18.0.2", "2001:db8::2"}
+			if tc.noNode {
+				wantDNS, wantIPs = []string{"node-a"}, nil
+			}
+			var ips []string
+			for _, ip := range leaf.IPAddresses {
+				ips = append(ips, ip.String())
+			}
+			if !slices.Equal(leaf.DNSNames, wantDNS) || !slices.Equal(ips, wantIPs) {
+				t.Errorf("certificate names %v %v, want %v %v", leaf.DNSNames, ips, wantDNS, wantIPs)
+			}
+			if err := leaf.VerifyHostname("198.18.0.2"); !tc.noNode && err != nil {
+				t.Errorf("VerifyHostname: %v", err)
 			}
 			if got := leaf.NotAfter.Sub(t0); got != tc.lifetime {
 				t.Errorf("lifetime %v, want %v", got, tc.lifetime)

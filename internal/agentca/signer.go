@@ -7,6 +7,7 @@ import (
 
 	certv1 "k8s.io/api/certificates/v1"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/utils/clock"
 	ctrl "sigs.k8s.io/controller-runtime"
@@ -110,7 +111,17 @@ func (s *Signer) Decide(ctx context.Context, csr *certv1.CertificateSigningReque
 		}
 	}
 	lifetime := s.Policy.Lifetime(csr)
-	certPEM, err := s.CA.SignCSR(parsed, node, csr.Spec.Usages, lifetime, now)
+	addrs := NodeAddresses{DNSNames: []string{node}}
+	var n corev1.Node
+	switch err := s.Client.Get(ctx, client.ObjectKey{Name: node}, &n); {
+	case err == nil:
+		addrs = AddressesOf(&n)
+	case apierrors.IsNotFound(err):
+		lg.Info("Node not found: its certificate names no address", "node", node)
+	default:
+		return fmt.Errorf("CSR %s: read node %s for its addresses: %w", csr.Name, node, err)
+	}
+	certPEM, err := s.CA.SignCSR(parsed, node, addrs, csr.Spec.Usages, lifetime, now)
 	if err != nil {
 		return fmt.Errorf("CSR %s: %w", csr.Name, err)
 	}
@@ -118,7 +129,7 @@ func (s *Signer) Decide(ctx context.Context, csr *certv1.CertificateSigningReque
 	if err := s.Client.Status().Update(ctx, csr); err != nil {
 		return fmt.Errorf("CSR %s: write the certificate: %w", csr.Name, err)
 	}
-	lg.Info("Signed agent CSR", "node", node, "lifetime", lifetime)
+	lg.Info("Signed agent CSR", "node", node, "lifetime", lifetime, "dnsNames", addrs.DNSNames, "ips", fmt.Sprint(addrs.IPs))
 	return nil
 }
 

@@ -65,7 +65,7 @@ func (s *signer) run(ctx context.Context, t *testing.T) {
 				s.mu.Lock()
 				ca := s.ca
 				s.mu.Unlock()
-				if csr.Status.Certificate, err = ca.SignCSR(req, node, csr.Spec.Usages, p.Lifetime(&csr), s.clk.Now()); err != nil {
+				if csr.Status.Certificate, err = ca.SignCSR(req, node, agentca.NodeAddresses{DNSNames: []string{node}}, csr.Spec.Usages, p.Lifetime(&csr), s.clk.Now()); err != nil {
 					t.Error(err)
 					return
 				}

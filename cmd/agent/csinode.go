@@ -21,6 +21,7 @@ import (
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
 	"github.com/tandem-storage/tandem/internal/csi"
 	"github.com/tandem-storage/tandem/internal/csi/attach"
+	"github.com/tandem-storage/tandem/internal/tlsid"
 )
 
 // runCSINode serves the CSI node plugin ("agent csi-node"): a second
@@ -36,6 +37,7 @@ func runCSINode(args []string) error {
 	namespace := fs.String("namespace", os.Getenv("POD_NAMESPACE"), "The driver's namespace: where the VolumePairs of provisioned volumes live.")
 	kubeconfig := fs.String("kubeconfig", "", "Kubeconfig file (default: in-cluster config).")
 	ioTimeout := fs.Duration("io-timeout", attach.DefaultIOTimeout, "How long a volume request waits for a writer (across a failover or a switchover) before the filesystem gets EIO.")
+	tlsDir := fs.String("tls-dir", "", "Upgrade every NBD connection to TLS (NBD_OPT_STARTTLS) with this node's agent certificate: the agent's <data-dir>/tls with --tls-issue, or its --tls-dir (tls.crt, tls.key, ca.crt; read again every 5 s). The writer must present a certificate of the CA naming a node. Empty: plain NBD.")
 	attachPath := fs.String("attach", "auto", "How volumes become block devices: kernel (the kernel's NBD client, /dev/nbdN), user-space (a FUSE file with a loop device, for kernels without NBD), or auto (kernel when the kernel has an NBD client, else user-space).")
 	opts := zap.Options{TimeEncoder: zapcore.RFC3339NanoTimeEncoder}
 	opts.BindFlags(fs)
@@ -64,18 +66,25 @@ func runCSINode(args []string) error {
 	// does for a VolumeAttachment, through this plugin's own client.
 	nodeSvc := &csi.Node{NodeID: *node, Client: c, Namespace: *namespace, Mounter: csi.LinuxMounter{}, StateDir: *stateDir,
 		Publisher: &csi.Controller{Client: c, Namespace: *namespace}}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	var tlsConfig attach.TLSConfig
+	if *tlsDir != "" {
+		tlsLog := log.WithName("tls")
+		tlsConfig = (&attach.NodeTLS{Dir: *tlsDir, Log: tlsLog, Watch: func(src *tlsid.Source) {
+			go src.Watch(ctx, tlsid.ReloadEvery, tlsLog)
+		}}).Config
+	}
 	attacher, path, err := chooseAttacher(*attachPath, func() (nodeAttacher, error) {
-		return attach.NewKernel(attach.KernelOptions{IOTimeout: *ioTimeout, Log: log.WithName("attach"), Resolver: resolver, Lookup: nodeSvc.Volume})
+		return attach.NewKernel(attach.KernelOptions{IOTimeout: *ioTimeout, Log: log.WithName("attach"), Resolver: resolver, Lookup: nodeSvc.Volume, TLS: tlsConfig})
 	}, func() nodeAttacher {
-		return &attach.UserSpace{Dir: filepath.Join(*stateDir, "fuse"), IOTimeout: *ioTimeout, Log: log.WithName("attach"), Resolver: resolver}
+		return &attach.UserSpace{Dir: filepath.Join(*stateDir, "fuse"), IOTimeout: *ioTimeout, Log: log.WithName("attach"), Resolver: resolver, TLS: tlsConfig}
 	})
 	if err != nil {
 		return err
 	}
-	log.Info("Attach path", "path", path)
+	log.Info("Attach path", "path", path, "nbdTLS", *tlsDir != "")
 	nodeSvc.Attacher = attacher
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	defer stop()
 	p := &csi.NodePlugin{Node: nodeSvc, Endpoint: *endpoint, RegistryDir: *registry, Log: log}
 	go csi.Heartbeat(ctx, c, *namespace, *node, map[string]string{csi.AnnotationAttachPath: path}, nil, log.WithName("heartbeat"))
 	err = p.Run(ctx)

@@ -70,6 +70,7 @@ func run() error {
 	advertise := fs.String("advertise-address", os.Getenv("POD_IP"), "Address peers and clients use to reach this agent (default: the listen addresses' host, or 127.0.0.1).")
 	kubeQPS := fs.Float64("kube-api-qps", 50, "Requests per second to the Kubernetes API server (client-side limit). The agent renews one authority Lease per primary volume every second, plus its own Lease: keep this above the number of primaries per node.")
 	kubeBurst := fs.Int("kube-api-burst", 100, "Burst of requests to the Kubernetes API server above --kube-api-qps.")
+	nbdTLS := fs.String("nbd-tls", "offer", "With mutual TLS (--tls-dir or --tls-issue): whether the NBD server offers TLS through NBD_OPT_STARTTLS (offer: clients may upgrade, plain-text ones are still served), requires it (require: every client presents a certificate of the CA naming a Tandem identity, such as the CSI node plugin's) or not (off). Without TLS material the NBD port is plain text.")
 	nbdAllowed := fs.String("nbd-allowed-clients", "", "Who may connect to the NBD port, comma-separated: nodes (the cluster's Nodes, their addresses and Pod CIDRs, and loopback, kept current from the API server), CIDR prefixes or addresses, or any (everyone: firewall the port then). Others are refused before the handshake. Default: nodes with Kubernetes (--namespace), any without.")
 	handover := fs.Duration("handover-timeout", agent.DefaultHandoverTimeout, "On SIGTERM (a rolling update, a drain), how long to wait for the controller to move this node's writer roles to their peers before shutting down; 0 disables the handover. Keep the Pod's terminationGracePeriodSeconds above this plus 30 s.")
 	payloadCRC := fs.Bool("payload-checksums", false, "Ask for a CRC-32C over every replicated payload (Write and CopyData frames), on top of TCP's checksum, on every replication link of this agent; a link uses them when either side asks (DRBD's data-integrity-alg). Off: the frames' checksums cover their headers; costs CPU on both members when on (about a quarter of it for 1 MiB writes).")
@@ -103,6 +104,13 @@ func run() error {
 	}
 	if *tlsIssue && *namespace == "" {
 		return errors.New("--tls-issue needs Kubernetes (--namespace)")
+	}
+	nbdTLSMode, err := agent.ParseNBDTLSMode(*nbdTLS)
+	if err != nil {
+		return fmt.Errorf("--nbd-tls: %w", err)
+	}
+	if nbdTLSMode == agent.NBDTLSRequire && *tlsDir == "" && !*tlsIssue {
+		return errors.New("--nbd-tls=require needs TLS material: --tls-dir or --tls-issue")
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
@@ -160,7 +168,7 @@ func run() error {
 		}
 	}
 	if tlsSrc != nil {
-		log.Info("Mutual TLS on the replication link and the control API", "dir", tlsSrc.Dir(), "identity", tlsSrc.Identity(), "serial", tlsSrc.Serial(), "notAfter", tlsSrc.NotAfter())
+		log.Info("Mutual TLS on the replication link and the control API", "nbd", nbdTLSMode, "dir", tlsSrc.Dir(), "identity", tlsSrc.Identity(), "serial", tlsSrc.Serial(), "notAfter", tlsSrc.NotAfter())
 	}
 
 	var lns []net.Listener
@@ -224,6 +232,7 @@ func run() error {
 			PayloadChecksums: *payloadCRC, Budget: budget.New(*maxInflight), Log: log},
 		Control: cl, Replication: rl, NBD: nl,
 		NBDAllow:        allowed,
+		NBDTLS:          nbdTLSMode,
 		Nodes:           nodes,
 		Leases:          leases,
 		Namespace:       *namespace,

@@ -172,6 +172,8 @@ type Agent struct {
 
 	// replTLS is the replication listener's TLS config (nil: plaintext).
 	replTLS *tls.Config
+	// nbdTLS is what the NBD server does with TLS (set by Run).
+	nbdTLS NBDTLSMode
 }
 
 var nameRE = regexp.MustCompile(`^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$`)

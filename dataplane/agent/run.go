@@ -40,6 +40,11 @@ type Options struct {
 	// NBDHandshakeTimeout bounds an NBD client's negotiation (0:
 	// nbd.DefaultHandshakeTimeout).
 	NBDHandshakeTimeout time.Duration
+	// NBDTLS says whether the NBD server offers TLS (NBD_OPT_STARTTLS)
+	// with Config.TLS, or requires it. The client must then present a
+	// certificate of the CA bundle naming a Tandem identity (the CSI node
+	// plugin presents its node's). "" is NBDTLSOffer.
+	NBDTLS NBDTLSMode
 
 	// Leases connects the agent to Kubernetes: with it, the agent registers
 	// its Lease in Namespace (Register) and renews the authority Leases of
@@ -61,6 +66,41 @@ type Options struct {
 	// Started, if set, is called once the agent serves on all three
 	// listeners, with the agent and the endpoints it advertises.
 	Started func(*Agent, Endpoints)
+}
+
+// NBDTLSMode is Options.NBDTLS.
+type NBDTLSMode string
+
+// NBD TLS modes.
+const (
+	// NBDTLSOff: the NBD server does not offer TLS (STARTTLS gets
+	// NBD_REP_ERR_UNSUP).
+	NBDTLSOff NBDTLSMode = "off"
+	// NBDTLSOffer: clients may upgrade with STARTTLS; plain-text clients
+	// (qemu, fio, nbdinfo without certificates) are still served.
+	NBDTLSOffer NBDTLSMode = "offer"
+	// NBDTLSRequire: every client must upgrade with STARTTLS first.
+	NBDTLSRequire NBDTLSMode = "require"
+)
+
+// ParseNBDTLSMode parses an --nbd-tls value.
+func ParseNBDTLSMode(s string) (NBDTLSMode, error) {
+	switch m := NBDTLSMode(s); m {
+	case NBDTLSOff, NBDTLSOffer, NBDTLSRequire:
+		return m, nil
+	}
+	return "", fmt.Errorf("%q: want off, offer or require", s)
+}
+
+// effective is the mode the NBD server runs in: off without TLS material.
+func (m NBDTLSMode) effective(haveTLS bool) NBDTLSMode {
+	switch {
+	case !haveTLS:
+		return NBDTLSOff
+	case m == "":
+		return NBDTLSOffer
+	}
+	return m
 }
 
 // Shutdown timing (Run). At worst the handover (HandoverTimeout, 20 s, and
@@ -109,6 +149,14 @@ func Run(ctx context.Context, o Options) error {
 	}
 	if o.NBDAllow.Nodes() && o.Nodes == nil {
 		return fail(errors.New("agent: an NBD allow-list of the cluster's nodes needs Options.Nodes (Kubernetes)"))
+	}
+	if o.NBDTLS != "" {
+		if _, err := ParseNBDTLSMode(string(o.NBDTLS)); err != nil {
+			return fail(fmt.Errorf("agent: Options.NBDTLS %w", err))
+		}
+	}
+	if o.NBDTLS == NBDTLSRequire && o.Config.TLS == nil {
+		return fail(errors.New("agent: NBD TLS required (--nbd-tls=require) without TLS material (--tls-dir or --tls-issue)"))
 	}
 	cfg := o.Config
 	log := cfg.Log
@@ -166,11 +214,16 @@ func Run(ctx context.Context, o Options) error {
 
 	nbdSrv := &nbd.Server{Exports: a, Log: log.WithName("nbd"), Allow: o.NBDAllow,
 		Budget: cfg.Budget, HandshakeTimeout: o.NBDHandshakeTimeout}
+	if cfg.TLS != nil && o.NBDTLS != NBDTLSOff {
+		nbdSrv.TLS = cfg.TLS.ServerConfig(true)
+		nbdSrv.RequireTLS = o.NBDTLS == NBDTLSRequire
+	}
+	a.nbdTLS = o.NBDTLS.effective(cfg.TLS != nil)
 	nbdSvc := startService("NBD server", func(ctx context.Context) error { return nbdSrv.Serve(ctx, o.NBD) })
 	replSvc := startService("replication listener", func(ctx context.Context) error { return a.ServeReplication(ctx, o.Replication) })
 	ctrlSvc := startService("control API", func(ctx context.Context) error { return a.ServeControl(ctx, o.Control, o.ControlLimits) })
 	log.Info("Agent started", "node", cfg.Node, "dataDir", cfg.DataDir, "control", o.Control.Addr().String(),
-		"replication", o.Replication.Addr().String(), "nbd", o.NBD.Addr().String(), "auth", a.cfg.Tokens.Enabled(), "tls", cfg.TLS != nil,
+		"replication", o.Replication.Addr().String(), "nbd", o.NBD.Addr().String(), "auth", a.cfg.Tokens.Enabled(), "tls", cfg.TLS != nil, "nbdTLS", a.nbdTLS,
 		"kubernetes", auth != nil, "nbdAllowedClients", o.NBDAllow.String(), "maxInflightBytes", cfg.Budget.Stats().Size)
 	if o.Started != nil {
 		o.Started(a, ep)

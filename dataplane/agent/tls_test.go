@@ -19,6 +19,7 @@ import (
 	"github.com/go-logr/logr"
 
 	"github.com/tandem-storage/tandem/dataplane/agent"
+	"github.com/tandem-storage/tandem/dataplane/nbd"
 	"github.com/tandem-storage/tandem/dataplane/nbd/nbdtest"
 	"github.com/tandem-storage/tandem/dataplane/repl"
 	"github.com/tandem-storage/tandem/dataplane/volume"
@@ -64,6 +65,12 @@ func (e *tlsEnv) client(endpoint string, src *tlsid.Source) *agentapi.Client {
 // startTLSAgent runs node's agent with the certificate in dir.
 func (e *tlsEnv) startTLSAgent(node, dir, dataDir string) *runningAgent {
 	e.t.Helper()
+	return e.startTLSAgentNBD(node, dir, dataDir, "")
+}
+
+// startTLSAgentNBD is startTLSAgent with the NBD server's TLS mode.
+func (e *tlsEnv) startTLSAgentNBD(node, dir, dataDir string, nbdTLS agent.NBDTLSMode) *runningAgent {
+	e.t.Helper()
 	if dataDir == "" {
 		dataDir = e.t.TempDir()
 	}
@@ -72,7 +79,7 @@ func (e *tlsEnv) startTLSAgent(node, dir, dataDir string) *runningAgent {
 	e.t.Cleanup(cancel)
 	go src.Watch(ctx, 10*time.Millisecond, logr.Discard())
 	e.srcs[node] = src
-	return startAgent(e.t, agent.Options{Config: agent.Config{Node: node, DataDir: dataDir, Token: tlsToken, TLS: src}})
+	return startAgent(e.t, agent.Options{Config: agent.Config{Node: node, DataDir: dataDir, Token: tlsToken, TLS: src}, NBDTLS: nbdTLS})
 }
 
 func (e *tlsEnv) put(r *runningAgent, vol string, spec agentapi.Spec) {
@@ -460,4 +467,58 @@ func grepLines(s, sub string) string {
 		}
 	}
 	return strings.Join(out, "\n")
+}
+
+// TestTLSNBD: the agent's NBD port offers STARTTLS with its node
+// certificate (clients then present one of the CA naming a Tandem
+// identity), or requires it; a client that asked for TLS never gets plain
+// text.
+func TestTLSNBD(t *testing.T) {
+	e := newTLSEnv(t)
+	nodeC := tlsidtest.Load(t, e.ca.Dir(t, tlsid.NodeIdentity("node-c"))).ClientConfig(nil)
+	other := tlsidtest.Load(t, tlsidtest.NewCA(t, "other").Dir(t, tlsid.NodeIdentity("node-c"), e.ca)).ClientConfig(nil)
+	for _, tc := range []struct {
+		mode agent.NBDTLSMode
+		tls  *tls.Config
+		want string // "" when served
+	}{
+		{mode: agent.NBDTLSOffer, tls: nodeC},
+		{mode: agent.NBDTLSOffer},
+		{mode: agent.NBDTLSOffer, tls: e.manager.ClientConfig(nil)},
+		{mode: agent.NBDTLSOffer, tls: other, want: "tls: unknown certificate authority"},
+		{mode: agent.NBDTLSRequire, tls: nodeC},
+		{mode: agent.NBDTLSRequire, want: "NBD_REP_ERR_TLS_REQD"},
+		{mode: agent.NBDTLSOff},
+		{mode: agent.NBDTLSOff, tls: nodeC, want: "NBD_OPT_STARTTLS refused (NBD_REP_ERR_UNSUP)"},
+	} {
+		name := fmt.Sprintf("%s, TLS client %v, want %q", tc.mode, tc.tls != nil, tc.want)
+		t.Run(name, func(t *testing.T) {
+			a := e.startTLSAgentNBD("node-a", e.ca.Dir(t, tlsid.NodeIdentity("node-a")), "", tc.mode)
+			e.put(a, "vol", agentapi.Spec{Role: agentapi.RolePrimary, Epoch: 1, PeerNode: "node-b", PeerAddress: testkit.RefusingAddr(t), Initialize: true})
+			var opts []nbd.ClientOption
+			if tc.tls != nil {
+				opts = append(opts, nbd.WithTLS(tc.tls))
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			c, err := nbd.Dial(ctx, a.ep.NBD, "ns/vol", opts...)
+			if err == nil {
+				defer c.Close()
+				err = c.WriteAt(ctx, []byte("over the NBD port"), 0, true)
+			}
+			if tc.want == "" && err != nil {
+				t.Fatalf("NBD: %v", err)
+			}
+			if tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)) {
+				t.Fatalf("NBD: %v, want an error with %q", err, tc.want)
+			}
+		})
+	}
+
+	// Required without TLS material: Run refuses to start.
+	err := agent.Run(context.Background(), agent.Options{Config: agent.Config{Node: "node-a", DataDir: t.TempDir(), Token: tlsToken},
+		Control: testkit.Listen(t), Replication: testkit.Listen(t), NBD: testkit.Listen(t), NBDTLS: agent.NBDTLSRequire})
+	if err == nil || !strings.Contains(err.Error(), "NBD TLS required (--nbd-tls=require) without TLS material") {
+		t.Fatalf("Run with NBD TLS required and no TLS: %v", err)
+	}
 }

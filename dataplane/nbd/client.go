@@ -3,6 +3,7 @@ package nbd
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -113,6 +114,8 @@ func replyName(r uint32) string {
 		return "NBD_REP_ERR_POLICY"
 	case repErrInvalid:
 		return "NBD_REP_ERR_INVALID"
+	case repErrTLSReqd:
+		return "NBD_REP_ERR_TLS_REQD"
 	case repErrUnknown:
 		return "NBD_REP_ERR_UNKNOWN"
 	case repErrShutdown:
@@ -128,9 +131,25 @@ func replyName(r uint32) string {
 // say (the protocol's recommended limit).
 const DefaultClientMaxPayload = 32 << 20
 
+// ClientOption configures the handshake of Dial, NewClient and Negotiate.
+type ClientOption func(*clientOptions)
+
+type clientOptions struct {
+	tls *tls.Config
+}
+
+// WithTLS upgrades the connection with NBD_OPT_STARTTLS before anything
+// else is negotiated, and runs everything after it (export selection,
+// transmission) inside a TLS client connection with cfg. A server that does
+// not offer TLS fails the handshake with its refusal (an *OptionError): a
+// client asked to use TLS never falls back to plain text. Nil cfg: no TLS.
+func WithTLS(cfg *tls.Config) ClientOption {
+	return func(o *clientOptions) { o.tls = cfg }
+}
+
 // Dial connects to addr and negotiates export name. The context bounds the
 // dial and the handshake.
-func Dial(ctx context.Context, addr, name string) (*Client, error) {
+func Dial(ctx context.Context, addr, name string, opts ...ClientOption) (*Client, error) {
 	var d net.Dialer
 	conn, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
@@ -139,7 +158,7 @@ func Dial(ctx context.Context, addr, name string) (*Client, error) {
 	if tc, ok := conn.(*net.TCPConn); ok {
 		_ = tc.SetNoDelay(true)
 	}
-	c, err := NewClient(ctx, conn, name)
+	c, err := NewClient(ctx, conn, name, opts...)
 	if err != nil {
 		_ = conn.Close()
 		return nil, fmt.Errorf("NBD server %s: %w", addr, err)
@@ -148,8 +167,8 @@ func Dial(ctx context.Context, addr, name string) (*Client, error) {
 }
 
 // NewClient negotiates export name over conn and starts reading replies.
-func NewClient(ctx context.Context, conn net.Conn, name string) (*Client, error) {
-	c, br, err := negotiate(ctx, conn, name)
+func NewClient(ctx context.Context, conn net.Conn, name string, opts ...ClientOption) (*Client, error) {
+	c, br, err := negotiate(ctx, conn, name, opts)
 	if err != nil {
 		return nil, err
 	}
@@ -167,22 +186,29 @@ type ExportInfo struct {
 }
 
 // Negotiate performs only the handshake for export name over conn and
-// leaves conn in the transmission phase for another client to use, such as
-// the kernel's NBD driver: nothing of conn is read beyond the handshake.
-func Negotiate(ctx context.Context, conn net.Conn, name string) (ExportInfo, error) {
-	c, br, err := negotiate(ctx, conn, name)
+// leaves the connection in the transmission phase for another client to
+// use, such as the kernel's NBD driver: nothing is read beyond the
+// handshake. It returns the connection to carry on with: conn itself, or
+// with WithTLS the TLS connection over it (which the kernel cannot use
+// directly: see internal/csi/attach's TLS relay).
+func Negotiate(ctx context.Context, conn net.Conn, name string, opts ...ClientOption) (ExportInfo, net.Conn, error) {
+	c, br, err := negotiate(ctx, conn, name, opts)
 	if err != nil {
-		return ExportInfo{}, err
+		return ExportInfo{}, nil, err
 	}
 	if br.Buffered() > 0 {
 		// The server sent something after its last option reply, which
 		// the protocol does not allow before the first request.
-		return ExportInfo{}, fmt.Errorf("%w: %d bytes after the handshake", ErrProtocol, br.Buffered())
+		return ExportInfo{}, nil, fmt.Errorf("%w: %d bytes after the handshake", ErrProtocol, br.Buffered())
 	}
-	return ExportInfo{Size: c.size, Flags: c.flags, MinBlock: c.minSize, MaxPayload: c.maxLen}, nil
+	return ExportInfo{Size: c.size, Flags: c.flags, MinBlock: c.minSize, MaxPayload: c.maxLen}, c.conn, nil
 }
 
-func negotiate(ctx context.Context, conn net.Conn, name string) (*Client, *bufio.Reader, error) {
+func negotiate(ctx context.Context, conn net.Conn, name string, opts []ClientOption) (*Client, *bufio.Reader, error) {
+	var o clientOptions
+	for _, opt := range opts {
+		opt(&o)
+	}
 	if len(name) > maxStringLen {
 		return nil, nil, fmt.Errorf("export name of %d bytes exceeds the protocol's %d", len(name), maxStringLen)
 	}
@@ -190,6 +216,7 @@ func negotiate(ctx context.Context, conn net.Conn, name string) (*Client, *bufio
 	if !ok {
 		dl = time.Now().Add(30 * time.Second)
 	}
+	// Deadlines on conn also bound a TLS connection over it.
 	if err := conn.SetDeadline(dl); err != nil {
 		return nil, nil, fmt.Errorf("setting handshake deadline: %w", err)
 	}
@@ -197,7 +224,8 @@ func negotiate(ctx context.Context, conn net.Conn, name string) (*Client, *bufio
 	defer stop()
 	br := bufio.NewReaderSize(conn, 64<<10)
 	c := &Client{conn: conn, bw: bufio.NewWriterSize(conn, 64<<10), pending: map[uint64]*clientCall{}, done: make(chan struct{}), maxLen: DefaultClientMaxPayload, minSize: 1}
-	if err := c.handshake(br, name); err != nil {
+	br, err := c.handshake(br, name, o.tls)
+	if err != nil {
 		if ctx.Err() != nil {
 			return nil, nil, fmt.Errorf("NBD handshake: %w (%w)", context.Cause(ctx), err)
 		}
@@ -209,24 +237,36 @@ func negotiate(ctx context.Context, conn net.Conn, name string) (*Client, *bufio
 	return c, br, nil
 }
 
-func (c *Client) handshake(br *bufio.Reader, name string) error {
+// handshake negotiates export name (after NBD_OPT_STARTTLS with tlsCfg)
+// and returns the reader to carry on with.
+func (c *Client) handshake(br *bufio.Reader, name string, tlsCfg *tls.Config) (*bufio.Reader, error) {
 	var greet [18]byte
 	if _, err := io.ReadFull(br, greet[:]); err != nil {
-		return fmt.Errorf("reading greeting: %w", err)
+		return nil, fmt.Errorf("reading greeting: %w", err)
 	}
 	if m := binary.BigEndian.Uint64(greet[0:8]); m != nbdMagic {
-		return fmt.Errorf("%w: bad greeting magic 0x%016x", ErrProtocol, m)
+		return nil, fmt.Errorf("%w: bad greeting magic 0x%016x", ErrProtocol, m)
 	}
 	if m := binary.BigEndian.Uint64(greet[8:16]); m != optMagic {
-		return fmt.Errorf("%w: server is not newstyle (magic 0x%016x)", ErrProtocol, m)
+		return nil, fmt.Errorf("%w: server is not newstyle (magic 0x%016x)", ErrProtocol, m)
 	}
 	hf := binary.BigEndian.Uint16(greet[16:18])
 	if hf&flagFixedNewstyle == 0 {
-		return fmt.Errorf("%w: server does not speak fixed newstyle", ErrProtocol)
+		return nil, fmt.Errorf("%w: server does not speak fixed newstyle", ErrProtocol)
 	}
 	cf := clientFixedNewstyle
 	if hf&flagNoZeroes != 0 {
 		cf |= clientNoZeroes
+	}
+	var flags [4]byte
+	binary.BigEndian.PutUint32(flags[:], cf)
+	prefix := flags[:]
+	if tlsCfg != nil {
+		var err error
+		if br, err = c.startTLS(br, prefix, tlsCfg); err != nil {
+			return nil, err
+		}
+		prefix = nil
 	}
 	// NBD_OPT_GO: name, then one info request (block sizes).
 	data := make([]byte, 4+len(name)+2+2)
@@ -234,66 +274,62 @@ func (c *Client) handshake(br *bufio.Reader, name string) error {
 	copy(data[4:], name)
 	binary.BigEndian.PutUint16(data[4+len(name):], 1)
 	binary.BigEndian.PutUint16(data[6+len(name):], infoBlockSize)
-	msg := make([]byte, 4+16+len(data))
-	binary.BigEndian.PutUint32(msg[0:4], cf)
-	binary.BigEndian.PutUint64(msg[4:12], optMagic)
-	binary.BigEndian.PutUint32(msg[12:16], optGo)
-	binary.BigEndian.PutUint32(msg[16:20], uint32(len(data)))
-	copy(msg[20:], data)
+	msg := append(prefix, optionHeader(optGo, len(data))...)
+	msg = append(msg, data...)
 	if _, err := c.conn.Write(msg); err != nil {
-		return fmt.Errorf("sending NBD_OPT_GO: %w", err)
+		return nil, fmt.Errorf("sending NBD_OPT_GO: %w", err)
 	}
 	gotExport := false
 	for {
 		var h [20]byte
 		if _, err := io.ReadFull(br, h[:]); err != nil {
-			return fmt.Errorf("reading option reply: %w", err)
+			return nil, fmt.Errorf("reading option reply: %w", err)
 		}
 		if m := binary.BigEndian.Uint64(h[0:8]); m != optReplyMagic {
-			return fmt.Errorf("%w: bad option reply magic 0x%016x", ErrProtocol, m)
+			return nil, fmt.Errorf("%w: bad option reply magic 0x%016x", ErrProtocol, m)
 		}
 		if o := binary.BigEndian.Uint32(h[8:12]); o != optGo {
-			return fmt.Errorf("%w: reply to %s while waiting for NBD_OPT_GO", ErrProtocol, optionName(o))
+			return nil, fmt.Errorf("%w: reply to %s while waiting for NBD_OPT_GO", ErrProtocol, optionName(o))
 		}
 		typ := binary.BigEndian.Uint32(h[12:16])
 		n := binary.BigEndian.Uint32(h[16:20])
 		if n > maxOptionLen {
-			return fmt.Errorf("%w: option reply of %d bytes", ErrProtocol, n)
+			return nil, fmt.Errorf("%w: option reply of %d bytes", ErrProtocol, n)
 		}
 		payload := make([]byte, n)
 		if _, err := io.ReadFull(br, payload); err != nil {
-			return fmt.Errorf("reading option reply payload: %w", err)
+			return nil, fmt.Errorf("reading option reply payload: %w", err)
 		}
 		switch {
 		case typ == repAck:
 			if !gotExport {
-				return fmt.Errorf("%w: NBD_OPT_GO acknowledged without NBD_INFO_EXPORT", ErrProtocol)
+				return nil, fmt.Errorf("%w: NBD_OPT_GO acknowledged without NBD_INFO_EXPORT", ErrProtocol)
 			}
-			return nil
+			return br, nil
 		case typ == repInfo:
 			if len(payload) < 2 {
-				return fmt.Errorf("%w: short NBD_REP_INFO", ErrProtocol)
+				return nil, fmt.Errorf("%w: short NBD_REP_INFO", ErrProtocol)
 			}
 			switch binary.BigEndian.Uint16(payload[0:2]) {
 			case infoExport:
 				if len(payload) != 12 {
-					return fmt.Errorf("%w: NBD_INFO_EXPORT of %d bytes", ErrProtocol, len(payload))
+					return nil, fmt.Errorf("%w: NBD_INFO_EXPORT of %d bytes", ErrProtocol, len(payload))
 				}
 				size := binary.BigEndian.Uint64(payload[2:10])
 				if size > 1<<62 {
-					return fmt.Errorf("%w: export size %d out of range", ErrProtocol, size)
+					return nil, fmt.Errorf("%w: export size %d out of range", ErrProtocol, size)
 				}
 				c.size = int64(size)
 				c.flags = binary.BigEndian.Uint16(payload[10:12])
 				gotExport = true
 			case infoBlockSize:
 				if len(payload) != 14 {
-					return fmt.Errorf("%w: NBD_INFO_BLOCK_SIZE of %d bytes", ErrProtocol, len(payload))
+					return nil, fmt.Errorf("%w: NBD_INFO_BLOCK_SIZE of %d bytes", ErrProtocol, len(payload))
 				}
 				minB := binary.BigEndian.Uint32(payload[2:6])
 				maxB := binary.BigEndian.Uint32(payload[10:14])
 				if minB == 0 || minB&(minB-1) != 0 || minB > 64<<10 || maxB < minB {
-					return fmt.Errorf("%w: block sizes min %d max %d", ErrProtocol, minB, maxB)
+					return nil, fmt.Errorf("%w: block sizes min %d max %d", ErrProtocol, minB, maxB)
 				}
 				c.minSize = minB
 				if maxB < c.maxLen {
@@ -301,10 +337,67 @@ func (c *Client) handshake(br *bufio.Reader, name string) error {
 				}
 			}
 		case typ&(1<<31) != 0:
-			return &OptionError{Option: optGo, Reply: typ, Message: string(payload)}
+			return nil, &OptionError{Option: optGo, Reply: typ, Message: string(payload)}
 		default:
 			// Other informational replies are ignored, as the protocol allows.
 		}
+	}
+}
+
+// optionHeader encodes the header of an option with n bytes of data.
+func optionHeader(opt uint32, n int) []byte {
+	h := make([]byte, 16)
+	binary.BigEndian.PutUint64(h[0:8], optMagic)
+	binary.BigEndian.PutUint32(h[8:12], opt)
+	binary.BigEndian.PutUint32(h[12:16], uint32(n))
+	return h
+}
+
+// startTLS sends prefix (the client flags) and NBD_OPT_STARTTLS, waits for
+// its acknowledgement and runs the TLS client handshake; c.conn and c.bw
+// then write through TLS, and the returned reader reads through it.
+func (c *Client) startTLS(br *bufio.Reader, prefix []byte, cfg *tls.Config) (*bufio.Reader, error) {
+	if _, err := c.conn.Write(append(prefix, optionHeader(optStartTLS, 0)...)); err != nil {
+		return nil, fmt.Errorf("sending NBD_OPT_STARTTLS: %w", err)
+	}
+	var h [20]byte
+	if _, err := io.ReadFull(br, h[:]); err != nil {
+		return nil, fmt.Errorf("reading the reply to NBD_OPT_STARTTLS: %w", err)
+	}
+	if m := binary.BigEndian.Uint64(h[0:8]); m != optReplyMagic {
+		return nil, fmt.Errorf("%w: bad option reply magic 0x%016x", ErrProtocol, m)
+	}
+	if o := binary.BigEndian.Uint32(h[8:12]); o != optStartTLS {
+		return nil, fmt.Errorf("%w: reply to %s while waiting for NBD_OPT_STARTTLS", ErrProtocol, optionName(o))
+	}
+	typ := binary.BigEndian.Uint32(h[12:16])
+	n := binary.BigEndian.Uint32(h[16:20])
+	if n > maxOptionLen {
+		return nil, fmt.Errorf("%w: option reply of %d bytes", ErrProtocol, n)
+	}
+	payload := make([]byte, n)
+	if _, err := io.ReadFull(br, payload); err != nil {
+		return nil, fmt.Errorf("reading the reply to NBD_OPT_STARTTLS: %w", err)
+	}
+	switch {
+	case typ == repAck:
+		if n != 0 {
+			return nil, fmt.Errorf("%w: NBD_OPT_STARTTLS acknowledged with %d bytes", ErrProtocol, n)
+		}
+		if br.Buffered() > 0 {
+			return nil, fmt.Errorf("%w: %d bytes after the acknowledgement of NBD_OPT_STARTTLS", ErrProtocol, br.Buffered())
+		}
+		tc := tls.Client(c.conn, cfg)
+		if err := tc.Handshake(); err != nil {
+			return nil, fmt.Errorf("TLS handshake after NBD_OPT_STARTTLS: %w", err)
+		}
+		c.conn = tc
+		c.bw = bufio.NewWriterSize(tc, 64<<10)
+		return bufio.NewReaderSize(tc, 64<<10), nil
+	case typ&(1<<31) != 0:
+		return nil, &OptionError{Option: optStartTLS, Reply: typ, Message: string(payload)}
+	default:
+		return nil, fmt.Errorf("%w: reply 0x%08x to NBD_OPT_STARTTLS", ErrProtocol, typ)
 	}
 }
 

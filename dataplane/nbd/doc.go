@@ -34,9 +34,19 @@
 //     ErrShuttingDown) carrying the text of the Lookup error.
 //   - NBD_OPT_LIST: one NBD_REP_SERVER per name from Exports.List.
 //   - NBD_OPT_ABORT: NBD_REP_ACK, then close.
-//   - Everything else (STARTTLS, STRUCTURED_REPLY, meta contexts, extended
-//     headers, unknown options): NBD_REP_ERR_UNSUP. Only simple replies are
-//     used in transmission.
+//   - NBD_OPT_STARTTLS, on a server with Server.TLS: NBD_REP_ERR_INVALID
+//     with data or once TLS is up, else NBD_REP_ACK and a TLS server
+//     handshake, after which the negotiation and the transmission phase run
+//     inside TLS (Server.TLS decides which client certificates are taken;
+//     the agent takes a certificate of its CA bundle naming a Tandem
+//     identity). A client that sends anything between the option and its
+//     reply is closed. With Server.RequireTLS every option but STARTTLS and
+//     ABORT gets NBD_REP_ERR_TLS_REQD before TLS is up, and
+//     NBD_OPT_EXPORT_NAME closes the connection. Without Server.TLS,
+//     STARTTLS gets NBD_REP_ERR_UNSUP.
+//   - Everything else (STRUCTURED_REPLY, meta contexts, extended headers,
+//     unknown options): NBD_REP_ERR_UNSUP. Only simple replies are used in
+//     transmission.
 //
 // Option data is capped at 64 KiB (NBD_REP_ERR_TOO_BIG after discarding up to
 // 1 MiB, a closed connection beyond that). The empty export name is passed to

@@ -3,6 +3,8 @@ package nbd
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -421,4 +423,35 @@ func TestExportAdmit(t *testing.T) {
 	if err := c.WriteAt(ctx, []byte{2}, 0, false); err != nil {
 		t.Fatalf("write once admitted again: %v", err)
 	}
+}
+
+// FuzzClientStartTLS feeds the client arbitrary server bytes after the
+// greeting while it asks for NBD_OPT_STARTTLS: the reply is decoded, and
+// whatever follows an acknowledgement goes to the TLS handshake. It must
+// fail or succeed, never panic, hang, or go on in plain text.
+func FuzzClientStartTLS(f *testing.F) {
+	greet := []byte("NBDMAGICIHAVEOPT\x00\x03")
+	reply := func(typ uint32, data string) []byte {
+		b := []byte{0x00, 0x03, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9, 0, 0, 0, 5}
+		b = binary.BigEndian.AppendUint32(b, typ)
+		b = binary.BigEndian.AppendUint32(b, uint32(len(data)))
+		return append(b, data...)
+	}
+	f.Add(append(append([]byte{}, greet...), reply(repAck, "")...))
+	f.Add(append(append([]byte{}, greet...), reply(repErrUnsup, "no TLS here")...))
+	f.Add(append(append([]byte{}, greet...), reply(repAck, "x")...))
+	f.Add(append(append(append([]byte{}, greet...), reply(repAck, "")...), "\x16\x03\x01\x00\x05hello"...))
+	f.Fuzz(func(t *testing.T, server []byte) {
+		a := &scriptConn{r: bytes.NewReader(server)}
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		c, err := NewClient(ctx, a, "x", WithTLS(&tls.Config{InsecureSkipVerify: true, MinVersion: tls.VersionTLS13}))
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		if _, ok := c.conn.(*tls.Conn); !ok {
+			t.Fatalf("negotiated without TLS over a %T", c.conn)
+		}
+	})
 }

@@ -3,6 +3,7 @@ package nbd
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -27,30 +28,46 @@ type negotiator struct {
 	// the negotiation (NBD_OPT_EXPORT_NAME, NBD_OPT_GO): the connection
 	// keeps it even if the export grows meanwhile.
 	size int64
+	// tls is set once NBD_OPT_STARTTLS succeeded: c, br and bw then run
+	// over the TLS connection.
+	tls bool
+}
+
+// negotiated is what a successful negotiation hands to transmission.
+type negotiated struct {
+	exp  *Export
+	name string
+	size int64
+	// c and br are the connection to carry on with: the TLS connection
+	// after NBD_OPT_STARTTLS, else the one accepted.
+	c  net.Conn
+	br *bufio.Reader
 }
 
 // negotiate runs the fixed newstyle handshake. It returns the export to
-// serve and the size the client was told, or a nil export after
-// NBD_OPT_ABORT, or an error to close on.
-func (s *Server) negotiate(ctx context.Context, c net.Conn, br *bufio.Reader, log logr.Logger) (*Export, string, int64, error) {
+// serve, the size the client was told and the connection to carry on with,
+// or a nil export after NBD_OPT_ABORT, or an error to close on.
+func (s *Server) negotiate(ctx context.Context, c net.Conn, br *bufio.Reader, log logr.Logger) (negotiated, error) {
 	if err := c.SetDeadline(time.Now().Add(s.handshakeTimeout())); err != nil {
-		return nil, "", 0, fmt.Errorf("setting handshake deadline: %w", err)
+		return negotiated{}, fmt.Errorf("setting handshake deadline: %w", err)
 	}
+	// Deadlines set on the accepted connection also bound a TLS connection
+	// over it.
 	stop := context.AfterFunc(ctx, func() { _ = c.SetDeadline(aLongTimeAgo) })
 	n := &negotiator{s: s, c: c, br: br, bw: bufio.NewWriterSize(c, 4096), log: log}
 	exp, name, err := n.run()
 	if !stop() {
-		return nil, "", 0, fmt.Errorf("negotiation interrupted: %w", context.Cause(ctx))
+		return negotiated{}, fmt.Errorf("negotiation interrupted: %w", context.Cause(ctx))
 	}
 	if err != nil {
-		return nil, "", 0, err
+		return negotiated{}, err
 	}
 	if exp != nil {
 		if err := c.SetDeadline(time.Time{}); err != nil {
-			return nil, "", 0, fmt.Errorf("clearing handshake deadline: %w", err)
+			return negotiated{}, fmt.Errorf("clearing handshake deadline: %w", err)
 		}
 	}
-	return exp, name, n.size, nil
+	return negotiated{exp: exp, name: name, size: n.size, c: n.c, br: n.br}, nil
 }
 
 func (n *negotiator) run() (*Export, string, error) {
@@ -102,6 +119,22 @@ func (n *negotiator) run() (*Export, string, error) {
 		data := make([]byte, length)
 		if _, err := io.ReadFull(n.br, data); err != nil {
 			return nil, "", fmt.Errorf("reading %s option data: %w", optionName(opt), err)
+		}
+		if n.s.RequireTLS && !n.tls && opt != optStartTLS && opt != optAbort {
+			if opt == optExportName {
+				// NBD_OPT_EXPORT_NAME cannot carry an error: close.
+				return nil, "", fmt.Errorf("refusing NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS: this server requires TLS")
+			}
+			if err := n.replyErr(opt, repErrTLSReqd, "this server requires TLS: send NBD_OPT_STARTTLS first (the agent's --nbd-tls=require)"); err != nil {
+				return nil, "", err
+			}
+			continue
+		}
+		if opt == optStartTLS && n.s.TLS != nil {
+			if err := n.startTLS(data); err != nil {
+				return nil, "", err
+			}
+			continue
 		}
 		exp, name, done, err := n.option(opt, data)
 		if err != nil || done {
@@ -219,6 +252,55 @@ func (n *negotiator) option(opt uint32, data []byte) (exp *Export, name string, 
 	default:
 		return nil, "", false, n.replyErr(opt, repErrUnsup, optionName(opt)+" is not supported")
 	}
+}
+
+// startTLS answers NBD_OPT_STARTTLS on a server with TLS: an
+// acknowledgement, then the TLS handshake (Server.TLS decides which client
+// certificates it takes), after which the negotiation carries on inside
+// TLS. A refused option (data given, TLS already up) keeps the connection; a
+// client that sent anything before the acknowledgement, or a failed
+// handshake, closes it.
+func (n *negotiator) startTLS(data []byte) error {
+	switch {
+	case n.tls:
+		return n.replyErr(optStartTLS, repErrInvalid, "TLS is already negotiated on this connection")
+	case len(data) != 0:
+		return n.replyErr(optStartTLS, repErrInvalid, fmt.Sprintf("NBD_OPT_STARTTLS takes no data, got %d bytes", len(data)))
+	case n.br.Buffered() > 0:
+		// The client must wait for the acknowledgement; bytes already here
+		// were sent in plain text and cannot be part of the TLS handshake.
+		return fmt.Errorf("%w: %d bytes sent after NBD_OPT_STARTTLS before its reply", ErrProtocol, n.br.Buffered())
+	}
+	if err := n.reply(optStartTLS, repAck, nil); err != nil {
+		return err
+	}
+	tc := tls.Server(n.c, n.s.TLS)
+	// The handshake is bounded by the negotiation's deadline on n.c.
+	if err := tc.Handshake(); err != nil {
+		n.s.stats.tlsFailures.Add(1)
+		return fmt.Errorf("TLS handshake after NBD_OPT_STARTTLS: %w", err)
+	}
+	n.s.stats.tlsConns.Add(1)
+	n.c, n.tls = tc, true
+	n.br = bufio.NewReaderSize(tc, 64<<10)
+	n.bw = bufio.NewWriterSize(tc, 4096)
+	n.log = n.log.WithValues("peer", PeerName(tc.ConnectionState()))
+	n.log.V(1).Info("TLS negotiated")
+	return nil
+}
+
+// PeerName names the client certificate of a TLS connection for logs: its
+// first URI SAN (Tandem's identities are SPIFFE IDs), else its subject's
+// common name, or "anonymous" without a certificate.
+func PeerName(cs tls.ConnectionState) string {
+	if len(cs.PeerCertificates) == 0 {
+		return "anonymous"
+	}
+	leaf := cs.PeerCertificates[0]
+	if len(leaf.URIs) > 0 {
+		return leaf.URIs[0].String()
+	}
+	return "CN=" + leaf.Subject.CommonName
 }
 
 // resolve looks an export up and checks it can be served, logging refusals.

@@ -3,6 +3,7 @@ package nbd
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -70,6 +71,17 @@ type Server struct {
 	// firewall) is what keeps other hosts away from the exports. Nil
 	// admits every address.
 	Allow *AllowList
+	// TLS, when set, offers NBD_OPT_STARTTLS: after its acknowledgement the
+	// connection becomes a TLS server connection with this config (which
+	// decides the certificates presented and which client certificates are
+	// taken) and the negotiation carries on inside it. Nil: STARTTLS gets
+	// NBD_REP_ERR_UNSUP.
+	TLS *tls.Config
+	// RequireTLS refuses every option but NBD_OPT_STARTTLS and
+	// NBD_OPT_ABORT before TLS is up (NBD_REP_ERR_TLS_REQD;
+	// NBD_OPT_EXPORT_NAME, which cannot carry an error, closes the
+	// connection). It needs TLS.
+	RequireTLS bool
 
 	stats serverStats
 }
@@ -160,6 +172,9 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	if s.Exports == nil {
 		return errors.New("nbd: Server.Exports is nil")
 	}
+	if s.RequireTLS && s.TLS == nil {
+		return errors.New("nbd: Server.RequireTLS without Server.TLS")
+	}
 	connCtx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	defer func() {
@@ -238,13 +253,13 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn) error {
 		log.Info("Refusing NBD connection: client address not allowed (the agent's --nbd-allowed-clients)", "allowedClients", s.Allow.String())
 		return err
 	}
-	if s.Exports == nil {
-		err := errors.New("nbd: Server.Exports is nil")
+	if s.Exports == nil || (s.RequireTLS && s.TLS == nil) {
+		err := errors.New("nbd: Server.Exports is nil, or RequireTLS is set without TLS")
 		log.Error(err, "Refusing connection")
 		return err
 	}
 	br := bufio.NewReaderSize(c, 64<<10)
-	exp, name, size, err := s.negotiate(ctx, c, br, log)
+	neg, err := s.negotiate(ctx, c, br, log)
 	if err != nil {
 		if ctx.Err() != nil {
 			log.V(1).Info("Connection closed during negotiation: shutting down")
@@ -256,9 +271,12 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn) error {
 		log.Error(err, "Closing connection during negotiation")
 		return err
 	}
-	if exp == nil {
+	if neg.exp == nil {
 		log.V(1).Info("Client aborted negotiation")
 		return nil
 	}
-	return s.transmit(ctx, c, br, exp, size, log.WithValues("export", name))
+	if neg.c != c {
+		log = log.WithValues("peer", PeerName(neg.c.(*tls.Conn).ConnectionState()))
+	}
+	return s.transmit(ctx, neg.c, neg.br, neg.exp, neg.size, log.WithValues("export", neg.name))
 }

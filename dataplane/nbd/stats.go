@@ -25,6 +25,10 @@ type Stats struct {
 	Refused uint64
 	// ProtocolErrors counts connections closed for a protocol violation.
 	ProtocolErrors uint64
+	// TLSConns counts connections that negotiated TLS (NBD_OPT_STARTTLS),
+	// TLSFailures the TLS handshakes that failed (a client certificate
+	// refused, no certificate, another CA...).
+	TLSConns, TLSFailures uint64
 }
 
 type commandCounters struct {
@@ -42,6 +46,8 @@ type serverStats struct {
 	connsTotal     atomic.Uint64
 	refused        atomic.Uint64
 	protocolErrors atomic.Uint64
+	tlsConns       atomic.Uint64
+	tlsFailures    atomic.Uint64
 }
 
 func (s *serverStats) cmd(t uint16) *commandCounters {
@@ -78,5 +84,7 @@ func (s *Server) Stats() Stats {
 		ConnsTotal:     st.connsTotal.Load(),
 		Refused:        st.refused.Load(),
 		ProtocolErrors: st.protocolErrors.Load(),
+		TLSConns:       st.tlsConns.Load(),
+		TLSFailures:    st.tlsFailures.Load(),
 	}
 }

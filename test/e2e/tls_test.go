@@ -181,7 +181,13 @@ func setInstallTLS(t *testing.T, on bool) {
 func TestStory23MutualTLS(t *testing.T) {
 	requireKubeletNodes(t)
 	setInstallTLS(t, true)
-	t.Cleanup(func() { setInstallTLS(t, false) })
+	csiRestarted := false
+	t.Cleanup(func() {
+		setInstallTLS(t, false)
+		if csiRestarted {
+			restartCSINode(t)
+		}
+	})
 
 	// Each agent holds a certificate of its own node, from a signed CSR.
 	for _, n := range []string{"node-a", "node-b", "node-c"} {
@@ -270,6 +276,100 @@ func TestStory23MutualTLS(t *testing.T) {
 	if vp := s.get(); vp.Status.Epoch != epoch || vp.Status.ActivePrimary != "node-a" {
 		t.Fatalf("the refused calls changed the pair: writer %s at epoch %d", vp.Status.ActivePrimary, vp.Status.Epoch)
 	}
-	t.Logf("STORY 23 mutual TLS: each agent holds its node's certificate (%d CSRs signed); node-a's renewed (serial %s → %s) while fio wrote (%d I/Os, no error), no failover, replicas identical; no client certificate and node-c's credentials refused (403), plain HTTP refused",
-		signed, before.TLS.Serial, after.TLS.Serial, r.ios)
+
+	// NBD over TLS. A GnuTLS client (nbdinfo) upgrades with STARTTLS: the
+	// certificate node-a's agent got names its address, which nbdinfo
+	// checks.
+	nbdinfo := nbdinfoTLS(t, vp.Status.Endpoint)
+
+	// The CSI node plugin attaches a claim's volume over TLS with its
+	// node's agent certificate. Its DaemonSet updates OnDelete: its Pods
+	// are replaced to take the TLS install's arguments.
+	restartCSINode(t)
+	csiRestarted = true
+	claim := newStory(t, "secure-claim")
+	claim.startRecorder("node-a", "node-b", "", "64Mi")
+	var pod *corev1.Pod
+	testkit.Eventually(t, 180*time.Second, "recorder-0 running and acknowledging records", func() (bool, string) {
+		p, ok := podOf(t, claim.ns, "recorder-0")
+		if !ok || p.Status.Phase != corev1.PodRunning {
+			return false, fmt.Sprintf("pod %v", p != nil)
+		}
+		pod = p
+		n, _ := lastAck(recorderLog(t, p.Spec.NodeName, claim.ns, p.Name, string(p.UID)))
+		return n >= 20, fmt.Sprintf("on %s, last ack %d", p.Spec.NodeName, n)
+	}, testkit.Every(500*time.Millisecond))
+	plugin := strings.TrimSpace(mustKubectl(t, "-n", "tandem-system", "get", "pods", "-l", "app.kubernetes.io/component=csi-node",
+		"--field-selector", "spec.nodeName="+pod.Spec.NodeName, "-o", "jsonpath={.items[0].metadata.name}"))
+	logs := mustKubectl(t, "-n", "tandem-system", "logs", plugin)
+	want := `"NBD connections use TLS"`
+	if !strings.Contains(logs, want) || !strings.Contains(logs, string(tlsid.NodeIdentity(pod.Spec.NodeName))) {
+		t.Fatalf("the CSI node plugin on %s attached without TLS (no %s naming its node in its log):\n%s", pod.Spec.NodeName, want, logs)
+	}
+
+	t.Logf("STORY 23 mutual TLS: each agent holds its node's certificate (%d CSRs signed); node-a's renewed (serial %s → %s) while fio wrote (%d I/Os, no error), no failover, replicas identical; no client certificate and node-c's credentials refused (403), plain HTTP refused; NBD over TLS: %s; a claim's volume attached over TLS by the CSI node plugin on %s, records acknowledged",
+		signed, before.TLS.Serial, after.TLS.Serial, r.ios, nbdinfo, pod.Spec.NodeName)
+}
+
+// nbdinfoTLS runs nbdinfo over nbds:// against an NBD endpoint
+// (nbd://host:port/export) with a manager certificate of the install's CA,
+// and returns what it says of the export.
+func nbdinfoTLS(t *testing.T, endpoint string) string {
+	t.Helper()
+	ca := installCA(t)
+	certPEM, keyPEM, err := ca.ManagerCert(time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	for name, b := range map[string][]byte{"ca-cert.pem": ca.PEM, "client-cert.pem": certPEM, "client-key.pem": keyPEM} {
+		if err := os.WriteFile(filepath.Join(dir, name), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	uri := "nbds://" + strings.TrimPrefix(endpoint, "nbd://") + "?tls-certificates=" + dir
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, "nbdinfo", "--json", uri).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), `"export-size"`) {
+		t.Fatalf("nbdinfo %s: %v\n%s", uri, err, out)
+	}
+	var info struct {
+		Exports []struct {
+			Size int64 `json:"export-size"`
+		} `json:"exports"`
+	}
+	if err := json.Unmarshal(out, &info); err != nil || len(info.Exports) != 1 {
+		t.Fatalf("nbdinfo %s: %v\n%s", uri, err, out)
+	}
+	return fmt.Sprintf("nbdinfo over nbds:// saw %d bytes", info.Exports[0].Size)
+}
+
+// restartCSINode replaces every CSI node plugin Pod (the DaemonSet updates
+// OnDelete) and waits until each node runs a new one that is ready.
+func restartCSINode(t *testing.T) {
+	t.Helper()
+	since := time.Now().Add(-time.Second)
+	if out, err := kubectl(t, "-n", "tandem-system", "delete", "pods", "-l", "app.kubernetes.io/component=csi-node", "--wait=true", "--timeout=90s"); err != nil {
+		t.Fatalf("delete the CSI node plugin Pods: %v\n%s", err, out)
+	}
+	testkit.Eventually(t, 120*time.Second, "a new CSI node plugin Pod ready on every node", func() (bool, string) {
+		out, err := kubectl(t, "-n", "tandem-system", "get", "pods", "-l", "app.kubernetes.io/component=csi-node", "-o",
+			`jsonpath={range .items[*]}{.spec.nodeName} {.metadata.creationTimestamp} {.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}`)
+		if err != nil {
+			return false, out
+		}
+		ready := map[string]bool{}
+		for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+			f := strings.Fields(l)
+			if len(f) != 3 {
+				continue
+			}
+			created, err := time.Parse(time.RFC3339, f[1])
+			if err == nil && !created.Before(since.Truncate(time.Second)) && f[2] == "True" {
+				ready[f[0]] = true
+			}
+		}
+		return len(ready) == 3, out
+	}, testkit.Every(time.Second))
 }

@@ -45,6 +45,8 @@ type Follower struct {
 	// IOTimeout bounds one request's retries (default DefaultIOTimeout).
 	IOTimeout time.Duration
 	Log       logr.Logger
+	// TLS, when set, upgrades every connection with NBD_OPT_STARTTLS.
+	TLS TLSConfig
 
 	mu       sync.Mutex
 	c        *nbd.Client
@@ -149,9 +151,13 @@ func (f *Follower) client(ctx context.Context) (*nbd.Client, error) {
 	if err != nil {
 		return nil, err
 	}
+	opts, err := clientOptions(f.TLS)
+	if err != nil {
+		return nil, err
+	}
 	dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	c, err := nbd.Dial(dctx, addr, name)
+	c, err := nbd.Dial(dctx, addr, name, opts...)
 	if err != nil {
 		return nil, err
 	}

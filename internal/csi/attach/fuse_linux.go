@@ -40,6 +40,8 @@ type UserSpace struct {
 	Log      logr.Logger
 	// IOTimeout bounds one request's retries (default DefaultIOTimeout).
 	IOTimeout time.Duration
+	// TLS, when set, upgrades every connection with NBD_OPT_STARTTLS.
+	TLS TLSConfig
 
 	mu       sync.Mutex
 	attached map[string]*userAttachment
@@ -60,7 +62,7 @@ func (u *UserSpace) Attach(ctx context.Context, vol csi.Volume) (string, error) 
 	if a, ok := u.attached[vol.ID]; ok {
 		return a.loop.path, nil
 	}
-	f := &Follower{Resolve: u.Resolver(vol), IOTimeout: u.IOTimeout, Log: u.Log.WithValues("volume", vol.ID)}
+	f := &Follower{Resolve: u.Resolver(vol), IOTimeout: u.IOTimeout, Log: u.Log.WithValues("volume", vol.ID), TLS: u.TLS}
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	size, err := f.Connect(cctx)
 	cancel()

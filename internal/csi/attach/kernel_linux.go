@@ -71,6 +71,9 @@ type KernelOptions struct {
 	// Lookup describes a volume by its ID: a device attached by an earlier
 	// run of the node plugin is followed again when its link dies.
 	Lookup func(ctx context.Context, id string) (csi.Volume, error)
+	// TLS, when set, upgrades every connection with NBD_OPT_STARTTLS; the
+	// kernel then gets a socket of a relay in this process (relayTLS).
+	TLS TLSConfig
 }
 
 type kernelAttachment struct {
@@ -207,21 +210,36 @@ func (k *Kernel) dial(ctx context.Context, vol csi.Volume) (*os.File, nbd.Export
 	if err != nil {
 		return nil, nbd.ExportInfo{}, "", err
 	}
+	opts, err := clientOptions(k.opts.TLS)
+	if err != nil {
+		return nil, nbd.ExportInfo{}, "", err
+	}
 	var d net.Dialer
 	conn, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return nil, nbd.ExportInfo{}, "", fmt.Errorf("dialing %s: %w", addr, err)
 	}
-	defer conn.Close() // File() below is a duplicate
 	tc, ok := conn.(*net.TCPConn)
 	if !ok {
+		conn.Close()
 		return nil, nbd.ExportInfo{}, "", fmt.Errorf("dialing %s: not a TCP connection", addr)
 	}
 	_ = tc.SetNoDelay(true)
-	info, err := nbd.Negotiate(ctx, conn, name)
+	info, nc, err := nbd.Negotiate(ctx, conn, name, opts...)
 	if err != nil {
+		conn.Close()
 		return nil, nbd.ExportInfo{}, "", fmt.Errorf("NBD server %s: %w", addr, err)
 	}
+	if nc != conn {
+		// TLS: the kernel gets the relay's socket; the relay owns conn.
+		f, err := relayTLS(nc, k.opts.Log.WithValues("volume", vol.ID, "writer", uri))
+		if err != nil {
+			nc.Close()
+			return nil, nbd.ExportInfo{}, "", err
+		}
+		return f, info, uri, nil
+	}
+	defer conn.Close() // File() below is a duplicate
 	f, err := tc.File()
 	if err != nil {
 		return nil, nbd.ExportInfo{}, "", fmt.Errorf("the socket to %s: %w", addr, err)

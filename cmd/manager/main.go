@@ -135,16 +135,6 @@ func main() {
 			os.Exit(2)
 		}
 	}
-	if agentTLS != nil {
-		// The endpoint alone does not say which node an agent is: any
-		// node's certificate of the CA is accepted.
-		newAgentClient = agentapi.NewTLSAPI(agentTLS.ClientConfig(func(id tlsid.Identity) error {
-			if _, ok := id.Node(); !ok {
-				return fmt.Errorf("the agent presented %s, not a node's identity", id)
-			}
-			return nil
-		}))
-	}
 	var tokens *token.Source
 	if tokenFile != "" {
 		var err error
@@ -177,6 +167,11 @@ func main() {
 	if err != nil {
 		log.Error(err, "Unable to create the manager")
 		os.Exit(1)
+	}
+	if agentTLS != nil {
+		// An agent's certificate must name the node whose Lease advertises
+		// the address dialed (read from the manager's cache).
+		newAgentClient = agentapi.NewTLSAPIFor(agentDialTLS(agentTLS, mgr.GetClient(), namespace))
 	}
 	if err := (&controllers.VolumePairReconciler{
 		Client:         mgr.GetClient(),

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptrace"
 	"sync/atomic"
@@ -47,6 +48,36 @@ var _ NewFunc = NewAPI
 // calls. Plain "http://" endpoints are still reached without TLS.
 func NewTLSAPI(cfg *tls.Config) NewFunc {
 	tr := TLSTransport(cfg)
+	return func(endpoint, token string) API {
+		c := NewClient(endpoint, token)
+		c.HTTP.Transport = tr
+		return c
+	}
+}
+
+// NewTLSAPIFor is NewTLSAPI with the TLS config chosen when a connection is
+// dialed, from the agent's address (host:port): a caller that knows which
+// node's agent serves at an address checks that its certificate names that
+// node. Its clients share one transport as well.
+func NewTLSAPIFor(cfgFor func(ctx context.Context, addr string) (*tls.Config, error)) NewFunc {
+	tr := TLSTransport(nil)
+	tr.DialTLSContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		cfg, err := cfgFor(ctx, addr)
+		if err != nil {
+			return nil, err
+		}
+		var d net.Dialer
+		c, err := d.DialContext(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		tc := tls.Client(c, cfg)
+		if err := tc.HandshakeContext(ctx); err != nil {
+			c.Close()
+			return nil, fmt.Errorf("TLS handshake with the agent at %s: %w", addr, err)
+		}
+		return tc, nil
+	}
 	return func(endpoint, token string) API {
 		c := NewClient(endpoint, token)
 		c.HTTP.Transport = tr

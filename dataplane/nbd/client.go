@@ -281,24 +281,9 @@ func (c *Client) handshake(br *bufio.Reader, name string, tlsCfg *tls.Config) (*
 	}
 	gotExport := false
 	for {
-		var h [20]byte
-		if _, err := io.ReadFull(br, h[:]); err != nil {
-			return nil, fmt.Errorf("reading option reply: %w", err)
-		}
-		if m := binary.BigEndian.Uint64(h[0:8]); m != optReplyMagic {
-			return nil, fmt.Errorf("%w: bad option reply magic 0x%016x", ErrProtocol, m)
-		}
-		if o := binary.BigEndian.Uint32(h[8:12]); o != optGo {
-			return nil, fmt.Errorf("%w: reply to %s while waiting for NBD_OPT_GO", ErrProtocol, optionName(o))
-		}
-		typ := binary.BigEndian.Uint32(h[12:16])
-		n := binary.BigEndian.Uint32(h[16:20])
-		if n > maxOptionLen {
-			return nil, fmt.Errorf("%w: option reply of %d bytes", ErrProtocol, n)
-		}
-		payload := make([]byte, n)
-		if _, err := io.ReadFull(br, payload); err != nil {
-			return nil, fmt.Errorf("reading option reply payload: %w", err)
+		typ, payload, err := readOptionReply(br, optGo)
+		if err != nil {
+			return nil, err
 		}
 		switch {
 		case typ == repAck:
@@ -344,6 +329,31 @@ func (c *Client) handshake(br *bufio.Reader, name string, tlsCfg *tls.Config) (*
 	}
 }
 
+// readOptionReply reads one option reply, which must answer opt, and
+// returns its type and data.
+func readOptionReply(br *bufio.Reader, opt uint32) (uint32, []byte, error) {
+	var h [20]byte
+	if _, err := io.ReadFull(br, h[:]); err != nil {
+		return 0, nil, fmt.Errorf("reading the reply to %s: %w", optionName(opt), err)
+	}
+	if m := binary.BigEndian.Uint64(h[0:8]); m != optReplyMagic {
+		return 0, nil, fmt.Errorf("%w: bad option reply magic 0x%016x", ErrProtocol, m)
+	}
+	if o := binary.BigEndian.Uint32(h[8:12]); o != opt {
+		return 0, nil, fmt.Errorf("%w: reply to %s while waiting for %s", ErrProtocol, optionName(o), optionName(opt))
+	}
+	typ := binary.BigEndian.Uint32(h[12:16])
+	n := binary.BigEndian.Uint32(h[16:20])
+	if n > maxOptionLen {
+		return 0, nil, fmt.Errorf("%w: option reply of %d bytes", ErrProtocol, n)
+	}
+	payload := make([]byte, n)
+	if _, err := io.ReadFull(br, payload); err != nil {
+		return 0, nil, fmt.Errorf("reading the reply to %s: %w", optionName(opt), err)
+	}
+	return typ, payload, nil
+}
+
 // optionHeader encodes the header of an option with n bytes of data.
 func optionHeader(opt uint32, n int) []byte {
 	h := make([]byte, 16)
@@ -360,29 +370,14 @@ func (c *Client) startTLS(br *bufio.Reader, prefix []byte, cfg *tls.Config) (*bu
 	if _, err := c.conn.Write(append(prefix, optionHeader(optStartTLS, 0)...)); err != nil {
 		return nil, fmt.Errorf("sending NBD_OPT_STARTTLS: %w", err)
 	}
-	var h [20]byte
-	if _, err := io.ReadFull(br, h[:]); err != nil {
-		return nil, fmt.Errorf("reading the reply to NBD_OPT_STARTTLS: %w", err)
-	}
-	if m := binary.BigEndian.Uint64(h[0:8]); m != optReplyMagic {
-		return nil, fmt.Errorf("%w: bad option reply magic 0x%016x", ErrProtocol, m)
-	}
-	if o := binary.BigEndian.Uint32(h[8:12]); o != optStartTLS {
-		return nil, fmt.Errorf("%w: reply to %s while waiting for NBD_OPT_STARTTLS", ErrProtocol, optionName(o))
-	}
-	typ := binary.BigEndian.Uint32(h[12:16])
-	n := binary.BigEndian.Uint32(h[16:20])
-	if n > maxOptionLen {
-		return nil, fmt.Errorf("%w: option reply of %d bytes", ErrProtocol, n)
-	}
-	payload := make([]byte, n)
-	if _, err := io.ReadFull(br, payload); err != nil {
-		return nil, fmt.Errorf("reading the reply to NBD_OPT_STARTTLS: %w", err)
+	typ, payload, err := readOptionReply(br, optStartTLS)
+	if err != nil {
+		return nil, err
 	}
 	switch {
 	case typ == repAck:
-		if n != 0 {
-			return nil, fmt.Errorf("%w: NBD_OPT_STARTTLS acknowledged with %d bytes", ErrProtocol, n)
+		if len(payload) != 0 {
+			return nil, fmt.Errorf("%w: NBD_OPT_STARTTLS acknowledged with %d bytes", ErrProtocol, len(payload))
 		}
 		if br.Buffered() > 0 {
 			return nil, fmt.Errorf("%w: %d bytes after the acknowledgement of NBD_OPT_STARTTLS", ErrProtocol, br.Buffered())

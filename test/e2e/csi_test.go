@@ -107,16 +107,7 @@ func TestStory16PodFollowsWriter(t *testing.T) {
 	s.startRecorder(primary, backup, "", "64Mi")
 
 	// The Pod writes on the primary.
-	var pod *corev1.Pod
-	testkit.Eventually(t, 180*time.Second, "recorder-0 running and acknowledging records", func() (bool, string) {
-		p, ok := podOf(t, s.ns, "recorder-0")
-		if !ok || p.Status.Phase != corev1.PodRunning {
-			return false, fmt.Sprintf("pod %v", p != nil)
-		}
-		pod = p
-		n, _ := lastAck(recorderLog(t, p.Spec.NodeName, s.ns, p.Name, string(p.UID)))
-		return n >= 40, fmt.Sprintf("on %s, last ack %d", p.Spec.NodeName, n)
-	}, testkit.Every(500*time.Millisecond))
+	pod := s.waitRecorder(40)
 	if pod.Spec.NodeName != primary {
 		t.Fatalf("recorder-0 runs on %s, want %s (its preferred node)", pod.Spec.NodeName, primary)
 	}
@@ -374,4 +365,22 @@ parameters:
 		_, _ = kubectl(t, "delete", "statefulset", "recorder", "-n", s.ns, "--wait=true", "--timeout=60s")
 		_, _ = kubectl(t, "delete", "pvc", "--all", "-n", s.ns, "--wait=true", "--timeout=60s")
 	})
+}
+
+// waitRecorder waits until recorder-0 of the story's namespace runs and has
+// acknowledged at least acks records, and returns its Pod.
+func (s *story) waitRecorder(acks int64) *corev1.Pod {
+	t := s.t
+	t.Helper()
+	var pod *corev1.Pod
+	testkit.Eventually(t, 180*time.Second, "recorder-0 running and acknowledging records", func() (bool, string) {
+		p, ok := podOf(t, s.ns, "recorder-0")
+		if !ok || p.Status.Phase != corev1.PodRunning {
+			return false, fmt.Sprintf("pod %v", p != nil)
+		}
+		pod = p
+		n, _ := lastAck(recorderLog(t, p.Spec.NodeName, s.ns, p.Name, string(p.UID)))
+		return n >= acks, fmt.Sprintf("on %s, last ack %d", p.Spec.NodeName, n)
+	}, testkit.Every(500*time.Millisecond))
+	return pod
 }

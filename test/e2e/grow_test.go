@@ -13,8 +13,6 @@ import (
 	"testing"
 	"time"
 
-	corev1 "k8s.io/api/core/v1"
-
 	v1 "github.com/tandem-storage/tandem/api/v1alpha1"
 	"github.com/tandem-storage/tandem/internal/testkit"
 )
@@ -85,16 +83,7 @@ func TestStory22ClaimGrowsUnderItsPod(t *testing.T) {
 	s := newStory(t, "records")
 	// XFS needs 300 MB at least.
 	s.startRecorder(primary, backup, "  csi.storage.k8s.io/fstype: xfs\n", "512Mi")
-	var pod *corev1.Pod
-	testkit.Eventually(t, 180*time.Second, "recorder-0 running and acknowledging records", func() (bool, string) {
-		p, ok := podOf(t, s.ns, "recorder-0")
-		if !ok || p.Status.Phase != corev1.PodRunning {
-			return false, fmt.Sprintf("pod %v", p != nil)
-		}
-		pod = p
-		n, _ := lastAck(recorderLog(t, p.Spec.NodeName, s.ns, p.Name, string(p.UID)))
-		return n >= 20, fmt.Sprintf("on %s, last ack %d", p.Spec.NodeName, n)
-	}, testkit.Every(500*time.Millisecond))
+	pod := s.waitRecorder(20)
 	pvName := strings.TrimSpace(mustKubectl(t, "get", "pvc", "data-recorder-0", "-n", s.ns, "-o", "jsonpath={.spec.volumeName}"))
 	handle := strings.TrimSpace(mustKubectl(t, "get", "pv", pvName, "-o", "jsonpath={.spec.csi.volumeHandle}"))
 	pair := &story{t: t, ns: "tandem-system", name: handle}

@@ -289,16 +289,7 @@ func TestStory23MutualTLS(t *testing.T) {
 	csiRestarted = true
 	claim := newStory(t, "secure-claim")
 	claim.startRecorder("node-a", "node-b", "", "64Mi")
-	var pod *corev1.Pod
-	testkit.Eventually(t, 180*time.Second, "recorder-0 running and acknowledging records", func() (bool, string) {
-		p, ok := podOf(t, claim.ns, "recorder-0")
-		if !ok || p.Status.Phase != corev1.PodRunning {
-			return false, fmt.Sprintf("pod %v", p != nil)
-		}
-		pod = p
-		n, _ := lastAck(recorderLog(t, p.Spec.NodeName, claim.ns, p.Name, string(p.UID)))
-		return n >= 20, fmt.Sprintf("on %s, last ack %d", p.Spec.NodeName, n)
-	}, testkit.Every(500*time.Millisecond))
+	pod := claim.waitRecorder(20)
 	plugin := strings.TrimSpace(mustKubectl(t, "-n", "tandem-system", "get", "pods", "-l", "app.kubernetes.io/component=csi-node",
 		"--field-selector", "spec.nodeName="+pod.Spec.NodeName, "-o", "jsonpath={.items[0].metadata.name}"))
 	logs := mustKubectl(t, "-n", "tandem-system", "logs", plugin)

@@ -25,8 +25,15 @@ type member struct {
 
 func startMember(t *testing.T, be nbd.Backend) *member {
 	t.Helper()
+	return startMemberWith(t, be, &nbd.Server{})
+}
+
+// startMemberWith is startMember with the server srv (its Exports set here).
+func startMemberWith(t *testing.T, be nbd.Backend, srv *nbd.Server) *member {
+	t.Helper()
 	m := &member{exports: &nbd.StaticExports{}, be: be}
 	m.exports.Add("ns/vol", &nbd.Export{Name: "ns/vol", Backend: be})
+	srv.Exports = m.exports
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -34,7 +41,7 @@ func startMember(t *testing.T, be nbd.Backend) *member {
 	m.uri = "nbd://" + ln.Addr().String() + "/ns/vol"
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
-	go func() { _ = (&nbd.Server{Exports: m.exports}).Serve(ctx, ln); close(done) }()
+	go func() { _ = srv.Serve(ctx, ln); close(done) }()
 	t.Cleanup(func() { cancel(); <-done })
 	return m
 }

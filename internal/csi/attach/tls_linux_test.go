@@ -25,20 +25,8 @@ import (
 // presents a certificate of ca naming id.
 func startTLSMember(t *testing.T, be nbd.Backend, ca *tlsidtest.CA, id tlsid.Identity) *member {
 	t.Helper()
-	m := &member{exports: &nbd.StaticExports{}, be: be}
-	m.exports.Add("ns/vol", &nbd.Export{Name: "ns/vol", Backend: be})
 	src := tlsidtest.Load(t, ca.Dir(t, id))
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	m.uri = "nbd://" + ln.Addr().String() + "/ns/vol"
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	srv := &nbd.Server{Exports: m.exports, TLS: src.ServerConfig(true), RequireTLS: true}
-	go func() { _ = srv.Serve(ctx, ln); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
-	return m
+	return startMemberWith(t, be, &nbd.Server{TLS: src.ServerConfig(true), RequireTLS: true})
 }
 
 func TestFollowerTLS(t *testing.T) {

@@ -32,7 +32,20 @@ func TestTLSInstallRenders(t *testing.T) {
 		checkWorkloads(t, objs, workloadExpect{prefix: "tandem", namespace: operatorNamespace, image: "ghcr.io/tandem-storage/tandem:" + chartAppVersion(t),
 			tokenSecret: "tandem-agent-token", tokenKey: "token", tolerateAll: true})
 		checkTLS(t, objs, "tandem", "--agent-tls-max-lifetime=10m")
+		checkCSINodeTLS(t, objs, "tandem", "/var/lib/tandem/tls")
 		dryRunApply(t, out, len(objs))
+	})
+	t.Run("helm NBD TLS off", func(t *testing.T) {
+		out, err := helm(t, "template", "tandem", filepath.Join(repoRoot, "charts", "tandem"), "--namespace", operatorNamespace,
+			"--skip-tests", "--set", "tls.enabled=true", "--set", "tls.nbd=off")
+		if err != nil {
+			t.Fatalf("helm template: %v", err)
+		}
+		objs := decodeManifest(t, out)
+		if ds := typed[appsv1.DaemonSet](t, findObject(objs, "DaemonSet", operatorNamespace, "tandem-agent")); ds != nil {
+			requireArgs(t, "agent", container(t, ds.Spec.Template.Spec, "agent").Args, "--nbd-tls=off")
+		}
+		checkCSINodeTLS(t, objs, "tandem", "")
 	})
 	t.Run("helm hostPath", func(t *testing.T) {
 		out, err := helm(t, "template", "tandem", filepath.Join(repoRoot, "charts", "tandem"), "--namespace", operatorNamespace, "--skip-tests",
@@ -44,6 +57,7 @@ func TestTLSInstallRenders(t *testing.T) {
 		checkWorkloads(t, objs, workloadExpect{prefix: "tandem", namespace: operatorNamespace, image: "ghcr.io/tandem-storage/tandem:" + chartAppVersion(t),
 			tokenSecret: "tandem-agent-token", tokenKey: "token", tolerateAll: true, tlsHostPath: "/etc/tandem-node-tls"})
 		checkTLSHostPath(t, objs, "tandem", "/etc/tandem-node-tls", "tandem-manager-tls")
+		checkCSINodeTLS(t, objs, "tandem", "/etc/tandem-node-tls")
 		dryRunApply(t, out, len(objs))
 	})
 	t.Run("helm hostPath needs its values", func(t *testing.T) {
@@ -92,8 +106,45 @@ func TestTLSInstallRenders(t *testing.T) {
 		checkWorkloads(t, objs, workloadExpect{prefix: "tandem", namespace: operatorNamespace, image: "ghcr.io/tandem-storage/tandem:dev",
 			tokenSecret: "tandem-agent-token", tokenKey: "token", tolerateAll: true})
 		checkTLS(t, objs, "tandem")
+		checkCSINodeTLS(t, objs, "tandem", "/var/lib/tandem/tls")
 		dryRunApply(t, out, len(objs))
 	})
+}
+
+// checkCSINodeTLS: the CSI node plugin upgrades its NBD connections with
+// its node's agent certificate, the host directory hostDir mounted
+// read-only where its --tls-dir points; hostDir "" means it does not use
+// TLS (no --tls-dir).
+func checkCSINodeTLS(t *testing.T, objs []*unstructured.Unstructured, prefix, hostDir string) {
+	t.Helper()
+	ds := typed[appsv1.DaemonSet](t, findObject(objs, "DaemonSet", operatorNamespace, prefix+"-csi-node"))
+	if ds == nil {
+		t.Errorf("no DaemonSet %s-csi-node", prefix)
+		return
+	}
+	c := container(t, ds.Spec.Template.Spec, "csi-node")
+	i := slices.IndexFunc(c.Args, func(a string) bool { return strings.HasPrefix(a, "--tls-dir=") })
+	if hostDir == "" {
+		if i >= 0 {
+			t.Errorf("csi-node args %v: --tls-dir although NBD TLS is off", c.Args)
+		}
+		return
+	}
+	if i < 0 {
+		t.Errorf("csi-node args %v: no --tls-dir (NBD over TLS)", c.Args)
+		return
+	}
+	dir := strings.TrimPrefix(c.Args[i], "--tls-dir=")
+	m := slices.IndexFunc(c.VolumeMounts, func(m corev1.VolumeMount) bool { return m.MountPath == dir })
+	if m < 0 || !c.VolumeMounts[m].ReadOnly {
+		t.Errorf("csi-node: no read-only mount at %s: %+v", dir, c.VolumeMounts)
+		return
+	}
+	if !slices.ContainsFunc(ds.Spec.Template.Spec.Volumes, func(v corev1.Volume) bool {
+		return v.Name == c.VolumeMounts[m].Name && v.HostPath != nil && v.HostPath.Path == hostDir
+	}) {
+		t.Errorf("csi-node: the volume at %s is not the host directory %s: %+v", dir, hostDir, ds.Spec.Template.Spec.Volumes)
+	}
 }
 
 func checkTLS(t *testing.T, objs []*unstructured.Unstructured, prefix string, managerArgs ...string) {

@@ -287,9 +287,10 @@ func TestStory23MutualTLS(t *testing.T) {
 	// are replaced to take the TLS install's arguments.
 	restartCSINode(t)
 	csiRestarted = true
-	claim := newStory(t, "secure-claim")
-	claim.startRecorder("node-a", "node-b", "", "64Mi")
-	pod := claim.waitRecorder(20)
+	// (The claim's volume is a pair of its own in tandem-system; the
+	// recorder runs in the story's namespace.)
+	s.startRecorder("node-a", "node-b", "", "64Mi")
+	pod := s.waitRecorder(20)
 	plugin := strings.TrimSpace(mustKubectl(t, "-n", "tandem-system", "get", "pods", "-l", "app.kubernetes.io/component=csi-node",
 		"--field-selector", "spec.nodeName="+pod.Spec.NodeName, "-o", "jsonpath={.items[0].metadata.name}"))
 	logs := mustKubectl(t, "-n", "tandem-system", "logs", plugin)

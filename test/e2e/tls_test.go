@@ -298,6 +298,15 @@ func TestStory23MutualTLS(t *testing.T) {
 	if !strings.Contains(logs, want) || !strings.Contains(logs, string(tlsid.NodeIdentity(pod.Spec.NodeName))) {
 		t.Fatalf("the CSI node plugin on %s attached without TLS (no %s naming its node in its log):\n%s", pod.Spec.NodeName, want, logs)
 	}
+	// The Pod stops and the volume is detached before the install goes
+	// back to plain text: a node plugin upgrading with STARTTLS cannot
+	// reconnect to agents that no longer offer it (docs/install.md).
+	mustKubectl(t, "scale", "statefulset", "recorder", "-n", s.ns, "--replicas=0")
+	testkit.Eventually(t, 120*time.Second, "recorder-0 gone and its volume detached by the node plugin", func() (bool, string) {
+		_, running := podOf(t, s.ns, "recorder-0")
+		logs, _ := kubectl(t, "-n", "tandem-system", "logs", plugin)
+		return !running && strings.Contains(logs, `"Volume detached"`), fmt.Sprintf("pod running %t", running)
+	}, testkit.Every(time.Second))
 
 	t.Logf("STORY 23 mutual TLS: each agent holds its node's certificate (%d CSRs signed); node-a's renewed (serial %s → %s) while fio wrote (%d I/Os, no error), no failover, replicas identical; no client certificate and node-c's credentials refused (403), plain HTTP refused; NBD over TLS: %s; a claim's volume attached over TLS by the CSI node plugin on %s, records acknowledged",
 		signed, before.TLS.Serial, after.TLS.Serial, r.ios, nbdinfo, pod.Spec.NodeName)

@@ -232,14 +232,18 @@ func (f *Follower) do(ctx context.Context, what string, op func(*nbd.Client) err
 		} else if !retryable(err, nil) {
 			return err
 		}
+		// Each new reason once, at info: an operator sees why a volume's
+		// I/O waits (no writer yet, a refused TLS upgrade...) without a
+		// line per retry.
 		if last == nil || err.Error() != last.Error() {
-			f.Log.V(1).Info("Volume request will be re-issued", "op", what, "attempt", attempt, "error", err.Error())
+			f.Log.Info("Volume request will be re-issued", "op", what, "attempt", attempt, "error", err.Error())
 		}
 		last = err
 		if ctx.Err() != nil {
 			return fmt.Errorf("%s: %w (last error: %w)", what, context.Cause(ctx), last)
 		}
 		if time.Now().Add(backoff).After(deadline) {
+			f.Log.Error(last, "Volume request failed: no writer answered in time; the filesystem gets EIO", "op", what, "timeout", timeout.String())
 			return fmt.Errorf("%s: no writer answered within %s: %w: %w", what, timeout, last, syscall.EIO)
 		}
 		select {

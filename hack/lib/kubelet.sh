@@ -381,7 +381,7 @@ up_kubelet_nodes() {
 }
 
 # stop_nodes: every local-cluster node's processes and Pods, whatever mode or
-# run left them (by cgroup).
+# run left them (by cgroup), then the FUSE connections they orphaned.
 stop_nodes() {
   local h d n
   for h in $(cgroup_hierarchies); do
@@ -391,6 +391,27 @@ stop_nodes() {
       kill_node_tasks "$n"
     done
   done
+  abort_orphaned_fuse_conns
+}
+
+# abort_orphaned_fuse_conns: abort every FUSE connection when no process on
+# the host has /dev/fuse open, i.e. when none of them has a server left. A
+# node plugin Pod deleted while its unstage waited on a volume it served can
+# leave one behind (the mount gone with the Pod's mount namespace, so
+# node_fuse_conns cannot find it; the loop device still holding the file):
+# its requests wait for ever, and so does every `sync` on the host. Nothing
+# is aborted while any FUSE server runs, ours or anyone's.
+abort_orphaned_fuse_conns() {
+  local f mounted=0 conns
+  for f in /proc/[0-9]*/fd/*; do
+    [ "$(readlink "$f" 2>/dev/null)" != /dev/fuse ] || return 0
+  done
+  if ! grep -q ' /sys/fs/fuse/connections fusectl ' /proc/mounts; then
+    mount -t fusectl none /sys/fs/fuse/connections 2>/dev/null && mounted=1
+  fi
+  conns=$(find /sys/fs/fuse/connections -mindepth 1 -maxdepth 1 -printf '%f\n' 2>/dev/null)
+  [ "$mounted" = 0 ] || umount /sys/fs/fuse/connections 2>/dev/null || true
+  [ -z "$conns" ] || { log "aborting FUSE connections without a server: $(echo "$conns" | tr '\n' ' ')"; abort_fuse_conns "$conns"; }
 }
 
 # container_pids NODE PROGRAM [SUBCOMMAND]: the node's processes whose

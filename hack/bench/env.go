@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -225,4 +226,67 @@ func syncFiles(paths []string) (float64, error) {
 		return 0, err
 	}
 	return float64(after.ticks-before.ticks) / clkTck, nil
+}
+
+// fioVariant is one extra fio section of a run (-variants): the main
+// section's targets and workloads with the data on a tmpfs, the two sides
+// in network namespaces, or pinned to a CPU each.
+type fioVariant struct{ tmpfs, netns, pin bool }
+
+func (v fioVariant) String() string {
+	var parts []string
+	if v.tmpfs {
+		parts = append(parts, "tmpfs")
+	}
+	if v.netns {
+		parts = append(parts, "netns")
+	}
+	if v.pin {
+		parts = append(parts, "pin")
+	}
+	return strings.Join(parts, "+")
+}
+
+// variantDefaults is what -variants default means for this run: root (the
+// tmpfs variant mounts), variant (-tmpfs, -netns or -pin: the run is a
+// variant itself), partial (-compare, -workloads or -targets: a quick or
+// before/after run).
+type variantDefaults struct{ root, variant, partial bool }
+
+// parseVariants reads -variants: a comma-separated list of tmpfs, netns
+// and pin, or several of them joined by +; "none" (or empty) for none;
+// "default" for tmpfs when the run is root and runs the whole main fio
+// section, none otherwise.
+func parseVariants(s string, d variantDefaults) ([]fioVariant, error) {
+	s = strings.TrimSpace(s)
+	switch s {
+	case "", "none":
+		return nil, nil
+	case "default":
+		if d.root && !d.variant && !d.partial {
+			return []fioVariant{{tmpfs: true}}, nil
+		}
+		return nil, nil
+	}
+	var out []fioVariant
+	for _, item := range strings.Split(s, ",") {
+		var v fioVariant
+		for _, part := range strings.Split(strings.TrimSpace(item), "+") {
+			switch strings.TrimSpace(part) {
+			case "tmpfs":
+				v.tmpfs = true
+			case "netns":
+				v.netns = true
+			case "pin":
+				v.pin = true
+			default:
+				return nil, fmt.Errorf("-variants %q: %q is not a variant (tmpfs, netns, pin, joined by + to combine; none; default)", s, part)
+			}
+		}
+		if slices.Contains(out, v) {
+			return nil, fmt.Errorf("-variants %q: %s twice", s, v)
+		}
+		out = append(out, v)
+	}
+	return out, nil
 }

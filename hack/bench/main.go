@@ -47,6 +47,7 @@ type bench struct {
 	tmpfs     bool   // -tmpfs: the fio section's replicas on a tmpfs
 	pin       bool   // -pin: the fio section's primary side on CPU 0, backup side on CPU 1
 	netns     bool   // -netns: the fio section's two sides in two network namespaces over a bridge
+	inVariant bool   // the fio section being run is one of -variants
 	mu        sync.Mutex
 	procs     []*agentProc
 	nbdkits   []*nbdkitProc
@@ -81,6 +82,7 @@ func main() {
 	flag.BoolVar(&b.pin, "pin", false, "Pin the fio targets' primary side (nbdkit, standalone and primary agents, qemu-storage-daemon) to CPU 0 and the backup side (backup agent, the mirror's nbdkit) to CPU 1, fio unpinned: two nodes on two CPUs; the results go to their own section (fio-pinned).")
 	flag.BoolVar(&b.netns, "netns", false, "Run the fio targets' primary side (nbdkit, standalone and primary agents, qemu-storage-daemon) in a network namespace ("+netnsPrimary+", "+netnsAddrA+") and the backup side (backup agent, the mirror's nbdkit) in another ("+netnsBackup+", "+netnsAddrB+"), each with a veth into a bridge ("+netnsBridge+", "+netnsBridgeAddr+"), fio in the harness's namespace: the topology of a pair on the local cluster (root; everything is removed afterwards); the results go to their own section (fio-netns), beside the loopback ones.")
 	flag.BoolVar(&b.precondition, "precondition", false, "Write every fio target's volume once end to end (and wait for its replicas) before the first measured run, so that no run pays the file system's first allocation of a sparse file's blocks.")
+	variantsFlag := flag.String("variants", "default", "Comma-separated fio variants to run after the main fio section in the same run, each into its own section beside it: tmpfs, netns, pin, or several joined by + (tmpfs+pin); none for none. default: tmpfs when run as root (it mounts a tmpfs) on a run of the main fio section (not with -compare, -workloads or -targets), none otherwise.")
 	wl := flag.String("workloads", "", "Comma-separated fio workloads to run (a prefix of the name, e.g. 4K,1M); empty: all. For quick experiments: refused with -update, whose section would lose the others.")
 	tg := flag.String("targets", "", "Comma-separated fio targets to run (e.g. async,qemu-async); empty: all. For quick experiments: refused with -update.")
 	flag.Parse()
@@ -90,6 +92,20 @@ func main() {
 	}
 	if b.netns && os.Geteuid() != 0 {
 		fatal(fmt.Errorf("-netns creates network namespaces and a bridge: run it as root (sudo)"))
+	}
+	variants, err := parseVariants(*variantsFlag, variantDefaults{
+		root: os.Geteuid() == 0, variant: b.tmpfs || b.netns || b.pin,
+		partial: *compare != "" || len(b.workloads) > 0 || len(b.targets) > 0})
+	if err != nil {
+		fatal(err)
+	}
+	if len(variants) > 0 && (b.tmpfs || b.netns || b.pin) {
+		fatal(fmt.Errorf("-variants runs after the main fio section: not with -tmpfs, -netns or -pin (run -only fio -variants %s)", *variantsFlag))
+	}
+	for _, v := range variants {
+		if (v.tmpfs || v.netns) && os.Geteuid() != 0 {
+			fatal(fmt.Errorf("-variants %s mounts a tmpfs or creates network namespaces: run it as root (sudo), or -variants none", v))
+		}
 	}
 
 	root, err := os.Getwd()
@@ -201,19 +217,16 @@ func main() {
 		if s.name == "fio" {
 			s.name = b.fioKey() // fio-tmpfs, fio-netns, fio-pinned: a section of their own
 		}
-		t0 := time.Now()
-		b.logln("== %s", s.name)
-		b.res.forget(s.name)
-		err := s.fn()
-		d := time.Since(t0)
-		b.res.Sections = slices.DeleteFunc(b.res.Sections, func(t sectionTime) bool { return t.Name == s.name })
-		b.res.Sections = append(b.res.Sections, sectionTime{Name: s.name, Seconds: d.Seconds(), Err: errString(err)})
-		if err != nil {
-			b.logln("%s failed after %v: %v", s.name, d.Round(time.Second), err)
-		} else {
-			b.logln("%s done in %v", s.name, d.Round(time.Second))
+		b.runSection(s.name, s.fn)
+		if s.name != "fio" {
+			continue
 		}
-		b.cleanup()
+		// The variants, in the same run: their own sections, beside it.
+		for _, v := range variants {
+			b.tmpfs, b.netns, b.pin, b.inVariant = v.tmpfs, v.netns, v.pin, true
+			b.runSection(b.fioKey(), b.runFio)
+			b.tmpfs, b.netns, b.pin, b.inVariant = false, false, false, false
+		}
 	}
 	if !*update {
 		b.res.Finished = time.Now()
@@ -257,6 +270,24 @@ func errString(err error) string {
 		return ""
 	}
 	return err.Error()
+}
+
+// runSection runs one section, records how long it took and whether it
+// failed, and stops what it started.
+func (b *bench) runSection(name string, fn func() error) {
+	t0 := time.Now()
+	b.logln("== %s", name)
+	b.res.forget(name)
+	err := fn()
+	d := time.Since(t0)
+	b.res.Sections = slices.DeleteFunc(b.res.Sections, func(t sectionTime) bool { return t.Name == name })
+	b.res.Sections = append(b.res.Sections, sectionTime{Name: name, Seconds: d.Seconds(), Err: errString(err)})
+	if err != nil {
+		b.logln("%s failed after %v: %v", name, d.Round(time.Second), err)
+	} else {
+		b.logln("%s done in %v", name, d.Round(time.Second))
+	}
+	b.cleanup()
 }
 
 // cleanup stops every process a section started, unmounts its tmpfs and

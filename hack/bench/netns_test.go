@@ -305,3 +305,45 @@ func procAddr(s string) string {
 	}
 	return net.JoinHostPort(net.IPv4(ip[3], ip[2], ip[1], ip[0]).String(), strconv.Itoa(int(port)))
 }
+
+// TestParseVariants: -variants, and what its default means for a run.
+func TestParseVariants(t *testing.T) {
+	full := variantDefaults{root: true}
+	for _, tc := range []struct {
+		in      string
+		d       variantDefaults
+		want    []string // fio keys
+		wantErr string
+	}{
+		{in: "default", d: full, want: []string{"fio-tmpfs"}},
+		{in: "default", d: variantDefaults{}, want: nil},                          // not root
+		{in: "default", d: variantDefaults{root: true, partial: true}, want: nil}, // -compare, -workloads, -targets
+		{in: "default", d: variantDefaults{root: true, variant: true}, want: nil}, // -tmpfs etc.
+		{in: "none", d: full, want: nil},
+		{in: "", d: full, want: nil},
+		{in: "tmpfs,pin,netns", d: variantDefaults{}, want: []string{"fio-tmpfs", "fio-pinned", "fio-netns"}},
+		{in: " tmpfs+pin , netns+tmpfs ", d: full, want: []string{"fio-tmpfs-pinned", "fio-tmpfs-netns"}},
+		{in: "tmpfs,ramdisk", d: full, wantErr: `"ramdisk" is not a variant`},
+		{in: "tmpfs,", d: full, wantErr: `"" is not a variant`},
+		{in: "pin,pin", d: full, wantErr: "pin twice"},
+	} {
+		got, err := parseVariants(tc.in, tc.d)
+		if tc.wantErr != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+				t.Errorf("%q: error %v, want one saying %s", tc.in, err, tc.wantErr)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("%q: %v", tc.in, err)
+			continue
+		}
+		var keys []string
+		for _, v := range got {
+			keys = append(keys, fioKeyOf(v.tmpfs, v.netns, v.pin))
+		}
+		if !slices.Equal(keys, tc.want) {
+			t.Errorf("%q (%+v): %v, want %v", tc.in, tc.d, keys, tc.want)
+		}
+	}
+}

@@ -65,10 +65,13 @@ type fioEnv struct {
 	NoRamp bool `json:",omitempty"`
 	// Preconditioned: every target's volume was written once end to end
 	// before the first measured run (precondition).
-	Preconditioned bool          `json:",omitempty"`
-	Runs           int           `json:",omitempty"`
-	Runtime        time.Duration `json:",omitempty"`
-	Started        time.Time     `json:",omitzero"`
+	Preconditioned bool `json:",omitempty"`
+	// Variant: a variant section taken in the same run as the main fio
+	// section (-variants), not on its own with -only fio -tmpfs etc.
+	Variant bool          `json:",omitempty"`
+	Runs    int           `json:",omitempty"`
+	Runtime time.Duration `json:",omitempty"`
+	Started time.Time     `json:",omitzero"`
 }
 
 // fioSet is one fio section: how it was taken, its targets, its rows.
@@ -177,6 +180,13 @@ func wantsTLS(list []string) bool {
 	return len(list) == 0 || slices.Contains(list, "async-tls") || slices.Contains(list, "sync-tls")
 }
 
+// fioWantsTLS says whether this fio section runs the TLS pairs: asked for
+// by name, or every target of the main section (the TLS cost is measured
+// there; a variant -tmpfs, -netns or -pin runs them only when named).
+func (b *bench) fioWantsTLS() bool {
+	return wantsTLS(b.targets) && (len(b.targets) > 0 || b.fioKey() == "fio")
+}
+
 // qemuPeer is the qemu mirror target a Tandem target is compared with:
 // write-blocking for Sync, background for Async ("" for none).
 func qemuPeer(target string) string {
@@ -214,7 +224,7 @@ type fioTarget struct {
 // profiles of both agents during one extra Async-pair run of each workload.
 func (b *bench) runFio() error {
 	key := b.fioKey()
-	set := &fioSet{fioEnv: fioEnv{Storage: storageDisk, NoRamp: true, Preconditioned: b.precondition, Runs: b.runs, Runtime: b.runtime, Started: time.Now()}}
+	set := &fioSet{fioEnv: fioEnv{Storage: storageDisk, NoRamp: true, Preconditioned: b.precondition, Variant: b.inVariant, Runs: b.runs, Runtime: b.runtime, Started: time.Now()}}
 	if b.tmpfs {
 		set.Storage = storageTmpfs
 	}
@@ -309,7 +319,7 @@ func (b *bench) fioTargets() (ts []*fioTarget, a, bk *agentProc, err error) {
 	if b.baseBin != "" {
 		volumes += 5
 	}
-	if wantsTLS(b.targets) {
+	if b.fioWantsTLS() {
 		volumes += 4
 	}
 	data, err := b.fioDataDir(volumes, fioVolSize)
@@ -328,7 +338,7 @@ func (b *bench) fioTargets() (ts []*fioTarget, a, bk *agentProc, err error) {
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	if wantsTLS(b.targets) {
+	if b.fioWantsTLS() {
 		// A pair of its own: the same places and binary, both agents with
 		// --tls-dir, the control API over HTTPS.
 		ca, err := newBenchTLS(filepath.Join(b.work, "tls"))

@@ -43,11 +43,12 @@ func (b *bench) report(out string) error {
 	p("The machine is shared with other work (see the load average): absolute figures move from run to run, " +
 		"which is why targets are alternated round by round and compared as ratios within a round.\n\n")
 
-	p("## How to reproduce\n\n```sh\nmake bench                       # everything, writes docs/benchmarks.md and docs/benchmarks.png\n")
+	p("## How to reproduce\n\n```sh\nmake bench                       # everything, writes docs/benchmarks.md and docs/benchmarks.png; as root the fio section also runs with every replica on a tmpfs, in the same run (-variants)\n")
 	p("go run ./hack/bench -only fio -runs 3   # one section (fio,resync,scaling,failback,rss,bitmaps,failover,backups,thirdresync)\n")
 	p("sudo go run ./hack/bench -only fio -tmpfs -update   # fio with every replica on a tmpfs (root: the harness mounts it), beside the on-disk figures\n")
 	p("go run ./hack/bench -only fio -pin -update   # fio with the primary side pinned to CPU 0 and the backup side to CPU 1 (two nodes on two CPUs)\n")
 	p("sudo go run ./hack/bench -only fio -netns -update   # fio with the primary side and the backup side in two network namespaces over a bridge (the local cluster's topology); combines with -tmpfs and -pin\n")
+	p("sudo go run ./hack/bench -only fio -variants tmpfs,pin,netns -update   # the fio section and its variants, each in its own section, all from one run\n")
 	p("sudo go run ./hack/bench -only podfailover -update   # the pod failover on the local cluster, into the last run's report\n")
 	p("go run ./hack/bench -compare HEAD -runs 3   # fio with the agent of another revision as extra targets (before/after)\n")
 	p("go run ./hack/bench -from docs/benchmarks.json   # rewrite this page from the last run's results (e.g. after editing hack/bench/analysis.md)\n```\n\n")
@@ -421,7 +422,9 @@ func fioWhere(s *fioSet) string {
 // promises, and a table per workload.
 func reportFio(p func(string, ...any), r *results, key string, s *fioSet) {
 	p("## %s\n\n", fioHeadline(s))
-	if key != "fio" {
+	if key != "fio" && s.Variant {
+		p("Results key `%s` (taken %s in the same run as the main fio section, `-variants %s`), beside it.\n\n", key, s.Started.UTC().Format("2006-01-02 15:04 MST"), fioVariant{tmpfs: s.Storage == storageTmpfs, netns: s.Network != networkLoopback, pin: s.Pinning != ""})
+	} else if key != "fio" {
 		p("Results key `%s` (taken %s with `-only fio", key, s.Started.UTC().Format("2006-01-02 15:04 MST"))
 		if s.Storage == storageTmpfs {
 			p(" -tmpfs")

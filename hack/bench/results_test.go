@@ -1,6 +1,11 @@
 package main
 
-import "testing"
+import (
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+)
 
 // TestForget: a section run again with -update replaces its rows. Before
 // forget, the rows of resync, scaling, rss and backups were appended to the
@@ -37,6 +42,29 @@ func TestForget(t *testing.T) {
 		}
 		if kept != 4 {
 			t.Errorf("forget(%q) left %d rows of the other sections, want 4", tc.section, kept)
+		}
+	}
+}
+
+// TestVariantSectionSaysHowItWasTaken: a variant section says whether it
+// was taken in the same run as the main section (-variants) or on its own
+// (-only fio -tmpfs ...), and with which flags.
+func TestVariantSectionSaysHowItWasTaken(t *testing.T) {
+	at := time.Date(2026, 12, 7, 17, 0, 0, 0, time.UTC)
+	for _, tc := range []struct {
+		set  fioEnv
+		want string
+	}{
+		{fioEnv{Storage: storageTmpfs, Variant: true, Started: at}, "Results key `fio-tmpfs` (taken 2026-12-07 17:00 UTC in the same run as the main fio section, `-variants tmpfs`), beside it."},
+		{fioEnv{Storage: storageDisk, Network: networkNetns, Pinning: pinningSides, Variant: true, Started: at}, "`-variants netns+pin`"},
+		{fioEnv{Storage: storageTmpfs, Started: at}, "Results key `fio-tmpfs` (taken 2026-12-07 17:00 UTC with `-only fio -tmpfs`), kept beside the main fio section."},
+	} {
+		s := &fioSet{fioEnv: tc.set}
+		key := fioKeyOf(s.Storage == storageTmpfs, s.Network != networkLoopback, s.Pinning != "")
+		var out strings.Builder
+		reportFio(func(f string, a ...any) { fmt.Fprintf(&out, f, a...) }, &results{}, key, s)
+		if !strings.Contains(out.String(), tc.want) {
+			t.Errorf("%s: the section does not say %q:\n%s", key, tc.want, out.String()[:min(400, out.Len())])
 		}
 	}
 }

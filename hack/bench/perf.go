@@ -381,13 +381,41 @@ func (b *bench) fioTargets() (ts []*fioTarget, a, bk *agentProc, err error) {
 		}
 		order = []string{"nbdkit", "standalone", "standalone-base", "async", "async-base", "async-tls", "qemu-async", "sync", "sync-base", "sync-tls", "qemu-sync"}
 	}
-	for _, n := range order {
-		if len(b.targets) > 0 && !slices.Contains(b.targets, n) {
-			continue
-		}
+	names, err := fioOrder(order, byName, b.targets)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	for _, n := range names {
 		ts = append(ts, byName[n])
 	}
 	return ts, a, bk, nil
+}
+
+// fioOrder is the order in which the targets started (started) run in
+// each round: order, less those not asked for (-targets; empty: all) and
+// the TLS pairs when they were not started (a variant section runs them
+// only when named). A target asked for by name that did not start is an
+// error.
+func fioOrder[T any](order []string, started map[string]T, asked []string) ([]string, error) {
+	var out []string
+	for _, n := range order {
+		if len(asked) > 0 && !slices.Contains(asked, n) {
+			continue
+		}
+		if _, ok := started[n]; !ok {
+			if len(asked) == 0 && strings.HasSuffix(n, "-tls") {
+				continue
+			}
+			return nil, fmt.Errorf("fio target %s did not start", n)
+		}
+		out = append(out, n)
+	}
+	for _, n := range asked {
+		if !slices.Contains(out, n) {
+			return nil, fmt.Errorf("-targets: no fio target %s here (%s)", n, strings.Join(order, ", "))
+		}
+	}
+	return out, nil
 }
 
 // fioMembers starts agents p and s (data under data, in places pc and sc)

@@ -98,3 +98,43 @@ func TestTLSCost(t *testing.T) {
 		t.Errorf("without a TLS target: %q", b.String())
 	}
 }
+
+// TestFioOrder: the targets of a round. A variant section does not start
+// the TLS pairs and must not run them (it dereferenced a missing target
+// before); a target asked for by name must exist.
+func TestFioOrder(t *testing.T) {
+	all := map[string]bool{}
+	for _, n := range targets {
+		all[n] = true
+	}
+	noTLS := map[string]bool{}
+	for _, n := range targets {
+		if !strings.HasSuffix(n, "-tls") {
+			noTLS[n] = true
+		}
+	}
+	for _, tc := range []struct {
+		name    string
+		started map[string]bool
+		asked   []string
+		want    []string
+		wantErr string
+	}{
+		{"main section", all, nil, targets, ""},
+		{"variant: no TLS pairs", noTLS, nil, slices.DeleteFunc(slices.Clone(targets), func(n string) bool { return strings.HasSuffix(n, "-tls") }), ""},
+		{"asked for", all, []string{"qemu-async", "async"}, []string{"async", "qemu-async"}, ""},
+		{"a TLS pair asked for but not started", noTLS, []string{"async-tls"}, nil, "async-tls did not start"},
+		{"unknown", all, []string{"asnyc"}, nil, "no fio target asnyc"},
+	} {
+		got, err := fioOrder(targets, tc.started, tc.asked)
+		if tc.wantErr != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+				t.Errorf("%s: error %v, want %q", tc.name, err, tc.wantErr)
+			}
+			continue
+		}
+		if err != nil || !slices.Equal(got, tc.want) {
+			t.Errorf("%s: %v, %v; want %v", tc.name, got, err, tc.want)
+		}
+	}
+}

@@ -132,6 +132,7 @@ type procStat struct {
 	comm  string
 	ppid  int
 	ticks int64 // utime+stime
+	start int64 // starttime (field 22): tells a reused PID from the thread that had it
 }
 
 // readStat parses a /proc/PID/stat (or /proc/thread-self/stat): the
@@ -160,25 +161,33 @@ func parseStat(s string) (procStat, error) {
 	if err := errors.Join(err0, err1, err2); err != nil {
 		return procStat{}, fmt.Errorf("stat: %w", err)
 	}
-	return procStat{comm: s[i+1 : j], ppid: ppid, ticks: utime + stime}, nil
+	st := procStat{comm: s[i+1 : j], ppid: ppid, ticks: utime + stime}
+	if len(f) >= 20 {
+		if st.start, err0 = strconv.ParseInt(f[19], 10, 64); err0 != nil {
+			return procStat{}, fmt.Errorf("stat: %w", err0)
+		}
+	}
+	return st, nil
 }
 
 // kthreaddPid is the parent of every kernel thread.
 const kthreaddPid = 2
 
-// writebackSeconds is the CPU time the kernel's worker threads have used
-// so far (kworker*, where the page cache's writeback runs when no process
-// syncs, and jbd2*, ext4's journal): the work a target that leaves its
-// dirty pages to the kernel does not pay on its own account. Threads that
-// exited meanwhile are not counted.
-func writebackSeconds() (float64, error) {
+// writebackThreads is a snapshot of the kernel's worker threads (kworker*,
+// where the page cache's writeback runs when no process syncs, and jbd2*,
+// ext4's journal): the work a target that leaves its dirty pages to the
+// kernel does not pay on its own account. By PID.
+type writebackThreads map[int]procStat
+
+func readWritebackThreads() (writebackThreads, error) {
 	ents, err := os.ReadDir("/proc")
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
-	var ticks int64
+	out := writebackThreads{}
 	for _, e := range ents {
-		if _, err := strconv.Atoi(e.Name()); err != nil {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
 			continue
 		}
 		st, err := readStat(filepath.Join("/proc", e.Name(), "stat"))
@@ -186,10 +195,28 @@ func writebackSeconds() (float64, error) {
 			continue // gone meanwhile, or not a kernel thread
 		}
 		if strings.HasPrefix(st.comm, "kworker") || strings.HasPrefix(st.comm, "jbd2") {
+			out[pid] = st
+		}
+	}
+	return out, nil
+}
+
+// writebackSecondsSince is the CPU time the worker threads of now used
+// since the snapshot before: a thread in both (same PID and start time)
+// counts its difference, a thread started since counts in full. A thread
+// that exited meanwhile is not counted (its last ticks are gone with it);
+// before, the sum over the threads of each snapshot was subtracted, and a
+// kworker that exited during a run made the figure negative.
+func writebackSecondsSince(before, now writebackThreads) float64 {
+	var ticks int64
+	for pid, st := range now {
+		if b, ok := before[pid]; ok && b.start == st.start && b.ticks <= st.ticks {
+			ticks += st.ticks - b.ticks
+		} else {
 			ticks += st.ticks
 		}
 	}
-	return float64(ticks) / clkTck, nil
+	return float64(ticks) / clkTck
 }
 
 // syncFiles fdatasyncs every regular file under paths (files or

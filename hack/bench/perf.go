@@ -592,7 +592,7 @@ func (b *bench) fioOnce(t *fioTarget, w workload) (fioResult, cpuUse, error) {
 	if err != nil {
 		return fioResult{}, none, err
 	}
-	wb0, err := writebackSeconds()
+	wb0, err := readWritebackThreads()
 	if err != nil {
 		return fioResult{}, none, err
 	}
@@ -628,11 +628,11 @@ func (b *bench) fioOnce(t *fioTarget, w workload) (fioResult, cpuUse, error) {
 		if err != nil {
 			return res, none, err
 		}
-		wb1, err := writebackSeconds()
+		wb1, err := readWritebackThreads()
 		if err != nil {
 			return res, none, err
 		}
-		use.durable = (cpu1 - cpu0 + synced + wb1 - wb0) / gib
+		use.durable = (cpu1 - cpu0 + synced + writebackSecondsSince(wb0, wb1)) / gib
 	}
 	return res, use, nil
 }

@@ -52,17 +52,19 @@ func TestForget(t *testing.T) {
 func TestVariantSectionSaysHowItWasTaken(t *testing.T) {
 	at := time.Date(2026, 12, 7, 17, 0, 0, 0, time.UTC)
 	for _, tc := range []struct {
-		set  fioEnv
-		want string
+		set        fioEnv
+		runStarted time.Time // the page's run
+		want       string
 	}{
-		{fioEnv{Storage: storageTmpfs, Variant: true, Started: at}, "Results key `fio-tmpfs` (taken 2026-12-07 17:00 UTC in the same run as the main fio section, `-variants tmpfs`), beside it."},
-		{fioEnv{Storage: storageDisk, Network: networkNetns, Pinning: pinningSides, Variant: true, Started: at}, "`-variants netns+pin`"},
-		{fioEnv{Storage: storageTmpfs, Started: at}, "Results key `fio-tmpfs` (taken 2026-12-07 17:00 UTC with `-only fio -tmpfs`), kept beside the main fio section."},
+		{fioEnv{Storage: storageDisk, Started: at}, at.Add(-7 * 24 * time.Hour), "Taken 2026-12-07 17:00 UTC with `-only fio -update`, after the run the page's header dates"},
+		{fioEnv{Storage: storageTmpfs, Variant: true, Started: at}, at, "Results key `fio-tmpfs` (taken 2026-12-07 17:00 UTC in the same run as the main fio section, `-variants tmpfs`), beside it."},
+		{fioEnv{Storage: storageDisk, Network: networkNetns, Pinning: pinningSides, Variant: true, Started: at}, at, "`-variants netns+pin`"},
+		{fioEnv{Storage: storageTmpfs, Started: at}, at, "Results key `fio-tmpfs` (taken 2026-12-07 17:00 UTC with `-only fio -tmpfs`), kept beside the main fio section."},
 	} {
 		s := &fioSet{fioEnv: tc.set}
 		key := fioKeyOf(s.Storage == storageTmpfs, s.Network != networkLoopback, s.Pinning != "")
 		var out strings.Builder
-		reportFio(func(f string, a ...any) { fmt.Fprintf(&out, f, a...) }, &results{}, key, s)
+		reportFio(func(f string, a ...any) { fmt.Fprintf(&out, f, a...) }, &results{Started: tc.runStarted, Finished: tc.runStarted.Add(time.Hour)}, key, s)
 		if !strings.Contains(out.String(), tc.want) {
 			t.Errorf("%s: the section does not say %q:\n%s", key, tc.want, out.String()[:min(400, out.Len())])
 		}

@@ -423,7 +423,7 @@ func fioWhere(s *fioSet) string {
 func reportFio(p func(string, ...any), r *results, key string, s *fioSet) {
 	p("## %s\n\n", fioHeadline(s))
 	if key == "fio" && !s.Started.IsZero() && !r.Finished.IsZero() && (s.Started.Before(r.Started) || s.Started.After(r.Finished)) {
-		p("Taken %s with `-only fio -update`, after the run the page's header dates (its other sections are from that run unless they say otherwise).\n\n", s.Started.UTC().Format("2006-01-02 15:04 MST"))
+		p("Taken %s by a later run with `-update` (`-only` naming fio), after the run the page's header dates (its other sections are from that run unless they say otherwise).\n\n", s.Started.UTC().Format("2006-01-02 15:04 MST"))
 	}
 	if key != "fio" && s.Variant {
 		p("Results key `%s` (taken %s in the same run as the main fio section, `-variants %s`), beside it.\n\n", key, s.Started.UTC().Format("2006-01-02 15:04 MST"), fioVariant{tmpfs: s.Storage == storageTmpfs, netns: s.Network != networkLoopback, pin: s.Pinning != ""})

@@ -56,7 +56,7 @@ func TestVariantSectionSaysHowItWasTaken(t *testing.T) {
 		runStarted time.Time // the page's run
 		want       string
 	}{
-		{fioEnv{Storage: storageDisk, Started: at}, at.Add(-7 * 24 * time.Hour), "Taken 2026-12-07 17:00 UTC with `-only fio -update`, after the run the page's header dates"},
+		{fioEnv{Storage: storageDisk, Started: at}, at.Add(-7 * 24 * time.Hour), "Taken 2026-12-07 17:00 UTC by a later run with `-update` (`-only` naming fio), after the run the page's header dates"},
 		{fioEnv{Storage: storageTmpfs, Variant: true, Started: at}, at, "Results key `fio-tmpfs` (taken 2026-12-07 17:00 UTC in the same run as the main fio section, `-variants tmpfs`), beside it."},
 		{fioEnv{Storage: storageDisk, Network: networkNetns, Pinning: pinningSides, Variant: true, Started: at}, at, "`-variants netns+pin`"},
 		{fioEnv{Storage: storageTmpfs, Started: at}, at, "Results key `fio-tmpfs` (taken 2026-12-07 17:00 UTC with `-only fio -tmpfs`), kept beside the main fio section."},

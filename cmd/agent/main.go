@@ -16,6 +16,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"syscall"
 
 	"go.uber.org/zap/zapcore"
@@ -84,6 +85,9 @@ func run() error {
 		return err
 	}
 	log := zap.New(zap.UseFlagOptions(&opts)).WithName("agent")
+	if procs, changed := setAgentProcs(); changed {
+		log.Info("Running with half of this node's CPUs as Go processors; GOMAXPROCS in the environment overrides it", "goProcessors", procs, "cpus", runtime.NumCPU())
+	}
 	if *maxInflight < 1<<20 {
 		return fmt.Errorf("--max-inflight-bytes=%d: want at least 1Mi", *maxInflight)
 	}

@@ -70,3 +70,29 @@ func TestVariantSectionSaysHowItWasTaken(t *testing.T) {
 		}
 	}
 }
+
+// A failover run that printed a result for the tight settings but none for
+// the default ones (the line split by a log line) dropped the scorecard's
+// row for DESIGN §7's failover target instead of showing it failed.
+func TestScorecardFailoverWithoutDefault(t *testing.T) {
+	line := func(name string, med float64) benchLine {
+		return benchLine{Name: name, Metrics: map[string]stat{"median-s": {N: 1, Med: med}, "min-s": {N: 1, Med: med}, "max-s": {N: 1, Med: med}}}
+	}
+	for _, tc := range []struct {
+		name     string
+		failover []benchLine
+		sections []sectionTime
+		want     string
+	}{
+		{"both", []benchLine{line("BenchmarkFailover/default", 6.5), line("BenchmarkFailover/tight", 3.4)}, nil, "| failover, default settings | ≤ 10 s | 6.50"},
+		{"tight only", []benchLine{line("BenchmarkFailover/tight", 3.4)}, []sectionTime{{Name: "failover", Err: "go test printed no result for BenchmarkFailover/default"}}, "| failover, default settings | ≤ 10 s | failed: go test printed no result for BenchmarkFailover/default | n/a |"},
+		{"not run", nil, nil, "| failover, default settings | ≤ 10 s | not run | n/a |"},
+	} {
+		b := &bench{res: results{Failover: tc.failover, Sections: tc.sections}}
+		var w strings.Builder
+		b.scorecard(&w)
+		if !strings.Contains(w.String(), tc.want) {
+			t.Errorf("%s: the scorecard does not say %q:\n%s", tc.name, tc.want, w.String())
+		}
+	}
+}

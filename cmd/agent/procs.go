@@ -20,8 +20,8 @@ import (
 // them; its system calls still run in parallel (a processor blocked in a
 // system call is handed to another thread). Measured side by side on two
 // shared CPUs (docs/benchmarks.md, analysis item 14): CPU per GiB written
-// or read 8–17 % lower for the standalone agent and both pairs, and 1 MiB
-// writes of a pair 8–17 % faster.
+// or read 6–22 % lower for the standalone agent and both pairs, and 1 MiB
+// writes of a pair 7–17 % faster.
 func agentProcs(numCPU, current int) int {
 	n := max(numCPU/2, 1)
 	return min(n, current)

@@ -16,10 +16,12 @@ import (
 )
 
 // setupCSI adds the CSI controller side to the manager: the provisioner,
-// the attacher and the resizer (leader only) and, when asked, the CSI controller service on a socket.
+// the attacher and the resizer (leader only) and, when asked, the CSI
+// controller service on a socket. ctx is the process's: it must be called
+// before the manager starts (see the provisioner below).
 // Both read through an uncached client: CreateVolume must see the
 // VolumePair an earlier call created, not the cache's view of a moment ago.
-func setupCSI(mgr manager.Manager, namespace string, provision, podFailover bool, endpoint string) error {
+func setupCSI(ctx context.Context, mgr manager.Manager, namespace string, provision, podFailover bool, endpoint string) error {
 	c, err := client.New(mgr.GetConfig(), client.Options{Scheme: mgr.GetScheme()})
 	if err != nil {
 		return fmt.Errorf("CSI client: %w", err)
@@ -39,13 +41,19 @@ func setupCSI(mgr manager.Manager, namespace string, provision, podFailover bool
 		if err != nil {
 			return fmt.Errorf("CSI provisioner client: %w", err)
 		}
+		// Made here, before the manager starts anything: the library adds
+		// core/v1 to client-go's global scheme each time it builds a
+		// controller, a map write that must not meet the reads of the
+		// clients already running (leader election renews its Lease
+		// through that scheme). ctx is the process's: the library's event
+		// broadcaster lives as long as the manager.
+		pc := controller.NewProvisionController(ctx, cs, csi.DriverName, &csi.Provisioner{Controller: cc, Attachments: mgr.GetClient()},
+			controller.LeaderElection(false), controller.Threadiness(4),
+			controller.FailedProvisionThreshold(0), controller.FailedDeleteThreshold(0),
+			controller.RetryIntervalMax(time.Minute))
 		// A Runnable without NeedLeaderElection runs on the leader only; the
 		// library's own election is off.
 		if err := mgr.Add(manager.RunnableFunc(func(ctx context.Context) error {
-			pc := controller.NewProvisionController(ctx, cs, csi.DriverName, &csi.Provisioner{Controller: cc, Attachments: mgr.GetClient()},
-				controller.LeaderElection(false), controller.Threadiness(4),
-				controller.FailedProvisionThreshold(0), controller.FailedDeleteThreshold(0),
-				controller.RetryIntervalMax(time.Minute))
 			log.Info("Provisioning volumes", "provisioner", csi.DriverName)
 			pc.Run(ctx)
 			return nil

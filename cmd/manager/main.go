@@ -148,6 +148,9 @@ func main() {
 		log.Error(err, "Unable to set up the metrics endpoint")
 		os.Exit(1)
 	}
+	// The manager's context, made before the setup below: the CSI
+	// provisioner is built with it (setupCSI).
+	ctx := ctrl.SetupSignalHandler()
 	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
 		Scheme:                  newScheme(),
 		Metrics:                 metricsOpts,
@@ -194,7 +197,7 @@ func main() {
 		}
 	}
 	if provision || podFailover || csiEndpoint != "" {
-		if err := setupCSI(mgr, namespace, provision, podFailover, csiEndpoint); err != nil {
+		if err := setupCSI(ctx, mgr, namespace, provision, podFailover, csiEndpoint); err != nil {
 			log.Error(err, "Unable to set up the CSI driver")
 			os.Exit(1)
 		}
@@ -229,7 +232,7 @@ func main() {
 		os.Exit(1)
 	}
 	log.Info("Starting the manager")
-	if err := mgr.Start(ctrl.SetupSignalHandler()); err != nil {
+	if err := mgr.Start(ctx); err != nil {
 		fmt.Fprintf(os.Stderr, "manager: %v\n", err)
 		os.Exit(1)
 	}

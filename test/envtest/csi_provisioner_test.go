@@ -2,6 +2,7 @@ package envtest
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -47,26 +48,48 @@ func readyNodes(t *testing.T, ns string, free string, names ...string) {
 		if err := k8s.Create(ctx, lease); err != nil {
 			t.Fatalf("create agent Lease: %v", err)
 		}
+		t.Cleanup(func() { _ = k8s.Delete(context.Background(), lease) })
 	}
 }
 
-// TestCSIProvisioner runs the in-process provisioner (the library the
-// external-provisioner sidecar is built on, driving csi.Controller) against
-// the test API server. Without a controller-manager nothing binds claims or
+// provNS is the namespace of the provisioner TestMain starts.
+var provNS string
+
+// startProvisioner runs the in-process provisioner (the library the
+// external-provisioner sidecar is built on, driving csi.Controller) until
+// ctx ends, with a new namespace for its VolumePairs, and returns that
+// namespace. One for the whole process, started before any test: building
+// one adds core/v1 to client-go's global scheme, a map write that the race
+// detector rightly reports against every read of that scheme by a client
+// goroutine no test waited for (an earlier test's event broadcaster, the
+// provisioner of an earlier run with -count).
+func startProvisioner(ctx context.Context) (string, error) {
+	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{GenerateName: "prov-"}}
+	if err := k8s.Create(ctx, ns); err != nil {
+		return "", fmt.Errorf("the provisioner's namespace: %w", err)
+	}
+	cs, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return "", fmt.Errorf("the provisioner's client: %w", err)
+	}
+	ctrl := &csi.Controller{Client: k8s, Namespace: ns.Name}
+	pc := controller.NewProvisionController(ctx, cs, csi.DriverName, &csi.Provisioner{Controller: ctrl, Attachments: k8s},
+		controller.LeaderElection(false), controller.ResyncPeriod(time.Second), controller.ExponentialBackOffOnError(false),
+		controller.FailedProvisionThreshold(0), controller.RetryIntervalMax(time.Second))
+	go pc.Run(ctx)
+	return ns.Name, nil
+}
+
+// TestCSIProvisioner drives the provisioner TestMain started against the
+// test API server. Without a controller-manager nothing binds claims or
 // releases volumes, so the test does those steps of the PV controller: the
 // storage-provisioner annotation on claims, the Released phase on volumes.
 func TestCSIProvisioner(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	ns := newNamespace(t)                                          // the driver's namespace
+	ns := provNS                                                   // the driver's namespace
 	appNS := newNamespace(t)                                       // the claims'
 	readyNodes(t, ns, "10737418240", "prov-a", "prov-b", "prov-c") // 10Gi free each
-	cs := kubernetes.NewForConfigOrDie(cfg)
-	ctrl := &csi.Controller{Client: k8s, Namespace: ns}
-	pc := controller.NewProvisionController(ctx, cs, csi.DriverName, &csi.Provisioner{Controller: ctrl, Attachments: k8s},
-		controller.LeaderElection(false), controller.ResyncPeriod(time.Second), controller.ExponentialBackOffOnError(false),
-		controller.FailedProvisionThreshold(0), controller.RetryIntervalMax(time.Second))
-	go pc.Run(ctx)
 
 	class := func(name string, mode storagev1.VolumeBindingMode, params map[string]string, allowed ...string) {
 		sc := &storagev1.StorageClass{ObjectMeta: metav1.ObjectMeta{Name: name + "-" + ns}, Provisioner: csi.DriverName,

@@ -106,6 +106,14 @@ func run(m *testing.M) int {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
+	// The provisioner runs for the whole process, started before any test
+	// (see startProvisioner).
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	if provNS, err = startProvisioner(ctx); err != nil {
+		fmt.Fprintf(os.Stderr, "envtest: %v\n", err)
+		return 1
+	}
 	return m.Run()
 }
 

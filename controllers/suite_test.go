@@ -169,10 +169,9 @@ func newNode(t testing.TB, name string, log *testLog) *node {
 	needEnvtest(t)
 	n := &node{t: t, name: name, dir: t.TempDir(), log: log}
 	for _, addr := range []*string{&n.ctrl, &n.repl, &n.nbdAddr} {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
+		// A restart binds these addresses again (the Lease and the peers
+		// name them): ports no other test can be given meanwhile.
+		l := testkit.ListenRestartable(t)
 		n.held = append(n.held, l)
 		*addr = l.Addr().String()
 	}

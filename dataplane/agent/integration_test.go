@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	mrand "math/rand/v2"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -86,9 +87,10 @@ func buildAgent(t *testing.T) string {
 	return agentBin
 }
 
-// proc is an agent process on loopback. Its first start binds port 0 and
-// reads the ports the kernel chose from its --addresses-file; a restart
-// binds the same ports again, since the peer's spec names them.
+// proc is an agent process on loopback. Its first start binds ports from
+// testkit.ListenRestartable and reads back what it serves from its
+// --addresses-file; a restart binds the same ports again, since the peer's
+// spec names them.
 type proc struct {
 	t                   *testing.T
 	node, dir           string
@@ -138,7 +140,20 @@ func (p *proc) start() {
 	p.log = lf
 	ctrl, repl, nbdAddr := p.ctrl, p.repl, p.nbdAddr
 	if ctrl == "" {
-		ctrl, repl, nbdAddr = "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"
+		// A restart binds these ports again: ports below the ephemeral
+		// range, which no connection or port-0 listener of another test
+		// is given meanwhile. Chosen by holding them, released for the
+		// process to bind (only another test's pick could take one in
+		// between, at random among 10000).
+		var lns []net.Listener
+		for _, a := range []*string{&ctrl, &repl, &nbdAddr} {
+			l := testkit.ListenRestartable(t)
+			*a = l.Addr().String()
+			lns = append(lns, l)
+		}
+		for _, l := range lns {
+			l.Close()
+		}
 	}
 	addrFile := filepath.Join(p.dir, "addresses.json")
 	if err := os.Remove(addrFile); err != nil && !errors.Is(err, os.ErrNotExist) {

@@ -12,8 +12,12 @@
 // port 0 and reads back the address it bound (the agent's --addresses-file).
 // The one exception is restarting a server on the address it had: peers
 // and Leases name that address, so it is bound again by number, as a
-// restarted node would. A test that needs an address where nothing
-// listens uses RefusingAddr, which holds the port without listening.
+// restarted node would. Such a server's first listener comes from
+// ListenRestartable: a port below the kernel's ephemeral range, which the
+// kernel never gives to a connection or a port-0 listener of another test
+// meanwhile (a port from Listen could be, and the restart then found it
+// taken). A test that needs an address where nothing listens uses
+// RefusingAddr, which holds the port without listening.
 //
 // # Slow suites
 //
@@ -28,9 +32,11 @@ import (
 	"encoding/hex"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"os"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -164,6 +170,52 @@ func Listen(t testing.TB) net.Listener {
 	}
 	t.Cleanup(func() { l.Close() })
 	return l
+}
+
+// ListenRestartable returns a listener on 127.0.0.1 for a server the test
+// will stop and start again on the same address (see the package doc):
+// its port is below the kernel's ephemeral range
+// (net.ipv4.ip_local_port_range), picked at random and tried until one is
+// free. Closed when the test ends.
+func ListenRestartable(t testing.TB) net.Listener {
+	t.Helper()
+	lo, hi := restartablePorts()
+	var err error
+	for range 200 {
+		var l net.Listener
+		port := lo + rand.IntN(hi-lo)
+		if l, err = net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port))); err == nil {
+			t.Cleanup(func() { l.Close() })
+			return l
+		}
+	}
+	t.Fatalf("no free loopback port in %d-%d: %v", lo, hi-1, err)
+	return nil
+}
+
+// restartablePorts is the range ListenRestartable picks from: [lo, hi),
+// the 10000 ports below the ephemeral range's start (or, if that range
+// starts too low, those above its end).
+func restartablePorts() (lo, hi int) {
+	first, last := 32768, 60999 // Linux's default
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		if f := strings.Fields(string(b)); len(f) == 2 {
+			a, errA := strconv.Atoi(f[0])
+			z, errZ := strconv.Atoi(f[1])
+			if errA == nil && errZ == nil && a <= z {
+				first, last = a, z
+			}
+		}
+	}
+	const want = 10000
+	switch {
+	case first-want >= 1024:
+		return first - want, first
+	case 65535-last >= want:
+		return last + 1, last + 1 + want
+	default: // no room outside it: any unprivileged port
+		return 1024, 65536
+	}
 }
 
 // RefusingAddr returns a loopback address whose connections are refused:

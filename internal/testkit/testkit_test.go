@@ -2,9 +2,11 @@ package testkit
 
 import (
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -118,4 +120,47 @@ func TestRefusingAddr(t *testing.T) {
 		l.Close()
 		t.Fatalf("listening on the refusing address %s succeeded", addr)
 	}
+}
+
+// TestListenRestartable: the port is outside the kernel's ephemeral range
+// (no connection or port-0 listener is given it meanwhile), and a server
+// stopped after serving a connection can bind it again.
+func TestListenRestartable(t *testing.T) {
+	l := ListenRestartable(t)
+	addr := l.Addr().String()
+	_, p, _ := net.SplitHostPort(addr)
+	port, _ := strconv.Atoi(p)
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var first, last int
+	if _, err := fmt.Sscan(string(b), &first, &last); err != nil {
+		t.Fatal(err)
+	}
+	if port >= first && port <= last {
+		t.Fatalf("port %d is in the ephemeral range %d-%d", port, first, last)
+	}
+	done := make(chan error, 1)
+	go func() {
+		c, err := l.Accept()
+		if err == nil {
+			c.Close()
+		}
+		done <- err
+	}()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	l.Close()
+	l2, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatalf("binding %s again: %v", addr, err)
+	}
+	l2.Close()
 }

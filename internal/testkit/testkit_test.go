@@ -86,7 +86,12 @@ func TestHashFile(t *testing.T) {
 }
 
 func TestListen(t *testing.T) {
-	l := Listen(t)
+	serveOne(t, Listen(t))
+}
+
+// serveOne makes one connection to l and accepts it.
+func serveOne(t *testing.T, l net.Listener) {
+	t.Helper()
 	done := make(chan error, 1)
 	go func() {
 		c, err := l.Accept()
@@ -141,22 +146,7 @@ func TestListenRestartable(t *testing.T) {
 	if port >= first && port <= last {
 		t.Fatalf("port %d is in the ephemeral range %d-%d", port, first, last)
 	}
-	done := make(chan error, 1)
-	go func() {
-		c, err := l.Accept()
-		if err == nil {
-			c.Close()
-		}
-		done <- err
-	}()
-	c, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := <-done; err != nil {
-		t.Fatal(err)
-	}
-	c.Close()
+	serveOne(t, l)
 	l.Close()
 	l2, err := net.Listen("tcp", addr)
 	if err != nil {
